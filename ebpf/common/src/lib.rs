@@ -49,6 +49,9 @@ pub mod names {
     /// Maglev lookup tables (hash, allocated on demand):
     /// [`crate::MaglevKey`] → [`crate::MaglevValue`].
     pub const MAGLEV4: &str = "rt_maglev4_v1";
+    /// Drop/failure events (ring buffer of [`crate::DropEvent`]), rate
+    /// limited per CPU; every occurrence is still counted in `rt_stats_v1`.
+    pub const EVENTS: &str = "rt_events_v1";
 
     /// tc program attached to the host side of every pod veth (ingress,
     /// i.e. packets leaving the pod). The CNI attaches this pinned program.
@@ -66,8 +69,8 @@ pub mod names {
     pub const PROG_SOCK_GETPEERNAME4: &str = "rt_sock_peer4";
 
     /// Every map name (for size checks and dumps).
-    pub const ALL_MAPS: [&str; 12] = [
-        EP4, STATS, SVC4, BE4, REVNAT4, CT4, NAT4, AFF4, SOCKREV4, CONFIG, NODE4, MAGLEV4,
+    pub const ALL_MAPS: [&str; 13] = [
+        EP4, STATS, SVC4, BE4, REVNAT4, CT4, NAT4, AFF4, SOCKREV4, CONFIG, NODE4, MAGLEV4, EVENTS,
     ];
     /// Every program name.
     pub const ALL_PROGRAMS: [&str; 7] = [
@@ -95,6 +98,13 @@ pub mod capacity {
     /// One table per (frontend, scope); memory is allocated per table
     /// written (`BPF_F_NO_PREALLOC`), not up front.
     pub const MAGLEV4: u32 = 131_072;
+    /// Bytes of the events ring buffer (a power of two, page multiple):
+    /// ~8k events between two reads.
+    pub const EVENTS_BYTES: u32 = 256 * 1024;
+    /// Events each CPU may emit per second; the rest are only counted
+    /// (`events_suppressed`), so a flood never turns into per-packet
+    /// logging.
+    pub const EVENTS_PER_CPU_PER_S: u64 = 64;
 }
 
 /// Reasons counted in the per-CPU `rt_stats` array (index = reason).
@@ -147,13 +157,16 @@ pub mod stats {
     /// because it is not a pure SYN (only a pod-originated connection
     /// may create a mapping; anything else is a reply or a stale flow).
     pub const MASQ_SKIP_NOT_SYN: u32 = 24;
+    /// An event was not sent to `rt_events_v1`: over the per-CPU rate or
+    /// the ring buffer was full.
+    pub const EVENTS_SUPPRESSED: u32 = 25;
     /// The last reason (for the names check).
-    pub const LAST: u32 = MASQ_SKIP_NOT_SYN;
+    pub const LAST: u32 = EVENTS_SUPPRESSED;
     /// Number of slots in the stats array.
     pub const MAX: u32 = 32;
 
     /// Human names by index, for metrics and the CLI.
-    pub const NAMES: [&str; 25] = [
+    pub const NAMES: [&str; 26] = [
         "pass",
         "redirect_local",
         "drop_malformed",
@@ -179,6 +192,7 @@ pub mod stats {
         "inbound_new",
         "masq_skip_inbound",
         "masq_skip_not_syn",
+        "events_suppressed",
     ];
 }
 
@@ -577,6 +591,39 @@ pub struct NodeValue {
     pub flags: u32,
 }
 
+// ------------------------------------------------------------------ events
+
+/// One entry of `rt_events_v1`: a packet or connect that was dropped,
+/// rejected or passed untranslated because of a failure. The tuple is as
+/// the program saw it (0 where unknown).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DropEvent {
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, tick granularity).
+    pub ts_ns: u64,
+    /// A [`stats`] reason.
+    pub reason: u32,
+    /// Interface the packet was seen on (0 for socket LB).
+    pub ifindex: u32,
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    /// `EV_SRC_*`: which program reported it.
+    pub source: u8,
+    pub _pad: u16,
+}
+
+/// `rt_from_pod`.
+pub const EV_SRC_FROM_POD: u8 = 1;
+/// `rt_from_net`.
+pub const EV_SRC_FROM_NET: u8 = 2;
+/// `rt_to_net`.
+pub const EV_SRC_TO_NET: u8 = 3;
+/// Socket LB (connect/sendmsg).
+pub const EV_SRC_SOCK: u8 = 4;
+
 #[cfg(feature = "user")]
 mod pod_impls {
     // SAFETY: all types are repr(C), made of integers and byte arrays, with
@@ -601,6 +648,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::NodeValue {}
     unsafe impl aya::Pod for super::MaglevKey {}
     unsafe impl aya::Pod for super::MaglevValue {}
+    unsafe impl aya::Pod for super::DropEvent {}
 }
 
 #[cfg(test)]
@@ -634,6 +682,7 @@ mod tests {
         assert_eq!(size_of::<NodeKey>(), 4);
         assert_eq!(size_of::<NodeValue>(), 8);
         assert_eq!(size_of::<MaglevKey>(), 4);
+        assert_eq!(size_of::<DropEvent>(), 8 + 4 + 4 + 4 + 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<MaglevValue>(), 4 * MAGLEV_M + 4);
         // 8-byte aligned values must have 8-multiple sizes (arrays of them in
         // per-CPU maps and the verifier's view agree).

@@ -9,6 +9,7 @@ mod attach;
 pub mod bench;
 mod bpffs;
 pub mod endpoints;
+pub mod events;
 /// Flow-state map access for the agent's GC (added by the agent's helper).
 pub mod gc;
 pub mod maglev;

@@ -30,6 +30,7 @@ use common::{ip, privileged};
 use riptide_common::{CFG_F_SOCK_LB, Config};
 use riptide_datapath::{
     Attachment, Datapath, Pinning,
+    events::Events,
     services::{
         Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, Services,
         TrafficPolicy,
@@ -156,6 +157,7 @@ impl Drop for Cgroup {
 struct World {
     _attach: Attachment,
     svcs: Services,
+    events: Events,
     _dp: Datapath,
     ns: Netns,
     cg: Cgroup,
@@ -171,10 +173,12 @@ fn world() -> World {
     })
     .unwrap();
     let svcs = dp.services().unwrap();
+    let events = dp.events().unwrap();
     let attach = dp.attach_sock_lb(&cg.path).expect("attach socket LB");
     World {
         _attach: attach,
         svcs,
+        events,
         _dp: dp,
         ns,
         cg,
@@ -359,6 +363,17 @@ fn netns_connect_without_backends_fails_with_econnrefused() {
         lines[0].contains(&format!("err={}", libc::ECONNREFUSED)),
         "expected ECONNREFUSED from sendto: {lines:?}"
     );
+    // Both refusals are reported as events naming the service address.
+    let events = w.events.drain();
+    let refused: Vec<_> = events
+        .iter()
+        .filter(|e| e.reason() == "sock_no_backend")
+        .collect();
+    assert_eq!(refused.len(), 2, "{events:?}");
+    for e in refused {
+        assert_eq!(e.dst(), SocketAddrV4::new(ip(VIP), 80));
+        assert_eq!(e.raw.source, riptide_common::EV_SRC_SOCK);
+    }
 }
 
 #[test]

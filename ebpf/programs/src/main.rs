@@ -6,6 +6,7 @@
 
 mod csum;
 mod ct;
+mod events;
 mod icmp;
 mod lb;
 mod maps;
@@ -23,6 +24,7 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier},
     programs::{SockAddrContext, TcContext},
 };
+use riptide_common::{DropEvent, EV_SRC_FROM_NET, EV_SRC_FROM_POD, EV_SRC_SOCK, EV_SRC_TO_NET};
 
 /// tc ingress on the host side of a pod's veth: every packet the pod sends.
 #[classifier]
@@ -31,6 +33,7 @@ pub fn rt_from_pod(ctx: TcContext) -> i32 {
         Ok(verdict) => verdict,
         Err(reason) => {
             maps::count(reason);
+            events::report(&ctx, reason, EV_SRC_FROM_POD);
             // Fail open: a packet we cannot parse or translate goes to the
             // kernel stack. Dropping it would black-hole a pod on a parser
             // bug; the kernel still routes and filters it.
@@ -46,6 +49,7 @@ pub fn rt_from_net(ctx: TcContext) -> i32 {
         Ok(verdict) => verdict,
         Err(reason) => {
             maps::count(reason);
+            events::report(&ctx, reason, EV_SRC_FROM_NET);
             // Fail open, as for pods: the uplink carries the node's own
             // traffic (control plane, SSH in real clusters); never cut it
             // on an LB error.
@@ -61,6 +65,7 @@ pub fn rt_to_net(ctx: TcContext) -> i32 {
         Ok(verdict) => verdict,
         Err(reason) => {
             maps::count(reason);
+            events::report(&ctx, reason, EV_SRC_TO_NET);
             // Fail open: an untranslated packet reaches the peer, which
             // answers with a RST for an unknown flow; better than silence.
             TC_ACT_OK as i32
@@ -94,6 +99,11 @@ fn sock_fwd(ctx: &SockAddrContext) -> i32 {
         Ok(v) => v,
         Err(reason) => {
             maps::count(reason);
+            events::emit(DropEvent {
+                reason,
+                source: EV_SRC_SOCK,
+                ..DropEvent::default()
+            });
             // Fail open: the call proceeds untranslated (to the VIP, which
             // then meets the per-packet LB on the pod's veth) rather than
             // failing an application's connect on an internal error.

@@ -11,7 +11,7 @@
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use riptide_common::{
     AFF_CLIENT_IP, BE_F_LOCAL, CT_F_HAIRPIN, CT_F_INBOUND, CT_F_NODEPORT, CT_F_REPLY, CtKey,
-    CtValue, stats,
+    CtValue, EV_SRC_FROM_POD, stats,
 };
 
 use crate::{
@@ -71,7 +71,7 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
         || Some(lb::flow_hash(&p)),
     )?
     else {
-        return reject::reject(ctx, &p, cfg);
+        return reject::reject(ctx, &p, cfg, EV_SRC_FROM_POD);
     };
     count(stats::LB_NEW);
     let orig = ct::key(&p);

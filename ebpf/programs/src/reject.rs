@@ -8,7 +8,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail},
     programs::TcContext,
 };
-use riptide_common::{CFG_F_DROP_NO_BACKEND, Config, proto, stats};
+use riptide_common::{CFG_F_DROP_NO_BACKEND, Config, DropEvent, proto, stats};
 
 use crate::{
     csum::{add_words, fold},
@@ -22,10 +22,22 @@ const ICMP_LEN: usize = 8;
 /// Bytes of the offending datagram quoted in the ICMP error (RFC 792).
 const QUOTE_LEN: usize = IP_LEN + 8;
 
-/// Answers `p` with a RST or an ICMP port unreachable and returns the verdict.
+/// Answers `p` with a RST or an ICMP port unreachable and returns the
+/// verdict. `source` (`EV_SRC_*`) names the program for the event.
 #[inline(always)]
-pub fn reject(ctx: &TcContext, p: &Pkt, cfg: &Config) -> Result<i32, u32> {
+pub fn reject(ctx: &TcContext, p: &Pkt, cfg: &Config, source: u8) -> Result<i32, u32> {
     count(stats::DROP_NO_BACKEND);
+    crate::events::emit(DropEvent {
+        reason: stats::DROP_NO_BACKEND,
+        ifindex: ifindex(ctx),
+        saddr_be: p.saddr_be,
+        daddr_be: p.daddr_be,
+        sport_be: p.sport_be,
+        dport_be: p.dport_be,
+        proto: p.proto,
+        source,
+        ..DropEvent::default()
+    });
     if cfg.flags & CFG_F_DROP_NO_BACKEND != 0 {
         return Ok(TC_ACT_SHOT as i32);
     }

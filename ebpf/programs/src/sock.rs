@@ -10,7 +10,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use riptide_common::{
-    AFF_CLIENT_NETNS, CFG_F_SOCK_LB, SVC_F_NO_SOCK_LB, SockRevKey, SockRevValue, proto, stats,
+    AFF_CLIENT_NETNS, CFG_F_SOCK_LB, DropEvent, EV_SRC_SOCK, SVC_F_NO_SOCK_LB, SockRevKey,
+    SockRevValue, proto, stats,
 };
 
 use crate::{
@@ -56,6 +57,14 @@ pub fn try_xlate_fwd(ctx: &SockAddrContext) -> Result<i32, u32> {
     let netns = || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some(chosen) = lb::select(&svc, netns, AFF_CLIENT_NETNS, || None)? else {
         count(stats::SOCK_NO_BACKEND);
+        crate::events::emit(DropEvent {
+            reason: stats::SOCK_NO_BACKEND,
+            daddr_be: vip_be,
+            dport_be: port_be,
+            proto,
+            source: EV_SRC_SOCK,
+            ..DropEvent::default()
+        });
         // Kubernetes: a service without endpoints rejects. Returning 0 alone
         // would surface as EPERM; bpf_set_retval (5.18+) sets the errno the
         // application sees, as Cilium's bpf_sock does.

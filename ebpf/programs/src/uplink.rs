@@ -14,7 +14,7 @@
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use riptide_common::{
     AFF_CLIENT_IP, BE_F_LOCAL, CT_F_INBOUND, CT_F_NODEPORT, CT_F_REPLY, CT_F_SNAT, Config, CtKey,
-    NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_MASQ, NAT_F_NODEPORT, SVC_F_LOCAL_ONLY, stats,
+    EV_SRC_FROM_NET, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_MASQ, NAT_F_NODEPORT, SVC_F_LOCAL_ONLY, stats,
 };
 
 use crate::{
@@ -117,7 +117,7 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
         || Some(lb::flow_hash(&p)),
     )?
     else {
-        return reject::reject(ctx, &p, cfg);
+        return reject::reject(ctx, &p, cfg, EV_SRC_FROM_NET);
     };
     count(stats::LB_NEW);
     new_flow(ctx, &mut p, cfg, &svc, &chosen)
