@@ -176,6 +176,17 @@ pub fn status_table(s: &StatusView) -> String {
     let _ = writeln!(out, "Conntrack entries: {}", s.conntrack_entries);
     let last = s.last_sync_ms.map_or_else(|| "-".into(), |ms| format!("{ms:.1} ms"));
     let _ = writeln!(out, "Syncs:             {} (last {last})", s.syncs);
+    let gc = &s.gc;
+    let _ = writeln!(
+        out,
+        "GC:                {} passes (last {}), deleted {} expired / {} stale, {} UDP sockets aborted{}",
+        gc.passes,
+        gc.last_pass_ms.map_or_else(|| "-".into(), |ms| format!("{ms:.1} ms")),
+        gc.expired_deleted,
+        gc.stale_deleted,
+        gc.udp_sockets_destroyed,
+        gc.last_error.as_deref().map_or_else(String::new, |e| format!(" (last error: {e})"))
+    );
     let _ = writeln!(out, "Attachments:       {}", if s.attachments.is_empty() { "-".into() } else { s.attachments.join(", ") });
     let _ = writeln!(out, "Health checks:     {:?}", s.health_check_ports);
     let _ = writeln!(out, "Routes:");

@@ -3,11 +3,13 @@
 //!
 //! Two kinds of deletion, kept apart on purpose:
 //!
-//! - **expired** — conntrack (`rt_ct4_v1`) and NAT (`rt_nat4_v1`) entries
+//! - **expired** — conntrack (`names::CT4`) and NAT (`rt_nat4_v1`) entries
 //!   idle longer than their protocol's timeout, affinity entries
 //!   (`rt_aff4_v1`) idle longer than their Service's `timeoutSeconds`. The
 //!   programs stamp entries with `bpf_ktime_get_ns()` (= `CLOCK_MONOTONIC`,
-//!   see `ebpf/programs/src/ct.rs`), which is what we age them with. This
+//!   see `ebpf/programs/src/ct.rs`; the `_coarse_` variant is the same clock
+//!   at tick granularity, at most a tick behind), which is what we age them
+//!   with. This
 //!   depends on nothing the agent knows, so it runs from the first second —
 //!   a restarted agent never cuts a live flow (Cilium's "GC at start deleted
 //!   valid entries" bug came from judging entries against a half-built
