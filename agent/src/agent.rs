@@ -115,6 +115,8 @@ pub struct Shared {
     pub dp: Mutex<Datapath>,
     pub metrics: Metrics,
     pub gc_status: Mutex<GcStatus>,
+    /// Drop/failure events read from the datapath (`riptide events`).
+    pub events: Arc<crate::events::EventLog>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -181,6 +183,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let pin_dir = dp.pin_dir().map(Path::to_path_buf);
     tracing::info!(node = %node, pins = ?pin_dir, "datapath loaded");
     let services = dp.services().map_err(dp_err("opening the service maps"))?;
+    let events = dp.events().map_err(dp_err("opening the events ring buffer"))?;
     let mut attachments = Vec::new();
     if let Some(dir) = &pin_dir {
         let links = dir.join("links");
@@ -211,7 +214,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         dp: Mutex::new(dp),
         metrics: Metrics::new(),
         gc_status: Mutex::new(GcStatus::default()),
+        events: Arc::default(),
     });
+    crate::events::spawn(events, Arc::downgrade(&shared.events), shared.metrics.clone()).map_err(|source| Error::Io {
+        action: "reading datapath events of",
+        path: PathBuf::from(&node),
+        source,
+    })?;
     // GC works on the pinned maps through its own handles (a private,
     // unpinned datapath has nothing worth collecting across restarts).
     let gc_tx = match &pin_dir {

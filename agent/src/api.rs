@@ -12,7 +12,7 @@ use std::{
     sync::{Arc, Mutex, atomic::Ordering},
 };
 
-use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{Json, Router, extract::{Query, State}, http::StatusCode, response::IntoResponse, routing::get};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -131,6 +131,17 @@ async fn get_drops(State(s): State<S>) -> Result<Json<Vec<CounterView>>, (Status
     ))
 }
 
+/// `?since=SEQ`: only events with a sequence number of at least SEQ.
+#[derive(Debug, Default, Deserialize)]
+struct Since {
+    #[serde(default)]
+    since: u64,
+}
+
+async fn get_events(State(s): State<S>, Query(q): Query<Since>) -> Json<Vec<crate::events::EventView>> {
+    Json(s.events.since(q.since, &services(&s)))
+}
+
 async fn healthz() -> &'static str {
     "ok\n"
 }
@@ -160,6 +171,7 @@ pub fn local_router(s: S) -> Router {
         .route("/v1/ct", get(get_ct))
         .route("/v1/endpoints", get(get_endpoints))
         .route("/v1/drops", get(get_drops))
+        .route("/v1/events", get(get_events))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(s)

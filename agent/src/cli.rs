@@ -156,6 +156,26 @@ pub fn endpoints_table(v: &[EndpointView]) -> String {
     table(&["IP", "IFINDEX", "MAC", "FLAGS"], &rows)
 }
 
+/// `riptide events`: age relative to `now_unix_s`, newest last.
+pub fn events_table(v: &[crate::events::EventView], now_unix_s: f64) -> String {
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|e| {
+            vec![
+                e.seq.to_string(),
+                format!("{:.1}s", (now_unix_s - e.time_unix_s).max(0.0)),
+                e.program.clone(),
+                e.reason.clone(),
+                e.protocol.clone(),
+                e.src.to_string(),
+                e.dst.to_string(),
+                e.service.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(&["SEQ", "AGE", "PROGRAM", "REASON", "PROTO", "SOURCE", "DESTINATION", "SERVICE"], &rows)
+}
+
 pub fn drops_table(v: &[CounterView]) -> String {
     let rows: Vec<Vec<String>> = v.iter().map(|c| vec![c.reason.clone(), c.count.to_string()]).collect();
     table(&["REASON", "COUNT"], &rows)

@@ -9,6 +9,7 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config_dir;
+pub mod events;
 pub mod gc;
 pub mod health;
 pub mod install;

@@ -46,6 +46,9 @@ pub struct Metrics {
     pub routes: Gauge,
     /// Datapath counters by reason (`rt_stats_v1`), drops included.
     pub datapath_packets: Family<ReasonLabel, Counter>,
+    /// Drop/failure events read from `rt_events_v1`, by reason (rate
+    /// limited in the kernel; `datapath_packets` counts every occurrence).
+    pub datapath_events: Family<ReasonLabel, Counter>,
     /// Entries the GC deleted, by map and reason.
     pub gc_deletions: Family<GcLabel, Counter>,
     pub gc_runs: Counter,
@@ -78,6 +81,7 @@ impl Metrics {
             conntrack_entries: Gauge::default(),
             routes: Gauge::default(),
             datapath_packets: Family::default(),
+            datapath_events: Family::default(),
             gc_deletions: Family::default(),
             gc_runs: Counter::default(),
             gc_errors: Counter::default(),
@@ -94,6 +98,7 @@ impl Metrics {
         r.register("conntrack_entries", "Entries in the conntrack map", m.conntrack_entries.clone());
         r.register("routes", "Routes to other nodes' podCIDRs", m.routes.clone());
         r.register("datapath_packets", "Datapath counters by reason (drops included)", m.datapath_packets.clone());
+        r.register("datapath_events", "Drop/failure events read from the datapath, by reason", m.datapath_events.clone());
         r.register("gc_deletions", "Flow-state entries deleted by the GC, by map and reason", m.gc_deletions.clone());
         r.register("gc_runs", "GC passes", m.gc_runs.clone());
         r.register("gc_errors", "GC passes that failed (retried next pass)", m.gc_errors.clone());

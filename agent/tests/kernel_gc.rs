@@ -168,6 +168,7 @@ fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_f
         dp: Mutex::new(dp),
         metrics: Metrics::new(),
         gc_status: Mutex::new(GcStatus::default()),
+        events: Arc::default(),
     });
     let cfg = GcConfig { tcp_timeout: Duration::from_secs(100), other_timeout: Duration::from_secs(10), ..GcConfig::default() };
     let mut gc = Gc::new(&node.0, cfg, Arc::downgrade(&shared)).unwrap();

@@ -194,6 +194,66 @@ fn privileged_tcp_flows_survive_agent_kill_and_restart() {
     assert_eq!(status["gc"]["stale_deleted"], 0, "{status}");
 }
 
+/// A Service without endpoints: both paths refuse the connection, and the
+/// agent reports each refusal as an event naming the flow, the program and
+/// the Service (`riptide events`).
+#[test]
+fn privileged_refused_connects_show_up_as_events() {
+    if !privileged() {
+        return;
+    }
+    let cg = Cgroup::new("ev");
+    let mut ns = Netns::new("ev");
+    ns.underlay();
+    let kc = start_apiserver(&mut ns);
+    let me = ns.node.clone();
+    add_node(&ns, &kc, &me, "10.42.8.0/24", "198.18.78.1");
+    let cg_path = cg.path.to_str().unwrap().to_owned();
+    start_agent(&mut ns, &kc, &["--cgroup", cg_path.as_str()]);
+    eventually(&ns, "agent ready", || ready(&ns));
+    ns.add_pod("c1");
+    let c2 = ns.add_pod("c2");
+    apply(&ns, &kc, &service_yaml("empty", "10.43.78.10", "TCP", 80, 8080));
+    apply(&ns, &kc, &slice_yaml("empty", &me, "TCP", 8080, &[]));
+    let vip = "10.43.78.10:80";
+    eventually(&ns, "the empty Service is in the maps", || {
+        riptide(&ns, &["service", "list"]).is_some_and(|l| l.to_string().contains(&format!("{vip}/TCP")))
+    });
+
+    // c1 is in the socket-LB cgroup (connect fails with ECONNREFUSED); c2
+    // is not (rt_from_pod answers its SYN with a RST).
+    for (pod, cg) in [("c1", Some(&cg)), ("c2", None)] {
+        let c = spawn_helper(&mut ns, pod, cg, HELPER, &format!("tcp-client {vip}"));
+        let l = c.wait_line(0, "", Duration::from_secs(10)).expect("client result");
+        assert!(l.starts_with("error connect") && l.contains("refused"), "{pod}: {l}");
+    }
+
+    let events = || riptide(&ns, &["events"]).and_then(|v| v.as_array().cloned()).unwrap_or_default();
+    let find = |list: &[serde_json::Value], program: &str| {
+        list.iter().find(|e| e["program"] == program && e["dst"] == vip).cloned()
+    };
+    eventually(&ns, "both refusals reported", || {
+        let l = events();
+        find(&l, "socket-lb").is_some() && find(&l, "from-pod").is_some()
+    });
+    let list = events();
+    let sock = find(&list, "socket-lb").unwrap();
+    assert_eq!(sock["reason"], "sock_no_backend", "{sock}");
+    assert_eq!(sock["protocol"], "TCP", "{sock}");
+    assert_eq!(sock["service"], "default/empty:p", "{sock}");
+    let tc = find(&list, "from-pod").unwrap();
+    assert_eq!(tc["reason"], "drop_no_backend", "{tc}");
+    assert_eq!(tc["service"], "default/empty:p", "{tc}");
+    assert!(tc["src"].as_str().unwrap().starts_with(&format!("{c2}:")), "the client pod's address: {tc}");
+    // Paging: nothing after the newest.
+    let newest = list.iter().filter_map(|e| e["seq"].as_u64()).max().unwrap();
+    let after = riptide(&ns, &["events", "--since", &(newest + 1).to_string()]).unwrap();
+    assert_eq!(after, serde_json::json!([]), "{after}");
+    // The log names them too (what an operator tails).
+    let log = agent_log_tail(&ns, 200);
+    assert!(log.contains("datapath event") && log.contains("sock_no_backend"), "{log}");
+}
+
 /// Waits until the client's last `n` lines are all `reply <name>`.
 fn settles_on(ns: &Netns, c: &Helper, name: &str, what: &str) {
     let want = format!("reply {name}");

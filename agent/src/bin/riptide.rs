@@ -6,6 +6,7 @@
 //! riptide ct list
 //! riptide endpoint list
 //! riptide drops
+//! riptide events [--follow]
 //! ```
 use std::path::PathBuf;
 
@@ -14,6 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use riptide_agent::{
     api::{CounterView, StatusView},
     cli,
+    events::EventView,
     maps::{CtView, EndpointView, FrontendView},
 };
 
@@ -54,6 +56,15 @@ enum Cmd {
     Endpoint(ListCmd),
     /// Datapath counters by reason (drops included).
     Drops,
+    /// Recent drop/failure events: which flow, which reason, which Service.
+    Events {
+        /// Keep printing new events as they arrive (Ctrl-C to stop).
+        #[arg(short, long)]
+        follow: bool,
+        /// Only events from this sequence number on.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -94,6 +105,9 @@ fn main() -> anyhow::Result<()> {
         cli::get(&sock, path).with_context(|| format!("asking the agent at {} for {path}", sock.display()))
     };
     let json = matches!(a.output, Output::Json);
+    if let Cmd::Events { follow, since } = a.cmd {
+        return events(&get, json, follow, since);
+    }
     let out = match a.cmd {
         Cmd::Status => {
             let body = get("/v1/status")?;
@@ -115,7 +129,43 @@ fn main() -> anyhow::Result<()> {
             let body = get("/v1/drops")?;
             if json { body } else { cli::drops_table(&serde_json::from_str::<Vec<CounterView>>(&body)?) }
         }
+        Cmd::Events { .. } => unreachable!("handled above"),
     };
     println!("{}", out.trim_end());
     Ok(())
+}
+
+fn now_unix_s() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Prints events from `since`; with `follow`, polls for new ones every
+/// half second (JSON: one object per line).
+fn events(get: &dyn Fn(&str) -> anyhow::Result<String>, json: bool, follow: bool, mut since: u64) -> anyhow::Result<()> {
+    let mut header = true;
+    loop {
+        let list: Vec<EventView> = serde_json::from_str(&get(&format!("/v1/events?since={since}"))?)?;
+        if let Some(last) = list.last() {
+            since = last.seq + 1;
+        }
+        if json {
+            if follow {
+                for e in &list {
+                    println!("{}", serde_json::to_string(e)?);
+                }
+            } else {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            }
+        } else if !list.is_empty() || (header && !follow) {
+            let table = cli::events_table(&list, now_unix_s());
+            // In follow mode the header is printed once.
+            let body = if header { table.as_str() } else { table.split_once('\n').map_or("", |(_, rest)| rest) };
+            print!("{body}");
+            header = false;
+        }
+        if !follow {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 }

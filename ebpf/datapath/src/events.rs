@@ -7,7 +7,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::{AsFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
 };
 
 use aya::maps::{Map, MapData, RingBuf};
@@ -88,6 +88,13 @@ impl Events {
 impl AsFd for Events {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.ring.as_fd()
+    }
+}
+
+/// For `tokio::io::unix::AsyncFd`, which asks for `AsRawFd`.
+impl AsRawFd for Events {
+    fn as_raw_fd(&self) -> RawFd {
+        self.ring.as_fd().as_raw_fd()
     }
 }
 
