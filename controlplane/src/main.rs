@@ -42,6 +42,11 @@ struct ApiserverArgs {
     /// Server URL to write into the kubeconfig.
     #[arg(long)]
     advertise_url: Option<String>,
+    /// Address the `kubernetes` Service's endpoints point pods at (default:
+    /// the --advertise-url host if it is an IPv4 address, else --listen;
+    /// none when that is loopback or unspecified).
+    #[arg(long)]
+    advertise_address: Option<std::net::Ipv4Addr>,
     /// Where to write the admin kubeconfig (default <data-dir>/admin.kubeconfig).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -105,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
             cfg.tls = !a.insecure_http;
             cfg.tls_sans = a.tls_sans;
             cfg.advertise_url = a.advertise_url;
+            cfg.advertise_address = a.advertise_address;
             cfg.kubeconfig_path = a.kubeconfig;
             cfg.history_revisions = a.history_revisions;
             cfg.bookmark_interval = Duration::from_secs(a.bookmark_interval.max(1));

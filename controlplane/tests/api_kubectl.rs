@@ -386,3 +386,34 @@ async fn kubectl_create_generators_protobuf(b: Backend) {
     s.shutdown().await;
 }
 both_stores!(kubectl_create_generators_protobuf);
+
+/// kube-apiserver's endpoint reconciler: the `kubernetes` Service points at
+/// the advertised address and secure port, and a deleted or edited
+/// EndpointSlice is repaired; without a reachable address, no endpoints.
+async fn kubernetes_service_endpoints(b: Backend) {
+    let s = TestServer::start_with(b, |c| c.advertise_address = Some("198.18.0.1".parse().unwrap())).await;
+    let port = s.h().addr.port();
+    let want = format!("198.18.0.1 {port}");
+    let slice = || s.kubectl(&["get", "endpointslice", "kubernetes", "-o", "jsonpath={.endpoints[0].addresses[0]} {.ports[0].port}"]);
+    assert!(eventually(10, || async { slice().await.1 == want }).await, "slice: {:?}", slice().await);
+    let ep = s.kubectl_ok(&["get", "endpoints", "kubernetes", "-o", "jsonpath={.subsets[0].addresses[0].ip} {.subsets[0].ports[0].port}"]).await;
+    assert_eq!(ep, want);
+    let labels = s.kubectl_ok(&["get", "endpointslice", "kubernetes", "-o", "jsonpath={.metadata.labels.kubernetes\\.io/service-name} {.addressType} {.endpoints[0].conditions.ready}"]).await;
+    assert_eq!(labels, "kubernetes IPv4 true");
+    let target = s.kubectl_ok(&["get", "svc", "kubernetes", "-o", "jsonpath={.spec.ports[0].port} {.spec.ports[0].targetPort}"]).await;
+    assert_eq!(target, format!("443 {port}"));
+    // Deleted, then edited: both repaired by the next pass (every 10 s).
+    s.kubectl_ok(&["delete", "endpointslice", "kubernetes"]).await;
+    s.kubectl_ok(&["patch", "endpoints", "kubernetes", "--type=json", "-p", r#"[{"op":"replace","path":"/subsets/0/addresses/0/ip","value":"198.18.0.99"}]"#]).await;
+    let ep = || s.kubectl(&["get", "endpoints", "kubernetes", "-o", "jsonpath={.subsets[0].addresses[0].ip} {.subsets[0].ports[0].port}"]);
+    assert!(eventually(25, || async { slice().await.1 == want && ep().await.1 == want }).await, "not repaired: {:?} {:?}", slice().await, ep().await);
+    s.shutdown().await;
+
+    // Loopback only (the default test server): nothing pods could reach.
+    let s = TestServer::start(b).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, _, err) = s.kubectl(&["get", "endpointslice", "kubernetes"]).await;
+    assert!(!ok && err.contains("NotFound"), "{err}");
+    s.shutdown().await;
+}
+both_stores!(kubernetes_service_endpoints);

@@ -134,6 +134,80 @@ impl Api {
         }
     }
 
+    /// Points the `default/kubernetes` Service at this apiserver, as
+    /// kube-apiserver's endpoint reconciler does: an Endpoints and an
+    /// EndpointSlice named `kubernetes` with `ip:port`, and the Service's
+    /// `targetPort` set to `port`. Idempotent (writes only what differs), so
+    /// it runs periodically and repairs a deleted or edited object. Pods use
+    /// it through `KUBERNETES_SERVICE_HOST` (in-cluster config).
+    pub async fn publish_kubernetes_endpoints(&self, ip: std::net::Ipv4Addr, port: u16) -> ApiResult<()> {
+        let find = |plural: &str| {
+            registry::find(if plural == "endpointslices" { "discovery.k8s.io" } else { "" }, "v1", plural)
+                .ok_or_else(|| ApiError::internal(format!("no {plural} resource")))
+        };
+        let labels = json!({"kubernetes.io/service-name": "kubernetes"});
+        let endpoints = json!({"apiVersion": "v1", "kind": "Endpoints",
+            "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
+            "subsets": [{"addresses": [{"ip": ip.to_string()}],
+                         "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}]});
+        let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "kubernetes", "namespace": "default", "labels": labels},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [ip.to_string()], "conditions": {"ready": true}}],
+            "ports": [{"name": "https", "port": port, "protocol": "TCP"}]});
+        for (res, want, fields) in [
+            (find("endpoints")?, endpoints, &["subsets"][..]),
+            (find("endpointslices")?, slice, &["addressType", "endpoints", "ports"][..]),
+        ] {
+            match self.get(res, Some("default"), "kubernetes").await {
+                Err(e) if e.reason == "NotFound" => match self.create(res, Some("default"), want, &WriteOptions::default()).await {
+                    Ok(_) => {}
+                    // Another apiserver (or a retry) got there first; the
+                    // next pass compares.
+                    Err(e) if e.reason == "AlreadyExists" => {}
+                    Err(e) => return Err(e),
+                },
+                Err(e) => return Err(e),
+                Ok(_) => {
+                    self.mutate(res, Some("default"), "kubernetes", None, |obj| {
+                        let mut changed = false;
+                        for f in fields {
+                            if obj.get(*f) != want.get(*f) {
+                                obj[*f] = want[*f].clone();
+                                changed = true;
+                            }
+                        }
+                        for (k, v) in want["metadata"]["labels"].as_object().into_iter().flatten() {
+                            if obj["metadata"]["labels"].get(k) != Some(v) {
+                                if !obj["metadata"]["labels"].is_object() {
+                                    obj["metadata"]["labels"] = json!({});
+                                }
+                                obj["metadata"]["labels"][k] = v.clone();
+                                changed = true;
+                            }
+                        }
+                        Ok(changed)
+                    })
+                    .await?;
+                }
+            }
+        }
+        let svc = find("services")?;
+        self.mutate(svc, Some("default"), "kubernetes", None, |obj| {
+            let Some(ports) = obj["spec"]["ports"].as_array_mut() else { return Ok(false) };
+            let mut changed = false;
+            for p in ports.iter_mut().filter(|p| p["name"] == "https") {
+                if p["targetPort"] != json!(port) {
+                    p["targetPort"] = json!(port);
+                    changed = true;
+                }
+            }
+            Ok(changed)
+        })
+        .await?;
+        Ok(())
+    }
+
     pub async fn get(&self, res: &Resource, ns: Option<&str>, name: &str) -> ApiResult<Value> {
         match self.store.get(&res.key(ns, name)).await? {
             Some(r) => decode(&r),

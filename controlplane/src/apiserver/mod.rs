@@ -63,6 +63,10 @@ pub struct Config {
     pub tls_sans: Vec<String>,
     /// Server URL written into the kubeconfig (default: from the bound address).
     pub advertise_url: Option<String>,
+    /// The address the `kubernetes` Service's endpoints name (kube-apiserver's
+    /// `--advertise-address`; default: the advertised URL's host if it is an
+    /// IPv4 address, else the bound address).
+    pub advertise_address: Option<std::net::Ipv4Addr>,
     /// Kubeconfig path (default `<data_dir>/admin.kubeconfig`).
     pub kubeconfig_path: Option<PathBuf>,
     pub storage: StorageConfig,
@@ -81,6 +85,7 @@ impl Config {
             tls: true,
             tls_sans: Vec::new(),
             advertise_url: None,
+            advertise_address: None,
             kubeconfig_path: None,
             storage: StorageConfig::Embedded,
             history_revisions: 1000,
@@ -206,9 +211,50 @@ impl Server {
         let app = Router::new().fallback(handlers::handle).with_state(state);
         let (shutdown, shutdown_rx) = tokio_watch::channel(false);
         let gc = tokio::spawn(gc::run(api.clone()));
-        let server = tokio::spawn(serve(listener, acceptor, app, shutdown_rx));
+        let mut tasks = vec![gc];
+        let endpoint = match config.advertise_address {
+            Some(ip) => Some((ip, addr.port())),
+            None => kubernetes_endpoint(&url, addr),
+        };
+        match endpoint {
+            Some((ip, port)) => tasks.push(tokio::spawn(publish_kubernetes_endpoints(api.clone(), ip, port))),
+            None => tracing::info!(%url, "the kubernetes Service gets no endpoints: the apiserver's address is not one pods can reach (loopback or unspecified); set --advertise-url"),
+        }
+        tasks.push(tokio::spawn(serve(listener, acceptor, app, shutdown_rx)));
         tracing::info!(%addr, %url, kubeconfig = %kubeconfig.display(), "apiserver listening");
-        Ok(ServerHandle { addr, url, kubeconfig, token, ca_pem, api, shutdown, tasks: vec![gc, server] })
+        Ok(ServerHandle { addr, url, kubeconfig, token, ca_pem, api, shutdown, tasks })
+    }
+}
+
+/// The address pods reach this apiserver at: the advertised URL's host
+/// when it is an IPv4 literal, else the bound address; None when that is
+/// loopback or unspecified (kube-apiserver refuses those as well).
+fn kubernetes_endpoint(url: &str, bound: SocketAddr) -> Option<(std::net::Ipv4Addr, u16)> {
+    let authority = url.split("://").nth(1).unwrap_or(url).split('/').next().unwrap_or_default();
+    let from_url = authority.rsplit_once(':').and_then(|(h, p)| Some((h.parse::<std::net::Ipv4Addr>().ok()?, p.parse::<u16>().ok()?)));
+    let (ip, port) = match (from_url, bound) {
+        (Some(x), _) => x,
+        (None, SocketAddr::V4(a)) => (*a.ip(), a.port()),
+        (None, SocketAddr::V6(_)) => return None,
+    };
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some((ip, port))
+}
+
+/// kube-apiserver's endpoint reconciler, every 10 s: the `kubernetes`
+/// Service's endpoints are this apiserver.
+async fn publish_kubernetes_endpoints(api: Arc<Api>, ip: std::net::Ipv4Addr, port: u16) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match api.publish_kubernetes_endpoints(ip, port).await {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e.message, "publishing the kubernetes Service's endpoints (retrying every 10 s)");
+            }
+            Err(_) => {}
+        }
     }
 }
 
@@ -260,4 +306,24 @@ async fn serve(
 /// Path of the kubeconfig a server started on `data_dir` writes by default.
 pub fn default_kubeconfig(data_dir: &Path) -> PathBuf {
     data_dir.join("admin.kubeconfig")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kubernetes_endpoint;
+
+    #[test]
+    fn kubernetes_endpoint_is_a_reachable_ipv4_address() {
+        let bound = "0.0.0.0:6443".parse().unwrap();
+        assert_eq!(kubernetes_endpoint("https://198.18.0.1:6443", bound), Some(("198.18.0.1".parse().unwrap(), 6443)));
+        assert_eq!(kubernetes_endpoint("https://198.18.0.1:7443/", bound), Some(("198.18.0.1".parse().unwrap(), 7443)));
+        assert_eq!(kubernetes_endpoint("https://127.0.0.1:6443", bound), None, "loopback");
+        assert_eq!(kubernetes_endpoint("https://api.example:6443", bound), None, "a name, bound to 0.0.0.0");
+        assert_eq!(
+            kubernetes_endpoint("https://api.example:6443", "10.0.0.5:6443".parse().unwrap()),
+            Some(("10.0.0.5".parse().unwrap(), 6443)),
+            "a name: the bound address"
+        );
+        assert_eq!(kubernetes_endpoint("https://[::1]:6443", "[::1]:6443".parse().unwrap()), None);
+    }
 }
