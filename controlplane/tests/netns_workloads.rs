@@ -682,6 +682,9 @@ spec:
     let out = c.kubectl(&["exec", "by-selector", "--", "sh", "-c", "hostname; ip -4 -o addr show eth0"]);
     let pod_ip = c.json(&["get", "pod", "by-selector"])["status"]["podIP"].as_str().unwrap().to_string();
     assert!(out.starts_with("by-selector\n") && out.contains(&pod_ip), "{out}");
+    // ... with the container's environment, as runc exec gives it.
+    let out = c.kubectl(&["exec", "by-selector", "--", "sh", "-c", "echo $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT $HOSTNAME"]);
+    assert_eq!(out.trim(), "10.43.0.1:443 by-selector", "{out}");
     let (ok, out) = c.kubectl_raw(&["exec", "by-selector", "--", "sh", "-c", "exit 3"], None);
     assert!(!ok && out.contains("exit code 3"), "{out}");
 

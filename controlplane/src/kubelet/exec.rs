@@ -1,7 +1,9 @@
 //! `kubectl exec`: the kubelet's [`ExecSpawner`] for the WebSocket
 //! channel protocol in [`crate::exec`]. The command joins the running
 //! container's network and UTS namespaces and the pod's cgroup, starts in
-//! the container's working directory and gets a basic environment.
+//! the container's working directory and gets the container's environment
+//! (as `runc exec` does: the Service variables, `KUBERNETES_SERVICE_HOST`,
+//! the pod's `env`), read from the container process's initial environment.
 
 use std::sync::Arc;
 
@@ -29,11 +31,46 @@ impl ExecSpawner for KubeletExec {
         place.join_uts_of = Some(pid);
         place.hostname = None;
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok().map(|p| p.to_string_lossy().into_owned());
-        let env = vec![
-            ("PATH".to_string(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()),
-            ("HOSTNAME".to_string(), req.pod.clone()),
-            ("TERM".to_string(), "xterm".to_string()),
-        ];
+        let env = exec_env(std::fs::read(format!("/proc/{pid}/environ")).ok().as_deref(), &req.pod);
         process::command(&req.command, &env, cwd.as_deref(), &place).map_err(|e| ExecError::Internal(e.to_string()))
+    }
+}
+
+/// The container's environment (`/proc/<pid>/environ`, NUL separated) plus
+/// `TERM`; without it (the process just exited), a basic one.
+fn exec_env(environ: Option<&[u8]>, pod: &str) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = environ
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            let (k, v) = kv.split_once('=')?;
+            (!k.is_empty()).then(|| (k.to_owned(), v.to_owned()))
+        })
+        .collect();
+    if env.is_empty() {
+        env.push(("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()));
+        env.push(("HOSTNAME".into(), pod.to_owned()));
+    }
+    if !env.iter().any(|(k, _)| k == "TERM") {
+        env.push(("TERM".into(), "xterm".into()));
+    }
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exec_env;
+
+    #[test]
+    fn exec_gets_the_container_environment() {
+        let env = exec_env(Some(b"PATH=/bin\0KUBERNETES_SERVICE_HOST=10.43.0.1\0A=x=y\0\0"), "p");
+        assert_eq!(
+            env,
+            [("PATH", "/bin"), ("KUBERNETES_SERVICE_HOST", "10.43.0.1"), ("A", "x=y"), ("TERM", "xterm")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+        let basic = exec_env(None, "p");
+        assert!(basic.contains(&("HOSTNAME".into(), "p".into())) && basic.iter().any(|(k, _)| k == "TERM"));
     }
 }
