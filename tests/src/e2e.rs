@@ -4,8 +4,11 @@
 
 use std::{
     collections::BTreeSet,
+    ffi::OsStr,
+    io::{BufRead as _, BufReader, Write as _},
     net::Ipv4Addr,
-    process::{Command, Output},
+    process::{Child, ChildStdin, Command, Output, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -132,6 +135,145 @@ pub fn pod_curl(lab: &Lab, pod: &str, url: &str, timeout_s: u32) -> Result<Curl>
     curl_in(cmd, url, timeout_s)
 }
 
+/// A command that runs `program` as a process of `pod` does: in the pod's
+/// network namespace and its cgroup (where the node's socket-LB hooks
+/// apply), as `kubectl exec` would, but started by the test so it can hold
+/// a connection and be driven over stdin. The layout is the lab kubelet's
+/// (`controlplane/src/kubelet/sandbox.rs`): netns `<node>-pod-<uid>`,
+/// cgroup `<node cgroup>/pod-<uid>`.
+pub fn pod_command(lab: &Lab, pod: &str, program: impl AsRef<OsStr>) -> Result<Command> {
+    let v = kubectl_json(lab, &["get", "pod", pod])?;
+    let uid = v["metadata"]["uid"].as_str().with_context(|| format!("pod {pod} has no uid"))?;
+    let node = v["spec"]["nodeName"].as_str().with_context(|| format!("pod {pod} is not bound"))?;
+    let c = lab.config();
+    let i = c.node_index(node).with_context(|| format!("pod {pod} runs on {node}, not a lab node"))?;
+    netns::command_in_cgroup(&format!("{node}-pod-{uid}"), &c.node_cgroup(i).join(format!("pod-{uid}")), program)
+}
+
+/// How long [`KeepAlive`] waits for a line from its client before calling
+/// the connection stuck; longer than the client's own timeout, so the
+/// client's message (what failed) normally arrives first.
+const KEEPALIVE_WAIT: Duration = Duration::from_secs(25);
+
+/// One long-lived HTTP/1.1 connection held by `riptide-netexec
+/// --keepalive-client` (see `netexec::keepalive_client`), driven line by
+/// line: every [`KeepAlive::get`] goes over the same TCP connection, and the
+/// client never reconnects, so a break shows up as an error.
+pub struct KeepAlive {
+    what: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    /// The client's `ip:port` as its socket shows it.
+    pub local: String,
+    /// The peer as `getpeername` shows it (the Service address under socket LB).
+    pub peer: String,
+}
+
+impl KeepAlive {
+    /// Starts `cmd` (a `riptide-netexec --keepalive-client ADDR` command,
+    /// already placed in its netns/cgroup) and waits for it to connect.
+    pub fn open(what: &str, mut cmd: Command) -> Result<Self> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting the keep-alive client for {what}: {cmd:?}"))?;
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().context("client stdout")?;
+        let err = child.stderr.take().context("client stderr")?;
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(std::result::Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(std::result::Result::ok) {
+                let _ = tx2.send(format!("stderr {l}"));
+            }
+        });
+        let mut k = Self {
+            what: what.to_owned(),
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            local: String::new(),
+            peer: String::new(),
+        };
+        let first = k.line()?;
+        let mut words = first.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("connected"), Some(local), Some(peer)) => {
+                k.local = local.to_owned();
+                k.peer = peer.to_owned();
+                Ok(k)
+            }
+            _ => bail!("{what}: client said {first:?}"),
+        }
+    }
+
+    fn line(&mut self) -> Result<String> {
+        self.lines
+            .recv_timeout(KEEPALIVE_WAIT)
+            .with_context(|| format!("{}: no answer from the client within {KEEPALIVE_WAIT:?} (connection stuck or client gone)", self.what))
+    }
+
+    /// `GET path` over the held connection; the body.
+    pub fn get(&mut self, path: &str) -> Result<String> {
+        let stdin = self.stdin.as_mut().context("client stdin closed")?;
+        writeln!(stdin, "{path}")
+            .and_then(|()| stdin.flush())
+            .with_context(|| format!("{}: sending {path} to the client (it exited?)", self.what))?;
+        let line = self.line()?;
+        match line.strip_prefix("ok ") {
+            Some(body) => Ok(body.to_owned()),
+            None => bail!("{} ({} → {}): GET {path}: {line}", self.what, self.local, self.peer),
+        }
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `riptide` CLI pointed at node `i`'s agent. Errors (an agent that is
+/// down) without anyhow's backtrace, which would bury the report.
+fn riptide_cli(lab: &Lab, i: u32) -> Command {
+    let c = lab.config();
+    let mut cmd = Command::new(c.bin_dir.join("riptide"));
+    cmd.arg("--socket").arg(c.agent_socket(i)).env("RUST_LIB_BACKTRACE", "0");
+    cmd
+}
+
+/// `riptide -o json <args>` from node `i`'s agent, parsed.
+fn riptide_json(lab: &Lab, i: u32, args: &[&str]) -> Result<serde_json::Value> {
+    let out = riptide_cli(lab, i)
+        .args(["-o", "json"])
+        .args(args)
+        .output()
+        .context("running the riptide CLI")?;
+    if !out.status.success() {
+        bail!("riptide {} on {}: {}", args.join(" "), lab.config().node_name(i), text(&out).trim());
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// `riptide status` from node `i`'s agent.
+pub fn agent_status(lab: &Lab, i: u32) -> Result<serde_json::Value> {
+    riptide_json(lab, i, &["status"])
+}
+
+/// `riptide service list` from node `i`'s agent (read from the maps).
+pub fn agent_services(lab: &Lab, i: u32) -> Result<serde_json::Value> {
+    riptide_json(lab, i, &["service", "list"])
+}
+
 /// Hostnames answered by `url` over `tries` fresh connections from `pod`.
 pub fn hostnames_from_pod(lab: &Lab, pod: &str, url: &str, tries: u32) -> Result<BTreeSet<String>> {
     let script = format!("for i in $(seq {tries}); do curl -sS -m 3 {url}; echo; done");
@@ -151,21 +293,47 @@ pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Res
     }
 }
 
-/// What a failing check prints: the datapath's view on every node (service
-/// table, drops), routes, and the last log lines of every component.
+/// Rows of `riptide ct list` (the first) and `riptide events` (the latest)
+/// a failure report shows per node: both grow with every flow of the suite.
+const CT_ROWS: usize = 60;
+const EVENT_ROWS: usize = 30;
+
+/// `table` with at most `rows` rows after its header line: the first ones,
+/// or the last ones when `latest`.
+fn clip(table: &str, rows: usize, latest: bool) -> String {
+    let lines: Vec<&str> = table.lines().collect();
+    let Some((header, body)) = lines.split_first() else {
+        return String::new();
+    };
+    if body.len() <= rows {
+        return format!("{table}\n");
+    }
+    let more = format!("… {} more rows", body.len() - rows);
+    let kept = if latest {
+        [&[*header, more.as_str()][..], &body[body.len() - rows..]].concat()
+    } else {
+        [&[*header][..], &body[..rows], &[more.as_str()][..]].concat()
+    };
+    format!("{}\n", kept.join("\n"))
+}
+
+/// What a failing check prints: the datapath's view on every node (agent
+/// status, service table, conntrack, drop counters and the latest drop
+/// events — all read from the maps by the node's agent), routes, and the
+/// last log lines of every component.
 pub fn diagnostics(lab: &Lab) -> String {
     let c = lab.config();
     let mut s = String::new();
-    let riptide = c.bin_dir.join("riptide");
     for i in 1..=c.nodes {
-        for what in [&["service", "list"][..], &["drops"][..]] {
-            let out = Command::new(&riptide)
-                .arg("--socket")
-                .arg(c.agent_socket(i))
-                .args(what)
-                .output();
+        for what in [&["status"][..], &["service", "list"], &["ct", "list"], &["drops"], &["events"]] {
+            let out = riptide_cli(lab, i).args(what).output();
             s.push_str(&format!("--- {} riptide {} ---\n", c.node_name(i), what.join(" ")));
-            s.push_str(&out.map(|o| text(&o)).unwrap_or_else(|e| e.to_string()));
+            let out = out.map(|o| text(&o)).unwrap_or_else(|e| e.to_string());
+            s.push_str(&match what[0] {
+                "ct" => clip(out.trim_end(), CT_ROWS, false),
+                "events" => clip(out.trim_end(), EVENT_ROWS, true),
+                _ => out,
+            });
         }
         let routes = Command::new("ip").args(["-n", &c.node_netns(i), "route"]).output();
         s.push_str(&format!("--- {} routes ---\n", c.node_name(i)));
@@ -183,18 +351,23 @@ pub fn diagnostics(lab: &Lab) -> String {
 }
 
 /// Runs named checks in order, keeps going after a failure, and reports
-/// every failure with diagnostics at the end.
+/// every failure with diagnostics (printed at once) at the end.
 pub struct Suite<'a> {
-    pub lab: &'a Lab,
+    lab: &'a mut Lab,
     failures: Vec<String>,
 }
 
 impl<'a> Suite<'a> {
-    pub fn new(lab: &'a Lab) -> Self {
+    pub fn new(lab: &'a mut Lab) -> Self {
         Self { lab, failures: Vec::new() }
     }
 
     pub fn check(&mut self, name: &str, f: impl FnOnce(&Lab) -> Result<()>) {
+        self.check_mut(name, |lab| f(lab));
+    }
+
+    /// A check that changes the lab itself (kills and restarts processes).
+    pub fn check_mut(&mut self, name: &str, f: impl FnOnce(&mut Lab) -> Result<()>) {
         let started = Instant::now();
         match f(self.lab) {
             Ok(()) => eprintln!("ok   {name} ({:.1}s)", started.elapsed().as_secs_f64()),
@@ -209,5 +382,19 @@ impl<'a> Suite<'a> {
     /// Panics listing every failed check.
     pub fn finish(self) {
         assert!(self.failures.is_empty(), "{} check(s) failed:\n{}", self.failures.len(), self.failures.join("\n"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clip;
+
+    #[test]
+    fn clip_keeps_the_header_and_the_first_or_latest_rows() {
+        let t = "H\n1\n2\n3\n4";
+        assert_eq!(clip(t, 2, false), "H\n1\n2\n… 2 more rows\n");
+        assert_eq!(clip(t, 2, true), "H\n… 2 more rows\n3\n4\n");
+        assert_eq!(clip(t, 4, true), "H\n1\n2\n3\n4\n");
+        assert_eq!(clip("", 4, true), "");
     }
 }

@@ -5,7 +5,9 @@
 //! the next `up` or by `down`.
 
 use std::{
+    collections::BTreeSet,
     fs::File,
+    io::Write as _,
     net::Ipv4Addr,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -63,6 +65,10 @@ impl LabConfig {
     }
     pub fn node_name(&self, i: u32) -> String {
         format!("{}-n{i}", self.prefix)
+    }
+    /// The index of the node called `name`.
+    pub fn node_index(&self, name: &str) -> Option<u32> {
+        (1..=self.nodes).find(|i| self.node_name(*i) == name)
     }
     /// Nodes' netns are named like the nodes.
     pub fn node_netns(&self, i: u32) -> String {
@@ -150,6 +156,9 @@ struct Proc {
 pub struct Lab {
     cfg: LabConfig,
     procs: Vec<Proc>,
+    /// Labels started so far: a label started again (a restarted agent)
+    /// appends to its log instead of truncating it.
+    started: BTreeSet<String>,
     down: bool,
 }
 
@@ -166,6 +175,7 @@ impl Lab {
         let mut lab = Self {
             cfg,
             procs: Vec::new(),
+            started: BTreeSet::new(),
             down: false,
         };
         lab.save_state()?;
@@ -224,18 +234,33 @@ impl Lab {
     }
 
     /// Starts `cmd` (already pointed at its netns if any), logging to
-    /// `<state>/logs/<label>.log`, and records it for teardown.
+    /// `<state>/logs/<label>.log`, and records it for teardown. A label
+    /// started before in this lab appends to its log after a marker line,
+    /// so what happened before a restart stays readable.
     pub fn spawn(&mut self, label: &str, mut cmd: Command) -> Result<u32> {
         let log = self.cfg.log_dir().join(format!("{label}.log"));
-        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let out = if self.started.contains(label) {
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&log)
+                .with_context(|| format!("opening {}", log.display()))?;
+            writeln!(f, "----- lab: {label} started again -----").with_context(|| format!("writing {}", log.display()))?;
+            f
+        } else {
+            File::create(&log).with_context(|| format!("creating {}", log.display()))?
+        };
         let err = out.try_clone().context("duplicating log fd")?;
         let child = cmd
+            // Plain text in log files (tracing-subscriber honours NO_COLOR).
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
             .with_context(|| format!("starting {label}: {cmd:?}"))?;
         let pid = child.id();
+        self.started.insert(label.to_owned());
         self.procs.push(Proc {
             label: label.to_owned(),
             child,
@@ -335,6 +360,24 @@ impl Lab {
             cmd.env_remove("KUBECONFIG");
         }
         self.spawn(&format!("{}-agent", c.node_name(i)), cmd)
+    }
+
+    /// Kills node `i`'s agent with SIGKILL, as a crash or the OOM killer
+    /// would: none of its own cleanup runs, so pins, pinned links, routes
+    /// and its API socket stay as it left them. [`Lab::start_agent`] starts
+    /// a new one (its log continues the old one's).
+    pub fn kill_agent(&mut self, i: u32) -> Result<()> {
+        let label = format!("{}-agent", self.cfg.node_name(i));
+        let pos = self
+            .procs
+            .iter()
+            .position(|p| p.label == label)
+            .with_context(|| format!("{label} is not running"))?;
+        let mut p = self.procs.remove(pos);
+        let pid = p.child.id();
+        p.child.kill().with_context(|| format!("killing {label} (pid {pid})"))?;
+        p.child.wait().with_context(|| format!("reaping {label} (pid {pid})"))?;
+        self.save_state()
     }
 
     /// Writes node `i`'s CNI config (conflist naming the node, its podCIDR
@@ -632,24 +675,41 @@ pub fn teardown(prefix: &str, state_dir: &Path) -> Result<()> {
     pids.retain(|p| *p != std::process::id());
     stop_all(&pids);
 
-    // 2. Namespaces (their veths go with them) and the root veth.
-    for ns in &namespaces {
-        ip(&["netns", "del", ns]).with_context(|| format!("deleting netns {ns}"))?;
-    }
+    // Every step runs even when an earlier one failed, so one stuck object
+    // never leaves the rest (pins, cgroups) behind; the errors are reported
+    // together.
+    let mut errors: Vec<anyhow::Error> = Vec::new();
+
+    // 2. The root veth, then the namespaces (their veths go with them). The
+    // root veth goes first: deleting the underlay netns destroys its peer
+    // and with it the root end asynchronously (netns cleanup runs on a
+    // kernel workqueue), so a later `ip link del` could race with it.
     let host = format!("{prefix}0");
-    if Path::new("/sys/class/net").join(&host).exists() {
-        ip(&["link", "del", &host])?;
+    let host_exists = || Path::new("/sys/class/net").join(&host).exists();
+    if host_exists()
+        && let Err(e) = ip(&["link", "del", &host])
+        && host_exists()
+    {
+        errors.push(e);
+    }
+    for ns in &namespaces {
+        if let Err(e) = ip(&["netns", "del", ns]) {
+            errors.push(e.context(format!("deleting netns {ns}")));
+        }
     }
 
     // 3. cgroups, deepest first (rmdir fails while a process remains).
-    remove_cgroup_tree(&cgroup)?;
+    if let Err(e) = remove_cgroup_tree(&cgroup) {
+        errors.push(e);
+    }
 
     // 4. Pins of the lab's nodes.
     if let Ok(dir) = std::fs::read_dir(PIN_ROOT) {
         for e in dir.filter_map(std::result::Result::ok) {
-            if e.file_name().to_string_lossy().starts_with(&format!("{prefix}-")) {
-                std::fs::remove_dir_all(e.path())
-                    .with_context(|| format!("removing pins {}", e.path().display()))?;
+            if e.file_name().to_string_lossy().starts_with(&format!("{prefix}-"))
+                && let Err(err) = std::fs::remove_dir_all(e.path())
+            {
+                errors.push(anyhow::Error::new(err).context(format!("removing pins {}", e.path().display())));
             }
         }
     }
@@ -664,9 +724,18 @@ pub fn teardown(prefix: &str, state_dir: &Path) -> Result<()> {
             Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path),
             Ok(_) => std::fs::remove_file(&path),
         };
-        removed.with_context(|| format!("removing lab state {}", path.display()))?;
+        if let Err(e) = removed {
+            errors.push(anyhow::Error::new(e).context(format!("removing lab state {}", path.display())));
+        }
     }
-    Ok(())
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.remove(0)),
+        n => bail!(
+            "{n} teardown steps failed:\n{}",
+            errors.iter().map(|e| format!("{e:#}")).collect::<Vec<_>>().join("\n")
+        ),
+    }
 }
 
 /// Everything a lab writes under its state directory, besides `logs/`.

@@ -7,14 +7,20 @@
 //! `{"responses":[…],"errors":[…]}`, 200 when the last try succeeded, 417
 //! otherwise, 400 on bad parameters), `/exit?code=`.
 //! UDP: `hostname`, `echo <msg>`, `clientip`.
+//!
+//! Also a client for long-lived connections ([`keepalive_client`]): one
+//! HTTP/1.1 keep-alive connection, one GET per stdin line, so a test can
+//! exchange data over the same connection before, during and after an event
+//! (agnhost's tests do this with `/echo` over a persistent connection).
 
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddr},
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     time::Duration,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use axum::{
     Json, Router,
     extract::{ConnectInfo, Query},
@@ -176,6 +182,80 @@ async fn dial_udp(target: SocketAddr, request: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+/// How long the keep-alive client waits for a connect or an answer before
+/// it reports the connection as broken (a stalled flow must not hang a test).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Opens one TCP connection to `target` and keeps it: prints
+/// `connected <local> <peer>` (the peer as `getpeername` shows it, i.e. the
+/// Service address under socket LB), then for every line of `input` (a path)
+/// sends `GET <path>` over that same connection and prints `ok <body>`.
+/// Never reconnects: the first failure prints `error <what>` and returns the
+/// error, so a broken connection cannot hide behind a new one.
+pub fn keepalive_client(target: SocketAddr, input: impl BufRead, mut output: impl Write) -> Result<()> {
+    let run = |output: &mut dyn Write| -> Result<()> {
+        let stream = TcpStream::connect_timeout(&target, CLIENT_TIMEOUT).with_context(|| format!("connecting to {target}"))?;
+        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        writeln!(output, "connected {} {}", stream.local_addr()?, stream.peer_addr()?)?;
+        output.flush()?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut writer = stream;
+        for line in input.lines() {
+            let path = line.context("reading stdin")?;
+            let path = path.trim();
+            if path.is_empty() {
+                continue;
+            }
+            write!(writer, "GET {path} HTTP/1.1\r\nHost: {target}\r\n\r\n").with_context(|| format!("sending GET {path}"))?;
+            let body = read_response(&mut reader).with_context(|| format!("reading the answer to GET {path}"))?;
+            writeln!(output, "ok {}", body.replace('\n', " "))?;
+            output.flush()?;
+        }
+        Ok(())
+    };
+    let r = run(&mut output);
+    if let Err(e) = &r {
+        let _ = writeln!(output, "error {e:#}");
+        let _ = output.flush();
+    }
+    r
+}
+
+/// One HTTP/1.1 response with a Content-Length body (what the server sends
+/// for every route); the connection stays usable for the next request.
+fn read_response(r: &mut impl BufRead) -> Result<String> {
+    let mut status = String::new();
+    if r.read_line(&mut status)? == 0 {
+        bail!("connection closed by the peer");
+    }
+    let mut len = None;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 {
+            bail!("connection closed inside the headers");
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            len = Some(v.trim().parse::<usize>().with_context(|| format!("bad header {h}"))?);
+        }
+    }
+    let len = len.with_context(|| format!("no Content-Length in the answer ({})", status.trim_end()))?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    if status.split_whitespace().nth(1) != Some("200") {
+        bail!("{}: {body}", status.trim_end());
+    }
+    Ok(body)
+}
+
 /// hyper's body type parameter; re-exported through axum to avoid another
 /// direct dependency.
 mod bytes_alias {
@@ -232,6 +312,45 @@ mod tests {
         assert_eq!(dial_udp(target, "echo abc").await.unwrap(), "abc");
         assert_eq!(dial_udp(target, "hostname").await.unwrap(), hostname());
         assert!(dial_udp(target, "clientip").await.unwrap().starts_with("127.0.0.1:"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keepalive_client_reuses_one_connection() {
+        let (hp, _) = start().await;
+        let target = SocketAddr::from((Ipv4Addr::LOCALHOST, hp));
+        let out = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            keepalive_client(target, &b"/clientip\n/echo?msg=a\n/clientip\n"[..], &mut out).unwrap();
+            String::from_utf8(out).unwrap()
+        })
+        .await
+        .unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 4, "{out}");
+        let local = lines[0].split_whitespace().nth(1).unwrap();
+        // The server saw the same source port twice: one connection.
+        assert_eq!(lines[1], format!("ok {local}"));
+        assert_eq!(lines[2], "ok a");
+        assert_eq!(lines[3], format!("ok {local}"));
+    }
+
+    #[test]
+    fn keepalive_client_reports_a_failed_connect() {
+        // Nothing listens on port 1: the client says so and fails.
+        let mut out = Vec::new();
+        let r = keepalive_client(SocketAddr::from((Ipv4Addr::LOCALHOST, 1)), &b"/hostname\n"[..], &mut out);
+        assert!(r.is_err());
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.starts_with("error connecting to 127.0.0.1:1"), "{out}");
+    }
+
+    #[test]
+    fn read_response_rejects_a_truncated_answer() {
+        let mut r = &b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort"[..];
+        assert!(read_response(&mut r).is_err());
+        let mut r = &b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloHTTP/1.1 404 Not Found\r\nContent-Length: 1\r\n\r\nx"[..];
+        assert_eq!(read_response(&mut r).unwrap(), "hello");
+        assert!(read_response(&mut r).unwrap_err().to_string().contains("404"));
     }
 
     #[tokio::test]

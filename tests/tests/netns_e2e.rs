@@ -5,14 +5,71 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use riptide_tests::{
-    e2e::{self, Curl, Suite, eventually},
+    e2e::{self, Curl, KeepAlive, PodInfo, Suite, eventually},
     lab::{Lab, LabConfig},
+    netns,
     privileged::privileged,
 };
 
 const SETTLE: Duration = Duration::from_secs(60);
+
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` of the expiry check: short
+/// so the check is quick, long enough that back-to-back requests on a busy
+/// 2-core machine stay well inside it.
+const AFFINITY_TIMEOUT_S: u64 = 3;
+/// Idle time that must expire an affinity entry (the datapath compares
+/// `now - last_used` with the timeout at lookup, `ebpf/programs/src/lb.rs`).
+const AFFINITY_IDLE: Duration = Duration::from_secs(AFFINITY_TIMEOUT_S + 2);
+/// Idle+probe cycles before concluding affinity never expires. Each expired
+/// lookup picks anew among 3 backends, so a working datapath keeps the old
+/// one every time with probability (1/3)^12, about 2e-6.
+const AFFINITY_CYCLES: u32 = 12;
+
+/// After `pinned` was answered, idles past the affinity timeout and probes
+/// once, until a probe answers someone else: proof the entry expired and
+/// the flow was balanced anew. Fails when it never happens.
+fn affinity_expires(what: &str, pinned: &str, mut probe: impl FnMut() -> Result<String>) -> Result<u32> {
+    for cycle in 1..=AFFINITY_CYCLES {
+        std::thread::sleep(AFFINITY_IDLE);
+        let now = probe()?;
+        if now != pinned {
+            eprintln!("     {what}: after idling {AFFINITY_IDLE:?} (cycle {cycle}) {pinned} → {now}");
+            return Ok(cycle);
+        }
+    }
+    bail!(
+        "{what}: after each of {AFFINITY_CYCLES} idle periods of {AFFINITY_IDLE:?} (timeoutSeconds {AFFINITY_TIMEOUT_S}) the client still reached {pinned}: affinity never expires"
+    )
+}
+
+/// Opens keep-alive connections with `open` until one reaches a backend on
+/// a node other than `not_on` (a flow that crosses the underlay), bounded.
+/// Returns the connection, the backend's pod and the `/clientip` it saw.
+fn connect_to_remote_backend(
+    lab: &Lab,
+    what: &str,
+    not_on: &str,
+    mut open: impl FnMut() -> Result<KeepAlive>,
+) -> Result<(KeepAlive, PodInfo, String)> {
+    let pods = e2e::pods(lab, "app=demo")?;
+    ensure!(pods.iter().any(|p| p.node != not_on), "{what}: every demo pod runs on {not_on}: {pods:?}");
+    let mut seen = Vec::new();
+    // Each try reaches a remote backend with probability ≥ 1/3.
+    for _ in 0..40 {
+        let mut k = open()?;
+        let host = k.get("/hostname")?;
+        let pod = pods.iter().find(|p| p.name == host).with_context(|| format!("{what}: unknown backend {host}"))?;
+        if pod.node != not_on {
+            let clientip = k.get("/clientip")?;
+            eprintln!("     {what}: {} → {} ({} on {}), backend sees {clientip}", k.local, k.peer, pod.name, pod.node);
+            return Ok((k, pod.clone(), clientip));
+        }
+        seen.push(host);
+    }
+    bail!("{what}: 40 connections all reached backends on {not_on}: {seen:?}")
+}
 
 #[test]
 fn netns_e2e_services_on_a_three_node_lab() {
@@ -22,7 +79,7 @@ fn netns_e2e_services_on_a_three_node_lab() {
     let mut lab = Lab::up(LabConfig::for_test(3).expect("config")).expect("lab up");
     lab.start_cluster(Duration::from_secs(120)).expect("cluster");
     lab.deploy_demo().expect("demo");
-    let mut s = Suite::new(&lab);
+    let mut s = Suite::new(&mut lab);
 
     s.check("demo pods run on several nodes with addresses from their nodes' /24", |lab| {
         let pods = eventually(SETTLE, || {
@@ -189,6 +246,61 @@ fn netns_e2e_services_on_a_three_node_lab() {
         })
     });
 
+    s.check("sessionAffinity ClientIP timeoutSeconds: sticky within it, balanced anew after it expires (pod via socket LB, outside via NodePort/tc)", |lab| {
+        let c = lab.config();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: afft}}\nspec:\n  type: NodePort\n  selector: {{app: demo}}\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {AFFINITY_TIMEOUT_S}}}}}\n  ports: [{{port: 80, targetPort: 8080, nodePort: 30083}}]\n"
+        );
+        let path = c.state_dir.join("temp-svc.yaml");
+        std::fs::write(&path, yaml)?;
+        e2e::kubectl(lab, &["apply", "-f", path.to_str().context("path")?])?;
+        let cip = e2e::cluster_ip(lab, "afft")?;
+        // The datapath holds the Service's timeout, not the 3 h default.
+        eventually(SETTLE, || {
+            let v = e2e::agent_services(lab, 1)?;
+            let f = v.as_array().and_then(|a| a.iter().find(|f| f["ip"] == cip.to_string() && f["port"] == 80));
+            let t = f.map(|f| f["affinity_timeout"].clone());
+            ensure!(t == Some(serde_json::json!(AFFINITY_TIMEOUT_S)), "{cip}:80 in the maps: {f:?}");
+            Ok(())
+        })?;
+
+        // From a pod: socket LB, the affinity key is the pod's netns cookie.
+        // Sticky: 10 back-to-back requests and 3 more a second apart (well
+        // inside the timeout) all reach one backend.
+        let pods = e2e::pods(lab, "app=demo")?;
+        let client = &pods[0].name;
+        let url = format!("http://{cip}/hostname");
+        let script = format!(
+            "for i in $(seq 10); do curl -sS -m 3 {url}; echo; done; for i in 1 2 3; do sleep 1; curl -sS -m 3 {url}; echo; done"
+        );
+        let pinned = eventually(SETTLE, || {
+            let out = e2e::pod_exec(lab, client, &["sh", "-c", &script])?;
+            let got: Vec<&str> = out.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            let distinct: BTreeSet<&str> = got.iter().copied().collect();
+            ensure!(got.len() == 13 && distinct.len() == 1, "13 requests with affinity from {client}: {got:?}");
+            Ok(got[0].to_owned())
+        })?;
+        affinity_expires(&format!("socket LB from {client}"), &pinned, || e2e::pod_curl(lab, client, &url, 3)?.ok())?;
+
+        // From outside via NodePort: tc on the node's uplink, keyed by the
+        // client IP.
+        let np = format!("http://{}:30083/hostname", c.node_ip(1));
+        let pinned = eventually(SETTLE, || {
+            let mut got = Vec::new();
+            for i in 0..13 {
+                if i >= 10 {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                got.push(e2e::outside_curl(lab, &np, 3)?.ok()?);
+            }
+            let distinct: BTreeSet<&String> = got.iter().collect();
+            ensure!(distinct.len() == 1, "13 requests with affinity from outside to {np}: {got:?}");
+            Ok(got[0].clone())
+        })?;
+        affinity_expires("tc NodePort from outside", &pinned, || e2e::outside_curl(lab, &np, 3)?.ok())?;
+        e2e::kubectl(lab, &["delete", "service", "afft"]).map(|_| ())
+    });
+
     s.check("externalIPs and a LoadBalancer ingress IP answer from outside", |lab| {
         let c = lab.config();
         let ext = std::net::Ipv4Addr::new(198, 18, c.subnet, 200);
@@ -311,6 +423,119 @@ fn netns_e2e_services_on_a_three_node_lab() {
             eventually(SETTLE, || e2e::pod_curl(lab, &pods[0].name, &format!("http://{cip}/hostname"), 3)?.ok())
                 .with_context(|| format!("round {round}"))?;
             e2e::kubectl(lab, &["delete", "service", "again"])?;
+        }
+        Ok(())
+    });
+
+    s.check_mut("agent kill -9 and restart during long-lived connections: no break; new connections work", |lab| {
+        let c = lab.config().clone();
+        let netexec = c.bin_dir.join("riptide-netexec");
+        let cip = e2e::cluster_ip(lab, "demo")?;
+        let pods = e2e::pods(lab, "app=demo")?;
+        let client = pods[0].clone();
+
+        // A pod's connection to the ClusterIP (socket LB), to a backend on
+        // another node (pod routing across the underlay).
+        let (mut via_cip, cip_backend, cip_seen) = connect_to_remote_backend(lab, "pod → ClusterIP", &client.node, || {
+            let mut cmd = e2e::pod_command(lab, &client.name, &netexec)?;
+            cmd.args(["--keepalive-client", &format!("{cip}:80")]);
+            KeepAlive::open(&format!("{} → {cip}:80", client.name), cmd)
+        })?;
+        ensure!(via_cip.peer == format!("{cip}:80"), "getpeername shows {}, not the ClusterIP", via_cip.peer);
+        ensure!(cip_seen == via_cip.local, "backend saw {cip_seen}, client is {} (NAT between pods?)", via_cip.local);
+
+        // An outside client's connection to node 1's NodePort, to a backend
+        // on another node: tc DNAT + SNAT on node 1, conntrack and NAT
+        // entries that must survive the agent.
+        let ingress = 1;
+        let np = format!("{}:30080", c.node_ip(ingress));
+        let (mut via_np, np_backend, np_seen) = connect_to_remote_backend(lab, "outside → NodePort", &c.node_name(ingress), || {
+            let mut cmd = netns::command(&c.outside_netns(), &netexec)?;
+            cmd.args(["--keepalive-client", &np]);
+            KeepAlive::open(&format!("outside → {np}"), cmd)
+        })?;
+        ensure!(np_seen.starts_with(&format!("{}:", c.node_ip(ingress))), "NodePort to a remote backend: backend saw {np_seen}, not node {ingress}'s address");
+
+        let mut exchange = |tag: &str| -> Result<()> {
+            for (k, backend) in [(&mut via_cip, &cip_backend), (&mut via_np, &np_backend)] {
+                let msg = format!("{tag}-{}", k.local.replace([':', '.'], "-"));
+                let echo = k.get(&format!("/echo?msg={msg}"))?;
+                ensure!(echo == msg, "echo {msg} answered {echo}");
+                let host = k.get("/hostname")?;
+                ensure!(host == backend.name, "the connection now reaches {host}, it started on {}", backend.name);
+            }
+            Ok(())
+        };
+        exchange("before")?;
+
+        // Every node on the two paths: client, ingress, both backends.
+        let mut involved: Vec<u32> = [&client.node, &cip_backend.node, &c.node_name(ingress), &np_backend.node]
+            .iter()
+            .filter_map(|n| c.node_index(n))
+            .collect();
+        involved.sort_unstable();
+        involved.dedup();
+        for i in &involved {
+            lab.kill_agent(*i)?;
+        }
+        eprintln!("     killed the agents of nodes {involved:?} (SIGKILL)");
+        // The datapath runs on without its agent. Whatever breaks, the
+        // agents are restarted and awaited before the check returns, so a
+        // failure report shows the new agents' view and the lab stays whole
+        // for whatever runs next.
+        let mut broken = exchange("agents-dead").err().map(|e| e.context("while the agents were dead"));
+        for i in &involved {
+            lab.start_agent(*i)?;
+        }
+        // Talk on both connections all the while the agents resync.
+        let started = std::time::Instant::now();
+        let mut rounds = 0;
+        loop {
+            if broken.is_none() {
+                broken = exchange(&format!("restarting-{rounds}")).err().map(|e| e.context("while the agents restarted"));
+                rounds += 1;
+            }
+            let ready = involved.iter().all(|i| e2e::agent_status(lab, *i).is_ok_and(|s| s["ready"] == true));
+            if ready {
+                break;
+            }
+            if let Some((label, st)) = lab.exited().into_iter().next() {
+                bail!("{label} exited ({st}) after the restart:\n{}", lab.log_tail(&label, 30));
+            }
+            ensure!(started.elapsed() < SETTLE, "restarted agents of nodes {involved:?} not ready after {SETTLE:?}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        if let Some(e) = broken {
+            return Err(e);
+        }
+        eprintln!("     agents ready again after {:.1}s, {rounds} exchanges meanwhile", started.elapsed().as_secs_f64());
+        // The first full pass (stale-entry removal, GC start, route sync) has
+        // run once ready; keep talking a little past it.
+        for round in 0..8 {
+            exchange(&format!("after-{round}"))?;
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        // Same connections: the backends still see the same client address
+        // and port.
+        let now = via_cip.get("/clientip")?;
+        ensure!(now == cip_seen, "pod connection: backend saw {cip_seen} before, {now} after");
+        let now = via_np.get("/clientip")?;
+        ensure!(now == np_seen, "NodePort connection: backend saw {np_seen} before, {now} after");
+        drop(via_cip);
+        drop(via_np);
+
+        // New connections: every endpoint through the ClusterIP, and the
+        // NodePort on every node from outside.
+        let want: BTreeSet<String> = pods.iter().map(|p| p.name.clone()).collect();
+        eventually(SETTLE, || {
+            let got = e2e::hostnames_from_pod(lab, &client.name, &format!("http://{cip}/hostname"), 30)?;
+            ensure!(got == want, "after the restart: hostnames {got:?}, want {want:?}");
+            Ok(())
+        })?;
+        for i in 1..=c.nodes {
+            let url = format!("http://{}:30080/hostname", c.node_ip(i));
+            eventually(SETTLE, || e2e::outside_curl(lab, &url, 3)?.ok())
+                .with_context(|| format!("NodePort on node {i} after the restart"))?;
         }
         Ok(())
     });
