@@ -60,10 +60,13 @@ use crate::{
 pub struct GcConfig {
     /// Time between full passes.
     pub interval: Duration,
-    /// Idle time after which a TCP conntrack/NAT entry is deleted. The
-    /// datapath tracks no TCP state (no FIN/RST), so this is the only
-    /// timeout a TCP flow has; Cilium's established-TCP lifetime (6 h).
+    /// Idle time after which an established TCP conntrack/NAT entry is
+    /// deleted: Cilium's established-TCP lifetime (6 h).
     pub tcp_timeout: Duration,
+    /// Idle time after which a TCP entry that saw a FIN or RST
+    /// (`CT_F_CLOSING` / `NAT_F_CLOSING`) is deleted: Cilium's close
+    /// timeout (10 s), long enough for the last ACKs and retransmitted FINs.
+    pub tcp_close_timeout: Duration,
     /// Idle time for UDP and everything else (Cilium's non-TCP 60 s).
     pub other_timeout: Duration,
     /// Shortest gap between two change-triggered passes (coalesces churn).
@@ -78,6 +81,7 @@ impl Default for GcConfig {
         Self {
             interval: Duration::from_secs(30),
             tcp_timeout: Duration::from_secs(6 * 3600),
+            tcp_close_timeout: Duration::from_secs(10),
             other_timeout: Duration::from_secs(60),
             min_gap: Duration::from_millis(200),
             cgroup: None,
@@ -95,10 +99,15 @@ fn dur_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// Idle past its protocol's timeout? Entries stamped in the future (a packet
+/// Idle past its protocol's timeout (for TCP, the close timeout once the
+/// direction saw a FIN or RST)? Entries stamped in the future (a packet
 /// raced our clock read) are never expired.
-pub fn flow_expired(protocol: u8, last_seen_ns: u64, now_ns: u64, cfg: &GcConfig) -> bool {
-    let limit = if protocol == proto::TCP { cfg.tcp_timeout } else { cfg.other_timeout };
+pub fn flow_expired(protocol: u8, closing: bool, last_seen_ns: u64, now_ns: u64, cfg: &GcConfig) -> bool {
+    let limit = match (protocol, closing) {
+        (proto::TCP, true) => cfg.tcp_close_timeout,
+        (proto::TCP, false) => cfg.tcp_timeout,
+        _ => cfg.other_timeout,
+    };
     now_ns.saturating_sub(last_seen_ns) > dur_ns(limit)
 }
 
@@ -386,7 +395,7 @@ impl Gc {
         if kind == Pass::Full {
             let expired: Vec<(CtKey, Option<u64>)> = ct
                 .iter()
-                .filter(|(k, v)| flow_expired(k.proto, v.last_seen_ns, now, &self.cfg))
+                .filter(|(k, v)| flow_expired(k.proto, v.flags & riptide_common::CT_F_CLOSING != 0, v.last_seen_ns, now, &self.cfg))
                 .map(|(k, v)| (*k, Some(v.last_seen_ns)))
                 .collect();
             gone.extend(expired.iter().map(|(k, _)| *k));
@@ -414,7 +423,9 @@ impl Gc {
             let nat = self.maps.nat()?;
             let expired: Vec<(CtKey, Option<u64>)> = nat
                 .iter()
-                .filter(|(k, v): &&(CtKey, NatValue)| flow_expired(k.proto, v.last_seen_ns, now, &self.cfg))
+                .filter(|(k, v): &&(CtKey, NatValue)| {
+                    flow_expired(k.proto, v.flags & riptide_common::NAT_F_CLOSING != 0, v.last_seen_ns, now, &self.cfg)
+                })
                 .map(|(k, v)| (*k, Some(v.last_seen_ns)))
                 .collect();
             r.nat_expired = self.maps.delete_nat(&expired)?;
@@ -547,13 +558,19 @@ mod tests {
     fn expiry_uses_the_protocol_timeout_and_never_expires_future_stamps() {
         let c = cfg();
         let now = 1_000 * NS;
-        assert!(!flow_expired(proto::TCP, now - 99 * NS, now, &c));
-        assert!(flow_expired(proto::TCP, now - 101 * NS, now, &c));
-        assert!(!flow_expired(proto::UDP, now - 9 * NS, now, &c));
-        assert!(flow_expired(proto::UDP, now - 11 * NS, now, &c));
-        assert!(flow_expired(proto::ICMP, now - 11 * NS, now, &c));
+        assert!(!flow_expired(proto::TCP, false, now - 99 * NS, now, &c));
+        assert!(flow_expired(proto::TCP, false, now - 101 * NS, now, &c));
+        // A closing TCP direction: the close timeout (default 10 s).
+        assert!(!flow_expired(proto::TCP, true, now - 9 * NS, now, &c));
+        assert!(flow_expired(proto::TCP, true, now - 11 * NS, now, &c));
+        assert!(!flow_expired(proto::UDP, false, now - 9 * NS, now, &c));
+        assert!(flow_expired(proto::UDP, false, now - 11 * NS, now, &c));
+        assert!(flow_expired(proto::ICMP, false, now - 11 * NS, now, &c));
+        // The flag means nothing for other protocols.
+        assert!(!flow_expired(proto::UDP, true, now - 9 * NS, now, &c));
         // A packet stamped after we read the clock.
-        assert!(!flow_expired(proto::UDP, now + 5 * NS, now, &c));
+        assert!(!flow_expired(proto::UDP, false, now + 5 * NS, now, &c));
+        assert!(!flow_expired(proto::TCP, true, now + 5 * NS, now, &c));
     }
 
     #[test]

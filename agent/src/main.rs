@@ -69,6 +69,9 @@ struct Args {
     /// Idle seconds after which a TCP conntrack/NAT entry is deleted.
     #[arg(long, default_value_t = 21_600)]
     ct_tcp_timeout_s: u64,
+    /// Idle seconds after which a TCP entry that saw a FIN or RST is deleted.
+    #[arg(long, default_value_t = 10)]
+    ct_tcp_close_timeout_s: u64,
     /// Idle seconds after which a UDP (or other) conntrack/NAT entry is deleted.
     #[arg(long, default_value_t = 60)]
     ct_udp_timeout_s: u64,
@@ -127,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
         gc: riptide_agent::gc::GcConfig {
             interval: Duration::from_secs(a.ct_gc_interval_s.max(1)),
             tcp_timeout: Duration::from_secs(a.ct_tcp_timeout_s),
+            tcp_close_timeout: Duration::from_secs(a.ct_tcp_close_timeout_s),
             other_timeout: Duration::from_secs(a.ct_udp_timeout_s),
             ..riptide_agent::gc::GcConfig::default()
         },

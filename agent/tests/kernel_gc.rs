@@ -139,15 +139,24 @@ fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_f
         ("10.42.1.1:1006", proto::UDP, 1, 4242, ready_be),         // live, frontend deleted since
         ("10.42.1.1:1007", proto::TCP, 1, web_rev, quarantined_be), // live TCP: never cut
     ];
-    for (client, p, age, revnat_id, backend_id) in flows {
+    // (client, age s) of TCP flows that saw a FIN/RST: close timeout 10 s.
+    let closing = [("10.42.1.1:1008", 20), ("10.42.1.1:1009", 5)];
+    let flows = flows.into_iter().map(|f| (f, 0)).chain(closing.map(|(c, age)| ((c, proto::TCP, age, web_rev, web_be), riptide_common::CT_F_CLOSING)));
+    for ((client, p, age, revnat_id, backend_id), flags) in flows {
         for dir in [CT_DIR_FWD, CT_DIR_REV] {
-            let v = CtValue { last_seen_ns: ago(age), backend_id, revnat_id, ..CtValue::default() };
+            let v = CtValue { last_seen_ns: ago(age), backend_id, revnat_id, flags, ..CtValue::default() };
             ct.insert(ct_key(client, p, dir), v, 0).unwrap();
         }
     }
     let mut nat: HashMap<MapData, CtKey, NatValue> = lru(&node.0, names::NAT4);
-    for (client, p, age) in [("10.42.1.2:2001", proto::UDP, 1), ("10.42.1.2:2002", proto::UDP, 20), ("10.42.1.2:2003", proto::TCP, 50), ("10.42.1.2:2004", proto::TCP, 200)] {
-        nat.insert(ct_key(client, p, riptide_common::NAT_DIR_EGRESS), NatValue { last_seen_ns: ago(age), ..NatValue::default() }, 0).unwrap();
+    for (client, p, age, flags) in [
+        ("10.42.1.2:2001", proto::UDP, 1, 0),
+        ("10.42.1.2:2002", proto::UDP, 20, 0),
+        ("10.42.1.2:2003", proto::TCP, 50, 0),
+        ("10.42.1.2:2004", proto::TCP, 200, 0),
+        ("10.42.1.2:2005", proto::TCP, 20, riptide_common::NAT_F_CLOSING),
+    ] {
+        nat.insert(ct_key(client, p, riptide_common::NAT_DIR_EGRESS), NatValue { last_seen_ns: ago(age), flags, ..NatValue::default() }, 0).unwrap();
     }
     let mut aff: HashMap<MapData, AffKey, AffValue> = lru(&node.0, names::AFF4);
     let aff_key = |client: u64, revnat_id| AffKey { client, revnat_id, kind: riptide_common::AFF_CLIENT_IP, _pad: [0; 5] };
@@ -177,10 +186,10 @@ fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_f
         ct.keys().map(|k| u16::from_be(k.unwrap().sport_be)).collect()
     };
     let r = gc.pass_and_record(Pass::Full).unwrap();
-    assert_eq!(r.ct_expired, 4, "{r:?}");
+    assert_eq!(r.ct_expired, 6, "{r:?}");
     assert_eq!(r.ct_stale, 0, "nothing is judged stale before the first sync: {r:?}");
-    assert_eq!(ct_clients(&ct), BTreeSet::from([1001, 1002, 1004, 1006, 1007]));
-    assert_eq!(r.nat_expired, 2, "{r:?}");
+    assert_eq!(ct_clients(&ct), BTreeSet::from([1001, 1002, 1004, 1006, 1007, 1009]));
+    assert_eq!(r.nat_expired, 3, "{r:?}");
     let nat_left: BTreeSet<u16> = nat.keys().map(|k| u16::from_be(k.unwrap().sport_be)).collect();
     assert_eq!(nat_left, BTreeSet::from([2001, 2003]));
     assert_eq!(r.aff_expired, 1, "{r:?}");
@@ -196,19 +205,19 @@ fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_f
     shared.ready.store(true, Ordering::Release);
     let r = gc.pass_and_record(Pass::Stale).unwrap();
     assert_eq!(r.ct_stale, 4, "{r:?}");
-    assert_eq!(ct_clients(&ct), BTreeSet::from([1001, 1004, 1007]));
+    assert_eq!(ct_clients(&ct), BTreeSet::from([1001, 1004, 1007, 1009]));
     // Nothing changed since: the next triggered pass is skipped.
     assert!(gc.pass_and_record(Pass::Stale).unwrap().skipped);
 
     let metrics = shared.metrics.encode();
-    for (map, reason, n) in [(names::CT4, "expired", 4), (names::CT4, "stale_backend", 4), (names::NAT4, "expired", 2), (names::AFF4, "expired", 1)] {
+    for (map, reason, n) in [(names::CT4, "expired", 6), (names::CT4, "stale_backend", 4), (names::NAT4, "expired", 3), (names::AFF4, "expired", 1)] {
         let line = format!(r#"riptide_agent_gc_deletions_total{{map="{map}",reason="{reason}"}} {n}"#);
         assert!(metrics.contains(&line), "{line} in\n{metrics}");
     }
     let st = shared.gc_status.lock().unwrap().clone();
-    assert_eq!(st.expired_deleted, 7);
+    assert_eq!(st.expired_deleted, 10);
     assert_eq!(st.stale_deleted, 4);
-    assert_eq!(st.conntrack_entries, 6);
+    assert_eq!(st.conntrack_entries, 8);
 }
 
 /// A named netns, deleted on drop.

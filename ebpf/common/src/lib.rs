@@ -470,6 +470,11 @@ pub const CT_F_INBOUND: u16 = 1 << 3;
 pub const CT_F_REPLY: u16 = 1 << 4;
 /// Forward entry whose backend runs on this node ([`BE_F_LOCAL`]).
 pub const CT_F_BE_LOCAL: u16 = 1 << 5;
+/// A FIN or RST went through this direction of a TCP flow (cleared by a
+/// new SYN on the same tuple): the GC removes the entry after a short idle
+/// time (`--ct-tcp-close-timeout-s`, 10 s as Cilium's close timeout)
+/// instead of the established-flow one.
+pub const CT_F_CLOSING: u16 = 1 << 6;
 
 /// Value of `rt_nat4_v1`: the address/port that replaces the source (egress
 /// entry) or the destination (ingress entry).
@@ -488,6 +493,8 @@ pub struct NatValue {
 pub const NAT_F_MASQ: u16 = 1 << 0;
 /// Entry created for a NodePort flow to a remote backend.
 pub const NAT_F_NODEPORT: u16 = 1 << 1;
+/// A FIN or RST went through this direction (see [`CT_F_CLOSING`]).
+pub const NAT_F_CLOSING: u16 = 1 << 2;
 
 // ----------------------------------------------------------------- affinity
 

@@ -935,3 +935,64 @@ fn backend_port_unreachable_of_a_snatted_nodeport_flow_reaches_the_client() {
     assert_eq!(&out[42..42 + 28], &sent[14..14 + 28]);
     assert_eq!(n.dp.stats().unwrap().get(stats::ICMP_ERR_XLATE), 2);
 }
+
+/// TCP close tracking: a FIN or RST marks the direction it went through as
+/// closing (conntrack and NAT), so the agent's GC can drop it after a short
+/// close timeout; a new SYN on the same tuple (port reuse) clears the mark.
+#[test]
+fn fin_and_rst_mark_flows_closing_and_a_new_syn_reopens_them() {
+    use riptide_common::{CT_F_CLOSING, CT_F_REPLY, NAT_F_CLOSING};
+    if !privileged() {
+        return;
+    }
+    let mut n = node();
+    n.svcs
+        .upsert(&service(Protocol::Tcp, vec![backend("10.42.1.7", false)]))
+        .unwrap();
+    let client = (ip(CLIENT_POD), 40000);
+    let be = (ip("10.42.1.7"), 8080);
+    let closing = |n: &Node, reply: bool| -> Vec<bool> {
+        n.dp.conntrack()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| (v.flags & CT_F_REPLY != 0) == reply)
+            .map(|(_, v)| v.flags & CT_F_CLOSING != 0)
+            .collect()
+    };
+    // Per-packet ClusterIP flow from a pod: SYN, ACK with data.
+    for flags in [0x02, 0x10] {
+        let (verdict, _) = run(&mut n.dp, names::PROG_FROM_POD, &tcp(client, (ip(VIP), 80), flags, b""));
+        assert_eq!(verdict, TC_ACT_OK, "{}", dump(&n));
+    }
+    assert_eq!((closing(&n, false), closing(&n, true)), (vec![false], vec![false]), "{}", dump(&n));
+    // The client's FIN: its direction is closing, the reply one not yet.
+    run(&mut n.dp, names::PROG_FROM_POD, &tcp(client, (ip(VIP), 80), 0x11, b""));
+    assert_eq!((closing(&n, false), closing(&n, true)), (vec![true], vec![false]), "{}", dump(&n));
+    // The backend's FIN (it comes back on the uplink).
+    let (verdict, _) = run(&mut n.dp, names::PROG_FROM_NET, &tcp(be, client, 0x11, b""));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "{}", dump(&n));
+    assert_eq!(closing(&n, true), vec![true], "{}", dump(&n));
+    // The last ACK keeps the marks; a new SYN from the same port reopens
+    // the forward direction.
+    run(&mut n.dp, names::PROG_FROM_POD, &tcp(client, (ip(VIP), 80), 0x10, b""));
+    assert_eq!(closing(&n, false), vec![true]);
+    run(&mut n.dp, names::PROG_FROM_POD, &tcp(client, (ip(VIP), 80), 0x02, b""));
+    assert_eq!(closing(&n, false), vec![false], "{}", dump(&n));
+    // A RST marks too.
+    run(&mut n.dp, names::PROG_FROM_POD, &tcp(client, (ip(VIP), 80), 0x04, b""));
+    assert_eq!(closing(&n, false), vec![true], "{}", dump(&n));
+
+    // Masqueraded flow (NAT entries): SYN out, RST back.
+    let out_ip = ip("203.0.113.10");
+    let (_, out) = run(&mut n.dp, names::PROG_TO_NET, &syn((ip(CLIENT_POD), 47000), (out_ip, 443)));
+    let port = view(&out).sport;
+    let nat_closing = |n: &Node| -> Vec<bool> {
+        let mut v: Vec<(u8, bool)> = n.dp.nat().unwrap().iter().map(|(k, v)| (k.dir, v.flags & NAT_F_CLOSING != 0)).collect();
+        v.sort();
+        v.into_iter().map(|(_, c)| c).collect()
+    };
+    assert_eq!(nat_closing(&n), vec![false, false], "{}", dump(&n));
+    let (verdict, _) = run(&mut n.dp, names::PROG_FROM_NET, &tcp((out_ip, 443), (ip(NODE_IP), port), 0x14, b""));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(nat_closing(&n).iter().filter(|c| **c).count(), 1, "the RST's direction: {}", dump(&n));
+}

@@ -15,13 +15,14 @@
 
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use riptide_common::{
-    BE_F_LOCAL, BackendValue, CT_DIR_ANY, CT_F_BE_LOCAL, CT_F_REPLY, CtKey, CtValue, stats,
+    BE_F_LOCAL, BackendValue, CT_DIR_ANY, CT_F_BE_LOCAL, CT_F_CLOSING, CT_F_REPLY, CtKey, CtValue,
+    proto, stats,
 };
 
 use crate::{
     lb::Chosen,
     maps::{CLOCK, CT4},
-    parse::Pkt,
+    parse::{Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 #[inline(always)]
@@ -92,10 +93,31 @@ pub fn lookup_key(k: &CtKey) -> Option<Hit> {
     Some(Hit { e, ticked })
 }
 
-/// The entry of the packet's own tuple, whatever its role.
+/// The entry of the packet's own tuple, whatever its role, with its TCP
+/// close state updated.
 #[inline(always)]
 pub fn lookup(p: &Pkt) -> Option<Hit> {
-    lookup_key(&key(p))
+    let h = lookup_key(&key(p))?;
+    track_close(p, &mut h.e.flags, CT_F_CLOSING);
+    Some(h)
+}
+
+/// TCP close tracking for one direction of a flow: a FIN or RST sets
+/// `closing` in `flags` (the GC then uses the short close timeout), a new
+/// SYN on the same tuple (port reuse) clears it. Writes only on change; one
+/// branch for every other packet.
+#[inline(always)]
+pub fn track_close(p: &Pkt, flags: &mut u16, closing: u16) {
+    if p.proto != proto::TCP {
+        return;
+    }
+    if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        if *flags & closing == 0 {
+            *flags |= closing;
+        }
+    } else if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && *flags & closing != 0 {
+        *flags &= !closing;
+    }
 }
 
 /// The backend of a forward entry, from the entry itself. Once per clock

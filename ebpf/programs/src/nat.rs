@@ -8,7 +8,7 @@
 //! reply tuple.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
-use riptide_common::{CtKey, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NatValue, stats};
+use riptide_common::{CtKey, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_CLOSING, NatValue, stats};
 
 use crate::{ct, maps::NAT4, parse::Pkt};
 
@@ -23,7 +23,7 @@ fn nat_key(p: &Pkt, dir: u8) -> CtKey {
 }
 
 #[inline(always)]
-fn lookup(k: &CtKey) -> Option<&'static NatValue> {
+fn lookup_mut(k: &CtKey) -> Option<&'static mut NatValue> {
     let ptr = NAT4.get_ptr_mut(k)?;
     // SAFETY: map value pointer, valid for this program run; racing
     // last_seen refreshes are harmless.
@@ -32,16 +32,30 @@ fn lookup(k: &CtKey) -> Option<&'static NatValue> {
     Some(v)
 }
 
+#[inline(always)]
+fn lookup(k: &CtKey) -> Option<&'static NatValue> {
+    lookup_mut(k).map(|v| &*v)
+}
+
+/// The entry of the packet's own flow in direction `dir`, with its TCP
+/// close state updated (see `ct::track_close`).
+#[inline(always)]
+fn lookup_pkt(p: &Pkt, dir: u8) -> Option<&'static NatValue> {
+    let v = lookup_mut(&nat_key(p, dir))?;
+    ct::track_close(p, &mut v.flags, NAT_F_CLOSING);
+    Some(v)
+}
+
 /// The new source of an outgoing packet of an already translated flow.
 #[inline(always)]
 pub fn lookup_egress(p: &Pkt) -> Option<&'static NatValue> {
-    lookup(&nat_key(p, NAT_DIR_EGRESS))
+    lookup_pkt(p, NAT_DIR_EGRESS)
 }
 
 /// The original destination of a reply to a translated flow.
 #[inline(always)]
 pub fn lookup_ingress(p: &Pkt) -> Option<&'static NatValue> {
-    lookup(&nat_key(p, NAT_DIR_INGRESS))
+    lookup_pkt(p, NAT_DIR_INGRESS)
 }
 
 /// [`lookup_egress`] / [`lookup_ingress`] for a tuple that is not the
