@@ -151,6 +151,21 @@ fn netns_e2e_services_on_a_three_node_lab() {
         eventually(SETTLE, || e2e::node_curl(lab, 1, &format!("http://{cip}/hostname"), 3)?.ok()).map(|_| ())
     });
 
+    s.check("pods reach the apiserver through the kubernetes Service (in-cluster environment)", |lab| {
+        let ep = e2e::kubectl(lab, &["get", "endpointslice", "kubernetes", "-o", "jsonpath={.endpoints[0].addresses[0]}:{.ports[0].port}"])?;
+        ensure!(ep == format!("{}:6443", lab.config().host_ip()), "kubernetes EndpointSlice names {ep:?}");
+        let pods = e2e::pods(lab, "app=demo")?;
+        for p in &pods {
+            // As client-go's in-cluster config does: the Service from the
+            // environment kubectl exec gives (the container's).
+            let script = "curl -sSk -m 5 https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT/version";
+            let body = eventually(SETTLE, || e2e::kubectl(lab, &["exec", &p.name, "--", "sh", "-c", script]))?;
+            let v: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("{}: /version answered {body:?}", p.name))?;
+            ensure!(v["gitVersion"].is_string(), "{}: /version answered {body}", p.name);
+        }
+        Ok(())
+    });
+
     s.check("NodePort answers on every node's address from outside", |lab| {
         let c = lab.config();
         for i in 1..=c.nodes {
