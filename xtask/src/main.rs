@@ -74,7 +74,7 @@ fn main() -> Result<()> {
             setup::bench()?;
             util::step("building the benchmarks");
             util::run(util::cargo(&root).args(["build", "--bins"]))?;
-            let mut cmd = std::process::Command::new(root.join("target/debug/riptide-bench"));
+            let mut cmd = std::process::Command::new(target_dir(&root).join("debug/riptide-bench"));
             cmd.current_dir(&root).args(["--out", "target/bench"]);
             if quick {
                 cmd.arg("--quick");
@@ -92,6 +92,16 @@ fn workspace_root() -> Result<PathBuf> {
     dir.parent()
         .map(PathBuf::from)
         .context("xtask has no parent directory")
+}
+
+/// Where cargo puts build outputs: `CARGO_TARGET_DIR` (relative to the
+/// workspace root, as cargo reads it from there) or `target/`. Results stay
+/// under the root's `target/bench/` either way.
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    }
 }
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
@@ -149,7 +159,7 @@ fn micro_benches(root: &Path, quick: bool) -> Result<()> {
     // create/list/watch latency, 100-watcher fan-out, peak RSS.
     util::step("micro benchmark apiserver (release build)");
     util::run(util::cargo(root).args(["build", "--quiet", "--release", "-p", "riptide-controlplane", "--bins"]))?;
-    let mut cmd = std::process::Command::new(root.join("target/release/riptide-apiserver-bench"));
+    let mut cmd = std::process::Command::new(target_dir(root).join("release/riptide-apiserver-bench"));
     cmd.arg("--out").arg(root.join("target/bench/apiserver.json"));
     if quick {
         cmd.arg("--quick");

@@ -7,9 +7,23 @@
 //! (mark hairpin for masquerade, DNAT). First-packet cost grows with the
 //! number of Services, because `KUBE-SERVICES` is a linear list.
 //!
+//! NodePorts: the last rule of `KUBE-SERVICES` sends packets for a local
+//! address to `KUBE-NODEPORTS` (one rule per NodePort → `KUBE-EXT-<hash>`:
+//! mark for masquerade, then the Service's `KUBE-SVC-<hash>`), so a NodePort
+//! packet first walks every ClusterIP rule.
+//!
 //! nftables mode (pkg/proxy/nftables/proxier.go): one verdict map keyed by
 //! (daddr, l4proto, dport) → `goto service-<hash>`, whose `numgen random`
-//! vmap picks `endpoint-<hash>` chains; cost independent of Service count.
+//! vmap picks `endpoint-<hash>` chains; NodePorts in a second map keyed by
+//! (l4proto, dport) for local destinations (`fib daddr type local`); cost
+//! independent of Service count.
+//!
+//! One deliberate difference: the masquerade rules take source ports from
+//! 32768-60999 (the kernel's default ephemeral range) instead of kube-proxy's
+//! whole range, because riptide's programs share the node in the bench: a
+//! reply to a masqueraded port that happens to be one of riptide's NodePorts
+//! would be taken by riptide's uplink program for a new NodePort flow. A real
+//! cluster runs one or the other, and reserves the NodePort range the same way.
 
 use std::{fmt::Write as _, net::Ipv4Addr};
 
@@ -20,8 +34,13 @@ pub struct SvcPort {
     pub vip: Ipv4Addr,
     pub proto: Proto,
     pub port: u16,
+    /// The NodePort of this Service port, if it has one.
+    pub node_port: Option<u16>,
     pub endpoints: Vec<(Ipv4Addr, u16)>,
 }
+
+/// Source ports the baselines' masquerade uses (see the module doc).
+pub const MASQ_PORTS: &str = "32768-60999";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proto {
@@ -59,13 +78,24 @@ pub fn iptables_restore(services: &[SvcPort]) -> String {
     let mut chains = String::new();
     let mut rules = String::new();
     chains.push_str("*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n");
-    rules.push_str("-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
-    rules.push_str("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
+    rules.push_str(
+        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    );
+    rules.push_str(
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    );
     rules.push_str("-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n");
     rules.push_str("-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n");
     rules.push_str("-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n");
     rules.push_str("-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n");
+    for p in ["tcp", "udp"] {
+        let _ = writeln!(
+            rules,
+            "-A KUBE-POSTROUTING -p {p} -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --to-ports {MASQ_PORTS} --random-fully"
+        );
+    }
     rules.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n");
+    let mut nodeports = String::new();
     for svc in services {
         let p = svc.proto.as_str();
         let svc_chain = format!("KUBE-SVC-{}", chain_hash(&format!("{}{p}", svc.name)));
@@ -80,9 +110,27 @@ pub fn iptables_restore(services: &[SvcPort]) -> String {
             "-A {svc_chain} ! -s {CLUSTER_CIDR} -d {}/32 -p {p} -m comment --comment \"{} cluster IP\" -m {p} --dport {} -j KUBE-MARK-MASQ",
             svc.vip, svc.name, svc.port
         );
+        if let Some(np) = svc.node_port {
+            let ext_chain = format!("KUBE-EXT-{}", chain_hash(&format!("{}{p}", svc.name)));
+            let _ = writeln!(chains, ":{ext_chain} - [0:0]");
+            let _ = writeln!(
+                nodeports,
+                "-A KUBE-NODEPORTS -p {p} -m comment --comment \"{}\" -m {p} --dport {np} -j {ext_chain}",
+                svc.name
+            );
+            let _ = writeln!(
+                rules,
+                "-A {ext_chain} -m comment --comment \"masquerade traffic for {} external destinations\" -j KUBE-MARK-MASQ",
+                svc.name
+            );
+            let _ = writeln!(rules, "-A {ext_chain} -j {svc_chain}");
+        }
         let n = svc.endpoints.len();
         for (i, (ip, port)) in svc.endpoints.iter().enumerate() {
-            let sep = format!("KUBE-SEP-{}", chain_hash(&format!("{}{p}{ip}:{port}", svc.name)));
+            let sep = format!(
+                "KUBE-SEP-{}",
+                chain_hash(&format!("{}{p}{ip}:{port}", svc.name))
+            );
             let _ = writeln!(chains, ":{sep} - [0:0]");
             let remaining = n - i;
             if remaining > 1 {
@@ -93,9 +141,17 @@ pub fn iptables_restore(services: &[SvcPort]) -> String {
                     1.0 / remaining as f64
                 );
             } else {
-                let _ = writeln!(rules, "-A {svc_chain} -m comment --comment \"{} -> {ip}:{port}\" -j {sep}", svc.name);
+                let _ = writeln!(
+                    rules,
+                    "-A {svc_chain} -m comment --comment \"{} -> {ip}:{port}\" -j {sep}",
+                    svc.name
+                );
             }
-            let _ = writeln!(rules, "-A {sep} -s {ip}/32 -m comment --comment \"{}\" -j KUBE-MARK-MASQ", svc.name);
+            let _ = writeln!(
+                rules,
+                "-A {sep} -s {ip}/32 -m comment --comment \"{}\" -j KUBE-MARK-MASQ",
+                svc.name
+            );
             let _ = writeln!(
                 rules,
                 "-A {sep} -p {p} -m comment --comment \"{}\" -m {p} -j DNAT --to-destination {ip}:{port}",
@@ -104,12 +160,13 @@ pub fn iptables_restore(services: &[SvcPort]) -> String {
         }
     }
     rules.push_str("-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
-    format!("{chains}{rules}COMMIT\n")
+    format!("{chains}{rules}{nodeports}COMMIT\n")
 }
 
 /// `nft -f` input: kube-proxy's nftables-mode table with `services`.
 pub fn nft_script(services: &[SvcPort]) -> String {
-    let mut s = String::from("table ip kube-proxy\ndelete table ip kube-proxy\ntable ip kube-proxy {\n");
+    let mut s =
+        String::from("table ip kube-proxy\ndelete table ip kube-proxy\ntable ip kube-proxy {\n");
     let chain = |s: &mut String, name: &str, body: &[&str]| {
         let _ = writeln!(s, "  chain {name} {{");
         for line in body {
@@ -117,24 +174,40 @@ pub fn nft_script(services: &[SvcPort]) -> String {
         }
         s.push_str("  }\n");
     };
-    chain(&mut s, "mark-for-masquerade", &["meta mark set meta mark | 0x4000"]);
+    chain(
+        &mut s,
+        "mark-for-masquerade",
+        &["meta mark set meta mark | 0x4000"],
+    );
     chain(
         &mut s,
         "masquerading",
         &[
             "meta mark & 0x4000 == 0 return",
             "meta mark set meta mark ^ 0x4000",
+            &format!("meta l4proto {{ tcp, udp }} masquerade to :{MASQ_PORTS} fully-random"),
             "masquerade fully-random",
         ],
     );
     let mut elements = Vec::new();
+    let mut nodeports = Vec::new();
     for svc in services {
         let p = svc.proto.as_str();
-        let svc_chain = format!("service-{}-{}", chain_hash(&format!("{}{p}", svc.name)), sanitize(&svc.name));
-        elements.push(format!("{} . {p} . {} : goto {svc_chain}", svc.vip, svc.port));
+        let svc_chain = format!(
+            "service-{}-{}",
+            chain_hash(&format!("{}{p}", svc.name)),
+            sanitize(&svc.name)
+        );
+        elements.push(format!(
+            "{} . {p} . {} : goto {svc_chain}",
+            svc.vip, svc.port
+        ));
         let mut vmap = Vec::new();
         for (i, (ip, port)) in svc.endpoints.iter().enumerate() {
-            let ep = format!("endpoint-{}", chain_hash(&format!("{}{p}{ip}:{port}", svc.name)));
+            let ep = format!(
+                "endpoint-{}",
+                chain_hash(&format!("{}{p}{ip}:{port}", svc.name))
+            );
             vmap.push(format!("{i} : goto {ep}"));
             chain(
                 &mut s,
@@ -143,6 +216,19 @@ pub fn nft_script(services: &[SvcPort]) -> String {
                     &format!("ip saddr {ip} jump mark-for-masquerade"),
                     &format!("meta l4proto {p} dnat to {ip}:{port}"),
                 ],
+            );
+        }
+        if let Some(np) = svc.node_port {
+            let ext_chain = format!(
+                "external-{}-{}",
+                chain_hash(&format!("{}{p}", svc.name)),
+                sanitize(&svc.name)
+            );
+            nodeports.push(format!("{p} . {np} : goto {ext_chain}"));
+            chain(
+                &mut s,
+                &ext_chain,
+                &["jump mark-for-masquerade", &format!("goto {svc_chain}")],
             );
         }
         chain(
@@ -166,10 +252,43 @@ pub fn nft_script(services: &[SvcPort]) -> String {
         let _ = writeln!(s, "    elements = {{ {} }}", elements.join(",\n      "));
     }
     s.push_str("  }\n");
-    chain(&mut s, "services", &["ip daddr . meta l4proto . th dport vmap @service-ips"]);
-    chain(&mut s, "nat-output", &["type nat hook output priority -100; policy accept;", "jump services"]);
-    chain(&mut s, "nat-prerouting", &["type nat hook prerouting priority -100; policy accept;", "jump services"]);
-    chain(&mut s, "nat-postrouting", &["type nat hook postrouting priority 100; policy accept;", "jump masquerading"]);
+    s.push_str("  map service-nodeports {\n    type inet_proto . inet_service : verdict\n");
+    if !nodeports.is_empty() {
+        let _ = writeln!(s, "    elements = {{ {} }}", nodeports.join(",\n      "));
+    }
+    s.push_str("  }\n");
+    chain(
+        &mut s,
+        "services",
+        &[
+            "ip daddr . meta l4proto . th dport vmap @service-ips",
+            "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports",
+        ],
+    );
+    chain(
+        &mut s,
+        "nat-output",
+        &[
+            "type nat hook output priority -100; policy accept;",
+            "jump services",
+        ],
+    );
+    chain(
+        &mut s,
+        "nat-prerouting",
+        &[
+            "type nat hook prerouting priority -100; policy accept;",
+            "jump services",
+        ],
+    );
+    chain(
+        &mut s,
+        "nat-postrouting",
+        &[
+            "type nat hook postrouting priority 100; policy accept;",
+            "jump masquerading",
+        ],
+    );
     s.push_str("}\n");
     s
 }
@@ -195,6 +314,7 @@ pub fn services_with(n: usize, measured: &[SvcPort], backend_ip: Ipv4Addr) -> Ve
             vip,
             proto: Proto::Tcp,
             port: 80,
+            node_port: None,
             endpoints: vec![(backend_ip, 30_000 + (i % 10_000) as u16)],
         });
     }
@@ -215,7 +335,11 @@ mod tests {
             vip: Ipv4Addr::new(10, 43, 0, 10),
             proto: Proto::Tcp,
             port: 80,
-            endpoints: vec![(Ipv4Addr::new(10, 42, 1, 5), 8080), (Ipv4Addr::new(10, 42, 2, 5), 8080)],
+            node_port: Some(30080),
+            endpoints: vec![
+                (Ipv4Addr::new(10, 42, 1, 5), 8080),
+                (Ipv4Addr::new(10, 42, 2, 5), 8080),
+            ],
         }
     }
 
@@ -229,6 +353,22 @@ mod tests {
         assert!(r.contains("--probability 0.50000000000"));
         assert_eq!(r.matches("-j DNAT --to-destination").count(), 2);
         assert!(r.contains("-d 10.43.0.10/32 -p tcp"));
+        // The NodePort: reached from the catch-all last rule of
+        // KUBE-SERVICES, marked for masquerade, then the Service chain.
+        assert_eq!(r.matches(":KUBE-EXT-").count(), 1);
+        assert!(r.contains("-A KUBE-NODEPORTS -p tcp -m comment --comment \"default/web:http\" -m tcp --dport 30080 -j KUBE-EXT-"));
+        let last_services_rule = r
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
+            .last()
+            .unwrap();
+        assert!(
+            last_services_rule.ends_with("-j KUBE-NODEPORTS"),
+            "{last_services_rule}"
+        );
+        assert!(r.contains(&format!(
+            "MASQUERADE --to-ports {MASQ_PORTS} --random-fully"
+        )));
     }
 
     #[test]
@@ -247,5 +387,7 @@ mod tests {
         assert_eq!(s.matches("map service-ips").count(), 1);
         assert!(s.contains("10.43.0.10 . tcp . 80 : goto service-"));
         assert!(s.contains("numgen random mod 2 vmap"));
+        assert!(s.contains("tcp . 30080 : goto external-"));
+        assert!(s.contains("fib daddr type local"));
     }
 }

@@ -1,32 +1,37 @@
 //! `cargo xtask bench`: data-path numbers measured side by side in one run,
 //! so the noise of a shared machine cancels out in the ratios.
 //!
-//! A 2-node lab cluster runs a `netserver` pod on node 2 and a client pod on
-//! node 1; netperf runs inside the client pod's network namespace. Paths:
-//! - `direct`: the server pod's IP, no Service translation (the limit);
-//! - `riptide-sock`: its ClusterIP through riptide's socket LB (the client
-//!   runs in the pod's cgroup, where the agent attached the cgroup hooks);
-//! - `riptide-tc`: the same ClusterIP through riptide's per-packet tc path
-//!   (the client runs outside the pod's cgroup, so connect() is untouched);
-//! - `direct-node`: node 1 to a netserver in node 2's namespace (host
-//!   network), the limit for the baselines;
-//! - `iptables` / `nftables`: from node 1's namespace to a ClusterIP through
-//!   kube-proxy-shaped rules (OUTPUT chain), backend node 2's netserver;
-//! each at 1, 1 000 and 10 000 Services: riptide's fillers are real Services
-//! whose endpoints are the netserver pod; the baselines' fillers are rules
-//! with real backends.
+//! A 2-node lab cluster runs a `netserver` pod on each node and a client pod
+//! on node 1 (`topology`). Four scenarios (`paths`): pod → ClusterIP → pod on
+//! the other node and on the same node, outside → NodePort on node 1 → pod
+//! on node 2 and on node 1. In each, riptide's paths (socket LB, per-packet
+//! tc, NodePort on the uplink) and kube-proxy-shaped iptables and nftables
+//! rules in node 1's namespace (`kubeproxy`) are measured next to the direct
+//! path from the same client, at 1, 1 000 and 10 000 Services: riptide's
+//! fillers are real Services whose endpoints are the netserver pod; the
+//! baselines' fillers are rules with real backends.
+//!
+//! The baselines cannot run from riptide's client pod: riptide's uplink
+//! program hands packets for a local pod to it with `bpf_redirect_peer`,
+//! which skips the node's netfilter, so a reply from a remote backend would
+//! reach the pod without netfilter's reverse DNAT (the pod sees the
+//! backend's address and resets). Their client is a pod wired like the
+//! reference `ptp` plugin, the kind of pod a kube-proxy cluster has.
 //!
 //! Method (REFERENCES.md): each measurement gets its own netperf data port,
-//! conntrack is flushed before each, paths are interleaved run by run, and
-//! the report gives medians with min–max.
+//! conntrack is flushed before each, paths are interleaved run by run, all
+//! paths of a run bind netperf and netserver to the same CPU (the next run
+//! to the next CPU, see `netperf::run_with`), and the report gives medians
+//! with min–max.
 
 pub mod kubeproxy;
 pub mod netperf;
+pub mod paths;
 pub mod report;
+pub mod topology;
 
 use std::{
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
@@ -34,9 +39,11 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use serde::Serialize;
 
+pub use self::paths::{DataPath, Scenario};
 use self::{
     kubeproxy::{Proto, SvcPort},
-    netperf::{CONTROL_PORT, Test},
+    netperf::{CONTROL_PORT, Target, Test},
+    topology::{Client, PortPlan, Topology, VIP},
 };
 use crate::{
     e2e,
@@ -44,68 +51,27 @@ use crate::{
     netns,
 };
 
-/// The ClusterIP the baselines' measured Service gets (not one of riptide's).
-pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 43, 255, 10);
-
 #[derive(Debug, Clone)]
 pub struct Options {
     pub quick: bool,
     pub out_dir: PathBuf,
     pub bin_dir: PathBuf,
+    /// Build the bench cluster, print where everything is, and wait for
+    /// Ctrl-C instead of measuring (for investigating a path by hand).
+    pub hold: bool,
 }
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DataPath {
-    Direct,
-    DirectNode,
-    RiptideSock,
-    RiptideTc,
-    Iptables,
-    Nftables,
-}
-
-impl DataPath {
-    pub fn name(self) -> &'static str {
-        match self {
-            DataPath::Direct => "direct",
-            DataPath::DirectNode => "direct-node",
-            DataPath::RiptideSock => "riptide-sock",
-            DataPath::RiptideTc => "riptide-tc",
-            DataPath::Iptables => "iptables",
-            DataPath::Nftables => "nftables",
-        }
-    }
-    fn is_riptide(self) -> bool {
-        matches!(self, DataPath::RiptideSock | DataPath::RiptideTc)
-    }
-    /// The direct path a ratio is taken against: pod to pod for riptide,
-    /// host to host for the host-network kube-proxy baselines.
-    pub fn baseline(self) -> DataPath {
-        match self {
-            DataPath::Iptables | DataPath::Nftables | DataPath::DirectNode => DataPath::DirectNode,
-            _ => DataPath::Direct,
-        }
-    }
-}
-
-const PATHS: [DataPath; 6] = [
-    DataPath::Direct,
-    DataPath::DirectNode,
-    DataPath::RiptideSock,
-    DataPath::RiptideTc,
-    DataPath::Iptables,
-    DataPath::Nftables,
-];
 
 /// One measurement with its coordinates.
 #[derive(Debug, Clone, Serialize)]
 pub struct Sample {
+    pub scenario: Scenario,
     pub path: DataPath,
     pub test: Test,
     pub services: usize,
     pub run: u32,
     pub data_port: u16,
+    /// The CPU netperf and netserver were bound to (see `netperf::run_with`).
+    pub cpu: Option<usize>,
     #[serde(flatten)]
     pub m: netperf::Measurement,
 }
@@ -115,45 +81,147 @@ struct Plan {
     tests: Vec<Test>,
     runs: u32,
     seconds: u32,
+    scenarios: Vec<Scenario>,
 }
 
 impl Plan {
     fn new(quick: bool) -> Self {
         if quick {
-            Self { counts: vec![1, 1_000], tests: vec![Test::TcpRr, Test::TcpCrr], runs: 2, seconds: 2 }
+            // A smoke run (under 3 minutes with the micro benchmarks): the
+            // cross-node scenarios only, one short run per point.
+            Self {
+                counts: vec![1, 1_000],
+                tests: vec![Test::TcpRr, Test::TcpCrr],
+                runs: 1,
+                seconds: 1,
+                scenarios: vec![Scenario::ClusterIp, Scenario::NodePort],
+            }
         } else {
             Self {
                 counts: vec![1, 1_000, 10_000],
                 tests: vec![Test::TcpRr, Test::TcpCrr, Test::TcpStream, Test::UdpRr],
-                runs: 5,
-                seconds: 5,
+                // Many short runs rather than few long ones: the median of
+                // interleaved runs is what survives a shared machine.
+                runs: 6,
+                seconds: 2,
+                scenarios: Scenario::ALL.to_vec(),
             }
         }
     }
-    /// Data ports riptide's Service must expose: one per riptide measurement.
-    fn riptide_ports(&self) -> usize {
-        self.counts.len() * self.runs as usize * self.tests.len() * 2
+
+    /// Measurements of one path in one scenario over the whole run.
+    fn per_path(&self) -> usize {
+        self.counts.len() * self.runs as usize * self.tests.len()
+    }
+
+    /// (scenario, path) pairs measured at Service count `n`, rotated by
+    /// `run` so that no path always runs first or last.
+    fn order(&self, n: usize, run: u32) -> Vec<(Scenario, DataPath)> {
+        let first = self.counts.first().copied().unwrap_or(1);
+        let mut v: Vec<(Scenario, DataPath)> = self
+            .scenarios
+            .iter()
+            .flat_map(|s| s.paths().iter().map(move |p| (*s, *p)))
+            .filter(|(_, p)| p.per_count() || n == first)
+            .collect();
+        if !v.is_empty() {
+            let k = run as usize % v.len();
+            v.rotate_left(k);
+        }
+        v
     }
 }
 
-/// Where netperf runs: the client pod's netns, inside or outside its cgroup.
-struct Client {
-    netns: String,
-    cgroup: PathBuf,
+/// Hands out each measurement's data port from the pool of its path.
+struct Ports {
+    cluster: [std::vec::IntoIter<u16>; 2],
+    node_port: [std::vec::IntoIter<u16>; 2],
+    /// Direct paths and the baselines' ClusterIP ports: any port works.
+    free: u16,
+    /// The baselines' NodePorts: never one of riptide's.
+    baseline_node_port: u16,
 }
 
-impl Client {
-    fn command(&self, in_cgroup: bool) -> Result<Command> {
-        if in_cgroup {
-            netns::command_in_cgroup(&self.netns, &self.cgroup, "netperf")
-        } else {
-            netns::command(&self.netns, "netperf")
+impl Ports {
+    fn new(plan: &PortPlan) -> Self {
+        Self {
+            cluster: [
+                plan.cluster.clone().into_iter(),
+                plan.cluster.clone().into_iter(),
+            ],
+            node_port: [
+                plan.node_port_remote.clone().into_iter(),
+                plan.node_port_local.clone().into_iter(),
+            ],
+            free: 40_000,
+            baseline_node_port: 32_010,
         }
+    }
+
+    fn next(&mut self, s: Scenario, p: DataPath) -> Result<u16> {
+        let i = usize::from(!s.remote_server());
+        Ok(match p {
+            DataPath::RiptideSock | DataPath::RiptideTc => self.cluster[i]
+                .next()
+                .context("riptide's ClusterIP Service has too few data ports")?,
+            DataPath::Riptide => self.node_port[i]
+                .next()
+                .context("riptide's NodePort Service has too few ports")?,
+            DataPath::Iptables | DataPath::Nftables if s.is_nodeport() => {
+                self.baseline_node_port += 1;
+                ensure!(
+                    self.baseline_node_port < 32_768,
+                    "out of baseline NodePorts"
+                );
+                self.baseline_node_port
+            }
+            _ => {
+                self.free += 1;
+                self.free
+            }
+        })
+    }
+}
+
+/// Where the client of `path` in `scenario` runs.
+fn client(s: Scenario, p: DataPath) -> Client {
+    if s.is_nodeport() {
+        return Client::Outside;
+    }
+    match p {
+        DataPath::Direct | DataPath::RiptideSock | DataPath::Riptide => Client::Pod,
+        DataPath::RiptideTc => Client::PodNoCgroup,
+        DataPath::DirectPlain | DataPath::Iptables | DataPath::Nftables => Client::Plain,
+        DataPath::DirectNode => Client::Node1,
+    }
+}
+
+/// What the client of `path` in `scenario` connects to.
+fn target(t: &Topology, s: Scenario, p: DataPath, data_port: u16) -> Target {
+    let (addr, control_port) = match p {
+        DataPath::Direct | DataPath::DirectPlain => (t.server(s), CONTROL_PORT),
+        DataPath::DirectNode => (t.cfg.node_ip(2), CONTROL_PORT),
+        DataPath::RiptideSock | DataPath::RiptideTc => (t.cluster_ip(s), CONTROL_PORT),
+        DataPath::Riptide | DataPath::Iptables | DataPath::Nftables if s.is_nodeport() => {
+            (t.cfg.node_ip(1), topology::control_node_port(s, p))
+        }
+        DataPath::Riptide | DataPath::Iptables | DataPath::Nftables => (VIP, CONTROL_PORT),
+    };
+    Target {
+        addr,
+        control_port,
+        data_port,
     }
 }
 
 pub fn run(opts: &Options) -> Result<()> {
-    for tool in ["netperf", "netserver", "iptables-restore", "nft", "conntrack"] {
+    for tool in [
+        "netperf",
+        "netserver",
+        "iptables-restore",
+        "nft",
+        "conntrack",
+    ] {
         if which(tool).is_none() {
             bail!("{tool} not found: run `cargo xtask bench` (it installs the bench tools)");
         }
@@ -168,68 +236,78 @@ pub fn run(opts: &Options) -> Result<()> {
         bin_dir: opts.bin_dir.clone(),
         state_dir: opts.out_dir.join("lab"),
     };
+    let started = Instant::now();
     eprintln!("==> bench lab: 2 nodes, control plane, agents, kubelets");
     let mut lab = Lab::up(cfg.clone())?;
     lab.start_cluster(Duration::from_secs(120))?;
-    let ports: Vec<u16> = (0..plan.riptide_ports()).map(|k| 20_000 + k as u16 + 1).collect();
-    deploy_bench_pods(&lab, &ports)?;
-    let (server_ip, client) = bench_pods(&lab)?;
-    let cip = e2e::cluster_ip(&lab, "netperf")?;
-    wait_for_netserver(&client, server_ip)?;
-    // The baselines' server: netserver on node 2's host network.
-    let mut host_server = netns::command(&cfg.node_netns(2), "netserver")?;
-    host_server.args(["-D", "-p", &CONTROL_PORT.to_string()]);
-    lab.spawn("netserver-node2", host_server)?;
-    let node2_ip = cfg.node_ip(2);
-    // Node 1 routes the baselines' Service range before NAT, as a kube-proxy
-    // node does through its default route; inside the lab only.
-    netns::ip(&["-n", &cfg.node_netns(1), "route", "add", "10.43.255.0/24", "dev", "eth0"])?;
-    eprintln!("==> netserver pod {server_ip} on node 2, ClusterIP {cip}; client pod on node 1");
+    let port_plan = PortPlan::new(plan.per_path());
+    let topo = topology::deploy(&mut lab, &port_plan)?;
+    eprintln!(
+        "==> netserver pods {} (node 2, ClusterIP {}) and {} (node 1, ClusterIP {}); client pod and plain pod {} on node 1 ({:.0} s)",
+        topo.server_remote,
+        topo.cip_remote,
+        topo.server_local,
+        topo.cip_local,
+        topology::PLAIN_IP,
+        started.elapsed().as_secs_f64()
+    );
+    if opts.hold {
+        return hold(lab, &topo);
+    }
 
-    let started = Instant::now();
     let mut samples = Vec::new();
-    let mut baseline_port: u16 = 40_000;
-    let mut riptide_ports = ports.iter().copied();
-    let total = plan.counts.len() * plan.runs as usize * PATHS.len() * plan.tests.len();
+    let mut ports = Ports::new(&port_plan);
+    let total: usize = plan
+        .counts
+        .iter()
+        .map(|n| plan.order(*n, 0).len() * plan.tests.len() * plan.runs as usize)
+        .sum();
     let node1 = cfg.node_netns(1);
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     for &n in &plan.counts {
-        eprintln!("==> {n} Services");
+        let t0 = Instant::now();
         set_riptide_fillers(&lab, n.saturating_sub(1))?;
+        eprintln!(
+            "==> {n} Services (riptide's maps programmed in {:.1} s)",
+            t0.elapsed().as_secs_f64()
+        );
         for run in 0..plan.runs {
-            for k in 0..PATHS.len() {
-                let path = PATHS[(k + run as usize) % PATHS.len()];
+            // Every path of a run on the same CPU, the next run on the next.
+            let cpu = Some(run as usize % cpus);
+            for (s, path) in plan.order(n, run) {
                 let data_ports = plan
                     .tests
                     .iter()
-                    .map(|_| {
-                        if path.is_riptide() {
-                            riptide_ports.next().context("the netperf Service has too few data ports")
-                        } else {
-                            baseline_port += 1;
-                            Ok(baseline_port)
-                        }
-                    })
+                    .map(|_| ports.next(s, path))
                     .collect::<Result<Vec<u16>>>()?;
-                install(path, &node1, n, node2_ip, &plan.tests, &data_ports)?;
+                if path.is_baseline_rules() {
+                    let measured = measured_service(&topo, s, path, &plan.tests, &data_ports);
+                    let all = kubeproxy::services_with(n, &measured, topo.server_remote);
+                    install(path, &node1, &all)?;
+                }
                 for (test, &dp) in plan.tests.iter().zip(&data_ports) {
                     flush_conntrack(&[&node1, &cfg.node_netns(2)]);
-                    let target = match path {
-                        DataPath::Direct => server_ip,
-                        DataPath::DirectNode => node2_ip,
-                        DataPath::RiptideSock | DataPath::RiptideTc => cip,
-                        DataPath::Iptables | DataPath::Nftables => VIP,
-                    };
-                    let cmd = match path {
-                        DataPath::Direct | DataPath::RiptideSock | DataPath::RiptideTc => {
-                            client.command(path == DataPath::RiptideSock)?
-                        }
-                        _ => netns::command(&node1, "netperf")?,
-                    };
-                    let m = netperf::run_with(cmd, target, *test, plan.seconds, dp)
-                        .with_context(|| format!("{} {} at {n} Services", path.name(), test.name()))?;
+                    let cmd = topo.command(client(s, path), "netperf")?;
+                    let m = netperf::run_with(
+                        cmd,
+                        &target(&topo, s, path, dp),
+                        *test,
+                        plan.seconds,
+                        cpu,
+                    )
+                    .with_context(|| {
+                        format!(
+                            "{} {} {} at {n} Services",
+                            s.name(),
+                            path.name(),
+                            test.name()
+                        )
+                    })?;
                     eprintln!(
-                        "[{:>3}/{total}] {:<12} {:<10} {:>6} svc  run {}: {:>10.1} {}  p50 {:>5} µs  p99 {:>5} µs",
+                        "[{:>4}/{total} {:>5.0}s] {:<15} {:<12} {:<10} {:>5} svc run {}: {:>9.1} {:<7} p50 {:>5} µs p99 {:>5} µs",
                         samples.len() + 1,
+                        started.elapsed().as_secs_f64(),
+                        s.name(),
                         path.name(),
                         test.name(),
                         n,
@@ -239,86 +317,79 @@ pub fn run(opts: &Options) -> Result<()> {
                         m.p50_us,
                         m.p99_us
                     );
-                    samples.push(Sample { path, test: *test, services: n, run, data_port: dp, m });
+                    samples.push(Sample {
+                        scenario: s,
+                        path,
+                        test: *test,
+                        services: n,
+                        run,
+                        data_port: dp,
+                        cpu,
+                        m,
+                    });
                 }
-                uninstall(path, &node1)?;
+                if path.is_baseline_rules() {
+                    uninstall(path, &node1)?;
+                }
             }
         }
     }
     lab.down()?;
-    let report = report::Report::new(samples, started.elapsed(), opts.quick);
+    let report = report::Report::new(
+        samples,
+        started.elapsed(),
+        opts.quick,
+        plan.runs,
+        plan.seconds,
+    );
     report.write(&opts.out_dir)?;
     println!("{}", report.markdown());
-    eprintln!("results in {}/ (results.json, results.md, plot.svg)", opts.out_dir.display());
+    eprintln!(
+        "results in {}/ (results.json, results.md, plot.svg) after {:.0} s",
+        opts.out_dir.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
-/// The server pod (netserver on node 2), the client pod (node 1) and the
-/// `netperf` Service exposing the control port and one port per riptide
-/// measurement (TCP and UDP), so every measurement has its own data port.
-fn deploy_bench_pods(lab: &Lab, data_ports: &[u16]) -> Result<()> {
+/// `--hold`: the cluster stays up for measurements by hand until Ctrl-C.
+fn hold(mut lab: Lab, t: &Topology) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    ctrlc::set_handler(move || {
+        let _ = tx.send(());
+    })
+    .context("installing the Ctrl-C handler")?;
     let c = lab.config();
-    let mut ports = format!("  - {{name: control, port: {CONTROL_PORT}, targetPort: {CONTROL_PORT}}}\n");
-    for p in data_ports {
-        ports.push_str(&format!("  - {{name: t{p}, port: {p}, targetPort: {p}}}\n"));
-        ports.push_str(&format!("  - {{name: u{p}, port: {p}, targetPort: {p}, protocol: UDP}}\n"));
-    }
-    let manifest = format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata: {{name: netserver, labels: {{app: netserver}}}}
-spec:
-  nodeName: {n2}
-  containers:
-  - name: netserver
-    image: riptide.local/netperf
-    command: ["/usr/bin/netserver", "-D", "-p", "{CONTROL_PORT}"]
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: client, labels: {{app: client}}}}
-spec:
-  nodeName: {n1}
-  containers:
-  - name: idle
-    image: riptide.local/netperf
-    command: ["/bin/sleep", "infinity"]
----
-apiVersion: v1
-kind: Service
-metadata: {{name: netperf}}
-spec:
-  selector: {{app: netserver}}
-  ports:
-{ports}"#,
-        n1 = c.node_name(1),
-        n2 = c.node_name(2),
+    eprintln!("bench cluster up; Ctrl-C tears it down. Namespaces:");
+    eprintln!(
+        "  client pod   {} (cgroup {})",
+        t.pod_netns,
+        t.pod_cgroup.display()
     );
-    apply(lab, "bench.yaml", &manifest)
-}
-
-fn apply(lab: &Lab, file: &str, manifest: &str) -> Result<()> {
-    let path = lab.config().state_dir.join(file);
-    std::fs::write(&path, manifest).with_context(|| format!("writing {}", path.display()))?;
-    e2e::kubectl(lab, &["apply", "-f", path.to_str().context("path")?]).map(|_| ())
-}
-
-/// Waits for both pods; returns the server's IP and where the client runs.
-fn bench_pods(lab: &Lab) -> Result<(Ipv4Addr, Client)> {
-    let c = lab.config();
-    let (server, client) = e2e::eventually(Duration::from_secs(90), || {
-        let s = e2e::pods(lab, "app=netserver")?;
-        let k = e2e::pods(lab, "app=client")?;
-        ensure!(s.len() == 1 && k.len() == 1, "bench pods not running yet");
-        Ok((s[0].clone(), k[0].clone()))
-    })?;
-    let v = e2e::kubectl_json(lab, &["get", "pod", &client.name])?;
-    let uid = v["metadata"]["uid"].as_str().context("client pod uid")?;
-    let netns = format!("{}-pod-{uid}", client.node);
-    let cgroup = c.node_cgroup(1).join(format!("pod-{uid}"));
-    ensure!(Path::new("/run/netns").join(&netns).exists(), "client pod netns {netns} not found");
-    ensure!(cgroup.exists(), "client pod cgroup {} not found", cgroup.display());
-    Ok((server.ip, Client { netns, cgroup }))
+    eprintln!(
+        "  plain pod    {} ({})",
+        t.plain_netns(),
+        topology::PLAIN_IP
+    );
+    eprintln!(
+        "  nodes        {} {} ({} {}), outside {}",
+        c.node_netns(1),
+        c.node_netns(2),
+        c.node_ip(1),
+        c.node_ip(2),
+        c.outside_netns()
+    );
+    eprintln!(
+        "  servers      {} (node 2), {} (node 1); ClusterIPs {} {}",
+        t.server_remote, t.server_local, t.cip_remote, t.cip_local
+    );
+    eprintln!(
+        "  NodePorts    control {} (→ node 2's pod), {} (→ node 1's pod)",
+        topology::control_node_port(Scenario::NodePort, DataPath::Riptide),
+        topology::control_node_port(Scenario::NodePortLocal, DataPath::Riptide)
+    );
+    let _ = rx.recv();
+    lab.down()
 }
 
 /// Makes riptide hold `n` filler Services (real endpoints: the netserver
@@ -333,12 +404,25 @@ fn set_riptide_fillers(lab: &Lab, n: usize) -> Result<()> {
                 "---\napiVersion: v1\nkind: Service\nmetadata: {{name: filler-{i}, labels: {{bench: filler}}}}\nspec:\n  selector: {{app: netserver}}\n  ports: [{{port: 80, targetPort: {CONTROL_PORT}}}]\n"
             ));
         }
-        apply(lab, "fillers.yaml", &yaml)?;
+        topology::apply(lab, "fillers.yaml", &yaml)?;
     }
-    // The fillers (one port each) on top of what was there, as programmed
-    // in node 1's maps (`riptide status`: service ports applied).
+    // Every Service port of the cluster (the fillers have one each), as
+    // programmed in node 1's maps (`riptide status`: service ports applied).
     let c = lab.config();
-    let want = n + 1;
+    let svcs = e2e::kubectl_json(lab, &["get", "services", "-A"])?;
+    let want: usize = svcs["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|s| s["spec"]["ports"].as_array().map_or(0, Vec::len))
+                .sum()
+        })
+        .unwrap_or(0);
+    ensure!(
+        want > n,
+        "the cluster lists {want} Service ports, fewer than the {n} fillers"
+    );
     e2e::eventually(Duration::from_secs(600), || {
         let out = Command::new(c.bin_dir.join("riptide"))
             .arg("--socket")
@@ -353,12 +437,24 @@ fn set_riptide_fillers(lab: &Lab, n: usize) -> Result<()> {
     })
 }
 
-fn measured_service(tests: &[Test], data_ports: &[u16], server: Ipv4Addr) -> Vec<SvcPort> {
+/// The Service the baseline rules of `path` in `scenario` measure: the
+/// control port and `data_ports` on the VIP (and as NodePorts in the
+/// NodePort scenarios), the scenario's server as the endpoint.
+fn measured_service(
+    t: &Topology,
+    s: Scenario,
+    path: DataPath,
+    tests: &[Test],
+    data_ports: &[u16],
+) -> Vec<SvcPort> {
+    let server = t.server(s);
+    let np = |port: u16| s.is_nodeport().then_some(port);
     let mut ports = vec![SvcPort {
         name: "bench/netperf:control".into(),
         vip: VIP,
         proto: Proto::Tcp,
         port: CONTROL_PORT,
+        node_port: np(topology::control_node_port(s, path)),
         endpoints: vec![(server, CONTROL_PORT)],
     }];
     for (t, p) in tests.iter().zip(data_ports) {
@@ -367,42 +463,32 @@ fn measured_service(tests: &[Test], data_ports: &[u16], server: Ipv4Addr) -> Vec
             vip: VIP,
             proto: if t.is_udp() { Proto::Udp } else { Proto::Tcp },
             port: *p,
+            node_port: np(*p),
             endpoints: vec![(server, *p)],
         });
     }
     ports
 }
 
-fn install(
-    path: DataPath,
-    ns: &str,
-    n: usize,
-    server: Ipv4Addr,
-    tests: &[Test],
-    data_ports: &[u16],
-) -> Result<()> {
-    let measured = measured_service(tests, data_ports, server);
+fn install(path: DataPath, ns: &str, services: &[SvcPort]) -> Result<()> {
     match path {
-        DataPath::Direct | DataPath::DirectNode | DataPath::RiptideSock | DataPath::RiptideTc => Ok(()),
-        DataPath::Iptables => {
-            let rules = kubeproxy::iptables_restore(&kubeproxy::services_with(n, &measured, server));
-            pipe(ns, "iptables-restore", &[], &rules)
-        }
-        DataPath::Nftables => {
-            let script = kubeproxy::nft_script(&kubeproxy::services_with(n, &measured, server));
-            pipe(ns, "nft", &["-f", "-"], &script)
-        }
+        DataPath::Iptables => pipe(
+            ns,
+            "iptables-restore",
+            &[],
+            &kubeproxy::iptables_restore(services),
+        ),
+        DataPath::Nftables => pipe(ns, "nft", &["-f", "-"], &kubeproxy::nft_script(services)),
+        _ => Ok(()),
     }
 }
 
 fn uninstall(path: DataPath, ns: &str) -> Result<()> {
     match path {
-        DataPath::Direct | DataPath::DirectNode | DataPath::RiptideSock | DataPath::RiptideTc => Ok(()),
-        DataPath::Iptables => {
-            // An empty nat table, as `iptables-restore` of a flushed ruleset.
-            pipe(ns, "iptables-restore", &[], "*nat\nCOMMIT\n")
-        }
+        // An empty nat table, as `iptables-restore` of a flushed ruleset.
+        DataPath::Iptables => pipe(ns, "iptables-restore", &[], "*nat\nCOMMIT\n"),
         DataPath::Nftables => pipe(ns, "nft", &["delete", "table", "ip", "kube-proxy"], ""),
+        _ => Ok(()),
     }
 }
 
@@ -422,7 +508,11 @@ fn pipe(ns: &str, prog: &str, args: &[&str], input: &str) -> Result<()> {
         .with_context(|| format!("writing to {prog}"))?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("{prog} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{prog} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -439,21 +529,11 @@ fn flush_conntrack(namespaces: &[&str]) {
     }
 }
 
-fn wait_for_netserver(client: &Client, server: Ipv4Addr) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if netperf::run_with(client.command(false)?, server, Test::TcpRr, 1, 19_999).is_ok() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("netserver on {server} did not answer within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
 fn which(tool: &str) -> Option<PathBuf> {
-    let out = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().ok()?;
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .ok()?;
     out.status
         .success()
         .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))

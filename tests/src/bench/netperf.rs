@@ -55,19 +55,66 @@ pub struct Measurement {
 
 pub const CONTROL_PORT: u16 = 12865;
 
-/// Runs `netperf` in netns `ns` against `target`, with the data connection
-/// on `data_port` (each scenario gets its own, so TIME_WAIT and conntrack
-/// state of one never meets another: see REFERENCES.md).
-pub fn run(ns: &str, target: Ipv4Addr, test: Test, seconds: u32, data_port: u16) -> Result<Measurement> {
-    run_with(netns::command(ns, "netperf")?, target, test, seconds, data_port)
+/// TCP_CRR transactions per requested second (about this machine's rate).
+const CRR_PER_SECOND: u64 = 4_000;
+
+/// Where netperf connects: the control connection to `addr:control_port`,
+/// the data connection to `addr:data_port` (netserver binds `data_port`,
+/// so through a NodePort it is the NodePort's own number). Each measurement
+/// gets its own data port, so TIME_WAIT and conntrack state of one never
+/// meets another (REFERENCES.md).
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    pub addr: Ipv4Addr,
+    pub control_port: u16,
+    pub data_port: u16,
+}
+
+/// Runs `netperf` in netns `ns` against `target`.
+pub fn run(
+    ns: &str,
+    target: &Target,
+    test: Test,
+    seconds: u32,
+    cpu: Option<usize>,
+) -> Result<Measurement> {
+    run_with(netns::command(ns, "netperf")?, target, test, seconds, cpu)
 }
 
 /// Like [`run`], with a prepared `netperf` command (netns, cgroup).
-pub fn run_with(mut cmd: std::process::Command, target: Ipv4Addr, test: Test, seconds: u32, data_port: u16) -> Result<Measurement> {
+///
+/// `cpu`: netperf and the netserver child serving it both bind to this CPU
+/// (`-T cpu,cpu`). On the 2-vCPU VMs this runs on, a request/response
+/// between two CPUs costs an inter-processor interrupt (a VM exit) per
+/// wake-up: about 2.5× the latency of the same exchange on one CPU, so
+/// where the scheduler happens to put the two processes decides the result
+/// more than the data path does. One CPU takes that out.
+pub fn run_with(
+    mut cmd: std::process::Command,
+    target: &Target,
+    test: Test,
+    seconds: u32,
+    cpu: Option<usize>,
+) -> Result<Measurement> {
+    // TCP_CRR runs for a number of transactions instead of a time: a timed
+    // CRR test ends only when netserver's own timer (test length + 4 s of
+    // PAD_TIME) takes it out of accept(), 4 idle seconds per measurement.
+    let length = match test {
+        Test::TcpCrr => format!("-{}", u64::from(seconds) * CRR_PER_SECOND),
+        _ => seconds.to_string(),
+    };
+    cmd.args([
+        "-H",
+        &target.addr.to_string(),
+        "-p",
+        &target.control_port.to_string(),
+    ])
+    .args(["-t", test.name(), "-l", &length, "-c"]);
+    if let Some(c) = cpu {
+        cmd.args(["-T", &format!("{c},{c}")]);
+    }
     let out = cmd
-        .args(["-H", &target.to_string(), "-p", &CONTROL_PORT.to_string()])
-        .args(["-t", test.name(), "-l", &seconds.to_string(), "-c"])
-        .args(["--", "-P", &format!(",{data_port}")])
+        .args(["--", "-P", &format!(",{}", target.data_port)])
         .args([
             "-o",
             "THROUGHPUT,P50_LATENCY,P90_LATENCY,P99_LATENCY,LOCAL_SD,LOCAL_TRANSPORT_RETRANS",
@@ -77,8 +124,11 @@ pub fn run_with(mut cmd: std::process::Command, target: Ipv4Addr, test: Test, se
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
-            "netperf {} to {target}: {}{}",
+            "netperf {} to {}:{}/{}: {}{}",
             test.name(),
+            target.addr,
+            target.control_port,
+            target.data_port,
             stdout.trim(),
             String::from_utf8_lossy(&out.stderr).trim()
         );
@@ -91,9 +141,14 @@ pub fn parse(stdout: &str) -> Result<Measurement> {
     let line = stdout
         .lines()
         .rev()
-        .find(|l| l.split(',').count() >= 6 && l.split(',').all(|f| f.trim().parse::<f64>().is_ok()))
+        .find(|l| {
+            l.split(',').count() >= 6 && l.split(',').all(|f| f.trim().parse::<f64>().is_ok())
+        })
         .context("no result line")?;
-    let v: Vec<f64> = line.split(',').filter_map(|f| f.trim().parse().ok()).collect();
+    let v: Vec<f64> = line
+        .split(',')
+        .filter_map(|f| f.trim().parse().ok())
+        .collect();
     Ok(Measurement {
         throughput: v[0],
         p50_us: v[1],
@@ -111,7 +166,10 @@ mod tests {
         let out = "MIGRATED TCP REQUEST/RESPONSE TEST ...\nThroughput,50th Percentile Latency Microseconds,90th,99th,Local Service Demand,Local Transport Retransmissions\n56456.02,15,17,44,12.5,0\n";
         let m = super::parse(out).expect("parse");
         assert!((m.throughput - 56456.02).abs() < 1e-6);
-        assert_eq!((m.p50_us, m.p90_us, m.p99_us, m.retransmits), (15.0, 17.0, 44.0, 0.0));
+        assert_eq!(
+            (m.p50_us, m.p90_us, m.p99_us, m.retransmits),
+            (15.0, 17.0, 44.0, 0.0)
+        );
         assert!(super::parse("garbage\n").is_err());
     }
 }

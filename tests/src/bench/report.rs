@@ -1,6 +1,7 @@
-//! The bench report: every sample as JSON, a markdown table of medians with
-//! their spread and the ratio to the direct path in bold, and an SVG plot of
-//! throughput against the number of Services.
+//! The bench report: every sample as JSON, markdown tables (one per
+//! scenario) of medians with their spread and the ratio to the matching
+//! direct path in bold, the issue's targets next to what was measured, and
+//! an SVG plot of throughput against the number of Services.
 
 use std::{collections::BTreeSet, fmt::Write as _, path::Path, time::Duration};
 
@@ -8,13 +9,44 @@ use anyhow::{Context as _, Result};
 use plotters::prelude::*;
 use serde::Serialize;
 
-use super::{DataPath, Sample, netperf::Test};
+use super::{DataPath, Sample, Scenario, netperf::Test};
 
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub quick: bool,
+    pub runs: u32,
+    pub seconds_per_run: u32,
     pub elapsed_s: f64,
+    pub host: Host,
     pub samples: Vec<Sample>,
+}
+
+/// The machine the numbers come from.
+#[derive(Debug, Serialize)]
+pub struct Host {
+    pub cpus: usize,
+    pub kernel: String,
+    pub cpu_model: String,
+    /// /proc/loadavg when the report was written: other work on the machine.
+    pub loadavg: String,
+}
+
+impl Host {
+    fn current() -> Self {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        Self {
+            cpus: std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+            cpu_model: read("/proc/cpuinfo")
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("model name")
+                        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+                })
+                .unwrap_or_default(),
+            loadavg: read("/proc/loadavg").trim().to_owned(),
+        }
+    }
 }
 
 /// Median, min and max of a set of values.
@@ -32,13 +64,88 @@ pub fn stat(values: &[f64]) -> Option<Stat> {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     let mid = v.len() / 2;
-    let median = if v.len() % 2 == 0 { (v[mid - 1] + v[mid]) / 2.0 } else { v[mid] };
-    Some(Stat { median, min: v[0], max: v[v.len() - 1] })
+    let median = if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    };
+    Some(Stat {
+        median,
+        min: v[0],
+        max: v[v.len() - 1],
+    })
 }
 
+/// A target from the issue: path/test in a scenario against its direct path.
+struct Target {
+    what: &'static str,
+    scenario: Scenario,
+    path: DataPath,
+    test: Test,
+    min_ratio: f64,
+}
+
+const TARGETS: &[Target] = &[
+    Target {
+        what: "ClusterIP via riptide socket LB, TCP_CRR",
+        scenario: Scenario::ClusterIp,
+        path: DataPath::RiptideSock,
+        test: Test::TcpCrr,
+        min_ratio: 0.97,
+    },
+    Target {
+        what: "ClusterIP via riptide socket LB, TCP_RR",
+        scenario: Scenario::ClusterIp,
+        path: DataPath::RiptideSock,
+        test: Test::TcpRr,
+        min_ratio: 0.98,
+    },
+    Target {
+        what: "ClusterIP via riptide tc, TCP_CRR",
+        scenario: Scenario::ClusterIp,
+        path: DataPath::RiptideTc,
+        test: Test::TcpCrr,
+        min_ratio: 0.97,
+    },
+    Target {
+        what: "ClusterIP via riptide tc, TCP_RR",
+        scenario: Scenario::ClusterIp,
+        path: DataPath::RiptideTc,
+        test: Test::TcpRr,
+        min_ratio: 0.98,
+    },
+    Target {
+        what: "NodePort via riptide, TCP_RR",
+        scenario: Scenario::NodePort,
+        path: DataPath::Riptide,
+        test: Test::TcpRr,
+        min_ratio: 0.9,
+    },
+    Target {
+        what: "NodePort via riptide, TCP_CRR",
+        scenario: Scenario::NodePort,
+        path: DataPath::Riptide,
+        test: Test::TcpCrr,
+        min_ratio: 0.9,
+    },
+];
+
 impl Report {
-    pub fn new(samples: Vec<Sample>, elapsed: Duration, quick: bool) -> Self {
-        Self { quick, elapsed_s: elapsed.as_secs_f64(), samples }
+    pub fn new(
+        samples: Vec<Sample>,
+        elapsed: Duration,
+        quick: bool,
+        runs: u32,
+        seconds_per_run: u32,
+    ) -> Self {
+        Self {
+            quick,
+            runs,
+            seconds_per_run,
+            elapsed_s: elapsed.as_secs_f64(),
+            host: Host::current(),
+            samples,
+        }
     }
 
     fn tests(&self) -> Vec<Test> {
@@ -51,63 +158,176 @@ impl Report {
         seen
     }
 
-    fn paths(&self) -> Vec<DataPath> {
-        let mut seen = Vec::new();
-        for s in &self.samples {
-            if !seen.contains(&s.path) {
-                seen.push(s.path);
-            }
-        }
-        seen
+    fn scenarios(&self) -> Vec<Scenario> {
+        self.samples
+            .iter()
+            .map(|s| s.scenario)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    }
+
+    /// Paths of `scenario` in the order the scenario lists them.
+    fn paths(&self, scenario: Scenario) -> Vec<DataPath> {
+        scenario
+            .paths()
+            .iter()
+            .copied()
+            .filter(|p| {
+                self.samples
+                    .iter()
+                    .any(|s| s.scenario == scenario && s.path == *p)
+            })
+            .collect()
     }
 
     fn counts(&self) -> Vec<usize> {
-        self.samples.iter().map(|s| s.services).collect::<BTreeSet<_>>().into_iter().collect()
+        self.samples
+            .iter()
+            .map(|s| s.services)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
     }
 
-    fn throughput(&self, path: DataPath, test: Test, n: usize) -> Option<Stat> {
+    pub fn throughput(
+        &self,
+        scenario: Scenario,
+        path: DataPath,
+        test: Test,
+        n: usize,
+    ) -> Option<Stat> {
         let v: Vec<f64> = self
             .samples
             .iter()
-            .filter(|s| s.path == path && s.test == test && s.services == n)
+            .filter(|s| {
+                s.scenario == scenario && s.path == path && s.test == test && s.services == n
+            })
             .map(|s| s.m.throughput)
             .collect();
         stat(&v)
     }
 
+    fn p50(&self, scenario: Scenario, path: DataPath, test: Test, n: usize) -> Option<Stat> {
+        let v: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|s| {
+                s.scenario == scenario && s.path == path && s.test == test && s.services == n
+            })
+            .map(|s| s.m.p50_us)
+            .collect();
+        stat(&v)
+    }
+
+    /// Median ratio of `path` to its direct path; a path measured only at
+    /// the first count (references) is compared at that count.
+    pub fn ratio(&self, scenario: Scenario, path: DataPath, test: Test, n: usize) -> Option<f64> {
+        let base = path.baseline(scenario)?;
+        let d = self.throughput(scenario, base, test, n)?;
+        let v = self.throughput(scenario, path, test, n)?;
+        (d.median > 0.0).then(|| v.median / d.median)
+    }
+
+    /// Median P50 latency of `path` over its direct path's (lower is better).
+    pub fn p50_ratio(
+        &self,
+        scenario: Scenario,
+        path: DataPath,
+        test: Test,
+        n: usize,
+    ) -> Option<f64> {
+        let base = path.baseline(scenario)?;
+        let d = self.p50(scenario, base, test, n)?;
+        let v = self.p50(scenario, path, test, n)?;
+        (d.median > 0.0).then(|| v.median / d.median)
+    }
+
     pub fn markdown(&self) -> String {
-        let paths = self.paths();
         let mut md = String::new();
         let _ = writeln!(
             md,
-            "Throughput, median (min–max) over the runs; **bold** = ratio to the matching direct path at the same Service count \\\n(riptide: pod→pod `direct`; kube-proxy-shaped baselines: host→host `direct-node`).\n"
+            "Median (min–max) of {} run(s) of {} s per point; **bold** = ratio to the direct path from the same client \
+             (riptide: `direct`; kube-proxy-shaped baselines in ClusterIP scenarios: `direct-plain`, a ptp-style pod; \
+             NodePort scenarios: `direct`, outside → pod IP via node 1); *italic* = P50 latency over the direct path's (lower is better). Machine: {} CPUs ({}), kernel {}, load average at the end {}.\n",
+            self.runs,
+            self.seconds_per_run,
+            self.host.cpus,
+            self.host.cpu_model,
+            self.host.kernel,
+            self.host.loadavg
         );
-        let _ = write!(md, "| test | Services |");
-        for p in &paths {
-            let _ = write!(md, " {} |", p.name());
-        }
-        let _ = write!(md, "\n| --- | ---: |");
-        for _ in &paths {
-            md.push_str(" ---: |");
-        }
-        md.push('\n');
-        for test in self.tests() {
-            for n in self.counts() {
-                let _ = write!(md, "| {} ({}) | {n} |", test.name(), test.unit());
-                for p in &paths {
-                    let direct = self.throughput(p.baseline(), test, n);
-                    match self.throughput(*p, test, n) {
-                        Some(s) => {
-                            let _ = write!(md, " {:.0} ({:.0}–{:.0})", s.median, s.min, s.max);
-                            if let Some(d) = direct.filter(|d| d.median > 0.0 && *p != p.baseline()) {
-                                let _ = write!(md, " **{:.2}×**", s.median / d.median);
+        for scenario in self.scenarios() {
+            let paths = self.paths(scenario);
+            let _ = writeln!(md, "### {} (`{}`)\n", scenario.title(), scenario.name());
+            let _ = write!(md, "| test | Services |");
+            for p in &paths {
+                let _ = write!(md, " {} |", p.name());
+            }
+            let _ = write!(md, "\n| --- | ---: |");
+            for _ in &paths {
+                md.push_str(" ---: |");
+            }
+            md.push('\n');
+            for test in self.tests() {
+                for n in self.counts() {
+                    let _ = write!(md, "| {} ({}) | {n} |", test.name(), test.unit());
+                    for p in &paths {
+                        match self.throughput(scenario, *p, test, n) {
+                            Some(s) => {
+                                let _ = write!(md, " {:.0} ({:.0}–{:.0})", s.median, s.min, s.max);
+                                if let Some(r) = self.ratio(scenario, *p, test, n) {
+                                    let _ = write!(md, " **{r:.2}×**");
+                                }
+                                md.push_str(" |");
                             }
-                            md.push_str(" |");
+                            None => md.push_str(" – |"),
                         }
-                        None => md.push_str(" – |"),
                     }
+                    md.push('\n');
                 }
-                md.push('\n');
+            }
+            // P50 latency of the request/response tests: far steadier than
+            // transactions/s on a shared machine, whose mean the tail of
+            // preempted transactions drags down.
+            for test in self.tests().into_iter().filter(|t| *t != Test::TcpStream) {
+                for n in self.counts() {
+                    let _ = write!(md, "| {} P50 latency (µs) | {n} |", test.name());
+                    for p in &paths {
+                        match self.p50(scenario, *p, test, n) {
+                            Some(s) => {
+                                let _ = write!(md, " {:.0} ({:.0}–{:.0})", s.median, s.min, s.max);
+                                if let Some(r) = self.p50_ratio(scenario, *p, test, n) {
+                                    let _ = write!(md, " *{r:.2}×*");
+                                }
+                                md.push_str(" |");
+                            }
+                            None => md.push_str(" – |"),
+                        }
+                    }
+                    md.push('\n');
+                }
+            }
+            md.push('\n');
+        }
+        let _ = writeln!(
+            md,
+            "### Targets\n\n| target | Services | measured | |\n| --- | ---: | ---: | --- |"
+        );
+        for t in TARGETS {
+            for n in self.counts() {
+                if let Some(r) = self.ratio(t.scenario, t.path, t.test, n) {
+                    let verdict = if r >= t.min_ratio { "met" } else { "short" };
+                    let lat = self
+                        .p50_ratio(t.scenario, t.path, t.test, n)
+                        .map(|l| format!(" (P50 latency {l:.2}×)"))
+                        .unwrap_or_default();
+                    let _ = writeln!(
+                        md,
+                        "| {} ≥ {:.2}× direct | {n} | {r:.2}×{lat} | {verdict} |",
+                        t.what, t.min_ratio
+                    );
+                }
             }
         }
         md
@@ -120,59 +340,109 @@ impl Report {
         self.plot(&dir.join("plot.svg"))
     }
 
+    /// One panel per (test, scenario): throughput against Service count,
+    /// a line per path.
     fn plot(&self, path: &Path) -> Result<()> {
+        let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plot: {e}");
         let tests = self.tests();
+        let scenarios = self.scenarios();
         let counts = self.counts();
-        let root = SVGBackend::new(path, (900, 320 * tests.len().max(1) as u32)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-        let areas = root.split_evenly((tests.len().max(1), 1));
-        let palette = [&BLUE, &RED, &GREEN, &MAGENTA, &CYAN, &BLACK];
-        for (area, test) in areas.iter().zip(&tests) {
-            let max = self
-                .samples
-                .iter()
-                .filter(|s| s.test == *test)
-                .map(|s| s.m.throughput)
-                .fold(0.0_f64, f64::max)
-                * 1.1;
-            let mut chart = ChartBuilder::on(area)
-                .caption(format!("{} ({})", test.name(), test.unit()), ("sans-serif", 18))
-                .margin(12)
-                .x_label_area_size(35)
-                .y_label_area_size(70)
-                .build_cartesian_2d(0..counts.len().saturating_sub(1).max(1), 0.0..max.max(1.0))
-                .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-            let labels = counts.clone();
-            chart
-                .configure_mesh()
-                .x_labels(counts.len())
-                .x_label_formatter(&|i| labels.get(*i).map(|n| format!("{n} Services")).unwrap_or_default())
-                .draw()
-                .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-            for (k, p) in self.paths().into_iter().enumerate() {
-                let color = palette[k % palette.len()];
-                let pts: Vec<(usize, f64)> = counts
+        let (rows, cols) = (tests.len().max(1), scenarios.len().max(1));
+        let root =
+            SVGBackend::new(path, (430 * cols as u32, 300 * rows as u32)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let areas = root.split_evenly((rows, cols));
+        let palette = [
+            &BLUE,
+            &RED,
+            &GREEN,
+            &MAGENTA,
+            &CYAN,
+            &BLACK,
+            &RGBColor(255, 140, 0),
+        ];
+        let color_of = |p: DataPath| {
+            let all = [
+                DataPath::Direct,
+                DataPath::DirectPlain,
+                DataPath::DirectNode,
+                DataPath::RiptideSock,
+                DataPath::RiptideTc,
+                DataPath::Riptide,
+                DataPath::Iptables,
+                DataPath::Nftables,
+            ];
+            let i = all.iter().position(|q| *q == p).unwrap_or(0);
+            // riptide-tc and riptide never share a scenario: same colour.
+            palette[if i >= 5 { i - 1 } else { i } % palette.len()]
+        };
+        for (r, test) in tests.iter().enumerate() {
+            for (c, scenario) in scenarios.iter().enumerate() {
+                let area = &areas[r * cols + c];
+                let max = self
+                    .samples
                     .iter()
-                    .enumerate()
-                    .filter_map(|(i, n)| self.throughput(p, *test, *n).map(|s| (i, s.median)))
-                    .collect();
+                    .filter(|s| s.test == *test && s.scenario == *scenario)
+                    .map(|s| s.m.throughput)
+                    .fold(0.0_f64, f64::max)
+                    * 1.15;
+                let mut chart = ChartBuilder::on(area)
+                    .caption(
+                        format!("{} ({}) — {}", test.name(), test.unit(), scenario.name()),
+                        ("sans-serif", 15),
+                    )
+                    .margin(10)
+                    .margin_right(30)
+                    .x_label_area_size(30)
+                    .y_label_area_size(60)
+                    .build_cartesian_2d(0..counts.len().saturating_sub(1).max(1), 0.0..max.max(1.0))
+                    .map_err(|e| err(&e))?;
+                let labels = counts.clone();
                 chart
-                    .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                    .map_err(|e| anyhow::anyhow!("plot: {e}"))?
-                    .label(p.name())
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+                    .configure_mesh()
+                    .x_labels(counts.len())
+                    .x_label_formatter(&|i| {
+                        labels
+                            .get(*i)
+                            .map(|n| format!("{n} svc"))
+                            .unwrap_or_default()
+                    })
+                    .y_label_formatter(&|y| format!("{y:.0}"))
+                    .draw()
+                    .map_err(|e| err(&e))?;
+                for p in self.paths(*scenario) {
+                    let color = color_of(p);
+                    let pts: Vec<(usize, f64)> = counts
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, n)| {
+                            self.throughput(*scenario, p, *test, *n)
+                                .map(|s| (i, s.median))
+                        })
+                        .collect();
+                    chart
+                        .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                        .map_err(|e| err(&e))?
+                        .label(p.name())
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+                    chart
+                        .draw_series(
+                            pts.into_iter()
+                                .map(|(x, y)| Circle::new((x, y), 3, color.filled())),
+                        )
+                        .map_err(|e| err(&e))?;
+                }
                 chart
-                    .draw_series(pts.into_iter().map(|(x, y)| Circle::new((x, y), 4, color.filled())))
-                    .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+                    .configure_series_labels()
+                    .position(SeriesLabelPosition::LowerRight)
+                    .label_font(("sans-serif", 11))
+                    .background_style(WHITE.mix(0.8))
+                    .border_style(BLACK)
+                    .draw()
+                    .map_err(|e| err(&e))?;
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
         }
-        root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        root.present().map_err(|e| err(&e))?;
         Ok(())
     }
 }
@@ -182,14 +452,20 @@ mod tests {
     use super::*;
     use crate::bench::netperf::Measurement;
 
-    fn sample(path: DataPath, n: usize, t: f64) -> Sample {
+    fn sample(scenario: Scenario, path: DataPath, n: usize, t: f64) -> Sample {
         Sample {
+            scenario,
             path,
             test: Test::TcpCrr,
             services: n,
             run: 0,
             data_port: 1,
-            m: Measurement { throughput: t, ..Default::default() },
+            cpu: Some(0),
+            m: Measurement {
+                throughput: t,
+                p50_us: 1e6 / t,
+                ..Default::default()
+            },
         }
     }
 
@@ -202,25 +478,42 @@ mod tests {
     }
 
     #[test]
-    fn table_shows_ratio_to_direct_and_plot_renders() {
+    fn tables_show_ratios_to_the_matching_direct_path_and_plot_renders() {
         let r = Report::new(
             vec![
-                sample(DataPath::Direct, 1, 1000.0),
-                sample(DataPath::RiptideSock, 1, 900.0),
-                sample(DataPath::DirectNode, 1000, 2000.0),
-                sample(DataPath::Iptables, 1000, 1000.0),
+                sample(Scenario::ClusterIp, DataPath::Direct, 1, 1000.0),
+                sample(Scenario::ClusterIp, DataPath::RiptideSock, 1, 900.0),
+                sample(Scenario::ClusterIp, DataPath::DirectPlain, 1, 2000.0),
+                sample(Scenario::ClusterIp, DataPath::Iptables, 1, 1000.0),
+                sample(Scenario::NodePort, DataPath::Direct, 1, 800.0),
+                sample(Scenario::NodePort, DataPath::Iptables, 1, 600.0),
             ],
             Duration::from_secs(1),
             true,
+            1,
+            1,
         );
         let md = r.markdown();
-        assert!(md.contains("**0.90×**"), "{md}");
-        assert!(md.contains("**0.50×**"), "{md}");
+        assert!(md.contains("**0.90×**"), "riptide-sock vs direct: {md}");
+        assert!(md.contains("**0.50×**"), "iptables vs direct-plain: {md}");
+        assert!(md.contains("**2.00×**"), "direct-plain vs direct: {md}");
+        assert!(
+            md.contains("**0.75×**"),
+            "NodePort iptables vs outside direct: {md}"
+        );
+        assert!(
+            md.contains("### outside → NodePort on node 1 → pod on node 2"),
+            "{md}"
+        );
+        assert!(md.contains("| ClusterIP via riptide socket LB, TCP_CRR ≥ 0.97× direct | 1 | 0.90× (P50 latency 1.11×) | short |"), "{md}");
         let dir = std::env::temp_dir().join(format!("riptide-report-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         r.write(&dir).unwrap();
         let svg = std::fs::read_to_string(dir.join("plot.svg")).unwrap();
-        assert!(svg.contains("<svg") && svg.contains("TCP_CRR"));
+        assert!(svg.contains("<svg") && svg.contains("TCP_CRR") && svg.contains("nodeport"));
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+        assert_eq!(json["samples"][4]["scenario"], "nodeport");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -14,6 +14,10 @@ struct Args {
     /// Where results.json, results.md and plot.svg go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Build the bench cluster, print where everything is and wait for
+    /// Ctrl-C instead of measuring (to look at a path by hand).
+    #[arg(long)]
+    hold: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -21,6 +25,7 @@ fn main() -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating riptide-bench")?;
     run(&Options {
         quick: args.quick,
+        hold: args.hold,
         out_dir: args.out,
         bin_dir: exe.parent().context("no bin dir")?.to_path_buf(),
     })

@@ -1,0 +1,184 @@
+//! What is measured: scenarios (who talks to what, where the server is) and
+//! the data paths compared within each.
+//!
+//! Every ratio is taken inside one scenario against the direct path whose
+//! client sits where the measured path's client sits, so the ratio isolates
+//! what the Service translation costs:
+//! - riptide's paths run in a pod wired by riptide's CNI, against `direct`
+//!   from that pod;
+//! - the kube-proxy-shaped baselines run in a pod wired like the reference
+//!   `ptp` plugin (veth, /32 routes, no eBPF: what a kube-proxy cluster's
+//!   CNI gives a pod), against `direct-plain` from that pod;
+//! - NodePort paths run from the outside namespace, against `direct`
+//!   (outside → the backend pod's IP, routed through the same node).
+
+use serde::Serialize;
+
+/// Who the client is and where the server pod runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Scenario {
+    /// Pod on node 1 → Service → pod on node 2.
+    #[serde(rename = "clusterip")]
+    ClusterIp,
+    /// Pod on node 1 → Service → pod on node 1.
+    #[serde(rename = "clusterip-local")]
+    ClusterIpLocal,
+    /// Outside client → node 1's address:NodePort → pod on node 2.
+    #[serde(rename = "nodeport")]
+    NodePort,
+    /// Outside client → node 1's address:NodePort → pod on node 1.
+    #[serde(rename = "nodeport-local")]
+    NodePortLocal,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 4] = [
+        Scenario::ClusterIp,
+        Scenario::ClusterIpLocal,
+        Scenario::NodePort,
+        Scenario::NodePortLocal,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::ClusterIp => "clusterip",
+            Scenario::ClusterIpLocal => "clusterip-local",
+            Scenario::NodePort => "nodeport",
+            Scenario::NodePortLocal => "nodeport-local",
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Scenario::ClusterIp => "pod → ClusterIP → pod on the other node",
+            Scenario::ClusterIpLocal => "pod → ClusterIP → pod on the same node",
+            Scenario::NodePort => "outside → NodePort on node 1 → pod on node 2",
+            Scenario::NodePortLocal => "outside → NodePort on node 1 → pod on node 1",
+        }
+    }
+
+    /// The backend is the netserver pod on node 2 (else the one on node 1).
+    pub fn remote_server(self) -> bool {
+        matches!(self, Scenario::ClusterIp | Scenario::NodePort)
+    }
+
+    pub fn is_nodeport(self) -> bool {
+        matches!(self, Scenario::NodePort | Scenario::NodePortLocal)
+    }
+
+    /// The paths measured in this scenario, the direct ones first.
+    pub fn paths(self) -> &'static [DataPath] {
+        match self {
+            Scenario::ClusterIp => &[
+                DataPath::Direct,
+                DataPath::DirectPlain,
+                DataPath::DirectNode,
+                DataPath::RiptideSock,
+                DataPath::RiptideTc,
+                DataPath::Iptables,
+                DataPath::Nftables,
+            ],
+            Scenario::ClusterIpLocal => &[
+                DataPath::Direct,
+                DataPath::DirectPlain,
+                DataPath::RiptideSock,
+                DataPath::RiptideTc,
+                DataPath::Iptables,
+                DataPath::Nftables,
+            ],
+            Scenario::NodePort | Scenario::NodePortLocal => &[
+                DataPath::Direct,
+                DataPath::Riptide,
+                DataPath::Iptables,
+                DataPath::Nftables,
+            ],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataPath {
+    /// No Service: the server pod's IP (ClusterIP scenarios: from riptide's
+    /// client pod; NodePort scenarios: from outside, routed via node 1).
+    Direct,
+    /// No Service, from the plain-veth pod (the baselines' limit).
+    DirectPlain,
+    /// Node 1 → node 2's host network (reference: what the pod wiring costs).
+    DirectNode,
+    /// ClusterIP through riptide's socket LB (client in the pod's cgroup).
+    RiptideSock,
+    /// ClusterIP through riptide's per-packet tc path (client outside the
+    /// pod's cgroup, so connect() is untouched).
+    RiptideTc,
+    /// NodePort through riptide (tc on node 1's uplink).
+    Riptide,
+    /// kube-proxy iptables-mode rules in node 1's namespace.
+    Iptables,
+    /// kube-proxy nftables-mode rules in node 1's namespace.
+    Nftables,
+}
+
+impl DataPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataPath::Direct => "direct",
+            DataPath::DirectPlain => "direct-plain",
+            DataPath::DirectNode => "direct-node",
+            DataPath::RiptideSock => "riptide-sock",
+            DataPath::RiptideTc => "riptide-tc",
+            DataPath::Riptide => "riptide",
+            DataPath::Iptables => "iptables",
+            DataPath::Nftables => "nftables",
+        }
+    }
+
+    pub fn is_baseline_rules(self) -> bool {
+        matches!(self, DataPath::Iptables | DataPath::Nftables)
+    }
+
+    /// The direct path a ratio is taken against (see the module doc), or
+    /// `None` for the direct paths themselves. `direct-plain` is compared
+    /// with `direct`: how riptide's pod wiring compares with a plain veth.
+    pub fn baseline(self, scenario: Scenario) -> Option<DataPath> {
+        match self {
+            DataPath::Direct | DataPath::DirectNode => None,
+            DataPath::DirectPlain
+            | DataPath::RiptideSock
+            | DataPath::RiptideTc
+            | DataPath::Riptide => Some(DataPath::Direct),
+            DataPath::Iptables | DataPath::Nftables if scenario.is_nodeport() => {
+                Some(DataPath::Direct)
+            }
+            DataPath::Iptables | DataPath::Nftables => Some(DataPath::DirectPlain),
+        }
+    }
+
+    /// Whether this path is measured at every Service count, or only at the
+    /// first (paths no Service count can affect: references).
+    pub fn per_count(self) -> bool {
+        !matches!(self, DataPath::DirectNode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_compared_path_has_its_baseline_in_the_scenario() {
+        for s in Scenario::ALL {
+            for p in s.paths() {
+                if let Some(b) = p.baseline(s) {
+                    assert!(
+                        s.paths().contains(&b),
+                        "{} {}: {} not measured",
+                        s.name(),
+                        p.name(),
+                        b.name()
+                    );
+                }
+            }
+        }
+    }
+}
