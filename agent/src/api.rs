@@ -115,6 +115,15 @@ async fn get_ct(State(s): State<S>) -> Result<Json<Vec<CtView>>, (StatusCode, St
     Ok(Json(maps::ct_views(&entries, maps::monotonic_ns())))
 }
 
+async fn get_affinity(State(s): State<S>) -> Result<Json<Vec<maps::AffinityView>>, (StatusCode, String)> {
+    let entries = lock(&s.dp).affinity().map_err(|e| internal(&e))?;
+    let (revnat, backends) = {
+        let svc = lock(&s.services);
+        (svc.dump_revnat(), svc.dump_backends())
+    };
+    Ok(Json(maps::affinity_views(&entries, &revnat, &backends, maps::monotonic_ns())))
+}
+
 async fn get_endpoints(State(s): State<S>) -> Result<Json<Vec<EndpointView>>, (StatusCode, String)> {
     let mut dp = lock(&s.dp);
     let list = dp.endpoints().map_err(|e| internal(&e))?.list();
@@ -169,6 +178,7 @@ pub fn local_router(s: S) -> Router {
         .route("/v1/services", get(get_services))
         .route("/v1/ports", get(get_ports))
         .route("/v1/ct", get(get_ct))
+        .route("/v1/affinity", get(get_affinity))
         .route("/v1/endpoints", get(get_endpoints))
         .route("/v1/drops", get(get_drops))
         .route("/v1/events", get(get_events))

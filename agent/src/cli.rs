@@ -148,6 +148,21 @@ pub fn ct_table(v: &[CtView]) -> String {
     table(&["PROTO", "SOURCE", "DESTINATION", "DIR", "BACKEND", "REVNAT", "IDLE"], &rows)
 }
 
+pub fn affinity_table(v: &[crate::maps::AffinityView]) -> String {
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|a| {
+            vec![
+                a.frontend.clone(),
+                a.client.clone(),
+                a.backend.map_or_else(|| format!("#{} (gone)", a.backend_id), |b| b.to_string()),
+                format!("{}s", a.idle_s),
+            ]
+        })
+        .collect();
+    table(&["FRONTEND", "CLIENT", "BACKEND", "IDLE"], &rows)
+}
+
 pub fn endpoints_table(v: &[EndpointView]) -> String {
     let rows: Vec<Vec<String>> = v
         .iter()

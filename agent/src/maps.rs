@@ -291,6 +291,56 @@ pub fn ct_views(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<CtView> {
     v
 }
 
+/// One sessionAffinity entry: `riptide affinity list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AffinityView {
+    /// The client: its IP (per-packet path) or `netns:<cookie>` (socket LB
+    /// keys a client by its network namespace).
+    pub client: String,
+    /// The frontend (`ip:port`; 0.0.0.0 = every node address).
+    pub frontend: String,
+    pub revnat_id: u16,
+    pub backend_id: u32,
+    /// The backend's address, if the id is still in `rt_be4_v1`.
+    pub backend: Option<SocketAddrV4>,
+    /// Seconds since the client last used it.
+    pub idle_s: u64,
+}
+
+pub fn affinity_views(
+    entries: &[(riptide_common::AffKey, riptide_common::AffValue)],
+    revnat: &[(RevNatKey, RevNatValue)],
+    backends: &[(BackendKey, BackendValue)],
+    now_ns: u64,
+) -> Vec<AffinityView> {
+    let fe: HashMap<u16, SocketAddrV4> = revnat
+        .iter()
+        .map(|(k, v)| (k.id, SocketAddrV4::new(Ipv4Addr::from(u32::from_be(v.vip_be)), u16::from_be(v.port_be))))
+        .collect();
+    let be: HashMap<u32, SocketAddrV4> = backends
+        .iter()
+        .map(|(k, v)| (k.id, SocketAddrV4::new(Ipv4Addr::from(u32::from_be(v.addr_be)), u16::from_be(v.port_be))))
+        .collect();
+    let mut v: Vec<AffinityView> = entries
+        .iter()
+        .map(|(k, e)| AffinityView {
+            client: if k.kind == riptide_common::AFF_CLIENT_NETNS {
+                format!("netns:{}", k.client)
+            } else {
+                // The key holds the address as the packet carries it.
+                Ipv4Addr::from(u32::from_be(u32::try_from(k.client).unwrap_or(0))).to_string()
+            },
+            frontend: fe.get(&k.revnat_id).map_or_else(|| "-".into(), ToString::to_string),
+            revnat_id: k.revnat_id,
+            backend_id: e.backend_id,
+            backend: be.get(&e.backend_id).copied(),
+            idle_s: now_ns.saturating_sub(e.last_used_ns) / 1_000_000_000,
+        })
+        .collect();
+    v.sort_by(|a, b| (&a.frontend, &a.client).cmp(&(&b.frontend, &b.client)));
+    v
+}
+
 /// One local pod endpoint: `riptide endpoint list`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointView {
@@ -325,6 +375,31 @@ pub fn revnat_index(entries: &[(RevNatKey, RevNatValue)]) -> BTreeMap<u16, Socke
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn affinity_views_name_clients_frontends_and_backends() {
+        use riptide_common::{AFF_CLIENT_IP, AFF_CLIENT_NETNS, AffKey, AffValue};
+        let s = 1_000_000_000u64;
+        let entries = [
+            (
+                AffKey { client: u64::from(u32::from(Ipv4Addr::new(198, 18, 0, 100)).to_be()), revnat_id: 7, kind: AFF_CLIENT_IP, _pad: [0; 5] },
+                AffValue { last_used_ns: 90 * s, backend_id: 3, _pad: 0 },
+            ),
+            (AffKey { client: 4242, revnat_id: 7, kind: AFF_CLIENT_NETNS, _pad: [0; 5] }, AffValue { last_used_ns: 99 * s, backend_id: 9, _pad: 0 }),
+        ];
+        let revnat = [(RevNatKey { id: 7, _pad: 0 }, RevNatValue { vip_be: 0, port_be: 30083u16.to_be(), _pad: 0 })];
+        let backends = [(
+            BackendKey { id: 3 },
+            BackendValue { addr_be: u32::from(Ipv4Addr::new(10, 42, 1, 5)).to_be(), port_be: 8080u16.to_be(), ..BackendValue::default() },
+        )];
+        let v = affinity_views(&entries, &revnat, &backends, 100 * s);
+        assert_eq!(v.len(), 2);
+        assert_eq!((v[0].client.as_str(), v[0].frontend.as_str()), ("198.18.0.100", "0.0.0.0:30083"));
+        assert_eq!(v[0].backend, Some("10.42.1.5:8080".parse().unwrap()));
+        assert_eq!(v[0].idle_s, 10);
+        assert_eq!(v[1].client, "netns:4242");
+        assert_eq!(v[1].backend, None, "backend 9 is gone");
+    }
 
     #[test]
     fn views_decode_master_slots_and_backends() {

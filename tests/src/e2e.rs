@@ -274,6 +274,11 @@ pub fn agent_services(lab: &Lab, i: u32) -> Result<serde_json::Value> {
     riptide_json(lab, i, &["service", "list"])
 }
 
+/// `riptide affinity list` from node `i`'s agent (read from the maps).
+pub fn agent_affinity(lab: &Lab, i: u32) -> Result<serde_json::Value> {
+    riptide_json(lab, i, &["affinity", "list"])
+}
+
 /// Hostnames answered by `url` over `tries` fresh connections from `pod`.
 pub fn hostnames_from_pod(lab: &Lab, pod: &str, url: &str, tries: u32) -> Result<BTreeSet<String>> {
     let script = format!("for i in $(seq {tries}); do curl -sS -m 3 {url}; echo; done");
@@ -325,12 +330,12 @@ pub fn diagnostics(lab: &Lab) -> String {
     let c = lab.config();
     let mut s = String::new();
     for i in 1..=c.nodes {
-        for what in [&["status"][..], &["service", "list"], &["ct", "list"], &["drops"], &["events"]] {
+        for what in [&["status"][..], &["service", "list"], &["ct", "list"], &["affinity", "list"], &["drops"], &["events"]] {
             let out = riptide_cli(lab, i).args(what).output();
             s.push_str(&format!("--- {} riptide {} ---\n", c.node_name(i), what.join(" ")));
             let out = out.map(|o| text(&o)).unwrap_or_else(|e| e.to_string());
             s.push_str(&match what[0] {
-                "ct" => clip(out.trim_end(), CT_ROWS, false),
+                "ct" | "affinity" => clip(out.trim_end(), CT_ROWS, false),
                 "events" => clip(out.trim_end(), EVENT_ROWS, true),
                 _ => out,
             });

@@ -312,6 +312,18 @@ fn netns_e2e_services_on_a_three_node_lab() {
             ensure!(distinct.len() == 1, "13 requests with affinity from outside to {np}: {got:?}");
             Ok(got[0].clone())
         })?;
+        // Node 1's affinity map says so: the outside client's address →
+        // the pinned pod, on the NodePort frontend.
+        let pinned_ip = pods.iter().find(|p| p.name == pinned).map(|p| p.ip).context("pinned pod")?;
+        let aff = e2e::agent_affinity(lab, 1)?;
+        let entry = aff.as_array().and_then(|a| {
+            a.iter().find(|e| e["client"] == c.outside_ip().to_string() && e["frontend"].as_str().is_some_and(|f| f.ends_with(":30083")))
+        });
+        ensure!(
+            entry.is_some_and(|e| e["backend"] == format!("{pinned_ip}:8080")),
+            "affinity of {} on node 1 should name {pinned} ({pinned_ip}): {aff}",
+            c.outside_ip()
+        );
         affinity_expires("tc NodePort from outside", &pinned, || e2e::outside_curl(lab, &np, 3)?.ok())?;
         e2e::kubectl(lab, &["delete", "service", "afft"]).map(|_| ())
     });

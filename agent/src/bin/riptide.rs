@@ -4,6 +4,7 @@
 //! riptide status
 //! riptide service list [-o json]
 //! riptide ct list
+//! riptide affinity list
 //! riptide endpoint list
 //! riptide drops
 //! riptide events [--follow]
@@ -16,7 +17,7 @@ use riptide_agent::{
     api::{CounterView, StatusView},
     cli,
     events::EventView,
-    maps::{CtView, EndpointView, FrontendView},
+    maps::{AffinityView, CtView, EndpointView, FrontendView},
 };
 
 #[derive(Parser, Debug)]
@@ -51,6 +52,9 @@ enum Cmd {
     /// Conntrack entries.
     #[command(subcommand)]
     Ct(ListCmd),
+    /// sessionAffinity entries: which client sticks to which backend.
+    #[command(subcommand)]
+    Affinity(ListCmd),
     /// Local pod endpoints.
     #[command(subcommand)]
     Endpoint(ListCmd),
@@ -120,6 +124,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Ct(ListCmd::List) => {
             let body = get("/v1/ct")?;
             if json { body } else { cli::ct_table(&serde_json::from_str::<Vec<CtView>>(&body)?) }
+        }
+        Cmd::Affinity(ListCmd::List) => {
+            let body = get("/v1/affinity")?;
+            if json { body } else { cli::affinity_table(&serde_json::from_str::<Vec<AffinityView>>(&body)?) }
         }
         Cmd::Endpoint(ListCmd::List) => {
             let body = get("/v1/endpoints")?;

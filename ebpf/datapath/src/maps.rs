@@ -8,7 +8,8 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use riptide_common::{
-    CONFIG_KEY, Config, CtKey, CtValue, NatValue, NodeKey, NodeValue, names, stats,
+    AffKey, AffValue, CONFIG_KEY, Config, CtKey, CtValue, NatValue, NodeKey, NodeValue, names,
+    stats,
 };
 
 use crate::{Datapath, Error, Result, services::Services};
@@ -128,6 +129,13 @@ impl Datapath {
     pub fn nat(&self) -> Result<Vec<(CtKey, NatValue)>> {
         let m: HashMap<&MapData, CtKey, NatValue> =
             HashMap::try_from(self.map(names::NAT4)?).map_err(map_err(names::NAT4))?;
+        Ok(m.iter().filter_map(std::result::Result::ok).collect())
+    }
+
+    /// Every sessionAffinity entry (client → backend per frontend).
+    pub fn affinity(&self) -> Result<Vec<(AffKey, AffValue)>> {
+        let m: HashMap<&MapData, AffKey, AffValue> =
+            HashMap::try_from(self.map(names::AFF4)?).map_err(map_err(names::AFF4))?;
         Ok(m.iter().filter_map(std::result::Result::ok).collect())
     }
 }
