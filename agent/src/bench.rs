@@ -538,6 +538,7 @@ fn iptables_part(opts: &Options) -> Result<IptablesRestore> {
             vip: vip(i),
             proto: kubeproxy::Proto::Tcp,
             port: 80,
+            node_port: None,
             endpoints: (0..per).map(|j| (endpoint_ip(i, j, per), TARGET_PORT)).collect(),
         })
         .collect();
