@@ -41,6 +41,7 @@ fn measured(backend: Ipv4Addr) -> Vec<SvcPort> {
         vip: Ipv4Addr::new(10, 43, 0, 10),
         proto: Proto::Tcp,
         port: 80,
+        node_port: None,
         endpoints: vec![(backend, 7070)],
     }]
 }
