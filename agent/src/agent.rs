@@ -24,6 +24,7 @@ use crate::{
     model::{self, Desired, NodeContext, Owner},
     reconcile::{Reconciler, ServiceWriter as _},
     routes::{self, Routes},
+    tunnel::{self, Tunnel},
     watch::{self, Change, Kind, Stores},
 };
 
@@ -53,6 +54,8 @@ pub enum Error {
     Client(#[source] kube::Error),
     #[error("node routing")]
     Routes(#[source] routes::Error),
+    #[error("vxlan tunnel")]
+    Tunnel(#[source] tunnel::Error),
     #[error("conntrack GC")]
     Gc(#[source] Box<crate::gc::Error>),
 }
@@ -75,6 +78,10 @@ pub struct Config {
     /// Uplink device for the NodePort/SNAT tc programs.
     pub uplink: Option<String>,
     pub routes: bool,
+    /// `--tunnel vxlan`: reach other nodes' pods through `riptide.vxlan`
+    /// (see [`crate::tunnel`]) instead of routes via their addresses. Needs
+    /// `uplink` and `routes`.
+    pub tunnel: Option<tunnel::VxlanConfig>,
     pub masquerade: bool,
     pub hairpin_ip: Ipv4Addr,
     pub health_bind: Option<Ipv4Addr>,
@@ -102,12 +109,16 @@ pub struct Status {
     pub node_ip: Option<Ipv4Addr>,
     pub health_check_ports: Vec<u16>,
     pub attachments: Vec<String>,
+    /// `--tunnel vxlan`: the device once it exists.
+    pub tunnel: Option<String>,
 }
 
 /// State shared between the run loop and the API handlers. Lock order:
 /// `reconciler`, then `services`, then `dp`.
 pub struct Shared {
     pub node: String,
+    /// Routing mode is `--tunnel vxlan`.
+    pub tunnel: bool,
     pub ready: AtomicBool,
     pub status: Mutex<Status>,
     pub reconciler: Mutex<Reconciler>,
@@ -166,6 +177,13 @@ impl Shared {
             node_ip: st.node_ip.map(|i| i.to_string()),
             health_check_ports: st.health_check_ports,
             attachments: st.attachments,
+            routing_mode: if self.tunnel { "vxlan" } else { "native" }.to_owned(),
+            tunnel: st.tunnel.clone(),
+            tunnel_peers: if self.tunnel {
+                st.routes.iter().map(|(c, ip)| tunnel::describe_peer(*c, *ip)).collect()
+            } else {
+                Vec::new()
+            },
             gc: lock(&self.gc_status).clone(),
             ..StatusView::default()
         }
@@ -203,6 +221,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 
     let shared = Arc::new(Shared {
         node: node.clone(),
+        tunnel: cfg.tunnel.is_some(),
         ready: AtomicBool::new(false),
         status: Mutex::new(Status {
             pin_dir: pin_dir.as_ref().map(|p| p.display().to_string()),
@@ -271,6 +290,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     } else {
         None
     };
+    let tunnel = match cfg.tunnel {
+        Some(t) => Some(Tunnel::new(t).map_err(Error::Tunnel)?),
+        None => None,
+    };
     let mut lp = Loop {
         cfg: cfg.clone(),
         shared: shared.clone(),
@@ -281,6 +304,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         synced: BTreeSet::new(),
         first_done: false,
         routes,
+        tunnel,
+        tunnel_attached: None,
         health: HealthServers::new(cfg.health_bind),
         written_config: None,
         gc_tx,
@@ -321,6 +346,10 @@ struct Loop {
     synced: BTreeSet<Kind>,
     first_done: bool,
     routes: Option<Routes>,
+    tunnel: Option<Tunnel>,
+    /// ifindex of the vxlan device the tc programs were attached to by this
+    /// process (a recreated device needs them again).
+    tunnel_attached: Option<u32>,
     health: HealthServers,
     written_config: Option<DpConfig>,
     /// Wakes the GC after service ports changed (stale UDP flows).
@@ -557,8 +586,15 @@ impl Loop {
                 let _ = dp.remove_node(cidr.network(), cidr.prefix());
             }
         }
-        if let Some(r) = &self.routes {
-            match r.sync(&desired).await {
+        // Tunnel mode: the device first (it needs this node's address and
+        // podCIDR), then its ARP/FDB entries, then routes through it. Until
+        // the device exists no route is touched.
+        let mut route_desired = Some(desired.clone());
+        if self.tunnel.is_some() {
+            route_desired = self.sync_tunnel(node_ip, pod_cidr, &desired).await;
+        }
+        if let (Some(r), Some(route_desired)) = (&self.routes, route_desired) {
+            match r.sync(&route_desired).await {
                 Ok(rep) => {
                     for (cidr, e) in &rep.failed {
                         tracing::warn!(cidr = %cidr, error = %e, "route not written; will retry on the next node change");
@@ -572,6 +608,80 @@ impl Loop {
         st.routes = desired;
         st.pod_cidr = pod_cidr;
         st.node_ip = node_ip;
+    }
+
+    /// Ensures the vxlan device (attaching the uplink programs to it when it
+    /// is new to this process) and its peers; returns the routes to program
+    /// (remote podCIDR → its `.0` on the device), or `None` when the device
+    /// is not there yet.
+    async fn sync_tunnel(
+        &mut self,
+        node_ip: Option<Ipv4Addr>,
+        pod_cidr: Option<Ipv4Network>,
+        desired: &BTreeMap<Ipv4Network, Ipv4Addr>,
+    ) -> Option<BTreeMap<Ipv4Network, Ipv4Addr>> {
+        let (Some(t), Some(uplink)) = (self.tunnel.as_mut(), self.cfg.uplink.as_deref()) else { return None };
+        let (Some(ip), Some(cidr)) = (node_ip, pod_cidr) else {
+            tracing::info!("vxlan device waits for this node's address and podCIDR");
+            return None;
+        };
+        let index = match t.ensure_device(ip, uplink, cidr).await {
+            Ok((index, _)) => index,
+            Err(e) => {
+                tracing::warn!(error = %crate::reconcile::error_chain(&e), "vxlan device not ready; retried on the next node change");
+                return None;
+            }
+        };
+        if self.tunnel_attached != Some(index) {
+            // NodePort/externalIP flows to remote backends leave through the
+            // device (their SNAT must see the inner packet) and replies come
+            // back through it: the uplink programs run on it too.
+            let pins = lock(&self.shared.status).pin_dir.clone();
+            let attached = {
+                let mut dp = lock(&self.shared.dp);
+                match &pins {
+                    // Pinned like the uplink's links: they outlive the agent.
+                    Some(dir) => dp
+                        .attach_uplink(tunnel::DEVICE)
+                        .and_then(|att| att.pin(&Path::new(dir).join("links"), "tunnel").map(|_| ())),
+                    None => {
+                        tracing::warn!("unpinned datapath: no programs on the vxlan device");
+                        Ok(())
+                    }
+                }
+            };
+            match attached {
+                Ok(()) => {
+                    self.tunnel_attached = Some(index);
+                    let mut st = lock(&self.shared.status);
+                    let name = format!("tunnel:{}", tunnel::DEVICE);
+                    if !st.attachments.contains(&name) {
+                        st.attachments.push(name);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %crate::reconcile::error_chain(&e), "attaching programs to the vxlan device failed; retried on the next node change");
+                    return None;
+                }
+            }
+        }
+        if let Some(vx) = self.cfg.tunnel {
+            lock(&self.shared.status).tunnel = Some(format!(
+                "{} (ifindex {index}) vni {} port {} local {ip} dev {uplink}, address {}",
+                tunnel::DEVICE,
+                vx.vni,
+                vx.port,
+                tunnel::gateway_of(cidr)
+            ));
+        }
+        match t.sync_peers(desired).await {
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %crate::reconcile::error_chain(&e), "tunnel peer sync failed"),
+        }
+        if let Some(r) = self.routes.as_mut() {
+            r.set_device(Some(index));
+        }
+        Some(desired.keys().map(|c| (*c, tunnel::gateway_of(*c))).collect())
     }
 
     fn datapath_config(&self, node_ip: Ipv4Addr) -> DpConfig {

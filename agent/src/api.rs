@@ -42,6 +42,15 @@ pub struct StatusView {
     /// Frontends claimed by more than one owner: `frontend → [owners]`.
     pub conflicts: BTreeMap<String, Vec<String>>,
     pub attachments: Vec<String>,
+    /// `native` (routes via node addresses) or `vxlan`.
+    #[serde(default)]
+    pub routing_mode: String,
+    /// `--tunnel vxlan`: the device, once it exists.
+    #[serde(default)]
+    pub tunnel: Option<String>,
+    /// `--tunnel vxlan`: per remote node, its route, neighbour and FDB entry.
+    #[serde(default)]
+    pub tunnel_peers: Vec<String>,
     /// Conntrack/affinity GC and stale-UDP cleanup.
     #[serde(default)]
     pub gc: crate::gc::GcStatus,

@@ -224,9 +224,17 @@ pub fn status_table(s: &StatusView) -> String {
     );
     let _ = writeln!(out, "Attachments:       {}", if s.attachments.is_empty() { "-".into() } else { s.attachments.join(", ") });
     let _ = writeln!(out, "Health checks:     {:?}", s.health_check_ports);
-    let _ = writeln!(out, "Routes:");
-    for (cidr, via) in &s.routes {
-        let _ = writeln!(out, "  {cidr} via {via}");
+    if s.routing_mode == "vxlan" {
+        let _ = writeln!(out, "Routing:           vxlan, {}", s.tunnel.as_deref().unwrap_or("device not created yet"));
+        let _ = writeln!(out, "Tunnel peers:");
+        for p in &s.tunnel_peers {
+            let _ = writeln!(out, "  {p}");
+        }
+    } else {
+        let _ = writeln!(out, "Routes:");
+        for (cidr, via) in &s.routes {
+            let _ = writeln!(out, "  {cidr} via {via}");
+        }
     }
     if !s.conflicts.is_empty() {
         let _ = writeln!(out, "Conflicting frontends (first owner wins):");

@@ -7,7 +7,7 @@
 //!
 //! | key | flag |
 //! |---|---|
-//! | `routing-mode` | `native` → nothing (the default), `none` → `--no-routes` |
+//! | `routing-mode` | `native` → nothing (the default), `vxlan` → `--tunnel=vxlan`, `none` → `--no-routes` |
 //! | `socket-lb` | `true` → `--cgroup=<cgroup-root>`; `false` → nothing |
 //! | `cgroup-root` | cgroup v2 directory for socket LB (default `/sys/fs/cgroup`) |
 //! | `masquerade` | `false` → `--no-masquerade` |
@@ -82,7 +82,8 @@ pub fn to_flags(keys: &BTreeMap<String, String>) -> Result<Vec<(String, Option<S
             "routing-mode" => match value.as_str() {
                 "native" | "" => {}
                 "none" => out.push(("no-routes".into(), None)),
-                _ => return Err(Error::Value { key: key.clone(), value: value.clone(), reason: "routing modes: native, none" }),
+                "vxlan" => out.push(("tunnel".into(), Some("vxlan".into()))),
+                _ => return Err(Error::Value { key: key.clone(), value: value.clone(), reason: "routing modes: native, vxlan, none" }),
             },
             "socket-lb" => {
                 if is_true(key, value)? {
@@ -200,7 +201,10 @@ mod tests {
         let out = expand(["a", "--cluster-cidr=10.99.0.0/16", "--cgroup", "/x", &p].map(OsString::from)).unwrap();
         assert_eq!(strs(&out), ["a", "--cluster-cidr=10.99.0.0/16", "--cgroup", "/x", "--no-routes"]);
 
-        let d = dir(&[("routing-mode", "vxlan")]);
+        let d = dir(&[("routing-mode", "vxlan"), ("vxlan-vni", "7")]);
+        let out = expand(["a", "--config-dir", d.path().to_str().unwrap()].map(OsString::from)).unwrap();
+        assert_eq!(strs(&out), ["a", "--tunnel=vxlan", "--vxlan-vni=7"]);
+        let d = dir(&[("routing-mode", "geneve")]);
         let e = expand(["a", "--config-dir", d.path().to_str().unwrap()].map(OsString::from)).unwrap_err();
         assert!(e.to_string().contains("routing modes"), "{e}");
         let d = dir(&[("socket-lb", "yes")]);

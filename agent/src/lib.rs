@@ -20,4 +20,5 @@ pub mod podcidr;
 pub mod reconcile;
 pub mod routes;
 pub mod sockdiag;
+pub mod tunnel;
 pub mod watch;

@@ -48,6 +48,17 @@ struct Args {
     /// Do not program routes to other nodes' podCIDRs.
     #[arg(long)]
     no_routes: bool,
+    /// Reach other nodes' pods through an overlay instead of routes via
+    /// their addresses: `vxlan` (device riptide.vxlan on --uplink; for nodes
+    /// not on one L2 segment). Default: native routing.
+    #[arg(long, value_parser = ["vxlan"])]
+    tunnel: Option<String>,
+    /// VXLAN network identifier (--tunnel vxlan).
+    #[arg(long, default_value_t = riptide_agent::tunnel::DEFAULT_VNI)]
+    vxlan_vni: u32,
+    /// VXLAN UDP port (--tunnel vxlan).
+    #[arg(long, default_value_t = riptide_agent::tunnel::DEFAULT_PORT)]
+    vxlan_port: u16,
     /// Do not masquerade pod traffic leaving the cluster range.
     #[arg(long)]
     no_masquerade: bool,
@@ -110,7 +121,16 @@ async fn main() -> anyhow::Result<()> {
         "off" | "" => None,
         s => Some(s.parse::<SocketAddr>().with_context(|| format!("--metrics-addr {s}"))?),
     };
+    let tunnel = match a.tunnel.as_deref() {
+        Some("vxlan") => {
+            anyhow::ensure!(a.uplink.is_some(), "--tunnel vxlan needs --uplink (the device the vxlan packets leave through)");
+            anyhow::ensure!(!a.no_routes, "--tunnel vxlan and --no-routes exclude each other");
+            Some(riptide_agent::tunnel::VxlanConfig { vni: a.vxlan_vni, port: a.vxlan_port })
+        }
+        _ => None,
+    };
     let cfg = Config {
+        tunnel,
         kubeconfig: a.kubeconfig,
         node_ip: a.node_ip,
         cluster_cidr: a.cluster_cidr,

@@ -56,6 +56,9 @@ pub struct Report {
 pub struct Routes {
     handle: Handle,
     cluster: Ipv4Network,
+    /// `--tunnel vxlan`: routes leave through this device with `onlink`
+    /// (their gateway is the remote vxlan address, not on any subnet).
+    oif: Option<u32>,
 }
 
 impl Routes {
@@ -65,7 +68,13 @@ impl Routes {
     pub fn new(cluster: Ipv4Network) -> Result<Self, Error> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(Error::Connect)?;
         tokio::spawn(conn);
-        Ok(Self { handle, cluster })
+        Ok(Self { handle, cluster, oif: None })
+    }
+
+    /// Routes added from now on go through device `oif` with `onlink`
+    /// (the tunnel), or through the kernel's choice (`None`: native).
+    pub fn set_device(&mut self, oif: Option<u32>) {
+        self.oif = oif;
     }
 
     /// riptide's routes in the main table: podCIDR → gateway.
@@ -113,11 +122,14 @@ impl Routes {
             if current.get(cidr) == Some(via) {
                 continue;
             }
-            let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(cidr.network(), cidr.prefix())
                 .gateway(*via)
-                .protocol(RouteProtocol::Other(RTPROT_RIPTIDE))
-                .build();
+                .protocol(RouteProtocol::Other(RTPROT_RIPTIDE));
+            if let Some(oif) = self.oif {
+                b = b.output_interface(oif).onlink();
+            }
+            let msg = b.build();
             match self.handle.route().add(msg).replace().execute().await {
                 Ok(()) => {
                     tracing::info!(cidr = %cidr, via = %via, "route added");

@@ -343,6 +343,18 @@ pub fn diagnostics(lab: &Lab) -> String {
         let routes = Command::new("ip").args(["-n", &c.node_netns(i), "route"]).output();
         s.push_str(&format!("--- {} routes ---\n", c.node_name(i)));
         s.push_str(&routes.map(|o| text(&o)).unwrap_or_else(|e| e.to_string()));
+        if lab.net().tunnel.is_some() {
+            let ns = c.node_netns(i);
+            for (prog, args) in [
+                ("ip", &["-d", "link", "show", "riptide.vxlan"][..]),
+                ("ip", &["neigh", "show", "dev", "riptide.vxlan"]),
+                ("bridge", &["fdb", "show", "dev", "riptide.vxlan"]),
+            ] {
+                let out = Command::new(prog).args(["-n", &ns]).args(args).output();
+                s.push_str(&format!("--- {} {prog} {} ---\n", c.node_name(i), args.join(" ")));
+                s.push_str(&out.map(|o| text(&o)).unwrap_or_else(|e| e.to_string()));
+            }
+        }
         for comp in ["agent", "kubelet"] {
             let label = format!("{}-{comp}", c.node_name(i));
             s.push_str(&format!("--- {label} log ---\n{}\n", lab.log_tail(&label, 15)));

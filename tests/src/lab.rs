@@ -128,6 +128,20 @@ fn bin_dir_of_current_exe() -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
+/// How the nodes are connected and how pods reach other nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabNet {
+    /// Nodes are not on the lab bridge: each sits on its own point-to-point
+    /// link to the underlay namespace, which routes between them (and
+    /// proxy-ARPs for them on the bridge, so the control plane and the
+    /// outside namespace keep their /24). The router knows nothing of pod
+    /// CIDRs, so routes via node addresses (native routing) cannot work:
+    /// a node's peers are not on-link.
+    pub routed: bool,
+    /// `--tunnel` of every agent (e.g. `vxlan`); `None`: native routing.
+    pub tunnel: Option<String>,
+}
+
 /// What the live summary shows.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -155,6 +169,7 @@ struct Proc {
 /// A running lab. Dropping it tears everything down.
 pub struct Lab {
     cfg: LabConfig,
+    net: LabNet,
     procs: Vec<Proc>,
     /// Labels started so far: a label started again (a restarted agent)
     /// appends to its log instead of truncating it.
@@ -166,6 +181,11 @@ impl Lab {
     /// Cleans leftovers of an earlier run with the same prefix, then builds
     /// the topology. On any error, whatever was built is removed again.
     pub fn up(cfg: LabConfig) -> Result<Self> {
+        Self::up_with(cfg, LabNet::default())
+    }
+
+    /// [`Lab::up`] with a routed underlay and/or a tunnel (see [`LabNet`]).
+    pub fn up_with(cfg: LabConfig, net: LabNet) -> Result<Self> {
         if cfg.nodes == 0 || cfg.nodes > 100 {
             bail!("a lab has 1 to 100 nodes, not {}", cfg.nodes);
         }
@@ -174,6 +194,7 @@ impl Lab {
             .with_context(|| format!("creating {}", cfg.log_dir().display()))?;
         let mut lab = Self {
             cfg,
+            net,
             procs: Vec::new(),
             started: BTreeSet::new(),
             down: false,
@@ -188,6 +209,16 @@ impl Lab {
 
     pub fn config(&self) -> &LabConfig {
         &self.cfg
+    }
+
+    pub fn net(&self) -> &LabNet {
+        &self.net
+    }
+
+    /// Address of the underlay router on the bridge and on every node link
+    /// (routed underlay only).
+    pub fn router_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, self.cfg.subnet, 254)
     }
 
     fn build_topology(&mut self) -> Result<()> {
@@ -208,15 +239,52 @@ impl Lab {
         ip(&["addr", "add", &format!("{}/24", c.host_ip()), "dev", &host])?;
         ip(&["link", "set", &host, "up"])?;
 
+        if self.net.routed {
+            let r = format!("{}/24", self.router_ip());
+            ip(&["-n", &ul, "addr", "add", &r, "dev", "br0"])?;
+            sysctl_in(&ul, "net.ipv4.ip_forward", "1")?;
+            // Answer ARP on the bridge for the nodes behind their links.
+            sysctl_in(&ul, "net.ipv4.conf.br0.proxy_arp", "1")?;
+            // Forwarding between two node links is routing, not a detour:
+            // no ICMP redirects that would teach nodes a shortcut.
+            sysctl_in(&ul, "net.ipv4.conf.all.send_redirects", "0")?;
+            sysctl_in(&ul, "net.ipv4.conf.default.send_redirects", "0")?;
+        }
         for i in 1..=c.nodes {
             let ns = c.node_netns(i);
-            self.add_host_on_underlay(&ns, &format!("n{i}"), c.node_ip(i))?;
+            if self.net.routed {
+                self.add_routed_node(&ns, &format!("n{i}"), c.node_ip(i))?;
+            } else {
+                self.add_host_on_underlay(&ns, &format!("n{i}"), c.node_ip(i))?;
+            }
             // Nodes route pods: forwarding on inside the node's namespace.
             sysctl_in(&ns, "net.ipv4.ip_forward", "1")?;
             std::fs::create_dir_all(c.node_cgroup(i))
                 .with_context(|| format!("creating cgroup {}", c.node_cgroup(i).display()))?;
         }
         self.add_host_on_underlay(&c.outside_netns(), "out", c.outside_ip())?;
+        Ok(())
+    }
+
+    /// A node on its own link to the underlay router: `addr/32` on the
+    /// node side, the router's address (also /32) on the other, the lab
+    /// range routed via the router.
+    fn add_routed_node(&self, ns: &str, port: &str, addr: Ipv4Addr) -> Result<()> {
+        let ul = self.cfg.underlay_netns();
+        let router = self.router_ip().to_string();
+        add_netns(ns)?;
+        ip(&[
+            "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", &ul,
+        ])?;
+        ip(&["-n", &ul, "addr", "add", &format!("{router}/32"), "dev", port])?;
+        ip(&["-n", &ul, "link", "set", port, "up"])?;
+        ip(&["-n", &ul, "route", "add", &format!("{addr}/32"), "dev", port])?;
+        ip(&["-n", ns, "addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
+        ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", ns, "route", "add", &format!("{router}/32"), "dev", "eth0", "scope", "link"])?;
+        let lan = format!("198.18.{}.0/24", self.cfg.subnet);
+        ip(&["-n", ns, "route", "add", &lan, "via", &router, "dev", "eth0"])?;
         Ok(())
     }
 
@@ -353,6 +421,7 @@ impl Lab {
             .arg("--cgroup")
             .arg(c.node_cgroup(i))
             .args(["--uplink", "eth0"])
+            .args(self.net.tunnel.iter().flat_map(|t| ["--tunnel", t.as_str()]))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         if c.kubeconfig().exists() {
             cmd.arg("--kubeconfig").arg(c.kubeconfig());
@@ -402,7 +471,8 @@ impl Lab {
                 "podCIDRFile": c.node_dir(i).join("podcidr"),
                 "clusterCIDR": "10.42.0.0/16",
                 "stateDir": c.node_dir(i).join("ipam"),
-                "mtu": 1500,
+                // The vxlan device takes 50 bytes of the uplink's 1500.
+                "mtu": if self.net.tunnel.is_some() { 1450 } else { 1500 },
             }],
         });
         let path = conf_dir.join("10-riptide.conflist");
