@@ -109,6 +109,8 @@ pub struct Status {
     pub node_ip: Option<Ipv4Addr>,
     pub health_check_ports: Vec<u16>,
     pub attachments: Vec<String>,
+    /// Routing mode is `--tunnel vxlan`.
+    pub tunnel_mode: bool,
     /// `--tunnel vxlan`: the device once it exists.
     pub tunnel: Option<String>,
 }
@@ -117,8 +119,6 @@ pub struct Status {
 /// `reconciler`, then `services`, then `dp`.
 pub struct Shared {
     pub node: String,
-    /// Routing mode is `--tunnel vxlan`.
-    pub tunnel: bool,
     pub ready: AtomicBool,
     pub status: Mutex<Status>,
     pub reconciler: Mutex<Reconciler>,
@@ -177,9 +177,9 @@ impl Shared {
             node_ip: st.node_ip.map(|i| i.to_string()),
             health_check_ports: st.health_check_ports,
             attachments: st.attachments,
-            routing_mode: if self.tunnel { "vxlan" } else { "native" }.to_owned(),
+            routing_mode: if st.tunnel_mode { "vxlan" } else { "native" }.to_owned(),
             tunnel: st.tunnel.clone(),
-            tunnel_peers: if self.tunnel {
+            tunnel_peers: if st.tunnel_mode {
                 st.routes.iter().map(|(c, ip)| tunnel::describe_peer(*c, *ip)).collect()
             } else {
                 Vec::new()
@@ -221,11 +221,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 
     let shared = Arc::new(Shared {
         node: node.clone(),
-        tunnel: cfg.tunnel.is_some(),
         ready: AtomicBool::new(false),
         status: Mutex::new(Status {
             pin_dir: pin_dir.as_ref().map(|p| p.display().to_string()),
             attachments,
+            tunnel_mode: cfg.tunnel.is_some(),
             ..Status::default()
         }),
         reconciler: Mutex::new(Reconciler::new()),

@@ -44,6 +44,8 @@ pub enum Error {
     Value { key: &'static str, value: String },
     #[error("removing riptide's routes")]
     Routes(#[source] routes::Error),
+    #[error("removing the vxlan device")]
+    Tunnel(#[source] crate::tunnel::Error),
     #[error("removing the pins of node {node}")]
     Unpin {
         node: String,
@@ -242,6 +244,10 @@ pub struct UninstallReport {
     pub conflist_removed: bool,
     pub plugin_removed: bool,
     pub routes_removed: Vec<String>,
+    /// The `--tunnel vxlan` device (with its neighbours and FDB entries);
+    /// only reported when there was one.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tunnel_removed: bool,
     pub pins_removed: bool,
     pub run_dir_removed: bool,
 }
@@ -272,6 +278,8 @@ impl Uninstall {
             let routes = Routes::new(any).map_err(Error::Routes)?;
             let rep = routes.sync(&BTreeMap::new()).await.map_err(Error::Routes)?;
             r.routes_removed = rep.removed.iter().map(ToString::to_string).collect();
+            let mut t = crate::tunnel::Tunnel::new(crate::tunnel::VxlanConfig::default()).map_err(Error::Tunnel)?;
+            r.tunnel_removed = t.remove_device().await.map_err(Error::Tunnel)?;
         }
         let pins = riptide_datapath::pin_dir(&self.node_name).map_err(|e| Error::Unpin { node: self.node_name.clone(), source: Box::new(e) })?;
         r.pins_removed = pins.exists();
