@@ -396,6 +396,11 @@ impl Tunnel {
             for a in &m.attributes {
                 match a {
                     NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
+                    // AF_BRIDGE messages: the parser cannot tell the remote's
+                    // family from the header, so NDA_DST comes as raw bytes.
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                        dst = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from);
+                    }
                     NeighbourAttribute::LinkLayerAddress(l) => ll = Some(l.clone()),
                     _ => {}
                 }
