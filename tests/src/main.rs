@@ -8,7 +8,7 @@ use std::{path::PathBuf, sync::mpsc, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use riptide_tests::{
-    lab::{self, Lab, LabConfig},
+    lab::{self, Lab, LabConfig, LabNet},
     netns,
 };
 
@@ -34,6 +34,11 @@ enum Cmd {
         /// Leave the lab running and return; `cargo xtask down` removes it.
         #[arg(long)]
         detach: bool,
+        /// `vxlan`: agents run with `--tunnel vxlan`, and the nodes sit on
+        /// their own links behind a router (no shared L2 segment), where
+        /// native routing could not work.
+        #[arg(long, value_parser = ["vxlan"])]
+        tunnel: Option<String>,
     },
     /// Remove everything an earlier run left (safe to run twice).
     Down,
@@ -48,7 +53,10 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Up { nodes, detach } => up(&cli.prefix, &cli.state_dir, nodes, detach),
+        Cmd::Up { nodes, detach, tunnel } => {
+            let net = LabNet { routed: tunnel.is_some(), tunnel };
+            up(&cli.prefix, &cli.state_dir, nodes, detach, net)
+        }
         Cmd::Down => {
             lab::teardown(&cli.prefix, &cli.state_dir)?;
             eprintln!("lab {}: nothing left behind", cli.prefix);
@@ -75,7 +83,7 @@ fn main() -> Result<()> {
     }
 }
 
-fn up(prefix: &str, state_dir: &std::path::Path, nodes: u32, detach: bool) -> Result<()> {
+fn up(prefix: &str, state_dir: &std::path::Path, nodes: u32, detach: bool, net: LabNet) -> Result<()> {
     let exe = std::env::current_exe().context("locating riptide-lab")?;
     let cfg = LabConfig {
         prefix: prefix.to_owned(),
@@ -91,7 +99,7 @@ fn up(prefix: &str, state_dir: &std::path::Path, nodes: u32, detach: bool) -> Re
     .context("installing the Ctrl-C handler")?;
 
     eprintln!("==> building a {nodes}-node lab ({prefix})");
-    let mut lab = Lab::up(cfg.clone())?;
+    let mut lab = Lab::up_with(cfg.clone(), net)?;
     eprintln!("==> starting the control plane, then an agent and a kubelet per node");
     lab.start_cluster(Duration::from_secs(90))?;
     eprintln!("==> deploying the demo (3 × riptide-netexec, Services demo and demo-nodeport)");

@@ -36,6 +36,9 @@ enum Task {
         /// Leave the lab running in the background (`cargo xtask down` removes it).
         #[arg(long)]
         detach: bool,
+        /// `vxlan`: a VXLAN overlay between nodes that sit behind a router.
+        #[arg(long, value_parser = ["vxlan"])]
+        tunnel: Option<String>,
     },
     /// Benchmarks: riptide vs the direct path vs kube-proxy-shaped rules
     /// (results under target/bench/).
@@ -62,11 +65,14 @@ fn main() -> Result<()> {
             setup::all()?;
             test(&root, &args)
         }
-        Task::Run { nodes, detach } => {
+        Task::Run { nodes, detach, tunnel } => {
             setup::all()?;
             let mut args = vec!["up".to_owned(), "--nodes".to_owned(), nodes.to_string()];
             if detach {
                 args.push("--detach".into());
+            }
+            if let Some(t) = tunnel {
+                args.extend(["--tunnel".to_owned(), t]);
             }
             lab(&root, &args)
         }
