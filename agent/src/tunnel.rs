@@ -28,13 +28,14 @@ use std::{
 use futures::TryStreamExt as _;
 use ipnetwork::Ipv4Network;
 use rtnetlink::{
-    Handle, LinkUnspec, LinkVxlan,
+    Handle, IpVersion, LinkUnspec, LinkVxlan, RouteMessageBuilder,
     packet_route::{
         AddressFamily,
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType},
+        rule::{RuleAction, RuleAttribute},
         address::{AddressAttribute, AddressMessage},
         link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
-        route::RouteType,
     },
 };
 
@@ -45,6 +46,10 @@ pub const OVERHEAD: u32 = 50;
 /// IANA VXLAN port (flannel uses the Linux default 8472; we use the standard).
 pub const DEFAULT_PORT: u16 = 4789;
 pub const DEFAULT_VNI: u32 = 1;
+/// Routing table of the return path (see [`Tunnel::sync_peers`]).
+pub const TABLE: u32 = 201;
+/// Priority of the rule `from <own podCIDR> lookup TABLE` (before `main`, 32766).
+pub const RULE_PRIORITY: u32 = 10_201;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -252,6 +257,7 @@ impl Tunnel {
             self.handle.link().set(msg).execute().await.map_err(nl("configuring"))?;
         }
         self.ensure_address(index, gateway_of(pod_cidr)).await?;
+        self.ensure_rule(pod_cidr).await?;
         self.ifindex = Some(index);
         Ok((index, created))
     }
@@ -281,11 +287,80 @@ impl Tunnel {
         Ok(())
     }
 
+    /// The return path: pod-sourced packets to other nodes' addresses go
+    /// through the tunnel too (`from <own podCIDR> lookup TABLE`). A backend
+    /// of a NodePort flow another node source-NATed answers that node's
+    /// address; through the uplink that reply would carry the pod's
+    /// address over the underlay, which routers with anti-spoofing and
+    /// clouds with source checks drop.
+    async fn ensure_rule(&self, pod_cidr: Ipv4Network) -> Result<(), Error> {
+        let mut have = false;
+        let mut stale = Vec::new();
+        let mut s = self.handle.rule().get(IpVersion::V4).execute();
+        while let Some(m) = s.try_next().await.map_err(nl("listing rules for"))? {
+            if !m.attributes.iter().any(|a| matches!(a, RuleAttribute::Priority(p) if *p == RULE_PRIORITY)) {
+                continue;
+            }
+            let src = m.attributes.iter().find_map(|a| if let RuleAttribute::Source(IpAddr::V4(ip)) = a { Some(*ip) } else { None });
+            let table = m.attributes.iter().find_map(|a| if let RuleAttribute::Table(t) = a { Some(*t) } else { None }).unwrap_or(u32::from(m.header.table));
+            if src == Some(pod_cidr.network()) && m.header.src_len == pod_cidr.prefix() && table == TABLE && !have {
+                have = true;
+            } else {
+                stale.push(m);
+            }
+        }
+        for m in stale {
+            self.handle.rule().del(m).execute().await.map_err(nl("removing a stale rule for"))?;
+        }
+        if !have {
+            self.handle
+                .rule()
+                .add()
+                .v4()
+                .source_prefix(pod_cidr.network(), pod_cidr.prefix())
+                .table_id(TABLE)
+                .priority(RULE_PRIORITY)
+                .action(RuleAction::ToTable)
+                .execute()
+                .await
+                .map_err(nl("adding the return-path rule for"))?;
+        }
+        Ok(())
+    }
+
+    /// riptide's routes in [`TABLE`]: peer node IP → next hop.
+    async fn list_table(&self) -> Result<BTreeMap<Ipv4Addr, (Ipv4Addr, RouteMessage)>, Error> {
+        let mut out = BTreeMap::new();
+        let mut s = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().table_id(TABLE).build()).execute();
+        while let Some(m) = s.try_next().await.map_err(nl("listing return-path routes for"))? {
+            let table = m.attributes.iter().find_map(|a| if let RouteAttribute::Table(t) = a { Some(*t) } else { None }).unwrap_or(u32::from(m.header.table));
+            if table != TABLE || m.header.protocol != RouteProtocol::Other(crate::routes::RTPROT_RIPTIDE) || m.header.destination_prefix_length != 32 {
+                continue;
+            }
+            let mut dst = None;
+            let mut gw = None;
+            for a in &m.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(*ip),
+                    RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gw = Some(*ip),
+                    _ => {}
+                }
+            }
+            if let (Some(d), Some(g)) = (dst, gw) {
+                out.insert(d, (g, m));
+            }
+        }
+        Ok(out)
+    }
+
     /// Makes the ARP and FDB entries on the device exactly those of `peers`
-    /// (remote podCIDR → remote node IP). Routes are [`crate::routes`]'.
+    /// (remote podCIDR → remote node IP), and the return-path routes (peer
+    /// node IP → its tunnel address, in [`TABLE`]). The podCIDR routes are
+    /// [`crate::routes`]'.
     pub async fn sync_peers(&self, peers: &BTreeMap<Ipv4Network, Ipv4Addr>) -> Result<Report, Error> {
         let mut report = Report::default();
         let Some(index) = self.ifindex else { return Ok(report) };
+        self.sync_table(index, peers, &mut report).await?;
         // Wanted: gateway → MAC, MAC → remote.
         let want_neigh: BTreeMap<Ipv4Addr, [u8; 6]> = peers.iter().map(|(c, ip)| (gateway_of(*c), mac_of(*ip))).collect();
         let want_fdb: BTreeMap<[u8; 6], Ipv4Addr> = peers.values().map(|ip| (mac_of(*ip), *ip)).collect();
@@ -363,6 +438,34 @@ impl Tunnel {
         Ok(report)
     }
 
+    async fn sync_table(&self, index: u32, peers: &BTreeMap<Ipv4Network, Ipv4Addr>, report: &mut Report) -> Result<(), Error> {
+        let want: BTreeMap<Ipv4Addr, Ipv4Addr> = peers.iter().map(|(c, ip)| (*ip, gateway_of(*c))).collect();
+        let have = self.list_table().await?;
+        for (dst, (gw, m)) in have.iter() {
+            if want.get(dst) != Some(gw) {
+                self.handle.route().del(m.clone()).execute().await.map_err(nl("removing a return-path route for"))?;
+                report.removed += 1;
+            }
+        }
+        for (dst, gw) in &want {
+            if have.get(dst).map(|(g, _)| g) == Some(gw) {
+                continue;
+            }
+            let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(*dst, 32)
+                .gateway(*gw)
+                .output_interface(index)
+                .onlink()
+                .table_id(TABLE)
+                .protocol(RouteProtocol::Other(crate::routes::RTPROT_RIPTIDE))
+                .build();
+            if let Err(e) = self.handle.route().add(msg).replace().execute().await {
+                report.failed.push((*dst, format!("return-path route: {e}")));
+            }
+        }
+        Ok(())
+    }
+
     /// Permanent IPv4 neighbours (gateway → MAC) and FDB entries (MAC →
     /// remote) on the device.
     async fn list_entries(&self, index: u32) -> Result<(BTreeMap<Ipv4Addr, Vec<u8>>, Vec<(Vec<u8>, Option<Ipv4Addr>)>), Error> {
@@ -413,9 +516,19 @@ impl Tunnel {
     }
 
     /// Removes the device (with it go its routes, neighbours and FDB
-    /// entries). Idempotent.
+    /// entries) and the return-path rule. Idempotent.
     pub async fn remove_device(&mut self) -> Result<bool, Error> {
         self.ifindex = None;
+        let mut rules = Vec::new();
+        let mut s = self.handle.rule().get(IpVersion::V4).execute();
+        while let Some(m) = s.try_next().await.map_err(nl("listing rules for"))? {
+            if m.attributes.iter().any(|a| matches!(a, RuleAttribute::Priority(p) if *p == RULE_PRIORITY)) {
+                rules.push(m);
+            }
+        }
+        for m in rules {
+            self.handle.rule().del(m).execute().await.map_err(nl("removing the return-path rule for"))?;
+        }
         match self.link_by_name(DEVICE).await? {
             Some(m) => {
                 self.handle.link().del(m.header.index).execute().await.map_err(nl("deleting"))?;

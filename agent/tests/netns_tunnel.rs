@@ -90,6 +90,12 @@ fn netns_tunnel_device_and_peers_follow_the_nodes() {
     assert!(fdb.contains("0e:72:c6:12:50:02 dst 198.18.80.2 self permanent"), "{fdb}");
     assert!(fdb.contains("0e:72:c6:12:51:03 dst 198.18.81.3 self permanent"), "{fdb}");
 
+    let rules = ip(&["ip", "-n", &n, "rule"]);
+    assert!(rules.contains("10201:\tfrom 10.42.0.0/24 lookup 201"), "{rules}");
+    let table = ip(&["ip", "-n", &n, "route", "show", "table", "201"]);
+    assert!(table.contains("198.18.80.2 via 10.42.1.0 dev riptide.vxlan proto 201 onlink"), "{table}");
+    assert!(table.contains("198.18.81.3 via 10.42.2.0 dev riptide.vxlan proto 201 onlink"), "{table}");
+
     // Node 10.42.2.0/24 goes away; the VNI changes (recreate).
     let one: BTreeMap<_, _> = peers.into_iter().take(1).collect();
     let (removed, idx3, created3) = in_netns(&n, async move || {
@@ -101,7 +107,7 @@ fn netns_tunnel_device_and_peers_follow_the_nodes() {
         t2.sync_peers(&one).await.unwrap();
         (rep.removed, i3, c3)
     });
-    assert_eq!(removed, 2, "one neighbour and one FDB entry");
+    assert_eq!(removed, 3, "one return-path route, one neighbour and one FDB entry");
     assert!(created3 && idx3 != idx1, "a new VNI needs a new device");
     let link = ip(&["ip", "-d", "-n", &n, "link", "show", "riptide.vxlan"]);
     assert!(link.contains("vxlan id 7"), "{link}");
@@ -112,5 +118,7 @@ fn netns_tunnel_device_and_peers_follow_the_nodes() {
 
     let gone = in_netns(&n, async move || Tunnel::new(VxlanConfig::default()).unwrap().remove_device().await.unwrap());
     assert!(gone);
+    let rules = ip(&["ip", "-n", &n, "rule"]);
+    assert!(!rules.contains("lookup 201"), "{rules}");
     assert!(!Command::new("ip").args(["-n", &n, "link", "show", "riptide.vxlan"]).output().unwrap().status.success());
 }

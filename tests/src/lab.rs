@@ -249,6 +249,11 @@ impl Lab {
             // no ICMP redirects that would teach nodes a shortcut.
             sysctl_in(&ul, "net.ipv4.conf.all.send_redirects", "0")?;
             sysctl_in(&ul, "net.ipv4.conf.default.send_redirects", "0")?;
+            // Anti-spoofing, as cloud underlays do (source/destination
+            // checks): a packet whose source is not routed back through the
+            // link it came from (a pod address) is dropped. The tunnel must
+            // carry every pod-sourced packet between nodes.
+            sysctl_in(&ul, "net.ipv4.conf.all.rp_filter", "1")?;
         }
         for i in 1..=c.nodes {
             let ns = c.node_netns(i);

@@ -1,8 +1,10 @@
 //! Privileged end-to-end checks of `--tunnel vxlan` on a lab where native
 //! routing cannot work: the two nodes are not on one L2 segment but each on
 //! its own link to a router namespace that knows nothing of pod CIDRs
-//! (`LabNet::routed`). Pods on different nodes, ClusterIP and NodePort to a
-//! backend on the other node must all go through `riptide.vxlan`.
+//! (`LabNet::routed`) and drops packets whose source it cannot route back
+//! (pod addresses). Pods on different nodes, ClusterIP and NodePort to a
+//! backend on the other node (its replies too) must all go through
+//! `riptide.vxlan`.
 
 use std::{collections::BTreeSet, process::Command, time::Duration};
 
@@ -93,6 +95,18 @@ fn netns_e2e_vxlan_on_a_routed_underlay() {
                 let seen = eventually(Duration::from_secs(15), || e2e::pod_curl(lab, &a.name, &url, 3)?.ok())?;
                 ensure!(seen.starts_with(&format!("{}:", a.ip)), "{} → {}: backend saw {seen}", a.name, b.name);
             }
+        }
+        Ok(())
+    });
+
+    s.check("a pod reaches the other node's address (return path through the tunnel)", |lab| {
+        let pods = e2e::pods(lab, "app=demo")?;
+        for a in &pods {
+            let i = (1..=lab.config().nodes).find(|i| lab.config().node_name(*i) != a.node).context("no other node")?;
+            // The other node's agent serves /healthz on its address.
+            let url = format!("http://{}:9962/healthz", lab.config().node_ip(i));
+            eventually(Duration::from_secs(15), || e2e::pod_curl(lab, &a.name, &url, 3)?.ok())
+                .with_context(|| format!("{} → node {i}", a.name))?;
         }
         Ok(())
     });
