@@ -256,7 +256,38 @@ pub fn run(opts: &Options) -> Result<()> {
     }
 
     let mut samples = Vec::new();
-    let mut ports = Ports::new(&port_plan);
+    let outcome = measure(&lab, &plan, &topo, &port_plan, started, &mut samples);
+    lab.down()?;
+    // Whatever was measured is written, also when a measurement failed.
+    let report = report::Report::new(
+        samples,
+        started.elapsed(),
+        opts.quick,
+        plan.runs,
+        plan.seconds,
+    )
+    .failed(outcome.as_ref().err().map(|e| format!("{e:#}")));
+    report.write(&opts.out_dir)?;
+    println!("{}", report.markdown());
+    eprintln!(
+        "results in {}/ (results.json, results.md, plot.svg) after {:.0} s",
+        opts.out_dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    outcome
+}
+
+/// Every measurement of `plan`, appended to `samples` as it completes.
+fn measure(
+    lab: &Lab,
+    plan: &Plan,
+    topo: &Topology,
+    port_plan: &PortPlan,
+    started: Instant,
+    samples: &mut Vec<Sample>,
+) -> Result<()> {
+    let cfg = lab.config();
+    let mut ports = Ports::new(port_plan);
     let total: usize = plan
         .counts
         .iter()
@@ -266,7 +297,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     for &n in &plan.counts {
         let t0 = Instant::now();
-        set_riptide_fillers(&lab, n.saturating_sub(1))?;
+        set_riptide_fillers(lab, n.saturating_sub(1))?;
         eprintln!(
             "==> {n} Services (riptide's maps programmed in {:.1} s)",
             t0.elapsed().as_secs_f64()
@@ -281,7 +312,7 @@ pub fn run(opts: &Options) -> Result<()> {
                     .map(|_| ports.next(s, path))
                     .collect::<Result<Vec<u16>>>()?;
                 if path.is_baseline_rules() {
-                    let measured = measured_service(&topo, s, path, &plan.tests, &data_ports);
+                    let measured = measured_service(topo, s, path, &plan.tests, &data_ports);
                     let all = kubeproxy::services_with(n, &measured, topo.server_remote);
                     install(path, &node1, &all)?;
                 }
@@ -290,7 +321,7 @@ pub fn run(opts: &Options) -> Result<()> {
                     let cmd = topo.command(client(s, path), "netperf")?;
                     let m = netperf::run_with(
                         cmd,
-                        &target(&topo, s, path, dp),
+                        &target(topo, s, path, dp),
                         *test,
                         plan.seconds,
                         cpu,
@@ -334,21 +365,6 @@ pub fn run(opts: &Options) -> Result<()> {
             }
         }
     }
-    lab.down()?;
-    let report = report::Report::new(
-        samples,
-        started.elapsed(),
-        opts.quick,
-        plan.runs,
-        plan.seconds,
-    );
-    report.write(&opts.out_dir)?;
-    println!("{}", report.markdown());
-    eprintln!(
-        "results in {}/ (results.json, results.md, plot.svg) after {:.0} s",
-        opts.out_dir.display(),
-        started.elapsed().as_secs_f64()
-    );
     Ok(())
 }
 

@@ -14,6 +14,8 @@ use super::{DataPath, Sample, Scenario, netperf::Test};
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub quick: bool,
+    /// Why the run stopped early, if it did (the samples are those taken).
+    pub error: Option<String>,
     pub runs: u32,
     pub seconds_per_run: u32,
     pub elapsed_s: f64,
@@ -140,12 +142,20 @@ impl Report {
     ) -> Self {
         Self {
             quick,
+            error: None,
             runs,
             seconds_per_run,
             elapsed_s: elapsed.as_secs_f64(),
             host: Host::current(),
             samples,
         }
+    }
+
+    /// Marks the report as a partial one, stopped by `error`.
+    #[must_use]
+    pub fn failed(mut self, error: Option<String>) -> Self {
+        self.error = error;
+        self
     }
 
     fn tests(&self) -> Vec<Test> {
@@ -245,6 +255,13 @@ impl Report {
 
     pub fn markdown(&self) -> String {
         let mut md = String::new();
+        if let Some(e) = &self.error {
+            let _ = writeln!(
+                md,
+                "**Partial run**: stopped after {} measurements: {e}\n",
+                self.samples.len()
+            );
+        }
         let _ = writeln!(
             md,
             "Median (min–max) of {} run(s) of {} s per point; **bold** = ratio to the direct path from the same client \
@@ -514,6 +531,13 @@ mod tests {
         let json: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
         assert_eq!(json["samples"][4]["scenario"], "nodeport");
+        assert!(json["error"].is_null());
+        let partial = r.failed(Some("netperf failed".into()));
+        assert!(
+            partial
+                .markdown()
+                .starts_with("**Partial run**: stopped after 6 measurements: netperf failed")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
