@@ -31,11 +31,13 @@ use rtnetlink::{
     Handle, IpVersion, LinkUnspec, LinkVxlan, RouteMessageBuilder,
     packet_route::{
         AddressFamily,
-        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType},
-        rule::{RuleAction, RuleAttribute},
         address::{AddressAttribute, AddressMessage},
         link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
-        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
+        neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+        },
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType},
+        rule::{RuleAction, RuleAttribute},
     },
 };
 
@@ -74,7 +76,10 @@ pub struct VxlanConfig {
 
 impl Default for VxlanConfig {
     fn default() -> Self {
-        Self { vni: DEFAULT_VNI, port: DEFAULT_PORT }
+        Self {
+            vni: DEFAULT_VNI,
+            port: DEFAULT_PORT,
+        }
     }
 }
 
@@ -93,7 +98,10 @@ pub fn gateway_of(pod_cidr: Ipv4Network) -> Ipv4Addr {
 }
 
 fn fmt_mac(m: &[u8]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// One remote node's tunnel entries, for `riptide status`.
@@ -122,7 +130,9 @@ impl Spec {
         let mut kind_ok = false;
         let (mut vni, mut port, mut local, mut link, mut learning) = (None, None, None, None, None);
         for a in &m.attributes {
-            let LinkAttribute::LinkInfo(infos) = a else { continue };
+            let LinkAttribute::LinkInfo(infos) = a else {
+                continue;
+            };
             for i in infos {
                 match i {
                     LinkInfo::Kind(InfoKind::Vxlan) => kind_ok = true,
@@ -182,7 +192,11 @@ impl Tunnel {
     pub fn new(cfg: VxlanConfig) -> Result<Self, Error> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(Error::Connect)?;
         tokio::spawn(conn);
-        Ok(Self { handle, cfg, ifindex: None })
+        Ok(Self {
+            handle,
+            cfg,
+            ifindex: None,
+        })
     }
 
     /// The device's ifindex once [`Tunnel::ensure_device`] succeeded.
@@ -191,11 +205,19 @@ impl Tunnel {
     }
 
     async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>, Error> {
-        let mut s = self.handle.link().get().match_name(name.to_owned()).execute();
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
         match s.try_next().await {
             Ok(m) => Ok(m),
             Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
-            Err(e) => Err(Error::Netlink { action: "looking up links for", source: e }),
+            Err(e) => Err(Error::Netlink {
+                action: "looking up links for",
+                source: e,
+            }),
         }
     }
 
@@ -203,12 +225,28 @@ impl Tunnel {
     /// `<pod_cidr>.0/32`, and up. Reuses a device left by an earlier run when
     /// its parameters match, else replaces it. Returns the ifindex and
     /// whether the device is new (its tc programs must be attached again).
-    pub async fn ensure_device(&mut self, local: Ipv4Addr, uplink: &str, pod_cidr: Ipv4Network) -> Result<(u32, bool), Error> {
-        let up = self.link_by_name(uplink).await?.ok_or_else(|| Error::NoUplink { name: uplink.to_owned() })?;
+    pub async fn ensure_device(
+        &mut self,
+        local: Ipv4Addr,
+        uplink: &str,
+        pod_cidr: Ipv4Network,
+    ) -> Result<(u32, bool), Error> {
+        let up = self
+            .link_by_name(uplink)
+            .await?
+            .ok_or_else(|| Error::NoUplink {
+                name: uplink.to_owned(),
+            })?;
         let up_mtu = up
             .attributes
             .iter()
-            .find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None })
+            .find_map(|a| {
+                if let LinkAttribute::Mtu(m) = a {
+                    Some(*m)
+                } else {
+                    None
+                }
+            })
             .unwrap_or(1500);
         let spec = Spec {
             vni: self.cfg.vni,
@@ -224,8 +262,16 @@ impl Tunnel {
             Some(m) if spec.matches(&m) => m.header.index,
             other => {
                 if let Some(m) = other {
-                    tracing::info!(device = DEVICE, "parameters changed; recreating the vxlan device");
-                    self.handle.link().del(m.header.index).execute().await.map_err(nl("deleting"))?;
+                    tracing::info!(
+                        device = DEVICE,
+                        "parameters changed; recreating the vxlan device"
+                    );
+                    self.handle
+                        .link()
+                        .del(m.header.index)
+                        .execute()
+                        .await
+                        .map_err(nl("deleting"))?;
                 }
                 let msg = LinkVxlan::new(DEVICE, spec.vni)
                     .port(spec.port)
@@ -235,7 +281,12 @@ impl Tunnel {
                     .mtu(spec.mtu)
                     .address(mac.clone())
                     .build();
-                self.handle.link().add(msg).execute().await.map_err(nl("creating"))?;
+                self.handle
+                    .link()
+                    .add(msg)
+                    .execute()
+                    .await
+                    .map_err(nl("creating"))?;
                 created = true;
                 let m = self.link_by_name(DEVICE).await?.ok_or(Error::Netlink {
                     action: "finding the new",
@@ -248,13 +299,28 @@ impl Tunnel {
         // MTU and MAC may be changed in place (e.g. the uplink MTU changed).
         let cur = self.link_by_name(DEVICE).await?;
         let needs_set = cur.as_ref().is_none_or(|m| {
-            let mtu_ok = m.attributes.iter().any(|a| matches!(a, LinkAttribute::Mtu(x) if *x == spec.mtu));
-            let mac_ok = m.attributes.iter().any(|a| matches!(a, LinkAttribute::Address(x) if *x == mac));
+            let mtu_ok = m
+                .attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::Mtu(x) if *x == spec.mtu));
+            let mac_ok = m
+                .attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::Address(x) if *x == mac));
             !(mtu_ok && mac_ok && m.header.flags.contains(LinkFlags::Up))
         });
         if needs_set {
-            let msg = LinkUnspec::new_with_index(index).mtu(spec.mtu).address(mac).up().build();
-            self.handle.link().set(msg).execute().await.map_err(nl("configuring"))?;
+            let msg = LinkUnspec::new_with_index(index)
+                .mtu(spec.mtu)
+                .address(mac)
+                .up()
+                .build();
+            self.handle
+                .link()
+                .set(msg)
+                .execute()
+                .await
+                .map_err(nl("configuring"))?;
         }
         self.ensure_address(index, gateway_of(pod_cidr)).await?;
         self.ensure_rule(pod_cidr).await?;
@@ -266,12 +332,23 @@ impl Tunnel {
     async fn ensure_address(&self, index: u32, gw: Ipv4Addr) -> Result<(), Error> {
         let mut have = false;
         let mut stale: Vec<AddressMessage> = Vec::new();
-        let mut s = self.handle.address().get().set_link_index_filter(index).execute();
+        let mut s = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
         while let Some(m) = s.try_next().await.map_err(nl("listing addresses of"))? {
             if m.header.index != index {
                 continue;
             }
-            let addr = m.attributes.iter().find_map(|a| if let AddressAttribute::Address(a) = a { Some(*a) } else { None });
+            let addr = m.attributes.iter().find_map(|a| {
+                if let AddressAttribute::Address(a) = a {
+                    Some(*a)
+                } else {
+                    None
+                }
+            });
             if addr == Some(IpAddr::V4(gw)) && m.header.prefix_len == 32 {
                 have = true;
             } else if addr.is_some_and(|a| a.is_ipv4()) {
@@ -279,10 +356,21 @@ impl Tunnel {
             }
         }
         for m in stale {
-            self.handle.address().del(m).execute().await.map_err(nl("removing a stale address of"))?;
+            self.handle
+                .address()
+                .del(m)
+                .execute()
+                .await
+                .map_err(nl("removing a stale address of"))?;
         }
         if !have {
-            self.handle.address().add(index, IpAddr::V4(gw), 32).replace().execute().await.map_err(nl("adding the address of"))?;
+            self.handle
+                .address()
+                .add(index, IpAddr::V4(gw), 32)
+                .replace()
+                .execute()
+                .await
+                .map_err(nl("adding the address of"))?;
         }
         Ok(())
     }
@@ -298,19 +386,48 @@ impl Tunnel {
         let mut stale = Vec::new();
         let mut s = self.handle.rule().get(IpVersion::V4).execute();
         while let Some(m) = s.try_next().await.map_err(nl("listing rules for"))? {
-            if !m.attributes.iter().any(|a| matches!(a, RuleAttribute::Priority(p) if *p == RULE_PRIORITY)) {
+            if !m
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RuleAttribute::Priority(p) if *p == RULE_PRIORITY))
+            {
                 continue;
             }
-            let src = m.attributes.iter().find_map(|a| if let RuleAttribute::Source(IpAddr::V4(ip)) = a { Some(*ip) } else { None });
-            let table = m.attributes.iter().find_map(|a| if let RuleAttribute::Table(t) = a { Some(*t) } else { None }).unwrap_or(u32::from(m.header.table));
-            if src == Some(pod_cidr.network()) && m.header.src_len == pod_cidr.prefix() && table == TABLE && !have {
+            let src = m.attributes.iter().find_map(|a| {
+                if let RuleAttribute::Source(IpAddr::V4(ip)) = a {
+                    Some(*ip)
+                } else {
+                    None
+                }
+            });
+            let table = m
+                .attributes
+                .iter()
+                .find_map(|a| {
+                    if let RuleAttribute::Table(t) = a {
+                        Some(*t)
+                    } else {
+                        None
+                    }
+                })
+                .unwrap_or(u32::from(m.header.table));
+            if src == Some(pod_cidr.network())
+                && m.header.src_len == pod_cidr.prefix()
+                && table == TABLE
+                && !have
+            {
                 have = true;
             } else {
                 stale.push(m);
             }
         }
         for m in stale {
-            self.handle.rule().del(m).execute().await.map_err(nl("removing a stale rule for"))?;
+            self.handle
+                .rule()
+                .del(m)
+                .execute()
+                .await
+                .map_err(nl("removing a stale rule for"))?;
         }
         if !have {
             self.handle
@@ -331,10 +448,35 @@ impl Tunnel {
     /// riptide's routes in [`TABLE`]: peer node IP → next hop.
     async fn list_table(&self) -> Result<BTreeMap<Ipv4Addr, (Ipv4Addr, RouteMessage)>, Error> {
         let mut out = BTreeMap::new();
-        let mut s = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().table_id(TABLE).build()).execute();
-        while let Some(m) = s.try_next().await.map_err(nl("listing return-path routes for"))? {
-            let table = m.attributes.iter().find_map(|a| if let RouteAttribute::Table(t) = a { Some(*t) } else { None }).unwrap_or(u32::from(m.header.table));
-            if table != TABLE || m.header.protocol != RouteProtocol::Other(crate::routes::RTPROT_RIPTIDE) || m.header.destination_prefix_length != 32 {
+        let mut s = self
+            .handle
+            .route()
+            .get(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .table_id(TABLE)
+                    .build(),
+            )
+            .execute();
+        while let Some(m) = s
+            .try_next()
+            .await
+            .map_err(nl("listing return-path routes for"))?
+        {
+            let table = m
+                .attributes
+                .iter()
+                .find_map(|a| {
+                    if let RouteAttribute::Table(t) = a {
+                        Some(*t)
+                    } else {
+                        None
+                    }
+                })
+                .unwrap_or(u32::from(m.header.table));
+            if table != TABLE
+                || m.header.protocol != RouteProtocol::Other(crate::routes::RTPROT_RIPTIDE)
+                || m.header.destination_prefix_length != 32
+            {
                 continue;
             }
             let mut dst = None;
@@ -357,13 +499,22 @@ impl Tunnel {
     /// (remote podCIDR → remote node IP), and the return-path routes (peer
     /// node IP → its tunnel address, in [`TABLE`]). The podCIDR routes are
     /// [`crate::routes`]'.
-    pub async fn sync_peers(&self, peers: &BTreeMap<Ipv4Network, Ipv4Addr>) -> Result<Report, Error> {
+    pub async fn sync_peers(
+        &self,
+        peers: &BTreeMap<Ipv4Network, Ipv4Addr>,
+    ) -> Result<Report, Error> {
         let mut report = Report::default();
-        let Some(index) = self.ifindex else { return Ok(report) };
+        let Some(index) = self.ifindex else {
+            return Ok(report);
+        };
         self.sync_table(index, peers, &mut report).await?;
         // Wanted: gateway → MAC, MAC → remote.
-        let want_neigh: BTreeMap<Ipv4Addr, [u8; 6]> = peers.iter().map(|(c, ip)| (gateway_of(*c), mac_of(*ip))).collect();
-        let want_fdb: BTreeMap<[u8; 6], Ipv4Addr> = peers.values().map(|ip| (mac_of(*ip), *ip)).collect();
+        let want_neigh: BTreeMap<Ipv4Addr, [u8; 6]> = peers
+            .iter()
+            .map(|(c, ip)| (gateway_of(*c), mac_of(*ip)))
+            .collect();
+        let want_fdb: BTreeMap<[u8; 6], Ipv4Addr> =
+            peers.values().map(|ip| (mac_of(*ip), *ip)).collect();
 
         let (neigh, fdb) = self.list_entries(index).await?;
         for (gw, mac) in &neigh {
@@ -371,29 +522,48 @@ impl Tunnel {
                 let mut m = NeighbourMessage::default();
                 m.header.family = AddressFamily::Inet;
                 m.header.ifindex = index;
-                m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*gw)));
-                self.handle.neighbours().del(m).execute().await.map_err(nl("removing a neighbour of"))?;
+                m.attributes
+                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*gw)));
+                self.handle
+                    .neighbours()
+                    .del(m)
+                    .execute()
+                    .await
+                    .map_err(nl("removing a neighbour of"))?;
                 report.removed += 1;
             }
         }
         for (mac, dst) in &fdb {
-            let keep = <[u8; 6]>::try_from(mac.as_slice()).ok().and_then(|k| want_fdb.get(&k)).is_some_and(|d| Some(*d) == *dst);
+            let keep = <[u8; 6]>::try_from(mac.as_slice())
+                .ok()
+                .and_then(|k| want_fdb.get(&k))
+                .is_some_and(|d| Some(*d) == *dst);
             if !keep {
                 let mut m = NeighbourMessage::default();
                 m.header.family = AddressFamily::Bridge;
                 m.header.ifindex = index;
                 m.header.flags = NeighbourFlags::Own;
-                m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.clone()));
+                m.attributes
+                    .push(NeighbourAttribute::LinkLayerAddress(mac.clone()));
                 if let Some(d) = dst {
-                    m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*d)));
+                    m.attributes
+                        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*d)));
                 }
-                self.handle.neighbours().del(m).execute().await.map_err(nl("removing an FDB entry of"))?;
+                self.handle
+                    .neighbours()
+                    .del(m)
+                    .execute()
+                    .await
+                    .map_err(nl("removing an FDB entry of"))?;
                 report.removed += 1;
             }
         }
         for ip in peers.values() {
             let mac = mac_of(*ip);
-            if fdb.iter().any(|(m, d)| m.as_slice() == mac && *d == Some(*ip)) {
+            if fdb
+                .iter()
+                .any(|(m, d)| m.as_slice() == mac && *d == Some(*ip))
+            {
                 continue;
             }
             let r = self
@@ -438,12 +608,23 @@ impl Tunnel {
         Ok(report)
     }
 
-    async fn sync_table(&self, index: u32, peers: &BTreeMap<Ipv4Network, Ipv4Addr>, report: &mut Report) -> Result<(), Error> {
-        let want: BTreeMap<Ipv4Addr, Ipv4Addr> = peers.iter().map(|(c, ip)| (*ip, gateway_of(*c))).collect();
+    async fn sync_table(
+        &self,
+        index: u32,
+        peers: &BTreeMap<Ipv4Network, Ipv4Addr>,
+        report: &mut Report,
+    ) -> Result<(), Error> {
+        let want: BTreeMap<Ipv4Addr, Ipv4Addr> =
+            peers.iter().map(|(c, ip)| (*ip, gateway_of(*c))).collect();
         let have = self.list_table().await?;
         for (dst, (gw, m)) in have.iter() {
             if want.get(dst) != Some(gw) {
-                self.handle.route().del(m.clone()).execute().await.map_err(nl("removing a return-path route for"))?;
+                self.handle
+                    .route()
+                    .del(m.clone())
+                    .execute()
+                    .await
+                    .map_err(nl("removing a return-path route for"))?;
                 report.removed += 1;
             }
         }
@@ -460,7 +641,9 @@ impl Tunnel {
                 .protocol(RouteProtocol::Other(crate::routes::RTPROT_RIPTIDE))
                 .build();
             if let Err(e) = self.handle.route().add(msg).replace().execute().await {
-                report.failed.push((*dst, format!("return-path route: {e}")));
+                report
+                    .failed
+                    .push((*dst, format!("return-path route: {e}")));
             }
         }
         Ok(())
@@ -468,9 +651,23 @@ impl Tunnel {
 
     /// Permanent IPv4 neighbours (gateway → MAC) and FDB entries (MAC →
     /// remote) on the device.
-    async fn list_entries(&self, index: u32) -> Result<(BTreeMap<Ipv4Addr, Vec<u8>>, Vec<(Vec<u8>, Option<Ipv4Addr>)>), Error> {
+    async fn list_entries(
+        &self,
+        index: u32,
+    ) -> Result<
+        (
+            BTreeMap<Ipv4Addr, Vec<u8>>,
+            Vec<(Vec<u8>, Option<Ipv4Addr>)>,
+        ),
+        Error,
+    > {
         let mut neigh = BTreeMap::new();
-        let mut s = self.handle.neighbours().get().set_address_family(AddressFamily::Inet).execute();
+        let mut s = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute();
         while let Some(m) = s.try_next().await.map_err(nl("listing neighbours of"))? {
             if m.header.ifindex != index {
                 continue;
@@ -489,7 +686,12 @@ impl Tunnel {
             }
         }
         let mut fdb = Vec::new();
-        let mut s = self.handle.neighbours().get().set_address_family(AddressFamily::Bridge).execute();
+        let mut s = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute();
         while let Some(m) = s.try_next().await.map_err(nl("listing FDB entries of"))? {
             if m.header.ifindex != index {
                 continue;
@@ -522,16 +724,29 @@ impl Tunnel {
         let mut rules = Vec::new();
         let mut s = self.handle.rule().get(IpVersion::V4).execute();
         while let Some(m) = s.try_next().await.map_err(nl("listing rules for"))? {
-            if m.attributes.iter().any(|a| matches!(a, RuleAttribute::Priority(p) if *p == RULE_PRIORITY)) {
+            if m.attributes
+                .iter()
+                .any(|a| matches!(a, RuleAttribute::Priority(p) if *p == RULE_PRIORITY))
+            {
                 rules.push(m);
             }
         }
         for m in rules {
-            self.handle.rule().del(m).execute().await.map_err(nl("removing the return-path rule for"))?;
+            self.handle
+                .rule()
+                .del(m)
+                .execute()
+                .await
+                .map_err(nl("removing the return-path rule for"))?;
         }
         match self.link_by_name(DEVICE).await? {
             Some(m) => {
-                self.handle.link().del(m.header.index).execute().await.map_err(nl("deleting"))?;
+                self.handle
+                    .link()
+                    .del(m.header.index)
+                    .execute()
+                    .await
+                    .map_err(nl("deleting"))?;
                 Ok(true)
             }
             None => Ok(false),
@@ -556,7 +771,13 @@ mod tests {
 
     #[test]
     fn peer_description_names_every_entry() {
-        let d = describe_peer("10.42.2.0/24".parse().unwrap(), Ipv4Addr::new(198, 18, 5, 12));
-        assert_eq!(d, "10.42.2.0/24 via 10.42.2.0 dev riptide.vxlan onlink, lladdr 0e:72:c6:12:05:0c, fdb dst 198.18.5.12");
+        let d = describe_peer(
+            "10.42.2.0/24".parse().unwrap(),
+            Ipv4Addr::new(198, 18, 5, 12),
+        );
+        assert_eq!(
+            d,
+            "10.42.2.0/24 via 10.42.2.0 dev riptide.vxlan onlink, lladdr 0e:72:c6:12:05:0c, fdb dst 198.18.5.12"
+        );
     }
 }

@@ -13,14 +13,22 @@ fn privileged() -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    assert!(std::env::var_os("RIPTIDE_REQUIRE_PRIVILEGED").is_none(), "privileged test run without root");
+    assert!(
+        std::env::var_os("RIPTIDE_REQUIRE_PRIVILEGED").is_none(),
+        "privileged test run without root"
+    );
     eprintln!("SKIP: needs root to create network namespaces");
     false
 }
 
 fn ip(args: &[&str]) -> String {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(out.status.success(), "{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -37,8 +45,15 @@ fn in_netns<T: Send + 'static>(name: &str, f: impl AsyncFnOnce() -> T + Send + '
     let file = File::open(format!("/run/netns/{name}")).unwrap();
     std::thread::spawn(move || {
         // SAFETY: plain syscall on an fd we own; affects only this thread.
-        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f())
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f())
     })
     .join()
     .unwrap()
@@ -52,15 +67,23 @@ fn netns_tunnel_device_and_peers_follow_the_nodes() {
     let ns = Ns(format!("rtag-vx-{}", std::process::id()));
     let n = ns.0.clone();
     ip(&["ip", "netns", "add", &n]);
-    ip(&["ip", "-n", &n, "link", "add", "u0", "mtu", "1400", "type", "veth", "peer", "name", "u1"]);
+    ip(&[
+        "ip", "-n", &n, "link", "add", "u0", "mtu", "1400", "type", "veth", "peer", "name", "u1",
+    ]);
     ip(&["ip", "-n", &n, "addr", "add", "198.18.79.1/24", "dev", "u0"]);
     ip(&["ip", "-n", &n, "link", "set", "u0", "up"]);
     ip(&["ip", "-n", &n, "link", "set", "u1", "up"]);
     let local: Ipv4Addr = "198.18.79.1".parse().unwrap();
     let own: Ipv4Network = "10.42.0.0/24".parse().unwrap();
     let peers: BTreeMap<Ipv4Network, Ipv4Addr> = BTreeMap::from([
-        ("10.42.1.0/24".parse().unwrap(), "198.18.80.2".parse().unwrap()),
-        ("10.42.2.0/24".parse().unwrap(), "198.18.81.3".parse().unwrap()),
+        (
+            "10.42.1.0/24".parse().unwrap(),
+            "198.18.80.2".parse().unwrap(),
+        ),
+        (
+            "10.42.2.0/24".parse().unwrap(),
+            "198.18.81.3".parse().unwrap(),
+        ),
     ]);
 
     let p = peers.clone();
@@ -72,29 +95,65 @@ fn netns_tunnel_device_and_peers_follow_the_nodes() {
         let mut t2 = Tunnel::new(VxlanConfig::default()).unwrap();
         let (i2, c2) = t2.ensure_device(local, "u0", own).await.unwrap();
         let again = t2.sync_peers(&p).await.unwrap();
-        assert!(again.added.is_empty() && again.removed == 0 && again.failed.is_empty(), "{again:?}");
+        assert!(
+            again.added.is_empty() && again.removed == 0 && again.failed.is_empty(),
+            "{again:?}"
+        );
         (i1, c1, i2, c2, rep.added.len())
     });
-    assert!(created1 && !created2 && idx1 == idx2, "created {created1}/{created2}, ifindex {idx1}/{idx2}");
+    assert!(
+        created1 && !created2 && idx1 == idx2,
+        "created {created1}/{created2}, ifindex {idx1}/{idx2}"
+    );
     assert_eq!(added, 2);
     let link = ip(&["ip", "-d", "-n", &n, "link", "show", "riptide.vxlan"]);
-    for want in ["mtu 1350", "vxlan id 1", "local 198.18.79.1", "dev u0", "dstport 4789", "nolearning", "0e:72:c6:12:4f:01", "UP"] {
+    for want in [
+        "mtu 1350",
+        "vxlan id 1",
+        "local 198.18.79.1",
+        "dev u0",
+        "dstport 4789",
+        "nolearning",
+        "0e:72:c6:12:4f:01",
+        "UP",
+    ] {
         assert!(link.contains(want), "missing {want:?} in\n{link}");
     }
     let addr = ip(&["ip", "-n", &n, "addr", "show", "dev", "riptide.vxlan"]);
     assert!(addr.contains("inet 10.42.0.0/32"), "{addr}");
     let neigh = ip(&["ip", "-n", &n, "neigh", "show", "dev", "riptide.vxlan"]);
-    assert!(neigh.contains("10.42.1.0 lladdr 0e:72:c6:12:50:02 PERMANENT"), "{neigh}");
-    assert!(neigh.contains("10.42.2.0 lladdr 0e:72:c6:12:51:03 PERMANENT"), "{neigh}");
+    assert!(
+        neigh.contains("10.42.1.0 lladdr 0e:72:c6:12:50:02 PERMANENT"),
+        "{neigh}"
+    );
+    assert!(
+        neigh.contains("10.42.2.0 lladdr 0e:72:c6:12:51:03 PERMANENT"),
+        "{neigh}"
+    );
     let fdb = ip(&["bridge", "-n", &n, "fdb", "show", "dev", "riptide.vxlan"]);
-    assert!(fdb.contains("0e:72:c6:12:50:02 dst 198.18.80.2 self permanent"), "{fdb}");
-    assert!(fdb.contains("0e:72:c6:12:51:03 dst 198.18.81.3 self permanent"), "{fdb}");
+    assert!(
+        fdb.contains("0e:72:c6:12:50:02 dst 198.18.80.2 self permanent"),
+        "{fdb}"
+    );
+    assert!(
+        fdb.contains("0e:72:c6:12:51:03 dst 198.18.81.3 self permanent"),
+        "{fdb}"
+    );
 
     let rules = ip(&["ip", "-n", &n, "rule"]);
-    assert!(rules.contains("10201:\tfrom 10.42.0.0/24 lookup 201"), "{rules}");
+    assert!(
+        rules.contains("10201:\tfrom 10.42.0.0/24 lookup 201"),
+        "{rules}"
+    );
     let table = ip(&["ip", "-n", &n, "route", "show", "table", "201"]);
-    assert!(table.contains("198.18.80.2 via 10.42.1.0 dev riptide.vxlan proto 201 onlink"), "{table}");
-    assert!(table.contains("198.18.81.3 via 10.42.2.0 dev riptide.vxlan proto 201 onlink"), "{table}");
+    assert!(
+        table.contains("198.18.80.2 via 10.42.1.0 dev riptide.vxlan proto 201 onlink"),
+        "{table}"
+    );
+    assert!(
+        table.contains("198.18.81.3 via 10.42.2.0 dev riptide.vxlan proto 201 onlink"),
+        "{table}"
+    );
 
     // Node 10.42.2.0/24 goes away; the VNI changes (recreate).
     let one: BTreeMap<_, _> = peers.into_iter().take(1).collect();
@@ -107,18 +166,40 @@ fn netns_tunnel_device_and_peers_follow_the_nodes() {
         t2.sync_peers(&one).await.unwrap();
         (rep.removed, i3, c3)
     });
-    assert_eq!(removed, 3, "one return-path route, one neighbour and one FDB entry");
+    assert_eq!(
+        removed, 3,
+        "one return-path route, one neighbour and one FDB entry"
+    );
     assert!(created3 && idx3 != idx1, "a new VNI needs a new device");
     let link = ip(&["ip", "-d", "-n", &n, "link", "show", "riptide.vxlan"]);
     assert!(link.contains("vxlan id 7"), "{link}");
     let neigh = ip(&["ip", "-n", &n, "neigh", "show", "dev", "riptide.vxlan"]);
-    assert!(neigh.contains("10.42.1.0") && !neigh.contains("10.42.2.0"), "{neigh}");
+    assert!(
+        neigh.contains("10.42.1.0") && !neigh.contains("10.42.2.0"),
+        "{neigh}"
+    );
     let fdb = ip(&["bridge", "-n", &n, "fdb", "show", "dev", "riptide.vxlan"]);
-    assert!(fdb.contains("198.18.80.2") && !fdb.contains("198.18.81.3"), "{fdb}");
+    assert!(
+        fdb.contains("198.18.80.2") && !fdb.contains("198.18.81.3"),
+        "{fdb}"
+    );
 
-    let gone = in_netns(&n, async move || Tunnel::new(VxlanConfig::default()).unwrap().remove_device().await.unwrap());
+    let gone = in_netns(&n, async move || {
+        Tunnel::new(VxlanConfig::default())
+            .unwrap()
+            .remove_device()
+            .await
+            .unwrap()
+    });
     assert!(gone);
     let rules = ip(&["ip", "-n", &n, "rule"]);
     assert!(!rules.contains("lookup 201"), "{rules}");
-    assert!(!Command::new("ip").args(["-n", &n, "link", "show", "riptide.vxlan"]).output().unwrap().status.success());
+    assert!(
+        !Command::new("ip")
+            .args(["-n", &n, "link", "show", "riptide.vxlan"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
 }
