@@ -292,7 +292,34 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     };
     let tunnel = match cfg.tunnel {
         Some(t) => Some(Tunnel::new(t).map_err(Error::Tunnel)?),
-        None => None,
+        None => {
+            // Back from `--tunnel vxlan`: a device and return-path rule left
+            // by an earlier run would still catch pod → node traffic.
+            if cfg.routes {
+                let removed = match Tunnel::new(tunnel::VxlanConfig::default()) {
+                    Ok(mut t) => t.remove_device().await,
+                    Err(e) => Err(e),
+                };
+                match removed {
+                    Ok(true) => {
+                        tracing::info!(device = tunnel::DEVICE, "native routing: removed the vxlan device of an earlier run");
+                        // Its links died with it; their pins would only mislead.
+                        if let Some(dir) = &pin_dir
+                            && let Ok(entries) = std::fs::read_dir(dir.join("links"))
+                        {
+                            for e in entries.flatten() {
+                                if e.file_name().to_string_lossy().starts_with("tunnel_") {
+                                    let _ = std::fs::remove_file(e.path());
+                                }
+                            }
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %crate::reconcile::error_chain(&e), "cannot remove a stale vxlan device"),
+                }
+            }
+            None
+        }
     };
     let mut lp = Loop {
         cfg: cfg.clone(),

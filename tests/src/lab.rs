@@ -215,6 +215,12 @@ impl Lab {
         &self.net
     }
 
+    /// Changes how agents started from now on route (e.g. a restart
+    /// without `--tunnel`).
+    pub fn set_tunnel(&mut self, tunnel: Option<String>) {
+        self.net.tunnel = tunnel;
+    }
+
     /// Address of the underlay router on the bridge and on every node link
     /// (routed underlay only).
     pub fn router_ip(&self) -> Ipv4Addr {

@@ -276,5 +276,49 @@ fn netns_e2e_vxlan_on_a_routed_underlay() {
         },
     );
 
+    s.check_mut(
+        "an agent restarted without --tunnel removes the device, its rule and pins",
+        |lab| {
+            let c = lab.config().clone();
+            let pins = std::path::Path::new(riptide_tests::lab::PIN_ROOT)
+                .join(c.node_name(1))
+                .join("links");
+            let tunnel_pins = || -> Result<Vec<String>> {
+                Ok(std::fs::read_dir(&pins)?
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("tunnel_"))
+                    .collect())
+            };
+            ensure!(
+                tunnel_pins()?.len() == 2,
+                "before: tunnel link pins {:?}",
+                tunnel_pins()?
+            );
+            lab.kill_agent(1)?;
+            lab.set_tunnel(None);
+            lab.start_agent(1)?;
+            let ns = c.node_netns(1);
+            eventually(SETTLE, || {
+                let st = e2e::agent_status(lab, 1)?;
+                ensure!(
+                    st["ready"] == true && st["routing_mode"] == "native",
+                    "{st}"
+                );
+                let links = ip_in(&ns, &["link"])?;
+                ensure!(
+                    !links.contains("riptide.vxlan"),
+                    "device still there:\n{links}"
+                );
+                let rules = ip_in(&ns, &["rule"])?;
+                ensure!(!rules.contains("lookup 201"), "rule still there:\n{rules}");
+                Ok(())
+            })?;
+            let left = tunnel_pins()?;
+            ensure!(left.is_empty(), "tunnel link pins left: {left:?}");
+            Ok(())
+        },
+    );
+
     s.finish();
 }
