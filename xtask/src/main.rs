@@ -146,6 +146,9 @@ fn micro_benches(root: &Path, quick: bool) -> Result<()> {
     let mut md = String::from("\n## Micro benchmarks\n");
     for (name, pkg, example, args) in benches {
         util::step(&format!("micro benchmark {name}"));
+        // The package's own binaries too: the CNI benchmark execs the
+        // release `riptide-cni` next to it.
+        util::run(util::cargo(root).args(["build", "--quiet", "--release", "-p", pkg, "--bins"]))?;
         let out = util::cargo(root)
             .args(["run", "--quiet", "--release", "-p", pkg, "--example", example, "--"])
             .args(&args)

@@ -193,13 +193,16 @@ fn client(s: Scenario, p: DataPath) -> Client {
         DataPath::RiptideTc => Client::PodNoCgroup,
         DataPath::DirectPlain | DataPath::Iptables | DataPath::Nftables => Client::Plain,
         DataPath::DirectNode => Client::Node1,
+        DataPath::DirectSym => Client::Outside,
     }
 }
 
 /// What the client of `path` in `scenario` connects to.
 fn target(t: &Topology, s: Scenario, p: DataPath, data_port: u16) -> Target {
     let (addr, control_port) = match p {
-        DataPath::Direct | DataPath::DirectPlain => (t.server(s), CONTROL_PORT),
+        DataPath::Direct | DataPath::DirectPlain | DataPath::DirectSym => {
+            (t.server(s), CONTROL_PORT)
+        }
         DataPath::DirectNode => (t.cfg.node_ip(2), CONTROL_PORT),
         DataPath::RiptideSock | DataPath::RiptideTc => (t.cluster_ip(s), CONTROL_PORT),
         DataPath::Riptide | DataPath::Iptables | DataPath::Nftables if s.is_nodeport() => {
@@ -211,6 +214,7 @@ fn target(t: &Topology, s: Scenario, p: DataPath, data_port: u16) -> Target {
         addr,
         control_port,
         data_port,
+        local: (p == DataPath::DirectSym).then_some(topology::RETURN_VIA_NODE1_IP),
     }
 }
 

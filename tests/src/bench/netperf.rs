@@ -68,6 +68,8 @@ pub struct Target {
     pub addr: Ipv4Addr,
     pub control_port: u16,
     pub data_port: u16,
+    /// Source address of the data connection (`-- -L`), if not the default.
+    pub local: Option<Ipv4Addr>,
 }
 
 /// Runs `netperf` in netns `ns` against `target`.
@@ -113,8 +115,11 @@ pub fn run_with(
     if let Some(c) = cpu {
         cmd.args(["-T", &format!("{c},{c}")]);
     }
+    cmd.args(["--", "-P", &format!(",{}", target.data_port)]);
+    if let Some(local) = target.local {
+        cmd.args(["-L", &local.to_string()]);
+    }
     let out = cmd
-        .args(["--", "-P", &format!(",{}", target.data_port)])
         .args([
             "-o",
             "THROUGHPUT,P50_LATENCY,P90_LATENCY,P99_LATENCY,LOCAL_SD,LOCAL_TRANSPORT_RETRANS",

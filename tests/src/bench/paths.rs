@@ -9,8 +9,13 @@
 //! - the kube-proxy-shaped baselines run in a pod wired like the reference
 //!   `ptp` plugin (veth, /32 routes, no eBPF: what a kube-proxy cluster's
 //!   CNI gives a pod), against `direct-plain` from that pod;
-//! - NodePort paths run from the outside namespace, against `direct`
-//!   (outside → the backend pod's IP, routed through the same node).
+//! - NodePort paths run from the outside namespace. With the backend on
+//!   node 1, against `direct` (outside → the pod's IP through node 1). With
+//!   the backend on node 2, against `direct-sym`: outside → the pod's IP
+//!   through node 1 with the reply routed back through node 1 too, the hops
+//!   a NodePort with eTP=Cluster takes (its SNAT brings the reply back to
+//!   node 1); `direct` there (the reply straight from node 2 to the client)
+//!   is the limit no NodePort to a remote backend can reach.
 
 use serde::Serialize;
 
@@ -86,7 +91,14 @@ impl Scenario {
                 DataPath::Iptables,
                 DataPath::Nftables,
             ],
-            Scenario::NodePort | Scenario::NodePortLocal => &[
+            Scenario::NodePort => &[
+                DataPath::Direct,
+                DataPath::DirectSym,
+                DataPath::Riptide,
+                DataPath::Iptables,
+                DataPath::Nftables,
+            ],
+            Scenario::NodePortLocal => &[
                 DataPath::Direct,
                 DataPath::Riptide,
                 DataPath::Iptables,
@@ -104,6 +116,9 @@ pub enum DataPath {
     Direct,
     /// No Service, from the plain-veth pod (the baselines' limit).
     DirectPlain,
+    /// No Service, outside → pod on node 2 with both directions through
+    /// node 1 (the hops of a NodePort to a remote backend).
+    DirectSym,
     /// Node 1 → node 2's host network (reference: what the pod wiring costs).
     DirectNode,
     /// ClusterIP through riptide's socket LB (client in the pod's cgroup).
@@ -124,6 +139,7 @@ impl DataPath {
         match self {
             DataPath::Direct => "direct",
             DataPath::DirectPlain => "direct-plain",
+            DataPath::DirectSym => "direct-sym",
             DataPath::DirectNode => "direct-node",
             DataPath::RiptideSock => "riptide-sock",
             DataPath::RiptideTc => "riptide-tc",
@@ -144,9 +160,15 @@ impl DataPath {
         match self {
             DataPath::Direct | DataPath::DirectNode => None,
             DataPath::DirectPlain
+            | DataPath::DirectSym
             | DataPath::RiptideSock
-            | DataPath::RiptideTc
-            | DataPath::Riptide => Some(DataPath::Direct),
+            | DataPath::RiptideTc => Some(DataPath::Direct),
+            DataPath::Riptide | DataPath::Iptables | DataPath::Nftables
+                if scenario == Scenario::NodePort =>
+            {
+                Some(DataPath::DirectSym)
+            }
+            DataPath::Riptide => Some(DataPath::Direct),
             DataPath::Iptables | DataPath::Nftables if scenario.is_nodeport() => {
                 Some(DataPath::Direct)
             }

@@ -369,29 +369,17 @@ impl Report {
             SVGBackend::new(path, (430 * cols as u32, 300 * rows as u32)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(&e))?;
         let areas = root.split_evenly((rows, cols));
-        let palette = [
-            &BLUE,
-            &RED,
-            &GREEN,
-            &MAGENTA,
-            &CYAN,
-            &BLACK,
-            &RGBColor(255, 140, 0),
-        ];
-        let color_of = |p: DataPath| {
-            let all = [
-                DataPath::Direct,
-                DataPath::DirectPlain,
-                DataPath::DirectNode,
-                DataPath::RiptideSock,
-                DataPath::RiptideTc,
-                DataPath::Riptide,
-                DataPath::Iptables,
-                DataPath::Nftables,
-            ];
-            let i = all.iter().position(|q| *q == p).unwrap_or(0);
-            // riptide-tc and riptide never share a scenario: same colour.
-            palette[if i >= 5 { i - 1 } else { i } % palette.len()]
+        // Direct paths in blues/greys, riptide's in green/cyan, the
+        // baselines in red/orange; riptide-tc and riptide never share a
+        // scenario, nor do direct-plain and direct-sym.
+        let color_of = |p: DataPath| match p {
+            DataPath::Direct => BLUE,
+            DataPath::DirectPlain | DataPath::DirectSym => RGBColor(90, 90, 200),
+            DataPath::DirectNode => RGBColor(150, 150, 150),
+            DataPath::RiptideSock => GREEN,
+            DataPath::RiptideTc | DataPath::Riptide => CYAN,
+            DataPath::Iptables => RED,
+            DataPath::Nftables => RGBColor(255, 140, 0),
         };
         for (r, test) in tests.iter().enumerate() {
             for (c, scenario) in scenarios.iter().enumerate() {
@@ -502,8 +490,8 @@ mod tests {
                 sample(Scenario::ClusterIp, DataPath::RiptideSock, 1, 900.0),
                 sample(Scenario::ClusterIp, DataPath::DirectPlain, 1, 2000.0),
                 sample(Scenario::ClusterIp, DataPath::Iptables, 1, 1000.0),
-                sample(Scenario::NodePort, DataPath::Direct, 1, 800.0),
-                sample(Scenario::NodePort, DataPath::Iptables, 1, 600.0),
+                sample(Scenario::NodePortLocal, DataPath::Direct, 1, 800.0),
+                sample(Scenario::NodePortLocal, DataPath::Iptables, 1, 600.0),
             ],
             Duration::from_secs(1),
             true,
@@ -519,7 +507,7 @@ mod tests {
             "NodePort iptables vs outside direct: {md}"
         );
         assert!(
-            md.contains("### outside → NodePort on node 1 → pod on node 2"),
+            md.contains("### outside → NodePort on node 1 → pod on node 1"),
             "{md}"
         );
         assert!(md.contains("| ClusterIP via riptide socket LB, TCP_CRR ≥ 0.97× direct | 1 | 0.90× (P50 latency 1.11×) | short |"), "{md}");
@@ -527,10 +515,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         r.write(&dir).unwrap();
         let svg = std::fs::read_to_string(dir.join("plot.svg")).unwrap();
-        assert!(svg.contains("<svg") && svg.contains("TCP_CRR") && svg.contains("nodeport"));
+        assert!(svg.contains("<svg") && svg.contains("TCP_CRR") && svg.contains("nodeport-local"));
         let json: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
-        assert_eq!(json["samples"][4]["scenario"], "nodeport");
+        assert_eq!(json["samples"][4]["scenario"], "nodeport-local");
         assert!(json["error"].is_null());
         let partial = r.failed(Some("netperf failed".into()));
         assert!(

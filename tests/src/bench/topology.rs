@@ -31,6 +31,10 @@ use crate::{
 pub const PLAIN_IP: Ipv4Addr = Ipv4Addr::new(10, 42, 254, 2);
 const PLAIN_GW: Ipv4Addr = Ipv4Addr::new(10, 42, 254, 1);
 const PLAIN_NET: &str = "10.42.254.0/24";
+/// A second address of the outside client (TEST-NET-3, inside the lab's
+/// namespaces only) that both nodes route through node 1: a data connection
+/// from it to a pod on node 2 takes node 1 both ways (`direct-sym`).
+pub const RETURN_VIA_NODE1_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 100);
 /// The ClusterIP the baselines' measured Service gets (not one of riptide's).
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 43, 255, 10);
 
@@ -177,15 +181,42 @@ pub fn deploy(lab: &mut Lab, ports: &PortPlan) -> Result<Topology> {
     // The outside client reaches pod IPs through node 1 (the NodePort
     // scenarios' direct path): a route inside the outside netns only.
     let node1 = c.node_ip(1).to_string();
+    let out = c.outside_netns();
+    netns::ip(&["-n", &out, "route", "add", "10.42.0.0/16", "via", &node1])?;
+    // The hop-matched direct path: replies to RETURN_VIA_NODE1_IP go from
+    // node 2 to node 1 and from there to the outside client.
+    let ret = format!("{RETURN_VIA_NODE1_IP}/32");
+    netns::ip(&["-n", &out, "addr", "add", &ret, "dev", "eth0"])?;
+    let ret_net = "203.0.113.0/24";
     netns::ip(&[
         "-n",
-        &c.outside_netns(),
+        &c.node_netns(2),
         "route",
         "add",
-        "10.42.0.0/16",
+        ret_net,
         "via",
         &node1,
     ])?;
+    netns::ip(&[
+        "-n",
+        &c.node_netns(1),
+        "route",
+        "add",
+        ret_net,
+        "via",
+        &c.outside_ip().to_string(),
+    ])?;
+    // A client that follows ICMP redirects would, after node 1 forwarded a
+    // packet back out of the interface it came in on, send to node 2
+    // directly and skip the node the path is meant to cross.
+    for key in [
+        "net.ipv4.conf.all.accept_redirects",
+        "net.ipv4.conf.eth0.accept_redirects",
+    ] {
+        let path = std::path::PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+        netns::run_in(&out, move || std::fs::write(&path, "0"))?
+            .with_context(|| format!("sysctl {key}=0 in {out}"))?;
+    }
     // The host-network reference: netserver in node 2's namespace.
     let mut host_server = netns::command(&c.node_netns(2), "netserver")?;
     host_server.args(["-D", "-p", &CONTROL_PORT.to_string()]);
@@ -242,6 +273,7 @@ fn wait_for_netserver(t: &Topology, client: Client, server: Ipv4Addr) -> Result<
                 addr: server,
                 control_port: CONTROL_PORT,
                 data_port: 19_999,
+                local: None,
             },
             super::netperf::Test::TcpRr,
             1,
