@@ -46,6 +46,10 @@ enum Task {
         /// A smoke run that finishes in under 3 minutes.
         #[arg(long)]
         quick: bool,
+        /// Only this scenario (repeatable; clusterip, clusterip-local,
+        /// nodeport, nodeport-local), and no micro benchmarks.
+        #[arg(long)]
+        scenario: Vec<String>,
     },
     /// Tear down whatever a previous `run` left behind.
     Down,
@@ -65,7 +69,11 @@ fn main() -> Result<()> {
             setup::all()?;
             test(&root, &args)
         }
-        Task::Run { nodes, detach, tunnel } => {
+        Task::Run {
+            nodes,
+            detach,
+            tunnel,
+        } => {
             setup::all()?;
             let mut args = vec!["up".to_owned(), "--nodes".to_owned(), nodes.to_string()];
             if detach {
@@ -76,7 +84,7 @@ fn main() -> Result<()> {
             }
             lab(&root, &args)
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, scenario } => {
             setup::bench()?;
             util::step("building the benchmarks");
             util::run(util::cargo(&root).args(["build", "--bins"]))?;
@@ -85,7 +93,13 @@ fn main() -> Result<()> {
             if quick {
                 cmd.arg("--quick");
             }
+            for s in &scenario {
+                cmd.args(["--scenario", s]);
+            }
             util::run(&mut cmd)?;
+            if !scenario.is_empty() {
+                return Ok(());
+            }
             micro_benches(&root, quick)
         }
         Task::Down => lab(&root, &["down".into()]),
@@ -135,22 +149,65 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 }
 
 /// Micro benchmarks, each printing one JSON document: ns/packet of the tc LB
-/// path via BPF_PROG_TEST_RUN at 1/1k/10k Services, and CNI ADD/DEL latency
-/// next to the reference bridge + host-local plugins. Release builds; results
-/// go to target/bench/<name>.json and a section of results.md.
+/// path via BPF_PROG_TEST_RUN at 1/1k/10k Services, CNI ADD/DEL latency next
+/// to the reference bridge + host-local plugins, and the agent's programming
+/// latency next to iptables-restore. Release builds; results go to
+/// target/bench/<name>.json and a section of results.md.
 fn micro_benches(root: &Path, quick: bool) -> Result<()> {
-    let benches: [(&str, &str, &str, Vec<&str>); 2] = [
-        ("ebpf-lb", "riptide-datapath", "lb_bench", vec![if quick { "500" } else { "5000" }]),
-        ("cni-add-del", "riptide-cni", "bench_add_del", if quick { vec!["10", "2"] } else { vec!["50", "5"] }),
+    let benches: [(&str, &str, &str, Vec<&str>); 3] = [
+        (
+            "ebpf-lb",
+            "riptide-datapath",
+            "lb_bench",
+            vec![if quick { "500" } else { "5000" }],
+        ),
+        (
+            "cni-add-del",
+            "riptide-cni",
+            "bench_add_del",
+            if quick {
+                vec!["10", "2"]
+            } else {
+                vec!["50", "5"]
+            },
+        ),
+        // Programming latency (EndpointSlice change → map entry) at 10k
+        // Services / 50k endpoints (2k with --quick) against the
+        // iptables-restore a kube-proxy sync does for the same change.
+        (
+            "agent",
+            "riptide-agent",
+            "agent_bench",
+            if quick { vec!["--quick"] } else { vec![] },
+        ),
     ];
     let mut md = String::from("\n## Micro benchmarks\n");
     for (name, pkg, example, args) in benches {
         util::step(&format!("micro benchmark {name}"));
         // The package's own binaries too: the CNI benchmark execs the
         // release `riptide-cni` next to it.
-        util::run(util::cargo(root).args(["build", "--quiet", "--release", "-p", pkg, "--bins"]))?;
+        // The agent benchmark also runs the release control plane.
+        util::run(util::cargo(root).args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            pkg,
+            "-p",
+            "riptide-controlplane",
+            "--bins",
+        ]))?;
         let out = util::cargo(root)
-            .args(["run", "--quiet", "--release", "-p", pkg, "--example", example, "--"])
+            .args([
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                pkg,
+                "--example",
+                example,
+                "--",
+            ])
             .args(&args)
             .stderr(std::process::Stdio::inherit())
             .output()
@@ -167,9 +224,18 @@ fn micro_benches(root: &Path, quick: bool) -> Result<()> {
     // The apiserver: 10k pods (1k with --quick), embedded store vs etcd,
     // create/list/watch latency, 100-watcher fan-out, peak RSS.
     util::step("micro benchmark apiserver (release build)");
-    util::run(util::cargo(root).args(["build", "--quiet", "--release", "-p", "riptide-controlplane", "--bins"]))?;
-    let mut cmd = std::process::Command::new(target_dir(root).join("release/riptide-apiserver-bench"));
-    cmd.arg("--out").arg(root.join("target/bench/apiserver.json"));
+    util::run(util::cargo(root).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "riptide-controlplane",
+        "--bins",
+    ]))?;
+    let mut cmd =
+        std::process::Command::new(target_dir(root).join("release/riptide-apiserver-bench"));
+    cmd.arg("--out")
+        .arg(root.join("target/bench/apiserver.json"));
     if quick {
         cmd.arg("--quick");
     }

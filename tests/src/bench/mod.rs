@@ -59,6 +59,8 @@ pub struct Options {
     /// Build the bench cluster, print where everything is, and wait for
     /// Ctrl-C instead of measuring (for investigating a path by hand).
     pub hold: bool,
+    /// Only these scenarios (empty: the plan's own).
+    pub scenarios: Vec<Scenario>,
 }
 
 /// One measurement with its coordinates.
@@ -232,7 +234,10 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("creating {}", opts.out_dir.display()))?;
-    let plan = Plan::new(opts.quick);
+    let mut plan = Plan::new(opts.quick);
+    if !opts.scenarios.is_empty() {
+        plan.scenarios = opts.scenarios.clone();
+    }
     let cfg = LabConfig {
         prefix: "rtbench".into(),
         nodes: 2,

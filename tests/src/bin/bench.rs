@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Parser;
-use riptide_tests::bench::{Options, run};
+use riptide_tests::bench::{Options, Scenario, run};
 
 #[derive(Parser)]
 #[command(name = "riptide-bench", version, about = "riptide benchmarks")]
@@ -18,6 +18,20 @@ struct Args {
     /// Ctrl-C instead of measuring (to look at a path by hand).
     #[arg(long)]
     hold: bool,
+    /// Measure only this scenario (repeatable): clusterip, clusterip-local,
+    /// nodeport, nodeport-local.
+    #[arg(long, value_parser = scenario)]
+    scenario: Vec<Scenario>,
+}
+
+fn scenario(name: &str) -> Result<Scenario, String> {
+    Scenario::ALL
+        .into_iter()
+        .find(|s| s.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<_> = Scenario::ALL.iter().map(|s| s.name()).collect();
+            format!("unknown scenario {name:?} (one of {})", names.join(", "))
+        })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,6 +40,7 @@ fn main() -> anyhow::Result<()> {
     run(&Options {
         quick: args.quick,
         hold: args.hold,
+        scenarios: args.scenario,
         out_dir: args.out,
         bin_dir: exe.parent().context("no bin dir")?.to_path_buf(),
     })
