@@ -160,13 +160,21 @@ pub mod stats {
     /// An event was not sent to `rt_events_v1`: over the per-CPU rate or
     /// the ring buffer was full.
     pub const EVENTS_SUPPRESSED: u32 = 25;
+    /// A translated packet to another node or back to an outside client
+    /// was sent straight out the uplink it came in on (`bpf_fib_lookup` +
+    /// `bpf_redirect`), skipping the kernel's forwarding path.
+    pub const FIB_REDIRECT: u32 = 26;
+    /// Such a packet was left to the kernel's forwarding path: no
+    /// neighbour entry yet, too big for the MTU, forwarding disabled, no
+    /// route, TTL about to expire, or a route out of another device.
+    pub const FIB_FALLBACK: u32 = 27;
     /// The last reason (for the names check).
-    pub const LAST: u32 = EVENTS_SUPPRESSED;
+    pub const LAST: u32 = FIB_FALLBACK;
     /// Number of slots in the stats array.
     pub const MAX: u32 = 32;
 
     /// Human names by index, for metrics and the CLI.
-    pub const NAMES: [&str; 26] = [
+    pub const NAMES: [&str; 28] = [
         "pass",
         "redirect_local",
         "drop_malformed",
@@ -193,6 +201,8 @@ pub mod stats {
         "masq_skip_inbound",
         "masq_skip_not_syn",
         "events_suppressed",
+        "fib_redirect",
+        "fib_fallback",
     ];
 }
 
@@ -689,7 +699,10 @@ mod tests {
         assert_eq!(size_of::<NodeKey>(), 4);
         assert_eq!(size_of::<NodeValue>(), 8);
         assert_eq!(size_of::<MaglevKey>(), 4);
-        assert_eq!(size_of::<DropEvent>(), 8 + 4 + 4 + 4 + 4 + 2 + 2 + 1 + 1 + 2);
+        assert_eq!(
+            size_of::<DropEvent>(),
+            8 + 4 + 4 + 4 + 4 + 2 + 2 + 1 + 1 + 2
+        );
         assert_eq!(size_of::<MaglevValue>(), 4 * MAGLEV_M + 4);
         // 8-byte aligned values must have 8-multiple sizes (arrays of them in
         // per-CPU maps and the verifier's view agree).

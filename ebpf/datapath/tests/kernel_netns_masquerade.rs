@@ -14,6 +14,11 @@
 //! `eth0`, `rt_from_pod` on the pod's host veth, the pod in `rt_ep4_v1`,
 //! the other node's pod CIDR in `rt_node4_v1` and a kernel route to it, as
 //! the agent and the CNI set them up.
+//!
+//! The NodePort fast-path test puts both `eth0`s and an outside client on a
+//! bridge instead (`lab_outside`): client, node 1 and node 2 on one
+//! segment, so node 1 sends NodePort traffic for node 2's pod back out the
+//! uplink it came in on.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -356,24 +361,66 @@ struct Lab {
     n2: String,
     p1: String,
     p2: String,
+    /// With [`lab_outside`]: the outside client's namespace.
+    c: String,
     _guard: Namespaces,
 }
 
 fn lab(tag: &str) -> Lab {
+    lab_with(tag, false)
+}
+
+/// [`lab`] with the nodes' `eth0` on a bridge (in namespace `…sw`) instead
+/// of one veth pair, and an outside client `…c` at [`OUTSIDE`] on the same
+/// bridge: the segment a NodePort's client, node 1 and node 2 share.
+fn lab_outside(tag: &str) -> Lab {
+    lab_with(tag, true)
+}
+
+fn lab_with(tag: &str, outside: bool) -> Lab {
     let id = std::process::id();
-    let names: Vec<String> = ["n1", "n2", "p1", "p2"]
-        .iter()
-        .map(|s| format!("rt{tag}{id}{s}"))
-        .collect();
+    let mut roles = vec!["n1", "n2", "p1", "p2"];
+    if outside {
+        roles.extend(["sw", "c"]);
+    }
+    let names: Vec<String> = roles.iter().map(|s| format!("rt{tag}{id}{s}")).collect();
     let mut guard = Namespaces(Vec::new());
     for n in &names {
         sh(&["ip", "netns", "add", n]);
         guard.0.push(n.clone());
     }
     let (n1, n2, p1, p2) = (&names[0], &names[1], &names[2], &names[3]);
-    sh(&[
-        "ip", "-n", n1, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", n2,
-    ]);
+    let mut c = String::new();
+    if outside {
+        let (sw, cl) = (&names[4], &names[5]);
+        sh(&["ip", "-n", sw, "link", "add", "br0", "type", "bridge"]);
+        sh(&["ip", "-n", sw, "link", "set", "br0", "up"]);
+        for (port, ns) in [("s1", n1), ("s2", n2), ("s3", cl)] {
+            sh(&[
+                "ip", "-n", sw, "link", "add", port, "type", "veth", "peer", "name", "eth0",
+                "netns", ns,
+            ]);
+            sh(&["ip", "-n", sw, "link", "set", port, "master", "br0", "up"]);
+        }
+        sh(&["ip", "-n", cl, "link", "set", "lo", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            cl,
+            "addr",
+            "add",
+            &format!("{OUTSIDE}/24"),
+            "dev",
+            "eth0",
+        ]);
+        sh(&["ip", "-n", cl, "link", "set", "eth0", "up"]);
+        c.clone_from(cl);
+    } else {
+        sh(&[
+            "ip", "-n", n1, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
+            n2,
+        ]);
+    }
     let (n1_ip, n2_ip) = (ip(N1), ip(N2));
     let node1 = setup_node(n1, p1, 1, n1_ip, (ip("10.42.2.0"), n2_ip));
     let node2 = setup_node(n2, p2, 2, n2_ip, (ip("10.42.1.0"), n1_ip));
@@ -393,12 +440,14 @@ fn lab(tag: &str) -> Lab {
         n2: n2.clone(),
         p1: p1.clone(),
         p2: p2.clone(),
+        c,
         _guard: guard,
     }
 }
 
 const N1: &str = "198.18.0.11";
 const N2: &str = "198.18.0.12";
+const OUTSIDE: &str = "198.18.0.100";
 
 fn stats_of(n: &NodeDp) -> Vec<(&'static str, u64)> {
     n.dp.stats()
@@ -621,4 +670,115 @@ fn netns_per_packet_lb_clusterip_hairpin_and_nodeport_with_real_packets() {
         ctx()
     );
     let _ = (n1_ip, n2);
+}
+
+/// NodePort from an outside client to a backend on another node, all three
+/// on one segment: node 1 DNATs on its uplink's ingress and, instead of
+/// handing the packet to the kernel's forwarding path, sends it straight
+/// back out the uplink (`bpf_fib_lookup` + `bpf_redirect`); its egress
+/// program still runs on the redirected packet and SNATs it to node 1's
+/// address (the backend sees node 1, or its replies would never come back).
+/// The replies, un-SNATed on ingress, leave the same way and get the
+/// NodePort restored as source. The first SYN, before node 1 has a
+/// neighbour entry for node 2, takes the kernel's path, which resolves it.
+#[test]
+fn netns_nodeport_to_remote_backend_is_forwarded_by_fib_redirect() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = lab_outside("fib");
+    let n1_ip = ip(N1);
+    let p2_ip = ip("10.42.2.10");
+    let web = SocketAddrV4::new(p2_ip, 8080);
+    let dns = SocketAddrV4::new(p2_ip, 5353);
+    let none = Ipv4Addr::UNSPECIFIED;
+    for (node, p2_local) in [(&mut lab.node1, false), (&mut lab.node2, true)] {
+        let s = &mut node.svcs;
+        s.upsert(&service(
+            "default/web-np:http",
+            Protocol::Tcp,
+            (FrontendKind::NodePort, none, 30080),
+            web,
+            p2_local,
+        ))
+        .unwrap();
+        s.upsert(&service(
+            "default/dns-np:udp",
+            Protocol::Udp,
+            (FrontendKind::NodePort, none, 30053),
+            dns,
+            p2_local,
+        ))
+        .unwrap();
+    }
+    let (n1, c, p2) = (&lab.n1, &lab.c, &lab.p2);
+    peer_echo_tcp(p2, web);
+    peer_echo_udp(p2, dns);
+    let neigh = |ns: &str| {
+        let out = Command::new("ip")
+            .args(["-n", ns, "neigh", "show"])
+            .output()
+            .expect("spawn ip");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ctx = || {
+        format!(
+            "n1 stats {:?}\nn2 stats {:?}\nn1 conntrack {:?}\nn1 nat {:?}\nn1 neighbours:\n{}",
+            stats_of(&lab.node1),
+            stats_of(&lab.node2),
+            lab.node1.dp.conntrack().unwrap(),
+            lab.node1.dp.nat().unwrap(),
+            neigh(n1),
+        )
+    };
+    let fib = |n: &NodeDp| {
+        let s = n.dp.stats().unwrap();
+        (s.get(stats::FIB_REDIRECT), s.get(stats::FIB_FALLBACK))
+    };
+
+    // Node 1 starts without neighbour entries on its uplink.
+    sh(&["ip", "-n", n1, "neigh", "flush", "dev", "eth0"]);
+    let (local, seen) = tcp_from(c, SocketAddrV4::new(n1_ip, 30080))
+        .unwrap_or_else(|e| panic!("outside → NodePort, remote backend: {e}\n{}", ctx()));
+    assert_eq!(local.ip(), ip(OUTSIDE));
+    assert!(
+        seen.starts_with(&format!("{n1_ip}:")),
+        "the backend sees node 1's address (SNAT on egress after the redirect): {seen}\n{}",
+        ctx()
+    );
+    let (redirected, fell_back) = fib(&lab.node1);
+    assert!(
+        fell_back >= 1,
+        "the first SYN found no neighbour entry for node 2\n{}",
+        ctx()
+    );
+    // SYN-ACK, data and FIN from the backend, ACKs and FIN from the client.
+    assert!(
+        redirected >= 4,
+        "packets of the flow were redirected ({redirected})\n{}",
+        ctx()
+    );
+
+    // One datagram each way, both neighbours resolved now: exactly two
+    // redirects (the request after DNAT, the answer after un-SNAT), and
+    // the answer comes from the NodePort (reverse DNAT on egress).
+    let before = fib(&lab.node1);
+    let (local, from, seen) = udp_from(c, SocketAddrV4::new(n1_ip, 30053))
+        .unwrap_or_else(|e| panic!("outside → UDP NodePort, remote backend: {e}\n{}", ctx()));
+    assert_eq!(local.ip(), ip(OUTSIDE));
+    assert_eq!(
+        from,
+        SocketAddr::from((n1_ip, 30053)),
+        "answer from the NodePort\n{}",
+        ctx()
+    );
+    assert!(seen.starts_with(&format!("{n1_ip}:")), "{seen}\n{}", ctx());
+    assert_eq!(
+        fib(&lab.node1),
+        (before.0 + 2, before.1),
+        "request and answer both redirected\n{}",
+        ctx()
+    );
+    // Node 2 only delivers to its local pod: nothing for it to forward.
+    assert_eq!(fib(&lab.node2), (0, 0), "{}", ctx());
 }

@@ -2,10 +2,18 @@
 //! into that pod with `bpf_redirect_peer`, skipping the host stack. Anything
 //! else (pods on other nodes, the outside) is left to the kernel's routes,
 //! which the agent programs (a route per remote node's pod CIDR).
+//!
+//! One exception, [`forward_out`]: a NodePort & co packet the uplink's
+//! ingress translated towards another node (or back to an outside client)
+//! and that the kernel's routes send out the same uplink is forwarded here
+//! ("BPF host routing" in Cilium's terms): `bpf_fib_lookup` asks the
+//! kernel's FIB and neighbour table, and `bpf_redirect` puts the packet on
+//! the uplink's egress, where `rt_to_net` still applies the source NAT.
+//! Whatever the lookup cannot settle falls back to the kernel's path.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT},
-    helpers::bpf_redirect_peer,
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_REDIRECT, bpf_fib_lookup as FibLookup},
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_peer},
     programs::TcContext,
 };
 use riptide_common::{EndpointKey, EndpointValue, stats};
@@ -83,4 +91,82 @@ pub fn redirect(ctx: &TcContext, p: &Pkt, ep: &EndpointValue) -> Result<i32, u32
         return Ok(TC_ACT_OK as i32);
     }
     Ok(verdict)
+}
+
+const AF_INET: u8 = 2;
+
+/// Sends `p`, already translated by the uplink's ingress and bound for
+/// another node or an outside client, straight back out the uplink it
+/// came in on, skipping the kernel's forwarding path (`ip_rcv`, routing,
+/// netfilter FORWARD/POSTROUTING). The tc egress program of the uplink
+/// still runs on the redirected packet (`bpf_redirect` without
+/// `BPF_F_INGRESS` goes through `dev_queue_xmit`), so the source NAT stays
+/// where it was.
+///
+/// Only when the FIB says "out the same device" with a resolved neighbour:
+/// `bpf_fib_lookup` without flags checks that forwarding is enabled on the
+/// ingress device, the route and the egress MTU, and fails with NO_NEIGH
+/// until the kernel has resolved the next hop. Every other answer (another
+/// device such as the vxlan tunnel, no neighbour, too big, forwarding off,
+/// blackhole, …) and TTL ≤ 1 leave the packet to the kernel, which
+/// resolves ARP, answers with ICMP, or routes it elsewhere.
+#[inline(always)]
+pub fn forward_out(ctx: &TcContext, p: &Pkt) -> Result<i32, u32> {
+    if p.ttl <= 1 {
+        // The kernel answers with ICMP time exceeded.
+        count(stats::FIB_FALLBACK);
+        return Ok(TC_ACT_OK as i32);
+    }
+    // SAFETY: the context pointer of this program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain data; all-zero is a valid value of every field.
+    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = p.proto;
+    fib.sport = p.sport_be;
+    fib.dport = p.dport_be;
+    // tot_len 0: the helper checks the skb itself against the egress MTU
+    // (`is_skb_forwardable`, which lets GSO packets through). A GRO'ed
+    // packet's IP total length would exceed the MTU and always fall back,
+    // though it came in on this device and leaves on it again.
+    fib.__bindgen_anon_3.ipv4_src = p.saddr_be;
+    fib.__bindgen_anon_4.ipv4_dst = p.daddr_be;
+    fib.ifindex = ifindex;
+    // SAFETY: `fib` lives on this stack frame; the size is the struct's.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            &raw mut fib,
+            core::mem::size_of::<FibLookup>() as i32,
+            0,
+        )
+    };
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != ifindex {
+        count(stats::FIB_FALLBACK);
+        return Ok(TC_ACT_OK as i32);
+    }
+    // As a router: TTL − 1 with the IP checksum fixed over the TTL/protocol
+    // word, the next hop's MAC as destination, the uplink's as source.
+    // Pointers are derived after the helper, which may have moved data.
+    let data = linear(ctx, L4_OFF).ok_or(stats::NAT_FAIL)?;
+    // SAFETY: Ethernet and IPv4 header bounds checked by `linear`; no
+    // helper ran since.
+    unsafe {
+        let ip = &mut *((data + IP_OFF) as *mut IpHdr);
+        let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
+        ip.ttl -= 1;
+        let new = u16::from_ne_bytes([ip.ttl, ip.proto]);
+        ip.check = apply_diff(ip.check, diff16(0, old, new));
+        let eth = data as *mut u16;
+        let (d, s) = (&fib.dmac, &fib.smac);
+        let mut i = 0;
+        while i < 3 {
+            *eth.add(i) = u16::from_ne_bytes([d[2 * i], d[2 * i + 1]]);
+            *eth.add(3 + i) = u16::from_ne_bytes([s[2 * i], s[2 * i + 1]]);
+            i += 1;
+        }
+    }
+    count(stats::FIB_REDIRECT);
+    // SAFETY: plain helper call; flags 0 = the device's egress.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }

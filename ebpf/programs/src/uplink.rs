@@ -10,11 +10,18 @@
 //! the packet must not re-enter the kernel's input path (it would be dropped
 //! as a martian), so every "source = node address" rewrite happens on egress,
 //! where the kernel has already routed the packet.
+//!
+//! Translated packets that leave through the uplink they came in on (to a
+//! backend on another node, replies back to an outside client) skip the
+//! kernel's forwarding path when they can: `route::forward_out` looks the
+//! route and next hop up with `bpf_fib_lookup` and redirects the packet to
+//! the uplink's egress, where the source NAT above still happens.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use riptide_common::{
     AFF_CLIENT_IP, BE_F_LOCAL, CT_F_INBOUND, CT_F_NODEPORT, CT_F_REPLY, CT_F_SNAT, Config, CtKey,
-    EV_SRC_FROM_NET, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_MASQ, NAT_F_NODEPORT, SVC_F_LOCAL_ONLY, stats,
+    EV_SRC_FROM_NET, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_MASQ, NAT_F_NODEPORT, SVC_F_LOCAL_ONLY,
+    stats,
 };
 
 use crate::{
@@ -60,10 +67,11 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
         if e.flags & CT_F_REPLY != 0 {
             // A reply from a backend of a flow balanced on this node.
             if e.flags & CT_F_NODEPORT != 0 {
-                // The client is outside: the kernel forwards the reply to
-                // it and `rt_to_net` restores the frontend as source on the
-                // way out.
-                return Ok(TC_ACT_OK as i32);
+                // The client is outside: the reply goes back out the uplink
+                // (straight, or through the kernel's forwarding) and
+                // `rt_to_net` restores the frontend as source on the way
+                // out.
+                return route::forward_out(ctx, &p);
             }
             rewrite(
                 ctx,
@@ -82,9 +90,9 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
                 count(stats::LB_CT_HIT);
                 set_dst(ctx, &mut p, c.be.addr_be, c.be.port_be)?;
                 if c.be.flags & BE_F_LOCAL == 0 {
-                    // NodePort to another node: the kernel routes it and
+                    // NodePort to another node: out the uplink again, and
                     // `rt_to_net` applies the SNAT.
-                    return Ok(TC_ACT_OK as i32);
+                    return route::forward_out(ctx, &p);
                 }
                 return route::deliver(ctx, &p);
             }
@@ -162,6 +170,9 @@ fn new_flow(
         snat_addr_be: 0,
         snat_port_be: 0,
     })?;
+    if remote {
+        return route::forward_out(ctx, p);
+    }
     route::deliver(ctx, p)
 }
 
