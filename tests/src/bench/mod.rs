@@ -37,7 +37,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use self::paths::{DataPath, Scenario};
 use self::{
@@ -64,7 +64,7 @@ pub struct Options {
 }
 
 /// One measurement with its coordinates.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sample {
     pub scenario: Scenario,
     pub path: DataPath,
@@ -265,7 +265,16 @@ pub fn run(opts: &Options) -> Result<()> {
     }
 
     let mut samples = Vec::new();
-    let outcome = measure(&lab, &plan, &topo, &port_plan, started, &mut samples);
+    let mut failures = Vec::new();
+    let outcome = measure(
+        &lab,
+        &plan,
+        &topo,
+        &port_plan,
+        started,
+        &mut samples,
+        &mut failures,
+    );
     lab.down()?;
     // Whatever was measured is written, also when a measurement failed.
     let report = report::Report::new(
@@ -275,7 +284,8 @@ pub fn run(opts: &Options) -> Result<()> {
         plan.runs,
         plan.seconds,
     )
-    .failed(outcome.as_ref().err().map(|e| format!("{e:#}")));
+    .failed(outcome.as_ref().err().map(|e| format!("{e:#}")))
+    .with_failures(failures);
     report.write(&opts.out_dir)?;
     println!("{}", report.markdown());
     eprintln!(
@@ -286,6 +296,9 @@ pub fn run(opts: &Options) -> Result<()> {
     outcome
 }
 
+/// Failed measurements tolerated before a run gives up.
+const MAX_FAILURES: usize = 10;
+
 /// Every measurement of `plan`, appended to `samples` as it completes.
 fn measure(
     lab: &Lab,
@@ -294,6 +307,7 @@ fn measure(
     port_plan: &PortPlan,
     started: Instant,
     samples: &mut Vec<Sample>,
+    failures: &mut Vec<report::Failure>,
 ) -> Result<()> {
     let cfg = lab.config();
     let mut ports = Ports::new(port_plan);
@@ -328,21 +342,44 @@ fn measure(
                 for (test, &dp) in plan.tests.iter().zip(&data_ports) {
                     flush_conntrack(&[&node1, &cfg.node_netns(2)]);
                     let cmd = topo.command(client(s, path), "netperf")?;
-                    let m = netperf::run_with(
+                    let m = match netperf::run_with(
                         cmd,
                         &target(topo, s, path, dp),
                         *test,
                         plan.seconds,
                         cpu,
-                    )
-                    .with_context(|| {
-                        format!(
-                            "{} {} {} at {n} Services",
-                            s.name(),
-                            path.name(),
-                            test.name()
-                        )
-                    })?;
+                    ) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            // One failed measurement does not end an
+                            // hour-long run: it is reported (results.md
+                            // lists every failure) and the point keeps the
+                            // runs that worked. Too many and the run stops.
+                            let what = format!(
+                                "{} {} {} at {n} Services, run {}",
+                                s.name(),
+                                path.name(),
+                                test.name(),
+                                run + 1
+                            );
+                            eprintln!("!!! {what} failed: {e:#}");
+                            failures.push(report::Failure {
+                                scenario: s,
+                                path,
+                                test: *test,
+                                services: n,
+                                run,
+                                data_port: dp,
+                                error: format!("{e:#}"),
+                            });
+                            ensure!(
+                                failures.len() <= MAX_FAILURES,
+                                "{} measurements failed, the last: {what}: {e:#}",
+                                failures.len()
+                            );
+                            continue;
+                        }
+                    };
                     eprintln!(
                         "[{:>4}/{total} {:>5.0}s] {:<15} {:<12} {:<10} {:>5} svc run {}: {:>9.1} {:<7} p50 {:>5} µs p99 {:>5} µs",
                         samples.len() + 1,

@@ -3,12 +3,12 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::netns;
 
 /// The netperf tests the benchmarks report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Test {
     #[serde(rename = "TCP_RR")]
     TcpRr,
@@ -42,7 +42,7 @@ impl Test {
 }
 
 /// One netperf result.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Measurement {
     pub throughput: f64,
     pub p50_us: f64,

@@ -17,10 +17,10 @@
 //!   node 1); `direct` there (the reply straight from node 2 to the client)
 //!   is the limit no NodePort to a remote backend can reach.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Who the client is and where the server pod runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Scenario {
     /// Pod on node 1 → Service → pod on node 2.
     #[serde(rename = "clusterip")]
@@ -108,7 +108,7 @@ impl Scenario {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DataPath {
     /// No Service: the server pod's IP (ClusterIP scenarios: from riptide's

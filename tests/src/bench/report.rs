@@ -7,11 +7,11 @@ use std::{collections::BTreeSet, fmt::Write as _, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result};
 use plotters::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{DataPath, Sample, Scenario, netperf::Test};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     pub quick: bool,
     /// Why the run stopped early, if it did (the samples are those taken).
@@ -21,10 +21,25 @@ pub struct Report {
     pub elapsed_s: f64,
     pub host: Host,
     pub samples: Vec<Sample>,
+    /// Measurements that failed (the run went on without them).
+    #[serde(default)]
+    pub failures: Vec<Failure>,
+}
+
+/// A measurement that failed, with netperf's complaint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Failure {
+    pub scenario: Scenario,
+    pub path: DataPath,
+    pub test: Test,
+    pub services: usize,
+    pub run: u32,
+    pub data_port: u16,
+    pub error: String,
 }
 
 /// The machine the numbers come from.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Host {
     pub cpus: usize,
     pub kernel: String,
@@ -85,6 +100,8 @@ struct Target {
     path: DataPath,
     test: Test,
     min_ratio: f64,
+    /// Compare against this path instead of `path`'s own baseline.
+    against: Option<DataPath>,
 }
 
 const TARGETS: &[Target] = &[
@@ -94,6 +111,7 @@ const TARGETS: &[Target] = &[
         path: DataPath::RiptideSock,
         test: Test::TcpCrr,
         min_ratio: 0.97,
+        against: None,
     },
     Target {
         what: "ClusterIP via riptide socket LB, TCP_RR",
@@ -101,6 +119,7 @@ const TARGETS: &[Target] = &[
         path: DataPath::RiptideSock,
         test: Test::TcpRr,
         min_ratio: 0.98,
+        against: None,
     },
     Target {
         what: "ClusterIP via riptide tc, TCP_CRR",
@@ -108,6 +127,7 @@ const TARGETS: &[Target] = &[
         path: DataPath::RiptideTc,
         test: Test::TcpCrr,
         min_ratio: 0.97,
+        against: None,
     },
     Target {
         what: "ClusterIP via riptide tc, TCP_RR",
@@ -115,13 +135,18 @@ const TARGETS: &[Target] = &[
         path: DataPath::RiptideTc,
         test: Test::TcpRr,
         min_ratio: 0.98,
+        against: None,
     },
+    // NodePort to a remote backend, against the hop-matched direct path
+    // (`direct-sym`) and against `direct`, whose reply skips node 1: the
+    // limit no source-NATed NodePort can reach by the hops it takes.
     Target {
         what: "NodePort via riptide, TCP_RR",
         scenario: Scenario::NodePort,
         path: DataPath::Riptide,
         test: Test::TcpRr,
         min_ratio: 0.9,
+        against: None,
     },
     Target {
         what: "NodePort via riptide, TCP_CRR",
@@ -129,6 +154,23 @@ const TARGETS: &[Target] = &[
         path: DataPath::Riptide,
         test: Test::TcpCrr,
         min_ratio: 0.9,
+        against: None,
+    },
+    Target {
+        what: "NodePort via riptide, TCP_RR",
+        scenario: Scenario::NodePort,
+        path: DataPath::Riptide,
+        test: Test::TcpRr,
+        min_ratio: 0.9,
+        against: Some(DataPath::Direct),
+    },
+    Target {
+        what: "NodePort via riptide, TCP_CRR",
+        scenario: Scenario::NodePort,
+        path: DataPath::Riptide,
+        test: Test::TcpCrr,
+        min_ratio: 0.9,
+        against: Some(DataPath::Direct),
     },
 ];
 
@@ -148,7 +190,14 @@ impl Report {
             elapsed_s: elapsed.as_secs_f64(),
             host: Host::current(),
             samples,
+            failures: Vec::new(),
         }
+    }
+
+    #[must_use]
+    pub fn with_failures(mut self, failures: Vec<Failure>) -> Self {
+        self.failures = failures;
+        self
     }
 
     /// Marks the report as a partial one, stopped by `error`.
@@ -219,24 +268,47 @@ impl Report {
     }
 
     fn p50(&self, scenario: Scenario, path: DataPath, test: Test, n: usize) -> Option<Stat> {
+        self.metric(scenario, path, test, n, |m| m.p50_us)
+    }
+
+    /// Median & spread of one field of the matching samples.
+    fn metric(
+        &self,
+        scenario: Scenario,
+        path: DataPath,
+        test: Test,
+        n: usize,
+        field: impl Fn(&super::netperf::Measurement) -> f64,
+    ) -> Option<Stat> {
         let v: Vec<f64> = self
             .samples
             .iter()
             .filter(|s| {
                 s.scenario == scenario && s.path == path && s.test == test && s.services == n
             })
-            .map(|s| s.m.p50_us)
+            .map(|s| field(&s.m))
             .collect();
         stat(&v)
+    }
+
+    /// Median ratio of `path` to `base` (throughput).
+    fn ratio_to(
+        &self,
+        scenario: Scenario,
+        path: DataPath,
+        base: DataPath,
+        test: Test,
+        n: usize,
+    ) -> Option<f64> {
+        let d = self.throughput(scenario, base, test, n)?;
+        let v = self.throughput(scenario, path, test, n)?;
+        (d.median > 0.0).then(|| v.median / d.median)
     }
 
     /// Median ratio of `path` to its direct path; a path measured only at
     /// the first count (references) is compared at that count.
     pub fn ratio(&self, scenario: Scenario, path: DataPath, test: Test, n: usize) -> Option<f64> {
-        let base = path.baseline(scenario)?;
-        let d = self.throughput(scenario, base, test, n)?;
-        let v = self.throughput(scenario, path, test, n)?;
-        (d.median > 0.0).then(|| v.median / d.median)
+        self.ratio_to(scenario, path, path.baseline(scenario)?, test, n)
     }
 
     /// Median P50 latency of `path` over its direct path's (lower is better).
@@ -247,7 +319,17 @@ impl Report {
         test: Test,
         n: usize,
     ) -> Option<f64> {
-        let base = path.baseline(scenario)?;
+        self.p50_ratio_to(scenario, path, path.baseline(scenario)?, test, n)
+    }
+
+    fn p50_ratio_to(
+        &self,
+        scenario: Scenario,
+        path: DataPath,
+        base: DataPath,
+        test: Test,
+        n: usize,
+    ) -> Option<f64> {
         let d = self.p50(scenario, base, test, n)?;
         let v = self.p50(scenario, path, test, n)?;
         (d.median > 0.0).then(|| v.median / d.median)
@@ -266,7 +348,7 @@ impl Report {
             md,
             "Median (min–max) of {} run(s) of {} s per point; **bold** = ratio to the direct path from the same client \
              (riptide: `direct`; kube-proxy-shaped baselines in ClusterIP scenarios: `direct-plain`, a ptp-style pod; \
-             NodePort scenarios: `direct`, outside → pod IP via node 1); *italic* = P50 latency over the direct path's (lower is better). Machine: {} CPUs ({}), kernel {}, load average at the end {}.\n",
+             NodePort scenarios: `direct`, outside → pod IP via node 1, and for the remote backend `direct-sym`, the same with the reply back through node 1 as a source-NATed NodePort's must go); *italic* = P50 latency over the direct path's (lower is better). Machine: {} CPUs ({}), kernel {}, load average at the end {}.\n",
             self.runs,
             self.seconds_per_run,
             self.host.cpus,
@@ -325,6 +407,59 @@ impl Report {
                     md.push('\n');
                 }
             }
+            // The tail and the cost: P99 latency of the request/response
+            // tests, and netperf's local CPU per unit of work (µs per
+            // transaction; per KB for the stream) on the client side.
+            for test in self.tests().into_iter().filter(|t| *t != Test::TcpStream) {
+                for n in self.counts() {
+                    let _ = write!(md, "| {} P99 latency (µs) | {n} |", test.name());
+                    self.cells(&mut md, scenario, &paths, test, n, |m| m.p99_us, 0);
+                }
+            }
+            for test in self.tests() {
+                let unit = if test == Test::TcpStream {
+                    "KB"
+                } else {
+                    "trans."
+                };
+                for n in self.counts() {
+                    let _ = write!(md, "| {} CPU (µs/{unit}) | {n} |", test.name());
+                    self.cells(&mut md, scenario, &paths, test, n, |m| m.cpu_us_per_unit, 2);
+                }
+            }
+            let retrans: f64 = self
+                .samples
+                .iter()
+                .filter(|s| s.scenario == scenario && s.test == Test::TcpStream)
+                .map(|s| s.m.retransmits.max(0.0))
+                .sum();
+            md.push('\n');
+            if self.tests().contains(&Test::TcpStream) {
+                let _ = writeln!(
+                    md,
+                    "TCP retransmits over every TCP_STREAM run of this scenario: {retrans:.0}.\n"
+                );
+            }
+        }
+        if !self.failures.is_empty() {
+            let _ = writeln!(
+                md,
+                "### Failed measurements\n\n{} measurement(s) failed; their points keep the runs that worked.\n",
+                self.failures.len()
+            );
+            for f in &self.failures {
+                let _ = writeln!(
+                    md,
+                    "- `{}` {} {} at {} Services, run {} (data port {}): {}",
+                    f.scenario.name(),
+                    f.path.name(),
+                    f.test.name(),
+                    f.services,
+                    f.run + 1,
+                    f.data_port,
+                    f.error.replace('\n', " ")
+                );
+            }
             md.push('\n');
         }
         let _ = writeln!(
@@ -332,22 +467,69 @@ impl Report {
             "### Targets\n\n| target | Services | measured | |\n| --- | ---: | ---: | --- |"
         );
         for t in TARGETS {
+            let Some(base) = t.against.or_else(|| t.path.baseline(t.scenario)) else {
+                continue;
+            };
             for n in self.counts() {
-                if let Some(r) = self.ratio(t.scenario, t.path, t.test, n) {
+                if let Some(r) = self.ratio_to(t.scenario, t.path, base, t.test, n) {
                     let verdict = if r >= t.min_ratio { "met" } else { "short" };
                     let lat = self
-                        .p50_ratio(t.scenario, t.path, t.test, n)
+                        .p50_ratio_to(t.scenario, t.path, base, t.test, n)
                         .map(|l| format!(" (P50 latency {l:.2}×)"))
                         .unwrap_or_default();
                     let _ = writeln!(
                         md,
-                        "| {} ≥ {:.2}× direct | {n} | {r:.2}×{lat} | {verdict} |",
-                        t.what, t.min_ratio
+                        "| {} ≥ {:.2}× `{}` | {n} | {r:.2}×{lat} | {verdict} |",
+                        t.what,
+                        t.min_ratio,
+                        base.name()
                     );
                 }
             }
         }
         md
+    }
+
+    /// One table row's cells: median (min–max) of `field` per path.
+    fn cells(
+        &self,
+        md: &mut String,
+        scenario: Scenario,
+        paths: &[DataPath],
+        test: Test,
+        n: usize,
+        field: impl Fn(&super::netperf::Measurement) -> f64,
+        decimals: usize,
+    ) {
+        for p in paths {
+            match self.metric(scenario, *p, test, n, &field) {
+                Some(s) => {
+                    let _ = write!(
+                        md,
+                        " {:.d$} ({:.d$}–{:.d$}) |",
+                        s.median,
+                        s.min,
+                        s.max,
+                        d = decimals
+                    );
+                }
+                None => md.push_str(" – |"),
+            }
+        }
+        md.push('\n');
+    }
+
+    /// A report written earlier (`results.json`), to render again.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// results.md and plot.svg again from the samples (results.json is
+    /// left as it is).
+    pub fn render(&self, dir: &Path) -> Result<()> {
+        std::fs::write(dir.join("results.md"), self.markdown()).context("writing results.md")?;
+        self.plot(&dir.join("plot.svg"))
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {
@@ -510,7 +692,21 @@ mod tests {
             md.contains("### outside → NodePort on node 1 → pod on node 1"),
             "{md}"
         );
-        assert!(md.contains("| ClusterIP via riptide socket LB, TCP_CRR ≥ 0.97× direct | 1 | 0.90× (P50 latency 1.11×) | short |"), "{md}");
+        assert!(md.contains("| ClusterIP via riptide socket LB, TCP_CRR ≥ 0.97× `direct` | 1 | 0.90× (P50 latency 1.11×) | short |"), "{md}");
+        // A failed measurement is listed, and the report loads back.
+        let r = r.with_failures(vec![Failure {
+            scenario: Scenario::ClusterIp,
+            path: DataPath::DirectNode,
+            test: Test::TcpCrr,
+            services: 1,
+            run: 1,
+            data_port: 40054,
+            error: "netperf: connect_data_socket failed".into(),
+        }]);
+        let md = r.markdown();
+        assert!(md.contains("- `clusterip` direct-node TCP_CRR at 1 Services, run 2 (data port 40054): netperf: connect_data_socket failed"), "{md}");
+        let back: Report = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
+        assert_eq!(back.markdown(), md);
         let dir = std::env::temp_dir().join(format!("riptide-report-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         r.write(&dir).unwrap();

@@ -22,6 +22,10 @@ struct Args {
     /// nodeport, nodeport-local.
     #[arg(long, value_parser = scenario)]
     scenario: Vec<Scenario>,
+    /// Measure nothing: render results.md and plot.svg into --out again
+    /// from the samples of an earlier run's results.json.
+    #[arg(long, value_name = "RESULTS_JSON")]
+    report: Option<PathBuf>,
 }
 
 fn scenario(name: &str) -> Result<Scenario, String> {
@@ -36,6 +40,13 @@ fn scenario(name: &str) -> Result<Scenario, String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(json) = &args.report {
+        let report = riptide_tests::bench::report::Report::load(json)?;
+        std::fs::create_dir_all(&args.out)?;
+        report.render(&args.out)?;
+        println!("{}", report.markdown());
+        return Ok(());
+    }
     let exe = std::env::current_exe().context("locating riptide-bench")?;
     run(&Options {
         quick: args.quick,
