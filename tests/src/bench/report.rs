@@ -356,6 +356,7 @@ impl Report {
             self.host.kernel,
             self.host.loadavg
         );
+        md.push_str(&self.summary());
         for scenario in self.scenarios() {
             let paths = self.paths(scenario);
             let _ = writeln!(md, "### {} (`{}`)\n", scenario.title(), scenario.name());
@@ -487,6 +488,64 @@ impl Report {
                 }
             }
         }
+        md
+    }
+
+    /// The headline: per scenario and request/response test, each
+    /// translated path's ratio to its direct path at the fewest and the
+    /// most Services (transactions/s; higher is better).
+    pub fn summary(&self) -> String {
+        let counts = self.counts();
+        let (Some(&lo), Some(&hi)) = (counts.first(), counts.last()) else {
+            return String::new();
+        };
+        let at = if lo == hi {
+            format!("{lo} Services")
+        } else {
+            format!("{lo} → {hi} Services")
+        };
+        let mut md = format!(
+            "### Summary\n\nTransactions/s over the matching direct path, {at} (1.00× = as fast as no Service at all).\n\n\
+             | scenario | test | riptide | iptables | nftables |\n| --- | --- | ---: | ---: | ---: |\n"
+        );
+        for scenario in self.scenarios() {
+            for test in self.tests().into_iter().filter(|t| *t != Test::TcpStream) {
+                let cell = |path: DataPath| -> String {
+                    let r = |n| self.ratio(scenario, path, test, n);
+                    match (r(lo), r(hi)) {
+                        (Some(a), Some(b)) if lo != hi => format!("{a:.2}× → {b:.2}×"),
+                        (Some(a), _) => format!("{a:.2}×"),
+                        _ => "–".into(),
+                    }
+                };
+                let riptide: Vec<String> = [
+                    DataPath::RiptideSock,
+                    DataPath::RiptideTc,
+                    DataPath::Riptide,
+                ]
+                .into_iter()
+                .filter(|p| self.paths(scenario).contains(p))
+                .map(|p| {
+                    let c = cell(p);
+                    match p {
+                        DataPath::RiptideSock => format!("{c} (socket LB)"),
+                        DataPath::RiptideTc => format!("{c} (tc)"),
+                        _ => c,
+                    }
+                })
+                .collect();
+                let _ = writeln!(
+                    md,
+                    "| `{}` | {} | {} | {} | {} |",
+                    scenario.name(),
+                    test.name(),
+                    riptide.join("<br>"),
+                    cell(DataPath::Iptables),
+                    cell(DataPath::Nftables)
+                );
+            }
+        }
+        md.push('\n');
         md
     }
 
