@@ -168,13 +168,18 @@ pub mod stats {
     /// neighbour entry yet, too big for the MTU, forwarding disabled, no
     /// route, TTL about to expire, or a route out of another device.
     pub const FIB_FALLBACK: u32 = 27;
+    /// A packet to a node-address frontend (NodePort, hostPort, externalIP
+    /// = node IP) that would have started a new flow belongs to a
+    /// connection of a local socket (a host process using a local port in
+    /// the NodePort range): left to the kernel, not balanced.
+    pub const LOCAL_SOCKET: u32 = 28;
     /// The last reason (for the names check).
-    pub const LAST: u32 = FIB_FALLBACK;
+    pub const LAST: u32 = LOCAL_SOCKET;
     /// Number of slots in the stats array.
     pub const MAX: u32 = 32;
 
     /// Human names by index, for metrics and the CLI.
-    pub const NAMES: [&str; 28] = [
+    pub const NAMES: [&str; 29] = [
         "pass",
         "redirect_local",
         "drop_malformed",
@@ -203,6 +208,7 @@ pub mod stats {
         "events_suppressed",
         "fib_redirect",
         "fib_fallback",
+        "local_socket",
     ];
 }
 

@@ -18,7 +18,8 @@
 //! The NodePort fast-path test puts both `eth0`s and an outside client on a
 //! bridge instead (`lab_outside`): client, node 1 and node 2 on one
 //! segment, so node 1 sends NodePort traffic for node 2's pod back out the
-//! uplink it came in on.
+//! uplink it came in on. The same lab checks that a connection node 1
+//! itself opens from a NodePort-numbered local port is left to the kernel.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -781,4 +782,245 @@ fn netns_nodeport_to_remote_backend_is_forwarded_by_fib_redirect() {
     );
     // Node 2 only delivers to its local pod: nothing for it to forward.
     assert_eq!(fib(&lab.node2), (0, 0), "{}", ctx());
+}
+
+/// A socket of `kind` (`SOCK_STREAM`/`SOCK_DGRAM`) bound to
+/// `0.0.0.0:port` before it connects, as netperf's TCP_CRR or any host
+/// application choosing its local port does; send, receive and connect
+/// time out after [`TIMEOUT`].
+fn bound_socket(kind: libc::c_int, port: u16) -> OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, kind | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let tv = libc::timeval {
+        tv_sec: libc::time_t::try_from(TIMEOUT.as_secs()).unwrap(),
+        tv_usec: 0,
+    };
+    // SAFETY: setsockopt with pointers to live values of the option's type.
+    unsafe {
+        let set = |opt, val: *const libc::c_void, len: usize| {
+            let rc = libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                val,
+                libc::socklen_t::try_from(len).unwrap(),
+            );
+            assert_eq!(
+                rc,
+                0,
+                "setsockopt {opt}: {}",
+                std::io::Error::last_os_error()
+            );
+        };
+        set(
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>(),
+        );
+        // Linux's connect() honours the send timeout.
+        set(
+            libc::SO_SNDTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>(),
+        );
+        set(
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>(),
+        );
+    }
+    let sa = sockaddr_in(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
+    // SAFETY: bind(2) with a sockaddr_in of the right size.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const sa).cast(),
+            libc::socklen_t::try_from(size_of::<libc::sockaddr_in>()).unwrap(),
+        )
+    };
+    assert_eq!(rc, 0, "bind :{port}: {}", std::io::Error::last_os_error());
+    fd
+}
+
+fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap(),
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// connect(2) of `fd` to `to`.
+fn connect_fd(fd: &OwnedFd, to: SocketAddrV4) -> std::io::Result<()> {
+    let sa = sockaddr_in(to);
+    // SAFETY: connect(2) with a sockaddr_in of the right size.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&raw const sa).cast(),
+            libc::socklen_t::try_from(size_of::<libc::sockaddr_in>()).unwrap(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A host process on node 1 (its own netns, host network) opening
+/// connections from a local port that equals a NodePort (30000): the
+/// replies (outside:port → node 1:30000) find no conntrack entry on the
+/// uplink's ingress and look like new NodePort flows. They belong to the
+/// local socket, so `rt_from_net` leaves them to the kernel (counted as
+/// `local_socket`) instead of DNATing them to the NodePort's backend,
+/// which made the connect() hang. A listener or an unconnected UDP socket
+/// bound to 0.0.0.0:30000 on node 1 does not stop the NodePort.
+#[test]
+fn netns_host_connection_from_a_nodeport_port_is_left_to_the_kernel() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = lab_outside("ls");
+    let n1_ip = ip(N1);
+    let p1_ip = ip("10.42.1.10");
+    let outside = ip(OUTSIDE);
+    let (web, dns) = (
+        SocketAddrV4::new(p1_ip, 8080),
+        SocketAddrV4::new(p1_ip, 5353),
+    );
+    let none = Ipv4Addr::UNSPECIFIED;
+    let s = &mut lab.node1.svcs;
+    s.upsert(&service(
+        "default/web-np:http",
+        Protocol::Tcp,
+        (FrontendKind::NodePort, none, 30000),
+        web,
+        true,
+    ))
+    .unwrap();
+    s.upsert(&service(
+        "default/dns-np:udp",
+        Protocol::Udp,
+        (FrontendKind::NodePort, none, 30000),
+        dns,
+        true,
+    ))
+    .unwrap();
+    let (n1, c, p1) = (&lab.n1, &lab.c, &lab.p1);
+    peer_echo_tcp(p1, web);
+    peer_echo_udp(p1, dns);
+    let (c_tcp, c_udp) = (
+        SocketAddrV4::new(outside, 7000),
+        SocketAddrV4::new(outside, 7053),
+    );
+    peer_echo_tcp(c, c_tcp);
+    peer_echo_udp(c, c_udp);
+    let ctx = || {
+        format!(
+            "n1 stats {:?}\nn1 conntrack {:?}",
+            stats_of(&lab.node1),
+            lab.node1.dp.conntrack().unwrap(),
+        )
+    };
+    let local_socket = || lab.node1.dp.stats().unwrap().get(stats::LOCAL_SOCKET);
+
+    // TCP from node 1's local port 30000 to the outside server: the
+    // SYN-ACK and everything after it reach the socket.
+    let got = in_ns(n1, move || {
+        let fd = bound_socket(libc::SOCK_STREAM, 30000);
+        connect_fd(&fd, c_tcp).map_err(|e| format!("connect {c_tcp} from :30000: {e}"))?;
+        let mut s = TcpStream::from(fd);
+        let mut all = String::new();
+        s.read_to_string(&mut all)
+            .map_err(|e| format!("read from {c_tcp}: {e}"))?;
+        Ok::<_, String>((s.local_addr().unwrap(), all))
+    })
+    .join()
+    .unwrap();
+    let (local, all) = got.unwrap_or_else(|e| panic!("host TCP from :30000: {e}\n{}", ctx()));
+    assert_eq!(local, SocketAddr::from((n1_ip, 30000)));
+    let (seen, rest) = all.split_once('\n').unwrap_or((&all, ""));
+    assert_eq!(seen, local.to_string(), "{}", ctx());
+    assert_eq!(rest.len(), 64 * 1024, "payload\n{}", ctx());
+    let after_tcp = local_socket();
+    assert!(after_tcp > 0, "counted as local_socket\n{}", ctx());
+    assert_eq!(
+        lab.node1.dp.stats().unwrap().get(stats::LB_NEW),
+        0,
+        "nothing balanced\n{}",
+        ctx()
+    );
+
+    // UDP: a socket bound to :30000 and connected to the outside server.
+    let got = in_ns(n1, move || {
+        let fd = bound_socket(libc::SOCK_DGRAM, 30000);
+        connect_fd(&fd, c_udp).map_err(|e| format!("connect {c_udp}: {e}"))?;
+        let s = UdpSocket::from(fd);
+        s.send(b"who am i").map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 64];
+        let n = s
+            .recv(&mut buf)
+            .map_err(|e| format!("no answer from {c_udp}: {e}"))?;
+        Ok::<_, String>(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+    .join()
+    .unwrap();
+    let seen = got.unwrap_or_else(|e| panic!("host UDP from :30000: {e}\n{}", ctx()));
+    assert_eq!(seen, format!("{n1_ip}:30000"), "{}", ctx());
+    assert!(local_socket() > after_tcp, "counted\n{}", ctx());
+    assert_eq!(
+        lab.node1.dp.stats().unwrap().get(stats::LB_NEW),
+        0,
+        "{}",
+        ctx()
+    );
+
+    // A listener and an unconnected UDP socket on 0.0.0.0:30000 on node 1:
+    // the NodePort still wins, from outside both reach the backend pod.
+    let before = local_socket();
+    let (tx, rx) = mpsc::channel();
+    let (hold_tx, hold_rx) = mpsc::channel::<()>();
+    let holder = in_ns(n1, move || {
+        let l = TcpListener::bind("0.0.0.0:30000").unwrap();
+        let u = UdpSocket::bind("0.0.0.0:30000").unwrap();
+        tx.send(()).unwrap();
+        let _ = hold_rx.recv();
+        drop((l, u));
+    });
+    rx.recv_timeout(TIMEOUT).expect("node 1 sockets bound");
+    let (local, seen) = tcp_from(c, SocketAddrV4::new(n1_ip, 30000))
+        .unwrap_or_else(|e| panic!("outside → NodePort with a listener: {e}\n{}", ctx()));
+    assert_eq!(
+        seen,
+        local.to_string(),
+        "the backend pod answered\n{}",
+        ctx()
+    );
+    let (local, from, seen) = udp_from(c, SocketAddrV4::new(n1_ip, 30000))
+        .unwrap_or_else(|e| panic!("outside → UDP NodePort with a bound socket: {e}\n{}", ctx()));
+    assert_eq!(from, SocketAddr::from((n1_ip, 30000)), "{}", ctx());
+    assert_eq!(
+        seen,
+        local.to_string(),
+        "the backend pod answered\n{}",
+        ctx()
+    );
+    assert_eq!(local_socket(), before, "{}", ctx());
+    assert_eq!(
+        lab.node1.dp.stats().unwrap().get(stats::LB_NEW),
+        2,
+        "{}",
+        ctx()
+    );
+    hold_tx.send(()).unwrap();
+    holder.join().unwrap();
 }

@@ -9,6 +9,7 @@ mod ct;
 mod events;
 mod icmp;
 mod lb;
+mod local_sock;
 mod maps;
 mod masq;
 mod nat;

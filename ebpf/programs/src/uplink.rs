@@ -16,6 +16,16 @@
 //! kernel's forwarding path when they can: `route::forward_out` looks the
 //! route and next hop up with `bpf_fib_lookup` and redirects the packet to
 //! the uplink's egress, where the source NAT above still happens.
+//!
+//! A packet to a node address is not a new NodePort (hostPort, externalIP
+//! on the node address) flow when it belongs to a connection of a host
+//! process that happens to use the frontend's port as its local port (the
+//! SYN-ACK of `connect()` from local port 30000): before balancing such a
+//! packet `local_sock::owns` asks the kernel's socket table and leaves it
+//! to the kernel if a non-listening TCP socket or a connected UDP socket
+//! owns the tuple (a listener on the port does not stop the NodePort). One
+//! socket lookup per new flow to a node-address frontend only: established
+//! flows are found in conntrack first.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use riptide_common::{
@@ -29,6 +39,7 @@ use crate::{
     ct,
     icmp::Rewrite,
     lb::{self, Chosen},
+    local_sock,
     maps::{config, count},
     masq,
     parse::{self, Pkt},
@@ -118,6 +129,15 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
         }
         return route::deliver(ctx, &p);
     };
+    if is_node && local_sock::owns(ctx, &p) {
+        // A reply (or later packet) of a connection a host process opened
+        // from a local port that equals this frontend's port: the kernel's
+        // socket owns it, it is not a new NodePort flow. Checked only here,
+        // for packets that would start a flow to a node-address frontend:
+        // established flows hit conntrack above and never pay the lookup.
+        count(stats::LOCAL_SOCKET);
+        return Ok(TC_ACT_OK as i32);
+    }
     let Some(chosen) = lb::select(
         &svc,
         || u64::from(p.saddr_be),
