@@ -480,7 +480,7 @@ impl Report {
                         .unwrap_or_default();
                     let _ = writeln!(
                         md,
-                        "| {} ≥ {:.2}× `{}` | {n} | {r:.2}×{lat} | {verdict} |",
+                        "| {} ≥ {:.2}× `{}` | {n} | {r:.3}×{lat} | {verdict} |",
                         t.what,
                         t.min_ratio,
                         base.name()
@@ -751,7 +751,7 @@ mod tests {
             md.contains("### outside → NodePort on node 1 → pod on node 1"),
             "{md}"
         );
-        assert!(md.contains("| ClusterIP via riptide socket LB, TCP_CRR ≥ 0.97× `direct` | 1 | 0.90× (P50 latency 1.11×) | short |"), "{md}");
+        assert!(md.contains("| ClusterIP via riptide socket LB, TCP_CRR ≥ 0.97× `direct` | 1 | 0.900× (P50 latency 1.11×) | short |"), "{md}");
         // A failed measurement is listed, and the report loads back.
         let r = r.with_failures(vec![Failure {
             scenario: Scenario::ClusterIp,
