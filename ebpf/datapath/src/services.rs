@@ -15,7 +15,7 @@
 //! flows, whose conntrack entries hold backend ids, keep working).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet as StdHashSet},
     net::Ipv4Addr,
 };
 
@@ -415,6 +415,14 @@ pub struct Services {
     backend_ids: StdHashMap<BackendAddr, u32>,
     backend_refs: StdHashMap<u32, u32>,
     revnat_ids: StdHashMap<FrontendId, u16>,
+    /// The ids in `backend_ids` / `revnat_ids` (allocation checks a
+    /// candidate without walking every id: 50k backends made the initial
+    /// sync quadratic).
+    used_backend_ids: StdHashSet<u32>,
+    used_revnat_ids: StdHashSet<u16>,
+    /// Which installed service owns each frontend (mirrors `installed`, so
+    /// the one-owner check is a lookup, not a walk over every service).
+    frontend_owner: StdHashMap<FrontendId, String>,
     /// Frontends found in the maps at open time and not yet claimed by an
     /// upsert: [`Services::remove_unclaimed`] deletes them after a resync.
     adopted: BTreeMap<FrontendId, BTreeMap<u8, u16>>,
@@ -476,6 +484,9 @@ impl Services {
             backend_ids: StdHashMap::new(),
             backend_refs: StdHashMap::new(),
             revnat_ids: StdHashMap::new(),
+            used_backend_ids: StdHashSet::new(),
+            used_revnat_ids: StdHashSet::new(),
+            frontend_owner: StdHashMap::new(),
             adopted: BTreeMap::new(),
             adopted_maglev: BTreeSet::new(),
             next_backend_id: 1,
@@ -498,6 +509,7 @@ impl Services {
                 protocol,
             };
             self.backend_ids.insert(addr, k.id);
+            self.used_backend_ids.insert(k.id);
             self.backend_refs.entry(k.id).or_insert(0);
             self.next_backend_id = self.next_backend_id.max(k.id.saturating_add(1));
         }
@@ -515,6 +527,7 @@ impl Services {
                 protocol,
             };
             self.revnat_ids.insert(id, v.revnat_id);
+            self.used_revnat_ids.insert(v.revnat_id);
             self.adopted.entry(id).or_default().insert(k.scope, v.count);
             self.next_revnat_id = self.next_revnat_id.max(v.revnat_id.saturating_add(1));
         }
@@ -529,7 +542,7 @@ impl Services {
         if let Some(id) = self.backend_ids.get(&addr) {
             return Ok(*id);
         }
-        let used: BTreeSet<u32> = self.backend_ids.values().copied().collect();
+        let used = &self.used_backend_ids;
         let mut id = self.next_backend_id.max(1);
         // Wrap once: ids freed earlier are reused when the counter runs out.
         let mut tries = 0u64;
@@ -542,6 +555,7 @@ impl Services {
         }
         self.next_backend_id = id.wrapping_add(1);
         self.backend_ids.insert(addr, id);
+        self.used_backend_ids.insert(id);
         Ok(id)
     }
 
@@ -549,7 +563,7 @@ impl Services {
         if let Some(id) = self.revnat_ids.get(&fe) {
             return Ok(*id);
         }
-        let used: BTreeSet<u16> = self.revnat_ids.values().copied().collect();
+        let used = &self.used_revnat_ids;
         let mut id = self.next_revnat_id.max(1);
         let mut tries = 0u32;
         while used.contains(&id) || id == 0 {
@@ -563,6 +577,7 @@ impl Services {
         }
         self.next_revnat_id = id.wrapping_add(1);
         self.revnat_ids.insert(fe, id);
+        self.used_revnat_ids.insert(id);
         Ok(id)
     }
 
@@ -570,8 +585,8 @@ impl Services {
     pub fn upsert(&mut self, svc: &Service) -> Result<()> {
         // Frontend ownership: one frontend belongs to one service.
         for fe in &svc.frontends {
-            for (name, inst) in &self.installed {
-                if name != &svc.name && inst.frontends.contains_key(&fe.id()) {
+            if let Some(name) = self.frontend_owner.get(&fe.id()) {
+                if name != &svc.name {
                     return Err(Error::Service {
                         service: svc.name.clone(),
                         reason: format!(
@@ -590,7 +605,7 @@ impl Services {
             self.revnat_id(fe.id())?;
         }
         let plan = build(svc, &self.backend_ids, &self.revnat_ids)?;
-        let old = self.installed.remove(&svc.name);
+        let old = self.take_installed(&svc.name);
         let new_backends: BTreeSet<BackendAddr> =
             svc.backends.iter().map(|b| svc.backend_addr(b)).collect();
 
@@ -649,6 +664,9 @@ impl Services {
             for addr in o.backends.difference(&new_backends) {
                 self.unref_backend(*addr)?;
             }
+        }
+        for fid in frontends.keys() {
+            self.frontend_owner.insert(*fid, svc.name.clone());
         }
         self.installed.insert(
             svc.name.clone(),
@@ -778,10 +796,23 @@ impl Services {
             self.delete_scope(*fid, *scope, *n)?;
         }
         if let Some(id) = self.revnat_ids.remove(fid) {
+            self.used_revnat_ids.remove(&id);
             ignore_missing(self.revnat.remove(&RevNatKey { id, _pad: 0 }))
                 .map_err(map_err(names::REVNAT4))?;
         }
         Ok(())
+    }
+
+    /// Takes `name` out of `installed` and its frontends out of
+    /// `frontend_owner` (which mirrors it).
+    fn take_installed(&mut self, name: &str) -> Option<Installed> {
+        let old = self.installed.remove(name)?;
+        for fid in old.frontends.keys() {
+            if self.frontend_owner.get(fid).is_some_and(|o| o == name) {
+                self.frontend_owner.remove(fid);
+            }
+        }
+        Some(old)
     }
 
     fn unref_backend(&mut self, addr: BackendAddr) -> Result<()> {
@@ -793,6 +824,7 @@ impl Services {
         if *refs == 0 {
             self.backend_refs.remove(&id);
             self.backend_ids.remove(&addr);
+            self.used_backend_ids.remove(&id);
             ignore_missing(self.be.remove(&BackendKey { id })).map_err(map_err(names::BE4))?;
         }
         Ok(())
@@ -801,7 +833,7 @@ impl Services {
     /// Removes service `name` and every entry only it used. Unknown names
     /// are not an error (idempotent delete).
     pub fn remove(&mut self, name: &str) -> Result<()> {
-        let Some(old) = self.installed.remove(name) else {
+        let Some(old) = self.take_installed(name) else {
             return Ok(());
         };
         for (fid, f) in &old.frontends {
@@ -831,6 +863,7 @@ impl Services {
             .collect();
         for (addr, id) in &orphans {
             self.backend_ids.remove(addr);
+            self.used_backend_ids.remove(id);
             self.backend_refs.remove(id);
             ignore_missing(self.be.remove(&BackendKey { id: *id })).map_err(map_err(names::BE4))?;
         }
