@@ -61,6 +61,26 @@ pub fn redirect(ctx: &TcContext, p: &Pkt, ep: &EndpointValue) -> Result<i32, u32
     // We act as the router between the two pods: decrement TTL (fixing the
     // IP checksum incrementally over the TTL/protocol word) and rewrite MACs
     // so the peer's eth0 accepts the frame as addressed to it.
+    hop(ctx, &ep.mac, &ep.node_mac)?;
+    count(stats::REDIRECT_LOCAL);
+    // bpf_redirect_peer() moves the skb to the ingress of the peer of
+    // `ifindex` (the pod's eth0) without a second pass through the backlog.
+    // SAFETY: plain helper call.
+    let verdict = unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32;
+    if verdict != TC_ACT_REDIRECT as i32 {
+        // Unknown ifindex (stale endpoint): the kernel's route still works.
+        return Ok(TC_ACT_OK as i32);
+    }
+    Ok(verdict)
+}
+
+/// What a router does to a packet it forwards: TTL − 1 with the IP
+/// checksum fixed incrementally over the TTL/protocol word, and the next
+/// hop's MAC as destination, the sending interface's as source. Packet
+/// pointers are derived here, after any helper that may have moved data.
+/// The caller has checked TTL > 1.
+#[inline(always)]
+fn hop(ctx: &TcContext, dmac: &[u8; 6], smac: &[u8; 6]) -> Result<(), u32> {
     let data = linear(ctx, L4_OFF).ok_or(stats::NAT_FAIL)?;
     // SAFETY: Ethernet and IPv4 header bounds checked by `linear`; no
     // helper ran since.
@@ -73,24 +93,14 @@ pub fn redirect(ctx: &TcContext, p: &Pkt, ep: &EndpointValue) -> Result<i32, u32
         // 16-bit stores (the frame start is 2-byte aligned) instead of a
         // 6-byte copy, which LLVM lowers to a byte-loop `memmove` on BPF.
         let eth = data as *mut u16;
-        let (d, s) = (&ep.mac, &ep.node_mac);
         let mut i = 0;
         while i < 3 {
-            *eth.add(i) = u16::from_ne_bytes([d[2 * i], d[2 * i + 1]]);
-            *eth.add(3 + i) = u16::from_ne_bytes([s[2 * i], s[2 * i + 1]]);
+            *eth.add(i) = u16::from_ne_bytes([dmac[2 * i], dmac[2 * i + 1]]);
+            *eth.add(3 + i) = u16::from_ne_bytes([smac[2 * i], smac[2 * i + 1]]);
             i += 1;
         }
     }
-    count(stats::REDIRECT_LOCAL);
-    // bpf_redirect_peer() moves the skb to the ingress of the peer of
-    // `ifindex` (the pod's eth0) without a second pass through the backlog.
-    // SAFETY: plain helper call.
-    let verdict = unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32;
-    if verdict != TC_ACT_REDIRECT as i32 {
-        // Unknown ifindex (stale endpoint): the kernel's route still works.
-        return Ok(TC_ACT_OK as i32);
-    }
-    Ok(verdict)
+    Ok(())
 }
 
 const AF_INET: u8 = 2;
@@ -145,27 +155,8 @@ pub fn forward_out(ctx: &TcContext, p: &Pkt) -> Result<i32, u32> {
         count(stats::FIB_FALLBACK);
         return Ok(TC_ACT_OK as i32);
     }
-    // As a router: TTL − 1 with the IP checksum fixed over the TTL/protocol
-    // word, the next hop's MAC as destination, the uplink's as source.
-    // Pointers are derived after the helper, which may have moved data.
-    let data = linear(ctx, L4_OFF).ok_or(stats::NAT_FAIL)?;
-    // SAFETY: Ethernet and IPv4 header bounds checked by `linear`; no
-    // helper ran since.
-    unsafe {
-        let ip = &mut *((data + IP_OFF) as *mut IpHdr);
-        let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
-        ip.ttl -= 1;
-        let new = u16::from_ne_bytes([ip.ttl, ip.proto]);
-        ip.check = apply_diff(ip.check, diff16(0, old, new));
-        let eth = data as *mut u16;
-        let (d, s) = (&fib.dmac, &fib.smac);
-        let mut i = 0;
-        while i < 3 {
-            *eth.add(i) = u16::from_ne_bytes([d[2 * i], d[2 * i + 1]]);
-            *eth.add(3 + i) = u16::from_ne_bytes([s[2 * i], s[2 * i + 1]]);
-            i += 1;
-        }
-    }
+    // The next hop's MAC as destination, the uplink's as source.
+    hop(ctx, &fib.dmac, &fib.smac)?;
     count(stats::FIB_REDIRECT);
     // SAFETY: plain helper call; flags 0 = the device's egress.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)

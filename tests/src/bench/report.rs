@@ -256,15 +256,7 @@ impl Report {
         test: Test,
         n: usize,
     ) -> Option<Stat> {
-        let v: Vec<f64> = self
-            .samples
-            .iter()
-            .filter(|s| {
-                s.scenario == scenario && s.path == path && s.test == test && s.services == n
-            })
-            .map(|s| s.m.throughput)
-            .collect();
-        stat(&v)
+        self.metric(scenario, path, test, n, |m| m.throughput)
     }
 
     fn p50(&self, scenario: Scenario, path: DataPath, test: Test, n: usize) -> Option<Stat> {
