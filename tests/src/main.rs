@@ -62,25 +62,60 @@ fn main() -> Result<()> {
             eprintln!("lab {}: nothing left behind", cli.prefix);
             Ok(())
         }
-        Cmd::Exec { target, command } => {
-            let (prog, args) = command.split_first().context("no command given")?;
-            let mut cmd = match target.as_str() {
-                "outside" | "out" => netns::command(&format!("{}-out", cli.prefix), prog)?,
-                t => {
-                    // A node: its netns and its cgroup, like a process on that node.
-                    let node = if t.starts_with(&format!("{}-", cli.prefix)) {
-                        t.to_owned()
-                    } else {
-                        format!("{}-{t}", cli.prefix)
-                    };
-                    let cgroup = std::path::Path::new(lab::CGROUP2_ROOT).join(&cli.prefix).join(&node);
-                    netns::command_in_cgroup(&node, &cgroup, prog)?
-                }
-            };
-            let status = cmd.args(args).status().with_context(|| format!("running {prog} in {target}"))?;
-            std::process::exit(status.code().unwrap_or(1));
-        }
+        Cmd::Exec { target, command } => exec(&cli.prefix, &cli.state_dir, &target, &command),
     }
+}
+
+/// Runs `command` inside a lab namespace. On a node it joins the node's
+/// netns and cgroup and gets the node's environment, like a shell in
+/// Cilium's agent pod: the workspace's binaries first on `PATH`, the node's
+/// agent socket and name for the `riptide` CLI, and the lab's kubeconfig.
+fn exec(prefix: &str, state_dir: &std::path::Path, target: &str, command: &[String]) -> Result<()> {
+    let (prog, args) = command.split_first().context("no command given")?;
+    let exe = std::env::current_exe().context("locating riptide-lab")?;
+    let bin_dir = exe.parent().context("riptide-lab has no directory")?;
+    let path = match std::env::var_os("PATH") {
+        Some(p) => std::env::join_paths(std::iter::once(bin_dir.to_path_buf()).chain(std::env::split_paths(&p)))
+            .context("building PATH")?,
+        None => bin_dir.as_os_str().to_owned(),
+    };
+    let state_dir = std::path::absolute(state_dir).context("resolving the lab's state dir")?;
+    // The program is looked up on the new PATH, so `riptide` finds the
+    // workspace's build rather than whatever the caller's PATH holds.
+    let program = which_in(prog, &path);
+    let mut cmd = match target {
+        "outside" | "out" => netns::command(&format!("{prefix}-out"), &program)?,
+        t => {
+            // A node: its netns and its cgroup, like a process on that node.
+            let node = if t.starts_with(&format!("{prefix}-")) { t.to_owned() } else { format!("{prefix}-{t}") };
+            let node_dir = state_dir.join("nodes").join(&node);
+            if !node_dir.is_dir() {
+                bail!("no lab node {node} (no {}): is the lab running?", node_dir.display());
+            }
+            let cgroup = std::path::Path::new(lab::CGROUP2_ROOT).join(prefix).join(&node);
+            let mut cmd = netns::command_in_cgroup(&node, &cgroup, &program)?;
+            cmd.env("RIPTIDE_NODE_NAME", &node).env("RIPTIDE_AGENT_SOCKET", node_dir.join("agent.sock"));
+            cmd
+        }
+    };
+    let kubeconfig = state_dir.join("kubeconfig");
+    if kubeconfig.exists() {
+        cmd.env("KUBECONFIG", kubeconfig);
+    }
+    let status = cmd.env("PATH", &path).args(args).status().with_context(|| format!("running {prog} in {target}"))?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+/// `prog` resolved against `path` the way execvp would, or `prog` itself
+/// (a path, or a name execvp will then report as not found).
+fn which_in(prog: &str, path: &std::ffi::OsStr) -> std::path::PathBuf {
+    if prog.contains('/') {
+        return prog.into();
+    }
+    std::env::split_paths(path)
+        .map(|dir| dir.join(prog))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| prog.into())
 }
 
 fn up(prefix: &str, state_dir: &std::path::Path, nodes: u32, detach: bool, net: LabNet) -> Result<()> {
@@ -176,7 +211,7 @@ fn print_examples(lab: &Lab) {
     println!("  cargo xtask lab exec outside -- curl -s http://{}:30080/hostname    # NodePort from outside", c.node_ip(1));
     println!("  cargo xtask lab exec n1 -- curl -s http://$(kubectl get svc demo -o jsonpath='{{.spec.clusterIP}}')/clientip");
     println!("See the datapath:");
-    println!("  target/debug/riptide --socket {} service list", c.agent_socket(1).display());
+    println!("  cargo xtask lab exec n1 -- riptide service list              # the node's agent, as cilium-dbg in its pod");
     println!("Logs in {}. Ctrl-C tears everything down.", c.log_dir().display());
     println!();
 }

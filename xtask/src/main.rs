@@ -259,8 +259,21 @@ fn micro_benches(root: &Path, quick: bool) -> Result<()> {
 }
 
 fn lab(root: &Path, args: &[String]) -> Result<()> {
-    util::step("building the lab");
-    util::run(util::cargo(root).args(["build", "--bins"]))?;
-    let bin = root.join("target/debug/riptide-lab");
-    util::run(std::process::Command::new(bin).args(args).current_dir(root))
+    let bin = target_dir(root).join("debug/riptide-lab");
+    if args.first().is_some_and(|a| a == "up") {
+        util::step("building the lab");
+        util::run(util::cargo(root).args(["build", "--bins"]))?;
+    } else {
+        // `lab exec` and `down` are commands a user types into a shell next
+        // to a running lab: their output is the command's own, so the build
+        // speaks only when it fails.
+        util::run_quiet(util::cargo(root).args(["build", "--bins", "--quiet"]))?;
+    }
+    let status = std::process::Command::new(bin)
+        .args(args)
+        .current_dir(root)
+        .status()
+        .context("starting riptide-lab")?;
+    // `lab exec` passes the command's exit code through, as `kubectl exec` does.
+    std::process::exit(status.code().unwrap_or(1));
 }
