@@ -10,18 +10,18 @@
 //! them apart and paid a miss on every forward packet).
 //!
 //! Entries refresh `last_seen_ns` with the coarse clock (no TSC read per
-//! packet, only a store when the tick changed); LRU eviction and the
+//! packet, only a store when the tick changed; see [`crate::clock`]); LRU eviction and the
 //! agent's GC remove idle ones.
 
-use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use riptide_common::{
     BE_F_LOCAL, BackendValue, CT_DIR_ANY, CT_F_BE_LOCAL, CT_F_CLOSING, CT_F_REPLY, CtKey, CtValue,
     proto, stats,
 };
 
 use crate::{
+    clock::{now, touch},
     lb::Chosen,
-    maps::{CLOCK, CT4},
+    maps::CT4,
     parse::{Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -36,43 +36,6 @@ pub fn key(p: &Pkt) -> CtKey {
         dir: CT_DIR_ANY,
         _pad: 0,
     }
-}
-
-/// `CLOCK_MONOTONIC` at tick granularity (no TSC read). The coarse clock
-/// only moves once per tick, and `bpf_jiffies64` (one load behind one
-/// call) says when: the per-CPU cache saves the nested calls of
-/// `bpf_ktime_get_coarse_ns` on every other packet of the tick.
-#[inline(always)]
-pub fn now() -> u64 {
-    // SAFETY: plain helper call.
-    let j = unsafe { bpf_jiffies64() };
-    if let Some(c) = CLOCK.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot; programs do not migrate mid-run.
-        let c = unsafe { &mut *c };
-        if c[0] == j && c[1] != 0 {
-            return c[1];
-        }
-        // SAFETY: plain helper call.
-        let t = unsafe { bpf_ktime_get_coarse_ns() };
-        c[0] = j;
-        c[1] = t;
-        return t;
-    }
-    // SAFETY: plain helper call.
-    unsafe { bpf_ktime_get_coarse_ns() }
-}
-
-/// Marks a map entry's `last_seen` as now, writing only when it changed
-/// (a store per packet would bounce the cache line between CPUs). True when
-/// it changed: the first packet of the flow in this clock tick.
-#[inline(always)]
-pub fn touch(last_seen: &mut u64) -> bool {
-    let t = now();
-    if *last_seen != t {
-        *last_seen = t;
-        return true;
-    }
-    false
 }
 
 /// An entry found for a packet, refreshed.

@@ -13,7 +13,7 @@ use aya_ebpf::{
 use riptide_common::{DropEvent, capacity, proto, stats};
 
 use crate::{
-    ct,
+    clock,
     maps::count,
     parse::{IP_OFF, IpHdr, L4_OFF, Ports, linear},
 };
@@ -31,7 +31,7 @@ const WINDOW_NS: u64 = 1_000_000_000;
 /// Sends `ev` unless this CPU is over its rate.
 #[inline(always)]
 pub fn emit(mut ev: DropEvent) {
-    let now = ct::now();
+    let now = clock::now();
     let Some(rate) = EVENT_RATE.get_ptr_mut(0) else {
         return;
     };

@@ -167,7 +167,7 @@ pub fn select(
         kind,
         _pad: [0; 5],
     };
-    let now = if affinity { crate::ct::now() } else { 0 };
+    let now = if affinity { crate::clock::now() } else { 0 };
     if affinity {
         if let Some(c) = affinity_hit(svc, &aff_key, now) {
             count(stats::AFFINITY_HIT);
@@ -233,6 +233,8 @@ fn affinity_hit(svc: &Service, key: &AffKey, now: u64) -> Option<Chosen> {
     // whole u64/u32 fields.
     let v = unsafe { &mut *ptr };
     let timeout_ns = u64::from(svc.master.affinity_timeout_s) * 1_000_000_000;
+    // Saturating: another CPU may have stamped the entry after our clock
+    // read, and that is a fresh entry, not an old one.
     if now.saturating_sub(v.last_used_ns) > timeout_ns {
         return None;
     }

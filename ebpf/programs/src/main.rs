@@ -4,6 +4,7 @@
 #![no_std]
 #![no_main]
 
+mod clock;
 mod csum;
 mod ct;
 mod events;

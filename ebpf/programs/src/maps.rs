@@ -57,11 +57,6 @@ pub static MAGLEV4: HashMap<MaglevKey, MaglevValue> =
 #[map(name = "rt_node4_v1")]
 pub static NODE4: LpmTrie<NodeKey, NodeValue> = LpmTrie::pinned(capacity::NODE4, 0);
 
-/// Per-CPU clock cache: `[jiffies, bpf_ktime_get_coarse_ns()]` of the last
-/// read on this CPU (see `ct::now`). Not pinned: private scratch.
-#[map]
-pub static CLOCK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
-
 /// Counts one event of `reason` on this CPU.
 #[inline(always)]
 pub fn count(reason: u32) {

@@ -23,7 +23,7 @@ use aya_ebpf::maps::lpm_trie::Key;
 use riptide_common::{CFG_F_MASQUERADE, CT_F_INBOUND, Config, CtValue, NodeKey, proto, stats};
 
 use crate::{
-    ct,
+    clock, ct,
     maps::{CT4, NODE4, count},
     parse::{Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, in_cidr},
 };
@@ -63,11 +63,11 @@ pub fn track_inbound(p: &Pkt) {
     let key = ct::reverse(p);
     if let Some(v) = CT4.get_ptr_mut(&key) {
         // SAFETY: map value pointer; a racing refresh is harmless.
-        ct::touch(unsafe { &mut (*v).last_seen_ns });
+        clock::touch(unsafe { &mut (*v).last_seen_ns });
         return;
     }
     let v = CtValue {
-        last_seen_ns: ct::now(),
+        last_seen_ns: clock::now(),
         flags: CT_F_INBOUND,
         ..CtValue::default()
     };

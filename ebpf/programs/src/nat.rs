@@ -10,7 +10,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use riptide_common::{CtKey, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_CLOSING, NatValue, stats};
 
-use crate::{ct, maps::NAT4, parse::Pkt};
+use crate::{clock, ct, maps::NAT4, parse::Pkt};
 
 /// Attempts at finding a free port before giving up (counted as SNAT_NO_PORT).
 const PORT_TRIES: u32 = 16;
@@ -28,7 +28,7 @@ fn lookup_mut(k: &CtKey) -> Option<&'static mut NatValue> {
     // SAFETY: map value pointer, valid for this program run; racing
     // last_seen refreshes are harmless.
     let v = unsafe { &mut *ptr };
-    ct::touch(&mut v.last_seen_ns);
+    clock::touch(&mut v.last_seen_ns);
     Some(v)
 }
 
@@ -95,7 +95,7 @@ pub fn alloc(
         // Unreachable (hi ≥ lo), but proves to LLVM that `%` cannot panic.
         return Err(stats::SNAT_NO_PORT);
     }
-    let t = ct::now();
+    let t = clock::now();
     // Try the client's own port first (keeps ports stable, like iptables
     // MASQUERADE), then random ones.
     let mut port = u32::from(u16::from_be(p.sport_be));
