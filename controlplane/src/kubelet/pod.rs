@@ -357,8 +357,15 @@ impl Worker {
             return;
         }
         let Some(started) = live.started_instant else {
-            // Adopted: treat as started long ago, probes due now.
-            live.started_instant = Some(Instant::now() - Duration::from_secs(3600));
+            // Adopted (started before this kubelet): the initial delays are
+            // over, so every probe is due now. Not by backdating the start:
+            // `Instant` is CLOCK_MONOTONIC, and on a machine up for less
+            // than the backdated age that instant does not exist.
+            let now = Instant::now();
+            live.started_instant = Some(now);
+            for t in [&mut live.startup, &mut live.liveness, &mut live.readiness] {
+                t.next_due = Some(now);
+            }
             return;
         };
         let due = |t: &Tracker, p: &k8s_openapi::api::core::v1::Probe| {
