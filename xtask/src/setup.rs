@@ -109,37 +109,57 @@ fn apt() -> Result<()> {
     Ok(())
 }
 
+/// The dated nightly the eBPF programs build with: the `channel` of
+/// `ebpf/programs/rust-toolchain.toml`, which `ebpf/datapath/build.rs` reads
+/// too.
+fn pinned_nightly() -> Result<&'static str> {
+    const FILE: &str = include_str!("../../ebpf/programs/rust-toolchain.toml");
+    FILE.lines()
+        .find_map(|l| {
+            let v = l.trim().strip_prefix("channel")?.trim_start().strip_prefix('=')?;
+            Some(v.trim().trim_matches('"'))
+        })
+        .context("ebpf/programs/rust-toolchain.toml has no `channel = \"…\"` line")
+}
+
 fn nightly_rust_src() -> Result<()> {
+    let nightly = pinned_nightly()?;
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup not found: riptide builds eBPF with a rustup-managed nightly")?;
-    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        step("nightly toolchain: installing (minimal profile, rust-src)");
+    // "nightly-2026-05-20-x86_64-unknown-linux-gnu (default)"
+    let have = toolchains
+        .lines()
+        .any(|l| l.split_whitespace().next().is_some_and(|t| t.starts_with(&format!("{nightly}-"))));
+    if !have {
+        step(&format!("{nightly}: installing (minimal profile, rust-src)"));
         return run(Command::new("rustup").args([
             "toolchain",
             "install",
-            "nightly",
+            nightly,
+            // rustup's own version is the machine owner's choice.
+            "--no-self-update",
             "--profile",
             "minimal",
             "--component",
             "rust-src",
         ]))
-        .context("installing the nightly toolchain (is crates.io/rustup reachable?)");
+        .with_context(|| format!("installing {nightly} (is static.rust-lang.org reachable?)"));
     }
     let comps = output(Command::new("rustup").args([
         "component",
         "list",
         "--installed",
         "--toolchain",
-        "nightly",
+        nightly,
     ]))
     .unwrap_or_default();
     if comps.lines().any(|l| l.starts_with("rust-src")) {
-        step("nightly rust-src: already installed");
+        step(&format!("{nightly} rust-src: already installed"));
         return Ok(());
     }
-    step("nightly rust-src: installing");
-    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
-        .context("adding rust-src to the nightly toolchain")
+    step(&format!("{nightly} rust-src: installing"));
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", nightly]))
+        .with_context(|| format!("adding rust-src to {nightly}"))
 }
 
 fn bpf_linker() -> Result<()> {

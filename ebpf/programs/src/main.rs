@@ -1,8 +1,14 @@
 //! riptide's eBPF programs. Each entry point is a thin wrapper over a
 //! `try_*` function in the module for its concern; the wrapper maps an error
 //! to an explicit, commented verdict.
-#![no_std]
-#![no_main]
+//!
+//! The crate is only meaningful for `bpfel-unknown-none` (aya-build builds
+//! it from `ebpf/datapath/build.rs`). A host build (`cargo build
+//! --workspace`, clippy, tests) compiles the same code against std with an
+//! empty `main`, so every ordinary workspace command works and still
+//! type-checks the programs.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 mod clock;
 mod csum;
@@ -126,11 +132,14 @@ fn sock_rev(ctx: &SockAddrContext) -> i32 {
     }
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
 
 // bpf_redirect_peer and friends are GPL-only helpers.
 #[unsafe(link_section = "license")]
