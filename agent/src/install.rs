@@ -42,6 +42,8 @@ pub enum Error {
     Config(#[from] crate::config_dir::Error),
     #[error("config key {key}={value:?} is not valid")]
     Value { key: &'static str, value: String },
+    #[error(transparent)]
+    Cidr(#[from] riptide_cidr::Error),
     #[error("removing riptide's routes")]
     Routes(#[source] routes::Error),
     #[error("removing the vxlan device")]
@@ -102,7 +104,7 @@ pub struct InstallCni {
     #[arg(long, env = crate::config_dir::ENV)]
     pub config_dir: Option<PathBuf>,
     /// Cluster pod range (default 10.42.0.0/16).
-    #[arg(long)]
+    #[arg(long, value_parser = |s: &str| riptide_cidr::parse("cluster-cidr", s))]
     pub cluster_cidr: Option<Ipv4Network>,
     /// MTU of pod interfaces (default 1500).
     #[arg(long)]
@@ -147,8 +149,8 @@ impl InstallCni {
     pub fn conflist_with(&self, keys: &BTreeMap<String, String>) -> Result<serde_json::Value, Error> {
         let cluster = match (self.cluster_cidr, keys.get("cluster-cidr")) {
             (Some(c), _) => c,
-            (None, Some(v)) => v.parse().map_err(|_| Error::Value { key: "cluster-cidr", value: v.clone() })?,
-            (None, None) => Ipv4Network::new([10, 42, 0, 0].into(), 16).map_err(|_| Error::Value { key: "cluster-cidr", value: String::new() })?,
+            (None, Some(v)) => riptide_cidr::parse("cluster-cidr", v)?,
+            (None, None) => riptide_cidr::parse("cluster-cidr", "10.42.0.0/16")?,
         };
         let mtu = match (self.mtu, keys.get("mtu")) {
             (Some(m), _) => m,
@@ -326,6 +328,17 @@ mod tests {
         std::fs::write(d.path().join("mtu"), "big").unwrap();
         let a = InstallCni::try_parse_from(["install-cni", "--node-name", "n1", "--config-dir", d.path().to_str().unwrap()]).unwrap();
         assert!(a.conflist().is_err());
+    }
+
+    #[test]
+    fn cluster_cidr_with_host_bits_is_refused_with_the_network_meant() {
+        let want = "cluster-cidr 10.42.0.1/16 has host bits set; did you mean 10.42.0.0/16?";
+        let e = InstallCni::try_parse_from(["install-cni", "--node-name", "n1", "--cluster-cidr", "10.42.0.1/16"]).unwrap_err();
+        assert!(e.to_string().contains(want), "{e}");
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("cluster-cidr"), "10.42.0.1/16\n").unwrap();
+        let a = InstallCni::try_parse_from(["install-cni", "--node-name", "n1", "--config-dir", d.path().to_str().unwrap()]).unwrap();
+        assert_eq!(a.conflist().unwrap_err().to_string(), want);
     }
 
     #[test]

@@ -23,7 +23,7 @@ struct Args {
     #[arg(long)]
     node_ip: Option<Ipv4Addr>,
     /// The cluster's pod range; routes are only ever written inside it.
-    #[arg(long, default_value = "10.42.0.0/16")]
+    #[arg(long, default_value = "10.42.0.0/16", value_parser = |s: &str| riptide_cidr::parse("cluster-cidr", s))]
     cluster_cidr: Ipv4Network,
     /// Unix socket of the local API (the `riptide` CLI). Default: /run/riptide/<node>/agent.sock
     #[arg(long)]

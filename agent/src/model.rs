@@ -602,7 +602,7 @@ pub fn node_spec_pod_cidr(node: &Node) -> Option<ipnetwork::Ipv4Network> {
         .iter()
         .flatten()
         .chain(spec.pod_cidr.iter())
-        .find_map(|c| c.parse().ok())
+        .find_map(|c| riptide_cidr::parse("podCIDR", c).ok())
 }
 
 /// Removes duplicates, keeping first occurrences in order.

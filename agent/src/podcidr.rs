@@ -37,9 +37,9 @@ pub const ANNOTATION: &str = "riptide.io/pod-cidr";
 /// Size of a claimed range (one per node, like the control plane's IPAM).
 pub const PREFIX: u8 = 24;
 
-/// The range claimed in `node`'s annotation, if it parses.
+/// The range claimed in `node`'s annotation, if it is a valid range.
 pub fn claimed(node: &Node) -> Option<Ipv4Network> {
-    node.annotations().get(ANNOTATION)?.trim().parse().ok()
+    riptide_cidr::parse(ANNOTATION, node.annotations().get(ANNOTATION)?).ok()
 }
 
 /// What the own node should do about its podCIDR.
@@ -55,10 +55,6 @@ pub enum Decision {
     Claim { cidr: Ipv4Network, replacing: Option<Ipv4Network> },
     /// No free range is left in the cluster range.
     Exhausted,
-}
-
-fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
-    a.contains(b.network()) || b.contains(a.network())
 }
 
 /// Pure decision for node `own` given every Node (deterministic: same
@@ -85,26 +81,17 @@ pub fn decide<'a>(own: &str, nodes: impl IntoIterator<Item = &'a Node>, cluster:
     }
     let mine = claimed(me);
     if let Some(c) = mine {
-        let usable = c.prefix() >= cluster.prefix() && cluster.contains(c.network());
+        let usable = c.is_subnet_of(cluster);
         let contested = others
             .iter()
-            .any(|(name, o, from_spec)| overlaps(*o, c) && (*from_spec || name.as_str() < own));
+            .any(|(name, o, from_spec)| o.overlaps(c) && (*from_spec || name.as_str() < own));
         if usable && !contested {
             return Decision::Claimed(c);
         }
     }
-    let prefix = prefix.max(cluster.prefix());
-    let size = 1u64 << (32 - u32::from(prefix));
-    let count = 1u64 << (u32::from(prefix) - u32::from(cluster.prefix()));
-    let base = u64::from(u32::from(cluster.network()));
-    for i in 0..count {
-        let Ok(addr) = u32::try_from(base + i * size) else { break };
-        let Ok(cand) = Ipv4Network::new(addr.into(), prefix) else { break };
-        if !others.iter().any(|(_, o, _)| overlaps(*o, cand)) {
-            return Decision::Claim { cidr: cand, replacing: mine };
-        }
-    }
-    Decision::Exhausted
+    riptide_cidr::subnets(cluster, prefix.max(cluster.prefix()))
+        .find(|cand| !others.iter().any(|(_, o, _)| o.overlaps(*cand)))
+        .map_or(Decision::Exhausted, |cidr| Decision::Claim { cidr, replacing: mine })
 }
 
 /// Settings of the fallback.

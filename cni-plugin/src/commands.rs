@@ -2,13 +2,14 @@
 
 use std::{collections::HashSet, net::Ipv4Addr};
 
+use ipnetwork::Ipv4Network;
 use riptide_common::{EP_F_HOST, EndpointValue};
 
 use crate::{
     config::Config,
     datapath,
     env::CniEnv,
-    ipam::{self, Cidr, Store},
+    ipam::{self, Store},
     link::{self, Plan},
     netlink::{Netlink, fmt_mac},
     netns::NetNs,
@@ -45,13 +46,13 @@ impl From<datapath::Error> for CniError {
     }
 }
 
-fn plan(env: &CniEnv, conf: &Config, range: Cidr, ip: Ipv4Addr) -> Plan {
+fn plan(env: &CniEnv, conf: &Config, range: Ipv4Network, ip: Ipv4Addr) -> Plan {
     Plan {
         host: link::host_ifname(&env.container_id, &env.ifname),
         pod_ifname: env.ifname.clone(),
         mtu: conf.mtu,
         pod_ip: ip,
-        gateway: range.gateway(),
+        gateway: ipam::gateway(range),
     }
 }
 
@@ -150,12 +151,12 @@ pub fn add(env: &CniEnv, conf: &Config) -> Result<CniResult, CniError> {
         ips: vec![IpConfig {
             version: None,
             address: format!("{ip}/32"),
-            gateway: Some(range.gateway().to_string()),
+            gateway: Some(ipam::gateway(range).to_string()),
             interface: Some(1),
         }],
         routes: vec![Route {
             dst: "0.0.0.0/0".into(),
-            gw: Some(range.gateway().to_string()),
+            gw: Some(ipam::gateway(range).to_string()),
         }],
         dns: conf.dns.clone(),
     }
@@ -261,10 +262,10 @@ pub fn status(conf: &Config) -> Result<(), CniError> {
     let store = Store::new(&conf.state_dir);
     if store.exists() {
         let used = store.lock()?.reservations()?.len();
-        if u32::try_from(used).unwrap_or(u32::MAX) >= range.usable() {
+        if u32::try_from(used).unwrap_or(u32::MAX) >= ipam::usable(range) {
             return Err(unavailable(format!(
                 "pod range {range} is exhausted ({used} of {} addresses reserved)",
-                range.usable()
+                ipam::usable(range)
             )));
         }
     }

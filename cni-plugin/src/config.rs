@@ -11,11 +11,11 @@
 
 use std::path::PathBuf;
 
+use ipnetwork::Ipv4Network;
 use serde::Deserialize;
 
 use crate::{
     env::Command,
-    ipam::Cidr,
     types::{Attachment, CniError, CniResult, Dns, Version, code, supported},
 };
 
@@ -52,7 +52,7 @@ struct RawConf {
 /// Where the node's pod range comes from.
 #[derive(Debug, Clone)]
 pub enum PodCidrSource {
-    Inline(Cidr),
+    Inline(Ipv4Network),
     File(PathBuf),
 }
 
@@ -63,7 +63,7 @@ pub struct Config {
     pub name: String,
     pub node: String,
     pub pod_cidr: PodCidrSource,
-    pub cluster_cidr: Cidr,
+    pub cluster_cidr: Ipv4Network,
     pub state_dir: PathBuf,
     pub mtu: u32,
     pub dns: Dns,
@@ -123,11 +123,11 @@ pub fn parse(stdin: &[u8], command: Command) -> Result<Config, CniError> {
             "invalid nodeName {node:?}: use [A-Za-z0-9._-], 1 to 253 characters"
         )));
     }
-    let cluster_cidr = Cidr::parse(raw.cluster_cidr.as_deref().unwrap_or(DEFAULT_CLUSTER_CIDR))
-        .map_err(|e| invalid(format!("clusterCIDR: {e}")))?;
+    let cluster_cidr = riptide_cidr::parse("clusterCIDR", raw.cluster_cidr.as_deref().unwrap_or(DEFAULT_CLUSTER_CIDR))
+        .map_err(|e| invalid(e.to_string()))?;
     let pod_cidr = match (raw.pod_cidr, raw.pod_cidr_file) {
         (Some(c), None) => {
-            let c = Cidr::parse(&c).map_err(|e| invalid(format!("podCIDR: {e}")))?;
+            let c = riptide_cidr::parse("podCIDR", &c).map_err(|e| invalid(e.to_string()))?;
             check_pod_cidr(c, cluster_cidr).map_err(invalid)?;
             PodCidrSource::Inline(c)
         }
@@ -194,11 +194,11 @@ fn check_version(version: &str, command: Command) -> Result<(), CniError> {
 
 /// The node's range must be a subnet of the cluster range, small enough to
 /// leave network, gateway, broadcast and at least one pod (/30 at most).
-pub fn check_pod_cidr(pod: Cidr, cluster: Cidr) -> Result<(), String> {
+pub fn check_pod_cidr(pod: Ipv4Network, cluster: Ipv4Network) -> Result<(), String> {
     if pod.prefix() > 30 {
         return Err(format!("podCIDR {pod} is smaller than a /30"));
     }
-    if pod.prefix() < cluster.prefix() || !cluster.contains(pod.network()) {
+    if !pod.is_subnet_of(cluster) {
         return Err(format!("podCIDR {pod} is not inside the cluster range {cluster}"));
     }
     Ok(())
@@ -220,7 +220,7 @@ fn hostname() -> Option<String> {
 impl Config {
     /// The node's pod range, read from the file when the config names one.
     /// A missing file means the node has no range yet: try again later.
-    pub fn pod_range(&self) -> Result<Cidr, CniError> {
+    pub fn pod_range(&self) -> Result<Ipv4Network, CniError> {
         match &self.pod_cidr {
             PodCidrSource::Inline(c) => Ok(*c),
             PodCidrSource::File(path) => {
@@ -230,9 +230,8 @@ impl Config {
                         format!("reading podCIDRFile {}: {e}", path.display()),
                     )
                 })?;
-                let c = Cidr::parse(text.trim()).map_err(|e| {
-                    invalid(format!("podCIDRFile {}: {e}", path.display()))
-                })?;
+                let c = riptide_cidr::parse("podCIDR", &text)
+                    .map_err(|e| invalid(format!("podCIDRFile {}: {e}", path.display())))?;
                 check_pod_cidr(c, self.cluster_cidr).map_err(invalid)?;
                 Ok(c)
             }
@@ -279,5 +278,25 @@ mod tests {
         assert_eq!(parse(tiny.as_bytes(), Command::Add).unwrap_err().code, 7);
         let other = conf("").replace(r#""type":"riptide""#, r#""type":"bridge""#);
         assert_eq!(parse(other.as_bytes(), Command::Add).unwrap_err().code, 7);
+    }
+
+    #[test]
+    fn ranges_with_host_bits_are_invalid_config_with_the_network_meant() {
+        let e = parse(conf(r#","clusterCIDR":"10.42.0.1/16""#).as_bytes(), Command::Add).unwrap_err();
+        assert_eq!(e.code, 7);
+        assert_eq!(e.msg, "clusterCIDR 10.42.0.1/16 has host bits set; did you mean 10.42.0.0/16?");
+        let e = parse(conf("").replace("10.42.3.0/24", "10.42.3.1/24").as_bytes(), Command::Add).unwrap_err();
+        assert_eq!((e.code, e.msg.as_str()), (7, "podCIDR 10.42.3.1/24 has host bits set; did you mean 10.42.3.0/24?"));
+        // The file the agent writes is held to the same rule.
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("podcidr");
+        std::fs::write(&file, "10.42.3.9/24\n").unwrap();
+        let text = conf("").replace(r#""podCIDR":"10.42.3.0/24""#, &format!(r#""podCIDRFile":{:?}"#, file));
+        let c = parse(text.as_bytes(), Command::Add).unwrap();
+        let e = c.pod_range().unwrap_err();
+        assert_eq!(e.code, 7);
+        assert!(e.msg.ends_with("podCIDR 10.42.3.9/24 has host bits set; did you mean 10.42.3.0/24?"), "{}", e.msg);
+        std::fs::write(&file, "10.42.3.0/24\n").unwrap();
+        assert_eq!(c.pod_range().unwrap().to_string(), "10.42.3.0/24");
     }
 }

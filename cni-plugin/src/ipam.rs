@@ -12,13 +12,14 @@
 
 use std::{
     collections::HashSet,
-    fmt,
     fs::{self, File, OpenOptions},
     io::Write as _,
     net::Ipv4Addr,
     os::{fd::AsRawFd, unix::fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
+
+use ipnetwork::Ipv4Network;
 
 use crate::types::Attachment;
 
@@ -32,7 +33,7 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("no free address in {range} ({usable} usable, all reserved)")]
-    Exhausted { range: Cidr, usable: u32 },
+    Exhausted { range: Ipv4Network, usable: u32 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -45,107 +46,43 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
-/// An IPv4 network in CIDR notation, with host bits cleared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Cidr {
-    network: Ipv4Addr,
-    prefix: u8,
+/// The node side of every pod's default route: the range's first host
+/// address.
+pub fn gateway(range: Ipv4Network) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(range.network()).saturating_add(1))
 }
 
-impl Cidr {
-    pub fn new(addr: Ipv4Addr, prefix: u8) -> Option<Self> {
-        (prefix <= 32).then(|| Self {
-            network: Ipv4Addr::from(u32::from(addr) & mask(prefix)),
-            prefix,
-        })
-    }
-
-    /// Parses `a.b.c.d/n`; host bits must be zero (a typo guard).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not in CIDR notation (a.b.c.d/n)"))?;
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("{s:?}: {addr:?} is not an IPv4 address"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| format!("{s:?}: prefix length must be 0..=32"))?;
-        let c = Self::new(addr, prefix).ok_or_else(|| format!("{s:?}: bad prefix"))?;
-        if c.network != addr {
-            return Err(format!("{s:?} has host bits set (did you mean {c}?)"));
-        }
-        Ok(c)
-    }
-
-    pub fn network(self) -> Ipv4Addr {
-        self.network
-    }
-
-    pub fn prefix(self) -> u8 {
-        self.prefix
-    }
-
-    pub fn broadcast(self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.network) | !mask(self.prefix))
-    }
-
-    pub fn contains(self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & mask(self.prefix) == u32::from(self.network)
-    }
-
-    /// The node side of every pod's default route: the first host address.
-    pub fn gateway(self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.network) + 1)
-    }
-
-    /// First and last address handed to pods (skipping network, gateway and
-    /// broadcast). Only meaningful for prefixes up to /30.
-    pub fn pod_bounds(self) -> (u32, u32) {
-        (
-            u32::from(self.network) + 2,
-            u32::from(self.broadcast()) - 1,
-        )
-    }
-
-    pub fn usable(self) -> u32 {
-        let (first, last) = self.pod_bounds();
-        (last + 1).saturating_sub(first)
-    }
-
-    /// Is `ip` one the allocator could hand out?
-    pub fn is_pod_address(self, ip: Ipv4Addr) -> bool {
-        let (first, last) = self.pod_bounds();
-        (first..=last).contains(&u32::from(ip))
-    }
+/// First and last address handed to pods (skipping network, gateway and
+/// broadcast). Only meaningful for prefixes up to /30 (config.rs checks).
+fn pod_bounds(range: Ipv4Network) -> (u32, u32) {
+    (
+        u32::from(range.network()).saturating_add(2),
+        u32::from(range.broadcast()).saturating_sub(1),
+    )
 }
 
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.network, self.prefix)
-    }
+/// How many addresses of `range` pods can get.
+pub fn usable(range: Ipv4Network) -> u32 {
+    let (first, last) = pod_bounds(range);
+    last.saturating_add(1).saturating_sub(first)
 }
 
-fn mask(prefix: u8) -> u32 {
-    if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix))
-    }
+/// Is `ip` one the allocator could hand out?
+pub fn is_pod_address(range: Ipv4Network, ip: Ipv4Addr) -> bool {
+    let (first, last) = pod_bounds(range);
+    (first..=last).contains(&u32::from(ip))
 }
 
 /// The next free pod address after `last` (round-robin, wrapping), or the
 /// first free one when `last` is unknown or outside the range.
-pub fn next_free(range: Cidr, reserved: &HashSet<Ipv4Addr>, last: Option<Ipv4Addr>) -> Option<Ipv4Addr> {
-    let (first, end) = range.pod_bounds();
+pub fn next_free(range: Ipv4Network, reserved: &HashSet<Ipv4Addr>, last: Option<Ipv4Addr>) -> Option<Ipv4Addr> {
+    let (first, end) = pod_bounds(range);
     if end < first {
         return None;
     }
     let n = end - first + 1;
     let start = match last {
-        Some(l) if range.is_pod_address(l) => (u32::from(l) - first + 1) % n,
+        Some(l) if is_pod_address(range, l) => (u32::from(l) - first + 1) % n,
         _ => 0,
     };
     (0..n)
@@ -274,7 +211,7 @@ impl Locked<'_> {
     /// Reserves an address for (container, ifname). A second ADD for the
     /// same attachment (a runtime retrying after a crash) gets the same
     /// address back: one reservation per attachment, never two.
-    pub fn reserve(&self, range: Cidr, container_id: &str, ifname: &str) -> Result<Ipv4Addr> {
+    pub fn reserve(&self, range: Ipv4Network, container_id: &str, ifname: &str) -> Result<Ipv4Addr> {
         let all = self.reservations()?;
         if let Some(r) = all.iter().find(|r| r.is(container_id, ifname)) {
             return Ok(r.ip);
@@ -285,7 +222,7 @@ impl Locked<'_> {
             .and_then(|s| s.trim().parse().ok());
         let ip = next_free(range, &taken, last).ok_or(Error::Exhausted {
             range,
-            usable: range.usable(),
+            usable: usable(range),
         })?;
         self.write_atomic(&ip.to_string(), format!("{container_id}\n{ifname}").as_bytes(), true)?;
         // A hint only: failing to record it must not fail the reservation.
@@ -356,23 +293,25 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn net(s: &str) -> Ipv4Network {
+        riptide_cidr::parse("podCIDR", s).unwrap()
+    }
+
     #[test]
-    fn cidr_parsing_and_bounds() {
-        let c = Cidr::parse("10.42.7.0/24").unwrap();
-        assert_eq!(c.gateway(), ip("10.42.7.1"));
-        assert_eq!(c.broadcast(), ip("10.42.7.255"));
-        assert_eq!(c.usable(), 253);
-        assert!(c.is_pod_address(ip("10.42.7.2")) && c.is_pod_address(ip("10.42.7.254")));
-        assert!(!c.is_pod_address(ip("10.42.7.1")) && !c.is_pod_address(ip("10.42.7.255")));
-        assert!(Cidr::parse("10.42.7.1/24").unwrap_err().contains("host bits"));
-        assert!(Cidr::parse("10.42.7.0").is_err());
-        assert!(Cidr::parse("10.42.7.0/33").is_err());
-        assert_eq!(Cidr::parse("10.42.7.0/30").unwrap().usable(), 1);
+    fn pod_addresses_skip_network_gateway_and_broadcast() {
+        let c = net("10.42.7.0/24");
+        assert_eq!(gateway(c), ip("10.42.7.1"));
+        assert_eq!(usable(c), 253);
+        assert!(is_pod_address(c, ip("10.42.7.2")) && is_pod_address(c, ip("10.42.7.254")));
+        assert!(!is_pod_address(c, ip("10.42.7.1")) && !is_pod_address(c, ip("10.42.7.255")));
+        assert_eq!(usable(net("10.42.7.0/30")), 1);
+        assert_eq!(usable(net("10.42.7.0/31")), 0);
+        assert_eq!(usable(net("255.255.255.255/32")), 0, "no overflow at the top of the space");
     }
 
     #[test]
     fn allocation_skips_reserved_and_wraps() {
-        let c = Cidr::parse("10.42.0.0/29").unwrap(); // pods .2 ..= .6
+        let c = net("10.42.0.0/29"); // pods .2 ..= .6
         let mut taken = HashSet::new();
         assert_eq!(next_free(c, &taken, None), Some(ip("10.42.0.2")));
         // Round-robin: after .4 comes .5, even though .2 is free.
@@ -391,7 +330,7 @@ mod tests {
     fn store_reserves_once_per_attachment_and_releases() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::new(tmp.path());
-        let range = Cidr::parse("10.42.0.0/29").unwrap();
+        let range = net("10.42.0.0/29");
         let l = store.lock().unwrap();
         let a = l.reserve(range, "c1", "eth0").unwrap();
         assert_eq!(l.reserve(range, "c1", "eth0").unwrap(), a, "same attachment, same address");
@@ -412,7 +351,7 @@ mod tests {
     fn exhaustion_is_an_error_and_writes_nothing() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::new(tmp.path());
-        let range = Cidr::parse("10.42.0.0/30").unwrap();
+        let range = net("10.42.0.0/30");
         let l = store.lock().unwrap();
         l.reserve(range, "c1", "eth0").unwrap();
         let before: Vec<_> = fs::read_dir(store.dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
@@ -437,7 +376,7 @@ mod tests {
     fn concurrent_reservations_never_collide() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::new(tmp.path());
-        let range = Cidr::parse("10.42.0.0/24").unwrap();
+        let range = net("10.42.0.0/24");
         let ips: Vec<Ipv4Addr> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..8)
                 .map(|t| {

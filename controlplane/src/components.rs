@@ -33,8 +33,8 @@ pub async fn client(path: Option<&PathBuf>) -> Result<Client, Error> {
 #[derive(clap::Args, Debug, Clone)]
 pub struct ControllersArgs {
     /// Pod range; each node gets one /24 of it.
-    #[arg(long, default_value = "10.42.0.0/16")]
-    pub cluster_cidr: String,
+    #[arg(long, default_value = "10.42.0.0/16", value_parser = crate::controllers::nodeipam::parse_cluster_cidr)]
+    pub cluster_cidr: ipnetwork::Ipv4Network,
     /// A node whose kubelet is silent this long becomes NotReady/Unknown.
     #[arg(long, default_value = "40s", value_parser = parse_duration)]
     pub node_monitor_grace_period: Duration,
@@ -106,7 +106,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 pub async fn controllers(client: Client, a: &ControllersArgs) -> Result<(), Error> {
     let cfg = crate::controllers::Config {
-        cluster_cidr: a.cluster_cidr.clone(),
+        cluster_cidr: a.cluster_cidr,
         node_monitor_grace: a.node_monitor_grace_period,
         ..Default::default()
     };

@@ -30,29 +30,36 @@ use self::util::{Wake, next_pass, reflect};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid cluster CIDR {0:?}: want an IPv4 range of /8 to /24")]
-    ClusterCidr(String),
+    #[error(transparent)]
+    ClusterCidr(#[from] nodeipam::CidrError),
 }
 
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Pod range split into one /24 per node.
-    pub cluster_cidr: String,
+    pub cluster_cidr: ipnetwork::Ipv4Network,
     /// A node silent for this long becomes Ready=Unknown (k8s: 40s).
     pub node_monitor_grace: Duration,
     /// Full pass at least this often, even without events.
     pub resync: Duration,
 }
 
+/// 10.42.0.0/16, the k3s default.
+pub const DEFAULT_CLUSTER_CIDR: ipnetwork::Ipv4Network = match ipnetwork::Ipv4Network::new_checked(std::net::Ipv4Addr::new(10, 42, 0, 0), 16) {
+    Some(n) => n,
+    None => panic!("a /16 is a valid prefix"),
+};
+
 impl Default for Config {
     fn default() -> Self {
-        Self { cluster_cidr: "10.42.0.0/16".into(), node_monitor_grace: Duration::from_secs(40), resync: Duration::from_secs(5) }
+        Self { cluster_cidr: DEFAULT_CLUSTER_CIDR, node_monitor_grace: Duration::from_secs(40), resync: Duration::from_secs(5) }
     }
 }
 
 /// Runs all controllers until the process ends.
 pub async fn run(client: Client, cfg: Config) -> Result<(), Error> {
-    let cidr = nodeipam::ClusterCidr::parse(&cfg.cluster_cidr).ok_or_else(|| Error::ClusterCidr(cfg.cluster_cidr.clone()))?;
+    nodeipam::check_cluster_cidr(cfg.cluster_cidr)?;
+    let cidr = cfg.cluster_cidr;
     let (w_rs, w_dep, w_ep, w_node) = (Wake::default(), Wake::default(), Wake::default(), Wake::default());
     let recorder = events::Recorder::new(client.clone(), "riptide-controller-manager", None);
     let wc = watcher::Config::default;

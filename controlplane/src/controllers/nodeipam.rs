@@ -4,8 +4,7 @@
 //! Node's range is free again on the next pass and a restarted controller
 //! needs no state of its own.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
-
+use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api, Client, ResourceExt as _,
@@ -15,60 +14,47 @@ use kube::{
 
 use super::events::Recorder;
 
-/// A cluster range split into /24s.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClusterCidr {
-    pub base: Ipv4Addr,
-    pub prefix: u8,
+/// Every node gets one range of this size.
+pub const NODE_PREFIX: u8 = 24;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CidrError {
+    #[error(transparent)]
+    Parse(#[from] riptide_cidr::Error),
+    #[error("cluster-cidr {0} cannot be split into /24 node ranges: want a prefix of /8 to /24")]
+    Size(Ipv4Network),
 }
 
-impl ClusterCidr {
-    pub fn parse(s: &str) -> Option<Self> {
-        let (ip, p) = s.split_once('/')?;
-        let base: Ipv4Addr = ip.parse().ok()?;
-        let prefix: u8 = p.parse().ok()?;
-        (8..=24).contains(&prefix).then_some(Self { base, prefix })
-    }
-
-    /// Number of /24 blocks.
-    pub fn blocks(&self) -> u32 {
-        1u32 << (24 - u32::from(self.prefix))
-    }
-
-    pub fn block(&self, i: u32) -> String {
-        let base = u32::from(self.base) & !((1u32 << (32 - u32::from(self.prefix))) - 1);
-        let net = Ipv4Addr::from(base.wrapping_add(i << 8));
-        format!("{net}/24")
-    }
-
-    /// Index of `cidr` if it is one of our /24s.
-    pub fn index_of(&self, cidr: &str) -> Option<u32> {
-        let (ip, p) = cidr.split_once('/')?;
-        if p != "24" {
-            return None;
-        }
-        let ip: Ipv4Addr = ip.parse().ok()?;
-        (0..self.blocks()).find(|i| self.block(*i) == format!("{ip}/24"))
-    }
+/// `--cluster-cidr`: the shared rule of riptide-cidr (agent and CNI read
+/// the same string the same way), and a size this allocator can split.
+pub fn parse_cluster_cidr(s: &str) -> Result<Ipv4Network, CidrError> {
+    let c = riptide_cidr::parse("cluster-cidr", s)?;
+    check_cluster_cidr(c)?;
+    Ok(c)
 }
 
-/// Lowest free block index.
-pub fn allocate(cidr: &ClusterCidr, used: &BTreeSet<u32>) -> Option<u32> {
-    (0..cidr.blocks()).find(|i| !used.contains(i))
+pub fn check_cluster_cidr(c: Ipv4Network) -> Result<(), CidrError> {
+    if (8..=NODE_PREFIX).contains(&c.prefix()) { Ok(()) } else { Err(CidrError::Size(c)) }
+}
+
+/// The lowest /24 of `cluster` that overlaps no range in `used`.
+pub fn allocate(cluster: Ipv4Network, used: &[Ipv4Network]) -> Option<Ipv4Network> {
+    riptide_cidr::subnets(cluster, NODE_PREFIX).find(|b| !used.iter().any(|u| u.overlaps(*b)))
 }
 
 pub struct Ctx {
     pub client: Client,
     pub nodes: Store<Node>,
-    pub cidr: ClusterCidr,
+    pub cidr: Ipv4Network,
     pub recorder: Recorder,
 }
 
 pub async fn reconcile_all(ctx: &Ctx) {
     let nodes = ctx.nodes.state();
-    let mut used: BTreeSet<u32> = nodes
+    // Every valid range a Node holds, ours or not, so nothing is handed out twice.
+    let mut used: Vec<Ipv4Network> = nodes
         .iter()
-        .filter_map(|n| n.spec.as_ref()?.pod_cidr.as_deref().and_then(|c| ctx.cidr.index_of(c)))
+        .filter_map(|n| riptide_cidr::parse("podCIDR", n.spec.as_ref()?.pod_cidr.as_deref()?).ok())
         .collect();
     let mut pending: Vec<_> = nodes
         .iter()
@@ -78,15 +64,14 @@ pub async fn reconcile_all(ctx: &Ctx) {
     pending.sort_by_key(|n| (n.metadata.creation_timestamp.as_ref().map(|t| t.0), n.name_any()));
     let api: Api<Node> = Api::all(ctx.client.clone());
     for n in pending {
-        let Some(i) = allocate(&ctx.cidr, &used) else {
+        let Some(block) = allocate(ctx.cidr, &used) else {
             ctx.recorder.warning(n.as_ref(), "CIDRNotAvailable", "no free /24 left in the cluster CIDR").await;
             continue;
         };
-        let block = ctx.cidr.block(i);
-        let p = serde_json::json!({"spec": {"podCIDR": block, "podCIDRs": [block]}});
+        let p = serde_json::json!({"spec": {"podCIDR": block.to_string(), "podCIDRs": [block.to_string()]}});
         match api.patch(&n.name_any(), &PatchParams::default(), &Patch::Merge(&p)).await {
             Ok(_) => {
-                used.insert(i);
+                used.push(block);
                 tracing::info!(node = %n.name_any(), cidr = %block, "allocated pod CIDR");
                 ctx.recorder.normal(n.as_ref(), "CIDRAssignmentSucceeded", &format!("assigned pod CIDR {block}")).await;
             }
@@ -99,21 +84,34 @@ pub async fn reconcile_all(ctx: &Ctx) {
 mod tests {
     use super::*;
 
+    fn net(s: &str) -> Ipv4Network {
+        riptide_cidr::parse("test", s).expect("cidr")
+    }
+
     #[test]
     fn blocks_are_stable_lowest_free_and_reused() {
-        let c = ClusterCidr::parse("10.42.0.0/16").expect("cidr");
-        assert_eq!(c.blocks(), 256);
-        assert_eq!(c.block(0), "10.42.0.0/24");
-        assert_eq!(c.block(7), "10.42.7.0/24");
-        assert_eq!(c.index_of("10.42.7.0/24"), Some(7));
-        assert_eq!(c.index_of("10.43.7.0/24"), None);
-        let mut used = BTreeSet::from([0, 1, 3]);
-        assert_eq!(allocate(&c, &used), Some(2));
-        used.insert(2);
-        assert_eq!(allocate(&c, &used), Some(4));
-        used.remove(&1); // node deleted
-        assert_eq!(allocate(&c, &used), Some(1));
-        let full: BTreeSet<u32> = (0..256).collect();
-        assert_eq!(allocate(&c, &full), None);
+        let c = parse_cluster_cidr("10.42.0.0/16").expect("cidr");
+        let mut used = vec![net("10.42.0.0/24"), net("10.42.1.0/24"), net("10.42.3.0/24")];
+        assert_eq!(allocate(c, &used), Some(net("10.42.2.0/24")));
+        used.push(net("10.42.2.0/24"));
+        assert_eq!(allocate(c, &used), Some(net("10.42.4.0/24")));
+        used.retain(|u| *u != net("10.42.1.0/24")); // node deleted
+        assert_eq!(allocate(c, &used), Some(net("10.42.1.0/24")));
+        // A range from elsewhere (another /25, a range outside ours) blocks what it overlaps only.
+        assert_eq!(allocate(c, &[net("10.42.0.128/25"), net("10.43.0.0/24")]), Some(net("10.42.1.0/24")));
+        let full: Vec<_> = riptide_cidr::subnets(c, 24).collect();
+        assert_eq!(full.len(), 256);
+        assert_eq!(allocate(c, &full), None);
+    }
+
+    #[test]
+    fn cluster_cidr_follows_the_shared_rule_and_fits_the_allocator() {
+        assert_eq!(
+            parse_cluster_cidr("10.42.0.1/16").expect_err("host bits").to_string(),
+            "cluster-cidr 10.42.0.1/16 has host bits set; did you mean 10.42.0.0/16?"
+        );
+        assert!(matches!(parse_cluster_cidr("10.42.0.0/25"), Err(CidrError::Size(_))));
+        assert!(matches!(parse_cluster_cidr("10.0.0.0/7"), Err(CidrError::Size(_))));
+        assert!(parse_cluster_cidr("10.0.0.0/8").is_ok());
     }
 }
