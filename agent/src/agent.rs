@@ -13,7 +13,7 @@ use std::{
 use ipnetwork::Ipv4Network;
 use kube::runtime::reflector::ObjectRef;
 use riptide_common::{CFG_F_MASQUERADE, CFG_F_SOCK_LB, Config as DpConfig};
-use riptide_datapath::{Datapath, Pinning, services::Services};
+use riptide_datapath::{Datapath, Pinning, service::Services};
 use tokio::sync::mpsc;
 
 use crate::{
@@ -577,8 +577,8 @@ impl Loop {
     async fn sync_nodes(&mut self) {
         let nodes = self.stores.nodes.state();
         let me = nodes.iter().find(|n| n.metadata.name.as_deref() == Some(self.ctx.node_name.as_str()));
-        let pod_cidr = me.and_then(|n| model::node_pod_cidr(n));
-        let node_ip = self.cfg.node_ip.or_else(|| me.and_then(|n| model::node_internal_ip(n)));
+        let pod_cidr = me.and_then(|n| crate::node::pod_cidr(n));
+        let node_ip = self.cfg.node_ip.or_else(|| me.and_then(|n| crate::node::internal_ip(n)));
         if let Some(cidr) = pod_cidr {
             if let Err(e) = write_atomic(&self.cfg.pod_cidr_file, &format!("{cidr}\n")) {
                 tracing::warn!(path = %self.cfg.pod_cidr_file.display(), error = %e, "cannot write the podCIDR file");

@@ -13,12 +13,12 @@ use std::{
 };
 
 use axum::{Json, Router, extract::{Query, State}, http::StatusCode, response::IntoResponse, routing::get};
+use riptide_datapath::service::Service;
 use serde::{Deserialize, Serialize};
 
 use crate::{
     agent::Shared,
-    maps::{self, CtView, EndpointView, FrontendView},
-    model::ServicePort,
+    views::{self, CtView, EndpointView, FrontendView},
 };
 
 /// `riptide status`.
@@ -98,12 +98,12 @@ pub fn status(s: &Shared) -> StatusView {
 }
 
 pub fn services(s: &Shared) -> Vec<FrontendView> {
-    let owners = maps::owner_index(lock(&s.reconciler).applied().values());
+    let owners = views::owner_index(lock(&s.reconciler).applied().values());
     let svc = lock(&s.services);
-    maps::frontend_views(&svc.dump_services(), &svc.dump_backends(), &owners)
+    views::frontend_views(&svc.dump_services(), &svc.dump_backends(), &owners)
 }
 
-fn ports(s: &Shared) -> Vec<ServicePort> {
+fn ports(s: &Shared) -> Vec<Service> {
     lock(&s.reconciler).applied().values().cloned().collect()
 }
 
@@ -115,28 +115,28 @@ async fn get_services(State(s): State<S>) -> Json<Vec<FrontendView>> {
     Json(services(&s))
 }
 
-async fn get_ports(State(s): State<S>) -> Json<Vec<ServicePort>> {
+async fn get_ports(State(s): State<S>) -> Json<Vec<Service>> {
     Json(ports(&s))
 }
 
 async fn get_ct(State(s): State<S>) -> Result<Json<Vec<CtView>>, (StatusCode, String)> {
     let entries = lock(&s.dp).conntrack().map_err(|e| internal(&e))?;
-    Ok(Json(maps::ct_views(&entries, maps::monotonic_ns())))
+    Ok(Json(views::ct_views(&entries, views::monotonic_ns())))
 }
 
-async fn get_affinity(State(s): State<S>) -> Result<Json<Vec<maps::AffinityView>>, (StatusCode, String)> {
+async fn get_affinity(State(s): State<S>) -> Result<Json<Vec<views::AffinityView>>, (StatusCode, String)> {
     let entries = lock(&s.dp).affinity().map_err(|e| internal(&e))?;
     let (revnat, backends) = {
         let svc = lock(&s.services);
         (svc.dump_revnat(), svc.dump_backends())
     };
-    Ok(Json(maps::affinity_views(&entries, &revnat, &backends, maps::monotonic_ns())))
+    Ok(Json(views::affinity_views(&entries, &revnat, &backends, views::monotonic_ns())))
 }
 
 async fn get_endpoints(State(s): State<S>) -> Result<Json<Vec<EndpointView>>, (StatusCode, String)> {
     let mut dp = lock(&s.dp);
     let list = dp.endpoints().map_err(|e| internal(&e))?.list();
-    Ok(Json(maps::endpoint_views(&list)))
+    Ok(Json(views::endpoint_views(&list)))
 }
 
 async fn get_drops(State(s): State<S>) -> Result<Json<Vec<CounterView>>, (StatusCode, String)> {

@@ -11,7 +11,7 @@ use std::{
 
 use crate::{
     api::{CounterView, StatusView},
-    maps::{CtView, EndpointView, FrontendView},
+    views::{CtView, EndpointView, FrontendView},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +148,7 @@ pub fn ct_table(v: &[CtView]) -> String {
     table(&["PROTO", "SOURCE", "DESTINATION", "DIR", "BACKEND", "REVNAT", "IDLE"], &rows)
 }
 
-pub fn affinity_table(v: &[crate::maps::AffinityView]) -> String {
+pub fn affinity_table(v: &[crate::views::AffinityView]) -> String {
     let rows: Vec<Vec<String>> = v
         .iter()
         .map(|a| {

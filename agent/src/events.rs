@@ -23,7 +23,7 @@ use riptide_datapath::events::{Event, Events};
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 
-use crate::{maps::FrontendView, metrics::Metrics};
+use crate::{metrics::Metrics, views::FrontendView};
 
 /// Events kept for `riptide events` (oldest dropped first).
 pub const KEEP: usize = 1024;
@@ -161,7 +161,7 @@ pub fn spawn(events: Events, log: Weak<EventLog>, metrics: Metrics) -> std::io::
             let batch = fd.get_mut().drain();
             if !batch.is_empty() {
                 let Some(log) = log.upgrade() else { return };
-                log.record(&batch, &metrics, crate::maps::monotonic_ns());
+                log.record(&batch, &metrics, crate::views::monotonic_ns());
             }
             match fd.readable_mut().await {
                 Ok(mut guard) => guard.clear_ready(),

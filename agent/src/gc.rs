@@ -45,13 +45,15 @@ use std::{
 };
 
 use riptide_common::{AffKey, AffValue, CtKey, CtValue, NatValue, SVC_F_AFFINITY, SockRevKey, SockRevValue, names, proto};
-use riptide_datapath::gc::FlowMaps;
+use riptide_datapath::{
+    gc::FlowMaps,
+    service::{BackendState, Protocol, Service},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     agent::Shared,
     metrics::{GcLabel, MapLabel},
-    model::{BackendState, Protocol, ServicePort},
     sockdiag,
 };
 
@@ -135,7 +137,7 @@ pub struct StaleView {
 pub struct ServingIndex(pub HashMap<(Ipv4Addr, u16), HashSet<SocketAddrV4>>);
 
 impl ServingIndex {
-    pub fn from_ports<'a>(ports: impl Iterator<Item = &'a ServicePort>) -> Self {
+    pub fn from_ports<'a>(ports: impl Iterator<Item = &'a Service>) -> Self {
         let mut m: HashMap<(Ipv4Addr, u16), HashSet<SocketAddrV4>> = HashMap::new();
         for p in ports.filter(|p| p.protocol == Protocol::Udp) {
             let serving: HashSet<SocketAddrV4> = p
@@ -145,7 +147,7 @@ impl ServingIndex {
                 .map(|b| b.addr)
                 .collect();
             for f in &p.frontends {
-                m.entry((f.ip, f.port)).or_default().extend(serving.iter().copied());
+                m.entry((f.addr, f.port)).or_default().extend(serving.iter().copied());
             }
         }
         Self(m)
@@ -548,7 +550,7 @@ impl Gc {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Backend, Frontend, FrontendKind, Owner};
+    use riptide_datapath::service::{Algorithm, Backend, Frontend, FrontendKind, TrafficPolicy};
 
     fn cfg() -> GcConfig {
         GcConfig { tcp_timeout: Duration::from_secs(100), other_timeout: Duration::from_secs(10), ..GcConfig::default() }
@@ -589,24 +591,23 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn udp_port(backends: &[(&str, BackendState)]) -> ServicePort {
-        ServicePort {
+    fn udp_port(backends: &[(&str, BackendState)]) -> Service {
+        Service {
             name: "default/dns:dns".into(),
-            owner: Owner::service("default", "dns"),
-            port_name: "dns".into(),
             protocol: Protocol::Udp,
             frontends: vec![
-                Frontend { kind: FrontendKind::ClusterIp, ip: Ipv4Addr::new(10, 43, 0, 10), port: 53 },
-                Frontend { kind: FrontendKind::NodePort, ip: Ipv4Addr::UNSPECIFIED, port: 30053 },
+                Frontend { kind: FrontendKind::ClusterIp, addr: Ipv4Addr::new(10, 43, 0, 10), port: 53 },
+                Frontend { kind: FrontendKind::NodePort, addr: Ipv4Addr::UNSPECIFIED, port: 30053 },
             ],
             backends: backends.iter().map(|(a, s)| Backend { addr: sa(a), state: *s, local: true }).collect(),
-            affinity_timeout: None,
-            external_local: false,
-            internal_local: false,
+            affinity_timeout_s: None,
+            external_policy: TrafficPolicy::Cluster,
+            internal_policy: TrafficPolicy::Cluster,
+            algorithm: Algorithm::Random,
         }
     }
 
-    fn view(ports: &[ServicePort]) -> StaleView {
+    fn view(ports: &[Service]) -> StaleView {
         StaleView {
             revnat: HashMap::from([(1, (Ipv4Addr::new(10, 43, 0, 10), 53)), (2, (Ipv4Addr::UNSPECIFIED, 30053)), (3, (Ipv4Addr::new(10, 43, 0, 11), 80))]),
             backends: HashMap::from([(10, sa("10.42.0.5:53")), (11, sa("10.42.0.6:53")), (12, sa("10.42.0.7:53")), (13, sa("10.42.0.8:8080"))]),

@@ -2,11 +2,13 @@
 //! objects. Pure functions only: no I/O, no clocks, so every Kubernetes rule
 //! here has a unit test.
 //!
-//! One Service port yields one [`Frontend`] per address it is reachable on
-//! (ClusterIPs, this node's IPs for the NodePort, externalIPs, load-balancer
-//! ingress IPs); local Pods with `hostPort` yield frontends too. Each
-//! frontend carries the backends new connections may use and the
-//! terminating backends that existing connections may still be using.
+//! One Service port yields one [`lb::Service`] (the datapath library's
+//! vocabulary, written to the maps as it is) with a [`Frontend`] per address
+//! it is reachable on (ClusterIPs, the NodePort on every node address,
+//! externalIPs, load-balancer ingress IPs); local Pods with `hostPort` yield
+//! one per port too. Its backends are every endpoint worth an entry; which
+//! of them new connections may use is [`lb::Service::eligible`], the
+//! function the map writer runs.
 //!
 //! The rules follow kube-proxy (`pkg/proxy/topology.go`,
 //! `pkg/proxy/endpointslicecache.go`, `pkg/proxy/servicechangetracker.go`),
@@ -19,8 +21,11 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
+    core::v1::{Pod, Service},
     discovery::v1::EndpointSlice,
+};
+use riptide_datapath::service::{
+    self as lb, Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, TrafficPolicy,
 };
 use serde::{Deserialize, Serialize};
 
@@ -34,66 +39,6 @@ pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
-
-/// L4 protocol of a frontend. SCTP is not supported by the datapath.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    /// Parses a Kubernetes protocol (`None` means TCP, the API default).
-    /// `Err` carries the unsupported name.
-    pub fn parse(p: Option<&str>) -> Result<Self, String> {
-        match p.unwrap_or("TCP") {
-            "TCP" => Ok(Self::Tcp),
-            "UDP" => Ok(Self::Udp),
-            other => Err(other.to_owned()),
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Tcp => "TCP",
-            Self::Udp => "UDP",
-        })
-    }
-}
-
-/// Where a frontend address comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub enum FrontendKind {
-    ClusterIp,
-    NodePort,
-    ExternalIp,
-    LoadBalancer,
-    HostPort,
-}
-
-impl FrontendKind {
-    /// Whether traffic to this frontend is "external" in the sense of
-    /// `externalTrafficPolicy` (NodePort, externalIPs, load-balancer IPs).
-    pub fn is_external(self) -> bool {
-        !matches!(self, Self::ClusterIp | Self::HostPort)
-    }
-}
-
-impl fmt::Display for FrontendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::ClusterIp => "ClusterIP",
-            Self::NodePort => "NodePort",
-            Self::ExternalIp => "ExternalIP",
-            Self::LoadBalancer => "LoadBalancer",
-            Self::HostPort => "HostPort",
-        })
-    }
-}
 
 /// Who asked for a frontend. Ordering decides conflicts (two owners claiming
 /// the same address:port): Services before Pods, then by namespace/name.
@@ -129,98 +74,6 @@ impl fmt::Display for Owner {
     }
 }
 
-/// One address:port a Service port answers on. NodePorts (and hostPorts
-/// without a hostIP) answer on every node address: their `ip` is
-/// `0.0.0.0`, which is how the datapath keys node-wide frontends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Frontend {
-    pub kind: FrontendKind,
-    pub ip: Ipv4Addr,
-    pub port: u16,
-}
-
-/// A frontend's identity in the maps: two owners must never share one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct FrontendId {
-    pub ip: Ipv4Addr,
-    pub port: u16,
-    pub protocol: Protocol,
-}
-
-impl fmt::Display for FrontendId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
-    }
-}
-
-/// Endpoint conditions reduced to what the datapath needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendState {
-    /// `ready`: used for new flows.
-    Active,
-    /// `serving && terminating`: used for new flows only when no backend of
-    /// the set is ready (KEP-1669); existing flows keep it.
-    Terminating,
-    /// Neither ready nor serving-terminating: only kept so flows already
-    /// established to it are not cut while the endpoint exists.
-    Quarantined,
-}
-
-/// One endpoint of a Service port, with the target port resolved.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Backend {
-    pub addr: SocketAddrV4,
-    pub state: BackendState,
-    /// `nodeName` is this node.
-    pub local: bool,
-}
-
-/// One Kubernetes Service port (or one Pod hostPort): the unit the datapath
-/// library writes (`riptide_datapath::services::Service`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServicePort {
-    /// Stable identity, e.g. `default/web:http`.
-    pub name: String,
-    pub owner: Owner,
-    /// Service port name (container port name for hostPorts); may be empty.
-    pub port_name: String,
-    pub protocol: Protocol,
-    pub frontends: Vec<Frontend>,
-    /// Every endpoint worth a backend entry, sorted by address.
-    pub backends: Vec<Backend>,
-    /// `sessionAffinity: ClientIP` timeout in seconds.
-    pub affinity_timeout: Option<u32>,
-    /// `externalTrafficPolicy: Local`.
-    pub external_local: bool,
-    /// `internalTrafficPolicy: Local`.
-    pub internal_local: bool,
-}
-
-impl ServicePort {
-    pub fn frontend_ids(&self) -> impl Iterator<Item = FrontendId> + '_ {
-        self.frontends.iter().map(|f| FrontendId {
-            ip: f.ip,
-            port: f.port,
-            protocol: self.protocol,
-        })
-    }
-
-    /// Backends new connections may pick for traffic to `frontend`, for
-    /// traffic from outside the cluster (`external`) or from inside.
-    pub fn eligible(&self, kind: FrontendKind, external: bool) -> Vec<SocketAddrV4> {
-        let local = match (kind.is_external(), external) {
-            (true, true) => self.external_local,
-            // In-cluster traffic to an external frontend of an eTP=Local
-            // Service short-circuits to the cluster-wide endpoints
-            // (kube-proxy jumps to the cluster policy chain).
-            (true, false) => false,
-            (false, _) => self.internal_local,
-        };
-        select(&self.backends, local)
-    }
-}
-
 /// `healthCheckNodePort` of a Service with `externalTrafficPolicy: Local`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthCheck {
@@ -234,7 +87,7 @@ pub struct HealthCheck {
 /// What one owner (Service or Pod) wants in the maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub ports: Vec<ServicePort>,
+    pub ports: Vec<lb::Service>,
     pub health_check: Option<HealthCheck>,
     /// Things deliberately left out, worth one log line when they change.
     pub notes: Vec<String>,
@@ -296,7 +149,7 @@ fn endpoints_for_port(
         }
         let Some(port) = slice.ports.iter().flatten().find(|p| {
             p.name.as_deref().unwrap_or("") == port_name
-                && Protocol::parse(p.protocol.as_deref()) == Ok(protocol)
+                && protocol_of(p.protocol.as_deref()) == Ok(protocol)
         }) else {
             continue;
         };
@@ -347,23 +200,10 @@ fn state_of(cond: Option<&k8s_openapi::api::discovery::v1::EndpointConditions>) 
     }
 }
 
-/// The backends new connections may pick (kube-proxy `CategorizeEndpoints`):
-/// ready ones; when none is ready, serving-and-terminating ones (KEP-1669).
-/// With `local`, only endpoints on this node, and the fallback looks at
-/// local endpoints only (a remote ready endpoint does not block it).
-pub fn select(backends: &[Backend], local: bool) -> Vec<SocketAddrV4> {
-    let candidates = || backends.iter().filter(move |b| !local || b.local);
-    let ready: Vec<SocketAddrV4> = candidates()
-        .filter(|b| b.state == BackendState::Active)
-        .map(|b| b.addr)
-        .collect();
-    if !ready.is_empty() {
-        return ready;
-    }
-    candidates()
-        .filter(|b| b.state == BackendState::Terminating)
-        .map(|b| b.addr)
-        .collect()
+/// A Kubernetes protocol name (`None` means TCP, the API default); `Err`
+/// carries an unsupported name.
+fn protocol_of(p: Option<&str>) -> Result<Protocol, String> {
+    p.unwrap_or("TCP").parse()
 }
 
 fn parse_v4(s: &str) -> Option<Ipv4Addr> {
@@ -423,9 +263,16 @@ pub fn service_desired(svc: &Service, slices: &[&EndpointSlice], ctx: &NodeConte
     };
     dedup(&mut lb_ips);
 
-    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+    let policy = |p: Option<&String>| {
+        if p.is_some_and(|p| p == "Local") {
+            TrafficPolicy::Local
+        } else {
+            TrafficPolicy::Cluster
+        }
+    };
+    let external_policy = policy(spec.external_traffic_policy.as_ref());
+    let internal_policy = policy(spec.internal_traffic_policy.as_ref());
+    let affinity_timeout_s = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         spec.session_affinity_config
             .as_ref()
             .and_then(|c| c.client_ip.as_ref())
@@ -438,7 +285,7 @@ pub fn service_desired(svc: &Service, slices: &[&EndpointSlice], ctx: &NodeConte
     let mut local_ready_ips: BTreeSet<Ipv4Addr> = BTreeSet::new();
     for sp in spec.ports.iter().flatten() {
         let port_name = sp.name.clone().unwrap_or_default();
-        let protocol = match Protocol::parse(sp.protocol.as_deref()) {
+        let protocol = match protocol_of(sp.protocol.as_deref()) {
             Ok(p) => p,
             Err(other) => {
                 out.notes.push(format!(
@@ -455,7 +302,7 @@ pub fn service_desired(svc: &Service, slices: &[&EndpointSlice], ctx: &NodeConte
         local_ready_ips.extend(eps.iter().filter(|(b, ready)| *ready && b.local).map(|(b, _)| *b.addr.ip()));
 
         let mut frontends = Vec::new();
-        let mut push = |kind, ip, port| frontends.push(Frontend { kind, ip, port });
+        let mut push = |kind, addr, port| frontends.push(Frontend { kind, addr, port });
         for ip in &cluster_ips {
             push(FrontendKind::ClusterIp, *ip, port);
         }
@@ -470,20 +317,21 @@ pub fn service_desired(svc: &Service, slices: &[&EndpointSlice], ctx: &NodeConte
         for ip in &lb_ips {
             push(FrontendKind::LoadBalancer, *ip, port);
         }
-        out.ports.push(ServicePort {
+        out.ports.push(lb::Service {
             name: port_key(&owner, &port_name, port, protocol),
-            owner: owner.clone(),
-            port_name,
             protocol,
             frontends,
             backends: eps.into_iter().map(|(b, _)| b).collect(),
-            affinity_timeout,
-            external_local,
-            internal_local,
+            affinity_timeout_s,
+            external_policy,
+            internal_policy,
+            // The datapath supports Maglev per service; no Service
+            // annotation selects it yet.
+            algorithm: Algorithm::Random,
         });
     }
 
-    let needs_hc = external_local && matches!(spec.type_.as_deref(), Some("LoadBalancer" | "NodePort"));
+    let needs_hc = external_policy == TrafficPolicy::Local && matches!(spec.type_.as_deref(), Some("LoadBalancer" | "NodePort"));
     if let Some(port) = spec
         .health_check_node_port
         .and_then(|p| u16::try_from(p).ok())
@@ -527,7 +375,7 @@ pub fn pod_desired(pod: &Pod, ctx: &NodeContext) -> Desired {
         let Ok(container_port) = u16::try_from(port.container_port) else {
             continue;
         };
-        let protocol = match Protocol::parse(port.protocol.as_deref()) {
+        let protocol = match protocol_of(port.protocol.as_deref()) {
             Ok(p) => p,
             Err(other) => {
                 out.notes.push(format!("hostPort {host_port}/{other} skipped: protocol not supported"));
@@ -539,14 +387,12 @@ pub fn pod_desired(pod: &Pod, ctx: &NodeContext) -> Desired {
             .as_deref()
             .and_then(parse_v4)
             .unwrap_or(Ipv4Addr::UNSPECIFIED);
-        out.ports.push(ServicePort {
+        out.ports.push(lb::Service {
             name: format!("{owner}:{ip}:{host_port}/{protocol}"),
-            owner: owner.clone(),
-            port_name: port.name.clone().unwrap_or_default(),
             protocol,
             frontends: vec![Frontend {
                 kind: FrontendKind::HostPort,
-                ip,
+                addr: ip,
                 port: host_port,
             }],
             backends: vec![Backend {
@@ -554,55 +400,13 @@ pub fn pod_desired(pod: &Pod, ctx: &NodeContext) -> Desired {
                 state: BackendState::Active,
                 local: true,
             }],
-            affinity_timeout: None,
-            external_local: false,
-            internal_local: false,
+            affinity_timeout_s: None,
+            external_policy: TrafficPolicy::Cluster,
+            internal_policy: TrafficPolicy::Cluster,
+            algorithm: Algorithm::Random,
         });
     }
     out
-}
-
-/// This node's IPv4 addresses from its Node object: InternalIP first, then
-/// ExternalIP.
-pub fn node_ips(node: &Node) -> Vec<Ipv4Addr> {
-    let addrs: Vec<_> = node
-        .status
-        .iter()
-        .flat_map(|s| s.addresses.iter().flatten())
-        .collect();
-    let mut ips: Vec<Ipv4Addr> = ["InternalIP", "ExternalIP"]
-        .iter()
-        .flat_map(|t| addrs.iter().filter(move |a| a.type_ == *t))
-        .filter_map(|a| parse_v4(&a.address))
-        .collect();
-    dedup(&mut ips);
-    ips
-}
-
-/// A node's InternalIP (the address other nodes route its podCIDR to).
-pub fn node_internal_ip(node: &Node) -> Option<Ipv4Addr> {
-    node.status
-        .iter()
-        .flat_map(|s| s.addresses.iter().flatten())
-        .filter(|a| a.type_ == "InternalIP")
-        .find_map(|a| parse_v4(&a.address))
-}
-
-/// A node's IPv4 podCIDR (`spec.podCIDRs` first, then `spec.podCIDR`, then
-/// the range its agent claimed itself when the cluster has no node IPAM,
-/// see [`crate::podcidr`]).
-pub fn node_pod_cidr(node: &Node) -> Option<ipnetwork::Ipv4Network> {
-    node_spec_pod_cidr(node).or_else(|| crate::podcidr::claimed(node))
-}
-
-/// The podCIDR cluster IPAM assigned (`spec.podCIDRs`, then `spec.podCIDR`).
-pub fn node_spec_pod_cidr(node: &Node) -> Option<ipnetwork::Ipv4Network> {
-    let spec = node.spec.as_ref()?;
-    spec.pod_cidrs
-        .iter()
-        .flatten()
-        .chain(spec.pod_cidr.iter())
-        .find_map(|c| riptide_cidr::parse("podCIDR", c).ok())
 }
 
 /// Removes duplicates, keeping first occurrences in order.

@@ -59,17 +59,22 @@ fn addrs(v: &[&str]) -> Vec<SocketAddrV4> {
     v.iter().map(|s| s.parse().unwrap()).collect()
 }
 
-fn be_addrs(p: &ServicePort) -> Vec<SocketAddrV4> {
+fn be_addrs(p: &lb::Service) -> Vec<SocketAddrV4> {
     p.backends.iter().map(|b| b.addr).collect()
 }
 
-fn one_port(d: &Desired) -> &ServicePort {
+fn one_port(d: &Desired) -> &lb::Service {
     assert_eq!(d.ports.len(), 1, "{:#?}", d.ports);
     &d.ports[0]
 }
 
+/// What new flows may pick: the function the map writer runs.
+fn eligible(p: &lb::Service, kind: FrontendKind, external: bool) -> Vec<SocketAddrV4> {
+    p.eligible(kind, external).iter().map(|b| b.addr).collect()
+}
+
 fn fe(kind: FrontendKind, ip: &str, port: u16) -> Frontend {
-    Frontend { kind, ip: ip.parse().unwrap(), port }
+    Frontend { kind, addr: ip.parse().unwrap(), port }
 }
 
 #[test]
@@ -83,7 +88,6 @@ fn cluster_ip_port_with_target_port_from_slice() {
     let d = service_desired(&s, &[&sl], &ctx());
     let p = one_port(&d);
     assert_eq!(p.name, "ns/web:http");
-    assert_eq!(p.owner, Owner::service("ns", "web"));
     assert_eq!(p.protocol, Protocol::Tcp);
     assert_eq!(p.frontends, vec![fe(FrontendKind::ClusterIp, "10.43.0.10", 80)]);
     assert_eq!(p.backends, vec![
@@ -91,8 +95,9 @@ fn cluster_ip_port_with_target_port_from_slice() {
         Backend { addr: "10.42.1.5:8080".parse().unwrap(), state: BackendState::Active, local: false },
         Backend { addr: "10.42.1.6:8080".parse().unwrap(), state: BackendState::Quarantined, local: false },
     ]);
-    assert_eq!(p.eligible(FrontendKind::ClusterIp, false), addrs(&["10.42.0.5:8080", "10.42.1.5:8080"]));
-    assert!(!p.external_local && !p.internal_local && p.affinity_timeout.is_none());
+    assert_eq!(eligible(p, FrontendKind::ClusterIp, false), addrs(&["10.42.0.5:8080", "10.42.1.5:8080"]));
+    assert_eq!((p.external_policy, p.internal_policy), (TrafficPolicy::Cluster, TrafficPolicy::Cluster));
+    assert!(p.affinity_timeout_s.is_none());
 }
 
 #[test]
@@ -168,7 +173,7 @@ fn terminating_kept_but_not_eligible_when_ready_exist() {
     let p = one_port(&d);
     let states: Vec<BackendState> = p.backends.iter().map(|b| b.state).collect();
     assert_eq!(states, vec![BackendState::Active, BackendState::Terminating, BackendState::Quarantined]);
-    assert_eq!(p.eligible(FrontendKind::ClusterIp, false), addrs(&["10.42.0.5:8080"]));
+    assert_eq!(eligible(p, FrontendKind::ClusterIp, false), addrs(&["10.42.0.5:8080"]));
 }
 
 #[test]
@@ -180,7 +185,7 @@ fn kep_1669_falls_back_to_serving_terminating() {
         ep("10.42.0.8", NODE, false, false, false),
     ]));
     let d = service_desired(&s, &[&sl], &ctx());
-    assert_eq!(one_port(&d).eligible(FrontendKind::ClusterIp, false), addrs(&["10.42.0.6:8080"]));
+    assert_eq!(eligible(one_port(&d), FrontendKind::ClusterIp, false), addrs(&["10.42.0.6:8080"]));
 }
 
 #[test]
@@ -241,10 +246,10 @@ fn external_traffic_policy_local() {
     ]));
     let d = service_desired(&s, &[&sl], &ctx());
     let p = one_port(&d);
-    assert!(p.external_local && !p.internal_local);
-    assert_eq!(p.eligible(FrontendKind::ClusterIp, false).len(), 2, "ClusterIP follows iTP (Cluster)");
-    assert_eq!(p.eligible(FrontendKind::NodePort, true), addrs(&["10.42.0.5:8080"]));
-    assert_eq!(p.eligible(FrontendKind::NodePort, false).len(), 2, "in-cluster traffic to the NodePort uses all");
+    assert_eq!((p.external_policy, p.internal_policy), (TrafficPolicy::Local, TrafficPolicy::Cluster));
+    assert_eq!(eligible(p, FrontendKind::ClusterIp, false).len(), 2, "ClusterIP follows iTP (Cluster)");
+    assert_eq!(eligible(p, FrontendKind::NodePort, true), addrs(&["10.42.0.5:8080"]));
+    assert_eq!(eligible(p, FrontendKind::NodePort, false).len(), 2, "in-cluster traffic to the NodePort uses all");
     assert_eq!(d.health_check, Some(HealthCheck { port: 32000, owner: Owner::service("ns", "web"), local_endpoints: 1 }));
 }
 
@@ -254,7 +259,7 @@ fn etp_local_without_local_endpoints() {
         "ports": [{"name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP"}]}}));
     let sl = http_slice(json!([ep("10.42.1.5", "node-b", true, true, false)]));
     let d = service_desired(&s, &[&sl], &ctx());
-    assert!(one_port(&d).eligible(FrontendKind::NodePort, true).is_empty());
+    assert!(eligible(one_port(&d), FrontendKind::NodePort, true).is_empty());
     assert_eq!(d.health_check.unwrap().local_endpoints, 0);
 }
 
@@ -268,7 +273,7 @@ fn local_policy_fallback_looks_at_local_endpoints_only() {
         ep("10.42.1.5", "node-b", true, true, false),
     ]));
     let d = service_desired(&s, &[&sl], &ctx());
-    assert_eq!(one_port(&d).eligible(FrontendKind::ClusterIp, false), addrs(&["10.42.0.6:8080"]));
+    assert_eq!(eligible(one_port(&d), FrontendKind::ClusterIp, false), addrs(&["10.42.0.6:8080"]));
 }
 
 #[test]
@@ -286,11 +291,11 @@ fn health_check_counts_distinct_ready_local_ips() {
 #[test]
 fn session_affinity_client_ip() {
     let s = svc(json!({"spec": {"sessionAffinity": "ClientIP"}}));
-    assert_eq!(one_port(&service_desired(&s, &[], &ctx())).affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
+    assert_eq!(one_port(&service_desired(&s, &[], &ctx())).affinity_timeout_s, Some(DEFAULT_AFFINITY_TIMEOUT));
     let s = svc(json!({"spec": {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}}));
-    assert_eq!(one_port(&service_desired(&s, &[], &ctx())).affinity_timeout, Some(60));
+    assert_eq!(one_port(&service_desired(&s, &[], &ctx())).affinity_timeout_s, Some(60));
     let s = svc(json!({"spec": {"sessionAffinity": "None"}}));
-    assert_eq!(one_port(&service_desired(&s, &[], &ctx())).affinity_timeout, None);
+    assert_eq!(one_port(&service_desired(&s, &[], &ctx())).affinity_timeout_s, None);
 }
 
 #[test]
@@ -365,7 +370,7 @@ fn host_ports_of_local_pods() {
         (fe(FrontendKind::HostPort, "0.0.0.0", 8081), Protocol::Tcp, addrs(&["10.42.0.9:80"])),
         (fe(FrontendKind::HostPort, "198.18.0.1", 5353), Protocol::Udp, addrs(&["10.42.0.9:53"])),
     ]);
-    assert!(d.ports.iter().all(|p| p.owner == Owner::pod("ns", "p") && p.backends[0].local));
+    assert!(d.ports.iter().all(|p| p.name.starts_with("pod/ns/p:") && p.backends[0].local));
     assert_ne!(d.ports[0].name, d.ports[1].name);
 }
 
@@ -379,22 +384,4 @@ fn host_ports_skipped_for_unready_foreign_or_host_network_pods() {
     ] {
         assert!(pod_desired(&pod(patch.clone()), &ctx()).ports.is_empty(), "{patch}");
     }
-}
-
-#[test]
-fn node_addresses_and_pod_cidr() {
-    let n: Node = serde_json::from_value(json!({
-        "metadata": {"name": "node-b"},
-        "spec": {"podCIDR": "10.42.1.0/24", "podCIDRs": ["10.42.1.0/24", "fd00:42:1::/64"]},
-        "status": {"addresses": [
-            {"type": "Hostname", "address": "node-b"},
-            {"type": "ExternalIP", "address": "203.0.113.2"},
-            {"type": "InternalIP", "address": "fd00::2"},
-            {"type": "InternalIP", "address": "198.18.0.2"},
-        ]}
-    }))
-    .unwrap();
-    assert_eq!(node_ips(&n), vec!["198.18.0.2".parse::<Ipv4Addr>().unwrap(), "203.0.113.2".parse().unwrap()]);
-    assert_eq!(node_internal_ip(&n), Some("198.18.0.2".parse().unwrap()));
-    assert_eq!(node_pod_cidr(&n), Some("10.42.1.0/24".parse().unwrap()));
 }

@@ -5,7 +5,7 @@
 //! it, and only when `--pod-cidr-fallback-after` is set, the agent claims a
 //! range itself: the lowest `/24` of `--cluster-cidr` that no other Node
 //! holds (in `spec.podCIDR(s)` or in a claim), written as the annotation
-//! [`ANNOTATION`] on its own Node. The Nodes are the allocator state (like
+//! [`POD_CIDR_ANNOTATION`] on its own Node. The Nodes are the allocator state (like
 //! the control plane's node IPAM), so there is nothing else to keep
 //! consistent, and a restarted agent finds its claim again.
 //!
@@ -29,18 +29,13 @@ use kube::{
     runtime::reflector::Store,
 };
 
-use crate::watch;
-
-/// The annotation holding an agent-claimed range on its Node.
-pub const ANNOTATION: &str = "riptide.io/pod-cidr";
+use crate::{
+    node::{POD_CIDR_ANNOTATION, claimed_pod_cidr, spec_pod_cidr},
+    watch,
+};
 
 /// Size of a claimed range (one per node, like the control plane's IPAM).
 pub const PREFIX: u8 = 24;
-
-/// The range claimed in `node`'s annotation, if it is a valid range.
-pub fn claimed(node: &Node) -> Option<Ipv4Network> {
-    riptide_cidr::parse(ANNOTATION, node.annotations().get(ANNOTATION)?).ok()
-}
 
 /// What the own node should do about its podCIDR.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +52,10 @@ pub enum Decision {
     Exhausted,
 }
 
+fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
+    a.contains(b.network()) || b.contains(a.network())
+}
+
 /// Pure decision for node `own` given every Node (deterministic: same
 /// inputs, same range on every agent).
 pub fn decide<'a>(own: &str, nodes: impl IntoIterator<Item = &'a Node>, cluster: Ipv4Network, prefix: u8) -> Decision {
@@ -69,29 +68,38 @@ pub fn decide<'a>(own: &str, nodes: impl IntoIterator<Item = &'a Node>, cluster:
             me = Some(n);
             continue;
         }
-        if let Some(c) = crate::model::node_spec_pod_cidr(n) {
+        if let Some(c) = spec_pod_cidr(n) {
             others.push((name, c, true));
-        } else if let Some(c) = claimed(n) {
+        } else if let Some(c) = claimed_pod_cidr(n) {
             others.push((name, c, false));
         }
     }
     let Some(me) = me else { return Decision::NotRegistered };
-    if let Some(c) = crate::model::node_spec_pod_cidr(me) {
+    if let Some(c) = spec_pod_cidr(me) {
         return Decision::Assigned(c);
     }
-    let mine = claimed(me);
+    let mine = claimed_pod_cidr(me);
     if let Some(c) = mine {
-        let usable = c.is_subnet_of(cluster);
+        let usable = c.prefix() >= cluster.prefix() && cluster.contains(c.network());
         let contested = others
             .iter()
-            .any(|(name, o, from_spec)| o.overlaps(c) && (*from_spec || name.as_str() < own));
+            .any(|(name, o, from_spec)| overlaps(*o, c) && (*from_spec || name.as_str() < own));
         if usable && !contested {
             return Decision::Claimed(c);
         }
     }
-    riptide_cidr::subnets(cluster, prefix.max(cluster.prefix()))
-        .find(|cand| !others.iter().any(|(_, o, _)| o.overlaps(*cand)))
-        .map_or(Decision::Exhausted, |cidr| Decision::Claim { cidr, replacing: mine })
+    let prefix = prefix.max(cluster.prefix());
+    let size = 1u64 << (32 - u32::from(prefix));
+    let count = 1u64 << (u32::from(prefix) - u32::from(cluster.prefix()));
+    let base = u64::from(u32::from(cluster.network()));
+    for i in 0..count {
+        let Ok(addr) = u32::try_from(base + i * size) else { break };
+        let Ok(cand) = Ipv4Network::new(addr.into(), prefix) else { break };
+        if !others.iter().any(|(_, o, _)| overlaps(*o, cand)) {
+            return Decision::Claim { cidr: cand, replacing: mine };
+        }
+    }
+    Decision::Exhausted
 }
 
 /// Settings of the fallback.
@@ -106,7 +114,7 @@ pub struct Fallback {
 
 /// Runs the fallback on the agent's Node store until the runtime stops.
 /// Claims reach the podCIDR file and routes the normal way: the Node watch
-/// delivers the annotation and [`crate::model::node_pod_cidr`] reads it.
+/// delivers the annotation and [`crate::node::pod_cidr`] reads it.
 pub fn spawn(client: Client, nodes: Store<Node>, node: String, fb: Fallback) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if let Err(e) = watch::declared::<Node>(&["patch"]) {
@@ -138,10 +146,10 @@ pub fn spawn(client: Client, nodes: Store<Node>, node: String, fb: Fallback) -> 
                     // The watch has not shown our last patch yet.
                     let pending = last_patch.is_some_and(|(c, t)| c == cidr && t.elapsed() < Duration::from_secs(5));
                     if due && !pending {
-                        let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION: cidr.to_string()}}});
+                        let patch = serde_json::json!({"metadata": {"annotations": {POD_CIDR_ANNOTATION: cidr.to_string()}}});
                         match api.patch(&node, &PatchParams::default(), &Patch::Merge(&patch)).await {
                             Ok(_) => {
-                                tracing::info!(cidr = %cidr, replacing = ?replacing.map(|c| c.to_string()), annotation = ANNOTATION,
+                                tracing::info!(cidr = %cidr, replacing = ?replacing.map(|c| c.to_string()), annotation = POD_CIDR_ANNOTATION,
                                     "no podCIDR from cluster IPAM; claimed one on the Node");
                                 last_patch = Some((cidr, Instant::now()));
                             }
@@ -166,7 +174,7 @@ mod tests {
         }))
         .unwrap();
         if let Some(c) = claim {
-            n.annotations_mut().insert(ANNOTATION.into(), c.into());
+            n.annotations_mut().insert(POD_CIDR_ANNOTATION.into(), c.into());
         }
         n
     }

@@ -9,20 +9,42 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::model::{Desired, FrontendId, HealthCheck, Owner, ServicePort};
+use riptide_datapath::service::{FrontendId, Service, Services};
 
-/// Where service ports are written (the datapath's `Services` writer, or a
+use crate::model::{Desired, HealthCheck, Owner};
+
+/// Where service ports are written (the datapath's [`Services`] writer, or a
 /// recorder in tests).
 pub trait ServiceWriter {
     type Error: std::error::Error + Send + Sync + 'static;
     /// Adds or replaces the port named `port.name`.
-    fn upsert(&mut self, port: &ServicePort) -> Result<(), Self::Error>;
+    fn upsert(&mut self, port: &Service) -> Result<(), Self::Error>;
     /// Removes the port `name` (unknown names are fine).
     fn remove(&mut self, name: &str) -> Result<(), Self::Error>;
     /// After the first full sync: drops entries found in the maps at start
     /// that no port claimed (a restarted agent's leftovers). Returns how many
     /// frontends went.
     fn finish_resync(&mut self) -> Result<usize, Self::Error>;
+}
+
+impl ServiceWriter for Services {
+    type Error = riptide_datapath::Error;
+
+    fn upsert(&mut self, port: &Service) -> Result<(), Self::Error> {
+        Services::upsert(self, port)
+    }
+
+    fn remove(&mut self, name: &str) -> Result<(), Self::Error> {
+        Services::remove(self, name)
+    }
+
+    fn finish_resync(&mut self) -> Result<usize, Self::Error> {
+        let (frontends, backends) = self.remove_unclaimed()?;
+        if frontends + backends > 0 {
+            tracing::info!(frontends, backends, "removed entries no Service claims any more");
+        }
+        Ok(frontends)
+    }
 }
 
 /// What one [`Reconciler::apply`] did.
@@ -42,10 +64,10 @@ pub struct Reconciler {
     /// Port names per owner.
     owners: HashMap<Owner, Vec<String>>,
     /// Desired ports (all claimed frontends) by name.
-    ports: BTreeMap<String, ServicePort>,
+    ports: BTreeMap<String, Service>,
     claims: HashMap<FrontendId, BTreeSet<Claim>>,
     /// Ports as last written (effective frontends only).
-    applied: BTreeMap<String, ServicePort>,
+    applied: BTreeMap<String, Service>,
     dirty: BTreeSet<String>,
     health: BTreeMap<Owner, HealthCheck>,
     notes: HashMap<Owner, Vec<String>>,
@@ -130,17 +152,12 @@ impl Reconciler {
     }
 
     /// `port` with only the frontends it wins.
-    fn effective(&self, port: &ServicePort) -> ServicePort {
+    fn effective(&self, port: &Service) -> Service {
         let mut p = port.clone();
         let protocol = p.protocol;
         p.frontends.retain(|f| {
-            let id = FrontendId {
-                ip: f.ip,
-                port: f.port,
-                protocol,
-            };
             self.claims
-                .get(&id)
+                .get(&f.id(protocol))
                 .and_then(|s| s.first())
                 .is_some_and(|(_, n)| *n == port.name)
         });
@@ -217,7 +234,7 @@ impl Reconciler {
     }
 
     /// Ports as written, by name.
-    pub fn applied(&self) -> &BTreeMap<String, ServicePort> {
+    pub fn applied(&self) -> &BTreeMap<String, Service> {
         &self.applied
     }
 
@@ -227,7 +244,7 @@ impl Reconciler {
     }
 }
 
-fn log_change(old: Option<&ServicePort>, new: &ServicePort) {
+fn log_change(old: Option<&Service>, new: &Service) {
     let backends = new.backends.len();
     let frontends = new.frontends.len();
     match old {

@@ -3,13 +3,13 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use super::*;
-use crate::model::{Backend, BackendState, Frontend, FrontendKind, Protocol};
+use riptide_datapath::service::{Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, TrafficPolicy};
 
 /// Records writes and, like the datapath writer, refuses a frontend that
 /// another installed port holds.
 #[derive(Default)]
 struct Recorder {
-    installed: BTreeMap<String, ServicePort>,
+    installed: BTreeMap<String, Service>,
     log: Vec<String>,
     fail_next: Option<String>,
 }
@@ -20,7 +20,7 @@ struct RecErr(String);
 
 impl ServiceWriter for Recorder {
     type Error = RecErr;
-    fn upsert(&mut self, p: &ServicePort) -> Result<(), RecErr> {
+    fn upsert(&mut self, p: &Service) -> Result<(), RecErr> {
         if self.fail_next.as_deref() == Some(p.name.as_str()) {
             self.fail_next = None;
             return Err(RecErr("injected".into()));
@@ -44,27 +44,26 @@ impl ServiceWriter for Recorder {
     }
 }
 
-fn port(owner: &Owner, name: &str, ips: &[&str], backends: &[&str]) -> ServicePort {
-    ServicePort {
+fn port(owner: &Owner, name: &str, ips: &[&str], backends: &[&str]) -> Service {
+    Service {
         name: format!("{owner}:{name}"),
-        owner: owner.clone(),
-        port_name: name.into(),
         protocol: Protocol::Tcp,
         frontends: ips
             .iter()
-            .map(|ip| Frontend { kind: FrontendKind::ExternalIp, ip: ip.parse::<Ipv4Addr>().unwrap(), port: 80 })
+            .map(|ip| Frontend { kind: FrontendKind::ExternalIp, addr: ip.parse::<Ipv4Addr>().unwrap(), port: 80 })
             .collect(),
         backends: backends
             .iter()
             .map(|b| Backend { addr: b.parse::<SocketAddrV4>().unwrap(), state: BackendState::Active, local: false })
             .collect(),
-        affinity_timeout: None,
-        external_local: false,
-        internal_local: false,
+        affinity_timeout_s: None,
+        external_policy: TrafficPolicy::Cluster,
+        internal_policy: TrafficPolicy::Cluster,
+        algorithm: Algorithm::Random,
     }
 }
 
-fn desired(ports: Vec<ServicePort>) -> Desired {
+fn desired(ports: Vec<Service>) -> Desired {
     Desired { ports, ..Desired::default() }
 }
 

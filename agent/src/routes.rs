@@ -115,7 +115,7 @@ impl Routes {
             }
         }
         for (cidr, via) in desired {
-            if !cidr.is_subnet_of(self.cluster) {
+            if !is_subnet(*cidr, self.cluster) {
                 report.refused.push(*cidr);
                 continue;
             }
@@ -148,6 +148,10 @@ impl Routes {
     }
 }
 
+fn is_subnet(inner: Ipv4Network, outer: Ipv4Network) -> bool {
+    inner.prefix() >= outer.prefix() && outer.contains(inner.network())
+}
+
 /// `(dst, gateway)` of one of riptide's main-table routes.
 fn ours(msg: &RouteMessage) -> Option<(Ipv4Network, Ipv4Addr)> {
     let h = &msg.header;
@@ -175,13 +179,21 @@ pub fn desired_routes<'a>(
 ) -> BTreeMap<Ipv4Network, Ipv4Addr> {
     nodes
         .filter(|n| n.metadata.name.as_deref() != Some(self_name))
-        .filter_map(|n| Some((crate::model::node_pod_cidr(n)?, crate::model::node_internal_ip(n)?)))
+        .filter_map(|n| Some((crate::node::pod_cidr(n)?, crate::node::internal_ip(n)?)))
         .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subnet_check() {
+        let cluster: Ipv4Network = "10.42.0.0/16".parse().unwrap();
+        assert!(is_subnet("10.42.3.0/24".parse().unwrap(), cluster));
+        assert!(!is_subnet("10.43.3.0/24".parse().unwrap(), cluster));
+        assert!(!is_subnet("10.0.0.0/8".parse().unwrap(), cluster), "a supernet is outside");
+    }
 
     #[test]
     fn desired_skips_self_and_incomplete_nodes() {

@@ -161,10 +161,10 @@ pub fn start(client: &Client, node_name: &str, tx: &UnboundedSender<Change>, met
         |n: &Node| Change::Node { name: n.name_any() },
         |n: &mut Node| {
             // The podCIDR fallback's claim is the one annotation read.
-            let claim = n.annotations().get(crate::podcidr::ANNOTATION).cloned();
+            let claim = n.annotations().get(crate::node::POD_CIDR_ANNOTATION).cloned();
             trim_meta(n.meta_mut());
             if let Some(c) = claim {
-                n.meta_mut().annotations = Some([(crate::podcidr::ANNOTATION.to_owned(), c)].into());
+                n.meta_mut().annotations = Some([(crate::node::POD_CIDR_ANNOTATION.to_owned(), c)].into());
             }
             // Heartbeats rewrite conditions and images every few seconds;
             // only addresses and podCIDRs matter here.

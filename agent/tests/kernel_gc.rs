@@ -23,12 +23,16 @@ use riptide_agent::{
     agent::{Shared, Status},
     gc::{Gc, GcConfig, GcStatus, Pass},
     metrics::Metrics,
-    model::{Backend, BackendState, Desired, Frontend, FrontendKind, Owner, Protocol, ServicePort},
+    model::{Desired, Owner},
     reconcile::Reconciler,
     sockdiag,
 };
 use riptide_common::{AffKey, AffValue, CT_DIR_FWD, CT_DIR_REV, CtKey, CtValue, NatValue, names, proto};
-use riptide_datapath::{Datapath, Pinning, gc::monotonic_ns};
+use riptide_datapath::{
+    Datapath, Pinning,
+    gc::monotonic_ns,
+    service::{Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, TrafficPolicy},
+};
 
 fn privileged() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -53,18 +57,20 @@ fn sa(s: &str) -> SocketAddrV4 {
     s.parse().unwrap()
 }
 
-fn port(name: &str, protocol: Protocol, vip: &str, p: u16, backends: &[(&str, BackendState)], affinity: Option<u32>) -> ServicePort {
-    ServicePort {
-        name: format!("default/{name}:p"),
-        owner: Owner::service("default", name),
-        port_name: "p".into(),
+/// The Service `default/<name>` with one port, and its owner.
+fn port(name: &str, protocol: Protocol, vip: &str, p: u16, backends: &[(&str, BackendState)], affinity: Option<u32>) -> (Owner, Service) {
+    let owner = Owner::service("default", name);
+    let port = Service {
+        name: format!("{owner}:p"),
         protocol,
-        frontends: vec![Frontend { kind: FrontendKind::ClusterIp, ip: vip.parse().unwrap(), port: p }],
+        frontends: vec![Frontend { kind: FrontendKind::ClusterIp, addr: vip.parse().unwrap(), port: p }],
         backends: backends.iter().map(|(a, s)| Backend { addr: sa(a), state: *s, local: true }).collect(),
-        affinity_timeout: affinity,
-        external_local: false,
-        internal_local: false,
-    }
+        affinity_timeout_s: affinity,
+        external_policy: TrafficPolicy::Cluster,
+        internal_policy: TrafficPolicy::Cluster,
+        algorithm: Algorithm::Random,
+    };
+    (owner, port)
 }
 
 fn lru<K: aya::Pod, V: aya::Pod>(node: &str, name: &str) -> HashMap<MapData, K, V> {
@@ -99,8 +105,8 @@ fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_f
     let mut rec = Reconciler::new();
     let dns = port("dns", Protocol::Udp, "10.43.0.10", 53, &[("10.42.0.5:53", BackendState::Active), ("10.42.0.6:53", BackendState::Quarantined)], None);
     let web = port("web", Protocol::Tcp, "10.43.0.11", 80, &[("10.42.0.7:8080", BackendState::Active)], Some(30));
-    for p in [&dns, &web] {
-        rec.set(&p.owner, Desired { ports: vec![p.clone()], ..Desired::default() });
+    for (owner, p) in [dns, web] {
+        rec.set(&owner, Desired { ports: vec![p], ..Desired::default() });
     }
     let report = rec.apply(&mut services);
     assert!(report.failed.is_empty(), "{report:?}");

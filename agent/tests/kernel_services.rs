@@ -6,11 +6,14 @@
 use std::net::SocketAddrV4;
 
 use riptide_agent::{
-    maps,
-    model::{Backend, BackendState, Desired, Frontend, FrontendKind, Owner, Protocol, ServicePort},
+    model::{Desired, Owner},
     reconcile::Reconciler,
+    views,
 };
-use riptide_datapath::{Datapath, Pinning};
+use riptide_datapath::{
+    Datapath, Pinning,
+    service::{Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, TrafficPolicy},
+};
 
 fn privileged() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -26,20 +29,19 @@ fn be(addr: &str, state: BackendState, local: bool) -> Backend {
     Backend { addr: addr.parse::<SocketAddrV4>().unwrap(), state, local }
 }
 
-fn port(owner: &Owner, backends: Vec<Backend>, external_local: bool) -> ServicePort {
-    ServicePort {
+fn port(owner: &Owner, backends: Vec<Backend>, external_policy: TrafficPolicy) -> Service {
+    Service {
         name: format!("{owner}:http"),
-        owner: owner.clone(),
-        port_name: "http".into(),
         protocol: Protocol::Tcp,
         frontends: vec![
-            Frontend { kind: FrontendKind::ClusterIp, ip: "10.43.0.10".parse().unwrap(), port: 80 },
-            Frontend { kind: FrontendKind::NodePort, ip: "0.0.0.0".parse().unwrap(), port: 30080 },
+            Frontend { kind: FrontendKind::ClusterIp, addr: "10.43.0.10".parse().unwrap(), port: 80 },
+            Frontend { kind: FrontendKind::NodePort, addr: "0.0.0.0".parse().unwrap(), port: 30080 },
         ],
         backends,
-        affinity_timeout: None,
-        external_local,
-        internal_local: false,
+        affinity_timeout_s: None,
+        external_policy,
+        internal_policy: TrafficPolicy::Cluster,
+        algorithm: Algorithm::Random,
     }
 }
 
@@ -57,13 +59,13 @@ fn kernel_reconciler_writes_and_shrinks_real_maps() {
             be("10.42.0.5:8080", BackendState::Active, true),
             be("10.42.1.5:8080", BackendState::Active, false),
             be("10.42.1.6:8080", BackendState::Terminating, false),
-        ], true)],
+        ], TrafficPolicy::Local)],
         ..Desired::default()
     });
     let rep = rec.apply(&mut svc);
     assert!(rep.failed.is_empty(), "{rep:?}");
-    let owners = maps::owner_index(rec.applied().values());
-    let views = maps::frontend_views(&svc.dump_services(), &svc.dump_backends(), &owners);
+    let owners = views::owner_index(rec.applied().values());
+    let views = views::frontend_views(&svc.dump_services(), &svc.dump_backends(), &owners);
     let summary: Vec<(String, String, usize)> = views.iter().map(|v| (v.frontend.clone(), v.scope.clone(), v.backends.len())).collect();
     assert_eq!(summary, vec![
         ("0.0.0.0:30080/TCP".into(), "external".into(), 1),

@@ -29,7 +29,7 @@ use common::{
     privileged, riptide, spawn_helper, start_agent, start_apiserver,
 };
 use riptide_common::{CtKey, CtValue};
-use riptide_datapath::{gc::FlowMaps, services::Services};
+use riptide_datapath::{gc::FlowMaps, service::Services};
 
 const HELPER: &str = "agent_test_helper";
 

@@ -17,7 +17,7 @@ use riptide_agent::{
     api::{CounterView, StatusView},
     cli,
     events::EventView,
-    maps::{AffinityView, CtView, EndpointView, FrontendView},
+    views::{AffinityView, CtView, EndpointView, FrontendView},
 };
 
 #[derive(Parser, Debug)]

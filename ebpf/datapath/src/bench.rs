@@ -33,7 +33,7 @@
 //! `connect()` latency a process sees with and without a service hit.
 
 use std::{
-    net::{Ipv4Addr, UdpSocket},
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -43,7 +43,7 @@ use riptide_common::{CFG_F_SOCK_LB, Config, names};
 
 use crate::{
     Datapath, Error, Pinning, Result,
-    services::{
+    service::{
         Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, TrafficPolicy,
     },
 };
@@ -140,7 +140,6 @@ fn clusterip(name: String, vip: Ipv4Addr, port: u16, backends: Vec<Backend>) -> 
             kind: FrontendKind::ClusterIp,
             addr: vip,
             port,
-            protocol: Protocol::Tcp,
         }],
         backends,
         affinity_timeout_s: None,
@@ -152,8 +151,7 @@ fn clusterip(name: String, vip: Ipv4Addr, port: u16, backends: Vec<Backend>) -> 
 
 fn remote(addr: Ipv4Addr, port: u16) -> Backend {
     Backend {
-        addr,
-        port,
+        addr: SocketAddrV4::new(addr, port),
         state: BackendState::Active,
         // Backends on other nodes (kernel-routed, no redirect).
         local: false,
@@ -162,7 +160,7 @@ fn remote(addr: Ipv4Addr, port: u16) -> Backend {
 
 /// A private datapath with `services` ClusterIP services of 3 remote
 /// backends each, plus the flip-flop pair (see the module docs).
-fn setup(services: u32) -> Result<(Datapath, crate::services::Services)> {
+fn setup(services: u32) -> Result<(Datapath, crate::service::Services)> {
     let mut dp = Datapath::load(&Pinning::None)?;
     dp.set_config(&Config {
         node_ip_be: u32::from(Ipv4Addr::new(198, 18, 0, 1)).to_be(),
@@ -366,15 +364,13 @@ pub fn sock_connect(services: u32, connects: u32) -> Result<SockBench> {
     for i in 0..services {
         let backends = (0..3u8)
             .map(|b| Backend {
-                addr: Ipv4Addr::new(127, 0, 1, 1 + b),
-                port: 9,
+                addr: SocketAddrV4::new(Ipv4Addr::new(127, 0, 1, 1 + b), 9),
                 state: BackendState::Active,
                 local: true,
             })
             .collect();
         let mut s = clusterip(format!("bench/s{i}:p"), vip(i), 80, backends);
         s.protocol = Protocol::Udp;
-        s.frontends[0].protocol = Protocol::Udp;
         svcs.upsert(&s)?;
     }
     let mut cg = BenchCgroup::new()?;

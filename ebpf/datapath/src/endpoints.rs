@@ -54,7 +54,7 @@ impl<T: BorrowMut<MapData>> Endpoints<T> {
 
     /// Removes the endpoint for `addr`; absent is not an error.
     pub fn remove(&mut self, addr: Ipv4Addr) -> Result<()> {
-        crate::services::ignore_missing(self.map.remove(&key(addr))).map_err(|source| Error::Map {
+        crate::error::ignore_missing(self.map.remove(&key(addr))).map_err(|source| Error::Map {
             name: names::EP4,
             source,
         })

@@ -22,7 +22,10 @@ use riptide_common::{
     SockRevKey, SockRevValue, SvcKey, SvcValue, names,
 };
 
-use crate::{Error, Result};
+use crate::{
+    Result,
+    error::{deleted, map_err},
+};
 
 /// `CLOCK_MONOTONIC` in ns: `bpf_ktime_get_ns()` is `ktime_get_mono_fast_ns()`,
 /// the same clock, so user space can age `last_seen_ns` stamps with it.
@@ -37,19 +40,6 @@ pub fn monotonic_ns() -> u64 {
         .unwrap_or(0)
         .saturating_mul(1_000_000_000)
         .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
-}
-
-fn map_err(name: &'static str) -> impl Fn(MapError) -> Error {
-    move |source| Error::Map { name, source }
-}
-
-/// Outcome of one sweep of one map.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Sweep {
-    /// Entries looked at.
-    pub scanned: usize,
-    /// Entries deleted.
-    pub deleted: usize,
 }
 
 /// Handles on a node's flow-state maps.
@@ -152,35 +142,11 @@ impl FlowMaps {
         }
         Ok(n)
     }
-
-    /// Dumps conntrack and deletes the entries `expired(key, value)` picks,
-    /// re-checking `last_seen_ns` right before each delete.
-    pub fn sweep_conntrack(&mut self, mut expired: impl FnMut(&CtKey, &CtValue) -> bool) -> Result<Sweep> {
-        let all = self.conntrack()?;
-        let keys: Vec<(CtKey, Option<u64>)> = all
-            .iter()
-            .filter(|(k, v)| expired(k, v))
-            .map(|(k, v)| (*k, Some(v.last_seen_ns)))
-            .collect();
-        let deleted = self.delete_conntrack(&keys)?;
-        Ok(Sweep {
-            scanned: all.len(),
-            deleted,
-        })
-    }
 }
 
 /// Deletes `key` unless absent; `Ok(false)` when it was already gone.
 fn remove<K: Pod, V: Pod>(m: &mut HashMap<MapData, K, V>, key: &K) -> Result<bool, MapError> {
-    match m.remove(key) {
-        Ok(()) => Ok(true),
-        Err(MapError::KeyNotFound) => Ok(false),
-        // aya 0.14 reports ENOENT from bpf_map_delete_elem as a syscall error.
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-            Ok(false)
-        }
-        Err(e) => Err(e),
-    }
+    deleted(m.remove(key))
 }
 
 fn delete_checked<K: Pod, V: Pod>(

@@ -9,91 +9,27 @@ mod attach;
 pub mod bench;
 mod bpffs;
 pub mod endpoints;
+mod error;
 pub mod events;
 /// Flow-state map access for the agent's GC (added by the agent's helper).
 pub mod gc;
 pub mod maglev;
 pub mod maps;
-pub mod services;
+pub mod service;
 
 use std::path::{Path, PathBuf};
 
 pub use attach::Attachment;
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupSockAddr, ProgramError, SchedClassifier},
+    programs::{CgroupSockAddr, SchedClassifier},
 };
 pub use bpffs::ensure_bpffs;
+pub use error::{Error, Result};
 use riptide_common::{PIN_ROOT, names};
 
 /// The compiled eBPF object, embedded at build time by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/riptide"));
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("loading the eBPF object for node {node}")]
-    Load {
-        node: String,
-        /// Boxed: `EbpfError` is large and would bloat every `Result`.
-        #[source]
-        source: Box<aya::EbpfError>,
-    },
-    #[error("program {name} is missing from the eBPF object")]
-    MissingProgram { name: &'static str },
-    #[error("map {name} is missing from the eBPF object")]
-    MissingMap { name: &'static str },
-    #[error("program {name}: {action}")]
-    Program {
-        name: &'static str,
-        action: &'static str,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("map {name}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
-    #[error("{action} {path}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("invalid node name {0:?}: use [A-Za-z0-9._-], 1 to 253 characters")]
-    NodeName(String),
-    #[error("service {service}: {reason}")]
-    Service { service: String, reason: String },
-    #[error("no free {what} id left")]
-    IdsExhausted { what: &'static str },
-    #[error("attaching {name} to {target}")]
-    Attach {
-        name: &'static str,
-        target: String,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("link of {name} on {target} is not a bpf_link (kernel too old?)")]
-    Link {
-        name: &'static str,
-        target: String,
-        #[source]
-        source: aya::programs::links::LinkError,
-    },
-    #[error("benchmark: {0}")]
-    Bench(String),
-    #[error("pinning link of {name} at {path}")]
-    PinLink {
-        name: &'static str,
-        path: PathBuf,
-        #[source]
-        source: aya::pin::PinError,
-    },
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The pin directory of one node: `/sys/fs/bpf/riptide/<node>`.
 ///

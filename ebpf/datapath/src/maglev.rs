@@ -1,6 +1,6 @@
 //! Maglev lookup tables (Eisenbud et al., "Maglev: A Fast and Reliable
 //! Software Network Load Balancer", NSDI 2016, §3.4), one per frontend and
-//! scope of a service with [`crate::services::Algorithm::Maglev`], written to
+//! scope of a service with [`crate::service::Algorithm::Maglev`], written to
 //! `rt_maglev4_v1`. The programs index a table with the flow's 5-tuple hash.
 //!
 //! Every node must build the same table from the same backends, so the

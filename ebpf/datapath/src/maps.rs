@@ -12,11 +12,8 @@ use riptide_common::{
     stats,
 };
 
-use crate::{Datapath, Error, Result, services::Services};
+use crate::{Datapath, Error, Result, error::map_err, service::Services};
 
-fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
-    move |source| Error::Map { name, source }
-}
 
 /// Per-reason counters summed over CPUs, indexed like [`stats::NAMES`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -137,59 +134,5 @@ impl Datapath {
         let m: HashMap<&MapData, AffKey, AffValue> =
             HashMap::try_from(self.map(names::AFF4)?).map_err(map_err(names::AFF4))?;
         Ok(m.iter().filter_map(std::result::Result::ok).collect())
-    }
-}
-
-/// `CLOCK_MONOTONIC` in ns: the clock `bpf_ktime_get_ns()` stamps entries with.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the struct we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
-}
-
-impl Datapath {
-    /// Deletes conntrack and NAT entries idle for longer than `max_idle`
-    /// and returns how many went. Only idleness counts — never "unknown to
-    /// this agent" — so a restarted agent does not cut live flows (a
-    /// recurring Cilium complaint). LRU eviction covers pressure; this
-    /// keeps the tables from holding long-dead UDP/TCP flows.
-    pub fn gc_conntrack(&mut self, max_idle: std::time::Duration) -> Result<usize> {
-        let now = monotonic_ns();
-        let limit = u64::try_from(max_idle.as_nanos()).unwrap_or(u64::MAX);
-        let stale = |last: u64| now.saturating_sub(last) > limit;
-        let mut removed = 0;
-        {
-            let mut m: HashMap<&mut MapData, CtKey, CtValue> =
-                HashMap::try_from(self.map_mut(names::CT4)?).map_err(map_err(names::CT4))?;
-            let old: Vec<CtKey> = m
-                .iter()
-                .filter_map(std::result::Result::ok)
-                .filter(|(_, v)| stale(v.last_seen_ns))
-                .map(|(k, _)| k)
-                .collect();
-            for k in old {
-                if m.remove(&k).is_ok() {
-                    removed += 1;
-                }
-            }
-        }
-        let mut m: HashMap<&mut MapData, CtKey, NatValue> =
-            HashMap::try_from(self.map_mut(names::NAT4)?).map_err(map_err(names::NAT4))?;
-        let old: Vec<CtKey> = m
-            .iter()
-            .filter_map(std::result::Result::ok)
-            .filter(|(_, v)| stale(v.last_seen_ns))
-            .map(|(k, _)| k)
-            .collect();
-        for k in old {
-            if m.remove(&k).is_ok() {
-                removed += 1;
-            }
-        }
-        Ok(removed)
     }
 }

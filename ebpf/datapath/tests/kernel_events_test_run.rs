@@ -12,7 +12,7 @@ use riptide_common::{
 };
 use riptide_datapath::{
     Datapath, Pinning,
-    services::{Algorithm, Frontend, FrontendKind, Protocol, Service, TrafficPolicy},
+    service::{Algorithm, Frontend, FrontendKind, Protocol, Service, TrafficPolicy},
 };
 
 #[test]
@@ -36,7 +36,6 @@ fn drops_are_reported_as_events_at_a_bounded_rate() {
             kind: FrontendKind::ClusterIp,
             addr: ip("10.43.0.99"),
             port: 80,
-            protocol: Protocol::Tcp,
         }],
         backends: Vec::new(),
         affinity_timeout_s: None,

@@ -5,13 +5,16 @@
 
 mod common;
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use common::*;
 use riptide_common::{CFG_F_MASQUERADE, CFG_F_SOCK_LB, Config, EndpointValue, names, stats};
 use riptide_datapath::{
     Datapath, Pinning,
-    services::{
+    service::{
         Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, Services,
         TrafficPolicy,
     },
@@ -64,8 +67,7 @@ fn node() -> Node {
 
 fn backend(addr: &str, local: bool) -> Backend {
     Backend {
-        addr: ip(addr),
-        port: 8080,
+        addr: SocketAddrV4::new(ip(addr), 8080),
         state: BackendState::Active,
         local,
     }
@@ -80,13 +82,11 @@ fn service(protocol: Protocol, backends: Vec<Backend>) -> Service {
                 kind: FrontendKind::ClusterIp,
                 addr: ip(VIP),
                 port: 80,
-                protocol,
             },
             Frontend {
                 kind: FrontendKind::NodePort,
                 addr: Ipv4Addr::UNSPECIFIED,
                 port: 30080,
-                protocol,
             },
         ],
         backends,
@@ -781,7 +781,7 @@ fn terminating_backend_keeps_its_flows_and_gets_no_new_ones() {
         );
     }
     // No ready backend left: serving-terminating ones take new flows.
-    s.backends.retain(|b| b.addr == ip("10.42.1.7"));
+    s.backends.retain(|b| *b.addr.ip() == ip("10.42.1.7"));
     n.svcs.upsert(&s).unwrap();
     let (_, out) = run(
         &mut n.dp,
@@ -819,11 +819,9 @@ fn host_port_from_outside_reaches_the_local_pod() {
                 kind: FrontendKind::HostPort,
                 addr: Ipv4Addr::UNSPECIFIED,
                 port: 8443,
-                protocol: Protocol::Tcp,
             }],
             backends: vec![Backend {
-                addr: ip("10.42.0.21"),
-                port: 443,
+                addr: SocketAddrV4::new(ip("10.42.0.21"), 443),
                 state: BackendState::Active,
                 local: true,
             }],
@@ -866,45 +864,6 @@ fn pod_traffic_from_another_node_is_delivered_with_redirect_peer() {
     let ping = icmp_error(ip("10.42.1.9"), ip("10.42.0.21"), 8, 0, &[0u8; 28]);
     let (verdict, _) = run(&mut n.dp, names::PROG_FROM_NET, &ping);
     assert_eq!(verdict, TC_ACT_REDIRECT);
-}
-
-#[test]
-fn conntrack_gc_removes_only_idle_entries() {
-    if !privileged() {
-        return;
-    }
-    let mut n = node();
-    n.svcs
-        .upsert(&service(Protocol::Tcp, vec![backend("10.42.1.7", false)]))
-        .unwrap();
-    run(
-        &mut n.dp,
-        names::PROG_FROM_POD,
-        &syn((ip(CLIENT_POD), 40600), (ip(VIP), 80)),
-    );
-    run(
-        &mut n.dp,
-        names::PROG_TO_NET,
-        &syn((ip(CLIENT_POD), 40601), (ip("203.0.113.1"), 443)),
-    );
-    assert_eq!(n.dp.conntrack().unwrap().len(), 2);
-    assert_eq!(n.dp.nat().unwrap().len(), 2);
-    // Fresh entries survive a GC with a generous idle limit…
-    assert_eq!(
-        n.dp.gc_conntrack(std::time::Duration::from_secs(3600))
-            .unwrap(),
-        0
-    );
-    assert_eq!(n.dp.conntrack().unwrap().len(), 2);
-    // …and go once they are older than the limit.
-    std::thread::sleep(std::time::Duration::from_millis(20));
-    assert_eq!(
-        n.dp.gc_conntrack(std::time::Duration::from_millis(10))
-            .unwrap(),
-        4
-    );
-    assert!(n.dp.conntrack().unwrap().is_empty());
-    assert!(n.dp.nat().unwrap().is_empty());
 }
 
 #[test]

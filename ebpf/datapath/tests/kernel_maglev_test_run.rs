@@ -5,13 +5,16 @@
 
 mod common;
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use common::*;
 use riptide_common::{ALG_MAGLEV, ALG_RANDOM, Config, MAGLEV_M, SCOPE_EXT, SCOPE_INT, names};
 use riptide_datapath::{
     Datapath, Pinning,
-    services::{
+    service::{
         Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, Services,
         TrafficPolicy,
     },
@@ -43,8 +46,7 @@ fn node(node_ip: &str) -> Node {
 fn backends(n: u8) -> Vec<Backend> {
     (0..n)
         .map(|i| Backend {
-            addr: Ipv4Addr::new(10, 42, 1, 10 + i),
-            port: 8080,
+            addr: SocketAddrV4::new(Ipv4Addr::new(10, 42, 1, 10 + i), 8080),
             state: BackendState::Active,
             local: false,
         })
@@ -60,19 +62,16 @@ fn service(algorithm: Algorithm, backends: Vec<Backend>) -> Service {
                 kind: FrontendKind::ClusterIp,
                 addr: ip(VIP),
                 port: 80,
-                protocol: Protocol::Tcp,
             },
             Frontend {
                 kind: FrontendKind::NodePort,
                 addr: Ipv4Addr::UNSPECIFIED,
                 port: 30080,
-                protocol: Protocol::Tcp,
             },
             Frontend {
                 kind: FrontendKind::ExternalIp,
                 addr: ip(EXTERNAL_IP),
                 port: 80,
-                protocol: Protocol::Tcp,
             },
         ],
         backends,
@@ -112,7 +111,7 @@ fn maglev_nodes_agree_on_the_backend_of_every_flow() {
         .unwrap()
         .1;
     assert_eq!(master.algorithm, ALG_MAGLEV);
-    let fe = service(Algorithm::Maglev, Vec::new()).frontends[0];
+    let fe = service(Algorithm::Maglev, Vec::new()).frontends[0].id(Protocol::Tcp);
     assert_eq!(a.svcs.maglev_table(&fe, SCOPE_EXT).unwrap().len(), MAGLEV_M);
 
     let mut used = BTreeSet::new();
@@ -171,7 +170,7 @@ fn maglev_backend_removal_keeps_most_flows_on_their_backends() {
         .svcs
         .upsert(&service(Algorithm::Maglev, all[1..].to_vec()))
         .unwrap();
-    let removed = all[0].addr;
+    let removed = *all[0].addr.ip();
     let (mut kept, mut others) = (0, 0);
     for port in 40000..40200 {
         let x = pick(&mut before, port);
@@ -201,7 +200,7 @@ fn maglev_tables_follow_the_service_scopes_and_algorithm() {
     let mut s = service(Algorithm::Maglev, bs);
     s.external_policy = TrafficPolicy::Local;
     n.svcs.upsert(&s).unwrap();
-    let (cip, np) = (s.frontends[0], s.frontends[1]);
+    let (cip, np) = (s.frontends[0].id(s.protocol), s.frontends[1].id(s.protocol));
     // eTP=Local: the NodePort's external scope hashes over the local
     // backend only, its internal scope and the ClusterIP over all four.
     let ext = n.svcs.maglev_table(&np, SCOPE_EXT).unwrap();

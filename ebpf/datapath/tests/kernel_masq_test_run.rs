@@ -11,13 +11,13 @@
 
 mod common;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use common::*;
 use riptide_common::{CFG_F_MASQUERADE, CT_F_INBOUND, Config, EndpointValue, names, stats};
 use riptide_datapath::{
     Datapath, Pinning,
-    services::{
+    service::{
         Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, Services,
         TrafficPolicy,
     },
@@ -288,8 +288,7 @@ fn nodeport_reply_of_a_backend_behind_a_masquerading_node_is_not_masqueraded() {
     let mut n1 = node_at(N1, 1);
     let mut n2 = node();
     let backend = |local| Backend {
-        addr: ip(SERVER_POD),
-        port: 8080,
+        addr: SocketAddrV4::new(ip(SERVER_POD), 8080),
         state: BackendState::Active,
         local,
     };
@@ -300,7 +299,6 @@ fn nodeport_reply_of_a_backend_behind_a_masquerading_node_is_not_masqueraded() {
             kind: FrontendKind::NodePort,
             addr: Ipv4Addr::UNSPECIFIED,
             port: 30080,
-            protocol: Protocol::Tcp,
         }],
         backends: vec![backend(local)],
         affinity_timeout_s: None,

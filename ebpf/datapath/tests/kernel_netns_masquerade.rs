@@ -38,7 +38,7 @@ use common::{ip, privileged};
 use riptide_common::{CFG_F_MASQUERADE, Config, EndpointValue, names, stats};
 use riptide_datapath::{
     Attachment, Datapath, Pinning,
-    services::{
+    service::{
         Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, Services,
         TrafficPolicy,
     },
@@ -549,11 +549,9 @@ fn service(
             kind: frontend.0,
             addr: frontend.1,
             port: frontend.2,
-            protocol,
         }],
         backends: vec![Backend {
-            addr: *backend.ip(),
-            port: backend.port(),
+            addr: SocketAddrV4::new(*backend.ip(), backend.port()),
             state: BackendState::Active,
             local: backend_local,
         }],

@@ -31,7 +31,7 @@ use riptide_common::{CFG_F_SOCK_LB, Config};
 use riptide_datapath::{
     Attachment, Datapath, Pinning,
     events::Events,
-    services::{
+    service::{
         Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, Services,
         TrafficPolicy,
     },
@@ -193,13 +193,11 @@ fn service(protocol: Protocol, n: usize, affinity: Option<u32>) -> Service {
             kind: FrontendKind::ClusterIp,
             addr: ip(VIP),
             port: 80,
-            protocol,
         }],
         backends: BACKENDS[..n]
             .iter()
             .map(|a| Backend {
-                addr: ip(a),
-                port: BE_PORT,
+                addr: SocketAddrV4::new(ip(a), BE_PORT),
                 state: BackendState::Active,
                 local: true,
             })
@@ -427,7 +425,6 @@ fn netns_nodeport_on_loopback_from_the_node_reaches_a_backend() {
         kind: FrontendKind::NodePort,
         addr: Ipv4Addr::UNSPECIFIED,
         port: 30080,
-        protocol: Protocol::Tcp,
     });
     w.svcs.upsert(&s).unwrap();
     tcp_servers(&w.ns);

@@ -5,13 +5,13 @@
 
 mod common;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use common::{ip, privileged};
 use riptide_common::{SCOPE_EXT, SCOPE_INT, SvcKey, SvcValue};
 use riptide_datapath::{
     Datapath, Pinning,
-    services::{
+    service::{
         Algorithm, Backend, BackendAddr, BackendState, Frontend, FrontendKind, Protocol, Service,
         Services, TrafficPolicy,
     },
@@ -27,20 +27,17 @@ fn svc(name: &str, vip: &str, backends: &[(&str, bool)]) -> Service {
                 kind: FrontendKind::ClusterIp,
                 addr: ip(vip),
                 port: 80,
-                protocol: Protocol::Tcp,
             },
             Frontend {
                 kind: FrontendKind::NodePort,
                 addr: Ipv4Addr::UNSPECIFIED,
                 port: 30000 + u16::from(ip(vip).octets()[3]),
-                protocol: Protocol::Tcp,
             },
         ],
         backends: backends
             .iter()
             .map(|(a, local)| Backend {
-                addr: ip(a),
-                port: 8080,
+                addr: SocketAddrV4::new(ip(a), 8080),
                 state: BackendState::Active,
                 local: *local,
             })
@@ -70,8 +67,7 @@ fn entries(s: &Services, vip: &str, scope: u8) -> Vec<(SvcKey, SvcValue)> {
 
 fn addr(a: &str) -> BackendAddr {
     BackendAddr {
-        addr: ip(a),
-        port: 8080,
+        addr: SocketAddrV4::new(ip(a), 8080),
         protocol: Protocol::Tcp,
     }
 }
@@ -227,7 +223,7 @@ fn kernel_restarted_writer_keeps_ids_from_the_pinned_maps() {
                 s.backend_id_of(&addr("10.42.0.5")).unwrap(),
                 s.backend_id_of(&addr("10.42.1.5")).unwrap(),
             ],
-            s.revnat_id_of(&a.frontends[0]).unwrap(),
+            s.revnat_id_of(&a.frontends[0].id(a.protocol)).unwrap(),
         )
     };
     // "Restart": a new load finds the pinned maps; the writer reads ids back.
@@ -242,7 +238,7 @@ fn kernel_restarted_writer_keeps_ids_from_the_pinned_maps() {
     );
     assert_eq!(s.backend_id_of(&addr("10.42.1.5")), Some(be_ids[1]));
     assert_eq!(
-        s.revnat_id_of(&a.frontends[0]),
+        s.revnat_id_of(&a.frontends[0].id(a.protocol)),
         Some(revnat),
         "same reverse-NAT id"
     );

@@ -1,6 +1,6 @@
-//! The agent's side of the datapath library: model types → the library's
-//! `services::Service`, and the pinned maps → the views the CLI shows
-//! (frontend → backends, conntrack, endpoints, counters).
+//! The pinned maps → the views the CLI shows (frontend → backends,
+//! conntrack, affinity, endpoints). Decoded from the maps themselves, not
+//! from what the agent believes it wrote.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -13,93 +13,8 @@ use riptide_common::{
     SVC_F_AFFINITY, SVC_F_CLUSTERIP, SVC_F_EXTERNALIP, SVC_F_HOSTPORT, SVC_F_LOADBALANCER,
     SVC_F_LOCAL_ONLY, SVC_F_NO_SOCK_LB, SVC_F_NODEPORT, SVC_F_TWO_SCOPES, SvcKey, SvcValue, proto,
 };
-use riptide_datapath::services::{self as dps, Services};
+use riptide_datapath::service::Service;
 use serde::{Deserialize, Serialize};
-
-use crate::{
-    model::{BackendState, FrontendKind, Protocol, ServicePort},
-    reconcile::ServiceWriter,
-};
-
-fn protocol(p: Protocol) -> dps::Protocol {
-    match p {
-        Protocol::Tcp => dps::Protocol::Tcp,
-        Protocol::Udp => dps::Protocol::Udp,
-    }
-}
-
-/// Model → datapath library description of one service port.
-pub fn to_datapath(p: &ServicePort) -> dps::Service {
-    let proto = protocol(p.protocol);
-    dps::Service {
-        name: p.name.clone(),
-        protocol: proto,
-        frontends: p
-            .frontends
-            .iter()
-            .map(|f| dps::Frontend {
-                kind: match f.kind {
-                    FrontendKind::ClusterIp => dps::FrontendKind::ClusterIp,
-                    FrontendKind::NodePort => dps::FrontendKind::NodePort,
-                    FrontendKind::ExternalIp => dps::FrontendKind::ExternalIp,
-                    FrontendKind::LoadBalancer => dps::FrontendKind::LoadBalancer,
-                    FrontendKind::HostPort => dps::FrontendKind::HostPort,
-                },
-                addr: f.ip,
-                port: f.port,
-                protocol: proto,
-            })
-            .collect(),
-        backends: p
-            .backends
-            .iter()
-            .map(|b| dps::Backend {
-                addr: *b.addr.ip(),
-                port: b.addr.port(),
-                state: match b.state {
-                    BackendState::Active => dps::BackendState::Active,
-                    BackendState::Terminating => dps::BackendState::Terminating,
-                    BackendState::Quarantined => dps::BackendState::Quarantined,
-                },
-                local: b.local,
-            })
-            .collect(),
-        affinity_timeout_s: p.affinity_timeout,
-        external_policy: if p.external_local {
-            dps::TrafficPolicy::Local
-        } else {
-            dps::TrafficPolicy::Cluster
-        },
-        internal_policy: if p.internal_local {
-            dps::TrafficPolicy::Local
-        } else {
-            dps::TrafficPolicy::Cluster
-        },
-        // The datapath supports Maglev per service (dps::Algorithm::Maglev);
-        // no Service annotation selects it yet.
-        algorithm: dps::Algorithm::Random,
-    }
-}
-
-impl ServiceWriter for Services {
-    type Error = riptide_datapath::Error;
-
-    fn upsert(&mut self, port: &ServicePort) -> Result<(), Self::Error> {
-        Services::upsert(self, &to_datapath(port))
-    }
-
-    fn remove(&mut self, name: &str) -> Result<(), Self::Error> {
-        Services::remove(self, name)
-    }
-
-    fn finish_resync(&mut self) -> Result<usize, Self::Error> {
-        let (frontends, backends) = self.remove_unclaimed()?;
-        if frontends + backends > 0 {
-            tracing::info!(frontends, backends, "removed entries no Service claims any more");
-        }
-        Ok(frontends)
-    }
-}
 
 /// One backend as the maps hold it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,15 +145,11 @@ pub fn frontend_views(
 }
 
 /// `(ip, port, proto)` → port name, from what the reconciler wrote.
-pub fn owner_index<'a>(ports: impl Iterator<Item = &'a ServicePort>) -> HashMap<(Ipv4Addr, u16, u8), String> {
+pub fn owner_index<'a>(ports: impl Iterator<Item = &'a Service>) -> HashMap<(Ipv4Addr, u16, u8), String> {
     let mut m = HashMap::new();
     for p in ports {
-        let n = match p.protocol {
-            Protocol::Tcp => proto::TCP,
-            Protocol::Udp => proto::UDP,
-        };
         for f in &p.frontends {
-            m.insert((f.ip, f.port, n), p.name.clone());
+            m.insert((f.addr, f.port, p.protocol.number()), p.name.clone());
         }
     }
     m
