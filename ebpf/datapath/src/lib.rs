@@ -96,22 +96,12 @@ impl Datapath {
 
     fn load_programs(&mut self) -> Result<()> {
         for name in CLASSIFIERS {
-            self.classifier(name)?
-                .load()
-                .map_err(|source| Error::Program {
-                    name,
-                    action: "loading (verifier)",
-                    source,
-                })?;
+            let prog = self.classifier(name)?;
+            load_retrying(name, || prog.load())?;
         }
         for name in SOCK_PROGRAMS {
-            self.sock_addr(name)?
-                .load()
-                .map_err(|source| Error::Program {
-                    name,
-                    action: "loading (verifier)",
-                    source,
-                })?;
+            let prog = self.sock_addr(name)?;
+            load_retrying(name, || prog.load())?;
         }
         if let Some(dir) = self.pin_dir.clone() {
             for name in names::ALL_PROGRAMS {
@@ -188,6 +178,39 @@ pub(crate) const SOCK_PROGRAMS: [&str; 4] = [
     names::PROG_SOCK_GETPEERNAME4,
 ];
 
+/// How often a program load is tried while BPF_PROG_LOAD says EAGAIN: the
+/// verifier gives up with EAGAIN when a signal is pending (`do_check()` checks
+/// `signal_pending(current)`), which says nothing about the program. libbpf
+/// retries the same way (`PROG_LOAD_ATTEMPTS` in `bpf.c`).
+const PROG_LOAD_ATTEMPTS: u32 = 5;
+
+/// Runs `load` until it succeeds, fails with something other than EAGAIN, or
+/// has been tried [`PROG_LOAD_ATTEMPTS`] times. aya leaves a program unloaded
+/// when BPF_PROG_LOAD fails, so calling `load` again is a fresh attempt.
+fn load_retrying(
+    name: &'static str,
+    mut load: impl FnMut() -> std::result::Result<(), aya::programs::ProgramError>,
+) -> Result<()> {
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN)
+                    && attempt < PROG_LOAD_ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            done => {
+                return done.map_err(|source| Error::Program {
+                    name,
+                    action: "loading (verifier)",
+                    source,
+                });
+            }
+        }
+    }
+}
+
 /// Loads `object` with maps private to this load. The maps are declared
 /// pinned-by-name, so aya pins them somewhere; a fresh directory that is
 /// removed right after loading keeps them private (the fds keep them alive).
@@ -239,5 +262,59 @@ pub fn unpin_node(node: &str) -> Result<()> {
             path: dir,
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use aya::programs::ProgramError;
+
+    use super::*;
+
+    fn load_error(errno: i32) -> ProgramError {
+        ProgramError::LoadError {
+            io_error: io::Error::from_raw_os_error(errno),
+            verifier_log: aya_obj::VerifierLog::new(String::new()),
+        }
+    }
+
+    /// Calls `load_retrying` with a load that fails with `errnos` in turn and
+    /// then succeeds; returns the result and how often it was called.
+    fn run(errnos: &[i32]) -> (Result<()>, usize) {
+        let mut calls = 0;
+        let r = load_retrying("rt_test", || {
+            calls += 1;
+            match errnos.get(calls - 1) {
+                Some(&e) => Err(load_error(e)),
+                None => Ok(()),
+            }
+        });
+        (r, calls)
+    }
+
+    #[test]
+    fn eagain_is_retried_until_the_load_succeeds() {
+        let (r, calls) = run(&[libc::EAGAIN; 4]);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(calls, 5);
+    }
+
+    #[test]
+    fn eagain_gives_up_after_the_last_attempt() {
+        let (r, calls) = run(&[libc::EAGAIN; 9]);
+        assert_eq!(calls, PROG_LOAD_ATTEMPTS as usize);
+        assert!(
+            matches!(r, Err(Error::Program { name: "rt_test", .. })),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn other_errors_are_not_retried() {
+        let (r, calls) = run(&[libc::EACCES, libc::EAGAIN]);
+        assert_eq!(calls, 1);
+        assert!(r.is_err());
     }
 }
