@@ -13,17 +13,18 @@ use std::{
 use ipnetwork::Ipv4Network;
 use kube::runtime::reflector::ObjectRef;
 use riptide_common::{CFG_F_MASQUERADE, CFG_F_SOCK_LB, Config as DpConfig};
-use riptide_datapath::{Datapath, Pinning, service::Services};
+use riptide_datapath::{Datapath, Pinning};
 use tokio::sync::mpsc;
 
 use crate::{
-    api::{self, StatusView},
-    gc::{Gc, GcConfig, GcStatus},
+    api,
+    gc::{Gc, GcConfig},
     health::HealthServers,
-    metrics::{MapLabel, Metrics},
+    metrics::Metrics,
     model::{self, Desired, NodeContext, Owner},
     reconcile::{Reconciler, ServiceWriter as _},
     routes::{self, Routes},
+    shared::{GcStatus, Shared, Status, lock},
     tunnel::{self, Tunnel},
     watch::{self, Change, Kind, Stores},
 };
@@ -95,99 +96,6 @@ pub struct Config {
     /// Conntrack/NAT/affinity GC and stale-UDP cleanup (`cgroup` is filled
     /// in from [`Config::cgroup`]).
     pub gc: GcConfig,
-}
-
-/// Mutable status shown by `riptide status`.
-#[derive(Clone, Debug, Default)]
-pub struct Status {
-    pub kubernetes: bool,
-    pub pin_dir: Option<String>,
-    pub syncs: u64,
-    pub last_sync_ms: Option<f64>,
-    pub routes: BTreeMap<Ipv4Network, Ipv4Addr>,
-    pub pod_cidr: Option<Ipv4Network>,
-    pub node_ip: Option<Ipv4Addr>,
-    pub health_check_ports: Vec<u16>,
-    pub attachments: Vec<String>,
-    /// Routing mode is `--tunnel vxlan`.
-    pub tunnel_mode: bool,
-    /// `--tunnel vxlan`: the device once it exists.
-    pub tunnel: Option<String>,
-}
-
-/// State shared between the run loop and the API handlers. Lock order:
-/// `reconciler`, then `services`, then `dp`.
-pub struct Shared {
-    pub node: String,
-    pub ready: AtomicBool,
-    pub status: Mutex<Status>,
-    pub reconciler: Mutex<Reconciler>,
-    pub services: Mutex<Services>,
-    pub dp: Mutex<Datapath>,
-    pub metrics: Metrics,
-    pub gc_status: Mutex<GcStatus>,
-    /// Drop/failure events read from the datapath (`riptide events`).
-    pub events: Arc<crate::events::EventLog>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl Shared {
-    /// Samples map sizes and datapath counters into the metrics.
-    pub fn refresh_gauges(&self) {
-        let n_ports = lock(&self.reconciler).applied().len();
-        self.metrics.service_ports.set(i64::try_from(n_ports).unwrap_or(i64::MAX));
-        {
-            let svc = lock(&self.services);
-            let set = |map: &'static str, n: usize| {
-                self.metrics.map_entries.get_or_create(&MapLabel { map }).set(i64::try_from(n).unwrap_or(i64::MAX));
-            };
-            set(riptide_common::names::SVC4, svc.dump_services().len());
-            set(riptide_common::names::BE4, svc.dump_backends().len());
-            set(riptide_common::names::REVNAT4, svc.dump_revnat().len());
-        }
-        let mut dp = lock(&self.dp);
-        if let Ok(ct) = dp.conntrack() {
-            self.metrics.conntrack_entries.set(i64::try_from(ct.len()).unwrap_or(i64::MAX));
-            self.metrics.map_entries.get_or_create(&MapLabel { map: riptide_common::names::CT4 }).set(i64::try_from(ct.len()).unwrap_or(i64::MAX));
-        }
-        if let Ok(nat) = dp.nat() {
-            self.metrics.map_entries.get_or_create(&MapLabel { map: riptide_common::names::NAT4 }).set(i64::try_from(nat.len()).unwrap_or(i64::MAX));
-        }
-        if let Ok(ep) = dp.endpoints() {
-            let n = ep.list().len();
-            self.metrics.map_entries.get_or_create(&MapLabel { map: riptide_common::names::EP4 }).set(i64::try_from(n).unwrap_or(i64::MAX));
-        }
-        if let Ok(stats) = dp.stats() {
-            self.metrics.observe_stats(stats.named());
-        }
-    }
-
-    pub fn status_view(&self) -> StatusView {
-        let st = lock(&self.status).clone();
-        StatusView {
-            kubernetes: st.kubernetes,
-            pin_dir: st.pin_dir,
-            syncs: st.syncs,
-            last_sync_ms: st.last_sync_ms,
-            routes: st.routes.iter().map(|(c, v)| (c.to_string(), v.to_string())).collect(),
-            pod_cidr: st.pod_cidr.map(|c| c.to_string()),
-            node_ip: st.node_ip.map(|i| i.to_string()),
-            health_check_ports: st.health_check_ports,
-            attachments: st.attachments,
-            routing_mode: if st.tunnel_mode { "vxlan" } else { "native" }.to_owned(),
-            tunnel: st.tunnel.clone(),
-            tunnel_peers: if st.tunnel_mode {
-                st.routes.iter().map(|(c, ip)| tunnel::describe_peer(*c, *ip)).collect()
-            } else {
-                Vec::new()
-            },
-            gc: lock(&self.gc_status).clone(),
-            ..StatusView::default()
-        }
-    }
 }
 
 /// Runs the agent until `shutdown` completes.

@@ -9,7 +9,7 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::Path,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, atomic::Ordering},
 };
 
 use axum::{Json, Router, extract::{Query, State}, http::StatusCode, response::IntoResponse, routing::get};
@@ -17,7 +17,8 @@ use riptide_datapath::service::Service;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    agent::Shared,
+    shared::{GcStatus, Shared, lock},
+    tunnel,
     views::{self, CtView, EndpointView, FrontendView},
 };
 
@@ -53,7 +54,7 @@ pub struct StatusView {
     pub tunnel_peers: Vec<String>,
     /// Conntrack/affinity GC and stale-UDP cleanup.
     #[serde(default)]
-    pub gc: crate::gc::GcStatus,
+    pub gc: GcStatus,
 }
 
 /// `riptide drops`: a datapath counter.
@@ -65,16 +66,13 @@ pub struct CounterView {
 
 type S = Arc<Shared>;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 fn internal(e: &(dyn std::error::Error + 'static)) -> (StatusCode, String) {
     (StatusCode::INTERNAL_SERVER_ERROR, crate::reconcile::error_chain(e))
 }
 
 pub fn status(s: &Shared) -> StatusView {
-    let st = s.status_view();
+    let st = lock(&s.status).clone();
+    let gc = lock(&s.gc_status).clone();
     let (frontends, backends) = {
         let svc = lock(&s.services);
         (svc.dump_services().iter().filter(|(k, _)| k.slot == 0).count(), svc.dump_backends().len())
@@ -84,16 +82,32 @@ pub fn status(s: &Shared) -> StatusView {
     StatusView {
         node: s.node.clone(),
         ready: s.ready.load(Ordering::Relaxed),
+        kubernetes: st.kubernetes,
+        pin_dir: st.pin_dir,
         service_ports: rec.applied().len(),
         frontends,
         backends,
         conntrack_entries,
+        syncs: st.syncs,
+        last_sync_ms: st.last_sync_ms,
+        routes: st.routes.iter().map(|(c, v)| (c.to_string(), v.to_string())).collect(),
+        pod_cidr: st.pod_cidr.map(|c| c.to_string()),
+        node_ip: st.node_ip.map(|i| i.to_string()),
+        health_check_ports: st.health_check_ports,
         conflicts: rec
             .conflicts()
             .into_iter()
             .map(|(id, owners)| (id.to_string(), owners))
             .collect(),
-        ..st
+        attachments: st.attachments,
+        routing_mode: if st.tunnel_mode { "vxlan" } else { "native" }.to_owned(),
+        tunnel: st.tunnel,
+        tunnel_peers: if st.tunnel_mode {
+            st.routes.iter().map(|(c, ip)| tunnel::describe_peer(*c, *ip)).collect()
+        } else {
+            Vec::new()
+        },
+        gc,
     }
 }
 

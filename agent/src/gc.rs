@@ -49,11 +49,10 @@ use riptide_datapath::{
     gc::FlowMaps,
     service::{BackendState, Protocol, Service},
 };
-use serde::{Deserialize, Serialize};
 
 use crate::{
-    agent::Shared,
     metrics::{GcLabel, MapLabel},
+    shared::{Shared, lock},
     sockdiag,
 };
 
@@ -198,21 +197,6 @@ impl StaleView {
     }
 }
 
-/// What the last passes did (`riptide status`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct GcStatus {
-    pub passes: u64,
-    pub last_pass_ms: Option<f64>,
-    pub conntrack_entries: usize,
-    pub nat_entries: usize,
-    pub affinity_entries: usize,
-    pub sock_rev_entries: usize,
-    pub expired_deleted: u64,
-    pub stale_deleted: u64,
-    pub udp_sockets_destroyed: u64,
-    pub last_error: Option<String>,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("opening the flow-state maps of node {node}")]
@@ -264,10 +248,6 @@ pub struct PassReport {
     pub sockets_destroyed: usize,
     pub sock_rev_deleted: usize,
     pub skipped: bool,
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Gc {

@@ -19,6 +19,7 @@ pub mod node;
 pub mod podcidr;
 pub mod reconcile;
 pub mod routes;
+pub mod shared;
 pub mod sockdiag;
 pub mod tunnel;
 pub mod views;

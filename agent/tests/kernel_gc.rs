@@ -20,11 +20,11 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 use riptide_agent::{
-    agent::{Shared, Status},
-    gc::{Gc, GcConfig, GcStatus, Pass},
+    gc::{Gc, GcConfig, Pass},
     metrics::Metrics,
     model::{Desired, Owner},
     reconcile::Reconciler,
+    shared::{GcStatus, Shared, Status},
     sockdiag,
 };
 use riptide_common::{AffKey, AffValue, CT_DIR_FWD, CT_DIR_REV, CtKey, CtValue, NatValue, names, proto};

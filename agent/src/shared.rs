@@ -1,0 +1,106 @@
+//! State shared between the run loop ([`crate::agent`]), the API handlers
+//! ([`crate::api`]) and the GC thread ([`crate::gc`]): the datapath handles,
+//! the reconciler, and the status and metrics they report into. It lives
+//! below all three so each of them imports it, and none imports another.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::AtomicBool},
+};
+
+use ipnetwork::Ipv4Network;
+use riptide_datapath::{Datapath, service::Services};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    events::EventLog,
+    metrics::{MapLabel, Metrics},
+    reconcile::Reconciler,
+};
+
+/// Mutable status shown by `riptide status`.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    pub kubernetes: bool,
+    pub pin_dir: Option<String>,
+    pub syncs: u64,
+    pub last_sync_ms: Option<f64>,
+    pub routes: BTreeMap<Ipv4Network, Ipv4Addr>,
+    pub pod_cidr: Option<Ipv4Network>,
+    pub node_ip: Option<Ipv4Addr>,
+    pub health_check_ports: Vec<u16>,
+    pub attachments: Vec<String>,
+    /// Routing mode is `--tunnel vxlan`.
+    pub tunnel_mode: bool,
+    /// `--tunnel vxlan`: the device once it exists.
+    pub tunnel: Option<String>,
+}
+
+/// State shared between the run loop, the API handlers and the GC. Lock
+/// order: `reconciler`, then `services`, then `dp`.
+pub struct Shared {
+    pub node: String,
+    pub ready: AtomicBool,
+    pub status: Mutex<Status>,
+    pub reconciler: Mutex<Reconciler>,
+    pub services: Mutex<Services>,
+    pub dp: Mutex<Datapath>,
+    pub metrics: Metrics,
+    pub gc_status: Mutex<GcStatus>,
+    /// Drop/failure events read from the datapath (`riptide events`).
+    pub events: Arc<EventLog>,
+}
+
+/// Locks `m`, taking over a lock poisoned by a panicked holder: the state
+/// behind these locks stays consistent between statements.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    /// Samples map sizes and datapath counters into the metrics.
+    pub fn refresh_gauges(&self) {
+        let n_ports = lock(&self.reconciler).applied().len();
+        self.metrics.service_ports.set(i64::try_from(n_ports).unwrap_or(i64::MAX));
+        {
+            let svc = lock(&self.services);
+            let set = |map: &'static str, n: usize| {
+                self.metrics.map_entries.get_or_create(&MapLabel { map }).set(i64::try_from(n).unwrap_or(i64::MAX));
+            };
+            set(riptide_common::names::SVC4, svc.dump_services().len());
+            set(riptide_common::names::BE4, svc.dump_backends().len());
+            set(riptide_common::names::REVNAT4, svc.dump_revnat().len());
+        }
+        let mut dp = lock(&self.dp);
+        if let Ok(ct) = dp.conntrack() {
+            self.metrics.conntrack_entries.set(i64::try_from(ct.len()).unwrap_or(i64::MAX));
+            self.metrics.map_entries.get_or_create(&MapLabel { map: riptide_common::names::CT4 }).set(i64::try_from(ct.len()).unwrap_or(i64::MAX));
+        }
+        if let Ok(nat) = dp.nat() {
+            self.metrics.map_entries.get_or_create(&MapLabel { map: riptide_common::names::NAT4 }).set(i64::try_from(nat.len()).unwrap_or(i64::MAX));
+        }
+        if let Ok(ep) = dp.endpoints() {
+            let n = ep.list().len();
+            self.metrics.map_entries.get_or_create(&MapLabel { map: riptide_common::names::EP4 }).set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        if let Ok(stats) = dp.stats() {
+            self.metrics.observe_stats(stats.named());
+        }
+    }
+}
+
+/// What the GC's last passes did (`riptide status`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct GcStatus {
+    pub passes: u64,
+    pub last_pass_ms: Option<f64>,
+    pub conntrack_entries: usize,
+    pub nat_entries: usize,
+    pub affinity_entries: usize,
+    pub sock_rev_entries: usize,
+    pub expired_deleted: u64,
+    pub stale_deleted: u64,
+    pub udp_sockets_destroyed: u64,
+    pub last_error: Option<String>,
+}
