@@ -135,7 +135,7 @@ async fn get_ports(State(s): State<S>) -> Json<Vec<Service>> {
 
 async fn get_ct(State(s): State<S>) -> Result<Json<Vec<CtView>>, (StatusCode, String)> {
     let entries = lock(&s.dp).conntrack().map_err(|e| internal(&e))?;
-    Ok(Json(views::ct_views(&entries, views::monotonic_ns())))
+    Ok(Json(views::ct_views(&entries, riptide_datapath::clock::monotonic_ns())))
 }
 
 async fn get_affinity(State(s): State<S>) -> Result<Json<Vec<views::AffinityView>>, (StatusCode, String)> {
@@ -144,7 +144,7 @@ async fn get_affinity(State(s): State<S>) -> Result<Json<Vec<views::AffinityView
         let svc = lock(&s.services);
         (svc.dump_revnat(), svc.dump_backends())
     };
-    Ok(Json(views::affinity_views(&entries, &revnat, &backends, views::monotonic_ns())))
+    Ok(Json(views::affinity_views(&entries, &revnat, &backends, riptide_datapath::clock::monotonic_ns())))
 }
 
 async fn get_endpoints(State(s): State<S>) -> Result<Json<Vec<EndpointView>>, (StatusCode, String)> {

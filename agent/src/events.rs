@@ -161,7 +161,7 @@ pub fn spawn(events: Events, log: Weak<EventLog>, metrics: Metrics) -> std::io::
             let batch = fd.get_mut().drain();
             if !batch.is_empty() {
                 let Some(log) = log.upgrade() else { return };
-                log.record(&batch, &metrics, crate::views::monotonic_ns());
+                log.record(&batch, &metrics, riptide_datapath::clock::monotonic_ns());
             }
             match fd.readable_mut().await {
                 Ok(mut guard) => guard.clear_ready(),

@@ -6,10 +6,10 @@
 //! - **expired** — conntrack (`names::CT4`) and NAT (`rt_nat4_v1`) entries
 //!   idle longer than their protocol's timeout, affinity entries
 //!   (`rt_aff4_v1`) idle longer than their Service's `timeoutSeconds`. The
-//!   programs stamp entries with `bpf_ktime_get_ns()` (= `CLOCK_MONOTONIC`,
-//!   see `ebpf/programs/src/ct.rs`; the `_coarse_` variant is the same clock
-//!   at tick granularity, at most a tick behind), which is what we age them
-//!   with. This
+//!   programs stamp entries with `bpf_ktime_get_coarse_ns()` (=
+//!   `CLOCK_MONOTONIC` at tick granularity, see `ebpf/programs/src/clock.rs`),
+//!   which is what we age them with ([`GcConfig::clock`]); the clock starts
+//!   at boot, so ages saturate and nothing assumes uptime. This
 //!   depends on nothing the agent knows, so it runs from the first second —
 //!   a restarted agent never cuts a live flow (Cilium's "GC at start deleted
 //!   valid entries" bug came from judging entries against a half-built
@@ -46,6 +46,7 @@ use std::{
 
 use riptide_common::{AffKey, AffValue, CtKey, CtValue, NatValue, SVC_F_AFFINITY, SockRevKey, SockRevValue, names, proto};
 use riptide_datapath::{
+    clock::Clock,
     gc::FlowMaps,
     service::{BackendState, Protocol, Service},
 };
@@ -76,6 +77,9 @@ pub struct GcConfig {
     /// sockets to destroy. `None`: socket LB is off, nothing to search.
     pub cgroup: Option<PathBuf>,
 }
+    /// Where a pass reads "now" to age entries: the kernel's monotonic
+    /// clock, or a fixed instant in tests of a freshly booted machine.
+    pub clock: Clock,
 
 impl Default for GcConfig {
     fn default() -> Self {
@@ -87,6 +91,7 @@ impl Default for GcConfig {
             min_gap: Duration::from_millis(200),
             cgroup: None,
         }
+            clock: Clock::Monotonic,
     }
 }
 
@@ -370,7 +375,7 @@ impl Gc {
                 return Ok(r);
             }
         }
-        let now = riptide_datapath::gc::monotonic_ns();
+        let now = self.cfg.clock.now_ns();
         let ct = self.maps.conntrack()?;
         let sockrev = if ready && self.cfg.cgroup.is_some() { self.maps.sock_rev()? } else { Vec::new() };
         let mut gone: HashSet<CtKey> = HashSet::new();

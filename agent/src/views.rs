@@ -169,14 +169,6 @@ pub struct CtView {
     pub idle_s: u64,
 }
 
-/// `CLOCK_MONOTONIC` in ns, the clock `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into a timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
 pub fn ct_views(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<CtView> {
     let mut v: Vec<CtView> = entries
         .iter()

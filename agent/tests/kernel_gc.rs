@@ -3,10 +3,12 @@
 //! test creates.
 //!
 //! Flow entries are written into the pinned maps with `last_seen` stamps
-//! taken from `CLOCK_MONOTONIC` minus an age, exactly what the programs
-//! would have left after that much idle time (`bpf_ktime_get_ns()` is the
-//! same clock); the end-to-end tests in `privileged_gc_restart.rs` create
-//! them through real traffic.
+//! chosen by the test, exactly what the programs would have left (they
+//! stamp with `CLOCK_MONOTONIC`); the end-to-end tests in
+//! `privileged_gc_restart.rs` create them through real traffic. The GC
+//! reads "now" from a [`Clock::Fixed`] instant, so the same test ages
+//! entries identically on a machine booted a minute ago and on one up for
+//! weeks, and can play a machine up for 5 s with stamps near 0.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -30,7 +32,7 @@ use riptide_agent::{
 use riptide_common::{AffKey, AffValue, CT_DIR_FWD, CT_DIR_REV, CtKey, CtValue, NatValue, names, proto};
 use riptide_datapath::{
     Datapath, Pinning,
-    gc::monotonic_ns,
+    clock::Clock,
     service::{Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, TrafficPolicy},
 };
 
@@ -43,6 +45,9 @@ fn privileged() -> bool {
     eprintln!("SKIP: needs root to load eBPF programs and create network namespaces");
     false
 }
+
+const S: u64 = 1_000_000_000;
+const MS: u64 = 1_000_000;
 
 /// Pins of a test node, removed on drop.
 struct Node(String);
@@ -91,20 +96,26 @@ fn ct_key(client: &str, proto: u8, dir: u8) -> CtKey {
     }
 }
 
-#[test]
-fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_flows() {
-    if !privileged() {
-        return;
-    }
-    let node = Node(format!("rtgc-{}", std::process::id()));
+/// Ids the maps gave the services of [`start`].
+struct Ids {
+    ready_be: u32,
+    quarantined_be: u32,
+    web_be: u32,
+    dns_rev: u16,
+    web_rev: u16,
+}
+
+/// Loads a node's datapath with what a previous agent wrote — a UDP
+/// service with one ready and one not-serving backend, a TCP service with
+/// `affinity_s` seconds of ClientIP affinity — and returns the state of an
+/// agent that has just started: not synced (not ready), its reconciler
+/// knowing the ports.
+fn start(node: &Node, affinity_s: u32) -> (Arc<Shared>, Ids) {
     let mut dp = Datapath::load(&Pinning::Node(node.0.clone())).unwrap();
     let mut services = dp.services().unwrap();
-
-    // What a previous agent wrote: a UDP service with one ready and one
-    // not-serving backend, a TCP service with affinity (30 s).
     let mut rec = Reconciler::new();
     let dns = port("dns", Protocol::Udp, "10.43.0.10", 53, &[("10.42.0.5:53", BackendState::Active), ("10.42.0.6:53", BackendState::Quarantined)], None);
-    let web = port("web", Protocol::Tcp, "10.43.0.11", 80, &[("10.42.0.7:8080", BackendState::Active)], Some(30));
+    let web = port("web", Protocol::Tcp, "10.43.0.11", 80, &[("10.42.0.7:8080", BackendState::Active)], Some(affinity_s));
     for (owner, p) in [dns, web] {
         rec.set(&owner, Desired { ports: vec![p], ..Desired::default() });
     }
@@ -119,7 +130,6 @@ fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_f
             .map(|(k, _)| k.id)
             .unwrap()
     };
-    let (ready_be, quarantined_be, web_be) = (be_id("10.42.0.5:53"), be_id("10.42.0.6:53"), be_id("10.42.0.7:8080"));
     let revnat_of = |vip: &str| {
         let v: Ipv4Addr = vip.parse().unwrap();
         services
@@ -129,51 +139,13 @@ fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_f
             .map(|(k, _)| k.id)
             .unwrap()
     };
-    let (dns_rev, web_rev) = (revnat_of("10.43.0.10"), revnat_of("10.43.0.11"));
-
-    // Flows, aged. Timeouts below: TCP 100 s, UDP 10 s.
-    let now = monotonic_ns();
-    let ago = |s: u64| now - s * 1_000_000_000;
-    let mut ct: HashMap<MapData, CtKey, CtValue> = lru(&node.0, names::CT4);
-    let flows = [
-        // (client, proto, age s, revnat, backend)
-        ("10.42.1.1:1001", proto::UDP, 1, dns_rev, ready_be),      // live, ready backend
-        ("10.42.1.1:1002", proto::UDP, 1, dns_rev, quarantined_be), // live, backend stopped serving
-        ("10.42.1.1:1003", proto::UDP, 20, dns_rev, ready_be),     // idle past the UDP timeout
-        ("10.42.1.1:1004", proto::TCP, 50, web_rev, web_be),       // idle, within the TCP timeout
-        ("10.42.1.1:1005", proto::TCP, 200, web_rev, web_be),      // idle past the TCP timeout
-        ("10.42.1.1:1006", proto::UDP, 1, 4242, ready_be),         // live, frontend deleted since
-        ("10.42.1.1:1007", proto::TCP, 1, web_rev, quarantined_be), // live TCP: never cut
-    ];
-    // (client, age s) of TCP flows that saw a FIN/RST: close timeout 10 s.
-    let closing = [("10.42.1.1:1008", 20), ("10.42.1.1:1009", 5)];
-    let flows = flows.into_iter().map(|f| (f, 0)).chain(closing.map(|(c, age)| ((c, proto::TCP, age, web_rev, web_be), riptide_common::CT_F_CLOSING)));
-    for ((client, p, age, revnat_id, backend_id), flags) in flows {
-        for dir in [CT_DIR_FWD, CT_DIR_REV] {
-            let v = CtValue { last_seen_ns: ago(age), backend_id, revnat_id, flags, ..CtValue::default() };
-            ct.insert(ct_key(client, p, dir), v, 0).unwrap();
-        }
-    }
-    let mut nat: HashMap<MapData, CtKey, NatValue> = lru(&node.0, names::NAT4);
-    for (client, p, age, flags) in [
-        ("10.42.1.2:2001", proto::UDP, 1, 0),
-        ("10.42.1.2:2002", proto::UDP, 20, 0),
-        ("10.42.1.2:2003", proto::TCP, 50, 0),
-        ("10.42.1.2:2004", proto::TCP, 200, 0),
-        ("10.42.1.2:2005", proto::TCP, 20, riptide_common::NAT_F_CLOSING),
-    ] {
-        nat.insert(ct_key(client, p, riptide_common::NAT_DIR_EGRESS), NatValue { last_seen_ns: ago(age), flags, ..NatValue::default() }, 0).unwrap();
-    }
-    let mut aff: HashMap<MapData, AffKey, AffValue> = lru(&node.0, names::AFF4);
-    let aff_key = |client: u64, revnat_id| AffKey { client, revnat_id, kind: riptide_common::AFF_CLIENT_IP, _pad: [0; 5] };
-    aff.insert(aff_key(1, web_rev), AffValue { last_used_ns: ago(20), backend_id: web_be, _pad: 0 }, 0).unwrap();
-    aff.insert(aff_key(2, web_rev), AffValue { last_used_ns: ago(40), backend_id: web_be, _pad: 0 }, 0).unwrap();
-    // A frontend without affinity data: kept up to Kubernetes' maximum.
-    aff.insert(aff_key(3, 4242), AffValue { last_used_ns: ago(1000), backend_id: web_be, _pad: 0 }, 0).unwrap();
-
-    // The agent has just started: it has not synced (not ready), its
-    // reconciler knows the ports (they were applied above) but the GC must
-    // not judge anything but idle time yet.
+    let ids = Ids {
+        ready_be: be_id("10.42.0.5:53"),
+        quarantined_be: be_id("10.42.0.6:53"),
+        web_be: be_id("10.42.0.7:8080"),
+        dns_rev: revnat_of("10.43.0.10"),
+        web_rev: revnat_of("10.43.0.11"),
+    };
     let shared = Arc::new(Shared {
         node: node.0.clone(),
         ready: AtomicBool::new(false),
@@ -185,22 +157,108 @@ fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_f
         gc_status: Mutex::new(GcStatus::default()),
         events: Arc::default(),
     });
-    let cfg = GcConfig { tcp_timeout: Duration::from_secs(100), other_timeout: Duration::from_secs(10), ..GcConfig::default() };
-    let mut gc = Gc::new(&node.0, cfg, Arc::downgrade(&shared)).unwrap();
+    (shared, ids)
+}
 
-    let ct_clients = |ct: &HashMap<MapData, CtKey, CtValue>| -> BTreeSet<u16> {
-        ct.keys().map(|k| u16::from_be(k.unwrap().sport_be)).collect()
-    };
+/// The node's flow-state maps, written the way the programs write them.
+struct Flows {
+    ct: HashMap<MapData, CtKey, CtValue>,
+    nat: HashMap<MapData, CtKey, NatValue>,
+    aff: HashMap<MapData, AffKey, AffValue>,
+}
+
+impl Flows {
+    fn open(node: &Node) -> Self {
+        Self { ct: lru(&node.0, names::CT4), nat: lru(&node.0, names::NAT4), aff: lru(&node.0, names::AFF4) }
+    }
+
+    /// Both directions of a translated flow, last seen at `stamp_ns`.
+    fn ct(&mut self, client: &str, p: u8, stamp_ns: u64, revnat_id: u16, backend_id: u32, flags: u16) {
+        for dir in [CT_DIR_FWD, CT_DIR_REV] {
+            let v = CtValue { last_seen_ns: stamp_ns, backend_id, revnat_id, flags, ..CtValue::default() };
+            self.ct.insert(ct_key(client, p, dir), v, 0).unwrap();
+        }
+    }
+
+    fn nat(&mut self, client: &str, p: u8, stamp_ns: u64, flags: u16) {
+        let v = NatValue { last_seen_ns: stamp_ns, flags, ..NatValue::default() };
+        self.nat.insert(ct_key(client, p, riptide_common::NAT_DIR_EGRESS), v, 0).unwrap();
+    }
+
+    fn aff(&mut self, client: u64, revnat_id: u16, stamp_ns: u64, backend_id: u32) {
+        let k = AffKey { client, revnat_id, kind: riptide_common::AFF_CLIENT_IP, _pad: [0; 5] };
+        self.aff.insert(k, AffValue { last_used_ns: stamp_ns, backend_id, _pad: 0 }, 0).unwrap();
+    }
+
+    /// Client ports of the conntrack entries left.
+    fn ct_clients(&self) -> BTreeSet<u16> {
+        self.ct.keys().map(|k| u16::from_be(k.unwrap().sport_be)).collect()
+    }
+
+    fn nat_clients(&self) -> BTreeSet<u16> {
+        self.nat.keys().map(|k| u16::from_be(k.unwrap().sport_be)).collect()
+    }
+
+    fn aff_clients(&self) -> BTreeSet<u64> {
+        self.aff.keys().map(|k| k.unwrap().client).collect()
+    }
+}
+
+#[test]
+fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_flows() {
+    if !privileged() {
+        return;
+    }
+    let node = Node(format!("rtgc-{}", std::process::id()));
+    let (shared, id) = start(&node, 30);
+
+    // Flows, aged from a fixed "now" (an uptime of 10,000 s, more than the
+    // oldest age). Timeouts below: TCP 100 s, UDP 10 s.
+    let now = 10_000 * S;
+    let ago = |s: u64| now - s * S;
+    let mut f = Flows::open(&node);
+    let flows = [
+        // (client, proto, age s, revnat, backend)
+        ("10.42.1.1:1001", proto::UDP, 1, id.dns_rev, id.ready_be),      // live, ready backend
+        ("10.42.1.1:1002", proto::UDP, 1, id.dns_rev, id.quarantined_be), // live, backend stopped serving
+        ("10.42.1.1:1003", proto::UDP, 20, id.dns_rev, id.ready_be),     // idle past the UDP timeout
+        ("10.42.1.1:1004", proto::TCP, 50, id.web_rev, id.web_be),       // idle, within the TCP timeout
+        ("10.42.1.1:1005", proto::TCP, 200, id.web_rev, id.web_be),      // idle past the TCP timeout
+        ("10.42.1.1:1006", proto::UDP, 1, 4242, id.ready_be),            // live, frontend deleted since
+        ("10.42.1.1:1007", proto::TCP, 1, id.web_rev, id.quarantined_be), // live TCP: never cut
+    ];
+    for (client, p, age, revnat_id, backend_id) in flows {
+        f.ct(client, p, ago(age), revnat_id, backend_id, 0);
+    }
+    // TCP flows that saw a FIN/RST: close timeout 10 s.
+    for (client, age) in [("10.42.1.1:1008", 20), ("10.42.1.1:1009", 5)] {
+        f.ct(client, proto::TCP, ago(age), id.web_rev, id.web_be, riptide_common::CT_F_CLOSING);
+    }
+    for (client, p, age, flags) in [
+        ("10.42.1.2:2001", proto::UDP, 1, 0),
+        ("10.42.1.2:2002", proto::UDP, 20, 0),
+        ("10.42.1.2:2003", proto::TCP, 50, 0),
+        ("10.42.1.2:2004", proto::TCP, 200, 0),
+        ("10.42.1.2:2005", proto::TCP, 20, riptide_common::NAT_F_CLOSING),
+    ] {
+        f.nat(client, p, ago(age), flags);
+    }
+    f.aff(1, id.web_rev, ago(20), id.web_be);
+    f.aff(2, id.web_rev, ago(40), id.web_be);
+    // A frontend without affinity data: kept up to Kubernetes' maximum.
+    f.aff(3, 4242, ago(1000), id.web_be);
+
+    // Before the first sync the GC must not judge anything but idle time.
+    let cfg = GcConfig { tcp_timeout: Duration::from_secs(100), other_timeout: Duration::from_secs(10), clock: Clock::Fixed(now), ..GcConfig::default() };
+    let mut gc = Gc::new(&node.0, cfg, Arc::downgrade(&shared)).unwrap();
     let r = gc.pass_and_record(Pass::Full).unwrap();
     assert_eq!(r.ct_expired, 6, "{r:?}");
     assert_eq!(r.ct_stale, 0, "nothing is judged stale before the first sync: {r:?}");
-    assert_eq!(ct_clients(&ct), BTreeSet::from([1001, 1002, 1004, 1006, 1007, 1009]));
+    assert_eq!(f.ct_clients(), BTreeSet::from([1001, 1002, 1004, 1006, 1007, 1009]));
     assert_eq!(r.nat_expired, 3, "{r:?}");
-    let nat_left: BTreeSet<u16> = nat.keys().map(|k| u16::from_be(k.unwrap().sport_be)).collect();
-    assert_eq!(nat_left, BTreeSet::from([2001, 2003]));
+    assert_eq!(f.nat_clients(), BTreeSet::from([2001, 2003]));
     assert_eq!(r.aff_expired, 1, "{r:?}");
-    let aff_left: BTreeSet<u64> = aff.keys().map(|k| k.unwrap().client).collect();
-    assert_eq!(aff_left, BTreeSet::from([1, 3]));
+    assert_eq!(f.aff_clients(), BTreeSet::from([1, 3]));
 
     // A change-triggered pass before the first sync does nothing at all.
     let r = gc.pass_and_record(Pass::Stale).unwrap();
@@ -211,7 +269,7 @@ fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_f
     shared.ready.store(true, Ordering::Release);
     let r = gc.pass_and_record(Pass::Stale).unwrap();
     assert_eq!(r.ct_stale, 4, "{r:?}");
-    assert_eq!(ct_clients(&ct), BTreeSet::from([1001, 1004, 1007, 1009]));
+    assert_eq!(f.ct_clients(), BTreeSet::from([1001, 1004, 1007, 1009]));
     // Nothing changed since: the next triggered pass is skipped.
     assert!(gc.pass_and_record(Pass::Stale).unwrap().skipped);
 
@@ -224,6 +282,66 @@ fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_f
     assert_eq!(st.expired_deleted, 10);
     assert_eq!(st.stale_deleted, 4);
     assert_eq!(st.conntrack_entries, 8);
+}
+
+/// The GC of a machine booted 5 s ago: entries carry stamps between 0 (the
+/// boot) and a little after "now" (a packet stamped between the GC's clock
+/// read and its map dump), and every age is computed from a `now` smaller
+/// than the timeouts and than the ages a warm machine sees.
+///
+/// The kernel's clock cannot be set back for this: time namespaces offset
+/// `clock_gettime()` for the processes inside but not `bpf_ktime_get_ns()`,
+/// so programs would keep stamping with the real uptime. Instead the GC
+/// reads a [`Clock::Fixed`] 5 s and the test writes the stamps a young
+/// machine's programs would have written, into the node's real maps.
+#[test]
+fn kernel_gc_on_a_machine_up_for_5_s_ages_stamps_near_boot() {
+    if !privileged() {
+        return;
+    }
+    let node = Node(format!("rtgc5-{}", std::process::id()));
+    let (shared, id) = start(&node, 3);
+    let now = 5 * S;
+    let mut f = Flows::open(&node);
+    // (client, proto, stamp, flags): idle = 5 s - stamp.
+    for (client, p, stamp, flags) in [
+        ("10.42.1.1:1001", proto::UDP, 0, 0),                                // booted with it: idle 5 s > 2 s
+        ("10.42.1.1:1002", proto::UDP, 3_500 * MS, 0),                       // idle 1.5 s
+        ("10.42.1.1:1003", proto::UDP, now + 300 * MS, 0),                   // stamped after our clock read
+        ("10.42.1.1:1004", proto::TCP, 500 * MS, 0),                         // idle 4.5 s > 4 s
+        ("10.42.1.1:1005", proto::TCP, 2 * S, 0),                            // idle 3 s
+        ("10.42.1.1:1006", proto::TCP, 3 * S, riptide_common::CT_F_CLOSING), // closing, idle 2 s > 1 s
+        ("10.42.1.1:1007", proto::TCP, now, riptide_common::CT_F_CLOSING),   // closing, just seen
+    ] {
+        f.ct(client, p, stamp, id.dns_rev, id.ready_be, flags);
+    }
+    for (client, p, stamp) in [("10.42.1.2:2001", proto::UDP, 0), ("10.42.1.2:2002", proto::TCP, 2 * S), ("10.42.1.2:2003", proto::UDP, now + 2 * S)] {
+        f.nat(client, p, stamp, 0);
+    }
+    // Affinity for 3 s: used at 1 s (idle 4 s) goes, at 2.5 s stays; an
+    // unknown frontend's entry from the boot is far from the 86,400 s max.
+    f.aff(1, id.web_rev, S, id.web_be);
+    f.aff(2, id.web_rev, 2_500 * MS, id.web_be);
+    f.aff(3, 4242, 0, id.web_be);
+
+    let cfg = GcConfig {
+        tcp_timeout: Duration::from_secs(4),
+        tcp_close_timeout: Duration::from_secs(1),
+        other_timeout: Duration::from_secs(2),
+        clock: Clock::Fixed(now),
+        ..GcConfig::default()
+    };
+    let mut gc = Gc::new(&node.0, cfg, Arc::downgrade(&shared)).unwrap();
+    let r = gc.pass_and_record(Pass::Full).unwrap();
+    assert_eq!(f.ct_clients(), BTreeSet::from([1002, 1003, 1005, 1007]), "{r:?}");
+    assert_eq!(r.ct_expired, 6, "both directions of 3 flows: {r:?}");
+    assert_eq!(f.nat_clients(), BTreeSet::from([2002, 2003]), "{r:?}");
+    assert_eq!(r.nat_expired, 1, "{r:?}");
+    assert_eq!(f.aff_clients(), BTreeSet::from([2, 3]), "{r:?}");
+    assert_eq!(r.aff_expired, 1, "{r:?}");
+    // A second pass a moment later finds nothing new to delete.
+    let r = gc.pass_and_record(Pass::Full).unwrap();
+    assert_eq!((r.ct_expired, r.nat_expired, r.aff_expired), (0, 0, 0), "{r:?}");
 }
 
 /// A named netns, deleted on drop.

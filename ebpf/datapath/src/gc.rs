@@ -27,21 +27,6 @@ use crate::{
     error::{deleted, map_err},
 };
 
-/// `CLOCK_MONOTONIC` in ns: `bpf_ktime_get_ns()` is `ktime_get_mono_fast_ns()`,
-/// the same clock, so user space can age `last_seen_ns` stamps with it.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the struct we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    u64::try_from(ts.tv_sec)
-        .unwrap_or(0)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
-}
-
 /// Handles on a node's flow-state maps.
 pub struct FlowMaps {
     ct: HashMap<MapData, CtKey, CtValue>,

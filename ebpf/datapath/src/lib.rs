@@ -8,6 +8,7 @@
 mod attach;
 pub mod bench;
 mod bpffs;
+pub mod clock;
 pub mod endpoints;
 mod error;
 pub mod events;
