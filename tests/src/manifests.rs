@@ -29,7 +29,7 @@ pub fn manifest(name: &str) -> PathBuf {
 pub fn load_yaml(path: &Path) -> Result<Vec<Value>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
+    for doc in serde_norway::Deserializer::from_str(&text) {
         let v = Value::deserialize(doc).with_context(|| format!("parsing {}", path.display()))?;
         if !v.is_null() {
             out.push(v);

@@ -552,7 +552,7 @@ impl Api {
         opts: &WriteOptions,
     ) -> ApiResult<Value> {
         let patch_doc: Value = match ptype {
-            PatchType::Apply => serde_yaml::from_slice(body)
+            PatchType::Apply => serde_norway::from_slice(body)
                 .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?,
             _ => serde_json::from_slice(body)
                 .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?,

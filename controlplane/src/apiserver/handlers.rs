@@ -95,7 +95,7 @@ fn parse_body(headers: &HeaderMap, b: &[u8]) -> ApiResult<Value> {
         return super::protobuf::decode(b);
     }
     let v: Value = if ct.contains("yaml") {
-        serde_yaml::from_slice(b).map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?
+        serde_norway::from_slice(b).map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?
     } else {
         serde_json::from_slice(b).map_err(|e| ApiError::bad_request(format!("error decoding JSON: {e}")))?
     };

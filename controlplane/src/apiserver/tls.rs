@@ -12,6 +12,7 @@ use std::{
 
 use base64::Engine;
 use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -113,12 +114,11 @@ pub fn ensure_pki(dir: &Path, extra_sans: &[String]) -> Result<Pki> {
 }
 
 pub fn server_config(pki: &Pki) -> Result<Arc<rustls::ServerConfig>> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pki.cert_pem.as_bytes())
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pki.cert_pem.as_bytes())
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| TlsError::Pem(e.to_string()))?;
-    let key = rustls_pemfile::private_key(&mut pki.key_pem.as_bytes())
-        .map_err(|e| TlsError::Pem(e.to_string()))?
-        .ok_or_else(|| TlsError::Pem("no private key".into()))?;
+    let key = PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes())
+        .map_err(|e| TlsError::Pem(e.to_string()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
