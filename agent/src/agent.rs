@@ -101,32 +101,15 @@ pub struct Config {
 /// Runs the agent until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let node = cfg.node_name.clone();
-    let dp_err = |action| {
-        let node = node.clone();
-        move |source| Error::Datapath { node, action, source }
-    };
-    let mut dp = Datapath::load(&Pinning::Node(node.clone())).map_err(dp_err("loading"))?;
+    let mut dp = Datapath::load(&Pinning::Node(node.clone())).map_err(dp_err(&node, "loading"))?;
     let pin_dir = dp.pin_dir().map(Path::to_path_buf);
     tracing::info!(node = %node, pins = ?pin_dir, "datapath loaded");
-    let services = dp.services().map_err(dp_err("opening the service maps"))?;
-    let events = dp.events().map_err(dp_err("opening the events ring buffer"))?;
-    let mut attachments = Vec::new();
-    if let Some(dir) = &pin_dir {
-        let links = dir.join("links");
-        if let Some(cg) = &cfg.cgroup {
-            let att = dp.attach_sock_lb(cg).map_err(dp_err("attaching socket LB"))?;
-            attachments.push(format!("socket-lb:{}", att.target()));
-            // Pinned links outlive the agent: socket LB keeps working while it
-            // restarts.
-            att.pin(&links, "sock").map_err(dp_err("pinning socket-LB links"))?;
-        }
-        if let Some(dev) = &cfg.uplink {
-            let att = dp.attach_uplink(dev).map_err(dp_err("attaching uplink programs"))?;
-            attachments.push(format!("uplink:{}", att.target()));
-            att.pin(&links, "uplink").map_err(dp_err("pinning uplink links"))?;
-        }
-    }
-
+    let services = dp.services().map_err(dp_err(&node, "opening the service maps"))?;
+    let events = dp.events().map_err(dp_err(&node, "opening the events ring buffer"))?;
+    let attachments = match &pin_dir {
+        Some(dir) => attach(&mut dp, &cfg, dir)?,
+        None => Vec::new(),
+    };
     let shared = Arc::new(Shared {
         node: node.clone(),
         ready: AtomicBool::new(false),
@@ -151,42 +134,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     // GC works on the pinned maps through its own handles (a private,
     // unpinned datapath has nothing worth collecting across restarts).
     let gc_tx = match &pin_dir {
-        Some(_) => {
-            let gc_cfg = GcConfig { cgroup: cfg.cgroup.clone(), ..cfg.gc.clone() };
-            let gc = Gc::new(&node, gc_cfg, Arc::downgrade(&shared)).map_err(|e| Error::Gc(Box::new(e)))?;
-            Some(gc.spawn().map_err(|source| Error::Io { action: "starting the GC thread for", path: PathBuf::from(&node), source })?)
-        }
+        Some(_) => Some(start_gc(&cfg, &shared)?),
         None => None,
     };
-    let _api = api::serve_unix(&cfg.api_socket, shared.clone()).map_err(|source| Error::Io {
-        action: "serving the local API on",
-        path: cfg.api_socket.clone(),
-        source,
-    })?;
-    tracing::info!(socket = %cfg.api_socket.display(), "local API listening");
-    if let Some(addr) = cfg.metrics_addr {
-        match api::serve_metrics(addr, shared.clone()).await {
-            Ok(_) => tracing::info!(%addr, "metrics listening"),
-            // Not fatal: the datapath matters more than its metrics.
-            Err(e) => tracing::warn!(%addr, error = %e, "cannot serve metrics"),
-        }
-    }
+    let _api = serve(&cfg, &shared).await?;
 
-    let client = match client(&cfg).await {
-        Ok(c) => Some(c),
-        Err(e) if cfg.kubeconfig.is_none() => {
-            tracing::warn!(error = %crate::reconcile::error_chain(&e), "no Kubernetes API configured; running the datapath only");
-            None
-        }
-        Err(e) => return Err(e),
-    };
-    let Some(client) = client else {
+    let Some(client) = connect(&cfg).await? else {
         shutdown.await;
         let _ = std::fs::remove_file(&cfg.api_socket);
         return Ok(());
     };
     lock(&shared.status).kubernetes = true;
-
     let (tx, rx) = mpsc::unbounded_channel();
     let stores = watch::start(&client, &node, &tx, &shared.metrics);
     if let Some(after) = cfg.pod_cidr_fallback_after {
@@ -201,30 +159,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let tunnel = match cfg.tunnel {
         Some(t) => Some(Tunnel::new(t).map_err(Error::Tunnel)?),
         None => {
-            // Back from `--tunnel vxlan`: a device and return-path rule left
-            // by an earlier run would still catch pod → node traffic.
             if cfg.routes {
-                let removed = match Tunnel::new(tunnel::VxlanConfig::default()) {
-                    Ok(mut t) => t.remove_device().await,
-                    Err(e) => Err(e),
-                };
-                match removed {
-                    Ok(true) => {
-                        tracing::info!(device = tunnel::DEVICE, "native routing: removed the vxlan device of an earlier run");
-                        // Its links died with it; their pins would only mislead.
-                        if let Some(dir) = &pin_dir
-                            && let Ok(entries) = std::fs::read_dir(dir.join("links"))
-                        {
-                            for e in entries.flatten() {
-                                if e.file_name().to_string_lossy().starts_with("tunnel_") {
-                                    let _ = std::fs::remove_file(e.path());
-                                }
-                            }
-                        }
-                    }
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %crate::reconcile::error_chain(&e), "cannot remove a stale vxlan device"),
-                }
+                remove_stale_tunnel(pin_dir.as_deref()).await;
             }
             None
         }
@@ -254,6 +190,105 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     tracing::info!("stopping; pinned maps and links stay for the next start");
     let _ = std::fs::remove_file(&cfg.api_socket);
     Ok(())
+}
+
+/// `map_err` for the datapath step `action` of `node`.
+fn dp_err(node: &str, action: &'static str) -> impl FnOnce(riptide_datapath::Error) -> Error {
+    move |source| Error::Datapath { node: node.to_owned(), action, source }
+}
+
+/// Attaches socket LB (to `--cgroup`) and the uplink programs (to
+/// `--uplink`) and pins their links under `dir`: pinned links outlive the
+/// agent, so the datapath keeps working while it restarts. Returns what was
+/// attached, for `riptide status`.
+fn attach(dp: &mut Datapath, cfg: &Config, dir: &Path) -> Result<Vec<String>, Error> {
+    let links = dir.join("links");
+    let mut attachments = Vec::new();
+    if let Some(cg) = &cfg.cgroup {
+        let att = dp.attach_sock_lb(cg).map_err(dp_err(&cfg.node_name, "attaching socket LB"))?;
+        attachments.push(format!("socket-lb:{}", att.target()));
+        att.pin(&links, "sock").map_err(dp_err(&cfg.node_name, "pinning socket-LB links"))?;
+    }
+    if let Some(dev) = &cfg.uplink {
+        let att = dp.attach_uplink(dev).map_err(dp_err(&cfg.node_name, "attaching uplink programs"))?;
+        attachments.push(format!("uplink:{}", att.target()));
+        att.pin(&links, "uplink").map_err(dp_err(&cfg.node_name, "pinning uplink links"))?;
+    }
+    Ok(attachments)
+}
+
+/// Starts the GC thread on the node's pinned maps; returns its trigger.
+fn start_gc(cfg: &Config, shared: &Arc<Shared>) -> Result<std::sync::mpsc::Sender<()>, Error> {
+    let gc_cfg = GcConfig { cgroup: cfg.cgroup.clone(), ..cfg.gc.clone() };
+    let gc = Gc::new(&cfg.node_name, gc_cfg, Arc::downgrade(shared)).map_err(|e| Error::Gc(Box::new(e)))?;
+    gc.spawn().map_err(|source| Error::Io {
+        action: "starting the GC thread for",
+        path: PathBuf::from(&cfg.node_name),
+        source,
+    })
+}
+
+/// Serves the local API on the unix socket and, if asked, metrics on TCP.
+async fn serve(cfg: &Config, shared: &Arc<Shared>) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let api = api::serve_unix(&cfg.api_socket, shared.clone()).map_err(|source| Error::Io {
+        action: "serving the local API on",
+        path: cfg.api_socket.clone(),
+        source,
+    })?;
+    tracing::info!(socket = %cfg.api_socket.display(), "local API listening");
+    if let Some(addr) = cfg.metrics_addr {
+        match api::serve_metrics(addr, shared.clone()).await {
+            Ok(_) => tracing::info!(%addr, "metrics listening"),
+            // Not fatal: the datapath matters more than its metrics.
+            Err(e) => tracing::warn!(%addr, error = %e, "cannot serve metrics"),
+        }
+    }
+    Ok(api)
+}
+
+/// The Kubernetes client, or `None` when no API is configured at all (no
+/// `--kubeconfig` and nothing to infer): the agent then runs the datapath
+/// only. A kubeconfig that was given but fails is an error.
+async fn connect(cfg: &Config) -> Result<Option<kube::Client>, Error> {
+    match client(cfg).await {
+        Ok(c) => Ok(Some(c)),
+        Err(e) if cfg.kubeconfig.is_none() => {
+            tracing::warn!(error = %crate::reconcile::error_chain(&e), "no Kubernetes API configured; running the datapath only");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Native routing after a run with `--tunnel vxlan`: the device and its
+/// return-path rule would still catch pod → node traffic, so they go, and
+/// with them the pins of the links that died with the device.
+async fn remove_stale_tunnel(pin_dir: Option<&Path>) {
+    let removed = match Tunnel::new(tunnel::VxlanConfig::default()) {
+        Ok(mut t) => t.remove_device().await,
+        Err(e) => Err(e),
+    };
+    match removed {
+        Ok(true) => {
+            tracing::info!(device = tunnel::DEVICE, "native routing: removed the vxlan device of an earlier run");
+            if let Some(dir) = pin_dir {
+                remove_link_pins(&dir.join("links"), "tunnel_");
+            }
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %crate::reconcile::error_chain(&e), "cannot remove a stale vxlan device"),
+    }
+}
+
+/// Removes the link pins in `links` whose name starts with `prefix`; a pin
+/// that cannot be read or removed only misleads, so errors are ignored.
+fn remove_link_pins(links: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(links) else { return };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(prefix) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 async fn client(cfg: &Config) -> Result<kube::Client, Error> {
