@@ -15,7 +15,7 @@ pub mod events;
 /// Flow-state map access for the agent's GC (added by the agent's helper).
 pub mod gc;
 pub mod maglev;
-pub mod maps;
+pub mod node_maps;
 pub mod service;
 
 use std::path::{Path, PathBuf};

@@ -1,5 +1,6 @@
-//! Typed access to the node-wide maps other than services and endpoints:
-//! configuration, remote pod CIDRs, counters, conntrack/NAT dumps.
+//! The node's maps other than services and endpoints, as methods of
+//! [`Datapath`]: configuration, remote pod CIDRs, drop counters, and dumps
+//! of conntrack, NAT and affinity.
 
 use std::net::Ipv4Addr;
 
