@@ -150,11 +150,12 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 
 /// Micro benchmarks, each printing one JSON document: ns/packet of the tc LB
 /// path via BPF_PROG_TEST_RUN at 1/1k/10k Services, CNI ADD/DEL latency next
-/// to the reference bridge + host-local plugins, and the agent's programming
-/// latency next to iptables-restore. Release builds; results go to
+/// to the reference bridge + host-local plugins, the agent's programming
+/// latency next to iptables-restore, and riptide-dns next to dnsmasq
+/// (dnsperf). Release builds; results go to
 /// target/bench/<name>.json and a section of results.md.
 fn micro_benches(root: &Path, quick: bool) -> Result<()> {
-    let benches: [(&str, &str, &str, Vec<&str>); 3] = [
+    let benches: [(&str, &str, &str, Vec<&str>); 4] = [
         (
             "ebpf-lb",
             "riptide-datapath",
@@ -178,6 +179,15 @@ fn micro_benches(root: &Path, quick: bool) -> Result<()> {
             "agent",
             "riptide-agent",
             "agent_bench",
+            if quick { vec!["--quick"] } else { vec![] },
+        ),
+        // riptide-dns next to dnsmasq serving the same names, each pinned
+        // to one core, dnsperf on the other: queries/s, p99, RSS at 10k
+        // Services / 50k endpoints (1k with --quick).
+        (
+            "dns",
+            "riptide-dns",
+            "dns_bench",
             if quick { vec!["--quick"] } else { vec![] },
         ),
     ];

@@ -39,8 +39,9 @@ Suites: bookworm
 Components: non-free
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 ";
-/// Tools only `cargo xtask bench` needs.
-const BENCH_PACKAGES: &[&str] = &["netperf", "iperf3"];
+/// Tools only `cargo xtask bench` needs (dnsperf and dnsmasq for the DNS
+/// benchmark; dnsmasq-base is the binary without a system service).
+const BENCH_PACKAGES: &[&str] = &["netperf", "iperf3", "dnsperf", "dnsmasq-base"];
 
 /// `all()` plus the benchmark tools (netperf from non-free).
 pub fn bench() -> Result<()> {
