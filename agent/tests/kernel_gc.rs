@@ -15,7 +15,6 @@ use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     os::fd::AsRawFd as _,
-    process::Command,
     sync::{Arc, Mutex, atomic::AtomicBool, atomic::Ordering},
     time::Duration,
 };
@@ -35,16 +34,7 @@ use riptide_datapath::{
     clock::Clock,
     service::{Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, TrafficPolicy},
 };
-
-fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(std::env::var_os("RIPTIDE_REQUIRE_PRIVILEGED").is_none(), "privileged test run without root");
-    eprintln!("SKIP: needs root to load eBPF programs and create network namespaces");
-    false
-}
+use riptide_test_support::{netns::Netns, privileged};
 
 const S: u64 = 1_000_000_000;
 const MS: u64 = 1_000_000;
@@ -206,7 +196,7 @@ impl Flows {
 
 #[test]
 fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_flows() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     let node = Node(format!("rtgc-{}", std::process::id()));
@@ -296,7 +286,7 @@ fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_f
 /// machine's programs would have written, into the node's real maps.
 #[test]
 fn kernel_gc_on_a_machine_up_for_5_s_ages_stamps_near_boot() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     let node = Node(format!("rtgc5-{}", std::process::id()));
@@ -344,15 +334,6 @@ fn kernel_gc_on_a_machine_up_for_5_s_ages_stamps_near_boot() {
     assert_eq!((r.ct_expired, r.nat_expired, r.aff_expired), (0, 0, 0), "{r:?}");
 }
 
-/// A named netns, deleted on drop.
-struct Ns(String);
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 fn so_cookie(s: &UdpSocket) -> u64 {
     let mut cookie = 0u64;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
@@ -364,12 +345,10 @@ fn so_cookie(s: &UdpSocket) -> u64 {
 
 #[test]
 fn netns_sock_destroy_aborts_only_the_targeted_connected_udp_socket() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
-    let ns = Ns(format!("rtsd-{}", std::process::id()));
-    assert!(Command::new("ip").args(["netns", "add", &ns.0]).status().unwrap().success());
-    assert!(Command::new("ip").args(["-n", &ns.0, "link", "set", "lo", "up"]).status().unwrap().success());
+    let ns = Netns::new(format!("rtsd-{}", std::process::id()));
     let open_ns = || std::fs::File::open(format!("/run/netns/{}", ns.0)).unwrap();
     // Sockets created in the namespace stay there; the thread ends.
     let (server, victim, bystander) = sockdiag::in_netns(open_ns(), || {

@@ -14,16 +14,7 @@ use riptide_datapath::{
     Datapath, Pinning,
     service::{Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, TrafficPolicy},
 };
-
-fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(std::env::var_os("RIPTIDE_REQUIRE_PRIVILEGED").is_none(), "privileged test run without root");
-    eprintln!("SKIP: needs root to load eBPF programs");
-    false
-}
+use riptide_test_support::privileged;
 
 fn be(addr: &str, state: BackendState, local: bool) -> Backend {
     Backend { addr: addr.parse::<SocketAddrV4>().unwrap(), state, local }
@@ -47,7 +38,7 @@ fn port(owner: &Owner, backends: Vec<Backend>, external_policy: TrafficPolicy) -
 
 #[test]
 fn kernel_reconciler_writes_and_shrinks_real_maps() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut dp = Datapath::load(&Pinning::None).unwrap();

@@ -7,16 +7,7 @@ use std::{collections::BTreeMap, fs::File, os::fd::AsRawFd as _, process::Comman
 
 use ipnetwork::Ipv4Network;
 use riptide_agent::routes::Routes;
-
-fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(std::env::var_os("RIPTIDE_REQUIRE_PRIVILEGED").is_none(), "privileged test run without root");
-    eprintln!("SKIP: needs root to create network namespaces");
-    false
-}
+use riptide_test_support::privileged;
 
 fn ip(args: &[&str]) -> String {
     let out = Command::new("ip").args(args).output().unwrap();
@@ -46,7 +37,7 @@ fn in_netns<T: Send + 'static>(name: &str, f: impl AsyncFnOnce() -> T + Send + '
 
 #[test]
 fn netns_routes_follow_nodes_and_never_touch_foreign_routes() {
-    if !privileged() {
+    if !privileged("to create network namespaces") {
         return;
     }
     let ns = Ns(format!("rtag-routes-{}", std::process::id()));

@@ -7,19 +7,7 @@ use std::{collections::BTreeMap, fs::File, net::Ipv4Addr, os::fd::AsRawFd as _, 
 
 use ipnetwork::Ipv4Network;
 use riptide_agent::tunnel::{Tunnel, VxlanConfig};
-
-fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os("RIPTIDE_REQUIRE_PRIVILEGED").is_none(),
-        "privileged test run without root"
-    );
-    eprintln!("SKIP: needs root to create network namespaces");
-    false
-}
+use riptide_test_support::privileged;
 
 fn ip(args: &[&str]) -> String {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
@@ -61,7 +49,7 @@ fn in_netns<T: Send + 'static>(name: &str, f: impl AsyncFnOnce() -> T + Send + '
 
 #[test]
 fn netns_tunnel_device_and_peers_follow_the_nodes() {
-    if !privileged() {
+    if !privileged("to create network namespaces") {
         return;
     }
     let ns = Ns(format!("rtag-vx-{}", std::process::id()));

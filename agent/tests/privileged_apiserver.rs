@@ -9,8 +9,9 @@ mod common;
 
 use std::path::Path;
 
-use common::{Netns, apply, eventually, kubectl, privileged, riptide, set_node_ip};
+use common::{Netns, apply, eventually, kubectl, riptide, set_node_ip};
 use serde_json::Value;
+use riptide_test_support::privileged;
 
 fn start_agent(ns: &mut Netns, kc: &Path) -> usize {
     common::start_agent(ns, kc, &[])
@@ -80,7 +81,7 @@ spec:
 
 #[test]
 fn privileged_agent_converges_with_the_apiserver() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     let mut ns = Netns::new("e2e");

@@ -26,10 +26,11 @@ use std::{
 
 use common::{
     Cgroup, HELPER_ENV, Helper, Netns, add_node, agent_log_tail, apply, eventually, eventually_for, kill_agent,
-    privileged, riptide, spawn_helper, start_agent, start_apiserver,
+    riptide, spawn_helper, start_agent, start_apiserver,
 };
 use riptide_common::{CtKey, CtValue};
 use riptide_datapath::{gc::FlowMaps, service::Services};
+use riptide_test_support::privileged;
 
 const HELPER: &str = "agent_test_helper";
 
@@ -108,7 +109,7 @@ fn flows_of(maps: &FlowMaps, client: Ipv4Addr) -> Flows {
 
 #[test]
 fn privileged_tcp_flows_survive_agent_kill_and_restart() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     // Declared first: dropped last, once every process in it is gone.
@@ -199,7 +200,7 @@ fn privileged_tcp_flows_survive_agent_kill_and_restart() {
 /// the Service (`riptide events`).
 #[test]
 fn privileged_refused_connects_show_up_as_events() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     let cg = Cgroup::new("ev");
@@ -265,7 +266,7 @@ fn settles_on(ns: &Netns, c: &Helper, name: &str, what: &str) {
 
 #[test]
 fn privileged_udp_clients_move_off_removed_backends() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     let cg = Cgroup::new("udp");

@@ -13,8 +13,9 @@ use std::{
     process::{Command, Stdio},
 };
 
-use common::{BIN, CniOut, Netns, Node, privileged, result_ip, tag};
+use common::{BIN, CniOut, Netns, Node, result_ip, tag};
 use serde_json::Value;
+use riptide_test_support::privileged;
 
 /// `riptide-agent`, built next to the plugin on demand (same target dir).
 fn agent_bin() -> PathBuf {
@@ -74,7 +75,7 @@ fn install_cni_refuses_a_cluster_cidr_with_host_bits() {
 
 #[test]
 fn netns_installed_conflist_gives_a_pod_an_address() {
-    if !privileged() {
+    if !privileged("for network namespaces and eBPF") {
         return;
     }
     // Node::new pins the node's datapath; its own config is not used here.

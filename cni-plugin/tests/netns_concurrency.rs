@@ -7,13 +7,14 @@ mod common;
 
 use std::{collections::HashSet, time::Instant};
 
-use common::{CniOut, Netns, Node, privileged, result_ip, tag};
+use common::{CniOut, Netns, Node, result_ip, tag};
+use riptide_test_support::privileged;
 
 const PODS: usize = 200;
 
 #[test]
 fn netns_200_concurrent_adds_then_dels() {
-    if !privileged() {
+    if !privileged("for network namespaces and eBPF") {
         return;
     }
     let node = Node::new(65).unwrap();

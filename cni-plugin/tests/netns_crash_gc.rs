@@ -7,8 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Netns, Node, privileged, result_ip, tag};
+use common::{Netns, Node, result_ip, tag};
 use serde_json::json;
+use riptide_test_support::privileged;
 
 /// Waits until `pid` is stopped (state `T` in /proc/<pid>/stat).
 fn wait_stopped(pid: u32) {
@@ -49,7 +50,7 @@ fn only(node: &Node, id: &str, ip: std::net::Ipv4Addr) {
 
 #[test]
 fn netns_sigkill_mid_add_leaks_nothing_after_gc() {
-    if !privileged() {
+    if !privileged("for network namespaces and eBPF") {
         return;
     }
     let node = Node::new(66).unwrap();
@@ -121,7 +122,7 @@ fn netns_sigkill_mid_add_leaks_nothing_after_gc() {
 
 #[test]
 fn netns_gc_frees_only_invalid_attachments() {
-    if !privileged() {
+    if !privileged("for network namespaces and eBPF") {
         return;
     }
     let node = Node::new(67).unwrap();
@@ -145,7 +146,7 @@ fn netns_gc_frees_only_invalid_attachments() {
 
 #[test]
 fn netns_status_reports_readiness() {
-    if !privileged() {
+    if !privileged("for network namespaces and eBPF") {
         return;
     }
     let node = Node::with_cidr("10.42.68.0/30").unwrap();

@@ -4,8 +4,9 @@
 
 mod common;
 
-use common::{Netns, Node, privileged, snapshot, tag};
+use common::{Netns, Node, snapshot, tag};
 use serde_json::json;
+use riptide_test_support::privileged;
 
 /// Everything the plugin could have touched on the node.
 type Files = Vec<(String, std::collections::BTreeMap<String, String>)>;
@@ -19,7 +20,7 @@ fn world(node: &Node) -> (Files, Vec<String>, usize) {
 
 #[test]
 fn netns_error_paths_change_nothing() {
-    if !privileged() {
+    if !privileged("for network namespaces and eBPF") {
         return;
     }
     // A /30: exactly one pod address (10.42.64.2).

@@ -7,12 +7,13 @@ mod common;
 
 use std::net::{IpAddr, SocketAddrV4};
 
-use common::{Netns, Node, privileged, result_ip, tag, tcp_echo};
+use common::{Netns, Node, result_ip, tag, tcp_echo};
 use serde_json::json;
+use riptide_test_support::privileged;
 
 #[test]
 fn netns_add_check_del_lifecycle() {
-    if !privileged() {
+    if !privileged("for network namespaces and eBPF") {
         return;
     }
     let node = Node::new(61).unwrap();
@@ -133,7 +134,7 @@ fn netns_add_check_del_lifecycle() {
 /// `ips[].version`, only 1.1.0 carries interface MTU).
 #[test]
 fn netns_result_shape_per_version() {
-    if !privileged() {
+    if !privileged("for network namespaces and eBPF") {
         return;
     }
     let node = Node::new(62).unwrap();

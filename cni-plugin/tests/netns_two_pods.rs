@@ -7,8 +7,9 @@ mod common;
 use std::net::{IpAddr, SocketAddrV4};
 
 use aya::maps::{Map, MapData, PerCpuArray};
-use common::{Netns, Node, privileged, result_ip, tag, tcp_echo};
+use common::{Netns, Node, result_ip, tag, tcp_echo};
 use riptide_common::{names, stats};
+use riptide_test_support::privileged;
 
 fn redirects(node: &str) -> u64 {
     let path = riptide_datapath::pin_dir(node).unwrap().join(names::STATS);
@@ -18,7 +19,7 @@ fn redirects(node: &str) -> u64 {
 
 #[test]
 fn netns_two_pods_talk_through_the_ebpf_redirect() {
-    if !privileged() {
+    if !privileged("for network namespaces and eBPF") {
         return;
     }
     let node = Node::new(63).unwrap();

@@ -17,16 +17,7 @@ use std::{
 };
 
 use serde_json::Value;
-
-fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(std::env::var_os("RIPTIDE_REQUIRE_PRIVILEGED").is_none(), "privileged test run without root");
-    eprintln!("SKIP: needs root for network namespaces, cgroups and eBPF");
-    false
-}
+use riptide_test_support::privileged;
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().unwrap();
@@ -39,16 +30,7 @@ fn bin_dir() -> PathBuf {
 
 /// A workspace binary next to ours, built on demand (same target dir).
 fn workspace_bin(package: &str, bin: &str) -> PathBuf {
-    let path = bin_dir().join(bin);
-    if !path.exists() {
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", package, "--bin", bin])
-            .env("CARGO_TARGET_DIR", bin_dir().parent().unwrap())
-            .status()
-            .unwrap();
-        assert!(st.success(), "building {bin}");
-    }
-    path
+    riptide_test_support::workspace_bin(&bin_dir(), package, bin)
 }
 
 fn cmd_in(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
@@ -459,7 +441,7 @@ fn in_cidr(ip: &str, cidr: &str) -> bool {
 
 #[test]
 fn netns_deployment_service_scheduler_kubelet_end_to_end() {
-    if !privileged() {
+    if !privileged("for network namespaces, cgroups and eBPF") {
         return;
     }
     let netexec = workspace_bin("riptide-tests", "riptide-netexec");

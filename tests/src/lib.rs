@@ -25,4 +25,3 @@ pub mod lab;
 pub mod manifests;
 pub mod netexec;
 pub mod netns;
-pub mod privileged;

@@ -25,9 +25,9 @@ use riptide_tests::{
     lab::{CGROUP2_ROOT, PIN_ROOT},
     manifests::{self, Apiserver, TempDir, bin, find, load_yaml},
     netns,
-    privileged::privileged,
 };
 use serde_json::Value;
+use riptide_test_support::privileged;
 
 const NODE_IP: &str = "198.18.251.1";
 const PEER_IP: &str = "198.18.251.2";
@@ -181,7 +181,7 @@ fn cni_status(env: &Env, plugin: &Path, conflist: &Value) -> (bool, String) {
 
 #[test]
 fn netns_agent_in_cluster_config_syncs_then_uninstalls() {
-    if !privileged() {
+    if !privileged("for network namespaces and eBPF") {
         return;
     }
     let mut env = Env::new();

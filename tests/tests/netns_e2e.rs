@@ -10,8 +10,8 @@ use riptide_tests::{
     e2e::{self, Curl, KeepAlive, PodInfo, Suite, eventually},
     lab::{Lab, LabConfig},
     netns,
-    privileged::privileged,
 };
+use riptide_test_support::privileged;
 
 const SETTLE: Duration = Duration::from_secs(60);
 
@@ -73,7 +73,7 @@ fn connect_to_remote_backend(
 
 #[test]
 fn netns_e2e_services_on_a_three_node_lab() {
-    if !privileged() {
+    if !privileged("for network namespaces and eBPF") {
         return;
     }
     let mut lab = Lab::up(LabConfig::for_test(3).expect("config")).expect("lab up");

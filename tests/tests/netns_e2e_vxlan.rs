@@ -12,8 +12,8 @@ use anyhow::{Context as _, Result, ensure};
 use riptide_tests::{
     e2e::{self, Suite, eventually},
     lab::{Lab, LabConfig, LabNet},
-    privileged::privileged,
 };
+use riptide_test_support::privileged;
 
 const SETTLE: Duration = Duration::from_secs(60);
 
@@ -73,7 +73,7 @@ fn hostnames_from_outside(lab: &Lab, url: &str, tries: u32) -> Result<BTreeSet<S
 
 #[test]
 fn netns_e2e_vxlan_on_a_routed_underlay() {
-    if !privileged() {
+    if !privileged("for network namespaces and eBPF") {
         return;
     }
     let net = LabNet {

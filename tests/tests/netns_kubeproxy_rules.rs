@@ -12,8 +12,8 @@ use std::{
 use riptide_tests::{
     bench::kubeproxy::{self, Proto, SvcPort},
     netns,
-    privileged::privileged,
 };
+use riptide_test_support::privileged;
 
 struct Ns(String);
 impl Drop for Ns {
@@ -83,7 +83,7 @@ fn setup(tag: &str) -> (Ns, Ipv4Addr) {
 
 #[test]
 fn netns_iptables_baseline_loads_and_dnats() {
-    if !privileged() {
+    if !privileged("for network namespaces and eBPF") {
         return;
     }
     let (ns, backend) = setup("i");
@@ -98,7 +98,7 @@ fn netns_iptables_baseline_loads_and_dnats() {
 
 #[test]
 fn netns_nftables_baseline_loads_and_dnats() {
-    if !privileged() {
+    if !privileged("for network namespaces and eBPF") {
         return;
     }
     let (ns, backend) = setup("n");

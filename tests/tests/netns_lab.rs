@@ -12,8 +12,8 @@ use std::{
 use riptide_tests::{
     lab::{self, Lab, LabConfig},
     netns,
-    privileged::privileged,
 };
+use riptide_test_support::privileged;
 
 /// Serves one TCP echo inside `ns` on `addr:port`; returns once listening.
 fn echo_server_in(ns: &str, addr: Ipv4Addr) -> std::thread::JoinHandle<()> {
@@ -64,7 +64,7 @@ fn assert_nothing_left(cfg: &LabConfig) {
 
 #[test]
 fn netns_lab_nodes_talk_over_the_underlay_and_teardown_is_complete() {
-    if !privileged() {
+    if !privileged("for network namespaces and eBPF") {
         return;
     }
     let cfg = LabConfig::for_test(2).expect("config");
@@ -121,7 +121,7 @@ fn netns_lab_nodes_talk_over_the_underlay_and_teardown_is_complete() {
 
 #[test]
 fn netns_lab_teardown_cleans_a_crashed_run() {
-    if !privileged() {
+    if !privileged("for network namespaces and eBPF") {
         return;
     }
     let mut cfg = LabConfig::for_test(1).expect("config");

@@ -18,16 +18,6 @@ use std::{
 
 use serde_json::Value;
 
-pub fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(std::env::var_os("RIPTIDE_REQUIRE_PRIVILEGED").is_none(), "privileged test run without root");
-    eprintln!("SKIP: needs root to load eBPF programs and create network namespaces");
-    false
-}
-
 pub fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().unwrap();
     assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
@@ -194,16 +184,7 @@ pub fn bin_dir() -> PathBuf {
 
 /// A workspace binary next to ours, built on first use (same target dir).
 fn workspace_bin(package: &str, bin: &str) -> PathBuf {
-    let path = bin_dir().join(bin);
-    if !path.exists() {
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", package, "--bin", bin])
-            .env("CARGO_TARGET_DIR", bin_dir().parent().unwrap())
-            .status()
-            .unwrap();
-        assert!(st.success(), "building {bin}");
-    }
-    path
+    riptide_test_support::workspace_bin(&bin_dir(), package, bin)
 }
 
 pub fn controlplane_bin() -> PathBuf {

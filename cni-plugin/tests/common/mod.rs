@@ -19,21 +19,6 @@ use serde_json::{Value, json};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_riptide-cni");
 
-/// Privileged tests run only as root; under RIPTIDE_REQUIRE_PRIVILEGED not
-/// being root is a failure, not a skip.
-pub fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os("RIPTIDE_REQUIRE_PRIVILEGED").is_none(),
-        "privileged test run without root"
-    );
-    eprintln!("SKIP: needs root for network namespaces and eBPF");
-    false
-}
-
 /// A unique short tag for names in this process.
 pub fn tag() -> String {
     static N: AtomicU32 = AtomicU32::new(0);

@@ -14,10 +14,11 @@ use riptide_datapath::{
     Datapath, Pinning,
     service::{Algorithm, Frontend, FrontendKind, Protocol, Service, TrafficPolicy},
 };
+use riptide_test_support::privileged;
 
 #[test]
 fn drops_are_reported_as_events_at_a_bounded_rate() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut dp = Datapath::load(&Pinning::None).unwrap();

@@ -19,6 +19,7 @@ use riptide_datapath::{
         TrafficPolicy,
     },
 };
+use riptide_test_support::privileged;
 
 const NODE_IP: &str = "198.18.0.1";
 const HAIRPIN_IP: &str = "169.254.42.1";
@@ -114,7 +115,7 @@ fn dump(n: &Node) -> String {
 
 #[test]
 fn clusterip_from_pod_dnat_to_remote_backend_and_reverse_nat_on_uplink() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -166,7 +167,7 @@ fn clusterip_from_pod_dnat_to_remote_backend_and_reverse_nat_on_uplink() {
 
 #[test]
 fn tcp_payload_and_udp_checksums_survive_dnat() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -194,7 +195,7 @@ fn tcp_payload_and_udp_checksums_survive_dnat() {
 
 #[test]
 fn local_backend_is_redirected_and_its_reply_reverse_natted_to_local_client() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -220,7 +221,7 @@ fn local_backend_is_redirected_and_its_reply_reverse_natted_to_local_client() {
 
 #[test]
 fn conntrack_keeps_a_flow_on_its_backend_and_new_flows_spread() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -264,7 +265,7 @@ fn conntrack_keeps_a_flow_on_its_backend_and_new_flows_spread() {
 
 #[test]
 fn nodeport_to_remote_backend_is_snatted_on_egress_and_reply_restored() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -318,7 +319,7 @@ fn nodeport_to_remote_backend_is_snatted_on_egress_and_reply_restored() {
 
 #[test]
 fn nodeport_to_local_backend_keeps_client_ip_and_reply_is_restored_on_egress() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -348,7 +349,7 @@ fn nodeport_to_local_backend_keeps_client_ip_and_reply_is_restored_on_egress() {
 
 #[test]
 fn external_traffic_policy_local_uses_only_local_backends_without_snat() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -401,7 +402,7 @@ fn external_traffic_policy_local_uses_only_local_backends_without_snat() {
 
 #[test]
 fn no_backend_tcp_is_answered_with_rst_from_the_service_address() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -432,7 +433,7 @@ fn no_backend_tcp_is_answered_with_rst_from_the_service_address() {
 
 #[test]
 fn no_backend_udp_is_answered_with_icmp_port_unreachable() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -470,7 +471,7 @@ fn no_backend_udp_is_answered_with_icmp_port_unreachable() {
 
 #[test]
 fn client_ip_affinity_pins_a_client_to_one_backend() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -517,7 +518,7 @@ fn client_ip_affinity_pins_a_client_to_one_backend() {
 
 #[test]
 fn hairpin_flow_is_snatted_to_the_hairpin_address() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -549,7 +550,7 @@ fn hairpin_flow_is_snatted_to_the_hairpin_address() {
 
 #[test]
 fn pod_to_outside_is_masqueraded_and_replies_return_to_the_pod() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -581,7 +582,7 @@ fn pod_to_outside_is_masqueraded_and_replies_return_to_the_pod() {
 
 #[test]
 fn masquerade_port_collision_picks_another_port() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -605,7 +606,7 @@ fn masquerade_port_collision_picks_another_port() {
 
 #[test]
 fn non_service_traffic_is_untouched() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -639,7 +640,7 @@ fn non_service_traffic_is_untouched() {
 
 #[test]
 fn icmp_error_about_a_dnated_packet_reaches_the_client_as_from_the_service() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -686,7 +687,7 @@ fn icmp_error_about_a_dnated_packet_reaches_the_client_as_from_the_service() {
 
 #[test]
 fn backend_port_unreachable_is_returned_from_the_service_address() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -717,7 +718,7 @@ fn backend_port_unreachable_is_returned_from_the_service_address() {
 
 #[test]
 fn icmp_error_about_a_nodeport_reply_goes_to_the_local_backend() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -748,7 +749,7 @@ fn icmp_error_about_a_nodeport_reply_goes_to_the_local_backend() {
 
 #[test]
 fn terminating_backend_keeps_its_flows_and_gets_no_new_ones() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -807,7 +808,7 @@ fn terminating_backend_keeps_its_flows_and_gets_no_new_ones() {
 
 #[test]
 fn host_port_from_outside_reaches_the_local_pod() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -850,7 +851,7 @@ fn host_port_from_outside_reaches_the_local_pod() {
 
 #[test]
 fn pod_traffic_from_another_node_is_delivered_with_redirect_peer() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -868,7 +869,7 @@ fn pod_traffic_from_another_node_is_delivered_with_redirect_peer() {
 
 #[test]
 fn backend_port_unreachable_of_a_snatted_nodeport_flow_reaches_the_client() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -901,7 +902,7 @@ fn backend_port_unreachable_of_a_snatted_nodeport_flow_reaches_the_client() {
 #[test]
 fn fin_and_rst_mark_flows_closing_and_a_new_syn_reopens_them() {
     use riptide_common::{CT_F_CLOSING, CT_F_REPLY, NAT_F_CLOSING};
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();

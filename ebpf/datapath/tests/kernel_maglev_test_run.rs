@@ -19,6 +19,7 @@ use riptide_datapath::{
         TrafficPolicy,
     },
 };
+use riptide_test_support::privileged;
 
 const VIP: &str = "10.43.0.10";
 const CLIENT_POD: &str = "10.42.0.5";
@@ -94,7 +95,7 @@ fn pick(n: &mut Node, port: u16) -> Ipv4Addr {
 
 #[test]
 fn maglev_nodes_agree_on_the_backend_of_every_flow() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let (mut a, mut b) = (node("198.18.0.1"), node("198.18.0.2"));
@@ -157,7 +158,7 @@ fn maglev_nodes_agree_on_the_backend_of_every_flow() {
 
 #[test]
 fn maglev_backend_removal_keeps_most_flows_on_their_backends() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let (mut before, mut after) = (node("198.18.0.1"), node("198.18.0.1"));
@@ -191,7 +192,7 @@ fn maglev_backend_removal_keeps_most_flows_on_their_backends() {
 
 #[test]
 fn maglev_tables_follow_the_service_scopes_and_algorithm() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node("198.18.0.1");

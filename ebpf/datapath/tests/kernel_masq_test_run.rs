@@ -22,6 +22,7 @@ use riptide_datapath::{
         TrafficPolicy,
     },
 };
+use riptide_test_support::privileged;
 
 /// This node (n2) and another node (n1) of the same underlay.
 const N1: &str = "198.18.0.11";
@@ -104,7 +105,7 @@ fn pod_to_wire(n: &mut Node, frame: &[u8]) -> Vec<u8> {
 
 #[test]
 fn reply_of_an_inbound_tcp_flow_is_not_masqueraded() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -167,7 +168,7 @@ fn reply_of_an_inbound_tcp_flow_is_not_masqueraded() {
 
 #[test]
 fn reply_of_an_inbound_udp_flow_is_not_masqueraded() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -200,7 +201,7 @@ fn reply_of_an_inbound_udp_flow_is_not_masqueraded() {
 
 #[test]
 fn pod_originated_syn_to_outside_is_masqueraded() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -225,7 +226,7 @@ fn pod_originated_syn_to_outside_is_masqueraded() {
 
 #[test]
 fn replies_of_a_pod_originated_flow_are_unsnatted_and_the_flow_stays_masqueraded() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -258,7 +259,7 @@ fn replies_of_a_pod_originated_flow_are_unsnatted_and_the_flow_stays_masqueraded
 
 #[test]
 fn tcp_packets_without_a_mapping_other_than_a_syn_are_never_masqueraded() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -282,7 +283,7 @@ fn tcp_packets_without_a_mapping_other_than_a_syn_are_never_masqueraded() {
 /// cannot match it to the flow.
 #[test]
 fn nodeport_reply_of_a_backend_behind_a_masquerading_node_is_not_masqueraded() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n1 = node_at(N1, 1);
@@ -350,7 +351,7 @@ fn quote(f: &[u8]) -> &[u8] {
 
 #[test]
 fn icmp_errors_about_masqueraded_packets_reach_the_pod_translated_back() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();
@@ -404,7 +405,7 @@ fn icmp_errors_about_masqueraded_packets_reach_the_pod_translated_back() {
 
 #[test]
 fn a_pods_icmp_error_about_an_unsnatted_reply_is_masqueraded() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut n = node();

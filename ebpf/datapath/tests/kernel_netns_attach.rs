@@ -6,8 +6,8 @@ mod common;
 
 use std::{os::fd::AsRawFd, process::Command};
 
-use common::privileged;
 use riptide_datapath::{Datapath, Pinning, unpin_node};
+use riptide_test_support::privileged;
 
 struct Cleanup {
     ns: String,
@@ -28,7 +28,7 @@ fn ip(args: &[&str]) {
 
 #[test]
 fn netns_uplink_programs_attach_pin_and_detach() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     let c = Cleanup {

@@ -34,7 +34,7 @@ use std::{
 };
 
 use aya::programs::TcAttachType;
-use common::{ip, privileged};
+use common::ip;
 use riptide_common::{CFG_F_MASQUERADE, Config, EndpointValue, names, stats};
 use riptide_datapath::{
     Attachment, Datapath, Pinning,
@@ -43,6 +43,7 @@ use riptide_datapath::{
         TrafficPolicy,
     },
 };
+use riptide_test_support::privileged;
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -460,7 +461,7 @@ fn stats_of(n: &NodeDp) -> Vec<(&'static str, u64)> {
 
 #[test]
 fn netns_masquerade_node_to_remote_pod_and_pod_node_combinations_work() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     let lab = lab("mq");
@@ -568,7 +569,7 @@ fn service(
 /// cannot create, and a 64 KiB answer crosses the reverse translations.
 #[test]
 fn netns_per_packet_lb_clusterip_hairpin_and_nodeport_with_real_packets() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     let mut lab = lab("lb");
@@ -682,7 +683,7 @@ fn netns_per_packet_lb_clusterip_hairpin_and_nodeport_with_real_packets() {
 /// neighbour entry for node 2, takes the kernel's path, which resolves it.
 #[test]
 fn netns_nodeport_to_remote_backend_is_forwarded_by_fib_redirect() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     let mut lab = lab_outside("fib");
@@ -884,7 +885,7 @@ fn connect_fd(fd: &OwnedFd, to: SocketAddrV4) -> std::io::Result<()> {
 /// bound to 0.0.0.0:30000 on node 1 does not stop the NodePort.
 #[test]
 fn netns_host_connection_from_a_nodeport_port_is_left_to_the_kernel() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     let mut lab = lab_outside("ls");

@@ -26,7 +26,7 @@ use std::{
     time::Duration,
 };
 
-use common::{ip, privileged};
+use common::ip;
 use riptide_common::{CFG_F_SOCK_LB, Config};
 use riptide_datapath::{
     Attachment, Datapath, Pinning,
@@ -36,6 +36,7 @@ use riptide_datapath::{
         TrafficPolicy,
     },
 };
+use riptide_test_support::privileged;
 
 const VIP: &str = "10.96.77.10";
 const BACKENDS: [&str; 3] = ["10.200.0.1", "10.200.0.2", "10.200.0.3"];
@@ -307,7 +308,7 @@ fn tally(lines: &[String], key: &str) -> BTreeMap<String, u32> {
 
 #[test]
 fn netns_tcp_connect_to_vip_reaches_a_backend_and_getpeername_shows_the_vip() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     let mut w = world();
@@ -326,7 +327,7 @@ fn netns_tcp_connect_to_vip_reaches_a_backend_and_getpeername_shows_the_vip() {
 
 #[test]
 fn netns_tcp_connects_spread_evenly_over_three_backends() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     let mut w = world();
@@ -343,7 +344,7 @@ fn netns_tcp_connects_spread_evenly_over_three_backends() {
 
 #[test]
 fn netns_connect_without_backends_fails_with_econnrefused() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     let mut w = world();
@@ -376,7 +377,7 @@ fn netns_connect_without_backends_fails_with_econnrefused() {
 
 #[test]
 fn netns_client_ip_affinity_pins_a_client() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     let mut w = world();
@@ -390,7 +391,7 @@ fn netns_client_ip_affinity_pins_a_client() {
 
 #[test]
 fn netns_udp_sendto_vip_reaches_a_backend_and_recvfrom_shows_the_vip() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     let mut w = world();
@@ -416,7 +417,7 @@ fn netns_udp_sendto_vip_reaches_a_backend_and_recvfrom_shows_the_vip() {
 
 #[test]
 fn netns_nodeport_on_loopback_from_the_node_reaches_a_backend() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     let mut w = world();
@@ -438,7 +439,7 @@ fn netns_nodeport_on_loopback_from_the_node_reaches_a_backend() {
 
 #[test]
 fn netns_removing_the_service_stops_translation() {
-    if !privileged() {
+    if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
     let mut w = world();

@@ -6,24 +6,10 @@ use std::net::Ipv4Addr;
 use aya::programs::{TestRun, TestRunOptions};
 use riptide_common::{EndpointValue, names};
 use riptide_datapath::{Datapath, Pinning};
+use riptide_test_support::privileged;
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
-
-/// Privileged tests run only as root. Under `cargo xtask test`
-/// (RIPTIDE_REQUIRE_PRIVILEGED=1) not being root is a failure, not a skip.
-fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os("RIPTIDE_REQUIRE_PRIVILEGED").is_none(),
-        "privileged test run without root"
-    );
-    eprintln!("SKIP: needs root to load eBPF programs");
-    false
-}
 
 fn csum16(bytes: &[u8]) -> u16 {
     let mut sum = 0u32;
@@ -100,7 +86,7 @@ fn loaded_with_endpoint() -> Datapath {
 
 #[test]
 fn local_pod_is_redirected_with_macs_rewritten_and_ttl_decremented() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut dp = loaded_with_endpoint();
@@ -121,7 +107,7 @@ fn local_pod_is_redirected_with_macs_rewritten_and_ttl_decremented() {
 
 #[test]
 fn removing_an_absent_endpoint_is_not_an_error() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut dp = loaded_with_endpoint();
@@ -133,7 +119,7 @@ fn removing_an_absent_endpoint_is_not_an_error() {
 
 #[test]
 fn unknown_destination_passes_unchanged() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut dp = loaded_with_endpoint();
@@ -145,7 +131,7 @@ fn unknown_destination_passes_unchanged() {
 
 #[test]
 fn expiring_ttl_is_left_to_the_kernel() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut dp = loaded_with_endpoint();
@@ -157,7 +143,7 @@ fn expiring_ttl_is_left_to_the_kernel() {
 
 #[test]
 fn non_ip_frames_pass_unchanged() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut dp = loaded_with_endpoint();

@@ -7,7 +7,7 @@ mod common;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use common::{ip, privileged};
+use common::ip;
 use riptide_common::{SCOPE_EXT, SCOPE_INT, SvcKey, SvcValue};
 use riptide_datapath::{
     Datapath, Pinning,
@@ -17,6 +17,7 @@ use riptide_datapath::{
     },
     unpin_node,
 };
+use riptide_test_support::privileged;
 
 fn svc(name: &str, vip: &str, backends: &[(&str, bool)]) -> Service {
     Service {
@@ -74,7 +75,7 @@ fn addr(a: &str) -> BackendAddr {
 
 #[test]
 fn kernel_shared_backend_is_refcounted_and_removed_with_its_last_service() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut s = private();
@@ -117,7 +118,7 @@ fn kernel_shared_backend_is_refcounted_and_removed_with_its_last_service() {
 
 #[test]
 fn kernel_shrinking_and_growing_rewrites_slots_and_count() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut s = private();
@@ -153,7 +154,7 @@ fn kernel_shrinking_and_growing_rewrites_slots_and_count() {
 
 #[test]
 fn kernel_traffic_policy_change_adds_and_removes_the_internal_scope() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut s = private();
@@ -183,7 +184,7 @@ fn kernel_traffic_policy_change_adds_and_removes_the_internal_scope() {
 
 #[test]
 fn kernel_frontend_cannot_belong_to_two_services() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let mut s = private();
@@ -202,7 +203,7 @@ impl Drop for PinGuard {
 
 #[test]
 fn kernel_restarted_writer_keeps_ids_from_the_pinned_maps() {
-    if !privileged() {
+    if !privileged("to load eBPF programs") {
         return;
     }
     let node = format!("svc-test-{}.lab", std::process::id());

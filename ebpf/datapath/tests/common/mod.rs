@@ -11,21 +11,6 @@ pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 
-/// Privileged tests run only as root. Under `cargo xtask test`
-/// (RIPTIDE_REQUIRE_PRIVILEGED=1) not being root is a failure, not a skip.
-pub fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os("RIPTIDE_REQUIRE_PRIVILEGED").is_none(),
-        "privileged test run without root"
-    );
-    eprintln!("SKIP: needs root to load eBPF programs");
-    false
-}
-
 pub fn csum16(bytes: &[u8]) -> u16 {
     let mut sum = 0u32;
     for chunk in bytes.chunks(2) {

@@ -1,0 +1,76 @@
+//! Helpers every riptide test suite used to carry its own copy of: the
+//! gate of tests that need root, network namespaces a test creates and
+//! removes, and workspace binaries a test runs. A dev-dependency only —
+//! as aya's `test/integration-common` — so nothing here reaches a
+//! production build, and panicking on a broken environment is the point:
+//! a test that cannot set itself up must fail loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod netns;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+/// True when the test may use the kernel (root). Otherwise it prints
+/// `SKIP: needs root <needs>` and returns false, unless
+/// `RIPTIDE_REQUIRE_PRIVILEGED` is set (as `cargo xtask test` sets it): then
+/// it panics, so the project's own test command never skips a privileged
+/// test silently.
+///
+/// `needs` says what for: "to load eBPF programs", "for network namespaces".
+pub fn privileged(needs: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("RIPTIDE_REQUIRE_PRIVILEGED").is_none(),
+        "privileged test run without root (RIPTIDE_REQUIRE_PRIVILEGED is set); it needs root {needs}"
+    );
+    eprintln!("SKIP: needs root {needs}");
+    false
+}
+
+/// Runs `args[0]` with the rest as arguments and returns its stdout;
+/// panics with its stderr when it fails.
+pub fn run(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", args[0]));
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `ip <args>`, see [`run`].
+pub fn ip(args: &[&str]) -> String {
+    let mut all = vec!["ip"];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+/// The workspace binary `bin` of `package`, in `bin_dir` (the directory of
+/// a binary the test already has, e.g. `CARGO_BIN_EXE_<name>`'s parent),
+/// built there first if missing: a test of one package can run another
+/// package's binary without a prior `cargo build` of the workspace.
+pub fn workspace_bin(bin_dir: &Path, package: &str, bin: &str) -> PathBuf {
+    let path = bin_dir.join(bin);
+    if !path.exists() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let target = bin_dir.parent().expect("a binary directory inside a target directory");
+        let st = Command::new(cargo)
+            .args(["build", "-p", package, "--bin", bin])
+            .env("CARGO_TARGET_DIR", target)
+            .status()
+            .unwrap_or_else(|e| panic!("running cargo to build {bin}: {e}"));
+        assert!(st.success(), "building {bin}");
+    }
+    path
+}
