@@ -56,6 +56,12 @@ struct ApiserverArgs {
     /// Seconds between watch bookmarks.
     #[arg(long, default_value_t = 60)]
     bookmark_interval: u64,
+    /// Connections served at once (more wait in the listen backlog).
+    #[arg(long, default_value_t = riptide_controlplane::apiserver::Limits::default().max_connections)]
+    max_connections: usize,
+    /// Watches one user may hold open at once (429 beyond).
+    #[arg(long, default_value_t = riptide_controlplane::apiserver::Limits::default().max_watches_per_user)]
+    max_watches_per_user: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -114,6 +120,8 @@ async fn main() -> anyhow::Result<()> {
             cfg.kubeconfig_path = a.kubeconfig;
             cfg.history_revisions = a.history_revisions;
             cfg.bookmark_interval = Duration::from_secs(a.bookmark_interval.max(1));
+            cfg.limits.max_connections = a.max_connections;
+            cfg.limits.max_watches_per_user = a.max_watches_per_user;
             if !a.etcd.is_empty() {
                 cfg.storage = StorageConfig::Etcd { endpoints: a.etcd, prefix: a.etcd_prefix };
             }

@@ -76,17 +76,20 @@ pub const RESOURCES: &[Resource] = &[
     Resource { group: "", version: "v1", plural: "configmaps", singular: "configmap", kind: "ConfigMap", namespaced: true, short_names: &["cm"], categories: &[], subresources: &[] },
     Resource { group: "", version: "v1", plural: "secrets", singular: "secret", kind: "Secret", namespaced: true, short_names: &[], categories: &[], subresources: &[] },
     Resource { group: "", version: "v1", plural: "events", singular: "event", kind: "Event", namespaced: true, short_names: &["ev"], categories: &[], subresources: &[] },
-    Resource { group: "", version: "v1", plural: "serviceaccounts", singular: "serviceaccount", kind: "ServiceAccount", namespaced: true, short_names: &["sa"], categories: &[], subresources: &[] },
+    Resource { group: "", version: "v1", plural: "serviceaccounts", singular: "serviceaccount", kind: "ServiceAccount", namespaced: true, short_names: &["sa"], categories: &[], subresources: &["token"] },
     Resource { group: "apps", version: "v1", plural: "deployments", singular: "deployment", kind: "Deployment", namespaced: true, short_names: &["deploy"], categories: ALL, subresources: &["status", "scale"] },
     Resource { group: "apps", version: "v1", plural: "replicasets", singular: "replicaset", kind: "ReplicaSet", namespaced: true, short_names: &["rs"], categories: ALL, subresources: &["status", "scale"] },
     Resource { group: "discovery.k8s.io", version: "v1", plural: "endpointslices", singular: "endpointslice", kind: "EndpointSlice", namespaced: true, short_names: &[], categories: &[], subresources: &[] },
     Resource { group: "coordination.k8s.io", version: "v1", plural: "leases", singular: "lease", kind: "Lease", namespaced: true, short_names: &[], categories: &[], subresources: &[] },
     Resource { group: "networking.k8s.io", version: "v1", plural: "networkpolicies", singular: "networkpolicy", kind: "NetworkPolicy", namespaced: true, short_names: &["netpol"], categories: &[], subresources: &[] },
-    // Stored only (no controller runs them): what CNI/agent installers apply
-    // (`kubectl apply -f manifests/riptide.yaml`) must be accepted as objects.
+    // DaemonSets are stored only (no controller runs them): what CNI/agent
+    // installers apply (`kubectl apply -f manifests/riptide.yaml`) must be
+    // accepted as objects. The RBAC kinds are what the authorizer evaluates.
     Resource { group: "apps", version: "v1", plural: "daemonsets", singular: "daemonset", kind: "DaemonSet", namespaced: true, short_names: &["ds"], categories: ALL, subresources: &["status"] },
     Resource { group: "rbac.authorization.k8s.io", version: "v1", plural: "clusterroles", singular: "clusterrole", kind: "ClusterRole", namespaced: false, short_names: &[], categories: &[], subresources: &[] },
     Resource { group: "rbac.authorization.k8s.io", version: "v1", plural: "clusterrolebindings", singular: "clusterrolebinding", kind: "ClusterRoleBinding", namespaced: false, short_names: &[], categories: &[], subresources: &[] },
+    Resource { group: "rbac.authorization.k8s.io", version: "v1", plural: "roles", singular: "role", kind: "Role", namespaced: true, short_names: &[], categories: &[], subresources: &[] },
+    Resource { group: "rbac.authorization.k8s.io", version: "v1", plural: "rolebindings", singular: "rolebinding", kind: "RoleBinding", namespaced: true, short_names: &[], categories: &[], subresources: &[] },
 ];
 
 /// Group/versions in discovery order (core first).

@@ -551,19 +551,23 @@ impl Api {
         sub: Option<&str>,
         opts: &WriteOptions,
     ) -> ApiResult<Value> {
-        let patch_doc: Value = match ptype {
-            PatchType::Apply => serde_norway::from_slice(body)
-                .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?,
-            _ => serde_json::from_slice(body)
-                .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?,
-        };
+        // Decoding and applying a large patch is CPU work for the blocking pool.
+        let weight = body.len();
+        let raw = body.to_vec();
+        let patch_doc: Arc<Value> = Arc::new(super::limits::offload(weight, move || match ptype {
+            PatchType::Apply => serde_norway::from_slice(&raw)
+                .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}"))),
+            _ => serde_json::from_slice(&raw)
+                .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}"))),
+        })
+        .await??);
         let mut last = None;
         for _ in 0..8 {
             let old = match self.get(res, ns, name).await {
                 Ok(o) => o,
                 Err(e) if e.code == 404 && ptype == PatchType::Apply && sub.is_none() => {
                     // Server-side apply creates.
-                    let mut obj = patch_doc.clone();
+                    let mut obj = (*patch_doc).clone();
                     meta_mut(&mut obj).insert("name".into(), json!(name));
                     return self.create(res, ns, obj, opts).await;
                 }
@@ -571,11 +575,13 @@ impl Api {
             };
             let mut base = old.clone();
             meta_mut(&mut base).remove("resourceVersion");
-            let new = match ptype {
-                PatchType::Json => patch::json_patch(&base, &patch_doc)?,
-                PatchType::Merge => patch::merge_patch(&base, &patch_doc),
-                PatchType::Strategic | PatchType::Apply => patch::strategic_merge(res.kind, &base, &patch_doc)?,
-            };
+            let (doc, kind) = (patch_doc.clone(), res.kind);
+            let new = super::limits::offload(weight, move || match ptype {
+                PatchType::Json => patch::json_patch(&base, &doc),
+                PatchType::Merge => Ok(patch::merge_patch(&base, &doc)),
+                PatchType::Strategic | PatchType::Apply => patch::strategic_merge(kind, &base, &doc),
+            })
+            .await??;
             // A resourceVersion inside the patch is a precondition.
             let patched_rv = object::str_at(&new, "/metadata/resourceVersion").to_string();
             let mut new = new;

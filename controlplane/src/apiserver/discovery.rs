@@ -20,8 +20,19 @@ pub fn api_versions(server_address: &str) -> Value {
         "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": server_address}]})
 }
 
+/// Served group/versions: the stored resources' and the review groups'.
+fn group_versions() -> Vec<(&'static str, &'static str)> {
+    let mut gvs = registry::group_versions();
+    for r in super::reviews::REVIEWS {
+        if !gvs.contains(&(r.group, "v1")) {
+            gvs.push((r.group, "v1"));
+        }
+    }
+    gvs
+}
+
 fn group_json(group: &str) -> Value {
-    let versions: Vec<Value> = registry::group_versions()
+    let versions: Vec<Value> = group_versions()
         .into_iter()
         .filter(|(g, _)| *g == group)
         .map(|(g, v)| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
@@ -33,7 +44,7 @@ fn group_json(group: &str) -> Value {
 pub fn api_group_list() -> Value {
     let mut groups: Vec<Value> = Vec::new();
     let mut seen = Vec::new();
-    for (g, _) in registry::group_versions() {
+    for (g, _) in group_versions() {
         if g.is_empty() || seen.contains(&g) {
             continue;
         }
@@ -44,7 +55,7 @@ pub fn api_group_list() -> Value {
 }
 
 pub fn api_group(group: &str) -> Option<Value> {
-    if !RESOURCES.iter().any(|r| r.group == group) || group.is_empty() {
+    if !group_versions().iter().any(|(g, _)| *g == group) || group.is_empty() {
         return None;
     }
     let mut g = group_json(group);
@@ -66,16 +77,17 @@ fn sub_entry(r: &Resource, sub: &str) -> Value {
         "portforward" => json!({"name": name, "singularName": "", "namespaced": true, "kind": "PodPortForwardOptions", "verbs": ["create", "get"]}),
         "binding" => json!({"name": name, "singularName": "", "namespaced": true, "kind": "Binding", "verbs": ["create"]}),
         "finalize" => json!({"name": name, "singularName": "", "namespaced": false, "kind": "Namespace", "verbs": ["update"]}),
+        "token" => json!({"name": name, "singularName": "", "namespaced": true, "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest", "verbs": ["create"]}),
         _ => json!({"name": name, "singularName": "", "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get"]}),
     }
 }
 
 pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     let rs: Vec<&Resource> = RESOURCES.iter().filter(|r| r.group == group && r.version == version).collect();
-    if rs.is_empty() {
+    let mut list = if version == "v1" { super::reviews::discovery_entries(group) } else { Vec::new() };
+    if rs.is_empty() && list.is_empty() {
         return None;
     }
-    let mut list = Vec::new();
     for r in rs {
         let mut e = json!({"name": r.plural, "singularName": r.singular, "namespaced": r.namespaced,
             "kind": r.kind, "verbs": VERBS, "storageVersionHash": ""});

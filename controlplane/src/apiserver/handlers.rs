@@ -15,9 +15,14 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{
     api::{Api, DeleteOptions, FieldValidation, ListQuery, WriteOptions},
-    discovery, object, openapi,
+    authn::{Authenticator, Connection, UserInfo},
+    authz::{self, Authorizer},
+    discovery,
+    limits::{self, Limits, WatchBudget},
+    object, openapi,
     patch::{self, PatchType},
     proxy::PodProxy,
+    reviews,
     selectors::{FieldSelector, LabelSelector},
     status::{ApiError, ApiResult, json_response},
     table::{self, IncludeObject},
@@ -27,14 +32,14 @@ use crate::registry::{self, Resource};
 
 pub struct AppState {
     pub api: Arc<Api>,
-    /// Accepted bearer tokens; None = authentication disabled.
-    pub tokens: Option<Vec<String>>,
+    pub authn: Authenticator,
+    pub authz: Arc<Authorizer>,
+    pub limits: Limits,
+    pub watches: Arc<WatchBudget>,
     pub proxy: Arc<dyn PodProxy>,
     pub bookmark_interval: Duration,
     pub server_address: String,
 }
-
-const MAX_BODY: usize = 64 << 20;
 
 type Q = HashMap<String, String>;
 
@@ -42,22 +47,37 @@ fn ok(v: &Value) -> Response {
     json_response(StatusCode::OK, v)
 }
 
-fn authenticated(st: &AppState, headers: &HeaderMap) -> bool {
-    let Some(tokens) = &st.tokens else { return true };
-    let Some(h) = headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()) else { return false };
-    let Some(t) = h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")) else { return false };
-    tokens.iter().any(|x| x == t.trim())
+/// Paths anyone may read, authenticated or not.
+fn public(path: &str) -> bool {
+    matches!(path.trim_end_matches('/'), "/healthz" | "/livez" | "/readyz" | "/version")
 }
 
-pub async fn handle(State(st): State<Arc<AppState>>, req: Request<Body>) -> Response {
+pub async fn handle(State(st): State<Arc<AppState>>, mut req: Request<Body>) -> Response {
     let path = req.uri().path().to_string();
-    let open = matches!(path.as_str(), "/healthz" | "/livez" | "/readyz" | "/version");
-    if !open && !authenticated(&st, req.headers()) {
-        return ApiError::unauthorized().into_response();
-    }
     let method = req.method().clone();
+    let user = st.authn.authenticate(&st.api, req.headers(), req.extensions().get::<Connection>()).await;
+    if !public(&path) {
+        if user.is_anonymous() {
+            return ApiError::unauthorized().into_response();
+        }
+        let attrs = authz::attributes(&user, &method, &path, &query(&req), req.headers());
+        match st.authz.allows(&st.api, &attrs).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(user = %user.name, verb = %attrs.verb, resource = %attrs.resource, %path, "forbidden");
+                return authz::forbidden(&attrs).into_response();
+            }
+            Err(e) => return e.into_response(),
+        }
+    }
+    req.extensions_mut().insert(user);
     tracing::debug!(%method, uri = %req.uri(), "request");
-    match route(&st, req).await {
+    let result = route(&st, req).await;
+    // This server's own RBAC writes count at once (the store watch follows).
+    if method != Method::GET && path.starts_with(&format!("/apis/{}/", authz::RBAC_GROUP)) {
+        st.authz.invalidate();
+    }
+    match result {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(%method, %path, code = e.code, reason = e.reason, message = %e.message, "request failed");
@@ -81,16 +101,26 @@ fn table_request(headers: &HeaderMap) -> bool {
         .is_some_and(|a| a.split(',').next().is_some_and(|first| first.contains("as=Table")))
 }
 
-async fn body_bytes(req: Request<Body>) -> ApiResult<(HeaderMap, bytes::Bytes)> {
+async fn body_bytes(st: &AppState, req: Request<Body>) -> ApiResult<(HeaderMap, bytes::Bytes)> {
     let (parts, body) = req.into_parts();
-    let b = axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|e| ApiError::bad_request(format!("reading request body: {e}")))?;
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|h| h.to_str().ok()).and_then(|h| h.parse().ok());
+    let b = limits::read_body(body, declared, st.limits.max_body_bytes).await?;
     Ok((parts.headers, b))
 }
 
-fn parse_body(headers: &HeaderMap, b: &[u8]) -> ApiResult<Value> {
-    let ct = headers.get(header::CONTENT_TYPE).and_then(|h| h.to_str().ok()).unwrap_or("application/json");
+/// Decode a request body (JSON, YAML or protobuf), off the async workers
+/// when it is large.
+async fn parse_body(headers: &HeaderMap, b: bytes::Bytes) -> ApiResult<Value> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|h| h.to_str().ok()).unwrap_or("application/json").to_string();
+    limits::offload(b.len(), move || decode_body(&ct, &b)).await?
+}
+
+/// A DeleteOptions body; anything undecodable counts as none.
+async fn delete_body(b: bytes::Bytes) -> ApiResult<Option<Value>> {
+    limits::offload(b.len(), move || serde_json::from_slice(&b).ok()).await
+}
+
+fn decode_body(ct: &str, b: &[u8]) -> ApiResult<Value> {
     if ct.contains("protobuf") {
         return super::protobuf::decode(b);
     }
@@ -172,6 +202,12 @@ async fn route(st: &Arc<AppState>, req: Request<Body>) -> ApiResult<Response> {
         ["openapi", "v3", rest @ ..] if get => {
             openapi::group_version(&rest.join("/")).map(|v| ok(&v)).ok_or_else(ApiError::not_found_path)
         }
+        ["apis", g, "v1", plural] if reviews::find(g, plural).is_some_and(|r| !r.namespaced) => {
+            review(st, g, plural, None, req).await
+        }
+        ["apis", g, "v1", "namespaces", ns, plural] if reviews::find(g, plural).is_some_and(|r| r.namespaced) => {
+            review(st, g, plural, Some((*ns).to_string()), req).await
+        }
         ["api", "v1", rest @ ..] => {
             let t = parse_target("", "v1", rest)?;
             resource(st, t, req).await
@@ -182,6 +218,18 @@ async fn route(st: &Arc<AppState>, req: Request<Body>) -> ApiResult<Response> {
         }
         _ => Err(ApiError::not_found_path()),
     }
+}
+
+async fn review(st: &Arc<AppState>, group: &str, plural: &str, ns: Option<String>, req: Request<Body>) -> ApiResult<Response> {
+    let r = reviews::find(group, plural).ok_or_else(ApiError::not_found_path)?;
+    if req.method() != Method::POST {
+        return Err(ApiError::method_not_allowed(format!("the server does not allow this method on the requested resource ({})", req.method())));
+    }
+    let requester = req.extensions().get::<UserInfo>().cloned().unwrap_or_else(UserInfo::anonymous);
+    let (h, b) = body_bytes(st, req).await?;
+    let body = parse_body(&h, b).await?;
+    let out = reviews::create(&st.api, &st.authn, &st.authz, r, ns.as_deref(), &requester, body).await?;
+    Ok(json_response(StatusCode::CREATED, &out))
 }
 
 fn list_query(q: &Q) -> ApiResult<ListQuery> {
@@ -239,8 +287,10 @@ async fn resource(st: &Arc<AppState>, t: Target, req: Request<Body>) -> ApiResul
                     as_table: as_table.then_some(include),
                     bookmark_interval: st.bookmark_interval,
                 };
+                let user = req.extensions().get::<UserInfo>().map_or("", |u| u.name.as_str());
+                let slot = st.watches.acquire(user)?;
                 let rx = watch::start(api.clone(), res, t.ns.clone(), params).await?;
-                let body = Body::from_stream(futures::StreamExt::map(ReceiverStream::new(rx), Ok::<_, std::convert::Infallible>));
+                let body = Body::from_stream(limits::Held::new(ReceiverStream::new(rx), slot));
                 let mut r = Response::new(body);
                 r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
                 r.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache, private"));
@@ -258,15 +308,15 @@ async fn resource(st: &Arc<AppState>, t: Target, req: Request<Body>) -> ApiResul
             Ok(ok(&json!({"kind": res.list_kind(), "apiVersion": res.api_version(), "metadata": meta, "items": out.items})))
         }
         (&Method::POST, None, None) => {
-            let (h, b) = body_bytes(req).await?;
-            let obj = parse_body(&h, &b)?;
+            let (h, b) = body_bytes(st, req).await?;
+            let obj = parse_body(&h, b).await?;
             let created = api.create(res, ns, obj, &write_opts(&q)).await?;
             Ok(json_response(StatusCode::CREATED, &created))
         }
         (&Method::DELETE, None, None) => {
             let lq = list_query(&q)?;
-            let (_, b) = body_bytes(req).await?;
-            let body: Option<Value> = serde_json::from_slice(&b).ok();
+            let (_, b) = body_bytes(st, req).await?;
+            let body = delete_body(b).await?;
             let opts = delete_opts(&q, body.as_ref());
             let out = api.list(res, ns, &ListQuery { limit: 0, continue_token: None, ..lq }).await?;
             let mut deleted = Vec::new();
@@ -294,8 +344,8 @@ async fn resource(st: &Arc<AppState>, t: Target, req: Request<Body>) -> ApiResul
             if sub == Some("status") && !res.has_status() {
                 return Err(ApiError::not_found_path());
             }
-            let (h, b) = body_bytes(req).await?;
-            let obj = parse_body(&h, &b)?;
+            let (h, b) = body_bytes(st, req).await?;
+            let obj = parse_body(&h, b).await?;
             Ok(ok(&api.update(res, ns, name, obj, sub, &write_opts(&q)).await?))
         }
         (&Method::PATCH, Some(name), None | Some("status")) => {
@@ -303,7 +353,7 @@ async fn resource(st: &Arc<AppState>, t: Target, req: Request<Body>) -> ApiResul
             if sub == Some("status") && !res.has_status() {
                 return Err(ApiError::not_found_path());
             }
-            let (h, b) = body_bytes(req).await?;
+            let (h, b) = body_bytes(st, req).await?;
             let ct = h.get(header::CONTENT_TYPE).and_then(|c| c.to_str().ok()).unwrap_or("");
             let pt = PatchType::from_content_type(ct).ok_or_else(|| {
                 ApiError::unsupported_media(format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct})"))
@@ -311,8 +361,8 @@ async fn resource(st: &Arc<AppState>, t: Target, req: Request<Body>) -> ApiResul
             Ok(ok(&api.patch(res, ns, name, pt, &b, sub, &write_opts(&q)).await?))
         }
         (&Method::DELETE, Some(name), None) => {
-            let (_, b) = body_bytes(req).await?;
-            let body: Option<Value> = serde_json::from_slice(&b).ok();
+            let (_, b) = body_bytes(st, req).await?;
+            let body = delete_body(b).await?;
             let opts = delete_opts(&q, body.as_ref());
             Ok(ok(&api.delete(res, ns, name, &opts).await?))
         }
@@ -321,8 +371,8 @@ async fn resource(st: &Arc<AppState>, t: Target, req: Request<Body>) -> ApiResul
         (_, Some(name), Some("scale")) if res.subresources.contains(&"scale") => scale(st, res, ns, name, req, &q).await,
         // Pods.
         (&Method::POST, Some(name), Some("binding")) if res.is("", "pods") => {
-            let (h, b) = body_bytes(req).await?;
-            let binding = parse_body(&h, &b)?;
+            let (h, b) = body_bytes(st, req).await?;
+            let binding = parse_body(&h, b).await?;
             bind(api, res, ns, name, &binding).await
         }
         (_, Some(name), Some(sub @ ("log" | "exec" | "attach" | "portforward"))) if res.is("", "pods") => {
@@ -337,10 +387,17 @@ async fn resource(st: &Arc<AppState>, t: Target, req: Request<Body>) -> ApiResul
             };
             Ok(st.proxy.serve(sub, pod, node, req).await)
         }
+        // ServiceAccount tokens (TokenRequest).
+        (&Method::POST, Some(name), Some("token")) if res.is("", "serviceaccounts") => {
+            let ns = ns.unwrap_or("default").to_string();
+            let (h, b) = body_bytes(st, req).await?;
+            let body = parse_body(&h, b).await?;
+            Ok(json_response(StatusCode::CREATED, &reviews::token_request(api, &st.authn, &ns, name, body).await?))
+        }
         // Namespaces.
         (&Method::PUT, Some(name), Some("finalize")) if res.kind == "Namespace" => {
-            let (h, b) = body_bytes(req).await?;
-            let obj = parse_body(&h, &b)?;
+            let (h, b) = body_bytes(st, req).await?;
+            let obj = parse_body(&h, b).await?;
             let fins: Vec<String> = obj
                 .pointer("/spec/finalizers")
                 .and_then(Value::as_array)
@@ -370,14 +427,16 @@ async fn scale(st: &Arc<AppState>, res: &'static Resource, ns: Option<&str>, nam
     if method == Method::GET {
         return Ok(ok(&scale_of(res, &api.get(res, ns, name).await?)));
     }
-    let (h, b) = body_bytes(req).await?;
+    let (h, b) = body_bytes(st, req).await?;
     let current = api.get(res, ns, name).await?;
     let cur_scale = scale_of(res, &current);
     let new_scale = match method {
-        Method::PUT => parse_body(&h, &b)?,
+        Method::PUT => parse_body(&h, b).await?,
         Method::PATCH => {
             let ct = h.get(header::CONTENT_TYPE).and_then(|c| c.to_str().ok()).unwrap_or("");
-            let doc: Value = serde_json::from_slice(&b).map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
+            let doc: Value = limits::offload(b.len(), move || serde_json::from_slice(&b))
+                .await?
+                .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
             match PatchType::from_content_type(ct) {
                 Some(PatchType::Json) => patch::json_patch(&cur_scale, &doc)?,
                 Some(PatchType::Merge) => patch::merge_patch(&cur_scale, &doc),

@@ -1,21 +1,29 @@
 //! A Kubernetes-compatible apiserver: REST over HTTPS with JSON,
 //! discovery, OpenAPI v3 (enough for kubectl), Tables, watch, patches,
-//! garbage collection, Service IP/port allocation, bearer tokens.
+//! garbage collection, Service IP/port allocation, authentication (tokens,
+//! client certificates, ServiceAccount JWTs), RBAC, and the limits that keep
+//! one client from taking it down.
 //!
 //! Start it in-process with [`Server::start`]; the returned handle knows
 //! the bound address and the admin kubeconfig it wrote.
 
 pub mod allocator;
 pub mod api;
+pub mod authn;
+pub mod authz;
+pub mod bootstrap_policy;
 pub mod defaults;
 pub mod discovery;
 pub mod gc;
 pub mod handlers;
+pub mod limits;
 pub mod object;
 pub mod openapi;
 pub mod patch;
 pub mod protobuf;
 pub mod proxy;
+pub mod rbac;
+pub mod reviews;
 pub mod selectors;
 pub mod status;
 pub mod table;
@@ -32,13 +40,17 @@ use std::{
 
 use axum::Router;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
     service::TowerToHyperService,
 };
-use tokio::{net::TcpListener, sync::watch as tokio_watch, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, watch as tokio_watch},
+    task::JoinHandle,
+};
 
-pub use self::{api::Api, proxy::PodProxy};
+pub use self::{api::Api, limits::Limits, proxy::PodProxy};
 use crate::storage::{EmbeddedStore, EtcdStore, Store, StorageError};
 
 /// Which store to use.
@@ -74,6 +86,7 @@ pub struct Config {
     pub history_revisions: u64,
     pub bookmark_interval: Duration,
     pub pod_proxy: Option<Arc<dyn PodProxy>>,
+    pub limits: Limits,
 }
 
 impl Config {
@@ -91,6 +104,7 @@ impl Config {
             history_revisions: 1000,
             bookmark_interval: Duration::from_secs(60),
             pod_proxy: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -116,6 +130,8 @@ pub struct ServerHandle {
     pub kubeconfig: PathBuf,
     pub token: String,
     pub ca_pem: Option<String>,
+    /// The cluster CA (TLS servers only): issues client certificates.
+    pub pki: Option<Arc<tls::Pki>>,
     pub api: Arc<Api>,
     shutdown: tokio_watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -170,6 +186,7 @@ impl Server {
         };
         tracing::info!(storage = store.name(), "storage ready");
         let api = Api::new(store).await?;
+        authz::ensure_bootstrap_policy(&api).await?;
 
         let token_file = match &config.token_file {
             Some(p) => p.clone(),
@@ -179,8 +196,19 @@ impl Server {
                 p
             }
         };
-        let tokens = tls::load_tokens(&token_file)?;
-        let token = tokens.first().cloned().unwrap_or_default();
+        let tokens = authn::load_token_file(&token_file).map_err(tls::TlsError::from)?;
+        // The admin kubeconfig carries the first cluster-admin token.
+        let token = tokens
+            .iter()
+            .find(|(_, u)| u.groups.iter().any(|g| g == authn::MASTERS))
+            .or(tokens.first())
+            .map(|(t, _)| t.clone())
+            .unwrap_or_default();
+        let pki_dir = dir.join("pki");
+        std::fs::create_dir_all(&pki_dir).map_err(|source| ServerError::DataDir { path: pki_dir.clone(), source })?;
+        let (sa_private, sa_public) = tls::Pki::service_account_key(&pki_dir)?;
+        let sa_tokens = authn::ServiceAccountTokens::new(&sa_private, &sa_public)
+            .map_err(|e| tls::TlsError::Pem(format!("service account key: {e}")))?;
 
         let listener = TcpListener::bind(config.listen).await.map_err(|source| ServerError::Bind { addr: config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
@@ -189,21 +217,26 @@ impl Server {
         let host = if host.contains(':') { format!("[{host}]") } else { host };
         let url = config.advertise_url.clone().unwrap_or_else(|| format!("{scheme}://{host}:{}", addr.port()));
 
-        let (acceptor, ca_pem) = if config.tls {
+        let (acceptor, pki) = if config.tls {
             let mut sans = config.tls_sans.clone();
             sans.push(addr.ip().to_string());
-            let pki = tls::ensure_pki(&dir.join("pki"), &sans)?;
+            let pki = tls::ensure_pki(&pki_dir, &sans)?;
             let cfg = tls::server_config(&pki)?;
-            (Some(tokio_rustls::TlsAcceptor::from(cfg)), Some(pki.ca_pem))
+            (Some(tokio_rustls::TlsAcceptor::from(cfg)), Some(Arc::new(pki)))
         } else {
             (None, None)
         };
+        let ca_pem = pki.as_ref().map(|p| p.ca_pem.clone());
         let kubeconfig = config.kubeconfig_path.clone().unwrap_or_else(|| dir.join("admin.kubeconfig"));
         tls::write_kubeconfig(&kubeconfig, &tls::kubeconfig(&url, ca_pem.as_deref(), &token))?;
 
+        let authz = authz::Authorizer::new();
         let state = Arc::new(handlers::AppState {
             api: api.clone(),
-            tokens: Some(tokens),
+            authn: authn::Authenticator::new(tokens, Some(sa_tokens)),
+            authz: authz.clone(),
+            limits: config.limits.clone(),
+            watches: limits::WatchBudget::new(config.limits.max_watches_per_user),
             proxy: config.pod_proxy.clone().unwrap_or_else(|| Arc::new(proxy::KubeletProxy)),
             bookmark_interval: config.bookmark_interval,
             server_address: format!("{host}:{}", addr.port()),
@@ -211,7 +244,7 @@ impl Server {
         let app = Router::new().fallback(handlers::handle).with_state(state);
         let (shutdown, shutdown_rx) = tokio_watch::channel(false);
         let gc = tokio::spawn(gc::run(api.clone()));
-        let mut tasks = vec![gc];
+        let mut tasks = vec![gc, tokio::spawn(authz.watch(api.clone()))];
         let endpoint = match config.advertise_address {
             Some(ip) => Some((ip, addr.port())),
             None => kubernetes_endpoint(&url, addr),
@@ -220,9 +253,9 @@ impl Server {
             Some((ip, port)) => tasks.push(tokio::spawn(publish_kubernetes_endpoints(api.clone(), ip, port))),
             None => tracing::info!(%url, "the kubernetes Service gets no endpoints: the apiserver's address is not one pods can reach (loopback or unspecified); set --advertise-url"),
         }
-        tasks.push(tokio::spawn(serve(listener, acceptor, app, shutdown_rx)));
+        tasks.push(tokio::spawn(serve(listener, acceptor, app, config.limits.clone(), shutdown_rx)));
         tracing::info!(%addr, %url, kubeconfig = %kubeconfig.display(), "apiserver listening");
-        Ok(ServerHandle { addr, url, kubeconfig, token, ca_pem, api, shutdown, tasks })
+        Ok(ServerHandle { addr, url, kubeconfig, token, ca_pem, pki, api, shutdown, tasks })
     }
 }
 
@@ -262,10 +295,19 @@ async fn serve(
     listener: TcpListener,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     app: Router,
+    limits: Limits,
     mut shutdown: tokio_watch::Receiver<bool>,
 ) {
     let mut conns = tokio::task::JoinSet::new();
+    // At the cap the loop stops accepting: new clients wait in the kernel's
+    // listen backlog instead of costing a task and buffers each.
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s,
+            _ = shutdown.changed() => break,
+        };
+        let Ok(slot) = slot else { break };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.changed() => break,
@@ -281,18 +323,31 @@ async fn serve(
         let _ = sock.set_nodelay(true);
         let app = app.clone();
         let acceptor = acceptor.clone();
+        let limits = limits.clone();
         conns.spawn(async move {
-            let svc = TowerToHyperService::new(app);
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let _slot = slot;
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // hyper only enforces the header-read timeout with a timer set.
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+            builder.http2().timer(TokioTimer::new());
             let result = match acceptor {
-                Some(acc) => match acc.accept(sock).await {
-                    Ok(tls) => builder.serve_connection_with_upgrades(TokioIo::new(tls), svc).await,
-                    Err(e) => {
+                Some(acc) => match tokio::time::timeout(limits.tls_handshake_timeout, acc.accept(sock)).await {
+                    Ok(Ok(tls)) => {
+                        // rustls verified the chain to the cluster CA; the leaf names the user.
+                        let cert_user = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| authn::cert_user(c.as_ref()));
+                        let svc = with_connection(app, authn::Connection { cert_user });
+                        builder.serve_connection_with_upgrades(TokioIo::new(tls), svc).await
+                    }
+                    Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "tls handshake failed");
                         return;
                     }
+                    Err(_) => {
+                        tracing::debug!(%peer, "tls handshake timed out");
+                        return;
+                    }
                 },
-                None => builder.serve_connection_with_upgrades(TokioIo::new(sock), svc).await,
+                None => builder.serve_connection_with_upgrades(TokioIo::new(sock), with_connection(app, authn::Connection::default())).await,
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended");
@@ -301,6 +356,17 @@ async fn serve(
         while conns.try_join_next().is_some() {}
     }
     conns.abort_all();
+}
+
+/// The app as a hyper service whose requests carry `conn`.
+fn with_connection(
+    app: Router,
+    conn: authn::Connection,
+) -> TowerToHyperService<impl tower::Service<axum::http::Request<hyper::body::Incoming>, Response = axum::response::Response, Error = std::convert::Infallible, Future: Send> + Clone> {
+    TowerToHyperService::new(tower::ServiceExt::map_request(app, move |mut r: axum::http::Request<hyper::body::Incoming>| {
+        r.extensions_mut().insert(conn.clone());
+        r
+    }))
 }
 
 /// Path of the kubeconfig a server started on `data_dir` writes by default.

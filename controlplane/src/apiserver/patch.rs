@@ -254,13 +254,40 @@ pub fn merge_patch(original: &Value, patch: &Value) -> Value {
     out
 }
 
+/// kube-apiserver's bounds on a JSON patch: its operation count, and the
+/// bytes its `copy` operations may duplicate in total (each copy can double
+/// the document, so a small patch could otherwise build a huge one).
+const MAX_JSON_PATCH_OPS: usize = 10_000;
+const MAX_JSON_PATCH_COPY_BYTES: usize = 3 << 20;
+
 /// RFC 6902 JSON patch.
 pub fn json_patch(original: &Value, patch: &Value) -> Result<Value, ApiError> {
     let ops: json_patch::Patch = serde_json::from_value(patch.clone())
         .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
+    if ops.0.len() > MAX_JSON_PATCH_OPS {
+        return Err(ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            format!("Request entity too large: The allowed maximum operations in a JSON patch is {MAX_JSON_PATCH_OPS}, got {}", ops.0.len()),
+        ));
+    }
+    let rejected = |e: &dyn std::fmt::Display| {
+        ApiError::new(422, "Invalid", format!("the server rejected our request due to an error in our request: {e}"))
+    };
     let mut out = original.clone();
-    json_patch::patch(&mut out, &ops)
-        .map_err(|e| ApiError::new(422, "Invalid", format!("the server rejected our request due to an error in our request: {e}")))?;
+    let mut copied = 0usize;
+    for op in &ops.0 {
+        if let json_patch::PatchOperation::Copy(c) = op {
+            copied += out.pointer(c.from.as_str()).map_or(0, |v| serde_json::to_vec(v).map_or(0, |b| b.len()));
+            if copied > MAX_JSON_PATCH_COPY_BYTES {
+                return Err(rejected(&format_args!(
+                    "copy operations would duplicate more than {MAX_JSON_PATCH_COPY_BYTES} bytes"
+                )));
+            }
+        }
+        // One at a time, so each copy is measured on the document it copies from.
+        json_patch::patch(&mut out, std::slice::from_ref(op)).map_err(|e| rejected(&e))?;
+    }
     Ok(out)
 }
 
@@ -300,6 +327,17 @@ mod tests {
         assert_eq!(out["metadata"]["labels"], json!({"b": "2"}));
         assert_eq!(out["metadata"]["finalizers"], json!(["y", "z"]));
         assert_eq!(out["spec"]["strategy"], json!({"type": "Recreate"}));
+    }
+
+    #[test]
+    fn json_patch_copies_cannot_blow_up_the_document() {
+        let orig = json!({"a": "x".repeat(1 << 20)});
+        let doubling: Vec<_> = (0..8).map(|i| json!({"op": "copy", "from": "", "path": format!("/c{i}")})).collect();
+        assert_eq!(json_patch(&orig, &json!(doubling)).unwrap_err().code, 422);
+        let ok = json!([{"op": "copy", "from": "/a", "path": "/b"}]);
+        assert_eq!(json_patch(&orig, &ok).unwrap()["b"].as_str().map(str::len), Some(1 << 20));
+        let many: Vec<_> = (0..10_001).map(|_| json!({"op": "test", "path": "/a", "value": 1})).collect();
+        assert_eq!(json_patch(&orig, &json!(many)).unwrap_err().code, 413);
     }
 
     #[test]

@@ -43,6 +43,17 @@ const SPORT: &[F] = &[(1, "name", T::Str), (2, "protocol", T::Str), (3, "port", 
 const SVC_SPEC: &[F] = &[(1, "ports", T::RepMsg(SPORT)), (2, "selector", T::MapStr), (3, "clusterIP", T::Str), (4, "type", T::Str),
     (5, "externalIPs", T::RepStr), (10, "externalName", T::Str)];
 
+// authentication.k8s.io/v1 and authorization.k8s.io/v1 (`kubectl create
+// token`, `auth whoami`, `auth can-i` send these).
+const BOUND_REF: &[F] = &[(1, "kind", T::Str), (2, "apiVersion", T::Str), (3, "name", T::Str), (4, "uid", T::Str)];
+const TOKEN_SPEC: &[F] = &[(1, "audiences", T::RepStr), (3, "boundObjectRef", T::Msg(BOUND_REF)), (4, "expirationSeconds", T::Int)];
+const RES_ATTRS: &[F] = &[(1, "namespace", T::Str), (2, "verb", T::Str), (3, "group", T::Str), (4, "version", T::Str),
+    (5, "resource", T::Str), (6, "subresource", T::Str), (7, "name", T::Str)];
+const URL_ATTRS: &[F] = &[(1, "path", T::Str), (2, "verb", T::Str)];
+const SSAR_SPEC: &[F] = &[(1, "resourceAttributes", T::Msg(RES_ATTRS)), (2, "nonResourceAttributes", T::Msg(URL_ATTRS))];
+const SAR_SPEC: &[F] = &[(1, "resourceAttributes", T::Msg(RES_ATTRS)), (2, "nonResourceAttributes", T::Msg(URL_ATTRS)),
+    (3, "user", T::Str), (4, "groups", T::RepStr), (6, "uid", T::Str)];
+
 fn kind_schema(kind: &str) -> Option<&'static [F]> {
     Some(match kind {
         "Namespace" => &[(1, "metadata", T::Msg(META))],
@@ -52,6 +63,12 @@ fn kind_schema(kind: &str) -> Option<&'static [F]> {
         "Service" => &[(1, "metadata", T::Msg(META)), (2, "spec", T::Msg(SVC_SPEC))],
         "Pod" => &[(1, "metadata", T::Msg(META)), (2, "spec", T::Msg(POD_SPEC))],
         "ServiceAccount" => &[(1, "metadata", T::Msg(META))],
+        "TokenRequest" => &[(1, "metadata", T::Msg(META)), (2, "spec", T::Msg(TOKEN_SPEC))],
+        "TokenReview" => &[(1, "metadata", T::Msg(META)), (2, "spec", T::Msg(&[(1, "token", T::Str), (2, "audiences", T::RepStr)]))],
+        "SelfSubjectReview" => &[(1, "metadata", T::Msg(META))],
+        "SelfSubjectAccessReview" => &[(1, "metadata", T::Msg(META)), (2, "spec", T::Msg(SSAR_SPEC))],
+        "SubjectAccessReview" | "LocalSubjectAccessReview" => &[(1, "metadata", T::Msg(META)), (2, "spec", T::Msg(SAR_SPEC))],
+        "SelfSubjectRulesReview" => &[(1, "metadata", T::Msg(META)), (2, "spec", T::Msg(&[(1, "namespace", T::Str)]))],
         _ => return None,
     })
 }
@@ -80,22 +97,22 @@ impl<'a> Reader<'a> {
     }
     fn bytes(&mut self) -> Result<&'a [u8], ApiError> {
         let len = usize::try_from(self.varint()?).map_err(|_| bad())?;
-        let s = self.b.get(self.pos..self.pos + len).ok_or_else(bad)?;
-        self.pos += len;
+        // A crafted length can be near usize::MAX: the end must not overflow.
+        let end = self.pos.checked_add(len).ok_or_else(bad)?;
+        let s = self.b.get(self.pos..end).ok_or_else(bad)?;
+        self.pos = end;
         Ok(s)
+    }
+    fn fixed(&mut self, n: usize) -> Result<(), ApiError> {
+        self.pos = self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or_else(bad)?;
+        Ok(())
     }
     fn skip(&mut self, wire: u64) -> Result<(), ApiError> {
         match wire {
             0 => self.varint().map(|_| ()),
-            1 => {
-                self.pos += 8;
-                Ok(())
-            }
+            1 => self.fixed(8),
             2 => self.bytes().map(|_| ()),
-            5 => {
-                self.pos += 4;
-                Ok(())
-            }
+            5 => self.fixed(4),
             _ => Err(bad()),
         }
     }
@@ -192,4 +209,41 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
         m.insert("kind".into(), json!(kind));
     }
     Ok(obj)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode;
+
+    #[test]
+    fn crafted_lengths_are_errors_not_panics() {
+        // Field 1 (typeMeta), length-delimited, length 2^64-1.
+        let mut b = b"k8s\0\x0a".to_vec();
+        b.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        assert_eq!(decode(&b).map_err(|e| e.code).err(), Some(400));
+        // An unknown fixed64 field that runs past the end.
+        assert_eq!(decode(b"k8s\0\x19\x01").map_err(|e| e.code).err(), Some(400));
+        // A varint that never ends.
+        assert_eq!(decode(b"k8s\0\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff").map_err(|e| e.code).err(), Some(400));
+    }
+
+    #[test]
+    fn random_bodies_never_panic() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 64) as usize;
+            let mut body = b"k8s\0".to_vec();
+            let mut y = x;
+            for _ in 0..len {
+                y ^= y << 13;
+                y ^= y >> 7;
+                y ^= y << 17;
+                body.push(y.to_le_bytes()[0]);
+            }
+            let _ = decode(&body);
+        }
+    }
 }

@@ -12,6 +12,12 @@ enum Req {
     NotIn(String, Vec<String>),
     Exists(String),
     NotExists(String),
+    /// `key>n` / `key<n`: the label's value parsed as an integer.
+    Gt(String, i64),
+    Lt(String, i64),
+    /// What an invalid `matchExpressions` operator selects: nothing
+    /// (upstream's conversion fails, and a failed selector matches no object).
+    Never,
 }
 
 /// A parsed label selector; empty matches everything.
@@ -42,9 +48,54 @@ fn set_values(s: &str) -> Option<Vec<String>> {
     Some(inner.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect())
 }
 
+/// `[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?` of at most 63 characters
+/// (a label name, or a label value when non-empty).
+fn label_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(c))
+}
+
+/// A label key: `[prefix/]name`, the prefix a DNS subdomain.
+fn label_key(k: &str) -> bool {
+    match k.split_once('/') {
+        Some((prefix, name)) => {
+            !prefix.is_empty()
+                && prefix.len() <= 253
+                && prefix.split('.').all(|l| {
+                    !l.is_empty() && l.len() <= 63 && l.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+                })
+                && label_name(name)
+        }
+        None => label_name(k),
+    }
+}
+
+fn label_value(v: &str) -> bool {
+    v.is_empty() || label_name(v)
+}
+
 impl LabelSelector {
+    /// The string form (`k=v`, `k!=v`, `k in (a,b)`, `k notin (a)`, `k`,
+    /// `!k`, `k>1`, `k<1`); anything else, including an invalid key or
+    /// value, is a 400 as in `labels.Parse`.
     pub fn parse(s: &str) -> Result<Self, ApiError> {
-        let bad = || ApiError::bad_request(format!("unable to parse requirement: invalid label selector: {s:?}"));
+        let bad = |why: &str| ApiError::bad_request(format!("unable to parse requirement: {why}: invalid label selector {s:?}"));
+        let key = |k: &str| {
+            let k = k.trim();
+            if label_key(k) { Ok(k.to_string()) } else { Err(bad(&format!("invalid label key {k:?}"))) }
+        };
+        let value = |v: &str| {
+            let v = v.trim();
+            if label_value(v) { Ok(v.to_string()) } else { Err(bad(&format!("invalid label value {v:?}"))) }
+        };
+        let values = |v: &str| -> Result<Vec<String>, ApiError> {
+            set_values(v).ok_or_else(|| bad("expected a parenthesised set of values"))?.iter().map(|x| value(x)).collect()
+        };
+        let int = |v: &str| v.trim().parse::<i64>().map_err(|_| bad(&format!("{:?} is not an integer", v.trim())));
         let mut reqs = Vec::new();
         for part in split_top(s) {
             let p = part.trim();
@@ -52,21 +103,23 @@ impl LabelSelector {
                 continue;
             }
             if let Some(k) = p.strip_prefix('!') {
-                reqs.push(Req::NotExists(k.trim().to_string()));
+                reqs.push(Req::NotExists(key(k)?));
             } else if let Some((k, v)) = p.split_once("!=") {
-                reqs.push(Req::NotEq(k.trim().into(), v.trim().into()));
+                reqs.push(Req::NotEq(key(k)?, value(v)?));
             } else if let Some((k, v)) = p.split_once("==") {
-                reqs.push(Req::Eq(k.trim().into(), v.trim().into()));
+                reqs.push(Req::Eq(key(k)?, value(v)?));
             } else if let Some((k, v)) = p.split_once('=') {
-                reqs.push(Req::Eq(k.trim().into(), v.trim().into()));
+                reqs.push(Req::Eq(key(k)?, value(v)?));
+            } else if let Some((k, v)) = p.split_once('>') {
+                reqs.push(Req::Gt(key(k)?, int(v)?));
+            } else if let Some((k, v)) = p.split_once('<') {
+                reqs.push(Req::Lt(key(k)?, int(v)?));
             } else if let Some(idx) = p.find(" notin ") {
-                reqs.push(Req::NotIn(p[..idx].trim().into(), set_values(&p[idx + 7..]).ok_or_else(bad)?));
+                reqs.push(Req::NotIn(key(&p[..idx])?, values(&p[idx + 7..])?));
             } else if let Some(idx) = p.find(" in ") {
-                reqs.push(Req::In(p[..idx].trim().into(), set_values(&p[idx + 4..]).ok_or_else(bad)?));
-            } else if p.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) {
-                reqs.push(Req::Exists(p.to_string()));
+                reqs.push(Req::In(key(&p[..idx])?, values(&p[idx + 4..])?));
             } else {
-                return Err(bad());
+                reqs.push(Req::Exists(key(p)?));
             }
         }
         Ok(Self(reqs))
@@ -93,7 +146,7 @@ impl LabelSelector {
                     "NotIn" => reqs.push(Req::NotIn(key, values)),
                     "Exists" => reqs.push(Req::Exists(key)),
                     "DoesNotExist" => reqs.push(Req::NotExists(key)),
-                    _ => {}
+                    _ => reqs.push(Req::Never),
                 }
             }
         }
@@ -114,6 +167,9 @@ impl LabelSelector {
             Req::NotIn(k, vs) => get(k).is_none_or(|x| !vs.iter().any(|v| v == x)),
             Req::Exists(k) => get(k).is_some(),
             Req::NotExists(k) => get(k).is_none(),
+            Req::Gt(k, n) => get(k).and_then(|x| x.parse::<i64>().ok()).is_some_and(|x| x > *n),
+            Req::Lt(k, n) => get(k).and_then(|x| x.parse::<i64>().ok()).is_some_and(|x| x < *n),
+            Req::Never => false,
         })
     }
 
@@ -129,6 +185,10 @@ impl LabelSelector {
                 Req::NotIn(k, vs) => format!("{k} notin ({})", vs.join(",")),
                 Req::Exists(k) => k.clone(),
                 Req::NotExists(k) => format!("!{k}"),
+                Req::Gt(k, n) => format!("{k}>{n}"),
+                Req::Lt(k, n) => format!("{k}<{n}"),
+                // No string form selects nothing; an impossible pair does.
+                Req::Never => "riptide.io/never,!riptide.io/never".to_string(),
             })
             .collect();
         parts.join(",")
@@ -149,6 +209,7 @@ impl FieldSelector {
             if p.is_empty() {
                 continue;
             }
+            let cant = || ApiError::bad_request(format!("invalid selector: '{s}'; can't understand '{p}'"));
             let (k, eq, v) = if let Some((k, v)) = p.split_once("!=") {
                 (k, false, v)
             } else if let Some((k, v)) = p.split_once("==") {
@@ -156,9 +217,14 @@ impl FieldSelector {
             } else if let Some((k, v)) = p.split_once('=') {
                 (k, true, v)
             } else {
-                return Err(ApiError::bad_request(format!("invalid selector: '{s}'; can't understand '{p}'")));
+                return Err(cant());
             };
-            out.push((k.trim().to_string(), eq, v.trim().to_string()));
+            // A field path; anything else in the key is an operator we do not know (`>=`, `~=`, …).
+            let k = k.trim();
+            if k.is_empty() || !k.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c)) {
+                return Err(cant());
+            }
+            out.push((k.to_string(), eq, v.trim().to_string()));
         }
         Ok(Self(out))
     }
@@ -204,9 +270,26 @@ mod tests {
             ("!app", false),
             ("!missing", true),
             ("", true),
+            ("app.kubernetes.io/name in (web)", false),
+            ("tier>1", false),
         ] {
             assert_eq!(LabelSelector::parse(s).map(|l| l.matches(&o)).ok(), Some(want), "{s}");
         }
+        let n = json!({"metadata": {"labels": {"gen": "5"}}});
+        assert!(LabelSelector::parse("gen>4").is_ok_and(|l| l.matches(&n)));
+        assert!(LabelSelector::parse("gen<5").is_ok_and(|l| !l.matches(&n)));
+    }
+
+    #[test]
+    fn unknown_selector_operators_are_400() {
+        for s in ["app~=web", "app>=1", "app in web", "app notin (a", "a b", "app=we b", "-x", "app=web,tier=>fe", "gen>x"] {
+            assert_eq!(LabelSelector::parse(s).map_err(|e| e.code).err(), Some(400), "{s}");
+        }
+        for s in ["metadata.name>=a", "spec.nodeName~=x", "status.phase", "a b=c"] {
+            assert_eq!(FieldSelector::parse(s).map_err(|e| e.code).err(), Some(400), "{s}");
+        }
+        let weird = LabelSelector::from_object(&json!({"matchExpressions": [{"key": "a", "operator": "Near"}]}));
+        assert!(!weird.matches(&json!({"metadata": {"labels": {"a": "1"}}})));
     }
 
     #[test]

@@ -42,6 +42,14 @@ impl Cause {
     pub fn forbidden(field: impl Into<String>, why: impl Into<String>) -> Self {
         Self { field: field.into(), reason: "FieldValueForbidden", message: format!("Forbidden: {}", why.into()) }
     }
+    /// The whole object is over the store's value limit (no one field is at fault).
+    pub fn too_large(size: usize, limit: usize) -> Self {
+        Self {
+            field: String::new(),
+            reason: "FieldValueTooLong",
+            message: format!("Too long: the object is {size} bytes, the limit is {limit} bytes"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -87,7 +95,10 @@ impl ApiError {
     }
     pub fn invalid(res: &Resource, name: &str, causes: &[Cause]) -> Self {
         let kind_q = if res.group.is_empty() { res.kind.to_string() } else { format!("{}.{}", res.kind, res.group) };
-        let msgs: Vec<String> = causes.iter().map(|c| format!("{}: {}", c.field, c.message)).collect();
+        let msgs: Vec<String> = causes
+            .iter()
+            .map(|c| if c.field.is_empty() { c.message.clone() } else { format!("{}: {}", c.field, c.message) })
+            .collect();
         let message = if msgs.len() == 1 {
             format!("{kind_q} \"{name}\" is invalid: {}", msgs[0])
         } else {
@@ -108,6 +119,13 @@ impl ApiError {
     }
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(403, "Forbidden", message)
+    }
+    /// kube-apiserver's answer to a body over the request limit.
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(413, "RequestEntityTooLarge", format!("Request entity too large: limit is {limit}"))
+    }
+    pub fn too_many_requests(message: impl Into<String>) -> Self {
+        Self::new(429, "TooManyRequests", message)
     }
     pub fn unauthorized() -> Self {
         Self::new(401, "Unauthorized", "Unauthorized")
@@ -134,6 +152,7 @@ impl ApiError {
             StorageError::Compacted { requested, compacted } => Self::expired(format!(
                 "too old resource version: {requested} ({compacted})"
             )),
+            StorageError::TooLarge { size, limit, .. } => Self::invalid(res, name, &[Cause::too_large(size, limit)]),
             other => Self::internal(other.to_string()),
         }
     }
@@ -161,6 +180,10 @@ impl From<StorageError> for ApiError {
             StorageError::Compacted { requested, compacted } => {
                 Self::expired(format!("too old resource version: {requested} ({compacted})"))
             }
+            StorageError::TooLarge { ref key, size, limit } => match crate::registry::parse_key(key) {
+                Some((res, _, name)) => Self::invalid(res, &name, &[Cause::too_large(size, limit)]),
+                None => Self::new(422, "Invalid", format!("{key}: {}", Cause::too_large(size, limit).message)),
+            },
             other => Self::internal(other.to_string()),
         }
     }

@@ -22,8 +22,8 @@ pub enum TlsError {
     Cert { what: &'static str, #[source] source: rcgen::Error },
     #[error("tls configuration: {0}")]
     Rustls(#[from] rustls::Error),
-    #[error("token file {path} has no token")]
-    NoToken { path: PathBuf },
+    #[error("{0}")]
+    TokenFile(#[from] super::authn::TokenFileError),
     #[error("reading PEM: {0}")]
     Pem(String),
 }
@@ -62,6 +62,51 @@ pub struct Pki {
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+    ca_key_pem: String,
+}
+
+/// A client certificate and its key, PEM.
+#[derive(Debug, Clone)]
+pub struct ClientCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Pki {
+    /// A client certificate signed by the cluster CA for `user` in
+    /// `groups` (CN and O, which the apiserver reads back as the identity).
+    pub fn issue_client_cert(&self, user: &str, groups: &[&str]) -> Result<ClientCert> {
+        let ca_key = KeyPair::from_pem(&self.ca_key_pem).map_err(|source| TlsError::Cert { what: "CA key", source })?;
+        let ca_cert = ca_params().self_signed(&ca_key).map_err(|source| TlsError::Cert { what: "CA certificate", source })?;
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, user);
+        for g in groups {
+            dn.push(DnType::OrganizationName, *g);
+        }
+        p.distinguished_name = dn;
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2124, 1, 1);
+        let key = KeyPair::generate().map_err(|source| TlsError::Cert { what: "client key", source })?;
+        let cert = p.signed_by(&key, &ca_cert, &ca_key).map_err(|source| TlsError::Cert { what: "client certificate", source })?;
+        Ok(ClientCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// The ServiceAccount token signing key (`sa.key`, created once next to
+    /// the CA, like kubeadm's), as PKCS#8 PEM and its public key PEM.
+    pub fn service_account_key(dir: &Path) -> Result<(String, String)> {
+        let path = dir.join("sa.key");
+        let key = if path.exists() {
+            KeyPair::from_pem(&read(&path)?).map_err(|source| TlsError::Cert { what: "service account key", source })?
+        } else {
+            let k = KeyPair::generate().map_err(|source| TlsError::Cert { what: "service account key", source })?;
+            write(&path, &k.serialize_pem(), true)?;
+            k
+        };
+        Ok((key.serialize_pem(), key.public_key_pem()))
+    }
 }
 
 /// Load or create the CA under `dir` and issue a serving certificate for
@@ -110,7 +155,7 @@ pub fn ensure_pki(dir: &Path, extra_sans: &[String]) -> Result<Pki> {
     let key_pem = key.serialize_pem();
     write(&dir.join("apiserver.crt"), &cert_pem, false)?;
     write(&dir.join("apiserver.key"), &key_pem, true)?;
-    Ok(Pki { ca_pem, cert_pem, key_pem })
+    Ok(Pki { ca_pem, cert_pem, key_pem, ca_key_pem: ca_key.serialize_pem() })
 }
 
 pub fn server_config(pki: &Pki) -> Result<Arc<rustls::ServerConfig>> {
@@ -120,28 +165,22 @@ pub fn server_config(pki: &Pki) -> Result<Arc<rustls::ServerConfig>> {
     let key = PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes())
         .map_err(|e| TlsError::Pem(e.to_string()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // Client certificates signed by the cluster CA are an identity; clients
+    // without one (bearer tokens) are still let through the handshake.
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
+        roots.add(ca.map_err(|e| TlsError::Pem(e.to_string()))?)?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Pem(format!("client certificate verifier: {e}")))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
+        .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
-}
-
-/// Tokens from a kube-apiserver static token file (`token,user,uid,"groups"`
-/// per line) or a plain one-token-per-line file.
-pub fn load_tokens(path: &Path) -> Result<Vec<String>> {
-    let tokens: Vec<String> = read(path)?
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| l.split(',').next().map(|t| t.trim().to_string()))
-        .filter(|t| !t.is_empty())
-        .collect();
-    if tokens.is_empty() {
-        return Err(TlsError::NoToken { path: path.to_path_buf() });
-    }
-    Ok(tokens)
 }
 
 /// Create a token file with one random admin token if none exists.
@@ -163,6 +202,17 @@ pub fn kubeconfig(server: &str, ca_pem: Option<&str>, token: &str) -> String {
     };
     format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: riptide\n  cluster:\n{cluster}contexts:\n- name: riptide-admin\n  context:\n    cluster: riptide\n    user: admin\n    namespace: default\ncurrent-context: riptide-admin\nusers:\n- name: admin\n  user:\n    token: {token}\npreferences: {{}}\n"
+    )
+}
+
+/// A kubeconfig that authenticates with a client certificate.
+pub fn kubeconfig_with_cert(server: &str, ca_pem: &str, user: &str, cert: &ClientCert) -> String {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: riptide\n  cluster:\n    certificate-authority-data: {}\n    server: {server}\ncontexts:\n- name: riptide\n  context:\n    cluster: riptide\n    user: {user:?}\ncurrent-context: riptide\nusers:\n- name: {user:?}\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\npreferences: {{}}\n",
+        b64(ca_pem),
+        b64(&cert.cert_pem),
+        b64(&cert.key_pem)
     )
 }
 

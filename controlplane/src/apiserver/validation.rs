@@ -43,6 +43,8 @@ pub fn typed_check(res: &Resource, obj: &Value) -> Result<Vec<String>, ApiError>
         "DaemonSet" => rt!(api::apps::v1::DaemonSet),
         "ClusterRole" => rt!(api::rbac::v1::ClusterRole),
         "ClusterRoleBinding" => rt!(api::rbac::v1::ClusterRoleBinding),
+        "Role" => rt!(api::rbac::v1::Role),
+        "RoleBinding" => rt!(api::rbac::v1::RoleBinding),
         _ => return Ok(Vec::new()),
     };
     let mut unknown = Vec::new();
@@ -124,6 +126,11 @@ fn validate_meta(res: &Resource, obj: &Value, causes: &mut Vec<Cause>) {
         let (ok, msg) = match res.kind {
             "Namespace" => (is_dns_label(name), DNS1123_LABEL_MSG),
             "Service" => (is_dns1035_label(name), DNS1035_MSG),
+            // RBAC names are path segments (`system:node`, `system:aggregate-to-edit`).
+            "Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding" => (
+                !matches!(name, "." | "..") && !name.contains(['/', '%']),
+                "may not contain '/' or '%' and may not be '.' or '..'",
+            ),
             _ => (is_dns_subdomain(name), DNS1123_SUBDOMAIN_MSG),
         };
         if !ok {

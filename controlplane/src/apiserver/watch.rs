@@ -80,7 +80,11 @@ pub async fn start(
     } else if rv.is_empty() {
         start_rev = api.store.current_revision().await?;
     } else {
-        start_rev = rv.parse::<i64>().map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv}")))?;
+        start_rev = rv
+            .parse::<i64>()
+            .ok()
+            .filter(|r| *r >= 0)
+            .ok_or_else(|| ApiError::bad_request(format!("invalid resource version: {rv}")))?;
     }
     let prefix = res.ns_prefix(ns.as_deref());
     let stream = match api.store.watch(&prefix, start_rev).await {
@@ -99,7 +103,8 @@ pub async fn start(
                 return;
             }
         }
-        let deadline = p.timeout.map(|t| tokio::time::Instant::now() + t);
+        // `timeoutSeconds` is the client's number: too large means no deadline, not an overflow.
+        let deadline = p.timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
         let mut last_rev = start_rev;
         let mut ticker = tokio::time::interval(p.bookmark_interval);
         ticker.tick().await;

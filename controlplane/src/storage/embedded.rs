@@ -278,10 +278,12 @@ impl Store for EmbeddedStore {
     }
 
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<i64> {
+        super::check_value_size(key, &value)?;
         Ok(self.write(key, WriteOp::Create(value)).await?.0)
     }
 
     async fn update(&self, key: &str, value: Vec<u8>, expected_revision: i64) -> Result<i64> {
+        super::check_value_size(key, &value)?;
         Ok(self.write(key, WriteOp::Update(value, expected_revision)).await?.0)
     }
 

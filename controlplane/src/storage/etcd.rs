@@ -134,6 +134,7 @@ impl Store for EtcdStore {
     }
 
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<i64> {
+        super::check_value_size(key, &value)?;
         let k = self.full(key);
         let txn = etcd_client::Txn::new()
             .when(vec![Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
@@ -146,6 +147,7 @@ impl Store for EtcdStore {
     }
 
     async fn update(&self, key: &str, value: Vec<u8>, expected_revision: i64) -> Result<i64> {
+        super::check_value_size(key, &value)?;
         let k = self.full(key);
         let txn = etcd_client::Txn::new()
             .when(vec![Compare::mod_revision(k.clone(), CompareOp::Equal, expected_revision)])

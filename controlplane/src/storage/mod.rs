@@ -78,9 +78,24 @@ pub enum StorageError {
     Etcd(String),
     #[error("storage task failed: {0}")]
     Task(String),
+    #[error("value of {key} is {size} bytes, more than the limit of {limit}")]
+    TooLarge { key: String, size: usize, limit: usize },
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// Largest value either engine stores: etcd's default request limit
+/// (`--max-request-bytes`, 1.5 MiB), enforced before the write so the
+/// embedded store and etcd refuse the same objects with the same error.
+pub const MAX_VALUE_BYTES: usize = 1536 << 10;
+
+/// `TooLarge` when `value` exceeds [`MAX_VALUE_BYTES`].
+pub fn check_value_size(key: &str, value: &[u8]) -> Result<()> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(StorageError::TooLarge { key: key.to_string(), size: value.len(), limit: MAX_VALUE_BYTES });
+    }
+    Ok(())
+}
 
 /// The storage contract shared by the embedded store and etcd.
 #[async_trait::async_trait]
@@ -90,7 +105,8 @@ pub trait Store: Send + Sync + 'static {
     /// at most `limit` (0 = all).
     async fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize)
     -> Result<ListResult>;
-    /// Create; fails with `AlreadyExists`. Returns the new revision.
+    /// Create; fails with `AlreadyExists`, or `TooLarge` above
+    /// [`MAX_VALUE_BYTES`] (as does `update`). Returns the new revision.
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<i64>;
     /// Compare-and-swap on the key's mod revision.
     async fn update(&self, key: &str, value: Vec<u8>, expected_revision: i64) -> Result<i64>;
