@@ -3,7 +3,7 @@
 //! from what the agent believes it wrote.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
 };
 
@@ -265,14 +265,6 @@ pub fn endpoint_views(entries: &[(Ipv4Addr, EndpointValue)]) -> Vec<EndpointView
         .collect();
     v.sort_by_key(|e| e.ip);
     v
-}
-
-/// Reverse-NAT entries by id (for `riptide service list -o json` debugging).
-pub fn revnat_index(entries: &[(RevNatKey, RevNatValue)]) -> BTreeMap<u16, SocketAddrV4> {
-    entries
-        .iter()
-        .map(|(k, v)| (k.id, SocketAddrV4::new(Ipv4Addr::from(u32::from_be(v.vip_be)), u16::from_be(v.port_be))))
-        .collect()
 }
 
 #[cfg(test)]
