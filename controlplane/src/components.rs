@@ -2,7 +2,7 @@
 //! `controllers`, `kubelet`, and the controllers+scheduler half of
 //! `control-plane`), kept out of main.rs so it stays a dispatcher.
 
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 
 use kube::{Client, config::{KubeConfigOptions, Kubeconfig}};
 
@@ -87,6 +87,17 @@ pub struct KubeletArgs {
     pub memory: Option<String>,
     #[arg(long, default_value_t = 110)]
     pub max_pods: u32,
+    /// Nameservers of ClusterFirst pods (the cluster DNS Service), comma
+    /// separated or repeated.
+    #[arg(long, value_delimiter = ',', default_value = "10.43.0.10")]
+    pub cluster_dns: Vec<IpAddr>,
+    /// The cluster's DNS domain: pods search `<ns>.svc.<domain>`.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// The node's resolver configuration, for `Default` pods and the
+    /// search domains appended for ClusterFirst; "" for none.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
 }
 
 /// `10s`, `500ms`, `2m`, or plain seconds.
@@ -154,6 +165,9 @@ pub async fn kubelet(a: KubeletArgs) -> Result<(), Error> {
         cpu: a.cpu,
         memory: a.memory,
         max_pods: a.max_pods,
+        cluster_dns: a.cluster_dns,
+        cluster_domain: a.cluster_domain.trim_end_matches('.').to_string(),
+        resolv_conf: (!a.resolv_conf.as_os_str().is_empty()).then_some(a.resolv_conf),
     };
     crate::kubelet::run(client, cfg).await?;
     Ok(())

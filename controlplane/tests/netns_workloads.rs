@@ -99,10 +99,20 @@ impl Cluster {
     fn cni_state(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!("cni-state-{}", self.nodes[i]))
     }
+    /// The node resolver configuration kubelets get (`--resolv-conf`).
+    fn node_resolv_conf(&self) -> PathBuf {
+        self.dir.path().join("node-resolv.conf")
+    }
 
     fn up() -> Self {
+        Self::up_tagged("")
+    }
+
+    /// A cluster whose names carry `tag` too, so two tests of this binary
+    /// can run at once.
+    fn up_tagged(tag: &str) -> Self {
         let pid = std::process::id();
-        let prefix = format!("rtw{}", pid % 100_000);
+        let prefix = format!("rtw{}{tag}", pid % 100_000);
         let subnet = 128 + (pid % 100) as u8;
         let dir = tempfile::tempdir().unwrap();
         let nodes: Vec<String> = (1..=3).map(|i| format!("{prefix}-n{i}")).collect();
@@ -189,6 +199,7 @@ impl Cluster {
                           "stateDir": self.cni_state(i)}]
         });
         std::fs::write(conf_dir.join("10-riptide.conflist"), conflist.to_string()).unwrap();
+        std::fs::write(self.node_resolv_conf(), NODE_RESOLV_CONF).unwrap();
         let log = File::options().create(true).append(true).open(self.dir.path().join(format!("kubelet-{n}.log"))).unwrap();
         let child = cmd_in(&n, env!("CARGO_BIN_EXE_riptide-controlplane"))
             .args([
@@ -204,6 +215,9 @@ impl Cluster {
                 "--heartbeat-interval", "2s",
                 "--cpu", "2",
                 "--memory", "4Gi",
+                "--cluster-dns", "10.43.0.10",
+                "--cluster-domain", "cluster.local",
+                "--resolv-conf", self.node_resolv_conf().to_str().unwrap(),
             ])
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().unwrap())
@@ -360,6 +374,10 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for i in 0..self.kubelets.len() {
             self.stop_kubelet(i, libc::SIGKILL);
+        }
+        // Pods' pinned mount namespaces, so the temporary directory can go.
+        for i in 0..self.nodes.len() {
+            let _ = riptide_controlplane::kubelet::mntns::release_all(&self.root_dir(i));
         }
         let _ = self.cp.kill();
         let _ = self.cp.wait();
@@ -731,4 +749,208 @@ spec:
         c.assert_pod_gone(p, pids);
     }
     c.wait("no pods left", 60, |c| c.json(&["get", "pods"])["items"].as_array().is_some_and(Vec::is_empty).then_some(()));
+}
+
+/// What the test kubelets read as the node's resolver (`--resolv-conf`).
+const NODE_RESOLV_CONF: &str = "nameserver 192.0.2.53\nsearch node.example\noptions timeout:1\n";
+
+fn host_etc() -> (String, String, String, String) {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_else(|e| format!("<{e}>"));
+    let out = Command::new("hostname").output().unwrap();
+    (read("/etc/resolv.conf"), read("/etc/hosts"), read("/etc/hostname"), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Each pod sees its own /etc/resolv.conf, /etc/hosts and /etc/hostname
+/// (its container and `kubectl exec` alike, also after a kubelet restart),
+/// the node's files stay as they were, and nothing is left once the pods
+/// are gone.
+#[test]
+fn netns_pod_etc_files_and_exec() {
+    if !privileged("for network namespaces, cgroups and eBPF") {
+        return;
+    }
+    let host_before = host_etc();
+    let mut c = Cluster::up_tagged("e");
+    c.start_kubelet(0);
+    let node = c.nodes[0].clone();
+    c.wait("a Ready node with a pod CIDR", 60, |c| (!c.node_cidr(&node).is_empty()).then_some(()));
+    let show = "cat /etc/resolv.conf; echo ---; cat /etc/hosts; echo ---; cat /etc/hostname; hostname; echo ---";
+    c.apply(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: files, labels: {{role: etc}}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  hostname: db
+  subdomain: nodes
+  hostAliases: [{{ip: 203.0.113.7, hostnames: [alias.example, alias2.example]}}]
+  dnsConfig:
+    searches: [extra.example]
+    options: [{{name: edns0}}, {{name: ndots, value: "2"}}]
+  containers:
+  - name: main
+    image: busybox
+    command: ["sh", "-c", "{show}; exec sleep 1000"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: custom, labels: {{role: etc}}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  dnsPolicy: None
+  dnsConfig: {{nameservers: [192.0.2.1], searches: [a.example]}}
+  containers:
+  - name: main
+    image: busybox
+    command: ["sleep", "1000"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: hostnet, labels: {{role: etc}}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  hostNetwork: true
+  containers:
+  - name: main
+    image: busybox
+    command: ["sleep", "1000"]
+"#
+    ));
+    let running = |c: &Cluster, name: &str| (c.json(&["get", "pod", name])["status"]["phase"] == "Running").then_some(());
+    for p in ["files", "custom", "hostnet"] {
+        c.wait(&format!("{p} Running"), 60, |c| running(c, p));
+    }
+    let pod_ip = c.json(&["get", "pod", "files"])["status"]["podIP"].as_str().unwrap().to_string();
+    let want_resolv = "search default.svc.cluster.local svc.cluster.local cluster.local node.example extra.example\n\
+                       nameserver 10.43.0.10\noptions ndots:2 edns0\n";
+    let want_hosts = format!(
+        "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
+         fe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n\
+         {pod_ip}\tdb.nodes.default.svc.cluster.local\tdb\n\n# Entries added by HostAliases.\n\
+         203.0.113.7\talias.example\talias2.example\n"
+    );
+    let want = format!("{want_resolv}---\n{want_hosts}---\ndb\ndb\n---\n");
+    // The container itself...
+    let logs = c.wait("files logs", 20, |c| {
+        let (ok, out) = c.kubectl_raw(&["logs", "files"], None);
+        (ok && out.ends_with("---\n") && out.matches("---").count() == 3).then_some(out)
+    });
+    assert_eq!(logs, want, "what the container saw");
+    // ... and kubectl exec, in the same mount namespace; libc resolves
+    // through the pod's files.
+    let exec = c.kubectl(&["exec", "files", "--", "sh", "-c", show]);
+    assert_eq!(exec, want, "what kubectl exec saw");
+    let pid = c.pod_pids(&c.json(&["get", "pod", "files"]))[0];
+    let container_ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    let exec_ns = c.kubectl(&["exec", "files", "--", "readlink", "/proc/self/ns/mnt"]);
+    assert_eq!(exec_ns.trim(), container_ns.to_str().unwrap(), "exec joins the container's mount namespace");
+    assert_ne!(container_ns, std::fs::read_link("/proc/self/ns/mnt").unwrap(), "the pod has its own mount namespace");
+    let out = c.kubectl(&["exec", "files", "--", "getent", "hosts", "alias2.example", "db.nodes.default.svc.cluster.local"]);
+    assert!(out.contains("203.0.113.7") && out.contains(&pod_ip), "getent through the pod's /etc/hosts: {out}");
+    let out = c.kubectl(&["exec", "custom", "--", "cat", "/etc/resolv.conf", "/etc/hostname"]);
+    assert_eq!(out, "search a.example\nnameserver 192.0.2.1\ncustom\n", "dnsPolicy None");
+    // hostNetwork with ClusterFirst: the node's own files and hostname.
+    let out = c.kubectl(&["exec", "hostnet", "--", "sh", "-c", "cat /etc/resolv.conf /etc/hosts; hostname"]);
+    assert_eq!(out, format!("{}{}{}", host_before.0, host_before.1, host_before.3), "hostNetwork pod");
+    assert_eq!(host_etc(), host_before, "the node's files must not change");
+
+    // A restarted kubelet adopts the pods with their namespaces.
+    c.stop_kubelet(0, libc::SIGKILL);
+    c.start_kubelet(0);
+    std::thread::sleep(Duration::from_secs(3));
+    let exec = c.wait("exec after the kubelet restart", 30, |c| {
+        let (ok, out) = c.kubectl_raw(&["exec", "files", "--", "sh", "-c", show], None);
+        ok.then_some(out)
+    });
+    assert_eq!(exec, want, "after the kubelet restart");
+
+    let pods: Vec<Value> = c.pods("role=etc");
+    let mntns_dir = c.root_dir(0).join("mntns");
+    let pins = |uid: &str| mntns_dir.join(uid).exists() || c.root_dir(0).join("pods").join(uid).exists();
+    assert!(pods.iter().filter(|p| p["spec"]["hostNetwork"] != true).all(|p| pins(p["metadata"]["uid"].as_str().unwrap())));
+    c.kubectl(&["delete", "pod", "-l", "role=etc", "--wait=true", "--timeout=60s"]);
+    for p in &pods {
+        let uid = p["metadata"]["uid"].as_str().unwrap().to_string();
+        c.wait(&format!("pod {uid}'s namespace pin and files removed"), 30, |_| (!pins(&uid)).then_some(()));
+    }
+    assert_eq!(host_etc(), host_before, "the node's files must not change");
+}
+
+/// The container's status of pod `name`: (ready, restartCount).
+fn ready_and_restarts(c: &Cluster, name: &str) -> Option<(bool, i64)> {
+    let v = c.json(&["get", "pod", name]);
+    let cs = &v["status"]["containerStatuses"][0];
+    Some((cs["ready"].as_bool()?, cs["restartCount"].as_i64()?))
+}
+
+/// Messages of the pod's events with `reason`.
+fn event_messages(c: &Cluster, pod: &str, reason: &str) -> Vec<String> {
+    let v = c.json(&["get", "events"]);
+    v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["involvedObject"]["name"] == pod && e["reason"] == reason)
+        .filter_map(|e| e["message"].as_str().map(String::from))
+        .collect()
+}
+
+/// gRPC probes against a real grpc.health.v1 server in the pod: NOT_SERVING
+/// takes a readiness-probed pod out of Ready and back in on SERVING, and
+/// makes a liveness-probed container restart, each with kubelet's events.
+#[test]
+fn netns_grpc_probes_gate_readiness_and_restart_on_not_serving() {
+    if !privileged("for network namespaces, cgroups and eBPF") {
+        return;
+    }
+    let server = workspace_bin("riptide-tests", "riptide-grpc-health");
+    let mut c = Cluster::up_tagged("g");
+    c.start_kubelet(0);
+    c.wait("node Ready with a pod CIDR", 60, |c| {
+        let v = c.json(&["get", "node", &c.nodes[0]]);
+        let ready = v["status"]["conditions"].as_array()?.iter().any(|x| x["type"] == "Ready" && x["status"] == "True");
+        (ready && v["spec"]["podCIDR"].is_string()).then_some(())
+    });
+    let pod = |name: &str, probe: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: server\n    image: riptide/agnhost\n    command: [\"{server}\", \"--port=5000\", \"--http-port=8080\", \"--service=app\"]\n    {probe}:\n      grpc: {{port: 5000, service: app}}\n      periodSeconds: 1\n      timeoutSeconds: 1\n      failureThreshold: 2\n",
+            server = server.display()
+        )
+    };
+    c.apply(&pod("grpc-ready", "readinessProbe"));
+    c.apply(&pod("grpc-live", "livenessProbe"));
+    let node = c.nodes[0].clone();
+    let pod_ip = |c: &Cluster, name: &str| c.json(&["get", "pod", name])["status"]["podIP"].as_str().map(String::from);
+    let flip = |c: &Cluster, name: &str, path: &str| {
+        let ip = pod_ip(c, name).unwrap();
+        c.wait(&format!("{name} to take {path}"), 20, |_| http_get(&node, &ip, 8080, path));
+    };
+
+    // Readiness: SERVING → Ready; NOT_SERVING → not Ready, still running;
+    // SERVING again → Ready, and never a restart.
+    c.wait("grpc-ready Ready", 60, |c| (ready_and_restarts(c, "grpc-ready")? == (true, 0)).then_some(()));
+    flip(&c, "grpc-ready", "/make-not-serving");
+    c.wait("grpc-ready not Ready after NOT_SERVING", 30, |c| (ready_and_restarts(c, "grpc-ready")? == (false, 0)).then_some(()));
+    let msgs = c.wait("the readiness Unhealthy event", 20, |c| Some(event_messages(c, "grpc-ready", "Unhealthy")).filter(|m| !m.is_empty()));
+    assert!(msgs.iter().any(|m| m == "Readiness probe failed: service unhealthy (responded with \"NOT_SERVING\")"), "{msgs:?}");
+    flip(&c, "grpc-ready", "/make-serving");
+    c.wait("grpc-ready Ready again after SERVING", 30, |c| (ready_and_restarts(c, "grpc-ready")? == (true, 0)).then_some(()));
+
+    // Liveness: NOT_SERVING twice in a row → the container is killed and
+    // restarted; the new process serves, and the restart count stays.
+    c.wait("grpc-live running", 60, |c| (ready_and_restarts(c, "grpc-live")? == (true, 0)).then_some(()));
+    flip(&c, "grpc-live", "/make-not-serving");
+    c.wait("grpc-live restarted", 60, |c| {
+        let v = c.json(&["get", "pod", "grpc-live"]);
+        let cs = &v["status"]["containerStatuses"][0];
+        (cs["restartCount"].as_i64() == Some(1) && cs["ready"] == true && cs["lastState"]["terminated"].is_object()).then_some(())
+    });
+    let msgs = event_messages(&c, "grpc-live", "Unhealthy");
+    assert!(msgs.iter().any(|m| m == "Liveness probe failed: service unhealthy (responded with \"NOT_SERVING\")"), "{msgs:?}");
+    let killing = event_messages(&c, "grpc-live", "Killing");
+    assert!(killing.iter().any(|m| m == "Container server failed liveness probe, will be restarted"), "{killing:?}");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(ready_and_restarts(&c, "grpc-live"), Some((true, 1)), "the restarted container serves\n{}", c.diagnostics());
+    c.kubectl(&["delete", "pod", "grpc-ready", "grpc-live", "--wait=true", "--timeout=60s"]);
 }

@@ -40,7 +40,7 @@
 //!     async fn command(&self, req: &ExecRequest) -> Result<std::process::Command, ExecError> {
 //!         let pid = self.running_pid(&req.namespace, &req.pod, &req.container)
 //!             .ok_or_else(|| ExecError::NotFound(format!("container {} is not running", req.container)))?;
-//!         process::command(&req.command, &env, cwd, &Placement { netns, cgroup, join_uts_of: Some(pid), hostname: None })
+//!         process::command(&req.command, &env, cwd, &Placement { netns, mntns, cgroup, join_uts_of: Some(pid), hostname: None })
 //!             .map_err(|e| ExecError::Internal(e.to_string()))
 //!     }
 //! }

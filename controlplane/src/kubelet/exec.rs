@@ -1,6 +1,7 @@
 //! `kubectl exec`: the kubelet's [`ExecSpawner`] for the WebSocket
 //! channel protocol in [`crate::exec`]. The command joins the running
-//! container's network and UTS namespaces and the pod's cgroup, starts in
+//! container's network, mount and UTS namespaces and the pod's cgroup
+//! (so it sees the pod's /etc files and hostname), starts in
 //! the container's working directory and gets the container's environment
 //! (as `runc exec` does: the Service variables, `KUBERNETES_SERVICE_HOST`,
 //! the pod's `env`), read from the container process's initial environment.

@@ -1,6 +1,8 @@
 //! A kubelet without a container runtime: a pod is a set of processes in
 //! their own network namespace (wired by the CNI plugin through the real
-//! CNI exec protocol), in a new UTS namespace (hostname = pod name) and a
+//! CNI exec protocol), in a new UTS namespace (hostname = pod name or
+//! spec.hostname), a mount namespace that shows the pod its own
+//! `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname` ([`etc`]) and a
 //! per-pod cgroup under the node's cgroup. The container `image` is
 //! accepted and ignored: `command`/`args` run from the node's filesystem.
 //!
@@ -10,8 +12,12 @@
 //! `--root-dir` so a restart adopts running pods.
 
 pub mod cni;
+pub mod dns;
 pub mod env;
+pub mod etc;
 pub mod exec;
+pub mod hosts;
+pub mod mntns;
 pub mod node;
 pub mod pod;
 pub mod probes;
@@ -22,7 +28,7 @@ pub mod state;
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
@@ -78,6 +84,13 @@ pub struct Config {
     pub cpu: Option<String>,
     pub memory: Option<String>,
     pub max_pods: u32,
+    /// `--cluster-dns`: the nameservers of ClusterFirst pods.
+    pub cluster_dns: Vec<IpAddr>,
+    /// `--cluster-domain`, e.g. `cluster.local`.
+    pub cluster_domain: String,
+    /// `--resolv-conf`: the node's resolver settings for `Default` pods
+    /// (None: the flag was empty).
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// What the log server needs to know about a pod.
@@ -107,6 +120,7 @@ pub async fn run(client: Client, cfg: Config) -> Result<(), Error> {
     for d in [&cfg.root_dir, &cfg.cgroup_root] {
         std::fs::create_dir_all(d).map_err(|source| Error::Setup { what: format!("creating {}", d.display()), source })?;
     }
+    mntns::prepare(&cfg.root_dir)?;
     node::register(&client, &cfg).await?;
     node::renew_lease(&client, &cfg).await?;
     tokio::spawn(node::heartbeat(client.clone(), cfg.clone(), cfg.heartbeat));

@@ -1,7 +1,8 @@
-//! One worker per pod (by uid): sandbox (netns + CNI ADD + cgroup), the
-//! containers (start, restart with back-off, probes), status, and graceful
-//! termination (SIGTERM, grace period, SIGKILL, CNI DEL, netns and cgroup
-//! removed, then the final delete with gracePeriodSeconds=0).
+//! One worker per pod (by uid): sandbox (netns + CNI ADD + cgroup + the
+//! mount namespace with the pod's /etc files), the containers (start,
+//! restart with back-off, probes), status, and graceful termination
+//! (SIGTERM, grace period, SIGKILL, CNI DEL, netns, mount namespace and
+//! cgroup removed, then the final delete with gracePeriodSeconds=0).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -20,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::{
-    Shared, cni, env,
+    Shared, cni, env, etc, mntns,
     probes::{self, Outcome, Tracker},
     process::{self, Placement},
     sandbox,
@@ -94,7 +95,9 @@ impl Worker {
     fn placement(&self) -> Placement {
         Placement {
             netns: self.st.netns.as_ref().map(|n| sandbox::netns_path(n)),
-            hostname: (!self.st.host_network).then(|| self.st.name.clone()),
+            mntns: self.st.mntns.clone(),
+            // State of an earlier kubelet may predate `hostname`.
+            hostname: (!self.st.host_network).then(|| self.st.hostname.clone().unwrap_or_else(|| self.st.name.clone())),
             cgroup: Some(self.st.cgroup.clone()),
             join_uts_of: None,
         }
@@ -176,11 +179,21 @@ impl Worker {
             self.st.ip = att.ip;
             self.st.cni_result = Some(att.result);
         }
+        // The mount namespace is pinned before it is recorded; a crash in
+        // between leaves a pin that teardown removes by uid.
+        let (cfg, p, uid, ip) = (self.shared.cfg.clone(), pod.clone(), self.st.uid.clone(), self.st.ip.clone());
+        let files = tokio::task::spawn_blocking(move || etc::setup(&cfg, &p, &uid, ip.as_deref()))
+            .await
+            .map_err(|e| super::Error::Sandbox(format!("pod /etc files task: {e}")))??;
+        for (reason, msg) in &files.warnings {
+            self.shared.recorder.warning(pod, reason, msg).await;
+        }
+        self.st.mntns = files.mntns;
+        self.st.hostname = files.hostname;
         self.st.sandbox_ready = true;
         self.st.start_time.get_or_insert_with(now);
         self.save();
         tracing::info!(pod = %format!("{}/{}", self.st.namespace, self.st.name), ip = ?self.st.ip, "sandbox ready");
-        let _ = pod;
         Ok(())
     }
 
@@ -613,6 +626,9 @@ impl Worker {
         }
         if !self.st.network_released {
             self.release_network().await;
+        }
+        if let Err(e) = mntns::remove(&self.shared.cfg.root_dir, &self.st.uid) {
+            tracing::warn!(pod = %self.st.name, error = %e, "removing pod mount namespace");
         }
         let dir = pod_dir(&self.shared.cfg.root_dir, &self.st.uid);
         let _ = std::fs::remove_dir_all(&dir);

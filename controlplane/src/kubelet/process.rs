@@ -1,8 +1,8 @@
 //! Starting a container's process: its own session (so signals reach the
-//! whole process group), the pod's network namespace, a new UTS namespace
-//! with hostname = pod name, the pod's cgroup, stdout/stderr appended to
-//! the container's log file. The `image` is not used: the command runs
-//! from the node's filesystem.
+//! whole process group), the pod's network and mount namespaces, a new UTS
+//! namespace with the pod's hostname, the pod's cgroup, stdout/stderr
+//! appended to the container's log file. The `image` is not used: the
+//! command runs from the node's filesystem.
 
 use std::{
     ffi::CString,
@@ -22,6 +22,8 @@ use super::Error;
 pub struct Placement {
     /// Network namespace to enter (None: stay in the node's).
     pub netns: Option<PathBuf>,
+    /// Mount namespace to enter, a pinned nsfs file (None: the node's).
+    pub mntns: Option<PathBuf>,
     /// New UTS namespace with this hostname (None: share the node's).
     pub hostname: Option<String>,
     /// cgroup directory to join.
@@ -75,6 +77,17 @@ pub fn command(argv: &[String], env: &[(String, String)], cwd: Option<&str>, p: 
         cmd.current_dir(d);
     }
     let netns = p.netns.as_deref().map(open_ns).transpose()?;
+    let mntns = p.mntns.as_deref().map(open_ns).transpose()?;
+    // setns(CLONE_NEWNS) moves the process to the namespace's root, so the
+    // working directory is entered again, by path, inside it (an fd opened
+    // outside would keep a handle on the node's mount tree).
+    let chdir = match (&mntns, cwd.filter(|d| !d.is_empty())) {
+        (None, _) => None,
+        (Some(_), Some(d)) => Some(PathBuf::from(d)),
+        (Some(_), None) => std::env::current_dir().ok(),
+    }
+    .map(|d| CString::new(d.as_os_str().as_encoded_bytes()).map_err(|_| Error::Process(format!("bad working directory {}", d.display()))))
+    .transpose()?;
     let uts_join = p.join_uts_of.map(|pid| open_ns(Path::new(&format!("/proc/{pid}/ns/uts")))).transpose()?;
     let hostname = p.hostname.as_deref().map(|h| CString::new(h).map_err(|_| Error::Process(format!("bad hostname {h:?}")))).transpose()?;
     let cgroup = p
@@ -88,8 +101,9 @@ pub fn command(argv: &[String], env: &[(String, String)], cwd: Option<&str>, p: 
                 .map_err(|e| Error::Process(format!("opening {}/cgroup.procs: {e}", d.display())))
         })
         .transpose()?;
-    // SAFETY: only async-signal-safe calls (setsid, write, setns, unshare,
-    // sethostname) on fds opened before fork and owned by the closure.
+    // SAFETY: only async-signal-safe calls (setsid, write, setns, chdir,
+    // unshare, sethostname) on fds and strings made before fork and owned by
+    // the closure.
     unsafe {
         cmd.pre_exec(move || {
             let check = |r: libc::c_int| if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
@@ -102,6 +116,14 @@ pub fn command(argv: &[String], env: &[(String, String)], cwd: Option<&str>, p: 
             }
             if let Some(fd) = &netns {
                 check(libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET))?;
+            }
+            if let Some(fd) = &mntns {
+                // The child is single-threaded: its fs_struct is its own,
+                // which setns(CLONE_NEWNS) requires.
+                check(libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNS))?;
+                if let Some(d) = &chdir {
+                    check(libc::chdir(d.as_ptr()))?;
+                }
             }
             if let Some(fd) = &uts_join {
                 check(libc::setns(fd.as_raw_fd(), libc::CLONE_NEWUTS))?;

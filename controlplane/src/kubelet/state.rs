@@ -45,6 +45,11 @@ pub struct PodState {
     pub host_network: bool,
     /// Pod netns name under /run/netns (None for hostNetwork).
     pub netns: Option<String>,
+    /// The pinned mount namespace with the pod's /etc files (None: the
+    /// node's).
+    pub mntns: Option<PathBuf>,
+    /// UTS hostname (None: the node's).
+    pub hostname: Option<String>,
     pub cgroup: PathBuf,
     pub ip: Option<String>,
     pub cni_result: Option<serde_json::Value>,
