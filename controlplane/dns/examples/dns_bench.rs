@@ -97,7 +97,7 @@ fn throughput(ip: &str, port: u16, queries: &Path, secs: u64) -> Result<serde_js
         "completed": num("Queries completed:"),
         "lost": num("Queries lost:"),
         "response_codes": noerror,
-        "avg_latency_ms": num("Average Latency (s):") * 1000.0,
+        "avg_latency_ms": round3(num("Average Latency (s):") * 1000.0),
     }))
 }
 
@@ -117,8 +117,12 @@ fn latency(ip: &str, port: u16, queries: &Path, secs: u64) -> Result<serde_json:
         .map(|s| s * 1000.0)
         .collect();
     ms.sort_by(f64::total_cmp);
-    let pct = |p: f64| ms.get(((ms.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
+    let pct = |p: f64| round3(ms.get(((ms.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN));
     Ok(json!({ "qps": PACED_QPS.parse::<u32>()?, "samples": ms.len(), "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": pct(1.0) }))
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }
 
 fn resolves(server: SocketAddr, name: &str) -> bool {
@@ -289,20 +293,20 @@ async fn main() -> Result<()> {
     let doc = json!({
         "services": services,
         "endpoints": services * endpoints_per,
-        "created_in_s": (created_s * 10.0).round() / 10.0,
+        "created_in_s": round3(created_s),
         "cpu": {"server": DNS_CPU, "dnsperf": LOAD_CPU},
         "run_s": secs,
         "riptide_dns": {
-            "ready_after_start_s": (ready_s * 1000.0).round() / 1000.0,
+            "ready_after_start_s": round3(ready_s),
             "rss_kib_ready": rss_ready.0,
             "rss_kib_after_load": rss_load.0,
             "rss_kib_peak": rss_load.1,
             "throughput": rip_tp,
             "latency_paced": rip_lat,
-            "service_created_to_answerable_ms": {"samples": change_ms.len(), "p50": change_ms[change_ms.len() / 2], "max": change_ms[change_ms.len() - 1]},
+            "service_created_to_answerable_ms": {"samples": change_ms.len(), "p50": round3(change_ms[change_ms.len() / 2]), "max": round3(change_ms[change_ms.len() - 1])},
         },
         "dnsmasq": {"throughput": mas_tp, "latency_paced": mas_lat},
-        "qps_ratio_riptide_to_dnsmasq": (ratio * 1000.0).round() / 1000.0,
+        "qps_ratio_riptide_to_dnsmasq": round3(ratio),
     });
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())
