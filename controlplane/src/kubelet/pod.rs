@@ -388,14 +388,20 @@ impl Worker {
         let period = |p: &k8s_openapi::api::core::v1::Probe| Duration::from_secs(u64::try_from(p.period_seconds.unwrap_or(10).max(1)).unwrap_or(10));
         let envs: Vec<(String, String)> = vec![("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into())];
         let mut kill_reason: Option<String> = None;
+        // "<Kind> probe failed: <output>", one Unhealthy event per failed run
+        // as kubelet records them (repeats bump the event's count).
+        let mut unhealthy: Vec<String> = Vec::new();
         // Startup gates the other two.
         let started_ok = match &c.startup_probe {
             None => true,
             Some(p) => {
                 if live.startup.verdict != Some(Outcome::Success) && due(&live.startup, p) {
-                    let o = probes::run(p, c, pod_ip, &place, &envs).await;
+                    let r = probes::run(p, c, pod_ip, &place, &envs).await;
                     live.startup.next_due = Some(Instant::now() + period(p));
-                    if live.startup.record(p, o) == Some(Outcome::Failure) {
+                    if r.outcome == Outcome::Failure {
+                        unhealthy.push(format!("Startup probe failed: {}", r.output));
+                    }
+                    if live.startup.record(p, r.outcome) == Some(Outcome::Failure) {
                         kill_reason = Some(format!("Container {} failed startup probe, will be restarted", c.name));
                     }
                 }
@@ -406,24 +412,29 @@ impl Worker {
             if let Some(p) = &c.liveness_probe
                 && due(&live.liveness, p)
             {
-                let o = probes::run(p, c, pod_ip, &place, &envs).await;
+                let r = probes::run(p, c, pod_ip, &place, &envs).await;
                 live.liveness.next_due = Some(Instant::now() + period(p));
-                if live.liveness.record(p, o) == Some(Outcome::Failure) {
+                if r.outcome == Outcome::Failure {
+                    unhealthy.push(format!("Liveness probe failed: {}", r.output));
+                }
+                if live.liveness.record(p, r.outcome) == Some(Outcome::Failure) {
                     kill_reason = Some(format!("Container {} failed liveness probe, will be restarted", c.name));
                 }
             }
             if let Some(p) = &c.readiness_probe
                 && due(&live.readiness, p)
             {
-                let before = live.readiness.verdict;
-                let o = probes::run(p, c, pod_ip, &place, &envs).await;
+                let r = probes::run(p, c, pod_ip, &place, &envs).await;
                 live.readiness.next_due = Some(Instant::now() + period(p));
-                let after = live.readiness.record(p, o);
-                if before != after && after == Some(Outcome::Failure) {
-                    let msg = format!("Readiness probe failed for container {}", c.name);
-                    self.shared.recorder.warning(pod, "Unhealthy", &msg).await;
+                if r.outcome == Outcome::Failure {
+                    unhealthy.push(format!("Readiness probe failed: {}", r.output));
                 }
+                live.readiness.record(p, r.outcome);
             }
+        }
+        for msg in unhealthy {
+            tracing::debug!(pod = %self.st.name, container = %c.name, "{msg}");
+            self.shared.recorder.warning(pod, "Unhealthy", &msg).await;
         }
         if let Some(msg) = kill_reason {
             let live = self.live.entry(c.name.clone()).or_default();
