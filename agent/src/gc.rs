@@ -76,10 +76,10 @@ pub struct GcConfig {
     /// The socket-LB cgroup: its processes' namespaces are searched for
     /// sockets to destroy. `None`: socket LB is off, nothing to search.
     pub cgroup: Option<PathBuf>,
-}
     /// Where a pass reads "now" to age entries: the kernel's monotonic
     /// clock, or a fixed instant in tests of a freshly booted machine.
     pub clock: Clock,
+}
 
 impl Default for GcConfig {
     fn default() -> Self {
@@ -90,8 +90,8 @@ impl Default for GcConfig {
             other_timeout: Duration::from_secs(60),
             min_gap: Duration::from_millis(200),
             cgroup: None,
-        }
             clock: Clock::Monotonic,
+        }
     }
 }
 
