@@ -57,8 +57,6 @@ pub enum Error {
         #[source]
         source: aya::programs::links::LinkError,
     },
-    #[error("benchmark: {0}")]
-    Bench(String),
     #[error("pinning link of {name} at {path}")]
     PinLink {
         name: &'static str,

@@ -6,7 +6,6 @@
 //! what is in them survives.
 
 mod attach;
-pub mod bench;
 mod bpffs;
 pub mod clock;
 pub mod endpoints;

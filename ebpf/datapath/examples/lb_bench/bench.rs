@@ -1,5 +1,5 @@
-//! Micro-benchmarks of the LB paths, used by `cargo xtask bench` (through
-//! `examples/lb_bench.rs`); timing targets belong there, never in tests.
+//! Micro-benchmarks of the LB paths, run by `cargo xtask bench` through
+//! this example (`main.rs`); timing targets belong here, never in tests.
 //!
 //! **tc path** (`rt_from_pod`) through BPF_PROG_TEST_RUN with 1, 1k, 10k…
 //! ClusterIP services in the maps. What each number includes:
@@ -41,10 +41,12 @@ use std::{
 use aya::programs::{TestRun, TestRunOptions};
 use riptide_common::{CFG_F_SOCK_LB, Config, names};
 
-use crate::{
-    Datapath, Error, Pinning, Result,
+use anyhow::{Context as _, Result, anyhow, bail};
+use riptide_datapath::{
+    Datapath, Pinning,
     service::{
-        Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, TrafficPolicy,
+        Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, Services,
+        TrafficPolicy,
     },
 };
 
@@ -108,11 +110,7 @@ fn run(dp: &mut Datapath, data: &[u8], repeat: u32) -> Result<(std::time::Durati
             repeat,
             ..Default::default()
         })
-        .map_err(|source| Error::Program {
-            name: names::PROG_FROM_POD,
-            action: "BPF_PROG_TEST_RUN",
-            source,
-        })?;
+        .with_context(|| format!("{}: BPF_PROG_TEST_RUN", names::PROG_FROM_POD))?;
     out.truncate(r.data_size_out as usize);
     Ok((r.duration, out))
 }
@@ -160,7 +158,7 @@ fn remote(addr: Ipv4Addr, port: u16) -> Backend {
 
 /// A private datapath with `services` ClusterIP services of 3 remote
 /// backends each, plus the flip-flop pair (see the module docs).
-fn setup(services: u32) -> Result<(Datapath, crate::service::Services)> {
+fn setup(services: u32) -> Result<(Datapath, Services)> {
     let mut dp = Datapath::load(&Pinning::None)?;
     dp.set_config(&Config {
         node_ip_be: u32::from(Ipv4Addr::new(198, 18, 0, 1)).to_be(),
@@ -204,9 +202,7 @@ fn flip_repeat(dp: &mut Datapath, repeat: u32) -> Result<f64> {
     // B → VIP as a new flow of the second service).
     let (_, warm) = run(dp, &flip, 2)?;
     if warm != flip {
-        return Err(Error::Bench(
-            "the flip-flop packet did not come back to its original after two runs".into(),
-        ));
+        bail!("the flip-flop packet did not come back to its original after two runs");
     }
     let (d, _) = run(dp, &flip, repeat.max(2) & !1)?;
     Ok(d.as_nanos() as f64)
@@ -307,13 +303,9 @@ struct BenchCgroup {
 
 const CGROUP2: &str = "/sys/fs/cgroup/unified";
 
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> anyhow::Error {
     let path = path.to_owned();
-    move |source| Error::Io {
-        action,
-        path,
-        source,
-    }
+    move |source| anyhow::Error::new(source).context(format!("{action} {}", path.display()))
 }
 
 impl BenchCgroup {
@@ -376,7 +368,7 @@ pub fn sock_connect(services: u32, connects: u32) -> Result<SockBench> {
     let mut cg = BenchCgroup::new()?;
     let _attached = dp.attach_sock_lb(&cg.path)?;
     let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .map_err(|e| Error::Bench(format!("BPF_ENABLE_STATS: {e}")))?;
+        .map_err(|e| anyhow!("BPF_ENABLE_STATS: {e}"))?;
     cg.enter()?;
     let target = (vip(services / 2), 80);
     let miss = (Ipv4Addr::new(127, 0, 2, 1), 80);
@@ -414,11 +406,7 @@ fn prog_stats(dp: &mut Datapath) -> Result<(u64, u64)> {
     let info = dp
         .sock_addr(names::PROG_SOCK_CONNECT4)?
         .info()
-        .map_err(|source| Error::Program {
-            name: names::PROG_SOCK_CONNECT4,
-            action: "reading program info",
-            source,
-        })?;
+        .with_context(|| format!("{}: reading program info", names::PROG_SOCK_CONNECT4))?;
     Ok((
         u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
         info.run_count(),
