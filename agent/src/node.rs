@@ -31,12 +31,13 @@ pub fn spec_pod_cidr(node: &Node) -> Option<Ipv4Network> {
         .iter()
         .flatten()
         .chain(spec.pod_cidr.iter())
-        .find_map(|c| c.parse().ok())
+        .find_map(|c| riptide_cidr::parse("podCIDR", c).ok())
 }
 
-/// The range claimed in `node`'s [`POD_CIDR_ANNOTATION`], if it parses.
+/// The range claimed in `node`'s [`POD_CIDR_ANNOTATION`], if it is a valid
+/// range.
 pub fn claimed_pod_cidr(node: &Node) -> Option<Ipv4Network> {
-    node.annotations().get(POD_CIDR_ANNOTATION)?.trim().parse().ok()
+    riptide_cidr::parse(POD_CIDR_ANNOTATION, node.annotations().get(POD_CIDR_ANNOTATION)?).ok()
 }
 
 #[cfg(test)]

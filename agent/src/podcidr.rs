@@ -52,10 +52,6 @@ pub enum Decision {
     Exhausted,
 }
 
-fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
-    a.contains(b.network()) || b.contains(a.network())
-}
-
 /// Pure decision for node `own` given every Node (deterministic: same
 /// inputs, same range on every agent).
 pub fn decide<'a>(own: &str, nodes: impl IntoIterator<Item = &'a Node>, cluster: Ipv4Network, prefix: u8) -> Decision {
@@ -80,26 +76,17 @@ pub fn decide<'a>(own: &str, nodes: impl IntoIterator<Item = &'a Node>, cluster:
     }
     let mine = claimed_pod_cidr(me);
     if let Some(c) = mine {
-        let usable = c.prefix() >= cluster.prefix() && cluster.contains(c.network());
+        let usable = c.is_subnet_of(cluster);
         let contested = others
             .iter()
-            .any(|(name, o, from_spec)| overlaps(*o, c) && (*from_spec || name.as_str() < own));
+            .any(|(name, o, from_spec)| o.overlaps(c) && (*from_spec || name.as_str() < own));
         if usable && !contested {
             return Decision::Claimed(c);
         }
     }
-    let prefix = prefix.max(cluster.prefix());
-    let size = 1u64 << (32 - u32::from(prefix));
-    let count = 1u64 << (u32::from(prefix) - u32::from(cluster.prefix()));
-    let base = u64::from(u32::from(cluster.network()));
-    for i in 0..count {
-        let Ok(addr) = u32::try_from(base + i * size) else { break };
-        let Ok(cand) = Ipv4Network::new(addr.into(), prefix) else { break };
-        if !others.iter().any(|(_, o, _)| overlaps(*o, cand)) {
-            return Decision::Claim { cidr: cand, replacing: mine };
-        }
-    }
-    Decision::Exhausted
+    riptide_cidr::subnets(cluster, prefix.max(cluster.prefix()))
+        .find(|cand| !others.iter().any(|(_, o, _)| o.overlaps(*cand)))
+        .map_or(Decision::Exhausted, |cidr| Decision::Claim { cidr, replacing: mine })
 }
 
 /// Settings of the fallback.
