@@ -244,6 +244,11 @@ fn netns_agent_in_cluster_config_syncs_then_uninstalls() {
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n- addresses: [10.42.0.7]\n  nodeName: {peer}\n  conditions: {{ready: true, serving: true, terminating: false}}\n"
         )),
     );
+    // The manifest's identity and RBAC, which the apiserver enforces: the
+    // agent works with exactly this ClusterRole.
+    for (kind, name) in [("Namespace", "riptide-system"), ("ServiceAccount", "riptide-agent"), ("ClusterRole", "riptide-agent"), ("ClusterRoleBinding", "riptide-agent")] {
+        env.kubectl(&["apply", "-f", "-"], Some(&find(&objs, kind, name).unwrap().to_string()));
+    }
     let svc = env.api().kubectl_with(env.cmd("kubectl"), &["get", "service", "web", "-o", "json"], None).unwrap();
     let cluster_ip = serde_json::from_str::<Value>(&svc).unwrap()["spec"]["clusterIP"].as_str().unwrap().to_owned();
 
