@@ -25,6 +25,13 @@ use crate::netns::{self, ip};
 pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
 /// bpffs directory of riptide's per-node pins.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/riptide";
+/// The cluster DNS Service's address (kubelets' `--cluster-dns`); the
+/// `kube-dns` Service of `manifests/riptide-dns.yaml` asks for it.
+pub const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 43, 0, 10);
+/// Kubelets' `--cluster-domain`.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// Image of riptide's own components in `manifests/` (without the tag).
+const RIPTIDE_IMAGE: &str = "localhost/riptide:";
 
 #[derive(Debug, Clone)]
 pub struct LabConfig {
@@ -511,6 +518,7 @@ impl Lab {
             .arg(c.node_cgroup(i))
             .arg("--root-dir")
             .arg(c.node_dir(i).join("kubelet"))
+            .args(["--cluster-dns", &CLUSTER_DNS.to_string(), "--cluster-domain", CLUSTER_DOMAIN])
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         self.spawn(&format!("{}-kubelet", c.node_name(i)), cmd)
     }
@@ -549,6 +557,83 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+
+    /// Cluster DNS, installed as on any cluster: `manifests/riptide-dns.yaml`
+    /// applied through the apiserver, then waits until every replica is a
+    /// ready endpoint of `kube-system/kube-dns`. Images are labels here, as
+    /// for the demo: a container whose command is a binary of this workspace
+    /// runs it from the build directory ([`Lab::run_from_bin_dir`]).
+    pub fn deploy_dns(&mut self, timeout: Duration) -> Result<()> {
+        let path = crate::manifests::manifest("riptide-dns.yaml");
+        let mut objs = crate::manifests::load_yaml(&path)?;
+        let svc = crate::manifests::find(&objs, "Service", "kube-dns")?;
+        if svc["spec"]["clusterIP"] != CLUSTER_DNS.to_string() {
+            bail!("{}: kube-dns asks for {}, kubelets are given {CLUSTER_DNS}", path.display(), svc["spec"]["clusterIP"]);
+        }
+        let replicas = crate::manifests::find(&objs, "Deployment", "riptide-dns")?["spec"]["replicas"].as_u64().unwrap_or(1);
+        for o in &mut objs {
+            self.run_from_bin_dir(o)?;
+        }
+        // A stream of JSON objects, which kubectl applies one by one.
+        let docs: Vec<String> = objs.iter().map(serde_json::Value::to_string).collect();
+        let applied = self.cfg.state_dir.join("riptide-dns.json");
+        std::fs::write(&applied, docs.join("\n")).with_context(|| format!("writing {}", applied.display()))?;
+        let out = self.kubectl().arg("apply").arg("-f").arg(&applied).output().context("kubectl apply")?;
+        if !out.status.success() {
+            bail!("kubectl apply -f {}: {}", applied.display(), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        self.wait_until(&format!("{replicas} ready kube-dns endpoints"), timeout, |lab| {
+            lab.ready_endpoints("kube-system", "kube-dns").is_ok_and(|e| e.len() as u64 == replicas)
+        })
+    }
+
+    /// Ready endpoint addresses of a Service, from its EndpointSlices.
+    pub fn ready_endpoints(&self, namespace: &str, service: &str) -> Result<BTreeSet<String>> {
+        let out = self
+            .kubectl()
+            .args(["get", "endpointslices", "-n", namespace, "-l", &format!("kubernetes.io/service-name={service}"), "-o", "json"])
+            .output()
+            .context("kubectl get endpointslices")?;
+        if !out.status.success() {
+            bail!("kubectl get endpointslices: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+            .filter(|e| e["conditions"]["ready"] == true)
+            .flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default())
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// The lab's image → binary mapping for an install manifest object: a
+    /// container of riptide's image (`manifests/image/`, which carries the
+    /// workspace binaries) runs its `command` from the lab's bin dir, and,
+    /// as the lab's kubelets mount no ServiceAccount token, reaches the API
+    /// with the lab's kubeconfig (`KUBECONFIG`).
+    fn run_from_bin_dir(&self, obj: &mut serde_json::Value) -> Result<()> {
+        let spec = if obj["kind"] == "Pod" { obj.pointer_mut("/spec") } else { obj.pointer_mut("/spec/template/spec") };
+        let Some(containers) = spec.and_then(|s| s.get_mut("containers")).and_then(serde_json::Value::as_array_mut) else {
+            return Ok(());
+        };
+        for c in containers {
+            if !c["image"].as_str().is_some_and(|i| i.starts_with(RIPTIDE_IMAGE)) {
+                continue;
+            }
+            let prog = c.pointer("/command/0").and_then(serde_json::Value::as_str).unwrap_or_default();
+            let name = Path::new(prog).file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let bin = self.bin(name).with_context(|| format!("container {} runs {prog:?}", c["name"]))?;
+            c["command"][0] = serde_json::Value::String(bin.display().to_string());
+            let env = c.as_object_mut().context("container is not an object")?.entry("env").or_insert_with(|| serde_json::json!([]));
+            if let Some(env) = env.as_array_mut() {
+                env.push(serde_json::json!({"name": "KUBECONFIG", "value": self.cfg.kubeconfig().display().to_string()}));
+            }
+        }
+        Ok(())
     }
 
     /// The demo app: 3 replicas of riptide-netexec behind a ClusterIP
@@ -794,7 +879,17 @@ pub fn teardown(prefix: &str, state_dir: &Path) -> Result<()> {
             }
         }
     }
-    // 5. State of the run (apiserver database, kubelet and IPAM state,
+    // 5. Kubelets' pinned pod mount namespaces (`<root-dir>/mntns`, a
+    // mount of its own, `controlplane/src/kubelet/mntns.rs`): detached
+    // with everything under them, so their directories can go.
+    if let Ok(nodes) = std::fs::read_dir(state_dir.join("nodes")) {
+        for n in nodes.filter_map(std::result::Result::ok) {
+            if let Err(e) = detach_mount(&n.path().join("kubelet").join("mntns")) {
+                errors.push(e);
+            }
+        }
+    }
+    // 6. State of the run (apiserver database, kubelet and IPAM state,
     // kubeconfig): a lab always starts fresh. Only what the lab creates is
     // removed, so a mistaken --state-dir loses nothing else; logs stay for
     // post-mortems until the next `up` overwrites them.
@@ -829,10 +924,29 @@ const LAB_STATE_ENTRIES: &[&str] = &[
     "cni-bin",
     "kubectl-cache",
     "demo.yaml",
+    "riptide-dns.json",
+    "dns-headless.yaml",
     "bench.yaml",
     "fillers.yaml",
     "temp-svc.yaml",
 ];
+
+/// Lazily unmounts `dir` and everything under it; nothing to do when it is
+/// not a mount point.
+fn detach_mount(dir: &Path) -> Result<()> {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        bail!("{} contains a NUL byte", dir.display());
+    };
+    // SAFETY: plain syscall on a NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) {
+        return Ok(());
+    }
+    Err(anyhow::Error::new(e).context(format!("unmounting {}", dir.display())))
+}
 
 fn is_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()

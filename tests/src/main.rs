@@ -137,6 +137,8 @@ fn up(prefix: &str, state_dir: &std::path::Path, nodes: u32, detach: bool, net: 
     let mut lab = Lab::up_with(cfg.clone(), net)?;
     eprintln!("==> starting the control plane, then an agent and a kubelet per node");
     lab.start_cluster(Duration::from_secs(90))?;
+    eprintln!("==> deploying cluster DNS (manifests/riptide-dns.yaml: kube-system/kube-dns at {})", lab::CLUSTER_DNS);
+    lab.deploy_dns(Duration::from_secs(90))?;
     eprintln!("==> deploying the demo (3 × riptide-netexec, Services demo and demo-nodeport)");
     lab.deploy_demo()?;
     print_examples(&lab);
@@ -212,6 +214,8 @@ fn print_examples(lab: &Lab) {
     println!("  cargo xtask lab exec n1 -- curl -s http://$(kubectl get svc demo -o jsonpath='{{.spec.clusterIP}}')/clientip");
     println!("See the datapath:");
     println!("  cargo xtask lab exec n1 -- riptide service list              # the node's agent, as cilium-dbg in its pod");
+    println!("Resolve names from a pod (cluster DNS at {}):", lab::CLUSTER_DNS);
+    println!("  kubectl exec deploy/demo -- getent hosts demo");
     println!("Logs in {}. Ctrl-C tears everything down.", c.log_dir().display());
     println!();
 }

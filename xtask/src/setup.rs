@@ -9,7 +9,8 @@ use crate::util::{output, run, step};
 
 /// Debian packages: the LLVM bpf-linker links against, and the real peers the
 /// tests run (iproute2 for namespaces, etcd, the reference CNI plugins,
-/// python3-kubernetes as an API client, conntrack/iptables for baselines).
+/// python3-kubernetes as an API client, conntrack/iptables for baselines,
+/// dnsutils' dig for the cluster DNS e2e tests).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -23,6 +24,7 @@ const APT_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "python3-kubernetes",
     "curl",
+    "dnsutils",
     "protobuf-compiler",
     "libprotobuf-dev",
 ];
