@@ -75,14 +75,23 @@ pub fn parse_resolv_conf(text: &str) -> Result<ResolvConf, String> {
             ["nameserver", addr, ..] => rc.nameservers.push((*addr).to_owned()),
             ["nameserver"] => errors.push("nameserver list is empty".to_owned()),
             ["search", domains @ ..] => {
-                rc.searches =
-                    domains.iter().filter(|d| **d != ".").map(|d| d.trim_end_matches('.').to_owned()).collect();
+                rc.searches = domains
+                    .iter()
+                    .filter(|d| **d != ".")
+                    .map(|d| d.trim_end_matches('.').to_owned())
+                    .collect();
             }
-            ["options", opts @ ..] => append_options(&mut rc.options, opts.iter().map(|o| (*o).to_owned())),
+            ["options", opts @ ..] => {
+                append_options(&mut rc.options, opts.iter().map(|o| (*o).to_owned()))
+            }
             _ => {}
         }
     }
-    if errors.is_empty() { Ok(rc) } else { Err(errors.join("; ")) }
+    if errors.is_empty() {
+        Ok(rc)
+    } else {
+        Err(errors.join("; "))
+    }
 }
 
 fn option_name(o: &str) -> &str {
@@ -93,7 +102,10 @@ fn option_name(o: &str) -> &str {
 /// place (upstream `appendOptions`, with a stable order).
 fn append_options(options: &mut Vec<String>, new: impl IntoIterator<Item = String>) {
     for o in new {
-        match options.iter_mut().find(|e| option_name(e) == option_name(&o)) {
+        match options
+            .iter_mut()
+            .find(|e| option_name(e) == option_name(&o))
+        {
             Some(e) => *e = o,
             None => options.push(o),
         }
@@ -113,7 +125,10 @@ fn omit_duplicates(v: Vec<String>) -> Vec<String> {
 fn kind(pod: &Pod) -> Kind {
     let spec = pod.spec.as_ref();
     let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
-    match spec.and_then(|s| s.dns_policy.as_deref()).unwrap_or("ClusterFirst") {
+    match spec
+        .and_then(|s| s.dns_policy.as_deref())
+        .unwrap_or("ClusterFirst")
+    {
         "None" => Kind::None,
         "Default" => Kind::Host,
         "ClusterFirst" if host_network => Kind::Host,
@@ -126,7 +141,12 @@ fn kind(pod: &Pod) -> Kind {
 /// Whether the pod's resolver settings are the node's own (a hostNetwork
 /// pod in that case keeps the node's `/etc` files).
 pub fn uses_node_resolver(pod: &Pod) -> bool {
-    kind(pod) == Kind::Host && pod.spec.as_ref().and_then(|s| s.dns_config.as_ref()).is_none()
+    kind(pod) == Kind::Host
+        && pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.dns_config.as_ref())
+            .is_none()
 }
 
 /// The pod's resolver settings (upstream `GetPodDNS`), and the warnings
@@ -147,13 +167,20 @@ pub fn pod_dns(pod: &Pod, node: &NodeDns) -> (ResolvConf, Vec<(&'static str, Str
         Kind::None => rc = ResolvConf::default(),
         Kind::Cluster => {
             rc.nameservers = node.cluster_dns.iter().map(ToString::to_string).collect();
-            rc.searches = cluster_searches(pod.metadata.namespace.as_deref().unwrap_or("default"), &node.cluster_domain, rc.searches);
+            rc.searches = cluster_searches(
+                pod.metadata.namespace.as_deref().unwrap_or("default"),
+                &node.cluster_domain,
+                rc.searches,
+            );
             rc.options = CLUSTER_OPTIONS.iter().map(|o| (*o).to_owned()).collect();
         }
         Kind::Host if node.host.is_none() => {
             // `--resolv-conf=""`: a resolver that looks nothing up.
-            rc.nameservers =
-                node.node_ips.iter().map(|ip| if ip.is_ipv6() { "::" } else { "0.0.0.0" }.to_owned()).collect();
+            rc.nameservers = node
+                .node_ips
+                .iter()
+                .map(|ip| if ip.is_ipv6() { "::" } else { "0.0.0.0" }.to_owned())
+                .collect();
             rc.searches = vec![".".to_owned()];
         }
         Kind::Host => {}
@@ -170,15 +197,31 @@ fn cluster_searches(namespace: &str, zone: &str, host: Vec<String>) -> Vec<Strin
     if zone.is_empty() {
         return host;
     }
-    let mut s = vec![format!("{namespace}.svc.{zone}"), format!("svc.{zone}"), zone.to_owned()];
+    let mut s = vec![
+        format!("{namespace}.svc.{zone}"),
+        format!("svc.{zone}"),
+        zone.to_owned(),
+    ];
     s.extend(host);
     omit_duplicates(s)
 }
 
 /// Upstream `appendDNSConfig`.
 fn merge(rc: &mut ResolvConf, cfg: &PodDNSConfig) {
-    rc.nameservers = omit_duplicates([std::mem::take(&mut rc.nameservers), cfg.nameservers.clone().unwrap_or_default()].concat());
-    rc.searches = omit_duplicates([std::mem::take(&mut rc.searches), cfg.searches.clone().unwrap_or_default()].concat());
+    rc.nameservers = omit_duplicates(
+        [
+            std::mem::take(&mut rc.nameservers),
+            cfg.nameservers.clone().unwrap_or_default(),
+        ]
+        .concat(),
+    );
+    rc.searches = omit_duplicates(
+        [
+            std::mem::take(&mut rc.searches),
+            cfg.searches.clone().unwrap_or_default(),
+        ]
+        .concat(),
+    );
     let opts = cfg.options.iter().flatten().filter_map(|o| {
         let name = o.name.as_deref()?;
         Some(match o.value.as_deref().filter(|v| !v.is_empty()) {
@@ -249,7 +292,11 @@ mod tests {
 
     fn pod(ns: &str, policy: Option<&str>, host_network: bool, cfg: Option<PodDNSConfig>) -> Pod {
         Pod {
-            metadata: kube::api::ObjectMeta { name: Some("p".into()), namespace: Some(ns.into()), ..Default::default() },
+            metadata: kube::api::ObjectMeta {
+                name: Some("p".into()),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            },
             spec: Some(PodSpec {
                 dns_policy: policy.map(Into::into),
                 host_network: Some(host_network),
@@ -276,7 +323,8 @@ mod tests {
     #[test]
     fn parses_resolv_conf_like_upstream() {
         // Cases from upstream dns_test.go TestParseResolvConf.
-        let rc = parse_resolv_conf("nameserver 1.2.3.4\nnameserver 2.3.4.5\nsearch foo bar\n").unwrap();
+        let rc =
+            parse_resolv_conf("nameserver 1.2.3.4\nnameserver 2.3.4.5\nsearch foo bar\n").unwrap();
         assert_eq!(rc.nameservers, strings(&["1.2.3.4", "2.3.4.5"]));
         assert_eq!(rc.searches, strings(&["foo", "bar"]));
         let rc = parse_resolv_conf("search foo\nsearch bar.\n# search baz\n").unwrap();
@@ -299,26 +347,51 @@ mod tests {
         );
         // hostNetwork: ClusterFirst means the node's; ClusterFirstWithHostNet the cluster's.
         let (rc, _) = pod_dns(&pod("team", Some("ClusterFirst"), true, None), &n);
-        assert_eq!(render(&rc), "search corp.example\nnameserver 10.255.255.53\noptions timeout:1\n");
-        let (rc, _) = pod_dns(&pod("team", Some("ClusterFirstWithHostNet"), true, None), &n);
+        assert_eq!(
+            render(&rc),
+            "search corp.example\nnameserver 10.255.255.53\noptions timeout:1\n"
+        );
+        let (rc, _) = pod_dns(
+            &pod("team", Some("ClusterFirstWithHostNet"), true, None),
+            &n,
+        );
         assert_eq!(rc.nameservers, strings(&["10.43.0.10"]));
-        assert!(!uses_node_resolver(&pod("team", Some("ClusterFirstWithHostNet"), true, None)));
-        assert!(uses_node_resolver(&pod("team", Some("ClusterFirst"), true, None)));
+        assert!(!uses_node_resolver(&pod(
+            "team",
+            Some("ClusterFirstWithHostNet"),
+            true,
+            None
+        )));
+        assert!(uses_node_resolver(&pod(
+            "team",
+            Some("ClusterFirst"),
+            true,
+            None
+        )));
     }
 
     #[test]
     fn default_none_and_missing_cluster_dns() {
         let n = node("nameserver 10.255.255.53\nsearch corp.example\n");
         let (rc, _) = pod_dns(&pod("ns", Some("Default"), false, None), &n);
-        assert_eq!(render(&rc), "search corp.example\nnameserver 10.255.255.53\n");
+        assert_eq!(
+            render(&rc),
+            "search corp.example\nnameserver 10.255.255.53\n"
+        );
         // None: only dnsConfig (upstream's TestGetPodDNSCustom "DNSNone").
         let cfg = PodDNSConfig {
             nameservers: Some(strings(&["203.0.113.1"])),
             searches: Some(strings(&["my.domain", "second.domain"])),
-            options: Some(vec![PodDNSConfigOption { name: Some("ndots".into()), value: Some("3".into()) }]),
+            options: Some(vec![PodDNSConfigOption {
+                name: Some("ndots".into()),
+                value: Some("3".into()),
+            }]),
         };
         let (rc, _) = pod_dns(&pod("ns", Some("None"), false, Some(cfg)), &n);
-        assert_eq!(render(&rc), "search my.domain second.domain\nnameserver 203.0.113.1\noptions ndots:3\n");
+        assert_eq!(
+            render(&rc),
+            "search my.domain second.domain\nnameserver 203.0.113.1\noptions ndots:3\n"
+        );
         // No --cluster-dns: ClusterFirst falls back to Default with a warning.
         let mut no_dns = n.clone();
         no_dns.cluster_dns.clear();
@@ -340,14 +413,29 @@ mod tests {
             nameservers: Some(strings(&["203.0.113.1", "10.43.0.10"])),
             searches: Some(strings(&["my.domain", "svc.cluster.local"])),
             options: Some(vec![
-                PodDNSConfigOption { name: Some("ndots".into()), value: Some("3".into()) },
-                PodDNSConfigOption { name: Some("debug".into()), value: None },
+                PodDNSConfigOption {
+                    name: Some("ndots".into()),
+                    value: Some("3".into()),
+                },
+                PodDNSConfigOption {
+                    name: Some("debug".into()),
+                    value: None,
+                },
             ]),
         };
         let (rc, w) = pod_dns(&pod("ns", Some("ClusterFirst"), false, Some(cfg)), &n);
         assert!(w.is_empty(), "{w:?}");
         assert_eq!(rc.nameservers, strings(&["10.43.0.10", "203.0.113.1"]));
-        assert_eq!(rc.searches, strings(&["ns.svc.cluster.local", "svc.cluster.local", "cluster.local", "corp.example", "my.domain"]));
+        assert_eq!(
+            rc.searches,
+            strings(&[
+                "ns.svc.cluster.local",
+                "svc.cluster.local",
+                "cluster.local",
+                "corp.example",
+                "my.domain"
+            ])
+        );
         assert_eq!(rc.options, strings(&["ndots:3", "debug"]));
     }
 
@@ -363,13 +451,25 @@ mod tests {
         let (rc, w) = pod_dns(&pod("ns", None, false, Some(cfg)), &n);
         assert_eq!(rc.nameservers.len(), MAX_NAMESERVERS);
         assert_eq!(rc.searches.len(), MAX_SEARCH_PATHS);
-        assert_eq!(w.iter().filter(|(r, _)| *r == "DNSConfigForming").count(), 2);
+        assert_eq!(
+            w.iter().filter(|(r, _)| *r == "DNSConfigForming").count(),
+            2
+        );
         // Too long in characters: cut from the end; over-long domains dropped.
-        let long: Vec<String> = (0..20).map(|i| format!("{i:02}{}", "x".repeat(150))).collect();
-        let cfg = PodDNSConfig { searches: Some([vec!["y".repeat(254)], long].concat()), ..Default::default() };
+        let long: Vec<String> = (0..20)
+            .map(|i| format!("{i:02}{}", "x".repeat(150)))
+            .collect();
+        let cfg = PodDNSConfig {
+            searches: Some([vec!["y".repeat(254)], long].concat()),
+            ..Default::default()
+        };
         let (rc, w) = pod_dns(&pod("ns", Some("None"), false, Some(cfg)), &n);
         assert!(rc.searches.join(" ").len() <= MAX_SEARCH_LIST_CHARS);
-        assert_eq!(rc.searches.len(), 13, "13 × 153 - 1 = 1988 characters fit, 14 do not");
+        assert_eq!(
+            rc.searches.len(),
+            13,
+            "13 × 153 - 1 = 1988 characters fit, 14 do not"
+        );
         assert!(rc.searches.iter().all(|s| s.len() <= MAX_SEARCH_DOMAIN_LEN));
         assert_eq!(w.len(), 1);
     }

@@ -41,8 +41,12 @@ fn node_dns(cfg: &Config) -> Result<NodeDns, Error> {
     let host = match &cfg.resolv_conf {
         None => None,
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| Error::Sandbox(format!("reading {}: {e}", p.display())))?;
-            Some(dns::parse_resolv_conf(&text).map_err(|e| Error::Sandbox(format!("parsing {}: {e}", p.display())))?)
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| Error::Sandbox(format!("reading {}: {e}", p.display())))?;
+            Some(
+                dns::parse_resolv_conf(&text)
+                    .map_err(|e| Error::Sandbox(format!("parsing {}: {e}", p.display())))?,
+            )
         }
     };
     Ok(NodeDns {
@@ -63,7 +67,8 @@ fn write(path: &Path, content: &str) -> Result<(), Error> {
         .mode(0o644)
         .open(path)
         .map_err(|e| Error::Sandbox(format!("writing {}: {e}", path.display())))?;
-    f.write_all(content.as_bytes()).map_err(|e| Error::Sandbox(format!("writing {}: {e}", path.display())))
+    f.write_all(content.as_bytes())
+        .map_err(|e| Error::Sandbox(format!("writing {}: {e}", path.display())))
 }
 
 /// Builds and mounts the pod's /etc files; `ip` is the pod's address.
@@ -71,32 +76,47 @@ fn write(path: &Path, content: &str) -> Result<(), Error> {
 pub fn setup(cfg: &Config, pod: &Pod, uid: &str, ip: Option<&str>) -> Result<PodEtc, Error> {
     let spec = pod.spec.as_ref();
     let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
-    let aliases = spec.and_then(|s| s.host_aliases.clone()).unwrap_or_default();
+    let aliases = spec
+        .and_then(|s| s.host_aliases.clone())
+        .unwrap_or_default();
     if host_network && dns::uses_node_resolver(pod) && aliases.is_empty() {
         return Ok(PodEtc::default());
     }
     let (resolv, warnings) = dns::pod_dns(pod, &node_dns(cfg)?);
     let dir = pod_dir(&cfg.root_dir, uid);
-    std::fs::create_dir_all(&dir).map_err(|e| Error::Sandbox(format!("creating {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::Sandbox(format!("creating {}: {e}", dir.display())))?;
     let mut binds = Vec::new();
     let mut add = |name: &str, target: &str, content: &str| -> Result<(), Error> {
         let source = dir.join(name);
         write(&source, content)?;
-        binds.push(mntns::Bind { source, target: PathBuf::from(target) });
+        binds.push(mntns::Bind {
+            source,
+            target: PathBuf::from(target),
+        });
         Ok(())
     };
     add("resolv.conf", "/etc/resolv.conf", &dns::render(&resolv))?;
     let hostname = if host_network {
-        let node = std::fs::read_to_string("/etc/hosts").map_err(|e| Error::Sandbox(format!("reading /etc/hosts: {e}")))?;
+        let node = std::fs::read_to_string("/etc/hosts")
+            .map_err(|e| Error::Sandbox(format!("reading /etc/hosts: {e}")))?;
         add("hosts", "/etc/hosts", &hosts::node_hosts(&node, &aliases))?;
         None
     } else {
         let names = hosts::pod_names(pod, &cfg.cluster_domain).map_err(Error::Sandbox)?;
         let ips: Vec<String> = ip.into_iter().map(str::to_owned).collect();
-        add("hosts", "/etc/hosts", &hosts::managed_hosts(&ips, &names, &aliases))?;
+        add(
+            "hosts",
+            "/etc/hosts",
+            &hosts::managed_hosts(&ips, &names, &aliases),
+        )?;
         add("hostname", "/etc/hostname", &hosts::hostname_file(&names))?;
         Some(names.kernel)
     };
     let ns = mntns::create(&cfg.root_dir, uid, &binds)?;
-    Ok(PodEtc { mntns: Some(ns), hostname, warnings })
+    Ok(PodEtc {
+        mntns: Some(ns),
+        hostname,
+        warnings,
+    })
 }

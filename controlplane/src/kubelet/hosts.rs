@@ -25,7 +25,8 @@ pub struct PodNames {
 fn is_dns1123_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -38,7 +39,10 @@ pub fn pod_names(pod: &Pod, cluster_domain: &str) -> Result<PodNames, String> {
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
     let spec = pod.spec.as_ref();
     let mut hostname = name.to_owned();
-    if let Some(h) = spec.and_then(|s| s.hostname.as_deref()).filter(|h| !h.is_empty()) {
+    if let Some(h) = spec
+        .and_then(|s| s.hostname.as_deref())
+        .filter(|h| !h.is_empty())
+    {
         if !is_dns1123_label(h) {
             return Err(format!("pod Hostname {h:?} is not a valid DNS label"));
         }
@@ -46,13 +50,18 @@ pub fn pod_names(pod: &Pod, cluster_domain: &str) -> Result<PodNames, String> {
     }
     if hostname.len() > HOSTNAME_MAX_LEN {
         // Pod names may be 253 characters; a hostname may not end in - or .
-        hostname = hostname[..HOSTNAME_MAX_LEN].trim_end_matches(['-', '.']).to_owned();
+        hostname = hostname[..HOSTNAME_MAX_LEN]
+            .trim_end_matches(['-', '.'])
+            .to_owned();
         if hostname.is_empty() {
             return Err(format!("hostname for pod {name:?} was invalid"));
         }
     }
     let mut domain = String::new();
-    if let Some(sub) = spec.and_then(|s| s.subdomain.as_deref()).filter(|s| !s.is_empty()) {
+    if let Some(sub) = spec
+        .and_then(|s| s.subdomain.as_deref())
+        .filter(|s| !s.is_empty())
+    {
         if !is_dns1123_label(sub) {
             return Err(format!("pod Subdomain {sub:?} is not a valid DNS label"));
         }
@@ -69,7 +78,11 @@ pub fn pod_names(pod: &Pod, cluster_domain: &str) -> Result<PodNames, String> {
         }
         kernel = fqdn;
     }
-    Ok(PodNames { hostname, domain, kernel })
+    Ok(PodNames {
+        hostname,
+        domain,
+        kernel,
+    })
 }
 
 /// `/etc/hostname`.
@@ -83,7 +96,11 @@ fn alias_entries(aliases: &[HostAlias]) -> String {
     }
     let mut s = String::from("\n# Entries added by HostAliases.\n");
     for a in aliases {
-        s += &format!("{}\t{}\n", a.ip, a.hostnames.clone().unwrap_or_default().join("\t"));
+        s += &format!(
+            "{}\t{}\n",
+            a.ip,
+            a.hostnames.clone().unwrap_or_default().join("\t")
+        );
     }
     s
 }
@@ -102,7 +119,10 @@ pub fn managed_hosts(pod_ips: &[String], names: &PodNames, aliases: &[HostAlias]
         if names.domain.is_empty() {
             s += &format!("{ip}\t{}\n", names.hostname);
         } else {
-            s += &format!("{ip}\t{}.{}\t{}\n", names.hostname, names.domain, names.hostname);
+            s += &format!(
+                "{ip}\t{}.{}\t{}\n",
+                names.hostname, names.domain, names.hostname
+            );
         }
     }
     s + &alias_entries(aliases)
@@ -110,7 +130,10 @@ pub fn managed_hosts(pod_ips: &[String], names: &PodNames, aliases: &[HostAlias]
 
 /// `/etc/hosts` of a hostNetwork pod: the node's file plus hostAliases.
 pub fn node_hosts(node_hosts: &str, aliases: &[HostAlias]) -> String {
-    format!("{MANAGED_HEADER_HOST_NETWORK}{node_hosts}{}", alias_entries(aliases))
+    format!(
+        "{MANAGED_HEADER_HOST_NETWORK}{node_hosts}{}",
+        alias_entries(aliases)
+    )
 }
 
 #[cfg(test)]
@@ -122,7 +145,11 @@ mod tests {
 
     fn pod(name: &str, hostname: Option<&str>, subdomain: Option<&str>, fqdn: bool) -> Pod {
         Pod {
-            metadata: kube::api::ObjectMeta { name: Some(name.into()), namespace: Some("default".into()), ..Default::default() },
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
             spec: Some(PodSpec {
                 hostname: hostname.map(Into::into),
                 subdomain: subdomain.map(Into::into),
@@ -136,26 +163,56 @@ mod tests {
     #[test]
     fn names_follow_hostname_subdomain_and_fqdn() {
         let n = pod_names(&pod("web-0", None, None, false), "cluster.local").unwrap();
-        assert_eq!((n.hostname.as_str(), n.domain.as_str(), n.kernel.as_str()), ("web-0", "", "web-0"));
-        let n = pod_names(&pod("web-0", Some("db"), Some("nodes"), false), "cluster.local").unwrap();
-        assert_eq!((n.hostname.as_str(), n.domain.as_str(), n.kernel.as_str()), ("db", "nodes.default.svc.cluster.local", "db"));
-        let n = pod_names(&pod("web-0", Some("db"), Some("nodes"), true), "cluster.local").unwrap();
+        assert_eq!(
+            (n.hostname.as_str(), n.domain.as_str(), n.kernel.as_str()),
+            ("web-0", "", "web-0")
+        );
+        let n = pod_names(
+            &pod("web-0", Some("db"), Some("nodes"), false),
+            "cluster.local",
+        )
+        .unwrap();
+        assert_eq!(
+            (n.hostname.as_str(), n.domain.as_str(), n.kernel.as_str()),
+            ("db", "nodes.default.svc.cluster.local", "db")
+        );
+        let n = pod_names(
+            &pod("web-0", Some("db"), Some("nodes"), true),
+            "cluster.local",
+        )
+        .unwrap();
         assert_eq!(n.kernel, "db.nodes.default.svc.cluster.local");
         assert_eq!(hostname_file(&n), "db.nodes.default.svc.cluster.local\n");
         // Truncated to 63, trailing '-' trimmed (upstream TestTruncatePodHostname).
         let long = format!("{}-{}", "a".repeat(62), "b".repeat(10));
-        assert_eq!(pod_names(&pod(&long, None, None, false), "cluster.local").unwrap().hostname, "a".repeat(62));
+        assert_eq!(
+            pod_names(&pod(&long, None, None, false), "cluster.local")
+                .unwrap()
+                .hostname,
+            "a".repeat(62)
+        );
         assert!(pod_names(&pod("p", Some("Not_A_Label"), None, false), "cluster.local").is_err());
         assert!(pod_names(&pod("p", None, Some("-bad"), false), "cluster.local").is_err());
         let too_long = pod(&"x".repeat(40), None, Some("nodes"), true);
-        assert!(pod_names(&too_long, "cluster.local").unwrap_err().contains("too long"));
+        assert!(
+            pod_names(&too_long, "cluster.local")
+                .unwrap_err()
+                .contains("too long")
+        );
     }
 
     #[test]
     fn hosts_files_match_upstream() {
         // Upstream TestManagedHostsFileContent, "hostDomainName" case.
-        let names = PodNames { hostname: "hostName".into(), domain: "domain.com".into(), kernel: "hostName".into() };
-        let aliases = vec![HostAlias { ip: "123.45.67.89".into(), hostnames: Some(vec!["foo".into(), "bar".into(), "baz".into()]) }];
+        let names = PodNames {
+            hostname: "hostName".into(),
+            domain: "domain.com".into(),
+            kernel: "hostName".into(),
+        };
+        let aliases = vec![HostAlias {
+            ip: "123.45.67.89".into(),
+            hostnames: Some(vec!["foo".into(), "bar".into(), "baz".into()]),
+        }];
         assert_eq!(
             managed_hosts(&["203.0.113.1".into()], &names, &aliases),
             "# Kubernetes-managed hosts file.\n\
@@ -170,8 +227,15 @@ mod tests {
              # Entries added by HostAliases.\n\
              123.45.67.89\tfoo\tbar\tbaz\n"
         );
-        let plain = PodNames { hostname: "web-0".into(), domain: String::new(), kernel: "web-0".into() };
-        assert!(managed_hosts(&["10.42.1.5".into()], &plain, &[]).ends_with("fe00::2\tip6-allrouters\n10.42.1.5\tweb-0\n"));
+        let plain = PodNames {
+            hostname: "web-0".into(),
+            domain: String::new(),
+            kernel: "web-0".into(),
+        };
+        assert!(
+            managed_hosts(&["10.42.1.5".into()], &plain, &[])
+                .ends_with("fe00::2\tip6-allrouters\n10.42.1.5\tweb-0\n")
+        );
         assert_eq!(
             node_hosts("127.0.0.1 localhost\n", &aliases),
             "# Kubernetes-managed hosts file (host network).\n127.0.0.1 localhost\n\n# Entries added by HostAliases.\n123.45.67.89\tfoo\tbar\tbaz\n"

@@ -38,7 +38,8 @@ pub fn path(root: &Path, uid: &str) -> PathBuf {
 }
 
 fn cstr(p: &Path) -> Result<CString, Error> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Sandbox(format!("path {} contains a NUL byte", p.display())))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| Error::Sandbox(format!("path {} contains a NUL byte", p.display())))
 }
 
 fn os_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
@@ -46,7 +47,11 @@ fn os_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 fn check(r: libc::c_int, what: impl FnOnce() -> String) -> Result<(), Error> {
-    if r == 0 { Ok(()) } else { Err(os_err(what())(std::io::Error::last_os_error())) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(os_err(what())(std::io::Error::last_os_error()))
+    }
 }
 
 fn mount(src: Option<&CString>, target: &CString, flags: libc::c_ulong) -> libc::c_int {
@@ -70,10 +75,20 @@ fn is_mount_root(p: &Path) -> Result<bool, Error> {
     // SAFETY: statx fills the zeroed struct; plain data.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: valid path and output buffer.
-    let r = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), libc::AT_SYMLINK_NOFOLLOW, 0, &raw mut stx) };
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            0,
+            &raw mut stx,
+        )
+    };
     check(r, || format!("statx {}", p.display()))?;
-    Ok(stx.stx_attributes_mask & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0
-        && stx.stx_attributes & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0)
+    Ok(
+        stx.stx_attributes_mask & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0
+            && stx.stx_attributes & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0,
+    )
 }
 
 /// Makes `<root>/mntns` a private mount of itself, once (a restarted
@@ -83,9 +98,13 @@ pub fn prepare(root: &Path) -> Result<(), Error> {
     std::fs::create_dir_all(&d).map_err(os_err(format!("creating {}", d.display())))?;
     let c = cstr(&d)?;
     if !is_mount_root(&d)? {
-        check(mount(Some(&c), &c, libc::MS_BIND), || format!("bind-mounting {} onto itself", d.display()))?;
+        check(mount(Some(&c), &c, libc::MS_BIND), || {
+            format!("bind-mounting {} onto itself", d.display())
+        })?;
     }
-    check(mount(None, &c, libc::MS_PRIVATE), || format!("making {} a private mount", d.display()))
+    check(mount(None, &c, libc::MS_PRIVATE), || {
+        format!("making {} a private mount", d.display())
+    })
 }
 
 /// Unmounts `<root>/mntns` with every pod namespace under it (lazily: a
@@ -126,25 +145,41 @@ pub fn create(root: &Path, uid: &str, binds: &[Bind]) -> Result<PathBuf, Error> 
     File::create(&pin).map_err(os_err(format!("creating {}", pin.display())))?;
     let binds: Vec<(CString, CString, String)> = binds
         .iter()
-        .map(|b| Ok((cstr(&b.source)?, cstr(&b.target)?, format!("{} over {}", b.source.display(), b.target.display()))))
+        .map(|b| {
+            Ok((
+                cstr(&b.source)?,
+                cstr(&b.target)?,
+                format!("{} over {}", b.source.display(), b.target.display()),
+            ))
+        })
         .collect::<Result<_, Error>>()?;
     let made = std::thread::spawn(move || -> Result<OwnedFd, Error> {
         // SAFETY: unshare affects only this thread (CLONE_NEWNS implies
         // CLONE_FS, which unshares this thread's root and cwd).
-        check(unsafe { libc::unshare(libc::CLONE_NEWNS) }, || "unshare(CLONE_NEWNS)".to_owned())?;
+        check(unsafe { libc::unshare(libc::CLONE_NEWNS) }, || {
+            "unshare(CLONE_NEWNS)".to_owned()
+        })?;
         let root = cstr(Path::new("/"))?;
-        check(mount(None, &root, libc::MS_REC | libc::MS_SLAVE), || "making / a slave mount".to_owned())?;
+        check(mount(None, &root, libc::MS_REC | libc::MS_SLAVE), || {
+            "making / a slave mount".to_owned()
+        })?;
         for (src, target, what) in &binds {
-            check(mount(Some(src), target, libc::MS_BIND), || format!("bind-mounting {what}"))?;
+            check(mount(Some(src), target, libc::MS_BIND), || {
+                format!("bind-mounting {what}")
+            })?;
         }
-        File::open("/proc/thread-self/ns/mnt").map(OwnedFd::from).map_err(os_err("opening the new mount namespace".to_owned()))
+        File::open("/proc/thread-self/ns/mnt")
+            .map(OwnedFd::from)
+            .map_err(os_err("opening the new mount namespace".to_owned()))
     })
     .join()
     .map_err(|_| Error::Sandbox("mount namespace thread panicked".into()));
     let pinned = made.and_then(|r| r).and_then(|ns| {
         // The thread is gone; the fd keeps the namespace until it is pinned.
         let src = cstr(Path::new(&format!("/proc/self/fd/{}", ns.as_raw_fd())))?;
-        check(mount(Some(&src), &cstr(&pin)?, libc::MS_BIND), || format!("pinning the mount namespace at {}", pin.display()))
+        check(mount(Some(&src), &cstr(&pin)?, libc::MS_BIND), || {
+            format!("pinning the mount namespace at {}", pin.display())
+        })
     });
     match pinned {
         Ok(()) => Ok(pin),
