@@ -130,7 +130,7 @@ impl Binding {
     fn applies_to(&self, user: &UserInfo) -> bool {
         self.subjects.iter().any(|s| match s.kind.as_str() {
             "User" => s.name == user.name,
-            "Group" => user.groups.iter().any(|g| *g == s.name),
+            "Group" => user.groups.contains(&s.name),
             "ServiceAccount" => {
                 let ns = if s.namespace.is_empty() { &self.namespace } else { &s.namespace };
                 !ns.is_empty() && user.name == service_account_user(ns, &s.name)

@@ -58,6 +58,22 @@ fn ca_params() -> CertificateParams {
     p
 }
 
+/// A certificate the CA signs: subject CN (and O per group), one usage.
+fn leaf_params(cn: &str, orgs: &[&str], usage: rcgen::ExtendedKeyUsagePurpose) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    for o in orgs {
+        dn.push(DnType::OrganizationName, *o);
+    }
+    p.distinguished_name = dn;
+    p.extended_key_usages = vec![usage];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    p
+}
+
 pub struct Pki {
     pub ca_pem: String,
     pub cert_pem: String,
@@ -78,17 +94,7 @@ impl Pki {
     pub fn issue_client_cert(&self, user: &str, groups: &[&str]) -> Result<ClientCert> {
         let ca_key = KeyPair::from_pem(&self.ca_key_pem).map_err(|source| TlsError::Cert { what: "CA key", source })?;
         let ca_cert = ca_params().self_signed(&ca_key).map_err(|source| TlsError::Cert { what: "CA certificate", source })?;
-        let mut p = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, user);
-        for g in groups {
-            dn.push(DnType::OrganizationName, *g);
-        }
-        p.distinguished_name = dn;
-        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-        p.not_after = rcgen::date_time_ymd(2124, 1, 1);
+        let p = leaf_params(user, groups, rcgen::ExtendedKeyUsagePurpose::ClientAuth);
         let key = KeyPair::generate().map_err(|source| TlsError::Cert { what: "client key", source })?;
         let cert = p.signed_by(&key, &ca_cert, &ca_key).map_err(|source| TlsError::Cert { what: "client certificate", source })?;
         Ok(ClientCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
@@ -134,10 +140,7 @@ pub fn ensure_pki(dir: &Path, extra_sans: &[String]) -> Result<Pki> {
         .map(|s| (*s).to_string())
         .collect();
     sans.extend(extra_sans.iter().cloned());
-    let mut p = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "kube-apiserver");
-    p.distinguished_name = dn;
+    let mut p = leaf_params("kube-apiserver", &[], rcgen::ExtendedKeyUsagePurpose::ServerAuth);
     p.subject_alt_names = sans
         .iter()
         .filter_map(|s| match s.parse::<IpAddr>() {
@@ -145,10 +148,6 @@ pub fn ensure_pki(dir: &Path, extra_sans: &[String]) -> Result<Pki> {
             Err(_) => s.clone().try_into().ok().map(SanType::DnsName),
         })
         .collect();
-    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2124, 1, 1);
     let key = KeyPair::generate().map_err(|source| TlsError::Cert { what: "serving key", source })?;
     let cert = p.signed_by(&key, &ca_cert, &ca_key).map_err(|source| TlsError::Cert { what: "serving certificate", source })?;
     let cert_pem = cert.pem();
