@@ -6,7 +6,6 @@
 
 pub mod agent;
 pub mod api;
-pub mod bench;
 pub mod cli;
 pub mod config_dir;
 pub mod events;

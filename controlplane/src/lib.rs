@@ -3,14 +3,12 @@
 //! - [`apiserver`]: the Kubernetes-compatible API server.
 //! - [`storage`]: the storage trait with the embedded (redb) and etcd engines.
 //! - [`registry`]: the served resources, described once.
-//! - [`bench`]: the apiserver benchmark of `cargo xtask bench` (binary `riptide-apiserver-bench`).
 //! - [`exec`]: `kubectl exec` — the WebSocket channel protocol (kubelet side) and the apiserver's upgrade proxy.
 //!
 //! The scheduler, controllers and kubelet will live next to these modules.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod apiserver;
-pub mod bench;
 pub mod exec;
 pub mod registry;
 pub mod storage;

@@ -151,11 +151,12 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 /// Micro benchmarks, each printing one JSON document: ns/packet of the tc LB
 /// path via BPF_PROG_TEST_RUN at 1/1k/10k Services, CNI ADD/DEL latency next
 /// to the reference bridge + host-local plugins, the agent's programming
-/// latency next to iptables-restore, and riptide-dns next to dnsmasq
-/// (dnsperf). Release builds; results go to
+/// latency next to iptables-restore, riptide-dns next to dnsmasq
+/// (dnsperf), and the apiserver on both stores. Release builds, each an
+/// example of the crate it measures; results go to
 /// target/bench/<name>.json and a section of results.md.
 fn micro_benches(root: &Path, quick: bool) -> Result<()> {
-    let benches: [(&str, &str, &str, Vec<&str>); 4] = [
+    let benches: [(&str, &str, &str, Vec<&str>); 5] = [
         (
             "ebpf-lb",
             "riptide-datapath",
@@ -190,13 +191,21 @@ fn micro_benches(root: &Path, quick: bool) -> Result<()> {
             "dns_bench",
             if quick { vec!["--quick"] } else { vec![] },
         ),
+        // The apiserver: 10k pods (1k with --quick), embedded store vs
+        // etcd, create/list/watch latency, 100-watcher fan-out, peak RSS.
+        (
+            "apiserver",
+            "riptide-controlplane",
+            "apiserver_bench",
+            if quick { vec!["--quick"] } else { vec![] },
+        ),
     ];
     let mut md = String::from("\n## Micro benchmarks\n");
     for (name, pkg, example, args) in benches {
         util::step(&format!("micro benchmark {name}"));
         // The package's own binaries too: the CNI benchmark execs the
         // release `riptide-cni` next to it.
-        // The agent benchmark also runs the release control plane.
+        // The agent and apiserver benchmarks run the release control plane.
         util::run(util::cargo(root).args([
             "build",
             "--quiet",
@@ -231,36 +240,6 @@ fn micro_benches(root: &Path, quick: bool) -> Result<()> {
         md.push_str(&format!("\n### {name}\n\n```json\n{}\n```\n", json.trim()));
         println!("{name}: {}", json.trim());
     }
-    // The apiserver: 10k pods (1k with --quick), embedded store vs etcd,
-    // create/list/watch latency, 100-watcher fan-out, peak RSS.
-    util::step("micro benchmark apiserver (release build)");
-    util::run(util::cargo(root).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "riptide-controlplane",
-        "--bins",
-    ]))?;
-    let mut cmd =
-        std::process::Command::new(target_dir(root).join("release/riptide-apiserver-bench"));
-    cmd.arg("--out")
-        .arg(root.join("target/bench/apiserver.json"));
-    if quick {
-        cmd.arg("--quick");
-    }
-    let out = cmd
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("running riptide-apiserver-bench")?;
-    if !out.status.success() {
-        anyhow::bail!("riptide-apiserver-bench failed: {}", out.status);
-    }
-    md.push_str(&format!(
-        "\n### apiserver\n\n```json\n{}\n```\n",
-        String::from_utf8_lossy(&out.stdout).trim()
-    ));
-
     let results = root.join("target/bench/results.md");
     let mut text = std::fs::read_to_string(&results).unwrap_or_default();
     text.push_str(&md);

@@ -24,7 +24,6 @@
 //! to the next CPU, see `netperf::run_with`), and the report gives medians
 //! with min–max.
 
-pub mod kubeproxy;
 pub mod netperf;
 pub mod paths;
 pub mod report;
@@ -38,6 +37,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
+
+pub use riptide_test_support::kubeproxy;
 
 pub use self::paths::{DataPath, Scenario};
 use self::{

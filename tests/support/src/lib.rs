@@ -1,11 +1,16 @@
 //! Helpers every riptide test suite used to carry its own copy of: the
 //! gate of tests that need root, network namespaces a test creates and
-//! removes, and workspace binaries a test runs. A dev-dependency only —
-//! as aya's `test/integration-common` — so nothing here reaches a
-//! production build, and panicking on a broken environment is the point:
-//! a test that cannot set itself up must fail loudly.
+//! removes, workspace binaries a test runs, and the kube-proxy-shaped
+//! rules the benchmarks compare against. A dev-dependency of the
+//! production crates — as aya's `test/integration-common` — so nothing here
+//! reaches a production build; only the lab and bench harness
+//! (`riptide-tests`, never shipped) depends on it normally. Panicking on a
+//! broken environment is the point of most helpers: a test that cannot set
+//! itself up must fail loudly. The lab needs errors instead, so the
+//! namespace primitives also come in fallible form (`netns::try_command`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod kubeproxy;
 pub mod netns;
 
 use std::{
@@ -73,4 +78,20 @@ pub fn workspace_bin(bin_dir: &Path, package: &str, bin: &str) -> PathBuf {
         assert!(st.success(), "building {bin}");
     }
     path
+}
+
+/// Example `example` of `package`, built now (a no-op when it is up to
+/// date; `cargo test` of one test file does not build examples) into the
+/// target directory around `bin_dir`, as [`workspace_bin`] locates it: a
+/// test can run a benchmark through its real command line.
+pub fn workspace_example(bin_dir: &Path, package: &str, example: &str) -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let target = bin_dir.parent().expect("a binary directory inside a target directory");
+    let st = Command::new(cargo)
+        .args(["build", "-p", package, "--example", example])
+        .env("CARGO_TARGET_DIR", target)
+        .status()
+        .unwrap_or_else(|e| panic!("running cargo to build example {example}: {e}"));
+    assert!(st.success(), "building example {example}");
+    bin_dir.join("examples").join(example)
 }

@@ -43,7 +43,13 @@ pub fn path(name: &str) -> PathBuf {
 /// A `Command` for `program` run inside namespace `name` (`setns` in
 /// `pre_exec`; `ip netns exec` would remount /sys and hide bpffs).
 pub fn command(name: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let file = File::open(path(name)).unwrap_or_else(|e| panic!("opening netns {name}: {e}"));
+    try_command(name, program).unwrap_or_else(|e| panic!("opening netns {name}: {e}"))
+}
+
+/// [`command`] for callers that report errors instead of panicking (the
+/// lab, the benchmarks): fails when the namespace cannot be opened.
+pub fn try_command(name: &str, program: impl AsRef<std::ffi::OsStr>) -> std::io::Result<Command> {
+    let file = File::open(path(name))?;
     let mut cmd = Command::new(program);
     // SAFETY: setns is async-signal-safe; `file` lives in the closure.
     unsafe {
@@ -54,7 +60,7 @@ pub fn command(name: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
             Ok(())
         });
     }
-    cmd
+    Ok(cmd)
 }
 
 /// Runs `f` on a new thread inside namespace `name` (sockets it creates

@@ -1,5 +1,5 @@
-//! The agent's benchmark (`cargo xtask bench`, or `agent/examples/agent_bench.rs`):
-//! numbers are reported, never asserted.
+//! The agent's benchmark (`cargo xtask bench`, or the `agent_bench`
+//! example on its own): numbers are reported, never asserted.
 //!
 //! Setup: our apiserver on 127.0.0.1 (data on tmpfs, so the load phase
 //! measures the apiserver, not the disk) loaded with N Services of 5
@@ -15,7 +15,8 @@
 //!   is accepted) to the new backend being visible in the pinned maps,
 //!   polled directly (master entry → slots → backend), p50/p90/p99.
 //! - **kube-proxy comparison**: `iptables-restore` of the kube-proxy-shaped
-//!   ruleset (`tests/src/bench/kubeproxy.rs`, included below) for the same
+//!   ruleset (`riptide_test_support::kubeproxy`, as the network benchmark
+//!   uses) for the same
 //!   Services in a throwaway namespace: the initial load and the full
 //!   re-restore iptables mode does for that same one-endpoint change
 //!   (kube-proxy without KEP-3453's partial sync).
@@ -24,7 +25,6 @@ use std::{
     fs::File,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4},
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -35,14 +35,8 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use riptide_common::{BackendKey, BackendValue, SvcKey, SvcValue, names, proto};
+use riptide_test_support::{kubeproxy, netns};
 use serde::Serialize;
-
-/// kube-proxy-shaped rules (the file the project's network benchmark uses;
-/// included rather than depended on, so the agent does not pull the test
-/// crate in).
-#[path = "../../tests/src/bench/kubeproxy.rs"]
-#[allow(clippy::all, clippy::pedantic, dead_code)]
-mod kubeproxy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -150,11 +144,7 @@ pub struct AgentBenchReport {
     pub notes: Vec<String>,
 }
 
-/// Runs the benchmark (needs root); `quick` for a run under a minute.
-pub fn run(quick: bool) -> Result<AgentBenchReport> {
-    run_with(&Options::new(quick), quick)
-}
-
+/// Runs the benchmark (needs root); `quick` marks a run under a minute.
 pub fn run_with(opts: &Options, quick: bool) -> Result<AgentBenchReport> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -175,7 +165,7 @@ pub fn run_with(opts: &Options, quick: bool) -> Result<AgentBenchReport> {
     report.kube_proxy_iptables_restore = match iptables_part(opts) {
         Ok(r) => Some(r),
         Err(e) => {
-            report.notes.push(format!("kube-proxy comparison skipped: {}", crate::reconcile::error_chain(&e)));
+            report.notes.push(format!("kube-proxy comparison skipped: {}", riptide_agent::reconcile::error_chain(&e)));
             None
         }
     };
@@ -200,20 +190,6 @@ fn find_bin(name: &str, env: &str) -> Result<PathBuf> {
         "{name} not found next to {} (build it: cargo build --release -p riptide-agent -p riptide-controlplane, or set {env})",
         exe.display()
     )))
-}
-
-fn enter_netns(cmd: &mut Command, netns: &str) -> Result<()> {
-    let f = File::open(format!("/run/netns/{netns}")).map_err(step(format!("opening netns {netns}")))?;
-    // SAFETY: setns is async-signal-safe; `f` lives in the closure.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Ok(())
 }
 
 fn sh(args: &[&str]) -> Result<()> {
@@ -577,9 +553,8 @@ fn iptables_part(opts: &Options) -> Result<IptablesRestore> {
 
 /// One `iptables-restore` (flushing the nat table) in `ns`; wall time, ms.
 fn restore(ns: &str, rules: &str) -> Result<f64> {
-    let mut cmd = Command::new("iptables-restore");
+    let mut cmd = netns::try_command(ns, "iptables-restore").map_err(step(format!("opening netns {ns}")))?;
     cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
-    enter_netns(&mut cmd, ns)?;
     let t0 = Instant::now();
     let mut child = cmd.spawn().map_err(step("starting iptables-restore"))?;
     if let Some(mut stdin) = child.stdin.take() {

@@ -1,18 +1,29 @@
-//! `riptide-apiserver-bench [--quick]`: the apiserver benchmark
-//! (`riptide_controlplane::bench`), printed as JSON on stdout.
+//! The apiserver benchmark of `cargo xtask bench` (see `bench.rs` for what it
+//! measures), printed as JSON on stdout:
+//!
+//! ```text
+//! cargo build --release -p riptide-controlplane --bins
+//! cargo run --release -p riptide-controlplane --example apiserver_bench -- [--quick|--tiny] [--out FILE]
+//! ```
+mod bench;
+
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use bench::BenchOptions;
 use clap::Parser;
-use riptide_controlplane::bench::{self, BenchOptions};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
-#[command(name = "riptide-apiserver-bench", about)]
+#[command(name = "apiserver_bench", about)]
 struct Args {
     /// 1k pods and fewer samples (about half a minute) instead of 10k.
     #[arg(long)]
     quick: bool,
+    /// 60 pods, 6 watchers: proves every measurement runs (seconds, even
+    /// with debug binaries); the numbers mean nothing.
+    #[arg(long, conflicts_with = "quick")]
+    tiny: bool,
     /// The riptide-controlplane binary (default: next to this one).
     #[arg(long)]
     server_bin: Option<PathBuf>,
@@ -32,7 +43,11 @@ async fn main() -> anyhow::Result<()> {
         Some(b) => b,
         None => bench::find_server_bin()?,
     };
-    let report = bench::run_with(&BenchOptions::new(args.quick, bin)).await?;
+    let mut opts = BenchOptions::new(args.quick, bin);
+    if args.tiny {
+        opts = BenchOptions { pods: 60, concurrency: 8, watch_samples: 5, fanout_watchers: 6, fanout_events: 10, ..opts };
+    }
+    let report = bench::run_with(&opts).await?;
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(out) = &args.out {
         std::fs::write(out, &json).with_context(|| format!("writing {}", out.display()))?;

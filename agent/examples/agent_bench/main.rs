@@ -6,8 +6,10 @@
 //! ```
 //! The binaries are looked up next to the example (or set
 //! `RIPTIDE_AGENT_BIN` / `RIPTIDE_CONTROLPLANE_BIN`).
+mod bench;
+
 use anyhow::Context as _;
-use riptide_agent::bench::{Options, run_with};
+use bench::{Options, run_with};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -214,14 +214,6 @@ pub fn find_server_bin() -> Result<PathBuf> {
     )))
 }
 
-/// Runs the whole benchmark (embedded, then etcd) on its own tokio runtime.
-/// Blocking: from async code call [`run_with`] instead.
-pub fn run(quick: bool) -> Result<ApiBenchReport> {
-    let opts = BenchOptions::new(quick, find_server_bin()?);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(io("starting a tokio runtime"))?;
-    rt.block_on(run_with(&opts))
-}
-
 pub async fn run_with(opts: &BenchOptions) -> Result<ApiBenchReport> {
     let t0 = Instant::now();
     let mut stores = Vec::new();
