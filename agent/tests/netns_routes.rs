@@ -3,36 +3,17 @@
 //! inside a node's netns in the lab.
 #![allow(clippy::unwrap_used)]
 
-use std::{collections::BTreeMap, fs::File, os::fd::AsRawFd as _, process::Command};
+use std::collections::BTreeMap;
 
 use ipnetwork::Ipv4Network;
 use riptide_agent::routes::Routes;
-use riptide_test_support::privileged;
-
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-struct Ns(String);
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+use riptide_test_support::{ip, netns::{self, Netns}, privileged};
 
 /// Runs `f` on a thread inside netns `name` with its own tokio runtime.
 fn in_netns<T: Send + 'static>(name: &str, f: impl AsyncFnOnce() -> T + Send + 'static) -> T {
-    let file = File::open(format!("/run/netns/{name}")).unwrap();
-    std::thread::spawn(move || {
-        // SAFETY: plain syscall on an fd we own; affects only this thread.
-        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    netns::run_in(name, move || {
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f())
     })
-    .join()
-    .unwrap()
 }
 
 #[test]
@@ -40,9 +21,8 @@ fn netns_routes_follow_nodes_and_never_touch_foreign_routes() {
     if !privileged("to create network namespaces") {
         return;
     }
-    let ns = Ns(format!("rtag-routes-{}", std::process::id()));
-    ip(&["netns", "add", &ns.0]);
-    let n = ns.0.clone();
+    let ns = Netns::new(format!("rtag-routes-{}", std::process::id()));
+    let n = ns.name().to_owned();
     ip(&["-n", &n, "link", "add", "u0", "type", "veth", "peer", "name", "u1"]);
     ip(&["-n", &n, "addr", "add", "198.18.78.1/24", "dev", "u0"]);
     ip(&["-n", &n, "link", "set", "u0", "up"]);

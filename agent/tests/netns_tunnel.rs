@@ -3,48 +3,17 @@
 //! when unchanged, recreated when changed, peers added and removed exactly.
 #![allow(clippy::unwrap_used)]
 
-use std::{collections::BTreeMap, fs::File, net::Ipv4Addr, os::fd::AsRawFd as _, process::Command};
+use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
 
 use ipnetwork::Ipv4Network;
 use riptide_agent::tunnel::{Tunnel, VxlanConfig};
-use riptide_test_support::privileged;
-
-fn ip(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-struct Ns(String);
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+use riptide_test_support::{netns::{self, Netns}, privileged, run};
 
 /// Runs `f` on a thread inside netns `name` with its own tokio runtime.
 fn in_netns<T: Send + 'static>(name: &str, f: impl AsyncFnOnce() -> T + Send + 'static) -> T {
-    let file = File::open(format!("/run/netns/{name}")).unwrap();
-    std::thread::spawn(move || {
-        // SAFETY: plain syscall on an fd we own; affects only this thread.
-        assert_eq!(
-            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f())
+    netns::run_in(name, move || {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f())
     })
-    .join()
-    .unwrap()
 }
 
 #[test]
@@ -52,15 +21,14 @@ fn netns_tunnel_device_and_peers_follow_the_nodes() {
     if !privileged("to create network namespaces") {
         return;
     }
-    let ns = Ns(format!("rtag-vx-{}", std::process::id()));
-    let n = ns.0.clone();
-    ip(&["ip", "netns", "add", &n]);
-    ip(&[
+    let ns = Netns::new(format!("rtag-vx-{}", std::process::id()));
+    let n = ns.name().to_owned();
+    run(&[
         "ip", "-n", &n, "link", "add", "u0", "mtu", "1400", "type", "veth", "peer", "name", "u1",
     ]);
-    ip(&["ip", "-n", &n, "addr", "add", "198.18.79.1/24", "dev", "u0"]);
-    ip(&["ip", "-n", &n, "link", "set", "u0", "up"]);
-    ip(&["ip", "-n", &n, "link", "set", "u1", "up"]);
+    run(&["ip", "-n", &n, "addr", "add", "198.18.79.1/24", "dev", "u0"]);
+    run(&["ip", "-n", &n, "link", "set", "u0", "up"]);
+    run(&["ip", "-n", &n, "link", "set", "u1", "up"]);
     let local: Ipv4Addr = "198.18.79.1".parse().unwrap();
     let own: Ipv4Network = "10.42.0.0/24".parse().unwrap();
     let peers: BTreeMap<Ipv4Network, Ipv4Addr> = BTreeMap::from([
@@ -94,7 +62,7 @@ fn netns_tunnel_device_and_peers_follow_the_nodes() {
         "created {created1}/{created2}, ifindex {idx1}/{idx2}"
     );
     assert_eq!(added, 2);
-    let link = ip(&["ip", "-d", "-n", &n, "link", "show", "riptide.vxlan"]);
+    let link = run(&["ip", "-d", "-n", &n, "link", "show", "riptide.vxlan"]);
     for want in [
         "mtu 1350",
         "vxlan id 1",
@@ -107,9 +75,9 @@ fn netns_tunnel_device_and_peers_follow_the_nodes() {
     ] {
         assert!(link.contains(want), "missing {want:?} in\n{link}");
     }
-    let addr = ip(&["ip", "-n", &n, "addr", "show", "dev", "riptide.vxlan"]);
+    let addr = run(&["ip", "-n", &n, "addr", "show", "dev", "riptide.vxlan"]);
     assert!(addr.contains("inet 10.42.0.0/32"), "{addr}");
-    let neigh = ip(&["ip", "-n", &n, "neigh", "show", "dev", "riptide.vxlan"]);
+    let neigh = run(&["ip", "-n", &n, "neigh", "show", "dev", "riptide.vxlan"]);
     assert!(
         neigh.contains("10.42.1.0 lladdr 0e:72:c6:12:50:02 PERMANENT"),
         "{neigh}"
@@ -118,7 +86,7 @@ fn netns_tunnel_device_and_peers_follow_the_nodes() {
         neigh.contains("10.42.2.0 lladdr 0e:72:c6:12:51:03 PERMANENT"),
         "{neigh}"
     );
-    let fdb = ip(&["bridge", "-n", &n, "fdb", "show", "dev", "riptide.vxlan"]);
+    let fdb = run(&["bridge", "-n", &n, "fdb", "show", "dev", "riptide.vxlan"]);
     assert!(
         fdb.contains("0e:72:c6:12:50:02 dst 198.18.80.2 self permanent"),
         "{fdb}"
@@ -128,12 +96,12 @@ fn netns_tunnel_device_and_peers_follow_the_nodes() {
         "{fdb}"
     );
 
-    let rules = ip(&["ip", "-n", &n, "rule"]);
+    let rules = run(&["ip", "-n", &n, "rule"]);
     assert!(
         rules.contains("10201:\tfrom 10.42.0.0/24 lookup 201"),
         "{rules}"
     );
-    let table = ip(&["ip", "-n", &n, "route", "show", "table", "201"]);
+    let table = run(&["ip", "-n", &n, "route", "show", "table", "201"]);
     assert!(
         table.contains("198.18.80.2 via 10.42.1.0 dev riptide.vxlan proto 201 onlink"),
         "{table}"
@@ -159,14 +127,14 @@ fn netns_tunnel_device_and_peers_follow_the_nodes() {
         "one return-path route, one neighbour and one FDB entry"
     );
     assert!(created3 && idx3 != idx1, "a new VNI needs a new device");
-    let link = ip(&["ip", "-d", "-n", &n, "link", "show", "riptide.vxlan"]);
+    let link = run(&["ip", "-d", "-n", &n, "link", "show", "riptide.vxlan"]);
     assert!(link.contains("vxlan id 7"), "{link}");
-    let neigh = ip(&["ip", "-n", &n, "neigh", "show", "dev", "riptide.vxlan"]);
+    let neigh = run(&["ip", "-n", &n, "neigh", "show", "dev", "riptide.vxlan"]);
     assert!(
         neigh.contains("10.42.1.0") && !neigh.contains("10.42.2.0"),
         "{neigh}"
     );
-    let fdb = ip(&["bridge", "-n", &n, "fdb", "show", "dev", "riptide.vxlan"]);
+    let fdb = run(&["bridge", "-n", &n, "fdb", "show", "dev", "riptide.vxlan"]);
     assert!(
         fdb.contains("198.18.80.2") && !fdb.contains("198.18.81.3"),
         "{fdb}"
@@ -180,7 +148,7 @@ fn netns_tunnel_device_and_peers_follow_the_nodes() {
             .unwrap()
     });
     assert!(gone);
-    let rules = ip(&["ip", "-n", &n, "rule"]);
+    let rules = run(&["ip", "-n", &n, "rule"]);
     assert!(!rules.contains("lookup 201"), "{rules}");
     assert!(
         !Command::new("ip")

@@ -7,31 +7,16 @@
 use std::{
     fs::File,
     os::{fd::AsRawFd, unix::process::CommandExt},
-    path::PathBuf,
     process::Command,
 };
 
 use anyhow::{Context as _, Result, bail};
 
-/// Path of a named netns.
-pub fn path(name: &str) -> PathBuf {
-    PathBuf::from("/run/netns").join(name)
-}
+pub use riptide_test_support::netns::path;
 
 /// A `Command` for `program` that runs inside netns `name`.
 pub fn command(name: &str, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
-    let file = File::open(path(name)).with_context(|| format!("opening netns {name}"))?;
-    let mut cmd = Command::new(program);
-    // SAFETY: setns is async-signal-safe; `file` lives in the closure.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Ok(cmd)
+    riptide_test_support::netns::try_command(name, program).with_context(|| format!("opening netns {name}"))
 }
 
 /// Like [`command`], and the child also joins cgroup v2 directory `cgroup`

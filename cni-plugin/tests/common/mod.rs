@@ -8,7 +8,7 @@ use std::{
     fs::File,
     io::Write as _,
     net::Ipv4Addr,
-    os::{fd::AsRawFd, unix::process::CommandExt as _},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -48,24 +48,14 @@ impl Netns {
     }
 
     pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
+        riptide_test_support::netns::path(&self.name)
     }
 
     /// A command run inside this namespace (setns in pre_exec; `ip netns
     /// exec` would remount /sys and hide bpffs).
     pub fn command(&self, program: &str) -> Result<Command> {
-        let file = File::open(self.path()).with_context(|| format!("opening netns {}", self.name))?;
-        let mut cmd = Command::new(program);
-        // SAFETY: setns is async-signal-safe; `file` lives in the closure.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        Ok(cmd)
+        riptide_test_support::netns::try_command(&self.name, program)
+            .with_context(|| format!("opening netns {}", self.name))
     }
 
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {

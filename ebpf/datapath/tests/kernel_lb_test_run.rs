@@ -11,14 +11,7 @@ use std::{
 };
 
 use common::*;
-use riptide_common::{CFG_F_MASQUERADE, CFG_F_SOCK_LB, Config, EndpointValue, names, stats};
-use riptide_datapath::{
-    Datapath, Pinning,
-    service::{
-        Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, Services,
-        TrafficPolicy,
-    },
-};
+use riptide_common::{CFG_F_MASQUERADE, CFG_F_SOCK_LB, Config, names, stats};
 use riptide_test_support::privileged;
 
 const NODE_IP: &str = "198.18.0.1";
@@ -27,14 +20,8 @@ const VIP: &str = "10.43.0.10";
 const CLIENT_POD: &str = "10.42.0.5";
 const OUTSIDE: &str = "198.18.0.100";
 
-struct Node {
-    dp: Datapath,
-    svcs: Services,
-}
-
 fn node() -> Node {
-    let mut dp = Datapath::load(&Pinning::None).expect("load datapath");
-    dp.set_config(&Config {
+    let config = Config {
         node_ip_be: u32::from(ip(NODE_IP)).to_be(),
         hairpin_ip_be: u32::from(ip(HAIRPIN_IP)).to_be(),
         cluster_cidr_be: u32::from(ip("10.42.0.0")).to_be(),
@@ -45,25 +32,10 @@ fn node() -> Node {
         snat_port_min: 32768,
         snat_port_max: 60999,
         ..Default::default()
-    })
-    .expect("config");
+    };
     // The client pod and two local backend pods live on this node.
-    for (i, a) in [CLIENT_POD, "10.42.0.20", "10.42.0.21"].iter().enumerate() {
-        dp.endpoints()
-            .expect("endpoints")
-            .upsert(
-                ip(a),
-                EndpointValue {
-                    ifindex: 100 + i as u32,
-                    flags: 0,
-                    mac: [0x0a, 0x58, 0, 0, 0, i as u8],
-                    node_mac: [0x0e, 0xee, 0, 0, 0, i as u8],
-                },
-            )
-            .expect("endpoint");
-    }
-    let svcs = dp.services().expect("services");
-    Node { dp, svcs }
+    let pods = [CLIENT_POD, "10.42.0.20", "10.42.0.21"];
+    Node::load(&config, (0u8..).zip(pods).map(|(i, a)| (ip(a), pod_endpoint(100 + u32::from(i), [0, i]))))
 }
 
 fn backend(addr: &str, local: bool) -> Backend {

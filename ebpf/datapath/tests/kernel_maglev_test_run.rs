@@ -12,13 +12,6 @@ use std::{
 
 use common::*;
 use riptide_common::{ALG_MAGLEV, ALG_RANDOM, Config, MAGLEV_M, SCOPE_EXT, SCOPE_INT, names};
-use riptide_datapath::{
-    Datapath, Pinning,
-    service::{
-        Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, Services,
-        TrafficPolicy,
-    },
-};
 use riptide_test_support::privileged;
 
 const VIP: &str = "10.43.0.10";
@@ -26,22 +19,14 @@ const CLIENT_POD: &str = "10.42.0.5";
 /// An externalIP routed to every node (e.g. by an upstream ECMP router).
 const EXTERNAL_IP: &str = "192.0.2.10";
 
-struct Node {
-    dp: Datapath,
-    svcs: Services,
-}
-
 fn node(node_ip: &str) -> Node {
-    let mut dp = Datapath::load(&Pinning::None).expect("load datapath");
-    dp.set_config(&Config {
+    let config = Config {
         node_ip_be: u32::from(ip(node_ip)).to_be(),
         snat_port_min: 32768,
         snat_port_max: 60999,
         ..Default::default()
-    })
-    .unwrap();
-    let svcs = dp.services().unwrap();
-    Node { dp, svcs }
+    };
+    Node::load(&config, [])
 }
 
 fn backends(n: u8) -> Vec<Backend> {

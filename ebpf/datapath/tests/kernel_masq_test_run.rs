@@ -14,14 +14,7 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use common::*;
-use riptide_common::{CFG_F_MASQUERADE, CT_F_INBOUND, Config, EndpointValue, names, stats};
-use riptide_datapath::{
-    Datapath, Pinning,
-    service::{
-        Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, Services,
-        TrafficPolicy,
-    },
-};
+use riptide_common::{CFG_F_MASQUERADE, CT_F_INBOUND, Config, names, stats};
 use riptide_test_support::privileged;
 
 /// This node (n2) and another node (n1) of the same underlay.
@@ -31,16 +24,10 @@ const SERVER_POD: &str = "10.42.2.10";
 const CLIENT_POD: &str = "10.42.2.11";
 const OUTSIDE: &str = "203.0.113.7";
 
-struct Node {
-    dp: Datapath,
-    svcs: Services,
-}
-
 /// A node at `node_ip` with pod CIDR `10.42.<pod_net>.0/24` and two local
 /// pods `.10`/`.11`.
 fn node_at(node_ip: &str, pod_net: u8) -> Node {
-    let mut dp = Datapath::load(&Pinning::None).expect("load datapath");
-    dp.set_config(&Config {
+    let config = Config {
         node_ip_be: u32::from(ip(node_ip)).to_be(),
         hairpin_ip_be: u32::from(ip("169.254.42.1")).to_be(),
         cluster_cidr_be: u32::from(ip("10.42.0.0")).to_be(),
@@ -51,24 +38,12 @@ fn node_at(node_ip: &str, pod_net: u8) -> Node {
         snat_port_min: 32768,
         snat_port_max: 60999,
         ..Default::default()
-    })
-    .expect("config");
-    for (i, last) in [10u8, 11].iter().enumerate() {
-        dp.endpoints()
-            .expect("endpoints")
-            .upsert(
-                Ipv4Addr::new(10, 42, pod_net, *last),
-                EndpointValue {
-                    ifindex: 200 + i as u32,
-                    flags: 0,
-                    mac: [0x0a, 0x58, 0, 0, pod_net, *last],
-                    node_mac: [0x0e, 0xee, 0, 0, pod_net, *last],
-                },
-            )
-            .expect("endpoint");
-    }
-    let svcs = dp.services().expect("services");
-    Node { dp, svcs }
+    };
+    let pods = [(200, 10u8), (201, 11)];
+    Node::load(
+        &config,
+        pods.map(|(ifindex, last)| (Ipv4Addr::new(10, 42, pod_net, last), pod_endpoint(ifindex, [pod_net, last]))),
+    )
 }
 
 fn node() -> Node {

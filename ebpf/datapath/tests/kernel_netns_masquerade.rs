@@ -43,52 +43,12 @@ use riptide_datapath::{
         TrafficPolicy,
     },
 };
-use riptide_test_support::privileged;
+use riptide_test_support::{
+    netns::{Netns, spawn_in},
+    privileged, run,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Named namespaces, deleted on drop (even when the test fails).
-struct Namespaces(Vec<String>);
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
-}
-
-fn ns_fd(name: &str) -> OwnedFd {
-    std::fs::File::open(format!("/run/netns/{name}"))
-        .unwrap()
-        .into()
-}
-
-/// Runs `f` on a thread inside namespace `ns` (sockets it creates stay there).
-fn in_ns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    let fd = ns_fd(ns);
-    std::thread::spawn(move || {
-        // SAFETY: setns on this thread only, with a valid netns fd.
-        let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-}
 
 struct NodeDp {
     svcs: Services,
@@ -118,17 +78,17 @@ fn setup_node(
     let n = |args: &[&str]| {
         let mut v = vec!["ip", "-n", node];
         v.extend_from_slice(args);
-        sh(&v);
+        run(&v);
     };
     let p = |args: &[&str]| {
         let mut v = vec!["ip", "-n", pod];
         v.extend_from_slice(args);
-        sh(&v);
+        run(&v);
     };
     n(&["link", "set", "lo", "up"]);
     n(&["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"]);
     n(&["link", "set", "eth0", "up"]);
-    sh(&[
+    run(&[
         "ip",
         "netns",
         "exec",
@@ -198,7 +158,7 @@ fn setup_node(
         &peer_node.to_string(),
     ]);
 
-    in_ns(node, move || {
+    spawn_in(node, move || {
         let mut dp = Datapath::load(&Pinning::None).expect("load datapath");
         dp.set_config(&Config {
             node_ip_be: u32::from(node_ip).to_be(),
@@ -251,7 +211,7 @@ fn setup_node(
 /// process.
 fn peer_echo_tcp(ns: &str, addr: SocketAddrV4) {
     let (tx, rx) = mpsc::channel();
-    in_ns(ns, move || {
+    spawn_in(ns, move || {
         let l = TcpListener::bind(addr).expect("bind");
         tx.send(()).unwrap();
         for s in l.incoming() {
@@ -269,7 +229,7 @@ fn peer_echo_tcp(ns: &str, addr: SocketAddrV4) {
 
 fn peer_echo_udp(ns: &str, addr: SocketAddrV4) {
     let (tx, rx) = mpsc::channel();
-    in_ns(ns, move || {
+    spawn_in(ns, move || {
         let s = UdpSocket::bind(addr).expect("bind");
         tx.send(()).unwrap();
         let mut buf = [0u8; 64];
@@ -283,7 +243,7 @@ fn peer_echo_udp(ns: &str, addr: SocketAddrV4) {
 /// Connects from `ns` to `to`; returns (our local address, the peer address
 /// the server saw).
 fn tcp_from(ns: &str, to: SocketAddrV4) -> Result<(SocketAddr, String), String> {
-    in_ns(ns, move || {
+    spawn_in(ns, move || {
         let mut s = TcpStream::connect_timeout(&to.into(), TIMEOUT)
             .map_err(|e| format!("connect {to}: {e}"))?;
         s.set_read_timeout(Some(TIMEOUT)).unwrap();
@@ -304,7 +264,7 @@ fn tcp_from(ns: &str, to: SocketAddrV4) -> Result<(SocketAddr, String), String> 
 /// Sends a datagram from `ns` to `to`; returns (our local address, the
 /// address the answer came from, the peer address the server saw).
 fn udp_from(ns: &str, to: SocketAddrV4) -> Result<(SocketAddr, SocketAddr, String), String> {
-    in_ns(ns, move || {
+    spawn_in(ns, move || {
         let s = UdpSocket::bind("0.0.0.0:0").unwrap();
         s.set_read_timeout(Some(TIMEOUT)).unwrap();
         s.send_to(b"who am i", to).map_err(|e| e.to_string())?;
@@ -365,7 +325,7 @@ struct Lab {
     p2: String,
     /// With [`lab_outside`]: the outside client's namespace.
     c: String,
-    _guard: Namespaces,
+    _namespaces: Vec<Netns>,
 }
 
 fn lab(tag: &str) -> Lab {
@@ -386,26 +346,21 @@ fn lab_with(tag: &str, outside: bool) -> Lab {
         roles.extend(["sw", "c"]);
     }
     let names: Vec<String> = roles.iter().map(|s| format!("rt{tag}{id}{s}")).collect();
-    let mut guard = Namespaces(Vec::new());
-    for n in &names {
-        sh(&["ip", "netns", "add", n]);
-        guard.0.push(n.clone());
-    }
+    let namespaces: Vec<Netns> = names.iter().map(|n| Netns::new(n.clone())).collect();
     let (n1, n2, p1, p2) = (&names[0], &names[1], &names[2], &names[3]);
     let mut c = String::new();
     if outside {
         let (sw, cl) = (&names[4], &names[5]);
-        sh(&["ip", "-n", sw, "link", "add", "br0", "type", "bridge"]);
-        sh(&["ip", "-n", sw, "link", "set", "br0", "up"]);
+        run(&["ip", "-n", sw, "link", "add", "br0", "type", "bridge"]);
+        run(&["ip", "-n", sw, "link", "set", "br0", "up"]);
         for (port, ns) in [("s1", n1), ("s2", n2), ("s3", cl)] {
-            sh(&[
+            run(&[
                 "ip", "-n", sw, "link", "add", port, "type", "veth", "peer", "name", "eth0",
                 "netns", ns,
             ]);
-            sh(&["ip", "-n", sw, "link", "set", port, "master", "br0", "up"]);
+            run(&["ip", "-n", sw, "link", "set", port, "master", "br0", "up"]);
         }
-        sh(&["ip", "-n", cl, "link", "set", "lo", "up"]);
-        sh(&[
+        run(&[
             "ip",
             "-n",
             cl,
@@ -415,10 +370,10 @@ fn lab_with(tag: &str, outside: bool) -> Lab {
             "dev",
             "eth0",
         ]);
-        sh(&["ip", "-n", cl, "link", "set", "eth0", "up"]);
+        run(&["ip", "-n", cl, "link", "set", "eth0", "up"]);
         c.clone_from(cl);
     } else {
-        sh(&[
+        run(&[
             "ip", "-n", n1, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
             n2,
         ]);
@@ -433,7 +388,7 @@ fn lab_with(tag: &str, outside: bool) -> Lab {
     // to end and nothing would ever check it.
     for n in [n1, n2] {
         let n = n.clone();
-        in_ns(&n, || set_tx_csum("eth0", false)).join().unwrap();
+        spawn_in(&n, || set_tx_csum("eth0", false)).join().unwrap();
     }
     Lab {
         node1,
@@ -443,7 +398,36 @@ fn lab_with(tag: &str, outside: bool) -> Lab {
         p1: p1.clone(),
         p2: p2.clone(),
         c,
-        _guard: guard,
+        _namespaces: namespaces,
+    }
+}
+
+impl Lab {
+    /// Installs each one-backend service on both nodes as each node's agent
+    /// would write it: the backend is local on node 2 when the flag holds,
+    /// on node 1 otherwise.
+    fn upsert_on_both(&mut self, services: &[(&str, Protocol, (FrontendKind, Ipv4Addr, u16), SocketAddrV4, bool)]) {
+        for (node, is_node2) in [(&mut self.node1, false), (&mut self.node2, true)] {
+            for &(name, protocol, frontend, backend, on_node2) in services {
+                node.svcs.upsert(&service(name, protocol, frontend, backend, on_node2 == is_node2)).unwrap();
+            }
+        }
+    }
+
+    /// Both nodes' non-zero counters, flows and NAT entries, for failure
+    /// messages.
+    fn state(&self) -> String {
+        [("n1", &self.node1), ("n2", &self.node2)]
+            .iter()
+            .map(|(name, n)| {
+                format!(
+                    "{name} stats {:?}\n{name} conntrack {:?}\n{name} nat {:?}\n",
+                    stats_of(n),
+                    n.dp.conntrack().unwrap(),
+                    n.dp.nat().unwrap(),
+                )
+            })
+            .collect()
     }
 }
 
@@ -465,7 +449,7 @@ fn netns_masquerade_node_to_remote_pod_and_pod_node_combinations_work() {
         return;
     }
     let lab = lab("mq");
-    let (node1, node2) = (&lab.node1, &lab.node2);
+    let node2 = &lab.node2;
     let (n1, n2, p1, p2) = (&lab.n1, &lab.n2, &lab.p1, &lab.p2);
     let (n1_ip, n2_ip) = (ip(N1), ip(N2));
     let (p1_ip, p2_ip) = (ip("10.42.1.10"), ip("10.42.2.10"));
@@ -475,15 +459,7 @@ fn netns_masquerade_node_to_remote_pod_and_pod_node_combinations_work() {
     peer_echo_tcp(n1, SocketAddrV4::new(n1_ip, 9090));
     peer_echo_tcp(n2, SocketAddrV4::new(n2_ip, 9091));
 
-    let ctx = || {
-        format!(
-            "n1 stats {:?}\nn2 stats {:?}\nn2 nat {:?}\nn2 conntrack {:?}",
-            stats_of(node1),
-            stats_of(node2),
-            node2.dp.nat().unwrap(),
-            node2.dp.conntrack().unwrap()
-        )
-    };
+    let ctx = || lab.state();
 
     // Node → remote pod (the lab regression): works, and the pod sees the
     // node's own address.
@@ -580,55 +556,17 @@ fn netns_per_packet_lb_clusterip_hairpin_and_nodeport_with_real_packets() {
     let dns = SocketAddrV4::new(p2_ip, 5353);
     let on_p1 = SocketAddrV4::new(p1_ip, 9999);
     let none = Ipv4Addr::UNSPECIFIED;
-    for (node, p2_local) in [(&mut lab.node1, false), (&mut lab.node2, true)] {
-        let s = &mut node.svcs;
-        s.upsert(&service(
-            "default/web:http",
-            Protocol::Tcp,
-            (FrontendKind::ClusterIp, vip, 80),
-            web,
-            p2_local,
-        ))
-        .unwrap();
-        s.upsert(&service(
-            "default/dns:udp",
-            Protocol::Udp,
-            (FrontendKind::ClusterIp, vip, 53),
-            dns,
-            p2_local,
-        ))
-        .unwrap();
-        s.upsert(&service(
-            "default/web-np:http",
-            Protocol::Tcp,
-            (FrontendKind::NodePort, none, 30080),
-            web,
-            p2_local,
-        ))
-        .unwrap();
-        s.upsert(&service(
-            "default/p1-np:http",
-            Protocol::Tcp,
-            (FrontendKind::NodePort, none, 30081),
-            on_p1,
-            !p2_local,
-        ))
-        .unwrap();
-    }
+    lab.upsert_on_both(&[
+        ("default/web:http", Protocol::Tcp, (FrontendKind::ClusterIp, vip, 80), web, true),
+        ("default/dns:udp", Protocol::Udp, (FrontendKind::ClusterIp, vip, 53), dns, true),
+        ("default/web-np:http", Protocol::Tcp, (FrontendKind::NodePort, none, 30080), web, true),
+        ("default/p1-np:http", Protocol::Tcp, (FrontendKind::NodePort, none, 30081), on_p1, false),
+    ]);
     let (n1, n2, p1, p2) = (&lab.n1, &lab.n2, &lab.p1, &lab.p2);
     peer_echo_tcp(p2, web);
     peer_echo_udp(p2, dns);
     peer_echo_tcp(p1, on_p1);
-    let ctx = || {
-        format!(
-            "n1 stats {:?}\nn2 stats {:?}\nn1 conntrack {:?}\nn2 conntrack {:?}\nn2 nat {:?}",
-            stats_of(&lab.node1),
-            stats_of(&lab.node2),
-            lab.node1.dp.conntrack().unwrap(),
-            lab.node2.dp.conntrack().unwrap(),
-            lab.node2.dp.nat().unwrap(),
-        )
-    };
+    let ctx = || lab.state();
 
     // ClusterIP from a pod to a backend on the other node: the backend
     // sees the client pod; the client's socket got its answer from the VIP
@@ -692,25 +630,10 @@ fn netns_nodeport_to_remote_backend_is_forwarded_by_fib_redirect() {
     let web = SocketAddrV4::new(p2_ip, 8080);
     let dns = SocketAddrV4::new(p2_ip, 5353);
     let none = Ipv4Addr::UNSPECIFIED;
-    for (node, p2_local) in [(&mut lab.node1, false), (&mut lab.node2, true)] {
-        let s = &mut node.svcs;
-        s.upsert(&service(
-            "default/web-np:http",
-            Protocol::Tcp,
-            (FrontendKind::NodePort, none, 30080),
-            web,
-            p2_local,
-        ))
-        .unwrap();
-        s.upsert(&service(
-            "default/dns-np:udp",
-            Protocol::Udp,
-            (FrontendKind::NodePort, none, 30053),
-            dns,
-            p2_local,
-        ))
-        .unwrap();
-    }
+    lab.upsert_on_both(&[
+        ("default/web-np:http", Protocol::Tcp, (FrontendKind::NodePort, none, 30080), web, true),
+        ("default/dns-np:udp", Protocol::Udp, (FrontendKind::NodePort, none, 30053), dns, true),
+    ]);
     let (n1, c, p2) = (&lab.n1, &lab.c, &lab.p2);
     peer_echo_tcp(p2, web);
     peer_echo_udp(p2, dns);
@@ -721,23 +644,14 @@ fn netns_nodeport_to_remote_backend_is_forwarded_by_fib_redirect() {
             .expect("spawn ip");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let ctx = || {
-        format!(
-            "n1 stats {:?}\nn2 stats {:?}\nn1 conntrack {:?}\nn1 nat {:?}\nn1 neighbours:\n{}",
-            stats_of(&lab.node1),
-            stats_of(&lab.node2),
-            lab.node1.dp.conntrack().unwrap(),
-            lab.node1.dp.nat().unwrap(),
-            neigh(n1),
-        )
-    };
+    let ctx = || format!("{}n1 neighbours:\n{}", lab.state(), neigh(n1));
     let fib = |n: &NodeDp| {
         let s = n.dp.stats().unwrap();
         (s.get(stats::FIB_REDIRECT), s.get(stats::FIB_FALLBACK))
     };
 
     // Node 1 starts without neighbour entries on its uplink.
-    sh(&["ip", "-n", n1, "neigh", "flush", "dev", "eth0"]);
+    run(&["ip", "-n", n1, "neigh", "flush", "dev", "eth0"]);
     let (local, seen) = tcp_from(c, SocketAddrV4::new(n1_ip, 30080))
         .unwrap_or_else(|e| panic!("outside → NodePort, remote backend: {e}\n{}", ctx()));
     assert_eq!(local.ip(), ip(OUTSIDE));
@@ -923,18 +837,12 @@ fn netns_host_connection_from_a_nodeport_port_is_left_to_the_kernel() {
     );
     peer_echo_tcp(c, c_tcp);
     peer_echo_udp(c, c_udp);
-    let ctx = || {
-        format!(
-            "n1 stats {:?}\nn1 conntrack {:?}",
-            stats_of(&lab.node1),
-            lab.node1.dp.conntrack().unwrap(),
-        )
-    };
+    let ctx = || lab.state();
     let local_socket = || lab.node1.dp.stats().unwrap().get(stats::LOCAL_SOCKET);
 
     // TCP from node 1's local port 30000 to the outside server: the
     // SYN-ACK and everything after it reach the socket.
-    let got = in_ns(n1, move || {
+    let got = spawn_in(n1, move || {
         let fd = bound_socket(libc::SOCK_STREAM, 30000);
         connect_fd(&fd, c_tcp).map_err(|e| format!("connect {c_tcp} from :30000: {e}"))?;
         let mut s = TcpStream::from(fd);
@@ -960,7 +868,7 @@ fn netns_host_connection_from_a_nodeport_port_is_left_to_the_kernel() {
     );
 
     // UDP: a socket bound to :30000 and connected to the outside server.
-    let got = in_ns(n1, move || {
+    let got = spawn_in(n1, move || {
         let fd = bound_socket(libc::SOCK_DGRAM, 30000);
         connect_fd(&fd, c_udp).map_err(|e| format!("connect {c_udp}: {e}"))?;
         let s = UdpSocket::from(fd);
@@ -988,7 +896,7 @@ fn netns_host_connection_from_a_nodeport_port_is_left_to_the_kernel() {
     let before = local_socket();
     let (tx, rx) = mpsc::channel();
     let (hold_tx, hold_rx) = mpsc::channel::<()>();
-    let holder = in_ns(n1, move || {
+    let holder = spawn_in(n1, move || {
         let l = TcpListener::bind("0.0.0.0:30000").unwrap();
         let u = UdpSocket::bind("0.0.0.0:30000").unwrap();
         tx.send(()).unwrap();

@@ -16,12 +16,8 @@ use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    os::{
-        fd::{AsRawFd, OwnedFd},
-        unix::process::CommandExt,
-    },
+    os::{fd::AsRawFd, unix::process::CommandExt},
     path::PathBuf,
-    process::Command,
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
@@ -36,7 +32,10 @@ use riptide_datapath::{
         TrafficPolicy,
     },
 };
-use riptide_test_support::privileged;
+use riptide_test_support::{
+    netns::{self, Netns},
+    privileged, run,
+};
 
 const VIP: &str = "10.96.77.10";
 const BACKENDS: [&str; 3] = ["10.200.0.1", "10.200.0.2", "10.200.0.3"];
@@ -53,77 +52,23 @@ fn unique(prefix: &str) -> String {
     )
 }
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+/// The servers' namespace (`lo` up, deleted on drop) with the backend
+/// addresses on `lo`.
+struct ServerNs(Netns);
 
-/// A named network namespace with `lo` up and the backend addresses on it;
-/// deleted on drop.
-struct Netns {
-    name: String,
-    fd: OwnedFd,
-}
-
-impl Netns {
+impl ServerNs {
     fn new() -> Self {
-        let name = unique("rtsock");
-        sh(&["ip", "netns", "add", &name]);
-        let guard_name = name.clone();
-        let fd: OwnedFd = match std::fs::File::open(format!("/run/netns/{name}")) {
-            Ok(f) => f.into(),
-            Err(e) => {
-                let _ = Command::new("ip")
-                    .args(["netns", "del", &guard_name])
-                    .status();
-                panic!("open netns {name}: {e}");
-            }
-        };
-        let ns = Self { name, fd };
-        sh(&["ip", "-n", &ns.name, "link", "set", "lo", "up"]);
+        let ns = Netns::new(unique("rtsock"));
         for b in BACKENDS {
-            sh(&[
-                "ip",
-                "-n",
-                &ns.name,
-                "addr",
-                "add",
-                &format!("{b}/32"),
-                "dev",
-                "lo",
-            ]);
+            run(&["ip", "-n", ns.name(), "addr", "add", &format!("{b}/32"), "dev", "lo"]);
         }
-        ns
+        Self(ns)
     }
 
     /// Runs `f` on a thread inside the namespace (sockets created there stay
     /// in it).
-    fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let fd = self.fd.try_clone().unwrap();
-        std::thread::spawn(move || {
-            // SAFETY: setns on this thread only, with a valid netns fd.
-            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+    fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        netns::spawn_in(self.0.name(), f)
     }
 }
 
@@ -160,13 +105,13 @@ struct World {
     svcs: Services,
     events: Events,
     _dp: Datapath,
-    ns: Netns,
+    ns: ServerNs,
     cg: Cgroup,
 }
 
 fn world() -> World {
     let cg = Cgroup::new();
-    let ns = Netns::new();
+    let ns = ServerNs::new();
     let mut dp = Datapath::load(&Pinning::None).expect("load");
     dp.set_config(&Config {
         flags: CFG_F_SOCK_LB,
@@ -212,7 +157,7 @@ fn service(protocol: Protocol, n: usize, affinity: Option<u32>) -> Service {
 
 /// TCP servers on every backend address: answer each connection with the
 /// backend's address, then close. Threads end with the process.
-fn tcp_servers(ns: &Netns) {
+fn tcp_servers(ns: &ServerNs) {
     for b in BACKENDS {
         let (tx, rx) = std::sync::mpsc::channel();
         ns.spawn(move || {
@@ -227,7 +172,7 @@ fn tcp_servers(ns: &Netns) {
     }
 }
 
-fn udp_servers(ns: &Netns) {
+fn udp_servers(ns: &ServerNs) {
     for b in BACKENDS {
         let (tx, rx) = std::sync::mpsc::channel();
         ns.spawn(move || {
@@ -254,8 +199,7 @@ fn client_to(w: &World, mode: &str, target: &str, count: u32) -> Vec<String> {
         .open(w.cg.path.join("cgroup.procs"))
         .expect("open cgroup.procs");
     let procs_fd = procs.as_raw_fd();
-    let ns_fd = w.ns.fd.as_raw_fd();
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    let mut cmd = netns::command(w.ns.0.name(), std::env::current_exe().unwrap());
     cmd.args([
         "--exact",
         "sock_client_child",
@@ -268,9 +212,6 @@ fn client_to(w: &World, mode: &str, target: &str, count: u32) -> Vec<String> {
     unsafe {
         cmd.pre_exec(move || {
             if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

@@ -68,14 +68,7 @@ pub fn ip(args: &[&str]) -> String {
 pub fn workspace_bin(bin_dir: &Path, package: &str, bin: &str) -> PathBuf {
     let path = bin_dir.join(bin);
     if !path.exists() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let target = bin_dir.parent().expect("a binary directory inside a target directory");
-        let st = Command::new(cargo)
-            .args(["build", "-p", package, "--bin", bin])
-            .env("CARGO_TARGET_DIR", target)
-            .status()
-            .unwrap_or_else(|e| panic!("running cargo to build {bin}: {e}"));
-        assert!(st.success(), "building {bin}");
+        cargo_build(bin_dir, package, "--bin", bin);
     }
     path
 }
@@ -85,13 +78,19 @@ pub fn workspace_bin(bin_dir: &Path, package: &str, bin: &str) -> PathBuf {
 /// target directory around `bin_dir`, as [`workspace_bin`] locates it: a
 /// test can run a benchmark through its real command line.
 pub fn workspace_example(bin_dir: &Path, package: &str, example: &str) -> PathBuf {
+    cargo_build(bin_dir, package, "--example", example);
+    bin_dir.join("examples").join(example)
+}
+
+/// `cargo build -p package <kind> <name>` into the target directory that
+/// holds `bin_dir` (the test's own profile directory).
+fn cargo_build(bin_dir: &Path, package: &str, kind: &str, name: &str) {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let target = bin_dir.parent().expect("a binary directory inside a target directory");
     let st = Command::new(cargo)
-        .args(["build", "-p", package, "--example", example])
+        .args(["build", "-p", package, kind, name])
         .env("CARGO_TARGET_DIR", target)
         .status()
-        .unwrap_or_else(|e| panic!("running cargo to build example {example}: {e}"));
-    assert!(st.success(), "building example {example}");
-    bin_dir.join("examples").join(example)
+        .unwrap_or_else(|e| panic!("running cargo to build {name}: {e}"));
+    assert!(st.success(), "building {name}");
 }

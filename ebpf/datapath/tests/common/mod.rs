@@ -5,7 +5,48 @@
 use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};
-use riptide_datapath::Datapath;
+use riptide_common::{Config, EndpointValue};
+// The Service vocabulary every BPF_PROG_TEST_RUN suite builds its services
+// from (`use common::*`); not every suite uses all of it.
+#[allow(unused_imports)]
+pub use riptide_datapath::{
+    Datapath, Pinning,
+    service::{
+        Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, Services,
+        TrafficPolicy,
+    },
+};
+
+/// One node: its own datapath instance (no pins) and its service writer.
+pub struct Node {
+    pub dp: Datapath,
+    pub svcs: Services,
+}
+
+impl Node {
+    /// Loads a datapath, configures it with `config` and adds `endpoints`
+    /// (the pods on this node), as the agent and the CNI would.
+    pub fn load(config: &Config, endpoints: impl IntoIterator<Item = (Ipv4Addr, EndpointValue)>) -> Self {
+        let mut dp = Datapath::load(&Pinning::None).expect("load datapath");
+        dp.set_config(config).expect("config");
+        for (addr, value) in endpoints {
+            dp.endpoints().expect("endpoints").upsert(addr, value).expect("endpoint");
+        }
+        let svcs = dp.services().expect("services");
+        Self { dp, svcs }
+    }
+}
+
+/// A pod's endpoint entry: host veth `ifindex`, pod and host-side MACs
+/// ending in `tail`.
+pub fn pod_endpoint(ifindex: u32, tail: [u8; 2]) -> EndpointValue {
+    EndpointValue {
+        ifindex,
+        flags: 0,
+        mac: [0x0a, 0x58, 0, 0, tail[0], tail[1]],
+        node_mac: [0x0e, 0xee, 0, 0, tail[0], tail[1]],
+    }
+}
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
