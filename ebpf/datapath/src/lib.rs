@@ -66,6 +66,13 @@ impl Datapath {
     /// Loads the object, reusing pinned maps of `pinning` when they exist, and
     /// loads (verifies) every program.
     pub fn load(pinning: &Pinning) -> Result<Self> {
+        Self::load_sized(pinning, &[])
+    }
+
+    /// [`Datapath::load`] with `max_entries` overridden for the named maps
+    /// (`(names::BE4, 4)`). Only maps created by this load take the size: a
+    /// map reused from a pin keeps the size it was created with.
+    pub fn load_sized(pinning: &Pinning, max_entries: &[(&str, u32)]) -> Result<Self> {
         let (node, pin_dir) = match pinning {
             Pinning::Node(node) => {
                 let dir = pin_dir(node)?;
@@ -80,14 +87,14 @@ impl Datapath {
             Pinning::None => (String::new(), None),
         };
         let ebpf = match &pin_dir {
-            Some(dir) => EbpfLoader::new()
+            Some(dir) => sized_loader(max_entries)
                 .default_map_pin_directory(dir)
                 .load(EBPF_OBJECT)
                 .map_err(|source| Error::Load {
                     node,
                     source: Box::new(source),
                 })?,
-            None => load_private(EBPF_OBJECT)?,
+            None => load_private(EBPF_OBJECT, max_entries)?,
         };
         let mut dp = Self { ebpf, pin_dir };
         dp.load_programs()?;
@@ -214,7 +221,7 @@ fn load_retrying(
 /// Loads `object` with maps private to this load. The maps are declared
 /// pinned-by-name, so aya pins them somewhere; a fresh directory that is
 /// removed right after loading keeps them private (the fds keep them alive).
-fn load_private(object: &[u8]) -> Result<Ebpf> {
+fn load_private(object: &[u8], max_entries: &[(&str, u32)]) -> Result<Ebpf> {
     ensure_bpffs()?;
     let dir = Path::new(PIN_ROOT).join(format!("private-{}-{}", std::process::id(), unique()));
     std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
@@ -222,7 +229,7 @@ fn load_private(object: &[u8]) -> Result<Ebpf> {
         path: dir.clone(),
         source,
     })?;
-    let loaded = EbpfLoader::new()
+    let loaded = sized_loader(max_entries)
         .default_map_pin_directory(&dir)
         .load(object);
     let _ = std::fs::remove_dir_all(&dir);
@@ -230,6 +237,14 @@ fn load_private(object: &[u8]) -> Result<Ebpf> {
         node: String::from("(unpinned)"),
         source: Box::new(source),
     })
+}
+
+fn sized_loader<'a>(max_entries: &[(&'a str, u32)]) -> EbpfLoader<'a> {
+    let mut loader = EbpfLoader::new();
+    for (name, size) in max_entries {
+        loader.map_max_entries(name, *size);
+    }
+    loader
 }
 
 fn unique() -> u64 {

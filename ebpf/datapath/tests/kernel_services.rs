@@ -8,7 +8,10 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use common::ip;
-use riptide_common::{SCOPE_EXT, SCOPE_INT, SvcKey, SvcValue};
+use riptide_common::{
+    BackendKey, BackendValue, MaglevKey, RevNatKey, RevNatValue, SCOPE_EXT, SCOPE_INT, SvcKey,
+    SvcValue, names,
+};
 use riptide_datapath::{
     Datapath, Pinning,
     service::{
@@ -254,4 +257,143 @@ fn kernel_restarted_writer_keeps_ids_from_the_pinned_maps() {
         "a untouched"
     );
     drop(dp);
+}
+
+/// A writer over maps created with `sizes` (`(map name, max_entries)`).
+fn tiny(sizes: &[(&str, u32)]) -> Services {
+    let mut dp = Datapath::load_sized(&Pinning::None, sizes).expect("load");
+    dp.services().expect("services")
+}
+
+/// Everything the writer put into the maps, sorted, for before/after checks.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    svc: Vec<(SvcKey, SvcValue)>,
+    be: Vec<(BackendKey, BackendValue)>,
+    revnat: Vec<(RevNatKey, RevNatValue)>,
+    maglev: Vec<MaglevKey>,
+}
+
+fn snapshot(s: &Services) -> Snapshot {
+    let mut svc = s.dump_services();
+    svc.sort_by_key(|(k, _)| (k.vip_be, k.port_be, k.proto, k.scope, k.slot));
+    let mut be = s.dump_backends();
+    be.sort_by_key(|(k, _)| k.id);
+    let mut revnat = s.dump_revnat();
+    revnat.sort_by_key(|(k, _)| k.id);
+    let mut maglev = s.dump_maglev();
+    maglev.sort_by_key(|k| (k.revnat_id, k.scope));
+    Snapshot {
+        svc,
+        be,
+        revnat,
+        maglev,
+    }
+}
+
+#[test]
+fn kernel_upsert_failing_on_a_full_backend_map_leaves_the_maps_as_they_were() {
+    if !privileged("to load eBPF programs") {
+        return;
+    }
+    let mut s = tiny(&[(names::BE4, 4)]);
+    s.upsert(&svc(
+        "a",
+        "10.43.0.1",
+        &[("10.42.0.1", true), ("10.42.0.2", true)],
+    ))
+    .unwrap();
+    s.upsert(&svc("b", "10.43.0.2", &[("10.42.0.2", true)]))
+        .unwrap();
+    let shared = s.backend_id_of(&addr("10.42.0.2")).unwrap();
+    let before = snapshot(&s);
+
+    // Three new backends next to the two in use: the fifth does not fit.
+    let grown = svc(
+        "a",
+        "10.43.0.1",
+        &[
+            ("10.42.0.1", true),
+            ("10.42.0.3", true),
+            ("10.42.0.4", true),
+            ("10.42.0.5", true),
+        ],
+    );
+    let err = s.upsert(&grown).expect_err("the backend map is full");
+    assert!(format!("{err}").contains(names::BE4), "{err}");
+    assert_eq!(snapshot(&s), before, "maps as before the failed upsert");
+    assert_eq!(s.backend_refs(shared), 2, "refcount unchanged");
+    assert_eq!(s.backend_id_of(&addr("10.42.0.3")), None, "no id leaked");
+
+    // Delete after a failed write removes everything a owned.
+    s.remove("a").unwrap();
+    assert!(entries(&s, "10.43.0.1", SCOPE_EXT).is_empty(), "a's VIP is gone");
+    assert_eq!(s.dump_backends().len(), 1, "only b's backend stays");
+    assert_eq!(s.backend_refs(shared), 1);
+
+    // With room freed the same kind of write succeeds, refcounts exact.
+    let regrown = svc(
+        "a",
+        "10.43.0.1",
+        &[("10.42.0.2", true), ("10.42.0.3", true), ("10.42.0.4", true)],
+    );
+    s.upsert(&regrown).unwrap();
+    assert_eq!(s.backend_refs(shared), 2);
+    for a in ["10.42.0.3", "10.42.0.4"] {
+        assert_eq!(s.backend_refs(s.backend_id_of(&addr(a)).unwrap()), 1, "{a}");
+    }
+    assert_eq!(s.dump_backends().len(), 3);
+    assert_eq!(entries(&s, "10.43.0.1", SCOPE_EXT)[0].1.count, 3);
+}
+
+#[test]
+fn kernel_upsert_failing_midway_through_the_slots_rolls_back_masters_and_backends() {
+    if !privileged("to load eBPF programs") {
+        return;
+    }
+    // a (two frontends × master + 2 slots) and b (two empty masters): 8 of 10.
+    let mut s = tiny(&[(names::SVC4, 10)]);
+    s.upsert(&svc(
+        "a",
+        "10.43.0.1",
+        &[("10.42.0.1", true), ("10.42.0.2", true)],
+    ))
+    .unwrap();
+    s.upsert(&svc("b", "10.43.0.2", &[])).unwrap();
+    let before = snapshot(&s);
+    let four = svc(
+        "a",
+        "10.43.0.1",
+        &[
+            ("10.42.0.1", true),
+            ("10.42.0.2", true),
+            ("10.42.0.3", true),
+            ("10.42.0.4", true),
+        ],
+    );
+    // The ClusterIP frontend grows to 4 slots (its master says 4), then the
+    // NodePort frontend's third slot finds the map full.
+    let err = s.upsert(&four).expect_err("the service map is full");
+    assert!(format!("{err}").contains(names::SVC4), "{err}");
+    assert_eq!(snapshot(&s), before, "masters, slots and backends as before");
+    assert_eq!(s.backend_id_of(&addr("10.42.0.3")), None);
+
+    // A Service that never got in: nothing of it stays, remove is a no-op.
+    let err = s.upsert(&svc("c", "10.43.0.3", &[("10.42.0.9", true)]));
+    assert!(err.is_err(), "c does not fit either");
+    assert_eq!(snapshot(&s), before);
+    assert!(!s.names().any(|n| n == "c"));
+    s.remove("c").unwrap();
+
+    s.remove("b").unwrap();
+    s.upsert(&four).unwrap();
+    assert_eq!(entries(&s, "10.43.0.1", SCOPE_EXT)[0].1.count, 4);
+    assert_eq!(s.dump_backends().len(), 4);
+    for a in ["10.42.0.1", "10.42.0.2", "10.42.0.3", "10.42.0.4"] {
+        assert_eq!(s.backend_refs(s.backend_id_of(&addr(a)).unwrap()), 1, "{a}");
+    }
+    s.remove("a").unwrap();
+    assert!(s.dump_services().is_empty(), "{:?}", s.dump_services());
+    assert!(s.dump_backends().is_empty());
+    assert!(s.dump_revnat().is_empty());
 }

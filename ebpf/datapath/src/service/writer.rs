@@ -16,7 +16,10 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use aya::maps::{HashMap, MapData};
+use aya::{
+    Pod,
+    maps::{HashMap, MapData, MapError},
+};
 use riptide_common::{
     BackendKey, BackendValue, MAGLEV_M, MaglevKey, MaglevValue, RevNatKey, RevNatValue, SCOPE_EXT,
     SvcKey, SvcValue, names,
@@ -42,6 +45,106 @@ struct InstalledFrontend {
     slots: BTreeMap<u8, u16>,
     /// Scopes with a Maglev table.
     maglev: BTreeSet<u8>,
+}
+
+/// Ids an upsert allocated, released again if it fails.
+#[derive(Default)]
+struct FreshIds {
+    backends: Vec<BackendAddr>,
+    frontends: Vec<FrontendId>,
+}
+
+/// What a successful map write leaves for the bookkeeping.
+struct Staged {
+    frontends: BTreeMap<FrontendId, InstalledFrontend>,
+    backends: BTreeSet<BackendAddr>,
+    /// Adopted frontends this upsert claimed: (frontend, revnat id, scopes).
+    claimed: Vec<(FrontendId, u16, Vec<u8>)>,
+    /// Frontends the new version no longer has.
+    dropped: Vec<FrontendId>,
+}
+
+/// One map write and what its key held before (`None`: absent).
+enum Undo {
+    Svc(SvcKey, Option<SvcValue>),
+    Be(BackendKey, Option<BackendValue>),
+    RevNat(RevNatKey, Option<RevNatValue>),
+    /// Boxed: a Maglev table is several KiB.
+    Maglev(MaglevKey, Option<Box<MaglevValue>>),
+}
+
+/// The writes of one operation, newest last. `record` off skips the lookup
+/// of the previous value (a removal is retried, never rolled back).
+struct Journal {
+    undo: Vec<Undo>,
+    record: bool,
+}
+
+impl Journal {
+    fn recording() -> Self {
+        Self {
+            undo: Vec::new(),
+            record: true,
+        }
+    }
+
+    fn not_recording() -> Self {
+        Self {
+            undo: Vec::new(),
+            record: false,
+        }
+    }
+}
+
+/// The value under `k`, `None` when absent.
+fn lookup<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+    k: &K,
+) -> Result<Option<V>> {
+    match map.get(k, 0) {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(source) => Err(Error::Map { name, source }),
+    }
+}
+
+/// Writes `v` under `k`; returns the previous value when `record`.
+fn put<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    k: K,
+    v: V,
+    record: bool,
+) -> Result<Option<V>> {
+    let prev = if record { lookup(map, name, &k)? } else { None };
+    map.insert(k, v, 0).map_err(map_err(name))?;
+    Ok(prev)
+}
+
+/// Deletes `k` (absent is fine); returns the deleted value when `record`.
+fn del<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    k: K,
+    record: bool,
+) -> Result<Option<V>> {
+    let prev = if record { lookup(map, name, &k)? } else { None };
+    ignore_missing(map.remove(&k)).map_err(map_err(name))?;
+    Ok(prev)
+}
+
+/// Puts `k` back to `v` (`None`: deletes it).
+fn restore<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    k: K,
+    v: Option<V>,
+) -> Result<()> {
+    match v {
+        Some(v) => map.insert(k, v, 0).map_err(map_err(name)),
+        None => ignore_missing(map.remove(&k)).map_err(map_err(name)),
+    }
 }
 
 /// Writes services into a node's maps and keeps the bookkeeping (ids,
@@ -206,100 +309,191 @@ impl Services {
         Ok(id)
     }
 
-    /// Adds or replaces `svc`.
+    /// Adds or replaces `svc`, all or nothing: on any map error the maps
+    /// are put back to what they held before (undoing the writes made, last
+    /// first) and the bookkeeping is left untouched, so a retry starts from
+    /// the same state and [`Services::remove`] still finds every entry.
     pub fn upsert(&mut self, svc: &Service) -> Result<()> {
-        // Frontend ownership: one frontend belongs to one service.
-        for fid in svc.frontend_ids() {
-            if let Some(name) = self.frontend_owner.get(&fid) {
-                if name != &svc.name {
-                    return Err(Error::Service {
-                        service: svc.name.clone(),
-                        reason: format!(
-                            "frontend {}:{} already belongs to {name}",
-                            fid.addr, fid.port
-                        ),
-                    });
+        self.check_owner(svc)?;
+        let old = self.take_installed(&svc.name);
+        let mut fresh = FreshIds::default();
+        let mut journal = Journal::recording();
+        match self.write_service(svc, old.as_ref(), &mut fresh, &mut journal) {
+            Ok(staged) => {
+                self.commit(svc, old, staged);
+                tracing::debug!(service = %svc.name, frontends = svc.frontends.len(), backends = svc.backends.len(), "service written");
+                Ok(())
+            }
+            Err(e) => {
+                self.rollback(journal);
+                self.release_fresh(fresh);
+                if let Some(o) = old {
+                    self.restore_installed(&svc.name, o);
                 }
+                Err(e)
             }
         }
+    }
+
+    /// One frontend belongs to one service.
+    fn check_owner(&self, svc: &Service) -> Result<()> {
+        for fid in svc.frontend_ids() {
+            if let Some(name) = self.frontend_owner.get(&fid).filter(|n| **n != svc.name) {
+                return Err(Error::Service {
+                    service: svc.name.clone(),
+                    reason: format!(
+                        "frontend {}:{} already belongs to {name}",
+                        fid.addr, fid.port
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The map half of an upsert: allocates ids (noted in `fresh`), writes
+    /// every entry (noted in `journal`) and returns what the bookkeeping must
+    /// learn once all writes succeeded.
+    fn write_service(
+        &mut self,
+        svc: &Service,
+        old: Option<&Installed>,
+        fresh: &mut FreshIds,
+        j: &mut Journal,
+    ) -> Result<Staged> {
         for b in &svc.backends {
-            self.backend_id(svc.backend_addr(b))?;
+            let addr = svc.backend_addr(b);
+            if !self.backend_ids.contains_key(&addr) {
+                self.backend_id(addr)?;
+                fresh.backends.push(addr);
+            }
         }
         for fid in svc.frontend_ids() {
-            self.revnat_id(fid)?;
+            if !self.revnat_ids.contains_key(&fid) {
+                self.revnat_id(fid)?;
+                fresh.frontends.push(fid);
+            }
         }
         let plan = build(svc, &self.backend_ids, &self.revnat_ids)?;
-        let old = self.take_installed(&svc.name);
         let new_backends: BTreeSet<BackendAddr> =
             svc.backends.iter().map(|b| svc.backend_addr(b)).collect();
 
         // 1. Backends (new ones become visible before any slot names them).
         for (id, value) in &plan.backends {
-            self.be
-                .insert(BackendKey { id: *id }, *value, 0)
-                .map_err(map_err(names::BE4))?;
-        }
-        for addr in &new_backends {
-            let in_old = old.as_ref().is_some_and(|o| o.backends.contains(addr));
-            if !in_old {
-                let id = self.backend_ids[addr];
-                *self.backend_refs.entry(id).or_insert(0) += 1;
-            }
+            let key = BackendKey { id: *id };
+            let prev = put(&mut self.be, names::BE4, key, *value, j.record)?;
+            j.undo.push(Undo::Be(key, prev));
         }
 
         // 2. Frontends: reverse NAT, slots, master (count last), then shrink.
         let mut frontends = BTreeMap::new();
+        let mut claimed = Vec::new();
         for fp in &plan.frontends {
             let fid = fp.id;
-            let prev = match old.as_ref().and_then(|o| o.frontends.get(&fid)) {
+            let (slots, maglev) = match old.and_then(|o| o.frontends.get(&fid)) {
                 Some(f) => (f.slots.clone(), f.maglev.clone()),
                 None => {
-                    let slots = self.adopted.remove(&fid).unwrap_or_default();
-                    let maglev = slots
+                    let slots = self.adopted.get(&fid).cloned().unwrap_or_default();
+                    let maglev: BTreeSet<u8> = slots
                         .keys()
-                        .filter(|scope| self.adopted_maglev.remove(&(fp.revnat_id, **scope)))
+                        .filter(|scope| self.adopted_maglev.contains(&(fp.revnat_id, **scope)))
                         .copied()
                         .collect();
+                    if self.adopted.contains_key(&fid) {
+                        claimed.push((fid, fp.revnat_id, slots.keys().copied().collect()));
+                    }
                     (slots, maglev)
                 }
             };
-            let (slots, maglev) = self.write_frontend(fp, &prev.0, &prev.1)?;
-            frontends.insert(
-                fid,
-                InstalledFrontend {
-                    slots,
-                    maglev,
-                },
-            );
+            let (slots, maglev) = self.write_frontend(fp, &slots, &maglev, j)?;
+            frontends.insert(fid, InstalledFrontend { slots, maglev });
         }
 
         // 3. Frontends the new version dropped.
-        if let Some(o) = &old {
+        let mut dropped = Vec::new();
+        if let Some(o) = old {
             for (fid, f) in &o.frontends {
                 if !frontends.contains_key(fid) {
-                    self.delete_frontend(fid, &f.slots)?;
+                    self.delete_frontend_maps(fid, &f.slots, j)?;
+                    dropped.push(*fid);
                 }
             }
         }
 
         // 4. Backends the new version dropped, once nothing points at them.
-        if let Some(o) = &old {
+        if let Some(o) = old {
             for addr in o.backends.difference(&new_backends) {
-                self.unref_backend(*addr)?;
+                self.delete_backend_if_last(*addr, j)?;
             }
         }
-        for fid in frontends.keys() {
-            self.frontend_owner.insert(*fid, svc.name.clone());
+        Ok(Staged {
+            frontends,
+            backends: new_backends,
+            claimed,
+            dropped,
+        })
+    }
+
+    /// The bookkeeping half of an upsert, run once the maps agree.
+    fn commit(&mut self, svc: &Service, old: Option<Installed>, staged: Staged) {
+        let old_backends = old.as_ref().map(|o| &o.backends);
+        for addr in &staged.backends {
+            if !old_backends.is_some_and(|o| o.contains(addr)) {
+                let id = self.backend_ids[addr];
+                *self.backend_refs.entry(id).or_insert(0) += 1;
+            }
         }
-        self.installed.insert(
-            svc.name.clone(),
+        if let Some(o) = old_backends {
+            for addr in o.difference(&staged.backends) {
+                self.unref_backend(*addr);
+            }
+        }
+        for (fid, revnat_id, scopes) in staged.claimed {
+            self.adopted.remove(&fid);
+            for scope in scopes {
+                self.adopted_maglev.remove(&(revnat_id, scope));
+            }
+        }
+        for fid in &staged.dropped {
+            self.forget_frontend(fid);
+        }
+        self.restore_installed(
+            &svc.name,
             Installed {
-                frontends,
-                backends: new_backends,
+                frontends: staged.frontends,
+                backends: staged.backends,
             },
         );
-        tracing::debug!(service = %svc.name, frontends = svc.frontends.len(), backends = svc.backends.len(), "service written");
-        Ok(())
+    }
+
+    /// Puts every entry the journal wrote back to what it held before, in
+    /// reverse order: the reverse of a reader-safe order is reader-safe
+    /// (masters go back to their old counts before the slots they name, new
+    /// backends go last, once no slot points at them).
+    fn rollback(&mut self, j: Journal) {
+        for u in j.undo.into_iter().rev() {
+            let r = match u {
+                Undo::Svc(k, v) => restore(&mut self.svc, names::SVC4, k, v),
+                Undo::Be(k, v) => restore(&mut self.be, names::BE4, k, v),
+                Undo::RevNat(k, v) => restore(&mut self.revnat, names::REVNAT4, k, v),
+                Undo::Maglev(k, v) => restore(&mut self.maglev, names::MAGLEV4, k, v.map(|b| *b)),
+            };
+            if let Err(e) = r {
+                tracing::error!(error = %e, "rolling back a failed service write");
+            }
+        }
+    }
+
+    /// Frees the ids a failed upsert allocated.
+    fn release_fresh(&mut self, fresh: FreshIds) {
+        for addr in fresh.backends {
+            if let Some(id) = self.backend_ids.remove(&addr) {
+                self.used_backend_ids.remove(&id);
+            }
+        }
+        for fid in fresh.frontends {
+            self.forget_frontend(&fid);
+        }
     }
 
     fn write_frontend(
@@ -307,6 +501,7 @@ impl Services {
         fp: &FrontendPlan,
         prev: &BTreeMap<u8, u16>,
         prev_maglev: &BTreeSet<u8>,
+        j: &mut Journal,
     ) -> Result<(BTreeMap<u8, u16>, BTreeSet<u8>)> {
         let fe = &fp.id;
         let rn = RevNatValue {
@@ -314,16 +509,12 @@ impl Services {
             port_be: fe.port.to_be(),
             _pad: 0,
         };
-        self.revnat
-            .insert(
-                RevNatKey {
-                    id: fp.revnat_id,
-                    _pad: 0,
-                },
-                rn,
-                0,
-            )
-            .map_err(map_err(names::REVNAT4))?;
+        let rkey = RevNatKey {
+            id: fp.revnat_id,
+            _pad: 0,
+        };
+        let prev_rn = put(&mut self.revnat, names::REVNAT4, rkey, rn, j.record)?;
+        j.undo.push(Undo::RevNat(rkey, prev_rn));
         let mut written = BTreeMap::new();
         let mut maglev_written = BTreeSet::new();
         for sp in &fp.scopes {
@@ -339,9 +530,7 @@ impl Services {
                     _pad: 0,
                     affinity_timeout_s: 0,
                 };
-                self.svc
-                    .insert(fe.key(sp.scope, slot), v, 0)
-                    .map_err(map_err(names::SVC4))?;
+                self.put_svc(fe.key(sp.scope, slot), v, j)?;
             }
             // The table before the master that says "Maglev" (a reader
             // without a table falls back to a random slot anyway).
@@ -358,22 +547,18 @@ impl Services {
                 for (d, id) in v.backend_ids.iter_mut().zip(t) {
                     *d = *id;
                 }
-                self.maglev
-                    .insert(mkey, v, 0)
-                    .map_err(map_err(names::MAGLEV4))?;
+                let prev = put(&mut self.maglev, names::MAGLEV4, mkey, v, j.record)?;
+                j.undo.push(Undo::Maglev(mkey, prev.map(Box::new)));
                 maglev_written.insert(sp.scope);
             }
-            self.svc
-                .insert(fe.key(sp.scope, 0), sp.master, 0)
-                .map_err(map_err(names::SVC4))?;
+            self.put_svc(fe.key(sp.scope, 0), sp.master, j)?;
             if sp.maglev.is_none() && prev_maglev.contains(&sp.scope) {
-                ignore_missing(self.maglev.remove(&mkey)).map_err(map_err(names::MAGLEV4))?;
+                self.del_maglev(mkey, j)?;
             }
             let n = sp.master.count;
             let old_n = prev.get(&sp.scope).copied().unwrap_or(0);
             for slot in (n + 1)..=old_n {
-                ignore_missing(self.svc.remove(&fe.key(sp.scope, slot)))
-                    .map_err(map_err(names::SVC4))?;
+                self.del_svc(fe.key(sp.scope, slot), j)?;
             }
             written.insert(sp.scope, n);
         }
@@ -381,17 +566,43 @@ impl Services {
         // master written above no longer points at it; delete it now.
         for (scope, old_n) in prev {
             if !written.contains_key(scope) {
-                self.delete_scope(*fe, *scope, *old_n)?;
+                self.delete_scope_maps(*fe, *scope, *old_n, j)?;
             }
         }
         Ok((written, maglev_written))
     }
 
-    fn delete_scope(&mut self, fid: FrontendId, scope: u8, n: u16) -> Result<()> {
+    fn put_svc(&mut self, k: SvcKey, v: SvcValue, j: &mut Journal) -> Result<()> {
+        let prev = put(&mut self.svc, names::SVC4, k, v, j.record)?;
+        j.undo.push(Undo::Svc(k, prev));
+        Ok(())
+    }
+
+    fn del_svc(&mut self, k: SvcKey, j: &mut Journal) -> Result<()> {
+        if let Some(prev) = del(&mut self.svc, names::SVC4, k, j.record)? {
+            j.undo.push(Undo::Svc(k, Some(prev)));
+        }
+        Ok(())
+    }
+
+    fn del_maglev(&mut self, k: MaglevKey, j: &mut Journal) -> Result<()> {
+        if let Some(prev) = del(&mut self.maglev, names::MAGLEV4, k, j.record)? {
+            j.undo.push(Undo::Maglev(k, Some(Box::new(prev))));
+        }
+        Ok(())
+    }
+
+    fn delete_scope_maps(
+        &mut self,
+        fid: FrontendId,
+        scope: u8,
+        n: u16,
+        j: &mut Journal,
+    ) -> Result<()> {
         // Master first: no new lookup finds the scope, then its slots.
-        ignore_missing(self.svc.remove(&fid.key(scope, 0))).map_err(map_err(names::SVC4))?;
+        self.del_svc(fid.key(scope, 0), j)?;
         for slot in 1..=n {
-            ignore_missing(self.svc.remove(&fid.key(scope, slot))).map_err(map_err(names::SVC4))?;
+            self.del_svc(fid.key(scope, slot), j)?;
         }
         if let Some(&revnat_id) = self.revnat_ids.get(&fid) {
             let key = MaglevKey {
@@ -399,25 +610,40 @@ impl Services {
                 scope,
                 _pad: 0,
             };
-            ignore_missing(self.maglev.remove(&key)).map_err(map_err(names::MAGLEV4))?;
-            self.adopted_maglev.remove(&(revnat_id, scope));
+            self.del_maglev(key, j)?;
         }
         Ok(())
     }
 
-    fn delete_frontend(&mut self, fid: &FrontendId, slots: &BTreeMap<u8, u16>) -> Result<()> {
+    /// Deletes a frontend's entries from the maps; the bookkeeping is
+    /// [`Self::forget_frontend`]'s, once every delete succeeded.
+    fn delete_frontend_maps(
+        &mut self,
+        fid: &FrontendId,
+        slots: &BTreeMap<u8, u16>,
+        j: &mut Journal,
+    ) -> Result<()> {
         // EXT first: it is the entry every lookup starts from.
         let mut scopes: Vec<_> = slots.iter().collect();
         scopes.sort_by_key(|(scope, _)| **scope != SCOPE_EXT);
         for (scope, n) in scopes {
-            self.delete_scope(*fid, *scope, *n)?;
+            self.delete_scope_maps(*fid, *scope, *n, j)?;
         }
-        if let Some(id) = self.revnat_ids.remove(fid) {
-            self.used_revnat_ids.remove(&id);
-            ignore_missing(self.revnat.remove(&RevNatKey { id, _pad: 0 }))
-                .map_err(map_err(names::REVNAT4))?;
+        if let Some(&id) = self.revnat_ids.get(fid) {
+            let key = RevNatKey { id, _pad: 0 };
+            if let Some(prev) = del(&mut self.revnat, names::REVNAT4, key, j.record)? {
+                j.undo.push(Undo::RevNat(key, Some(prev)));
+            }
         }
         Ok(())
+    }
+
+    /// Forgets a frontend's reverse-NAT id and any Maglev table adopted for it.
+    fn forget_frontend(&mut self, fid: &FrontendId) {
+        if let Some(id) = self.revnat_ids.remove(fid) {
+            self.used_revnat_ids.remove(&id);
+            self.adopted_maglev.retain(|(rn, _)| *rn != id);
+        }
     }
 
     /// Takes `name` out of `installed` and its frontends out of
@@ -432,9 +658,32 @@ impl Services {
         Some(old)
     }
 
-    fn unref_backend(&mut self, addr: BackendAddr) -> Result<()> {
+    /// The inverse of [`Self::take_installed`].
+    fn restore_installed(&mut self, name: &str, installed: Installed) {
+        for fid in installed.frontends.keys() {
+            self.frontend_owner.insert(*fid, name.to_owned());
+        }
+        self.installed.insert(name.to_owned(), installed);
+    }
+
+    /// Deletes the map entry of backend `addr` if the service dropping it is
+    /// its last user (the refcount itself changes in [`Self::unref_backend`]).
+    fn delete_backend_if_last(&mut self, addr: BackendAddr, j: &mut Journal) -> Result<()> {
         let Some(&id) = self.backend_ids.get(&addr) else {
             return Ok(());
+        };
+        if self.backend_refs(id) <= 1 {
+            let key = BackendKey { id };
+            if let Some(prev) = del(&mut self.be, names::BE4, key, j.record)? {
+                j.undo.push(Undo::Be(key, Some(prev)));
+            }
+        }
+        Ok(())
+    }
+
+    fn unref_backend(&mut self, addr: BackendAddr) {
+        let Some(&id) = self.backend_ids.get(&addr) else {
+            return;
         };
         let refs = self.backend_refs.entry(id).or_insert(0);
         *refs = refs.saturating_sub(1);
@@ -442,22 +691,35 @@ impl Services {
             self.backend_refs.remove(&id);
             self.backend_ids.remove(&addr);
             self.used_backend_ids.remove(&id);
-            ignore_missing(self.be.remove(&BackendKey { id })).map_err(map_err(names::BE4))?;
         }
-        Ok(())
     }
 
     /// Removes service `name` and every entry only it used. Unknown names
-    /// are not an error (idempotent delete).
+    /// are not an error (idempotent delete). On a map error the service stays
+    /// known with its bookkeeping unchanged, so a retry deletes what is left.
     pub fn remove(&mut self, name: &str) -> Result<()> {
         let Some(old) = self.take_installed(name) else {
             return Ok(());
         };
-        for (fid, f) in &old.frontends {
-            self.delete_frontend(fid, &f.slots)?;
+        let mut j = Journal::not_recording();
+        let deleted = (|| {
+            for (fid, f) in &old.frontends {
+                self.delete_frontend_maps(fid, &f.slots, &mut j)?;
+            }
+            for addr in &old.backends {
+                self.delete_backend_if_last(*addr, &mut j)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = deleted {
+            self.restore_installed(name, old);
+            return Err(e);
+        }
+        for fid in old.frontends.keys() {
+            self.forget_frontend(fid);
         }
         for addr in &old.backends {
-            self.unref_backend(*addr)?;
+            self.unref_backend(*addr);
         }
         tracing::debug!(service = %name, "service removed");
         Ok(())
@@ -467,10 +729,13 @@ impl Services {
     /// found in the maps that no upserted service claimed, and backends no
     /// service references. Returns how many frontends and backends went.
     pub fn remove_unclaimed(&mut self) -> Result<(usize, usize)> {
-        let adopted = std::mem::take(&mut self.adopted);
-        let n_fe = adopted.len();
-        for (fid, slots) in &adopted {
-            self.delete_frontend(fid, slots)?;
+        let n_fe = self.adopted.len();
+        let mut j = Journal::not_recording();
+        while let Some((fid, slots)) = self.adopted.first_key_value() {
+            let (fid, slots) = (*fid, slots.clone());
+            self.delete_frontend_maps(&fid, &slots, &mut j)?;
+            self.adopted.remove(&fid);
+            self.forget_frontend(&fid);
         }
         let orphans: Vec<(BackendAddr, u32)> = self
             .backend_ids
