@@ -10,19 +10,17 @@ use std::{
     fs::File,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, TcpStream},
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use riptide_test_support::privileged;
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-}
+use riptide_test_support::{
+    ip,
+    netns::{command as cmd_in, run_in as in_netns},
+    privileged,
+};
 
 fn bin_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_riptide-controlplane")).parent().unwrap().to_path_buf()
@@ -31,33 +29,6 @@ fn bin_dir() -> PathBuf {
 /// A workspace binary next to ours, built on demand (same target dir).
 fn workspace_bin(package: &str, bin: &str) -> PathBuf {
     riptide_test_support::workspace_bin(&bin_dir(), package, bin)
-}
-
-fn cmd_in(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let file = File::open(format!("/run/netns/{netns}")).unwrap();
-    let mut cmd = Command::new(program);
-    // SAFETY: setns is async-signal-safe; `file` lives in the closure.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
-}
-
-/// Runs `f` on a thread inside `netns`.
-fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let file = File::open(format!("/run/netns/{netns}")).unwrap();
-    std::thread::spawn(move || {
-        // SAFETY: affects only this thread.
-        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 fn http_get(netns: &str, ip: &str, port: u16, path: &str) -> Option<String> {

@@ -4,26 +4,20 @@
 
 mod common;
 
-use std::{os::fd::AsRawFd, process::Command};
-
 use riptide_datapath::{Datapath, Pinning, unpin_node};
-use riptide_test_support::privileged;
+use riptide_test_support::{
+    ip,
+    netns::{self, Netns},
+    privileged,
+};
 
-struct Cleanup {
-    ns: String,
-    node: String,
-}
+/// Removes the test node's pins on drop (also when the test fails).
+struct Unpin(String);
 
-impl Drop for Cleanup {
+impl Drop for Unpin {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
-        let _ = unpin_node(&self.node);
+        let _ = unpin_node(&self.0);
     }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
@@ -31,21 +25,16 @@ fn netns_uplink_programs_attach_pin_and_detach() {
     if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
-    let c = Cleanup {
-        ns: format!("rtatt{}", std::process::id()),
-        node: format!("attach-test-{}", std::process::id()),
-    };
-    ip(&["netns", "add", &c.ns]);
-    ip(&["-n", &c.ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
-    ip(&["-n", &c.ns, "link", "set", "up0", "up"]);
-    let ns_file = std::fs::File::open(format!("/run/netns/{}", c.ns)).unwrap();
-    let node = c.node.clone();
-    let node2 = c.node.clone();
+    // Dropped in reverse: the namespace (and its device) first, then the pins.
+    let pinned = Unpin(format!("attach-test-{}", std::process::id()));
+    let ns = Netns::new(format!("rtatt{}", std::process::id()));
+    ip(&["-n", ns.name(), "link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
+    ip(&["-n", ns.name(), "link", "set", "up0", "up"]);
+    let node = pinned.0.clone();
+    let node2 = pinned.0.clone();
     // Interface names resolve in the caller's namespace: attach from a
     // thread that entered the test namespace.
-    let pins = std::thread::spawn(move || {
-        // SAFETY: setns on this thread only.
-        assert_eq!(unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    let pins = netns::run_in(ns.name(), move || {
         let mut dp = Datapath::load(&Pinning::Node(node)).expect("load pinned");
         let links = dp.pin_dir().unwrap().join("links");
         let att = dp.attach_uplink("up0").expect("attach uplink");
@@ -65,9 +54,7 @@ fn netns_uplink_programs_attach_pin_and_detach() {
         // Unknown devices are an error, not a panic.
         assert!(again.attach_uplink("nosuchdev0").is_err());
         pins
-    })
-    .join()
-    .unwrap();
+    });
     for p in &pins {
         assert!(p.exists(), "{} pinned", p.display());
     }

@@ -1,27 +1,14 @@
 //! Kernel tests (need root): run `rt_from_pod` through BPF_PROG_TEST_RUN on
 //! crafted frames and check the bytes that come out.
 
+mod common;
+
 use std::net::Ipv4Addr;
 
-use aya::programs::{TestRun, TestRunOptions};
 use riptide_common::{EndpointValue, names};
 use riptide_datapath::{Datapath, Pinning};
+use common::{TC_ACT_OK, TC_ACT_REDIRECT, csum16};
 use riptide_test_support::privileged;
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_REDIRECT: u32 = 7;
-
-fn csum16(bytes: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for chunk in bytes.chunks(2) {
-        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
 
 /// Ethernet + IPv4 + TCP SYN from `src:sport` to `dst:dport`, checksums valid.
 fn tcp_frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, ttl: u8) -> Vec<u8> {
@@ -51,17 +38,7 @@ fn tcp_frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, ttl: u8) -> V
 }
 
 fn run(dp: &mut Datapath, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 64];
-    let prog = dp.classifier(names::PROG_FROM_POD).expect("program");
-    let result = prog
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    common::run(dp, names::PROG_FROM_POD, frame)
 }
 
 const POD_MAC: [u8; 6] = [0x0a, 0x58, 0x0a, 0x2a, 0x00, 0x07];
