@@ -135,18 +135,16 @@ pub fn rewrite(
     }
     // L4 checksum (see the module docs). ICMP has no pseudo-header;
     // fragments carry no (complete) L4 header.
-    if ports {
-        if let Some(csum_off) = p.l4_csum_off() {
-            l4_update(
-                ctx,
-                p,
-                csum_off,
-                s_addr || d_addr,
-                addr_diff,
-                s_port || d_port,
-                port_diff,
-            )?;
-        }
+    if ports && let Some(csum_off) = p.l4_csum_off() {
+        l4_update(
+            ctx,
+            p,
+            csum_off,
+            s_addr || d_addr,
+            addr_diff,
+            s_port || d_port,
+            port_diff,
+        )?;
     }
     p.saddr_be = saddr_be;
     p.daddr_be = daddr_be;

@@ -74,12 +74,10 @@ pub fn report(ctx: &TcContext, reason: u32, source: u8) {
                 let ports_ok = ip.vihl == 0x45
                     && u16::from_be(ip.frag_off) & 0x1fff == 0
                     && (ip.proto == proto::TCP || ip.proto == proto::UDP);
-                if ports_ok {
-                    if let Some(data) = linear(ctx, L4_OFF + 4) {
-                        let ports = &*((data + L4_OFF) as *const Ports);
-                        ev.sport_be = ports.source;
-                        ev.dport_be = ports.dest;
-                    }
+                if ports_ok && let Some(data) = linear(ctx, L4_OFF + 4) {
+                    let ports = &*((data + L4_OFF) as *const Ports);
+                    ev.sport_be = ports.source;
+                    ev.dport_be = ports.dest;
                 }
             }
         }

@@ -168,11 +168,9 @@ pub fn select(
         _pad: [0; 5],
     };
     let now = if affinity { crate::clock::now() } else { 0 };
-    if affinity {
-        if let Some(c) = affinity_hit(svc, &aff_key, now) {
-            count(stats::AFFINITY_HIT);
-            return Ok(Some(c));
-        }
+    if affinity && let Some(c) = affinity_hit(svc, &aff_key, now) {
+        count(stats::AFFINITY_HIT);
+        return Ok(Some(c));
     }
     let by_maglev = if m.algorithm == ALG_MAGLEV {
         hash().and_then(|h| maglev(svc, h))

@@ -64,7 +64,7 @@ pub fn owns(ctx: &TcContext, p: &Pkt) -> bool {
     // return a request or time-wait socket).
     let owned = unsafe {
         if tcp {
-            (*sk).state != BPF_TCP_LISTEN as u32
+            (*sk).state != BPF_TCP_LISTEN
         } else {
             (*sk).dst_port != 0
         }

@@ -80,10 +80,8 @@ pub fn alloc(
     flags: u16,
     reuse: bool,
 ) -> Result<u16, u32> {
-    if reuse {
-        if let Some(v) = lookup_egress(p) {
-            return Ok(v.port_be);
-        }
+    if reuse && let Some(v) = lookup_egress(p) {
+        return Ok(v.port_be);
     }
     let (lo, hi) = if port_min == 0 || port_max < port_min {
         (32_768u32, 60_999u32)

@@ -28,7 +28,7 @@ use crate::{
 #[inline(always)]
 pub fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     let Some(mut p) = parse::parse(ctx)? else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     };
     if !p.has_ports() {
         // A backend pod's ICMP error about a balanced flow goes back to the
@@ -122,7 +122,7 @@ fn forward(
     if chosen.be.flags & BE_F_LOCAL == 0 {
         // A backend on another node: no endpoint here to look up; the
         // kernel routes it.
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     route::deliver(ctx, p)
 }

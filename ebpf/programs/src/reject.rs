@@ -39,12 +39,12 @@ pub fn reject(ctx: &TcContext, p: &Pkt, cfg: &Config, source: u8) -> Result<i32,
         ..DropEvent::default()
     });
     if cfg.flags & CFG_F_DROP_NO_BACKEND != 0 {
-        return Ok(TC_ACT_SHOT as i32);
+        return Ok(TC_ACT_SHOT);
     }
     match p.proto {
         proto::TCP => tcp_rst(ctx, p),
         proto::UDP => icmp_port_unreachable(ctx, p),
-        _ => Ok(TC_ACT_SHOT as i32),
+        _ => Ok(TC_ACT_SHOT),
     }
 }
 
@@ -86,7 +86,7 @@ fn swap_macs(ctx: &TcContext, eth_off: usize) -> Result<(), u32> {
 fn tcp_rst(ctx: &TcContext, p: &Pkt) -> Result<i32, u32> {
     if p.tcp_flags & TCP_RST != 0 || p.fragment {
         // Never answer a RST with a RST.
-        return Ok(TC_ACT_SHOT as i32);
+        return Ok(TC_ACT_SHOT);
     }
     let seq: u32 = ctx.load(p.l4_off + 4).map_err(|_| stats::DROP_MALFORMED)?;
     let ack: u32 = ctx.load(p.l4_off + 8).map_err(|_| stats::DROP_MALFORMED)?;
@@ -151,7 +151,7 @@ fn tcp_rst(ctx: &TcContext, p: &Pkt) -> Result<i32, u32> {
 fn icmp_port_unreachable(ctx: &TcContext, p: &Pkt) -> Result<i32, u32> {
     if p.l4_off != IP_OFF + IP_LEN {
         // Quoting IP options is allowed but not worth the code: drop.
-        return Ok(TC_ACT_SHOT as i32);
+        return Ok(TC_ACT_SHOT);
     }
     // Keep Ethernet + the quoted 28 bytes, then grow 28 bytes at the front:
     // [eth'][ip'][icmp'] followed by the quote that starts at 42.

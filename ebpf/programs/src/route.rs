@@ -34,7 +34,7 @@ pub fn is_local_pod(addr_be: u32) -> bool {
 #[inline(always)]
 pub fn pass() -> Result<i32, u32> {
     count(stats::PASS);
-    Ok(TC_ACT_OK as i32)
+    Ok(TC_ACT_OK)
 }
 
 /// Delivers `p` to its destination pod if that pod is on this node, else
@@ -56,7 +56,7 @@ pub fn deliver(ctx: &TcContext, p: &Pkt) -> Result<i32, u32> {
 pub fn redirect(ctx: &TcContext, p: &Pkt, ep: &EndpointValue) -> Result<i32, u32> {
     if p.ttl <= 1 {
         // Let the kernel answer with ICMP time exceeded, as a router would.
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     // We act as the router between the two pods: decrement TTL (fixing the
     // IP checksum incrementally over the TTL/protocol word) and rewrite MACs
@@ -67,9 +67,9 @@ pub fn redirect(ctx: &TcContext, p: &Pkt, ep: &EndpointValue) -> Result<i32, u32
     // `ifindex` (the pod's eth0) without a second pass through the backlog.
     // SAFETY: plain helper call.
     let verdict = unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32;
-    if verdict != TC_ACT_REDIRECT as i32 {
+    if verdict != TC_ACT_REDIRECT {
         // Unknown ifindex (stale endpoint): the kernel's route still works.
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     Ok(verdict)
 }
@@ -125,7 +125,7 @@ pub fn forward_out(ctx: &TcContext, p: &Pkt) -> Result<i32, u32> {
     if p.ttl <= 1 {
         // The kernel answers with ICMP time exceeded.
         count(stats::FIB_FALLBACK);
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     // SAFETY: the context pointer of this program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -153,7 +153,7 @@ pub fn forward_out(ctx: &TcContext, p: &Pkt) -> Result<i32, u32> {
     };
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != ifindex {
         count(stats::FIB_FALLBACK);
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     // The next hop's MAC as destination, the uplink's as source.
     hop(ctx, &fib.dmac, &fib.smac)?;

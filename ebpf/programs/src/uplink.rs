@@ -50,7 +50,7 @@ use crate::{
 #[inline(always)]
 pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
     let Some(mut p) = parse::parse(ctx)? else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     };
     let cfg = config();
     if !p.has_ports() {
@@ -63,13 +63,11 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
 
     // 1. A reply to a flow we source-NATed: restore the original client.
     let mut unsnat = false;
-    if is_node {
-        if let Some(n) = crate::nat::lookup_ingress(&p) {
-            let (addr, port) = (n.addr_be, n.port_be);
-            set_dst(ctx, &mut p, addr, port)?;
-            count(stats::UNSNAT);
-            unsnat = true;
-        }
+    if is_node && let Some(n) = crate::nat::lookup_ingress(&p) {
+        let (addr, port) = (n.addr_be, n.port_be);
+        set_dst(ctx, &mut p, addr, port)?;
+        count(stats::UNSNAT);
+        unsnat = true;
     }
 
     // 2. A flow we track (one lookup on the packet's tuple).
@@ -136,7 +134,7 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
         // for packets that would start a flow to a node-address frontend:
         // established flows hit conntrack above and never pay the lookup.
         count(stats::LOCAL_SOCKET);
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     let Some(chosen) = lb::select(
         &svc,
@@ -200,18 +198,18 @@ fn new_flow(
 #[inline(always)]
 pub fn try_to_net(ctx: &TcContext) -> Result<i32, u32> {
     let Some(mut p) = parse::parse(ctx)? else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     };
     if !p.has_ports() {
         crate::icmp::xlate_error(ctx, &mut p, to_net_error_plan)?;
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     // 1. A flow already source-NATed (NodePort to a remote backend, masquerade).
     if let Some(n) = crate::nat::lookup_egress(&p) {
         let (addr, port) = (n.addr_be, n.port_be);
         set_src(ctx, &mut p, addr, port)?;
         count(stats::SNAT);
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     // 2. A flow we track (one lookup on the packet's tuple).
     let mut inbound = false;
@@ -228,7 +226,7 @@ pub fn try_to_net(ctx: &TcContext) -> Result<i32, u32> {
                 e.nat_port_be,
             )?;
             count(stats::REVNAT);
-            return Ok(TC_ACT_OK as i32);
+            return Ok(TC_ACT_OK);
         }
         inbound = e.flags & CT_F_INBOUND != 0;
     }
@@ -240,7 +238,7 @@ pub fn try_to_net(ctx: &TcContext) -> Result<i32, u32> {
         || !masq::applies_to(cfg, p.daddr_be)
         || !masq::may_create_mapping(&p, inbound)
     {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     let port = crate::nat::alloc(
         &p,
@@ -252,7 +250,7 @@ pub fn try_to_net(ctx: &TcContext) -> Result<i32, u32> {
     )?;
     set_src(ctx, &mut p, cfg.node_ip_be, port)?;
     count(stats::SNAT);
-    Ok(TC_ACT_OK as i32)
+    Ok(TC_ACT_OK)
 }
 
 /// What `rt_from_net` would do to a packet of tuple `r` (for ICMP errors,
@@ -263,14 +261,15 @@ fn from_net_error_plan(cfg: &Config, r: &CtKey) -> Option<Rewrite> {
     let mut rw = Rewrite::of(r);
     let mut k = *r;
     let mut unsnat = false;
-    if cfg.node_ip_be != 0 && r.daddr_be == cfg.node_ip_be {
-        if let Some(n) = crate::nat::lookup_tuple(r, NAT_DIR_INGRESS) {
-            rw.daddr_be = n.addr_be;
-            rw.dport_be = n.port_be;
-            k.daddr_be = n.addr_be;
-            k.dport_be = n.port_be;
-            unsnat = true;
-        }
+    if cfg.node_ip_be != 0
+        && r.daddr_be == cfg.node_ip_be
+        && let Some(n) = crate::nat::lookup_tuple(r, NAT_DIR_INGRESS)
+    {
+        rw.daddr_be = n.addr_be;
+        rw.dport_be = n.port_be;
+        k.daddr_be = n.addr_be;
+        k.dport_be = n.port_be;
+        unsnat = true;
     }
     if let Some(hit) = ct::lookup_key(&k) {
         let e = &*hit.e;
@@ -281,11 +280,12 @@ fn from_net_error_plan(cfg: &Config, r: &CtKey) -> Option<Rewrite> {
                 rw.daddr_be = e.nat_addr_be;
                 rw.dport_be = e.nat_port_be;
             }
-        } else if e.flags & CT_F_INBOUND == 0 && !unsnat {
-            if let Some(c) = ct::fwd_backend(&hit) {
-                rw.daddr_be = c.be.addr_be;
-                rw.dport_be = c.be.port_be;
-            }
+        } else if e.flags & CT_F_INBOUND == 0
+            && !unsnat
+            && let Some(c) = ct::fwd_backend(&hit)
+        {
+            rw.daddr_be = c.be.addr_be;
+            rw.dport_be = c.be.port_be;
         }
     }
     Some(rw)
