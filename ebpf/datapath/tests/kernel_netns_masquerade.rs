@@ -402,11 +402,14 @@ fn lab_with(tag: &str, outside: bool) -> Lab {
     }
 }
 
+/// Name, protocol, frontend, the one backend, and whether it runs on node 2.
+type OneBackend<'a> = (&'a str, Protocol, (FrontendKind, Ipv4Addr, u16), SocketAddrV4, bool);
+
 impl Lab {
     /// Installs each one-backend service on both nodes as each node's agent
     /// would write it: the backend is local on node 2 when the flag holds,
     /// on node 1 otherwise.
-    fn upsert_on_both(&mut self, services: &[(&str, Protocol, (FrontendKind, Ipv4Addr, u16), SocketAddrV4, bool)]) {
+    fn upsert_on_both(&mut self, services: &[OneBackend]) {
         for (node, is_node2) in [(&mut self.node1, false), (&mut self.node2, true)] {
             for &(name, protocol, frontend, backend, on_node2) in services {
                 node.svcs.upsert(&service(name, protocol, frontend, backend, on_node2 == is_node2)).unwrap();

@@ -359,8 +359,7 @@ mod tests {
         assert!(r.contains("-A KUBE-NODEPORTS -p tcp -m comment --comment \"default/web:http\" -m tcp --dport 30080 -j KUBE-EXT-"));
         let last_services_rule = r
             .lines()
-            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
-            .last()
+            .rfind(|l| l.starts_with("-A KUBE-SERVICES"))
             .unwrap();
         assert!(
             last_services_rule.ends_with("-j KUBE-NODEPORTS"),
