@@ -13,7 +13,7 @@ use std::{
 use ipnetwork::Ipv4Network;
 use kube::runtime::reflector::ObjectRef;
 use riptide_common::{CFG_F_MASQUERADE, CFG_F_SOCK_LB, Config as DpConfig};
-use riptide_datapath::{Datapath, Pinning};
+use riptide_datapath::{Datapath, NodeLock, Pinning};
 use tokio::sync::mpsc;
 
 use crate::{
@@ -101,6 +101,10 @@ pub struct Config {
 /// Runs the agent until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let node = cfg.node_name.clone();
+    // Before anything touches the pins: a second agent for this node would
+    // share the maps and allocate ids of its own.
+    let node_lock = NodeLock::acquire(&node).map_err(dp_err(&node, "taking the node lock"))?;
+    tracing::info!(node = %node, lock = %node_lock.path().display(), "node lock held");
     let mut dp = Datapath::load(&Pinning::Node(node.clone())).map_err(dp_err(&node, "loading"))?;
     let pin_dir = dp.pin_dir().map(Path::to_path_buf);
     tracing::info!(node = %node, pins = ?pin_dir, "datapath loaded");
@@ -189,6 +193,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     // Pins stay: a restarted agent reuses the maps and flows keep working.
     tracing::info!("stopping; pinned maps and links stay for the next start");
     let _ = std::fs::remove_file(&cfg.api_socket);
+    drop(node_lock);
     Ok(())
 }
 

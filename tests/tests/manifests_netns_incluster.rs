@@ -331,10 +331,11 @@ exec "$@""#;
             })
         })
     });
+    // `riptide status` exits non-zero until ready, so ready comes first.
+    env.eventually("ready", || env.riptide(&["status"]).is_some_and(|s| s["ready"] == true));
     let status = env.riptide(&["status"]).unwrap();
     assert_eq!(status["kubernetes"], true, "connected through the in-cluster config: {status}");
     assert!(status["attachments"].as_array().unwrap().iter().any(|a| a.as_str().unwrap().starts_with("socket-lb:")), "{status}");
-    env.eventually("ready", || env.riptide(&["status"]).is_some_and(|s| s["ready"] == true));
     // The DaemonSet's probes.
     assert_eq!(http_status(&env.ns, metrics_port, "/healthz"), Some(200));
     assert_eq!(http_status(&env.ns, metrics_port, "/readyz"), Some(200));

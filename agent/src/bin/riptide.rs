@@ -115,7 +115,14 @@ fn main() -> anyhow::Result<()> {
     let out = match a.cmd {
         Cmd::Status => {
             let body = get("/v1/status")?;
-            if json { body } else { cli::status_table(&serde_json::from_str::<StatusView>(&body)?) }
+            let view: StatusView = serde_json::from_str(&body)?;
+            // Scripts and probes test the exit code (as `cilium-dbg status
+            // --brief`): the report still prints, then 1 when not ready.
+            println!("{}", if json { body } else { cli::status_table(&view) }.trim_end());
+            if !view.ready {
+                std::process::exit(NOT_READY);
+            }
+            return Ok(());
         }
         Cmd::Service(ListCmd::List) => {
             let body = get("/v1/services")?;
@@ -142,6 +149,10 @@ fn main() -> anyhow::Result<()> {
     println!("{}", out.trim_end());
     Ok(())
 }
+
+/// Exit code of `riptide status` when the agent answers but is not ready
+/// (an agent that does not answer is an error, non-zero as well).
+const NOT_READY: i32 = 1;
 
 fn now_unix_s() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())

@@ -37,6 +37,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "node {node} already has a running agent (pid {}) holding its pin directory",
+        pid.map_or_else(|| String::from("unknown"), |p| p.to_string())
+    )]
+    NodeLocked {
+        node: String,
+        /// `None` when `/proc/locks` does not show it (another PID namespace).
+        pid: Option<u32>,
+    },
     #[error("invalid node name {0:?}: use [A-Za-z0-9._-], 1 to 253 characters")]
     NodeName(String),
     #[error("service {service}: {reason}")]

@@ -15,6 +15,7 @@ pub mod events;
 pub mod gc;
 pub mod maglev;
 pub mod node_maps;
+mod node_lock;
 pub mod service;
 
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use aya::{
 };
 pub use bpffs::ensure_bpffs;
 pub use error::{Error, Result};
+pub use node_lock::NodeLock;
 use riptide_common::{PIN_ROOT, names};
 
 /// The compiled eBPF object, embedded at build time by `build.rs`.
