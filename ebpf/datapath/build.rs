@@ -18,6 +18,14 @@ fn main() -> anyhow::Result<()> {
     let root = root
         .to_str()
         .ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
+    // aya-build relays every line the inner cargo writes to stderr as a
+    // `cargo:warning`, so its progress lines ("Compiling syn …", about 40 of
+    // them) would read as warnings on every build of this crate. A quiet
+    // inner cargo still reports the programs' own warnings and errors: those
+    // arrive as JSON compiler messages on stdout, which aya-build renders.
+    // SAFETY: the build script is single-threaded here; nothing reads the
+    // environment concurrently.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [Package {
             name: "riptide-ebpf",
