@@ -546,7 +546,10 @@ impl Loop {
                 }
             }
         }
-        let desired = routes::desired_routes(&self.ctx.node_name, nodes.iter().map(AsRef::as_ref));
+        let (desired, refused) = routes::desired_routes(&self.ctx.node_name, self.cfg.cluster_cidr, nodes.iter().map(AsRef::as_ref));
+        for (name, cidr) in &refused {
+            tracing::warn!(node = %name, cidr = %cidr, cluster = %self.cfg.cluster_cidr, "refusing a podCIDR outside the cluster range: no route, node-map entry or tunnel peer for it");
+        }
         {
             let mut dp = lock(&self.shared.dp);
             let old = lock(&self.shared.status).routes.clone();

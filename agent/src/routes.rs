@@ -167,16 +167,31 @@ fn ours(msg: &RouteMessage) -> Option<(Ipv4Network, Ipv4Addr)> {
     Some((cidr, gw?))
 }
 
-/// Routes wanted on `self_name`: every other node with an IPv4 podCIDR and
-/// an InternalIP.
+/// Remote podCIDRs wanted on `self_name`: every other node with an IPv4
+/// podCIDR inside `cluster` and an InternalIP. These feed the routes, the
+/// node map (`rt_node4_v1`, where a podCIDR means "no masquerade towards
+/// it") and the tunnel peers, so a podCIDR outside the cluster range (a
+/// typo, a hostile claim annotation, `0.0.0.0/1`) is refused here, once for
+/// all three, and returned with its Node's name for the warning.
 pub fn desired_routes<'a>(
     self_name: &str,
+    cluster: Ipv4Network,
     nodes: impl Iterator<Item = &'a k8s_openapi::api::core::v1::Node>,
-) -> BTreeMap<Ipv4Network, Ipv4Addr> {
-    nodes
+) -> (BTreeMap<Ipv4Network, Ipv4Addr>, Vec<(String, Ipv4Network)>) {
+    let mut refused = Vec::new();
+    let desired = nodes
         .filter(|n| n.metadata.name.as_deref() != Some(self_name))
-        .filter_map(|n| Some((crate::node::pod_cidr(n)?, crate::node::internal_ip(n)?)))
-        .collect()
+        .filter_map(|n| Some((n, crate::node::pod_cidr(n)?, crate::node::internal_ip(n)?)))
+        .filter_map(|(n, cidr, ip)| {
+            if cidr.is_subnet_of(cluster) {
+                Some((cidr, ip))
+            } else {
+                refused.push((n.metadata.name.clone().unwrap_or_default(), cidr));
+                None
+            }
+        })
+        .collect();
+    (desired, refused)
 }
 
 #[cfg(test)]
@@ -199,7 +214,32 @@ mod tests {
             node("c", None, Some("198.18.0.3")),
             node("d", Some("10.42.3.0/24"), None),
         ];
-        let d = desired_routes("a", nodes.iter());
+        let (d, refused) = desired_routes("a", "10.42.0.0/16".parse().unwrap(), nodes.iter());
         assert_eq!(d, BTreeMap::from([("10.42.1.0/24".parse().unwrap(), "198.18.0.2".parse().unwrap())]));
+        assert!(refused.is_empty());
+    }
+
+    #[test]
+    fn desired_refuses_pod_cidrs_outside_the_cluster_range() {
+        let node = |name: &str, cidr: &str, ip: &str| -> k8s_openapi::api::core::v1::Node {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name},
+                "spec": {"podCIDR": cidr},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
+            }))
+            .unwrap()
+        };
+        let nodes = [
+            node("in", "10.42.1.0/24", "198.18.0.2"),
+            node("half-the-internet", "0.0.0.0/1", "198.18.0.3"),
+            node("overlapping", "10.0.0.0/8", "198.18.0.4"),
+            node("elsewhere", "192.168.5.0/24", "198.18.0.5"),
+        ];
+        let (d, refused) = desired_routes("a", "10.42.0.0/16".parse().unwrap(), nodes.iter());
+        assert_eq!(d.keys().map(ToString::to_string).collect::<Vec<_>>(), ["10.42.1.0/24"]);
+        assert_eq!(
+            refused.iter().map(|(n, c)| format!("{n} {c}")).collect::<Vec<_>>(),
+            ["half-the-internet 0.0.0.0/1", "overlapping 10.0.0.0/8", "elsewhere 192.168.5.0/24"]
+        );
     }
 }
