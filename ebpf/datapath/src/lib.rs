@@ -49,6 +49,18 @@ pub fn pin_dir(node: &str) -> Result<PathBuf> {
     Ok(Path::new(PIN_ROOT).join(node.replace('.', "_")))
 }
 
+/// [`pin_dir`] of `node`, created (with bpffs mounted) if missing.
+pub(crate) fn create_pin_dir(node: &str) -> Result<PathBuf> {
+    let dir = pin_dir(node)?;
+    ensure_bpffs()?;
+    std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+        action: "creating pin directory",
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(dir)
+}
+
 /// Where a loaded datapath keeps its pins.
 #[derive(Debug, Clone)]
 pub enum Pinning {
@@ -76,16 +88,7 @@ impl Datapath {
     /// map reused from a pin keeps the size it was created with.
     pub fn load_sized(pinning: &Pinning, max_entries: &[(&str, u32)]) -> Result<Self> {
         let (node, pin_dir) = match pinning {
-            Pinning::Node(node) => {
-                let dir = pin_dir(node)?;
-                ensure_bpffs()?;
-                std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
-                    action: "creating pin directory",
-                    path: dir.clone(),
-                    source,
-                })?;
-                (node.clone(), Some(dir))
-            }
+            Pinning::Node(node) => (node.clone(), Some(create_pin_dir(node)?)),
             Pinning::None => (String::new(), None),
         };
         let ebpf = match &pin_dir {

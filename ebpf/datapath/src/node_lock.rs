@@ -15,7 +15,7 @@ use std::{
     path::PathBuf,
 };
 
-use crate::{Error, Result, ensure_bpffs, pin_dir};
+use crate::{Error, Result, create_pin_dir};
 
 /// Held while the agent runs; dropping it (or exiting) releases the node.
 #[derive(Debug)]
@@ -29,13 +29,7 @@ impl NodeLock {
     /// [`Error::NodeLocked`] naming the holder's PID when another process
     /// has it.
     pub fn acquire(node: &str) -> Result<Self> {
-        let path = pin_dir(node)?;
-        ensure_bpffs()?;
-        std::fs::create_dir_all(&path).map_err(|source| Error::Io {
-            action: "creating pin directory",
-            path: path.clone(),
-            source,
-        })?;
+        let path = create_pin_dir(node)?;
         let dir = File::open(&path).map_err(|source| Error::Io {
             action: "opening pin directory",
             path: path.clone(),
