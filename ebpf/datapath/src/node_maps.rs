@@ -13,7 +13,11 @@ use riptide_common::{
     stats,
 };
 
-use crate::{Datapath, Error, Result, error::map_err, service::Services};
+use crate::{
+    Datapath, Error, Result,
+    error::{ignore_missing, map_err},
+    service::Services,
+};
 
 
 /// Per-reason counters summed over CPUs, indexed like [`stats::NAMES`].
@@ -73,35 +77,22 @@ impl Datapath {
     /// Records that `cidr/len` holds the pods of the node at `node_ip`
     /// (pods there are never masqueraded).
     pub fn upsert_node(&mut self, cidr: Ipv4Addr, len: u8, node_ip: Ipv4Addr) -> Result<()> {
-        let mut t: LpmTrie<&mut MapData, NodeKey, NodeValue> =
-            LpmTrie::try_from(self.map_mut(names::NODE4)?).map_err(map_err(names::NODE4))?;
-        let key = Key::new(
-            u32::from(len),
-            NodeKey {
-                addr_be: u32::from(cidr).to_be(),
-            },
-        );
         let v = NodeValue {
             node_ip_be: u32::from(node_ip).to_be(),
             flags: 0,
         };
-        t.insert(&key, v, 0).map_err(map_err(names::NODE4))
+        self.node_trie()?
+            .insert(&node_key(cidr, len), v, 0)
+            .map_err(map_err(names::NODE4))
     }
 
     /// Forgets a remote pod CIDR; absent is not an error.
     pub fn remove_node(&mut self, cidr: Ipv4Addr, len: u8) -> Result<()> {
-        let mut t: LpmTrie<&mut MapData, NodeKey, NodeValue> =
-            LpmTrie::try_from(self.map_mut(names::NODE4)?).map_err(map_err(names::NODE4))?;
-        let key = Key::new(
-            u32::from(len),
-            NodeKey {
-                addr_be: u32::from(cidr).to_be(),
-            },
-        );
-        match t.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(names::NODE4)(e)),
-        }
+        ignore_missing(self.node_trie()?.remove(&node_key(cidr, len))).map_err(map_err(names::NODE4))
+    }
+
+    fn node_trie(&mut self) -> Result<LpmTrie<&mut MapData, NodeKey, NodeValue>> {
+        LpmTrie::try_from(self.map_mut(names::NODE4)?).map_err(map_err(names::NODE4))
     }
 
     /// Counters by reason, summed over CPUs.
@@ -136,4 +127,14 @@ impl Datapath {
             HashMap::try_from(self.map(names::AFF4)?).map_err(map_err(names::AFF4))?;
         Ok(m.iter().filter_map(std::result::Result::ok).collect())
     }
+}
+
+/// The `rt_node4_v1` key of the range `cidr/len`.
+fn node_key(cidr: Ipv4Addr, len: u8) -> Key<NodeKey> {
+    Key::new(
+        u32::from(len),
+        NodeKey {
+            addr_be: u32::from(cidr).to_be(),
+        },
+    )
 }
