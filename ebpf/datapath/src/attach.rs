@@ -11,7 +11,10 @@ use std::{
 use aya::programs::{CgroupAttachMode, links::FdLink, tc::TcAttachType};
 use riptide_common::names;
 
-use crate::{Datapath, Error, Result, SOCK_PROGRAMS};
+use crate::{
+    Error, Result,
+    loader::{Datapath, SOCK_PROGRAMS},
+};
 
 /// Links of attached programs; detached when dropped (unless pinned).
 pub struct Attachment {
@@ -49,7 +52,7 @@ impl Attachment {
         let mut paths = Vec::new();
         for (name, link) in self.links {
             let path = dir.join(format!("{prefix}_{name}"));
-            crate::remove_if_exists(&path)?;
+            crate::pins::remove_if_exists(&path)?;
             link.pin(&path).map_err(|source| Error::PinLink {
                 name,
                 path: path.clone(),

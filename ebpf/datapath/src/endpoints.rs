@@ -26,7 +26,7 @@ impl Endpoints<MapData> {
     /// Opens the node's pinned endpoint map (the CNI does this; it never loads
     /// programs itself).
     pub fn open_pinned(node: &str) -> Result<Self> {
-        let path = crate::pin_dir(node)?.join(names::EP4);
+        let path = crate::pins::pin_dir(node)?.join(names::EP4);
         let data = MapData::from_pin(&path).map_err(|source| Error::Map {
             name: names::EP4,
             source,

@@ -13,7 +13,7 @@ use std::{
 use aya::maps::{Map, MapData, RingBuf};
 use riptide_common::{DropEvent, names, stats};
 
-use crate::{Datapath, Error, Result};
+use crate::{Error, Result, loader::Datapath};
 
 /// A decoded [`DropEvent`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +54,7 @@ impl Events {
     /// Opens the node's pinned ring buffer (the datapath must have been
     /// loaded with `Pinning::Node(node)`).
     pub fn open_pinned(node: &str) -> Result<Self> {
-        let path = crate::pin_dir(node)?.join(names::EVENTS);
+        let path = crate::pins::pin_dir(node)?.join(names::EVENTS);
         let data = MapData::from_pin(&path).map_err(|source| Error::Map {
             name: names::EVENTS,
             source,

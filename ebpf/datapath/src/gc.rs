@@ -44,7 +44,7 @@ impl FlowMaps {
     /// Opens the pinned maps of `node` (the datapath must have been loaded
     /// with `Pinning::Node(node)`).
     pub fn open_pinned(node: &str) -> Result<Self> {
-        let dir = crate::pin_dir(node)?;
+        let dir = crate::pins::pin_dir(node)?;
         fn open<K: Pod, V: Pod>(
             dir: &std::path::Path,
             name: &'static str,

@@ -15,7 +15,7 @@ use std::{
     path::PathBuf,
 };
 
-use crate::{Error, Result, create_pin_dir};
+use crate::{Error, Result, pins::create_pin_dir};
 
 /// Held while the agent runs; dropping it (or exiting) releases the node.
 #[derive(Debug)]

@@ -14,8 +14,9 @@ use riptide_common::{
 };
 
 use crate::{
-    Datapath, Error, Result,
+    Error, Result,
     error::{ignore_missing, map_err},
+    loader::Datapath,
     service::Services,
 };
 

@@ -178,7 +178,7 @@ pub struct Services {
 impl Services {
     /// Opens the node's pinned service maps and reads back the ids in use.
     pub fn open_pinned(node: &str) -> Result<Self> {
-        let dir = crate::pin_dir(node)?;
+        let dir = crate::pins::pin_dir(node)?;
         let open = |name: &'static str| -> Result<aya::maps::Map> {
             let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
             Ok(aya::maps::Map::HashMap(data))
