@@ -97,26 +97,27 @@ impl Datapath {
 
     /// A cgroup sock_addr (socket LB) program by name.
     pub fn sock_addr(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(Error::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| Error::Program {
-                name,
-                action: "is not a cgroup sock_addr program",
-                source,
-            })
+        self.program(name, "is not a cgroup sock_addr program")
     }
 
     /// A tc program by name ([`names::PROG_FROM_POD`], …).
     pub fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
+        self.program(name, "is not a tc classifier")
+    }
+
+    /// Program `name` as the type `T` it is expected to be; `wrong_type`
+    /// says what it is not when it is something else.
+    fn program<'a, T>(&'a mut self, name: &'static str, wrong_type: &'static str) -> Result<&'a mut T>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
         self.ebpf
             .program_mut(name)
             .ok_or(Error::MissingProgram { name })?
             .try_into()
             .map_err(|source| Error::Program {
                 name,
-                action: "is not a tc classifier",
+                action: wrong_type,
                 source,
             })
     }
