@@ -2,7 +2,7 @@
 //! which failure, not only a counter.
 //!
 //! The programs write at most 64 events per CPU per second into a ring
-//! buffer (the rest count as `events_suppressed` in `rt_stats_v1`), so
+//! buffer (the rest count as `events_suppressed` in `rt_stats_v2`), so
 //! reading them can never become per-packet work here. One task waits on
 //! the ring buffer's fd (epoll through tokio's `AsyncFd`), drains it, and
 //! for each event: logs it (target `riptide::datapath`), counts it in

@@ -44,7 +44,7 @@ pub struct Metrics {
     pub service_ports: Gauge,
     pub conntrack_entries: Gauge,
     pub routes: Gauge,
-    /// Datapath counters by reason (`rt_stats_v1`), drops included.
+    /// Datapath counters by reason (`rt_stats_v2`), drops included.
     pub datapath_packets: Family<ReasonLabel, Counter>,
     /// Drop/failure events read from `rt_events_v1`, by reason (rate
     /// limited in the kernel; `datapath_packets` counts every occurrence).

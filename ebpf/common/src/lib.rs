@@ -23,8 +23,9 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/riptide";
 pub mod names {
     /// Local pod endpoints: [`crate::EndpointKey`] → [`crate::EndpointValue`].
     pub const EP4: &str = "rt_ep4_v1";
-    /// Per-CPU counters indexed by [`crate::stats`] reasons.
-    pub const STATS: &str = "rt_stats_v1";
+    /// Per-CPU counters indexed by [`crate::stats`] reasons. v2: 64 slots
+    /// (the NetworkPolicy verdicts outgrew v1's 32).
+    pub const STATS: &str = "rt_stats_v2";
     /// Services: [`crate::SvcKey`] → [`crate::SvcValue`].
     pub const SVC4: &str = "rt_svc4_v1";
     /// Backends: [`crate::BackendKey`] → [`crate::BackendValue`].
@@ -50,8 +51,17 @@ pub mod names {
     /// [`crate::MaglevKey`] → [`crate::MaglevValue`].
     pub const MAGLEV4: &str = "rt_maglev4_v1";
     /// Drop/failure events (ring buffer of [`crate::DropEvent`]), rate
-    /// limited per CPU; every occurrence is still counted in `rt_stats_v1`.
+    /// limited per CPU; every occurrence is still counted in `rt_stats_v2`.
     pub const EVENTS: &str = "rt_events_v1";
+    /// NetworkPolicy state of local pods (agent-owned; the CNI never
+    /// writes it): [`crate::EndpointKey`] → [`crate::PolicyEndpointValue`].
+    pub const POLEP4: &str = "rt_polep4_v1";
+    /// IP → security identity of every address the cluster knows (LPM
+    /// trie): [`crate::IpcacheKey`] → [`crate::IpcacheValue`].
+    pub const IPCACHE4: &str = "rt_ipcache4_v1";
+    /// Per-endpoint allow rules (LPM trie): [`crate::PolicyKey`] →
+    /// [`crate::PolicyValue`].
+    pub const POLICY4: &str = "rt_policy4_v1";
 
     /// tc program attached to the host side of every pod veth (ingress,
     /// i.e. packets leaving the pod). The CNI attaches this pinned program.
@@ -62,6 +72,12 @@ pub mod names {
     /// tc egress on the node's uplink: SNAT for remote backends, reverse
     /// DNAT of replies from local backends, pod→outside masquerade.
     pub const PROG_TO_NET: &str = "rt_to_net";
+    /// tc egress on the host side of every pod veth: packets the kernel
+    /// routes into the pod (from the node itself, the VXLAN device, or any
+    /// path that did not `bpf_redirect_peer`); ingress NetworkPolicy.
+    /// `bpf_redirect_peer` skips it, so the programs that redirect into a
+    /// pod judge ingress themselves.
+    pub const PROG_TO_POD: &str = "rt_to_pod";
     /// Socket LB (cgroup/sock_addr) programs.
     pub const PROG_SOCK_CONNECT4: &str = "rt_sock_conn4";
     pub const PROG_SOCK_SENDMSG4: &str = "rt_sock_send4";
@@ -105,6 +121,11 @@ pub mod capacity {
     /// (`events_suppressed`), so a flood never turns into per-packet
     /// logging.
     pub const EVENTS_PER_CPU_PER_S: u64 = 64;
+    pub const POLEP4: u32 = 65_536;
+    /// Every pod of the cluster, every node address, every ipBlock prefix.
+    pub const IPCACHE4: u32 = 262_144;
+    /// Allow rules of all local endpoints (LPM tries allocate per entry).
+    pub const POLICY4: u32 = 1_048_576;
 }
 
 /// Reasons counted in the per-CPU `rt_stats` array (index = reason).
@@ -173,13 +194,25 @@ pub mod stats {
     /// connection of a local socket (a host process using a local port in
     /// the NodePort range): left to the kernel, not balanced.
     pub const LOCAL_SOCKET: u32 = 28;
+    /// NetworkPolicy: a new flow into an ingress-isolated pod was allowed.
+    pub const POLICY_ALLOW_IN: u32 = 29;
+    /// NetworkPolicy: a new flow out of an egress-isolated pod was allowed.
+    pub const POLICY_ALLOW_OUT: u32 = 30;
+    /// NetworkPolicy: a new flow into an ingress-isolated pod was dropped.
+    pub const POLICY_DENY_IN: u32 = 31;
+    /// NetworkPolicy: a new flow out of an egress-isolated pod was dropped.
+    pub const POLICY_DENY_OUT: u32 = 32;
+    /// NetworkPolicy audit mode: an ingress flow policy would drop passed.
+    pub const POLICY_AUDIT_IN: u32 = 33;
+    /// NetworkPolicy audit mode: an egress flow policy would drop passed.
+    pub const POLICY_AUDIT_OUT: u32 = 34;
     /// The last reason (for the names check).
-    pub const LAST: u32 = LOCAL_SOCKET;
+    pub const LAST: u32 = POLICY_AUDIT_OUT;
     /// Number of slots in the stats array.
-    pub const MAX: u32 = 32;
+    pub const MAX: u32 = 64;
 
     /// Human names by index, for metrics and the CLI.
-    pub const NAMES: [&str; 29] = [
+    pub const NAMES: [&str; 35] = [
         "pass",
         "redirect_local",
         "drop_malformed",
@@ -209,6 +242,12 @@ pub mod stats {
         "fib_redirect",
         "fib_fallback",
         "local_socket",
+        "policy_allow_in",
+        "policy_allow_out",
+        "policy_deny_in",
+        "policy_deny_out",
+        "policy_audit_in",
+        "policy_audit_out",
     ];
 }
 
@@ -491,6 +530,11 @@ pub const CT_F_BE_LOCAL: u16 = 1 << 5;
 /// time (`--ct-tcp-close-timeout-s`, 10 s as Cilium's close timeout)
 /// instead of the established-flow one.
 pub const CT_F_CLOSING: u16 = 1 << 6;
+/// Policy entry: a non-service flow NetworkPolicy allowed, recorded (both
+/// directions, each keyed by its own tuple) because one of its pods is
+/// isolated. Later packets and replies match it and skip policy; no
+/// translation. May be combined with [`CT_F_INBOUND`].
+pub const CT_F_POLICY: u16 = 1 << 7;
 
 /// Value of `rt_nat4_v1`: the address/port that replaces the source (egress
 /// entry) or the destination (ingress entry).
@@ -598,6 +642,10 @@ pub const CFG_F_MASQUERADE: u32 = 1 << 1;
 /// Drop packets for a service without backends instead of answering with a
 /// RST / ICMP port unreachable (the Kubernetes behaviour, and the default).
 pub const CFG_F_DROP_NO_BACKEND: u32 = 1 << 2;
+/// Some local pod is isolated by NetworkPolicy (or audited): the programs
+/// consult `rt_polep4_v1` for new flows. Off, they never do, so a node
+/// without policies pays nothing.
+pub const CFG_F_POLICY: u32 = 1 << 3;
 
 /// LPM key data of `rt_node4_v1` (the trie key is `{prefix_len, addr}`).
 #[repr(C)]
@@ -646,6 +694,133 @@ pub const EV_SRC_FROM_NET: u8 = 2;
 pub const EV_SRC_TO_NET: u8 = 3;
 /// Socket LB (connect/sendmsg).
 pub const EV_SRC_SOCK: u8 = 4;
+/// `rt_to_pod`.
+pub const EV_SRC_TO_POD: u8 = 5;
+
+// ------------------------------------------------------------ NetworkPolicy
+//
+// Cilium's shape, with node-local identities: every distinct label set
+// (namespace labels + pod labels + namespace name) gets a numeric identity,
+// `rt_ipcache4_v1` maps every address to the identity of what owns it, and
+// each local endpoint's allow rules are keyed by (endpoint, peer identity,
+// direction, protocol, port). Identities never leave the node (the peer is
+// found by its IP on both routing modes), so each agent numbers them alone.
+// A new flow of an isolated pod is judged once; the verdict lives on as
+// `CT_F_POLICY` (or load-balancer) conntrack entries, so established packets
+// and replies never consult policy again.
+
+/// Reserved security identities.
+pub mod identity {
+    /// Wildcard peer in [`crate::PolicyKey`] (a rule whose peers are
+    /// "everyone"); never an address's identity.
+    pub const ANY: u32 = 0;
+    /// An address of this node: always allowed both ways (kubelet probes,
+    /// host processes), never looked up in policy.
+    pub const HOST: u32 = 1;
+    /// Outside the cluster (the `0.0.0.0/0` entry of the ipcache).
+    pub const WORLD: u32 = 2;
+    /// Another node's address.
+    pub const REMOTE_NODE: u32 = 3;
+    /// First identity of a pod label set.
+    pub const FIRST_LABELS: u32 = 256;
+    /// First identity of an ipBlock prefix.
+    pub const FIRST_CIDR: u32 = 1 << 24;
+}
+
+/// Value of `rt_polep4_v1` (key: [`EndpointKey`], the pod's address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyEndpointValue {
+    /// The endpoint's id in [`PolicyKey::ep_id_be`] (agent-allocated,
+    /// address-family neutral).
+    pub ep_id: u32,
+    /// The pod's own security identity.
+    pub identity: u32,
+    /// `PE_F_*`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Ingress is isolated: new flows into the pod need an allow rule.
+pub const PE_F_ISOLATED_IN: u32 = 1 << 0;
+/// Egress is isolated: new flows out of the pod need an allow rule.
+pub const PE_F_ISOLATED_OUT: u32 = 1 << 1;
+/// Audit mode (namespace annotation): a flow policy would drop into the
+/// pod is allowed and reported as `policy_audit_in`.
+pub const PE_F_AUDIT_IN: u32 = 1 << 2;
+/// Audit mode for egress (`policy_audit_out`).
+pub const PE_F_AUDIT_OUT: u32 = 1 << 3;
+/// Some ingress rule allows every peer ([`identity::ANY`] entries exist):
+/// the programs look the wildcard up only when this is set.
+pub const PE_F_ANY_IN: u32 = 1 << 4;
+/// Some egress rule allows every peer.
+pub const PE_F_ANY_OUT: u32 = 1 << 5;
+/// The agent failed to write this endpoint's rules: every isolated
+/// direction denies all but the node and the pod itself (fail closed)
+/// until a later write succeeds.
+pub const PE_F_FAIL_CLOSED: u32 = 1 << 6;
+
+/// LPM key data of `rt_ipcache4_v1` (the trie key is `{prefix_len, addr}`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IpcacheKey {
+    pub addr_be: u32,
+}
+
+/// Value of `rt_ipcache4_v1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct IpcacheValue {
+    /// Who owns the address: a pod's label identity, [`identity::HOST`],
+    /// [`identity::REMOTE_NODE`] or [`identity::WORLD`].
+    pub identity: u32,
+    /// The identity of the longest ipBlock prefix (of any policy) holding
+    /// the address, 0 when none: ipBlock peers match pod and node
+    /// addresses too, as upstream's netpol suite expects.
+    pub cidr_identity: u32,
+}
+
+/// Ingress rules (peer = source) in [`PolicyKey::dir`].
+pub const POL_DIR_INGRESS: u8 = 1;
+/// Egress rules (peer = destination).
+pub const POL_DIR_EGRESS: u8 = 2;
+
+/// LPM key data of `rt_policy4_v1`. Every field is big-endian so the
+/// trie's bit order is the field order: a rule fixes the endpoint, peer
+/// identity and direction ([`POLICY_PREFIX_ANY_PROTO`] bits), optionally the
+/// protocol ([`POLICY_PREFIX_ANY_PORT`]) and a port prefix (up to
+/// [`POLICY_PREFIX_FULL`]; an `endPort` range is a few prefixes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PolicyKey {
+    pub ep_id_be: u32,
+    /// Peer identity ([`identity::ANY`] for "every peer").
+    pub identity_be: u32,
+    /// [`POL_DIR_INGRESS`] or [`POL_DIR_EGRESS`].
+    pub dir: u8,
+    /// [`proto`] number.
+    pub proto: u8,
+    /// Destination port (of the endpoint for ingress, of the peer for
+    /// egress), after Service translation.
+    pub port_be: u16,
+}
+
+/// Prefix length of a rule for every protocol and port.
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 72;
+/// Prefix length of a rule for every port of one protocol.
+pub const POLICY_PREFIX_ANY_PORT: u32 = 80;
+/// Prefix length of a rule for exactly one port.
+pub const POLICY_PREFIX_FULL: u32 = 96;
+
+/// Value of `rt_policy4_v1`: an allow rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyValue {
+    /// Agent-assigned number of the NetworkPolicy that allows (one of them
+    /// when several do), for `riptide policy` views.
+    pub policy_ref: u32,
+    pub flags: u32,
+}
 
 #[cfg(feature = "user")]
 mod pod_impls {
@@ -672,6 +847,11 @@ mod pod_impls {
     unsafe impl aya::Pod for super::MaglevKey {}
     unsafe impl aya::Pod for super::MaglevValue {}
     unsafe impl aya::Pod for super::DropEvent {}
+    unsafe impl aya::Pod for super::PolicyEndpointValue {}
+    unsafe impl aya::Pod for super::IpcacheKey {}
+    unsafe impl aya::Pod for super::IpcacheValue {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyValue {}
 }
 
 #[cfg(test)]
@@ -710,6 +890,12 @@ mod tests {
             8 + 4 + 4 + 4 + 4 + 2 + 2 + 1 + 1 + 2
         );
         assert_eq!(size_of::<MaglevValue>(), 4 * MAGLEV_M + 4);
+        assert_eq!(size_of::<PolicyEndpointValue>(), 16);
+        assert_eq!(size_of::<IpcacheKey>(), 4);
+        assert_eq!(size_of::<IpcacheValue>(), 8);
+        assert_eq!(size_of::<PolicyKey>(), 4 + 4 + 1 + 1 + 2);
+        assert_eq!(size_of::<PolicyKey>() as u32 * 8, POLICY_PREFIX_FULL);
+        assert_eq!(size_of::<PolicyValue>(), 8);
         // 8-byte aligned values must have 8-multiple sizes (arrays of them in
         // per-CPU maps and the verifier's view agree).
         assert_eq!(size_of::<CtValue>() % align_of::<CtValue>(), 0);

@@ -1,5 +1,5 @@
 //! Reading `rt_events_v1`: drop/failure events the programs emit (rate
-//! limited per CPU; every occurrence is also counted in `rt_stats_v1`).
+//! limited per CPU; every occurrence is also counted in `rt_stats_v2`).
 //!
 //! The ring buffer has one consumer position: one reader per node (the
 //! agent). [`Events`] is `AsFd`, so it can sit in an epoll/tokio `AsyncFd`

@@ -3,7 +3,7 @@
 //! per packet of a flood: each CPU may emit `EVENTS_PER_CPU_PER_S` events
 //! per second; beyond that (or with the ring full) only
 //! `events_suppressed` counts. Every occurrence is counted by reason in
-//! `rt_stats_v1` regardless.
+//! `rt_stats_v2` regardless.
 
 use aya_ebpf::{
     macros::map,

@@ -16,8 +16,8 @@ use riptide_common::{
 #[map(name = "rt_ep4_v1")]
 pub static EP4: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(capacity::EP4, 0);
 
-/// Per-CPU counters by reason (`rt_stats_v1`).
-#[map(name = "rt_stats_v1")]
+/// Per-CPU counters by reason (`rt_stats_v2`).
+#[map(name = "rt_stats_v2")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::MAX, 0);
 
 #[map(name = "rt_svc4_v1")]
