@@ -417,3 +417,37 @@ async fn kubernetes_service_endpoints(b: Backend) {
     s.shutdown().await;
 }
 both_stores!(kubernetes_service_endpoints);
+
+/// kube-apiserver's `kubernetes.io/metadata.name` label (KEP-2161): set on
+/// every Namespace, the start-up ones included, and kept equal to the name
+/// whatever a client sends, because NetworkPolicy namespaceSelectors select
+/// namespaces by name with it.
+async fn namespace_name_label(b: Backend) {
+    let s = TestServer::start(b).await;
+    const LABEL: &str = "kubernetes.io/metadata.name";
+    async fn label_of(s: &TestServer, ns: &str) -> String {
+        s.kubectl_ok(&["get", "ns", ns, "-o", "jsonpath={.metadata.labels.kubernetes\\.io/metadata\\.name}"]).await
+    }
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        assert_eq!(label_of(&s, ns).await, ns);
+    }
+    s.kubectl_ok(&["create", "ns", "x"]).await;
+    let out = s.kubectl_ok(&["get", "ns", "x", "--show-labels"]).await;
+    assert!(out.contains(&format!("{LABEL}=x")), "{out}");
+    assert_eq!(s.kubectl_ok(&["get", "ns", "-l", &format!("{LABEL}=x"), "-o", "name"]).await.trim(), "namespace/x");
+    // Removing it (a patch), overwriting it, and an apply without it: the
+    // label stays equal to the name; other labels change as asked.
+    s.kubectl_ok(&["label", "ns", "x", &format!("{LABEL}-"), "team=a"]).await;
+    assert_eq!(label_of(&s, "x").await, "x");
+    s.kubectl_ok(&["label", "ns", "x", &format!("{LABEL}=y"), "--overwrite"]).await;
+    assert_eq!(label_of(&s, "x").await, "x");
+    let (ok, out, err) = s.kubectl_stdin(&["replace", "-f", "-"], Some("apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {team: b}}\n")).await;
+    assert!(ok, "{out}{err}");
+    let out = s.kubectl_ok(&["get", "ns", "x", "--show-labels"]).await;
+    assert!(out.contains(&format!("{LABEL}=x")) && out.contains("team=b"), "{out}");
+    let (ok, out, err) = s.kubectl_stdin(&["apply", "-f", "-"], Some("apiVersion: v1\nkind: Namespace\nmetadata: {name: applied, labels: {kubernetes.io/metadata.name: other}}\n")).await;
+    assert!(ok, "{out}{err}");
+    assert_eq!(label_of(&s, "applied").await, "applied");
+    s.shutdown().await;
+}
+both_stores!(namespace_name_label);
