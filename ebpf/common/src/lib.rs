@@ -85,8 +85,9 @@ pub mod names {
     pub const PROG_SOCK_GETPEERNAME4: &str = "rt_sock_peer4";
 
     /// Every map name (for size checks and dumps).
-    pub const ALL_MAPS: [&str; 13] = [
+    pub const ALL_MAPS: [&str; 16] = [
         EP4, STATS, SVC4, BE4, REVNAT4, CT4, NAT4, AFF4, SOCKREV4, CONFIG, NODE4, MAGLEV4, EVENTS,
+        POLEP4, IPCACHE4, POLICY4,
     ];
     /// Every program name.
     pub const ALL_PROGRAMS: [&str; 7] = [

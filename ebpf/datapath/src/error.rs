@@ -30,6 +30,12 @@ pub enum Error {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("map {name}: prefix length {prefix_len} is longer than the key ({max} bits)")]
+    PrefixLen {
+        name: &'static str,
+        prefix_len: u32,
+        max: u32,
+    },
     #[error("{action} {path}")]
     Io {
         action: &'static str,

@@ -18,6 +18,7 @@ pub mod maglev;
 mod node_lock;
 pub mod node_maps;
 mod pins;
+pub mod policy;
 pub mod service;
 
 pub use attach::Attachment;

@@ -8,8 +8,9 @@ use aya_ebpf::{
 };
 use riptide_common::{
     AffKey, AffValue, BackendKey, BackendValue, CONFIG_KEY, Config, CtKey, CtValue, EndpointKey,
-    EndpointValue, MaglevKey, MaglevValue, NatValue, NodeKey, NodeValue, RevNatKey, RevNatValue,
-    SockRevKey, SockRevValue, SvcKey, SvcValue, capacity, stats,
+    EndpointValue, IpcacheKey, IpcacheValue, MaglevKey, MaglevValue, NatValue, NodeKey, NodeValue,
+    PolicyEndpointValue, PolicyKey, PolicyValue, RevNatKey, RevNatValue, SockRevKey, SockRevValue,
+    SvcKey, SvcValue, capacity, stats,
 };
 
 /// Local pod endpoints (`rt_ep4_v1`).
@@ -56,6 +57,23 @@ pub static MAGLEV4: HashMap<MaglevKey, MaglevValue> =
 
 #[map(name = "rt_node4_v1")]
 pub static NODE4: LpmTrie<NodeKey, NodeValue> = LpmTrie::pinned(capacity::NODE4, 0);
+
+/// NetworkPolicy state of local pods that are isolated or audited (agent
+/// writes; absent = not isolated).
+#[map(name = "rt_polep4_v1")]
+pub static POLEP4: HashMap<EndpointKey, PolicyEndpointValue> =
+    HashMap::pinned(capacity::POLEP4, 0);
+
+/// Address → security identity (LPM; LPM tries must be `BPF_F_NO_PREALLOC`).
+#[map(name = "rt_ipcache4_v1")]
+pub static IPCACHE4: LpmTrie<IpcacheKey, IpcacheValue> =
+    LpmTrie::pinned(capacity::IPCACHE4, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Allow rules keyed by (endpoint, peer identity, direction, protocol,
+/// port prefix).
+#[map(name = "rt_policy4_v1")]
+pub static POLICY4: LpmTrie<PolicyKey, PolicyValue> =
+    LpmTrie::pinned(capacity::POLICY4, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 /// Counts one event of `reason` on this CPU.
 #[inline(always)]

@@ -1,0 +1,319 @@
+//! Typed access to the NetworkPolicy maps the agent writes:
+//! `rt_polep4_v1` (local pods that are isolated or audited),
+//! `rt_ipcache4_v1` (address/prefix → security identity) and
+//! `rt_policy4_v1` (allow rules per endpoint, identity, direction,
+//! protocol and port prefix).
+//!
+//! The values are `riptide_common`'s raw contract types, which the agent's
+//! policy compiler produces as they are; this module only builds the LPM
+//! keys. Keys are canonical: bits beyond a prefix are cleared before a
+//! write or a delete, so the same prefix always names the same entry (the
+//! kernel compares only the prefix bits, but would keep and list the rest).
+//!
+//! Write order for readers (the programs judge new flows while the agent
+//! writes): ipcache entries before the rules that name their identities,
+//! rules before the endpoint entry that makes a pod isolated, stale rules
+//! deleted last.
+
+use std::{
+    net::Ipv4Addr,
+    os::fd::{AsFd as _, OwnedFd},
+};
+
+use aya::{
+    Pod,
+    maps::{
+        HashMap, IterableMap as _, Map, MapData, MapError,
+        lpm_trie::{Key, LpmTrie},
+    },
+};
+use riptide_common::{
+    EndpointKey, IpcacheKey, IpcacheValue, PolicyEndpointValue, PolicyKey, PolicyValue, names,
+};
+
+use crate::{
+    Error, Result,
+    error::{ignore_missing, map_err},
+    loader::Datapath,
+};
+
+/// Handles on a node's three NetworkPolicy maps (own file descriptors:
+/// usable on any thread, independent of the [`Datapath`] they came from).
+pub struct PolicyMaps {
+    endpoints: HashMap<MapData, EndpointKey, PolicyEndpointValue>,
+    ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
+    rules: LpmTrie<MapData, PolicyKey, PolicyValue>,
+}
+
+impl PolicyMaps {
+    /// Opens the pinned maps of `node` (the datapath must have been loaded
+    /// with `Pinning::Node(node)`).
+    pub fn open_pinned(node: &str) -> Result<Self> {
+        let dir = crate::pins::pin_dir(node)?;
+        let open = |name: &'static str| MapData::from_pin(dir.join(name)).map_err(map_err(name));
+        Self::from_data(
+            open(names::POLEP4)?,
+            open(names::IPCACHE4)?,
+            open(names::POLICY4)?,
+        )
+    }
+
+    fn from_data(polep: MapData, ipcache: MapData, rules: MapData) -> Result<Self> {
+        Ok(Self {
+            endpoints: HashMap::try_from(Map::HashMap(polep)).map_err(map_err(names::POLEP4))?,
+            ipcache: LpmTrie::try_from(Map::LpmTrie(ipcache)).map_err(map_err(names::IPCACHE4))?,
+            rules: LpmTrie::try_from(Map::LpmTrie(rules)).map_err(map_err(names::POLICY4))?,
+        })
+    }
+
+    // ------------------------------------------------------------ ipcache
+
+    /// Sets the identity of `addr/prefix_len` (`/32` for a pod or node
+    /// address, shorter for an ipBlock prefix or `0.0.0.0/0`).
+    pub fn upsert_ipcache(
+        &mut self,
+        addr: Ipv4Addr,
+        prefix_len: u8,
+        value: IpcacheValue,
+    ) -> Result<()> {
+        let key = ipcache_key(addr, prefix_len)?;
+        self.ipcache
+            .insert(&key, value, 0)
+            .map_err(map_err(names::IPCACHE4))
+    }
+
+    /// Removes `addr/prefix_len`; absent is not an error.
+    pub fn remove_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8) -> Result<()> {
+        let key = ipcache_key(addr, prefix_len)?;
+        ignore_missing(self.ipcache.remove(&key)).map_err(map_err(names::IPCACHE4))
+    }
+
+    /// Every ipcache entry as `((addr, prefix_len), value)`.
+    pub fn list_ipcache(&self) -> Result<Vec<((Ipv4Addr, u8), IpcacheValue)>> {
+        let entries = dump(self.ipcache.iter()).map_err(map_err(names::IPCACHE4))?;
+        Ok(entries
+            .into_iter()
+            .map(|(k, v)| {
+                let data = k.data();
+                (
+                    (
+                        Ipv4Addr::from(u32::from_be(data.addr_be)),
+                        k.prefix_len() as u8,
+                    ),
+                    v,
+                )
+            })
+            .collect())
+    }
+
+    // ---------------------------------------------------------- endpoints
+
+    /// Sets the policy state of the local pod `addr` (written for pods that
+    /// are isolated in some direction or audited; absent = allow all).
+    pub fn upsert_endpoint(&mut self, addr: Ipv4Addr, value: PolicyEndpointValue) -> Result<()> {
+        self.endpoints
+            .insert(endpoint_key(addr), value, 0)
+            .map_err(map_err(names::POLEP4))
+    }
+
+    /// Removes the policy state of `addr` (the pod is no longer isolated or
+    /// is gone); absent is not an error.
+    pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<()> {
+        ignore_missing(self.endpoints.remove(&endpoint_key(addr))).map_err(map_err(names::POLEP4))
+    }
+
+    /// The policy state of `addr`, if it has one.
+    pub fn get_endpoint(&self, addr: Ipv4Addr) -> Result<Option<PolicyEndpointValue>> {
+        match self.endpoints.get(&endpoint_key(addr), 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(Error::Map {
+                name: names::POLEP4,
+                source,
+            }),
+        }
+    }
+
+    /// Every endpoint entry.
+    pub fn list_endpoints(&self) -> Result<Vec<(Ipv4Addr, PolicyEndpointValue)>> {
+        let entries = dump(self.endpoints.iter()).map_err(map_err(names::POLEP4))?;
+        Ok(entries
+            .into_iter()
+            .map(|(k, v)| (Ipv4Addr::from(u32::from_be(k.addr_be)), v))
+            .collect())
+    }
+
+    // -------------------------------------------------------------- rules
+
+    /// Writes the allow rule `key` with `prefix_len` bits
+    /// ([`riptide_common::POLICY_PREFIX_ANY_PROTO`] = every protocol and
+    /// port, [`riptide_common::POLICY_PREFIX_ANY_PORT`] = every port of
+    /// `key.proto`, up to [`POLICY_PREFIX_FULL`] = one port).
+    pub fn upsert_rule(&mut self, prefix_len: u32, key: PolicyKey, value: PolicyValue) -> Result<()> {
+        let key = rule_key(prefix_len, key)?;
+        self.rules
+            .insert(&key, value, 0)
+            .map_err(map_err(names::POLICY4))
+    }
+
+    /// Removes the rule `(prefix_len, key)`; absent is not an error.
+    pub fn remove_rule(&mut self, prefix_len: u32, key: PolicyKey) -> Result<()> {
+        let key = rule_key(prefix_len, key)?;
+        ignore_missing(self.rules.remove(&key)).map_err(map_err(names::POLICY4))
+    }
+
+    /// Every rule as `((prefix_len, key), value)`.
+    pub fn list_rules(&self) -> Result<Vec<((u32, PolicyKey), PolicyValue)>> {
+        let entries = dump(self.rules.iter()).map_err(map_err(names::POLICY4))?;
+        Ok(entries
+            .into_iter()
+            .map(|(k, v)| ((k.prefix_len(), k.data()), v))
+            .collect())
+    }
+}
+
+impl Datapath {
+    /// The NetworkPolicy maps of this datapath, on duplicated file
+    /// descriptors (the programs and this `Datapath` keep theirs), so it
+    /// can be called more than once and the handles moved to another
+    /// thread.
+    pub fn policy(&self) -> Result<PolicyMaps> {
+        let map = |name: &'static str| self.ebpf.map(name).ok_or(Error::MissingMap { name });
+        let polep: HashMap<&MapData, EndpointKey, PolicyEndpointValue> =
+            HashMap::try_from(map(names::POLEP4)?).map_err(map_err(names::POLEP4))?;
+        let ipcache: LpmTrie<&MapData, IpcacheKey, IpcacheValue> =
+            LpmTrie::try_from(map(names::IPCACHE4)?).map_err(map_err(names::IPCACHE4))?;
+        let rules: LpmTrie<&MapData, PolicyKey, PolicyValue> =
+            LpmTrie::try_from(map(names::POLICY4)?).map_err(map_err(names::POLICY4))?;
+        PolicyMaps::from_data(
+            dup(names::POLEP4, polep.map())?,
+            dup(names::IPCACHE4, ipcache.map())?,
+            dup(names::POLICY4, rules.map())?,
+        )
+    }
+}
+
+/// A second handle on `data` (its own file descriptor).
+fn dup(name: &'static str, data: &MapData) -> Result<MapData> {
+    let fd: OwnedFd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| Error::Io {
+            action: "duplicating the file descriptor of map",
+            path: name.into(),
+            source,
+        })?;
+    MapData::from_fd(fd).map_err(map_err(name))
+}
+
+/// Collects a map dump; an entry deleted between the key walk and its
+/// lookup (a concurrent writer) is skipped, not an error.
+fn dump<K, V>(iter: impl Iterator<Item = Result<(K, V), MapError>>) -> Result<Vec<(K, V)>, MapError> {
+    let mut out = Vec::new();
+    for entry in iter {
+        match entry {
+            Ok(kv) => out.push(kv),
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+fn endpoint_key(addr: Ipv4Addr) -> EndpointKey {
+    EndpointKey {
+        addr_be: u32::from(addr).to_be(),
+    }
+}
+
+/// The trie key of `addr/prefix_len` with the host bits cleared.
+fn ipcache_key(addr: Ipv4Addr, prefix_len: u8) -> Result<Key<IpcacheKey>> {
+    let data = IpcacheKey {
+        addr_be: u32::from(addr).to_be(),
+    };
+    Ok(Key::new(
+        u32::from(prefix_len),
+        masked(names::IPCACHE4, data, u32::from(prefix_len))?,
+    ))
+}
+
+/// The trie key of rule `key` with `prefix_len` bits, the rest cleared.
+fn rule_key(prefix_len: u32, key: PolicyKey) -> Result<Key<PolicyKey>> {
+    Ok(Key::new(prefix_len, masked(names::POLICY4, key, prefix_len)?))
+}
+
+/// `data` with every bit after the first `prefix_len` (in memory order,
+/// which is the trie's order: the fields are big-endian) cleared.
+fn masked<K: Pod>(name: &'static str, data: K, prefix_len: u32) -> Result<K> {
+    let len = std::mem::size_of::<K>();
+    let max = (len * 8) as u32;
+    if prefix_len > max || len > 16 {
+        return Err(Error::PrefixLen {
+            name,
+            prefix_len,
+            max,
+        });
+    }
+    let mut bytes = [0u8; 16];
+    // SAFETY: K is Pod (plain integers, no padding holes), at most 16 bytes
+    // (checked above), copied byte for byte.
+    unsafe {
+        std::ptr::copy_nonoverlapping((&raw const data).cast::<u8>(), bytes.as_mut_ptr(), len);
+    }
+    let prefix = prefix_len as usize;
+    for (i, b) in bytes.iter_mut().enumerate().take(len) {
+        let first_bit = i * 8;
+        if first_bit >= prefix {
+            *b = 0;
+        } else if first_bit + 8 > prefix {
+            *b &= 0xffu8 << (8 - (prefix - first_bit));
+        }
+    }
+    // SAFETY: as above; every bit pattern is a valid K.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<K>()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use riptide_common::{
+        POL_DIR_INGRESS, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
+    };
+
+    use super::*;
+
+    fn rule(port: u16) -> PolicyKey {
+        PolicyKey {
+            ep_id_be: 7u32.to_be(),
+            identity_be: 300u32.to_be(),
+            dir: POL_DIR_INGRESS,
+            proto: 6,
+            port_be: port.to_be(),
+        }
+    }
+
+    #[test]
+    fn ipcache_keys_drop_host_bits() {
+        let k = ipcache_key(Ipv4Addr::new(10, 42, 1, 77), 16).unwrap();
+        assert_eq!(k.prefix_len(), 16);
+        assert_eq!(Ipv4Addr::from(u32::from_be(k.data().addr_be)), Ipv4Addr::new(10, 42, 0, 0));
+        let k = ipcache_key(Ipv4Addr::new(10, 42, 1, 77), 32).unwrap();
+        assert_eq!(Ipv4Addr::from(u32::from_be(k.data().addr_be)), Ipv4Addr::new(10, 42, 1, 77));
+        assert_eq!(ipcache_key(Ipv4Addr::new(1, 2, 3, 4), 0).unwrap().data().addr_be, 0);
+        assert!(ipcache_key(Ipv4Addr::new(1, 2, 3, 4), 33).is_err());
+    }
+
+    #[test]
+    fn rule_keys_keep_the_prefix_fields_only() {
+        let k = rule_key(POLICY_PREFIX_FULL, rule(8080)).unwrap().data();
+        assert_eq!(k, rule(8080));
+        let k = rule_key(POLICY_PREFIX_ANY_PORT, rule(8080)).unwrap().data();
+        assert_eq!(k, rule(0));
+        let k = rule_key(POLICY_PREFIX_ANY_PROTO, rule(8080)).unwrap().data();
+        assert_eq!(k, PolicyKey { proto: 0, ..rule(0) });
+        // 8080..=8087 as one prefix: the low 3 port bits are free.
+        let k = rule_key(POLICY_PREFIX_FULL - 3, rule(8085)).unwrap().data();
+        assert_eq!(k, rule(8080));
+        assert!(rule_key(POLICY_PREFIX_FULL + 1, rule(1)).is_err());
+    }
+}
