@@ -336,6 +336,8 @@ struct Loop {
 struct Batch {
     owners: BTreeSet<Owner>,
     nodes: bool,
+    /// Pods, Namespaces, NetworkPolicies or Nodes changed: recompile policy.
+    policy: bool,
     full: bool,
 }
 
@@ -412,10 +414,18 @@ impl Loop {
                     b.owners.insert(Owner::Service { namespace, name: svc });
                 }
             }
-            Change::Node { .. } => b.nodes = true,
-            Change::Pod { namespace, name } => {
-                b.owners.insert(Owner::Pod { namespace, name });
+            Change::Node { .. } => {
+                b.nodes = true;
+                b.policy = true;
             }
+            Change::Pod { namespace, name, local } => {
+                // Only local pods own hostPorts; a pod never changes node.
+                if local {
+                    b.owners.insert(Owner::Pod { namespace, name });
+                }
+                b.policy = true;
+            }
+            Change::Namespace { .. } | Change::NetworkPolicy { .. } => b.policy = true,
             Change::Resynced(kind) => {
                 tracing::debug!(kind = kind.as_str(), "store synced");
                 self.synced.insert(kind);
@@ -475,9 +485,15 @@ impl Loop {
                 .iter()
                 .map(|s| Owner::service(s.metadata.namespace.as_deref().unwrap_or(""), s.metadata.name.as_deref().unwrap_or("")))
                 .collect();
-            all.extend(self.stores.pods.state().iter().map(|p| {
-                Owner::pod(p.metadata.namespace.as_deref().unwrap_or(""), p.metadata.name.as_deref().unwrap_or(""))
-            }));
+            let node = self.ctx.node_name.as_str();
+            all.extend(
+                self.stores
+                    .pods
+                    .state()
+                    .iter()
+                    .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+                    .map(|p| Owner::pod(p.metadata.namespace.as_deref().unwrap_or(""), p.metadata.name.as_deref().unwrap_or(""))),
+            );
             lock(&shared.reconciler).retain_owners(&all.iter().cloned().collect());
             all
         } else {

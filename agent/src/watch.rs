@@ -1,4 +1,4 @@
-//! Reflectors for the four kinds the agent needs, as controller-rs does it:
+//! Reflectors for the six kinds the agent needs, as controller-rs does it:
 //! `watcher(..).default_backoff()`, `.modify()` to trim what we never read,
 //! into a `reflector` store. Every event also becomes a small [`Change`] on
 //! a channel, so the reconcile loop knows *what* to recompute instead of
@@ -8,8 +8,9 @@ use std::{fmt::Debug, hash::Hash};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
+    core::v1::{Container, Namespace, Node, Pod, PodSpec, PodStatus, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
 };
 use kube::{
     Api, Client, Resource, ResourceExt as _,
@@ -47,8 +48,12 @@ pub const API_ACCESS: &[ApiAccess] = &[
     // patch: the podCIDR fallback claims a range in an annotation on the
     // agent's own Node when the cluster has no node IPAM.
     ApiAccess { group: "", resource: "nodes", verbs: &["list", "watch", "patch"] },
-    // Only this node's pods (field selector spec.nodeName), for hostPorts.
+    // Every pod of the cluster: NetworkPolicy peers are found by their IP
+    // and labels wherever they run; this node's pods also give hostPorts.
     ApiAccess { group: "", resource: "pods", verbs: WATCH_VERBS },
+    // Namespace labels (namespaceSelector) and the policy audit annotation.
+    ApiAccess { group: "", resource: "namespaces", verbs: WATCH_VERBS },
+    ApiAccess { group: "networking.k8s.io", resource: "networkpolicies", verbs: WATCH_VERBS },
 ];
 
 /// A call the code is about to make that [`API_ACCESS`] does not list.
@@ -80,10 +85,12 @@ pub enum Kind {
     EndpointSlice,
     Node,
     Pod,
+    Namespace,
+    NetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Service, Kind::EndpointSlice, Kind::Node, Kind::Pod];
+    pub const ALL: [Kind; 6] = [Kind::Service, Kind::EndpointSlice, Kind::Node, Kind::Pod, Kind::Namespace, Kind::NetworkPolicy];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -91,6 +98,8 @@ impl Kind {
             Self::EndpointSlice => "endpointslices",
             Self::Node => "nodes",
             Self::Pod => "pods",
+            Self::Namespace => "namespaces",
+            Self::NetworkPolicy => "networkpolicies",
         }
     }
 }
@@ -102,7 +111,10 @@ pub enum Change {
     /// `service` is the slice's `kubernetes.io/service-name` label.
     Slice { namespace: String, name: String, service: Option<String>, deleted: bool },
     Node { name: String },
-    Pod { namespace: String, name: String },
+    /// `local`: the pod runs on this node (only those have hostPorts).
+    Pod { namespace: String, name: String, local: bool },
+    Namespace { name: String },
+    NetworkPolicy { namespace: String, name: String },
     /// A (re)list finished: the store holds the full state of `Kind`.
     Resynced(Kind),
 }
@@ -113,10 +125,13 @@ pub struct Stores {
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
     pub nodes: Store<Node>,
+    /// Every pod of the cluster.
     pub pods: Store<Pod>,
+    pub namespaces: Store<Namespace>,
+    pub policies: Store<NetworkPolicy>,
 }
 
-/// Starts the four reflectors; changes go to `tx`.
+/// Starts the six reflectors; changes go to `tx`.
 pub fn start(client: &Client, node_name: &str, tx: &UnboundedSender<Change>, metrics: &Metrics) -> Stores {
     let services = spawn(
         Api::<Service>::all(client.clone()),
@@ -179,23 +194,67 @@ pub fn start(client: &Client, node_name: &str, tx: &UnboundedSender<Change>, met
             }
         },
     );
+    let node = node_name.to_owned();
     let pods = spawn(
         Api::<Pod>::all(client.clone()),
-        watcher::Config::default().fields(&format!("spec.nodeName={node_name}")),
+        watcher::Config::default(),
         Kind::Pod,
         tx.clone(),
         metrics.clone(),
-        |p: &Pod| Change::Pod { namespace: p.namespace().unwrap_or_default(), name: p.name_any() },
-        |p: &mut Pod| {
-            trim_meta(p.meta_mut());
-            if let Some(st) = p.status.as_mut() {
-                st.conditions = None;
-                st.container_statuses = None;
-                st.init_container_statuses = None;
-            }
+        move |p: &Pod| Change::Pod {
+            namespace: p.namespace().unwrap_or_default(),
+            name: p.name_any(),
+            local: p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str()),
+        },
+        trim_pod,
+    );
+    let namespaces = spawn(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+        Kind::Namespace,
+        tx.clone(),
+        metrics.clone(),
+        |n: &Namespace| Change::Namespace { name: n.name_any() },
+        |n: &mut Namespace| {
+            // Labels and annotations (the policy audit switch) are read;
+            // namespaces are few, so their annotations stay whole.
+            n.meta_mut().managed_fields = None;
+            n.meta_mut().owner_references = None;
+            n.spec = None;
+            n.status = None;
         },
     );
-    Stores { services, slices, nodes, pods }
+    let policies = spawn(
+        Api::<NetworkPolicy>::all(client.clone()),
+        watcher::Config::default(),
+        Kind::NetworkPolicy,
+        tx.clone(),
+        metrics.clone(),
+        |p: &NetworkPolicy| Change::NetworkPolicy { namespace: p.namespace().unwrap_or_default(), name: p.name_any() },
+        |p: &mut NetworkPolicy| trim_meta(p.meta_mut()),
+    );
+    Stores { services, slices, nodes, pods, namespaces, policies }
+}
+
+/// Keeps what the agent reads of a pod (labels, node, host network, phase,
+/// addresses, container ports for hostPorts and named ports): with every
+/// pod of the cluster in memory, the rest (volumes, env, statuses) would
+/// cost the most and churn on every container restart.
+fn trim_pod(p: &mut Pod) {
+    trim_meta(p.meta_mut());
+    let ports_only = |c: &mut Container| Container { name: std::mem::take(&mut c.name), ports: c.ports.take(), ..Container::default() };
+    if let Some(spec) = p.spec.as_mut() {
+        *spec = PodSpec {
+            node_name: spec.node_name.take(),
+            host_network: spec.host_network,
+            containers: spec.containers.iter_mut().map(ports_only).collect(),
+            init_containers: spec.init_containers.as_mut().map(|cs| cs.iter_mut().map(ports_only).collect()),
+            ..PodSpec::default()
+        };
+    }
+    if let Some(st) = p.status.as_mut() {
+        *st = PodStatus { phase: st.phase.take(), pod_ip: st.pod_ip.take(), pod_ips: st.pod_ips.take(), ..PodStatus::default() };
+    }
 }
 
 fn trim_meta(m: &mut kube::api::ObjectMeta) {
@@ -263,6 +322,8 @@ mod tests {
         declared::<EndpointSlice>(WATCH_VERBS).unwrap();
         declared::<Node>(WATCH_VERBS).unwrap();
         declared::<Pod>(WATCH_VERBS).unwrap();
+        declared::<Namespace>(WATCH_VERBS).unwrap();
+        declared::<NetworkPolicy>(WATCH_VERBS).unwrap();
         declared::<Node>(&["patch"]).unwrap();
     }
 

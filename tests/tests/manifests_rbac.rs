@@ -27,8 +27,15 @@ fn clusterrole_grants_exactly_what_the_agent_calls() {
     let extra: Vec<_> = granted.difference(&needed).collect();
     assert!(missing.is_empty(), "the agent calls these but the ClusterRole does not grant them: {missing:?}");
     assert!(extra.is_empty(), "the ClusterRole grants these but the agent never calls them: {extra:?}");
-    // The brief's floor: read access to the four watched kinds.
-    for (g, r) in [("", "services"), ("discovery.k8s.io", "endpointslices"), ("", "nodes"), ("", "pods")] {
+    // The floor: read access to the six watched kinds.
+    for (g, r) in [
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
+        ("", "nodes"),
+        ("", "pods"),
+        ("", "namespaces"),
+        ("networking.k8s.io", "networkpolicies"),
+    ] {
         for v in ["list", "watch"] {
             assert!(granted.contains(&(g.into(), r.into(), v.into())), "{v} {g}/{r}");
         }
