@@ -16,6 +16,8 @@ pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod podcidr;
+pub mod policy;
+pub mod policy_sync;
 pub mod reconcile;
 pub mod routes;
 pub mod shared;

@@ -1,0 +1,930 @@
+//! The compile itself: objects → identities → ipcache, endpoints, rules.
+//!
+//! Order of work: namespaces, pods (label identities), policies (parsed
+//! once; ipBlock prefixes get CIDR identities), the ipcache, then for each
+//! local pod the policies that select it, and for each of those policies'
+//! rules the peer identities (resolved once per rule, only for policies
+//! that select some local pod) crossed with the rule's ports.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
+
+use ipnetwork::Ipv4Network;
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Node, Pod},
+        networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use kube::ResourceExt as _;
+use riptide_common::{
+    IpcacheValue, PE_F_ANY_IN, PE_F_ANY_OUT, PE_F_AUDIT_IN, PE_F_AUDIT_OUT, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT,
+    POL_DIR_EGRESS, POL_DIR_INGRESS, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
+    PolicyEndpointValue, PolicyKey, PolicyValue, identity,
+};
+
+use super::{
+    AUDIT_ANNOTATION, Compiled, EndpointView, IdentityInfo, Inputs, NAMESPACE_NAME_LABEL, PolicyName, RuleKey,
+    ids::StableIds,
+    ports::{port_prefixes, protocol_number},
+    selector::LabelMatch,
+};
+
+/// A label set: what a label identity stands for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct LabelSet {
+    namespace: String,
+    ns_labels: BTreeMap<String, String>,
+    labels: BTreeMap<String, String>,
+}
+
+/// Compiles [`Inputs`] into [`Compiled`], keeping identities, endpoint ids
+/// and policy refs stable from one compile to the next.
+#[derive(Debug)]
+pub struct Compiler {
+    generation: u64,
+    label_ids: StableIds<LabelSet>,
+    /// Keyed by pod UID (namespace/name when a pod has none).
+    ep_ids: StableIds<String>,
+    cidr_ids: StableIds<Ipv4Network>,
+    policy_refs: StableIds<PolicyName>,
+}
+
+impl Default for Compiler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Compiler {
+    pub fn new() -> Self {
+        Self {
+            generation: 0,
+            label_ids: StableIds::new(identity::FIRST_LABELS, identity::FIRST_CIDR),
+            // 0 stays unused so a zeroed key never names an endpoint.
+            ep_ids: StableIds::new(1, u32::MAX),
+            cidr_ids: StableIds::new(identity::FIRST_CIDR, u32::MAX),
+            policy_refs: StableIds::dense(0, u32::MAX),
+        }
+    }
+
+    /// Compiles the whole state. Invalid parts of policies are left out
+    /// (allowing less, never more) and reported in [`Compiled::warnings`].
+    pub fn compile(&mut self, inputs: &Inputs<'_>) -> Compiled {
+        self.generation += 1;
+        let generation = self.generation;
+        let mut out = Compiled::default();
+        let mut warnings = Vec::new();
+
+        let mut namespaces = namespaces(inputs.namespaces);
+        let pods = pods(inputs, &mut warnings);
+        for pod in &pods {
+            namespaces.entry(pod.namespace).or_insert_with(|| NsData::unknown(pod.namespace));
+        }
+
+        // Label identities, one per distinct (namespace, pod labels) of
+        // this compile (the namespace's labels are fixed within it).
+        let mut identities: Vec<IdentityData<'_>> = Vec::new();
+        let mut by_set: HashMap<(&str, &BTreeMap<String, String>), usize> = HashMap::new();
+        let mut pod_identity: Vec<Option<usize>> = Vec::with_capacity(pods.len());
+        for (pod_idx, pod) in pods.iter().enumerate() {
+            let labels = pod.pod.labels();
+            let idx = if let Some(idx) = by_set.get(&(pod.namespace, labels)) {
+                Some(*idx)
+            } else {
+                let ns_labels = namespaces.get(pod.namespace).map(|n| n.labels.clone()).unwrap_or_default();
+                let set = LabelSet {
+                    namespace: pod.namespace.to_owned(),
+                    ns_labels,
+                    labels: labels.clone(),
+                };
+                if let Some(id) = self.label_ids.id(set, generation) {
+                    identities.push(IdentityData {
+                        id,
+                        namespace: pod.namespace,
+                        labels,
+                        named_ports: Vec::new(),
+                        pods: Vec::new(),
+                    });
+                    by_set.insert((pod.namespace, labels), identities.len() - 1);
+                    Some(identities.len() - 1)
+                } else {
+                    warnings.push(format!("pod {}/{}: no label identity left", pod.namespace, pod.name));
+                    None
+                }
+            };
+            if let Some(idx) = idx {
+                let data = &mut identities[idx];
+                data.pods.push(pod_idx);
+                for port in named_ports(pod.pod) {
+                    if !data.named_ports.contains(&port) {
+                        data.named_ports.push(port);
+                    }
+                }
+            }
+            pod_identity.push(idx);
+        }
+        let mut ids_by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (idx, data) in identities.iter().enumerate() {
+            ids_by_ns.entry(data.namespace).or_default().push(idx);
+        }
+
+        // Policies, in (namespace, name) order so new refs are numbered
+        // the same way whatever order the store lists them in.
+        let mut sorted: Vec<&NetworkPolicy> = inputs.policies.iter().map(AsRef::as_ref).collect();
+        sorted.sort_by(|a, b| (a.metadata.namespace.as_deref(), a.name_any()).cmp(&(b.metadata.namespace.as_deref(), b.name_any())));
+        let mut policies: Vec<PolicyData<'_>> = Vec::with_capacity(sorted.len());
+        let mut prefixes: BTreeSet<Ipv4Network> = BTreeSet::new();
+        for policy in sorted {
+            let name = PolicyName {
+                namespace: policy.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned()),
+                name: policy.name_any(),
+            };
+            let Some(policy_ref) = self.policy_refs.id(name.clone(), generation) else {
+                warnings.push(format!("policy {name}: no policy number left"));
+                continue;
+            };
+            let mut data = PolicyData::parse(policy, policy_ref, &name, &mut warnings);
+            data.index = policies.len();
+            for rule in data.ingress.iter().chain(data.egress.iter()).flatten() {
+                for peer in rule.peers.iter().flatten() {
+                    if let PeerData::Block { net, except } = peer {
+                        prefixes.insert(*net);
+                        prefixes.extend(except.iter().copied());
+                    }
+                }
+            }
+            let slot = usize::try_from(policy_ref).unwrap_or(usize::MAX);
+            if out.policies.len() <= slot {
+                out.policies.resize(slot + 1, None);
+            }
+            out.policies[slot] = Some(name);
+            policies.push(data);
+        }
+        let mut cidrs = CidrIndex::default();
+        for net in &prefixes {
+            if let Some(id) = self.cidr_ids.id(*net, generation) {
+                cidrs.insert(*net, id);
+                out.identities.insert(id, IdentityInfo::Cidr(*net));
+            } else {
+                warnings.push(format!("ipBlock {net}: no CIDR identity left"));
+            }
+        }
+
+        // The ipcache, lowest precedence first: prefixes, the world,
+        // other nodes, pods, this node.
+        for (net, id) in &cidrs.all {
+            out.ipcache.insert(
+                (net.network(), net.prefix()),
+                IpcacheValue {
+                    identity: identity::WORLD,
+                    cidr_identity: *id,
+                },
+            );
+        }
+        out.ipcache.entry((Ipv4Addr::UNSPECIFIED, 0)).or_insert(IpcacheValue {
+            identity: identity::WORLD,
+            cidr_identity: 0,
+        });
+        let mut host_addrs: Vec<Ipv4Addr> = inputs.host_addrs.to_vec();
+        for node in inputs.nodes {
+            let local = node.name_any() == inputs.node_name;
+            for addr in node_addrs(node) {
+                if local {
+                    host_addrs.push(addr);
+                } else {
+                    out.ipcache.insert(
+                        (addr, 32),
+                        IpcacheValue {
+                            identity: identity::REMOTE_NODE,
+                            cidr_identity: cidrs.longest(addr),
+                        },
+                    );
+                }
+            }
+        }
+        for (pod, idx) in pods.iter().zip(&pod_identity) {
+            out.pods.insert((pod.namespace.to_owned(), pod.name.to_owned()), pod.ip);
+            if let Some(idx) = idx {
+                out.ipcache.insert(
+                    (pod.ip, 32),
+                    IpcacheValue {
+                        identity: identities[*idx].id,
+                        cidr_identity: cidrs.longest(pod.ip),
+                    },
+                );
+            }
+        }
+        for addr in host_addrs {
+            out.ipcache.insert(
+                (addr, 32),
+                IpcacheValue {
+                    identity: identity::HOST,
+                    cidr_identity: cidrs.longest(addr),
+                },
+            );
+        }
+        for data in &identities {
+            out.identities.insert(
+                data.id,
+                IdentityInfo::Labels {
+                    namespace: data.namespace.to_owned(),
+                    labels: data.labels.clone(),
+                },
+            );
+        }
+
+        // Local endpoints and their rules.
+        let mut policies_by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (idx, p) in policies.iter().enumerate() {
+            policies_by_ns.entry(p.namespace).or_default().push(idx);
+        }
+        let world = World {
+            namespaces: &namespaces,
+            identities: &identities,
+            ids_by_ns: &ids_by_ns,
+            pods: &pods,
+            cidrs: &cidrs,
+        };
+        let mut resolved: HashMap<(usize, u8, usize), ResolvedPeers> = HashMap::new();
+        for (pod, idx) in pods.iter().zip(&pod_identity) {
+            if !pod.local {
+                continue;
+            }
+            let Some(idx) = idx else { continue };
+            let key = pod.pod.uid().unwrap_or_else(|| format!("{}/{}", pod.namespace, pod.name));
+            let Some(ep_id) = self.ep_ids.id(key, generation) else {
+                warnings.push(format!("pod {}/{}: no endpoint id left", pod.namespace, pod.name));
+                continue;
+            };
+            let labels = pod.pod.labels();
+            let selecting: Vec<&PolicyData<'_>> = policies_by_ns
+                .get(pod.namespace)
+                .into_iter()
+                .flatten()
+                .map(|i| &policies[*i])
+                .filter(|p| p.selector.matches(labels))
+                .collect();
+            let audit = namespaces.get(pod.namespace).is_some_and(|n| n.audit);
+            let mut view = EndpointView {
+                namespace: pod.namespace.to_owned(),
+                pod: pod.name.to_owned(),
+                ep_id,
+                identity: identities[*idx].id,
+                isolated_in: false,
+                isolated_out: false,
+                policies_in: Vec::new(),
+                policies_out: Vec::new(),
+                audit,
+            };
+            let mut flags = 0;
+            let local_ports = named_ports(pod.pod);
+            for (dir, iso_flag, any_flag, audit_flag) in [
+                (POL_DIR_INGRESS, PE_F_ISOLATED_IN, PE_F_ANY_IN, PE_F_AUDIT_IN),
+                (POL_DIR_EGRESS, PE_F_ISOLATED_OUT, PE_F_ANY_OUT, PE_F_AUDIT_OUT),
+            ] {
+                for policy in &selecting {
+                    let Some(rules) = policy.rules(dir) else { continue };
+                    flags |= iso_flag;
+                    if audit {
+                        flags |= audit_flag;
+                    }
+                    if dir == POL_DIR_INGRESS {
+                        view.policies_in.push(policy.name.to_owned());
+                    } else {
+                        view.policies_out.push(policy.name.to_owned());
+                    }
+                    for (rule_idx, rule) in rules.iter().enumerate() {
+                        let peers = resolved
+                            .entry((policy.index, dir, rule_idx))
+                            .or_insert_with(|| world.resolve(policy, rule, dir));
+                        let emit = Emit {
+                            ep_id,
+                            dir,
+                            policy_ref: policy.policy_ref,
+                            rules: &mut out.rules,
+                        };
+                        if emit.rule(rule, peers, &local_ports, &identities) {
+                            flags |= any_flag;
+                        }
+                    }
+                }
+            }
+            view.isolated_in = flags & PE_F_ISOLATED_IN != 0;
+            view.isolated_out = flags & PE_F_ISOLATED_OUT != 0;
+            view.policies_in.sort();
+            view.policies_out.sort();
+            if flags != 0 {
+                out.endpoints.insert(
+                    pod.ip,
+                    PolicyEndpointValue {
+                        ep_id,
+                        identity: identities[*idx].id,
+                        flags,
+                        _pad: 0,
+                    },
+                );
+            }
+            out.views.insert(pod.ip, view);
+        }
+
+        self.label_ids.sweep(generation);
+        self.ep_ids.sweep(generation);
+        self.cidr_ids.sweep(generation);
+        self.policy_refs.sweep(generation);
+        warnings.sort();
+        warnings.dedup();
+        out.warnings = warnings;
+        out
+    }
+}
+
+// ------------------------------------------------------------------ inputs
+
+struct NsData {
+    /// The namespace's labels plus [`NAMESPACE_NAME_LABEL`].
+    labels: BTreeMap<String, String>,
+    audit: bool,
+}
+
+impl NsData {
+    /// A namespace known only from its pods (the Namespace object is not
+    /// in the store yet): its name label only.
+    fn unknown(name: &str) -> Self {
+        Self {
+            labels: BTreeMap::from([(NAMESPACE_NAME_LABEL.to_owned(), name.to_owned())]),
+            audit: false,
+        }
+    }
+}
+
+fn namespaces(list: &[std::sync::Arc<Namespace>]) -> HashMap<&str, NsData> {
+    list.iter()
+        .filter_map(|ns| {
+            let name = ns.metadata.name.as_deref()?;
+            let mut labels = ns.labels().clone();
+            labels.entry(NAMESPACE_NAME_LABEL.to_owned()).or_insert_with(|| name.to_owned());
+            let audit = ns.annotations().get(AUDIT_ANNOTATION).is_some_and(|v| v == "true");
+            Some((name, NsData { labels, audit }))
+        })
+        .collect()
+}
+
+/// A pod that owns an address: not host-networked, not finished, with an
+/// IPv4.
+struct PodData<'a> {
+    pod: &'a Pod,
+    namespace: &'a str,
+    name: &'a str,
+    ip: Ipv4Addr,
+    local: bool,
+}
+
+/// The pods that own addresses, in (namespace, name) order. Two pods
+/// claiming one address (a stale store): the one not being deleted wins.
+fn pods<'a>(inputs: &Inputs<'a>, warnings: &mut Vec<String>) -> Vec<PodData<'a>> {
+    let mut out: Vec<PodData<'a>> = inputs
+        .pods
+        .iter()
+        .filter_map(|pod| {
+            let spec = pod.spec.as_ref()?;
+            // A host-network pod's address is its node's.
+            if spec.host_network == Some(true) {
+                return None;
+            }
+            let status = pod.status.as_ref()?;
+            if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+                return None;
+            }
+            let ip = status
+                .pod_ips
+                .iter()
+                .flatten()
+                .map(|p| p.ip.as_str())
+                .chain(status.pod_ip.as_deref())
+                .find_map(|s| s.parse::<Ipv4Addr>().ok())?;
+            Some(PodData {
+                pod: pod.as_ref(),
+                namespace: pod.metadata.namespace.as_deref().unwrap_or("default"),
+                name: pod.metadata.name.as_deref().unwrap_or(""),
+                ip,
+                local: spec.node_name.as_deref() == Some(inputs.node_name),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| (a.namespace, a.name).cmp(&(b.namespace, b.name)));
+    let mut by_ip: HashMap<Ipv4Addr, usize> = HashMap::new();
+    let mut drop = vec![false; out.len()];
+    for (idx, pod) in out.iter().enumerate() {
+        if let Some(&other) = by_ip.get(&pod.ip) {
+            let keep_new = out[other].pod.metadata.deletion_timestamp.is_some() && pod.pod.metadata.deletion_timestamp.is_none();
+            let (kept, dropped) = if keep_new { (idx, other) } else { (other, idx) };
+            warnings.push(format!(
+                "pods {}/{} and {}/{} both have address {}: using {}/{}",
+                out[other].namespace, out[other].name, pod.namespace, pod.name, pod.ip, out[kept].namespace, out[kept].name
+            ));
+            drop[dropped] = true;
+            by_ip.insert(pod.ip, kept);
+        } else {
+            by_ip.insert(pod.ip, idx);
+        }
+    }
+    let mut keep = drop.into_iter().map(|d| !d);
+    out.retain(|_| keep.next().unwrap_or(true));
+    out
+}
+
+/// A containerPort with a name (regular containers and init containers,
+/// which include restartable sidecars).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct NamedPort<'a> {
+    name: &'a str,
+    proto: u8,
+    port: u16,
+}
+
+fn named_ports(pod: &Pod) -> Vec<NamedPort<'_>> {
+    let Some(spec) = pod.spec.as_ref() else { return Vec::new() };
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            Some(NamedPort {
+                name: p.name.as_deref()?,
+                proto: protocol_number(p.protocol.as_deref()).ok()?,
+                port: u16::try_from(p.container_port).ok().filter(|p| *p != 0)?,
+            })
+        })
+        .collect()
+}
+
+/// A node's IPv4 InternalIP and ExternalIP addresses.
+fn node_addrs(node: &Node) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    node.status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+}
+
+// ---------------------------------------------------------------- policies
+
+struct PolicyData<'a> {
+    /// Index in the compile's policy list (the rule-resolution cache key).
+    index: usize,
+    policy_ref: u32,
+    namespace: &'a str,
+    name: &'a str,
+    selector: LabelMatch,
+    /// `Some` when the policy has the type (isolates the direction).
+    ingress: Option<Vec<RuleData<'a>>>,
+    egress: Option<Vec<RuleData<'a>>>,
+}
+
+struct RuleData<'a> {
+    /// `None`: every peer (no or empty `from`/`to`).
+    peers: Option<Vec<PeerData>>,
+    /// `None`: every protocol and port (no or empty `ports`).
+    ports: Option<Vec<PortData<'a>>>,
+}
+
+enum PeerData {
+    /// Pods of the namespaces matching `namespaces` (`None`: the policy's
+    /// own) whose labels match `pods` (`None`: all).
+    Pods {
+        namespaces: Option<LabelMatch>,
+        pods: Option<LabelMatch>,
+    },
+    Block {
+        net: Ipv4Network,
+        except: Vec<Ipv4Network>,
+    },
+    /// Invalid or IPv6-only: matches no IPv4 peer.
+    Nothing,
+}
+
+#[derive(Clone, Copy)]
+enum PortData<'a> {
+    /// Every port of a protocol.
+    Proto(u8),
+    Range { proto: u8, lo: u16, hi: u16 },
+    Named { proto: u8, name: &'a str },
+}
+
+impl<'a> PolicyData<'a> {
+    fn parse(policy: &'a NetworkPolicy, policy_ref: u32, name: &PolicyName, warnings: &mut Vec<String>) -> Self {
+        let what = || format!("policy {name}");
+        let namespace = policy.metadata.namespace.as_deref().unwrap_or("default");
+        let policy_name = policy.metadata.name.as_deref().unwrap_or("");
+        let Some(spec) = policy.spec.as_ref() else {
+            // No spec: selects every pod, Ingress type, no rules (the
+            // apiserver's defaults for an empty spec).
+            return Self {
+                index: 0,
+                policy_ref,
+                namespace,
+                name: policy_name,
+                selector: LabelMatch::parse(&Default::default(), &what, warnings),
+                ingress: Some(Vec::new()),
+                egress: None,
+            };
+        };
+        let selector = LabelMatch::parse(&spec.pod_selector.clone().unwrap_or_default(), &|| format!("{} podSelector", what()), warnings);
+        // The apiserver's defaulting: no types = Ingress, plus Egress when
+        // there are egress rules.
+        let (mut has_in, mut has_out) = (false, false);
+        match spec.policy_types.as_deref() {
+            None | Some([]) => {
+                has_in = true;
+                has_out = spec.egress.as_ref().is_some_and(|e| !e.is_empty());
+            }
+            Some(types) => {
+                for t in types {
+                    match t.as_str() {
+                        "Ingress" => has_in = true,
+                        "Egress" => has_out = true,
+                        other => warnings.push(format!("{}: unknown policyType {other:?} ignored", what())),
+                    }
+                }
+            }
+        }
+        let ingress = has_in.then(|| {
+            spec.ingress
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, r)| RuleData::parse(r.from.as_deref(), r.ports.as_deref(), &|| format!("{} ingress[{i}]", what()), warnings))
+                .collect()
+        });
+        let egress = has_out.then(|| {
+            spec.egress
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, r)| RuleData::parse(r.to.as_deref(), r.ports.as_deref(), &|| format!("{} egress[{i}]", what()), warnings))
+                .collect()
+        });
+        Self {
+            index: 0,
+            policy_ref,
+            namespace,
+            name: policy_name,
+            selector,
+            ingress,
+            egress,
+        }
+    }
+
+    fn rules(&self, dir: u8) -> Option<&[RuleData<'a>]> {
+        if dir == POL_DIR_INGRESS { self.ingress.as_deref() } else { self.egress.as_deref() }
+    }
+}
+
+impl<'a> RuleData<'a> {
+    fn parse(peers: Option<&[NetworkPolicyPeer]>, ports: Option<&'a [NetworkPolicyPort]>, what: &dyn Fn() -> String, warnings: &mut Vec<String>) -> Self {
+        let peers = peers.filter(|p| !p.is_empty()).map(|list| {
+            list.iter()
+                .enumerate()
+                .map(|(i, p)| PeerData::parse(p, &|| format!("{} peer {i}", what()), warnings))
+                .collect()
+        });
+        let ports = ports.filter(|p| !p.is_empty()).map(|list| {
+            list.iter()
+                .enumerate()
+                .filter_map(|(i, p)| PortData::parse(p, &|| format!("{} port {i}", what()), warnings))
+                .collect()
+        });
+        Self { peers, ports }
+    }
+}
+
+impl PeerData {
+    fn parse(peer: &NetworkPolicyPeer, what: &dyn Fn() -> String, warnings: &mut Vec<String>) -> Self {
+        if let Some(block) = &peer.ip_block {
+            if peer.pod_selector.is_some() || peer.namespace_selector.is_some() {
+                warnings.push(format!("{}: ipBlock together with a selector is invalid; peer skipped", what()));
+                return Self::Nothing;
+            }
+            return Self::parse_block(&block.cidr, block.except.as_deref().unwrap_or_default(), what, warnings);
+        }
+        if peer.pod_selector.is_none() && peer.namespace_selector.is_none() {
+            warnings.push(format!("{}: empty peer is invalid; peer skipped", what()));
+            return Self::Nothing;
+        }
+        Self::Pods {
+            namespaces: peer
+                .namespace_selector
+                .as_ref()
+                .map(|s| LabelMatch::parse(s, &|| format!("{} namespaceSelector", what()), warnings)),
+            pods: peer
+                .pod_selector
+                .as_ref()
+                .map(|s| LabelMatch::parse(s, &|| format!("{} podSelector", what()), warnings)),
+        }
+    }
+
+    fn parse_block(cidr: &str, except: &[String], what: &dyn Fn() -> String, warnings: &mut Vec<String>) -> Self {
+        // An IPv6 block is valid and simply matches no IPv4 peer.
+        if cidr.contains(':') {
+            return Self::Nothing;
+        }
+        let net = match riptide_cidr::parse("ipBlock cidr", cidr) {
+            Ok(net) => net,
+            Err(e) => {
+                warnings.push(format!("{}: {e}; peer skipped", what()));
+                return Self::Nothing;
+            }
+        };
+        let mut excepts = Vec::with_capacity(except.len());
+        for e in except {
+            let parsed = match riptide_cidr::parse("ipBlock except", e) {
+                Ok(p) => p,
+                Err(err) => {
+                    warnings.push(format!("{}: {err}; peer skipped", what()));
+                    return Self::Nothing;
+                }
+            };
+            if !contains(net, parsed) {
+                warnings.push(format!("{}: except {parsed} is not inside {net}; peer skipped", what()));
+                return Self::Nothing;
+            }
+            excepts.push(parsed);
+        }
+        Self::Block { net, except: excepts }
+    }
+}
+
+impl<'a> PortData<'a> {
+    fn parse(port: &'a NetworkPolicyPort, what: &dyn Fn() -> String, warnings: &mut Vec<String>) -> Option<Self> {
+        let proto = match protocol_number(port.protocol.as_deref()) {
+            Ok(p) => p,
+            Err(other) => {
+                warnings.push(format!("{}: unknown protocol {other:?}; port skipped", what()));
+                return None;
+            }
+        };
+        match (&port.port, port.end_port) {
+            (None, None) => Some(Self::Proto(proto)),
+            (None, Some(_)) => {
+                warnings.push(format!("{}: endPort without port; port skipped", what()));
+                None
+            }
+            (Some(IntOrString::String(name)), None) => Some(Self::Named { proto, name }),
+            (Some(IntOrString::String(name)), Some(_)) => {
+                warnings.push(format!("{}: endPort with named port {name:?}; port skipped", what()));
+                None
+            }
+            (Some(IntOrString::Int(p)), end) => {
+                let Some(lo) = u16::try_from(*p).ok().filter(|p| *p != 0) else {
+                    warnings.push(format!("{}: port {p} out of range; port skipped", what()));
+                    return None;
+                };
+                let hi = match end {
+                    None => lo,
+                    Some(e) => match u16::try_from(e).ok().filter(|e| *e >= lo) {
+                        Some(hi) => hi,
+                        None => {
+                            warnings.push(format!("{}: endPort {e} below port {lo} or out of range; port skipped", what()));
+                            return None;
+                        }
+                    },
+                };
+                Some(Self::Range { proto, lo, hi })
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ peers
+
+struct IdentityData<'a> {
+    id: u32,
+    namespace: &'a str,
+    labels: &'a BTreeMap<String, String>,
+    /// Union of the named ports of the identity's pods.
+    named_ports: Vec<NamedPort<'a>>,
+    /// Indices in the compile's pod list.
+    pods: Vec<usize>,
+}
+
+/// The ipBlock prefixes of all policies and their identities.
+#[derive(Default)]
+struct CidrIndex {
+    all: Vec<(Ipv4Network, u32)>,
+    by_prefix: HashMap<(u32, u8), u32>,
+    /// Prefix lengths in use, longest first.
+    lens: Vec<u8>,
+}
+
+impl CidrIndex {
+    fn insert(&mut self, net: Ipv4Network, id: u32) {
+        self.all.push((net, id));
+        self.by_prefix.insert((u32::from(net.network()), net.prefix()), id);
+        if !self.lens.contains(&net.prefix()) {
+            self.lens.push(net.prefix());
+            self.lens.sort_unstable_by(|a, b| b.cmp(a));
+        }
+    }
+
+    /// Identity of the longest prefix holding `addr` (0: none).
+    fn longest(&self, addr: Ipv4Addr) -> u32 {
+        let addr = u32::from(addr);
+        self.lens
+            .iter()
+            .find_map(|len| self.by_prefix.get(&(addr & mask(*len), *len)).copied())
+            .unwrap_or(0)
+    }
+}
+
+fn mask(len: u8) -> u32 {
+    if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) }
+}
+
+/// `inner` lies inside `outer`.
+fn contains(outer: Ipv4Network, inner: Ipv4Network) -> bool {
+    inner.prefix() >= outer.prefix() && outer.contains(inner.network())
+}
+
+/// A rule's peers as identities.
+#[derive(Default)]
+struct ResolvedPeers {
+    any: bool,
+    /// Label identities (indices), sorted, unique.
+    labels: Vec<usize>,
+    /// CIDR identities its ipBlocks allow.
+    cidrs: Vec<u32>,
+    /// Label identities with a pod inside an ipBlock peer (for egress
+    /// named ports, which only pods have).
+    block_labels: Vec<usize>,
+}
+
+struct World<'w, 'a> {
+    namespaces: &'w HashMap<&'a str, NsData>,
+    identities: &'w [IdentityData<'a>],
+    ids_by_ns: &'w HashMap<&'a str, Vec<usize>>,
+    pods: &'w [PodData<'a>],
+    cidrs: &'w CidrIndex,
+}
+
+impl World<'_, '_> {
+    fn resolve(&self, policy: &PolicyData<'_>, rule: &RuleData<'_>, dir: u8) -> ResolvedPeers {
+        let mut out = ResolvedPeers::default();
+        let Some(peers) = &rule.peers else {
+            out.any = true;
+            return out;
+        };
+        let named_egress = dir == POL_DIR_EGRESS && rule.ports.iter().flatten().any(|p| matches!(p, PortData::Named { .. }));
+        for peer in peers {
+            match peer {
+                PeerData::Nothing => {}
+                PeerData::Pods { namespaces, pods } => {
+                    let in_ns = |ns: &str| {
+                        self.ids_by_ns
+                            .get(ns)
+                            .into_iter()
+                            .flatten()
+                            .filter(|i| pods.as_ref().is_none_or(|s| s.matches(self.identities[**i].labels)))
+                            .copied()
+                            .collect::<Vec<_>>()
+                    };
+                    match namespaces {
+                        None => out.labels.extend(in_ns(policy.namespace)),
+                        Some(sel) => {
+                            for (ns, data) in self.namespaces {
+                                if sel.matches(&data.labels) {
+                                    out.labels.extend(in_ns(ns));
+                                }
+                            }
+                        }
+                    }
+                }
+                PeerData::Block { net, except } => {
+                    let allowed = |q: Ipv4Network| contains(*net, q) && !except.iter().any(|e| contains(*e, q));
+                    out.cidrs.extend(self.cidrs.all.iter().filter(|(q, _)| allowed(*q)).map(|(_, id)| *id));
+                    if named_egress {
+                        let host = |ip: Ipv4Addr| allowed(Ipv4Network::from(ip));
+                        out.block_labels.extend(
+                            self.identities
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, d)| d.pods.iter().any(|p| host(self.pods[*p].ip)))
+                                .map(|(i, _)| i),
+                        );
+                    }
+                }
+            }
+        }
+        for v in [&mut out.labels, &mut out.block_labels] {
+            v.sort_unstable();
+            v.dedup();
+        }
+        out.cidrs.sort_unstable();
+        out.cidrs.dedup();
+        out
+    }
+}
+
+// ------------------------------------------------------------------ rules
+
+struct Emit<'r> {
+    ep_id: u32,
+    dir: u8,
+    policy_ref: u32,
+    rules: &'r mut HashMap<RuleKey, PolicyValue>,
+}
+
+impl Emit<'_> {
+    /// Writes the entries of one rule for one endpoint; true when an
+    /// [`identity::ANY`] entry was written.
+    fn rule(mut self, rule: &RuleData<'_>, peers: &ResolvedPeers, local_ports: &[NamedPort<'_>], identities: &[IdentityData<'_>]) -> bool {
+        let mut wrote_any = false;
+        let all = [PortData::Proto(0)];
+        let ports: &[PortData<'_>] = match &rule.ports {
+            None => &all,
+            Some(list) => list,
+        };
+        let every_proto = rule.ports.is_none();
+        for port in ports {
+            match *port {
+                PortData::Named { proto, name } if self.dir == POL_DIR_EGRESS => {
+                    // The name resolves on the destination: each peer
+                    // identity's own pods.
+                    let resolve = |idx: usize| {
+                        identities[idx]
+                            .named_ports
+                            .iter()
+                            .filter(move |p| p.name == name && p.proto == proto)
+                            .map(move |p| (identities[idx].id, p.port))
+                    };
+                    let mut targets: Vec<(u32, u16)> = Vec::new();
+                    if peers.any {
+                        targets.extend((0..identities.len()).flat_map(resolve));
+                    }
+                    targets.extend(peers.labels.iter().copied().flat_map(resolve));
+                    targets.extend(peers.block_labels.iter().copied().flat_map(resolve));
+                    for (id, port) in targets {
+                        self.insert(id, proto, port, POLICY_PREFIX_FULL);
+                    }
+                }
+                _ => {
+                    let entries = self.port_entries(*port, every_proto, local_ports);
+                    let ids = peers
+                        .any
+                        .then_some(identity::ANY)
+                        .into_iter()
+                        .chain(peers.labels.iter().map(|i| identities[*i].id))
+                        .chain(peers.cidrs.iter().copied());
+                    for id in ids {
+                        for (proto, port, prefix) in &entries {
+                            self.insert(id, *proto, *port, *prefix);
+                            wrote_any |= id == identity::ANY;
+                        }
+                    }
+                }
+            }
+        }
+        wrote_any
+    }
+
+    /// (protocol, port, prefix length) entries of a port that does not
+    /// depend on the peer.
+    fn port_entries(&self, port: PortData<'_>, every_proto: bool, local_ports: &[NamedPort<'_>]) -> Vec<(u8, u16, u32)> {
+        match port {
+            PortData::Proto(_) if every_proto => vec![(0, 0, POLICY_PREFIX_ANY_PROTO)],
+            PortData::Proto(proto) => vec![(proto, 0, POLICY_PREFIX_ANY_PORT)],
+            PortData::Range { proto, lo, hi } => port_prefixes(lo, hi).into_iter().map(|(p, len)| (proto, p, len)).collect(),
+            // Ingress: the selected pod's own port of that name.
+            PortData::Named { proto, name } => local_ports
+                .iter()
+                .filter(|p| p.name == name && p.proto == proto)
+                .map(|p| (proto, p.port, POLICY_PREFIX_FULL))
+                .collect(),
+        }
+    }
+
+    fn insert(&mut self, id: u32, proto: u8, port: u16, prefix_len: u32) {
+        let key = RuleKey {
+            prefix_len,
+            key: PolicyKey {
+                ep_id_be: self.ep_id.to_be(),
+                identity_be: id.to_be(),
+                dir: self.dir,
+                proto,
+                port_be: port.to_be(),
+            },
+        };
+        // Several policies allowing the same thing: name the lowest ref,
+        // so the value does not depend on evaluation order.
+        self.rules
+            .entry(key)
+            .and_modify(|v| v.policy_ref = v.policy_ref.min(self.policy_ref))
+            .or_insert(PolicyValue {
+                policy_ref: self.policy_ref,
+                flags: 0,
+            });
+    }
+}
