@@ -90,10 +90,11 @@ pub mod names {
         POLEP4, IPCACHE4, POLICY4,
     ];
     /// Every program name.
-    pub const ALL_PROGRAMS: [&str; 7] = [
+    pub const ALL_PROGRAMS: [&str; 8] = [
         PROG_FROM_POD,
         PROG_FROM_NET,
         PROG_TO_NET,
+        PROG_TO_POD,
         PROG_SOCK_CONNECT4,
         PROG_SOCK_SENDMSG4,
         PROG_SOCK_RECVMSG4,

@@ -138,10 +138,11 @@ impl Datapath {
 }
 
 /// tc programs in the object.
-const CLASSIFIERS: [&str; 3] = [
+const CLASSIFIERS: [&str; 4] = [
     names::PROG_FROM_POD,
     names::PROG_FROM_NET,
     names::PROG_TO_NET,
+    names::PROG_TO_POD,
 ];
 /// Socket-LB programs in the object.
 pub(crate) const SOCK_PROGRAMS: [&str; 4] = [

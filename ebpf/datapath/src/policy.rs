@@ -149,7 +149,12 @@ impl PolicyMaps {
     /// ([`riptide_common::POLICY_PREFIX_ANY_PROTO`] = every protocol and
     /// port, [`riptide_common::POLICY_PREFIX_ANY_PORT`] = every port of
     /// `key.proto`, up to [`POLICY_PREFIX_FULL`] = one port).
-    pub fn upsert_rule(&mut self, prefix_len: u32, key: PolicyKey, value: PolicyValue) -> Result<()> {
+    pub fn upsert_rule(
+        &mut self,
+        prefix_len: u32,
+        key: PolicyKey,
+        value: PolicyValue,
+    ) -> Result<()> {
         let key = rule_key(prefix_len, key)?;
         self.rules
             .insert(&key, value, 0)
@@ -209,7 +214,9 @@ fn dup(name: &'static str, data: &MapData) -> Result<MapData> {
 
 /// Collects a map dump; an entry deleted between the key walk and its
 /// lookup (a concurrent writer) is skipped, not an error.
-fn dump<K, V>(iter: impl Iterator<Item = Result<(K, V), MapError>>) -> Result<Vec<(K, V)>, MapError> {
+fn dump<K, V>(
+    iter: impl Iterator<Item = Result<(K, V), MapError>>,
+) -> Result<Vec<(K, V)>, MapError> {
     let mut out = Vec::new();
     for entry in iter {
         match entry {
@@ -240,7 +247,10 @@ fn ipcache_key(addr: Ipv4Addr, prefix_len: u8) -> Result<Key<IpcacheKey>> {
 
 /// The trie key of rule `key` with `prefix_len` bits, the rest cleared.
 fn rule_key(prefix_len: u32, key: PolicyKey) -> Result<Key<PolicyKey>> {
-    Ok(Key::new(prefix_len, masked(names::POLICY4, key, prefix_len)?))
+    Ok(Key::new(
+        prefix_len,
+        masked(names::POLICY4, key, prefix_len)?,
+    ))
 }
 
 /// `data` with every bit after the first `prefix_len` (in memory order,
@@ -276,6 +286,8 @@ fn masked<K: Pod>(name: &'static str, data: K, prefix_len: u32) -> Result<K> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use riptide_common::{
         POL_DIR_INGRESS, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
     };
@@ -296,10 +308,22 @@ mod tests {
     fn ipcache_keys_drop_host_bits() {
         let k = ipcache_key(Ipv4Addr::new(10, 42, 1, 77), 16).unwrap();
         assert_eq!(k.prefix_len(), 16);
-        assert_eq!(Ipv4Addr::from(u32::from_be(k.data().addr_be)), Ipv4Addr::new(10, 42, 0, 0));
+        assert_eq!(
+            Ipv4Addr::from(u32::from_be(k.data().addr_be)),
+            Ipv4Addr::new(10, 42, 0, 0)
+        );
         let k = ipcache_key(Ipv4Addr::new(10, 42, 1, 77), 32).unwrap();
-        assert_eq!(Ipv4Addr::from(u32::from_be(k.data().addr_be)), Ipv4Addr::new(10, 42, 1, 77));
-        assert_eq!(ipcache_key(Ipv4Addr::new(1, 2, 3, 4), 0).unwrap().data().addr_be, 0);
+        assert_eq!(
+            Ipv4Addr::from(u32::from_be(k.data().addr_be)),
+            Ipv4Addr::new(10, 42, 1, 77)
+        );
+        assert_eq!(
+            ipcache_key(Ipv4Addr::new(1, 2, 3, 4), 0)
+                .unwrap()
+                .data()
+                .addr_be,
+            0
+        );
         assert!(ipcache_key(Ipv4Addr::new(1, 2, 3, 4), 33).is_err());
     }
 
@@ -309,8 +333,16 @@ mod tests {
         assert_eq!(k, rule(8080));
         let k = rule_key(POLICY_PREFIX_ANY_PORT, rule(8080)).unwrap().data();
         assert_eq!(k, rule(0));
-        let k = rule_key(POLICY_PREFIX_ANY_PROTO, rule(8080)).unwrap().data();
-        assert_eq!(k, PolicyKey { proto: 0, ..rule(0) });
+        let k = rule_key(POLICY_PREFIX_ANY_PROTO, rule(8080))
+            .unwrap()
+            .data();
+        assert_eq!(
+            k,
+            PolicyKey {
+                proto: 0,
+                ..rule(0)
+            }
+        );
         // 8080..=8087 as one prefix: the low 3 port bits are free.
         let k = rule_key(POLICY_PREFIX_FULL - 3, rule(8085)).unwrap().data();
         assert_eq!(k, rule(8080));

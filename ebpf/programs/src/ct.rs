@@ -9,13 +9,19 @@
 //! tuple is looked up exactly once and the entry says what it is (v1 keyed
 //! them apart and paid a miss on every forward packet).
 //!
+//! A non-service flow NetworkPolicy judged ([`CT_F_POLICY`], see
+//! `policy`) has an entry under each of its two tuples, carrying nothing
+//! but the flags: any hit means "established", so neither its packets nor
+//! its replies are judged again.
+//!
 //! Entries refresh `last_seen_ns` with the coarse clock (no TSC read per
 //! packet, only a store when the tick changed; see [`crate::clock`]); LRU eviction and the
 //! agent's GC remove idle ones.
 
+use aya_ebpf::bindings::BPF_NOEXIST;
 use riptide_common::{
-    BE_F_LOCAL, BackendValue, CT_DIR_ANY, CT_F_BE_LOCAL, CT_F_CLOSING, CT_F_REPLY, CtKey, CtValue,
-    proto, stats,
+    BE_F_LOCAL, BackendValue, CT_DIR_ANY, CT_F_BE_LOCAL, CT_F_CLOSING, CT_F_INBOUND, CT_F_POLICY,
+    CT_F_REPLY, CtKey, CtValue, proto, stats,
 };
 
 use crate::{
@@ -124,12 +130,18 @@ pub fn remove(p: &Pkt) {
 /// The reply tuple of `p` (as the reply path sees it).
 #[inline(always)]
 pub fn reverse(p: &Pkt) -> CtKey {
+    reverse_key(&key(p))
+}
+
+/// The reply tuple of `k`.
+#[inline(always)]
+pub fn reverse_key(k: &CtKey) -> CtKey {
     CtKey {
-        saddr_be: p.daddr_be,
-        daddr_be: p.saddr_be,
-        sport_be: p.dport_be,
-        dport_be: p.sport_be,
-        proto: p.proto,
+        saddr_be: k.daddr_be,
+        daddr_be: k.saddr_be,
+        sport_be: k.dport_be,
+        dport_be: k.sport_be,
+        proto: k.proto,
         dir: CT_DIR_ANY,
         _pad: 0,
     }
@@ -194,4 +206,22 @@ pub fn create(f: &NewFlow) -> Result<(), u32> {
     };
     CT4.insert(&f.orig, &fwd, 0)
         .map_err(|_| stats::DROP_CT_FULL)
+}
+
+/// Records a flow NetworkPolicy allowed (`orig`, untranslated) and its
+/// reply, both [`CT_F_POLICY`]; `inbound` also marks the reply entry
+/// [`CT_F_INBOUND`] (see `masq`). Reply first, as in [`create`]. An entry
+/// that already exists under either tuple (a load-balanced flow sharing
+/// the tuple) is kept. Best effort: without the entries the next packet is
+/// judged again.
+#[inline(always)]
+pub fn create_policy(orig: &CtKey, inbound: bool) {
+    let mut v = CtValue {
+        last_seen_ns: now(),
+        flags: CT_F_POLICY | if inbound { CT_F_INBOUND } else { 0 },
+        ..CtValue::default()
+    };
+    let _ = CT4.insert(&reverse_key(orig), &v, u64::from(BPF_NOEXIST));
+    v.flags = CT_F_POLICY;
+    let _ = CT4.insert(orig, &v, u64::from(BPF_NOEXIST));
 }

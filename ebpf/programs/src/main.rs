@@ -27,9 +27,11 @@ mod masq;
 mod nat;
 mod parse;
 mod pod;
+mod policy;
 mod reject;
 mod route;
 mod sock;
+mod to_pod;
 mod uplink;
 
 use aya_ebpf::{
@@ -37,7 +39,9 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier},
     programs::{SockAddrContext, TcContext},
 };
-use riptide_common::{DropEvent, EV_SRC_FROM_NET, EV_SRC_FROM_POD, EV_SRC_SOCK, EV_SRC_TO_NET};
+use riptide_common::{
+    DropEvent, EV_SRC_FROM_NET, EV_SRC_FROM_POD, EV_SRC_SOCK, EV_SRC_TO_NET, EV_SRC_TO_POD,
+};
 
 /// tc ingress on the host side of a pod's veth: every packet the pod sends.
 #[classifier]
@@ -81,6 +85,25 @@ pub fn rt_to_net(ctx: TcContext) -> i32 {
             events::report(&ctx, reason, EV_SRC_TO_NET);
             // Fail open: an untranslated packet reaches the peer, which
             // answers with a RST for an unknown flow; better than silence.
+            TC_ACT_OK
+        }
+    }
+}
+
+/// tc egress on the host side of a pod's veth: packets the kernel routes
+/// into the pod (ingress NetworkPolicy for flows that were not delivered
+/// with `bpf_redirect_peer`).
+#[classifier]
+pub fn rt_to_pod(ctx: TcContext) -> i32 {
+    match to_pod::try_to_pod(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            maps::count(reason);
+            events::report(&ctx, reason, EV_SRC_TO_POD);
+            // Fail open, like the other tc programs: a packet this program
+            // cannot parse is one no policy verdict applies to (policy
+            // judges IPv4 flows), and dropping it would cut the pod off on
+            // a parser bug.
             TC_ACT_OK
         }
     }

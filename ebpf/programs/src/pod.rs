@@ -10,8 +10,8 @@
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use riptide_common::{
-    AFF_CLIENT_IP, BE_F_LOCAL, CT_F_HAIRPIN, CT_F_INBOUND, CT_F_NODEPORT, CT_F_REPLY, CtKey,
-    CtValue, EV_SRC_FROM_POD, stats,
+    AFF_CLIENT_IP, BE_F_LOCAL, CT_F_HAIRPIN, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY, CT_F_REPLY,
+    CtKey, CtValue, EV_SRC_FROM_POD, stats,
 };
 
 use crate::{
@@ -21,7 +21,7 @@ use crate::{
     lb::{self, Chosen},
     maps::{config, count},
     parse::{self, Pkt},
-    reject, route,
+    policy, reject, route,
 };
 
 /// Returns the tc verdict for a packet leaving a pod, or a stats reason.
@@ -33,7 +33,13 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     if !p.has_ports() {
         // A backend pod's ICMP error about a balanced flow goes back to the
         // client as if the service had sent it.
-        crate::icmp::xlate_error(ctx, &mut p, error_plan)?;
+        let translated = crate::icmp::xlate_error(ctx, &mut p, error_plan)?;
+        if !translated
+            && policy::enabled(config())
+            && policy::deny_other(ctx, &p, true, EV_SRC_FROM_POD, false)
+        {
+            return policy::drop();
+        }
         // ICMP, fragments, other protocols: routed as they are. Services are
         // TCP/UDP only; a fragment of a service flow cannot be matched.
         return route::deliver(ctx, &p);
@@ -49,6 +55,10 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
             // directly: nothing to translate, the kernel routes it.
             return route::pass();
         }
+        if flags & CT_F_POLICY != 0 {
+            // A flow (or the reply of one) NetworkPolicy allowed.
+            return route::deliver(ctx, &p);
+        }
         // A packet of a flow already balanced.
         if let Some(chosen) = ct::fwd_backend(&hit) {
             count(stats::LB_CT_HIT);
@@ -62,6 +72,12 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     let cfg = config();
     let is_node = cfg.node_ip_be != 0 && p.daddr_be == cfg.node_ip_be;
     let Some(svc) = lb::lookup_with_node(p.daddr_be, p.dport_be, p.proto, true, is_node) else {
+        // A new flow to a pod or elsewhere: the pod's egress and, when the
+        // destination is a pod on this node, its ingress (delivery with
+        // bpf_redirect_peer skips the veth egress program).
+        if policy::enabled(cfg) && policy::deny_plain(ctx, &p, true, EV_SRC_FROM_POD, false) {
+            return policy::drop();
+        }
         return route::deliver(ctx, &p);
     };
     let Some(chosen) = lb::select(
@@ -73,6 +89,23 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     else {
         return reject::reject(ctx, &p, cfg, EV_SRC_FROM_POD);
     };
+    // Policy judges the backend, never the frontend: the client's egress,
+    // and the backend's ingress when it runs here. The load balancer's
+    // conntrack entries then carry the verdict.
+    if policy::enabled(cfg) {
+        let mut f = policy::Flow::of(
+            ctx,
+            &p,
+            true,
+            chosen.be.flags & BE_F_LOCAL != 0,
+            EV_SRC_FROM_POD,
+        );
+        f.daddr_be = chosen.be.addr_be;
+        f.dport_be = chosen.be.port_be;
+        if policy::judge(&f) == policy::DENY {
+            return policy::drop();
+        }
+    }
     count(stats::LB_NEW);
     let orig = ct::key(&p);
     // Hairpin: a pod reaching its own service lands on itself. Its kernel

@@ -29,9 +29,9 @@
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use riptide_common::{
-    AFF_CLIENT_IP, BE_F_LOCAL, CT_F_INBOUND, CT_F_NODEPORT, CT_F_REPLY, CT_F_SNAT, Config, CtKey,
-    EV_SRC_FROM_NET, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_MASQ, NAT_F_NODEPORT, SVC_F_LOCAL_ONLY,
-    stats,
+    AFF_CLIENT_IP, BE_F_LOCAL, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY, CT_F_REPLY, CT_F_SNAT,
+    Config, CtKey, EV_SRC_FROM_NET, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_MASQ, NAT_F_NODEPORT,
+    SVC_F_LOCAL_ONLY, stats,
 };
 
 use crate::{
@@ -43,7 +43,7 @@ use crate::{
     maps::{config, count},
     masq,
     parse::{self, Pkt},
-    reject, route,
+    policy, reject, route,
 };
 
 /// tc ingress on the uplink.
@@ -54,7 +54,13 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
     };
     let cfg = config();
     if !p.has_ports() {
-        crate::icmp::xlate_error(ctx, &mut p, |r| from_net_error_plan(cfg, r))?;
+        let translated = crate::icmp::xlate_error(ctx, &mut p, |r| from_net_error_plan(cfg, r))?;
+        if !translated
+            && policy::enabled(cfg)
+            && policy::deny_other(ctx, &p, false, EV_SRC_FROM_NET, false)
+        {
+            return policy::drop();
+        }
         // Pods on this node are reached with bpf_redirect_peer, the rest
         // (the node itself, forwarding) goes to the kernel.
         return route::deliver(ctx, &p);
@@ -93,6 +99,10 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
             count(stats::REVNAT);
             return route::deliver(ctx, &p);
         }
+        if e.flags & CT_F_POLICY != 0 {
+            // A flow (or the reply of one) NetworkPolicy allowed.
+            return route::deliver(ctx, &p);
+        }
         if e.flags & CT_F_INBOUND == 0 && !unsnat {
             // 3. A packet of a NodePort & co flow already balanced.
             if let Some(c) = ct::fwd_backend(&hit) {
@@ -116,13 +126,24 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
     // 4. A new flow to a frontend of this node.
     let Some(svc) = lb::lookup_with_node(p.daddr_be, p.dport_be, p.proto, false, is_node) else {
         // Traffic for a pod on this node (from other nodes' pods, other
-        // nodes, outside): remember flows whose replies the masquerade
-        // would otherwise rewrite, then straight into the pod.
-        if masq::enabled(cfg)
-            && !is_node
-            && masq::applies_to(cfg, p.saddr_be)
-            && route::is_local_pod(p.daddr_be)
-        {
+        // nodes, outside): the pod's ingress policy; remember flows whose
+        // replies the masquerade would otherwise rewrite (policy's reply
+        // entry does when it records the flow); then straight into the pod.
+        let inbound = is_inbound(cfg, &p, is_node);
+        // The node's own addresses have no policy (and carry the node's
+        // control traffic): no lookup for them.
+        if policy::enabled(cfg) && !is_node {
+            let f = policy::Flow::of(ctx, &p, false, true, EV_SRC_FROM_NET);
+            match policy::judge(&f) {
+                policy::DENY => return policy::drop(),
+                policy::ALLOW => {
+                    ct::create_policy(&ct::key(&p), inbound);
+                    return route::deliver(ctx, &p);
+                }
+                _ => {}
+            }
+        }
+        if inbound {
             masq::track_inbound(&p);
         }
         return route::deliver(ctx, &p);
@@ -145,8 +166,30 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
     else {
         return reject::reject(ctx, &p, cfg, EV_SRC_FROM_NET);
     };
+    // A backend on this node: its ingress policy judges the client as it
+    // reaches the backend (the forwarding node's address when that node
+    // source-NATed). A remote backend's node judges it there.
+    if policy::enabled(cfg) && chosen.be.flags & BE_F_LOCAL != 0 {
+        let mut f = policy::Flow::of(ctx, &p, false, true, EV_SRC_FROM_NET);
+        f.daddr_be = chosen.be.addr_be;
+        f.dport_be = chosen.be.port_be;
+        if policy::judge(&f) == policy::DENY {
+            return policy::drop();
+        }
+    }
     count(stats::LB_NEW);
     new_flow(ctx, &mut p, cfg, &svc, &chosen)
+}
+
+/// Whether `p`, a non-service packet from outside the node, is the first of
+/// a flow into a local pod whose replies masquerade must leave alone (its
+/// source is an address the pod's own flows would be masqueraded to).
+#[inline(always)]
+fn is_inbound(cfg: &Config, p: &Pkt, is_node: bool) -> bool {
+    masq::enabled(cfg)
+        && !is_node
+        && masq::applies_to(cfg, p.saddr_be)
+        && route::is_local_pod(p.daddr_be)
 }
 
 #[inline(always)]

@@ -1,0 +1,331 @@
+//! NetworkPolicy: the verdict for the first packet of a flow.
+//!
+//! Cilium's shape with node-local identities: `rt_ipcache4_v1` gives the
+//! peer's identity (and the identity of the longest ipBlock prefix holding
+//! it), `rt_policy4_v1` holds the allow rules of each local endpoint keyed
+//! by (endpoint, peer identity, direction, protocol, port prefix), and
+//! `rt_polep4_v1` says which local pods are isolated (absent = allow all).
+//!
+//! Only new flows are judged, and only when the node has some policy state
+//! (`CFG_F_POLICY`). A flow is judged after Service translation, on the
+//! backend's address and port: egress of the source when it is a local pod
+//! with state, ingress of the destination when it is one. When some side
+//! has state and the flow is allowed, the caller records it in conntrack
+//! (`CT_F_POLICY` entries for both tuples, or the load-balancer's entries),
+//! so every later packet and every reply is a conntrack hit that never
+//! comes here: the established path pays nothing for policy.
+//!
+//! Always allowed: the node itself (identity `HOST`, the node address, the
+//! hairpin address — kubelet probes, host processes) and a pod reaching
+//! itself. Kubernetes policy has only allows; ipBlock `except` works
+//! through the ipcache (the longer except prefix has an identity no rule
+//! names). `PE_F_FAIL_CLOSED` denies everything else. In audit mode a
+//! would-be denial is counted and reported but passes.
+
+use aya_ebpf::{bindings::TC_ACT_SHOT, maps::lpm_trie::Key, programs::TcContext};
+use riptide_common::{
+    CFG_F_POLICY, Config, DropEvent, EndpointKey, IpcacheKey, PE_F_ANY_IN, PE_F_ANY_OUT,
+    PE_F_AUDIT_IN, PE_F_AUDIT_OUT, PE_F_FAIL_CLOSED, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT,
+    POL_DIR_EGRESS, POL_DIR_INGRESS, POLICY_PREFIX_FULL, PolicyEndpointValue, PolicyKey, identity,
+    proto, stats,
+};
+
+use crate::{
+    ct, events,
+    maps::{IPCACHE4, POLEP4, POLICY4, config, count},
+    parse::{IP_OFF, IpHdr, L4_OFF, Pkt, Ports, ptr_at},
+};
+
+/// The node has policy state: new flows must be judged.
+#[inline(always)]
+pub fn enabled(cfg: &Config) -> bool {
+    cfg.flags & CFG_F_POLICY != 0
+}
+
+/// No side of the flow has policy state: nothing judged, nothing recorded.
+pub const OPEN: u32 = 0;
+/// Allowed, and some side has policy state: record the flow.
+pub const ALLOW: u32 = 1;
+/// Denied: drop the packet.
+pub const DENY: u32 = 2;
+
+/// A new flow as policy sees it (after Service translation).
+#[repr(C)]
+pub struct Flow {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    /// Judge the source's egress (it may be a local pod).
+    pub egress: u8,
+    /// Judge the destination's ingress (it may be a local pod).
+    pub ingress: u8,
+    /// `EV_SRC_*` for events.
+    pub source: u8,
+    pub ifindex: u32,
+}
+
+impl Flow {
+    /// The flow of `p` as it is (no translation).
+    #[inline(always)]
+    pub fn of(ctx: &TcContext, p: &Pkt, egress: bool, ingress: bool, source: u8) -> Self {
+        Self {
+            saddr_be: p.saddr_be,
+            daddr_be: p.daddr_be,
+            sport_be: p.sport_be,
+            dport_be: p.dport_be,
+            proto: p.proto,
+            egress: u8::from(egress),
+            ingress: u8::from(ingress),
+            source,
+            // SAFETY: reading a field of the context the program was given.
+            ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        }
+    }
+}
+
+/// Judges the new flow `f`: [`OPEN`], [`ALLOW`] or [`DENY`]. Counts the
+/// verdict of every isolated direction and reports denials (and audited
+/// would-be denials) as events.
+///
+/// A BPF-to-BPF call, not inlined: the programs judge flows at several
+/// places, and one copy of the lookups keeps them small for the verifier.
+#[inline(never)]
+pub fn judge(f: &Flow) -> u32 {
+    let cfg = config();
+    let mut verdict = OPEN;
+    if f.egress != 0
+        && let Some(ep) = endpoint(f.saddr_be)
+    {
+        verdict = ALLOW;
+        if !side(cfg, f, &ep, true) {
+            return DENY;
+        }
+    }
+    if f.ingress != 0
+        && let Some(ep) = endpoint(f.daddr_be)
+    {
+        verdict = ALLOW;
+        if !side(cfg, f, &ep, false) {
+            return DENY;
+        }
+    }
+    verdict
+}
+
+/// The policy state of the local pod `addr`, copied out.
+#[inline(always)]
+fn endpoint(addr_be: u32) -> Option<PolicyEndpointValue> {
+    // SAFETY: copied out at once.
+    unsafe { POLEP4.get(&EndpointKey { addr_be }) }.copied()
+}
+
+/// Whether one direction of `f` passes for the endpoint `ep` (the source
+/// for egress, the destination for ingress), counted and reported.
+#[inline(always)]
+fn side(cfg: &Config, f: &Flow, ep: &PolicyEndpointValue, egress: bool) -> bool {
+    let (isolated, audit, any, dir, me, peer) = if egress {
+        (
+            PE_F_ISOLATED_OUT,
+            PE_F_AUDIT_OUT,
+            PE_F_ANY_OUT,
+            POL_DIR_EGRESS,
+            f.saddr_be,
+            f.daddr_be,
+        )
+    } else {
+        (
+            PE_F_ISOLATED_IN,
+            PE_F_AUDIT_IN,
+            PE_F_ANY_IN,
+            POL_DIR_INGRESS,
+            f.daddr_be,
+            f.saddr_be,
+        )
+    };
+    if ep.flags & isolated == 0 {
+        return true;
+    }
+    if allowed(cfg, f, ep, dir, any, me, peer) {
+        count(if egress {
+            stats::POLICY_ALLOW_OUT
+        } else {
+            stats::POLICY_ALLOW_IN
+        });
+        return true;
+    }
+    let audited = ep.flags & audit != 0;
+    let reason = match (egress, audited) {
+        (true, true) => stats::POLICY_AUDIT_OUT,
+        (true, false) => stats::POLICY_DENY_OUT,
+        (false, true) => stats::POLICY_AUDIT_IN,
+        (false, false) => stats::POLICY_DENY_IN,
+    };
+    count(reason);
+    events::emit(DropEvent {
+        reason,
+        ifindex: f.ifindex,
+        saddr_be: f.saddr_be,
+        daddr_be: f.daddr_be,
+        sport_be: f.sport_be,
+        dport_be: f.dport_be,
+        proto: f.proto,
+        source: f.source,
+        ..DropEvent::default()
+    });
+    audited
+}
+
+/// Whether some rule of `ep` in direction `dir` allows `peer`.
+#[inline(always)]
+fn allowed(
+    cfg: &Config,
+    f: &Flow,
+    ep: &PolicyEndpointValue,
+    dir: u8,
+    any: u32,
+    me: u32,
+    peer: u32,
+) -> bool {
+    // A pod reaching itself (directly or through a Service), the node
+    // (kubelet probes) and hairpin flows always pass, whatever the ipcache
+    // holds.
+    if peer == me
+        || (cfg.node_ip_be != 0 && peer == cfg.node_ip_be)
+        || (cfg.hairpin_ip_be != 0 && peer == cfg.hairpin_ip_be)
+    {
+        return true;
+    }
+    let id = IPCACHE4
+        .get(Key::new(32, IpcacheKey { addr_be: peer }))
+        .copied();
+    // An address the ipcache does not know (no `0.0.0.0/0` entry yet) is
+    // the outside world.
+    let (identity, cidr_identity) =
+        id.map_or((identity::WORLD, 0), |v| (v.identity, v.cidr_identity));
+    if identity == identity::HOST {
+        return true;
+    }
+    if ep.flags & PE_F_FAIL_CLOSED != 0 {
+        return false;
+    }
+    let mut k = PolicyKey {
+        ep_id_be: ep.ep_id.to_be(),
+        identity_be: identity.to_be(),
+        dir,
+        proto: f.proto,
+        port_be: f.dport_be,
+    };
+    if rule(&k) {
+        return true;
+    }
+    if cidr_identity != 0 {
+        k.identity_be = cidr_identity.to_be();
+        if rule(&k) {
+            return true;
+        }
+    }
+    if ep.flags & any != 0 {
+        k.identity_be = identity::ANY.to_be();
+        return rule(&k);
+    }
+    false
+}
+
+#[inline(always)]
+fn rule(k: &PolicyKey) -> bool {
+    POLICY4.get(Key::new(POLICY_PREFIX_FULL, *k)).is_some()
+}
+
+/// Judges the new flow of `p`, which is not translated: `true` when it is
+/// denied (the caller drops it). An allowed flow with policy state on some
+/// side is recorded in conntrack, both tuples, so its later packets and its
+/// replies pass without a verdict; `inbound` also marks the reply entry
+/// [`riptide_common::CT_F_INBOUND`] (masquerade must not touch it).
+#[inline(always)]
+pub fn deny_plain(ctx: &TcContext, p: &Pkt, egress: bool, source: u8, inbound: bool) -> bool {
+    let f = Flow::of(ctx, p, egress, true, source);
+    match judge(&f) {
+        DENY => true,
+        ALLOW => {
+            ct::create_policy(&ct::key(p), inbound);
+            false
+        }
+        _ => false,
+    }
+}
+
+/// The drop verdict of a denied flow.
+#[inline(always)]
+pub fn drop() -> Result<i32, u32> {
+    Ok(TC_ACT_SHOT)
+}
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
+const IPPROTO_SCTP: u8 = 132;
+
+/// Policy for a packet without TCP/UDP ports (ICMP, SCTP, other
+/// protocols, fragments): `true` when it is denied.
+///
+/// ICMP errors pass (they concern a flow that was judged), and so do
+/// fragments after the first (the first, which carries the ports, was
+/// judged). SCTP is judged on its ports (the first four bytes of its
+/// header, like TCP and UDP); anything else (ICMP echo, …) with port 0,
+/// which only rules for every port of the protocol allow. Conntrack
+/// remembers allowed flows as for TCP/UDP (ICMP by address pair).
+#[inline(always)]
+pub fn deny_other(ctx: &TcContext, p: &Pkt, egress: bool, source: u8, inbound: bool) -> bool {
+    let mut q = *p;
+    if p.fragment {
+        let Some(ip) = ptr_at::<IpHdr>(ctx, IP_OFF) else {
+            return false;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        if u16::from_be(unsafe { (*ip).frag_off }) & 0x1fff != 0 {
+            return false;
+        }
+    }
+    if p.proto == proto::ICMP {
+        let ty: u8 = if p.l4_off == L4_OFF {
+            match ptr_at::<u8>(ctx, L4_OFF) {
+                // SAFETY: bounds checked by ptr_at.
+                Some(t) => unsafe { *t },
+                None => return false,
+            }
+        } else {
+            match ctx.load(p.l4_off) {
+                Ok(t) => t,
+                Err(_) => return false,
+            }
+        };
+        if ty == ICMP_DEST_UNREACH || ty == ICMP_TIME_EXCEEDED || ty == ICMP_PARAMETERPROB {
+            return false;
+        }
+    } else if p.proto == IPPROTO_SCTP || p.proto == proto::TCP || p.proto == proto::UDP {
+        // SCTP, or the first fragment of a TCP/UDP datagram (the parser
+        // read its ports already).
+        if p.proto == IPPROTO_SCTP {
+            let ports = if p.l4_off == L4_OFF {
+                match ptr_at::<Ports>(ctx, L4_OFF) {
+                    // SAFETY: bounds checked by ptr_at.
+                    Some(pp) => unsafe { [(*pp).source, (*pp).dest] },
+                    None => return false,
+                }
+            } else {
+                match ctx.load::<[u16; 2]>(p.l4_off) {
+                    Ok(pp) => pp,
+                    Err(_) => return false,
+                }
+            };
+            q.sport_be = ports[0];
+            q.dport_be = ports[1];
+        }
+    }
+    if ct::lookup(&q).is_some() {
+        return false;
+    }
+    deny_plain(ctx, &q, egress, source, inbound)
+}
