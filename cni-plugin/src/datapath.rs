@@ -1,6 +1,8 @@
 //! The node's eBPF datapath as the plugin sees it: pins the agent created
 //! under `/sys/fs/bpf/riptide/<node>/`. The plugin never loads programs; it
-//! attaches the pinned `rt_from_pod` and writes `rt_ep4_v1`.
+//! attaches the pinned `rt_from_pod` (tc ingress of the host veth: what the
+//! pod sends) and `rt_to_pod` (tc egress: what the kernel routes into the
+//! pod, for ingress NetworkPolicy) and writes `rt_ep4_v1`.
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
@@ -23,9 +25,10 @@ pub enum Error {
         #[source]
         source: Box<riptide_datapath::Error>,
     },
-    #[error("attaching {prog} at tc ingress of {ifname}")]
+    #[error("attaching {prog} at tc {hook} of {ifname}")]
     Attach {
         prog: &'static str,
+        hook: &'static str,
         ifname: String,
         #[source]
         source: aya::programs::ProgramError,
@@ -40,20 +43,27 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Where the pins of `node` are: (endpoint map, pod program).
-fn pins(node: &str) -> Result<(PathBuf, PathBuf)> {
+/// The programs of a pod's host veth and the tc hook each goes to.
+const VETH_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    (names::PROG_FROM_POD, TcAttachType::Ingress, "ingress"),
+    (names::PROG_TO_POD, TcAttachType::Egress, "egress"),
+];
+
+/// Where the pins of `node` are: (endpoint map, veth programs in
+/// [`VETH_PROGRAMS`] order).
+fn pins(node: &str) -> Result<(PathBuf, [PathBuf; 2])> {
     let dir = riptide_datapath::pin_dir(node).map_err(|source| Error::Datapath {
         node: node.to_owned(),
         action: "locating pins".into(),
         source: Box::new(source),
     })?;
-    Ok((dir.join(names::EP4), dir.join(names::PROG_FROM_POD)))
+    Ok((dir.join(names::EP4), VETH_PROGRAMS.map(|(name, _, _)| dir.join(name))))
 }
 
-/// Ok when both pins the plugin needs exist.
+/// Ok when every pin the plugin needs exists.
 pub fn ready(node: &str) -> Result<()> {
-    let (ep, prog) = pins(node)?;
-    for path in [ep, prog] {
+    let (ep, progs) = pins(node)?;
+    for path in std::iter::once(ep).chain(progs) {
         if !path.exists() {
             return Err(Error::NotLoaded {
                 node: node.to_owned(),
@@ -125,42 +135,42 @@ pub fn lookup(node: &str, ip: Ipv4Addr) -> Result<Option<EndpointValue>> {
     })
 }
 
-/// Attaches the pinned `rt_from_pod` at tc ingress of `ifname` (a fresh
-/// host-side veth, in the calling thread's namespace).
+/// Attaches the pinned `rt_from_pod` at tc ingress and `rt_to_pod` at tc
+/// egress of `ifname` (a fresh host-side veth, in the calling thread's
+/// namespace).
 ///
 /// Attached through netlink (clsact + cls_bpf), not a TCX link: a netlink
 /// filter belongs to the device and lives exactly as long as the veth, so
 /// the plugin can exit right after ADD and a crash can never leave a pinned
 /// link behind. TCX links would die with this process unless pinned.
 pub fn attach(node: &str, ifname: &str) -> Result<()> {
-    let (_, prog_path) = pins(node)?;
-    let mut prog = SchedClassifier::from_pin(&prog_path).map_err(|source| Error::Attach {
-        prog: names::PROG_FROM_POD,
-        ifname: ifname.to_owned(),
-        source,
-    })?;
+    let (_, prog_paths) = pins(node)?;
     tc::qdisc_add_clsact(ifname).map_err(|source| Error::Qdisc {
         ifname: ifname.to_owned(),
         source,
     })?;
-    let attach_err = |source| Error::Attach {
-        prog: names::PROG_FROM_POD,
-        ifname: ifname.to_owned(),
-        source,
-    };
-    let id = prog
-        .attach_with_options(
-            ifname,
-            TcAttachType::Ingress,
-            TcAttachOptions::Netlink(NlOptions {
-                priority: 1,
-                ..NlOptions::default()
-            }),
-        )
-        .map_err(attach_err)?;
-    // Dropping the link (or the program holding it) would detach the
-    // filter; the filter must outlive this process, so forget the handle.
-    let link = prog.take_link(id).map_err(attach_err)?;
-    std::mem::forget(link);
+    for ((name, hook, hook_name), path) in VETH_PROGRAMS.into_iter().zip(prog_paths) {
+        let attach_err = |source| Error::Attach {
+            prog: name,
+            hook: hook_name,
+            ifname: ifname.to_owned(),
+            source,
+        };
+        let mut prog = SchedClassifier::from_pin(&path).map_err(attach_err)?;
+        let id = prog
+            .attach_with_options(
+                ifname,
+                hook,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: 1,
+                    ..NlOptions::default()
+                }),
+            )
+            .map_err(attach_err)?;
+        // Dropping the link (or the program holding it) would detach the
+        // filter; the filter must outlive this process, so forget the handle.
+        let link = prog.take_link(id).map_err(attach_err)?;
+        std::mem::forget(link);
+    }
     Ok(())
 }

@@ -352,9 +352,11 @@ pub fn verify(node: &mut Netlink, pod: &mut Netlink, want: &Expect<'_>) -> Resul
             crate::netlink::fmt_mac(wired.host_mac)
         )));
     }
-    // The pod's tc program at ingress of the host side.
-    if !has_bpf_ingress(node, wired.host_index).map_err(nl(format!("listing tc filters on {}", plan.host)))? {
-        return Ok(Err(format!("no bpf tc filter at ingress of {}", plan.host)));
+    // The pod's tc programs at ingress and egress of the host side.
+    for (parent, hook) in [(CLSACT_INGRESS, "ingress"), (CLSACT_EGRESS, "egress")] {
+        if !has_bpf_filter(node, wired.host_index, parent).map_err(nl(format!("listing tc filters on {}", plan.host)))? {
+            return Ok(Err(format!("no bpf tc filter at {hook} of {}", plan.host)));
+        }
     }
     Ok(Ok(wired))
 }
@@ -376,13 +378,16 @@ fn routes(n: &mut Netlink) -> io::Result<Vec<RouteMessage>> {
 }
 
 /// clsact ingress: TC_H_CLSACT major, TC_H_MIN_INGRESS minor.
-const CLSACT_INGRESS: TcHandle = TcHandle { major: 0xffff, minor: 0xfff2 };
+pub const CLSACT_INGRESS: TcHandle = TcHandle { major: 0xffff, minor: 0xfff2 };
+/// clsact egress: TC_H_CLSACT major, TC_H_MIN_EGRESS minor.
+pub const CLSACT_EGRESS: TcHandle = TcHandle { major: 0xffff, minor: 0xfff3 };
 
-/// Is a `bpf` classifier attached at ingress of `index`?
-pub fn has_bpf_ingress(n: &mut Netlink, index: u32) -> io::Result<bool> {
+/// Is a `bpf` classifier attached under `parent` ([`CLSACT_INGRESS`] or
+/// [`CLSACT_EGRESS`]) of `index`?
+pub fn has_bpf_filter(n: &mut Netlink, index: u32, parent: TcHandle) -> io::Result<bool> {
     let mut q = TcMessage::default();
     q.header.index = i32::try_from(index).unwrap_or(i32::MAX);
-    q.header.parent = CLSACT_INGRESS;
+    q.header.parent = parent;
     Ok(n.request(RouteNetlinkMessage::GetTrafficFilter(q), NLM_F_DUMP)?
         .iter()
         .any(|m| match m {

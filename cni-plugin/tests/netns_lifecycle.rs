@@ -72,6 +72,8 @@ fn netns_add_check_del_lifecycle() {
     assert_eq!(hroutes[0]["dev"], host.as_str(), "{hroutes}");
     let tc = node.ns.exec("tc", &["filter", "show", "dev", &host, "ingress"]).unwrap();
     assert!(tc.contains("bpf") && tc.contains("direct-action"), "tc filter: {tc}");
+    let tc = node.ns.exec("tc", &["filter", "show", "dev", &host, "egress"]).unwrap();
+    assert!(tc.contains("rt_to_pod") && tc.contains("direct-action"), "tc egress filter: {tc}");
     let eps = node.endpoints();
     let ep = eps.iter().find(|(a, _)| *a == pod_ip).unwrap_or_else(|| panic!("endpoint missing: {eps:?}"));
     let hidx = hl[0]["ifindex"].as_u64().unwrap();
@@ -103,7 +105,10 @@ fn netns_add_check_del_lifecycle() {
     out.expect_ok("CHECK");
     assert!(out.stdout.trim().is_empty(), "CHECK prints nothing: {}", out.stdout);
 
-    // CHECK notices a broken attachment (route removed behind our back).
+    // CHECK notices a broken attachment: the veth's egress program gone,
+    // a route removed behind our back.
+    node.ns.exec("tc", &["filter", "del", "dev", &host, "egress"]).unwrap();
+    node.cni(&env, &conf).unwrap().expect_err(103, "egress");
     pod.exec("ip", &["route", "del", "default"]).unwrap();
     node.cni(&env, &conf).unwrap().expect_err(103, "default route");
 
