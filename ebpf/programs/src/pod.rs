@@ -2,7 +2,9 @@
 //! sends). Service traffic that socket LB did not translate (the pod is
 //! outside the node's cgroup, raw sockets, …) is load-balanced here with
 //! conntrack; replies of local backends to local clients are reverse-NATed
-//! and delivered; everything else is routed (`route::deliver`).
+//! and delivered; everything else is routed (`route::deliver`). With
+//! NetworkPolicy on, new flows are judged (`policy`) on the pod's egress
+//! and, for a destination pod on this node, its ingress.
 //!
 //! Established path: one conntrack lookup on the packet's own tuple (the
 //! entry says forward, reply or inbound), one backend lookup, the rewrite,

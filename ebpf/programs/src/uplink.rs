@@ -4,7 +4,9 @@
 //! outside is DNATed; replies to source-NATed flows get their destination
 //! back; replies from remote backends to local client pods get the frontend
 //! restored. Egress: the source NAT of flows to remote backends, the reverse
-//! DNAT of replies to outside clients, and pod→outside masquerade.
+//! DNAT of replies to outside clients, and pod→outside masquerade. With
+//! NetworkPolicy on, new flows into local pods (plain, or NodePort & co to
+//! a local backend) are judged on the pod's ingress (`policy`).
 //!
 //! Why the split: after a translation that puts a node address in the source
 //! the packet must not re-enter the kernel's input path (it would be dropped
