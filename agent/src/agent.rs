@@ -12,8 +12,8 @@ use std::{
 
 use ipnetwork::Ipv4Network;
 use kube::runtime::reflector::ObjectRef;
-use riptide_common::{CFG_F_MASQUERADE, CFG_F_SOCK_LB, Config as DpConfig};
-use riptide_datapath::{Datapath, NodeLock, Pinning};
+use riptide_common::{CFG_F_MASQUERADE, CFG_F_POLICY, CFG_F_SOCK_LB, Config as DpConfig, PE_F_FAIL_CLOSED};
+use riptide_datapath::{Datapath, NodeLock, Pinning, policy::PolicyMaps};
 use tokio::sync::mpsc;
 
 use crate::{
@@ -22,9 +22,11 @@ use crate::{
     health::HealthServers,
     metrics::Metrics,
     model::{self, Desired, NodeContext, Owner},
+    policy::{Compiler, Inputs},
+    policy_sync::PolicySync,
     reconcile::{Reconciler, ServiceWriter as _},
     routes::{self, Routes},
-    shared::{GcStatus, Shared, Status, lock},
+    shared::{GcStatus, PolicyState, Shared, Status, lock},
     tunnel::{self, Tunnel},
     watch::{self, Change, Kind, Stores},
 };
@@ -129,6 +131,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         metrics: Metrics::new(),
         gc_status: Mutex::new(GcStatus::default()),
         events: Arc::default(),
+        policy: Mutex::new(PolicyState::default()),
     });
     crate::events::spawn(events, Arc::downgrade(&shared.events), shared.metrics.clone()).map_err(|source| Error::Io {
         action: "reading datapath events of",
@@ -169,6 +172,21 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             None
         }
     };
+    // The policy maps on their own descriptors. Pinned endpoint entries of
+    // an earlier run mean policy is enforced now: the first config write
+    // keeps CFG_F_POLICY, so a restart never opens isolated pods.
+    let policy_maps = lock(&shared.dp).policy();
+    let (policy, policy_on) = match policy_maps {
+        Ok(maps) => {
+            let on = maps.list_endpoints().is_ok_and(|e| !e.is_empty());
+            (Some(PolicySync::new(maps)), on)
+        }
+        Err(e) => {
+            // Never ready without enforcement (see `update_ready`).
+            tracing::error!(error = %crate::reconcile::error_chain(&e), "cannot open the NetworkPolicy maps; NetworkPolicy is not enforced");
+            (None, false)
+        }
+    };
     let mut lp = Loop {
         cfg: cfg.clone(),
         shared: shared.clone(),
@@ -185,6 +203,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         written_config: None,
         gc_tx,
         gc_after_ready: false,
+        compiler: Compiler::new(),
+        policy,
+        policy_on,
+        policy_retry: false,
+        policy_ok: false,
+        policy_warnings: Vec::new(),
     };
     tokio::select! {
         () = lp.run(rx) => {}
@@ -330,6 +354,17 @@ struct Loop {
     /// Wakes the GC after service ports changed (stale UDP flows).
     gc_tx: Option<std::sync::mpsc::Sender<()>>,
     gc_after_ready: bool,
+    compiler: Compiler,
+    /// `None`: the policy maps could not be opened (never ready).
+    policy: Option<PolicySync<PolicyMaps>>,
+    /// `CFG_F_POLICY` wanted in the datapath config.
+    policy_on: bool,
+    /// The last policy pass failed somewhere: run again after a second.
+    policy_retry: bool,
+    /// The last policy pass wrote everything.
+    policy_ok: bool,
+    /// The compiler's warnings as last logged.
+    policy_warnings: Vec<String>,
 }
 
 #[derive(Default)]
@@ -345,7 +380,7 @@ impl Loop {
     async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Change>) {
         let retry = Duration::from_secs(1);
         loop {
-            let pending = lock(&self.shared.reconciler).is_dirty();
+            let pending = lock(&self.shared.reconciler).is_dirty() || self.policy_retry;
             let first = if pending {
                 match tokio::time::timeout(retry, rx.recv()).await {
                     Ok(Some(c)) => Some(c),
@@ -382,6 +417,10 @@ impl Loop {
                 self.sync_nodes().await;
             }
             self.sync_services(&batch);
+            if batch.policy || batch.full || self.policy_retry {
+                self.sync_policy();
+            }
+            self.update_ready();
             let elapsed = started.elapsed();
             self.shared.metrics.sync_seconds.observe(elapsed.as_secs_f64());
             {
@@ -518,8 +557,7 @@ impl Loop {
             match svc.finish_resync() {
                 Ok(n) => {
                     self.first_done = true;
-                    shared.ready.store(true, Ordering::Release);
-                    tracing::info!(ports = rec.applied().len(), stale_frontends = n, "initial sync done; ready");
+                    tracing::info!(ports = rec.applied().len(), stale_frontends = n, "initial service sync done");
                 }
                 Err(e) => tracing::warn!(error = %crate::reconcile::error_chain(&e), "removing stale entries failed; will retry"),
             }
@@ -551,16 +589,7 @@ impl Loop {
             }
         }
         if let Some(ip) = node_ip {
-            let cfg = self.datapath_config(ip);
-            if self.written_config != Some(cfg) {
-                match lock(&self.shared.dp).set_config(&cfg) {
-                    Ok(()) => {
-                        tracing::info!(node_ip = %ip, "datapath configured");
-                        self.written_config = Some(cfg);
-                    }
-                    Err(e) => tracing::warn!(error = %crate::reconcile::error_chain(&e), "writing the datapath config failed"),
-                }
-            }
+            self.write_config(ip);
         }
         let (desired, refused) = routes::desired_routes(&self.ctx.node_name, self.cfg.cluster_cidr, nodes.iter().map(AsRef::as_ref));
         for (name, cidr) in &refused {
@@ -678,6 +707,126 @@ impl Loop {
         Some(desired.keys().map(|c| (*c, tunnel::gateway_of(*c))).collect())
     }
 
+    /// Writes the datapath config for `node_ip` if it changed.
+    fn write_config(&mut self, ip: Ipv4Addr) {
+        let cfg = self.datapath_config(ip);
+        if self.written_config != Some(cfg) {
+            match lock(&self.shared.dp).set_config(&cfg) {
+                Ok(()) => {
+                    tracing::info!(node_ip = %ip, policy = cfg.flags & CFG_F_POLICY != 0, "datapath configured");
+                    self.written_config = Some(cfg);
+                }
+                Err(e) => tracing::warn!(error = %crate::reconcile::error_chain(&e), "writing the datapath config failed"),
+            }
+        }
+    }
+
+    /// Ready once services and policy are fully written; an endpoint left
+    /// fail-closed (or a policy write pending retry) makes it not ready, so
+    /// probes and `riptide status` show what users cannot see in traffic.
+    fn update_ready(&self) {
+        let ready = self.first_done && self.policy_ok;
+        let was = self.shared.ready.swap(ready, Ordering::AcqRel);
+        if ready && !was {
+            tracing::info!("ready");
+        } else if was && !ready {
+            tracing::warn!("not ready: NetworkPolicy not fully written (see riptide status)");
+        }
+    }
+
+    /// Compiles NetworkPolicy from the stores and writes the difference to
+    /// the policy maps ([`crate::policy_sync`]), then publishes the result
+    /// for the API and sets `CFG_F_POLICY` as the maps require.
+    fn sync_policy(&mut self) {
+        let Some(sync) = self.policy.as_mut() else {
+            self.policy_ok = false;
+            return;
+        };
+        let started = Instant::now();
+        let (pods, namespaces, policies, nodes) =
+            (self.stores.pods.state(), self.stores.namespaces.state(), self.stores.policies.state(), self.stores.nodes.state());
+        let host_addrs = {
+            let st = lock(&self.shared.status);
+            let mut a: Vec<Ipv4Addr> = st.node_ip.into_iter().chain([self.cfg.hairpin_ip]).collect();
+            // Tunnel mode: the device's address is a source of node traffic
+            // into pods too.
+            if let (true, Some(cidr)) = (self.cfg.tunnel.is_some(), st.pod_cidr) {
+                a.push(tunnel::gateway_of(cidr));
+            }
+            a
+        };
+        let inputs = Inputs {
+            pods: &pods,
+            namespaces: &namespaces,
+            policies: &policies,
+            nodes: &nodes,
+            node_name: &self.ctx.node_name,
+            host_addrs: &host_addrs,
+        };
+        let mut compiled = self.compiler.compile(&inputs);
+        let rep = sync.sync(&compiled);
+        let on = sync.known().map_or(self.policy_on || !compiled.endpoints.is_empty(), |k| !k.endpoints.is_empty());
+        let rules = sync.known().map_or(compiled.rules.len(), |k| k.rules.len());
+        let m = &self.shared.metrics;
+        if !rep.ok() {
+            m.policy_sync_errors.inc();
+            let first: Vec<&str> = rep.errors.iter().take(5).map(String::as_str).collect();
+            tracing::warn!(
+                failed = rep.errors.len(), fail_closed = rep.fail_closed.len(), errors = ?first,
+                "NetworkPolicy map writes failed; affected pods fail closed, retrying"
+            );
+        } else if rep.changed() || rep.read_back {
+            tracing::info!(
+                endpoints = compiled.endpoints.len(), rules, identities = compiled.identities.len(),
+                ipcache = compiled.ipcache.len(), read_back = rep.read_back, renumbered = rep.renumbered,
+                "NetworkPolicy written"
+            );
+        }
+        if compiled.warnings != self.policy_warnings {
+            for w in &compiled.warnings {
+                tracing::warn!(warning = %w, "NetworkPolicy not compiled as written");
+            }
+            self.policy_warnings.clone_from(&compiled.warnings);
+        }
+        for addr in &rep.fail_closed {
+            if let Some(ep) = compiled.endpoints.get_mut(addr) {
+                ep.flags |= PE_F_FAIL_CLOSED;
+            }
+        }
+        let set = |g: &prometheus_client::metrics::gauge::Gauge, n: usize| g.set(i64::try_from(n).unwrap_or(i64::MAX));
+        set(&m.policy_identities, compiled.identities.len());
+        set(&m.policy_rule_entries, rules);
+        set(&m.policy_endpoints, compiled.endpoints.len());
+        set(&m.policy_fail_closed_endpoints, rep.fail_closed.len());
+        for (map, n) in [
+            (riptide_common::names::POLICY4, rules),
+            (riptide_common::names::POLEP4, compiled.endpoints.len()),
+            (riptide_common::names::IPCACHE4, compiled.ipcache.len()),
+        ] {
+            set(&m.map_entries.get_or_create(&crate::metrics::MapLabel { map }), n);
+        }
+        self.policy_ok = rep.ok();
+        self.policy_retry = !rep.ok();
+        if on != self.policy_on {
+            self.policy_on = on;
+            let ip = lock(&self.shared.status).node_ip;
+            if let Some(ip) = ip {
+                self.write_config(ip);
+            }
+        }
+        let pods_by_ip = compiled.pods.iter().map(|((ns, name), ip)| (*ip, format!("{ns}/{name}"))).collect();
+        let elapsed = started.elapsed();
+        let mut st = lock(&self.shared.policy);
+        st.passes += 1;
+        st.last_pass_ms = Some(elapsed.as_secs_f64() * 1e3);
+        st.synced |= rep.ok();
+        st.fail_closed = rep.fail_closed;
+        st.errors = rep.errors;
+        st.enforcing = self.written_config.is_some_and(|c| c.flags & CFG_F_POLICY != 0);
+        st.compiled = Arc::new(compiled);
+        st.pods_by_ip = Arc::new(pods_by_ip);
+    }
+
     fn datapath_config(&self, node_ip: Ipv4Addr) -> DpConfig {
         let mut flags = 0;
         if self.cfg.cgroup.is_some() {
@@ -685,6 +834,9 @@ impl Loop {
         }
         if self.cfg.masquerade {
             flags |= CFG_F_MASQUERADE;
+        }
+        if self.policy_on {
+            flags |= CFG_F_POLICY;
         }
         DpConfig {
             node_ip_be: u32::from(node_ip).to_be(),

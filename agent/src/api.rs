@@ -17,9 +17,10 @@ use riptide_datapath::service::Service;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    policy::Peer,
     shared::{GcStatus, Shared, lock},
     tunnel,
-    views::{self, CtView, EndpointView, FrontendView},
+    views::{self, CtView, EndpointView, FrontendView, PolicyCheckView, PolicyEndpointView},
 };
 
 /// `riptide status`.
@@ -55,6 +56,31 @@ pub struct StatusView {
     /// Conntrack/affinity GC and stale-UDP cleanup.
     #[serde(default)]
     pub gc: GcStatus,
+    /// NetworkPolicy enforcement.
+    #[serde(default)]
+    pub policy: PolicyStatusView,
+}
+
+/// The NetworkPolicy part of `riptide status`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PolicyStatusView {
+    /// The first pass wrote everything.
+    pub synced: bool,
+    /// `CFG_F_POLICY` is set: some local pod is isolated.
+    pub enforcing: bool,
+    /// Local pods isolated or audited (entries in `rt_polep4_v1`).
+    pub endpoints: usize,
+    pub rules: usize,
+    pub identities: usize,
+    pub policies: usize,
+    /// Local pods denying all but node and self because a write failed.
+    pub fail_closed: Vec<String>,
+    /// Failed writes of the last pass (retried every second).
+    pub errors: Vec<String>,
+    /// Policy parts not compiled as written (invalid selectors, ports).
+    pub warnings: Vec<String>,
+    pub passes: u64,
+    pub last_pass_ms: Option<f64>,
 }
 
 /// `riptide drops`: a datapath counter.
@@ -108,6 +134,25 @@ pub fn status(s: &Shared) -> StatusView {
             Vec::new()
         },
         gc,
+        policy: policy_status(s),
+    }
+}
+
+fn policy_status(s: &Shared) -> PolicyStatusView {
+    let p = lock(&s.policy).clone();
+    let name = |ip: &std::net::Ipv4Addr| p.pods_by_ip.get(ip).map_or_else(|| ip.to_string(), |n| format!("{n} ({ip})"));
+    PolicyStatusView {
+        synced: p.synced,
+        enforcing: p.enforcing,
+        endpoints: p.compiled.endpoints.len(),
+        rules: p.compiled.rules.len(),
+        identities: p.compiled.identities.len(),
+        policies: p.compiled.policies.iter().flatten().count(),
+        fail_closed: p.fail_closed.iter().map(name).collect(),
+        errors: p.errors,
+        warnings: p.compiled.warnings.clone(),
+        passes: p.passes,
+        last_pass_ms: p.last_pass_ms,
     }
 }
 
@@ -171,7 +216,44 @@ struct Since {
 }
 
 async fn get_events(State(s): State<S>, Query(q): Query<Since>) -> Json<Vec<crate::events::EventView>> {
-    Json(s.events.since(q.since, &services(&s)))
+    let pods = lock(&s.policy).pods_by_ip.clone();
+    Json(s.events.since(q.since, &services(&s), &pods))
+}
+
+/// `riptide policy list`: the last compile's local pods, with their
+/// `rt_polep4_v1` entries as the map holds them now.
+async fn get_policy(State(s): State<S>) -> Result<Json<Vec<PolicyEndpointView>>, (StatusCode, String)> {
+    let compiled = lock(&s.policy).compiled.clone();
+    let in_map = lock(&s.dp).policy().and_then(|m| m.list_endpoints()).map_err(|e| internal(&e))?;
+    Ok(Json(views::policy_endpoint_views(&compiled, &in_map)))
+}
+
+/// `?from=ns/pod|IP&to=ns/pod|IP&port=80/TCP` (protocol defaults to TCP).
+#[derive(Debug, Deserialize)]
+struct CheckQuery {
+    from: String,
+    to: String,
+    port: String,
+}
+
+/// `80/TCP` → (80, (6, "TCP")).
+fn parse_port(s: &str) -> Result<(u16, (u8, String)), String> {
+    let (port, proto) = s.split_once('/').unwrap_or((s, "TCP"));
+    let port: u16 = port.parse().map_err(|_| format!("port {port:?} is not a number in 0..=65535"))?;
+    let upper = proto.to_ascii_uppercase();
+    let number = crate::policy::protocol_number(Some(&upper)).map_err(|e| format!("protocol {proto:?}: {e}"))?;
+    Ok((port, (number, upper)))
+}
+
+async fn get_policy_check(State(s): State<S>, Query(q): Query<CheckQuery>) -> Result<Json<PolicyCheckView>, (StatusCode, String)> {
+    let bad = |m: String| (StatusCode::BAD_REQUEST, m);
+    let from: Peer = q.from.parse().map_err(|e: crate::policy::CheckError| bad(e.to_string()))?;
+    let to: Peer = q.to.parse().map_err(|e: crate::policy::CheckError| bad(e.to_string()))?;
+    let (port, (proto, name)) = parse_port(&q.port).map_err(bad)?;
+    let compiled = lock(&s.policy).compiled.clone();
+    views::policy_check_view(&compiled, &from, &to, port, (proto, &name))
+        .map(Json)
+        .map_err(|e| (StatusCode::NOT_FOUND, e.to_string()))
 }
 
 async fn healthz() -> &'static str {
@@ -205,6 +287,8 @@ pub fn local_router(s: S) -> Router {
         .route("/v1/endpoints", get(get_endpoints))
         .route("/v1/drops", get(get_drops))
         .route("/v1/events", get(get_events))
+        .route("/v1/policy", get(get_policy))
+        .route("/v1/policy/check", get(get_policy_check))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(s)

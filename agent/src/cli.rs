@@ -11,7 +11,7 @@ use std::{
 
 use crate::{
     api::{CounterView, StatusView},
-    views::{CtView, EndpointView, FrontendView},
+    views::{CtView, EndpointView, FrontendView, PolicyCheckView, PolicyEndpointView},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -171,24 +171,84 @@ pub fn endpoints_table(v: &[EndpointView]) -> String {
     table(&["IP", "IFINDEX", "MAC", "FLAGS"], &rows)
 }
 
-/// `riptide events`: age relative to `now_unix_s`, newest last.
+/// `riptide events`: age relative to `now_unix_s`, newest last. Policy
+/// events read `policy-denied ingress` (or `policy-audit egress`) and
+/// addresses carry their pod (`10.42.0.5:40312 (x/a)`).
 pub fn events_table(v: &[crate::events::EventView], now_unix_s: f64) -> String {
+    let with_pod = |addr: String, pod: &Option<String>| match pod {
+        Some(p) => format!("{addr} ({p})"),
+        None => addr,
+    };
     let rows: Vec<Vec<String>> = v
         .iter()
         .map(|e| {
+            let reason = match (&e.verdict, &e.direction) {
+                (Some(verdict), Some(dir)) => format!("{verdict} {dir}"),
+                _ => e.reason.clone(),
+            };
             vec![
                 e.seq.to_string(),
                 format!("{:.1}s", (now_unix_s - e.time_unix_s).max(0.0)),
                 e.program.clone(),
-                e.reason.clone(),
+                reason,
                 e.protocol.clone(),
-                e.src.to_string(),
-                e.dst.to_string(),
+                with_pod(e.src.to_string(), &e.src_pod),
+                with_pod(e.dst.to_string(), &e.dst_pod),
                 e.service.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
     table(&["SEQ", "AGE", "PROGRAM", "REASON", "PROTO", "SOURCE", "DESTINATION", "SERVICE"], &rows)
+}
+
+/// `riptide policy list`: one row per local pod.
+pub fn policy_table(v: &[PolicyEndpointView]) -> String {
+    let yes = |b: bool| if b { "yes" } else { "no" }.to_owned();
+    let list = |l: &[String]| if l.is_empty() { "-".to_owned() } else { l.join(",") };
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|e| {
+            let mut state = Vec::new();
+            if e.fail_closed {
+                state.push("FAIL-CLOSED");
+            }
+            if e.pending {
+                state.push("pending");
+            }
+            vec![
+                e.pod.clone(),
+                e.ip.to_string(),
+                format!("{} ({})", e.identity, e.labels),
+                yes(e.isolated_in),
+                yes(e.isolated_out),
+                list(&e.policies_in),
+                list(&e.policies_out),
+                e.rules.to_string(),
+                yes(e.audit),
+                if state.is_empty() { "ok".to_owned() } else { state.join(",") },
+            ]
+        })
+        .collect();
+    table(&["POD", "IP", "IDENTITY", "INGRESS-ISOLATED", "EGRESS-ISOLATED", "INGRESS-POLICIES", "EGRESS-POLICIES", "RULES", "AUDIT", "STATE"], &rows)
+}
+
+/// `riptide policy check`: the verdict, then one line per direction.
+pub fn policy_check_text(c: &PolicyCheckView) -> String {
+    let end = |ip: std::net::Ipv4Addr, pod: &Option<String>| pod.as_ref().map_or_else(|| ip.to_string(), |p| format!("{p} ({ip})"));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}: {} -> {} {}/{}",
+        if c.allowed { "ALLOWED" } else { "DENIED" },
+        end(c.from_ip, &c.from_pod),
+        end(c.to_ip, &c.to_pod),
+        c.port,
+        c.protocol
+    );
+    let by = |l: &[String]| if l.is_empty() { String::new() } else { format!(" (isolated by {}; no rule allows the peer)", l.join(", ")) };
+    let _ = writeln!(out, "  egress of the source:       {}{}  [peer {}]", c.egress, by(&c.egress_isolated_by), c.to_identity);
+    let _ = writeln!(out, "  ingress of the destination: {}{}  [peer {}]", c.ingress, by(&c.ingress_isolated_by), c.from_identity);
+    out
 }
 
 pub fn drops_table(v: &[CounterView]) -> String {
@@ -235,6 +295,26 @@ pub fn status_table(s: &StatusView) -> String {
         for (cidr, via) in &s.routes {
             let _ = writeln!(out, "  {cidr} via {via}");
         }
+    }
+    let p = &s.policy;
+    let _ = writeln!(
+        out,
+        "NetworkPolicy:     {}, {} policies, {} isolated pods, {} rules, {} identities{}",
+        if !p.synced { "not synced yet" } else if p.enforcing { "enforcing" } else { "no local pod isolated" },
+        p.policies,
+        p.endpoints,
+        p.rules,
+        p.identities,
+        p.last_pass_ms.map_or_else(String::new, |ms| format!(" (last pass {ms:.1} ms)"))
+    );
+    if !p.fail_closed.is_empty() {
+        let _ = writeln!(out, "  FAIL-CLOSED (rules not written; denying all but node and self): {}", p.fail_closed.join(", "));
+    }
+    for e in &p.errors {
+        let _ = writeln!(out, "  error: {e}");
+    }
+    for w in &p.warnings {
+        let _ = writeln!(out, "  warning: {w}");
     }
     if !s.conflicts.is_empty() {
         let _ = writeln!(out, "Conflicting frontends (first owner wins):");

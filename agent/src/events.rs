@@ -12,13 +12,13 @@
 //! one.
 
 use std::{
-    collections::VecDeque,
-    net::SocketAddrV4,
+    collections::{HashMap, VecDeque},
+    net::{Ipv4Addr, SocketAddrV4},
     sync::{Mutex, Weak},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use riptide_common::{EV_SRC_FROM_NET, EV_SRC_FROM_POD, EV_SRC_SOCK, EV_SRC_TO_NET, proto};
+use riptide_common::{EV_SRC_FROM_NET, EV_SRC_FROM_POD, EV_SRC_SOCK, EV_SRC_TO_NET, EV_SRC_TO_POD, proto};
 use riptide_datapath::events::{Event, Events};
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
@@ -36,7 +36,8 @@ pub struct EventView {
     /// Wall-clock time of the event (seconds since the epoch).
     pub time_unix_s: f64,
     pub reason: String,
-    /// Which program saw it: `from-pod`, `from-net`, `to-net`, `socket-lb`.
+    /// Which program saw it: `from-pod`, `from-net`, `to-net`, `to-pod`,
+    /// `socket-lb`.
     pub program: String,
     pub protocol: String,
     pub src: SocketAddrV4,
@@ -46,6 +47,20 @@ pub struct EventView {
     /// in when the view is served).
     #[serde(default)]
     pub service: Option<String>,
+    /// NetworkPolicy events: `policy-denied` (dropped) or `policy-audit`
+    /// (would be dropped; passed in audit mode).
+    #[serde(default)]
+    pub verdict: Option<String>,
+    /// NetworkPolicy events: `ingress` (judged for the destination pod) or
+    /// `egress` (for the source pod).
+    #[serde(default)]
+    pub direction: Option<String>,
+    /// The pods (`namespace/name`) the addresses belong to, when known
+    /// (filled in when the view is served).
+    #[serde(default)]
+    pub src_pod: Option<String>,
+    #[serde(default)]
+    pub dst_pod: Option<String>,
 }
 
 impl EventView {
@@ -62,7 +77,25 @@ impl EventView {
             dst: e.dst(),
             ifindex: e.raw.ifindex,
             service: None,
+            verdict: None,
+            direction: None,
+            src_pod: None,
+            dst_pod: None,
         }
+        .with_policy_context()
+    }
+
+    /// Direction and verdict of a policy reason (`policy_deny_in`, ...).
+    fn with_policy_context(mut self) -> Self {
+        if let Some(v) = crate::metrics::verdict_of(&self.reason) {
+            self.verdict = match v.verdict {
+                "deny" => Some("policy-denied".to_owned()),
+                "audit" => Some("policy-audit".to_owned()),
+                _ => None,
+            };
+            self.direction = self.verdict.is_some().then(|| v.direction.to_owned());
+        }
+        self
     }
 }
 
@@ -72,6 +105,7 @@ fn program_name(source: u8) -> &'static str {
         EV_SRC_FROM_NET => "from-net",
         EV_SRC_TO_NET => "to-net",
         EV_SRC_SOCK => "socket-lb",
+        EV_SRC_TO_POD => "to-pod",
         _ => "unknown",
     }
 }
@@ -114,7 +148,8 @@ impl EventLog {
                 target: "riptide::datapath",
                 reason = %v.reason, program = %v.program, proto = %v.protocol,
                 src = %v.src, dst = %v.dst, ifindex = v.ifindex,
-                "datapath event"
+                direction = v.direction.as_deref().unwrap_or("-"),
+                "{}", v.verdict.as_deref().unwrap_or("datapath event")
             );
             metrics.datapath_events.get_or_create(&crate::metrics::ReasonLabel { reason: e.reason() }).inc();
             if log.recent.len() == KEEP {
@@ -125,11 +160,14 @@ impl EventLog {
     }
 
     /// Events with `seq >= since`, oldest first, the destination's service
-    /// filled in from `frontends`.
-    pub fn since(&self, since: u64, frontends: &[FrontendView]) -> Vec<EventView> {
+    /// filled in from `frontends` and the pods of both addresses from
+    /// `pods` (address → `namespace/name`).
+    pub fn since(&self, since: u64, frontends: &[FrontendView], pods: &HashMap<Ipv4Addr, String>) -> Vec<EventView> {
         let mut out: Vec<EventView> = self.lock().recent.iter().filter(|v| v.seq >= since).cloned().collect();
         for v in &mut out {
             v.service = service_of(v, frontends);
+            v.src_pod = pods.get(v.src.ip()).cloned();
+            v.dst_pod = pods.get(v.dst.ip()).cloned();
         }
         out
     }
@@ -183,6 +221,10 @@ mod tests {
     use super::*;
 
     fn ev(reason: u32, dst: (Ipv4Addr, u16), ts_ns: u64) -> Event {
+        ev_from(reason, EV_SRC_FROM_POD, dst, ts_ns)
+    }
+
+    fn ev_from(reason: u32, source: u8, dst: (Ipv4Addr, u16), ts_ns: u64) -> Event {
         Event {
             raw: DropEvent {
                 ts_ns,
@@ -193,7 +235,7 @@ mod tests {
                 sport_be: 40000u16.to_be(),
                 dport_be: dst.1.to_be(),
                 proto: proto::TCP,
-                source: EV_SRC_FROM_POD,
+                source,
                 _pad: 0,
             },
         }
@@ -227,7 +269,7 @@ mod tests {
         log.record(&batch, &m, 2_000_000_000);
         log.record(&[ev(riptide_common::stats::DROP_NO_BACKEND, (node, 30080), 1_500_000_000)], &m, 2_000_000_000);
         let fes = [fe(vip, 80, "default/web:http"), fe(Ipv4Addr::UNSPECIFIED, 30080, "default/np:http")];
-        let all = log.since(0, &fes);
+        let all = log.since(0, &fes, &HashMap::new());
         assert_eq!(all.len(), KEEP, "bounded");
         assert_eq!(all[0].seq, 11, "oldest dropped first");
         assert!(all.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
@@ -240,8 +282,34 @@ mod tests {
         // An event 0.5 s older than "now" is stamped ~0.5 s in the past.
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
         assert!((now - last.time_unix_s - 0.5).abs() < 0.25, "{} vs {now}", last.time_unix_s);
-        assert_eq!(log.since(last.seq, &fes).len(), 1);
-        assert!(log.since(last.seq + 1, &fes).is_empty());
+        assert_eq!(log.since(last.seq, &fes, &HashMap::new()).len(), 1);
+        assert!(log.since(last.seq + 1, &fes, &HashMap::new()).is_empty());
         assert!(m.encode().contains("riptide_agent_datapath_events_total{reason=\"drop_no_backend\"} 1035"), "{}", m.encode());
+    }
+
+    #[test]
+    fn policy_events_carry_direction_verdict_and_pods() {
+        use riptide_common::stats::{POLICY_AUDIT_OUT, POLICY_DENY_IN};
+        let log = EventLog::default();
+        let m = Metrics::new();
+        let dst = Ipv4Addr::new(10, 42, 0, 7);
+        log.record(
+            &[ev_from(POLICY_DENY_IN, EV_SRC_TO_POD, (dst, 80), 1_000), ev_from(POLICY_AUDIT_OUT, EV_SRC_FROM_POD, (dst, 81), 2_000)],
+            &m,
+            3_000,
+        );
+        let pods = HashMap::from([(Ipv4Addr::new(10, 42, 0, 5), "x/a".to_owned()), (dst, "y/b".to_owned())]);
+        let v = log.since(0, &[], &pods);
+        assert_eq!(v.len(), 2);
+        assert_eq!((v[0].reason.as_str(), v[0].program.as_str()), ("policy_deny_in", "to-pod"));
+        assert_eq!((v[0].verdict.as_deref(), v[0].direction.as_deref()), (Some("policy-denied"), Some("ingress")));
+        assert_eq!((v[0].src_pod.as_deref(), v[0].dst_pod.as_deref()), (Some("x/a"), Some("y/b")));
+        assert_eq!((v[1].verdict.as_deref(), v[1].direction.as_deref()), (Some("policy-audit"), Some("egress")));
+        assert_eq!(v[1].dst.port(), 81);
+        let other = EventLog::default();
+        other.record(&[ev(riptide_common::stats::DROP_NO_BACKEND, (dst, 80), 1)], &m, 2);
+        let v = other.since(0, &[], &pods);
+        assert_eq!((v[0].verdict.as_deref(), v[0].direction.as_deref()), (None, None), "not a policy event");
+        assert_eq!(v[0].dst_pod.as_deref(), Some("y/b"));
     }
 }

@@ -23,6 +23,15 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// `riptide_policy_verdicts_total` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabel {
+    /// `ingress` or `egress`.
+    pub direction: &'static str,
+    /// `allow`, `deny` or `audit` (would be denied; passed in audit mode).
+    pub verdict: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GcLabel {
     pub map: &'static str,
@@ -56,6 +65,19 @@ pub struct Metrics {
     pub gc_seconds: Histogram,
     /// Connected UDP sockets aborted because their backend went away.
     pub udp_sockets_destroyed: Counter,
+    /// NetworkPolicy verdicts on new flows, from the datapath counters.
+    pub policy_verdicts: Family<VerdictLabel, Counter>,
+    /// Identities in use (label sets and ipBlock prefixes).
+    pub policy_identities: Gauge,
+    /// Entries in `rt_policy4_v1` (allow rules of local endpoints).
+    pub policy_rule_entries: Gauge,
+    /// Local pods isolated by some policy (entries in `rt_polep4_v1`).
+    pub policy_endpoints: Gauge,
+    /// Local pods whose policy could not be written: denying all but the
+    /// node and themselves until a retry succeeds.
+    pub policy_fail_closed_endpoints: Gauge,
+    /// Policy sync passes with a failed map write.
+    pub policy_sync_errors: Counter,
     last_stats: Arc<Mutex<Vec<u64>>>,
 }
 
@@ -67,7 +89,9 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut r = Registry::with_prefix("riptide_agent");
+        // `riptide_agent_*` for the agent's own workings, `riptide_policy_*`
+        // for what NetworkPolicy does (names users alert on).
+        let mut root = Registry::with_prefix("riptide");
         // 0.5 ms … ~4 s.
         let sync_seconds = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14));
         let m = Self {
@@ -87,8 +111,22 @@ impl Metrics {
             gc_errors: Counter::default(),
             gc_seconds: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14)),
             udp_sockets_destroyed: Counter::default(),
+            policy_verdicts: Family::default(),
+            policy_identities: Gauge::default(),
+            policy_rule_entries: Gauge::default(),
+            policy_endpoints: Gauge::default(),
+            policy_fail_closed_endpoints: Gauge::default(),
+            policy_sync_errors: Counter::default(),
             last_stats: Arc::new(Mutex::new(Vec::new())),
         };
+        let policy = root.sub_registry_with_prefix("policy");
+        policy.register("verdicts", "NetworkPolicy verdicts on new flows by direction (audit: would be denied, passed in audit mode)", m.policy_verdicts.clone());
+        policy.register("identities", "Security identities in use (label sets and ipBlock prefixes)", m.policy_identities.clone());
+        policy.register("rule_entries", "Allow-rule entries of local endpoints in rt_policy4_v1", m.policy_rule_entries.clone());
+        policy.register("endpoints", "Local pods isolated or audited by NetworkPolicy", m.policy_endpoints.clone());
+        policy.register("fail_closed_endpoints", "Local pods whose policy could not be written (denying all but node and self)", m.policy_fail_closed_endpoints.clone());
+        policy.register("sync_errors", "Policy sync passes with a failed map write (retried)", m.policy_sync_errors.clone());
+        let r = root.sub_registry_with_prefix("agent");
         r.register("sync_duration_seconds", "Time from a cluster change to the maps being written", m.sync_seconds.clone());
         r.register("syncs", "Reconcile passes that wrote the maps", m.syncs.clone());
         r.register("sync_errors", "Service-port writes that failed (retried)", m.sync_errors.clone());
@@ -104,10 +142,12 @@ impl Metrics {
         r.register("gc_errors", "GC passes that failed (retried next pass)", m.gc_errors.clone());
         r.register("gc_duration_seconds", "Duration of a GC pass", m.gc_seconds.clone());
         r.register("udp_sockets_destroyed", "Connected UDP sockets aborted because their backend went away", m.udp_sockets_destroyed.clone());
-        Self {
-            registry: Arc::new(r),
+        let m = Self {
+            registry: Arc::new(root),
             ..m
-        }
+        };
+        m.init_verdicts();
+        m
     }
 
     /// Folds a fresh read of the per-reason counters into the exported
@@ -121,6 +161,19 @@ impl Metrics {
             let delta = if v >= last[i] { v - last[i] } else { v };
             last[i] = v;
             self.datapath_packets.get_or_create(&ReasonLabel { reason }).inc_by(delta);
+            if let Some(label) = verdict_of(reason) {
+                self.policy_verdicts.get_or_create(&label).inc_by(delta);
+            }
+        }
+    }
+
+    /// Zero-valued verdict series, so dashboards see the metric before the
+    /// first policy verdict.
+    fn init_verdicts(&self) {
+        for direction in ["ingress", "egress"] {
+            for verdict in ["allow", "deny", "audit"] {
+                self.policy_verdicts.get_or_create(&VerdictLabel { direction, verdict }).inc_by(0);
+            }
         }
     }
 
@@ -130,5 +183,58 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
         s
+    }
+}
+
+/// The verdict a `rt_stats_v2` policy reason counts (`policy_deny_in` →
+/// ingress/deny), `None` for other reasons.
+pub fn verdict_of(reason: &str) -> Option<VerdictLabel> {
+    let rest = reason.strip_prefix("policy_")?;
+    let (verdict, dir) = rest.split_once('_')?;
+    let direction = match dir {
+        "in" => "ingress",
+        "out" => "egress",
+        _ => return None,
+    };
+    let verdict = match verdict {
+        "allow" => "allow",
+        "deny" => "deny",
+        "audit" => "audit",
+        _ => return None,
+    };
+    Some(VerdictLabel { direction, verdict })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_reasons_become_verdicts_by_direction() {
+        let m = Metrics::new();
+        let text = m.encode();
+        assert!(text.contains("riptide_policy_verdicts_total{direction=\"egress\",verdict=\"deny\"} 0"), "{text}");
+        assert!(text.contains("riptide_agent_syncs_total 0"), "agent metrics keep their names: {text}");
+        let names = riptide_common::stats::NAMES;
+        let mut counts = vec![0u64; names.len()];
+        let at = |r: &str| names.iter().position(|n| *n == r).unwrap();
+        counts[at("policy_deny_in")] = 3;
+        counts[at("policy_allow_out")] = 5;
+        counts[at("policy_audit_in")] = 1;
+        counts[at("drop_no_backend")] = 9;
+        m.observe_stats(names.iter().copied().zip(counts.iter().copied()));
+        counts[at("policy_deny_in")] = 4;
+        m.observe_stats(names.iter().copied().zip(counts.iter().copied()));
+        let text = m.encode();
+        for line in [
+            "riptide_policy_verdicts_total{direction=\"ingress\",verdict=\"deny\"} 4",
+            "riptide_policy_verdicts_total{direction=\"egress\",verdict=\"allow\"} 5",
+            "riptide_policy_verdicts_total{direction=\"ingress\",verdict=\"audit\"} 1",
+            "riptide_policy_verdicts_total{direction=\"ingress\",verdict=\"allow\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing: {text}");
+        }
+        assert_eq!(verdict_of("drop_no_backend"), None);
+        assert_eq!(verdict_of("policy_deny_out"), Some(VerdictLabel { direction: "egress", verdict: "deny" }));
     }
 }

@@ -4,7 +4,7 @@
 //! below all three so each of them imports it, and none imports another.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::AtomicBool},
 };
@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     events::EventLog,
     metrics::{MapLabel, Metrics},
+    policy::Compiled,
     reconcile::Reconciler,
 };
 
@@ -50,6 +51,29 @@ pub struct Shared {
     pub gc_status: Mutex<GcStatus>,
     /// Drop/failure events read from the datapath (`riptide events`).
     pub events: Arc<EventLog>,
+    /// NetworkPolicy as last compiled and written (`riptide policy`).
+    pub policy: Mutex<PolicyState>,
+}
+
+/// The NetworkPolicy state the run loop publishes for the API.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyState {
+    /// The last compile, with `PE_F_FAIL_CLOSED` set on the endpoints whose
+    /// writes failed (as the maps hold them), so `riptide policy check`
+    /// judges as the datapath does.
+    pub compiled: Arc<Compiled>,
+    /// Pod address → `namespace/name`, every pod of the cluster.
+    pub pods_by_ip: Arc<HashMap<Ipv4Addr, String>>,
+    /// The first pass wrote everything (until then the agent is not ready).
+    pub synced: bool,
+    /// Local pods left fail-closed by the last pass.
+    pub fail_closed: BTreeSet<Ipv4Addr>,
+    /// Failed writes of the last pass (retried).
+    pub errors: Vec<String>,
+    pub passes: u64,
+    pub last_pass_ms: Option<f64>,
+    /// `CFG_F_POLICY` as last written to the datapath config.
+    pub enforcing: bool,
 }
 
 /// Locks `m`, taking over a lock poisoned by a panicked holder: the state

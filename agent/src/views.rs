@@ -1,9 +1,10 @@
 //! The pinned maps → the views the CLI shows (frontend → backends,
-//! conntrack, affinity, endpoints). Decoded from the maps themselves, not
-//! from what the agent believes it wrote.
+//! conntrack, affinity, endpoints, NetworkPolicy). Decoded from the maps
+//! themselves, not from what the agent believes it wrote; names (pods,
+//! policies, label sets) come from the agent's last compile.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
@@ -13,8 +14,14 @@ use riptide_common::{
     SVC_F_AFFINITY, SVC_F_CLUSTERIP, SVC_F_EXTERNALIP, SVC_F_HOSTPORT, SVC_F_LOADBALANCER,
     SVC_F_LOCAL_ONLY, SVC_F_NO_SOCK_LB, SVC_F_NODEPORT, SVC_F_TWO_SCOPES, SvcKey, SvcValue, proto,
 };
+use riptide_common::{
+    PE_F_AUDIT_IN, PE_F_AUDIT_OUT, PE_F_FAIL_CLOSED, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_EGRESS,
+    POL_DIR_INGRESS, PolicyEndpointValue,
+};
 use riptide_datapath::service::Service;
 use serde::{Deserialize, Serialize};
+
+use crate::policy::{CheckError, Compiled, DirVerdict, Peer};
 
 /// One backend as the maps hold it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,6 +272,130 @@ pub fn endpoint_views(entries: &[(Ipv4Addr, EndpointValue)]) -> Vec<EndpointView
         .collect();
     v.sort_by_key(|e| e.ip);
     v
+}
+
+/// One local pod's NetworkPolicy state: `riptide policy list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyEndpointView {
+    /// `namespace/name`.
+    pub pod: String,
+    pub ip: Ipv4Addr,
+    pub ep_id: u32,
+    pub identity: u32,
+    /// What the identity stands for (`namespace:label=value,...`).
+    pub labels: String,
+    /// Isolation, audit and fail-closed as `rt_polep4_v1` holds them now
+    /// (no entry: not isolated).
+    pub isolated_in: bool,
+    pub isolated_out: bool,
+    pub audit: bool,
+    pub fail_closed: bool,
+    /// The policies of its namespace selecting it, per direction.
+    pub policies_in: Vec<String>,
+    pub policies_out: Vec<String>,
+    /// Allow-rule entries of the endpoint in the last compile.
+    pub rules: usize,
+    /// The map differs from the last compile (a write is pending retry).
+    pub pending: bool,
+}
+
+/// Every local pod of the last compile, with its `rt_polep4_v1` entry
+/// (`in_map`, read at request time).
+pub fn policy_endpoint_views(compiled: &Compiled, in_map: &[(Ipv4Addr, PolicyEndpointValue)]) -> Vec<PolicyEndpointView> {
+    let map: HashMap<Ipv4Addr, PolicyEndpointValue> = in_map.iter().copied().collect();
+    let mut rules: HashMap<u32, usize> = HashMap::new();
+    for k in compiled.rules.keys() {
+        *rules.entry(u32::from_be(k.key.ep_id_be)).or_default() += 1;
+    }
+    compiled
+        .views
+        .iter()
+        .map(|(ip, v)| {
+            let entry = map.get(ip);
+            let flags = entry.map_or(0, |e| e.flags);
+            let want = compiled.endpoints.get(ip);
+            PolicyEndpointView {
+                pod: format!("{}/{}", v.namespace, v.pod),
+                ip: *ip,
+                ep_id: v.ep_id,
+                identity: v.identity,
+                labels: compiled.identity_name(v.identity),
+                isolated_in: flags & PE_F_ISOLATED_IN != 0,
+                isolated_out: flags & PE_F_ISOLATED_OUT != 0,
+                audit: flags & (PE_F_AUDIT_IN | PE_F_AUDIT_OUT) != 0,
+                fail_closed: flags & PE_F_FAIL_CLOSED != 0,
+                policies_in: v.policies_in.clone(),
+                policies_out: v.policies_out.clone(),
+                rules: rules.get(&v.ep_id).copied().unwrap_or(0),
+                pending: entry.map(|e| (e.ep_id, e.identity, e.flags)) != want.map(|e| (e.ep_id, e.identity, e.flags)),
+            }
+        })
+        .collect()
+}
+
+/// `riptide policy check`: the verdict for a new flow, per direction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyCheckView {
+    pub from: String,
+    pub to: String,
+    pub from_ip: Ipv4Addr,
+    pub to_ip: Ipv4Addr,
+    /// `namespace/name` of each address, when it is a pod.
+    pub from_pod: Option<String>,
+    pub to_pod: Option<String>,
+    pub port: u16,
+    pub protocol: String,
+    pub allowed: bool,
+    /// Egress of the source, ingress of the destination: the verdict in
+    /// words (`allowed by ns/policy (identity 257)`, `denied`, ...).
+    pub egress: String,
+    pub ingress: String,
+    /// The policy that allows, when one does.
+    pub egress_policy: Option<String>,
+    pub ingress_policy: Option<String>,
+    /// Denied or audited: the policies that isolate the pod in that
+    /// direction (none of them allows the flow).
+    pub egress_isolated_by: Vec<String>,
+    pub ingress_isolated_by: Vec<String>,
+    /// What the peer is to each side's policy (identity name).
+    pub from_identity: String,
+    pub to_identity: String,
+}
+
+/// Judges `from` → `to`:`port`/`protocol` on the last compile.
+pub fn policy_check_view(compiled: &Compiled, from: &Peer, to: &Peer, port: u16, protocol: (u8, &str)) -> Result<PolicyCheckView, CheckError> {
+    let v = compiled.check(from, to, port, protocol.0)?;
+    let pod_of: BTreeMap<Ipv4Addr, String> = compiled.pods.iter().map(|((ns, n), ip)| (*ip, format!("{ns}/{n}"))).collect();
+    let allowed_by = |d: &DirVerdict| match d {
+        DirVerdict::Allowed { policy, .. } => policy.as_ref().map(ToString::to_string),
+        _ => None,
+    };
+    let isolated_by = |d: &DirVerdict, subject: Ipv4Addr, dir: u8| match d {
+        DirVerdict::Denied | DirVerdict::Audited | DirVerdict::FailClosed => compiled.views.get(&subject).map_or_else(Vec::new, |view| {
+            let names = if dir == POL_DIR_INGRESS { &view.policies_in } else { &view.policies_out };
+            names.iter().map(|n| format!("{}/{n}", view.namespace)).collect()
+        }),
+        _ => Vec::new(),
+    };
+    Ok(PolicyCheckView {
+        from: from.to_string(),
+        to: to.to_string(),
+        from_ip: v.from,
+        to_ip: v.to,
+        from_pod: pod_of.get(&v.from).cloned(),
+        to_pod: pod_of.get(&v.to).cloned(),
+        port,
+        protocol: protocol.1.to_owned(),
+        allowed: v.allowed,
+        egress: v.egress.to_string(),
+        ingress: v.ingress.to_string(),
+        egress_policy: allowed_by(&v.egress),
+        ingress_policy: allowed_by(&v.ingress),
+        egress_isolated_by: isolated_by(&v.egress, v.from, POL_DIR_EGRESS),
+        ingress_isolated_by: isolated_by(&v.ingress, v.to, POL_DIR_INGRESS),
+        from_identity: compiled.identity_name(compiled.ipcache_lookup(v.from).identity),
+        to_identity: compiled.identity_name(compiled.ipcache_lookup(v.to).identity),
+    })
 }
 
 #[cfg(test)]

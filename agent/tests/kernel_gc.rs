@@ -146,6 +146,7 @@ fn start(node: &Node, affinity_s: u32) -> (Arc<Shared>, Ids) {
         metrics: Metrics::new(),
         gc_status: Mutex::new(GcStatus::default()),
         events: Arc::default(),
+        policy: Mutex::default(),
     });
     (shared, ids)
 }

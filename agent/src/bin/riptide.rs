@@ -8,6 +8,8 @@
 //! riptide endpoint list
 //! riptide drops
 //! riptide events [--follow]
+//! riptide policy list
+//! riptide policy check --from ns/pod|IP --to ns/pod|IP --port 80/TCP
 //! ```
 use std::path::PathBuf;
 
@@ -17,7 +19,7 @@ use riptide_agent::{
     api::{CounterView, StatusView},
     cli,
     events::EventView,
-    views::{AffinityView, CtView, EndpointView, FrontendView},
+    views::{AffinityView, CtView, EndpointView, FrontendView, PolicyCheckView, PolicyEndpointView},
 };
 
 #[derive(Parser, Debug)]
@@ -69,6 +71,45 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         since: u64,
     },
+    /// NetworkPolicy: local pods' isolation, and the verdict for a flow.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Every local pod: identity, isolation per direction, the policies
+    /// selecting it, audit mode, fail-closed.
+    List,
+    /// Would a new flow be allowed? Judged on the agent's compiled state as
+    /// the datapath judges it (after Service translation: --to is the pod
+    /// that serves). Exits 1 when denied.
+    Check {
+        /// The client: `namespace/pod` or an IPv4 address (or CIDR: its
+        /// address is judged).
+        #[arg(long)]
+        from: String,
+        /// The server: `namespace/pod` or an IPv4 address.
+        #[arg(long)]
+        to: String,
+        /// Destination port and protocol, e.g. `80/TCP`, `53/UDP`.
+        #[arg(long)]
+        port: String,
+    },
+}
+
+/// Percent-encodes a query value (pod names and addresses need none; a
+/// user's typo should still reach the agent intact).
+fn query_value(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/:".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[derive(Subcommand, Debug)]
@@ -144,6 +185,24 @@ fn main() -> anyhow::Result<()> {
             let body = get("/v1/drops")?;
             if json { body } else { cli::drops_table(&serde_json::from_str::<Vec<CounterView>>(&body)?) }
         }
+        Cmd::Policy(PolicyCmd::List) => {
+            let body = get("/v1/policy")?;
+            if json { body } else { cli::policy_table(&serde_json::from_str::<Vec<PolicyEndpointView>>(&body)?) }
+        }
+        Cmd::Policy(PolicyCmd::Check { from, to, port }) => {
+            let body = get(&format!(
+                "/v1/policy/check?from={}&to={}&port={}",
+                query_value(&from),
+                query_value(&to),
+                query_value(&port)
+            ))?;
+            let view: PolicyCheckView = serde_json::from_str(&body)?;
+            println!("{}", if json { body } else { cli::policy_check_text(&view) }.trim_end());
+            if !view.allowed {
+                std::process::exit(DENIED);
+            }
+            return Ok(());
+        }
         Cmd::Events { .. } => unreachable!("handled above"),
     };
     println!("{}", out.trim_end());
@@ -153,6 +212,9 @@ fn main() -> anyhow::Result<()> {
 /// Exit code of `riptide status` when the agent answers but is not ready
 /// (an agent that does not answer is an error, non-zero as well).
 const NOT_READY: i32 = 1;
+
+/// Exit code of `riptide policy check` when the flow would be denied.
+const DENIED: i32 = 1;
 
 fn now_unix_s() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())

@@ -1,0 +1,362 @@
+//! NetworkPolicy into the datapath: the compiler's output
+//! ([`crate::policy::Compiled`]) written to `rt_ipcache4_v1`,
+//! `rt_policy4_v1` and `rt_polep4_v1` by difference with what the maps hold.
+//!
+//! Write order, for the programs that judge new flows meanwhile (the
+//! Cilium order, `pkg/policy` → `bpf/lib/policy.h`): ipcache entries first
+//! (peers get their identities before rules name them), then new and
+//! changed rules (keyed by endpoint id: unused until the endpoint entry
+//! points at them), then endpoint entries (a pod becomes isolated with its
+//! rules already in place), and only then deletions — stale endpoint
+//! entries, stale rules, stale ipcache entries — so a narrowing change
+//! narrows last and nothing is ever judged against a half-written state
+//! that allows more than either the old or the new one.
+//!
+//! Failures fail closed: a rule that cannot be written sets
+//! [`PE_F_FAIL_CLOSED`] on its endpoint (the programs then deny all but the
+//! node and the pod itself), an ipcache entry that cannot be written sets
+//! it on every endpoint (any of them could misjudge that peer). The report
+//! names them; the agent turns not ready, logs and counts them, and the
+//! next pass (a second later) retries from what the maps really hold.
+//!
+//! What the maps hold is read back (`list`) on the first pass and after
+//! any failed write; otherwise the last pass's state is trusted (the agent
+//! is the maps' only writer, under the node lock). A restarted agent
+//! numbers identities and endpoint ids afresh, so the pinned entries may
+//! mean other label sets than the new compile's: before such a first pass
+//! writes anything, every pinned endpoint entry is set fail-closed, so no
+//! flow is judged by old rules against new identities (brief denials of new
+//! flows of isolated pods during a restart, never a wrong allow).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
+
+use riptide_common::{IpcacheValue, PE_F_FAIL_CLOSED, PolicyEndpointValue, PolicyKey, PolicyValue, identity};
+use riptide_datapath::policy::PolicyMaps;
+
+use crate::policy::{Compiled, RuleKey};
+
+/// An `rt_ipcache4_v1` entry: (address, prefix length) → identities.
+pub type IpcacheEntry = ((Ipv4Addr, u8), IpcacheValue);
+
+/// Where the policy maps are written (the datapath's [`PolicyMaps`], or a
+/// recorder with injected failures in tests).
+pub trait PolicyWriter {
+    type Error: std::error::Error + Send + Sync + 'static;
+    fn upsert_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8, value: IpcacheValue) -> Result<(), Self::Error>;
+    fn remove_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8) -> Result<(), Self::Error>;
+    fn list_ipcache(&self) -> Result<Vec<IpcacheEntry>, Self::Error>;
+    fn upsert_endpoint(&mut self, addr: Ipv4Addr, value: PolicyEndpointValue) -> Result<(), Self::Error>;
+    fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<(), Self::Error>;
+    fn list_endpoints(&self) -> Result<Vec<(Ipv4Addr, PolicyEndpointValue)>, Self::Error>;
+    fn upsert_rule(&mut self, rule: RuleKey, value: PolicyValue) -> Result<(), Self::Error>;
+    fn remove_rule(&mut self, rule: RuleKey) -> Result<(), Self::Error>;
+    fn list_rules(&self) -> Result<Vec<(RuleKey, PolicyValue)>, Self::Error>;
+}
+
+impl PolicyWriter for PolicyMaps {
+    type Error = riptide_datapath::Error;
+
+    fn upsert_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8, value: IpcacheValue) -> Result<(), Self::Error> {
+        PolicyMaps::upsert_ipcache(self, addr, prefix_len, value)
+    }
+    fn remove_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8) -> Result<(), Self::Error> {
+        PolicyMaps::remove_ipcache(self, addr, prefix_len)
+    }
+    fn list_ipcache(&self) -> Result<Vec<IpcacheEntry>, Self::Error> {
+        PolicyMaps::list_ipcache(self)
+    }
+    fn upsert_endpoint(&mut self, addr: Ipv4Addr, value: PolicyEndpointValue) -> Result<(), Self::Error> {
+        PolicyMaps::upsert_endpoint(self, addr, value)
+    }
+    fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<(), Self::Error> {
+        PolicyMaps::remove_endpoint(self, addr)
+    }
+    fn list_endpoints(&self) -> Result<Vec<(Ipv4Addr, PolicyEndpointValue)>, Self::Error> {
+        PolicyMaps::list_endpoints(self)
+    }
+    fn upsert_rule(&mut self, rule: RuleKey, value: PolicyValue) -> Result<(), Self::Error> {
+        PolicyMaps::upsert_rule(self, rule.prefix_len, rule.key, value)
+    }
+    fn remove_rule(&mut self, rule: RuleKey) -> Result<(), Self::Error> {
+        PolicyMaps::remove_rule(self, rule.prefix_len, rule.key)
+    }
+    fn list_rules(&self) -> Result<Vec<(RuleKey, PolicyValue)>, Self::Error> {
+        Ok(PolicyMaps::list_rules(self)?
+            .into_iter()
+            .map(|((prefix_len, key), v)| (RuleKey { prefix_len, key }, v))
+            .collect())
+    }
+}
+
+/// The contents of the three maps.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MapState {
+    pub ipcache: BTreeMap<(Ipv4Addr, u8), IpcacheValue>,
+    pub endpoints: BTreeMap<Ipv4Addr, PolicyEndpointValue>,
+    pub rules: HashMap<RuleKey, PolicyValue>,
+}
+
+impl MapState {
+    /// Reads the maps.
+    pub fn read<W: PolicyWriter>(w: &W) -> Result<Self, W::Error> {
+        Ok(Self {
+            ipcache: w.list_ipcache()?.into_iter().collect(),
+            endpoints: w.list_endpoints()?.into_iter().collect(),
+            rules: w.list_rules()?.into_iter().collect(),
+        })
+    }
+
+    /// The state `compiled` asks for.
+    fn desired(compiled: &Compiled) -> Self {
+        Self { ipcache: compiled.ipcache.clone(), endpoints: compiled.endpoints.clone(), rules: compiled.rules.clone() }
+    }
+}
+
+/// What one pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// The maps were read back before the diff (first pass, or after a
+    /// failure).
+    pub read_back: bool,
+    /// The read-back state named endpoints or identities differently from
+    /// this compile (an agent restart): pinned endpoints were set
+    /// fail-closed before anything else was written.
+    pub renumbered: bool,
+    pub ipcache_written: usize,
+    pub ipcache_removed: usize,
+    pub rules_written: usize,
+    pub rules_removed: usize,
+    pub endpoints_written: usize,
+    pub endpoints_removed: usize,
+    /// Local pods left fail-closed because some write for them failed.
+    pub fail_closed: BTreeSet<Ipv4Addr>,
+    /// Every failed operation, one line each (retried on the next pass).
+    pub errors: Vec<String>,
+}
+
+impl SyncReport {
+    /// Everything asked for is in the maps.
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty() && self.fail_closed.is_empty()
+    }
+
+    pub fn changed(&self) -> bool {
+        self.ipcache_written + self.ipcache_removed + self.rules_written + self.rules_removed + self.endpoints_written + self.endpoints_removed > 0
+    }
+}
+
+/// Keeps the policy maps equal to the last compile.
+pub struct PolicySync<W> {
+    writer: W,
+    /// What the maps hold; `None`: read them back before the next diff.
+    known: Option<MapState>,
+}
+
+impl<W: PolicyWriter> PolicySync<W> {
+    pub fn new(writer: W) -> Self {
+        Self { writer, known: None }
+    }
+
+    /// What the maps hold as far as the last pass knows (`None` before the
+    /// first pass and after a failed one).
+    pub fn known(&self) -> Option<&MapState> {
+        self.known.as_ref()
+    }
+
+    /// Makes the maps hold what `compiled` asks for (see the module docs
+    /// for the order and the failure rules).
+    pub fn sync(&mut self, compiled: &Compiled) -> SyncReport {
+        let mut rep = SyncReport::default();
+        let mut have = match self.known.take() {
+            Some(k) => k,
+            None => match MapState::read(&self.writer) {
+                Ok(k) => {
+                    rep.read_back = true;
+                    k
+                }
+                Err(e) => {
+                    rep.errors.push(format!("reading the policy maps: {}", crate::reconcile::error_chain(&e)));
+                    // Nothing known, nothing written: every local isolated
+                    // pod counts as not enforced.
+                    rep.fail_closed = compiled.endpoints.keys().copied().collect();
+                    return rep;
+                }
+            },
+        };
+        let mut want = MapState::desired(compiled);
+        if rep.read_back && renumbered(&have, &want) {
+            rep.renumbered = true;
+            self.close_all(&mut have, &mut rep);
+        }
+        let mut failed_eps: BTreeSet<u32> = BTreeSet::new();
+        let mut all_failed = false;
+
+        for (&(addr, len), v) in &want.ipcache {
+            if have.ipcache.get(&(addr, len)) == Some(v) {
+                continue;
+            }
+            match self.writer.upsert_ipcache(addr, len, *v) {
+                Ok(()) => {
+                    have.ipcache.insert((addr, len), *v);
+                    rep.ipcache_written += 1;
+                }
+                Err(e) => {
+                    all_failed = true;
+                    rep.errors.push(format!("ipcache {addr}/{len}: {}", crate::reconcile::error_chain(&e)));
+                }
+            }
+        }
+        let mut rules: Vec<(&RuleKey, &PolicyValue)> = want.rules.iter().filter(|(k, v)| have.rules.get(k) != Some(v)).collect();
+        // Deterministic order (the map is a HashMap): by endpoint, then key.
+        rules.sort_by_key(|(k, _)| rule_order(k));
+        for (k, v) in rules {
+            match self.writer.upsert_rule(*k, *v) {
+                Ok(()) => {
+                    have.rules.insert(*k, *v);
+                    rep.rules_written += 1;
+                }
+                Err(e) => {
+                    failed_eps.insert(u32::from_be(k.key.ep_id_be));
+                    rep.errors.push(format!("rule {}: {}", describe(k), crate::reconcile::error_chain(&e)));
+                }
+            }
+        }
+        for (addr, v) in &mut want.endpoints {
+            if all_failed || failed_eps.contains(&v.ep_id) {
+                v.flags |= PE_F_FAIL_CLOSED;
+                rep.fail_closed.insert(*addr);
+            }
+        }
+        for (&addr, v) in &want.endpoints {
+            if have.endpoints.get(&addr) == Some(v) {
+                continue;
+            }
+            match self.writer.upsert_endpoint(addr, *v) {
+                Ok(()) => {
+                    have.endpoints.insert(addr, *v);
+                    rep.endpoints_written += 1;
+                }
+                Err(e) => {
+                    // Whatever entry it had stays: older rules, or none.
+                    rep.fail_closed.insert(addr);
+                    rep.errors.push(format!("endpoint {addr}: {}", crate::reconcile::error_chain(&e)));
+                }
+            }
+        }
+
+        let stale: Vec<Ipv4Addr> = have.endpoints.keys().filter(|a| !want.endpoints.contains_key(a)).copied().collect();
+        for addr in stale {
+            match self.writer.remove_endpoint(addr) {
+                Ok(()) => {
+                    have.endpoints.remove(&addr);
+                    rep.endpoints_removed += 1;
+                }
+                Err(e) => rep.errors.push(format!("removing endpoint {addr}: {}", crate::reconcile::error_chain(&e))),
+            }
+        }
+        let mut stale: Vec<RuleKey> = have.rules.keys().filter(|k| !want.rules.contains_key(k)).copied().collect();
+        stale.sort_by_key(rule_order);
+        for k in stale {
+            match self.writer.remove_rule(k) {
+                Ok(()) => {
+                    have.rules.remove(&k);
+                    rep.rules_removed += 1;
+                }
+                Err(e) => rep.errors.push(format!("removing rule {}: {}", describe(&k), crate::reconcile::error_chain(&e))),
+            }
+        }
+        let stale: Vec<(Ipv4Addr, u8)> = have.ipcache.keys().filter(|k| !want.ipcache.contains_key(k)).copied().collect();
+        for (addr, len) in stale {
+            match self.writer.remove_ipcache(addr, len) {
+                Ok(()) => {
+                    have.ipcache.remove(&(addr, len));
+                    rep.ipcache_removed += 1;
+                }
+                Err(e) => rep.errors.push(format!("removing ipcache {addr}/{len}: {}", crate::reconcile::error_chain(&e))),
+            }
+        }
+        // After a failure the maps are read again: the next diff starts
+        // from the truth, not from what this pass believes it did.
+        if rep.errors.is_empty() {
+            self.known = Some(have);
+        }
+        rep
+    }
+
+    /// Sets every endpoint entry in `have` fail-closed (a restart renumbered
+    /// ids; see the module docs).
+    fn close_all(&mut self, have: &mut MapState, rep: &mut SyncReport) {
+        for (addr, v) in &mut have.endpoints {
+            if v.flags & PE_F_FAIL_CLOSED != 0 {
+                continue;
+            }
+            let closed = PolicyEndpointValue { flags: v.flags | PE_F_FAIL_CLOSED, ..*v };
+            match self.writer.upsert_endpoint(*addr, closed) {
+                Ok(()) => *v = closed,
+                Err(e) => rep.errors.push(format!("closing endpoint {addr}: {}", crate::reconcile::error_chain(&e))),
+            }
+        }
+    }
+
+    /// The writer (tests inspect the maps through it).
+    pub fn writer(&self) -> &W {
+        &self.writer
+    }
+}
+
+/// Whether `have` (read from pinned maps) may use an endpoint id or an
+/// identity with another meaning than `want`. The maps do not say which
+/// label set an identity stood for, so this is conservative: an address
+/// both know with other values, an endpoint with another id or identity,
+/// or an id `have` uses that `want` gives to an address `have` does not
+/// know (a new pod could have taken an old number).
+fn renumbered(have: &MapState, want: &MapState) -> bool {
+    let changed_ipcache = want.ipcache.iter().any(|(k, v)| have.ipcache.get(k).is_some_and(|h| h != v));
+    let changed_eps = want.endpoints.iter().any(|(a, v)| have.endpoints.get(a).is_some_and(|h| (h.ep_id, h.identity) != (v.ep_id, v.identity)));
+    let old_ids: BTreeSet<u32> = have
+        .ipcache
+        .values()
+        .flat_map(|v| [v.identity, v.cidr_identity])
+        .chain(have.rules.keys().map(|k| u32::from_be(k.key.identity_be)))
+        .chain(have.endpoints.values().map(|v| v.identity))
+        // Reserved identities mean the same to every agent.
+        .filter(|id| *id >= identity::FIRST_LABELS)
+        .collect();
+    let reused_id = want
+        .ipcache
+        .iter()
+        .filter(|(k, _)| !have.ipcache.contains_key(k))
+        .any(|(_, v)| old_ids.contains(&v.identity) || (v.cidr_identity != 0 && old_ids.contains(&v.cidr_identity)));
+    let old_eps: BTreeSet<u32> = have.endpoints.values().map(|v| v.ep_id).chain(have.rules.keys().map(|k| u32::from_be(k.key.ep_id_be))).collect();
+    let reused_ep = want.endpoints.iter().filter(|(a, _)| !have.endpoints.contains_key(a)).any(|(_, v)| old_eps.contains(&v.ep_id));
+    changed_ipcache || changed_eps || reused_id || reused_ep
+}
+
+fn rule_order(k: &RuleKey) -> (u32, u32, u8, u8, u16, u32) {
+    (
+        u32::from_be(k.key.ep_id_be),
+        u32::from_be(k.key.identity_be),
+        k.key.dir,
+        k.key.proto,
+        u16::from_be(k.key.port_be),
+        k.prefix_len,
+    )
+}
+
+fn describe(k: &RuleKey) -> String {
+    let PolicyKey { ep_id_be, identity_be, dir, proto, port_be } = k.key;
+    format!(
+        "ep {} identity {} dir {dir} proto {proto} port {}/{}",
+        u32::from_be(ep_id_be),
+        u32::from_be(identity_be),
+        u16::from_be(port_be),
+        k.prefix_len
+    )
+}
+
+#[cfg(test)]
+#[path = "policy_sync_tests.rs"]
+mod tests;

@@ -1,0 +1,207 @@
+//! The sync's order and failure rules, against a recorder that logs every
+//! operation and fails the ones a test names (the kernel maps rarely fail
+//! on demand; `tests/kernel_policy_sync.rs` runs the same sync on real
+//! maps).
+
+use std::{collections::HashMap, fmt};
+
+use riptide_common::{
+    IpcacheValue, PE_F_FAIL_CLOSED, PE_F_ISOLATED_IN, POL_DIR_INGRESS, POLICY_PREFIX_FULL, PolicyEndpointValue,
+    PolicyKey, PolicyValue, identity,
+};
+
+use super::*;
+
+#[derive(Debug)]
+struct Injected(String);
+
+impl fmt::Display for Injected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "injected failure: {}", self.0)
+    }
+}
+
+impl std::error::Error for Injected {}
+
+/// The three maps in memory, an operation log, and operations to fail (by
+/// their log line).
+#[derive(Default)]
+struct Recorder {
+    maps: MapState,
+    log: Vec<String>,
+    fail: Vec<String>,
+}
+
+impl Recorder {
+    fn op(&mut self, line: String) -> Result<(), Injected> {
+        if self.fail.contains(&line) {
+            return Err(Injected(line));
+        }
+        self.log.push(line);
+        Ok(())
+    }
+}
+
+impl PolicyWriter for Recorder {
+    type Error = Injected;
+    fn upsert_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8, value: IpcacheValue) -> Result<(), Injected> {
+        self.op(format!("+ipcache {addr}/{prefix_len}"))?;
+        self.maps.ipcache.insert((addr, prefix_len), value);
+        Ok(())
+    }
+    fn remove_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8) -> Result<(), Injected> {
+        self.op(format!("-ipcache {addr}/{prefix_len}"))?;
+        self.maps.ipcache.remove(&(addr, prefix_len));
+        Ok(())
+    }
+    fn list_ipcache(&self) -> Result<Vec<((Ipv4Addr, u8), IpcacheValue)>, Injected> {
+        Ok(self.maps.ipcache.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn upsert_endpoint(&mut self, addr: Ipv4Addr, value: PolicyEndpointValue) -> Result<(), Injected> {
+        self.op(format!("+ep {addr}"))?;
+        self.maps.endpoints.insert(addr, value);
+        Ok(())
+    }
+    fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<(), Injected> {
+        self.op(format!("-ep {addr}"))?;
+        self.maps.endpoints.remove(&addr);
+        Ok(())
+    }
+    fn list_endpoints(&self) -> Result<Vec<(Ipv4Addr, PolicyEndpointValue)>, Injected> {
+        Ok(self.maps.endpoints.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn upsert_rule(&mut self, rule: RuleKey, value: PolicyValue) -> Result<(), Injected> {
+        self.op(format!("+rule {}", describe(&rule)))?;
+        self.maps.rules.insert(rule, value);
+        Ok(())
+    }
+    fn remove_rule(&mut self, rule: RuleKey) -> Result<(), Injected> {
+        self.op(format!("-rule {}", describe(&rule)))?;
+        self.maps.rules.remove(&rule);
+        Ok(())
+    }
+    fn list_rules(&self) -> Result<Vec<(RuleKey, PolicyValue)>, Injected> {
+        Ok(self.maps.rules.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn rule(ep: u32, peer: u32, port: u16) -> RuleKey {
+    RuleKey {
+        prefix_len: POLICY_PREFIX_FULL,
+        key: PolicyKey { ep_id_be: ep.to_be(), identity_be: peer.to_be(), dir: POL_DIR_INGRESS, proto: 6, port_be: port.to_be() },
+    }
+}
+
+/// Pod 10.42.0.5 (ep 1, identity 256) isolated for ingress, allowing
+/// identity 257 (pod 10.42.1.9) on `ports`.
+fn compiled(ports: &[u16]) -> Compiled {
+    let mut c = Compiled::default();
+    c.ipcache.insert((ip("0.0.0.0"), 0), IpcacheValue { identity: identity::WORLD, cidr_identity: 0 });
+    c.ipcache.insert((ip("10.42.0.5"), 32), IpcacheValue { identity: 256, cidr_identity: 0 });
+    c.ipcache.insert((ip("10.42.1.9"), 32), IpcacheValue { identity: 257, cidr_identity: 0 });
+    c.endpoints.insert(ip("10.42.0.5"), PolicyEndpointValue { ep_id: 1, identity: 256, flags: PE_F_ISOLATED_IN, _pad: 0 });
+    c.rules = ports.iter().map(|p| (rule(1, 257, *p), PolicyValue { policy_ref: 0, flags: 0 })).collect::<HashMap<_, _>>();
+    c
+}
+
+fn kinds(log: &[String]) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    for l in log {
+        let k = l.split(' ').next().unwrap();
+        if out.last() != Some(&k) {
+            out.push(k);
+        }
+    }
+    out
+}
+
+#[test]
+fn writes_in_reader_order_then_deletes_what_is_stale() {
+    let mut s = PolicySync::new(Recorder::default());
+    let rep = s.sync(&compiled(&[80, 81]));
+    assert!(rep.ok() && rep.read_back, "{rep:?}");
+    assert_eq!(kinds(&s.writer().log), ["+ipcache", "+rule", "+ep"]);
+    assert_eq!((rep.ipcache_written, rep.rules_written, rep.endpoints_written), (3, 2, 1));
+    assert_eq!(s.writer().maps, MapState::desired(&compiled(&[80, 81])));
+
+    // Port 81 goes, 82 comes, the peer pod goes, a second endpoint comes
+    // and the first loses isolation: adds first, deletions last.
+    let mut next = compiled(&[80, 82]);
+    next.ipcache.remove(&(ip("10.42.1.9"), 32));
+    next.endpoints.clear();
+    next.endpoints.insert(ip("10.42.0.6"), PolicyEndpointValue { ep_id: 2, identity: 256, flags: PE_F_ISOLATED_IN, _pad: 0 });
+    next.rules = [(rule(2, 257, 82), PolicyValue::default())].into_iter().collect();
+    s.writer.log.clear();
+    let rep = s.sync(&next);
+    assert!(rep.ok() && !rep.read_back, "{rep:?}");
+    assert_eq!(
+        s.writer().log,
+        [
+            "+rule ep 2 identity 257 dir 1 proto 6 port 82/96",
+            "+ep 10.42.0.6",
+            "-ep 10.42.0.5",
+            "-rule ep 1 identity 257 dir 1 proto 6 port 80/96",
+            "-rule ep 1 identity 257 dir 1 proto 6 port 81/96",
+            "-ipcache 10.42.1.9/32",
+        ]
+    );
+    assert_eq!(s.writer().maps, MapState::desired(&next));
+    // Nothing changed: nothing written.
+    s.writer.log.clear();
+    let rep = s.sync(&next);
+    assert!(rep.ok() && !rep.changed() && s.writer().log.is_empty(), "{rep:?} {:?}", s.writer().log);
+}
+
+#[test]
+fn a_failed_rule_write_fails_its_endpoint_closed_until_a_retry_succeeds() {
+    let mut s = PolicySync::new(Recorder::default());
+    s.writer.fail.push("+rule ep 1 identity 257 dir 1 proto 6 port 81/96".into());
+    let rep = s.sync(&compiled(&[80, 81]));
+    assert!(!rep.ok());
+    assert_eq!(rep.fail_closed.iter().copied().collect::<Vec<_>>(), [ip("10.42.0.5")]);
+    assert_eq!(rep.errors.len(), 1, "{:?}", rep.errors);
+    let ep = s.writer().maps.endpoints[&ip("10.42.0.5")];
+    assert_eq!(ep.flags, PE_F_ISOLATED_IN | PE_F_FAIL_CLOSED);
+    assert!(s.known().is_none(), "after a failure the next pass reads the maps back");
+
+    s.writer.fail.clear();
+    let rep = s.sync(&compiled(&[80, 81]));
+    assert!(rep.ok() && rep.read_back, "{rep:?}");
+    assert_eq!(s.writer().maps, MapState::desired(&compiled(&[80, 81])), "retry wrote the rule and cleared the flag");
+}
+
+#[test]
+fn a_failed_ipcache_write_fails_every_endpoint_closed() {
+    let mut s = PolicySync::new(Recorder::default());
+    s.writer.fail.push("+ipcache 10.42.1.9/32".into());
+    let rep = s.sync(&compiled(&[80]));
+    assert_eq!(rep.fail_closed.len(), 1);
+    assert_ne!(s.writer().maps.endpoints[&ip("10.42.0.5")].flags & PE_F_FAIL_CLOSED, 0);
+}
+
+#[test]
+fn a_first_pass_converges_from_leftovers_and_closes_renumbered_endpoints_first() {
+    // Pinned by an earlier agent: the same pod as endpoint 7 with identity
+    // 300, a rule for it, a pod that is gone.
+    let mut w = Recorder::default();
+    w.maps.ipcache.insert((ip("10.42.0.5"), 32), IpcacheValue { identity: 300, cidr_identity: 0 });
+    w.maps.ipcache.insert((ip("10.42.3.3"), 32), IpcacheValue { identity: 257, cidr_identity: 0 });
+    w.maps.endpoints.insert(ip("10.42.0.5"), PolicyEndpointValue { ep_id: 7, identity: 300, flags: PE_F_ISOLATED_IN, _pad: 0 });
+    w.maps.rules.insert(rule(7, 257, 443), PolicyValue::default());
+    let mut s = PolicySync::new(w);
+    let want = compiled(&[80]);
+    let rep = s.sync(&want);
+    assert!(rep.ok() && rep.read_back && rep.renumbered, "{rep:?}");
+    assert_eq!(s.writer().log[0], "+ep 10.42.0.5", "closed before anything else: {:?}", s.writer().log);
+    assert_eq!(s.writer().maps, MapState::desired(&want));
+
+    // The same state pinned again (a restart that changed nothing): no
+    // closing, no writes.
+    let mut again = PolicySync::new(Recorder { maps: MapState::desired(&want), ..Recorder::default() });
+    let rep = again.sync(&want);
+    assert!(rep.ok() && !rep.renumbered && !rep.changed(), "{rep:?}");
+}
