@@ -336,6 +336,30 @@ mod tests {
     }
 
     #[test]
+    fn policy_events_read_verdict_direction_and_pods() {
+        let e = crate::events::EventView {
+            seq: 3,
+            time_unix_s: 100.0,
+            reason: "policy_deny_in".into(),
+            program: "to-pod".into(),
+            protocol: "TCP".into(),
+            src: "10.42.1.7:40312".parse().unwrap(),
+            dst: "10.42.0.5:80".parse().unwrap(),
+            ifindex: 7,
+            service: None,
+            verdict: Some("policy-denied".into()),
+            direction: Some("ingress".into()),
+            src_pod: Some("y/c".into()),
+            dst_pod: Some("x/a".into()),
+        };
+        let t = events_table(&[e], 101.0);
+        let row = t.lines().nth(1).unwrap();
+        for want in ["to-pod", "policy-denied ingress", "10.42.1.7:40312 (y/c)", "10.42.0.5:80 (x/a)"] {
+            assert!(row.contains(want), "{want} missing: {t}");
+        }
+    }
+
+    #[test]
     fn tables_align() {
         let t = table(&["A", "BB"], &[vec!["long".into(), "x".into()]]);
         assert_eq!(t, "A     BB\nlong  x\n");
