@@ -18,6 +18,10 @@ pub enum Error {
     Kubelet(#[from] crate::kubelet::Error),
     #[error("invalid argument: {0}")]
     Arg(String),
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, #[source] source: std::io::Error },
+    #[error("credentials: {0}")]
+    Credentials(#[from] crate::apiserver::tls::TlsError),
 }
 
 /// Client from `path`, or the default chain (KUBECONFIG, in-cluster).
@@ -58,6 +62,16 @@ pub struct KubeletArgs {
     pub node_ip: String,
     #[arg(long, default_value_t = 10250)]
     pub port: u16,
+    /// The kubelet API's serving certificate (PEM), signed by the cluster CA
+    /// for --node-ip (`riptide-controlplane kubelet-credentials` issues it).
+    #[arg(long)]
+    pub tls_cert_file: PathBuf,
+    #[arg(long)]
+    pub tls_private_key_file: PathBuf,
+    /// CA whose client certificates authenticate to the kubelet API (the
+    /// apiserver's); other clients need a bearer token the apiserver accepts.
+    #[arg(long)]
+    pub client_ca_file: PathBuf,
     #[arg(long, default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
     #[arg(long, default_value = "/opt/cni/bin")]
@@ -100,6 +114,35 @@ pub struct KubeletArgs {
     pub resolv_conf: PathBuf,
 }
 
+/// `riptide-controlplane kubelet-credentials`: a node's kubelet identity
+/// and serving certificate from a control plane's CA.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KubeletCredentialsArgs {
+    /// The control plane's data directory (its CA is `pki/ca.{crt,key}`).
+    #[arg(long, default_value = "/var/lib/riptide/controlplane")]
+    pub data_dir: PathBuf,
+    /// The apiserver URL written into the kubeconfig.
+    #[arg(long)]
+    pub server: String,
+    #[arg(long)]
+    pub node_name: String,
+    /// The node's InternalIP (the serving certificate's address).
+    #[arg(long)]
+    pub node_ip: String,
+    /// Where to write kubelet.kubeconfig, kubelet.{crt,key} and ca.crt.
+    #[arg(long)]
+    pub out_dir: PathBuf,
+}
+
+pub fn kubelet_credentials(a: &KubeletCredentialsArgs) -> Result<crate::credentials::KubeletFiles, Error> {
+    let pki = crate::apiserver::tls::Pki::load(&a.data_dir.join("pki"))?;
+    Ok(crate::credentials::write_kubelet(&pki, &a.server, &a.node_name, &a.node_ip, &a.out_dir)?)
+}
+
+fn read_file(path: &PathBuf) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.clone(), source })
+}
+
 /// `10s`, `500ms`, `2m`, or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -131,9 +174,9 @@ pub async fn scheduler(client: Client) -> Result<(), Error> {
 }
 
 /// Controllers and scheduler together (what `control-plane` adds to the
-/// apiserver).
-pub async fn controllers_and_scheduler(client: Client, a: &ControllersArgs) -> Result<(), Error> {
-    let (c, ()) = tokio::join!(controllers(client.clone(), a), crate::scheduler::run(client));
+/// apiserver), each with its own client.
+pub async fn controllers_and_scheduler(controllers_client: Client, scheduler_client: Client, a: &ControllersArgs) -> Result<(), Error> {
+    let (c, ()) = tokio::join!(controllers(controllers_client, a), crate::scheduler::run(scheduler_client));
     c
 }
 
@@ -150,10 +193,16 @@ pub async fn kubelet(a: KubeletArgs) -> Result<(), Error> {
         .filter(|t| !t.is_empty())
         .map(|t| crate::kubelet::node::parse_taint(t).ok_or_else(|| Error::Arg(format!("taint {t:?} is not key=value:Effect"))))
         .collect::<Result<Vec<_>, _>>()?;
+    let tls = crate::kubelet::server::ServingTls {
+        cert_pem: read_file(&a.tls_cert_file)?,
+        key_pem: read_file(&a.tls_private_key_file)?,
+        client_ca_pem: read_file(&a.client_ca_file)?,
+    };
     let cfg = crate::kubelet::Config {
         node_name: a.node_name,
         node_ip: a.node_ip,
         port: a.port,
+        tls,
         root_dir: a.root_dir,
         cgroup_root: a.cgroup_root,
         cni_conf_dir: a.cni_conf_dir,

@@ -4,11 +4,13 @@
 //! - [`storage`]: the storage trait with the embedded (redb) and etcd engines.
 //! - [`registry`]: the served resources, described once.
 //! - [`exec`]: `kubectl exec` — the WebSocket channel protocol (kubelet side) and the apiserver's upgrade proxy.
+//! - [`credentials`]: each component's own certificate identity, issued by the cluster CA.
 //!
 //! The scheduler, controllers and kubelet will live next to these modules.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod apiserver;
+pub mod credentials;
 pub mod exec;
 pub mod registry;
 pub mod storage;

@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use riptide_controlplane::{
     apiserver::{Config, Server, StorageConfig},
-    components,
+    components, credentials,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -87,6 +87,9 @@ enum Command {
     Scheduler(components::ClientArgs),
     /// The node agent that runs pods as processes in network namespaces.
     Kubelet(components::KubeletArgs),
+    /// Issue a node's kubelet kubeconfig and serving certificate from the
+    /// control plane's CA.
+    KubeletCredentials(components::KubeletCredentialsArgs),
 }
 
 #[tokio::main]
@@ -108,9 +111,15 @@ async fn main() -> anyhow::Result<()> {
             return Ok(components::scheduler(c).await?);
         }
         Command::Kubelet(k) => return Ok(components::kubelet(k).await?),
+        Command::KubeletCredentials(k) => {
+            let files = components::kubelet_credentials(&k)?;
+            println!("kubeconfig {}", files.kubeconfig.display());
+            return Ok(());
+        }
     };
     {
         {
+            let data_dir = a.data_dir.clone();
             let mut cfg = Config::new(a.data_dir, a.listen);
             cfg.token_file = a.token_file;
             cfg.tls = !a.insecure_http;
@@ -130,9 +139,22 @@ async fn main() -> anyhow::Result<()> {
             println!("listening {}", handle.addr);
             println!("kubeconfig {}", handle.kubeconfig.display());
             if let Some(ctl) = with_controllers {
-                let c = components::client(Some(&handle.kubeconfig)).await?;
+                // Each with its own identity (kubeadm's controller-manager.conf
+                // and scheduler.conf); a plain-HTTP server has no CA to issue one.
+                let (cm, sched) = match &handle.pki {
+                    Some(pki) => {
+                        let cm = data_dir.join("controller-manager.kubeconfig");
+                        let sched = data_dir.join("scheduler.kubeconfig");
+                        credentials::write_kubeconfig(pki, &handle.url, credentials::CONTROLLER_MANAGER_USER, &[], &cm)?;
+                        credentials::write_kubeconfig(pki, &handle.url, credentials::SCHEDULER_USER, &[], &sched)?;
+                        (cm, sched)
+                    }
+                    None => (handle.kubeconfig.clone(), handle.kubeconfig.clone()),
+                };
+                let cm = components::client(Some(&cm)).await?;
+                let sched = components::client(Some(&sched)).await?;
                 tokio::spawn(async move {
-                    if let Err(e) = components::controllers_and_scheduler(c, &ctl).await {
+                    if let Err(e) = components::controllers_and_scheduler(cm, sched, &ctl).await {
                         tracing::error!(error = %e, "controllers");
                     }
                 });

@@ -1,7 +1,9 @@
 //! `kubectl exec` end to end: real kubectl → the apiserver's `pods/exec`
-//! upgrade proxy → a kubelet-side endpoint built from `exec::router` (the
-//! same code the kubelet mounts) → real processes. The endpoint's spawner
-//! runs the command on the host (the kubelet's places it in the pod).
+//! upgrade proxy → (HTTPS, the apiserver's client certificate) the
+//! kubelet's API server with its authentication and authorization in
+//! front of `exec::router` (the same code the kubelet mounts) → real
+//! processes. The endpoint's spawner runs the command on the host (the
+//! kubelet's places it in the pod). Also: who the kubelet API refuses.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -17,7 +19,9 @@ use common::{Backend, TestServer};
 use futures::{SinkExt as _, StreamExt as _};
 use riptide_controlplane::{
     apiserver::api::WriteOptions,
+    credentials,
     exec::{self, ExecError, ExecRequest},
+    kubelet::{self, auth::KubeletAuth, server::ServingTls},
     registry,
 };
 use rustls::pki_types::{CertificateDer, pem::PemObject as _};
@@ -28,9 +32,19 @@ use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest as
 const NODE: &str = "exec-node";
 const POD: &str = "shell";
 
-/// The kubelet side: `exec::router` on loopback, serving the pod `POD`
-/// (containers "main" and "side") in namespace default.
-async fn kubelet_endpoint() -> (u16, tokio::task::JoinHandle<()>) {
+/// The kubelet side: the kubelet's own API server (`kubelet::server::serve`:
+/// HTTPS with a serving certificate the cluster CA issued for 127.0.0.1,
+/// every request authenticated and authorized through the apiserver with
+/// the node's own identity) on loopback, serving `exec::router` and a
+/// `/containerLogs` route for the pod `POD` (containers "main" and "side")
+/// in namespace default.
+struct Kubelet {
+    port: u16,
+    _creds: tempfile::TempDir,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+async fn kubelet_endpoint(s: &TestServer) -> Kubelet {
     let spawner = exec::spawner_fn(|req: &ExecRequest| {
         if req.namespace != "default" || req.pod != POD {
             return Err(ExecError::NotFound(format!("pod {}/{} is not running on this node", req.namespace, req.pod)));
@@ -42,19 +56,35 @@ async fn kubelet_endpoint() -> (u16, tokio::task::JoinHandle<()>) {
         cmd.args(&req.command[1..]).env("EXEC_CONTAINER", &req.container);
         Ok(cmd)
     });
-    let app: axum::Router = exec::router(spawner);
+    let logs = axum::routing::get(|axum::extract::Path((ns, pod, c)): axum::extract::Path<(String, String, String)>| async move {
+        format!("log of {ns}/{pod}/{c}\n")
+    });
+    let app: axum::Router = exec::router(spawner)
+        .route("/containerLogs/{ns}/{pod}/{container}", logs)
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+
+    let h = s.h();
+    let creds = tempfile::tempdir().unwrap();
+    let files = credentials::write_kubelet(h.pki.as_ref().unwrap(), &h.url, NODE, "127.0.0.1", creds.path()).unwrap();
+    let kc = kube::config::Kubeconfig::read_from(&files.kubeconfig).unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.unwrap();
+    let auth = Arc::new(KubeletAuth { client: kube::Client::try_from(cfg).unwrap(), node_name: NODE.into() });
+    let serving = ServingTls {
+        cert_pem: std::fs::read_to_string(&files.cert).unwrap(),
+        key_pem: std::fs::read_to_string(&files.key).unwrap(),
+        client_ca_pem: std::fs::read_to_string(&files.ca).unwrap(),
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
-    (port, task)
+    let task = kubelet::server::serve(listener, &serving, app, auth).unwrap();
+    Kubelet { port, _creds: creds, _task: task }
 }
 
 /// An apiserver with a Node advertising the endpoint and a Pod bound to it.
-async fn setup() -> (TestServer, tokio::task::JoinHandle<()>) {
+async fn setup() -> (TestServer, Kubelet) {
     let s = TestServer::start(Backend::Embedded).await;
-    let (port, task) = kubelet_endpoint().await;
+    let kubelet = kubelet_endpoint(&s).await;
+    let port = kubelet.port;
     let api = &s.h().api;
     let nodes = registry::find("", "v1", "nodes").unwrap();
     let pods = registry::find("", "v1", "pods").unwrap();
@@ -84,7 +114,7 @@ async fn setup() -> (TestServer, tokio::task::JoinHandle<()>) {
     })
     .await
     .unwrap();
-    (s, task)
+    (s, kubelet)
 }
 
 /// kubectl with its exit code.
@@ -207,6 +237,87 @@ async fn exec_errors_are_statuses() {
     for sub in ["pods/exec", "pods/attach", "pods/portforward", "pods/log"] {
         assert!(names.contains(&sub), "{sub} missing from {names:?}");
     }
+    s.shutdown().await;
+}
+
+/// One request straight to the kubelet API over HTTPS (trusting the
+/// cluster CA, no client certificate): its status and body.
+async fn kubelet_request(s: &TestServer, port: u16, path: &str, token: Option<&str>, upgrade: bool) -> (u16, String) {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let tls = tokio_rustls::TlsConnector::from(tls_config(s.h().ca_pem.as_deref().unwrap())).connect(name, tcp).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<_, axum::body::Body>(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let mut req = axum::http::Request::get(path).header("host", format!("127.0.0.1:{port}"));
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    if upgrade {
+        req = req
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-protocol", "v5.channel.k8s.io");
+    }
+    let resp = send.send_request(req.body(axum::body::Body::empty()).unwrap()).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_api_authenticates_and_authorizes() {
+    let (s, k) = setup().await;
+    // Through the apiserver (its kubelet client certificate): both work.
+    let (code, out, err) = kubectl(&s, &["logs", POD, "-c", "side"], None).await;
+    assert_eq!((code, String::from_utf8_lossy(&out).as_ref()), (0, "log of default/shell/side\n"), "{err}");
+    let (code, out, err) = kubectl(&s, &["exec", POD, "--", "sh", "-c", "echo hi"], None).await;
+    assert_eq!((code, String::from_utf8_lossy(&out).as_ref()), (0, "hi\n"), "{err}");
+
+    let logs = format!("/containerLogs/default/{POD}/main");
+    let exec = format!("/exec/default/{POD}/main?command=id&stdout=true");
+    // No credentials: 401, for logs, exec and health alike.
+    for (path, up) in [(logs.as_str(), false), (exec.as_str(), true), ("/healthz", false)] {
+        assert_eq!(kubelet_request(&s, k.port, path, None, up).await, (401, "Unauthorized".into()), "{path}");
+        assert_eq!(kubelet_request(&s, k.port, path, Some("not-a-token"), up).await.0, 401, "{path} with a bad token");
+    }
+
+    // A ServiceAccount token is a valid identity (TokenReview) without
+    // rights on the node: 403 naming the user, verb and subresource.
+    s.kubectl_ok(&["create", "serviceaccount", "app"]).await;
+    let token = s.kubectl_ok(&["create", "token", "app"]).await.trim().to_string();
+    let user = "system:serviceaccount:default:app";
+    assert_eq!(
+        kubelet_request(&s, k.port, &logs, Some(&token), false).await,
+        (403, format!("Forbidden (user={user}, verb=get, resource=nodes, subresource=proxy)"))
+    );
+    assert_eq!(
+        kubelet_request(&s, k.port, &exec, Some(&token), true).await,
+        (403, format!("Forbidden (user={user}, verb=create, resource=nodes, subresource=proxy)")),
+        "a WebSocket exec asks for create"
+    );
+    // Granted nodes/proxy, the same token gets in.
+    let grant = b"apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: node-proxy}
+rules: [{apiGroups: [''], resources: [nodes/proxy], verbs: [get]}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: app-node-proxy}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: node-proxy}
+subjects: [{kind: ServiceAccount, name: app, namespace: default}]
+";
+    let (code, _, err) = kubectl(&s, &["apply", "-f", "-"], Some(grant)).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        common::eventually(10, || async { kubelet_request(&s, k.port, &logs, Some(&token), false).await == (200, "log of default/shell/main\n".into()) }).await,
+        "nodes/proxy get lets the token read logs"
+    );
+    assert_eq!(kubelet_request(&s, k.port, &exec, Some(&token), true).await.0, 403, "but not exec (create)");
+    // The admin token (system:masters) may do anything.
+    assert_eq!(kubelet_request(&s, k.port, "/healthz", Some(&s.h().token), false).await, (200, "ok".into()));
     s.shutdown().await;
 }
 

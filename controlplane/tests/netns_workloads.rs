@@ -172,12 +172,21 @@ impl Cluster {
         std::fs::write(conf_dir.join("10-riptide.conflist"), conflist.to_string()).unwrap();
         std::fs::write(self.node_resolv_conf(), NODE_RESOLV_CONF).unwrap();
         let log = File::options().create(true).append(true).open(self.dir.path().join(format!("kubelet-{n}.log"))).unwrap();
+        // The node's own identity (system:node:<n>) and its API's serving
+        // certificate, from the control plane's CA.
+        let pki = riptide_controlplane::apiserver::tls::Pki::load(&self.dir.path().join("cp").join("pki")).unwrap();
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).unwrap();
+        let server = kc.clusters[0].cluster.as_ref().and_then(|c| c.server.clone()).unwrap();
+        let creds = riptide_controlplane::credentials::write_kubelet(&pki, &server, &n, &self.node_ip(i), &self.dir.path().join(format!("creds-{n}"))).unwrap();
         let child = cmd_in(&n, env!("CARGO_BIN_EXE_riptide-controlplane"))
             .args([
                 "kubelet",
                 "--node-name", &n,
                 "--node-ip", &self.node_ip(i),
-                "--kubeconfig", self.kubeconfig.to_str().unwrap(),
+                "--kubeconfig", creds.kubeconfig.to_str().unwrap(),
+                "--tls-cert-file", creds.cert.to_str().unwrap(),
+                "--tls-private-key-file", creds.key.to_str().unwrap(),
+                "--client-ca-file", creds.ca.to_str().unwrap(),
                 "--cni-conf-dir", conf_dir.to_str().unwrap(),
                 "--cni-bin-dir", cni_bin.to_str().unwrap(),
                 "--cgroup-root", self.node_cgroup(i).to_str().unwrap(),

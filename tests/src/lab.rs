@@ -505,10 +505,32 @@ impl Lab {
         let c = self.cfg.clone();
         let (conf_dir, bin_dir) = self.write_cni_config(i)?;
         let bin = self.bin("riptide-controlplane")?;
+        // The kubelet's own identity (system:node:<name>) and its API's
+        // serving certificate, issued from the control plane's CA.
+        let creds = c.node_dir(i).join("credentials");
+        let out = Command::new(&bin)
+            .arg("kubelet-credentials")
+            .arg("--data-dir")
+            .arg(c.state_dir.join("controlplane"))
+            .args(["--server", &format!("https://{}", c.apiserver_addr())])
+            .args(["--node-name", &c.node_name(i), "--node-ip", &c.node_ip(i).to_string()])
+            .arg("--out-dir")
+            .arg(&creds)
+            .output()
+            .context("running riptide-controlplane kubelet-credentials")?;
+        if !out.status.success() {
+            bail!("kubelet-credentials for {}: {}", c.node_name(i), String::from_utf8_lossy(&out.stderr));
+        }
         let mut cmd = netns::command(&c.node_netns(i), &bin)?;
         cmd.arg("kubelet")
             .arg("--kubeconfig")
-            .arg(c.kubeconfig())
+            .arg(creds.join("kubelet.kubeconfig"))
+            .arg("--tls-cert-file")
+            .arg(creds.join("kubelet.crt"))
+            .arg("--tls-private-key-file")
+            .arg(creds.join("kubelet.key"))
+            .arg("--client-ca-file")
+            .arg(creds.join("ca.crt"))
             .args(["--node-name", &c.node_name(i), "--node-ip", &c.node_ip(i).to_string()])
             .arg("--cni-conf-dir")
             .arg(conf_dir)

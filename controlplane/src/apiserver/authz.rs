@@ -88,7 +88,7 @@ pub fn forbidden(a: &Attributes) -> ApiError {
 
 /// The RBAC decision point of one server.
 pub struct Authorizer {
-    policy: RwLock<Arc<Policy>>,
+    policy: RwLock<Option<Arc<Policy>>>,
     stale: AtomicBool,
     rebuild: tokio::sync::Mutex<()>,
 }
@@ -99,7 +99,7 @@ fn rbac(plural: &str) -> ApiResult<&'static Resource> {
 
 impl Authorizer {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self { policy: RwLock::new(Arc::new(Policy::default())), stale: AtomicBool::new(true), rebuild: tokio::sync::Mutex::new(()) })
+        Arc::new(Self { policy: RwLock::new(None), stale: AtomicBool::new(true), rebuild: tokio::sync::Mutex::new(()) })
     }
 
     /// The next decision re-reads the RBAC objects.
@@ -107,12 +107,20 @@ impl Authorizer {
         self.stale.store(true, Ordering::SeqCst);
     }
 
+    fn current(&self) -> ApiResult<Option<Arc<Policy>>> {
+        Ok(self.policy.read().map_err(|_| ApiError::internal("policy lock poisoned"))?.clone())
+    }
+
+    /// The snapshot, rebuilt first when stale. While one request rebuilds,
+    /// others keep deciding on the previous snapshot — except before the
+    /// first one exists: then they wait for it (an empty policy would deny
+    /// everyone at startup).
     async fn policy(&self, api: &Api) -> ApiResult<Arc<Policy>> {
-        if self.stale.load(Ordering::SeqCst) {
+        if self.stale.load(Ordering::SeqCst) || self.current()?.is_none() {
             let _one = self.rebuild.lock().await;
-            if self.stale.swap(false, Ordering::SeqCst) {
+            if self.stale.swap(false, Ordering::SeqCst) || self.current()?.is_none() {
                 match load(api).await {
-                    Ok(p) => *self.policy.write().map_err(|_| ApiError::internal("policy lock poisoned"))? = Arc::new(p),
+                    Ok(p) => *self.policy.write().map_err(|_| ApiError::internal("policy lock poisoned"))? = Some(Arc::new(p)),
                     Err(e) => {
                         self.stale.store(true, Ordering::SeqCst);
                         return Err(e);
@@ -120,7 +128,7 @@ impl Authorizer {
                 }
             }
         }
-        Ok(self.policy.read().map_err(|_| ApiError::internal("policy lock poisoned"))?.clone())
+        self.current()?.ok_or_else(|| ApiError::internal("no authorization policy loaded"))
     }
 
     pub async fn allows(&self, api: &Api, a: &Attributes) -> ApiResult<bool> {

@@ -110,6 +110,12 @@ pub fn cluster_roles() -> Vec<Value> {
             rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
             rule(&["authorization.k8s.io"], &["subjectaccessreviews"], &["create"]),
         ]),
+        // Full use of the kubelet API (exec, logs, stats), for the
+        // apiserver's kubelet client certificate.
+        cluster_role("system:kubelet-api-admin", &[], vec![
+            rule(&[""], &["nodes"], &["get", "list", "watch", "proxy"]),
+            rule(&[""], &["nodes/proxy", "nodes/log", "nodes/stats", "nodes/metrics", "nodes/spec"], &["*"]),
+        ]),
         // What a kubelet needs; the Node authorizer narrows it to its own
         // Node, Lease and pods.
         cluster_role("system:node", &[], vec![
@@ -138,5 +144,6 @@ pub fn cluster_role_bindings() -> Vec<Value> {
         binding("system:kube-scheduler", "system:kube-scheduler", &[("User", "system:kube-scheduler")]),
         binding("system:kube-controller-manager", "system:kube-controller-manager", &[("User", "system:kube-controller-manager")]),
         binding("system:node", "system:node", &[("Group", "system:nodes")]),
+        binding("kube-apiserver-kubelet-client", "system:kubelet-api-admin", &[("User", super::tls::KUBELET_CLIENT_USER)]),
     ]
 }

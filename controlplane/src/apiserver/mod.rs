@@ -169,7 +169,8 @@ pub struct Server;
 impl Server {
     pub async fn start(config: Config) -> Result<ServerHandle, ServerError> {
         let dir = config.data_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|source| ServerError::DataDir { path: dir.clone(), source })?;
+        // Database, keys, tokens and kubeconfigs live here: owner-only.
+        tls::create_private_dir(&dir).map_err(|source| ServerError::DataDir { path: dir.clone(), source })?;
         let store: Arc<dyn Store> = match &config.storage {
             StorageConfig::Embedded => {
                 let path = dir.join("state.redb");
@@ -205,7 +206,7 @@ impl Server {
             .map(|(t, _)| t.clone())
             .unwrap_or_default();
         let pki_dir = dir.join("pki");
-        std::fs::create_dir_all(&pki_dir).map_err(|source| ServerError::DataDir { path: pki_dir.clone(), source })?;
+        tls::create_private_dir(&pki_dir).map_err(|source| ServerError::DataDir { path: pki_dir.clone(), source })?;
         let (sa_private, sa_public) = tls::Pki::service_account_key(&pki_dir)?;
         let sa_tokens = authn::ServiceAccountTokens::new(&sa_private, &sa_public)
             .map_err(|e| tls::TlsError::Pem(format!("service account key: {e}")))?;
@@ -227,6 +228,15 @@ impl Server {
             (None, None)
         };
         let ca_pem = pki.as_ref().map(|p| p.ca_pem.clone());
+        // The identity this apiserver presents to kubelets (re-issued at
+        // each start, like the serving certificate; held in memory only).
+        let kubelet_tls = match &pki {
+            Some(pki) => {
+                let cert = pki.issue_client_cert(tls::KUBELET_CLIENT_USER, &[])?;
+                Some(tls::client_config(&pki.ca_pem, &cert)?)
+            }
+            None => None,
+        };
         let kubeconfig = config.kubeconfig_path.clone().unwrap_or_else(|| dir.join("admin.kubeconfig"));
         tls::write_kubeconfig(&kubeconfig, &tls::kubeconfig(&url, ca_pem.as_deref(), &token))?;
 
@@ -237,7 +247,7 @@ impl Server {
             authz: authz.clone(),
             limits: config.limits.clone(),
             watches: limits::WatchBudget::new(config.limits.max_watches_per_user),
-            proxy: config.pod_proxy.clone().unwrap_or_else(|| Arc::new(proxy::KubeletProxy)),
+            proxy: config.pod_proxy.clone().unwrap_or_else(|| Arc::new(proxy::KubeletProxy::new(kubelet_tls))),
             bookmark_interval: config.bookmark_interval,
             server_address: format!("{host}:{}", addr.port()),
         });
@@ -291,7 +301,11 @@ async fn publish_kubernetes_endpoints(api: Arc<Api>, ip: std::net::Ipv4Addr, por
     }
 }
 
-async fn serve(
+/// Serves `app` on `listener` (TLS when `acceptor` is set, each request
+/// carrying its connection's client-certificate identity as an
+/// [`authn::Connection`]) within `limits`, until `shutdown`. The kubelet's
+/// API is served the same way.
+pub(crate) async fn serve(
     listener: TcpListener,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     app: Router,

@@ -34,14 +34,41 @@ fn read(path: &Path) -> Result<String> {
     fs::read_to_string(path).map_err(|source| TlsError::Io { what: "reading", path: path.to_path_buf(), source })
 }
 
+/// Writes `data` to `path` through a temporary file that is created with
+/// its final mode (0600 for secrets, 0644 otherwise) — a secret is never
+/// readable by others, not even for the moment between a write and a
+/// chmod — fsynced, renamed over `path`, and the directory fsynced.
 fn write(path: &Path, data: &str, private: bool) -> Result<()> {
+    write_file(path, data.as_bytes(), if private { 0o600 } else { 0o644 })
+        .map_err(|(what, path, source)| TlsError::Io { what, path, source })
+}
+
+/// [`write`]'s mechanics, for other secret files (kubelet keys, component
+/// kubeconfigs); the error names the step and the file.
+pub fn write_file(path: &Path, data: &[u8], mode: u32) -> std::result::Result<(), (&'static str, PathBuf, std::io::Error)> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
     let tmp = path.with_extension("tmp");
-    fs::write(&tmp, data).map_err(|source| TlsError::Io { what: "writing", path: tmp.clone(), source })?;
-    if private {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600));
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| ("creating", tmp.clone(), e))?;
+    f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| ("writing", tmp.clone(), e))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(|e| ("renaming", path.to_path_buf(), e))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| ("syncing", dir.to_path_buf(), e))?;
     }
-    fs::rename(&tmp, path).map_err(|source| TlsError::Io { what: "renaming", path: path.to_path_buf(), source })
+    Ok(())
+}
+
+/// Creates `dir` (and missing parents) mode 0700 from the start; an
+/// existing directory is left as it is.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
 
 /// The CA's fixed parameters: re-creating the CA certificate from the same
@@ -76,28 +103,64 @@ fn leaf_params(cn: &str, orgs: &[&str], usage: rcgen::ExtendedKeyUsagePurpose) -
 
 pub struct Pki {
     pub ca_pem: String,
+    /// The apiserver's serving certificate and key (empty when loaded with
+    /// [`Pki::load`], which only signs).
     pub cert_pem: String,
     pub key_pem: String,
     ca_key_pem: String,
 }
 
-/// A client certificate and its key, PEM.
+/// A certificate the cluster CA issued and its key, PEM.
 #[derive(Debug, Clone)]
 pub struct ClientCert {
     pub cert_pem: String,
     pub key_pem: String,
 }
 
+/// The user kube-apiserver presents to kubelets (kubeadm's
+/// `apiserver-kubelet-client` certificate); `system:kubelet-api-admin`
+/// is bound to it.
+pub const KUBELET_CLIENT_USER: &str = "kube-apiserver-kubelet-client";
+
+fn sans_of(names: &[String]) -> Vec<SanType> {
+    names
+        .iter()
+        .filter_map(|s| match s.parse::<IpAddr>() {
+            Ok(ip) => Some(SanType::IpAddress(ip)),
+            Err(_) => s.clone().try_into().ok().map(SanType::DnsName),
+        })
+        .collect()
+}
+
 impl Pki {
+    /// The CA of a data directory's `pki/` that an apiserver already
+    /// created, for issuing credentials (`riptide-controlplane credentials`).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let ca_key_pem = read(&dir.join("ca.key"))?;
+        let ca_pem = read(&dir.join("ca.crt"))?;
+        Ok(Self { ca_pem, cert_pem: String::new(), key_pem: String::new(), ca_key_pem })
+    }
+
+    fn issue(&self, p: CertificateParams, what: &'static str) -> Result<ClientCert> {
+        let ca_key = KeyPair::from_pem(&self.ca_key_pem).map_err(|source| TlsError::Cert { what: "CA key", source })?;
+        let ca_cert = ca_params().self_signed(&ca_key).map_err(|source| TlsError::Cert { what: "CA certificate", source })?;
+        let key = KeyPair::generate().map_err(|source| TlsError::Cert { what, source })?;
+        let cert = p.signed_by(&key, &ca_cert, &ca_key).map_err(|source| TlsError::Cert { what, source })?;
+        Ok(ClientCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
     /// A client certificate signed by the cluster CA for `user` in
     /// `groups` (CN and O, which the apiserver reads back as the identity).
     pub fn issue_client_cert(&self, user: &str, groups: &[&str]) -> Result<ClientCert> {
-        let ca_key = KeyPair::from_pem(&self.ca_key_pem).map_err(|source| TlsError::Cert { what: "CA key", source })?;
-        let ca_cert = ca_params().self_signed(&ca_key).map_err(|source| TlsError::Cert { what: "CA certificate", source })?;
-        let p = leaf_params(user, groups, rcgen::ExtendedKeyUsagePurpose::ClientAuth);
-        let key = KeyPair::generate().map_err(|source| TlsError::Cert { what: "client key", source })?;
-        let cert = p.signed_by(&key, &ca_cert, &ca_key).map_err(|source| TlsError::Cert { what: "client certificate", source })?;
-        Ok(ClientCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        self.issue(leaf_params(user, groups, rcgen::ExtendedKeyUsagePurpose::ClientAuth), "client certificate")
+    }
+
+    /// A serving certificate signed by the cluster CA for `names` (IPs or
+    /// DNS names), e.g. a kubelet's for its node address.
+    pub fn issue_serving_cert(&self, cn: &str, names: &[String]) -> Result<ClientCert> {
+        let mut p = leaf_params(cn, &[], rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+        p.subject_alt_names = sans_of(names);
+        self.issue(p, "serving certificate")
     }
 
     /// The ServiceAccount token signing key (`sa.key`, created once next to
@@ -115,10 +178,11 @@ impl Pki {
     }
 }
 
-/// Load or create the CA under `dir` and issue a serving certificate for
-/// `sans` (DNS names or IPs) plus the usual in-cluster names.
+/// Load or create the CA under `dir` (a 0700 directory) and issue a
+/// serving certificate for `sans` (DNS names or IPs) plus the usual
+/// in-cluster names.
 pub fn ensure_pki(dir: &Path, extra_sans: &[String]) -> Result<Pki> {
-    fs::create_dir_all(dir).map_err(|source| TlsError::Io { what: "creating", path: dir.to_path_buf(), source })?;
+    create_private_dir(dir).map_err(|source| TlsError::Io { what: "creating", path: dir.to_path_buf(), source })?;
     let ca_key_path = dir.join("ca.key");
     let ca_crt_path = dir.join("ca.crt");
     let ca_key = if ca_key_path.exists() {
@@ -133,6 +197,7 @@ pub fn ensure_pki(dir: &Path, extra_sans: &[String]) -> Result<Pki> {
         write(&ca_crt_path, &ca_cert.pem(), false)?;
     }
     let ca_pem = read(&ca_crt_path)?;
+    let mut pki = Pki { ca_pem, cert_pem: String::new(), key_pem: String::new(), ca_key_pem: ca_key.serialize_pem() };
 
     let mut sans: Vec<String> = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
         "kubernetes.default.svc.cluster.local", "127.0.0.1", "::1", "10.43.0.1"]
@@ -140,45 +205,60 @@ pub fn ensure_pki(dir: &Path, extra_sans: &[String]) -> Result<Pki> {
         .map(|s| (*s).to_string())
         .collect();
     sans.extend(extra_sans.iter().cloned());
-    let mut p = leaf_params("kube-apiserver", &[], rcgen::ExtendedKeyUsagePurpose::ServerAuth);
-    p.subject_alt_names = sans
-        .iter()
-        .filter_map(|s| match s.parse::<IpAddr>() {
-            Ok(ip) => Some(SanType::IpAddress(ip)),
-            Err(_) => s.clone().try_into().ok().map(SanType::DnsName),
-        })
-        .collect();
-    let key = KeyPair::generate().map_err(|source| TlsError::Cert { what: "serving key", source })?;
-    let cert = p.signed_by(&key, &ca_cert, &ca_key).map_err(|source| TlsError::Cert { what: "serving certificate", source })?;
-    let cert_pem = cert.pem();
-    let key_pem = key.serialize_pem();
-    write(&dir.join("apiserver.crt"), &cert_pem, false)?;
-    write(&dir.join("apiserver.key"), &key_pem, true)?;
-    Ok(Pki { ca_pem, cert_pem, key_pem, ca_key_pem: ca_key.serialize_pem() })
+    let serving = pki.issue_serving_cert("kube-apiserver", &sans)?;
+    write(&dir.join("apiserver.crt"), &serving.cert_pem, false)?;
+    write(&dir.join("apiserver.key"), &serving.key_pem, true)?;
+    pki.cert_pem = serving.cert_pem;
+    pki.key_pem = serving.key_pem;
+    Ok(pki)
+}
+
+fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
+    CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<std::result::Result<_, _>>().map_err(|e| TlsError::Pem(e.to_string()))
+}
+
+fn pem_key(pem: &str) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem(e.to_string()))
+}
+
+fn roots(ca_pem: &str) -> Result<Arc<rustls::RootCertStore>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in pem_certs(ca_pem)? {
+        roots.add(ca)?;
+    }
+    Ok(Arc::new(roots))
 }
 
 pub fn server_config(pki: &Pki) -> Result<Arc<rustls::ServerConfig>> {
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(pki.cert_pem.as_bytes())
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| TlsError::Pem(e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes())
-        .map_err(|e| TlsError::Pem(e.to_string()))?;
+    serving_config(&pki.cert_pem, &pki.key_pem, &pki.ca_pem)
+}
+
+/// A TLS server presenting `cert_pem`/`key_pem` that accepts client
+/// certificates signed by `client_ca_pem` as an identity and lets clients
+/// without one (bearer tokens) through the handshake.
+pub fn serving_config(cert_pem: &str, key_pem: &str, client_ca_pem: &str) -> Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    // Client certificates signed by the cluster CA are an identity; clients
-    // without one (bearer tokens) are still let through the handshake.
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
-        roots.add(ca.map_err(|e| TlsError::Pem(e.to_string()))?)?;
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(client_ca_pem)?, provider.clone())
         .allow_unauthenticated()
         .build()
         .map_err(|e| TlsError::Pem(format!("client certificate verifier: {e}")))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)?;
+        .with_single_cert(pem_certs(cert_pem)?, pem_key(key_pem)?)?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A TLS client that trusts only `ca_pem` and presents `cert` (the
+/// apiserver dialing kubelets). HTTP/1.1 only: exec is an HTTP/1.1 upgrade.
+pub fn client_config(ca_pem: &str, cert: &ClientCert) -> Result<Arc<rustls::ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(ca_pem)?)
+        .with_client_auth_cert(pem_certs(&cert.cert_pem)?, pem_key(&cert.key_pem)?)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
 

@@ -16,8 +16,8 @@
 //!   WebSocket is closed normally. Pings are answered. If the client goes
 //!   away first, the process (its process group when it leads one) is killed.
 //! - **Apiserver side** ([`proxy`]): `pods/exec` resolves the pod's node
-//!   and splices the client's upgrade request to that node's kubelet
-//!   endpoint (`status.addresses[InternalIP]` and
+//!   and splices the client's upgrade request (over its own authenticated
+//!   HTTPS connection) to that node's kubelet endpoint (`status.addresses[InternalIP]` and
 //!   `status.daemonEndpoints.kubeletEndpoint.Port`, the same endpoint
 //!   `pods/log` uses) like kube-apiserver's upgrade-aware proxy: the
 //!   WebSocket handshake and every frame pass through unchanged, so the
@@ -55,11 +55,15 @@
 //! a hand-written router; it works on any hyper/axum request served with
 //! upgrades enabled (`axum::serve` and hyper's `serve_connection_with_upgrades` do).
 //!
+//! Who may exec is decided in front of the router: the kubelet serves it
+//! over HTTPS behind its authentication and authorization
+//! (`kubelet::auth`), and the apiserver connects with its own client
+//! certificate (`apiserver::proxy`).
+//!
 //! Not implemented: `pods/attach` (the apiserver answers 501 with a
 //! Status), `pods/portforward` (501 with a Status naming the
 //! alternatives), SPDY (kubectl ≥ 1.30 uses WebSockets; its SPDY fallback
-//! gets a 400 Status), authentication between apiserver and kubelet (the
-//! kubelet endpoint is plain HTTP, like `containerLogs`).
+//! gets a 400 Status).
 
 pub mod protocol;
 pub mod proxy;

@@ -1,24 +1,21 @@
 //! The apiserver side: an upgrade-aware proxy to the kubelet, like
 //! kube-apiserver's `UpgradeAwareHandler`. The client's upgrade request is
-//! replayed to the kubelet (minus the client's credentials); if the kubelet
+//! replayed to the kubelet over the apiserver's own authenticated
+//! connection (the client's credentials are not forwarded); if the kubelet
 //! switches protocols, we answer the client with the kubelet's 101 headers
 //! (so `Sec-WebSocket-Accept` and the negotiated subprotocol are the
 //! kubelet's) and splice the two upgraded connections byte for byte. Any
 //! other kubelet answer (404 Status, 400 …) is passed back as is.
-
-use std::time::Duration;
 
 use axum::{
     body::Body,
     http::{HeaderValue, Request, Response, StatusCode, Uri, header},
     response::IntoResponse as _,
 };
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use crate::apiserver::status::ApiError;
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn bad_gateway(msg: String) -> Response<Body> {
     let mut r = ApiError::internal(msg).into_response();
@@ -38,28 +35,13 @@ pub fn is_upgrade(req: &Request<Body>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// Proxies the upgrade request `req` to `authority` (`host:port` of the
-/// kubelet, plain HTTP) at `path_and_query`.
-pub async fn upgrade(authority: &str, path_and_query: &str, mut req: Request<Body>) -> Response<Body> {
+/// Proxies the upgrade request `req` over `kubelet` (an HTTP/1.1
+/// connection with upgrades enabled, already authenticated — see
+/// `apiserver::proxy`) to `path_and_query`; `authority` is the Host.
+pub async fn upgrade(mut kubelet: SendRequest<Body>, authority: &str, path_and_query: &str, mut req: Request<Body>) -> Response<Body> {
     if !is_upgrade(&req) {
         return ApiError::bad_request("Upgrade request required").into_response();
     }
-    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(authority)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return bad_gateway(format!("dialing the kubelet at {authority}: {e}")),
-        Err(_) => return bad_gateway(format!("dialing the kubelet at {authority}: timed out")),
-    };
-    let _ = tcp.set_nodelay(true);
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tcp)).await {
-        Ok(x) => x,
-        Err(e) => return bad_gateway(format!("kubelet at {authority}: {e}")),
-    };
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "kubelet connection ended");
-        }
-    });
-
     let Ok(uri) = path_and_query.parse::<Uri>() else {
         return ApiError::internal(format!("bad kubelet path {path_and_query}")).into_response();
     };
@@ -77,7 +59,7 @@ pub async fn upgrade(authority: &str, path_and_query: &str, mut req: Request<Bod
         out.headers_mut().insert(header::HOST, h);
     }
 
-    let mut resp = match sender.send_request(out).await {
+    let mut resp = match kubelet.send_request(out).await {
         Ok(r) => r,
         Err(e) => return bad_gateway(format!("kubelet at {authority}: {e}")),
     };
@@ -99,7 +81,13 @@ pub async fn upgrade(authority: &str, path_and_query: &str, mut req: Request<Bod
         let mut client = TokioIo::new(client);
         match tokio::io::copy_bidirectional(&mut client, &mut kubelet).await {
             Ok((up, down)) => tracing::debug!(up, down, "exec proxy: stream finished"),
-            Err(e) => tracing::debug!(error = %e, "exec proxy: stream ended"),
+            Err(e) => {
+                // Typically the kubelet's TLS ending without close_notify
+                // once the session is over: end ours cleanly all the same,
+                // so the client sees the end of a stream, not a truncation.
+                tracing::debug!(error = %e, "exec proxy: stream ended");
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut client).await;
+            }
         }
     });
     let mut out = Response::new(Body::empty());

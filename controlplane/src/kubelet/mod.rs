@@ -11,6 +11,7 @@
 //! talks to the API only through kube-rs, and keeps its pods' state under
 //! `--root-dir` so a restart adopts running pods.
 
+pub mod auth;
 pub mod cni;
 pub mod dns;
 pub mod env;
@@ -68,8 +69,10 @@ pub enum Error {
 pub struct Config {
     pub node_name: String,
     pub node_ip: String,
-    /// HTTP port for logs (advertised as the kubelet endpoint).
+    /// The kubelet API's port (advertised as the kubelet endpoint).
     pub port: u16,
+    /// The kubelet API's certificate and client CA.
+    pub tls: server::ServingTls,
     pub root_dir: PathBuf,
     /// The node's cgroup; pods get `pod-<uid>` under it.
     pub cgroup_root: PathBuf,
@@ -182,11 +185,9 @@ pub async fn run(client: Client, cfg: Config) -> Result<(), Error> {
         .map_err(|source| Error::Setup { what: format!("binding {addr}"), source })?;
     let router = server::router(shared.clone())
         .merge(crate::exec::router(Arc::new(exec::KubeletExec(shared.clone()))));
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!(error = %e, "kubelet HTTP server");
-        }
-    });
+    let auth = Arc::new(auth::KubeletAuth { client: shared.client.clone(), node_name: cfg.node_name.clone() });
+    server::serve(listener, &cfg.tls, router, auth)
+        .map_err(|e| Error::Setup { what: format!("kubelet API TLS on {addr}"), source: std::io::Error::other(e) })?;
     tracing::info!(node = %cfg.node_name, %addr, "kubelet running");
 
     // Pods of an earlier run of this kubelet.

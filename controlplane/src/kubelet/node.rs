@@ -119,7 +119,7 @@ pub async fn register(client: &Client, cfg: &Config) -> kube::Result<()> {
 pub async fn post_status(client: &Client, cfg: &Config) -> kube::Result<()> {
     let api: Api<Node> = Api::all(client.clone());
     for _ in 0..5 {
-        let mut node = api.get_status(&cfg.node_name).await?;
+        let mut node = api.get(&cfg.node_name).await?;
         node.status = Some(status(cfg, node.status.as_ref()));
         match api.replace_status(&cfg.node_name, &PostParams::default(), &node).await {
             Ok(_) => return Ok(()),

@@ -1,7 +1,9 @@
-//! The kubelet's HTTP endpoint (`<node-ip>:10250`, plain HTTP inside the
-//! lab): `GET /containerLogs/{ns}/{pod}/{container}` with `follow`,
-//! `tailLines`, `previous`, `limitBytes` — the path the apiserver's
-//! pods/log proxy calls — and `/healthz`.
+//! The kubelet's API (`<node-ip>:10250`): HTTPS with a serving
+//! certificate from the cluster CA, every request authenticated and
+//! authorized ([`super::auth`]). `GET /containerLogs/{ns}/{pod}/{container}`
+//! with `follow`, `tailLines`, `previous`, `limitBytes` — the path the
+//! apiserver's pods/log proxy calls — `/exec/…` (mounted by the kubelet from
+//! [`crate::exec`]) and `/healthz`.
 
 use std::{collections::HashMap, io::SeekFrom, path::PathBuf, sync::Arc, time::Duration};
 
@@ -15,7 +17,42 @@ use axum::{
 };
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
-use super::{Shared, state::log_path};
+use super::{Shared, auth::KubeletAuth, state::log_path};
+use crate::apiserver::{Limits, tls};
+
+/// The kubelet's serving certificate and key (PEM) and the CA whose
+/// client certificates are identities (`--tls-cert-file`,
+/// `--tls-private-key-file`, `--client-ca-file`).
+#[derive(Clone)]
+pub struct ServingTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub client_ca_pem: String,
+}
+
+impl std::fmt::Debug for ServingTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingTls").field("key_pem", &"<redacted>").finish_non_exhaustive()
+    }
+}
+
+/// Serves `routes` on `listener` over HTTPS, each request first through
+/// `auth`, with the apiserver's connection limits (handshake and
+/// header-read timeouts, a connection cap). The task runs until aborted.
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    serving: &ServingTls,
+    routes: Router,
+    auth: Arc<KubeletAuth>,
+) -> Result<tokio::task::JoinHandle<()>, tls::TlsError> {
+    let cfg = tls::serving_config(&serving.cert_pem, &serving.key_pem, &serving.client_ca_pem)?;
+    let app = routes.layer(axum::middleware::from_fn_with_state(auth, super::auth::require));
+    let (keep_open, shutdown) = tokio::sync::watch::channel(false);
+    Ok(tokio::spawn(async move {
+        let _keep_open = keep_open;
+        crate::apiserver::serve(listener, Some(tokio_rustls::TlsAcceptor::from(cfg)), app, Limits::default(), shutdown).await;
+    }))
+}
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()

@@ -128,6 +128,18 @@ impl EmbeddedStore {
     /// Open (or create) the database at `path`, keeping `history` revisions
     /// of change log for watchers.
     pub fn open(path: &Path, history: u64) -> Result<Self> {
+        // The database holds every Secret: owner-only from its first byte
+        // (redb initialises an empty file as a new database).
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| StorageError::Database(format!("creating {}: {e}", path.display())))?;
+        }
         let db = Database::create(path).map_err(db_err)?;
         let txn = db.begin_write().map_err(db_err)?;
         {
