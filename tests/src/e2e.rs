@@ -145,9 +145,42 @@ pub fn pod_command(lab: &Lab, pod: &str, program: impl AsRef<OsStr>) -> Result<C
     let v = kubectl_json(lab, &["get", "pod", pod])?;
     let uid = v["metadata"]["uid"].as_str().with_context(|| format!("pod {pod} has no uid"))?;
     let node = v["spec"]["nodeName"].as_str().with_context(|| format!("pod {pod} is not bound"))?;
+    pod_command_by_uid(lab, node, uid, true, program)
+}
+
+/// [`pod_command`] for a pod already looked up (its node and uid). Without
+/// `in_cgroup` the process joins only the pod's network namespace, so the
+/// node's socket-LB hooks do not apply and Service addresses are translated
+/// by tc on the pod's veth instead.
+pub fn pod_command_by_uid(lab: &Lab, node: &str, uid: &str, in_cgroup: bool, program: impl AsRef<OsStr>) -> Result<Command> {
     let c = lab.config();
-    let i = c.node_index(node).with_context(|| format!("pod {pod} runs on {node}, not a lab node"))?;
-    netns::command_in_cgroup(&format!("{node}-pod-{uid}"), &c.node_cgroup(i).join(format!("pod-{uid}")), program)
+    let i = c.node_index(node).with_context(|| format!("pod {uid} runs on {node}, not a lab node"))?;
+    let ns = format!("{node}-pod-{uid}");
+    if in_cgroup {
+        netns::command_in_cgroup(&ns, &c.node_cgroup(i).join(format!("pod-{uid}")), program)
+    } else {
+        netns::command(&ns, program)
+    }
+}
+
+/// `kubectl apply -f -` with `manifest` (YAML or JSON) on stdin.
+pub fn apply(lab: &Lab, manifest: &str) -> Result<()> {
+    let mut child = lab
+        .kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running kubectl apply")?;
+    let mut stdin = child.stdin.take().context("kubectl stdin")?;
+    stdin.write_all(manifest.as_bytes()).context("writing the manifest to kubectl")?;
+    drop(stdin);
+    let out = child.wait_with_output().context("waiting for kubectl apply")?;
+    if !out.status.success() {
+        bail!("kubectl apply: {}\n{manifest}", text(&out).trim());
+    }
+    Ok(())
 }
 
 /// How long [`KeepAlive`] waits for a line from its client before calling

@@ -24,4 +24,5 @@ pub mod e2e;
 pub mod lab;
 pub mod manifests;
 pub mod netexec;
+pub mod netpol;
 pub mod netns;

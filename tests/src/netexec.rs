@@ -20,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use axum::{
     Json, Router,
     extract::{ConnectInfo, Query},
@@ -137,8 +137,8 @@ async fn dial(Query(q): Query<HashMap<String, String>>) -> impl IntoResponse {
     let mut last_ok = false;
     for _ in 0..tries {
         let r = match protocol {
-            "http" => dial_http(target, &request).await,
-            "udp" => dial_udp(target, &request).await,
+            "http" => dial_http(target, &request, DIAL_HTTP_TIMEOUT).await,
+            "udp" => dial_udp(target, &request, DIAL_UDP_TIMEOUT).await,
             other => return bad(&format!("unsupported protocol {other}")),
         };
         last_ok = r.is_ok();
@@ -151,7 +151,11 @@ async fn dial(Query(q): Query<HashMap<String, String>>) -> impl IntoResponse {
     (status, Json(out)).into_response()
 }
 
-async fn dial_http(target: SocketAddr, request: &str) -> Result<String> {
+/// How long `/dial` waits for one HTTP exchange and one UDP answer.
+const DIAL_HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+const DIAL_UDP_TIMEOUT: Duration = Duration::from_secs(3);
+
+async fn dial_http(target: SocketAddr, request: &str, timeout: Duration) -> Result<String> {
     use http_body_util::{BodyExt as _, Empty};
     let path = if request.starts_with('/') { request.to_owned() } else { format!("/{request}") };
     let fut = async {
@@ -166,20 +170,100 @@ async fn dial_http(target: SocketAddr, request: &str) -> Result<String> {
         let body = resp.into_body().collect().await?.to_bytes();
         anyhow::Ok(String::from_utf8_lossy(&body).into_owned())
     };
-    tokio::time::timeout(Duration::from_secs(5), fut)
-        .await
-        .context("timed out")?
+    tokio::time::timeout(timeout, fut).await.context("timed out")?
 }
 
-async fn dial_udp(target: SocketAddr, request: &str) -> Result<String> {
+async fn dial_udp(target: SocketAddr, request: &str, timeout: Duration) -> Result<String> {
     let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
     sock.connect(target).await?;
     sock.send(request.as_bytes()).await?;
     let mut buf = vec![0u8; 65_535];
-    let n = tokio::time::timeout(Duration::from_secs(3), sock.recv(&mut buf))
+    let n = tokio::time::timeout(timeout, sock.recv(&mut buf))
         .await
         .context("timed out")??;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// One reachability probe: `tcp|udp:IP:PORT[:TRIES]` (as the NetworkPolicy
+/// suite passes them to `riptide-netexec --probe`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    pub udp: bool,
+    pub target: SocketAddr,
+    /// Attempts before the probe counts as failed (each a new connection
+    /// or socket, so a new flow for the datapath).
+    pub tries: u32,
+}
+
+impl std::str::FromStr for Probe {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let mut parts = s.split(':');
+        let udp = match parts.next() {
+            Some("tcp") => false,
+            Some("udp") => true,
+            _ => bail!("probe {s:?}: want tcp|udp:IP:PORT[:TRIES]"),
+        };
+        let ip: Ipv4Addr = parts.next().unwrap_or_default().parse().with_context(|| format!("probe {s:?}: address"))?;
+        let port: u16 = parts.next().unwrap_or_default().parse().with_context(|| format!("probe {s:?}: port"))?;
+        let tries = parts.next().map_or(Ok(1), str::parse).with_context(|| format!("probe {s:?}: tries"))?;
+        ensure!(parts.next().is_none() && tries >= 1, "probe {s:?}: want tcp|udp:IP:PORT[:TRIES]");
+        Ok(Self { udp, target: SocketAddr::from((ip, port)), tries })
+    }
+}
+
+impl std::fmt::Display for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let proto = if self.udp { "udp" } else { "tcp" };
+        write!(f, "{proto}:{}:{}:{}", self.target.ip(), self.target.port(), self.tries)
+    }
+}
+
+/// Asks the server behind `p` for its hostname (`GET /hostname` over a fresh
+/// TCP connection, or UDP `hostname` from a fresh socket), up to `p.tries`
+/// times, each bounded by `timeout`: the first answer, or the last error.
+/// Upstream's netpol suite connects only; asking for the hostname also
+/// tells which pod was reached.
+pub async fn probe(p: Probe, timeout: Duration) -> Result<String> {
+    let mut last = None;
+    for _ in 0..p.tries {
+        let r = if p.udp { dial_udp(p.target, "hostname", timeout).await } else { dial_http(p.target, "/hostname", timeout).await };
+        match r {
+            Ok(answer) => return Ok(answer),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no tries")))
+}
+
+/// Runs `probes` at most `parallel` at a time and writes one line per probe,
+/// in the order given: `<probe> ok <answer>` or `<probe> fail <error>`.
+pub async fn probe_all(probes: Vec<Probe>, timeout: Duration, parallel: usize, mut out: impl Write) -> Result<()> {
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
+    let tasks: Vec<_> = probes
+        .into_iter()
+        .map(|p| {
+            let permits = permits.clone();
+            let task = tokio::spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                probe(p, timeout).await
+            });
+            (p, task)
+        })
+        .collect();
+    let mut results = Vec::with_capacity(tasks.len());
+    for (p, task) in tasks {
+        results.push((p, task.await.unwrap_or_else(|e| Err(anyhow::anyhow!("probe task: {e}")))));
+    }
+    for (p, r) in results {
+        match r {
+            Ok(answer) => writeln!(out, "{p} ok {}", answer.replace('\n', " "))?,
+            Err(e) => writeln!(out, "{p} fail {}", format!("{e:#}").replace('\n', " "))?,
+        }
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// How long the keep-alive client waits for a connect or an answer before
@@ -309,9 +393,28 @@ mod tests {
     async fn udp_commands_answer() {
         let (_, up) = start().await;
         let target = SocketAddr::from((Ipv4Addr::LOCALHOST, up));
-        assert_eq!(dial_udp(target, "echo abc").await.unwrap(), "abc");
-        assert_eq!(dial_udp(target, "hostname").await.unwrap(), hostname());
-        assert!(dial_udp(target, "clientip").await.unwrap().starts_with("127.0.0.1:"));
+        assert_eq!(dial_udp(target, "echo abc", DIAL_UDP_TIMEOUT).await.unwrap(), "abc");
+        assert_eq!(dial_udp(target, "hostname", DIAL_UDP_TIMEOUT).await.unwrap(), hostname());
+        assert!(dial_udp(target, "clientip", DIAL_UDP_TIMEOUT).await.unwrap().starts_with("127.0.0.1:"));
+    }
+
+    #[tokio::test]
+    async fn probes_report_answers_and_failures_in_order() {
+        let (hp, up) = start().await;
+        let probes: Vec<Probe> = [format!("tcp:127.0.0.1:{hp}"), format!("udp:127.0.0.1:{up}:2"), "tcp:127.0.0.1:1:2".into()]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(probes[1].to_string(), format!("udp:127.0.0.1:{up}:2"));
+        let mut out = Vec::new();
+        probe_all(probes, Duration::from_secs(1), 2, &mut out).await.unwrap();
+        let out = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], format!("tcp:127.0.0.1:{hp}:1 ok {}", hostname()));
+        assert_eq!(lines[1], format!("udp:127.0.0.1:{up}:2 ok {}", hostname()));
+        assert!(lines[2].starts_with("tcp:127.0.0.1:1:2 fail "), "{out}");
+        assert!("sctp:1.2.3.4:80".parse::<Probe>().is_err());
+        assert!("tcp:1.2.3.4:80:0".parse::<Probe>().is_err());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

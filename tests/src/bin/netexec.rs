@@ -1,10 +1,11 @@
 //! `riptide-netexec`: the test server pods run (agnhost netexec-compatible),
 //! and with `--keepalive-client` the long-lived-connection client the
-//! end-to-end suite drives over stdin/stdout.
-use std::net::SocketAddr;
+//! end-to-end suite drives over stdin/stdout; with `--probe` the
+//! reachability client of the NetworkPolicy suite.
+use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
-use riptide_tests::netexec::{Config, keepalive_client, serve};
+use riptide_tests::netexec::{Config, Probe, keepalive_client, probe_all, serve};
 
 #[derive(Parser)]
 #[command(name = "riptide-netexec", version, about = "agnhost-netexec-compatible test server")]
@@ -19,6 +20,17 @@ struct Args {
     /// send a GET per stdin line (a path), printing `ok <body>` per answer.
     #[arg(long, value_name = "ADDR")]
     keepalive_client: Option<SocketAddr>,
+    /// Instead of serving: ask each target for its hostname (TCP: HTTP
+    /// GET /hostname, UDP: `hostname`) and print `<probe> ok <answer>` or
+    /// `<probe> fail <error>` per target, in order.
+    #[arg(long, num_args = 1.., value_name = "tcp|udp:IP:PORT[:TRIES]")]
+    probe: Vec<Probe>,
+    /// Bound of one probe attempt (connect and answer).
+    #[arg(long, default_value_t = 1000)]
+    probe_timeout_ms: u64,
+    /// Probes in flight at once.
+    #[arg(long, default_value_t = 8)]
+    probe_parallel: usize,
 }
 
 #[tokio::main]
@@ -26,6 +38,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(target) = args.keepalive_client {
         return tokio::task::spawn_blocking(move || keepalive_client(target, std::io::stdin().lock(), std::io::stdout().lock())).await?;
+    }
+    if !args.probe.is_empty() {
+        return probe_all(args.probe, Duration::from_millis(args.probe_timeout_ms), args.probe_parallel, std::io::stdout().lock()).await;
     }
     serve(Config {
         http_port: args.http_port,
