@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use crate::apiserver::tls::{self, Pki, TlsError};
 
-pub const NODES_GROUP: &str = "system:nodes";
+pub use crate::apiserver::node_authz::NODES_GROUP;
 pub const SCHEDULER_USER: &str = "system:kube-scheduler";
 pub const CONTROLLER_MANAGER_USER: &str = "system:kube-controller-manager";
 

@@ -150,5 +150,6 @@ fn secrets_are_owner_only_and_components_have_their_own_identity() {
     assert_eq!(kubectl(&sched, &cache, &["auth", "can-i", "create", "secrets"]).1.trim(), "no");
     assert_eq!(kubectl(&cm, &cache, &["auth", "can-i", "create", "replicasets.apps"]).1.trim(), "yes");
     assert_eq!(kubectl(&creds.join("kubelet.kubeconfig"), &cache, &["auth", "can-i", "patch", "nodes/node-a", "--subresource=status"]).1.trim(), "yes");
+    assert_eq!(kubectl(&creds.join("kubelet.kubeconfig"), &cache, &["auth", "can-i", "patch", "nodes/node-b", "--subresource=status"]).1.trim(), "no");
     drop(cp);
 }

@@ -4,7 +4,8 @@
 //!
 //! `system:masters` is allowed everything before RBAC is asked, as
 //! upstream's privileged-group authorizer does, so an admin can always
-//! repair a broken policy. The snapshot is rebuilt lazily: a watch on the
+//! repair a broken policy; kubelets are then asked about by the Node
+//! authorizer (`node_authz.rs`). The snapshot is rebuilt lazily: a watch on the
 //! RBAC keys (writes by any apiserver sharing the store) and this server's
 //! own RBAC writes mark it stale, and the next request re-reads the objects.
 
@@ -23,7 +24,7 @@ use super::{
     Api,
     api::{ListQuery, WriteOptions},
     authn::{MASTERS, UserInfo},
-    bootstrap_policy,
+    bootstrap_policy, node_authz,
     object,
     rbac::{Attributes, Policy},
     status::{ApiError, ApiResult},
@@ -131,8 +132,15 @@ impl Authorizer {
         self.current()?.ok_or_else(|| ApiError::internal("no authorization policy loaded"))
     }
 
+    /// kube-apiserver's chain: privileged group, Node authorizer, RBAC —
+    /// the first that allows decides; none allowing is a denial.
     pub async fn allows(&self, api: &Api, a: &Attributes) -> ApiResult<bool> {
         if a.user.groups.iter().any(|g| g == MASTERS) {
+            return Ok(true);
+        }
+        if let Some(node) = node_authz::node_of(&a.user)
+            && node_authz::allows(api, node, a).await?
+        {
             return Ok(true);
         }
         Ok(self.policy(api).await?.allows(a))

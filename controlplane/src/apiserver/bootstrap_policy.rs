@@ -47,6 +47,9 @@ fn binding(name: &str, role: &str, subjects: &[(&str, &str)]) -> Value {
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role}, "subjects": subjects})
 }
 
+/// The kubelets' ClusterRole, which the Node authorizer evaluates.
+pub const NODE_ROLE: &str = "system:node";
+
 const AGG_ADMIN: &str = "rbac.authorization.k8s.io/aggregate-to-admin";
 const AGG_EDIT: &str = "rbac.authorization.k8s.io/aggregate-to-edit";
 const AGG_VIEW: &str = "rbac.authorization.k8s.io/aggregate-to-view";
@@ -116,9 +119,9 @@ pub fn cluster_roles() -> Vec<Value> {
             rule(&[""], &["nodes"], &["get", "list", "watch", "proxy"]),
             rule(&[""], &["nodes/proxy", "nodes/log", "nodes/stats", "nodes/metrics", "nodes/spec"], &["*"]),
         ]),
-        // What a kubelet needs; the Node authorizer narrows it to its own
-        // Node, Lease and pods.
-        cluster_role("system:node", &[], vec![
+        // What a kubelet may do where the Node authorizer (`node_authz.rs`)
+        // does not subdivide by its pods; bound to nobody, as upstream.
+        cluster_role(NODE_ROLE, &[], vec![
             rule(&[""], &["nodes"], &["create", "get", "list", "watch", "update", "patch"]),
             rule(&[""], &["nodes/status"], &["patch", "update"]),
             rule(&[""], &["pods"], &["get", "list", "watch", "delete"]),
@@ -143,7 +146,8 @@ pub fn cluster_role_bindings() -> Vec<Value> {
         binding("system:public-info-viewer", "system:public-info-viewer", &[("Group", "system:authenticated"), ("Group", "system:unauthenticated")]),
         binding("system:kube-scheduler", "system:kube-scheduler", &[("User", "system:kube-scheduler")]),
         binding("system:kube-controller-manager", "system:kube-controller-manager", &[("User", "system:kube-controller-manager")]),
-        binding("system:node", "system:node", &[("Group", "system:nodes")]),
+        // Kubelets get their rights from the Node authorizer, not from this.
+        binding(NODE_ROLE, NODE_ROLE, &[]),
         binding("kube-apiserver-kubelet-client", "system:kubelet-api-admin", &[("User", super::tls::KUBELET_CLIENT_USER)]),
     ]
 }

@@ -17,6 +17,7 @@ pub mod discovery;
 pub mod gc;
 pub mod handlers;
 pub mod limits;
+pub mod node_authz;
 pub mod object;
 pub mod openapi;
 pub mod patch;
