@@ -149,18 +149,28 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 }
 
 /// Micro benchmarks, each printing one JSON document: ns/packet of the tc LB
-/// path via BPF_PROG_TEST_RUN at 1/1k/10k Services, CNI ADD/DEL latency next
+/// path via BPF_PROG_TEST_RUN at 1/1k/10k Services and of NetworkPolicy at
+/// 0/100/1,000 policies, CNI ADD/DEL latency next
 /// to the reference bridge + host-local plugins, the agent's programming
 /// latency next to iptables-restore, riptide-dns next to dnsmasq
 /// (dnsperf), and the apiserver on both stores. Release builds, each an
 /// example of the crate it measures; results go to
 /// target/bench/<name>.json and a section of results.md.
 fn micro_benches(root: &Path, quick: bool) -> Result<()> {
-    let benches: [(&str, &str, &str, Vec<&str>); 5] = [
+    let benches: [(&str, &str, &str, Vec<&str>); 6] = [
         (
             "ebpf-lb",
             "riptide-datapath",
             "lb_bench",
+            vec![if quick { "500" } else { "5000" }],
+        ),
+        // NetworkPolicy: first and established packets with 0, 100 and
+        // 1,000 policies over 1,000 pods, as deltas and ratios to the
+        // no-policy baseline of the same run.
+        (
+            "ebpf-policy",
+            "riptide-datapath",
+            "policy_bench",
             vec![if quick { "500" } else { "5000" }],
         ),
         (

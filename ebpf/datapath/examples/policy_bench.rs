@@ -1,0 +1,270 @@
+//! ns/packet of NetworkPolicy in the tc path (needs root): the first
+//! packet of a flow and established packets with 0, 100 and 1,000
+//! policies over 1,000 local pods, each next to the no-policy baseline
+//! measured in the same run (`cargo xtask bench` collects the output).
+//!
+//! `cargo run -p riptide-datapath --example policy_bench --release [-- SAMPLES]`
+//! prints one JSON object per (direction, policies).
+//!
+//! The node has 1,000 local pods in 50 label sets. Policy `p` selects the
+//! 100 pods of group `p % 10`, isolates them both ways and allows ingress
+//! from label set `p % 50` on TCP port `1000 + p` and egress to label set
+//! `(p + 1) % 50` on TCP port `2000 + p`: `policies × 200` rule entries. The
+//! remote peer (a pod on another node) has label set 1, so
+//!
+//! * egress (`rt_from_pod`, pod 10 of group 0 → peer:2000) is allowed by
+//!   policy 0, and
+//! * ingress (`rt_from_net`, peer → pod 21 of group 1 on port 1001) by
+//!   policy 1.
+//!
+//! With 0 policies nothing is isolated and `CFG_F_POLICY` is off: the
+//! baseline. What each number includes:
+//!
+//! * `new_median_ns` — one run per syscall (`repeat` = 1) of a SYN with a
+//!   fresh source port: parse, conntrack miss, service miss, and with
+//!   policy the verdict and the two conntrack inserts. Includes the
+//!   kernel's per-run bookkeeping (one `ktime_get_ns()`), the same in both.
+//! * `est_ns` — the kernel's mean over `repeat` runs of one established
+//!   packet in one syscall: with policy a conntrack hit on the flow's
+//!   policy entry; without, the same lookups that miss (a plain flow has no
+//!   conntrack entry). Ingress delivers with `bpf_redirect_peer`, which
+//!   decrements the TTL on every run, so its runs go in batches of 200 from
+//!   TTL 255 (every run a delivery) and the batches' means are averaged.
+//! * `denied_new_median_ns` (egress) — like `new_median_ns` for a flow no
+//!   rule allows: the verdict alone, without the two conntrack inserts an
+//!   allowed flow pays (with 0 policies the same plain new flow).
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::{TestRun, TestRunOptions};
+use riptide_common::{
+    CFG_F_POLICY, Config, EndpointValue, IpcacheValue, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT,
+    POL_DIR_EGRESS, POL_DIR_INGRESS, POLICY_PREFIX_FULL, PolicyEndpointValue, PolicyKey,
+    PolicyValue, identity, names, proto, stats,
+};
+use riptide_datapath::{Datapath, Pinning};
+
+const PODS: u32 = 1_000;
+const LABEL_SETS: u32 = 50;
+const GROUPS: u32 = 10;
+const PEER: Ipv4Addr = Ipv4Addr::new(10, 42, 100, 7);
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// Egress client: pod 10 (group 0); ingress server: pod 21 (group 1).
+const CLIENT: u32 = 10;
+const SERVER: u32 = 21;
+/// A port no policy opens (egress of the client).
+const DENIED_PORT: u16 = 2999;
+/// Runs per ingress `repeat` batch (each run decrements the TTL).
+const INGRESS_BATCH: u32 = 200;
+
+fn pod(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 42, 0, 0)) + 1 + i)
+}
+
+fn label_set(i: u32) -> u32 {
+    identity::FIRST_LABELS + i % LABEL_SETS
+}
+
+fn be(a: Ipv4Addr) -> u32 {
+    u32::from(a).to_be()
+}
+
+/// A TCP frame (checksums are not needed for timing).
+fn frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8, ttl: u8) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+    f.extend_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, ttl, 6, 0, 0]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    f
+}
+
+/// Runs `prog` `repeat` times on `data`: the kernel's mean ns per run.
+fn run(dp: &mut Datapath, prog: &'static str, data: &[u8], repeat: u32) -> Result<f64> {
+    let mut out = vec![0u8; data.len() + 128];
+    let r = dp
+        .classifier(prog)?
+        .test_run(TestRunOptions {
+            data_in: Some(data),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        })
+        .with_context(|| format!("{prog}: BPF_PROG_TEST_RUN"))?;
+    Ok(r.duration.as_nanos() as f64)
+}
+
+/// A private datapath with 1,000 local pods and `policies` policies.
+fn setup(policies: u32) -> Result<Datapath> {
+    let mut dp = Datapath::load(&Pinning::None)?;
+    dp.set_config(&Config {
+        node_ip_be: be(NODE_IP),
+        flags: if policies > 0 { CFG_F_POLICY } else { 0 },
+        ..Default::default()
+    })?;
+    let mut pol = dp.policy()?;
+    let mut eps = dp.endpoints()?;
+    let cache = |identity| IpcacheValue {
+        identity,
+        cidr_identity: 0,
+    };
+    pol.upsert_ipcache(Ipv4Addr::UNSPECIFIED, 0, cache(identity::WORLD))?;
+    pol.upsert_ipcache(NODE_IP, 32, cache(identity::HOST))?;
+    pol.upsert_ipcache(PEER, 32, cache(label_set(1)))?;
+    for i in 0..PODS {
+        let tail = [(i >> 8) as u8, i as u8];
+        eps.upsert(
+            pod(i),
+            EndpointValue {
+                ifindex: 100 + i,
+                flags: 0,
+                mac: [0x0a, 0x58, 0, 0, tail[0], tail[1]],
+                node_mac: [0x0e, 0xee, 0, 0, tail[0], tail[1]],
+            },
+        )?;
+        pol.upsert_ipcache(pod(i), 32, cache(label_set(i)))?;
+    }
+    let rule = |ep: u32, peer: u32, dir: u8, port: u16| PolicyKey {
+        ep_id_be: (ep + 1).to_be(),
+        identity_be: peer.to_be(),
+        dir,
+        proto: proto::TCP,
+        port_be: port.to_be(),
+    };
+    let value = |p: u32| PolicyValue {
+        policy_ref: p + 1,
+        flags: 0,
+    };
+    for p in 0..policies {
+        for i in (p % GROUPS..PODS).step_by(GROUPS as usize) {
+            let port = u16::try_from(p).context("policy number")?;
+            let ingress = rule(i, label_set(p), POL_DIR_INGRESS, 1000 + port);
+            pol.upsert_rule(POLICY_PREFIX_FULL, ingress, value(p))?;
+            let egress = rule(i, label_set(p + 1), POL_DIR_EGRESS, 2000 + port);
+            pol.upsert_rule(POLICY_PREFIX_FULL, egress, value(p))?;
+        }
+    }
+    if policies > 0 {
+        for i in 0..PODS {
+            pol.upsert_endpoint(
+                pod(i),
+                PolicyEndpointValue {
+                    ep_id: i + 1,
+                    identity: label_set(i),
+                    flags: PE_F_ISOLATED_IN | PE_F_ISOLATED_OUT,
+                    _pad: 0,
+                },
+            )?;
+        }
+    }
+    Ok(dp)
+}
+
+struct Sample {
+    new_median_ns: f64,
+    est_ns: f64,
+    /// First packet of a flow no rule allows (egress only): the verdict
+    /// without the conntrack inserts of an allowed flow (a drop, counted;
+    /// events beyond the per-CPU rate are only counted too).
+    denied_new_median_ns: Option<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Egress: pod `CLIENT` → the remote peer through `rt_from_pod`.
+fn egress(dp: &mut Datapath, samples: u32) -> Result<Sample> {
+    let mut new = Vec::with_capacity(samples as usize);
+    for i in 0..samples {
+        let sport = 1024 + (i % 60_000) as u16;
+        let syn = frame(pod(CLIENT), sport, PEER, 2000, 0x02, 64);
+        new.push(run(dp, names::PROG_FROM_POD, &syn, 1)?);
+    }
+    // Source port 1024's flow was created by the first sample.
+    let ack = frame(pod(CLIENT), 1024, PEER, 2000, 0x10, 64);
+    let est_ns = run(dp, names::PROG_FROM_POD, &ack, samples.max(1))?;
+    let mut denied = Vec::with_capacity(samples as usize);
+    for i in 0..samples {
+        let sport = 1024 + (i % 60_000) as u16;
+        let syn = frame(pod(CLIENT), sport, PEER, DENIED_PORT, 0x02, 64);
+        denied.push(run(dp, names::PROG_FROM_POD, &syn, 1)?);
+    }
+    Ok(Sample {
+        new_median_ns: median(new),
+        est_ns,
+        denied_new_median_ns: Some(median(denied)),
+    })
+}
+
+/// Ingress: the remote peer → pod `SERVER` through `rt_from_net`.
+fn ingress(dp: &mut Datapath, samples: u32) -> Result<Sample> {
+    let mut new = Vec::with_capacity(samples as usize);
+    for i in 0..samples {
+        let sport = 1024 + (i % 60_000) as u16;
+        let syn = frame(PEER, sport, pod(SERVER), 1001, 0x02, 64);
+        new.push(run(dp, names::PROG_FROM_NET, &syn, 1)?);
+    }
+    let ack = frame(PEER, 1024, pod(SERVER), 1001, 0x10, 255);
+    let batches = (samples / INGRESS_BATCH).max(1);
+    let mut sum = 0.0;
+    for _ in 0..batches {
+        sum += run(dp, names::PROG_FROM_NET, &ack, INGRESS_BATCH)?;
+    }
+    Ok(Sample {
+        new_median_ns: median(new),
+        est_ns: sum / f64::from(batches),
+        denied_new_median_ns: None,
+    })
+}
+
+fn main() -> Result<()> {
+    let samples: u32 = std::env::args()
+        .nth(1)
+        .map_or(Ok(5000), |s| s.parse())
+        .context("SAMPLES must be a number")?;
+    type Path = fn(&mut Datapath, u32) -> Result<Sample>;
+    let paths: [(&str, Path); 2] = [("egress", egress), ("ingress", ingress)];
+    // Every setup measures both paths; the baseline (0 policies) first.
+    let mut results = Vec::new();
+    for policies in [0, 100, 1_000] {
+        let mut dp = setup(policies)?;
+        for (name, path) in paths {
+            results.push((name, policies, path(&mut dp, samples)?));
+        }
+        // The numbers only mean something if the flows were judged and
+        // allowed (a denied flow would take another path).
+        let st = dp.stats()?;
+        let allowed = st.get(stats::POLICY_ALLOW_IN) + st.get(stats::POLICY_ALLOW_OUT);
+        let denied = st.get(stats::POLICY_DENY_IN) + st.get(stats::POLICY_DENY_OUT);
+        let want_denied = if policies > 0 { u64::from(samples) } else { 0 };
+        if denied != want_denied || (policies > 0) != (allowed > 0) {
+            bail!("{policies} policies: {allowed} flows allowed, {denied} denied");
+        }
+    }
+    for (name, policies, s) in &results {
+        let Some((_, _, base)) = results.iter().find(|(n, p, _)| n == name && *p == 0) else {
+            continue;
+        };
+        let denied = s.denied_new_median_ns.map_or(String::new(), |d| {
+            format!(
+                ",\"denied_new_median_ns\":{d:.0},\"denied_new_delta_ns\":{:.0}",
+                d - base.new_median_ns
+            )
+        });
+        println!(
+            "{{\"path\":\"policy_{name}\",\"pods\":{PODS},\"policies\":{policies},\"samples\":{samples},\"new_median_ns\":{:.0},\"est_ns\":{:.1},\"new_delta_ns\":{:.0},\"est_delta_ns\":{:.1},\"new_ratio\":{:.3},\"est_ratio\":{:.3}{denied}}}",
+            s.new_median_ns,
+            s.est_ns,
+            s.new_median_ns - base.new_median_ns,
+            s.est_ns - base.est_ns,
+            s.new_median_ns / base.new_median_ns,
+            s.est_ns / base.est_ns,
+        );
+    }
+    Ok(())
+}
