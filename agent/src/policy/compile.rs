@@ -1,14 +1,17 @@
 //! The compile itself: objects → identities → ipcache, endpoints, rules.
 //!
 //! Order of work: namespaces, pods (label identities), policies (parsed
-//! once; ipBlock prefixes get CIDR identities), the ipcache, then for each
-//! local pod the policies that select it, and for each of those policies'
-//! rules the peer identities (resolved once per rule, only for policies
-//! that select some local pod) crossed with the rule's ports.
+//! once per object version and cached; ipBlock prefixes get CIDR
+//! identities), the ipcache, then for each local pod the policies that
+//! select it, and for each of those policies' rules the peer identities
+//! (resolved once per rule, only for policies that select some local pod)
+//! crossed with the rule's ports.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    cell::OnceCell,
+    collections::{BTreeSet, HashMap},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use ipnetwork::Ipv4Network;
@@ -28,29 +31,40 @@ use riptide_common::{
 
 use super::{
     AUDIT_ANNOTATION, Compiled, EndpointView, IdentityInfo, Inputs, NAMESPACE_NAME_LABEL, PolicyName, RuleKey,
-    ids::StableIds,
+    ids::{LabelIds, Labels, StableIds},
     ports::{port_prefixes, protocol_number},
     selector::LabelMatch,
 };
 
-/// A label set: what a label identity stands for.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct LabelSet {
-    namespace: String,
-    ns_labels: BTreeMap<String, String>,
-    labels: BTreeMap<String, String>,
-}
-
 /// Compiles [`Inputs`] into [`Compiled`], keeping identities, endpoint ids
-/// and policy refs stable from one compile to the next.
+/// and policy refs stable from one compile to the next, and each policy's
+/// parsed form while its object is unchanged.
 #[derive(Debug)]
 pub struct Compiler {
     generation: u64,
-    label_ids: StableIds<LabelSet>,
+    label_ids: LabelIds,
     /// Keyed by pod UID (namespace/name when a pod has none).
     ep_ids: StableIds<String>,
     cidr_ids: StableIds<Ipv4Network>,
     policy_refs: StableIds<PolicyName>,
+    parsed: HashMap<PolicyName, CachedPolicy>,
+    /// Numbering of a previous agent's maps, for the first compile.
+    hints: Option<Hints>,
+}
+
+#[derive(Debug)]
+struct CachedPolicy {
+    object: Arc<NetworkPolicy>,
+    parsed: Arc<ParsedPolicy>,
+    generation: u64,
+}
+
+/// What a previous agent's maps say about numbering ([`Compiler::adopt`]).
+#[derive(Debug, Default)]
+struct Hints {
+    label_by_ip: HashMap<Ipv4Addr, u32>,
+    ep_by_ip: HashMap<Ipv4Addr, u32>,
+    cidr_by_prefix: HashMap<Ipv4Network, u32>,
 }
 
 impl Default for Compiler {
@@ -63,12 +77,72 @@ impl Compiler {
     pub fn new() -> Self {
         Self {
             generation: 0,
-            label_ids: StableIds::new(identity::FIRST_LABELS, identity::FIRST_CIDR),
+            label_ids: LabelIds::new(identity::FIRST_LABELS, identity::FIRST_CIDR),
             // 0 stays unused so a zeroed key never names an endpoint.
             ep_ids: StableIds::new(1, u32::MAX),
             cidr_ids: StableIds::new(identity::FIRST_CIDR, u32::MAX),
             policy_refs: StableIds::dense(0, u32::MAX),
+            parsed: HashMap::new(),
+            hints: None,
         }
+    }
+
+    /// Takes over the numbering of maps a previous agent wrote (the pinned
+    /// `rt_ipcache4_v1`, `rt_polep4_v1` and `rt_policy4_v1` contents), so
+    /// that a restart rewrites only what changed meanwhile. Every identity
+    /// and endpoint id found there is kept from fresh allocation; the first
+    /// compile gives a label set the identity one of its pods' addresses
+    /// had, a local pod the endpoint id its address had, an ipBlock prefix
+    /// its old CIDR identity (each to the first claimant); ids nobody takes
+    /// back are freed after that compile. Only before the first compile
+    /// (returns false, ignoring the maps, afterwards).
+    pub fn adopt<'m>(
+        &mut self,
+        ipcache: impl IntoIterator<Item = (&'m (Ipv4Addr, u8), &'m IpcacheValue)>,
+        endpoints: impl IntoIterator<Item = (&'m Ipv4Addr, &'m PolicyEndpointValue)>,
+        rules: impl IntoIterator<Item = &'m RuleKey>,
+    ) -> bool {
+        if self.generation != 0 {
+            return false;
+        }
+        let labels = identity::FIRST_LABELS..identity::FIRST_CIDR;
+        let mut hints = Hints::default();
+        for (&(addr, len), v) in ipcache {
+            if labels.contains(&v.identity) {
+                self.label_ids.alloc.reserve(v.identity);
+                if len == 32 {
+                    hints.label_by_ip.insert(addr, v.identity);
+                }
+            }
+            if v.cidr_identity >= identity::FIRST_CIDR {
+                self.cidr_ids.alloc.reserve(v.cidr_identity);
+                // A prefix's own entry (a /32 pod or node entry names the
+                // longest prefix holding it, not itself).
+                if v.identity == identity::WORLD
+                    && let Ok(net) = Ipv4Network::new(addr, len)
+                {
+                    hints.cidr_by_prefix.insert(net, v.cidr_identity);
+                }
+            }
+        }
+        for (&addr, v) in endpoints {
+            self.ep_ids.alloc.reserve(v.ep_id);
+            hints.ep_by_ip.insert(addr, v.ep_id);
+            if labels.contains(&v.identity) {
+                self.label_ids.alloc.reserve(v.identity);
+            }
+        }
+        for k in rules {
+            self.ep_ids.alloc.reserve(u32::from_be(k.key.ep_id_be));
+            let id = u32::from_be(k.key.identity_be);
+            if labels.contains(&id) {
+                self.label_ids.alloc.reserve(id);
+            } else if id >= identity::FIRST_CIDR {
+                self.cidr_ids.alloc.reserve(id);
+            }
+        }
+        self.hints = Some(hints);
+        true
     }
 
     /// Compiles the whole state. Invalid parts of policies are left out
@@ -76,6 +150,7 @@ impl Compiler {
     pub fn compile(&mut self, inputs: &Inputs<'_>) -> Compiled {
         self.generation += 1;
         let generation = self.generation;
+        let hints = self.hints.take();
         let mut out = Compiled::default();
         let mut warnings = Vec::new();
 
@@ -87,27 +162,32 @@ impl Compiler {
 
         // Label identities, one per distinct (namespace, pod labels) of
         // this compile (the namespace's labels are fixed within it).
+        let mut set_hints: HashMap<(&str, &Labels), u32> = HashMap::new();
+        if let Some(h) = &hints {
+            for pod in &pods {
+                if let Some(id) = h.label_by_ip.get(&pod.ip) {
+                    set_hints.entry((pod.namespace, pod.pod.labels())).or_insert(*id);
+                }
+            }
+        }
         let mut identities: Vec<IdentityData<'_>> = Vec::new();
-        let mut by_set: HashMap<(&str, &BTreeMap<String, String>), usize> = HashMap::new();
+        let mut by_set: HashMap<(&str, &Labels), usize> = HashMap::new();
         let mut pod_identity: Vec<Option<usize>> = Vec::with_capacity(pods.len());
         for (pod_idx, pod) in pods.iter().enumerate() {
             let labels = pod.pod.labels();
             let idx = if let Some(idx) = by_set.get(&(pod.namespace, labels)) {
                 Some(*idx)
             } else {
-                let ns_labels = namespaces.get(pod.namespace).map(|n| n.labels.clone()).unwrap_or_default();
-                let set = LabelSet {
-                    namespace: pod.namespace.to_owned(),
-                    ns_labels,
-                    labels: labels.clone(),
-                };
-                if let Some(id) = self.label_ids.id(set, generation) {
+                let ns_labels = namespaces.get(pod.namespace).map(|n| &n.labels);
+                let empty = Labels::new();
+                let hint = set_hints.get(&(pod.namespace, labels)).copied();
+                if let Some((id, shared)) = self.label_ids.id(pod.namespace, ns_labels.unwrap_or(&empty), labels, generation, hint) {
                     identities.push(IdentityData {
                         id,
                         namespace: pod.namespace,
-                        labels,
-                        named_ports: Vec::new(),
+                        labels: shared,
                         pods: Vec::new(),
+                        named_ports: OnceCell::new(),
                     });
                     by_set.insert((pod.namespace, labels), identities.len() - 1);
                     Some(identities.len() - 1)
@@ -117,13 +197,7 @@ impl Compiler {
                 }
             };
             if let Some(idx) = idx {
-                let data = &mut identities[idx];
-                data.pods.push(pod_idx);
-                for port in named_ports(pod.pod) {
-                    if !data.named_ports.contains(&port) {
-                        data.named_ports.push(port);
-                    }
-                }
+                identities[idx].pods.push(pod_idx);
             }
             pod_identity.push(idx);
         }
@@ -134,39 +208,55 @@ impl Compiler {
 
         // Policies, in (namespace, name) order so new refs are numbered
         // the same way whatever order the store lists them in.
-        let mut sorted: Vec<&NetworkPolicy> = inputs.policies.iter().map(AsRef::as_ref).collect();
-        sorted.sort_by(|a, b| (a.metadata.namespace.as_deref(), a.name_any()).cmp(&(b.metadata.namespace.as_deref(), b.name_any())));
-        let mut policies: Vec<PolicyData<'_>> = Vec::with_capacity(sorted.len());
+        let mut sorted: Vec<&Arc<NetworkPolicy>> = inputs.policies.iter().collect();
+        sorted.sort_by(|a, b| (a.metadata.namespace.as_deref(), a.metadata.name.as_deref()).cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_deref())));
+        let mut policies: Vec<PolicyData> = Vec::with_capacity(sorted.len());
         let mut prefixes: BTreeSet<Ipv4Network> = BTreeSet::new();
-        for policy in sorted {
+        for object in sorted {
             let name = PolicyName {
-                namespace: policy.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned()),
-                name: policy.name_any(),
+                namespace: object.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned()),
+                name: object.name_any(),
             };
-            let Some(policy_ref) = self.policy_refs.id(name.clone(), generation) else {
+            let Some(policy_ref) = self.policy_refs.id(name.clone(), generation, None) else {
                 warnings.push(format!("policy {name}: no policy number left"));
                 continue;
             };
-            let mut data = PolicyData::parse(policy, policy_ref, &name, &mut warnings);
-            data.index = policies.len();
-            for rule in data.ingress.iter().chain(data.egress.iter()).flatten() {
-                for peer in rule.peers.iter().flatten() {
-                    if let PeerData::Block { net, except } = peer {
-                        prefixes.insert(*net);
-                        prefixes.extend(except.iter().copied());
-                    }
+            let parsed = match self.parsed.get_mut(&name) {
+                Some(cached) if same_object(&cached.object, object) => {
+                    cached.generation = generation;
+                    Arc::clone(&cached.parsed)
                 }
-            }
+                _ => {
+                    let parsed = Arc::new(ParsedPolicy::parse(object, &name));
+                    self.parsed.insert(
+                        name.clone(),
+                        CachedPolicy {
+                            object: Arc::clone(object),
+                            parsed: Arc::clone(&parsed),
+                            generation,
+                        },
+                    );
+                    parsed
+                }
+            };
+            warnings.extend(parsed.warnings.iter().cloned());
+            prefixes.extend(parsed.prefixes.iter().copied());
             let slot = usize::try_from(policy_ref).unwrap_or(usize::MAX);
             if out.policies.len() <= slot {
                 out.policies.resize(slot + 1, None);
             }
             out.policies[slot] = Some(name);
-            policies.push(data);
+            policies.push(PolicyData {
+                index: policies.len(),
+                policy_ref,
+                parsed,
+            });
         }
+        self.parsed.retain(|_, c| c.generation == generation);
         let mut cidrs = CidrIndex::default();
         for net in &prefixes {
-            if let Some(id) = self.cidr_ids.id(*net, generation) {
+            let hint = hints.as_ref().and_then(|h| h.cidr_by_prefix.get(net).copied());
+            if let Some(id) = self.cidr_ids.id(*net, generation, hint) {
                 cidrs.insert(*net, id);
                 out.identities.insert(id, IdentityInfo::Cidr(*net));
             } else {
@@ -191,7 +281,7 @@ impl Compiler {
         });
         let mut host_addrs: Vec<Ipv4Addr> = inputs.host_addrs.to_vec();
         for node in inputs.nodes {
-            let local = node.name_any() == inputs.node_name;
+            let local = node.metadata.name.as_deref() == Some(inputs.node_name);
             for addr in node_addrs(node) {
                 if local {
                     host_addrs.push(addr);
@@ -232,7 +322,7 @@ impl Compiler {
                 data.id,
                 IdentityInfo::Labels {
                     namespace: data.namespace.to_owned(),
-                    labels: data.labels.clone(),
+                    labels: Arc::clone(&data.labels),
                 },
             );
         }
@@ -240,7 +330,7 @@ impl Compiler {
         // Local endpoints and their rules.
         let mut policies_by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
         for (idx, p) in policies.iter().enumerate() {
-            policies_by_ns.entry(p.namespace).or_default().push(idx);
+            policies_by_ns.entry(p.parsed.namespace.as_str()).or_default().push(idx);
         }
         let world = World {
             namespaces: &namespaces,
@@ -256,17 +346,18 @@ impl Compiler {
             }
             let Some(idx) = idx else { continue };
             let key = pod.pod.uid().unwrap_or_else(|| format!("{}/{}", pod.namespace, pod.name));
-            let Some(ep_id) = self.ep_ids.id(key, generation) else {
+            let hint = hints.as_ref().and_then(|h| h.ep_by_ip.get(&pod.ip).copied());
+            let Some(ep_id) = self.ep_ids.id(key, generation, hint) else {
                 warnings.push(format!("pod {}/{}: no endpoint id left", pod.namespace, pod.name));
                 continue;
             };
             let labels = pod.pod.labels();
-            let selecting: Vec<&PolicyData<'_>> = policies_by_ns
+            let selecting: Vec<&PolicyData> = policies_by_ns
                 .get(pod.namespace)
                 .into_iter()
                 .flatten()
                 .map(|i| &policies[*i])
-                .filter(|p| p.selector.matches(labels))
+                .filter(|p| p.parsed.selector.matches(labels))
                 .collect();
             let audit = namespaces.get(pod.namespace).is_some_and(|n| n.audit);
             let mut view = EndpointView {
@@ -281,33 +372,31 @@ impl Compiler {
                 audit,
             };
             let mut flags = 0;
-            let local_ports = named_ports(pod.pod);
+            let local_ports = OnceCell::new();
             for (dir, iso_flag, any_flag, audit_flag) in [
                 (POL_DIR_INGRESS, PE_F_ISOLATED_IN, PE_F_ANY_IN, PE_F_AUDIT_IN),
                 (POL_DIR_EGRESS, PE_F_ISOLATED_OUT, PE_F_ANY_OUT, PE_F_AUDIT_OUT),
             ] {
                 for policy in &selecting {
-                    let Some(rules) = policy.rules(dir) else { continue };
+                    let Some(rules) = policy.parsed.rules(dir) else { continue };
                     flags |= iso_flag;
                     if audit {
                         flags |= audit_flag;
                     }
-                    if dir == POL_DIR_INGRESS {
-                        view.policies_in.push(policy.name.to_owned());
-                    } else {
-                        view.policies_out.push(policy.name.to_owned());
-                    }
+                    let names = if dir == POL_DIR_INGRESS { &mut view.policies_in } else { &mut view.policies_out };
+                    names.push(policy.parsed.name.clone());
                     for (rule_idx, rule) in rules.iter().enumerate() {
                         let peers = resolved
                             .entry((policy.index, dir, rule_idx))
-                            .or_insert_with(|| world.resolve(policy, rule, dir));
+                            .or_insert_with(|| world.resolve(&policy.parsed, rule, dir));
                         let emit = Emit {
                             ep_id,
                             dir,
                             policy_ref: policy.policy_ref,
                             rules: &mut out.rules,
                         };
-                        if emit.rule(rule, peers, &local_ports, &identities) {
+                        let local_ports = || local_ports.get_or_init(|| named_ports(pod.pod)).as_slice();
+                        if emit.rule(rule, peers, &local_ports, &world) {
                             flags |= any_flag;
                         }
                     }
@@ -335,6 +424,11 @@ impl Compiler {
         self.ep_ids.sweep(generation);
         self.cidr_ids.sweep(generation);
         self.policy_refs.sweep(generation);
+        if hints.is_some() {
+            self.label_ids.alloc.release_unadopted(generation);
+            self.ep_ids.alloc.release_unadopted(generation);
+            self.cidr_ids.alloc.release_unadopted(generation);
+        }
         warnings.sort();
         warnings.dedup();
         out.warnings = warnings;
@@ -342,11 +436,21 @@ impl Compiler {
     }
 }
 
+/// The same NetworkPolicy object as cached: the same `Arc` from the store,
+/// or the same UID and resourceVersion (a relist hands out new `Arc`s).
+fn same_object(cached: &Arc<NetworkPolicy>, object: &Arc<NetworkPolicy>) -> bool {
+    if Arc::ptr_eq(cached, object) {
+        return true;
+    }
+    let (a, b) = (&cached.metadata, &object.metadata);
+    a.uid.is_some() && a.resource_version.is_some() && a.uid == b.uid && a.resource_version == b.resource_version
+}
+
 // ------------------------------------------------------------------ inputs
 
 struct NsData {
     /// The namespace's labels plus [`NAMESPACE_NAME_LABEL`].
-    labels: BTreeMap<String, String>,
+    labels: Labels,
     audit: bool,
 }
 
@@ -355,7 +459,7 @@ impl NsData {
     /// in the store yet): its name label only.
     fn unknown(name: &str) -> Self {
         Self {
-            labels: BTreeMap::from([(NAMESPACE_NAME_LABEL.to_owned(), name.to_owned())]),
+            labels: Labels::from([(NAMESPACE_NAME_LABEL.to_owned(), name.to_owned())]),
             audit: false,
         }
     }
@@ -473,25 +577,38 @@ fn node_addrs(node: &Node) -> impl Iterator<Item = Ipv4Addr> + '_ {
 
 // ---------------------------------------------------------------- policies
 
-struct PolicyData<'a> {
+/// A policy of this compile.
+struct PolicyData {
     /// Index in the compile's policy list (the rule-resolution cache key).
     index: usize,
     policy_ref: u32,
-    namespace: &'a str,
-    name: &'a str,
-    selector: LabelMatch,
-    /// `Some` when the policy has the type (isolates the direction).
-    ingress: Option<Vec<RuleData<'a>>>,
-    egress: Option<Vec<RuleData<'a>>>,
+    parsed: Arc<ParsedPolicy>,
 }
 
-struct RuleData<'a> {
+/// A NetworkPolicy as the compiler uses it, independent of pods (cached
+/// while the object is unchanged).
+#[derive(Debug)]
+struct ParsedPolicy {
+    namespace: String,
+    name: String,
+    selector: LabelMatch,
+    /// `Some` when the policy has the type (isolates the direction).
+    ingress: Option<Vec<RuleData>>,
+    egress: Option<Vec<RuleData>>,
+    /// Every valid ipBlock cidr and except.
+    prefixes: Vec<Ipv4Network>,
+    warnings: Vec<String>,
+}
+
+#[derive(Debug)]
+struct RuleData {
     /// `None`: every peer (no or empty `from`/`to`).
     peers: Option<Vec<PeerData>>,
     /// `None`: every protocol and port (no or empty `ports`).
-    ports: Option<Vec<PortData<'a>>>,
+    ports: Option<Vec<PortData>>,
 }
 
+#[derive(Debug)]
 enum PeerData {
     /// Pods of the namespaces matching `namespaces` (`None`: the policy's
     /// own) whose labels match `pods` (`None`: all).
@@ -507,33 +624,33 @@ enum PeerData {
     Nothing,
 }
 
-#[derive(Clone, Copy)]
-enum PortData<'a> {
+#[derive(Clone, Debug)]
+enum PortData {
     /// Every port of a protocol.
     Proto(u8),
     Range { proto: u8, lo: u16, hi: u16 },
-    Named { proto: u8, name: &'a str },
+    Named { proto: u8, name: String },
 }
 
-impl<'a> PolicyData<'a> {
-    fn parse(policy: &'a NetworkPolicy, policy_ref: u32, name: &PolicyName, warnings: &mut Vec<String>) -> Self {
+impl ParsedPolicy {
+    fn parse(policy: &NetworkPolicy, name: &PolicyName) -> Self {
+        let mut warnings = Vec::new();
         let what = || format!("policy {name}");
-        let namespace = policy.metadata.namespace.as_deref().unwrap_or("default");
-        let policy_name = policy.metadata.name.as_deref().unwrap_or("");
-        let Some(spec) = policy.spec.as_ref() else {
-            // No spec: selects every pod, Ingress type, no rules (the
-            // apiserver's defaults for an empty spec).
-            return Self {
-                index: 0,
-                policy_ref,
-                namespace,
-                name: policy_name,
-                selector: LabelMatch::parse(&Default::default(), &what, warnings),
-                ingress: Some(Vec::new()),
-                egress: None,
-            };
+        let mut out = Self {
+            namespace: name.namespace.clone(),
+            name: name.name.clone(),
+            selector: LabelMatch::parse(&Default::default(), &what, &mut warnings),
+            // No spec: the apiserver's defaults for an empty spec (every
+            // pod, Ingress, no rules).
+            ingress: Some(Vec::new()),
+            egress: None,
+            prefixes: Vec::new(),
+            warnings: Vec::new(),
         };
-        let selector = LabelMatch::parse(&spec.pod_selector.clone().unwrap_or_default(), &|| format!("{} podSelector", what()), warnings);
+        let Some(spec) = policy.spec.as_ref() else {
+            return out;
+        };
+        out.selector = LabelMatch::parse(&spec.pod_selector.clone().unwrap_or_default(), &|| format!("{} podSelector", what()), &mut warnings);
         // The apiserver's defaulting: no types = Ingress, plus Egress when
         // there are egress rules.
         let (mut has_in, mut has_out) = (false, false);
@@ -552,40 +669,41 @@ impl<'a> PolicyData<'a> {
                 }
             }
         }
-        let ingress = has_in.then(|| {
+        out.ingress = has_in.then(|| {
             spec.ingress
                 .iter()
                 .flatten()
                 .enumerate()
-                .map(|(i, r)| RuleData::parse(r.from.as_deref(), r.ports.as_deref(), &|| format!("{} ingress[{i}]", what()), warnings))
+                .map(|(i, r)| RuleData::parse(r.from.as_deref(), r.ports.as_deref(), &|| format!("{} ingress[{i}]", what()), &mut warnings))
                 .collect()
         });
-        let egress = has_out.then(|| {
+        out.egress = has_out.then(|| {
             spec.egress
                 .iter()
                 .flatten()
                 .enumerate()
-                .map(|(i, r)| RuleData::parse(r.to.as_deref(), r.ports.as_deref(), &|| format!("{} egress[{i}]", what()), warnings))
+                .map(|(i, r)| RuleData::parse(r.to.as_deref(), r.ports.as_deref(), &|| format!("{} egress[{i}]", what()), &mut warnings))
                 .collect()
         });
-        Self {
-            index: 0,
-            policy_ref,
-            namespace,
-            name: policy_name,
-            selector,
-            ingress,
-            egress,
+        for rule in out.ingress.iter().chain(out.egress.iter()).flatten() {
+            for peer in rule.peers.iter().flatten() {
+                if let PeerData::Block { net, except } = peer {
+                    out.prefixes.push(*net);
+                    out.prefixes.extend(except.iter().copied());
+                }
+            }
         }
+        out.warnings = warnings;
+        out
     }
 
-    fn rules(&self, dir: u8) -> Option<&[RuleData<'a>]> {
+    fn rules(&self, dir: u8) -> Option<&[RuleData]> {
         if dir == POL_DIR_INGRESS { self.ingress.as_deref() } else { self.egress.as_deref() }
     }
 }
 
-impl<'a> RuleData<'a> {
-    fn parse(peers: Option<&[NetworkPolicyPeer]>, ports: Option<&'a [NetworkPolicyPort]>, what: &dyn Fn() -> String, warnings: &mut Vec<String>) -> Self {
+impl RuleData {
+    fn parse(peers: Option<&[NetworkPolicyPeer]>, ports: Option<&[NetworkPolicyPort]>, what: &dyn Fn() -> String, warnings: &mut Vec<String>) -> Self {
         let peers = peers.filter(|p| !p.is_empty()).map(|list| {
             list.iter()
                 .enumerate()
@@ -658,8 +776,8 @@ impl PeerData {
     }
 }
 
-impl<'a> PortData<'a> {
-    fn parse(port: &'a NetworkPolicyPort, what: &dyn Fn() -> String, warnings: &mut Vec<String>) -> Option<Self> {
+impl PortData {
+    fn parse(port: &NetworkPolicyPort, what: &dyn Fn() -> String, warnings: &mut Vec<String>) -> Option<Self> {
         let proto = match protocol_number(port.protocol.as_deref()) {
             Ok(p) => p,
             Err(other) => {
@@ -673,7 +791,7 @@ impl<'a> PortData<'a> {
                 warnings.push(format!("{}: endPort without port; port skipped", what()));
                 None
             }
-            (Some(IntOrString::String(name)), None) => Some(Self::Named { proto, name }),
+            (Some(IntOrString::String(name)), None) => Some(Self::Named { proto, name: name.clone() }),
             (Some(IntOrString::String(name)), Some(_)) => {
                 warnings.push(format!("{}: endPort with named port {name:?}; port skipped", what()));
                 None
@@ -704,11 +822,12 @@ impl<'a> PortData<'a> {
 struct IdentityData<'a> {
     id: u32,
     namespace: &'a str,
-    labels: &'a BTreeMap<String, String>,
-    /// Union of the named ports of the identity's pods.
-    named_ports: Vec<NamedPort<'a>>,
+    labels: Arc<Labels>,
     /// Indices in the compile's pod list.
     pods: Vec<usize>,
+    /// Union of the named ports of the identity's pods (computed when an
+    /// egress rule names a port).
+    named_ports: OnceCell<Vec<NamedPort<'a>>>,
 }
 
 /// The ipBlock prefixes of all policies and their identities.
@@ -770,8 +889,22 @@ struct World<'w, 'a> {
     cidrs: &'w CidrIndex,
 }
 
-impl World<'_, '_> {
-    fn resolve(&self, policy: &PolicyData<'_>, rule: &RuleData<'_>, dir: u8) -> ResolvedPeers {
+impl<'a> World<'_, 'a> {
+    /// The named ports of identity `idx`'s pods.
+    fn named_ports(&self, idx: usize) -> &[NamedPort<'a>] {
+        let data = &self.identities[idx];
+        data.named_ports.get_or_init(|| {
+            let mut ports: Vec<NamedPort<'a>> = Vec::new();
+            for port in data.pods.iter().flat_map(|p| named_ports(self.pods[*p].pod)) {
+                if !ports.contains(&port) {
+                    ports.push(port);
+                }
+            }
+            ports
+        })
+    }
+
+    fn resolve(&self, policy: &ParsedPolicy, rule: &RuleData, dir: u8) -> ResolvedPeers {
         let mut out = ResolvedPeers::default();
         let Some(peers) = &rule.peers else {
             out.any = true;
@@ -787,12 +920,12 @@ impl World<'_, '_> {
                             .get(ns)
                             .into_iter()
                             .flatten()
-                            .filter(|i| pods.as_ref().is_none_or(|s| s.matches(self.identities[**i].labels)))
+                            .filter(|i| pods.as_ref().is_none_or(|s| s.matches(&self.identities[**i].labels)))
                             .copied()
                             .collect::<Vec<_>>()
                     };
                     match namespaces {
-                        None => out.labels.extend(in_ns(policy.namespace)),
+                        None => out.labels.extend(in_ns(&policy.namespace)),
                         Some(sel) => {
                             for (ns, data) in self.namespaces {
                                 if sel.matches(&data.labels) {
@@ -839,44 +972,45 @@ struct Emit<'r> {
 
 impl Emit<'_> {
     /// Writes the entries of one rule for one endpoint; true when an
-    /// [`identity::ANY`] entry was written.
-    fn rule(mut self, rule: &RuleData<'_>, peers: &ResolvedPeers, local_ports: &[NamedPort<'_>], identities: &[IdentityData<'_>]) -> bool {
+    /// [`identity::ANY`] entry was written. `local_ports`: the endpoint's
+    /// own named ports.
+    fn rule<'p>(mut self, rule: &RuleData, peers: &ResolvedPeers, local_ports: &dyn Fn() -> &'p [NamedPort<'p>], world: &World<'_, '_>) -> bool {
         let mut wrote_any = false;
         let all = [PortData::Proto(0)];
-        let ports: &[PortData<'_>] = match &rule.ports {
+        let ports: &[PortData] = match &rule.ports {
             None => &all,
             Some(list) => list,
         };
         let every_proto = rule.ports.is_none();
         for port in ports {
-            match *port {
+            match port {
                 PortData::Named { proto, name } if self.dir == POL_DIR_EGRESS => {
                     // The name resolves on the destination: each peer
                     // identity's own pods.
                     let resolve = |idx: usize| {
-                        identities[idx]
-                            .named_ports
+                        world
+                            .named_ports(idx)
                             .iter()
-                            .filter(move |p| p.name == name && p.proto == proto)
-                            .map(move |p| (identities[idx].id, p.port))
+                            .filter(|p| p.name == name && p.proto == *proto)
+                            .map(move |p| (world.identities[idx].id, p.port))
                     };
                     let mut targets: Vec<(u32, u16)> = Vec::new();
                     if peers.any {
-                        targets.extend((0..identities.len()).flat_map(resolve));
+                        targets.extend((0..world.identities.len()).flat_map(resolve));
                     }
                     targets.extend(peers.labels.iter().copied().flat_map(resolve));
                     targets.extend(peers.block_labels.iter().copied().flat_map(resolve));
                     for (id, port) in targets {
-                        self.insert(id, proto, port, POLICY_PREFIX_FULL);
+                        self.insert(id, *proto, port, POLICY_PREFIX_FULL);
                     }
                 }
                 _ => {
-                    let entries = self.port_entries(*port, every_proto, local_ports);
+                    let entries = port_entries(port, every_proto, local_ports);
                     let ids = peers
                         .any
                         .then_some(identity::ANY)
                         .into_iter()
-                        .chain(peers.labels.iter().map(|i| identities[*i].id))
+                        .chain(peers.labels.iter().map(|i| world.identities[*i].id))
                         .chain(peers.cidrs.iter().copied());
                     for id in ids {
                         for (proto, port, prefix) in &entries {
@@ -888,22 +1022,6 @@ impl Emit<'_> {
             }
         }
         wrote_any
-    }
-
-    /// (protocol, port, prefix length) entries of a port that does not
-    /// depend on the peer.
-    fn port_entries(&self, port: PortData<'_>, every_proto: bool, local_ports: &[NamedPort<'_>]) -> Vec<(u8, u16, u32)> {
-        match port {
-            PortData::Proto(_) if every_proto => vec![(0, 0, POLICY_PREFIX_ANY_PROTO)],
-            PortData::Proto(proto) => vec![(proto, 0, POLICY_PREFIX_ANY_PORT)],
-            PortData::Range { proto, lo, hi } => port_prefixes(lo, hi).into_iter().map(|(p, len)| (proto, p, len)).collect(),
-            // Ingress: the selected pod's own port of that name.
-            PortData::Named { proto, name } => local_ports
-                .iter()
-                .filter(|p| p.name == name && p.proto == proto)
-                .map(|p| (proto, p.port, POLICY_PREFIX_FULL))
-                .collect(),
-        }
     }
 
     fn insert(&mut self, id: u32, proto: u8, port: u16, prefix_len: u32) {
@@ -926,5 +1044,21 @@ impl Emit<'_> {
                 policy_ref: self.policy_ref,
                 flags: 0,
             });
+    }
+}
+
+/// (protocol, port, prefix length) entries of a port that does not depend
+/// on the peer.
+fn port_entries<'p>(port: &PortData, every_proto: bool, local_ports: &dyn Fn() -> &'p [NamedPort<'p>]) -> Vec<(u8, u16, u32)> {
+    match port {
+        PortData::Proto(_) if every_proto => vec![(0, 0, POLICY_PREFIX_ANY_PROTO)],
+        PortData::Proto(proto) => vec![(*proto, 0, POLICY_PREFIX_ANY_PORT)],
+        PortData::Range { proto, lo, hi } => port_prefixes(*lo, *hi).into_iter().map(|(p, len)| (*proto, p, len)).collect(),
+        // Ingress: the selected pod's own port of that name.
+        PortData::Named { proto, name } => local_ports()
+            .iter()
+            .filter(|p| p.name == name && p.proto == *proto)
+            .map(|p| (*proto, p.port, POLICY_PREFIX_FULL))
+            .collect(),
     }
 }

@@ -31,7 +31,12 @@
 //! identity while some pod has it, a pod its endpoint id while it lives, a
 //! policy its `policy_ref` while it exists) so that a change rewrites only
 //! the entries it touches; a freed id is handed out again only after a
-//! compile in which nothing used it.
+//! compile in which nothing used it. A restarted agent can take over the
+//! numbering of the pinned maps ([`Compiler::adopt`]). Each compile is
+//! complete (no incremental state to drift), but it reuses what does not
+//! depend on the rest: a policy is parsed once per object version, and a
+//! label set is looked up without copying. At 1,000 policies × 5,000 pods
+//! a compile takes milliseconds (see the `scale_` test).
 //!
 //! Not expressible in the datapath's keys, and approximated (see
 //! [`compile`]): an egress rule with both an ipBlock peer and a named port
@@ -113,7 +118,7 @@ pub struct RuleKey {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IdentityInfo {
     /// Pods of `namespace` with exactly these labels.
-    Labels { namespace: String, labels: BTreeMap<String, String> },
+    Labels { namespace: String, labels: Arc<BTreeMap<String, String>> },
     /// An ipBlock prefix.
     Cidr(Ipv4Network),
 }
@@ -124,7 +129,7 @@ impl fmt::Display for IdentityInfo {
             Self::Labels { namespace, labels } => {
                 write!(f, "{namespace}:")?;
                 let mut sep = "";
-                for (k, v) in labels {
+                for (k, v) in labels.iter() {
                     write!(f, "{sep}{k}={v}")?;
                     sep = ",";
                 }
