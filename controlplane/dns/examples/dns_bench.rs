@@ -4,10 +4,14 @@
 //!
 //! A release apiserver gets 10,000 ClusterIP Services with 5 ready
 //! endpoints each (1,000 with `--quick`); riptide-dns watches it. Per
-//! server: a dnsperf run at full speed for the queries/s, then a run paced
-//! at 10,000 queries/s for the latency distribution (p50/p99 of every
+//! server: dnsperf at full speed for the queries/s (three rounds, the
+//! servers' order reversed every other round, the median kept), then a run
+//! paced at 10,000 queries/s for the latency distribution (p50/p99 of every
 //! query, from dnsperf -v). Also riptide-dns's RSS, its time to ready, and
 //! Service created → answerable latency. One JSON document on stdout.
+//!
+//! `--baseline PATH` measures another riptide-dns build the same way in
+//! the same run (before/after a change).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -76,10 +80,25 @@ fn rss_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-/// dnsperf at full speed: queries/s, lost, completed.
-fn throughput(ip: &str, port: u16, queries: &Path, secs: u64) -> Result<serde_json::Value> {
+/// CPU time (user + system, all threads) of process `pid` so far, in
+/// seconds.
+fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command: state is the 3rd field,
+    // utime and stime the 14th and 15th; clock ticks are 1/100 s on Linux.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0.0)).collect();
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
+}
+
+/// dnsperf at full speed: queries/s, lost, completed, and the server's CPU
+/// time per query. The machine may be shared: queries per CPU second of
+/// the server (its queries/s on a core of its own) does not depend on how
+/// much of the core it got.
+fn throughput(server: SocketAddr, pid: u32, queries: &Path, secs: u64) -> Result<serde_json::Value> {
+    let cpu0 = cpu_s(pid);
     let out = Command::new("taskset")
-        .args(["-c", LOAD_CPU, "dnsperf", "-s", ip, "-p", &port.to_string(), "-d"])
+        .args(["-c", LOAD_CPU, "dnsperf", "-s", &server.ip().to_string(), "-p", &server.port().to_string(), "-d"])
         .arg(queries)
         .args(["-l", &secs.to_string()])
         .output()
@@ -92,7 +111,10 @@ fn throughput(ip: &str, port: u16, queries: &Path, secs: u64) -> Result<serde_js
             .unwrap_or(f64::NAN)
     };
     let noerror = text.lines().find_map(|l| l.trim().strip_prefix("Response codes:")).unwrap_or("").trim().to_owned();
+    let cpu = cpu_s(pid) - cpu0;
     Ok(json!({
+        "server_cpu_s": round3(cpu),
+        "queries_per_cpu_s": (num("Queries completed:") / cpu).round(),
         "qps": num("Queries per second:").round(),
         "completed": num("Queries completed:"),
         "lost": num("Queries lost:"),
@@ -102,9 +124,9 @@ fn throughput(ip: &str, port: u16, queries: &Path, secs: u64) -> Result<serde_js
 }
 
 /// dnsperf paced at PACED_QPS with per-query latencies: p50/p99/max in ms.
-fn latency(ip: &str, port: u16, queries: &Path, secs: u64) -> Result<serde_json::Value> {
+fn latency(server: SocketAddr, queries: &Path, secs: u64) -> Result<serde_json::Value> {
     let out = Command::new("taskset")
-        .args(["-c", LOAD_CPU, "dnsperf", "-s", ip, "-p", &port.to_string(), "-d"])
+        .args(["-c", LOAD_CPU, "dnsperf", "-s", &server.ip().to_string(), "-p", &server.port().to_string(), "-d"])
         .arg(queries)
         .args(["-l", &secs.to_string(), "-Q", PACED_QPS, "-v"])
         .output()
@@ -119,6 +141,43 @@ fn latency(ip: &str, port: u16, queries: &Path, secs: u64) -> Result<serde_json:
     ms.sort_by(f64::total_cmp);
     let pct = |p: f64| round3(ms.get(((ms.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN));
     Ok(json!({ "qps": PACED_QPS.parse::<u32>()?, "samples": ms.len(), "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": pct(1.0) }))
+}
+
+/// A riptide-dns process, pinned to DNS_CPU, watching the bench's apiserver.
+struct Riptide {
+    _proc: Proc,
+    pid: u32,
+    addr: SocketAddr,
+    ready_s: f64,
+    rss_ready: (u64, u64),
+}
+
+impl Riptide {
+    async fn start(bin: &Path, ip: &str, kubeconfig: &Path, dir: &Path) -> Result<Self> {
+        let addr: SocketAddr = (ip.parse::<std::net::IpAddr>()?, free_port(ip)).into();
+        let metrics: SocketAddr = (ip.parse::<std::net::IpAddr>()?, free_port(ip)).into();
+        let log = dir.join(format!("riptide-dns-{ip}.log"));
+        let t = Instant::now();
+        let child = Command::new("taskset")
+            .args(["-c", DNS_CPU])
+            .arg(bin)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["--listen", &addr.to_string(), "--metrics", &metrics.to_string(), "--resolv-conf", "/dev/null"])
+            .env("RUST_LOG", "warn")
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let pid = child.id();
+        let proc = Proc(child);
+        while !http_ok(metrics, "/ready") {
+            if t.elapsed() > Duration::from_secs(120) {
+                bail!("riptide-dns not ready after 120 s: {}", std::fs::read_to_string(&log)?);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self { _proc: proc, pid, addr, ready_s: t.elapsed().as_secs_f64(), rss_ready: rss_kib(pid) })
+    }
 }
 
 fn round3(x: f64) -> f64 {
@@ -138,8 +197,11 @@ fn resolves(server: SocketAddr, name: &str) -> bool {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let (services, secs, paced_secs) = if quick { (1_000usize, 3u64, 2u64) } else { (10_000, 10, 5) };
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // A second riptide-dns binary measured in the same run (before/after).
+    let baseline = args.iter().position(|a| a == "--baseline").and_then(|i| args.get(i + 1)).map(PathBuf::from);
+    let (services, secs, paced_secs, rounds) = if quick { (1_000usize, 3u64, 2u64, 1usize) } else { (10_000, 10, 5, 3) };
     let endpoints_per = 5usize;
     let dir = tempfile::tempdir()?;
 
@@ -213,32 +275,13 @@ async fn main() -> Result<()> {
     std::fs::write(&hosts_file, hosts)?;
     std::fs::write(&queries_file, queries)?;
 
-    // riptide-dns, pinned.
-    let (rip_ip, mas_ip) = ("127.0.0.77", "127.0.0.78");
-    let rip_port = free_port(rip_ip);
-    let metrics: SocketAddr = (rip_ip.parse::<std::net::IpAddr>()?, free_port(rip_ip)).into();
-    let rip_addr: SocketAddr = (rip_ip.parse::<std::net::IpAddr>()?, rip_port).into();
-    let t = Instant::now();
-    let rip = Command::new("taskset")
-        .args(["-c", DNS_CPU])
-        .arg(release_bin("riptide-dns")?)
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args(["--listen", &rip_addr.to_string(), "--metrics", &metrics.to_string(), "--resolv-conf", "/dev/null"])
-        .env("RUST_LOG", "warn")
-        .stderr(std::fs::File::create(dir.path().join("riptide-dns.log"))?)
-        .spawn()
-        .context("starting riptide-dns")?;
-    let rip_pid = rip.id();
-    let _rip = Proc(rip);
-    while !http_ok(metrics, "/ready") {
-        if t.elapsed() > Duration::from_secs(120) {
-            bail!("riptide-dns not ready after 120 s: {}", std::fs::read_to_string(dir.path().join("riptide-dns.log"))?);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let ready_s = t.elapsed().as_secs_f64();
-    let rss_ready = rss_kib(rip_pid);
+    // riptide-dns (and the baseline build, if any), pinned.
+    let (rip_ip, mas_ip, base_ip) = ("127.0.0.77", "127.0.0.78", "127.0.0.79");
+    let rip = Riptide::start(&release_bin("riptide-dns")?, rip_ip, &kubeconfig, dir.path()).await?;
+    let base = match &baseline {
+        Some(bin) => Some(Riptide::start(bin, base_ip, &kubeconfig, dir.path()).await?),
+        None => None,
+    };
 
     // dnsmasq with the same names, pinned the same way.
     let mas_port = free_port(mas_ip);
@@ -252,6 +295,7 @@ async fn main() -> Result<()> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting dnsmasq (Debian package dnsmasq-base)")?;
+    let mas_pid = mas.id();
     let _mas = Proc(mas);
     let mas_addr: SocketAddr = (mas_ip.parse::<std::net::IpAddr>()?, mas_port).into();
     let t = Instant::now();
@@ -261,16 +305,39 @@ async fn main() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    if !resolves(rip_addr, "s0.default.svc.cluster.local.") {
-        bail!("riptide-dns does not answer s0");
+    for r in std::iter::once(&rip).chain(&base) {
+        if !resolves(r.addr, "s0.default.svc.cluster.local.") {
+            bail!("riptide-dns at {} does not answer s0", r.addr);
+        }
     }
 
-    eprintln!("dns bench: dnsperf {secs} s + {paced_secs} s paced, per server");
-    let rip_tp = throughput(rip_ip, rip_port, &queries_file, secs)?;
-    let mas_tp = throughput(mas_ip, mas_port, &queries_file, secs)?;
-    let rip_lat = latency(rip_ip, rip_port, &queries_file, paced_secs)?;
-    let mas_lat = latency(mas_ip, mas_port, &queries_file, paced_secs)?;
-    let rss_load = rss_kib(rip_pid);
+    // Throughput in rounds, the servers' order reversed every other round
+    // so drift in the machine's load hits them alike; each server's median
+    // round is its result.
+    let mut servers: Vec<(SocketAddr, u32)> = vec![(rip.addr, rip.pid), (mas_addr, mas_pid)];
+    servers.extend(base.as_ref().map(|b| (b.addr, b.pid)));
+    eprintln!("dns bench: {rounds} rounds of dnsperf {secs} s per server, then {paced_secs} s paced");
+    let mut runs: Vec<Vec<serde_json::Value>> = vec![Vec::new(); servers.len()];
+    for round in 0..rounds {
+        let order: Vec<usize> = if round % 2 == 0 { (0..servers.len()).collect() } else { (0..servers.len()).rev().collect() };
+        for i in order {
+            runs[i].push(throughput(servers[i].0, servers[i].1, &queries_file, secs)?);
+        }
+    }
+    let median = |runs: &[serde_json::Value]| -> serde_json::Value {
+        let mut v = runs.to_vec();
+        v.sort_by(|a, b| a["qps"].as_f64().unwrap_or(0.0).total_cmp(&b["qps"].as_f64().unwrap_or(0.0)));
+        let mut m = v[v.len() / 2].clone();
+        m["qps_rounds"] = runs.iter().map(|r| r["qps"].clone()).collect();
+        let mut per_cpu: Vec<f64> = runs.iter().map(|r| r["queries_per_cpu_s"].as_f64().unwrap_or(f64::NAN)).collect();
+        per_cpu.sort_by(f64::total_cmp);
+        m["queries_per_cpu_s_rounds"] = runs.iter().map(|r| r["queries_per_cpu_s"].clone()).collect();
+        m["queries_per_cpu_s_median"] = json!(per_cpu[per_cpu.len() / 2]);
+        m
+    };
+    let tp: Vec<serde_json::Value> = runs.iter().map(|r| median(r)).collect();
+    let lat: Vec<serde_json::Value> = servers.iter().map(|s| latency(s.0, &queries_file, paced_secs)).collect::<Result<_>>()?;
+    let rss_load = rss_kib(rip.pid);
 
     // Service created → answerable (the create call included).
     let mut change_ms = Vec::new();
@@ -279,7 +346,7 @@ async fn main() -> Result<()> {
         let t = Instant::now();
         svcs.create(&PostParams::default(), &svc).await?;
         let name = format!("new{i}.default.svc.cluster.local.");
-        while !resolves(rip_addr, &name) {
+        while !resolves(rip.addr, &name) {
             if t.elapsed() > Duration::from_secs(5) {
                 bail!("{name} not answerable after 5 s");
             }
@@ -289,25 +356,38 @@ async fn main() -> Result<()> {
     }
     change_ms.sort_by(f64::total_cmp);
 
-    let ratio = rip_tp["qps"].as_f64().unwrap_or(f64::NAN) / mas_tp["qps"].as_f64().unwrap_or(f64::NAN);
-    let doc = json!({
+    let qps = |v: &serde_json::Value| v["qps"].as_f64().unwrap_or(f64::NAN);
+    let per_cpu = |v: &serde_json::Value| v["queries_per_cpu_s_median"].as_f64().unwrap_or(f64::NAN);
+    let mut doc = json!({
         "services": services,
         "endpoints": services * endpoints_per,
         "created_in_s": round3(created_s),
         "cpu": {"server": DNS_CPU, "dnsperf": LOAD_CPU},
         "run_s": secs,
+        "rounds": rounds,
         "riptide_dns": {
-            "ready_after_start_s": round3(ready_s),
-            "rss_kib_ready": rss_ready.0,
+            "ready_after_start_s": round3(rip.ready_s),
+            "rss_kib_ready": rip.rss_ready.0,
             "rss_kib_after_load": rss_load.0,
             "rss_kib_peak": rss_load.1,
-            "throughput": rip_tp,
-            "latency_paced": rip_lat,
+            "throughput": tp[0],
+            "latency_paced": lat[0],
             "service_created_to_answerable_ms": {"samples": change_ms.len(), "p50": round3(change_ms[change_ms.len() / 2]), "max": round3(change_ms[change_ms.len() - 1])},
         },
-        "dnsmasq": {"throughput": mas_tp, "latency_paced": mas_lat},
-        "qps_ratio_riptide_to_dnsmasq": round3(ratio),
+        "dnsmasq": {"throughput": tp[1], "latency_paced": lat[1]},
+        "qps_ratio_riptide_to_dnsmasq": round3(qps(&tp[0]) / qps(&tp[1])),
+        "per_cpu_ratio_riptide_to_dnsmasq": round3(per_cpu(&tp[0]) / per_cpu(&tp[1])),
     });
+    if let (Some(bin), Some(b)) = (&baseline, &base) {
+        doc["baseline"] = json!({
+            "binary": bin.display().to_string(),
+            "rss_kib_after_load": rss_kib(b.pid).0,
+            "throughput": tp[2],
+            "latency_paced": lat[2],
+            "qps_ratio_to_dnsmasq": round3(qps(&tp[2]) / qps(&tp[1])),
+            "per_cpu_ratio_to_dnsmasq": round3(per_cpu(&tp[2]) / per_cpu(&tp[1])),
+        });
+    }
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())
 }

@@ -5,27 +5,31 @@
 //! - [`index`]: the compact record index, changed in place per event.
 //! - [`records`]: question → answer over the index (the spec's records,
 //!   NXDOMAIN versus NODATA).
-//! - [`handler`]: hickory-server's request handler (EDNS, forwarding).
+//! - [`handler`]: what each request is answered with (EDNS, forwarding);
+//!   hickory-server's request handler for TCP.
+//! - [`udp`]: UDP serving, a thread per core; [`cache`]: its answer cache.
 //! - [`forward`]: upstream resolvers and the forwarding cache.
 //! - [`watch`]: the watches feeding the index.
 //! - [`metrics`]: Prometheus metrics, `/healthz`, `/ready`.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod cache;
 pub mod forward;
 pub mod handler;
 pub mod index;
 pub mod metrics;
 pub mod records;
+pub mod udp;
 pub mod watch;
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, RwLock},
+    sync::{Arc, RwLock, atomic::AtomicBool},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use hickory_server::Server;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 
 use crate::{
     forward::Forwarder,
@@ -33,6 +37,7 @@ use crate::{
     index::Index,
     metrics::{Metrics, Readiness},
     records::Zone,
+    udp::Udp,
 };
 
 /// Idle TCP connections are closed after this long.
@@ -41,6 +46,9 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 const TCP_RESPONSE_BUFFER: usize = 32;
 /// Entries in the forwarding cache.
 const CACHE_CAPACITY: usize = 10_000;
+/// Entries in the UDP answer cache: every Service name of a 10,000-Service
+/// cluster with room for other questions; ~150 bytes each.
+const ANSWER_CACHE_CAPACITY: usize = 20_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -51,6 +59,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("starting the UDP threads: {0}")]
+    Threads(#[source] std::io::Error),
     #[error("DNS server stopped: {0}")]
     Server(#[source] hickory_server::net::NetError),
 }
@@ -65,6 +75,8 @@ pub struct Config {
     pub zone: Zone,
     pub upstreams: Vec<SocketAddr>,
     pub upstream_timeout: Duration,
+    /// Threads (and sockets) serving UDP.
+    pub udp_workers: usize,
 }
 
 /// Binds the DNS (UDP + TCP) and metrics listeners, starts the watches and
@@ -78,14 +90,16 @@ pub async fn run(client: kube::Client, cfg: Config, shutdown: impl Future<Output
     let index = Arc::new(RwLock::new(Index::new(serial)));
 
     let bind = |proto, source| Error::Bind { proto, addr: cfg.listen, source };
-    let udp = UdpSocket::bind(cfg.listen).await.map_err(|e| bind("udp", e))?;
+    let udp = udp::bind(cfg.listen, cfg.udp_workers).map_err(|e| bind("udp", e))?;
     let tcp = TcpListener::bind(cfg.listen).await.map_err(|e| bind("tcp", e))?;
     let http = TcpListener::bind(cfg.metrics).await.map_err(|source| Error::Bind { proto: "tcp", addr: cfg.metrics, source })?;
 
     let forwarder = Forwarder::new(cfg.upstreams.clone(), cfg.upstream_timeout, CACHE_CAPACITY, metrics.clone());
-    let handler = Handler::new(index.clone(), cfg.zone.clone(), forwarder, metrics.clone());
-    let mut server = Server::new(handler);
-    server.register_socket(udp);
+    let handler = Arc::new(Handler::new(index.clone(), cfg.zone.clone(), forwarder, metrics.clone()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let udp_threads = udp::spawn(&Arc::new(Udp::new(handler.clone(), ANSWER_CACHE_CAPACITY)), udp, &tokio::runtime::Handle::current(), &stop)
+        .map_err(Error::Threads)?;
+    let mut server = Server::new(handler::Tcp(handler));
     server.register_listener(tcp, TCP_IDLE, TCP_RESPONSE_BUFFER);
     tracing::info!(
         listen = %cfg.listen,
@@ -93,6 +107,7 @@ pub async fn run(client: kube::Client, cfg: Config, shutdown: impl Future<Output
         zone = %cfg.zone.name(),
         upstreams = ?cfg.upstreams,
         ttl = cfg.zone.ttl(),
+        udp_workers = udp_threads.len(),
         "serving DNS"
     );
 
@@ -113,6 +128,9 @@ pub async fn run(client: kube::Client, cfg: Config, shutdown: impl Future<Output
             server.shutdown_gracefully().await.map_err(Error::Server)
         }
     };
+    // The UDP threads see the flag within their receive timeout; they
+    // hold nothing that needs a clean stop, so they are not joined.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     http_task.abort();
     for w in watches {
         w.abort();

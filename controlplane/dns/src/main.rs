@@ -42,6 +42,10 @@ struct Args {
     /// upstreams before the client gets SERVFAIL.
     #[arg(long, default_value_t = 2000)]
     upstream_timeout: u64,
+    /// Threads serving UDP, each on its own socket (default: one per CPU
+    /// this process may use).
+    #[arg(long)]
+    udp_workers: Option<usize>,
     /// Records `a-b-c-d.<ns>.pod.<zone>`.
     #[arg(long, value_enum, default_value = "insecure")]
     pod_records: PodRecords,
@@ -66,7 +70,15 @@ async fn main() -> Result<()> {
         args.upstreams
     };
     let client = client(args.kubeconfig.as_deref()).await?;
-    let cfg = Config { listen: args.listen, metrics: args.metrics, zone, upstreams, upstream_timeout: Duration::from_millis(args.upstream_timeout) };
+    let udp_workers = args.udp_workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let cfg = Config {
+        listen: args.listen,
+        metrics: args.metrics,
+        zone,
+        upstreams,
+        upstream_timeout: Duration::from_millis(args.upstream_timeout),
+        udp_workers,
+    };
     riptide_dns::run(client, cfg, shutdown()).await?;
     Ok(())
 }

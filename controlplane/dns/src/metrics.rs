@@ -43,6 +43,8 @@ pub struct Metrics {
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub cache_entries: Gauge,
+    pub answer_cache_hits: Counter,
+    pub answer_cache_misses: Counter,
     pub upstream_failures: Counter,
     pub watch_errors: Family<KindLabel, Counter>,
     pub services: Gauge,
@@ -67,6 +69,8 @@ impl Metrics {
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             cache_entries: Gauge::default(),
+            answer_cache_hits: Counter::default(),
+            answer_cache_misses: Counter::default(),
             upstream_failures: Counter::default(),
             watch_errors: Family::default(),
             services: Gauge::default(),
@@ -77,6 +81,8 @@ impl Metrics {
         r.register("cache_hits", "Forwarded questions answered from the cache", m.cache_hits.clone());
         r.register("cache_misses", "Forwarded questions sent upstream", m.cache_misses.clone());
         r.register("cache_entries", "Entries in the forwarding cache", m.cache_entries.clone());
+        r.register("answer_cache_hits", "UDP queries answered from the answer cache", m.answer_cache_hits.clone());
+        r.register("answer_cache_misses", "Cacheable UDP queries not in the answer cache", m.answer_cache_misses.clone());
         r.register("upstream_failures", "Forwarded questions no upstream answered (SERVFAIL)", m.upstream_failures.clone());
         r.register("watch_errors", "Watch stream errors by kind", m.watch_errors.clone());
         r.register("services", "Services in the index", m.services.clone());
@@ -85,8 +91,14 @@ impl Metrics {
     }
 
     pub fn observe(&self, qtype: RecordType, rcode: ResponseCode, took: Duration) {
-        self.requests.get_or_create(&RequestLabels { qtype: qtype_label(qtype), rcode: rcode_label(rcode) }).inc();
+        self.requests(qtype, rcode).inc();
         self.duration.observe(took.as_secs_f64());
+    }
+
+    /// The request counter of `qtype` and `rcode`, for callers that count
+    /// the same kind of request again and again.
+    pub fn requests(&self, qtype: RecordType, rcode: ResponseCode) -> Counter {
+        self.requests.get_or_create(&RequestLabels { qtype: qtype_label(qtype), rcode: rcode_label(rcode) }).clone()
     }
 
     /// OpenMetrics text.
