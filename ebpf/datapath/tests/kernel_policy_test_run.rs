@@ -237,9 +237,17 @@ impl PolicyNode {
             .unwrap();
     }
 
-    fn revoke(&mut self, ep_id: u32, peer: u32, dir: u8, proto: u8, port: u16, prefix: u32) {
+    /// Allows `peer` on one TCP port.
+    fn allow_tcp(&mut self, ep_id: u32, peer: u32, dir: u8, port: u16) {
+        self.allow(ep_id, peer, dir, proto::TCP, port, POLICY_PREFIX_FULL);
+    }
+
+    fn revoke_tcp(&mut self, ep_id: u32, peer: u32, dir: u8, port: u16) {
         self.pol
-            .remove_rule(prefix, Self::rule_key(ep_id, peer, dir, proto, port))
+            .remove_rule(
+                POLICY_PREFIX_FULL,
+                Self::rule_key(ep_id, peer, dir, proto::TCP, port),
+            )
             .unwrap();
     }
 
@@ -337,14 +345,7 @@ fn ingress_allows_the_selected_pod_on_the_selected_port_only() {
     }
     let mut t = PolicyNode::new();
     t.endpoint(B, B_EP, B_ID, PE_F_ISOLATED_IN);
-    t.allow(
-        B_EP,
-        A_ID,
-        POL_DIR_INGRESS,
-        proto::TCP,
-        80,
-        POLICY_PREFIX_FULL,
-    );
+    t.allow_tcp(B_EP, A_ID, POL_DIR_INGRESS, 80);
 
     let v = t.run(FROM_POD, &syn(at(A, 40000), at(B, 80)));
     assert_eq!(v, TC_ACT_REDIRECT, "A may reach B:80\n{}", t.dump());
@@ -442,30 +443,9 @@ fn replies_of_allowed_flows_pass_both_ways_and_established_packets_skip_policy()
     let both = PE_F_ISOLATED_IN | PE_F_ISOLATED_OUT;
     t.endpoint(A, A_EP, A_ID, both);
     t.endpoint(B, B_EP, B_ID, both);
-    t.allow(
-        A_EP,
-        B_ID,
-        POL_DIR_EGRESS,
-        proto::TCP,
-        80,
-        POLICY_PREFIX_FULL,
-    );
-    t.allow(
-        B_EP,
-        A_ID,
-        POL_DIR_INGRESS,
-        proto::TCP,
-        80,
-        POLICY_PREFIX_FULL,
-    );
-    t.allow(
-        A_EP,
-        R_ID,
-        POL_DIR_EGRESS,
-        proto::TCP,
-        443,
-        POLICY_PREFIX_FULL,
-    );
+    t.allow_tcp(A_EP, B_ID, POL_DIR_EGRESS, 80);
+    t.allow_tcp(B_EP, A_ID, POL_DIR_INGRESS, 80);
+    t.allow_tcp(A_EP, R_ID, POL_DIR_EGRESS, 443);
 
     assert_eq!(
         t.run(FROM_POD, &syn(at(A, 40000), at(B, 80))),
@@ -506,22 +486,8 @@ fn replies_of_allowed_flows_pass_both_ways_and_established_packets_skip_policy()
 
     // The rules go away: established packets still pass, unjudged; a new
     // flow is denied.
-    t.revoke(
-        A_EP,
-        B_ID,
-        POL_DIR_EGRESS,
-        proto::TCP,
-        80,
-        POLICY_PREFIX_FULL,
-    );
-    t.revoke(
-        B_EP,
-        A_ID,
-        POL_DIR_INGRESS,
-        proto::TCP,
-        80,
-        POLICY_PREFIX_FULL,
-    );
+    t.revoke_tcp(A_EP, B_ID, POL_DIR_EGRESS, 80);
+    t.revoke_tcp(B_EP, A_ID, POL_DIR_INGRESS, 80);
     let ack = tcp(at(A, 40000), at(B, 80), 0x10, b"data");
     assert_eq!(t.run(FROM_POD, &ack), TC_ACT_REDIRECT, "established");
     assert_eq!(
@@ -558,22 +524,8 @@ fn ipblock_peers_match_by_prefix_and_except_carves_out() {
     t.cidr("10.42.1.0", 24, identity::WORLD, pods_block);
     t.cidr(R, 32, R_ID, pods_block);
     t.endpoint(A, A_EP, A_ID, PE_F_ISOLATED_OUT);
-    t.allow(
-        A_EP,
-        block,
-        POL_DIR_EGRESS,
-        proto::TCP,
-        443,
-        POLICY_PREFIX_FULL,
-    );
-    t.allow(
-        A_EP,
-        pods_block,
-        POL_DIR_EGRESS,
-        proto::TCP,
-        443,
-        POLICY_PREFIX_FULL,
-    );
+    t.allow_tcp(A_EP, block, POL_DIR_EGRESS, 443);
+    t.allow_tcp(A_EP, pods_block, POL_DIR_EGRESS, 443);
 
     let a = at(A, 40000);
     assert_eq!(
@@ -613,14 +565,7 @@ fn ipblock_peers_match_by_prefix_and_except_carves_out() {
     assert_eq!(t.counters(), [0, 3, 0, 3, 0, 0]);
     // Ingress from outside, judged on the uplink by the client's address.
     t.endpoint(B, B_EP, B_ID, PE_F_ISOLATED_IN);
-    t.allow(
-        B_EP,
-        block,
-        POL_DIR_INGRESS,
-        proto::TCP,
-        80,
-        POLICY_PREFIX_FULL,
-    );
+    t.allow_tcp(B_EP, block, POL_DIR_INGRESS, 80);
     assert_eq!(
         t.run(FROM_NET, &syn(at(W, 5000), at(B, 80))),
         TC_ACT_REDIRECT,
@@ -775,14 +720,7 @@ fn fail_closed_denies_all_but_the_node_and_the_pod_itself() {
         B_ID,
         PE_F_ISOLATED_IN | PE_F_ANY_IN | PE_F_FAIL_CLOSED,
     );
-    t.allow(
-        B_EP,
-        A_ID,
-        POL_DIR_INGRESS,
-        proto::TCP,
-        80,
-        POLICY_PREFIX_FULL,
-    );
+    t.allow_tcp(B_EP, A_ID, POL_DIR_INGRESS, 80);
     t.allow(
         B_EP,
         identity::ANY,
@@ -819,26 +757,7 @@ fn the_node_the_pod_itself_and_hairpin_flows_always_pass() {
     let mut t = PolicyNode::new();
     // B is isolated both ways without a single rule.
     t.endpoint(B, B_EP, B_ID, PE_F_ISOLATED_IN | PE_F_ISOLATED_OUT);
-    t.n.svcs
-        .upsert(&Service {
-            name: "default/b:http".into(),
-            protocol: Protocol::Tcp,
-            frontends: vec![Frontend {
-                kind: FrontendKind::ClusterIp,
-                addr: ip(VIP),
-                port: 80,
-            }],
-            backends: vec![Backend {
-                addr: sa(B, 8080),
-                state: BackendState::Active,
-                local: true,
-            }],
-            affinity_timeout_s: None,
-            external_policy: TrafficPolicy::Cluster,
-            internal_policy: TrafficPolicy::Cluster,
-            algorithm: Algorithm::Random,
-        })
-        .unwrap();
+    t.n.svcs.upsert(&web(vec![(B, true)])).unwrap();
     // The kubelet's probe, from the node's address and from another
     // address of the node, into B through the veth's egress.
     assert_eq!(
@@ -922,32 +841,11 @@ fn service_flows_are_judged_on_the_backend_not_the_frontend() {
     t.n.svcs.upsert(&web(vec![(B, true)])).unwrap();
     t.endpoint(A, A_EP, A_ID, PE_F_ISOLATED_OUT);
     t.endpoint(B, B_EP, B_ID, PE_F_ISOLATED_IN);
-    t.allow(
-        B_EP,
-        A_ID,
-        POL_DIR_INGRESS,
-        proto::TCP,
-        8080,
-        POLICY_PREFIX_FULL,
-    );
+    t.allow_tcp(B_EP, A_ID, POL_DIR_INGRESS, 8080);
     // Rules naming the frontend (the VIP is "world" to the ipcache) or the
     // frontend's port do not let A out.
-    t.allow(
-        A_EP,
-        identity::WORLD,
-        POL_DIR_EGRESS,
-        proto::TCP,
-        80,
-        POLICY_PREFIX_FULL,
-    );
-    t.allow(
-        A_EP,
-        B_ID,
-        POL_DIR_EGRESS,
-        proto::TCP,
-        80,
-        POLICY_PREFIX_FULL,
-    );
+    t.allow_tcp(A_EP, identity::WORLD, POL_DIR_EGRESS, 80);
+    t.allow_tcp(A_EP, B_ID, POL_DIR_EGRESS, 80);
     assert_eq!(
         t.run(FROM_POD, &syn(at(A, 40000), at(VIP, 80))),
         TC_ACT_SHOT,
@@ -960,14 +858,7 @@ fn service_flows_are_judged_on_the_backend_not_the_frontend() {
         "a denied flow is not balanced"
     );
 
-    t.allow(
-        A_EP,
-        B_ID,
-        POL_DIR_EGRESS,
-        proto::TCP,
-        8080,
-        POLICY_PREFIX_FULL,
-    );
+    t.allow_tcp(A_EP, B_ID, POL_DIR_EGRESS, 8080);
     let (v, out) = run(&mut t.n.dp, FROM_POD, &syn(at(A, 40001), at(VIP, 80)));
     assert_eq!(v, TC_ACT_REDIRECT, "{}", t.dump());
     assert_eq!((view(&out).dst, view(&out).dport), (ip(B), 8080));
@@ -1007,14 +898,7 @@ fn service_flows_are_judged_on_the_backend_not_the_frontend() {
     );
     assert_eq!(t.counters(), [1, 1, 2, 1, 0, 0]);
     t.cidr("203.0.113.0", 24, identity::WORLD, identity::FIRST_CIDR);
-    t.allow(
-        B_EP,
-        identity::FIRST_CIDR,
-        POL_DIR_INGRESS,
-        proto::TCP,
-        8080,
-        POLICY_PREFIX_FULL,
-    );
+    t.allow_tcp(B_EP, identity::FIRST_CIDR, POL_DIR_INGRESS, 8080);
     let (v, out) = run(&mut t.n.dp, FROM_NET, &syn(at(W, 5001), at(NODE_IP, 30080)));
     assert_eq!(v, TC_ACT_REDIRECT, "{}", t.dump());
     assert_eq!(view(&out).src, ip(W), "client address kept");
@@ -1033,14 +917,7 @@ fn egress_to_a_remote_backend_is_judged_on_that_backend() {
         t.run(FROM_POD, &syn(at(A, 40000), at(VIP, 80))),
         TC_ACT_SHOT
     );
-    t.allow(
-        A_EP,
-        R_ID,
-        POL_DIR_EGRESS,
-        proto::TCP,
-        8080,
-        POLICY_PREFIX_FULL,
-    );
+    t.allow_tcp(A_EP, R_ID, POL_DIR_EGRESS, 8080);
     let (v, out) = run(&mut t.n.dp, FROM_POD, &syn(at(A, 40001), at(VIP, 80)));
     assert_eq!(v, TC_ACT_OK, "{}", t.dump());
     assert_eq!(view(&out).dst, ip(R));
@@ -1054,23 +931,9 @@ fn uplink_and_veth_egress_judge_ingress_and_record_inbound_replies() {
     }
     let mut t = PolicyNode::new();
     t.endpoint(B, B_EP, B_ID, PE_F_ISOLATED_IN);
-    t.allow(
-        B_EP,
-        R_ID,
-        POL_DIR_INGRESS,
-        proto::TCP,
-        80,
-        POLICY_PREFIX_FULL,
-    );
+    t.allow_tcp(B_EP, R_ID, POL_DIR_INGRESS, 80);
     t.cidr("203.0.113.0", 24, identity::WORLD, identity::FIRST_CIDR);
-    t.allow(
-        B_EP,
-        identity::FIRST_CIDR,
-        POL_DIR_INGRESS,
-        proto::TCP,
-        443,
-        POLICY_PREFIX_FULL,
-    );
+    t.allow_tcp(B_EP, identity::FIRST_CIDR, POL_DIR_INGRESS, 443);
 
     // From another node's pod, through the uplink.
     assert_eq!(
@@ -1110,14 +973,7 @@ fn uplink_and_veth_egress_judge_ingress_and_record_inbound_replies() {
     assert_eq!(t.counters(), [3, 0, 2, 0, 0, 0]);
     // Later packets of the allowed flow: a conntrack hit even after the
     // rule is gone.
-    t.revoke(
-        B_EP,
-        R_ID,
-        POL_DIR_INGRESS,
-        proto::TCP,
-        80,
-        POLICY_PREFIX_FULL,
-    );
+    t.revoke_tcp(B_EP, R_ID, POL_DIR_INGRESS, 80);
     assert_eq!(
         t.run(TO_POD, &tcp(at(R, 41000), at(B, 80), 0x10, b"x")),
         TC_ACT_OK
@@ -1158,14 +1014,7 @@ fn packets_without_tcp_udp_ports() {
     }
     let mut t = PolicyNode::new();
     t.endpoint(B, B_EP, B_ID, PE_F_ISOLATED_IN);
-    t.allow(
-        B_EP,
-        A_ID,
-        POL_DIR_INGRESS,
-        proto::TCP,
-        80,
-        POLICY_PREFIX_FULL,
-    );
+    t.allow_tcp(B_EP, A_ID, POL_DIR_INGRESS, 80);
     // Echo: only an every-port rule of ICMP (or every protocol) allows it.
     assert_eq!(t.run(FROM_POD, &echo(A, B, 8)), TC_ACT_SHOT, "{}", t.dump());
     assert_eq!(t.counters(), [0, 0, 1, 0, 0, 0]);
