@@ -155,7 +155,7 @@ impl Compiler {
         let mut warnings = Vec::new();
 
         let mut namespaces = namespaces(inputs.namespaces);
-        let pods = pods(inputs, &mut warnings);
+        let (pods, host_network_pods) = pods(inputs, &mut warnings);
         for pod in &pods {
             namespaces.entry(pod.namespace).or_insert_with(|| NsData::unknown(pod.namespace));
         }
@@ -307,6 +307,9 @@ impl Compiler {
                     },
                 );
             }
+        }
+        for pod in &host_network_pods {
+            out.pods.entry((pod.namespace.to_owned(), pod.name.to_owned())).or_insert(pod.ip);
         }
         for addr in host_addrs {
             out.ipcache.insert(
@@ -477,8 +480,7 @@ fn namespaces(list: &[std::sync::Arc<Namespace>]) -> HashMap<&str, NsData> {
         .collect()
 }
 
-/// A pod that owns an address: not host-networked, not finished, with an
-/// IPv4.
+/// A pod with an IPv4 address that is not finished.
 struct PodData<'a> {
     pod: &'a Pod,
     namespace: &'a str,
@@ -487,18 +489,16 @@ struct PodData<'a> {
     local: bool,
 }
 
-/// The pods that own addresses, in (namespace, name) order. Two pods
-/// claiming one address (a stale store): the one not being deleted wins.
-fn pods<'a>(inputs: &Inputs<'a>, warnings: &mut Vec<String>) -> Vec<PodData<'a>> {
-    let mut out: Vec<PodData<'a>> = inputs
+/// The pods that own addresses, in (namespace, name) order, and apart the
+/// host-network pods (their address is their node's: no identity of their
+/// own, only a name `riptide policy check` resolves). Two pods claiming
+/// one address (a stale store): the one not being deleted wins.
+fn pods<'a>(inputs: &Inputs<'a>, warnings: &mut Vec<String>) -> (Vec<PodData<'a>>, Vec<PodData<'a>>) {
+    let (owners, host_network): (Vec<_>, Vec<_>) = inputs
         .pods
         .iter()
         .filter_map(|pod| {
             let spec = pod.spec.as_ref()?;
-            // A host-network pod's address is its node's.
-            if spec.host_network == Some(true) {
-                return None;
-            }
             let status = pod.status.as_ref()?;
             if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
                 return None;
@@ -510,15 +510,18 @@ fn pods<'a>(inputs: &Inputs<'a>, warnings: &mut Vec<String>) -> Vec<PodData<'a>>
                 .map(|p| p.ip.as_str())
                 .chain(status.pod_ip.as_deref())
                 .find_map(|s| s.parse::<Ipv4Addr>().ok())?;
-            Some(PodData {
+            let data = PodData {
                 pod: pod.as_ref(),
                 namespace: pod.metadata.namespace.as_deref().unwrap_or("default"),
                 name: pod.metadata.name.as_deref().unwrap_or(""),
                 ip,
                 local: spec.node_name.as_deref() == Some(inputs.node_name),
-            })
+            };
+            Some((data, spec.host_network == Some(true)))
         })
-        .collect();
+        .partition(|(_, host_network)| !host_network);
+    let mut out: Vec<PodData<'a>> = owners.into_iter().map(|(p, _)| p).collect();
+    let host_network = host_network.into_iter().map(|(p, _)| p).collect();
     out.sort_by(|a, b| (a.namespace, a.name).cmp(&(b.namespace, b.name)));
     let mut by_ip: HashMap<Ipv4Addr, usize> = HashMap::new();
     let mut drop = vec![false; out.len()];
@@ -538,7 +541,7 @@ fn pods<'a>(inputs: &Inputs<'a>, warnings: &mut Vec<String>) -> Vec<PodData<'a>>
     }
     let mut keep = drop.into_iter().map(|d| !d);
     out.retain(|_| keep.next().unwrap_or(true));
-    out
+    (out, host_network)
 }
 
 /// A containerPort with a name (regular containers and init containers,
