@@ -110,6 +110,7 @@ impl MapState {
     }
 
     /// The state `compiled` asks for.
+    #[cfg(test)]
     fn desired(compiled: &Compiled) -> Self {
         Self { ipcache: compiled.ipcache.clone(), endpoints: compiled.endpoints.clone(), rules: compiled.rules.clone() }
     }
@@ -186,15 +187,18 @@ impl<W: PolicyWriter> PolicySync<W> {
                 }
             },
         };
-        let mut want = MapState::desired(compiled);
-        if rep.read_back && renumbered(&have, &want) {
+        // Only the endpoints change on the way (fail-closed flags); the
+        // ipcache and the rules, by far the largest, are read in place.
+        let (want_ipcache, want_rules) = (&compiled.ipcache, &compiled.rules);
+        let mut want_endpoints = compiled.endpoints.clone();
+        if rep.read_back && renumbered(&have, compiled) {
             rep.renumbered = true;
             self.close_all(&mut have, &mut rep);
         }
         let mut failed_eps: BTreeSet<u32> = BTreeSet::new();
         let mut all_failed = false;
 
-        for (&(addr, len), v) in &want.ipcache {
+        for (&(addr, len), v) in want_ipcache {
             if have.ipcache.get(&(addr, len)) == Some(v) {
                 continue;
             }
@@ -209,7 +213,7 @@ impl<W: PolicyWriter> PolicySync<W> {
                 }
             }
         }
-        let mut rules: Vec<(&RuleKey, &PolicyValue)> = want.rules.iter().filter(|(k, v)| have.rules.get(k) != Some(v)).collect();
+        let mut rules: Vec<(&RuleKey, &PolicyValue)> = want_rules.iter().filter(|(k, v)| have.rules.get(k) != Some(v)).collect();
         // Deterministic order (the map is a HashMap): by endpoint, then key.
         rules.sort_by_key(|(k, _)| rule_order(k));
         for (k, v) in rules {
@@ -224,13 +228,13 @@ impl<W: PolicyWriter> PolicySync<W> {
                 }
             }
         }
-        for (addr, v) in &mut want.endpoints {
+        for (addr, v) in &mut want_endpoints {
             if all_failed || failed_eps.contains(&v.ep_id) {
                 v.flags |= PE_F_FAIL_CLOSED;
                 rep.fail_closed.insert(*addr);
             }
         }
-        for (&addr, v) in &want.endpoints {
+        for (&addr, v) in &want_endpoints {
             if have.endpoints.get(&addr) == Some(v) {
                 continue;
             }
@@ -247,7 +251,7 @@ impl<W: PolicyWriter> PolicySync<W> {
             }
         }
 
-        let stale: Vec<Ipv4Addr> = have.endpoints.keys().filter(|a| !want.endpoints.contains_key(a)).copied().collect();
+        let stale: Vec<Ipv4Addr> = have.endpoints.keys().filter(|a| !want_endpoints.contains_key(a)).copied().collect();
         for addr in stale {
             match self.writer.remove_endpoint(addr) {
                 Ok(()) => {
@@ -257,7 +261,7 @@ impl<W: PolicyWriter> PolicySync<W> {
                 Err(e) => rep.errors.push(format!("removing endpoint {addr}: {}", crate::reconcile::error_chain(&e))),
             }
         }
-        let mut stale: Vec<RuleKey> = have.rules.keys().filter(|k| !want.rules.contains_key(k)).copied().collect();
+        let mut stale: Vec<RuleKey> = have.rules.keys().filter(|k| !want_rules.contains_key(k)).copied().collect();
         stale.sort_by_key(rule_order);
         for k in stale {
             match self.writer.remove_rule(k) {
@@ -268,7 +272,7 @@ impl<W: PolicyWriter> PolicySync<W> {
                 Err(e) => rep.errors.push(format!("removing rule {}: {}", describe(&k), crate::reconcile::error_chain(&e))),
             }
         }
-        let stale: Vec<(Ipv4Addr, u8)> = have.ipcache.keys().filter(|k| !want.ipcache.contains_key(k)).copied().collect();
+        let stale: Vec<(Ipv4Addr, u8)> = have.ipcache.keys().filter(|k| !want_ipcache.contains_key(k)).copied().collect();
         for (addr, len) in stale {
             match self.writer.remove_ipcache(addr, len) {
                 Ok(()) => {
@@ -313,7 +317,7 @@ impl<W: PolicyWriter> PolicySync<W> {
 /// both know with other values, an endpoint with another id or identity,
 /// or an id `have` uses that `want` gives to an address `have` does not
 /// know (a new pod could have taken an old number).
-fn renumbered(have: &MapState, want: &MapState) -> bool {
+fn renumbered(have: &MapState, want: &Compiled) -> bool {
     let changed_ipcache = want.ipcache.iter().any(|(k, v)| have.ipcache.get(k).is_some_and(|h| h != v));
     let changed_eps = want.endpoints.iter().any(|(a, v)| have.endpoints.get(a).is_some_and(|h| (h.ep_id, h.identity) != (v.ep_id, v.identity)));
     let old_ids: BTreeSet<u32> = have
