@@ -14,9 +14,13 @@
 //! - a peer is a `podSelector` (pods of the policy's namespace), a
 //!   `namespaceSelector` (all pods of matching namespaces), both (AND), or an
 //!   `ipBlock` minus its `except`s;
-//! - ports: protocol (TCP by default), a number, a name (ingress: the
-//!   selected pod's containerPort of that name; egress: the peer's), a range
-//!   with `endPort`; no ports = every protocol and port.
+//! - ports: protocol (TCP by default; SCTP rules carry protocol 132 and
+//!   match only as far as the datapath parses SCTP), a number, a name
+//!   (ingress: the selected pod's containerPort of that name; egress: the
+//!   peer's), a range with `endPort`; no ports = every protocol and port;
+//! - a pod counts from the moment it has an address until it has finished
+//!   (Pending included: init containers talk too); a host-network pod has
+//!   its node's address and is no endpoint.
 //!
 //! Identities (Cilium's shape, numbered by this node alone): a label set
 //! (namespace name, namespace labels, pod labels) gets an id ≥

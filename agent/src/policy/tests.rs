@@ -130,9 +130,17 @@ impl Cluster {
         self
     }
 
-    fn set_pod_labels(&mut self, pod: &str, labels: Value) {
+    /// Index of `ns/name` in `pods`.
+    fn pod_index(&self, pod: &str) -> usize {
         let (ns, name) = pod.split_once('/').unwrap();
-        let idx = self.pods.iter().position(|p| p.metadata.namespace.as_deref() == Some(ns) && p.metadata.name.as_deref() == Some(name)).unwrap();
+        self.pods
+            .iter()
+            .position(|p| p.metadata.namespace.as_deref() == Some(ns) && p.metadata.name.as_deref() == Some(name))
+            .unwrap()
+    }
+
+    fn set_pod_labels(&mut self, pod: &str, labels: Value) {
+        let idx = self.pod_index(pod);
         let mut new = (*self.pods[idx]).clone();
         new.metadata.labels = Some(serde_json::from_value(labels).unwrap());
         self.pods[idx] = Arc::new(new);
@@ -431,7 +439,7 @@ fn named_port_ingress_resolves_on_the_destination_pod() {
         json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": "serve-81-tcp", "protocol": "TCP"}]}]}),
     ));
     // x/b serves "serve-81-tcp" on 8081 instead.
-    let idx = cl.pods.iter().position(|p| p.metadata.name.as_deref() == Some("b") && p.metadata.namespace.as_deref() == Some("x")).unwrap();
+    let idx = cl.pod_index("x/b");
     cl.pods[idx] = from_json(pod_json("x", "b", json!({"pod": "b"}), ip_of("x/b"), NODE, json!([{"name": "serve-81-tcp", "containerPort": 8081}])));
     let c = cl.compile();
     assert_matrix(&c, 80, proto::TCP, |_, to| ns(to) != "x");
@@ -450,7 +458,7 @@ fn named_port_egress_resolves_on_the_peer_pods() {
         json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"ports": [{"port": "serve-81-udp", "protocol": "UDP"}]}]}),
     ));
     // z/c serves it on 9000.
-    let idx = cl.pods.iter().position(|p| p.metadata.name.as_deref() == Some("c") && p.metadata.namespace.as_deref() == Some("z")).unwrap();
+    let idx = cl.pod_index("z/c");
     cl.pods[idx] = from_json(pod_json("z", "c", json!({"pod": "c"}), ip_of("z/c"), NODE, json!([{"name": "serve-81-udp", "containerPort": 9000, "protocol": "UDP"}])));
     let c = cl.compile();
     assert_matrix(&c, 81, proto::UDP, |from, to| ns(from) != "x" || to != "z/c");
@@ -666,7 +674,7 @@ fn ipcache_holds_pods_nodes_and_the_world() {
     // address of their own.
     for p in ["z/a", "z/b", "z/c"] {
         let (ns, name) = p.split_once('/').unwrap();
-        let idx = cl.pods.iter().position(|q| q.metadata.name.as_deref() == Some(name) && q.metadata.namespace.as_deref() == Some(ns)).unwrap();
+        let idx = cl.pod_index(p);
         cl.pods[idx] = from_json(pod_json(ns, name, json!({"pod": name}), ip_of(p), "n2", serve_ports()));
     }
     let mut hostnet = pod_json("x", "hostnet", json!({"pod": "h"}), NODE_IP, NODE, json!([]));
