@@ -116,6 +116,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         Some(dir) => attach(&mut dp, &cfg, dir)?,
         None => Vec::new(),
     };
+    if let Some(dir) = &pin_dir {
+        attach_to_pod(&mut dp, dir);
+    }
     let shared = Arc::new(Shared {
         node: node.clone(),
         ready: AtomicBool::new(false),
@@ -244,6 +247,25 @@ fn attach(dp: &mut Datapath, cfg: &Config, dir: &Path) -> Result<Vec<String>, Er
         att.pin(&links, "uplink").map_err(dp_err(&cfg.node_name, "pinning uplink links"))?;
     }
     Ok(attachments)
+}
+
+/// Ingress policy on veths of pods an older CNI created (see
+/// [`crate::to_pod`]). Not fatal: those pods keep every other check.
+fn attach_to_pod(dp: &mut Datapath, dir: &Path) {
+    let endpoints = match dp.endpoints() {
+        Ok(eps) => eps.list(),
+        Err(e) => {
+            tracing::warn!(error = %crate::reconcile::error_chain(&e), "cannot list endpoints to attach rt_to_pod");
+            return;
+        }
+    };
+    let rep = crate::to_pod::attach_missing(dir, &endpoints);
+    if !rep.attached.is_empty() {
+        tracing::info!(veths = ?rep.attached, "attached rt_to_pod to host veths of pods created by an older CNI");
+    }
+    if !rep.failed.is_empty() {
+        tracing::warn!(failed = ?rep.failed, "cannot attach rt_to_pod: ingress NetworkPolicy misses traffic the kernel routes into these pods");
+    }
 }
 
 /// Starts the GC thread on the node's pinned maps; returns its trigger.

@@ -22,6 +22,7 @@ pub mod reconcile;
 pub mod routes;
 pub mod shared;
 pub mod sockdiag;
+pub mod to_pod;
 pub mod tunnel;
 pub mod views;
 pub mod watch;
