@@ -51,8 +51,25 @@ struct Args {
     pod_records: PodRecords,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    one_malloc_arena();
+    tokio::runtime::Runtime::new().context("starting the tokio runtime")?.block_on(serve())
+}
+
+/// glibc gives every thread that allocates its own arena (up to 8 per
+/// core), each holding freed memory of its own. riptide-dns allocates
+/// little once the index is built, and the UDP threads' cache hits not
+/// at all, so one arena costs no contention and saves its RSS.
+fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: called before any other thread exists; M_ARENA_MAX only
+    // bounds how many arenas later allocations may create.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+async fn serve() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             // hickory-server logs every request at info.
