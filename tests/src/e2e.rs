@@ -307,6 +307,13 @@ pub fn agent_services(lab: &Lab, i: u32) -> Result<serde_json::Value> {
     riptide_json(lab, i, &["service", "list"])
 }
 
+/// `riptide events` from node `i`'s agent: the drop and policy events it
+/// kept, oldest first, with pods resolved.
+pub fn agent_events(lab: &Lab, i: u32) -> Result<Vec<serde_json::Value>> {
+    let v = riptide_json(lab, i, &["events"])?;
+    v.as_array().cloned().with_context(|| format!("riptide events answered {v}"))
+}
+
 /// `riptide affinity list` from node `i`'s agent (read from the maps).
 pub fn agent_affinity(lab: &Lab, i: u32) -> Result<serde_json::Value> {
     riptide_json(lab, i, &["affinity", "list"])

@@ -140,6 +140,30 @@ fn nodes_reach_their_pods(lab: &Lab, model: &Model) -> Result<()> {
     Ok(())
 }
 
+/// The lab index of the node `pod` runs on.
+fn node_of(lab: &Lab, model: &Model, pod: Peer) -> Result<u32> {
+    let node = &model.pod(pod)?.node;
+    lab.config().node_index(node).with_context(|| format!("{pod} runs on {node}, not a lab node"))
+}
+
+/// `pod`'s node's agent kept a NetworkPolicy event `verdict`
+/// (`policy-denied`, `policy-audit`) judged for `pod` in `direction`, its
+/// peer resolved to another pod of the model: what `riptide events` shows.
+fn policy_event(lab: &Lab, model: &Model, pod: Peer, verdict: &str, direction: &str) -> Result<()> {
+    let i = node_of(lab, model, pod)?;
+    let events = e2e::agent_events(lab, i)?;
+    let (me, peer) = if direction == "ingress" { ("dst_pod", "src_pod") } else { ("src_pod", "dst_pod") };
+    let hit = events.iter().any(|e| {
+        e["verdict"] == verdict
+            && e["direction"] == direction
+            && e[me] == pod.to_string().as_str()
+            && e[peer].as_str().is_some_and(|o| Peer::all().any(|p| p.to_string() == o))
+    });
+    let latest: Vec<String> = events.iter().rev().take(5).map(ToString::to_string).collect();
+    ensure!(hit, "node {i} kept no {verdict} {direction} event for {pod} among {} events; the latest:\n  {}", events.len(), latest.join("\n  "));
+    Ok(())
+}
+
 /// A ClusterIP Service `name` in x selecting `pod=<selects>`, TCP and UDP
 /// on 80; its ClusterIP.
 fn service(lab: &Lab, name: &str, selects: &str) -> Result<Ipv4Addr> {
@@ -156,10 +180,13 @@ fn service(lab: &Lab, name: &str, selects: &str) -> Result<Ipv4Addr> {
 /// The common cases, on whatever lab `model` runs on.
 fn core_cases(s: &mut Suite, model: &Model, dns: bool) {
     let deny_in_x = policy("x", "deny-in", "  podSelector: {}\n  policyTypes: [Ingress]\n");
-    case(s, model, "default-deny ingress in x", &deny_in_x, Expected::new(|_, to, _| to.ns != "x"), nothing);
+    case(s, model, "default-deny ingress in x; riptide events shows the denials", &deny_in_x, Expected::new(|_, to, _| to.ns != "x"), |lab| {
+        e2e::eventually(PROGRAMMED, || policy_event(lab, model, XA, "policy-denied", "ingress"))
+    });
 
     let deny_out_x = policy("x", "deny-out", "  podSelector: {}\n  policyTypes: [Egress]\n");
-    case(s, model, "default-deny egress in x", &deny_out_x, Expected::new(|from, _, _| from.ns != "x"), |lab| {
+    case(s, model, "default-deny egress in x; riptide events shows the denials", &deny_out_x, Expected::new(|from, _, _| from.ns != "x"), |lab| {
+        e2e::eventually(PROGRAMMED, || policy_event(lab, model, XA, "policy-denied", "egress"))?;
         if dns {
             expect_dns(lab, model, XA, false)?;
             expect_dns(lab, model, YB, true)?;
@@ -250,6 +277,45 @@ fn core_cases(s: &mut Suite, model: &Model, dns: bool) {
         &format!("  podSelector: {{matchLabels: {{pod: a}}}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - ipBlock: {{cidr: 10.42.0.0/16, except: [{}/32]}}\n", ip(ZC)),
     );
     case(s, model, "egress of x/a to ipBlock 10.42.0.0/16 except <z/c>/32", &egress_except, Expected::new(|from, to, _| from != XA || to != ZC), nothing);
+
+    // x/a may only send to x/b and receives nothing; x/b may only receive
+    // from x/a and sends nothing: x/a → x/b works only if its replies pass
+    // both ends' isolation (conntrack), in either direction of the policy.
+    let replies = [
+        policy("x", "a-only-to-b", "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress, Egress]\n  egress:\n  - to:\n    - podSelector: {matchLabels: {pod: b}}\n"),
+        policy("x", "b-only-from-a", "  podSelector: {matchLabels: {pod: b}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {pod: a}}\n"),
+    ]
+    .join("---\n");
+    case(
+        s,
+        model,
+        "replies pass although both ends deny the reverse direction (conntrack)",
+        &replies,
+        Expected::new(|from, to, _| (from != XA || to == XB) && to != XA && from != XB && (to != XB || from == XA)),
+        nothing,
+    );
+
+    let name = "audit mode (namespace annotation) passes would-be denials and records them";
+    if selected(name) {
+        s.check(name, |lab| {
+            let audit = "policy.riptide.io/audit";
+            e2e::kubectl(lab, &["annotate", "namespace", "x", &format!("{audit}=true")])?;
+            let r = e2e::apply(lab, &deny_in_x).and_then(|()| {
+                // The matrix is all-allowed before and after the agents
+                // program the policy; the audit events say it is in force.
+                e2e::eventually(PROGRAMMED, || {
+                    model.converge(lab, &Expected::all_allowed(), Duration::ZERO)?;
+                    policy_event(lab, model, XA, "policy-audit", "ingress")
+                })?;
+                e2e::kubectl(lab, &["annotate", "namespace", "x", &format!("{audit}-")])?;
+                model.converge(lab, &Expected::new(|_, to, _| to.ns != "x"), PROGRAMMED).context("audit annotation removed")?;
+                Ok(())
+            });
+            let unannotated = e2e::kubectl(lab, &["annotate", "namespace", "x", &format!("{audit}-")]);
+            let restored = restore(lab, model);
+            r.and(unannotated.map(|_| ())).and(restored)
+        });
+    }
 }
 
 /// Cases about ports: named, ranges, single ports, both directions.
@@ -369,6 +435,24 @@ fn service_cases(s: &mut Suite, model: &Model) {
                     expect_probes(lab, model, client, &to_b, false)?;
                 }
                 Ok(())
+            });
+            let deleted = e2e::kubectl(lab, &["delete", "service", "svc-b", "-n", "x"]).map(|_| ());
+            r.and(deleted)
+        });
+    }
+
+    let name = "a pod reaches itself through its own Service under deny-all (hairpin)";
+    if selected(name) {
+        s.check(name, |lab| {
+            let vb = service(lab, "svc-b", "b")?;
+            let to_b = [(vb, "b", TCP80), (vb, "b", UDP80)];
+            e2e::eventually(SETTLE, || expect_probes(lab, model, Client::PodNetnsOnly(XB), &to_b, true)).context("without a policy")?;
+            let deny_all = policy("x", "deny-all", "  podSelector: {}\n  policyTypes: [Ingress, Egress]\n");
+            let r = with_policies(lab, model, &deny_all, &Expected::new(|from, to, _| from.ns != "x" && to.ns != "x"), || {
+                for client in [Client::Pod(XB), Client::PodNetnsOnly(XB)] {
+                    expect_probes(lab, model, client, &to_b, true)?;
+                }
+                expect_probes(lab, model, Client::Pod(XA), &to_b, false)
             });
             let deleted = e2e::kubectl(lab, &["delete", "service", "svc-b", "-n", "x"]).map(|_| ());
             r.and(deleted)
