@@ -870,11 +870,10 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, String) {
     (out, format!("{:?} (cpu {:?})", wall.elapsed(), cpu() - cpu0))
 }
 
-#[test]
-fn scale_1000_policies_5000_pods() {
-    // 50 namespaces × 100 pods, 20 policies each; 50 nodes: 100 local
-    // pods (2 per namespace).
-    let cl = scale_cluster(50, 100, 20, 50);
+/// 1,000 policies × 5,000 pods (50 namespaces × 100 pods, 20 policies
+/// each) over `nodes` nodes; compiles on node n0 and checks the sizes.
+fn scale(nodes: usize) {
+    let cl = scale_cluster(50, 100, 20, nodes);
     let inputs = Inputs { node_name: "n0", ..cl.inputs() };
     assert_eq!((cl.policies.len(), cl.pods.len()), (1000, 5000));
     let mut compiler = Compiler::new();
@@ -887,24 +886,26 @@ fn scale_1000_policies_5000_pods() {
     changed[0] = Arc::new(edited);
     let (_, third) = timed(|| compiler.compile(&Inputs { policies: &changed, ..inputs }));
     eprintln!(
-        "scale: 1000 policies × 5000 pods: first compile {first}, recompile {second}, after a policy change {third}; {} rules, {} ipcache entries, {} endpoints",
+        "scale: 1000 policies × 5000 pods, {nodes} nodes: first compile {first}, recompile {second}, after a policy change {third}; {} rules, {} ipcache entries, {} endpoints",
         c.rules.len(),
         c.ipcache.len(),
         c.endpoints.len()
     );
     assert_eq!(c, again);
     assert!(c.warnings.is_empty(), "{:?}", &c.warnings[..c.warnings.len().min(5)]);
-    // 100 local pods, each selected by exactly one policy (app = p % 20).
-    assert_eq!(c.views.len(), 100);
-    assert_eq!(c.endpoints.len(), 100);
+    // Pod n (= namespace × 100 + p) runs on node n % nodes; each local pod
+    // is selected by exactly one policy (app = p % 20).
+    let local = 5000 / nodes;
+    assert_eq!(c.views.len(), local);
+    assert_eq!(c.endpoints.len(), local);
     // Label identities: 50 namespaces × 40 (app, hash) pairs.
     let labels = c.identities.values().filter(|i| matches!(i, IdentityInfo::Labels { .. })).count();
     assert_eq!(labels, 50 * 40);
     // CIDR identities: 16 distinct /16 blocks, each with 20 excepts.
     assert_eq!(c.identities.len() - labels, 16 * (1 + 20));
-    // ipcache: pods + nodes (49 remote + 1 local: the host address is the
-    // local node's) + prefixes + world.
-    assert_eq!(c.ipcache.len(), 5000 + 50 + 16 * 21 + 1);
+    // ipcache: pods + nodes (the local one's address is the host address)
+    // + prefixes + world.
+    assert_eq!(c.ipcache.len(), 5000 + nodes + 16 * 21 + 1);
     // Rules per local endpoint (policy k in namespace ns, app k):
     // ingress rule 1: 2 apps × 2 hashes = 4 identities × (http + the
     //   prefixes of 9000..=9100);
@@ -914,7 +915,17 @@ fn scale_1000_policies_5000_pods() {
     // egress rule 1: ns0's 40 identities × 53/UDP;
     // egress rule 2: app k+1's 2 identities × http.
     let per_ep = 4 * (1 + port_prefixes(9000, 9100).len()) + 10 + 20 + 40 + 2;
-    assert_eq!(c.rules.len(), 100 * per_ep);
+    assert_eq!(c.rules.len(), local * per_ep);
+}
+
+#[test]
+fn scale_1000_policies_5000_pods_100_local() {
+    scale(50);
+}
+
+#[test]
+fn scale_1000_policies_5000_pods_1000_local() {
+    scale(5);
 }
 
 #[test]
