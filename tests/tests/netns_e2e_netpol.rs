@@ -108,7 +108,7 @@ fn expect_dns(lab: &Lab, model: &Model, pod: Peer, want: bool) -> Result<()> {
 
 /// Probes `targets` (address, the pod that must answer, port) from
 /// `client` and compares with `want` (connected or not).
-fn expect_probes(lab: &Lab, model: &Model, client: Client, targets: &[(Ipv4Addr, &str, Port)], want: bool) -> Result<()> {
+fn expect_probes(lab: &Lab, model: &Model, client: Client, targets: &[Target], want: bool) -> Result<()> {
     let probes: Vec<Probe> = targets.iter().map(|(ip, _, port)| port.probe(*ip, if want { 3 } else { 1 })).collect();
     let answers = model.probe(lab, client, &probes)?;
     let mut bad = Vec::new();
@@ -128,7 +128,7 @@ fn nodes_reach_their_pods(lab: &Lab, model: &Model) -> Result<()> {
     for i in 1..=c.nodes {
         let node = c.node_name(i);
         let names: Vec<String> = model.pods.iter().filter(|(_, p)| p.node == node).map(|(peer, _)| peer.pod.to_owned()).collect();
-        let targets: Vec<(Ipv4Addr, &str, Port)> = model
+        let targets: Vec<Target> = model
             .pods
             .iter()
             .filter(|(_, p)| p.node == node)
@@ -164,17 +164,26 @@ fn policy_event(lab: &Lab, model: &Model, pod: Peer, verdict: &str, direction: &
     Ok(())
 }
 
-/// A ClusterIP Service `name` in x selecting `pod=<selects>`, TCP and UDP
-/// on 80; its ClusterIP.
-fn service(lab: &Lab, name: &str, selects: &str) -> Result<Ipv4Addr> {
+/// A probe target: address, the pod that must answer, port.
+type Target = (Ipv4Addr, &'static str, Port);
+
+/// Runs `f` while ClusterIP Service `svc-<selects>` in x selects
+/// `pod=<selects>` (TCP and UDP on 80), with its two targets; deletes the
+/// Service afterwards whatever `f` returned.
+fn with_service(lab: &Lab, selects: &'static str, f: impl FnOnce([Target; 2]) -> Result<()>) -> Result<()> {
+    let name = format!("svc-{selects}");
     e2e::apply(
         lab,
         &format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: \"x\"}}\nspec:\n  selector: {{pod: {selects}}}\n  ports:\n  - {{name: tcp, port: 80, targetPort: 80}}\n  - {{name: udp, port: 80, targetPort: 80, protocol: UDP}}\n"
         ),
     )?;
-    let v = e2e::kubectl_json(lab, &["get", "service", name, "-n", "x"])?;
-    v["spec"]["clusterIP"].as_str().and_then(|s| s.parse().ok()).with_context(|| format!("service {name} has no clusterIP"))
+    let r = e2e::kubectl_json(lab, &["get", "service", &name, "-n", "x"]).and_then(|v| {
+        let vip: Ipv4Addr = v["spec"]["clusterIP"].as_str().and_then(|s| s.parse().ok()).with_context(|| format!("service {name} has no clusterIP"))?;
+        f([(vip, selects, TCP80), (vip, selects, UDP80)])
+    });
+    let deleted = e2e::kubectl(lab, &["delete", "service", &name, "-n", "x"]);
+    r.and(deleted.map(|_| ()))
 }
 
 /// The common cases, on whatever lab `model` runs on.
@@ -401,61 +410,56 @@ fn service_cases(s: &mut Suite, model: &Model) {
     let name = "egress to a ClusterIP is judged on its backend (socket LB and tc LB)";
     if selected(name) {
         s.check(name, |lab| {
-            let (vb, vc) = (service(lab, "svc-b", "b")?, service(lab, "svc-c", "c")?);
-            let to_b = [(vb, "b", TCP80), (vb, "b", UDP80)];
-            let to_c = [(vc, "c", TCP80), (vc, "c", UDP80)];
-            for client in [Client::Pod(XA), Client::PodNetnsOnly(XA)] {
-                e2e::eventually(SETTLE, || expect_probes(lab, model, client, &[to_b, to_c].concat(), true)).context("without a policy")?;
-            }
-            let only_b = policy("x", "a-to-b", "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - podSelector: {matchLabels: {pod: b}}\n");
-            let r = with_policies(lab, model, &only_b, &Expected::new(|from, to, _| from != XA || to == XB), || {
-                for client in [Client::Pod(XA), Client::PodNetnsOnly(XA)] {
-                    expect_probes(lab, model, client, &to_b, true)?;
-                    expect_probes(lab, model, client, &to_c, false)?;
-                }
-                Ok(())
-            });
-            let deleted = e2e::kubectl(lab, &["delete", "service", "svc-b", "svc-c", "-n", "x"]).map(|_| ());
-            r.and(deleted)
+            with_service(lab, "b", |to_b| {
+                with_service(lab, "c", |to_c| {
+                    for client in [Client::Pod(XA), Client::PodNetnsOnly(XA)] {
+                        e2e::eventually(SETTLE, || expect_probes(lab, model, client, &[to_b, to_c].concat(), true)).context("without a policy")?;
+                    }
+                    let only_b = policy("x", "a-to-b", "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - podSelector: {matchLabels: {pod: b}}\n");
+                    with_policies(lab, model, &only_b, &Expected::new(|from, to, _| from != XA || to == XB), || {
+                        for client in [Client::Pod(XA), Client::PodNetnsOnly(XA)] {
+                            expect_probes(lab, model, client, &to_b, true)?;
+                            expect_probes(lab, model, client, &to_c, false)?;
+                        }
+                        Ok(())
+                    })
+                })
+            })
         });
     }
 
     let name = "ingress at a Service's backend judges the real client";
     if selected(name) {
         s.check(name, |lab| {
-            let vb = service(lab, "svc-b", "b")?;
-            let to_b = [(vb, "b", TCP80), (vb, "b", UDP80)];
-            e2e::eventually(SETTLE, || expect_probes(lab, model, Client::Pod(XC), &to_b, true)).context("without a policy")?;
-            let from_a = policy("x", "b-from-a", "  podSelector: {matchLabels: {pod: b}}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {pod: a}}\n");
-            let r = with_policies(lab, model, &from_a, &Expected::new(|from, to, _| to != XB || from == XA), || {
-                for client in [Client::Pod(XA), Client::PodNetnsOnly(XA)] {
-                    expect_probes(lab, model, client, &to_b, true)?;
-                }
-                for client in [Client::Pod(XC), Client::PodNetnsOnly(XC), Client::Pod(YB)] {
-                    expect_probes(lab, model, client, &to_b, false)?;
-                }
-                Ok(())
-            });
-            let deleted = e2e::kubectl(lab, &["delete", "service", "svc-b", "-n", "x"]).map(|_| ());
-            r.and(deleted)
+            with_service(lab, "b", |to_b| {
+                e2e::eventually(SETTLE, || expect_probes(lab, model, Client::Pod(XC), &to_b, true)).context("without a policy")?;
+                let from_a = policy("x", "b-from-a", "  podSelector: {matchLabels: {pod: b}}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {pod: a}}\n");
+                with_policies(lab, model, &from_a, &Expected::new(|from, to, _| to != XB || from == XA), || {
+                    for client in [Client::Pod(XA), Client::PodNetnsOnly(XA)] {
+                        expect_probes(lab, model, client, &to_b, true)?;
+                    }
+                    for client in [Client::Pod(XC), Client::PodNetnsOnly(XC), Client::Pod(YB)] {
+                        expect_probes(lab, model, client, &to_b, false)?;
+                    }
+                    Ok(())
+                })
+            })
         });
     }
 
     let name = "a pod reaches itself through its own Service under deny-all (hairpin)";
     if selected(name) {
         s.check(name, |lab| {
-            let vb = service(lab, "svc-b", "b")?;
-            let to_b = [(vb, "b", TCP80), (vb, "b", UDP80)];
-            e2e::eventually(SETTLE, || expect_probes(lab, model, Client::PodNetnsOnly(XB), &to_b, true)).context("without a policy")?;
-            let deny_all = policy("x", "deny-all", "  podSelector: {}\n  policyTypes: [Ingress, Egress]\n");
-            let r = with_policies(lab, model, &deny_all, &Expected::new(|from, to, _| from.ns != "x" && to.ns != "x"), || {
-                for client in [Client::Pod(XB), Client::PodNetnsOnly(XB)] {
-                    expect_probes(lab, model, client, &to_b, true)?;
-                }
-                expect_probes(lab, model, Client::Pod(XA), &to_b, false)
-            });
-            let deleted = e2e::kubectl(lab, &["delete", "service", "svc-b", "-n", "x"]).map(|_| ());
-            r.and(deleted)
+            with_service(lab, "b", |to_b| {
+                e2e::eventually(SETTLE, || expect_probes(lab, model, Client::PodNetnsOnly(XB), &to_b, true)).context("without a policy")?;
+                let deny_all = policy("x", "deny-all", "  podSelector: {}\n  policyTypes: [Ingress, Egress]\n");
+                with_policies(lab, model, &deny_all, &Expected::new(|from, to, _| from.ns != "x" && to.ns != "x"), || {
+                    for client in [Client::Pod(XB), Client::PodNetnsOnly(XB)] {
+                        expect_probes(lab, model, client, &to_b, true)?;
+                    }
+                    expect_probes(lab, model, Client::Pod(XA), &to_b, false)
+                })
+            })
         });
     }
 
@@ -471,7 +475,7 @@ fn service_cases(s: &mut Suite, model: &Model) {
             )?;
             let np = [(c.node_ip(node), "b", TCP80), (c.node_ip(node), "b", UDP80)];
             // NodePort's port is 30180, the pod's 80: probe the node port.
-            let np: Vec<(Ipv4Addr, &str, Port)> = np.iter().map(|(ip, pod, port)| (*ip, *pod, Port { port: 30180, ..*port })).collect();
+            let np: Vec<Target> = np.iter().map(|(ip, pod, port)| (*ip, *pod, Port { port: 30180, ..*port })).collect();
             e2e::eventually(SETTLE, || expect_probes(lab, model, Client::Outside, &np, true)).context("without a policy")?;
             let allow = |spec: &str| policy("x", "b-from-outside", &format!("  podSelector: {{matchLabels: {{pod: b}}}}\n  ingress:\n  - from:\n    - ipBlock: {spec}\n"));
             let outside = c.outside_ip();
