@@ -23,7 +23,7 @@ use crate::{
     metrics::Metrics,
     model::{self, Desired, NodeContext, Owner},
     policy::{Compiler, Inputs},
-    policy_sync::PolicySync,
+    policy_sync::{PolicySync, inputs_fingerprint},
     reconcile::{Reconciler, ServiceWriter as _},
     routes::{self, Routes},
     shared::{GcStatus, PolicyState, Shared, Status, lock},
@@ -212,6 +212,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         policy_retry: false,
         policy_ok: false,
         policy_warnings: Vec::new(),
+        policy_errors: Vec::new(),
+        policy_inputs: None,
     };
     tokio::select! {
         () = lp.run(rx) => {}
@@ -387,6 +389,10 @@ struct Loop {
     policy_ok: bool,
     /// The compiler's warnings as last logged.
     policy_warnings: Vec<String>,
+    /// The failed writes as last logged.
+    policy_errors: Vec<String>,
+    /// Fingerprint of the inputs of the last fully written compile.
+    policy_inputs: Option<u64>,
 }
 
 #[derive(Default)]
@@ -785,18 +791,26 @@ impl Loop {
             node_name: &self.ctx.node_name,
             host_addrs: &host_addrs,
         };
+        let fingerprint = inputs_fingerprint(&inputs);
+        if self.policy_inputs == Some(fingerprint) && !self.policy_retry {
+            return;
+        }
         let mut compiled = self.compiler.compile(&inputs);
         let rep = sync.sync(&compiled);
+        self.policy_inputs = rep.ok().then_some(fingerprint);
         let on = sync.known().map_or(self.policy_on || !compiled.endpoints.is_empty(), |k| !k.endpoints.is_empty());
         let rules = sync.known().map_or(compiled.rules.len(), |k| k.rules.len());
         let m = &self.shared.metrics;
         if !rep.ok() {
             m.policy_sync_errors.inc();
-            let first: Vec<&str> = rep.errors.iter().take(5).map(String::as_str).collect();
-            tracing::warn!(
-                failed = rep.errors.len(), fail_closed = rep.fail_closed.len(), errors = ?first,
-                "NetworkPolicy map writes failed; affected pods fail closed, retrying"
-            );
+            // Retried every second: said again only when it changes.
+            if rep.errors != self.policy_errors {
+                let first: Vec<&str> = rep.errors.iter().take(5).map(String::as_str).collect();
+                tracing::warn!(
+                    failed = rep.errors.len(), fail_closed = rep.fail_closed.len(), errors = ?first,
+                    "NetworkPolicy map writes failed; affected pods fail closed, retrying"
+                );
+            }
         } else if rep.changed() || rep.read_back {
             tracing::info!(
                 endpoints = compiled.endpoints.len(), rules, identities = compiled.identities.len(),
@@ -827,6 +841,7 @@ impl Loop {
         ] {
             set(&m.map_entries.get_or_create(&crate::metrics::MapLabel { map }), n);
         }
+        self.policy_errors.clone_from(&rep.errors);
         self.policy_ok = rep.ok();
         self.policy_retry = !rep.ok();
         if on != self.policy_on {

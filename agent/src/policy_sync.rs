@@ -30,13 +30,14 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    hash::{DefaultHasher, Hash as _, Hasher as _},
     net::Ipv4Addr,
 };
 
 use riptide_common::{IpcacheValue, PE_F_FAIL_CLOSED, PolicyEndpointValue, PolicyKey, PolicyValue, identity};
 use riptide_datapath::policy::PolicyMaps;
 
-use crate::policy::{Compiled, RuleKey};
+use crate::policy::{Compiled, Inputs, RuleKey};
 
 /// An `rt_ipcache4_v1` entry: (address, prefix length) → identities.
 pub type IpcacheEntry = ((Ipv4Addr, u8), IpcacheValue);
@@ -337,6 +338,62 @@ fn renumbered(have: &MapState, want: &Compiled) -> bool {
     let old_eps: BTreeSet<u32> = have.endpoints.values().map(|v| v.ep_id).chain(have.rules.keys().map(|k| u32::from_be(k.key.ep_id_be))).collect();
     let reused_ep = want.endpoints.iter().filter(|(a, _)| !have.endpoints.contains_key(a)).any(|(_, v)| old_eps.contains(&v.ep_id));
     changed_ipcache || changed_eps || reused_id || reused_ep
+}
+
+/// A hash of what the compiler reads from `inputs`, so a batch of changes
+/// nothing depends on (pod status churn, Node heartbeats, annotation-only
+/// edits) skips the compile. Pods, Namespaces, NetworkPolicies and Nodes
+/// count by the fields the compiler uses, not by resourceVersion.
+pub fn inputs_fingerprint(inputs: &Inputs<'_>) -> u64 {
+    let mut h = DefaultHasher::new();
+    let mut json = |v: &dyn erased::Json| v.hash_json(&mut h);
+    for p in inputs.pods {
+        let m = &p.metadata;
+        json(&(&m.namespace, &m.name, &m.uid, &m.labels, m.deletion_timestamp.is_some()));
+        json(&(&p.spec, &p.status));
+    }
+    for n in inputs.namespaces {
+        json(&(&n.metadata.name, &n.metadata.labels, &n.metadata.annotations));
+    }
+    for p in inputs.policies {
+        json(&(&p.metadata.namespace, &p.metadata.name, &p.metadata.uid, &p.spec));
+    }
+    for n in inputs.nodes {
+        json(&(&n.metadata.name, n.status.as_ref().map(|s| &s.addresses)));
+    }
+    h.write(inputs.node_name.as_bytes());
+    inputs.host_addrs.hash(&mut h);
+    h.finish()
+}
+
+/// Hashing any serializable value through its JSON form (k8s-openapi types
+/// do not implement `Hash`), streamed into the hasher without a buffer.
+mod erased {
+    use std::{hash::Hasher, io};
+
+    pub trait Json {
+        fn hash_json(&self, h: &mut std::hash::DefaultHasher);
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn hash_json(&self, h: &mut std::hash::DefaultHasher) {
+            struct W<'a>(&'a mut std::hash::DefaultHasher);
+            impl io::Write for W<'_> {
+                fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                    self.0.write(buf);
+                    Ok(buf.len())
+                }
+                fn flush(&mut self) -> io::Result<()> {
+                    Ok(())
+                }
+            }
+            // Cannot fail: the writer never does and every map key of these
+            // types is a string.
+            let _ = serde_json::to_writer(W(h), self);
+            // A separator, so (a, b) and (ab, "") differ.
+            h.write_u8(0xff);
+        }
+    }
 }
 
 fn rule_order(k: &RuleKey) -> (u32, u32, u8, u8, u16, u32) {

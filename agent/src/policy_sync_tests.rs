@@ -205,3 +205,35 @@ fn a_first_pass_converges_from_leftovers_and_closes_renumbered_endpoints_first()
     let rep = again.sync(&want);
     assert!(rep.ok() && !rep.renumbered && !rep.changed(), "{rep:?}");
 }
+
+#[test]
+fn the_fingerprint_follows_what_the_compiler_reads_only() {
+    use std::sync::Arc;
+
+    use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+
+    let pod = |rv: &str, labels: serde_json::Value, ready: &str| -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"namespace": "x", "name": "a", "uid": "u1", "resourceVersion": rv, "labels": labels},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+                "status": {"phase": "Running", "podIP": "10.42.0.5", "conditions": [{"type": "Ready", "status": ready}]},
+            }))
+            .unwrap(),
+        )
+    };
+    let node = |rv: &str, ip: &str| -> Arc<Node> {
+        Arc::new(serde_json::from_value(serde_json::json!({"metadata": {"name": "n1", "resourceVersion": rv}, "status": {"addresses": [{"type": "InternalIP", "address": ip}]}})).unwrap())
+    };
+    let ns: Vec<Arc<Namespace>> = vec![Arc::new(serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}})).unwrap())];
+    let fp = |pods: &[Arc<Pod>], nodes: &[Arc<Node>]| {
+        inputs_fingerprint(&Inputs { pods, namespaces: &ns, policies: &[], nodes, node_name: "n1", host_addrs: &[ip("198.18.0.10")] })
+    };
+    let base = fp(&[pod("1", serde_json::json!({"app": "a"}), "True")], &[node("1", "198.18.0.10")]);
+    assert_eq!(base, fp(&[pod("1", serde_json::json!({"app": "a"}), "True")], &[node("1", "198.18.0.10")]));
+    // A heartbeat (new resourceVersion, same addresses): unchanged.
+    assert_eq!(base, fp(&[pod("1", serde_json::json!({"app": "a"}), "True")], &[node("9", "198.18.0.10")]));
+    assert_ne!(base, fp(&[pod("1", serde_json::json!({"app": "b"}), "True")], &[node("1", "198.18.0.10")]), "labels count");
+    assert_ne!(base, fp(&[pod("1", serde_json::json!({"app": "a"}), "True")], &[node("1", "198.18.0.11")]), "node addresses count");
+    assert_ne!(base, fp(&[], &[node("1", "198.18.0.10")]), "a pod gone counts");
+}
