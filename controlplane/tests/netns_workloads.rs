@@ -667,6 +667,37 @@ spec:
     assert_eq!(out.trim(), "10.43.0.1:443 by-selector", "{out}");
     let (ok, out) = c.kubectl_raw(&["exec", "by-selector", "--", "sh", "-c", "exit 3"], None);
     assert!(!ok && out.contains("exit code 3"), "{out}");
+    // Those went through the apiserver's client certificate. The kubelet
+    // API itself, over HTTPS from the control plane's netns (curl checks
+    // its certificate against the cluster CA for the node's address):
+    // nobody without credentials, and not a pod's own token either.
+    let (_, _) = c.kubectl_raw(&["create", "serviceaccount", "default"], None);
+    let pod_token = c.kubectl(&["create", "token", "default", "--bound-object-kind", "Pod", "--bound-object-name", "by-selector"]);
+    let ca = c.dir.path().join("cp").join("pki").join("ca.crt");
+    let kubelet = |path: &str, token: Option<&str>, upgrade: bool| {
+        let mut cmd = cmd_in(&c.cp_ns(), "curl");
+        // HTTP/1.1: over h2, curl would drop the upgrade headers.
+        cmd.args(["-sS", "--http1.1", "--max-time", "10", "-w", "\n%{http_code}", "--cacert"]).arg(&ca);
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {}", t.trim())]);
+        }
+        if upgrade {
+            for h in ["Connection: Upgrade", "Upgrade: websocket", "Sec-WebSocket-Version: 13", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Protocol: v5.channel.k8s.io"] {
+                cmd.args(["-H", h]);
+            }
+        }
+        let out = cmd.arg(format!("https://{}:10250{path}", c.node_ip(1))).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "curl {path}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        text
+    };
+    let logs_path = "/containerLogs/default/by-selector/main";
+    let exec_path = "/exec/default/by-selector/main?command=id&stdout=true";
+    assert_eq!(kubelet(logs_path, None, false), "Unauthorized\n401");
+    assert_eq!(kubelet(exec_path, None, true), "Unauthorized\n401");
+    let sa = "system:serviceaccount:default:default";
+    assert_eq!(kubelet(logs_path, Some(&pod_token), false), format!("Forbidden (user={sa}, verb=get, resource=nodes, subresource=proxy)\n403"));
+    assert_eq!(kubelet(exec_path, Some(&pod_token), true), format!("Forbidden (user={sa}, verb=create, resource=nodes, subresource=proxy)\n403"));
 
     c.kubectl(&["taint", "nodes", "--all", "dedicated=gpu:NoSchedule"]);
     c.apply(&pod("tainted", ""));

@@ -6,9 +6,10 @@
 //! Each request is then a SubjectAccessReview on the Node: subresource
 //! `log` under `/logs/`, `stats`, `metrics`, `spec` under theirs, `proxy`
 //! for everything else (`/exec`, `/containerLogs`, `/healthz`); the verb is
-//! the HTTP method's (GET get, POST create, …) except that a WebSocket
-//! exec/attach/portforward asks for `create`, since it starts a process
-//! whatever its method. Denials are 403 with upstream's
+//! the HTTP method's (GET get, POST create, …) except that exec, attach,
+//! portforward and run ask for `create` whatever the method (upstream takes
+//! a WebSocket GET as `get`, so `nodes/proxy` read access runs commands).
+//! Denials are 403 with upstream's
 //! `Forbidden (user=…, verb=…, resource=…, subresource=…)`.
 
 use std::sync::Arc;
@@ -46,9 +47,9 @@ fn is_subpath(path: &str, prefix: &str) -> bool {
     path == prefix || path.starts_with(&format!("{prefix}/"))
 }
 
-/// upstream `GetRequestAttributes`, plus `create` for WebSocket upgrades
-/// that start a process.
-pub fn attributes(method: &Method, path: &str, upgrade: bool) -> NodeAttributes {
+/// upstream `GetRequestAttributes`, but `create` for every request that
+/// starts a process.
+pub fn attributes(method: &Method, path: &str) -> NodeAttributes {
     let subresource = if is_subpath(path, "/stats") {
         "stats"
     } else if is_subpath(path, "/metrics") {
@@ -62,7 +63,7 @@ pub fn attributes(method: &Method, path: &str, upgrade: bool) -> NodeAttributes 
     };
     let starts_process = ["/exec", "/attach", "/portforward", "/run"].iter().any(|p| is_subpath(path, p));
     let verb = match *method {
-        _ if upgrade && starts_process => "create",
+        _ if starts_process => "create",
         Method::POST => "create",
         Method::GET | Method::HEAD => "get",
         Method::PUT => "update",
@@ -144,7 +145,7 @@ pub async fn require(State(auth): State<Arc<KubeletAuth>>, req: Request, next: N
             return reply(StatusCode::UNAUTHORIZED, "Unauthorized".into());
         }
     };
-    let a = attributes(req.method(), req.uri().path(), req.headers().contains_key(header::UPGRADE));
+    let a = attributes(req.method(), req.uri().path());
     match auth.authorize(&user, &a).await {
         Ok(true) => next.run(req).await,
         Ok(false) => reply(
@@ -164,19 +165,19 @@ mod tests {
 
     #[test]
     fn request_attributes_like_upstream() {
-        let a = |m: Method, p: &str, up: bool| {
-            let x = attributes(&m, p, up);
+        let a = |m: Method, p: &str| {
+            let x = attributes(&m, p);
             (x.verb, x.subresource)
         };
-        assert_eq!(a(Method::GET, "/containerLogs/default/web/main", false), ("get".into(), "proxy"));
-        assert_eq!(a(Method::GET, "/exec/default/web/main", true), ("create".into(), "proxy"), "a WebSocket exec starts a process");
-        assert_eq!(a(Method::POST, "/exec/default/web/main", false), ("create".into(), "proxy"));
-        assert_eq!(a(Method::GET, "/logs/syslog", false), ("get".into(), "log"));
-        assert_eq!(a(Method::GET, "/logs", false), ("get".into(), "log"));
-        assert_eq!(a(Method::GET, "/logsx", false), ("get".into(), "proxy"), "a prefix of a word is not a subpath");
-        assert_eq!(a(Method::GET, "/stats/summary", false), ("get".into(), "stats"));
-        assert_eq!(a(Method::GET, "/metrics", false), ("get".into(), "metrics"));
-        assert_eq!(a(Method::GET, "/healthz", false), ("get".into(), "proxy"));
-        assert_eq!(a(Method::GET, "/healthz", true), ("get".into(), "proxy"));
+        assert_eq!(a(Method::GET, "/containerLogs/default/web/main"), ("get".into(), "proxy"));
+        assert_eq!(a(Method::GET, "/exec/default/web/main"), ("create".into(), "proxy"), "exec starts a process, whatever the method");
+        assert_eq!(a(Method::POST, "/exec/default/web/main"), ("create".into(), "proxy"));
+        assert_eq!(a(Method::GET, "/portforward/default/web"), ("create".into(), "proxy"));
+        assert_eq!(a(Method::GET, "/logs/syslog"), ("get".into(), "log"));
+        assert_eq!(a(Method::GET, "/logs"), ("get".into(), "log"));
+        assert_eq!(a(Method::GET, "/logsx"), ("get".into(), "proxy"), "a prefix of a word is not a subpath");
+        assert_eq!(a(Method::GET, "/stats/summary"), ("get".into(), "stats"));
+        assert_eq!(a(Method::GET, "/metrics"), ("get".into(), "metrics"));
+        assert_eq!(a(Method::DELETE, "/healthz"), ("delete".into(), "proxy"));
     }
 }
