@@ -467,29 +467,65 @@ fn service_cases(s: &mut Suite, model: &Model) {
     if selected(name) {
         s.check(name, |lab| {
             let c = lab.config();
-            let xb = model.pod(XB)?;
-            let node = c.node_index(&xb.node).context("x/b's node")?;
-            e2e::apply(
-                lab,
-                "apiVersion: v1\nkind: Service\nmetadata: {name: np-b, namespace: \"x\"}\nspec:\n  type: NodePort\n  externalTrafficPolicy: Local\n  selector: {pod: b}\n  ports:\n  - {name: tcp, port: 80, targetPort: 80, nodePort: 30180}\n  - {name: udp, port: 80, targetPort: 80, nodePort: 30180, protocol: UDP}\n",
-            )?;
-            let np = [(c.node_ip(node), "b", TCP80), (c.node_ip(node), "b", UDP80)];
-            // NodePort's port is 30180, the pod's 80: probe the node port.
-            let np: Vec<Target> = np.iter().map(|(ip, pod, port)| (*ip, *pod, Port { port: 30180, ..*port })).collect();
-            e2e::eventually(SETTLE, || expect_probes(lab, model, Client::Outside, &np, true)).context("without a policy")?;
-            let allow = |spec: &str| policy("x", "b-from-outside", &format!("  podSelector: {{matchLabels: {{pod: b}}}}\n  ingress:\n  - from:\n    - ipBlock: {spec}\n"));
-            let outside = c.outside_ip();
-            let lan = format!("198.18.{}.0/24", c.subnet);
-            let r = with_policies(lab, model, &allow(&format!("{{cidr: {outside}/32}}")), &Expected::new(|_, to, _| to != XB), || {
-                expect_probes(lab, model, Client::Outside, &np, true).context("ipBlock <outside>/32")?;
-                e2e::apply(lab, &allow(&format!("{{cidr: {lan}, except: [{outside}/32]}}")))?;
-                e2e::eventually(PROGRAMMED, || expect_probes(lab, model, Client::Outside, &np, false)).context("ipBlock the lab's /24 except <outside>/32")?;
-                Ok(())
-            });
-            let deleted = e2e::kubectl(lab, &["delete", "service", "np-b", "-n", "x"]).map(|_| ());
-            r.and(deleted)
+            let home = node_of(lab, model, XB)?;
+            let (outside, lan) = (c.outside_ip(), format!("198.18.{}.0/24", c.subnet));
+            with_node_port(lab, "Local", 30180, |via| {
+                let np = via(home);
+                e2e::eventually(SETTLE, || expect_probes(lab, model, Client::Outside, &np, true)).context("without a policy")?;
+                with_policies(lab, model, &from_ip_block(&format!("{{cidr: {outside}/32}}")), &Expected::new(|_, to, _| to != XB), || {
+                    expect_probes(lab, model, Client::Outside, &np, true).context("ipBlock <outside>/32")?;
+                    e2e::apply(lab, &from_ip_block(&format!("{{cidr: {lan}, except: [{outside}/32]}}")))?;
+                    e2e::eventually(PROGRAMMED, || expect_probes(lab, model, Client::Outside, &np, false)).context("ipBlock the lab's /24 except <outside>/32")
+                })
+            })
         });
     }
+
+    let name = "NodePort from outside with externalTrafficPolicy Cluster: the client is judged via the backend's node, the forwarding node's address (SNAT) via another";
+    if selected(name) {
+        s.check(name, |lab| {
+            let c = lab.config();
+            let home = node_of(lab, model, XB)?;
+            let other = (1..=c.nodes).find(|i| *i != home).context("a node without x/b")?;
+            let (outside, lan) = (c.outside_ip(), format!("198.18.{}.0/24", c.subnet));
+            with_node_port(lab, "Cluster", 30181, |via| {
+                let both = [via(home), via(other)].concat();
+                e2e::eventually(SETTLE, || expect_probes(lab, model, Client::Outside, &both, true)).context("without a policy")?;
+                with_policies(lab, model, &from_ip_block(&format!("{{cidr: {outside}/32}}")), &Expected::new(|_, to, _| to != XB), || {
+                    expect_probes(lab, model, Client::Outside, &via(home), true).context("ipBlock <outside>/32 via x/b's node (no SNAT)")?;
+                    expect_probes(lab, model, Client::Outside, &via(other), false).context("ipBlock <outside>/32 via another node (SNAT)")?;
+                    // The lab's /24 holds the nodes' addresses too.
+                    e2e::apply(lab, &from_ip_block(&format!("{{cidr: {lan}}}")))?;
+                    e2e::eventually(PROGRAMMED, || expect_probes(lab, model, Client::Outside, &both, true)).context("ipBlock the lab's /24")
+                })
+            })
+        });
+    }
+}
+
+/// A policy letting only `ipBlock: <spec>` reach x/b.
+fn from_ip_block(spec: &str) -> String {
+    policy("x", "b-from-block", &format!("  podSelector: {{matchLabels: {{pod: b}}}}\n  ingress:\n  - from:\n    - ipBlock: {spec}\n"))
+}
+
+/// Runs `f` while NodePort Service `np-b` in x (`externalTrafficPolicy:
+/// <etp>`, TCP and UDP on `node_port`) selects `pod=b`; `f` gets the
+/// targets through node `i`. Deletes the Service afterwards whatever `f`
+/// returned.
+fn with_node_port(lab: &Lab, etp: &str, node_port: u16, f: impl FnOnce(&dyn Fn(u32) -> Vec<Target>) -> Result<()>) -> Result<()> {
+    e2e::apply(
+        lab,
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: np-b, namespace: \"x\"}}\nspec:\n  type: NodePort\n  externalTrafficPolicy: {etp}\n  selector: {{pod: b}}\n  ports:\n  - {{name: tcp, port: 80, targetPort: 80, nodePort: {node_port}}}\n  - {{name: udp, port: 80, targetPort: 80, nodePort: {node_port}, protocol: UDP}}\n"
+        ),
+    )?;
+    let c = lab.config();
+    let via = |i: u32| -> Vec<Target> {
+        [TCP80, UDP80].iter().map(|p| (c.node_ip(i), "b", Port { port: node_port, ..*p })).collect()
+    };
+    let r = f(&via);
+    let deleted = e2e::kubectl(lab, &["delete", "service", "np-b", "-n", "x"]);
+    r.and(deleted.map(|_| ()))
 }
 
 /// Brings up a lab with the model deployed; `dns` deploys cluster DNS too.
