@@ -180,6 +180,11 @@ impl Riptide {
     }
 }
 
+/// The 1-minute load average: how busy the (possibly shared) machine was.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(f64::NAN)
+}
+
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
@@ -204,6 +209,7 @@ async fn main() -> Result<()> {
     let (services, secs, paced_secs, rounds) = if quick { (1_000usize, 3u64, 2u64, 1usize) } else { (10_000, 10, 5, 3) };
     let endpoints_per = 5usize;
     let dir = tempfile::tempdir()?;
+    let load_at_start = load_average();
 
     // The apiserver (release), kubeconfig from its stdout.
     let mut api = Command::new(release_bin("riptide-controlplane")?)
@@ -365,6 +371,7 @@ async fn main() -> Result<()> {
         "cpu": {"server": DNS_CPU, "dnsperf": LOAD_CPU},
         "run_s": secs,
         "rounds": rounds,
+        "load_average_1m": {"start": load_at_start, "end": load_average()},
         "riptide_dns": {
             "ready_after_start_s": round3(rip.ready_s),
             "rss_kib_ready": rip.rss_ready.0,
