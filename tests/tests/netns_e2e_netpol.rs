@@ -611,6 +611,8 @@ fn netns_e2e_netpol_over_vxlan_on_a_routed_underlay() {
         &format!("  podSelector: {{matchLabels: {{pod: a}}}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - ipBlock: {{cidr: 10.42.0.0/16, except: [{zc}/32]}}\n"),
     );
     case(&mut s, &model, "vxlan: egress of x/a to ipBlock 10.42.0.0/16 except <z/c>/32", &egress_except, Expected::new(|from, to, _| from != XA || to != ZC), nothing);
+    // Services with backends across the tunnel, NodePort forwarded through it.
+    service_cases(&mut s, &model);
     s.finish();
     drop(lab);
 }
