@@ -50,6 +50,9 @@ pub struct Compiler {
     parsed: HashMap<PolicyName, CachedPolicy>,
     /// Numbering of a previous agent's maps, for the first compile.
     hints: Option<Hints>,
+    /// Rule count of the last compile (the next one is sized for it, so
+    /// the table is not grown and rehashed step by step).
+    last_rules: usize,
 }
 
 #[derive(Debug)]
@@ -84,6 +87,7 @@ impl Compiler {
             policy_refs: StableIds::dense(0, u32::MAX),
             parsed: HashMap::new(),
             hints: None,
+            last_rules: 0,
         }
     }
 
@@ -343,6 +347,7 @@ impl Compiler {
             cidrs: &cidrs,
         };
         let mut resolved: HashMap<(usize, u8, usize), ResolvedPeers> = HashMap::new();
+        out.rules.reserve(self.last_rules);
         for (pod, idx) in pods.iter().zip(&pod_identity) {
             if !pod.local {
                 continue;
@@ -432,6 +437,7 @@ impl Compiler {
             self.ep_ids.alloc.release_unadopted(generation);
             self.cidr_ids.alloc.release_unadopted(generation);
         }
+        self.last_rules = out.rules.len();
         warnings.sort();
         warnings.dedup();
         out.warnings = warnings;
