@@ -1151,3 +1151,25 @@ fn adopted_numbering_never_hands_an_old_id_to_something_new() {
     assert!(!old_ids.contains(&new_id), "{new_id} was an old identity");
     assert!(!old_eps.contains(&next.endpoints[&Ipv4Addr::new(10, 42, 1, 77)].ep_id));
 }
+
+#[test]
+fn egress_ip_block_with_a_named_port_is_per_identity() {
+    // x/a may reach 10.42.2.1/32 (y/a) on the port named serve-80-tcp. The
+    // port resolves on the pods of y/a's identity; a second pod with y/a's
+    // labels outside the block is allowed too (the documented
+    // approximation: rules name identities, not addresses).
+    let mut cl = Cluster::new().with(policy(
+        "x",
+        "named-block",
+        json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"], "egress": [{
+            "to": [{"ipBlock": {"cidr": format!("{}/32", ip_of("y/a"))}}],
+            "ports": [{"port": "serve-80-tcp"}],
+        }]}),
+    ));
+    cl.pods.push(from_json(pod_json("y", "a2", json!({"pod": "a"}), Ipv4Addr::new(10, 42, 2, 50), NODE, serve_ports())));
+    let c = cl.compile();
+    assert_matrix(&c, 80, proto::TCP, |from, to| from != "x/a" || to == "y/a");
+    assert_matrix(&c, 81, proto::TCP, |from, _| from != "x/a");
+    assert!(allowed(&c, "x/a", "y/a2", 80, proto::TCP));
+    assert!(!allowed(&c, "x/a", "y/a2", 81, proto::TCP));
+}
