@@ -105,6 +105,12 @@ impl LabConfig {
     pub fn kubeconfig(&self) -> PathBuf {
         self.state_dir.join("kubeconfig")
     }
+    /// The agents' kubeconfig: a token of the ServiceAccount that
+    /// `manifests/riptide.yaml` binds to its ClusterRole, so agents run with
+    /// exactly the rights the DaemonSet has (written by `start_cluster`).
+    pub fn agent_kubeconfig(&self) -> PathBuf {
+        self.state_dir.join("agent.kubeconfig")
+    }
     /// The apiserver's address (in the root namespace, on the lab veth).
     pub fn apiserver_addr(&self) -> std::net::SocketAddr {
         std::net::SocketAddr::from((self.host_ip(), 6443))
@@ -441,7 +447,9 @@ impl Lab {
             .args(["--uplink", "eth0"])
             .args(self.net.tunnel.iter().flat_map(|t| ["--tunnel", t.as_str()]))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
-        if c.kubeconfig().exists() {
+        if c.agent_kubeconfig().exists() {
+            cmd.arg("--kubeconfig").arg(c.agent_kubeconfig());
+        } else if c.kubeconfig().exists() {
             cmd.arg("--kubeconfig").arg(c.kubeconfig());
         } else {
             cmd.env_remove("KUBECONFIG");
@@ -549,6 +557,7 @@ impl Lab {
     /// kubelet; returns once every node is Ready.
     pub fn start_cluster(&mut self, timeout: Duration) -> Result<()> {
         self.start_control_plane()?;
+        self.write_agent_kubeconfig()?;
         for i in 1..=self.cfg.nodes {
             self.start_agent(i)?;
             self.start_kubelet(i)?;
@@ -557,6 +566,46 @@ impl Lab {
             let ready = lab.summary().map(|s| s.nodes_ready).unwrap_or(0);
             ready == lab.cfg.nodes as usize
         })
+    }
+
+    /// Creates the agent's ServiceAccount, ClusterRole and binding from
+    /// `manifests/riptide.yaml` and writes [`LabConfig::agent_kubeconfig`]
+    /// (the admin kubeconfig's cluster, a year-long token of that
+    /// ServiceAccount; 0600).
+    pub fn write_agent_kubeconfig(&self) -> Result<()> {
+        use crate::manifests::{find, load_yaml, manifest};
+        let c = &self.cfg;
+        let objs = load_yaml(&manifest("riptide.yaml"))?;
+        let items = [("Namespace", "riptide-system"), ("ServiceAccount", "riptide-agent"), ("ClusterRole", "riptide-agent"), ("ClusterRoleBinding", "riptide-agent")]
+            .iter()
+            .map(|(kind, name)| find(&objs, kind, name).cloned())
+            .collect::<Result<Vec<_>>>()?;
+        // One JSON document per object (YAML's `---` stream): kubectl
+        // validates a `List` against discovery, which has no such kind.
+        let rbac = c.state_dir.join("agent-rbac.yaml");
+        let docs = items.iter().map(|o| format!("---\n{o}\n")).collect::<String>();
+        std::fs::write(&rbac, docs).with_context(|| format!("writing {}", rbac.display()))?;
+        let run = |args: &[&str]| -> Result<String> {
+            let out = self.kubectl().args(args).output().context("running kubectl")?;
+            if !out.status.success() {
+                bail!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        run(&["apply", "-f", &rbac.display().to_string()])?;
+        let token = run(&["create", "token", "riptide-agent", "-n", "riptide-system", "--duration", "8760h"])?;
+        let admin = std::fs::read_to_string(c.kubeconfig()).with_context(|| format!("reading {}", c.kubeconfig().display()))?;
+        let mut kc: serde_json::Value = serde_norway::from_str(&admin).context("parsing the admin kubeconfig")?;
+        for u in kc["users"].as_array_mut().into_iter().flatten() {
+            u["user"] = serde_json::json!({"token": token});
+        }
+        let path = c.agent_kubeconfig();
+        let mut f = {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)
+        }
+        .with_context(|| format!("creating {}", path.display()))?;
+        std::io::Write::write_all(&mut f, &serde_json::to_vec(&kc)?).with_context(|| format!("writing {}", path.display()))
     }
 
     /// Polls `cond` until it holds; fails early with the log of any process
@@ -943,6 +992,8 @@ const LAB_STATE_ENTRIES: &[&str] = &[
     "controlplane",
     "nodes",
     "kubeconfig",
+    "agent.kubeconfig",
+    "agent-rbac.yaml",
     "cni-bin",
     "kubectl-cache",
     "demo.yaml",
