@@ -287,6 +287,46 @@ fn core_cases(s: &mut Suite, model: &Model, dns: bool) {
     );
     case(s, model, "egress of x/a to ipBlock 10.42.0.0/16 except <z/c>/32", &egress_except, Expected::new(|from, to, _| from != XA || to != ZC), nothing);
 
+    let egress_and = policy(
+        "x",
+        "a-to-y-and-b",
+        "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: \"y\"}}\n      podSelector: {matchLabels: {pod: b}}\n",
+    );
+    case(s, model, "egress of x/a to namespace y AND pod=b (one peer)", &egress_and, Expected::new(|from, to, _| from != XA || to == YB), nothing);
+
+    // Policies add up: each allows more, none takes away.
+    let additive = [
+        policy("x", "a-from-b", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {pod: b}}\n"),
+        policy("x", "a-from-z", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: \"z\"}}\n"),
+    ]
+    .join("---\n");
+    case(s, model, "two ingress policies on x/a add up (pod=b of x, namespace z)", &additive, Expected::new(|from, to, _| to != XA || from == XB || from.ns == "z"), nothing);
+
+    // An empty rule (`ingress: [{}]`) allows everyone, even beside a
+    // default deny of the same namespace.
+    let allow_all_a = [deny_in_x.clone(), policy("x", "a-allow-all", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - {}\n")].join("---\n");
+    case(
+        s,
+        model,
+        "default-deny ingress in x plus ingress: [{}] for x/a",
+        &allow_all_a,
+        Expected::new(|_, to, _| to.ns != "x" || to == XA),
+        nothing,
+    );
+
+    let name = "an allow-all egress policy added beside a restrictive one opens x/a";
+    if selected(name) {
+        let only_b = policy("x", "a-to-b", "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - podSelector: {matchLabels: {pod: b}}\n");
+        let all = policy("x", "a-to-all", "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress:\n  - {}\n");
+        s.check(name, |lab| {
+            with_policies(lab, model, &only_b, &Expected::new(|from, to, _| from != XA || to == XB), || {
+                e2e::apply(lab, &all)?;
+                model.converge(lab, &Expected::all_allowed(), PROGRAMMED).context("with the allow-all egress policy added")?;
+                Ok(())
+            })
+        });
+    }
+
     // x/a may only send to x/b and receives nothing; x/b may only receive
     // from x/a and sends nothing: x/a → x/b works only if its replies pass
     // both ends' isolation (conntrack), in either direction of the policy.
