@@ -2,7 +2,8 @@
 //! `system:node:<n>` from `credentials::write_kubelet`) and real requests
 //! through kube-rs: a kubelet reads the Secrets and ConfigMaps its own pods
 //! use and nothing else, writes its own Node, Lease and its pods' status,
-//! and none of another node's. `kubectl auth can-i` agrees.
+//! and none of another node's, nor creates a Node or Lease under another
+//! name (NodeRestriction). `kubectl auth can-i` agrees.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -109,6 +110,12 @@ async fn kubelets_reach_only_their_own_node_and_pods() {
     assert_eq!(code(nodes.patch_status("n1", &PatchParams::default(), &ready).await), 200);
     assert_eq!(code(nodes.patch_status("n2", &PatchParams::default(), &ready).await), 403);
     assert_eq!(code(nodes.delete("n2", &Default::default()).await), 403);
+    // NodeRestriction on creates: only under its own name.
+    let other: Node = serde_json::from_value(json!({"metadata": {"name": "n9"}})).unwrap();
+    match nodes.create(&PostParams::default(), &other).await {
+        Err(kube::Error::Api(e)) => assert_eq!((e.code, e.message.as_str()), (403, "nodes \"n9\" is forbidden: node \"n1\" is not allowed to modify node \"n9\"")),
+        r => panic!("a kubelet created another node: {r:?}"),
+    }
 
     // Leases: its own in kube-node-lease.
     Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
@@ -120,6 +127,7 @@ async fn kubelets_reach_only_their_own_node_and_pods() {
     assert_eq!(code(leases.create(&PostParams::default(), &lease("n1")).await), 200);
     assert_eq!(code(leases.get("n1").await), 200);
     Api::<Lease>::namespaced(admin.clone(), "kube-node-lease").create(&PostParams::default(), &lease("n2")).await.unwrap();
+    assert_eq!(code(leases.create(&PostParams::default(), &lease("n3")).await), 403, "no lease under another name");
     assert_eq!(code(leases.get("n2").await), 403);
     assert_eq!(code(leases.patch("n2", &PatchParams::default(), &Patch::Merge(json!({"spec": {"holderIdentity": "n1"}}))).await), 403);
     assert_eq!(code(Api::<Lease>::namespaced(c.clone(), "default").get("n1").await), 403, "only in kube-node-lease");

@@ -19,7 +19,7 @@ use super::{
     authz::{self, Authorizer},
     discovery,
     limits::{self, Limits, WatchBudget},
-    object, openapi,
+    node_authz, object, openapi,
     patch::{self, PatchType},
     proxy::PodProxy,
     reviews,
@@ -308,8 +308,10 @@ async fn resource(st: &Arc<AppState>, t: Target, req: Request<Body>) -> ApiResul
             Ok(ok(&json!({"kind": res.list_kind(), "apiVersion": res.api_version(), "metadata": meta, "items": out.items})))
         }
         (&Method::POST, None, None) => {
+            let user = req.extensions().get::<UserInfo>().cloned().unwrap_or_default();
             let (h, b) = body_bytes(st, req).await?;
             let obj = parse_body(&h, b).await?;
+            node_authz::admit_create(&user, res.group, res.plural, &obj)?;
             let created = api.create(res, ns, obj, &write_opts(&q)).await?;
             Ok(json_response(StatusCode::CREATED, &created))
         }

@@ -16,10 +16,14 @@
 //! - Everything else: the `system:node` rules (events, Services, Endpoints,
 //!   EndpointSlices, TokenReview/SubjectAccessReview for its API).
 //!
-//! Not yet: NodeRestriction's checks of request bodies (a kubelet creating
-//! a Node or Lease under another name, or changing its Node's labels
-//! outside `kubelet.kubernetes.io/`), and the selector-aware pod/node reads
-//! of `AuthorizeNodeWithSelectors`.
+//! [`admit_create`] is NodeRestriction's part for creates, where the name
+//! is in the body the authorizer does not see: a kubelet creates only its
+//! own Node and its own Lease.
+//!
+//! Not yet: NodeRestriction's label rules (a kubelet setting labels under
+//! `node-restriction.kubernetes.io/` or outside the allowed kubelet
+//! prefixes), and the selector-aware pod/node reads of
+//! `AuthorizeNodeWithSelectors`.
 
 use std::sync::OnceLock;
 
@@ -118,6 +122,23 @@ async fn pod_bound_to(api: &Api, node: &str, ns: &str, name: &str) -> ApiResult<
     }
 }
 
+/// NodeRestriction admission of a create by `user` of `obj` (as `res`
+/// in `group`): 403, worded as upstream, when a kubelet creates a Node or
+/// a node Lease under another node's name.
+pub fn admit_create(user: &UserInfo, group: &str, plural: &str, obj: &Value) -> ApiResult<()> {
+    let Some(node) = node_of(user) else { return Ok(()) };
+    let name = str_at(obj, "/metadata/name");
+    match (group, plural) {
+        ("", "nodes") if name != node => {
+            Err(ApiError::forbidden(format!("nodes \"{name}\" is forbidden: node \"{node}\" is not allowed to modify node \"{name}\"")))
+        }
+        ("coordination.k8s.io", "leases") if name != node => Err(ApiError::forbidden(format!(
+            "leases.coordination.k8s.io \"{name}\" is forbidden: can only access node lease with the same name as the requesting node"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Whether the Node authorizer allows `a`; false means "no opinion" (RBAC
 /// decides).
 pub async fn allows(api: &Api, node: &str, a: &Attributes) -> ApiResult<bool> {
@@ -182,6 +203,20 @@ mod tests {
         assert_eq!(references(&pod, "configmap"), ["c-env", "c-from", "c-vol", "c-proj"]);
         assert_eq!(references(&pod, "serviceaccount"), ["app"]);
         assert_eq!(references(&json!({"spec": {}}), "serviceaccount"), ["default"]);
+    }
+
+    #[test]
+    fn kubelets_create_only_their_own_node_and_lease() {
+        let n1 = UserInfo { name: "system:node:n1".into(), groups: vec![NODES_GROUP.into()], ..UserInfo::default() };
+        let named = |n: &str| json!({"metadata": {"name": n}});
+        assert!(admit_create(&n1, "", "nodes", &named("n1")).is_ok());
+        let e = admit_create(&n1, "", "nodes", &named("n2")).unwrap_err();
+        assert_eq!((e.code, e.message.as_str()), (403, "nodes \"n2\" is forbidden: node \"n1\" is not allowed to modify node \"n2\""));
+        assert!(admit_create(&n1, "coordination.k8s.io", "leases", &named("n1")).is_ok());
+        assert_eq!(admit_create(&n1, "coordination.k8s.io", "leases", &named("n2")).unwrap_err().code, 403);
+        assert!(admit_create(&n1, "", "configmaps", &named("x")).is_ok());
+        let admin = UserInfo { name: "admin".into(), ..UserInfo::default() };
+        assert!(admit_create(&admin, "", "nodes", &named("n2")).is_ok());
     }
 
     #[test]
