@@ -178,6 +178,9 @@ impl Expected {
     }
 }
 
+/// One measured cell: port, from, to, what the probe found.
+type Cell = (Port, Peer, Peer, Outcome);
+
 /// One measured matrix.
 #[derive(Clone, Debug)]
 pub struct Observed {
@@ -191,7 +194,7 @@ impl Observed {
     }
 
     /// Cells whose outcome differs from `want`.
-    pub fn mismatches(&self, want: &Expected) -> Vec<(Port, Peer, Peer, Outcome)> {
+    pub fn mismatches(&self, want: &Expected) -> Vec<Cell> {
         let mut out = Vec::new();
         for port in PORTS {
             for from in Peer::all() {
@@ -409,10 +412,10 @@ impl Model {
     /// every port, the nine clients at once.
     pub fn measure(&self, lab: &Lab, want: &Expected) -> Result<Observed> {
         let started = Instant::now();
-        let results: Vec<Result<Vec<(Port, Peer, Peer, Outcome)>>> = std::thread::scope(|s| {
+        let results: Vec<Result<Vec<Cell>>> = std::thread::scope(|s| {
             let handles: Vec<_> = Peer::all()
                 .map(|from| {
-                    s.spawn(move || -> Result<Vec<(Port, Peer, Peer, Outcome)>> {
+                    s.spawn(move || -> Result<Vec<Cell>> {
                         let mut cells = Vec::new();
                         let mut probes = Vec::new();
                         for to in Peer::all() {
