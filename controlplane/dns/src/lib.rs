@@ -7,12 +7,14 @@
 //!   NXDOMAIN versus NODATA).
 //! - [`handler`]: what each request is answered with (EDNS, forwarding);
 //!   hickory-server's request handler for TCP.
-//! - [`udp`]: UDP serving, a thread per core; [`cache`]: its answer cache.
+//! - [`udp`]: UDP serving, a thread per core; [`cache`]: its answer cache;
+//!   [`batch`]: its recvmmsg/sendmmsg batches.
 //! - [`forward`]: upstream resolvers and the forwarding cache.
 //! - [`watch`]: the watches feeding the index.
 //! - [`metrics`]: Prometheus metrics, `/healthz`, `/ready`.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod batch;
 pub mod cache;
 pub mod forward;
 pub mod handler;

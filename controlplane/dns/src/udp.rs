@@ -1,6 +1,7 @@
 //! DNS over UDP: one thread per core, each blocking on its own socket
 //! (`SO_REUSEPORT` when there are several, so the kernel spreads clients
-//! over them), answering each datagram in place: from the answer cache
+//! over them) for a batch of datagrams ([`crate::batch`]), answering each
+//! in place: from the answer cache
 //! ([`crate::cache`]) when it can, else through hickory's full request
 //! path ([`Request::from_bytes`], [`Handler::decide`]), whose index answers
 //! then fill the cache. Only questions that wait on upstream resolvers
@@ -15,6 +16,7 @@ use std::{
     future::Future,
     io,
     net::{IpAddr, SocketAddr, UdpSocket},
+    os::fd::AsRawFd as _,
     pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
@@ -36,6 +38,7 @@ use hickory_server::{
 };
 
 use crate::{
+    batch::Batch,
     cache::{self, AnswerCache, Entry},
     handler::{Decision, Handler, encode_udp, qtype},
 };
@@ -171,30 +174,34 @@ pub fn spawn(udp: &Arc<Udp>, sockets: Vec<UdpSocket>, runtime: &tokio::runtime::
 }
 
 fn worker(udp: &Udp, socket: &Arc<UdpSocket>, runtime: &tokio::runtime::Handle, stop: &AtomicBool) {
-    let mut buf = vec![0u8; RECV_BUFFER];
-    let mut out = Vec::with_capacity(RECV_BUFFER);
+    let fd = socket.as_raw_fd();
+    let mut batch = Batch::new(RECV_BUFFER);
     while !stop.load(Ordering::Relaxed) {
-        let (n, src) = match socket.recv_from(&mut buf) {
-            Ok(r) => r,
+        let n = match batch.recv(fd) {
+            Ok(n) => n,
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => continue,
             Err(e) => {
                 // ICMP errors of earlier sends surface here; the socket
                 // stays usable.
-                tracing::debug!(error = %e, "receiving a UDP request");
+                tracing::debug!(error = %e, "receiving UDP requests");
                 continue;
             }
         };
-        if !sane_source(src) {
-            continue;
-        }
-        match udp.serve(&buf[..n], src, &mut out) {
-            Served::Now => send(socket, &out, src),
-            Served::Dropped => {}
-            Served::Later(answer) => {
-                let socket = socket.clone();
-                runtime.spawn(async move { send(&socket, &answer.await, src) });
+        for i in 0..n {
+            let Some((datagram, src, out)) = batch.slot(i) else { continue };
+            if !sane_source(src) {
+                continue;
+            }
+            match udp.serve(datagram, src, out) {
+                Served::Now => batch.queue(i),
+                Served::Dropped => {}
+                Served::Later(answer) => {
+                    let socket = socket.clone();
+                    runtime.spawn(async move { send(&socket, &answer.await, src) });
+                }
             }
         }
+        batch.send(fd);
     }
 }
 
