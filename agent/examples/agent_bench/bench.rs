@@ -52,7 +52,7 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn step<E: std::error::Error + Send + Sync + 'static>(what: impl Into<String>) -> impl FnOnce(E) -> Error {
+pub(crate) fn step<E: std::error::Error + Send + Sync + 'static>(what: impl Into<String>) -> impl FnOnce(E) -> Error {
     let what = what.into();
     move |e| Error::Step { what, source: Box::new(e) }
 }
@@ -86,7 +86,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(mut v: Vec<f64>) -> Self {
+    pub(crate) fn of(mut v: Vec<f64>) -> Self {
         v.sort_by(f64::total_cmp);
         let pick = |q: f64| {
             if v.is_empty() {
@@ -175,7 +175,7 @@ pub fn run_with(opts: &Options, quick: bool) -> Result<AgentBenchReport> {
 /// Binaries next to the running executable (or its parent: examples live in
 /// `target/<profile>/examples/`), or from `RIPTIDE_AGENT_BIN` /
 /// `RIPTIDE_CONTROLPLANE_BIN`.
-fn find_bin(name: &str, env: &str) -> Result<PathBuf> {
+pub(crate) fn find_bin(name: &str, env: &str) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));
     }
@@ -201,10 +201,30 @@ fn sh(args: &[&str]) -> Result<()> {
 }
 
 /// Everything the agent part created; removed on drop.
-struct World {
-    node: String,
-    data: PathBuf,
-    procs: Vec<Child>,
+pub(crate) struct World {
+    pub(crate) node: String,
+    pub(crate) data: PathBuf,
+    pub(crate) procs: Vec<Child>,
+}
+
+impl World {
+    /// Node `<node_prefix>-<pid>`, data on tmpfs (the apiserver fsyncs
+    /// every write, and the load phase should measure the apiserver, not
+    /// the disk).
+    pub(crate) fn new(node_prefix: &str, dir_prefix: &str) -> Result<Self> {
+        let pid = std::process::id();
+        let w = Self {
+            node: format!("{node_prefix}-{pid}"),
+            data: PathBuf::from(format!("/dev/shm/{dir_prefix}-{pid}")),
+            procs: Vec::new(),
+        };
+        std::fs::create_dir_all(&w.data).map_err(step("creating the bench data dir"))?;
+        Ok(w)
+    }
+
+    pub(crate) fn sock(&self) -> PathBuf {
+        self.data.join("agent.sock")
+    }
 }
 
 impl Drop for World {
@@ -242,19 +262,10 @@ fn slice_endpoints(ips: &[Ipv4Addr], node: &str) -> serde_json::Value {
     )
 }
 
-async fn agent_part(opts: &Options, report: &mut AgentBenchReport) -> Result<()> {
-    let agent_bin = find_bin("riptide-agent", "RIPTIDE_AGENT_BIN")?;
+/// The apiserver on 127.0.0.1 with its data in `w.data`: its kubeconfig
+/// and a client.
+pub(crate) async fn start_apiserver(w: &mut World) -> Result<(PathBuf, kube::Client)> {
     let cp_bin = find_bin("riptide-controlplane", "RIPTIDE_CONTROLPLANE_BIN")?;
-    let pid = std::process::id();
-    let mut w = World {
-        node: format!("rtab-{pid}"),
-        // tmpfs: the apiserver fsyncs every write.
-        data: PathBuf::from(format!("/dev/shm/riptide-agent-bench-{pid}")),
-        procs: Vec::new(),
-    };
-    std::fs::create_dir_all(&w.data).map_err(step("creating the bench data dir"))?;
-
-    // Apiserver.
     let mut cmd = Command::new(&cp_bin);
     cmd.args(["apiserver", "--listen", "127.0.0.1:0", "--history-revisions", "100000"])
         .arg("--data-dir")
@@ -272,14 +283,48 @@ async fn agent_part(opts: &Options, report: &mut AgentBenchReport) -> Result<()>
         .map_err(step("kubeconfig"))?;
     let client = kube::Client::try_from(cfg).map_err(step("creating the kube client"))?;
 
-    let node = w.node.clone();
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
     let node_obj: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
-        "spec": {"podCIDR": "10.42.7.0/24", "podCIDRs": ["10.42.7.0/24"]},
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": w.node},
+        "spec": {"podCIDR": POD_CIDR, "podCIDRs": [POD_CIDR]},
     }))
     .map_err(step("node object"))?;
     nodes.create(&PostParams::default(), &node_obj).await.map_err(step("creating the Node"))?;
+    Ok((kubeconfig, client))
+}
+
+/// The agent's node's pod range.
+pub(crate) const POD_CIDR: &str = "10.42.7.0/24";
+
+/// Starts `riptide-agent` as node `w.node`; its pid.
+pub(crate) fn start_agent(w: &mut World, kubeconfig: &Path) -> Result<u32> {
+    let agent_bin = find_bin("riptide-agent", "RIPTIDE_AGENT_BIN")?;
+    let log = File::options().create(true).append(true).open(w.data.join("agent.log")).map_err(step("agent log"))?;
+    let mut cmd = Command::new(&agent_bin);
+    cmd.arg("--node-name")
+        .arg(&w.node)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--api-socket")
+        .arg(w.sock())
+        .arg("--pod-cidr-file")
+        .arg(w.data.join("podcidr"))
+        // Nothing attached and no routes: the agent only writes its
+        // pinned maps, so it can run in the root namespace.
+        .args(["--metrics-addr", "off", "--node-ip", "198.18.77.1", "--no-routes"])
+        .env("RUST_LOG", "warn")
+        .stdout(log.try_clone().map_err(step("agent log"))?)
+        .stderr(log);
+    let child = cmd.spawn().map_err(step("starting riptide-agent"))?;
+    let pid = child.id();
+    w.procs.push(child);
+    Ok(pid)
+}
+
+async fn agent_part(opts: &Options, report: &mut AgentBenchReport) -> Result<()> {
+    let mut w = World::new("rtab", "riptide-agent-bench")?;
+    let (kubeconfig, client) = start_apiserver(&mut w).await?;
+    let node = w.node.clone();
 
     // Load.
     let started = Instant::now();
@@ -316,31 +361,9 @@ async fn agent_part(opts: &Options, report: &mut AgentBenchReport) -> Result<()>
     report.apiserver_load_s = started.elapsed().as_secs_f64();
 
     // Cold start → ready.
-    let sock = w.data.join("agent.sock");
-    let start_agent = |w: &mut World| -> Result<u32> {
-        let log = File::options().create(true).append(true).open(w.data.join("agent.log")).map_err(step("agent log"))?;
-        let mut cmd = Command::new(&agent_bin);
-        cmd.arg("--node-name")
-            .arg(&w.node)
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--api-socket")
-            .arg(&sock)
-            .arg("--pod-cidr-file")
-            .arg(w.data.join("podcidr"))
-            // Nothing attached and no routes: the agent only writes its
-            // pinned maps, so it can run in the root namespace.
-            .args(["--metrics-addr", "off", "--node-ip", "198.18.77.1", "--no-routes"])
-            .env("RUST_LOG", "warn")
-            .stdout(log.try_clone().map_err(step("agent log"))?)
-            .stderr(log);
-        let child = cmd.spawn().map_err(step("starting riptide-agent"))?;
-        let pid = child.id();
-        w.procs.push(child);
-        Ok(pid)
-    };
+    let sock = w.sock();
     let t0 = Instant::now();
-    let agent_pid = start_agent(&mut w)?;
+    let agent_pid = start_agent(&mut w, &kubeconfig)?;
     let mut status = wait_ready(&sock, Duration::from_secs(600)).await?;
     report.resync.cold_start_to_ready_ms = t0.elapsed().as_secs_f64() * 1e3;
     // Readiness flips inside the pass; its duration is recorded right after.
@@ -365,7 +388,7 @@ async fn agent_part(opts: &Options, report: &mut AgentBenchReport) -> Result<()>
         let _ = a.wait();
     }
     let t0 = Instant::now();
-    let agent_pid = start_agent(&mut w)?;
+    let agent_pid = start_agent(&mut w, &kubeconfig)?;
     wait_ready(&sock, Duration::from_secs(600)).await?;
     report.resync.restart_to_ready_ms = t0.elapsed().as_secs_f64() * 1e3;
 
@@ -408,7 +431,7 @@ async fn agent_part(opts: &Options, report: &mut AgentBenchReport) -> Result<()>
     Ok(())
 }
 
-fn read_kubeconfig_line(stdout: Option<std::process::ChildStdout>) -> Result<PathBuf> {
+pub(crate) fn read_kubeconfig_line(stdout: Option<std::process::ChildStdout>) -> Result<PathBuf> {
     use std::io::BufRead as _;
     let stdout = stdout.ok_or_else(|| Error::Failed("apiserver stdout not captured".into()))?;
     let mut lines = std::io::BufReader::new(stdout).lines();
@@ -424,7 +447,7 @@ fn read_kubeconfig_line(stdout: Option<std::process::ChildStdout>) -> Result<Pat
 }
 
 /// GET `uri` on the agent's unix-socket API.
-fn unix_get(sock: &Path, uri: &str) -> std::io::Result<String> {
+pub(crate) fn unix_get(sock: &Path, uri: &str) -> std::io::Result<String> {
     let mut s = std::os::unix::net::UnixStream::connect(sock)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(s, "GET {uri} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
@@ -433,7 +456,7 @@ fn unix_get(sock: &Path, uri: &str) -> std::io::Result<String> {
     Ok(body.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
 }
 
-async fn wait_ready(sock: &Path, limit: Duration) -> Result<serde_json::Value> {
+pub(crate) async fn wait_ready(sock: &Path, limit: Duration) -> Result<serde_json::Value> {
     let deadline = Instant::now() + limit;
     loop {
         if let Ok(body) = unix_get(sock, "/v1/status")
@@ -449,7 +472,7 @@ async fn wait_ready(sock: &Path, limit: Duration) -> Result<serde_json::Value> {
     }
 }
 
-fn vm_hwm_mib(pid: u32) -> f64 {
+pub(crate) fn vm_hwm_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
