@@ -30,6 +30,9 @@
 //!   conntrack entry). Ingress delivers with `bpf_redirect_peer`, which
 //!   decrements the TTL on every run, so its runs go in batches of 200 from
 //!   TTL 255 (every run a delivery) and the batches' means are averaged.
+//! * `policy_unselected` — a local pod no policy selects talking to the
+//!   peer: with policy on, each of its packets asks `rt_polep4_v1` about
+//!   both sides (no conntrack entry is recorded for such flows).
 //! * `denied_new_median_ns` (egress) — like `new_median_ns` for a flow no
 //!   rule allows: the verdict alone, without the two conntrack inserts an
 //!   allowed flow pays (with 0 policies the same plain new flow).
@@ -53,6 +56,8 @@ const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// Egress client: pod 10 (group 0); ingress server: pod 21 (group 1).
 const CLIENT: u32 = 10;
 const SERVER: u32 = 21;
+/// A local pod outside the 1,000 that no policy selects.
+const UNSELECTED: u32 = PODS;
 /// A port no policy opens (egress of the client).
 const DENIED_PORT: u16 = 2999;
 /// Runs per ingress `repeat` batch (each run decrements the TTL).
@@ -114,7 +119,8 @@ fn setup(policies: u32) -> Result<Datapath> {
     pol.upsert_ipcache(Ipv4Addr::UNSPECIFIED, 0, cache(identity::WORLD))?;
     pol.upsert_ipcache(NODE_IP, 32, cache(identity::HOST))?;
     pol.upsert_ipcache(PEER, 32, cache(label_set(1)))?;
-    for i in 0..PODS {
+    // One more local pod that no policy selects (`UNSELECTED`).
+    for i in 0..=PODS {
         let tail = [(i >> 8) as u8, i as u8];
         eps.upsert(
             pod(i),
@@ -201,6 +207,25 @@ fn egress(dp: &mut Datapath, samples: u32) -> Result<Sample> {
     })
 }
 
+/// A pod no policy selects → the remote peer through `rt_from_pod`: with
+/// policy on, every packet of its flows asks whether either side has
+/// policy state (nothing is recorded for such flows).
+fn unselected(dp: &mut Datapath, samples: u32) -> Result<Sample> {
+    let mut new = Vec::with_capacity(samples as usize);
+    for i in 0..samples {
+        let sport = 1024 + (i % 60_000) as u16;
+        let syn = frame(pod(UNSELECTED), sport, PEER, 2000, 0x02, 64);
+        new.push(run(dp, names::PROG_FROM_POD, &syn, 1)?);
+    }
+    let ack = frame(pod(UNSELECTED), 1024, PEER, 2000, 0x10, 64);
+    let est_ns = run(dp, names::PROG_FROM_POD, &ack, samples.max(1))?;
+    Ok(Sample {
+        new_median_ns: median(new),
+        est_ns,
+        denied_new_median_ns: None,
+    })
+}
+
 /// Ingress: the remote peer → pod `SERVER` through `rt_from_net`.
 fn ingress(dp: &mut Datapath, samples: u32) -> Result<Sample> {
     let mut new = Vec::with_capacity(samples as usize);
@@ -228,7 +253,11 @@ fn main() -> Result<()> {
         .map_or(Ok(5000), |s| s.parse())
         .context("SAMPLES must be a number")?;
     type Path = fn(&mut Datapath, u32) -> Result<Sample>;
-    let paths: [(&str, Path); 2] = [("egress", egress), ("ingress", ingress)];
+    let paths: [(&str, Path); 3] = [
+        ("egress", egress),
+        ("ingress", ingress),
+        ("unselected", unselected),
+    ];
     // Every setup measures both paths; the baseline (0 policies) first.
     let mut results = Vec::new();
     for policies in [0, 100, 1_000] {

@@ -76,11 +76,16 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     let Some(svc) = lb::lookup_with_node(p.daddr_be, p.dport_be, p.proto, true, is_node) else {
         // A new flow to a pod or elsewhere: the pod's egress and, when the
         // destination is a pod on this node, its ingress (delivery with
-        // bpf_redirect_peer skips the veth egress program).
-        if policy::enabled(cfg) && policy::deny_plain(ctx, &p, true, EV_SRC_FROM_POD, false) {
+        // bpf_redirect_peer skips the veth egress program). The endpoint
+        // lookup delivery needs anyway says whether the destination is
+        // local, so a remote one costs no policy lookup.
+        let ep = route::endpoint(p.daddr_be);
+        if policy::enabled(cfg)
+            && policy::deny_plain(ctx, &p, true, ep.is_some(), EV_SRC_FROM_POD, false)
+        {
             return policy::drop();
         }
-        return route::deliver(ctx, &p);
+        return route::deliver_to(ctx, &p, ep);
     };
     let Some(chosen) = lb::select(
         &svc,

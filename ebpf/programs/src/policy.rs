@@ -239,13 +239,22 @@ fn rule(k: &PolicyKey) -> bool {
 }
 
 /// Judges the new flow of `p`, which is not translated: `true` when it is
-/// denied (the caller drops it). An allowed flow with policy state on some
-/// side is recorded in conntrack, both tuples, so its later packets and its
-/// replies pass without a verdict; `inbound` also marks the reply entry
-/// [`riptide_common::CT_F_INBOUND`] (masquerade must not touch it).
+/// denied (the caller drops it). `ingress`: the destination may be a local
+/// pod (a caller that knows it is not saves the lookup). An allowed flow
+/// with policy state on some side is recorded in conntrack, both tuples,
+/// so its later packets and its replies pass without a verdict; `inbound`
+/// also marks the reply entry [`riptide_common::CT_F_INBOUND`] (masquerade
+/// must not touch it).
 #[inline(always)]
-pub fn deny_plain(ctx: &TcContext, p: &Pkt, egress: bool, source: u8, inbound: bool) -> bool {
-    let f = Flow::of(ctx, p, egress, true, source);
+pub fn deny_plain(
+    ctx: &TcContext,
+    p: &Pkt,
+    egress: bool,
+    ingress: bool,
+    source: u8,
+    inbound: bool,
+) -> bool {
+    let f = Flow::of(ctx, p, egress, ingress, source);
     match judge(&f) {
         DENY => true,
         ALLOW => {
@@ -327,5 +336,5 @@ pub fn deny_other(ctx: &TcContext, p: &Pkt, egress: bool, source: u8, inbound: b
     if ct::lookup(&q).is_some() {
         return false;
     }
-    deny_plain(ctx, &q, egress, source, inbound)
+    deny_plain(ctx, &q, egress, true, source, inbound)
 }

@@ -41,14 +41,25 @@ pub fn pass() -> Result<i32, u32> {
 /// hands it to the kernel.
 #[inline(always)]
 pub fn deliver(ctx: &TcContext, p: &Pkt) -> Result<i32, u32> {
-    let Some(ep) = EP4.get_ptr(&EndpointKey {
-        addr_be: p.daddr_be,
-    }) else {
+    deliver_to(ctx, p, endpoint(p.daddr_be))
+}
+
+/// The endpoint of `addr` if it is a pod on this node.
+#[inline(always)]
+pub fn endpoint(addr_be: u32) -> Option<&'static EndpointValue> {
+    let ep = EP4.get_ptr(&EndpointKey { addr_be })?;
+    // SAFETY: map value pointer, valid for this program run.
+    Some(unsafe { &*ep })
+}
+
+/// [`deliver`] with the destination's endpoint already looked up.
+#[inline(always)]
+pub fn deliver_to(ctx: &TcContext, p: &Pkt, ep: Option<&EndpointValue>) -> Result<i32, u32> {
+    let Some(ep) = ep else {
         // Not a pod on this node: the kernel routes it (other node, outside).
         return pass();
     };
-    // SAFETY: map value pointer, valid for this program run.
-    redirect(ctx, p, unsafe { &*ep })
+    redirect(ctx, p, ep)
 }
 
 /// Delivers `p` into the local pod `ep` with `bpf_redirect_peer`.

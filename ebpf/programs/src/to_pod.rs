@@ -38,7 +38,7 @@ pub fn try_to_pod(ctx: &TcContext) -> Result<i32, u32> {
     // must leave them alone when the peer is one it would rewrite towards
     // (as `rt_from_net` marks flows it delivers).
     let inbound = masq::enabled(cfg) && masq::applies_to(cfg, p.saddr_be);
-    if policy::deny_plain(ctx, &p, false, EV_SRC_TO_POD, inbound) {
+    if policy::deny_plain(ctx, &p, false, true, EV_SRC_TO_POD, inbound) {
         return policy::drop();
     }
     Ok(TC_ACT_OK)
