@@ -183,57 +183,55 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// Egress: pod `CLIENT` → the remote peer through `rt_from_pod`.
-fn egress(dp: &mut Datapath, samples: u32) -> Result<Sample> {
-    let mut new = Vec::with_capacity(samples as usize);
+/// Median ns of `samples` first packets (SYNs from fresh source ports,
+/// one run per syscall) from `src` to `dst:dport` through `prog`; source
+/// port 1024's flow is the first.
+fn first_packets(
+    dp: &mut Datapath,
+    prog: &'static str,
+    (src, dst, dport): (Ipv4Addr, Ipv4Addr, u16),
+    samples: u32,
+) -> Result<f64> {
+    let mut v = Vec::with_capacity(samples as usize);
     for i in 0..samples {
         let sport = 1024 + (i % 60_000) as u16;
-        let syn = frame(pod(CLIENT), sport, PEER, 2000, 0x02, 64);
-        new.push(run(dp, names::PROG_FROM_POD, &syn, 1)?);
+        v.push(run(dp, prog, &frame(src, sport, dst, dport, 0x02, 64), 1)?);
     }
-    // Source port 1024's flow was created by the first sample.
-    let ack = frame(pod(CLIENT), 1024, PEER, 2000, 0x10, 64);
-    let est_ns = run(dp, names::PROG_FROM_POD, &ack, samples.max(1))?;
-    let mut denied = Vec::with_capacity(samples as usize);
-    for i in 0..samples {
-        let sport = 1024 + (i % 60_000) as u16;
-        let syn = frame(pod(CLIENT), sport, PEER, DENIED_PORT, 0x02, 64);
-        denied.push(run(dp, names::PROG_FROM_POD, &syn, 1)?);
-    }
-    Ok(Sample {
-        new_median_ns: median(new),
-        est_ns,
-        denied_new_median_ns: Some(median(denied)),
-    })
+    Ok(median(v))
 }
 
-/// A pod no policy selects → the remote peer through `rt_from_pod`: with
-/// policy on, every packet of its flows asks whether either side has
-/// policy state (nothing is recorded for such flows).
-fn unselected(dp: &mut Datapath, samples: u32) -> Result<Sample> {
-    let mut new = Vec::with_capacity(samples as usize);
-    for i in 0..samples {
-        let sport = 1024 + (i % 60_000) as u16;
-        let syn = frame(pod(UNSELECTED), sport, PEER, 2000, 0x02, 64);
-        new.push(run(dp, names::PROG_FROM_POD, &syn, 1)?);
-    }
-    let ack = frame(pod(UNSELECTED), 1024, PEER, 2000, 0x10, 64);
+/// From the local pod `src` to the remote peer through `rt_from_pod`: first
+/// packets, then the established flow of source port 1024.
+fn from_pod(dp: &mut Datapath, src: Ipv4Addr, samples: u32) -> Result<Sample> {
+    let new_median_ns = first_packets(dp, names::PROG_FROM_POD, (src, PEER, 2000), samples)?;
+    let ack = frame(src, 1024, PEER, 2000, 0x10, 64);
     let est_ns = run(dp, names::PROG_FROM_POD, &ack, samples.max(1))?;
     Ok(Sample {
-        new_median_ns: median(new),
+        new_median_ns,
         est_ns,
         denied_new_median_ns: None,
     })
 }
 
+/// Egress: pod `CLIENT` → the remote peer, and to a port no rule opens.
+fn egress(dp: &mut Datapath, samples: u32) -> Result<Sample> {
+    let mut s = from_pod(dp, pod(CLIENT), samples)?;
+    let denied = (pod(CLIENT), PEER, DENIED_PORT);
+    s.denied_new_median_ns = Some(first_packets(dp, names::PROG_FROM_POD, denied, samples)?);
+    Ok(s)
+}
+
+/// A pod no policy selects → the remote peer: with policy on, every packet
+/// of its flows asks whether either side has policy state (nothing is
+/// recorded for such flows).
+fn unselected(dp: &mut Datapath, samples: u32) -> Result<Sample> {
+    from_pod(dp, pod(UNSELECTED), samples)
+}
+
 /// Ingress: the remote peer → pod `SERVER` through `rt_from_net`.
 fn ingress(dp: &mut Datapath, samples: u32) -> Result<Sample> {
-    let mut new = Vec::with_capacity(samples as usize);
-    for i in 0..samples {
-        let sport = 1024 + (i % 60_000) as u16;
-        let syn = frame(PEER, sport, pod(SERVER), 1001, 0x02, 64);
-        new.push(run(dp, names::PROG_FROM_NET, &syn, 1)?);
-    }
+    let new_median_ns =
+        first_packets(dp, names::PROG_FROM_NET, (PEER, pod(SERVER), 1001), samples)?;
     let ack = frame(PEER, 1024, pod(SERVER), 1001, 0x10, 255);
     let batches = (samples / INGRESS_BATCH).max(1);
     let mut sum = 0.0;
@@ -241,7 +239,7 @@ fn ingress(dp: &mut Datapath, samples: u32) -> Result<Sample> {
         sum += run(dp, names::PROG_FROM_NET, &ack, INGRESS_BATCH)?;
     }
     Ok(Sample {
-        new_median_ns: median(new),
+        new_median_ns,
         est_ns: sum / f64::from(batches),
         denied_new_median_ns: None,
     })
