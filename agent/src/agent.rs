@@ -214,6 +214,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         policy_warnings: Vec::new(),
         policy_errors: Vec::new(),
         policy_inputs: None,
+        policy_adopted: false,
     };
     tokio::select! {
         () = lp.run(rx) => {}
@@ -393,6 +394,8 @@ struct Loop {
     policy_errors: Vec<String>,
     /// Fingerprint of the inputs of the last fully written compile.
     policy_inputs: Option<u64>,
+    /// The compiler was offered the pinned maps' numbering.
+    policy_adopted: bool,
 }
 
 #[derive(Default)]
@@ -794,6 +797,18 @@ impl Loop {
         let fingerprint = inputs_fingerprint(&inputs);
         if self.policy_inputs == Some(fingerprint) && !self.policy_retry {
             return;
+        }
+        if !self.policy_adopted {
+            // A restart: keep the identities and endpoint ids the pinned
+            // maps use, so the first pass rewrites only what changed.
+            match sync.read_back() {
+                Ok(pinned) => {
+                    self.policy_adopted = true;
+                    let adopted = self.compiler.adopt(&pinned.ipcache, &pinned.endpoints, pinned.rules.keys());
+                    tracing::info!(adopted, endpoints = pinned.endpoints.len(), rules = pinned.rules.len(), "pinned NetworkPolicy maps read");
+                }
+                Err(e) => tracing::warn!(error = %crate::reconcile::error_chain(&e), "cannot read the pinned NetworkPolicy maps; retrying"),
+            }
         }
         let mut compiled = self.compiler.compile(&inputs);
         let rep = sync.sync(&compiled);

@@ -21,12 +21,15 @@
 //!
 //! What the maps hold is read back (`list`) on the first pass and after
 //! any failed write; otherwise the last pass's state is trusted (the agent
-//! is the maps' only writer, under the node lock). A restarted agent
-//! numbers identities and endpoint ids afresh, so the pinned entries may
-//! mean other label sets than the new compile's: before such a first pass
-//! writes anything, every pinned endpoint entry is set fail-closed, so no
-//! flow is judged by old rules against new identities (brief denials of new
-//! flows of isolated pods during a restart, never a wrong allow).
+//! is the maps' only writer, under the node lock). A restarted agent hands
+//! that read ([`PolicySync::read_back`]) to the compiler's `adopt` before
+//! its first compile, so identities and endpoint ids keep their pinned
+//! numbers and the first pass rewrites only what changed while it was down.
+//! Where the pinned entries may still mean other label sets than the new
+//! compile's (what adoption could not match, or no adoption), every pinned
+//! endpoint entry is set fail-closed before that pass writes anything, so
+//! no flow is judged by old rules against new identities (brief denials of
+//! new flows of isolated pods, never a wrong allow).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -155,11 +158,31 @@ pub struct PolicySync<W> {
     writer: W,
     /// What the maps hold; `None`: read them back before the next diff.
     known: Option<MapState>,
+    /// `known` was read from the maps by [`Self::read_back`] and no pass
+    /// has written since.
+    fresh: bool,
 }
 
 impl<W: PolicyWriter> PolicySync<W> {
     pub fn new(writer: W) -> Self {
-        Self { writer, known: None }
+        Self { writer, known: None, fresh: false }
+    }
+
+    /// Reads the maps now (unless the last pass left a trusted state) and
+    /// returns what they hold: a restarted agent hands it to
+    /// [`crate::policy::Compiler::adopt`] before its first compile, so the
+    /// first pass rewrites only what changed while it was down. The next
+    /// [`Self::sync`] diffs against this read.
+    pub fn read_back(&mut self) -> Result<&MapState, W::Error> {
+        let known = match self.known.take() {
+            Some(k) => k,
+            None => {
+                let k = MapState::read(&self.writer)?;
+                self.fresh = true;
+                k
+            }
+        };
+        Ok(self.known.insert(known))
     }
 
     /// What the maps hold as far as the last pass knows (`None` before the
@@ -171,7 +194,7 @@ impl<W: PolicyWriter> PolicySync<W> {
     /// Makes the maps hold what `compiled` asks for (see the module docs
     /// for the order and the failure rules).
     pub fn sync(&mut self, compiled: &Compiled) -> SyncReport {
-        let mut rep = SyncReport::default();
+        let mut rep = SyncReport { read_back: std::mem::take(&mut self.fresh), ..SyncReport::default() };
         let mut have = match self.known.take() {
             Some(k) => k,
             None => match MapState::read(&self.writer) {

@@ -197,14 +197,24 @@ fn kernel_policy_sync_writes_shrinks_and_converges_after_restart() {
     let dp = Datapath::load(&Pinning::Node(me.clone())).unwrap();
     let mut compiler = Compiler::new();
     let mut sync = PolicySync::new(dp.policy().unwrap());
-    let before = read(sync.writer());
+    let before = sync.read_back().unwrap().clone();
     assert!(before.endpoints.contains_key(&ip("10.42.0.6")), "pins kept the maps:\n{}", dump(&before));
+    assert!(compiler.adopt(&before.ipcache, &before.endpoints, before.rules.keys()), "a fresh compiler adopts");
     let c3 = cluster.compile(&mut compiler);
     let rep = sync.sync(&c3);
     assert!(rep.ok() && rep.read_back, "{rep:?}");
+    // Adopted numbering: no endpoint had to be closed, x/b keeps its
+    // endpoint entry and rule keys (a rule's value, the policy_ref, may be
+    // renumbered: display only); x/d comes and the planted leftovers go.
+    assert!(!rep.renumbered, "{rep:?}");
+    assert_eq!((rep.endpoints_written, rep.endpoints_removed, rep.rules_removed), (1, 1, 1), "{rep:?}");
     let maps = read(sync.writer());
     assert_eq!(maps, want(&c3), "not converged after the restart:\n{}", dump(&maps));
     assert!(!maps.endpoints.contains_key(&ip("10.42.0.99")) && !maps.ipcache.contains_key(&(ip("10.42.9.9"), 32)));
+    assert_eq!(maps.endpoints[&ip("10.42.0.6")], before.endpoints[&ip("10.42.0.6")], "x/b's entry kept as pinned");
+    let kept: std::collections::BTreeSet<String> = before.rules.keys().filter(|k| u32::from_be(k.key.ep_id_be) != 4242).map(|k| format!("{k:?}")).collect();
+    let now: std::collections::BTreeSet<String> = maps.rules.keys().map(|k| format!("{k:?}")).collect();
+    assert_eq!(kept, now, "the same rule keys as before the restart");
     assert_eq!(maps.endpoints[&ip("10.42.0.8")].flags & PE_F_ISOLATED_IN, PE_F_ISOLATED_IN, "x/d: deny-all ingress");
     assert!(maps.endpoints.values().all(|e| e.flags & PE_F_FAIL_CLOSED == 0), "nothing left fail-closed:\n{}", dump(&maps));
     // And a second pass has nothing to do.

@@ -147,6 +147,11 @@ fn privileged_policy_list_check_and_status_follow_kubectl() {
     eventually(&ns, "agent back, ready, policy synced", || {
         riptide(&ns, &["status"]).is_some_and(|s| s["ready"] == true && s["policy"]["synced"] == true)
     });
+    let log = std::fs::read_to_string(ns.path("agent.log")).unwrap();
+    // Without the terminal colours tracing adds.
+    let plain: String = log.split('\x1b').map(|part| part.split_once('m').filter(|(code, _)| code.starts_with('[')).map_or(part, |(_, rest)| rest)).collect();
+    let first_pass = plain.lines().rev().find(|l| l.contains("NetworkPolicy written")).unwrap_or_default();
+    assert!(first_pass.contains("read_back=true") && first_pass.contains("renumbered=false"), "the restarted agent adopted the pinned numbering: {first_pass}");
     let after: Vec<(Ipv4Addr, u32)> = polep(&me);
     assert_eq!(after.iter().map(|(ip, f)| (*ip, f & (PE_F_ISOLATED_IN | PE_F_ISOLATED_OUT))).collect::<Vec<_>>(), [(Ipv4Addr::new(10, 42, 7, 5), PE_F_ISOLATED_IN)], "{}", agent_log_tail(&ns, 30));
     assert!(riptide(&ns, &["policy", "list"]).unwrap().as_array().unwrap().iter().all(|r| r["pending"] == false && r["fail_closed"] == false));
