@@ -47,7 +47,8 @@ enum Task {
         #[arg(long)]
         quick: bool,
         /// Only this scenario (repeatable; clusterip, clusterip-local,
-        /// nodeport, nodeport-local), and no micro benchmarks.
+        /// nodeport, nodeport-local, netpol, netpol-local), and no micro
+        /// benchmarks.
         #[arg(long)]
         scenario: Vec<String>,
     },
@@ -152,12 +153,12 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 /// path via BPF_PROG_TEST_RUN at 1/1k/10k Services and of NetworkPolicy at
 /// 0/100/1,000 policies, CNI ADD/DEL latency next
 /// to the reference bridge + host-local plugins, the agent's programming
-/// latency next to iptables-restore, riptide-dns next to dnsmasq
+/// latency next to iptables-restore and for NetworkPolicy, riptide-dns next to dnsmasq
 /// (dnsperf), and the apiserver on both stores. Release builds, each an
 /// example of the crate it measures; results go to
 /// target/bench/<name>.json and a section of results.md.
 fn micro_benches(root: &Path, quick: bool) -> Result<()> {
-    let benches: [(&str, &str, &str, Vec<&str>); 6] = [
+    let benches: [(&str, &str, &str, Vec<&str>); 7] = [
         (
             "ebpf-lb",
             "riptide-datapath",
@@ -191,6 +192,19 @@ fn micro_benches(root: &Path, quick: bool) -> Result<()> {
             "riptide-agent",
             "agent_bench",
             if quick { vec!["--quick"] } else { vec![] },
+        ),
+        // NetworkPolicy programming latency (policy change or pod label
+        // change → the maps allow the new flow) at 1,000 policies / 5,000
+        // pods.
+        (
+            "agent-policy",
+            "riptide-agent",
+            "agent_bench",
+            if quick {
+                vec!["--policy", "--quick"]
+            } else {
+                vec!["--policy"]
+            },
         ),
         // riptide-dns next to dnsmasq serving the same names, each pinned
         // to one core, dnsperf on the other: queries/s, p99, RSS at 10k

@@ -9,7 +9,10 @@
 //! rules in node 1's namespace (`kubeproxy`) are measured next to the direct
 //! path from the same client, at 1, 1 000 and 10 000 Services: riptide's
 //! fillers are real Services whose endpoints are the netserver pod; the
-//! baselines' fillers are rules with real backends.
+//! baselines' fillers are rules with real backends. Two more scenarios
+//! measure NetworkPolicy (`netpol`): pod → pod on the other node and on the
+//! same node with 100 policies selecting the server, against the same path
+//! with no policy, interleaved with everything else.
 //!
 //! The baselines cannot run from riptide's client pod: riptide's uplink
 //! program hands packets for a local pod to it with `bpf_redirect_peer`,
@@ -25,6 +28,7 @@
 //! with min–max.
 
 pub mod netperf;
+pub mod netpol;
 pub mod paths;
 pub mod report;
 pub mod topology;
@@ -97,7 +101,7 @@ impl Plan {
                 tests: vec![Test::TcpRr, Test::TcpCrr],
                 runs: 1,
                 seconds: 1,
-                scenarios: vec![Scenario::ClusterIp, Scenario::NodePort],
+                scenarios: vec![Scenario::ClusterIp, Scenario::NodePort, Scenario::NetPol],
             }
         } else {
             Self {
@@ -125,7 +129,7 @@ impl Plan {
             .scenarios
             .iter()
             .flat_map(|s| s.paths().iter().map(move |p| (*s, *p)))
-            .filter(|(_, p)| p.per_count() || n == first)
+            .filter(|(s, p)| (s.per_count() && p.per_count()) || n == first)
             .collect();
         if !v.is_empty() {
             let k = run as usize % v.len();
@@ -192,7 +196,9 @@ fn client(s: Scenario, p: DataPath) -> Client {
         return Client::Outside;
     }
     match p {
-        DataPath::Direct | DataPath::RiptideSock | DataPath::Riptide => Client::Pod,
+        DataPath::Direct | DataPath::RiptideSock | DataPath::Riptide | DataPath::Policy => {
+            Client::Pod
+        }
         DataPath::RiptideTc => Client::PodNoCgroup,
         DataPath::DirectPlain | DataPath::Iptables | DataPath::Nftables => Client::Plain,
         DataPath::DirectNode => Client::Node1,
@@ -203,7 +209,7 @@ fn client(s: Scenario, p: DataPath) -> Client {
 /// What the client of `path` in `scenario` connects to.
 fn target(t: &Topology, s: Scenario, p: DataPath, data_port: u16) -> Target {
     let (addr, control_port) = match p {
-        DataPath::Direct | DataPath::DirectPlain | DataPath::DirectSym => {
+        DataPath::Direct | DataPath::DirectPlain | DataPath::DirectSym | DataPath::Policy => {
             (t.server(s), CONTROL_PORT)
         }
         DataPath::DirectNode => (t.cfg.node_ip(2), CONTROL_PORT),
@@ -320,6 +326,10 @@ fn measure(
     let node1 = cfg.node_netns(1);
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     for &n in &plan.counts {
+        // Scenarios without Services (`netpol`) run at the first count only.
+        if plan.order(n, 0).is_empty() {
+            continue;
+        }
         let t0 = Instant::now();
         set_riptide_fillers(lab, n.saturating_sub(1))?;
         eprintln!(
@@ -339,6 +349,9 @@ fn measure(
                     let measured = measured_service(topo, s, path, &plan.tests, &data_ports);
                     let all = kubeproxy::services_with(n, &measured, topo.server_remote);
                     install(path, &node1, &all)?;
+                }
+                if path == DataPath::Policy {
+                    netpol::install(lab)?;
                 }
                 for (test, &dp) in plan.tests.iter().zip(&data_ports) {
                     flush_conntrack(&[&node1, &cfg.node_netns(2)]);
@@ -408,6 +421,9 @@ fn measure(
                 }
                 if path.is_baseline_rules() {
                     uninstall(path, &node1)?;
+                }
+                if path == DataPath::Policy {
+                    netpol::uninstall(lab)?;
                 }
             }
         }
@@ -487,17 +503,22 @@ fn set_riptide_fillers(lab: &Lab, n: usize) -> Result<()> {
         "the cluster lists {want} Service ports, fewer than the {n} fillers"
     );
     e2e::eventually(Duration::from_secs(600), || {
-        let out = Command::new(c.bin_dir.join("riptide"))
-            .arg("--socket")
-            .arg(c.agent_socket(1))
-            .args(["status", "-o", "json"])
-            .output()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("riptide status: {}", String::from_utf8_lossy(&out.stderr)))?;
+        let v = agent_status(c, 1)?;
         let have = v["service_ports"].as_u64().unwrap_or(0) as usize;
         ensure!(have >= want, "{have}/{want} service ports in node 1's maps");
         Ok(())
     })
+}
+
+/// `riptide status -o json` of node `node`'s agent.
+fn agent_status(c: &crate::lab::LabConfig, node: u32) -> Result<serde_json::Value> {
+    let out = Command::new(c.bin_dir.join("riptide"))
+        .arg("--socket")
+        .arg(c.agent_socket(node))
+        .args(["status", "-o", "json"])
+        .output()?;
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("riptide status: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
 /// The Service the baseline rules of `path` in `scenario` measure: the

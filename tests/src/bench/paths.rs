@@ -16,6 +16,10 @@
 //!   a NodePort with eTP=Cluster takes (its SNAT brings the reply back to
 //!   node 1); `direct` there (the reply straight from node 2 to the client)
 //!   is the limit no NodePort to a remote backend can reach.
+//! - NetworkPolicy paths (`netpol`, `netpol-local`) run from riptide's
+//!   client pod to the server pod's IP with 100 NetworkPolicies selecting
+//!   the server (one of them allows the client), against `direct` measured
+//!   while no policy exists: what enforcement costs a pod → pod flow.
 
 use serde::{Deserialize, Serialize};
 
@@ -34,14 +38,22 @@ pub enum Scenario {
     /// Outside client → node 1's address:NodePort → pod on node 1.
     #[serde(rename = "nodeport-local")]
     NodePortLocal,
+    /// Pod on node 1 → pod on node 2, with and without NetworkPolicy.
+    #[serde(rename = "netpol")]
+    NetPol,
+    /// Pod on node 1 → pod on node 1, with and without NetworkPolicy.
+    #[serde(rename = "netpol-local")]
+    NetPolLocal,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 4] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::ClusterIp,
         Scenario::ClusterIpLocal,
         Scenario::NodePort,
         Scenario::NodePortLocal,
+        Scenario::NetPol,
+        Scenario::NetPolLocal,
     ];
 
     pub fn name(self) -> &'static str {
@@ -50,6 +62,8 @@ impl Scenario {
             Scenario::ClusterIpLocal => "clusterip-local",
             Scenario::NodePort => "nodeport",
             Scenario::NodePortLocal => "nodeport-local",
+            Scenario::NetPol => "netpol",
+            Scenario::NetPolLocal => "netpol-local",
         }
     }
 
@@ -59,16 +73,27 @@ impl Scenario {
             Scenario::ClusterIpLocal => "pod → ClusterIP → pod on the same node",
             Scenario::NodePort => "outside → NodePort on node 1 → pod on node 2",
             Scenario::NodePortLocal => "outside → NodePort on node 1 → pod on node 1",
+            Scenario::NetPol => "pod → pod on the other node, 100 NetworkPolicies on the server",
+            Scenario::NetPolLocal => "pod → pod on the same node, 100 NetworkPolicies on the server",
         }
     }
 
     /// The backend is the netserver pod on node 2 (else the one on node 1).
     pub fn remote_server(self) -> bool {
-        matches!(self, Scenario::ClusterIp | Scenario::NodePort)
+        matches!(
+            self,
+            Scenario::ClusterIp | Scenario::NodePort | Scenario::NetPol
+        )
     }
 
     pub fn is_nodeport(self) -> bool {
         matches!(self, Scenario::NodePort | Scenario::NodePortLocal)
+    }
+
+    /// Whether the paths are measured at every Service count (no Service is
+    /// on a NetworkPolicy path, so those run at the first count only).
+    pub fn per_count(self) -> bool {
+        !matches!(self, Scenario::NetPol | Scenario::NetPolLocal)
     }
 
     /// The paths measured in this scenario, the direct ones first.
@@ -104,6 +129,7 @@ impl Scenario {
                 DataPath::Iptables,
                 DataPath::Nftables,
             ],
+            Scenario::NetPol | Scenario::NetPolLocal => &[DataPath::Direct, DataPath::Policy],
         }
     }
 }
@@ -132,6 +158,9 @@ pub enum DataPath {
     Iptables,
     /// kube-proxy nftables-mode rules in node 1's namespace.
     Nftables,
+    /// The direct path (server pod's IP from riptide's client pod) with 100
+    /// NetworkPolicies selecting the server, installed only while measured.
+    Policy,
 }
 
 impl DataPath {
@@ -146,6 +175,7 @@ impl DataPath {
             DataPath::Riptide => "riptide",
             DataPath::Iptables => "iptables",
             DataPath::Nftables => "nftables",
+            DataPath::Policy => "policy",
         }
     }
 
@@ -162,7 +192,8 @@ impl DataPath {
             DataPath::DirectPlain
             | DataPath::DirectSym
             | DataPath::RiptideSock
-            | DataPath::RiptideTc => Some(DataPath::Direct),
+            | DataPath::RiptideTc
+            | DataPath::Policy => Some(DataPath::Direct),
             DataPath::Riptide | DataPath::Iptables | DataPath::Nftables
                 if scenario == Scenario::NodePort =>
             {

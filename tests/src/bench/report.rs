@@ -172,6 +172,39 @@ const TARGETS: &[Target] = &[
         min_ratio: 0.9,
         against: Some(DataPath::Direct),
     },
+    // NetworkPolicy: 100 policies selecting the server against no policy.
+    Target {
+        what: "pod → pod (other node) with 100 NetworkPolicies, TCP_RR",
+        scenario: Scenario::NetPol,
+        path: DataPath::Policy,
+        test: Test::TcpRr,
+        min_ratio: 0.97,
+        against: None,
+    },
+    Target {
+        what: "pod → pod (other node) with 100 NetworkPolicies, TCP_CRR",
+        scenario: Scenario::NetPol,
+        path: DataPath::Policy,
+        test: Test::TcpCrr,
+        min_ratio: 0.97,
+        against: None,
+    },
+    Target {
+        what: "pod → pod (same node) with 100 NetworkPolicies, TCP_RR",
+        scenario: Scenario::NetPolLocal,
+        path: DataPath::Policy,
+        test: Test::TcpRr,
+        min_ratio: 0.97,
+        against: None,
+    },
+    Target {
+        what: "pod → pod (same node) with 100 NetworkPolicies, TCP_CRR",
+        scenario: Scenario::NetPolLocal,
+        path: DataPath::Policy,
+        test: Test::TcpCrr,
+        min_ratio: 0.97,
+        against: None,
+    },
 ];
 
 impl Report {
@@ -514,6 +547,7 @@ impl Report {
                     DataPath::RiptideSock,
                     DataPath::RiptideTc,
                     DataPath::Riptide,
+                    DataPath::Policy,
                 ]
                 .into_iter()
                 .filter(|p| self.paths(scenario).contains(p))
@@ -522,6 +556,7 @@ impl Report {
                     match p {
                         DataPath::RiptideSock => format!("{c} (socket LB)"),
                         DataPath::RiptideTc => format!("{c} (tc)"),
+                        DataPath::Policy => format!("{c} (100 NetworkPolicies)"),
                         _ => c,
                     }
                 })
@@ -613,6 +648,7 @@ impl Report {
             DataPath::RiptideTc | DataPath::Riptide => CYAN,
             DataPath::Iptables => RED,
             DataPath::Nftables => RGBColor(255, 140, 0),
+            DataPath::Policy => MAGENTA,
         };
         for (r, test) in tests.iter().enumerate() {
             for (c, scenario) in scenarios.iter().enumerate() {
