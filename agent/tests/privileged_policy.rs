@@ -75,18 +75,25 @@ spec:
     - {port: http}
 ";
 
+/// A node namespace `tag` with its underlay, an apiserver, this node's
+/// Node (podCIDR `pod_cidr`) and namespace `x`.
+fn node_with_apiserver(tag: &str, pod_cidr: &str) -> (Netns, std::path::PathBuf, String) {
+    let mut ns = Netns::new(tag);
+    ns.underlay();
+    let kc = start_apiserver(&mut ns);
+    let me = ns.node.clone();
+    add_node(&ns, &kc, &me, pod_cidr, "198.18.77.1");
+    kubectl(&ns, &kc, &["create", "ns", "x"], None);
+    (ns, kc, me)
+}
+
 #[test]
 fn privileged_policy_list_check_and_status_follow_kubectl() {
     if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
-    let mut ns = Netns::new("pol");
-    ns.underlay();
-    let kc = start_apiserver(&mut ns);
-    let me = ns.node.clone();
-    add_node(&ns, &kc, &me, "10.42.7.0/24", "198.18.77.1");
+    let (mut ns, kc, me) = node_with_apiserver("pol", "10.42.7.0/24");
     add_node(&ns, &kc, "peer", "10.42.8.0/24", "198.18.77.2");
-    kubectl(&ns, &kc, &["create", "ns", "x"], None);
     kubectl(&ns, &kc, &["create", "ns", "y"], None);
     pod(&ns, &kc, "x", "a", &me, "10.42.7.5", "app: a");
     pod(&ns, &kc, "x", "b", &me, "10.42.7.6", "app: b");
@@ -185,12 +192,7 @@ fn privileged_policy_drops_and_audits_show_up_as_events_and_metrics() {
     if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
-    let mut ns = Netns::new("pev");
-    ns.underlay();
-    let kc = start_apiserver(&mut ns);
-    let me = ns.node.clone();
-    add_node(&ns, &kc, &me, "10.42.9.0/24", "198.18.77.1");
-    kubectl(&ns, &kc, &["create", "ns", "x"], None);
+    let (mut ns, kc, me) = node_with_apiserver("pev", "10.42.9.0/24");
     start_agent(&mut ns, &kc, &[]);
     eventually(&ns, "agent ready", || riptide(&ns, &["status"]).is_some_and(|s| s["ready"] == true));
     let a = ns.add_pod("a");
