@@ -144,17 +144,23 @@ pub struct AgentBenchReport {
     pub notes: Vec<String>,
 }
 
-/// Runs the benchmark (needs root); `quick` marks a run under a minute.
-pub fn run_with(opts: &Options, quick: bool) -> Result<AgentBenchReport> {
+/// The runtime the benchmarks run on, once it is clear they run as root
+/// (eBPF pins, network namespaces).
+pub(crate) fn root_runtime() -> Result<tokio::runtime::Runtime> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(Error::Failed("the agent benchmark needs root (eBPF, network namespaces)".into()));
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(step("starting a tokio runtime"))?;
+        .map_err(step("starting a tokio runtime"))
+}
+
+/// Runs the benchmark (needs root); `quick` marks a run under a minute.
+pub fn run_with(opts: &Options, quick: bool) -> Result<AgentBenchReport> {
+    let rt = root_runtime()?;
     let mut report = AgentBenchReport {
         quick,
         services: opts.services,

@@ -47,7 +47,8 @@ use riptide_common::{
 use serde::Serialize;
 
 use crate::bench::{
-    Error, Percentiles, Result, World, start_agent, start_apiserver, step, unix_get, vm_hwm_mib, wait_ready,
+    Error, Percentiles, Result, World, root_runtime, start_agent, start_apiserver, step, unix_get, vm_hwm_mib,
+    wait_ready,
 };
 
 /// Sizes of one run.
@@ -149,18 +150,10 @@ fn first_port(j: usize) -> u16 {
 }
 
 pub fn run(opts: &PolicyOptions, quick: bool) -> Result<PolicyBenchReport> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(Error::Failed("the agent benchmark needs root (eBPF pins)".into()));
-    }
     if opts.pods / opts.local_every > 250 || opts.policies < 500 || opts.pods < 500 {
         return Err(Error::Failed("the policy bench needs ≥ 500 pods and policies and ≤ 250 local pods".into()));
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(step("starting a tokio runtime"))?;
+    let rt = root_runtime()?;
     let mut report = PolicyBenchReport {
         quick,
         pods: opts.pods,
