@@ -21,6 +21,12 @@ use crate::{e2e, lab::Lab};
 /// Policies selecting the servers during a `policy` measurement.
 pub const POLICIES: usize = 100;
 
+/// Quiet time after a change is written: the apiserver, kubectl and both
+/// agents finish what the change set off (watch fan-out, the agents' last
+/// passes and logs) before netperf runs, instead of inside the first
+/// `policy` (or next `direct`) measurement.
+const SETTLE: Duration = Duration::from_secs(1);
+
 /// The policies, as one multi-document manifest (labelled `bench=netpol`).
 pub fn manifest() -> String {
     let mut m = String::with_capacity(POLICIES * 420);
@@ -55,7 +61,9 @@ pub fn manifest() -> String {
 /// Applies the policies and waits until both nodes enforce all of them.
 pub fn install(lab: &Lab) -> Result<()> {
     topology::apply(lab, "netpol.yaml", &manifest())?;
-    wait_for(lab, POLICIES)
+    wait_for(lab, POLICIES)?;
+    std::thread::sleep(SETTLE);
+    Ok(())
 }
 
 /// Deletes the policies and waits until no node enforces any.
@@ -64,7 +72,9 @@ pub fn uninstall(lab: &Lab) -> Result<()> {
         lab,
         &["delete", "networkpolicy", "-l", "bench=netpol", "--wait=false"],
     )?;
-    wait_for(lab, 0)
+    wait_for(lab, 0)?;
+    std::thread::sleep(SETTLE);
+    Ok(())
 }
 
 /// Waits until both agents' last policy pass compiled `want` policies,
