@@ -568,6 +568,18 @@ fn with_node_port(lab: &Lab, etp: &str, node_port: u16, f: impl FnOnce(&dyn Fn(u
     r.and(deleted.map(|_| ()))
 }
 
+/// One lab at a time in this process: every lab of a test process takes
+/// its names and subnet from the pid (`LabConfig::for_test`), so the two
+/// tests below would collide when the harness runs them in parallel (and
+/// two labs with 18 pods each would overload a 2-core machine anyway).
+static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds [`ONE_LAB`] for the rest of a test; a test that panicked while
+/// holding it leaves nothing behind (its lab was torn down on unwind).
+fn one_lab() -> std::sync::MutexGuard<'static, ()> {
+    ONE_LAB.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Brings up a lab with the model deployed; `dns` deploys cluster DNS too.
 fn lab_with_model(nodes: u32, net: LabNet, dns: bool) -> (Lab, Model) {
     let mut lab = Lab::up_with(LabConfig::for_test(nodes).expect("config"), net).expect("lab up");
@@ -601,6 +613,7 @@ fn netns_e2e_netpol_truth_table_on_a_three_node_lab() {
     if !privileged("for network namespaces and eBPF") {
         return;
     }
+    let _one = one_lab();
     let (mut lab, model) = lab_with_model(3, LabNet::default(), true);
     let mut s = Suite::new(&mut lab);
     baseline(&mut s, &model);
@@ -631,6 +644,7 @@ fn netns_e2e_netpol_over_vxlan_on_a_routed_underlay() {
         routed: true,
         tunnel: Some("vxlan".into()),
     };
+    let _one = one_lab();
     let (mut lab, model) = lab_with_model(2, net, false);
     let mut s = Suite::new(&mut lab);
     baseline(&mut s, &model);
