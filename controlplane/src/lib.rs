@@ -20,3 +20,15 @@ pub mod components;
 pub mod controllers;
 pub mod kubelet;
 pub mod scheduler;
+
+/// Logs to stderr at `RUST_LOG`'s filter (`info` when unset), the way every
+/// control-plane binary and benchmark starts.
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -7,7 +7,6 @@ use riptide_controlplane::{
     apiserver::{Config, Server, StorageConfig},
     components, credentials,
 };
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
 #[command(name = "riptide-controlplane", version, about)]
@@ -94,10 +93,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
+    riptide_controlplane::init_tracing();
     let args = Args::parse();
     let (a, with_controllers) = match args.command {
         Command::Apiserver(a) => (a, None),

@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use bench::BenchOptions;
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
 #[command(name = "apiserver_bench", about)]
@@ -34,10 +33,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
+    riptide_controlplane::init_tracing();
     let args = Args::parse();
     let bin = match args.server_bin {
         Some(b) => b,
