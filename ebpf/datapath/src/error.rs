@@ -52,6 +52,12 @@ pub enum Error {
         /// `None` when `/proc/locks` does not show it (another PID namespace).
         pid: Option<u32>,
     },
+    #[error("map {name}: max_entries {max_entries} {reason}")]
+    MapSize {
+        name: String,
+        max_entries: u32,
+        reason: String,
+    },
     #[error("invalid node name {0:?}: use [A-Za-z0-9._-], 1 to 253 characters")]
     NodeName(String),
     #[error("service {service}: {reason}")]

@@ -13,6 +13,7 @@ use crate::{
     Error, Result,
     bpffs::ensure_bpffs,
     endpoints,
+    map_sizes::MapSizes,
     pins::{create_pin_dir, remove_if_exists},
 };
 
@@ -40,13 +41,15 @@ impl Datapath {
     /// Loads the object, reusing pinned maps of `pinning` when they exist, and
     /// loads (verifies) every program.
     pub fn load(pinning: &Pinning) -> Result<Self> {
-        Self::load_sized(pinning, &[])
+        Self::load_sized(pinning, &MapSizes::default())
     }
 
-    /// [`Datapath::load`] with `max_entries` overridden for the named maps
-    /// (`(names::BE4, 4)`). Only maps created by this load take the size: a
-    /// map reused from a pin keeps the size it was created with.
-    pub fn load_sized(pinning: &Pinning, max_entries: &[(&str, u32)]) -> Result<Self> {
+    /// [`Datapath::load`] with the map sizes of `sizes` (checked when they
+    /// were set). Only maps created by this load take them: a map reused
+    /// from a pin keeps the size it was created with.
+    pub fn load_sized(pinning: &Pinning, sizes: &MapSizes) -> Result<Self> {
+        let max_entries: Vec<(&str, u32)> = sizes.overrides().collect();
+        let max_entries = max_entries.as_slice();
         let (node, pin_dir) = match pinning {
             Pinning::Node(node) => (node.clone(), Some(create_pin_dir(node)?)),
             Pinning::None => (String::new(), None),

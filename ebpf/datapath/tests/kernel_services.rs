@@ -13,7 +13,7 @@ use riptide_common::{
     SvcValue, names,
 };
 use riptide_datapath::{
-    Datapath, Pinning,
+    Datapath, MapSizes, Pinning,
     service::{
         Algorithm, Backend, BackendAddr, BackendState, Frontend, FrontendKind, Protocol, Service,
         Services, TrafficPolicy,
@@ -261,7 +261,11 @@ fn kernel_restarted_writer_keeps_ids_from_the_pinned_maps() {
 
 /// A writer over maps created with `sizes` (`(map name, max_entries)`).
 fn tiny(sizes: &[(&str, u32)]) -> Services {
-    let mut dp = Datapath::load_sized(&Pinning::None, sizes).expect("load");
+    let mut ms = MapSizes::default();
+    for (name, n) in sizes {
+        ms.set(name, *n).expect("map size");
+    }
+    let mut dp = Datapath::load_sized(&Pinning::None, &ms).expect("load");
     dp.services().expect("services")
 }
 
