@@ -47,9 +47,9 @@ pub mod names {
     pub const CONFIG: &str = "rt_config_v1";
     /// Remote pod CIDRs (LPM trie): [`crate::NodeKey`] → [`crate::NodeValue`].
     pub const NODE4: &str = "rt_node4_v1";
-    /// Maglev lookup tables (hash, allocated on demand):
+    /// Maglev lookup tables in chunks (hash, allocated on demand):
     /// [`crate::MaglevKey`] → [`crate::MaglevValue`].
-    pub const MAGLEV4: &str = "rt_maglev4_v1";
+    pub const MAGLEV4: &str = "rt_maglev4_v2";
     /// Drop/failure events (ring buffer of [`crate::DropEvent`]), rate
     /// limited per CPU; every occurrence is still counted in `rt_stats_v2`.
     pub const EVENTS: &str = "rt_events_v1";
@@ -113,9 +113,10 @@ pub mod capacity {
     pub const AFF4: u32 = 65_536;
     pub const SOCKREV4: u32 = 262_144;
     pub const NODE4: u32 = 16_384;
-    /// One table per (frontend, scope); memory is allocated per table
-    /// written (`BPF_F_NO_PREALLOC`), not up front.
-    pub const MAGLEV4: u32 = 131_072;
+    /// Chunks of [`crate::MAGLEV_CHUNK`] positions: a table of the default
+    /// size takes 16, so ~16k (frontend, scope) tables fit. Memory is
+    /// allocated per chunk written (`BPF_F_NO_PREALLOC`), not up front.
+    pub const MAGLEV4: u32 = 262_144;
     /// Bytes of the events ring buffer (a power of two, page multiple):
     /// ~8k events between two reads.
     pub const EVENTS_BYTES: u32 = 256 * 1024;
@@ -358,33 +359,47 @@ pub const SVC_F_NO_SOCK_LB: u16 = 1 << 8;
 pub const ALG_RANDOM: u8 = 0;
 /// Maglev consistent hashing (Eisenbud et al., NSDI 2016) of the flow's
 /// 5-tuple into the frontend's [`MaglevValue`] table: every node picks the
+    /// Slots: the backend id. Master of an [`ALG_MAGLEV`] scope: the size
+    /// `M` of its Maglev table (Cilium's master entry reuses this word the
+    /// same way), so a table and the size it is indexed with change
+    /// together.
 /// same backend for the same flow, and a backend change moves few flows.
 pub const ALG_MAGLEV: u8 = 1;
 
-/// Size of a Maglev table (prime). The paper's rule of thumb, M ≥ 100·N,
-/// keeps the imbalance around 1 % for up to ~40 backends (Cilium's default
-/// is 16381 for larger services).
-pub const MAGLEV_M: usize = 4093;
+/// The Maglev table sizes the agent accepts: primes (the paper's
+/// permutation `offset + j·skip mod M` needs `M` prime), each ≥ 100× the
+/// backends it balances evenly (≈ 1 % imbalance): 251 for a few, 16381
+/// (the default, as Cilium's) up to ~160, 65521 up to ~650.
+pub const MAGLEV_SIZES: [u32; 5] = [251, 1021, 4093, 16381, 65521];
+/// Default Maglev table size.
+pub const MAGLEV_M_DEFAULT: u32 = 16381;
+/// Largest Maglev table size; the programs ignore a master claiming more.
+pub const MAGLEV_M_MAX: u32 = 65521;
+/// Positions per `rt_maglev4_v2` entry. A table of size `M` is chunks
+/// `0..ceil(M / MAGLEV_CHUNK)`; position `i` is in chunk `i / MAGLEV_CHUNK`
+/// at `i % MAGLEV_CHUNK`. One value type serves every table size, and a
+/// chunk is small enough for a map value (a whole 65521-entry table would
+/// be a 256 KiB value allocated for every table).
+pub const MAGLEV_CHUNK: usize = 1024;
 
-/// Key of `rt_maglev4_v1`: a frontend (its reverse-NAT id) and scope.
+/// Key of `rt_maglev4_v2`: a frontend (its reverse-NAT id), scope and
+/// chunk of its table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct MaglevKey {
     pub revnat_id: u16,
     /// [`SCOPE_EXT`] or [`SCOPE_INT`].
     pub scope: u8,
-    pub _pad: u8,
+    /// `position / MAGLEV_CHUNK` (< 64 for [`MAGLEV_M_MAX`]).
+    pub chunk: u8,
 }
 
-/// Value of `rt_maglev4_v1`: backend id per table position.
+/// Value of `rt_maglev4_v2`: backend id per table position of one chunk
+/// (positions past `M` in the last chunk are 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaglevValue {
-    pub backend_ids: [u32; MAGLEV_M],
-    /// Never read: the verifier bounds the programs' multiply-shift index
-    /// a few bytes above the last entry (it does not combine the shift's
-    /// alignment with the maximum), so the value is one word larger.
-    pub _pad: u32,
+    pub backend_ids: [u32; MAGLEV_CHUNK],
 }
 
 /// Key of `rt_be4_v1`.
@@ -891,7 +906,9 @@ mod tests {
             size_of::<DropEvent>(),
             8 + 4 + 4 + 4 + 4 + 2 + 2 + 1 + 1 + 2
         );
-        assert_eq!(size_of::<MaglevValue>(), 4 * MAGLEV_M + 4);
+        assert_eq!(size_of::<MaglevValue>(), 4 * MAGLEV_CHUNK);
+        assert!(MAGLEV_M_MAX as usize / MAGLEV_CHUNK < 256, "chunk index fits a u8");
+        assert!(MAGLEV_SIZES.contains(&MAGLEV_M_DEFAULT) && MAGLEV_SIZES.contains(&MAGLEV_M_MAX));
         assert_eq!(size_of::<PolicyEndpointValue>(), 16);
         assert_eq!(size_of::<IpcacheKey>(), 4);
         assert_eq!(size_of::<IpcacheValue>(), 8);

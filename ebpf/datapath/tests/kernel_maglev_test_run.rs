@@ -11,7 +11,8 @@ use std::{
 };
 
 use common::*;
-use riptide_common::{ALG_MAGLEV, ALG_RANDOM, Config, MAGLEV_M, SCOPE_EXT, SCOPE_INT, names};
+use riptide_common::{ALG_MAGLEV, ALG_RANDOM, Config, SCOPE_EXT, SCOPE_INT, names};
+use riptide_datapath::maglev::TableSize;
 use riptide_test_support::privileged;
 
 const VIP: &str = "10.43.0.10";
@@ -86,7 +87,7 @@ fn maglev_nodes_agree_on_the_backend_of_every_flow() {
     let (mut a, mut b) = (node("198.18.0.1"), node("198.18.0.2"));
     for n in [&mut a, &mut b] {
         n.svcs
-            .upsert(&service(Algorithm::Maglev, backends(4)))
+            .upsert(&service(Algorithm::Maglev(TableSize::DEFAULT), backends(4)))
             .unwrap();
     }
     let master = a
@@ -97,8 +98,12 @@ fn maglev_nodes_agree_on_the_backend_of_every_flow() {
         .unwrap()
         .1;
     assert_eq!(master.algorithm, ALG_MAGLEV);
-    let fe = service(Algorithm::Maglev, Vec::new()).frontends[0].id(Protocol::Tcp);
-    assert_eq!(a.svcs.maglev_table(&fe, SCOPE_EXT).unwrap().len(), MAGLEV_M);
+    let fe =
+        service(Algorithm::Maglev(TableSize::DEFAULT), Vec::new()).frontends[0].id(Protocol::Tcp);
+    assert_eq!(
+        a.svcs.maglev_table(&fe, SCOPE_EXT).unwrap().len(),
+        TableSize::DEFAULT.get() as usize
+    );
 
     let mut used = BTreeSet::new();
     for port in 40000..40060 {
@@ -150,11 +155,14 @@ fn maglev_backend_removal_keeps_most_flows_on_their_backends() {
     let all = backends(5);
     before
         .svcs
-        .upsert(&service(Algorithm::Maglev, all.clone()))
+        .upsert(&service(Algorithm::Maglev(TableSize::DEFAULT), all.clone()))
         .unwrap();
     after
         .svcs
-        .upsert(&service(Algorithm::Maglev, all[1..].to_vec()))
+        .upsert(&service(
+            Algorithm::Maglev(TableSize::DEFAULT),
+            all[1..].to_vec(),
+        ))
         .unwrap();
     let removed = *all[0].addr.ip();
     let (mut kept, mut others) = (0, 0);
@@ -183,7 +191,7 @@ fn maglev_tables_follow_the_service_scopes_and_algorithm() {
     let mut n = node("198.18.0.1");
     let mut bs = backends(4);
     bs[0].local = true;
-    let mut s = service(Algorithm::Maglev, bs);
+    let mut s = service(Algorithm::Maglev(TableSize::DEFAULT), bs);
     s.external_policy = TrafficPolicy::Local;
     n.svcs.upsert(&s).unwrap();
     let (cip, np) = (s.frontends[0].id(s.protocol), s.frontends[1].id(s.protocol));
@@ -208,7 +216,7 @@ fn maglev_tables_follow_the_service_scopes_and_algorithm() {
             .iter()
             .all(|(k, v)| k.slot != 0 || v.algorithm == ALG_RANDOM)
     );
-    s.algorithm = Algorithm::Maglev;
+    s.algorithm = Algorithm::Maglev(TableSize::DEFAULT);
     n.svcs.upsert(&s).unwrap();
     assert!(n.svcs.maglev_table(&cip, SCOPE_EXT).is_some());
 
@@ -222,7 +230,138 @@ fn maglev_tables_follow_the_service_scopes_and_algorithm() {
     n.svcs.upsert(&s).unwrap();
     // ClusterIP, and the internal scopes of NodePort and externalIP (their
     // eTP=Local external scopes have no local backend now: no table).
+    let tables: BTreeSet<(u16, u8)> = n
+        .svcs
+        .dump_maglev()
+        .iter()
+        .map(|k| (k.revnat_id, k.scope))
+        .collect();
+    assert_eq!(tables.len(), 3, "{tables:?}");
+    assert_eq!(
+        n.svcs.dump_maglev().len(),
+        3 * TableSize::DEFAULT.chunks(),
+        "every table in full chunks"
+    );
+    // A smaller table leaves no chunk of the larger one behind.
+    s.algorithm = Algorithm::Maglev(TableSize::new(1021).unwrap());
+    n.svcs.upsert(&s).unwrap();
     assert_eq!(n.svcs.dump_maglev().len(), 3, "{:?}", n.svcs.dump_maglev());
+    assert_eq!(n.svcs.maglev_table(&cip, SCOPE_EXT).unwrap().len(), 1021);
     n.svcs.remove(&s.name).unwrap();
     assert!(n.svcs.dump_maglev().is_empty());
+}
+
+/// Synthetic client tuple number `i`: 100k distinct (pod address, port)
+/// pairs.
+fn tuple(i: u32) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::new(10, 42, (i / 50_000) as u8, (i / 250 % 200) as u8 + 1),
+        20_000 + (i % 250) as u16 * 100 + (i % 97) as u16,
+    )
+}
+
+fn pick_tuple(n: &mut Node, t: (Ipv4Addr, u16)) -> Ipv4Addr {
+    let (_, out) = run(&mut n.dp, names::PROG_FROM_POD, &syn(t, (ip(VIP), 80)));
+    view(&out).dst
+}
+
+#[test]
+fn maglev_removing_one_of_n_backends_remaps_at_most_its_share_of_100k_flows() {
+    if !privileged("to load eBPF programs") {
+        return;
+    }
+    const FLOWS: u32 = 100_000;
+    let distinct: BTreeSet<_> = (0..FLOWS).map(tuple).collect();
+    assert_eq!(distinct.len(), FLOWS as usize);
+    // Tables of ≥ ~400·N positions. Smaller ones move more than the bound:
+    // N=40 at M=4093 (≈ 100·N) remaps ≈ 4.8 %, N=4 at M=251 ≈ 26.6 %.
+    for (n_backends, m) in [(10u8, 16381u32), (40, 16381), (100, 65521), (2, 1021)] {
+        let m = TableSize::new(m).unwrap();
+        let all = backends(n_backends);
+        // Node a keeps every backend; node b had them all too and then lost
+        // the middle one through the writer's update path (table rewritten in
+        // place), so b's picks are those of a node that saw the change.
+        let (mut a, mut b) = (node("198.18.0.1"), node("198.18.0.2"));
+        a.svcs
+            .upsert(&service(Algorithm::Maglev(m), all.clone()))
+            .unwrap();
+        b.svcs
+            .upsert(&service(Algorithm::Maglev(m), all.clone()))
+            .unwrap();
+        let mut fewer = all.clone();
+        let removed = *fewer.remove(usize::from(n_backends) / 2).addr.ip();
+        b.svcs
+            .upsert(&service(Algorithm::Maglev(m), fewer))
+            .unwrap();
+
+        let (mut moved, mut on_removed) = (0u32, 0u32);
+        for i in 0..FLOWS {
+            let t = tuple(i);
+            let (x, y) = (pick_tuple(&mut a, t), pick_tuple(&mut b, t));
+            assert_ne!(y, removed, "flow {t:?} still goes to the removed backend");
+            on_removed += u32::from(x == removed);
+            moved += u32::from(x != y);
+        }
+        let share = f64::from(moved) / f64::from(FLOWS);
+        let bound = 1.0 / f64::from(n_backends) + 0.01;
+        println!(
+            "N={n_backends} M={m}: {moved} of {FLOWS} flows remapped ({:.2} %, bound {:.2} %), \
+             {on_removed} were on the removed backend",
+            share * 100.0,
+            bound * 100.0
+        );
+        assert!(
+            share <= bound,
+            "N={n_backends} M={m}: {moved} of {FLOWS} flows remapped, more than 1/N + 1 %"
+        );
+        assert!(moved >= on_removed, "the removed backend's flows all moved");
+    }
+}
+
+#[test]
+fn maglev_cluster_default_agrees_on_external_frontends_at_every_table_size() {
+    if !privileged("to load eBPF programs") {
+        return;
+    }
+    let outside = ip("203.0.113.9");
+    for m in riptide_common::MAGLEV_SIZES {
+        let m = TableSize::new(m).unwrap();
+        let (mut a, mut b) = (node("198.18.0.1"), node("198.18.0.2"));
+        // Backends listed in a different order on each node: the table
+        // depends on the set, not on the order or the node-local ids.
+        let mut reversed = backends(6);
+        reversed.reverse();
+        a.svcs
+            .upsert(&service(Algorithm::MaglevExternal(m), backends(6)))
+            .unwrap();
+        b.svcs
+            .upsert(&service(Algorithm::MaglevExternal(m), reversed))
+            .unwrap();
+        let s = service(Algorithm::MaglevExternal(m), Vec::new());
+        let (cip, ext) = (s.frontends[0].id(s.protocol), s.frontends[2].id(s.protocol));
+        assert!(
+            a.svcs.maglev_table(&cip, SCOPE_EXT).is_none(),
+            "ClusterIP stays random"
+        );
+        assert_eq!(
+            a.svcs.maglev_table(&ext, SCOPE_EXT).unwrap().len(),
+            m.get() as usize
+        );
+        let mut used = BTreeSet::new();
+        for port in 50000..50200 {
+            let mut dst = Vec::new();
+            for n in [&mut a, &mut b] {
+                let (_, out) = run(
+                    &mut n.dp,
+                    names::PROG_FROM_NET,
+                    &syn((outside, port), (ip(EXTERNAL_IP), 80)),
+                );
+                dst.push(view(&out).dst);
+            }
+            assert_eq!(dst[0], dst[1], "M={m}: flow from {outside}:{port}");
+            used.insert(dst[0]);
+        }
+        // Every chunk of the table is reachable: all six backends serve.
+        assert_eq!(used.len(), 6, "M={m}: {used:?}");
+    }
 }

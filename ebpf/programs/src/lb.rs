@@ -5,8 +5,8 @@
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use riptide_common::{
     ALG_MAGLEV, AffKey, AffValue, BE_STATE_ACTIVE, BE_STATE_TERMINATING, BackendKey, BackendValue,
-    MAGLEV_M, MaglevKey, SCOPE_EXT, SCOPE_INT, SVC_F_AFFINITY, SVC_F_TWO_SCOPES, SvcKey, SvcValue,
-    stats,
+    MAGLEV_CHUNK, MAGLEV_M_MAX, MaglevKey, SCOPE_EXT, SCOPE_INT, SVC_F_AFFINITY, SVC_F_TWO_SCOPES,
+    SvcKey, SvcValue, stats,
 };
 
 use crate::{
@@ -123,22 +123,25 @@ pub fn flow_hash(p: &Pkt) -> u32 {
 }
 
 /// The backend id the frontend's Maglev table gives for `hash`. `None`
-/// when the table is missing (being written or removed: the caller falls
-/// back to a random slot).
+/// when the table (or the chunk holding the position) is missing: being
+/// written or removed, and the caller falls back to a random slot.
 #[inline(always)]
 fn maglev(svc: &Service, hash: u32) -> Option<u32> {
+    // The master carries the table size, so size and table change together.
+    let m = svc.master.backend_id;
+    if m == 0 || m > MAGLEV_M_MAX {
+        return None;
+    }
+    // Lemire's multiply-shift instead of `%`: uniform over 0..M and
+    // cheaper; the mask below is the bound the verifier needs.
+    let i = ((u64::from(hash) * u64::from(m)) >> 32) as u32;
     let table = MAGLEV4.get_ptr(&MaglevKey {
         revnat_id: svc.master.revnat_id,
         scope: svc.key.scope,
-        _pad: 0,
+        chunk: (i / MAGLEV_CHUNK as u32) as u8,
     })?;
-    // Lemire's multiply-shift instead of `%`: uniform over 0..M, cheaper,
-    // and a bound the verifier derives itself (with `%` LLVM drops an
-    // explicit check as redundant and the verifier sees an unbounded
-    // index).
-    let i = ((u64::from(hash) * MAGLEV_M as u64) >> 32) as usize;
-    // SAFETY: map value pointer, index bounded above.
-    let id = unsafe { (*table).backend_ids[i] };
+    // SAFETY: map value pointer, index masked into the chunk.
+    let id = unsafe { (*table).backend_ids[i as usize & (MAGLEV_CHUNK - 1)] };
     (id != 0).then_some(id)
 }
 

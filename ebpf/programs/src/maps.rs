@@ -48,10 +48,10 @@ pub static SOCKREV4: LruHashMap<SockRevKey, SockRevValue> =
 #[map(name = "rt_config_v1")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
-/// Maglev tables, one per (frontend, scope) of services using
-/// `ALG_MAGLEV`; `BPF_F_NO_PREALLOC` so only written tables take memory
-/// (16 KiB each).
-#[map(name = "rt_maglev4_v1")]
+/// Maglev tables in 4 KiB chunks, `ceil(M / MAGLEV_CHUNK)` per (frontend,
+/// scope) of services using `ALG_MAGLEV`; `BPF_F_NO_PREALLOC` so only
+/// written chunks take memory.
+#[map(name = "rt_maglev4_v2")]
 pub static MAGLEV4: HashMap<MaglevKey, MaglevValue> =
     HashMap::pinned(capacity::MAGLEV4, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 

@@ -14,8 +14,7 @@ use riptide_common::{
 };
 
 use super::{
-    Algorithm, Backend, BackendAddr, BackendState, Frontend, FrontendId, FrontendKind, Service,
-    TrafficPolicy,
+    Backend, BackendAddr, BackendState, Frontend, FrontendId, FrontendKind, Service, TrafficPolicy,
 };
 use crate::{Error, Result};
 
@@ -26,8 +25,9 @@ pub struct ScopePlan {
     pub master: SvcValue,
     /// Backend ids of slots `1..=len`.
     pub slots: Vec<u32>,
-    /// The scope's Maglev table (`MAGLEV_M` backend ids) when the service
-    /// uses Maglev and has backends.
+    /// The scope's Maglev table (`M` backend ids, `M` also in the master's
+    /// `backend_id`) when the frontend uses Maglev and the scope has
+    /// backends.
     pub maglev: Option<Vec<u32>>,
 }
 
@@ -109,7 +109,6 @@ pub fn build(
             backends.push((id, backend_value(svc, b)));
         }
     }
-    let maglev = svc.algorithm == Algorithm::Maglev;
     let mut affinity_timeout_s = 0;
     let mut affinity_flag = 0;
     if let Some(t) = svc.affinity_timeout_s {
@@ -125,16 +124,20 @@ pub fn build(
             reason: format!("no reverse-NAT id for frontend {}:{}", id.addr, id.port),
         })?;
         let flags = kind_flag(fe.kind) | affinity_flag;
+        let maglev = svc.algorithm.maglev(fe.kind);
         let master = |flags: u16, n: usize| -> Result<SvcValue> {
             Ok(SvcValue {
-                backend_id: 0,
+                backend_id: match maglev {
+                    Some(m) if n > 0 => m.get(),
+                    _ => 0,
+                },
                 count: u16::try_from(n).map_err(|_| Error::Service {
                     service: svc.name.clone(),
                     reason: format!("{n} backends exceed a frontend's 65535 slots"),
                 })?,
                 revnat_id,
                 flags,
-                algorithm: if maglev && n > 0 {
+                algorithm: if maglev.is_some() && n > 0 {
                     ALG_MAGLEV
                 } else {
                     ALG_RANDOM
@@ -145,15 +148,16 @@ pub fn build(
         };
         let scope = |scope: u8, flags: u16, set: &[&Backend]| -> Result<ScopePlan> {
             let slots = set.iter().map(|b| id_of(b)).collect::<Result<Vec<u32>>>()?;
-            let table = if maglev && !set.is_empty() {
-                let entries: Vec<(u32, Ipv4Addr, u16)> = set
-                    .iter()
-                    .zip(&slots)
-                    .map(|(b, id)| (*id, *b.addr.ip(), b.addr.port()))
-                    .collect();
-                Some(crate::maglev::table(&entries))
-            } else {
-                None
+            let table = match maglev {
+                Some(m) if !set.is_empty() => {
+                    let entries: Vec<(u32, Ipv4Addr, u16)> = set
+                        .iter()
+                        .zip(&slots)
+                        .map(|(b, id)| (*id, *b.addr.ip(), b.addr.port()))
+                        .collect();
+                    Some(crate::maglev::table(&entries, m))
+                }
+                _ => None,
             };
             Ok(ScopePlan {
                 scope,
@@ -198,10 +202,11 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use std::net::SocketAddrV4;
 
-    use riptide_common::MAGLEV_M;
-
     use super::*;
-    use crate::service::Protocol;
+    use crate::{
+        maglev::TableSize,
+        service::{Algorithm, Protocol},
+    };
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
@@ -262,27 +267,45 @@ mod tests {
             be("10.42.0.2", BackendState::Active, true),
             be("10.42.0.9", BackendState::Terminating, true),
         ]);
-        s.algorithm = Algorithm::Maglev;
+        let m = TableSize::new(1021).unwrap();
+        s.algorithm = Algorithm::Maglev(m);
         let (b, f) = ids(&s);
         let plan = build(&s, &b, &f).unwrap();
         for fp in &plan.frontends {
             let sp = &fp.scopes[0];
             assert_eq!(sp.master.algorithm, ALG_MAGLEV);
+            assert_eq!(sp.master.backend_id, 1021, "the master carries M");
             let t = sp.maglev.as_ref().unwrap();
-            assert_eq!(t.len(), MAGLEV_M);
+            assert_eq!(t.len(), 1021);
             let used: BTreeSet<u32> = t.iter().copied().collect();
             assert_eq!(used, BTreeSet::from([100, 101]), "ready backends only");
         }
+        // The cluster default: Maglev on the NodePort only.
+        s.algorithm = Algorithm::MaglevExternal(m);
+        let plan = build(&s, &b, &f).unwrap();
+        let (cip, np) = (&plan.frontends[0].scopes[0], &plan.frontends[1].scopes[0]);
+        assert_eq!(plan.frontends[0].frontend.kind, FrontendKind::ClusterIp);
+        assert_eq!(
+            (cip.master.algorithm, cip.master.backend_id),
+            (ALG_RANDOM, 0)
+        );
+        assert!(cip.maglev.is_none());
+        assert_eq!(
+            (np.master.algorithm, np.master.backend_id),
+            (ALG_MAGLEV, 1021)
+        );
+        assert!(np.maglev.is_some());
         // Random services and services without backends have no table.
         s.algorithm = Algorithm::Random;
         let plan = build(&s, &b, &f).unwrap();
         assert!(plan.frontends[0].scopes[0].maglev.is_none());
         assert_eq!(plan.frontends[0].scopes[0].master.algorithm, ALG_RANDOM);
-        s.algorithm = Algorithm::Maglev;
+        s.algorithm = Algorithm::Maglev(m);
         s.backends.clear();
         let plan = build(&s, &b, &f).unwrap();
         assert!(plan.frontends[0].scopes[0].maglev.is_none());
         assert_eq!(plan.frontends[0].scopes[0].master.algorithm, ALG_RANDOM);
+        assert_eq!(plan.frontends[0].scopes[0].master.backend_id, 0);
     }
 
     #[test]
@@ -311,11 +334,7 @@ mod tests {
         assert_eq!(ci.scopes[0].master.revnat_id, 7);
         assert_eq!(ci.scopes[0].master.flags, SVC_F_CLUSTERIP);
         let np = &plan.frontends[1];
-        assert_eq!(
-            np.id.key(SCOPE_EXT, 0).vip_be,
-            0,
-            "NodePort is node-wide"
-        );
+        assert_eq!(np.id.key(SCOPE_EXT, 0).vip_be, 0, "NodePort is node-wide");
         assert_eq!(np.id.key(SCOPE_EXT, 0).port_be, 30080u16.to_be());
         assert_eq!(np.scopes[0].master.flags, SVC_F_NODEPORT);
         let local = plan.backends.iter().find(|(id, _)| *id == 101).unwrap().1;

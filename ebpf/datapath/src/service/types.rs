@@ -12,6 +12,8 @@ use std::{
 use riptide_common::proto;
 use serde::{Deserialize, Serialize};
 
+use crate::maglev::TableSize;
+
 /// L4 protocol of a service port. SCTP is not supported by the datapath.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -182,11 +184,29 @@ pub enum Algorithm {
     /// A random slot (kube-proxy's behaviour).
     #[default]
     Random,
-    /// Maglev consistent hashing of the 5-tuple (`rt_maglev4_v1`): every
-    /// node picks the same backend for a flow and backend changes move
-    /// few flows. Socket LB still picks at random (no 5-tuple at connect
-    /// time, and a local choice needs no agreement between nodes).
-    Maglev,
+    /// Maglev consistent hashing of the 5-tuple (`rt_maglev4_v2`) on every
+    /// frontend: every node picks the same backend for a flow and a backend
+    /// change moves few flows. Socket LB still picks at random (no 5-tuple
+    /// at connect time, and a local choice needs no agreement between
+    /// nodes).
+    Maglev(TableSize),
+    /// Maglev on the frontends outside clients reach (NodePort, externalIPs,
+    /// load-balancer IPs), where an upstream router may send one flow to
+    /// different nodes; random on the ClusterIP and hostPorts, which only
+    /// this node's clients reach (Cilium applies Maglev to north-south
+    /// traffic only, for the same reason). The agent's cluster default.
+    MaglevExternal(TableSize),
+}
+
+impl Algorithm {
+    /// The Maglev table size a `kind` frontend uses; `None`: random.
+    pub fn maglev(self, kind: FrontendKind) -> Option<TableSize> {
+        match self {
+            Self::Random => None,
+            Self::Maglev(m) => Some(m),
+            Self::MaglevExternal(m) => kind.is_external().then_some(m),
+        }
+    }
 }
 
 /// One Kubernetes service port (or one Pod hostPort): its frontends share
@@ -292,7 +312,10 @@ mod tests {
             be("10.42.0.5:80", BackendState::Active, true),
             be("10.42.0.7:80", BackendState::Quarantined, true),
         ];
-        assert_eq!(addrs(eligible(&bs, false)), ["10.42.0.5:80", "10.42.1.5:80"]);
+        assert_eq!(
+            addrs(eligible(&bs, false)),
+            ["10.42.0.5:80", "10.42.1.5:80"]
+        );
         assert_eq!(addrs(eligible(&bs, true)), ["10.42.0.5:80"]);
     }
 
@@ -323,11 +346,33 @@ mod tests {
         };
         assert!(s.local_only(FrontendKind::NodePort, true));
         assert!(s.local_only(FrontendKind::LoadBalancer, true));
-        assert!(!s.local_only(FrontendKind::NodePort, false), "in-cluster traffic uses all");
-        assert!(!s.local_only(FrontendKind::ClusterIp, true), "the ClusterIP follows iTP");
+        assert!(
+            !s.local_only(FrontendKind::NodePort, false),
+            "in-cluster traffic uses all"
+        );
+        assert!(
+            !s.local_only(FrontendKind::ClusterIp, true),
+            "the ClusterIP follows iTP"
+        );
         s.internal_policy = TrafficPolicy::Local;
         assert!(s.local_only(FrontendKind::ClusterIp, false));
         assert!(!s.local_only(FrontendKind::HostPort, false));
+    }
+
+    #[test]
+    fn maglev_external_applies_to_the_frontends_outside_clients_reach() {
+        let m = TableSize::new(1021).unwrap();
+        for (kind, want) in [
+            (FrontendKind::ClusterIp, None),
+            (FrontendKind::HostPort, None),
+            (FrontendKind::NodePort, Some(m)),
+            (FrontendKind::ExternalIp, Some(m)),
+            (FrontendKind::LoadBalancer, Some(m)),
+        ] {
+            assert_eq!(Algorithm::MaglevExternal(m).maglev(kind), want, "{kind}");
+            assert_eq!(Algorithm::Maglev(m).maglev(kind), Some(m), "{kind}");
+            assert_eq!(Algorithm::Random.maglev(kind), None, "{kind}");
+        }
     }
 
     #[test]

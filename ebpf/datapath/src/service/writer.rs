@@ -1,5 +1,5 @@
 //! The writer: [`Services`] puts [`Service`]s into a node's maps
-//! (`rt_svc4_v1`, `rt_be4_v1`, `rt_revnat4_v1`, `rt_maglev4_v1`) and keeps
+//! (`rt_svc4_v1`, `rt_be4_v1`, `rt_revnat4_v1`, `rt_maglev4_v2`) and keeps
 //! the bookkeeping (ids, backend refcounts) that makes updates incremental.
 //!
 //! Writes happen in the order a running program tolerates (Cilium
@@ -21,8 +21,8 @@ use aya::{
     maps::{HashMap, MapData, MapError},
 };
 use riptide_common::{
-    BackendKey, BackendValue, MAGLEV_M, MaglevKey, MaglevValue, RevNatKey, RevNatValue, SCOPE_EXT,
-    SvcKey, SvcValue, names,
+    ALG_MAGLEV, BackendKey, BackendValue, MAGLEV_CHUNK, MaglevKey, MaglevValue, RevNatKey,
+    RevNatValue, SCOPE_EXT, SvcKey, SvcValue, names,
 };
 
 use super::{
@@ -69,7 +69,7 @@ enum Undo {
     Svc(SvcKey, Option<SvcValue>),
     Be(BackendKey, Option<BackendValue>),
     RevNat(RevNatKey, Option<RevNatValue>),
-    /// Boxed: a Maglev table is several KiB.
+    /// Boxed: a Maglev chunk is 4 KiB.
     Maglev(MaglevKey, Option<Box<MaglevValue>>),
 }
 
@@ -145,6 +145,17 @@ fn restore<K: Pod, V: Pod>(
         Some(v) => map.insert(k, v, 0).map_err(map_err(name)),
         None => ignore_missing(map.remove(&k)).map_err(map_err(name)),
     }
+}
+
+/// The `rt_maglev4_v2` key of chunk `chunk` of a table.
+fn maglev_key(revnat_id: u16, scope: u8, chunk: usize) -> Result<MaglevKey> {
+    Ok(MaglevKey {
+        revnat_id,
+        scope,
+        chunk: u8::try_from(chunk).map_err(|_| Error::IdsExhausted {
+            what: "maglev chunk",
+        })?,
+    })
 }
 
 /// Writes services into a node's maps and keeps the bookkeeping (ids,
@@ -532,28 +543,27 @@ impl Services {
                 };
                 self.put_svc(fe.key(sp.scope, slot), v, j)?;
             }
-            // The table before the master that says "Maglev" (a reader
-            // without a table falls back to a random slot anyway).
-            let mkey = MaglevKey {
-                revnat_id: fp.revnat_id,
-                scope: sp.scope,
-                _pad: 0,
-            };
+            // The table before the master that says "Maglev" with its size
+            // (a reader without a chunk falls back to a random slot anyway).
+            let mut chunks = 0;
             if let Some(t) = &sp.maglev {
-                let mut v = MaglevValue {
-                    backend_ids: [0; MAGLEV_M],
-                    _pad: 0,
-                };
-                for (d, id) in v.backend_ids.iter_mut().zip(t) {
-                    *d = *id;
+                for (c, part) in t.chunks(MAGLEV_CHUNK).enumerate() {
+                    let mkey = maglev_key(fp.revnat_id, sp.scope, c)?;
+                    let mut v = MaglevValue {
+                        backend_ids: [0; MAGLEV_CHUNK],
+                    };
+                    v.backend_ids[..part.len()].copy_from_slice(part);
+                    let prev = put(&mut self.maglev, names::MAGLEV4, mkey, v, j.record)?;
+                    j.undo.push(Undo::Maglev(mkey, prev.map(Box::new)));
+                    chunks = c + 1;
                 }
-                let prev = put(&mut self.maglev, names::MAGLEV4, mkey, v, j.record)?;
-                j.undo.push(Undo::Maglev(mkey, prev.map(Box::new)));
                 maglev_written.insert(sp.scope);
             }
             self.put_svc(fe.key(sp.scope, 0), sp.master, j)?;
-            if sp.maglev.is_none() && prev_maglev.contains(&sp.scope) {
-                self.del_maglev(mkey, j)?;
+            // After the master: a smaller table (or none) leaves chunks
+            // past its end, which the old size could still index.
+            if sp.maglev.is_some() || prev_maglev.contains(&sp.scope) {
+                self.del_maglev(fp.revnat_id, sp.scope, chunks, j)?;
             }
             let n = sp.master.count;
             let old_n = prev.get(&sp.scope).copied().unwrap_or(0);
@@ -585,9 +595,24 @@ impl Services {
         Ok(())
     }
 
-    fn del_maglev(&mut self, k: MaglevKey, j: &mut Journal) -> Result<()> {
-        if let Some(prev) = del(&mut self.maglev, names::MAGLEV4, k, j.record)? {
-            j.undo.push(Undo::Maglev(k, Some(Box::new(prev))));
+    /// Deletes the chunks `from..` of a table. Tables are written as chunks
+    /// `0..n` and shrunk from the end, so the first missing chunk ends it.
+    fn del_maglev(
+        &mut self,
+        revnat_id: u16,
+        scope: u8,
+        from: usize,
+        j: &mut Journal,
+    ) -> Result<()> {
+        for c in from..=u8::MAX as usize {
+            let k = maglev_key(revnat_id, scope, c)?;
+            let Some(prev) = lookup(&self.maglev, names::MAGLEV4, &k)? else {
+                break;
+            };
+            ignore_missing(self.maglev.remove(&k)).map_err(map_err(names::MAGLEV4))?;
+            if j.record {
+                j.undo.push(Undo::Maglev(k, Some(Box::new(prev))));
+            }
         }
         Ok(())
     }
@@ -605,12 +630,7 @@ impl Services {
             self.del_svc(fid.key(scope, slot), j)?;
         }
         if let Some(&revnat_id) = self.revnat_ids.get(&fid) {
-            let key = MaglevKey {
-                revnat_id,
-                scope,
-                _pad: 0,
-            };
-            self.del_maglev(key, j)?;
+            self.del_maglev(revnat_id, scope, 0, j)?;
         }
         Ok(())
     }
@@ -729,13 +749,30 @@ impl Services {
     /// found in the maps that no upserted service claimed, and backends no
     /// service references. Returns how many frontends and backends went.
     pub fn remove_unclaimed(&mut self) -> Result<(usize, usize)> {
-        let n_fe = self.adopted.len();
+        self.remove_unclaimed_except(|_| false)
+    }
+
+    /// [`Services::remove_unclaimed`] keeping the frontends `keep` names
+    /// (those of services whose write failed and is being retried: their
+    /// previous entries serve until the retry succeeds) and the backends
+    /// those frontends' slots point at.
+    pub fn remove_unclaimed_except(
+        &mut self,
+        keep: impl Fn(&FrontendId) -> bool,
+    ) -> Result<(usize, usize)> {
+        let gone: Vec<FrontendId> = self.adopted.keys().filter(|f| !keep(f)).copied().collect();
+        let n_fe = gone.len();
         let mut j = Journal::not_recording();
-        while let Some((fid, slots)) = self.adopted.first_key_value() {
-            let (fid, slots) = (*fid, slots.clone());
-            self.delete_frontend_maps(&fid, &slots, &mut j)?;
+        for fid in gone {
+            if let Some(slots) = self.adopted.get(&fid).cloned() {
+                self.delete_frontend_maps(&fid, &slots, &mut j)?;
+            }
             self.adopted.remove(&fid);
             self.forget_frontend(&fid);
+        }
+        if !self.adopted.is_empty() {
+            // Kept frontends still point at their backends by id.
+            return Ok((n_fe, 0));
         }
         let orphans: Vec<(BackendAddr, u32)> = self
             .backend_ids
@@ -785,21 +822,28 @@ impl Services {
         self.be.iter().filter_map(std::result::Result::ok).collect()
     }
 
-    /// The Maglev table of a frontend's scope, if written.
+    /// The Maglev table of a frontend's scope (`M` ids, `M` from its
+    /// master), if the master says Maglev and every chunk is there.
     pub fn maglev_table(&self, fe: &FrontendId, scope: u8) -> Option<Vec<u32>> {
         let revnat_id = self.revnat_id_of(fe)?;
-        let key = MaglevKey {
-            revnat_id,
-            scope,
-            _pad: 0,
-        };
-        self.maglev
-            .get(&key, 0)
-            .ok()
-            .map(|v| v.backend_ids.to_vec())
+        let master = self.svc.get(&fe.key(scope, 0), 0).ok()?;
+        if master.algorithm != ALG_MAGLEV {
+            return None;
+        }
+        let m = master.backend_id as usize;
+        let mut t = Vec::with_capacity(m);
+        for c in 0..m.div_ceil(MAGLEV_CHUNK) {
+            let v = self
+                .maglev
+                .get(&maglev_key(revnat_id, scope, c).ok()?, 0)
+                .ok()?;
+            t.extend_from_slice(&v.backend_ids);
+        }
+        t.truncate(m);
+        Some(t)
     }
 
-    /// The keys of `rt_maglev4_v1` (which tables exist).
+    /// The keys of `rt_maglev4_v2` (which table chunks exist).
     pub fn dump_maglev(&self) -> Vec<MaglevKey> {
         self.maglev
             .keys()
@@ -815,4 +859,3 @@ impl Services {
             .collect()
     }
 }
-
