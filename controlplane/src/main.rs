@@ -61,6 +61,11 @@ struct ApiserverArgs {
     /// Watches one user may hold open at once (429 beyond).
     #[arg(long, default_value_t = riptide_controlplane::apiserver::Limits::default().max_watches_per_user)]
     max_watches_per_user: usize,
+    /// CIDRs Services may name in `spec.externalIPs` (comma separated).
+    /// Empty (the default) denies external IPs, like upstream's
+    /// DenyServiceExternalIPs admission plugin (CVE-2020-8554).
+    #[arg(long, value_delimiter = ',', value_parser = |s: &str| riptide_cidr::parse("service-external-ip-cidrs", s))]
+    service_external_ip_cidrs: Vec<ipnetwork::Ipv4Network>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -127,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
             cfg.bookmark_interval = Duration::from_secs(a.bookmark_interval.max(1));
             cfg.limits.max_connections = a.max_connections;
             cfg.limits.max_watches_per_user = a.max_watches_per_user;
+            cfg.admission.external_ip_cidrs = a.service_external_ip_cidrs;
             if !a.etcd.is_empty() {
                 cfg.storage = StorageConfig::Etcd { endpoints: a.etcd, prefix: a.etcd_prefix };
             }

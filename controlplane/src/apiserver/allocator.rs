@@ -284,10 +284,13 @@ impl Allocator {
         if let Some(ports) = svc.pointer_mut("/spec/ports").and_then(Value::as_array_mut) {
             for (i, p) in ports.iter_mut().enumerate() {
                 let Some(pm) = p.as_object_mut() else { continue };
-                if !wants_node_ports {
+                let req = pm.get("nodePort").and_then(Value::as_i64).unwrap_or(0);
+                // allocateLoadBalancerNodePorts=false: no port is picked, but
+                // one the user names is still checked and reserved (upstream
+                // "node ports will be allocated if explicitly specified").
+                if !wants_node_ports && (ty != "LoadBalancer" || req == 0) {
                     continue;
                 }
-                let req = pm.get("nodePort").and_then(Value::as_i64).unwrap_or(0);
                 let port = pm.get("port").and_then(Value::as_i64).unwrap_or(0);
                 let proto = pm.get("protocol").and_then(Value::as_str).unwrap_or("TCP").to_string();
                 let chosen = if req == 0 {
@@ -410,6 +413,26 @@ mod tests {
         a.release(&h1);
         let mut s4 = json!({"spec": {"type": "NodePort", "clusterIP": "10.43.1.1", "ports": [{"port": 80, "nodePort": 30000}]}});
         assert!(a.assign(&mut s4, None).is_ok());
+    }
+
+    #[test]
+    fn allocate_load_balancer_node_ports_false() {
+        let mut a = Allocator::new();
+        let mut none = json!({"spec": {"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false, "ports": [{"port": 80}]}});
+        let h = a.assign(&mut none, None).unwrap();
+        assert!(h.ports.is_empty(), "{h:?}");
+        assert!(none.pointer("/spec/ports/0/nodePort").is_none(), "{none}");
+        // An explicit port is still reserved: a second claim is refused.
+        let mut named = json!({"spec": {"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false, "ports": [{"port": 80, "nodePort": 30100}]}});
+        assert_eq!(a.assign(&mut named, None).unwrap().ports, vec![30100]);
+        let mut again = json!({"spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 30100}]}});
+        let errs = a.assign(&mut again, None).unwrap_err();
+        assert!(errs[0].message.contains("already allocated"), "{}", errs[0].message);
+        // Switching allocation on later gives the ports that are missing.
+        let mut on = none.clone();
+        on["spec"]["allocateLoadBalancerNodePorts"] = json!(true);
+        let h = a.assign(&mut on, Some(&none)).unwrap();
+        assert_eq!(h.ports.len(), 1);
     }
 
     #[test]

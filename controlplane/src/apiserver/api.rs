@@ -9,6 +9,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 
 use super::{
+    admission::Admission,
     allocator::{self, Allocator, Held},
     defaults,
     object::{self, meta_mut, now_rfc3339},
@@ -63,6 +64,7 @@ pub struct ListOut {
 pub struct Api {
     pub store: Arc<dyn Store>,
     alloc: Mutex<Allocator>,
+    admission: Admission,
 }
 
 pub fn decode(rec: &Record) -> ApiResult<Value> {
@@ -91,8 +93,8 @@ fn lock_err<T>(_: T) -> ApiError {
 impl Api {
     /// Build the API over `store`: rebuild Service allocations and create
     /// the objects every cluster starts with.
-    pub async fn new(store: Arc<dyn Store>) -> ApiResult<Arc<Self>> {
-        let api = Arc::new(Self { store, alloc: Mutex::new(Allocator::new()) });
+    pub async fn new(store: Arc<dyn Store>, admission: Admission) -> ApiResult<Arc<Self>> {
+        let api = Arc::new(Self { store, alloc: Mutex::new(Allocator::new()), admission });
         api.rebuild_allocations().await?;
         api.bootstrap().await?;
         Ok(api)
@@ -346,6 +348,7 @@ impl Api {
         }
         Self::admit(res, &mut obj, opts)?;
         let name = object::name(&obj).to_string();
+        self.admission.service(res, &name, &obj, None)?;
         if let Some(ns) = ns {
             self.namespace_check(ns).await?;
         }
@@ -445,6 +448,7 @@ impl Api {
             meta.remove("resourceVersion");
         }
         Self::admit(res, &mut new, opts)?;
+        self.admission.service(res, name, &new, Some(old))?;
         if object::spec_part(&new) != object::spec_part(old) && sub.is_none() {
             let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
             meta_mut(&mut new).insert("generation".into(), json!(g + 1));

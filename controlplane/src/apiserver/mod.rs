@@ -7,6 +7,7 @@
 //! Start it in-process with [`Server::start`]; the returned handle knows
 //! the bound address and the admin kubeconfig it wrote.
 
+pub mod admission;
 pub mod allocator;
 pub mod api;
 pub mod authn;
@@ -88,6 +89,8 @@ pub struct Config {
     pub bookmark_interval: Duration,
     pub pod_proxy: Option<Arc<dyn PodProxy>>,
     pub limits: Limits,
+    /// Configurable admission rules (`externalIPs` allow list).
+    pub admission: admission::Admission,
 }
 
 impl Config {
@@ -106,6 +109,7 @@ impl Config {
             bookmark_interval: Duration::from_secs(60),
             pod_proxy: None,
             limits: Limits::default(),
+            admission: admission::Admission::default(),
         }
     }
 }
@@ -187,7 +191,7 @@ impl Server {
             }
         };
         tracing::info!(storage = store.name(), "storage ready");
-        let api = Api::new(store).await?;
+        let api = Api::new(store, config.admission.clone()).await?;
         authz::ensure_bootstrap_policy(&api).await?;
 
         let token_file = match &config.token_file {

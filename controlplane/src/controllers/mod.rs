@@ -10,6 +10,7 @@
 pub mod deployment;
 pub mod endpoints;
 pub mod events;
+pub mod lbipam;
 pub mod nodeipam;
 pub mod nodelifecycle;
 pub mod replicaset;
@@ -21,7 +22,7 @@ use std::time::Duration;
 use k8s_openapi::api::{
     apps::v1::{Deployment, ReplicaSet},
     coordination::v1::Lease,
-    core::v1::{Endpoints, Node, Pod, Service},
+    core::v1::{ConfigMap, Endpoints, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{Api, Client, runtime::watcher};
@@ -60,13 +61,15 @@ impl Default for Config {
 pub async fn run(client: Client, cfg: Config) -> Result<(), Error> {
     nodeipam::check_cluster_cidr(cfg.cluster_cidr)?;
     let cidr = cfg.cluster_cidr;
-    let (w_rs, w_dep, w_ep, w_node) = (Wake::default(), Wake::default(), Wake::default(), Wake::default());
+    let (w_rs, w_dep, w_ep, w_node, w_lb) = (Wake::default(), Wake::default(), Wake::default(), Wake::default(), Wake::default());
     let recorder = events::Recorder::new(client.clone(), "riptide-controller-manager", None);
     let wc = watcher::Config::default;
     let pods = reflect(Api::<Pod>::all(client.clone()), wc(), vec![w_rs.clone(), w_dep.clone(), w_ep.clone(), w_node.clone()]).await;
     let sets = reflect(Api::<ReplicaSet>::all(client.clone()), wc(), vec![w_rs.clone(), w_dep.clone()]).await;
     let deployments = reflect(Api::<Deployment>::all(client.clone()), wc(), vec![w_dep.clone()]).await;
-    let services = reflect(Api::<Service>::all(client.clone()), wc(), vec![w_ep.clone()]).await;
+    let services = reflect(Api::<Service>::all(client.clone()), wc(), vec![w_ep.clone(), w_lb.clone()]).await;
+    let lb_pools_cfg = wc().fields(&format!("metadata.name={}", lbipam::POOLS_CONFIGMAP));
+    let lb_pools = reflect(Api::<ConfigMap>::namespaced(client.clone(), lbipam::POOLS_NAMESPACE), lb_pools_cfg, vec![w_lb.clone()]).await;
     let slices = reflect(Api::<EndpointSlice>::all(client.clone()), wc(), vec![w_ep.clone()]).await;
     let eps = reflect(Api::<Endpoints>::all(client.clone()), wc(), vec![w_ep.clone()]).await;
     let nodes = reflect(Api::<Node>::all(client.clone()), wc(), vec![w_node.clone()]).await;
@@ -75,6 +78,7 @@ pub async fn run(client: Client, cfg: Config) -> Result<(), Error> {
 
     let rs_ctx = replicaset::Ctx { client: client.clone(), pods: pods.clone(), sets: sets.clone(), recorder: recorder.clone(), expectations: Default::default() };
     let dep_ctx = deployment::Ctx { client: client.clone(), deployments, sets, pods: pods.clone(), recorder: recorder.clone() };
+    let lb_ctx = lbipam::Ctx { client: client.clone(), services: services.clone(), pools: lb_pools, recorder: recorder.clone(), told: Default::default() };
     let ep_ctx = endpoints::Ctx { client: client.clone(), services, pods: pods.clone(), slices, endpoints: eps };
     let ipam_ctx = nodeipam::Ctx { client: client.clone(), nodes: nodes.clone(), cidr, recorder: recorder.clone() };
     let life_ctx = nodelifecycle::Ctx { client, nodes, leases, pods, recorder, grace: cfg.node_monitor_grace };
@@ -111,6 +115,13 @@ pub async fn run(client: Client, cfg: Config) -> Result<(), Error> {
             next_pass(&mut rx, resync.min(Duration::from_secs(2))).await;
         }
     };
-    tokio::join!(rs_loop, dep_loop, ep_loop, node_loop);
+    let lb_loop = async move {
+        let mut rx = w_lb.subscribe();
+        loop {
+            lbipam::reconcile_all(&lb_ctx).await;
+            next_pass(&mut rx, resync).await;
+        }
+    };
+    tokio::join!(rs_loop, dep_loop, ep_loop, node_loop, lb_loop);
     Ok(())
 }
