@@ -61,6 +61,8 @@ pub enum Error {
     Tunnel(#[source] tunnel::Error),
     #[error("conntrack GC")]
     Gc(#[source] Box<crate::gc::Error>),
+    #[error("L2 announcements")]
+    L2(#[source] crate::l2announce::Error),
 }
 
 /// Everything the agent is told on its command line.
@@ -72,6 +74,10 @@ pub struct Config {
     /// Overrides the Node's InternalIP as the node address.
     pub node_ip: Option<Ipv4Addr>,
     pub cluster_cidr: Ipv4Network,
+    /// The Service range: never an externalIP or LoadBalancer frontend.
+    pub service_cidr: Ipv4Network,
+    /// Answer ARP for LoadBalancer and external IPs (`None`: off).
+    pub l2_announce: Option<crate::l2announce::Config>,
     pub api_socket: PathBuf,
     pub metrics_addr: Option<SocketAddr>,
     pub pod_cidr_file: PathBuf,
@@ -157,6 +163,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     lock(&shared.status).kubernetes = true;
     let (tx, rx) = mpsc::unbounded_channel();
     let stores = watch::start(&client, &node, &tx, &shared.metrics);
+    let node_ctx = NodeContext {
+        node_name: node.clone(),
+        proxy_name: cfg.proxy_name.clone(),
+        reserved: crate::reserved::Reserved::new(cfg.cluster_cidr, cfg.service_cidr),
+    };
+    if let Some(l2) = cfg.l2_announce.clone() {
+        let (svcs, nodes) = (stores.services.clone(), stores.nodes.clone());
+        crate::l2announce::spawn(l2, client.clone(), svcs, nodes, node_ctx.clone(), cfg.node_ip, shared.metrics.clone()).map_err(Error::L2)?;
+    }
     if let Some(after) = cfg.pod_cidr_fallback_after {
         let fb = crate::podcidr::Fallback { after, cluster: cfg.cluster_cidr, prefix: crate::podcidr::PREFIX };
         crate::podcidr::spawn(client.clone(), stores.nodes.clone(), node.clone(), fb);
@@ -194,7 +209,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         cfg: cfg.clone(),
         shared: shared.clone(),
         stores,
-        ctx: NodeContext { node_name: node.clone(), proxy_name: cfg.proxy_name.clone() },
+        ctx: node_ctx.clone(),
+        refused: BTreeMap::new(),
         slice_index: HashMap::new(),
         slice_owner: HashMap::new(),
         synced: BTreeSet::new(),
@@ -396,6 +412,8 @@ struct Loop {
     policy_inputs: Option<u64>,
     /// The compiler was offered the pinned maps' numbering.
     policy_adopted: bool,
+    /// External frontends refused per owner ([`crate::reserved`]).
+    refused: BTreeMap<Owner, usize>,
 }
 
 #[derive(Default)]
@@ -446,6 +464,10 @@ impl Loop {
             }
             if batch.nodes {
                 self.sync_nodes().await;
+                if self.update_reserved() {
+                    // A node address came or went: refusals may change anywhere.
+                    batch.full = true;
+                }
             }
             self.sync_services(&batch);
             if batch.policy || batch.full || self.policy_retry {
@@ -573,6 +595,17 @@ impl Loop {
             let d = self.desired(&o);
             (o, d)
         }).collect();
+        if batch.full {
+            self.refused.clear();
+        }
+        for (o, d) in &computed {
+            if d.refused.is_empty() {
+                self.refused.remove(o);
+            } else {
+                self.refused.insert(o.clone(), d.refused.len());
+            }
+        }
+        shared.metrics.refused_frontends.set(i64::try_from(self.refused.values().sum::<usize>()).unwrap_or(i64::MAX));
         let mut rec = lock(&shared.reconciler);
         for (o, d) in computed {
             rec.set(&o, d);
@@ -736,6 +769,13 @@ impl Loop {
             r.set_device(Some(index));
         }
         Some(desired.keys().map(|c| (*c, tunnel::gateway_of(*c))).collect())
+    }
+
+    /// Every node's addresses into the frontend guard; whether they changed.
+    fn update_reserved(&mut self) -> bool {
+        let own = lock(&self.shared.status).node_ip;
+        let nodes = self.stores.nodes.state();
+        self.ctx.reserved.set_nodes(nodes.iter().map(AsRef::as_ref), own.into_iter().chain([self.cfg.hairpin_ip]))
     }
 
     /// Writes the datapath config for `node_ip` if it changed.

@@ -25,6 +25,18 @@ struct Args {
     /// The cluster's pod range; routes are only ever written inside it.
     #[arg(long, default_value = "10.42.0.0/16", value_parser = |s: &str| riptide_cidr::parse("cluster-cidr", s))]
     cluster_cidr: Ipv4Network,
+    /// The cluster's Service range; never accepted as an externalIP or
+    /// LoadBalancer address.
+    #[arg(long, default_value = "10.43.0.0/16", value_parser = |s: &str| riptide_cidr::parse("service-cidr", s))]
+    service_cidr: Ipv4Network,
+    /// Answer ARP on --uplink for LoadBalancer and external IPs, one node
+    /// per Service chosen by a Lease (Cilium's L2 announcements).
+    #[arg(long)]
+    l2_announcements: bool,
+    /// Seconds an L2 announcement Lease outlives its last renewal before
+    /// another node takes over.
+    #[arg(long, default_value_t = 10)]
+    l2_lease_duration_s: u64,
     /// Unix socket of the local API (the `riptide` CLI). Default: /run/riptide/<node>/agent.sock
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -129,11 +141,20 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let l2 = if a.l2_announcements {
+        let uplink = a.uplink.clone().context("--l2-announcements needs --uplink (the device to answer ARP on)")?;
+        let lease_duration = Duration::from_secs(a.l2_lease_duration_s.max(2));
+        Some(riptide_agent::l2announce::Config { uplink, lease_duration, renew_every: (lease_duration / 5).max(Duration::from_secs(1)) })
+    } else {
+        None
+    };
     let cfg = Config {
         tunnel,
         kubeconfig: a.kubeconfig,
         node_ip: a.node_ip,
         cluster_cidr: a.cluster_cidr,
+        service_cidr: a.service_cidr,
+        l2_announce: l2,
         api_socket: a.api_socket.unwrap_or_else(|| run_dir.join("agent.sock")),
         metrics_addr,
         pod_cidr_file: a.pod_cidr_file.unwrap_or_else(|| run_dir.join("podcidr")),

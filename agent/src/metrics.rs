@@ -53,6 +53,11 @@ pub struct Metrics {
     pub service_ports: Gauge,
     pub conntrack_entries: Gauge,
     pub routes: Gauge,
+    /// External frontends (externalIPs, LB ingress IPs) refused because
+    /// they name a node or a cluster range (`crate::reserved`).
+    pub refused_frontends: Gauge,
+    /// Addresses this node answers ARP for (`crate::l2announce`).
+    pub l2_announced: Gauge,
     /// Datapath counters by reason (`rt_stats_v2`), drops included.
     pub datapath_packets: Family<ReasonLabel, Counter>,
     /// Drop/failure events read from `rt_events_v1`, by reason (rate
@@ -104,6 +109,8 @@ impl Metrics {
             service_ports: Gauge::default(),
             conntrack_entries: Gauge::default(),
             routes: Gauge::default(),
+            refused_frontends: Gauge::default(),
+            l2_announced: Gauge::default(),
             datapath_packets: Family::default(),
             datapath_events: Family::default(),
             gc_deletions: Family::default(),
@@ -135,6 +142,8 @@ impl Metrics {
         r.register("service_ports", "Service ports (and hostPorts) written", m.service_ports.clone());
         r.register("conntrack_entries", "Entries in the conntrack map", m.conntrack_entries.clone());
         r.register("routes", "Routes to other nodes' podCIDRs", m.routes.clone());
+        r.register("refused_frontends", "externalIPs and LoadBalancer IPs refused: a node address or a cluster range", m.refused_frontends.clone());
+        r.register("l2_announced_addresses", "LoadBalancer and external IPs this node answers ARP for", m.l2_announced.clone());
         r.register("datapath_packets", "Datapath counters by reason (drops included)", m.datapath_packets.clone());
         r.register("datapath_events", "Drop/failure events read from the datapath, by reason", m.datapath_events.clone());
         r.register("gc_deletions", "Flow-state entries deleted by the GC, by map and reason", m.gc_deletions.clone());

@@ -29,6 +29,8 @@ use riptide_datapath::service::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::reserved::Reserved;
+
 /// Label that marks a Service as handled by another proxy (kube-proxy's
 /// `service.kubernetes.io/service-proxy-name`): a set label means "not ours"
 /// unless it names us.
@@ -91,6 +93,8 @@ pub struct Desired {
     pub health_check: Option<HealthCheck>,
     /// Things deliberately left out, worth one log line when they change.
     pub notes: Vec<String>,
+    /// External frontend addresses refused ([`crate::reserved`]).
+    pub refused: Vec<Ipv4Addr>,
 }
 
 /// What the model needs to know about this node.
@@ -100,6 +104,8 @@ pub struct NodeContext {
     /// `--service-proxy-name`: Services labelled with exactly this value are
     /// ours; with `None`, any value of the label means "not ours".
     pub proxy_name: Option<String>,
+    /// Addresses no externalIP or LoadBalancer frontend may take.
+    pub reserved: Reserved,
 }
 
 /// Why a Service gets no frontends at all (`None` = it is ours).
@@ -262,6 +268,19 @@ pub fn service_desired(svc: &Service, slices: &[&EndpointSlice], ctx: &NodeConte
         Vec::new()
     };
     dedup(&mut lb_ips);
+    // Whatever the apiserver admitted: an external frontend on a node's
+    // address or inside the cluster's ranges would capture traffic that
+    // belongs to the node or the cluster.
+    for (what, ips) in [("externalIP", &mut external_ips), ("LoadBalancer ingress IP", &mut lb_ips)] {
+        ips.retain(|ip| match ctx.reserved.refusal(*ip) {
+            Some(why) => {
+                out.notes.push(format!("{what} {ip} refused: {why}"));
+                out.refused.push(*ip);
+                false
+            }
+            None => true,
+        });
+    }
 
     let policy = |p: Option<&String>| {
         if p.is_some_and(|p| p == "Local") {

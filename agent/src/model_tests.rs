@@ -7,9 +7,13 @@ use super::*;
 const NODE: &str = "node-a";
 
 fn ctx() -> NodeContext {
+    let mut reserved = crate::reserved::Reserved::new("10.42.0.0/16".parse().unwrap(), "10.43.0.0/16".parse().unwrap());
+    reserved.node_addrs.insert("198.18.0.11".parse().unwrap());
     NodeContext {
         node_name: NODE.into(),
         proxy_name: None,
+        reserved,
+        ..NodeContext::default()
     }
 }
 
@@ -227,6 +231,24 @@ fn nodeport_external_ips_and_lb_ingress() {
         fe(FrontendKind::LoadBalancer, "192.0.2.100", 80),
     ]);
     assert!(d.health_check.is_none(), "eTP=Cluster has no health check");
+}
+
+#[test]
+fn external_frontends_on_node_addresses_or_cluster_ranges_are_refused() {
+    let s = svc(json!({
+        "spec": {"type": "LoadBalancer", "externalIPs": ["198.18.0.11", "10.42.1.5", "192.0.2.7"]},
+        "status": {"loadBalancer": {"ingress": [{"ip": "10.43.0.1"}, {"ip": "192.0.2.100"}]}}
+    }));
+    let d = service_desired(&s, &[], &ctx());
+    assert_eq!(one_port(&d).frontends, vec![
+        fe(FrontendKind::ClusterIp, "10.43.0.10", 80),
+        fe(FrontendKind::ExternalIp, "192.0.2.7", 80),
+        fe(FrontendKind::LoadBalancer, "192.0.2.100", 80),
+    ]);
+    let refused: Vec<String> = d.refused.iter().map(ToString::to_string).collect();
+    assert_eq!(refused, ["198.18.0.11", "10.42.1.5", "10.43.0.1"]);
+    assert!(d.notes.iter().any(|n| n == "externalIP 198.18.0.11 refused: it is a node's address"), "{:?}", d.notes);
+    assert!(d.notes.iter().any(|n| n.contains("LoadBalancer ingress IP 10.43.0.1 refused: it is in the Service range")), "{:?}", d.notes);
 }
 
 #[test]

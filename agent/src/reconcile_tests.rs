@@ -165,6 +165,7 @@ fn retain_owners_drops_vanished_ones() {
         ports: vec![port(&b, "http", &["10.43.0.2"], &[])],
         health_check: Some(HealthCheck { port: 32000, owner: b.clone(), local_endpoints: 0 }),
         notes: vec![],
+        ..Desired::default()
     });
     r.apply(&mut w);
     assert_eq!(r.health_checks().len(), 1);

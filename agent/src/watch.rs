@@ -54,6 +54,9 @@ pub const API_ACCESS: &[ApiAccess] = &[
     // Namespace labels (namespaceSelector) and the policy audit annotation.
     ApiAccess { group: "", resource: "namespaces", verbs: WATCH_VERBS },
     ApiAccess { group: "networking.k8s.io", resource: "networkpolicies", verbs: WATCH_VERBS },
+    // L2 announcements: one Lease per announced Service, read, created,
+    // renewed or taken over, and deleted once its Service needs none.
+    ApiAccess { group: "coordination.k8s.io", resource: "leases", verbs: crate::l2announce::LEASE_VERBS },
 ];
 
 /// A call the code is about to make that [`API_ACCESS`] does not list.

@@ -146,6 +146,12 @@ impl Authorizer {
         Ok(self.policy(api).await?.allows(a))
     }
 
+    /// The current RBAC snapshot (for checks beyond one request's
+    /// attributes, such as escalation).
+    pub(super) async fn snapshot(&self, api: &Api) -> ApiResult<Arc<Policy>> {
+        self.policy(api).await
+    }
+
     pub async fn rules_for(&self, api: &Api, user: &UserInfo, namespace: &str) -> ApiResult<Vec<super::rbac::Rule>> {
         Ok(self.policy(api).await?.rules_for(user, namespace))
     }

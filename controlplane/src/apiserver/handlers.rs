@@ -17,7 +17,7 @@ use super::{
     api::{Api, DeleteOptions, FieldValidation, ListQuery, WriteOptions},
     authn::{Authenticator, Connection, UserInfo},
     authz::{self, Authorizer},
-    discovery,
+    discovery, escalation,
     limits::{self, Limits, WatchBudget},
     node_authz, object, openapi,
     patch::{self, PatchType},
@@ -55,11 +55,15 @@ fn public(path: &str) -> bool {
 pub async fn handle(State(st): State<Arc<AppState>>, mut req: Request<Body>) -> Response {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    let user = st.authn.authenticate(&st.api, req.headers(), req.extensions().get::<Connection>()).await;
+    let mut user = st.authn.authenticate(&st.api, req.headers(), req.extensions().get::<Connection>()).await;
     if !public(&path) {
         if user.is_anonymous() {
             return ApiError::unauthorized().into_response();
         }
+        user = match escalation::impersonate(&st.authz, &st.api, user, req.headers()).await {
+            Ok(u) => u,
+            Err(e) => return e.into_response(),
+        };
         let attrs = authz::attributes(&user, &method, &path, &query(&req), req.headers());
         match st.authz.allows(&st.api, &attrs).await {
             Ok(true) => {}
@@ -135,6 +139,15 @@ fn decode_body(ct: &str, b: &[u8]) -> ApiResult<Value> {
     Ok(v)
 }
 
+/// [`write_opts`] plus, for RBAC kinds, the writer's escalation check.
+async fn guarded_write_opts(st: &AppState, res: &Resource, user: &UserInfo, q: &Q) -> ApiResult<WriteOptions> {
+    let mut opts = write_opts(q);
+    if res.group == authz::RBAC_GROUP {
+        opts.rbac_guard = Some(Arc::new(st.authz.guard(&st.api, user).await?));
+    }
+    Ok(opts)
+}
+
 fn write_opts(q: &Q) -> WriteOptions {
     WriteOptions {
         dry_run: q.get("dryRun").is_some_and(|d| d == "All"),
@@ -143,6 +156,7 @@ fn write_opts(q: &Q) -> WriteOptions {
             Some("Ignore") => FieldValidation::Ignore,
             _ => FieldValidation::Warn,
         },
+        rbac_guard: None,
     }
 }
 
@@ -309,10 +323,11 @@ async fn resource(st: &Arc<AppState>, t: Target, req: Request<Body>) -> ApiResul
         }
         (&Method::POST, None, None) => {
             let user = req.extensions().get::<UserInfo>().cloned().unwrap_or_default();
+            let opts = guarded_write_opts(st, res, &user, &q).await?;
             let (h, b) = body_bytes(st, req).await?;
             let obj = parse_body(&h, b).await?;
             node_authz::admit_create(&user, res.group, res.plural, &obj)?;
-            let created = api.create(res, ns, obj, &write_opts(&q)).await?;
+            let created = api.create(res, ns, obj, &opts).await?;
             Ok(json_response(StatusCode::CREATED, &created))
         }
         (&Method::DELETE, None, None) => {
@@ -346,11 +361,14 @@ async fn resource(st: &Arc<AppState>, t: Target, req: Request<Body>) -> ApiResul
             if sub == Some("status") && !res.has_status() {
                 return Err(ApiError::not_found_path());
             }
+            let user = req.extensions().get::<UserInfo>().cloned().unwrap_or_default();
+            let opts = guarded_write_opts(st, res, &user, &q).await?;
             let (h, b) = body_bytes(st, req).await?;
             let obj = parse_body(&h, b).await?;
-            Ok(ok(&api.update(res, ns, name, obj, sub, &write_opts(&q)).await?))
+            Ok(ok(&api.update(res, ns, name, obj, sub, &opts).await?))
         }
         (&Method::PATCH, Some(name), None | Some("status")) => {
+            let user = req.extensions().get::<UserInfo>().cloned().unwrap_or_default();
             let sub = t.sub.as_deref();
             if sub == Some("status") && !res.has_status() {
                 return Err(ApiError::not_found_path());
@@ -360,7 +378,8 @@ async fn resource(st: &Arc<AppState>, t: Target, req: Request<Body>) -> ApiResul
             let pt = PatchType::from_content_type(ct).ok_or_else(|| {
                 ApiError::unsupported_media(format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct})"))
             })?;
-            Ok(ok(&api.patch(res, ns, name, pt, &b, sub, &write_opts(&q)).await?))
+            let opts = guarded_write_opts(st, res, &user, &q).await?;
+            Ok(ok(&api.patch(res, ns, name, pt, &b, sub, &opts).await?))
         }
         (&Method::DELETE, Some(name), None) => {
             let (_, b) = body_bytes(st, req).await?;

@@ -15,6 +15,7 @@ pub mod authz;
 pub mod bootstrap_policy;
 pub mod defaults;
 pub mod discovery;
+pub mod escalation;
 pub mod gc;
 pub mod handlers;
 pub mod limits;

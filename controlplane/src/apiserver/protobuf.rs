@@ -37,7 +37,7 @@ const CONTAINER: &[F] = &[(1, "name", T::Str), (2, "image", T::Str), (3, "comman
 const POD_SPEC: &[F] = &[(2, "containers", T::RepMsg(CONTAINER)), (3, "restartPolicy", T::Str), (6, "dnsPolicy", T::Str),
     (7, "nodeSelector", T::MapStr), (8, "serviceAccountName", T::Str), (10, "nodeName", T::Str)];
 const TEMPLATE: &[F] = &[(1, "metadata", T::Msg(META)), (2, "spec", T::Msg(POD_SPEC))];
-const SELECTOR: &[F] = &[(1, "matchLabels", T::MapStr)];
+const SELECTOR: &[F] = &[(1, "matchLabels", T::MapStr), (2, "matchExpressions", T::RepMsg(SELECTOR_REQ))];
 const DEPLOY_SPEC: &[F] = &[(1, "replicas", T::Int), (2, "selector", T::Msg(SELECTOR)), (3, "template", T::Msg(TEMPLATE))];
 const SPORT: &[F] = &[(1, "name", T::Str), (2, "protocol", T::Str), (3, "port", T::Int), (4, "targetPort", T::IntOrStr), (5, "nodePort", T::Int)];
 const SVC_SPEC: &[F] = &[(1, "ports", T::RepMsg(SPORT)), (2, "selector", T::MapStr), (3, "clusterIP", T::Str), (4, "type", T::Str),
@@ -54,6 +54,14 @@ const SSAR_SPEC: &[F] = &[(1, "resourceAttributes", T::Msg(RES_ATTRS)), (2, "non
 const SAR_SPEC: &[F] = &[(1, "resourceAttributes", T::Msg(RES_ATTRS)), (2, "nonResourceAttributes", T::Msg(URL_ATTRS)),
     (3, "user", T::Str), (4, "groups", T::RepStr), (6, "uid", T::Str)];
 
+// rbac.authorization.k8s.io/v1 (`kubectl create role|clusterrole|rolebinding|clusterrolebinding`).
+const POLICY_RULE: &[F] = &[(1, "verbs", T::RepStr), (2, "apiGroups", T::RepStr), (3, "resources", T::RepStr),
+    (4, "resourceNames", T::RepStr), (5, "nonResourceURLs", T::RepStr)];
+const SELECTOR_REQ: &[F] = &[(1, "key", T::Str), (2, "operator", T::Str), (3, "values", T::RepStr)];
+const AGGREGATION: &[F] = &[(1, "clusterRoleSelectors", T::RepMsg(SELECTOR))];
+const SUBJECT: &[F] = &[(1, "kind", T::Str), (2, "apiGroup", T::Str), (3, "name", T::Str), (4, "namespace", T::Str)];
+const ROLE_REF: &[F] = &[(1, "apiGroup", T::Str), (2, "kind", T::Str), (3, "name", T::Str)];
+
 fn kind_schema(kind: &str) -> Option<&'static [F]> {
     Some(match kind {
         "Namespace" => &[(1, "metadata", T::Msg(META))],
@@ -68,6 +76,9 @@ fn kind_schema(kind: &str) -> Option<&'static [F]> {
         "SelfSubjectReview" => &[(1, "metadata", T::Msg(META))],
         "SelfSubjectAccessReview" => &[(1, "metadata", T::Msg(META)), (2, "spec", T::Msg(SSAR_SPEC))],
         "SubjectAccessReview" | "LocalSubjectAccessReview" => &[(1, "metadata", T::Msg(META)), (2, "spec", T::Msg(SAR_SPEC))],
+        "Role" => &[(1, "metadata", T::Msg(META)), (2, "rules", T::RepMsg(POLICY_RULE))],
+        "ClusterRole" => &[(1, "metadata", T::Msg(META)), (2, "rules", T::RepMsg(POLICY_RULE)), (3, "aggregationRule", T::Msg(AGGREGATION))],
+        "RoleBinding" | "ClusterRoleBinding" => &[(1, "metadata", T::Msg(META)), (2, "subjects", T::RepMsg(SUBJECT)), (3, "roleRef", T::Msg(ROLE_REF))],
         "SelfSubjectRulesReview" => &[(1, "metadata", T::Msg(META)), (2, "spec", T::Msg(&[(1, "namespace", T::Str)]))],
         _ => return None,
     })

@@ -94,6 +94,93 @@ impl Rule {
     }
 }
 
+/// One rule broken down to single verbs, groups, resources and names
+/// (upstream `BreakdownRule`), the unit the escalation check compares.
+fn breakdown(rule: &Rule) -> Vec<Rule> {
+    let one = |v: &str| vec![v.to_string()];
+    let mut out = Vec::new();
+    for group in &rule.api_groups {
+        for resource in &rule.resources {
+            for verb in &rule.verbs {
+                let base = Rule { verbs: one(verb), api_groups: one(group), resources: one(resource), ..Rule::default() };
+                if rule.resource_names.is_empty() {
+                    out.push(base);
+                } else {
+                    out.extend(rule.resource_names.iter().map(|n| Rule { resource_names: one(n), ..base.clone() }));
+                }
+            }
+        }
+    }
+    for url in &rule.non_resource_urls {
+        for verb in &rule.verbs {
+            out.push(Rule { verbs: one(verb), non_resource_urls: one(url), ..Rule::default() });
+        }
+    }
+    out
+}
+
+fn has_all(set: &[String], wanted: &[String]) -> bool {
+    wanted.iter().all(|w| set.contains(w))
+}
+
+/// upstream `resourceCoversAll`: `*`, the exact resource, or `*/sub` for a
+/// subresource.
+fn resources_cover(set: &[String], wanted: &[String]) -> bool {
+    if set.iter().any(|r| r == "*") {
+        return true;
+    }
+    wanted.iter().all(|path| {
+        set.contains(path) || path.split_once('/').is_some_and(|(_, sub)| set.iter().any(|r| r.strip_prefix("*/") == Some(sub)))
+    })
+}
+
+fn urls_cover(set: &[String], wanted: &[String]) -> bool {
+    wanted.iter().all(|path| {
+        set.iter().any(|owner| owner == path || owner.strip_suffix('*').is_some_and(|prefix| path.starts_with(prefix.trim_end_matches('*'))))
+    })
+}
+
+/// upstream `ruleCovers`: whether `owner` grants everything `sub` (one
+/// broken-down rule) does.
+fn rule_covers(owner: &Rule, sub: &Rule) -> bool {
+    let names = if sub.resource_names.is_empty() {
+        owner.resource_names.is_empty()
+    } else {
+        owner.resource_names.is_empty() || has_all(&owner.resource_names, &sub.resource_names)
+    };
+    (owner.verbs.iter().any(|v| v == "*") || has_all(&owner.verbs, &sub.verbs))
+        && (owner.api_groups.iter().any(|g| g == "*") || has_all(&owner.api_groups, &sub.api_groups))
+        && resources_cover(&owner.resources, &sub.resources)
+        && names
+        && urls_cover(&owner.non_resource_urls, &sub.non_resource_urls)
+}
+
+/// upstream `Covers`: the parts of `servant` that no rule of `owner`
+/// grants (empty when `owner` holds every permission `servant` would).
+pub fn uncovered(owner: &[Rule], servant: &[Rule]) -> Vec<Rule> {
+    servant.iter().flat_map(breakdown).filter(|sub| !owner.iter().any(|o| rule_covers(o, sub))).collect()
+}
+
+impl Rule {
+    /// upstream `PolicyRule.CompactString`, as escalation errors print rules.
+    pub fn compact_string(&self) -> String {
+        let list = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(" ");
+        let mut parts = Vec::new();
+        for (label, v) in [
+            ("APIGroups", &self.api_groups),
+            ("Resources", &self.resources),
+            ("ResourceNames", &self.resource_names),
+            ("NonResourceURLs", &self.non_resource_urls),
+            ("Verbs", &self.verbs),
+        ] {
+            if !v.is_empty() || (label == "APIGroups" && !self.resources.is_empty()) {
+                parts.push(format!("{label}:[{}]", list(v)));
+            }
+        }
+        format!("{{{}}}", parts.join(", "))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Subject {
     kind: String,
@@ -226,6 +313,18 @@ impl Policy {
             .into_iter()
             .flatten();
         cluster.chain(local).filter(|b| b.applies_to(&a.user)).any(|b| self.role_rules(b).iter().any(|r| r.allows(a)))
+    }
+
+    /// The rules a binding's `roleRef` grants in `namespace` (empty for a
+    /// RoleBinding's ClusterRole outside it), `None` when the role does not
+    /// exist.
+    pub fn role_ref_rules(&self, kind: &str, name: &str, namespace: &str) -> Option<&[Rule]> {
+        match kind {
+            "ClusterRole" => self.cluster_roles.get(name),
+            "Role" => self.roles.get(&(namespace.to_string(), name.to_string())),
+            _ => None,
+        }
+        .map(Vec::as_slice)
     }
 
     /// The rules that apply to `user` in `namespace` (SelfSubjectRulesReview).
@@ -397,6 +496,29 @@ mod tests {
         let u = user("agg-user", &[]);
         assert!(p.allows(&req(&u, "delete", "any", "", "secrets", "", "s")));
         assert!(!p.allows(&req(&u, "get", "any", "", "pods", "", "s")));
+    }
+
+    fn rule(verbs: &[&str], groups: &[&str], resources: &[&str], names: &[&str]) -> Rule {
+        let v = |x: &[&str]| x.iter().map(|s| (*s).to_string()).collect();
+        Rule { verbs: v(verbs), api_groups: v(groups), resources: v(resources), resource_names: v(names), non_resource_urls: vec![] }
+    }
+
+    #[test]
+    fn coverage_follows_upstream_policy_comparator() {
+        let owner = [rule(&["get", "list"], &[""], &["pods", "*/status"], &[]), rule(&["*"], &["apps"], &["deployments"], &["web"])];
+        assert!(uncovered(&owner, &[rule(&["get"], &[""], &["pods"], &[])]).is_empty());
+        assert!(uncovered(&owner, &[rule(&["get"], &[""], &["pods"], &["one"])]).is_empty(), "all names cover one");
+        assert!(uncovered(&owner, &[rule(&["list"], &[""], &["services/status"], &[])]).is_empty(), "*/status");
+        assert!(uncovered(&owner, &[rule(&["delete"], &["apps"], &["deployments"], &["web"])]).is_empty());
+        let missing = uncovered(&owner, &[rule(&["get", "delete"], &[""], &["pods"], &[])]);
+        assert_eq!(missing, vec![rule(&["delete"], &[""], &["pods"], &[])]);
+        assert_eq!(missing[0].compact_string(), r#"{APIGroups:[""], Resources:["pods"], Verbs:["delete"]}"#);
+        assert_eq!(uncovered(&owner, &[rule(&["get"], &["apps"], &["deployments"], &[])]).len(), 1, "one name does not cover all");
+        assert_eq!(uncovered(&owner, &[rule(&["get"], &["*"], &["pods"], &[])]).len(), 1, "a wildcard needs a wildcard");
+        let urls = [Rule { verbs: vec!["get".into()], non_resource_urls: vec!["/healthz/*".into()], ..Rule::default() }];
+        let want = |u: &str| [Rule { verbs: vec!["get".into()], non_resource_urls: vec![u.into()], ..Rule::default() }];
+        assert!(uncovered(&urls, &want("/healthz/etcd")).is_empty());
+        assert_eq!(uncovered(&urls, &want("/metrics")).len(), 1);
     }
 
     #[test]

@@ -138,12 +138,17 @@ impl TestServer {
     }
 
     pub async fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+        self.kubectl_with(&self.kubeconfig(), args, stdin).await
+    }
+
+    /// Run kubectl with another identity's `kubeconfig`.
+    pub async fn kubectl_with(&self, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
         use tokio::io::AsyncWriteExt;
         let mut cmd = tokio::process::Command::new("kubectl");
         cmd.args(args)
             .arg("--cache-dir")
             .arg(self.cache.path())
-            .env("KUBECONFIG", self.kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .env("HOME", self.cache.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
