@@ -44,7 +44,14 @@ use riptide_common::{
 };
 
 /// tc ingress on the host side of a pod's veth: every packet the pod sends.
+///
+/// Each tc entry's body is inlined into the entry aya's macro wraps it in:
+/// 6.1's verifier (`check_max_stack_depth`) counts every frame of a
+/// BPF-to-BPF call chain, even an empty one, as at least 32 of the 512
+/// bytes of stack the chain may use, and the reject path (body →
+/// `tcp_rst`) has none to spare.
 #[classifier]
+#[inline(always)]
 pub fn rt_from_pod(ctx: TcContext) -> i32 {
     match pod::try_from_pod(&ctx) {
         Ok(verdict) => verdict,
@@ -61,6 +68,7 @@ pub fn rt_from_pod(ctx: TcContext) -> i32 {
 
 /// tc ingress on the node uplink: traffic arriving from other nodes/outside.
 #[classifier]
+#[inline(always)]
 pub fn rt_from_net(ctx: TcContext) -> i32 {
     match uplink::try_from_net(&ctx) {
         Ok(verdict) => verdict,
@@ -77,6 +85,7 @@ pub fn rt_from_net(ctx: TcContext) -> i32 {
 
 /// tc egress on the node uplink: SNAT, reverse DNAT, masquerade.
 #[classifier]
+#[inline(always)]
 pub fn rt_to_net(ctx: TcContext) -> i32 {
     match uplink::try_to_net(&ctx) {
         Ok(verdict) => verdict,
@@ -94,6 +103,7 @@ pub fn rt_to_net(ctx: TcContext) -> i32 {
 /// into the pod (ingress NetworkPolicy for flows that were not delivered
 /// with `bpf_redirect_peer`).
 #[classifier]
+#[inline(always)]
 pub fn rt_to_pod(ctx: TcContext) -> i32 {
     match to_pod::try_to_pod(&ctx) {
         Ok(verdict) => verdict,
