@@ -82,10 +82,12 @@ pub const RESOURCES: &[Resource] = &[
     Resource { group: "discovery.k8s.io", version: "v1", plural: "endpointslices", singular: "endpointslice", kind: "EndpointSlice", namespaced: true, short_names: &[], categories: &[], subresources: &[] },
     Resource { group: "coordination.k8s.io", version: "v1", plural: "leases", singular: "lease", kind: "Lease", namespaced: true, short_names: &[], categories: &[], subresources: &[] },
     Resource { group: "networking.k8s.io", version: "v1", plural: "networkpolicies", singular: "networkpolicy", kind: "NetworkPolicy", namespaced: true, short_names: &["netpol"], categories: &[], subresources: &[] },
-    // DaemonSets are stored only (no controller runs them): what CNI/agent
-    // installers apply (`kubectl apply -f manifests/riptide.yaml`) must be
-    // accepted as objects. The RBAC kinds are what the authorizer evaluates.
+    // DaemonSets run through `controllers/daemonset.rs`, which keeps their
+    // template history in ControllerRevisions (what `kubectl rollout
+    // history|undo daemonset` reads). The RBAC kinds are what the
+    // authorizer evaluates.
     Resource { group: "apps", version: "v1", plural: "daemonsets", singular: "daemonset", kind: "DaemonSet", namespaced: true, short_names: &["ds"], categories: ALL, subresources: &["status"] },
+    Resource { group: "apps", version: "v1", plural: "controllerrevisions", singular: "controllerrevision", kind: "ControllerRevision", namespaced: true, short_names: &[], categories: &[], subresources: &[] },
     Resource { group: "rbac.authorization.k8s.io", version: "v1", plural: "clusterroles", singular: "clusterrole", kind: "ClusterRole", namespaced: false, short_names: &[], categories: &[], subresources: &[] },
     Resource { group: "rbac.authorization.k8s.io", version: "v1", plural: "clusterrolebindings", singular: "clusterrolebinding", kind: "ClusterRoleBinding", namespaced: false, short_names: &[], categories: &[], subresources: &[] },
     Resource { group: "rbac.authorization.k8s.io", version: "v1", plural: "roles", singular: "role", kind: "Role", namespaced: true, short_names: &[], categories: &[], subresources: &[] },

@@ -75,7 +75,7 @@ pub fn cluster_roles() -> Vec<Value> {
         cluster_role("system:aggregate-to-view", &[(AGG_VIEW, "true")], vec![
             rule(&[""], &["pods", "services", "services/status", "endpoints", "configmaps", "serviceaccounts"], RO),
             rule(&[""], &["events", "pods/status", "pods/log", "namespaces", "namespaces/status"], RO),
-            rule(&["apps"], &["daemonsets", "daemonsets/status", "deployments", "deployments/scale", "deployments/status", "replicasets", "replicasets/scale", "replicasets/status"], RO),
+            rule(&["apps"], &["controllerrevisions", "daemonsets", "daemonsets/status", "deployments", "deployments/scale", "deployments/status", "replicasets", "replicasets/scale", "replicasets/status"], RO),
             rule(&["discovery.k8s.io"], &["endpointslices"], RO),
             rule(&["networking.k8s.io"], &["networkpolicies"], RO),
         ]),
@@ -107,7 +107,7 @@ pub fn cluster_roles() -> Vec<Value> {
             rule(&[""], &["pods", "endpoints", "services", "configmaps", "secrets", "serviceaccounts", "namespaces", "nodes"], RW),
             rule(&[""], &["pods/status", "services/status", "nodes/status", "namespaces/status", "namespaces/finalize"], &["get", "update", "patch"]),
             rule(&[""], &["serviceaccounts/token"], &["create"]),
-            rule(&["apps"], &["deployments", "replicasets", "daemonsets"], RW),
+            rule(&["apps"], &["deployments", "replicasets", "daemonsets", "controllerrevisions"], RW),
             rule(&["apps"], &["deployments/status", "replicasets/status", "daemonsets/status", "deployments/scale", "replicasets/scale"], &["get", "update", "patch"]),
             rule(&["discovery.k8s.io"], &["endpointslices"], RW),
             rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),

@@ -55,6 +55,10 @@ fn columns(kind: &str) -> Vec<Col> {
         "ServiceAccount" => vec![name, ("Secrets", "integer", 0), age],
         "Lease" => vec![name, ("Holder", "string", 0), age],
         "NetworkPolicy" => vec![name, ("Pod-Selector", "string", 0), age],
+        "DaemonSet" => vec![name, ("Desired", "integer", 0), ("Current", "integer", 0), ("Ready", "integer", 0),
+            ("Up-to-date", "integer", 0), ("Available", "integer", 0), ("Node Selector", "string", 0), age,
+            ("Containers", "string", 1), ("Images", "string", 1), ("Selector", "string", 1)],
+        "ControllerRevision" => vec![name, ("Controller", "string", 0), ("Revision", "integer", 0), age],
         _ => vec![name, age],
     }
 }
@@ -78,6 +82,22 @@ fn pod_status(p: &Value) -> String {
     let mut reason = str_at(p, "/status/reason").to_string();
     if reason.is_empty() {
         reason = str_at(p, "/status/phase").to_string();
+    }
+    // upstream printPod: the first init container not done names the state.
+    let inits = arr(p, "/status/initContainerStatuses");
+    let total = arr(p, "/spec/initContainers").len();
+    for (i, cs) in inits.iter().enumerate() {
+        let term = cs.pointer("/state/terminated");
+        let waiting = cs.pointer("/state/waiting/reason").and_then(Value::as_str).filter(|r| !r.is_empty() && *r != "PodInitializing");
+        reason = match (term, waiting) {
+            (Some(t), _) if int(t, "/exitCode") == 0 => continue,
+            (Some(t), _) if !str_at(t, "/reason").is_empty() => format!("Init:{}", str_at(t, "/reason")),
+            (Some(t), _) if int(t, "/signal") != 0 => format!("Init:Signal:{}", int(t, "/signal")),
+            (Some(t), _) => format!("Init:ExitCode:{}", int(t, "/exitCode")),
+            (None, Some(w)) => format!("Init:{w}"),
+            (None, None) => format!("Init:{i}/{total}"),
+        };
+        return reason;
     }
     for cs in arr(p, "/status/containerStatuses") {
         if let Some(r) = cs.pointer("/state/waiting/reason").and_then(Value::as_str) {
@@ -218,6 +238,26 @@ fn cells(kind: &str, o: &Value) -> Vec<Value> {
         "NetworkPolicy" => {
             let s = selector_string(o.pointer("/spec/podSelector"));
             vec![name, json!(if s.is_empty() { "<none>".into() } else { s }), json!(age(o))]
+        }
+        "DaemonSet" => {
+            let (c, i) = containers_images(o.pointer("/spec/template/spec").unwrap_or(&Value::Null));
+            let node_sel: Vec<String> = o
+                .pointer("/spec/template/spec/nodeSelector")
+                .and_then(Value::as_object)
+                .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect())
+                .unwrap_or_default();
+            vec![name, json!(int(o, "/status/desiredNumberScheduled")), json!(int(o, "/status/currentNumberScheduled")),
+                json!(int(o, "/status/numberReady")), json!(int(o, "/status/updatedNumberScheduled")),
+                json!(int(o, "/status/numberAvailable")), json!(or_none(node_sel.join(","))), json!(age(o)),
+                json!(c), json!(i), json!(selector_string(o.pointer("/spec/selector")))]
+        }
+        "ControllerRevision" => {
+            let owner = arr(o, "/metadata/ownerReferences").iter().find(|r| r.get("controller") == Some(&json!(true))).map(|r| {
+                let group = str_at(r, "/apiVersion").split_once('/').map(|(g, _)| g).unwrap_or("");
+                let kind = str_at(r, "/kind").to_lowercase();
+                if group.is_empty() { format!("{kind}/{}", str_at(r, "/name")) } else { format!("{kind}.{group}/{}", str_at(r, "/name")) }
+            });
+            vec![name, json!(or_none(owner.unwrap_or_default())), json!(int(o, "/revision")), json!(age(o))]
         }
         _ => vec![name, json!(age(o))],
     }

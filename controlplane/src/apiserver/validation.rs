@@ -41,6 +41,7 @@ pub fn typed_check(res: &Resource, obj: &Value) -> Result<Vec<String>, ApiError>
         "Lease" => rt!(api::coordination::v1::Lease),
         "NetworkPolicy" => rt!(api::networking::v1::NetworkPolicy),
         "DaemonSet" => rt!(api::apps::v1::DaemonSet),
+        "ControllerRevision" => rt!(api::apps::v1::ControllerRevision),
         "ClusterRole" => rt!(api::rbac::v1::ClusterRole),
         "ClusterRoleBinding" => rt!(api::rbac::v1::ClusterRoleBinding),
         "Role" => rt!(api::rbac::v1::Role),

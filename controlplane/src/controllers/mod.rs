@@ -1,5 +1,5 @@
 //! The controllers of kube-controller-manager that riptide needs:
-//! Deployment, ReplicaSet, EndpointSlice (+ legacy Endpoints), node IPAM
+//! Deployment, ReplicaSet, DaemonSet, EndpointSlice (+ legacy Endpoints), node IPAM
 //! and node lifecycle. Each is a level-triggered loop over kube-rs
 //! reflector caches: any watch event (or a periodic resync) wakes the loop,
 //! which reconciles every object of its kind from the caches. That is
@@ -7,6 +7,7 @@
 //! and it makes every loop idempotent and restart-safe by construction.
 //! Only the API is used (kube-rs), so they run against any apiserver.
 
+pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
 pub mod events;
@@ -20,7 +21,7 @@ pub mod util;
 use std::time::Duration;
 
 use k8s_openapi::api::{
-    apps::v1::{Deployment, ReplicaSet},
+    apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet},
     coordination::v1::Lease,
     core::v1::{ConfigMap, Endpoints, Node, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -62,9 +63,10 @@ pub async fn run(client: Client, cfg: Config) -> Result<(), Error> {
     nodeipam::check_cluster_cidr(cfg.cluster_cidr)?;
     let cidr = cfg.cluster_cidr;
     let (w_rs, w_dep, w_ep, w_node, w_lb) = (Wake::default(), Wake::default(), Wake::default(), Wake::default(), Wake::default());
+    let w_ds = Wake::default();
     let recorder = events::Recorder::new(client.clone(), "riptide-controller-manager", None);
     let wc = watcher::Config::default;
-    let pods = reflect(Api::<Pod>::all(client.clone()), wc(), vec![w_rs.clone(), w_dep.clone(), w_ep.clone(), w_node.clone()]).await;
+    let pods = reflect(Api::<Pod>::all(client.clone()), wc(), vec![w_rs.clone(), w_dep.clone(), w_ep.clone(), w_node.clone(), w_ds.clone()]).await;
     let sets = reflect(Api::<ReplicaSet>::all(client.clone()), wc(), vec![w_rs.clone(), w_dep.clone()]).await;
     let deployments = reflect(Api::<Deployment>::all(client.clone()), wc(), vec![w_dep.clone()]).await;
     let services = reflect(Api::<Service>::all(client.clone()), wc(), vec![w_ep.clone(), w_lb.clone()]).await;
@@ -72,7 +74,9 @@ pub async fn run(client: Client, cfg: Config) -> Result<(), Error> {
     let lb_pools = reflect(Api::<ConfigMap>::namespaced(client.clone(), lbipam::POOLS_NAMESPACE), lb_pools_cfg, vec![w_lb.clone()]).await;
     let slices = reflect(Api::<EndpointSlice>::all(client.clone()), wc(), vec![w_ep.clone()]).await;
     let eps = reflect(Api::<Endpoints>::all(client.clone()), wc(), vec![w_ep.clone()]).await;
-    let nodes = reflect(Api::<Node>::all(client.clone()), wc(), vec![w_node.clone()]).await;
+    let nodes = reflect(Api::<Node>::all(client.clone()), wc(), vec![w_node.clone(), w_ds.clone()]).await;
+    let daemonsets = reflect(Api::<DaemonSet>::all(client.clone()), wc(), vec![w_ds.clone()]).await;
+    let revisions = reflect(Api::<ControllerRevision>::all(client.clone()), wc(), vec![w_ds.clone()]).await;
     let leases = reflect(Api::<Lease>::namespaced(client.clone(), "kube-node-lease"), wc(), vec![w_node.clone()]).await;
     tracing::info!("controllers: caches synced");
 
@@ -80,6 +84,7 @@ pub async fn run(client: Client, cfg: Config) -> Result<(), Error> {
     let dep_ctx = deployment::Ctx { client: client.clone(), deployments, sets, pods: pods.clone(), recorder: recorder.clone() };
     let lb_ctx = lbipam::Ctx { client: client.clone(), services: services.clone(), pools: lb_pools, recorder: recorder.clone(), told: Default::default() };
     let ep_ctx = endpoints::Ctx { client: client.clone(), services, pods: pods.clone(), slices, endpoints: eps };
+    let ds_ctx = daemonset::Ctx::new(client.clone(), daemonsets, pods.clone(), nodes.clone(), revisions, recorder.clone());
     let ipam_ctx = nodeipam::Ctx { client: client.clone(), nodes: nodes.clone(), cidr, recorder: recorder.clone() };
     let life_ctx = nodelifecycle::Ctx { client, nodes, leases, pods, recorder, grace: cfg.node_monitor_grace };
     let resync = cfg.resync;
@@ -105,6 +110,13 @@ pub async fn run(client: Client, cfg: Config) -> Result<(), Error> {
             next_pass(&mut rx, resync).await;
         }
     };
+    let ds_loop = async move {
+        let mut rx = w_ds.subscribe();
+        loop {
+            daemonset::reconcile_all(&ds_ctx).await;
+            next_pass(&mut rx, resync).await;
+        }
+    };
     let node_loop = async move {
         let mut rx = w_node.subscribe();
         loop {
@@ -122,6 +134,6 @@ pub async fn run(client: Client, cfg: Config) -> Result<(), Error> {
             next_pass(&mut rx, resync).await;
         }
     };
-    tokio::join!(rs_loop, dep_loop, ep_loop, node_loop, lb_loop);
+    tokio::join!(rs_loop, dep_loop, ep_loop, node_loop, lb_loop, ds_loop);
     Ok(())
 }

@@ -31,7 +31,7 @@ pub struct Expectations {
 
 impl Expectations {
     /// True when the cache is believed to reflect our last writes.
-    fn satisfied(&self, uid: &str, observed_total: i32) -> bool {
+    pub fn satisfied(&self, uid: &str, observed_total: i32) -> bool {
         let Ok(mut m) = self.pending.lock() else { return true };
         match m.get(uid) {
             Some((want, at)) if *want != observed_total && at.elapsed() < Duration::from_secs(15) => false,
@@ -41,7 +41,7 @@ impl Expectations {
             }
         }
     }
-    fn expect(&self, uid: &str, total: i32) {
+    pub fn expect(&self, uid: &str, total: i32) {
         if let Ok(mut m) = self.pending.lock() {
             m.insert(uid.to_string(), (total, Instant::now()));
         }
