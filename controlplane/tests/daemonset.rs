@@ -488,3 +488,31 @@ async fn on_delete_min_ready_and_history_limit() {
     assert!(trimmed, "history not trimmed: {:?}", c.revisions("od").await);
     c.stop().await;
 }
+
+/// The user's install path as far as the control plane goes: the real
+/// `manifests/riptide.yaml` puts one agent pod on every node, NotReady
+/// ones included (they stay NotReady until the agent installs the CNI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifest_agent_lands_on_every_node() {
+    let c = Cluster::start(Duration::from_millis(200)).await;
+    c.node("n1", json!({}), json!([]), true).await;
+    c.node("n2", json!({}), json!([{"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"},
+                                   {"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"}]), false).await;
+    c.node("n3", json!({}), json!([{"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]), true).await;
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/riptide.yaml");
+    c.srv.kubectl_ok(&["apply", "-f", manifest.to_str().unwrap()]).await;
+    let api: Api<Pod> = Api::namespaced(c.client.clone(), "riptide-system");
+    let lp = ListParams::default().labels("app.kubernetes.io/name=riptide-agent");
+    let ok = eventually(30, || async {
+        let nodes: BTreeSet<String> =
+            api.list(&lp).await.unwrap().into_iter().filter_map(|p| p.spec.and_then(|s| s.node_name)).collect();
+        nodes.into_iter().collect::<Vec<_>>() == ["n1", "n2", "n3"]
+    })
+    .await;
+    let pods: Vec<String> = api.list(&lp).await.unwrap().into_iter().map(|p| format!("{} on {:?}", p.name_any(), p.spec.and_then(|s| s.node_name))).collect();
+    assert!(ok, "agent pods: {pods:?}");
+    let out = c.srv.kubectl_ok(&["-n", "riptide-system", "get", "ds", "riptide-agent", "--no-headers"]).await;
+    assert!(out.starts_with("riptide-agent"), "{out}");
+    assert_eq!(out.split_whitespace().nth(1), Some("3"), "desired: {out}");
+    c.stop().await;
+}
