@@ -516,3 +516,18 @@ async fn manifest_agent_lands_on_every_node() {
     assert_eq!(out.split_whitespace().nth(1), Some("3"), "desired: {out}");
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_update_strategies_are_refused() {
+    let srv = TestServer::start(Backend::Embedded).await;
+    let stuck = daemonset("stuck", "  updateStrategy:\n    type: RollingUpdate\n    rollingUpdate:\n      maxUnavailable: 0", "");
+    let (ok, out, err) = srv.kubectl_stdin(&["apply", "-f", "-"], Some(&stuck)).await;
+    assert!(!ok && err.contains("may not be 0 when `maxSurge` is 0"), "{out}{err}");
+    let never = daemonset("never", "", "      restartPolicy: Never");
+    let (ok, out, err) = srv.kubectl_stdin(&["apply", "-f", "-"], Some(&never)).await;
+    assert!(!ok && err.contains("spec.template.spec.restartPolicy"), "{out}{err}");
+    let surge = daemonset("surge", "  updateStrategy:\n    rollingUpdate:\n      maxUnavailable: 0\n      maxSurge: 10%", "");
+    let (ok, out, err) = srv.kubectl_stdin(&["apply", "-f", "-"], Some(&surge)).await;
+    assert!(ok, "{out}{err}");
+    srv.shutdown().await;
+}

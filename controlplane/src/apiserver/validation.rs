@@ -223,6 +223,31 @@ fn validate_workload(obj: &Value, causes: &mut Vec<Cause>) {
     validate_pod_spec(obj.pointer("/spec/template/spec"), "spec.template.spec", causes);
 }
 
+/// `ValidateDaemonSetSpec`: a known update strategy, a rolling update that
+/// can make progress, pods that always restart.
+fn validate_daemonset(obj: &Value, causes: &mut Vec<Cause>) {
+    let ty = obj.pointer("/spec/updateStrategy/type").and_then(Value::as_str).unwrap_or("RollingUpdate");
+    if !["RollingUpdate", "OnDelete"].contains(&ty) {
+        causes.push(Cause::not_supported("spec.updateStrategy.type", ty, &["OnDelete", "RollingUpdate"]));
+    }
+    let zero = |ptr: &str| match obj.pointer(ptr) {
+        None | Some(Value::Null) => ptr.ends_with("maxSurge"),
+        Some(Value::Number(n)) => n.as_i64() == Some(0),
+        Some(Value::String(s)) => s == "0" || s == "0%",
+        Some(_) => false,
+    };
+    if ty == "RollingUpdate"
+        && zero("/spec/updateStrategy/rollingUpdate/maxUnavailable")
+        && zero("/spec/updateStrategy/rollingUpdate/maxSurge")
+    {
+        causes.push(Cause::invalid("spec.updateStrategy.rollingUpdate.maxUnavailable", 0, "may not be 0 when `maxSurge` is 0"));
+    }
+    let restart = obj.pointer("/spec/template/spec/restartPolicy").and_then(Value::as_str).unwrap_or("Always");
+    if restart != "Always" {
+        causes.push(Cause::not_supported("spec.template.spec.restartPolicy", restart, &["Always"]));
+    }
+}
+
 fn validate_service(obj: &Value, causes: &mut Vec<Cause>) {
     let ty = obj.pointer("/spec/type").and_then(Value::as_str).unwrap_or("ClusterIP");
     const TYPES: &[&str] = &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
@@ -287,7 +312,17 @@ pub fn validate(res: &Resource, obj: &Value) -> Result<(), ApiError> {
     validate_meta(res, obj, &mut causes);
     match res.kind {
         "Pod" => validate_pod_spec(obj.get("spec"), "spec", &mut causes),
-        "Deployment" | "ReplicaSet" | "DaemonSet" => validate_workload(obj, &mut causes),
+        "Deployment" | "ReplicaSet" => validate_workload(obj, &mut causes),
+        "DaemonSet" => {
+            validate_workload(obj, &mut causes);
+            validate_daemonset(obj, &mut causes);
+        }
+        "ControllerRevision" => {
+            let rev = obj.get("revision").and_then(Value::as_i64).unwrap_or(0);
+            if rev < 0 {
+                causes.push(Cause::invalid("revision", rev, "must be greater than or equal to 0"));
+            }
+        }
         "Service" => validate_service(obj, &mut causes),
         "EndpointSlice" => {
             let at = obj.get("addressType").and_then(Value::as_str).unwrap_or("");
