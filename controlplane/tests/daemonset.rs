@@ -531,3 +531,52 @@ async fn invalid_update_strategies_are_refused() {
     assert!(ok, "{out}{err}");
     srv.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_adopted_and_failed_pods_replaced() {
+    let c = Cluster::start(Duration::from_millis(200)).await;
+    for n in ["n1", "n2"] {
+        c.node(n, json!({}), json!([]), true).await;
+    }
+    c.apply(&daemonset("adopt", "", "")).await;
+    c.expect_nodes("adopt", &["n1", "n2"]).await;
+    let names = |m: BTreeMap<String, Vec<Pod>>| m.into_values().flatten().map(|p| p.name_any()).collect::<BTreeSet<_>>();
+    let before = names(c.pods_by_node("adopt").await);
+    let revs = c.revisions("adopt").await;
+
+    // Orphaned pods and revisions are taken back by a new DaemonSet with
+    // the same selector: no pod is recreated, no revision added.
+    c.srv.kubectl_ok(&["delete", "ds", "adopt", "--cascade=orphan"]).await;
+    let orphaned = eventually(20, || async {
+        let pods = c.pods_by_node("adopt").await;
+        pods.values().flatten().all(|p| p.owner_references().is_empty()) && pods.len() == 2
+    })
+    .await;
+    assert!(orphaned, "pods were not orphaned");
+    c.apply(&daemonset("adopt", "", "")).await;
+    let uid = c.ds("adopt").await.uid().unwrap();
+    let adopted = eventually(20, || async {
+        c.pods_by_node("adopt").await.values().flatten().all(|p| p.owner_references().iter().any(|o| o.uid == uid))
+    })
+    .await;
+    assert!(adopted, "orphans not adopted");
+    c.expect_status("adopt", json!({"desiredNumberScheduled": 2, "currentNumberScheduled": 2, "updatedNumberScheduled": 2})).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(names(c.pods_by_node("adopt").await), before, "adoption recreated pods");
+    assert_eq!(c.revisions("adopt").await, revs);
+
+    // A pod the kubelet reports Failed is deleted and replaced.
+    let failed = c.pods_by_node("adopt").await.remove("n1").unwrap().remove(0).name_any();
+    Api::<Pod>::namespaced(c.client.clone(), NS)
+        .patch_status(&failed, &PatchParams::default(), &Patch::Merge(&json!({"status": {"phase": "Failed"}})))
+        .await
+        .unwrap();
+    let replaced = eventually(30, || async {
+        c.pods_by_node("adopt").await.get("n1").is_some_and(|p| p.len() == 1 && p[0].name_any() != failed)
+    })
+    .await;
+    assert!(replaced, "failed pod {failed} not replaced: {:?}", names(c.pods_by_node("adopt").await));
+    let events = c.srv.kubectl_ok(&["get", "events", "-o", "jsonpath={.items[*].reason}"]).await;
+    assert!(events.split_whitespace().any(|r| r == "FailedDaemonPod"), "no FailedDaemonPod event: {events}");
+    c.stop().await;
+}
