@@ -87,6 +87,16 @@ impl LabConfig {
     pub fn outside_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(198, 18, self.subnet, 100)
     }
+    /// Addresses Services may take as `externalIPs` (the apiserver's
+    /// `--service-external-ip-cidrs`): .200-.207 of the underlay.
+    pub fn external_ip_cidr(&self) -> String {
+        format!("198.18.{}.200/29", self.subnet)
+    }
+    /// The default LoadBalancer pool (`kube-system/riptide-lb-pools`):
+    /// .208-.223 of the underlay, answered by ARP from one node each.
+    pub fn lb_pool(&self) -> String {
+        format!("198.18.{0}.208-198.18.{0}.223", self.subnet)
+    }
     /// The root namespace's address on the lab (where the control plane listens).
     pub fn host_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(198, 18, self.subnet, 1)
@@ -187,6 +197,9 @@ pub struct Lab {
     /// Labels started so far: a label started again (a restarted agent)
     /// appends to its log instead of truncating it.
     started: BTreeSet<String>,
+    /// `--service-external-ip-cidrs` of the next control-plane start
+    /// (`None`: [`LabConfig::external_ip_cidr`]).
+    external_ip_cidrs: Option<String>,
     down: bool,
 }
 
@@ -210,6 +223,7 @@ impl Lab {
             net,
             procs: Vec::new(),
             started: BTreeSet::new(),
+            external_ip_cidrs: None,
             down: false,
         };
         lab.save_state()?;
@@ -376,6 +390,18 @@ impl Lab {
         self.start_apiserver_as("control-plane")
     }
 
+    /// Stops the control plane (SIGTERM) and starts it again on the same
+    /// state with `--service-external-ip-cidrs` = `cidrs` (e.g. to store
+    /// what admission refuses by default). Kubelets and agents reconnect.
+    pub fn restart_control_plane_allowing_external_ips(&mut self, cidrs: &str) -> Result<()> {
+        let pos = self.procs.iter().position(|p| p.label == "apiserver").context("the control plane is not running")?;
+        let mut p = self.procs.remove(pos);
+        signal(p.child.id(), libc::SIGTERM);
+        p.child.wait().context("waiting for the control plane to stop")?;
+        self.external_ip_cidrs = Some(cidrs.to_owned());
+        self.start_control_plane().map(|_| ())
+    }
+
     /// Starts only the apiserver (no controllers), like `start_control_plane`.
     pub fn start_apiserver(&mut self) -> Result<PathBuf> {
         self.start_apiserver_as("apiserver")
@@ -389,13 +415,32 @@ impl Lab {
             .arg("--data-dir")
             .arg(c.state_dir.join("controlplane"))
             .args(["--tls-san", &c.host_ip().to_string(), "--advertise-url", &url])
+            .args(["--service-external-ip-cidrs", self.external_ip_cidrs.as_deref().unwrap_or(&c.external_ip_cidr())])
             .arg("--kubeconfig")
             .arg(c.kubeconfig())
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         let _ = std::fs::remove_file(c.kubeconfig());
         self.spawn("apiserver", cmd)?;
         self.wait_for_apiserver()?;
+        self.apply_lb_pool()?;
         Ok(c.kubeconfig())
+    }
+
+    /// The default LoadBalancer pool on the underlay, so `type:
+    /// LoadBalancer` works from the outside namespace as on a LAN.
+    fn apply_lb_pool(&self) -> Result<()> {
+        let cm = serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "riptide-lb-pools", "namespace": "kube-system"},
+            "data": {"default": self.cfg.lb_pool()},
+        });
+        let path = self.cfg.state_dir.join("lb-pools.json");
+        std::fs::write(&path, cm.to_string()).with_context(|| format!("writing {}", path.display()))?;
+        let out = self.kubectl().arg("apply").arg("-f").arg(&path).output().context("running kubectl")?;
+        if !out.status.success() {
+            bail!("applying the LoadBalancer pool: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
     }
 
     fn wait_for_apiserver(&mut self) -> Result<()> {
@@ -445,6 +490,8 @@ impl Lab {
             .arg("--cgroup")
             .arg(c.node_cgroup(i))
             .args(["--uplink", "eth0"])
+            // The node's own lab link, inside its namespace.
+            .arg("--l2-announcements")
             .args(self.net.tunnel.iter().flat_map(|t| ["--tunnel", t.as_str()]))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         if c.agent_kubeconfig().exists() {

@@ -331,15 +331,19 @@ fn netns_e2e_services_on_a_three_node_lab() {
     s.check("externalIPs and a LoadBalancer ingress IP answer from outside", |lab| {
         let c = lab.config();
         let ext = std::net::Ipv4Addr::new(198, 18, c.subnet, 200);
-        let lbip = std::net::Ipv4Addr::new(198, 18, c.subnet, 201);
         let yaml = format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: ext}}\nspec:\n  selector: {{app: demo}}\n  externalIPs: [{ext}]\n  ports: [{{port: 80, targetPort: 8080}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: lb}}\nspec:\n  type: LoadBalancer\n  selector: {{app: demo}}\n  ports: [{{port: 80, targetPort: 8080}}]\n"
         );
         let path = c.state_dir.join("temp-svc.yaml");
         std::fs::write(&path, yaml)?;
         e2e::kubectl(lab, &["apply", "-f", path.to_str().context("path")?])?;
-        let status = format!(r#"{{"status":{{"loadBalancer":{{"ingress":[{{"ip":"{lbip}"}}]}}}}}}"#);
-        e2e::kubectl(lab, &["patch", "service", "lb", "--subresource=status", "--type=merge", "-p", &status])?;
+        // The LoadBalancer IP comes from the lab's pool (lbipam); routed
+        // through node 1 here, as for the external IP (L2 announcement has
+        // its own test in netns_e2e_lb.rs).
+        let lbip: std::net::Ipv4Addr = eventually(SETTLE, || {
+            let ip = e2e::kubectl(lab, &["get", "service", "lb", "-o", "jsonpath={.status.loadBalancer.ingress[0].ip}"])?;
+            Ok(ip.trim().parse()?)
+        })?;
         // As an operator would: route the addresses to a node (inside the lab).
         for ip in [ext, lbip] {
             riptide_tests::netns::ip(&["-n", &c.outside_netns(), "route", "replace", &format!("{ip}/32"), "via", &c.node_ip(1).to_string()])?;
