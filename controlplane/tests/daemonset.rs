@@ -41,7 +41,11 @@ impl Cluster {
     /// creation) + the fake kubelets, which make a pod Ready
     /// `ready_after` after it appears.
     async fn start(ready_after: Duration) -> Self {
-        let srv = TestServer::start(Backend::Embedded).await;
+        Self::start_on(Backend::Embedded, ready_after).await
+    }
+
+    async fn start_on(backend: Backend, ready_after: Duration) -> Self {
+        let srv = TestServer::start(backend).await;
         let client = srv.client().await;
         let cfg = controllers::Config {
             // The fake nodes never heartbeat; their readiness is set by hand.
@@ -367,9 +371,11 @@ where
     s.await.unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rolling_update_max_unavailable_history_and_undo() {
-    let c = Cluster::start(Duration::from_millis(1500)).await;
+// Against both stores: the rollout leans on watch order and
+// resourceVersions more than any other test here.
+both_stores!(rolling_update_max_unavailable_history_and_undo);
+async fn rolling_update_max_unavailable_history_and_undo(backend: Backend) {
+    let c = Cluster::start_on(backend, Duration::from_millis(1500)).await;
     for n in ["n1", "n2", "n3", "n4"] {
         c.node(n, json!({}), json!([]), true).await;
     }
