@@ -112,6 +112,18 @@ pub struct KubeletArgs {
     /// search domains appended for ClusterFirst; "" for none.
     #[arg(long, default_value = "/etc/resolv.conf")]
     pub resolv_conf: PathBuf,
+    /// Image → binaries map (`image = /dir | pause | host` lines, see
+    /// `kubelet::image`); default: pause images sleep, others run `command`
+    /// from the node's filesystem.
+    #[arg(long)]
+    pub image_map: Option<PathBuf>,
+    /// Resolve `hostPath` volumes under this directory (a per-node root, as
+    /// kind's node containers have), except below --host-path-shared.
+    #[arg(long)]
+    pub host_path_root: Option<PathBuf>,
+    /// hostPath prefixes that stay the machine's own under --host-path-root.
+    #[arg(long, value_delimiter = ',', default_value = "/proc,/sys,/dev,/run/netns,/var/run/netns")]
+    pub host_path_shared: Vec<PathBuf>,
 }
 
 /// `riptide-controlplane kubelet-credentials`: a node's kubelet identity
@@ -182,6 +194,16 @@ pub async fn controllers_and_scheduler(controllers_client: Client, scheduler_cli
 
 pub async fn kubelet(a: KubeletArgs) -> Result<(), Error> {
     let client = client(a.client.kubeconfig.as_ref()).await?;
+    // The CA pods get as ca.crt: the one this kubelet trusts.
+    let cluster_ca = match &a.client.kubeconfig {
+        Some(path) => match Kubeconfig::read_from(path) {
+            Ok(kc) => kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.ok(),
+            Err(_) => None,
+        },
+        None => kube::Config::infer().await.ok(),
+    }
+    .and_then(|c| c.root_cert)
+    .map(|ders| crate::kubelet::pem_bundle(&ders));
     let mut labels = BTreeMap::new();
     for l in a.node_labels.iter().filter(|l| !l.is_empty()) {
         let (k, v) = l.split_once('=').ok_or_else(|| Error::Arg(format!("node label {l:?} is not k=v")))?;
@@ -217,6 +239,10 @@ pub async fn kubelet(a: KubeletArgs) -> Result<(), Error> {
         cluster_dns: a.cluster_dns,
         cluster_domain: a.cluster_domain.trim_end_matches('.').to_string(),
         resolv_conf: (!a.resolv_conf.as_os_str().is_empty()).then_some(a.resolv_conf),
+        image_map: a.image_map.as_deref().map(crate::kubelet::image::ImageMap::load).transpose()?.unwrap_or_default(),
+        host_path_root: a.host_path_root,
+        host_path_shared: a.host_path_shared,
+        cluster_ca_pem: cluster_ca.filter(|c| !c.is_empty()),
     };
     crate::kubelet::run(client, cfg).await?;
     Ok(())

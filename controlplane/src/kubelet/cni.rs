@@ -25,6 +25,13 @@ pub struct Cni {
     pub bin_dir: PathBuf,
 }
 
+/// The kubelet's message for a node whose CNI config is missing or broken.
+pub fn not_ready_message(e: &Error) -> String {
+    let e = e.to_string();
+    let e = e.strip_prefix("cni: ").unwrap_or(&e);
+    format!("container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:Network plugin returns error: {e}")
+}
+
 /// What a pod's ADD returned, kept for DEL.
 #[derive(Debug, Clone)]
 pub struct Attachment {
@@ -43,7 +50,7 @@ impl Cni {
             .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("conflist" | "conf" | "json")))
             .collect();
         files.sort();
-        let f = files.first().ok_or_else(|| Error::Cni(format!("no CNI config in {}", self.conf_dir.display())))?;
+        let f = files.first().ok_or_else(|| Error::Cni(format!("no network config found in {}: cni plugin not initialized", self.conf_dir.display())))?;
         let text = std::fs::read_to_string(f).map_err(|e| Error::Cni(format!("reading {}: {e}", f.display())))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| Error::Cni(format!("parsing {}: {e}", f.display())))?;
         if v.get("plugins").is_some() {
@@ -51,6 +58,12 @@ impl Cni {
         } else {
             Ok(json!({"cniVersion": v["cniVersion"], "name": v["name"], "plugins": [v]}))
         }
+    }
+
+    /// Whether the node's network is configured, or upstream's
+    /// `NetworkReady=false` message naming what is missing.
+    pub fn network_status(&self) -> Result<(), String> {
+        self.load().map(drop).map_err(|e| not_ready_message(&e))
     }
 
     /// Makes the node's range available to plugins that read it from a file.

@@ -39,7 +39,7 @@ pub fn service_env(svc: &Service) -> Vec<(String, String)> {
     out
 }
 
-fn field_ref(pod: &Pod, path: &str, node_ip: &str) -> String {
+pub(super) fn field_ref(pod: &Pod, path: &str, node_ip: &str) -> String {
     let m = &pod.metadata;
     match path {
         "metadata.name" => m.name.clone().unwrap_or_default(),

@@ -1,6 +1,7 @@
 //! `kubectl exec`: the kubelet's [`ExecSpawner`] for the WebSocket
 //! channel protocol in [`crate::exec`]. The command joins the running
-//! container's network, mount and UTS namespaces and the pod's cgroup
+//! container's network, mount and UTS namespaces and the pod's cgroup,
+//! runs as the container's user with its capabilities
 //! (so it sees the pod's /etc files and hostname), starts in
 //! the container's working directory and gets the container's environment
 //! (as `runc exec` does: the Service variables, `KUBERNETES_SERVICE_HOST`,
@@ -27,10 +28,14 @@ impl ExecSpawner for KubeletExec {
                 .get(&req.container)
                 .and_then(|(_, pid)| *pid)
                 .ok_or_else(|| ExecError::NotFound(format!("container {} is not running", req.container)))?;
-            (reg.placement.clone(), pid)
+            let mut place = reg.placement.clone();
+            place.security = reg.security.get(&req.container).cloned();
+            (place, pid)
         };
         place.join_uts_of = Some(pid);
         place.hostname = None;
+        // The container's own mount namespace (its volumes), whichever it is.
+        place.mntns = Some(std::path::PathBuf::from(format!("/proc/{pid}/ns/mnt")));
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok().map(|p| p.to_string_lossy().into_owned());
         let env = exec_env(std::fs::read(format!("/proc/{pid}/environ")).ok().as_deref(), &req.pod);
         process::command(&req.command, &env, cwd.as_deref(), &place).map_err(|e| ExecError::Internal(e.to_string()))

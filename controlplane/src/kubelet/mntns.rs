@@ -2,6 +2,9 @@
 //! `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname` bind-mounted over
 //! the node's files. Nothing else differs from the node.
 //!
+//! Containers with volumes or an image get a namespace of their own made
+//! from this one ([`super::mounts`]), pinned beside it as `<uid>.<container>`.
+//!
 //! The namespace outlives its processes the way `ip netns` keeps a network
 //! namespace: its nsfs file is bind-mounted on `<root-dir>/mntns/<uid>`,
 //! so containers started later, `kubectl exec` and a restarted kubelet
@@ -37,16 +40,16 @@ pub fn path(root: &Path, uid: &str) -> PathBuf {
     dir(root).join(uid)
 }
 
-fn cstr(p: &Path) -> Result<CString, Error> {
+pub(super) fn cstr(p: &Path) -> Result<CString, Error> {
     CString::new(p.as_os_str().as_bytes())
         .map_err(|_| Error::Sandbox(format!("path {} contains a NUL byte", p.display())))
 }
 
-fn os_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
+pub(super) fn os_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::Sandbox(format!("{what}: {e}"))
 }
 
-fn check(r: libc::c_int, what: impl FnOnce() -> String) -> Result<(), Error> {
+pub(super) fn check(r: libc::c_int, what: impl FnOnce() -> String) -> Result<(), Error> {
     if r == 0 {
         Ok(())
     } else {
@@ -54,7 +57,7 @@ fn check(r: libc::c_int, what: impl FnOnce() -> String) -> Result<(), Error> {
     }
 }
 
-fn mount(src: Option<&CString>, target: &CString, flags: libc::c_ulong) -> libc::c_int {
+pub(super) fn mount(src: Option<&CString>, target: &CString, flags: libc::c_ulong) -> libc::c_int {
     // SAFETY: NUL-terminated strings that outlive the call; no data argument.
     unsafe {
         libc::mount(
@@ -70,7 +73,7 @@ fn mount(src: Option<&CString>, target: &CString, flags: libc::c_ulong) -> libc:
 /// Whether `p` is the root of a mount (statx `STATX_ATTR_MOUNT_ROOT`,
 /// Linux 5.8): a bind of a directory onto itself keeps its device number,
 /// so comparing with the parent's cannot tell.
-fn is_mount_root(p: &Path) -> Result<bool, Error> {
+pub(super) fn is_mount_root(p: &Path) -> Result<bool, Error> {
     let c = cstr(p)?;
     // SAFETY: statx fills the zeroed struct; plain data.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
@@ -114,7 +117,7 @@ pub fn release_all(root: &Path) -> Result<(), Error> {
     detach(&dir(root))
 }
 
-fn detach(p: &Path) -> Result<(), Error> {
+pub(super) fn detach(p: &Path) -> Result<(), Error> {
     let c = cstr(p)?;
     // SAFETY: valid path.
     if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
@@ -142,7 +145,6 @@ pub fn create(root: &Path, uid: &str, binds: &[Bind]) -> Result<PathBuf, Error> 
     if pin.exists() && is_mount_root(&pin)? {
         return Ok(pin);
     }
-    File::create(&pin).map_err(os_err(format!("creating {}", pin.display())))?;
     let binds: Vec<(CString, CString, String)> = binds
         .iter()
         .map(|b| {
@@ -153,7 +155,7 @@ pub fn create(root: &Path, uid: &str, binds: &[Bind]) -> Result<PathBuf, Error> 
             ))
         })
         .collect::<Result<_, Error>>()?;
-    let made = std::thread::spawn(move || -> Result<OwnedFd, Error> {
+    pin_new(&pin, move || {
         // SAFETY: unshare affects only this thread (CLONE_NEWNS implies
         // CLONE_FS, which unshares this thread's root and cwd).
         check(unsafe { libc::unshare(libc::CLONE_NEWNS) }, || {
@@ -168,6 +170,21 @@ pub fn create(root: &Path, uid: &str, binds: &[Bind]) -> Result<PathBuf, Error> 
                 format!("bind-mounting {what}")
             })?;
         }
+        Ok(())
+    })?;
+    Ok(pin)
+}
+
+/// Runs `make` on a dedicated thread (namespace changes never leak into
+/// the runtime's threads), then pins the mount namespace the thread ends
+/// up in at `pin`.
+pub(super) fn pin_new(
+    pin: &Path,
+    make: impl FnOnce() -> Result<(), Error> + Send + 'static,
+) -> Result<(), Error> {
+    File::create(pin).map_err(os_err(format!("creating {}", pin.display())))?;
+    let made = std::thread::spawn(move || -> Result<OwnedFd, Error> {
+        make()?;
         File::open("/proc/thread-self/ns/mnt")
             .map(OwnedFd::from)
             .map_err(os_err("opening the new mount namespace".to_owned()))
@@ -177,26 +194,36 @@ pub fn create(root: &Path, uid: &str, binds: &[Bind]) -> Result<PathBuf, Error> 
     let pinned = made.and_then(|r| r).and_then(|ns| {
         // The thread is gone; the fd keeps the namespace until it is pinned.
         let src = cstr(Path::new(&format!("/proc/self/fd/{}", ns.as_raw_fd())))?;
-        check(mount(Some(&src), &cstr(&pin)?, libc::MS_BIND), || {
+        check(mount(Some(&src), &cstr(pin)?, libc::MS_BIND), || {
             format!("pinning the mount namespace at {}", pin.display())
         })
     });
-    match pinned {
-        Ok(()) => Ok(pin),
-        Err(e) => {
-            let _ = std::fs::remove_file(&pin);
-            Err(e)
-        }
+    if pinned.is_err() {
+        let _ = std::fs::remove_file(pin);
     }
+    pinned
 }
 
 /// Unpins the pod's namespace (it ends with its last process) and removes
 /// the file.
 pub fn remove(root: &Path, uid: &str) -> Result<(), Error> {
-    let pin = path(root, uid);
+    let containers = std::fs::read_dir(dir(root))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{uid}.")))
+        .map(|e| e.path());
+    for pin in containers.chain([path(root, uid)]) {
+        unpin(&pin)?;
+    }
+    Ok(())
+}
+
+/// Detaches and removes one pinned namespace file, if there.
+pub(super) fn unpin(pin: &Path) -> Result<(), Error> {
     if !pin.exists() {
         return Ok(());
     }
-    detach(&pin)?;
-    std::fs::remove_file(&pin).map_err(os_err(format!("removing {}", pin.display())))
+    detach(pin)?;
+    std::fs::remove_file(pin).map_err(os_err(format!("removing {}", pin.display())))
 }

@@ -3,8 +3,13 @@
 //! CNI exec protocol), in a new UTS namespace (hostname = pod name or
 //! spec.hostname), a mount namespace that shows the pod its own
 //! `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname` ([`etc`]) and a
-//! per-pod cgroup under the node's cgroup. The container `image` is
-//! accepted and ignored: `command`/`args` run from the node's filesystem.
+//! per-pod cgroup under the node's cgroup. Containers with volumes or a
+//! mapped image get their own mount namespace made from the pod's
+//! ([`mounts`], [`volumes`]); images are labels that `--image-map` maps to
+//! binaries on the node ([`image`]); `securityContext` sets the process's
+//! user and capabilities ([`security`]). Init containers run to completion,
+//! in order, before the app containers. Pods share the node's PID and IPC
+//! namespaces (`hostPID`/`hostIPC: false` are not isolated: not yet).
 //!
 //! It runs inside the node's network namespace (the lab starts it there
 //! with setns, not `ip netns exec`, so /run/netns and /sys stay shared),
@@ -18,14 +23,18 @@ pub mod env;
 pub mod etc;
 pub mod exec;
 pub mod hosts;
+pub mod image;
 pub mod mntns;
+pub mod mounts;
 pub mod node;
 pub mod pod;
 pub mod probes;
 pub mod process;
 pub mod sandbox;
+pub mod security;
 pub mod server;
 pub mod state;
+pub mod volumes;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -94,6 +103,31 @@ pub struct Config {
     /// `--resolv-conf`: the node's resolver settings for `Default` pods
     /// (None: the flag was empty).
     pub resolv_conf: Option<PathBuf>,
+    /// `--image-map`: what each image runs.
+    pub image_map: image::ImageMap,
+    /// `--host-path-root`: where `hostPath` volumes live (None: `/`).
+    pub host_path_root: Option<PathBuf>,
+    /// `--host-path-shared`: prefixes `hostPath` keeps real under a root.
+    pub host_path_shared: Vec<PathBuf>,
+    /// The cluster CA (PEM) pods get as `ca.crt`, from the kubelet's
+    /// kubeconfig.
+    pub cluster_ca_pem: Option<Vec<u8>>,
+}
+
+/// DER certificates as one PEM bundle.
+pub fn pem_bundle(ders: &[Vec<u8>]) -> Vec<u8> {
+    use base64::Engine as _;
+    let mut out = String::new();
+    for der in ders {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for chunk in b64.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(chunk));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out.into_bytes()
 }
 
 /// What the log server needs to know about a pod.
@@ -102,6 +136,8 @@ pub struct Registered {
     pub uid: String,
     /// container → (restartCount, pid while running)
     pub containers: BTreeMap<String, (i32, Option<i32>)>,
+    /// container → what its processes (and `kubectl exec`) run as.
+    pub security: BTreeMap<String, security::Security>,
     pub placement: process::Placement,
 }
 

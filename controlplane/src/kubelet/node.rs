@@ -1,6 +1,11 @@
 //! The kubelet's Node: registration (addresses, capacity, labels, taints,
 //! kubelet endpoint), status updates with the Ready condition, and the
 //! Lease in `kube-node-lease` renewed every heartbeat.
+//!
+//! Ready follows the network as upstream's: without a CNI config in
+//! `--cni-conf-dir` the node is NotReady with the runtime's
+//! `NetworkReady=false` message, and the status is posted as soon as that
+//! changes (checked every heartbeat), not only every 4th heartbeat.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -41,6 +46,11 @@ fn read_trim(p: &str) -> String {
     std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
+/// The node's network: a CNI config exists (Err: upstream's message).
+pub fn network_ready(cfg: &Config) -> Result<(), String> {
+    super::cni::Cni { conf_dir: cfg.cni_conf_dir.clone(), bin_dir: cfg.cni_bin_dir.clone() }.network_status()
+}
+
 pub fn status(cfg: &Config, old: Option<&NodeStatus>) -> NodeStatus {
     let cap = capacity(cfg);
     let t = now();
@@ -71,7 +81,10 @@ pub fn status(cfg: &Config, old: Option<&NodeStatus>) -> NodeStatus {
             cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
             cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
             cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
-            cond("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+            match network_ready(cfg) {
+                Ok(()) => cond("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+                Err(msg) => cond("Ready", "False", "KubeletNotReady", &msg),
+            },
         ]),
         daemon_endpoints: Some(NodeDaemonEndpoints { kubelet_endpoint: Some(DaemonEndpoint { port: i32::from(cfg.port) }) }),
         node_info: Some(NodeSystemInfo {
@@ -172,13 +185,20 @@ pub async fn renew_lease(client: &Client, cfg: &Config) -> kube::Result<()> {
 /// re-registration if the Node was deleted).
 pub async fn heartbeat(client: Client, cfg: Config, interval: Duration) {
     let mut n: u64 = 0;
+    let mut network = network_ready(&cfg).is_ok();
     loop {
         tokio::time::sleep(interval).await;
         n += 1;
         if let Err(e) = renew_lease(&client, &cfg).await {
             tracing::warn!(error = %e, "renewing node lease");
         }
-        if n.is_multiple_of(4) {
+        let now_ready = network_ready(&cfg).is_ok();
+        let changed = now_ready != network;
+        if changed {
+            tracing::info!(network_ready = now_ready, "node network readiness changed");
+            network = now_ready;
+        }
+        if changed || n.is_multiple_of(4) {
             match post_status(&client, &cfg).await {
                 Err(kube::Error::Api(e)) if e.code == 404 => {
                     let _ = register(&client, &cfg).await;

@@ -1,5 +1,7 @@
 //! One worker per pod (by uid): sandbox (netns + CNI ADD + cgroup + the
-//! mount namespace with the pod's /etc files), the containers (start,
+//! mount namespace with the pod's /etc files), volumes, init containers
+//! (in order, each to success, retried with back-off), the containers
+//! (image resolved, own mount namespace when they mount anything, start,
 //! restart with back-off, probes), status, and graceful termination
 //! (SIGTERM, grace period, SIGKILL, CNI DEL, netns, mount namespace and
 //! cgroup removed, then the final delete with gracePeriodSeconds=0).
@@ -21,11 +23,15 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::{
-    Shared, cni, env, etc, mntns,
+    Shared, cni, env, etc,
+    image::{self, Image},
+    mntns, mounts,
     probes::{self, Outcome, Tracker},
     process::{self, Placement},
     sandbox,
+    security::{self, Security},
     state::{PodState, Term, log_path, pod_dir},
+    volumes::{self, PodVolumes},
 };
 use crate::controllers::util::now;
 
@@ -43,6 +49,11 @@ struct Live {
     readiness: Tracker,
     kill_deadline: Option<Instant>,
     last_error: Option<String>,
+    /// The image has no mapping: (message, failed attempts).
+    image_error: Option<(String, u32)>,
+    /// securityContext or volumeMounts that cannot be honoured.
+    config_error: Option<String>,
+    security: Option<Security>,
 }
 
 pub struct Worker {
@@ -54,6 +65,9 @@ pub struct Worker {
     last_status: Option<Value>,
     sandbox_error: Option<String>,
     sandbox_retry: Option<Instant>,
+    volumes: Option<PodVolumes>,
+    volume_error: Option<String>,
+    volume_retry: Option<Instant>,
     terminating_since: Option<(Instant, Instant)>,
 }
 
@@ -82,6 +96,9 @@ impl Worker {
             last_status: None,
             sandbox_error: None,
             sandbox_retry: None,
+            volumes: None,
+            volume_error: None,
+            volume_retry: None,
             terminating_since: None,
         }
     }
@@ -100,6 +117,7 @@ impl Worker {
             hostname: (!self.st.host_network).then(|| self.st.hostname.clone().unwrap_or_else(|| self.st.name.clone())),
             cgroup: Some(self.st.cgroup.clone()),
             join_uts_of: None,
+            security: None,
         }
     }
 
@@ -110,6 +128,7 @@ impl Worker {
                 super::Registered {
                     uid: self.st.uid.clone(),
                     containers: self.st.containers.iter().map(|(n, c)| (n.clone(), (c.restart_count, c.pid))).collect(),
+                    security: self.live.iter().filter_map(|(n, l)| Some((n.clone(), l.security.clone()?))).collect(),
                     placement: self.placement(),
                 },
             );
@@ -160,6 +179,8 @@ impl Worker {
         if self.st.host_network {
             self.st.ip = Some(self.shared.cfg.node_ip.clone());
         } else {
+            // upstream: pods other than hostNetwork ones wait for the network.
+            self.shared.cni.network_status().map_err(super::Error::Cni)?;
             let cidr = self.shared.pod_cidr.borrow().clone();
             let Some(cidr) = cidr else {
                 return Err(super::Error::Cni("node has no podCIDR yet".into()));
@@ -170,6 +191,7 @@ impl Worker {
             // the next start (or the lab's teardown) can clean up.
             self.save();
             sandbox::create_netns(&name)?;
+            sandbox::set_sysctls(&name, security::UNPRIVILEGED_SYSCTLS)?;
             let cni = self.shared.cni.clone();
             let (ns, pname, uid) = (self.st.namespace.clone(), self.st.name.clone(), self.st.uid.clone());
             let path = sandbox::netns_path(&name);
@@ -237,19 +259,98 @@ impl Worker {
         Some(Term { exit_code: code, signal, reason: reason.into(), message: None, started_at: cs.started_at.clone(), finished_at: Some(now()) })
     }
 
+    /// Schedules the next start attempt of `name` after a failed one.
+    fn back_off(&mut self, name: &str) {
+        let base = self.shared.cfg.backoff_base;
+        let live = self.live.entry(name.to_string()).or_default();
+        live.backoff = if live.backoff.is_zero() { base } else { (live.backoff * 2).min(MAX_BACKOFF) };
+        live.backoff_until = Some(Instant::now() + live.backoff);
+    }
+
+    /// What the container runs and how, before anything is started: its
+    /// image, security settings and mounts. Errors are recorded on `Live`
+    /// (they become the container's waiting reason).
+    async fn prepare_container(&mut self, pod: &Pod, c: &Container) -> Option<(Image, Security, Vec<mounts::Mount>)> {
+        let image_ref = c.image.clone().unwrap_or_default();
+        let image = match self.shared.cfg.image_map.resolve(&image_ref) {
+            Ok(i) => i.clone(),
+            Err(msg) => {
+                let live = self.live.entry(c.name.clone()).or_default();
+                let n = live.image_error.as_ref().map_or(0, |(_, n)| *n) + 1;
+                live.image_error = Some((msg.clone(), n));
+                self.back_off(&c.name);
+                tracing::warn!(pod = %self.st.name, container = %c.name, image = %image_ref, "{msg}");
+                self.shared.recorder.warning(pod, "Failed", &format!("Failed to pull image \"{image_ref}\": {msg}")).await;
+                self.shared.recorder.warning(pod, "Failed", "Error: ErrImagePull").await;
+                return None;
+            }
+        };
+        let prepared = security::for_container(pod, c).and_then(|sec| {
+            let mut m = match &self.volumes {
+                Some(v) => volumes::container_mounts(pod, c, v)?,
+                None => Vec::new(),
+            };
+            if let Image::Dir(d) = &image {
+                m.insert(0, mounts::Mount { source: d.clone(), target: image::IMAGE_BIN_DIR.into(), read_only: true, propagation: mounts::Propagation::None });
+            }
+            Ok((sec, m))
+        });
+        let live = self.live.entry(c.name.clone()).or_default();
+        live.image_error = None;
+        match prepared {
+            Ok((sec, m)) => {
+                live.config_error = None;
+                Some((image, sec, m))
+            }
+            Err(msg) => {
+                let first = live.config_error.as_deref() != Some(msg.as_str());
+                live.config_error = Some(msg.clone());
+                self.back_off(&c.name);
+                if first {
+                    self.shared.recorder.warning(pod, "Failed", &format!("Error: {msg}")).await;
+                }
+                None
+            }
+        }
+    }
+
     async fn start_container(&mut self, pod: &Pod, c: &Container) {
+        let Some((image, sec, mounts)) = self.prepare_container(pod, c).await else { return };
         let services = self.shared.services.state();
         let ip = self.st.ip.clone().unwrap_or_default();
-        let (envs, argv) = env::build(&self.shared.client, pod, c, &services, &ip, &self.shared.cfg.node_ip).await;
+        let (envs, mut argv) = env::build(&self.shared.client, pod, c, &services, &ip, &self.shared.cfg.node_ip).await;
+        if argv.is_empty() && image == Image::Pause {
+            argv = image::pause_argv();
+        }
         let cs = self.st.containers.entry(c.name.clone()).or_default();
         if cs.ever_started {
             cs.restart_count += 1;
         }
         let restart = cs.restart_count;
         let log = log_path(&self.shared.cfg.root_dir, &self.st.uid, &c.name, restart);
-        let place = self.placement();
+        let mut place = self.placement();
+        place.security = Some(sec.clone());
+        // A container of its own starts in `/` unless it says otherwise, as
+        // an image without WORKDIR does (the kubelet's directory may be
+        // under a volume's mount point).
+        let cwd = c.working_dir.clone().or_else(|| (!mounts.is_empty()).then(|| "/".to_owned()));
+        let spawned = if mounts.is_empty() {
+            Ok(place)
+        } else {
+            let (root, uid, name, base) = (self.shared.cfg.root_dir.clone(), self.st.uid.clone(), c.name.clone(), self.st.mntns.clone());
+            tokio::task::spawn_blocking(move || mounts::create(&root, &uid, &name, base.as_deref(), &mounts))
+                .await
+                .map_err(|e| super::Error::Sandbox(format!("container mounts task: {e}")))
+                .and_then(|r| r)
+                .map(|pin| {
+                    place.mntns = Some(pin);
+                    place
+                })
+        }
+        .and_then(|place| process::spawn(&argv, &envs, cwd.as_deref(), &place, &log));
         let live = self.live.entry(c.name.clone()).or_default();
-        match process::spawn(&argv, &envs, c.working_dir.as_deref(), &place, &log) {
+        live.security = Some(sec);
+        match spawned {
             Ok(child) => {
                 let pid = i32::try_from(child.id()).unwrap_or(0);
                 let cs = self.st.containers.entry(c.name.clone()).or_default();
@@ -274,15 +375,77 @@ impl Worker {
                 cs.ever_started = true;
                 cs.last = Some(Term { exit_code: 128, reason: "StartError".into(), message: Some(e.to_string()), finished_at: Some(now()), ..Default::default() });
                 live.last_error = Some(e.to_string());
-                let b = if live.backoff.is_zero() { self.shared.cfg.backoff_base } else { (live.backoff * 2).min(MAX_BACKOFF) };
-                live.backoff = b;
-                live.backoff_until = Some(Instant::now() + b);
+                self.back_off(&c.name);
                 tracing::warn!(pod = %self.st.name, container = %c.name, error = %e, "starting container");
                 self.shared.recorder.warning(pod, "Failed", &format!("Error: {e}")).await;
             }
         }
         self.publish();
         self.save();
+    }
+
+    /// Makes (or renews) the pod's volumes; false while they cannot be.
+    async fn sync_volumes(&mut self, pod: &Pod) -> bool {
+        let renew = self.volumes.as_ref().and_then(|v| v.renew_at).is_some_and(|t| Instant::now() >= t);
+        if self.volumes.is_some() && !renew {
+            return true;
+        }
+        if self.volume_retry.is_some_and(|t| Instant::now() < t) {
+            return self.volumes.is_some();
+        }
+        match volumes::setup(&self.shared, pod, &self.st.uid).await {
+            Ok(v) => {
+                if self.volumes.is_none() {
+                    for (reason, msg) in &v.warnings {
+                        self.shared.recorder.warning(pod, reason, msg).await;
+                    }
+                }
+                self.volumes = Some(v);
+                self.volume_error = None;
+                true
+            }
+            Err(msg) => {
+                if self.volume_error.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!(pod = %self.st.name, error = %msg, "setting up volumes");
+                    self.shared.recorder.warning(pod, "FailedMount", &msg).await;
+                }
+                self.volume_error = Some(msg);
+                self.volume_retry = Some(Instant::now() + Duration::from_secs(2));
+                // A renewal that failed keeps the volumes already there.
+                self.volumes.is_some()
+            }
+        }
+    }
+
+    /// Runs the init containers in order; true once all succeeded.
+    async fn sync_init(&mut self, pod: &Pod, policy: &str) -> bool {
+        let inits = pod.spec.as_ref().and_then(|s| s.init_containers.clone()).unwrap_or_default();
+        for c in &inits {
+            if let Some(term) = self.reap(&c.name) {
+                let cs = self.st.containers.entry(c.name.clone()).or_default();
+                cs.pid = None;
+                cs.last = Some(term.clone());
+                // upstream: a failed init container restarts unless the
+                // pod's policy is Never, which fails the pod.
+                if term.exit_code == 0 || policy == "Never" {
+                    cs.done = true;
+                } else {
+                    self.back_off(&c.name);
+                }
+                tracing::info!(pod = %self.st.name, container = %c.name, exit = term.exit_code, "init container exited");
+                self.publish();
+                self.save();
+            }
+            let cs = self.st.containers.get(&c.name).cloned().unwrap_or_default();
+            if cs.done && cs.last.as_ref().is_some_and(|t| t.exit_code == 0) {
+                continue;
+            }
+            if cs.pid.is_none() && !cs.done && self.live.get(&c.name).and_then(|l| l.backoff_until).is_none_or(|t| Instant::now() >= t) {
+                self.start_container(pod, c).await;
+            }
+            return false;
+        }
+        true
     }
 
     async fn sync(&mut self, pod: &Pod) {
@@ -306,6 +469,9 @@ impl Worker {
             return;
         }
         let policy = Self::restart_policy(pod).to_string();
+        if !self.sync_volumes(pod).await || !self.sync_init(pod, &policy).await {
+            return;
+        }
         let containers = pod.spec.as_ref().map(|s| s.containers.clone()).unwrap_or_default();
         let grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
         for c in &containers {
@@ -319,13 +485,10 @@ impl Worker {
                 let restart = policy == "Always" || (policy == "OnFailure" && term.exit_code != 0);
                 if restart {
                     // Reset after 10 minutes of good running, like kubelet.
-                    let base = self.shared.cfg.backoff_base;
-                    live.backoff = if live.backoff.is_zero() || ran.is_some_and(|r| r > Duration::from_secs(600)) {
-                        base
-                    } else {
-                        (live.backoff * 2).min(MAX_BACKOFF)
-                    };
-                    live.backoff_until = Some(Instant::now() + live.backoff);
+                    if ran.is_some_and(|r| r > Duration::from_secs(600)) {
+                        live.backoff = Duration::ZERO;
+                    }
+                    self.back_off(&c.name);
                 } else {
                     cs.done = true;
                 }
@@ -337,9 +500,6 @@ impl Worker {
             if cs.pid.is_none() && !cs.done {
                 let live = self.live.entry(c.name.clone()).or_default();
                 if live.backoff_until.is_none_or(|t| Instant::now() >= t) {
-                    if cs.ever_started {
-                        self.shared.recorder.normal(pod, "Pulled", &format!("Container {} restarting (image ignored: command runs from the node)", c.name)).await;
-                    }
                     self.start_container(pod, c).await;
                 }
                 continue;
@@ -362,7 +522,9 @@ impl Worker {
         let mut place = self.placement();
         place.join_uts_of = Some(pid);
         place.hostname = None;
+        place.mntns = (pid > 0).then(|| std::path::PathBuf::from(format!("/proc/{pid}/ns/mnt")));
         let live = self.live.entry(c.name.clone()).or_default();
+        place.security.clone_from(&live.security);
         if let Some(d) = live.kill_deadline {
             if Instant::now() >= d {
                 process::signal_group(pid, libc::SIGKILL);
@@ -484,43 +646,85 @@ impl Worker {
         v
     }
 
+    /// A container's `state` while it has no process.
+    fn waiting(&self, c: &Container, cs: &super::state::ContainerState, initializing: bool) -> Value {
+        let live = self.live.get(&c.name);
+        let waiting = |reason: &str, msg: Option<String>| {
+            let mut w = json!({"reason": reason});
+            if let Some(m) = msg {
+                w["message"] = json!(m);
+            }
+            json!({"waiting": w})
+        };
+        if let Some((msg, n)) = live.and_then(|l| l.image_error.clone()) {
+            // upstream: ErrImagePull on a failed pull, ImagePullBackOff while
+            // waiting for the next one.
+            let reason = if n <= 1 { "ErrImagePull" } else { "ImagePullBackOff" };
+            return waiting(reason, Some(msg));
+        }
+        if let Some(msg) = live.and_then(|l| l.config_error.clone()) {
+            return waiting("CreateContainerConfigError", Some(msg));
+        }
+        if initializing {
+            return waiting("PodInitializing", None);
+        }
+        if let Some(err) = live.and_then(|l| l.last_error.clone()) {
+            return waiting("RunContainerError", Some(err));
+        }
+        if cs.ever_started {
+            let b = live.map(|l| l.backoff.as_secs()).unwrap_or(0);
+            return waiting(
+                "CrashLoopBackOff",
+                Some(format!("back-off {b}s restarting failed container={} pod={}_{}({})", c.name, self.st.name, self.st.namespace, self.st.uid)),
+            );
+        }
+        waiting("ContainerCreating", None)
+    }
+
+    fn container_status(&self, c: &Container, initializing: bool) -> Value {
+        let cs = self.st.containers.get(&c.name).cloned().unwrap_or_default();
+        let (started, ready) = self.container_ready(c);
+        let state = if cs.pid.is_some() {
+            json!({"running": {"startedAt": cs.started_at}})
+        } else if cs.done {
+            cs.last.as_ref().map(|t| json!({"terminated": Self::term_json(t)})).unwrap_or(json!({"waiting": {"reason": "ContainerCreating"}}))
+        } else {
+            self.waiting(c, &cs, initializing)
+        };
+        let mut s = json!({
+            "name": c.name, "image": c.image.clone().unwrap_or_default(), "imageID": "",
+            "containerID": container_id(&self.st.uid, &c.name, cs.restart_count),
+            "ready": ready, "started": started, "restartCount": cs.restart_count, "state": state, "lastState": {},
+        });
+        if let Some(t) = cs.last.as_ref().filter(|_| cs.pid.is_some() || !cs.done) {
+            s["lastState"] = json!({"terminated": Self::term_json(t)});
+        }
+        s
+    }
+
     async fn update_status(&mut self, pod: &Pod) {
         let containers = pod.spec.as_ref().map(|s| s.containers.clone()).unwrap_or_default();
+        let inits = pod.spec.as_ref().and_then(|s| s.init_containers.clone()).unwrap_or_default();
+        let init_ok = |w: &Self, c: &Container| w.st.containers.get(&c.name).is_some_and(|s| s.done && s.last.as_ref().is_some_and(|t| t.exit_code == 0));
+        let pending_inits: Vec<String> = inits.iter().filter(|c| !init_ok(self, c)).map(|c| c.name.clone()).collect();
+        let init_failed = inits.iter().any(|c| self.st.containers.get(&c.name).is_some_and(|s| s.done && s.last.as_ref().is_some_and(|t| t.exit_code != 0)));
+        let initialized = pending_inits.is_empty();
+        let init_statuses: Vec<Value> = inits.iter().map(|c| self.container_status(c, false)).collect();
         let mut statuses = Vec::new();
         let (mut all_ready, mut any_running, mut all_done, mut all_ok, mut all_started_once) = (true, false, true, true, true);
         for c in &containers {
             let cs = self.st.containers.get(&c.name).cloned().unwrap_or_default();
-            let (started, ready) = self.container_ready(c);
+            let (_, ready) = self.container_ready(c);
             all_ready &= ready;
             all_started_once &= cs.ever_started;
             any_running |= cs.pid.is_some();
             all_done &= cs.done;
             all_ok &= cs.last.as_ref().is_some_and(|t| t.exit_code == 0);
-            let live = self.live.get(&c.name);
-            let state = if cs.pid.is_some() {
-                json!({"running": {"startedAt": cs.started_at}})
-            } else if cs.done {
-                cs.last.as_ref().map(|t| json!({"terminated": Self::term_json(t)})).unwrap_or(json!({"waiting": {"reason": "ContainerCreating"}}))
-            } else if let Some(err) = live.and_then(|l| l.last_error.clone()) {
-                json!({"waiting": {"reason": "RunContainerError", "message": err}})
-            } else if cs.ever_started {
-                let b = live.map(|l| l.backoff.as_secs()).unwrap_or(0);
-                json!({"waiting": {"reason": "CrashLoopBackOff",
-                                    "message": format!("back-off {b}s restarting failed container={} pod={}_{}({})", c.name, self.st.name, self.st.namespace, self.st.uid)}})
-            } else {
-                json!({"waiting": {"reason": "ContainerCreating"}})
-            };
-            let mut s = json!({
-                "name": c.name, "image": c.image.clone().unwrap_or_default(), "imageID": "",
-                "containerID": container_id(&self.st.uid, &c.name, cs.restart_count),
-                "ready": ready, "started": started, "restartCount": cs.restart_count, "state": state, "lastState": {},
-            });
-            if let Some(t) = cs.last.as_ref().filter(|_| cs.pid.is_some() || !cs.done) {
-                s["lastState"] = json!({"terminated": Self::term_json(t)});
-            }
-            statuses.push(s);
+            statuses.push(self.container_status(c, !initialized));
         }
-        let phase = if !self.st.sandbox_ready {
+        let phase = if init_failed {
+            "Failed"
+        } else if !self.st.sandbox_ready || !initialized {
             "Pending"
         } else if !containers.is_empty() && all_done {
             if all_ok { "Succeeded" } else { "Failed" }
@@ -529,7 +733,10 @@ impl Worker {
         } else {
             "Pending"
         };
-        let initialized = self.cond("Initialized", true, None);
+        let mut init_cond = self.cond("Initialized", initialized, Some("ContainersNotInitialized"));
+        if !initialized {
+            init_cond["message"] = json!(format!("containers with incomplete status: [{}]", pending_inits.join(" ")));
+        }
         let sandbox = self.cond("PodReadyToStartContainers", self.st.sandbox_ready, None);
         let cready = self.cond("ContainersReady", all_ready && any_running, Some("ContainersNotReady"));
         let ready = self.cond("Ready", all_ready && any_running, Some("ContainersNotReady"));
@@ -538,12 +745,15 @@ impl Worker {
         let node_ip = self.shared.cfg.node_ip.clone();
         let mut status = json!({
             "phase": phase,
-            "conditions": [sandbox, initialized, ready, cready, scheduled],
+            "conditions": [sandbox, init_cond, ready, cready, scheduled],
             "hostIP": node_ip, "hostIPs": [{"ip": node_ip}],
             "startTime": self.st.start_time,
             "containerStatuses": statuses,
             "qosClass": "BestEffort",
         });
+        if !inits.is_empty() {
+            status["initContainerStatuses"] = json!(init_statuses);
+        }
         if let Some(ip) = ip.filter(|_| !self.st.network_released || self.st.host_network) {
             status["podIP"] = json!(ip);
             status["podIPs"] = json!([{"ip": ip}]);

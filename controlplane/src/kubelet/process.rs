@@ -1,8 +1,10 @@
 //! Starting a container's process: its own session (so signals reach the
 //! whole process group), the pod's network and mount namespaces, a new UTS
 //! namespace with the pod's hostname, the pod's cgroup, stdout/stderr
-//! appended to the container's log file. The `image` is not used: the
-//! command runs from the node's filesystem.
+//! appended to the container's log file, and last its user, groups and
+//! capabilities ([`super::security`]). What the image means is decided
+//! before ([`super::image`]): the command runs from the node's filesystem
+//! as the container's mount namespace shows it.
 
 use std::{
     ffi::CString,
@@ -31,6 +33,8 @@ pub struct Placement {
     /// Join the UTS namespace of this process instead of making one (exec
     /// into a running container).
     pub join_uts_of: Option<i32>,
+    /// User, groups, capabilities (None: the kubelet's own, as root).
+    pub security: Option<super::security::Security>,
 }
 
 /// The "start time" field of /proc/<pid>/stat (clock ticks since boot):
@@ -69,7 +73,7 @@ fn open_ns(path: &Path) -> Result<OwnedFd, Error> {
 /// before fork; the pre_exec hook only makes async-signal-safe syscalls.
 pub fn command(argv: &[String], env: &[(String, String)], cwd: Option<&str>, p: &Placement) -> Result<Command, Error> {
     let Some((prog, args)) = argv.split_first() else {
-        return Err(Error::Process("container has neither command nor args: riptide runs the command from the node's filesystem and ignores the image".into()));
+        return Err(Error::Process("container has neither command nor args, and its image (as riptide's kubelet maps it) has no entrypoint".into()));
     };
     let mut cmd = Command::new(prog);
     cmd.args(args).env_clear().envs(env.iter().map(|(k, v)| (k, v)));
@@ -101,9 +105,10 @@ pub fn command(argv: &[String], env: &[(String, String)], cwd: Option<&str>, p: 
                 .map_err(|e| Error::Process(format!("opening {}/cgroup.procs: {e}", d.display())))
         })
         .transpose()?;
+    let security = p.security.clone().map(|s| (s, super::security::last_cap()));
     // SAFETY: only async-signal-safe calls (setsid, write, setns, chdir,
-    // unshare, sethostname) on fds and strings made before fork and owned by
-    // the closure.
+    // unshare, sethostname, prctl, capset, set*id) on fds and strings made
+    // before fork and owned by the closure.
     unsafe {
         cmd.pre_exec(move || {
             let check = |r: libc::c_int| if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
@@ -130,6 +135,10 @@ pub fn command(argv: &[String], env: &[(String, String)], cwd: Option<&str>, p: 
             } else if let Some(h) = &hostname {
                 check(libc::unshare(libc::CLONE_NEWUTS))?;
                 check(libc::sethostname(h.as_ptr(), h.as_bytes().len()))?;
+            }
+            // Last: joining namespaces needs the capabilities dropped here.
+            if let Some((s, last)) = &security {
+                super::security::apply(s, *last)?;
             }
             Ok(())
         });

@@ -41,6 +41,14 @@ pub fn create_netns(name: &str) -> Result<(), Error> {
     ip(&["-n", name, "link", "set", "lo", "up"])
 }
 
+/// Sets network sysctls (`key`, `value`) inside the pod's netns.
+pub fn set_sysctls(name: &str, sysctls: &[(&str, &str)]) -> Result<(), Error> {
+    let mut args = vec!["netns", "exec", name, "sysctl", "-qw"];
+    let kv: Vec<String> = sysctls.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    args.extend(kv.iter().map(String::as_str));
+    ip(&args)
+}
+
 pub fn delete_netns(name: &str) -> Result<(), Error> {
     if netns_path(name).exists() {
         ip(&["netns", "delete", name])?;

@@ -1,0 +1,554 @@
+//! The kubelet runs what install manifests ask, end to end and privileged:
+//! a real apiserver process and a real kubelet process on loopback (node
+//! address 127.0.0.1, the pods hostNetwork unless a test gives the node a
+//! network), real kubectl, pods' processes observed through `kubectl logs`.
+//! Each test has its own apiserver, node name, kubelet root and cgroup, so
+//! they may run at once; everything is removed on drop (also on panic).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    fs::File,
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use riptide_test_support::privileged;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_riptide-controlplane");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Node {
+    dir: tempfile::TempDir,
+    node: String,
+    apiserver: Child,
+    kubelet: Option<Child>,
+    kubeconfig: PathBuf,
+    server: String,
+    cgroup: PathBuf,
+}
+
+impl Node {
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("kubelet")
+    }
+    /// The node's own `/` for hostPath volumes.
+    fn node_root(&self) -> PathBuf {
+        self.dir.path().join("node-root")
+    }
+    fn cni_conf(&self) -> PathBuf {
+        self.dir.path().join("cni-conf")
+    }
+    fn cni_bin(&self) -> PathBuf {
+        self.dir.path().join("cni-bin")
+    }
+    /// A directory standing for image `riptide.test/tools:1`.
+    fn image_dir(&self) -> PathBuf {
+        self.dir.path().join("image-tools")
+    }
+
+    /// apiserver + kubelet; `network` writes a CNI config first.
+    fn up(tag: &str, network: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let node = format!("rtk{}{tag}", std::process::id() % 100_000);
+        let data = dir.path().join("cp");
+        let log = File::create(dir.path().join("apiserver.log")).unwrap();
+        let mut apiserver = Command::new(BIN)
+            .args(["apiserver", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(apiserver.stdout.take().unwrap()).lines();
+        let (mut kubeconfig, mut server) = (PathBuf::new(), String::new());
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(a) = line.strip_prefix("listening ") {
+                server = format!("https://{a}");
+            }
+            if let Some(p) = line.strip_prefix("kubeconfig ") {
+                kubeconfig = PathBuf::from(p);
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        let cgroup = PathBuf::from("/sys/fs/cgroup/unified").join(&node);
+        let mut n = Node { dir, node, apiserver, kubelet: None, kubeconfig, server, cgroup };
+        assert!(n.kubeconfig.exists(), "apiserver wrote no kubeconfig:\n{}", n.log("apiserver"));
+        std::fs::create_dir_all(n.cni_conf()).unwrap();
+        std::fs::create_dir_all(n.cni_bin()).unwrap();
+        std::fs::create_dir_all(n.node_root()).unwrap();
+        std::fs::create_dir_all(n.image_dir()).unwrap();
+        let tool = n.image_dir().join("hello-tool");
+        std::fs::write(&tool, "#!/bin/sh\necho \"hello from the image, args: $*\"\n").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A CNI plugin that only answers: the pod gets its own netns and an
+        // address, nothing is wired.
+        let plugin = n.cni_bin().join("fake");
+        std::fs::write(&plugin, "#!/bin/sh\ncat >/dev/null\ncase \"$CNI_COMMAND\" in\nADD) echo '{\"cniVersion\":\"1.0.0\",\"ips\":[{\"address\":\"10.250.0.9/24\"}]}';;\nVERSION) echo '{\"cniVersion\":\"1.0.0\",\"supportedVersions\":[\"1.0.0\"]}';;\nesac\n").unwrap();
+        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if network {
+            n.write_conflist();
+        }
+        n.start_kubelet();
+        n.wait("node registered", 30, |n| (!n.json(&["get", "node", &n.node]).is_null()).then_some(()));
+        n
+    }
+
+    fn write_conflist(&self) {
+        let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "fake", "plugins": [{"type": "fake"}]});
+        std::fs::write(self.cni_conf().join("10-fake.conflist"), conf.to_string()).unwrap();
+    }
+
+    fn start_kubelet(&mut self) {
+        let pki = riptide_controlplane::apiserver::tls::Pki::load(&self.dir.path().join("cp").join("pki")).unwrap();
+        let creds = riptide_controlplane::credentials::write_kubelet(&pki, &self.server, &self.node, "127.0.0.1", &self.dir.path().join("creds")).unwrap();
+        let map = self.dir.path().join("image-map");
+        std::fs::write(
+            &map,
+            format!(
+                "registry.k8s.io/pause:* = pause\nriptide.test/host:* = host\nriptide.test/tools:1 = {}\n",
+                self.image_dir().display()
+            ),
+        )
+        .unwrap();
+        let resolv = self.dir.path().join("resolv.conf");
+        std::fs::write(&resolv, "nameserver 192.0.2.53\n").unwrap();
+        let log = File::options().create(true).append(true).open(self.dir.path().join("kubelet.log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["kubelet", "--node-name", &self.node, "--node-ip", "127.0.0.1", "--port", &free_port().to_string()])
+            .arg("--kubeconfig")
+            .arg(&creds.kubeconfig)
+            .arg("--tls-cert-file")
+            .arg(&creds.cert)
+            .arg("--tls-private-key-file")
+            .arg(&creds.key)
+            .arg("--client-ca-file")
+            .arg(&creds.ca)
+            .arg("--cni-conf-dir")
+            .arg(self.cni_conf())
+            .arg("--cni-bin-dir")
+            .arg(self.cni_bin())
+            .arg("--cgroup-root")
+            .arg(&self.cgroup)
+            .arg("--root-dir")
+            .arg(self.root())
+            .arg("--image-map")
+            .arg(&map)
+            .arg("--host-path-root")
+            .arg(self.node_root())
+            .arg("--resolv-conf")
+            .arg(&resolv)
+            .args(["--restart-backoff", "1s", "--heartbeat-interval", "1s"])
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.kubelet = Some(child);
+    }
+
+    fn log(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    fn kubectl_raw(&self, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+        let mut c = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("kcache"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(s) = stdin {
+            c.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        }
+        drop(c.stdin.take());
+        let out = c.wait_with_output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+
+    fn diagnostics(&self) -> String {
+        format!(
+            "--- pods\n{}\n--- events\n{}\n--- kubelet\n{}\n--- apiserver\n{}",
+            self.kubectl_raw(&["get", "pods", "-A", "-o", "yaml"], None).1,
+            self.kubectl_raw(&["get", "events", "-A"], None).1,
+            self.log("kubelet"),
+            self.log("apiserver")
+        )
+    }
+
+    fn apply(&self, yaml: &str) {
+        let (ok, out) = self.kubectl_raw(&["apply", "-f", "-"], Some(yaml));
+        assert!(ok, "kubectl apply: {out}\n{}", self.diagnostics());
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        let (ok, out) = self.kubectl_raw(&a, None);
+        if !ok {
+            return Value::Null;
+        }
+        serde_json::from_str(&out).unwrap_or(Value::Null)
+    }
+
+    fn wait<T>(&self, what: &str, secs: u64, mut f: impl FnMut(&Self) -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(v) = f(self) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", self.diagnostics());
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// The container's log once it contains `marker`.
+    fn logs_with(&self, pod: &str, container: &str, marker: &str) -> String {
+        self.wait(&format!("{pod}/{container} to log {marker:?}"), 60, |n| {
+            let (ok, out) = n.kubectl_raw(&["logs", pod, "-c", container], None);
+            (ok && out.contains(marker)).then_some(out)
+        })
+    }
+
+    fn pod(&self, name: &str) -> Value {
+        self.json(&["get", "pod", name])
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut k) = self.kubelet.take() {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+        let _ = riptide_controlplane::kubelet::mntns::release_all(&self.root());
+        if let Ok(rd) = std::fs::read_dir(&self.cgroup) {
+            for e in rd.flatten().filter(|e| e.path().is_dir()) {
+                let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
+                for _ in 0..50 {
+                    if std::fs::remove_dir(e.path()).is_ok() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&self.cgroup);
+        if let Ok(rd) = std::fs::read_dir("/run/netns") {
+            let prefix = format!("{}-pod-", self.node);
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&prefix) {
+                    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                }
+            }
+        }
+        let _ = self.apiserver.kill();
+        let _ = self.apiserver.wait();
+    }
+}
+
+/// `name: value` lines of /proc/self/status as a container printed them.
+fn status_field<'a>(log: &'a str, field: &str) -> &'a str {
+    log.lines().find_map(|l| l.strip_prefix(&format!("{field}:"))).map_or("", str::trim)
+}
+
+#[test]
+fn kubelet_volumes_security_and_service_account_token() {
+    if !privileged("for mount namespaces, cgroups and setuid") {
+        return;
+    }
+    let n = Node::up("v", true);
+    let node = n.node.clone();
+    // Something that must stay out of the machine's real /opt/cni/bin.
+    let marker = format!("marker-{node}");
+    n.apply(&format!(
+        r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: app}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: cfg}}
+data: {{routing-mode: native, mtu: "1500"}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: sec}}
+stringData: {{password: hunter2}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: vols, labels: {{app: vols}}}}
+spec:
+  nodeName: {node}
+  hostNetwork: true
+  serviceAccountName: app
+  restartPolicy: Never
+  securityContext: {{fsGroup: 4321}}
+  volumes:
+  - {{name: cfg, configMap: {{name: cfg}}}}
+  - {{name: sec, secret: {{secretName: sec, defaultMode: 0400}}}}
+  - {{name: scratch, emptyDir: {{}}}}
+  - {{name: labels, downwardAPI: {{items: [{{path: labels, fieldRef: {{fieldPath: "metadata.labels['app']"}}}}]}}}}
+  - {{name: cni-bin, hostPath: {{path: /opt/cni/bin, type: DirectoryOrCreate}}}}
+  - {{name: bpffs, hostPath: {{path: /sys/fs/bpf, type: Directory}}}}
+  containers:
+  - name: main
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c"]
+    args:
+    - |
+      cat /etc/riptide/config/routing-mode; echo
+      echo "secret=$(cat /secret/password) $(stat -L -c '%a %g' /secret/password)"
+      echo "labels=$(cat /labels/labels)"
+      echo hi > /scratch/from-main
+      touch /host/opt/cni/bin/{marker}
+      echo "bpffs=$(stat -f -c %T /sys/fs/bpf)"
+      echo "ns=$(cat /var/run/secrets/kubernetes.io/serviceaccount/namespace)"
+      echo "svchost=$KUBERNETES_SERVICE_HOST"
+      SA=/var/run/secrets/kubernetes.io/serviceaccount
+      HOME=/tmp kubectl --server={server} --certificate-authority=$SA/ca.crt --token="$(cat $SA/token)" auth whoami -o jsonpath='whoami={{.status.userInfo.username}}{{"\n"}}'
+      echo done-main
+      sleep 1000
+    volumeMounts:
+    - {{name: cfg, mountPath: /etc/riptide/config, readOnly: true}}
+    - {{name: sec, mountPath: /secret}}
+    - {{name: labels, mountPath: /labels}}
+    - {{name: scratch, mountPath: /scratch}}
+    - {{name: cni-bin, mountPath: /host/opt/cni/bin}}
+    - {{name: bpffs, mountPath: /sys/fs/bpf, mountPropagation: HostToContainer}}
+  - name: restricted
+    image: riptide.test/tools:1
+    command: ["/bin/sh", "-c"]
+    args: ["hello-tool x; ls /usr/local/bin; grep -E '^(Uid|Gid|Groups|CapBnd|CapEff|NoNewPrivs):' /proc/self/status; echo done-restricted; sleep 1000"]
+    securityContext:
+      runAsUser: 1000
+      runAsGroup: 1000
+      allowPrivilegeEscalation: false
+      capabilities: {{drop: [ALL], add: [NET_BIND_SERVICE]}}
+  - name: dns-like
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c", "grep -E '^(Uid|CapBnd|CapEff|NoNewPrivs):' /proc/self/status; echo done-dns; sleep 1000"]
+    securityContext:
+      allowPrivilegeEscalation: false
+      capabilities: {{drop: [ALL], add: [NET_BIND_SERVICE]}}
+  - name: default
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c", "grep -E '^(CapBnd|NoNewPrivs):' /proc/self/status; echo done-default; sleep 1000"]
+  - name: privileged
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c", "grep -E '^CapBnd:' /proc/self/status; ls /scratch; echo done-priv; sleep 1000"]
+    securityContext: {{privileged: true}}
+    volumeMounts:
+    - {{name: scratch, mountPath: /scratch}}
+"#,
+        server = n.server
+    ));
+    let main = n.logs_with("vols", "main", "done-main");
+    assert!(main.contains("native"), "configMap key as a file:\n{main}");
+    assert!(main.contains("secret=hunter2 400 4321"), "secret with defaultMode 0400 and fsGroup:\n{main}");
+    assert!(main.contains("labels=vols"), "downwardAPI:\n{main}");
+    assert!(main.contains("bpffs=bpf_fs"), "/sys/fs/bpf stays the kernel's:\n{main}");
+    assert!(main.contains("ns=default"), "namespace file:\n{main}");
+    assert!(main.contains("whoami=system:serviceaccount:default:app"), "the mounted token authenticates as the pod's ServiceAccount:\n{main}");
+    // hostPath under the node's root, never the machine's.
+    assert!(n.node_root().join("opt/cni/bin").join(&marker).exists(), "hostPath resolved under the node root\n{main}");
+    assert!(!Path::new("/opt/cni/bin").join(&marker).exists(), "the machine's /opt/cni/bin was touched");
+    assert!(!Path::new("/host").exists() && !Path::new("/etc/riptide/config").exists(), "mount points were made on the machine's /");
+
+    let r = n.logs_with("vols", "restricted", "done-restricted");
+    assert!(r.contains("hello from the image, args: x"), "the image's binary by name:\n{r}");
+    assert!(r.contains("hello-tool"), "the image dir at /usr/local/bin:\n{r}");
+    assert!(status_field(&r, "Uid").starts_with("1000\t1000"), "runAsUser:\n{r}");
+    assert!(status_field(&r, "Gid").starts_with("1000\t1000"), "runAsGroup:\n{r}");
+    assert_eq!(status_field(&r, "Groups"), "4321", "fsGroup as supplementary group:\n{r}");
+    assert_eq!(status_field(&r, "CapBnd"), "0000000000000400", "drop ALL + add NET_BIND_SERVICE:\n{r}");
+    assert_eq!(status_field(&r, "CapEff"), "0000000000000000", "non-root: no effective caps:\n{r}");
+    assert_eq!(status_field(&r, "NoNewPrivs"), "1", "allowPrivilegeEscalation: false:\n{r}");
+
+    let d = n.logs_with("vols", "dns-like", "done-dns");
+    assert_eq!(status_field(&d, "CapEff"), "0000000000000400", "root keeps NET_BIND_SERVICE (riptide-dns binds :53):\n{d}");
+
+    let def = n.logs_with("vols", "default", "done-default");
+    // containerd's default set: CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID
+    // SETUID SETPCAP NET_BIND_SERVICE NET_RAW SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP.
+    assert_eq!(status_field(&def, "CapBnd"), "00000000a80425fb", "default capabilities:\n{def}");
+    assert_eq!(status_field(&def, "NoNewPrivs"), "0");
+
+    let p = n.logs_with("vols", "privileged", "done-priv");
+    // Every capability the kubelet has (this machine may withhold some).
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    assert_eq!(status_field(&p, "CapBnd"), status_field(&own, "CapBnd"), "privileged keeps every capability:\n{p}");
+    assert!(p.contains("from-main"), "emptyDir shared between containers:\n{p}");
+
+    // kubectl exec runs as the container's user.
+    let (ok, out) = n.kubectl_raw(&["exec", "vols", "-c", "restricted", "--", "id", "-u"], None);
+    assert!(ok && out.trim() == "1000", "exec as runAsUser: {out}");
+}
+
+#[test]
+fn kubelet_init_containers_in_order_with_retry() {
+    if !privileged("for mount namespaces and cgroups") {
+        return;
+    }
+    let n = Node::up("i", true);
+    let node = n.node.clone();
+    n.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: init}}
+spec:
+  nodeName: {node}
+  hostNetwork: true
+  volumes: [{{name: work, emptyDir: {{}}}}]
+  initContainers:
+  - name: first
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c", "echo first >> /work/order"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+  - name: flaky
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c", "if [ -e /work/tried ]; then echo flaky-ok >> /work/order; else touch /work/tried; echo flaky-fail >> /work/order; exit 3; fi"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+  containers:
+  - name: app
+    image: registry.k8s.io/pause:3.10
+  - name: reader
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c", "echo app >> /work/order; cat /work/order; echo done-reader; sleep 1000"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: blocked}}
+spec:
+  nodeName: {node}
+  hostNetwork: true
+  initContainers:
+  - {{name: ok, image: "riptide.test/host:1", command: ["true"]}}
+  - {{name: fails, image: "riptide.test/host:1", command: ["false"]}}
+  containers:
+  - {{name: never, image: "riptide.test/host:1", command: ["sleep", "1000"]}}
+"#
+    ));
+    let out = n.logs_with("init", "reader", "done-reader");
+    assert!(out.contains("first\nflaky-fail\nflaky-ok\napp\n"), "init containers in order, the failed one retried, then the app:\n{out}");
+    let p = n.pod("init");
+    let inits = p["status"]["initContainerStatuses"].as_array().cloned().unwrap_or_default();
+    assert_eq!(inits.len(), 2, "{p}");
+    assert_eq!(inits[0]["state"]["terminated"]["reason"], "Completed", "{p}");
+    assert!(inits[1]["restartCount"].as_i64() >= Some(1), "the failed init container restarted: {p}");
+    assert_eq!(p["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Initialized").unwrap()["status"], "True");
+    // The pause container runs the built-in sleep.
+    n.wait("init pod Running with the pause container up", 30, |n| {
+        let p = n.pod("init");
+        (p["status"]["phase"] == "Running" && p["status"]["containerStatuses"][0]["state"]["running"].is_object()).then_some(())
+    });
+
+    // A failing init container blocks the app and shows as Init:… .
+    let status = n.wait("blocked pod to show its init state", 30, |n| {
+        let (_, out) = n.kubectl_raw(&["get", "pod", "blocked", "--no-headers"], None);
+        let p = n.pod("blocked");
+        (p["status"]["initContainerStatuses"][1]["restartCount"].as_i64() >= Some(1) && out.contains("Init:")).then_some(out)
+    });
+    assert!(status.contains("Init:Error") || status.contains("Init:CrashLoopBackOff") || status.contains("Init:1/2"), "{status}");
+    let p = n.pod("blocked");
+    assert_eq!(p["status"]["phase"], "Pending", "{p}");
+    assert_eq!(p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"], "PodInitializing", "{p}");
+    let cond = p["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Initialized").cloned().unwrap();
+    assert_eq!(cond["status"], "False");
+    assert!(cond["message"].as_str().unwrap_or_default().contains("fails"), "{cond}");
+}
+
+#[test]
+fn kubelet_unknown_image_is_an_image_pull_error() {
+    if !privileged("for cgroups") {
+        return;
+    }
+    let n = Node::up("u", true);
+    let node = n.node.clone();
+    n.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: unknown}}
+spec:
+  nodeName: {node}
+  hostNetwork: true
+  containers:
+  - {{name: c, image: "example.invalid/nothing:1", command: ["sleep", "1000"]}}
+"#
+    ));
+    let waiting = n.wait("an image pull error", 30, |n| {
+        let w = n.pod("unknown")["status"]["containerStatuses"][0]["state"]["waiting"].clone();
+        w["reason"].as_str().is_some_and(|r| r == "ErrImagePull" || r == "ImagePullBackOff").then_some(w)
+    });
+    assert!(waiting["message"].as_str().unwrap_or_default().contains("example.invalid/nothing:1"), "{waiting}");
+    // Later attempts back off.
+    n.wait("ImagePullBackOff", 30, |n| {
+        (n.pod("unknown")["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "ImagePullBackOff").then_some(())
+    });
+    let p = n.pod("unknown");
+    assert_eq!(p["status"]["phase"], "Pending", "{p}");
+    let cg = n.cgroup.join(format!("pod-{}", p["metadata"]["uid"].as_str().unwrap())).join("cgroup.procs");
+    assert_eq!(std::fs::read_to_string(&cg).unwrap_or_default().trim(), "", "no process may run for an unknown image");
+}
+
+#[test]
+fn kubelet_node_network_ready_follows_cni_config() {
+    if !privileged("for network namespaces") {
+        return;
+    }
+    let n = Node::up("n", false);
+    let node = n.node.clone();
+    let ready = |n: &Node| n.json(&["get", "node", &n.node])["status"]["conditions"].as_array().cloned().unwrap_or_default().into_iter().find(|c| c["type"] == "Ready");
+    let c = n.wait("NotReady without CNI config", 30, |n| ready(n).filter(|c| c["status"] == "False"));
+    let msg = c["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("NetworkReady=false") && msg.contains(n.cni_conf().to_str().unwrap()), "{c}");
+    let (ok, out) = n.kubectl_raw(&["patch", "node", &node, "-p", r#"{"spec":{"podCIDR":"10.250.0.0/24"}}"#], None);
+    assert!(ok, "{out}");
+    n.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: net}}
+spec:
+  nodeName: {node}
+  containers:
+  - {{name: c, image: "riptide.test/host:1", command: ["/bin/sh", "-c", "echo port-start=$(cat /proc/sys/net/ipv4/ip_unprivileged_port_start); echo done-net; sleep 1000"]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: host}}
+spec:
+  nodeName: {node}
+  hostNetwork: true
+  containers:
+  - {{name: c, image: "riptide.test/host:1", command: ["sleep", "1000"]}}
+"#
+    ));
+    n.wait("the hostNetwork pod to run", 30, |n| (n.pod("host")["status"]["phase"] == "Running").then_some(()));
+    std::thread::sleep(Duration::from_secs(2));
+    let p = n.pod("net");
+    assert_eq!(p["status"]["phase"], "Pending", "a pod network pod waits for the network: {p}");
+    assert!(p["status"]["message"].as_str().unwrap_or_default().contains("NetworkReady=false"), "{p}");
+    n.write_conflist();
+    n.wait("Ready once the config exists", 20, |n| ready(n).filter(|c| c["status"] == "True"));
+    let out = n.logs_with("net", "c", "done-net");
+    assert!(out.contains("port-start=0"), "containerd's unprivileged ports in the pod netns:\n{out}");
+    assert_eq!(n.pod("net")["status"]["podIP"], "10.250.0.9");
+}
