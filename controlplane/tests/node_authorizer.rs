@@ -106,6 +106,29 @@ async fn kubelets_reach_only_their_own_node_and_pods() {
     let label = Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}}));
     assert_eq!(code(nodes.patch("n1", &PatchParams::default(), &label).await), 200);
     assert_eq!(code(nodes.patch("n2", &PatchParams::default(), &label).await), 403);
+    // NodeRestriction: no restricted or foreign kubernetes.io labels, no taint changes —
+    // on a patch as on any write — while the admin may set both.
+    let steer = Patch::Merge(json!({"metadata": {"labels": {"node-restriction.kubernetes.io/pool": "secure"}}}));
+    match nodes.patch("n1", &PatchParams::default(), &steer).await {
+        Err(kube::Error::Api(e)) => assert_eq!(
+            (e.code, e.message.as_str()),
+            (403, "nodes \"n1\" is forbidden: is not allowed to modify labels: node-restriction.kubernetes.io/pool")
+        ),
+        r => panic!("a kubelet set a node-restriction label: {r:?}"),
+    }
+    let role = Patch::Merge(json!({"metadata": {"labels": {"node-role.kubernetes.io/control-plane": ""}}}));
+    assert_eq!(code(nodes.patch("n1", &PatchParams::default(), &role).await), 403);
+    let own = Patch::Merge(json!({"metadata": {"labels": {"node.kubernetes.io/instance-type": "lab", "topology.kubernetes.io/zone": "a"}}}));
+    assert_eq!(code(nodes.patch("n1", &PatchParams::default(), &own).await), 200, "the kubelet's own labels");
+    let admin_nodes = Api::<Node>::all(admin.clone());
+    let taint = Patch::Merge(json!({"spec": {"taints": [{"key": "dedicated", "value": "db", "effect": "NoSchedule"}]}}));
+    assert_eq!(code(admin_nodes.patch("n1", &PatchParams::default(), &taint).await), 200);
+    assert_eq!(code(admin_nodes.patch("n1", &PatchParams::default(), &steer).await), 200, "the admin may");
+    match nodes.patch("n1", &PatchParams::default(), &Patch::Merge(json!({"spec": {"taints": null}}))).await {
+        Err(kube::Error::Api(e)) => assert_eq!((e.code, e.message.as_str()), (403, "nodes \"n1\" is forbidden: node \"n1\" is not allowed to modify taints")),
+        r => panic!("a kubelet removed its taint: {r:?}"),
+    }
+    assert_eq!(code(nodes.patch("n1", &PatchParams::default(), &label).await), 200, "other labels still pass with the taint and restricted label in place");
     let ready = Patch::Merge(json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}}));
     assert_eq!(code(nodes.patch_status("n1", &PatchParams::default(), &ready).await), 200);
     assert_eq!(code(nodes.patch_status("n2", &PatchParams::default(), &ready).await), 403);

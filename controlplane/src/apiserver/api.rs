@@ -35,8 +35,8 @@ pub enum FieldValidation {
 pub struct WriteOptions {
     pub dry_run: bool,
     pub field_validation: FieldValidation,
-    /// RBAC escalation check of the writer (RBAC kinds only).
-    pub rbac_guard: Option<Arc<super::escalation::RbacGuard>>,
+    /// Checks that depend on who writes (RBAC escalation, NodeRestriction).
+    pub writer: Option<Arc<super::escalation::WriterAdmission>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -351,8 +351,8 @@ impl Api {
         Self::admit(res, &mut obj, opts)?;
         let name = object::name(&obj).to_string();
         self.admission.service(res, &name, &obj, None)?;
-        if let Some(guard) = &opts.rbac_guard {
-            guard.check(res, None, &obj)?;
+        if let Some(writer) = &opts.writer {
+            writer.check(res, None, &obj)?;
         }
         if let Some(ns) = ns {
             self.namespace_check(ns).await?;
@@ -454,8 +454,8 @@ impl Api {
         }
         Self::admit(res, &mut new, opts)?;
         self.admission.service(res, name, &new, Some(old))?;
-        if let Some(guard) = &opts.rbac_guard {
-            guard.check(res, Some(old), &new)?;
+        if let Some(writer) = &opts.writer {
+            writer.check(res, Some(old), &new)?;
         }
         if object::spec_part(&new) != object::spec_part(old) && sub.is_none() {
             let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);

@@ -1,7 +1,11 @@
 //! What RBAC alone does not stop: writing a role or binding that grants
 //! more than the writer holds (upstream `pkg/registry/rbac/*/policybased`,
-//! the "escalate" and "bind" verbs), and acting as someone else
-//! (`Impersonate-*` headers, upstream `WithImpersonation`).
+//! the "escalate" and "bind" verbs), a kubelet steering workloads to its
+//! node through its own labels and taints (NodeRestriction, in
+//! `node_authz.rs`), and acting as someone else (`Impersonate-*` headers,
+//! upstream `WithImpersonation`). The first two depend on the writer and
+//! the final object, so [`WriterAdmission`] rides in the write options
+//! into the store's write path.
 //!
 //! Escalation: a Role or ClusterRole write is allowed when the writer may
 //! `escalate` it, or already holds every permission in it; a binding write
@@ -27,22 +31,22 @@ use super::{
     Api,
     authn::{AUTHENTICATED, ANONYMOUS, MASTERS, UNAUTHENTICATED, UserInfo},
     authz::{self, Authorizer, RBAC_GROUP},
-    object,
+    node_authz, object,
     rbac::{Attributes, Policy, Rule, uncovered},
     status::{ApiError, ApiResult},
 };
 use crate::registry::{self, Resource};
 
-/// The escalation check of one request: its user and the RBAC snapshot the
-/// request was authorized against.
-pub struct RbacGuard {
+/// The writer-dependent admission of one request: its user and, for RBAC
+/// writes, the RBAC snapshot the request was authorized against.
+pub struct WriterAdmission {
     user: UserInfo,
-    policy: Arc<Policy>,
+    policy: Option<Arc<Policy>>,
 }
 
-impl std::fmt::Debug for RbacGuard {
+impl std::fmt::Debug for WriterAdmission {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RbacGuard").field("user", &self.user.name).finish_non_exhaustive()
+        f.debug_struct("WriterAdmission").field("user", &self.user.name).finish_non_exhaustive()
     }
 }
 
@@ -54,11 +58,26 @@ fn qualified(res: &Resource) -> String {
     format!("{}.{}", res.plural, res.group)
 }
 
-impl RbacGuard {
-    pub fn new(user: UserInfo, policy: Arc<Policy>) -> Self {
-        Self { user, policy }
-    }
+/// The escalation check of an RBAC write: who writes, against which policy.
+struct RbacGuard<'a> {
+    user: &'a UserInfo,
+    policy: &'a Policy,
+}
 
+impl WriterAdmission {
+    /// Judges a write of `new` (replacing `old`, absent on create) as `res`.
+    pub fn check(&self, res: &Resource, old: Option<&Value>, new: &Value) -> ApiResult<()> {
+        if let Some(policy) = &self.policy {
+            RbacGuard { user: &self.user, policy }.check(res, old, new)?;
+        }
+        if res.is("", "nodes") {
+            node_authz::admit_node_write(&self.user, old, new)?;
+        }
+        Ok(())
+    }
+}
+
+impl RbacGuard<'_> {
     fn may(&self, verb: &str, plural: &str, namespace: &str, name: &str) -> bool {
         self.policy.allows(&Attributes {
             user: self.user.clone(),
@@ -81,7 +100,7 @@ impl RbacGuard {
     /// upstream `ConfirmNoEscalation`: the writer holds every rule in
     /// `wanted` (in `namespace`, or cluster-wide when empty).
     fn confirm(&self, res: &Resource, name: &str, namespace: &str, wanted: &[Rule]) -> ApiResult<()> {
-        let missing = uncovered(&self.policy.rules_for(&self.user, namespace), wanted);
+        let missing = uncovered(&self.policy.rules_for(self.user, namespace), wanted);
         if missing.is_empty() {
             return Ok(());
         }
@@ -94,8 +113,7 @@ impl RbacGuard {
         ))
     }
 
-    /// Judges a write of `new` (replacing `old`, absent on create).
-    pub fn check(&self, res: &Resource, old: Option<&Value>, new: &Value) -> ApiResult<()> {
+    fn check(&self, res: &Resource, old: Option<&Value>, new: &Value) -> ApiResult<()> {
         if res.group != RBAC_GROUP || self.user.groups.iter().any(|g| g == MASTERS) {
             return Ok(());
         }
@@ -112,7 +130,7 @@ impl RbacGuard {
                         Rule { verbs: all("*"), api_groups: all("*"), resources: all("*"), ..Rule::default() },
                         Rule { verbs: all("*"), non_resource_urls: all("*"), ..Rule::default() },
                     ];
-                    if !uncovered(&self.policy.rules_for(&self.user, ""), &full).is_empty() {
+                    if !uncovered(&self.policy.rules_for(self.user, ""), &full).is_empty() {
                         return Err(Self::forbidden(res, name, "must have cluster-admin privileges to use the aggregationRule"));
                     }
                 }
@@ -243,9 +261,15 @@ fn percent_decode(s: &str) -> String {
 }
 
 impl Authorizer {
-    /// The escalation check for writes by `user`, on the current snapshot.
-    pub async fn guard(&self, api: &Api, user: &UserInfo) -> ApiResult<RbacGuard> {
-        Ok(RbacGuard::new(user.clone(), self.snapshot(api).await?))
+    /// The writer-dependent admission of writes by `user` to `res` (with
+    /// the current RBAC snapshot when `res` is an RBAC kind), or none when
+    /// nothing about `res` depends on the writer.
+    pub async fn writer_admission(&self, api: &Api, user: &UserInfo, res: &Resource) -> ApiResult<Option<WriterAdmission>> {
+        let policy = if res.group == RBAC_GROUP { Some(self.snapshot(api).await?) } else { None };
+        if policy.is_none() && !(res.is("", "nodes") && node_authz::node_of(user).is_some()) {
+            return Ok(None);
+        }
+        Ok(Some(WriterAdmission { user: user.clone(), policy }))
     }
 }
 

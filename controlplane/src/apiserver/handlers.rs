@@ -139,12 +139,10 @@ fn decode_body(ct: &str, b: &[u8]) -> ApiResult<Value> {
     Ok(v)
 }
 
-/// [`write_opts`] plus, for RBAC kinds, the writer's escalation check.
+/// [`write_opts`] plus the checks that depend on who writes.
 async fn guarded_write_opts(st: &AppState, res: &Resource, user: &UserInfo, q: &Q) -> ApiResult<WriteOptions> {
     let mut opts = write_opts(q);
-    if res.group == authz::RBAC_GROUP {
-        opts.rbac_guard = Some(Arc::new(st.authz.guard(&st.api, user).await?));
-    }
+    opts.writer = st.authz.writer_admission(&st.api, user, res).await?.map(Arc::new);
     Ok(opts)
 }
 
@@ -156,7 +154,7 @@ fn write_opts(q: &Q) -> WriteOptions {
             Some("Ignore") => FieldValidation::Ignore,
             _ => FieldValidation::Warn,
         },
-        rbac_guard: None,
+        writer: None,
     }
 }
 

@@ -16,13 +16,14 @@
 //! - Everything else: the `system:node` rules (events, Services, Endpoints,
 //!   EndpointSlices, TokenReview/SubjectAccessReview for its API).
 //!
-//! [`admit_create`] is NodeRestriction's part for creates, where the name
-//! is in the body the authorizer does not see: a kubelet creates only its
-//! own Node and its own Lease.
+//! NodeRestriction admission: [`admit_create`] for creates, where the name
+//! is in the body the authorizer does not see (a kubelet creates only its
+//! own Node and its own Lease); [`admit_node_write`] for what a kubelet
+//! writes into its Node, so it cannot steer workloads to itself: no label
+//! under `node-restriction.kubernetes.io/`, no `kubernetes.io`/`k8s.io`
+//! label outside the kubelet's own set, and no change of its taints.
 //!
-//! Not yet: NodeRestriction's label rules (a kubelet setting labels under
-//! `node-restriction.kubernetes.io/` or outside the allowed kubelet
-//! prefixes), and the selector-aware pod/node reads of
+//! Not yet: the selector-aware pod/node reads of
 //! `AuthorizeNodeWithSelectors`.
 
 use std::sync::OnceLock;
@@ -139,6 +140,73 @@ pub fn admit_create(user: &UserInfo, group: &str, plural: &str, obj: &Value) -> 
     }
 }
 
+/// The labels a kubelet may set outside its own namespaces (upstream
+/// `kubeletapis.IsKubeletLabel`).
+const KUBELET_LABELS: &[&str] = &[
+    "kubernetes.io/hostname",
+    "topology.kubernetes.io/zone",
+    "topology.kubernetes.io/region",
+    "failure-domain.beta.kubernetes.io/zone",
+    "failure-domain.beta.kubernetes.io/region",
+    "beta.kubernetes.io/instance-type",
+    "node.kubernetes.io/instance-type",
+    "kubernetes.io/os",
+    "kubernetes.io/arch",
+    "beta.kubernetes.io/os",
+    "beta.kubernetes.io/arch",
+];
+
+fn in_namespace(namespace: &str, domain: &str) -> bool {
+    namespace == domain || namespace.strip_suffix(domain).is_some_and(|p| p.ends_with('.'))
+}
+
+/// upstream `getForbiddenLabels`: the labels of `modified` a kubelet may
+/// not set.
+fn forbidden_labels<'a>(modified: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut out: Vec<&str> = modified
+        .filter(|label| {
+            let namespace = label.split_once('/').map_or("", |(ns, _)| ns);
+            let kubernetes = in_namespace(namespace, "kubernetes.io") || in_namespace(namespace, "k8s.io");
+            let kubelet = KUBELET_LABELS.contains(label)
+                || in_namespace(namespace, "kubelet.kubernetes.io")
+                || in_namespace(namespace, "node.kubernetes.io");
+            in_namespace(namespace, "node-restriction.kubernetes.io") || (kubernetes && !kubelet)
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// NodeRestriction for a kubelet's write of its Node (`old` absent on
+/// create): labels outside the allowed set are refused on create and on
+/// change, taints may not change. Anyone else passes.
+pub fn admit_node_write(user: &UserInfo, old: Option<&Value>, new: &Value) -> ApiResult<()> {
+    let Some(node) = node_of(user) else { return Ok(()) };
+    let name = str_at(new, "/metadata/name");
+    let labels = |v: Option<&Value>| -> serde_json::Map<String, Value> {
+        v.and_then(|v| v.pointer("/metadata/labels")).and_then(Value::as_object).cloned().unwrap_or_default()
+    };
+    let (before, after) = (labels(old), labels(Some(new)));
+    let modified = after
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(*v))
+        .map(|(k, _)| k.as_str())
+        .chain(before.keys().filter(|k| !after.contains_key(*k)).map(String::as_str));
+    let forbidden = forbidden_labels(modified);
+    let refuse = |why: String| Err(ApiError::forbidden(format!("nodes \"{name}\" is forbidden: {why}")));
+    match old {
+        None if !forbidden.is_empty() => {
+            refuse(format!("node \"{node}\" is not allowed to set the following labels: {}", forbidden.join(", ")))
+        }
+        Some(old) if old.pointer("/spec/taints") != new.pointer("/spec/taints") => {
+            refuse(format!("node \"{node}\" is not allowed to modify taints"))
+        }
+        Some(_) if !forbidden.is_empty() => refuse(format!("is not allowed to modify labels: {}", forbidden.join(", "))),
+        _ => Ok(()),
+    }
+}
+
 /// Whether the Node authorizer allows `a`; false means "no opinion" (RBAC
 /// decides).
 pub async fn allows(api: &Api, node: &str, a: &Attributes) -> ApiResult<bool> {
@@ -217,6 +285,39 @@ mod tests {
         assert!(admit_create(&n1, "", "configmaps", &named("x")).is_ok());
         let admin = UserInfo { name: "admin".into(), ..UserInfo::default() };
         assert!(admit_create(&admin, "", "nodes", &named("n2")).is_ok());
+    }
+
+    #[test]
+    fn kubelets_set_only_kubelet_labels_and_never_change_taints() {
+        let n1 = UserInfo { name: "system:node:n1".into(), groups: vec![NODES_GROUP.into()], ..UserInfo::default() };
+        let node = |labels: Value, taints: Value| json!({"metadata": {"name": "n1", "labels": labels}, "spec": {"taints": taints}});
+        let own = json!({"kubernetes.io/hostname": "n1", "node.kubernetes.io/exclude-from-external-load-balancers": "",
+            "kubelet.kubernetes.io/x": "1", "example.com/team": "a"});
+        assert!(admit_node_write(&n1, None, &node(own.clone(), json!([]))).is_ok());
+        let bad = json!({"node-restriction.kubernetes.io/secure": "true", "node-role.kubernetes.io/control-plane": "",
+            "kubernetes.io/hostname": "n1"});
+        let e = admit_node_write(&n1, None, &node(bad, json!([]))).unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (403, "nodes \"n1\" is forbidden: node \"n1\" is not allowed to set the following labels: node-restriction.kubernetes.io/secure, node-role.kubernetes.io/control-plane")
+        );
+        let old = node(own.clone(), json!([{"key": "dedicated", "value": "db", "effect": "NoSchedule"}]));
+        let e = admit_node_write(&n1, Some(&old), &node(own.clone(), json!([]))).unwrap_err();
+        assert_eq!(e.message, "nodes \"n1\" is forbidden: node \"n1\" is not allowed to modify taints");
+        let mut relabelled = old.clone();
+        relabelled["metadata"]["labels"]["example.k8s.io/tier"] = json!("gold");
+        relabelled["metadata"]["labels"]["example.com/team"] = json!("b");
+        let e = admit_node_write(&n1, Some(&old), &relabelled).unwrap_err();
+        assert_eq!(e.message, "nodes \"n1\" is forbidden: is not allowed to modify labels: example.k8s.io/tier");
+        // Removing a restricted label is a modification too; an unchanged one is not.
+        let mut held = old.clone();
+        held["metadata"]["labels"]["node-restriction.kubernetes.io/pool"] = json!("a");
+        assert!(admit_node_write(&n1, Some(&held), &held).is_ok());
+        let mut dropped = held.clone();
+        dropped["metadata"]["labels"].as_object_mut().unwrap().remove("node-restriction.kubernetes.io/pool");
+        assert!(admit_node_write(&n1, Some(&held), &dropped).is_err());
+        let admin = UserInfo { name: "admin".into(), ..UserInfo::default() };
+        assert!(admit_node_write(&admin, Some(&old), &node(json!({"node-role.kubernetes.io/x": ""}), json!([]))).is_ok());
     }
 
     #[test]
