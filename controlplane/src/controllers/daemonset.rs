@@ -22,6 +22,12 @@
 //! NotReady node whatever the pod tolerates, while a CNI/agent DaemonSet
 //! must run exactly there. As a consequence node resources (cpu, memory,
 //! max pods) are not checked for daemon pods; the kubelet admits them.
+//!
+//! Not yet: upstream's slow-start batches of creates (one call per node
+//! here), DaemonSet conditions, forgetting a node's failed-pod backoff once
+//! its pod runs, and per-pod expectations (a count per DaemonSet is kept,
+//! so a pod deleted by someone else while our own write is in flight holds
+//! the next pass back for up to 15 s).
 
 mod history;
 pub mod placement;
