@@ -586,3 +586,23 @@ async fn orphans_are_adopted_and_failed_pods_replaced() {
     assert!(events.split_whitespace().any(|r| r == "FailedDaemonPod"), "no FailedDaemonPod event: {events}");
     c.stop().await;
 }
+
+/// `control-plane` runs the controllers as system:kube-controller-manager;
+/// its bootstrap role must allow what this controller writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_manager_may_run_daemonsets() {
+    let srv = TestServer::start(Backend::Embedded).await;
+    for (verb, what) in [("create", "controllerrevisions.apps"), ("patch", "controllerrevisions.apps"), ("delete", "controllerrevisions.apps"),
+                         ("watch", "daemonsets.apps"), ("patch", "daemonsets.apps/status"), ("create", "pods"), ("patch", "pods"), ("delete", "pods")] {
+        let (what, sub) = what.split_once('/').map_or((what, None), |(w, s)| (w, Some(s)));
+        let mut args = vec!["auth", "can-i", verb, what, "--as", "system:kube-controller-manager"];
+        if let Some(s) = sub {
+            args.extend(["--subresource", s]);
+        }
+        let (ok, out, err) = srv.kubectl(&args).await;
+        assert!(ok && out.trim() == "yes", "controller-manager may not {verb} {what} {sub:?}: {out}{err}");
+    }
+    let (_, out, _) = srv.kubectl(&["auth", "can-i", "list", "controllerrevisions.apps", "--as", "jane", "--as-group", "system:authenticated"]).await;
+    assert_eq!(out.trim(), "no");
+    srv.shutdown().await;
+}
