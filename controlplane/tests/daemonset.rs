@@ -284,6 +284,9 @@ async fn placement_follows_selector_affinity_taints_and_nodes() {
     assert_eq!(&cols[..7], &["edge", "0", "0", "0", "0", "0", "role=edge"], "{out}");
     let out = c.srv.kubectl_ok(&["get", "controllerrevisions"]).await;
     assert!(out.contains("daemonset.apps/edge"), "{out}");
+    let out = c.srv.kubectl_ok(&["describe", "ds", "edge"]).await;
+    assert!(out.contains("Desired Number of Nodes Scheduled: 0") && out.contains("Number of Nodes Misscheduled: 1"), "{out}");
+    assert!(out.contains("SuccessfulCreate"), "events missing: {out}");
     c.stop().await;
 }
 
