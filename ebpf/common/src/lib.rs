@@ -32,11 +32,18 @@ pub mod names {
     pub const BE4: &str = "rt_be4_v1";
     /// Reverse NAT: [`crate::RevNatKey`] → [`crate::RevNatValue`].
     pub const REVNAT4: &str = "rt_revnat4_v1";
-    /// Connection tracking (LRU): [`crate::CtKey`] → [`crate::CtValue`].
-    /// v2: every entry is keyed with `dir` [`crate::CT_DIR_ANY`] and says
-    /// what it is in [`crate::CtValue::flags`], so one lookup per packet
-    /// finds a flow in either direction (v1 keyed FWD/REV apart).
-    pub const CT4: &str = "rt_ct4_v2";
+    /// Connection tracking of TCP flows (LRU): [`crate::CtKey`] →
+    /// [`crate::CtValue`]. Every entry is keyed with `dir`
+    /// [`crate::CT_DIR_ANY`] and says what it is in
+    /// [`crate::CtValue::flags`], so one lookup per packet finds a flow in
+    /// either direction. v3: TCP only, so a flood of anything else (UDP,
+    /// ICMP, inbound markers, which live in [`CT_ANY4`]) cannot evict
+    /// established TCP connections (Cilium's `ct4_global` / `ct_any4_global`).
+    pub const CT4: &str = "rt_ct4_v3";
+    /// Connection tracking of every other protocol, and the inbound markers
+    /// ([`crate::CT_F_INBOUND`] without [`crate::CT_F_POLICY`]) of every
+    /// protocol (LRU): same key and value as [`CT4`].
+    pub const CT_ANY4: &str = "rt_ctany4_v3";
     /// Source NAT (LRU): [`crate::CtKey`] → [`crate::NatValue`].
     pub const NAT4: &str = "rt_nat4_v1";
     /// ClientIP session affinity (LRU): [`crate::AffKey`] → [`crate::AffValue`].
@@ -85,10 +92,17 @@ pub mod names {
     pub const PROG_SOCK_GETPEERNAME4: &str = "rt_sock_peer4";
 
     /// Every map name (for size checks and dumps).
-    pub const ALL_MAPS: [&str; 16] = [
-        EP4, STATS, SVC4, BE4, REVNAT4, CT4, NAT4, AFF4, SOCKREV4, CONFIG, NODE4, MAGLEV4, EVENTS,
+    pub const ALL_MAPS: [&str; 17] = [
+        EP4, STATS, SVC4, BE4, REVNAT4, CT4, CT_ANY4, NAT4, AFF4, SOCKREV4, CONFIG, NODE4, MAGLEV4, EVENTS,
         POLEP4, IPCACHE4, POLICY4,
     ];
+    /// Names of maps earlier versions pinned that nothing uses any more.
+    /// A load removes their pins after taking over what they held (see
+    /// `riptide-datapath`'s `upgrade`); never a name in [`ALL_MAPS`].
+    pub const RETIRED_MAPS: [&str; 3] = ["rt_stats_v1", "rt_ct4_v1", "rt_ct4_v2"];
+    /// The conntrack map of the previous layout (TCP and everything else in
+    /// one table), whose entries a load moves into [`CT4`] / [`CT_ANY4`].
+    pub const CT4_PREV: &str = "rt_ct4_v2";
     /// Every program name.
     pub const ALL_PROGRAMS: [&str; 8] = [
         PROG_FROM_POD,
@@ -108,7 +122,11 @@ pub mod capacity {
     pub const SVC4: u32 = 262_144;
     pub const BE4: u32 = 131_072;
     pub const REVNAT4: u32 = 65_536;
+    /// TCP conntrack ([`crate::names::CT4`]).
     pub const CT4: u32 = 524_288;
+    /// Conntrack of other protocols and inbound markers
+    /// ([`crate::names::CT_ANY4`]).
+    pub const CT_ANY4: u32 = 262_144;
     pub const NAT4: u32 = 262_144;
     pub const AFF4: u32 = 65_536;
     pub const SOCKREV4: u32 = 262_144;
@@ -209,13 +227,26 @@ pub mod stats {
     pub const POLICY_AUDIT_IN: u32 = 33;
     /// NetworkPolicy audit mode: an egress flow policy would drop passed.
     pub const POLICY_AUDIT_OUT: u32 = 34;
+    /// Masquerade found no free node port for a new pod flow (every try
+    /// taken): the packet is dropped, never sent with the pod's address.
+    pub const MASQ_NO_PORT: u32 = 35;
+    /// A pod's TCP packet (not a SYN, not a SYN-ACK) to a peer it would be
+    /// masqueraded towards had no masquerade mapping and belongs to no
+    /// inbound flow: its mapping was evicted or expired while the
+    /// connection lived. Dropped, never sent with the pod's address.
+    pub const MASQ_LOST_MAPPING: u32 = 36;
+    /// A TCP packet other than a SYN of a load-balanced flow found no
+    /// conntrack entry: the entry was evicted (LRU pressure) or expired
+    /// while the connection lived, and the flow was balanced anew. Alert on
+    /// its rate: it means the conntrack table is too small.
+    pub const CT_LOST_TCP: u32 = 37;
     /// The last reason (for the names check).
-    pub const LAST: u32 = POLICY_AUDIT_OUT;
+    pub const LAST: u32 = CT_LOST_TCP;
     /// Number of slots in the stats array.
     pub const MAX: u32 = 64;
 
     /// Human names by index, for metrics and the CLI.
-    pub const NAMES: [&str; 35] = [
+    pub const NAMES: [&str; 38] = [
         "pass",
         "redirect_local",
         "drop_malformed",
@@ -251,6 +282,9 @@ pub mod stats {
         "policy_deny_out",
         "policy_audit_in",
         "policy_audit_out",
+        "masq_no_port",
+        "masq_lost_mapping",
+        "ct_lost_tcp",
     ];
 }
 
@@ -454,7 +488,8 @@ pub struct RevNatValue {
 
 // ------------------------------------------------------------ conntrack/NAT
 
-/// 5-tuple key of `rt_ct4_v2` and `rt_nat4_v1`, as seen on the wire.
+/// 5-tuple key of the conntrack maps (`rt_ct4_v3`, `rt_ctany4_v3`) and
+/// `rt_nat4_v1`, as seen on the wire.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CtKey {
@@ -536,7 +571,9 @@ pub const CT_F_HAIRPIN: u16 = 1 << 1;
 /// Created by the uplink (NodePort & co) path.
 pub const CT_F_NODEPORT: u16 = 1 << 2;
 /// Inbound entry: a non-service flow from outside the node into a local pod
-/// (see [`CtValue`]).
+/// (see [`CtValue`]). Without [`CT_F_POLICY`] (a bare marker) it lives in
+/// `rt_ctany4_v3` whatever the protocol, so inbound floods never evict TCP
+/// connections.
 pub const CT_F_INBOUND: u16 = 1 << 3;
 /// Reply entry of a load-balanced flow (see [`CtValue`]).
 pub const CT_F_REPLY: u16 = 1 << 4;

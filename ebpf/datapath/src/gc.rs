@@ -1,5 +1,8 @@
-//! Garbage-collection access to the flow-state maps (`rt_ct4_v1`,
-//! `rt_nat4_v1`, `rt_aff4_v1`, `rt_sockrev4_v1`) through their pins.
+//! Garbage-collection access to the flow-state maps (the conntrack tables
+//! `rt_ct4_v3` (TCP) and `rt_ctany4_v3` (the rest, inbound markers),
+//! `rt_nat4_v1`, `rt_aff4_v1`, `rt_sockrev4_v1`) through their pins. The
+//! two conntrack tables read as one: callers see every entry and delete by
+//! key.
 //!
 //! Added by the agent's helper for the agent's GC (`agent/src/gc.rs`): the
 //! policy (which entry is expired or stale) lives there; this file only
@@ -19,7 +22,7 @@ use aya::{
 };
 use riptide_common::{
     AffKey, AffValue, BackendKey, BackendValue, CtKey, CtValue, NatValue, RevNatKey, RevNatValue,
-    SockRevKey, SockRevValue, SvcKey, SvcValue, names,
+    SockRevKey, SockRevValue, SvcKey, SvcValue, names, proto,
 };
 
 use crate::{
@@ -29,7 +32,8 @@ use crate::{
 
 /// Handles on a node's flow-state maps.
 pub struct FlowMaps {
-    ct: HashMap<MapData, CtKey, CtValue>,
+    /// TCP conntrack, then the table of everything else.
+    ct: [HashMap<MapData, CtKey, CtValue>; 2],
     nat: HashMap<MapData, CtKey, NatValue>,
     aff: HashMap<MapData, AffKey, AffValue>,
     sockrev: HashMap<MapData, SockRevKey, SockRevValue>,
@@ -55,7 +59,10 @@ impl FlowMaps {
             HashMap::try_from(map).map_err(map_err(name))
         }
         Ok(Self {
-            ct: open(&dir, names::CT4, true)?,
+            ct: [
+                open(&dir, names::CT4, true)?,
+                open(&dir, names::CT_ANY4, true)?,
+            ],
             nat: open(&dir, names::NAT4, true)?,
             aff: open(&dir, names::AFF4, true)?,
             sockrev: open(&dir, names::SOCKREV4, true)?,
@@ -65,9 +72,11 @@ impl FlowMaps {
         })
     }
 
-    /// Every conntrack entry.
+    /// Every conntrack entry, of both tables.
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>> {
-        dump(&self.ct).map_err(map_err(names::CT4))
+        let mut out = dump(&self.ct[0]).map_err(map_err(names::CT4))?;
+        out.extend(dump(&self.ct[1]).map_err(map_err(names::CT_ANY4))?);
+        Ok(out)
     }
 
     /// Every NAT entry.
@@ -103,8 +112,33 @@ impl FlowMaps {
     /// Deletes the conntrack entries `keys` if their `last_seen_ns` still
     /// equals the value the caller decided on (a packet in between means
     /// the flow is alive after all). `None` deletes unconditionally.
+    ///
+    /// A key is looked for in the table of its protocol first, then in the
+    /// other one (TCP inbound markers live in the non-TCP table).
     pub fn delete_conntrack(&mut self, keys: &[(CtKey, Option<u64>)]) -> Result<usize> {
-        delete_checked(&mut self.ct, keys, |v| v.last_seen_ns).map_err(map_err(names::CT4))
+        let mut n = 0;
+        for (k, seen) in keys {
+            let first = usize::from(k.proto != proto::TCP);
+            let mut gone = false;
+            for i in [first, 1 - first] {
+                let name = [names::CT4, names::CT_ANY4][i];
+                match delete_one(&mut self.ct[i], k, *seen, |v| v.last_seen_ns)
+                    .map_err(map_err(name))?
+                {
+                    Deleted::Yes => {
+                        n += 1;
+                        gone = true;
+                    }
+                    // Refreshed since the caller looked: alive, keep it.
+                    Deleted::Alive => gone = true,
+                    Deleted::Absent => {}
+                }
+                if gone {
+                    break;
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Like [`FlowMaps::delete_conntrack`] for `rt_nat4_v1`.
@@ -134,6 +168,36 @@ fn remove<K: Pod, V: Pod>(m: &mut HashMap<MapData, K, V>, key: &K) -> Result<boo
     deleted(m.remove(key))
 }
 
+/// What [`delete_one`] did.
+enum Deleted {
+    Yes,
+    /// Its stamp moved since the caller decided: kept.
+    Alive,
+    Absent,
+}
+
+/// Deletes `k` if its stamp still equals `seen` (`None`: unconditionally).
+fn delete_one<K: Pod, V: Pod>(
+    m: &mut HashMap<MapData, K, V>,
+    k: &K,
+    seen: Option<u64>,
+    stamp: impl Fn(&V) -> u64,
+) -> Result<Deleted, MapError> {
+    if let Some(seen) = seen {
+        match m.get(k, 0) {
+            Ok(v) if stamp(&v) != seen => return Ok(Deleted::Alive),
+            Ok(_) => {}
+            Err(MapError::KeyNotFound) => return Ok(Deleted::Absent),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(if remove(m, k)? {
+        Deleted::Yes
+    } else {
+        Deleted::Absent
+    })
+}
+
 fn delete_checked<K: Pod, V: Pod>(
     m: &mut HashMap<MapData, K, V>,
     keys: &[(K, Option<u64>)],
@@ -141,15 +205,7 @@ fn delete_checked<K: Pod, V: Pod>(
 ) -> Result<usize, MapError> {
     let mut n = 0;
     for (k, seen) in keys {
-        if let Some(seen) = seen {
-            match m.get(k, 0) {
-                Ok(v) if stamp(&v) != *seen => continue,
-                Ok(_) => {}
-                Err(MapError::KeyNotFound) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        if remove(m, k)? {
+        if matches!(delete_one(m, k, *seen, &stamp)?, Deleted::Yes) {
             n += 1;
         }
     }
@@ -177,7 +233,7 @@ const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BATCH: usize = 4096;
 
 /// Every entry of `m`: batched, or by iteration when batches are refused.
-fn dump<K: Pod, V: Pod>(m: &HashMap<MapData, K, V>) -> Result<Vec<(K, V)>, MapError> {
+pub(crate) fn dump<K: Pod, V: Pod>(m: &HashMap<MapData, K, V>) -> Result<Vec<(K, V)>, MapError> {
     match dump_batch::<K, V>(m.map()) {
         Ok(v) => Ok(v),
         Err(e)

@@ -21,6 +21,7 @@ pub mod node_maps;
 mod pins;
 pub mod policy;
 pub mod service;
+pub mod upgrade;
 
 pub use attach::Attachment;
 pub use bpffs::ensure_bpffs;

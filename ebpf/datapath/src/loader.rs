@@ -15,6 +15,7 @@ use crate::{
     endpoints,
     map_sizes::MapSizes,
     pins::{create_pin_dir, remove_if_exists},
+    upgrade::{self, Upgrade},
 };
 
 /// The compiled eBPF object, embedded at build time by `build.rs`.
@@ -35,6 +36,7 @@ pub struct Datapath {
     // impl blocks; they reach the object through this field.
     pub(crate) ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
+    upgrade: Upgrade,
 }
 
 impl Datapath {
@@ -64,7 +66,14 @@ impl Datapath {
                 })?,
             None => load_private(EBPF_OBJECT, max_entries)?,
         };
-        let mut dp = Self { ebpf, pin_dir };
+        let mut dp = Self {
+            ebpf,
+            pin_dir,
+            upgrade: Upgrade::default(),
+        };
+        if let Some(dir) = dp.pin_dir.clone() {
+            dp.upgrade = upgrade::run(&dir, &mut dp.ebpf)?;
+        }
         dp.load_programs()?;
         Ok(dp)
     }
@@ -132,6 +141,11 @@ impl Datapath {
             .map_mut(names::EP4)
             .ok_or(Error::MissingMap { name: names::EP4 })?;
         endpoints::Endpoints::new(map)
+    }
+
+    /// What this load took over from pins of an earlier version.
+    pub fn upgrade(&self) -> &Upgrade {
+        &self.upgrade
     }
 
     /// The node's pin directory, if pinned.

@@ -44,12 +44,13 @@ pub struct SizableMap {
 pub const MAX_ENTRIES: u32 = 1 << 24;
 
 /// Every map whose size can be overridden.
-pub const SIZABLE: [SizableMap; 13] = [
+pub const SIZABLE: [SizableMap; 14] = [
     sizable(names::EP4, MapKind::Hash, capacity::EP4),
     sizable(names::SVC4, MapKind::Hash, capacity::SVC4),
     sizable(names::BE4, MapKind::Hash, capacity::BE4),
     sizable(names::REVNAT4, MapKind::Hash, capacity::REVNAT4),
     sizable(names::CT4, MapKind::Lru, capacity::CT4),
+    sizable(names::CT_ANY4, MapKind::Lru, capacity::CT_ANY4),
     sizable(names::NAT4, MapKind::Lru, capacity::NAT4),
     sizable(names::AFF4, MapKind::Lru, capacity::AFF4),
     sizable(names::SOCKREV4, MapKind::Lru, capacity::SOCKREV4),

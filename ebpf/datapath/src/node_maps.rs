@@ -108,10 +108,19 @@ impl Datapath {
         Ok(Stats(out))
     }
 
-    /// Every conntrack entry (for the CLI, GC and failing tests).
+    /// Every conntrack entry of both tables (TCP, then the rest; for the
+    /// CLI, GC and failing tests).
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>> {
+        let mut out = self.conntrack_table(names::CT4)?;
+        out.extend(self.conntrack_table(names::CT_ANY4)?);
+        Ok(out)
+    }
+
+    /// Every entry of one conntrack table ([`names::CT4`] or
+    /// [`names::CT_ANY4`]).
+    pub fn conntrack_table(&self, name: &'static str) -> Result<Vec<(CtKey, CtValue)>> {
         let m: HashMap<&MapData, CtKey, CtValue> =
-            HashMap::try_from(self.map(names::CT4)?).map_err(map_err(names::CT4))?;
+            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
         Ok(m.iter().filter_map(std::result::Result::ok).collect())
     }
 

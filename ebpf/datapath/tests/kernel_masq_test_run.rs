@@ -238,19 +238,29 @@ fn tcp_packets_without_a_mapping_other_than_a_syn_are_never_masqueraded() {
         return;
     }
     let mut n = node();
-    // No inbound entry either (e.g. the flow began before the programs were
-    // loaded, or its entry was evicted): SYN-ACK, ACK, RST, FIN pass as they are.
-    for flags in [0x12u8, 0x10, 0x04, 0x14, 0x11] {
+    // No inbound entry either (the flow's mapping was evicted or expired,
+    // or the flow began before the programs were loaded). A SYN-ACK only
+    // ever answers a connection into the pod: it passes as it is.
+    let syn_ack = tcp((ip(SERVER_POD), 8080), (ip(OUTSIDE), 40000), 0x12, b"");
+    assert_eq!(pod_to_wire(&mut n, &syn_ack), syn_ack, "{}", dump(&n));
+    assert_eq!(stat(&n, stats::MASQ_SKIP_NOT_SYN), 1);
+    // ACK, RST, RST-ACK, FIN: dropped and counted, never sent with the
+    // pod's address and never given a mapping.
+    for flags in [0x10u8, 0x04, 0x14, 0x11] {
         let f = tcp(
             (ip(SERVER_POD), 8080),
             (ip(OUTSIDE), 40000 + u16::from(flags)),
             flags,
             b"",
         );
-        assert_eq!(pod_to_wire(&mut n, &f), f, "flags {flags:#x}\n{}", dump(&n));
+        let (verdict, _) = run(&mut n.dp, names::PROG_FROM_POD, &f);
+        assert_eq!(verdict, TC_ACT_OK, "routed by the kernel\n{}", dump(&n));
+        let (verdict, _) = run(&mut n.dp, names::PROG_TO_NET, &f);
+        assert_eq!(verdict, TC_ACT_SHOT, "flags {flags:#x}\n{}", dump(&n));
     }
     assert!(n.dp.nat().unwrap().is_empty(), "{}", dump(&n));
-    assert_eq!(stat(&n, stats::MASQ_SKIP_NOT_SYN), 5);
+    assert_eq!(stat(&n, stats::MASQ_LOST_MAPPING), 4, "{}", dump(&n));
+    assert_eq!(stat(&n, stats::SNAT), 0);
 }
 
 /// NodePort on n1 to a backend pod on n2, n2 masquerading: the backend's

@@ -1,4 +1,8 @@
-//! Connection tracking for per-packet LB (`rt_ct4_v2`, LRU).
+//! Connection tracking for per-packet LB (LRU): `rt_ct4_v3` for TCP,
+//! `rt_ctany4_v3` for every other protocol and for inbound markers, so
+//! nothing a flood can be made of cheaply (spoofed UDP, ICMP, new flows
+//! into a pod that only need a marker) evicts an established TCP
+//! connection (Cilium's `ct4_global` / `ct_any4_global` split).
 //!
 //! A translated flow has two entries: the forward one keyed by the client's
 //! original tuple (client → frontend) pins the backend; the reply one
@@ -9,6 +13,10 @@
 //! tuple is looked up exactly once and the entry says what it is (v1 keyed
 //! them apart and paid a miss on every forward packet).
 //!
+//! An inbound marker ([`CT_F_INBOUND`] alone, see `masq`) always goes to
+//! the other table, whatever the protocol: it keeps masquerade off the
+//! replies of a flow and nothing else depends on it.
+//!
 //! A non-service flow NetworkPolicy judged ([`CT_F_POLICY`], see
 //! `policy`) has an entry under each of its two tuples, carrying nothing
 //! but the flags: any hit means "established", so neither its packets nor
@@ -18,7 +26,7 @@
 //! packet, only a store when the tick changed; see [`crate::clock`]); LRU eviction and the
 //! agent's GC remove idle ones.
 
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, maps::LruHashMap};
 use riptide_common::{
     BE_F_LOCAL, BackendValue, CT_DIR_ANY, CT_F_BE_LOCAL, CT_F_CLOSING, CT_F_INBOUND, CT_F_POLICY,
     CT_F_REPLY, CtKey, CtValue, proto, stats,
@@ -27,9 +35,31 @@ use riptide_common::{
 use crate::{
     clock::{now, touch},
     lb::Chosen,
-    maps::CT4,
+    maps::{CT_ANY4, CT4, count},
     parse::{Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
+
+/// The table of protocol `proto`.
+#[inline(always)]
+fn table(proto: u8) -> &'static LruHashMap<CtKey, CtValue> {
+    if proto == proto::TCP { &CT4 } else { &CT_ANY4 }
+}
+
+/// TCP SYN without ACK/RST/FIN: the only TCP packet that opens a flow.
+#[inline(always)]
+pub fn is_pure_syn(p: &Pkt) -> bool {
+    p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+}
+
+/// Counts a new load-balanced flow whose packet is TCP but not a SYN: its
+/// conntrack entry was evicted or expired while the connection lived
+/// (`ct_lost_tcp`, the reason operators alert on for a too small table).
+#[inline(always)]
+pub fn note_new_flow(p: &Pkt) {
+    if p.proto == proto::TCP && !is_pure_syn(p) {
+        count(stats::CT_LOST_TCP);
+    }
+}
 
 #[inline(always)]
 pub fn key(p: &Pkt) -> CtKey {
@@ -54,7 +84,14 @@ pub struct Hit {
 /// The entry of `k`, refreshed.
 #[inline(always)]
 pub fn lookup_key(k: &CtKey) -> Option<Hit> {
-    let ptr = CT4.get_ptr_mut(k)?;
+    // Two call sites, one per map, so the kernel can inline each lookup
+    // (a map pointer that depends on the path is called through the
+    // helper).
+    let ptr = if k.proto == proto::TCP {
+        CT4.get_ptr_mut(k)?
+    } else {
+        CT_ANY4.get_ptr_mut(k)?
+    };
     // SAFETY: map value pointer, valid for this program run; racing
     // refreshes of last_seen are harmless.
     let e = unsafe { &mut *ptr };
@@ -124,7 +161,7 @@ pub fn fwd_backend(h: &Hit) -> Option<Chosen> {
 
 #[inline(always)]
 pub fn remove(p: &Pkt) {
-    let _ = CT4.remove(&key(p));
+    let _ = table(p.proto).remove(&key(p));
 }
 
 /// The reply tuple of `p` (as the reply path sees it).
@@ -182,7 +219,8 @@ pub fn create(f: &NewFlow) -> Result<(), u32> {
         be_port_be: 0,
         _pad3: 0,
     };
-    CT4.insert(&f.reply, &rev, 0)
+    let map = table(f.orig.proto);
+    map.insert(&f.reply, &rev, 0)
         .map_err(|_| stats::DROP_CT_FULL)?;
     let be_local = if f.backend.be.flags & BE_F_LOCAL != 0 {
         CT_F_BE_LOCAL
@@ -204,7 +242,7 @@ pub fn create(f: &NewFlow) -> Result<(), u32> {
         be_port_be: f.backend.be.port_be,
         _pad3: 0,
     };
-    CT4.insert(&f.orig, &fwd, 0)
+    map.insert(&f.orig, &fwd, 0)
         .map_err(|_| stats::DROP_CT_FULL)
 }
 
@@ -221,7 +259,41 @@ pub fn create_policy(orig: &CtKey, inbound: bool) {
         flags: CT_F_POLICY | if inbound { CT_F_INBOUND } else { 0 },
         ..CtValue::default()
     };
-    let _ = CT4.insert(&reverse_key(orig), &v, u64::from(BPF_NOEXIST));
+    let map = table(orig.proto);
+    let _ = map.insert(&reverse_key(orig), &v, u64::from(BPF_NOEXIST));
     v.flags = CT_F_POLICY;
-    let _ = CT4.insert(orig, &v, u64::from(BPF_NOEXIST));
+    let _ = map.insert(orig, &v, u64::from(BPF_NOEXIST));
+}
+
+/// Records (or refreshes) the inbound marker of `p`, a packet from outside
+/// the node for a local pod, keyed by the pod's reply, in `rt_ctany4_v3`
+/// whatever the protocol. True when it was created.
+#[inline(always)]
+pub fn mark_inbound(p: &Pkt) -> bool {
+    let key = reverse(p);
+    if let Some(v) = CT_ANY4.get_ptr_mut(&key) {
+        // SAFETY: map value pointer; a racing refresh is harmless.
+        touch(unsafe { &mut (*v).last_seen_ns });
+        return false;
+    }
+    let v = CtValue {
+        last_seen_ns: now(),
+        flags: CT_F_INBOUND,
+        ..CtValue::default()
+    };
+    CT_ANY4.insert(&key, &v, 0).is_ok()
+}
+
+/// Whether the TCP packet `p` (a pod's, leaving the node) answers an
+/// inbound flow: its tuple has an inbound marker. Other protocols find
+/// their marker with the packet's own lookup ([`lookup`]).
+#[inline(always)]
+pub fn tcp_inbound(p: &Pkt) -> bool {
+    let Some(v) = CT_ANY4.get_ptr_mut(&key(p)) else {
+        return false;
+    };
+    // SAFETY: map value pointer; a racing refresh is harmless.
+    let v = unsafe { &mut *v };
+    touch(&mut v.last_seen_ns);
+    v.flags & CT_F_INBOUND != 0
 }

@@ -31,9 +31,15 @@ pub static BE4: HashMap<BackendKey, BackendValue> = HashMap::pinned(capacity::BE
 pub static REVNAT4: HashMap<RevNatKey, RevNatValue> = HashMap::pinned(capacity::REVNAT4, 0);
 
 /// LRU: under pressure the oldest flows go first instead of new flows
-/// failing (Cilium's choice too); the agent exports fill levels.
-#[map(name = "rt_ct4_v2")]
+/// failing (Cilium's choice too); the agent exports fill levels. TCP
+/// only: [`CT_ANY4`] takes everything a flood can be made of.
+#[map(name = "rt_ct4_v3")]
 pub static CT4: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CT4, 0);
+
+/// Conntrack of every protocol but TCP, and the inbound markers of every
+/// protocol (see `ct`).
+#[map(name = "rt_ctany4_v3")]
+pub static CT_ANY4: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CT_ANY4, 0);
 
 #[map(name = "rt_nat4_v1")]
 pub static NAT4: LruHashMap<CtKey, NatValue> = LruHashMap::pinned(capacity::NAT4, 0);

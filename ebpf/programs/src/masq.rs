@@ -7,25 +7,30 @@
 //! an outside client talking to a pod IP expects the answer from that IP):
 //!
 //! * `rt_from_net` records every non-service flow from a source we would
-//!   masquerade towards into a local pod as an inbound (`CT_F_INBOUND`) entry keyed
-//!   by the pod's reply; `rt_to_net` never masquerades a packet matching
-//!   one (UDP needs this; TCP gets it too).
-//! * TCP: only a pure SYN may create a new mapping. A SYN-ACK, an ACK of a
-//!   flow whose mapping was evicted, a RST are never rewritten to the node
-//!   address (the peer would reset or ignore them anyway, and a reply of an
-//!   inbound flow must keep the pod address).
+//!   masquerade towards into a local pod as an inbound marker
+//!   (`CT_F_INBOUND`, in `rt_ctany4_v3` whatever the protocol, so inbound
+//!   floods never evict TCP connections) keyed by the pod's reply;
+//!   `rt_to_net` never masquerades a packet matching one.
+//! * TCP: only a pure SYN may create a new mapping. A SYN-ACK without a
+//!   mapping answers an inbound connection and passes untouched. Any other
+//!   TCP packet without a mapping and without a marker belongs to a flow
+//!   whose mapping was evicted or expired: it is dropped and counted
+//!   (`masq_lost_mapping`), never sent with the pod's address (the peer
+//!   would reset it anyway).
+//! * No free node port for a new mapping: dropped and counted
+//!   (`masq_no_port`), never sent with the pod's address.
 //!
 //! The recording happens on the uplink's ingress, not on a to-pod program:
 //! a flow from the node itself (node → local pod) is answered by local
 //! delivery and never reaches the uplink egress where masquerade happens.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use riptide_common::{CFG_F_MASQUERADE, CT_F_INBOUND, Config, CtValue, NodeKey, proto, stats};
+use riptide_common::{CFG_F_MASQUERADE, Config, NodeKey, proto, stats};
 
 use crate::{
-    clock, ct,
-    maps::{CT4, NODE4, count},
-    parse::{Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, in_cidr},
+    ct,
+    maps::{NODE4, count},
+    parse::{Pkt, TCP_ACK, TCP_SYN, in_cidr},
 };
 
 /// Masquerade is configured (flag and a node address to use).
@@ -45,12 +50,6 @@ pub fn applies_to(cfg: &Config, peer_be: u32) -> bool {
             .is_none()
 }
 
-/// TCP SYN without ACK/RST/FIN: the only TCP packet that opens a flow.
-#[inline(always)]
-pub fn is_pure_syn(p: &Pkt) -> bool {
-    p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
-}
-
 /// Records (or refreshes) the inbound flow of `p`, a packet from outside
 /// the node for a local pod, keyed by the pod's reply. Best effort: without
 /// the entry a UDP reply would be masqueraded, but failing the packet would
@@ -60,35 +59,45 @@ pub fn track_inbound(p: &Pkt) {
     if p.proto != proto::TCP && p.proto != proto::UDP {
         return;
     }
-    let key = ct::reverse(p);
-    if let Some(v) = CT4.get_ptr_mut(&key) {
-        // SAFETY: map value pointer; a racing refresh is harmless.
-        clock::touch(unsafe { &mut (*v).last_seen_ns });
-        return;
-    }
-    let v = CtValue {
-        last_seen_ns: clock::now(),
-        flags: CT_F_INBOUND,
-        ..CtValue::default()
-    };
-    if CT4.insert(&key, &v, 0).is_ok() {
+    if ct::mark_inbound(p) {
         count(stats::INBOUND_NEW);
     }
 }
 
-/// Whether `p` (leaving the node from a local pod, no mapping yet) may get
-/// a new masquerade mapping; `inbound`: its tuple has an inbound entry
-/// (found by the caller's conntrack lookup, which also refreshed it).
-/// Counts the reason when not.
+/// What masquerade does with a pod's packet that has no mapping.
+pub enum Verdict {
+    /// Allocate a mapping and rewrite the source.
+    Create,
+    /// Leave the packet as it is (a reply of an inbound flow).
+    Leave,
+    /// Drop it, counted with this reason (a TCP flow whose mapping is lost).
+    Drop(u32),
+}
+
+/// What to do with `p` (leaving the node from a local pod towards a peer
+/// it would be masqueraded to, no mapping); `inbound`: the packet's own
+/// conntrack lookup found an inbound entry (and refreshed it). Counts the
+/// reason when the packet is left alone.
 #[inline(always)]
-pub fn may_create_mapping(p: &Pkt, inbound: bool) -> bool {
+pub fn decide(p: &Pkt, inbound: bool) -> Verdict {
     if inbound {
         count(stats::MASQ_SKIP_INBOUND);
-        return false;
+        return Verdict::Leave;
     }
-    if p.proto == proto::TCP && !is_pure_syn(p) {
+    if p.proto != proto::TCP || ct::is_pure_syn(p) {
+        return Verdict::Create;
+    }
+    // TCP markers live in the other table than TCP flows: one more lookup,
+    // paid only by TCP packets without a mapping.
+    if ct::tcp_inbound(p) {
+        count(stats::MASQ_SKIP_INBOUND);
+        return Verdict::Leave;
+    }
+    if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        // Accepting a connection whose SYN left no marker (it did not come
+        // through the uplink): an answer, never a pod-originated flow.
         count(stats::MASQ_SKIP_NOT_SYN);
-        return false;
+        return Verdict::Leave;
     }
-    true
+    Verdict::Drop(stats::MASQ_LOST_MAPPING)
 }

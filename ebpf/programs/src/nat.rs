@@ -7,10 +7,18 @@
 //! BPF_NOEXIST, which is what makes a port ours: two flows can never share a
 //! reply tuple.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, TC_ACT_SHOT},
+    helpers::bpf_get_prandom_u32,
+    programs::TcContext,
+};
 use riptide_common::{CtKey, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_CLOSING, NatValue, stats};
 
-use crate::{clock, ct, maps::NAT4, parse::Pkt};
+use crate::{
+    clock, ct, events,
+    maps::{NAT4, count},
+    parse::Pkt,
+};
 
 /// Attempts at finding a free port before giving up (counted as SNAT_NO_PORT).
 const PORT_TRIES: u32 = 16;
@@ -65,6 +73,17 @@ pub fn lookup_tuple(k: &CtKey, dir: u8) -> Option<&'static NatValue> {
     let mut k = *k;
     k.dir = dir;
     lookup(&k)
+}
+
+/// Drops a packet source NAT could not translate (no port, a failed
+/// insert, a lost mapping), counted as `reason` and reported: sent as it
+/// is, it would carry a pod's (or a NodePort client's) address where the
+/// node's belongs.
+#[inline(always)]
+pub fn drop(ctx: &TcContext, reason: u32, source: u8) -> Result<i32, u32> {
+    count(reason);
+    events::report(ctx, reason, source);
+    Ok(TC_ACT_SHOT)
 }
 
 /// Allocates `nat_addr:port` for the flow of `p` (as it leaves the node) and

@@ -114,6 +114,7 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
         }
     }
     count(stats::LB_NEW);
+    ct::note_new_flow(&p);
     let orig = ct::key(&p);
     // Hairpin: a pod reaching its own service lands on itself. Its kernel
     // would drop a packet from its own address arriving on eth0, so the

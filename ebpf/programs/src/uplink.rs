@@ -32,7 +32,7 @@
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use riptide_common::{
     AFF_CLIENT_IP, BE_F_LOCAL, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY, CT_F_REPLY, CT_F_SNAT,
-    Config, CtKey, EV_SRC_FROM_NET, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_MASQ, NAT_F_NODEPORT,
+    Config, CtKey, EV_SRC_FROM_NET, EV_SRC_TO_NET, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_MASQ, NAT_F_NODEPORT,
     SVC_F_LOCAL_ONLY, stats,
 };
 
@@ -180,6 +180,7 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
         }
     }
     count(stats::LB_NEW);
+    ct::note_new_flow(&p);
     new_flow(ctx, &mut p, cfg, &svc, &chosen)
 }
 
@@ -212,14 +213,18 @@ fn new_flow(
     let remote = chosen.be.flags & BE_F_LOCAL == 0;
     let mut flags = CT_F_NODEPORT;
     if remote && svc.master.flags & SVC_F_LOCAL_ONLY == 0 && cfg.node_ip_be != 0 {
-        crate::nat::alloc(
+        // Without a port the backend's reply would bypass this node: drop
+        // rather than forward with the client's address.
+        if let Err(reason) = crate::nat::alloc(
             p,
             cfg.node_ip_be,
             cfg.snat_port_min,
             cfg.snat_port_max,
             NAT_F_NODEPORT,
             true,
-        )?;
+        ) {
+            return crate::nat::drop(ctx, reason, EV_SRC_FROM_NET);
+        }
         flags |= CT_F_SNAT;
         count(stats::SNAT);
     }
@@ -281,18 +286,29 @@ pub fn try_to_net(ctx: &TcContext) -> Result<i32, u32> {
     if !masq::enabled(cfg)
         || !route::is_local_pod(p.saddr_be)
         || !masq::applies_to(cfg, p.daddr_be)
-        || !masq::may_create_mapping(&p, inbound)
     {
         return Ok(TC_ACT_OK);
     }
-    let port = crate::nat::alloc(
+    match masq::decide(&p, inbound) {
+        masq::Verdict::Create => {}
+        masq::Verdict::Leave => return Ok(TC_ACT_OK),
+        masq::Verdict::Drop(reason) => return crate::nat::drop(ctx, reason, EV_SRC_TO_NET),
+    }
+    let port = match crate::nat::alloc(
         &p,
         cfg.node_ip_be,
         cfg.snat_port_min,
         cfg.snat_port_max,
         NAT_F_MASQ,
         false,
-    )?;
+    ) {
+        Ok(port) => port,
+        // Never let the packet out with the pod's address.
+        Err(stats::SNAT_NO_PORT) => {
+            return crate::nat::drop(ctx, stats::MASQ_NO_PORT, EV_SRC_TO_NET);
+        }
+        Err(reason) => return crate::nat::drop(ctx, reason, EV_SRC_TO_NET),
+    };
     set_src(ctx, &mut p, cfg.node_ip_be, port)?;
     count(stats::SNAT);
     Ok(TC_ACT_OK)

@@ -10,7 +10,7 @@ use riptide_common::{Config, EndpointValue};
 // from (`use common::*`); not every suite uses all of it.
 #[allow(unused_imports)]
 pub use riptide_datapath::{
-    Datapath, Pinning,
+    Datapath, MapSizes, Pinning,
     service::{
         Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, Services,
         TrafficPolicy,
@@ -26,11 +26,27 @@ pub struct Node {
 impl Node {
     /// Loads a datapath, configures it with `config` and adds `endpoints`
     /// (the pods on this node), as the agent and the CNI would.
-    pub fn load(config: &Config, endpoints: impl IntoIterator<Item = (Ipv4Addr, EndpointValue)>) -> Self {
-        let mut dp = Datapath::load(&Pinning::None).expect("load datapath");
+    pub fn load(
+        config: &Config,
+        endpoints: impl IntoIterator<Item = (Ipv4Addr, EndpointValue)>,
+    ) -> Self {
+        Self::load_sized(config, endpoints, &MapSizes::default())
+    }
+
+    /// [`Node::load`] with maps of `sizes` (tiny ones, for tests of full
+    /// maps).
+    pub fn load_sized(
+        config: &Config,
+        endpoints: impl IntoIterator<Item = (Ipv4Addr, EndpointValue)>,
+        sizes: &MapSizes,
+    ) -> Self {
+        let mut dp = Datapath::load_sized(&Pinning::None, sizes).expect("load datapath");
         dp.set_config(config).expect("config");
         for (addr, value) in endpoints {
-            dp.endpoints().expect("endpoints").upsert(addr, value).expect("endpoint");
+            dp.endpoints()
+                .expect("endpoints")
+                .upsert(addr, value)
+                .expect("endpoint");
         }
         let svcs = dp.services().expect("services");
         Self { dp, svcs }
