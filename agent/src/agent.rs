@@ -262,7 +262,9 @@ fn attach(dp: &mut Datapath, cfg: &Config, dir: &Path) -> Result<Vec<String>, Er
     }
     if let Some(dev) = &cfg.uplink {
         let att = dp.attach_uplink(dev).map_err(dp_err(&cfg.node_name, "attaching uplink programs"))?;
-        attachments.push(format!("uplink:{}", att.target()));
+        // "uplink:eth0 (tcx)", or "(tc-netlink)" on kernels before 6.6.
+        let mode = att.mode().map_or_else(String::new, |m| format!(" ({m})"));
+        attachments.push(format!("uplink:{}{mode}", att.target()));
         att.pin(&links, "uplink").map_err(dp_err(&cfg.node_name, "pinning uplink links"))?;
     }
     Ok(attachments)

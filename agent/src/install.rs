@@ -13,7 +13,8 @@
 //! runtime stops offering riptide to new pods), every route with riptide's
 //! protocol (201), the node's pins under `/sys/fs/bpf/riptide/<node>/` —
 //! pinned bpf_links (socket LB on the cgroup, tcx on the uplink) detach when
-//! their pin goes — and the node's run dir. Run it with the agent stopped
+//! their pin goes; on kernels without tcx the uplink's tc filters are
+//! deleted — and the node's run dir. Run it with the agent stopped
 //! (a running agent would load and pin again).
 
 use std::{
@@ -286,6 +287,9 @@ impl Uninstall {
         let pins = riptide_datapath::pin_dir(&self.node_name).map_err(|e| Error::Unpin { node: self.node_name.clone(), source: Box::new(e) })?;
         r.pins_removed = pins.exists();
         riptide_datapath::unpin_node(&self.node_name).map_err(|e| Error::Unpin { node: self.node_name.clone(), source: Box::new(e) })?;
+        // Kernels without tcx hold the uplink programs in tc filters, which
+        // no pin keeps: delete them from the devices.
+        riptide_datapath::detach_uplink_filters().map_err(|e| Error::Unpin { node: self.node_name.clone(), source: Box::new(e) })?;
         r.run_dir_removed = remove(&self.run_dir.join(&self.node_name), true)?;
         tracing::info!(report = ?r, "riptide removed from this node");
         Ok(r)

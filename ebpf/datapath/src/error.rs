@@ -71,6 +71,13 @@ pub enum Error {
         #[source]
         source: ProgramError,
     },
+    #[error("deleting the tc filter of {name} from {target}")]
+    Detach {
+        name: &'static str,
+        target: String,
+        #[source]
+        source: aya::programs::tc::TcError,
+    },
     #[error("link of {name} on {target} is not a bpf_link (kernel too old?)")]
     Link {
         name: &'static str,

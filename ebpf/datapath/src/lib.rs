@@ -23,7 +23,7 @@ pub mod policy;
 pub mod service;
 pub mod upgrade;
 
-pub use attach::Attachment;
+pub use attach::{Attachment, TcMode, detach_uplink_filters};
 pub use bpffs::ensure_bpffs;
 pub use error::{Error, Result};
 pub use loader::{Datapath, EBPF_OBJECT, Pinning};

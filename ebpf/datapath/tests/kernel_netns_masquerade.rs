@@ -33,11 +33,11 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::TcAttachType;
+use aya::programs::{TcAttachType, tc};
 use common::ip;
 use riptide_common::{CFG_F_MASQUERADE, Config, EndpointValue, names, stats};
 use riptide_datapath::{
-    Attachment, Datapath, Pinning,
+    Attachment, Datapath, Pinning, TcMode,
     service::{
         Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, Services,
         TrafficPolicy,
@@ -190,6 +190,11 @@ fn setup_node(
                 },
             )
             .unwrap();
+        // Before 6.6 (no tcx) aya attaches through netlink, onto the clsact
+        // qdisc, which the device must have first (the CNI adds it too).
+        if TcMode::detect() == TcMode::Netlink {
+            tc::qdisc_add_clsact(&host_if).expect("clsact qdisc");
+        }
         dp.classifier(names::PROG_FROM_POD)
             .unwrap()
             .attach(&host_if, TcAttachType::Ingress)
