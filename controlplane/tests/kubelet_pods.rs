@@ -322,6 +322,7 @@ spec:
       echo "bpffs=$(stat -f -c %T /sys/fs/bpf)"
       echo "ns=$(cat /var/run/secrets/kubernetes.io/serviceaccount/namespace)"
       echo "svchost=$KUBERNETES_SERVICE_HOST"
+      grep '^Groups:' /proc/self/status
       SA=/var/run/secrets/kubernetes.io/serviceaccount
       HOME=/tmp kubectl --server={server} --certificate-authority=$SA/ca.crt --token="$(cat $SA/token)" auth whoami -o jsonpath='whoami={{.status.userInfo.username}}{{"\n"}}'
       echo done-main
@@ -366,6 +367,7 @@ spec:
     assert!(main.contains("labels=vols"), "downwardAPI:\n{main}");
     assert!(main.contains("bpffs=bpf_fs"), "/sys/fs/bpf stays the kernel's:\n{main}");
     assert!(main.contains("ns=default"), "namespace file:\n{main}");
+    assert_eq!(status_field(&main, "Groups"), "4321", "fsGroup is a group of root containers too:\n{main}");
     assert!(main.contains("whoami=system:serviceaccount:default:app"), "the mounted token authenticates as the pod's ServiceAccount:\n{main}");
     // hostPath under the node's root, never the machine's.
     assert!(n.node_root().join("opt/cni/bin").join(&marker).exists(), "hostPath resolved under the node root\n{main}");

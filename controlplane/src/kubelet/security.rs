@@ -89,7 +89,7 @@ pub struct Security {
     pub caps: u64,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
-    /// Supplementary groups (set whenever uid or gid is).
+    /// Supplementary groups (set when any of uid, gid or these is).
     pub groups: Vec<u32>,
     pub no_new_privs: bool,
 }
@@ -182,7 +182,9 @@ pub fn apply(s: &Security, last_cap: u32) -> std::io::Result<()> {
             d.inheritable = 0;
         }
         check(libc::syscall(libc::SYS_capset, &raw mut hdr, data.as_ptr()))?;
-        if s.uid.is_some() || s.gid.is_some() {
+        // upstream: fsGroup and supplementalGroups are groups of the
+        // container's user, root included.
+        if s.uid.is_some() || s.gid.is_some() || !s.groups.is_empty() {
             check(libc::setgroups(s.groups.len(), s.groups.as_ptr()).into())?;
         }
         if let Some(g) = s.gid {
