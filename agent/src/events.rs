@@ -18,7 +18,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use riptide_common::{EV_SRC_FROM_NET, EV_SRC_FROM_POD, EV_SRC_SOCK, EV_SRC_TO_NET, EV_SRC_TO_POD, proto};
+use riptide_common::{EV_SRC_FROM_NET, EV_SRC_FROM_POD, EV_SRC_SOCK, EV_SRC_TO_NET, EV_SRC_TO_POD, EV_SRC_XDP_NET, proto};
 use riptide_datapath::events::{Event, Events};
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
@@ -106,6 +106,7 @@ fn program_name(source: u8) -> &'static str {
         EV_SRC_TO_NET => "to-net",
         EV_SRC_SOCK => "socket-lb",
         EV_SRC_TO_POD => "to-pod",
+        EV_SRC_XDP_NET => "xdp-net",
         _ => "unknown",
     }
 }

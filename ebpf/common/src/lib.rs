@@ -85,6 +85,10 @@ pub mod names {
     /// `bpf_redirect_peer` skips it, so the programs that redirect into a
     /// pod judge ingress themselves.
     pub const PROG_TO_POD: &str = "rt_to_pod";
+    /// XDP on the node's uplink: NodePort/externalIP/LB-IP flows to
+    /// backends on other nodes, DNAT+SNAT and `XDP_TX` before the stack;
+    /// everything else passes to tc untouched.
+    pub const PROG_XDP_NET: &str = "rt_xdp_net";
     /// Socket LB (cgroup/sock_addr) programs.
     pub const PROG_SOCK_CONNECT4: &str = "rt_sock_conn4";
     pub const PROG_SOCK_SENDMSG4: &str = "rt_sock_send4";
@@ -104,11 +108,12 @@ pub mod names {
     /// one table), whose entries a load moves into [`CT4`] / [`CT_ANY4`].
     pub const CT4_PREV: &str = "rt_ct4_v2";
     /// Every program name.
-    pub const ALL_PROGRAMS: [&str; 8] = [
+    pub const ALL_PROGRAMS: [&str; 9] = [
         PROG_FROM_POD,
         PROG_FROM_NET,
         PROG_TO_NET,
         PROG_TO_POD,
+        PROG_XDP_NET,
         PROG_SOCK_CONNECT4,
         PROG_SOCK_SENDMSG4,
         PROG_SOCK_RECVMSG4,
@@ -240,13 +245,19 @@ pub mod stats {
     /// while the connection lived, and the flow was balanced anew. Alert on
     /// its rate: it means the conntrack table is too small.
     pub const CT_LOST_TCP: u32 = 37;
+    /// `rt_xdp_net` translated a NodePort & co packet and sent it back out
+    /// the uplink (`XDP_TX`) before the stack saw it.
+    pub const XDP_TX: u32 = 38;
+    /// `rt_xdp_net` left a frontend packet to the tc path (local backend,
+    /// a new flow only tc may start, no resolved next hop on the uplink).
+    pub const XDP_TO_TC: u32 = 39;
     /// The last reason (for the names check).
-    pub const LAST: u32 = CT_LOST_TCP;
+    pub const LAST: u32 = XDP_TO_TC;
     /// Number of slots in the stats array.
     pub const MAX: u32 = 64;
 
     /// Human names by index, for metrics and the CLI.
-    pub const NAMES: [&str; 38] = [
+    pub const NAMES: [&str; 40] = [
         "pass",
         "redirect_local",
         "drop_malformed",
@@ -285,6 +296,8 @@ pub mod stats {
         "masq_no_port",
         "masq_lost_mapping",
         "ct_lost_tcp",
+        "xdp_tx",
+        "xdp_to_tc",
     ];
 }
 
@@ -750,6 +763,8 @@ pub const EV_SRC_TO_NET: u8 = 3;
 pub const EV_SRC_SOCK: u8 = 4;
 /// `rt_to_pod`.
 pub const EV_SRC_TO_POD: u8 = 5;
+/// `rt_xdp_net`.
+pub const EV_SRC_XDP_NET: u8 = 6;
 
 // ------------------------------------------------------------ NetworkPolicy
 //

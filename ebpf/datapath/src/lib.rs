@@ -22,6 +22,7 @@ mod pins;
 pub mod policy;
 pub mod service;
 pub mod upgrade;
+pub mod xdp;
 
 pub use attach::{Attachment, TcMode, detach_uplink_filters};
 pub use bpffs::ensure_bpffs;

@@ -87,6 +87,8 @@ impl Datapath {
             let prog = self.sock_addr(name)?;
             load_retrying(name, || prog.load())?;
         }
+        let prog = self.xdp(names::PROG_XDP_NET)?;
+        load_retrying(names::PROG_XDP_NET, || prog.load())?;
         if let Some(dir) = self.pin_dir.clone() {
             for name in names::ALL_PROGRAMS {
                 let path = dir.join(name);
@@ -110,6 +112,11 @@ impl Datapath {
     /// A cgroup sock_addr (socket LB) program by name.
     pub fn sock_addr(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr> {
         self.program(name, "is not a cgroup sock_addr program")
+    }
+
+    /// The XDP program by name ([`names::PROG_XDP_NET`]).
+    pub fn xdp(&mut self, name: &'static str) -> Result<&mut aya::programs::Xdp> {
+        self.program(name, "is not an XDP program")
     }
 
     /// A tc program by name ([`names::PROG_FROM_POD`], …).

@@ -79,6 +79,20 @@ fn pick(n: &mut Node, port: u16) -> Ipv4Addr {
     view(&out).dst
 }
 
+/// A client outside the cluster.
+const OUTSIDE: &str = "203.0.113.9";
+
+/// The backend `n` picks for a new flow from outside, from `port`, to the
+/// external IP.
+fn pick_outside(n: &mut Node, port: u16) -> Ipv4Addr {
+    let (_, out) = run(
+        &mut n.dp,
+        names::PROG_FROM_NET,
+        &syn((ip(OUTSIDE), port), (ip(EXTERNAL_IP), 80)),
+    );
+    view(&out).dst
+}
+
 #[test]
 fn maglev_nodes_agree_on_the_backend_of_every_flow() {
     if !privileged("to load eBPF programs") {
@@ -116,18 +130,9 @@ fn maglev_nodes_agree_on_the_backend_of_every_flow() {
     // Traffic from outside to an external IP that reaches either node (an
     // upstream router spreading flows over nodes, or re-routing one after
     // a node failure) goes to the same backend on both.
-    let outside = ip("203.0.113.9");
     for port in 50000..50020 {
-        let mut dst = Vec::new();
-        for n in [&mut a, &mut b] {
-            let (_, out) = run(
-                &mut n.dp,
-                names::PROG_FROM_NET,
-                &syn((outside, port), (ip(EXTERNAL_IP), 80)),
-            );
-            dst.push(view(&out).dst);
-        }
-        assert_eq!(dst[0], dst[1], "flow from {outside}:{port}");
+        let (x, y) = (pick_outside(&mut a, port), pick_outside(&mut b, port));
+        assert_eq!(x, y, "flow from {OUTSIDE}:{port}");
     }
 
     // A random service on the same two nodes does not agree: the test
@@ -323,7 +328,6 @@ fn maglev_cluster_default_agrees_on_external_frontends_at_every_table_size() {
     if !privileged("to load eBPF programs") {
         return;
     }
-    let outside = ip("203.0.113.9");
     for m in riptide_common::MAGLEV_SIZES {
         let m = TableSize::new(m).unwrap();
         let (mut a, mut b) = (node("198.18.0.1"), node("198.18.0.2"));
@@ -349,17 +353,9 @@ fn maglev_cluster_default_agrees_on_external_frontends_at_every_table_size() {
         );
         let mut used = BTreeSet::new();
         for port in 50000..50200 {
-            let mut dst = Vec::new();
-            for n in [&mut a, &mut b] {
-                let (_, out) = run(
-                    &mut n.dp,
-                    names::PROG_FROM_NET,
-                    &syn((outside, port), (ip(EXTERNAL_IP), 80)),
-                );
-                dst.push(view(&out).dst);
-            }
-            assert_eq!(dst[0], dst[1], "M={m}: flow from {outside}:{port}");
-            used.insert(dst[0]);
+            let (x, y) = (pick_outside(&mut a, port), pick_outside(&mut b, port));
+            assert_eq!(x, y, "M={m}: flow from {OUTSIDE}:{port}");
+            used.insert(x);
         }
         // Every chunk of the table is reachable: all six backends serve.
         assert_eq!(used.len(), 6, "M={m}: {used:?}");

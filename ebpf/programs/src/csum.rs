@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 use riptide_common::{proto, stats};
 
-use crate::parse::{IP_OFF, IpHdr, L4_OFF, Pkt, Ports, ptr_at};
+use crate::parse::{Frame, IP_OFF, IpHdr, L4_OFF, Pkt, Ports, ptr_at};
 
 /// Checksum differences are accumulated as plain u64 sums of 32-bit (or
 /// 16-bit) words and folded once: BPF has no carry flag, so folding after
@@ -68,24 +68,35 @@ fn l4_flags(p: &Pkt) -> u64 {
     }
 }
 
-/// Rewrites source and/or destination to the given address/port (values
-/// equal to the current ones are left alone) and updates `p`.
+/// What a rewrite changes and the checksum differences it makes.
+pub struct Change {
+    pub addr: bool,
+    pub port: bool,
+    pub addr_diff: u64,
+    pub port_diff: u64,
+}
+
+/// The hook-independent half of a rewrite, by direct access (tc skbs and
+/// XDP buffers alike): the addresses with the IPv4 header checksum and,
+/// when the header has no IP options, the ports. Returns the differences
+/// the L4 checksum needs (its update depends on the hook); `None` when
+/// nothing changes. `p` is left as it was.
 #[inline(always)]
-pub fn rewrite(
-    ctx: &TcContext,
-    p: &mut Pkt,
+pub fn write_headers(
+    ctx: &impl Frame,
+    p: &Pkt,
     saddr_be: u32,
     sport_be: u16,
     daddr_be: u32,
     dport_be: u16,
-) -> Result<(), u32> {
+) -> Result<Option<Change>, u32> {
     let ports = p.has_ports();
     let s_addr = saddr_be != p.saddr_be;
     let d_addr = daddr_be != p.daddr_be;
     let s_port = ports && sport_be != p.sport_be;
     let d_port = ports && dport_be != p.dport_be;
     if !(s_addr || d_addr || s_port || d_port) {
-        return Ok(());
+        return Ok(None);
     }
     // IP header: addresses and the header checksum, directly.
     let mut addr_diff = 0u64;
@@ -103,55 +114,114 @@ pub fn rewrite(
         }
         ip.check = apply_diff(ip.check, addr_diff);
     }
-    // Ports, directly when the header has no options.
     let mut port_diff = 0u64;
-    if s_port || d_port {
+    if s_port {
+        port_diff = diff16(port_diff, p.sport_be, sport_be);
+    }
+    if d_port {
+        port_diff = diff16(port_diff, p.dport_be, dport_be);
+    }
+    if (s_port || d_port) && p.l4_off == L4_OFF {
+        let l4 = ptr_at::<Ports>(ctx, L4_OFF).ok_or(stats::NAT_FAIL)?;
+        // SAFETY: bounds checked by ptr_at; no helper ran since.
+        let l4 = unsafe { &mut *l4 };
         if s_port {
-            port_diff = diff16(port_diff, p.sport_be, sport_be);
+            l4.source = sport_be;
         }
         if d_port {
-            port_diff = diff16(port_diff, p.dport_be, dport_be);
+            l4.dest = dport_be;
         }
-        if p.l4_off == L4_OFF {
-            let l4 = ptr_at::<Ports>(ctx, L4_OFF).ok_or(stats::NAT_FAIL)?;
-            // SAFETY: bounds checked by ptr_at; no helper ran since.
-            let l4 = unsafe { &mut *l4 };
-            if s_port {
-                l4.source = sport_be;
-            }
-            if d_port {
-                l4.dest = dport_be;
-            }
-        } else {
-            if s_port {
-                ctx.store(p.l4_off, &sport_be, 0)
-                    .map_err(|_| stats::NAT_FAIL)?;
-            }
-            if d_port {
-                ctx.store(p.l4_off + 2, &dport_be, 0)
-                    .map_err(|_| stats::NAT_FAIL)?;
-            }
+    }
+    Ok(Some(Change {
+        addr: s_addr || d_addr,
+        port: s_port || d_port,
+        addr_diff,
+        port_diff,
+    }))
+}
+
+/// Records a rewrite in `p`.
+#[inline(always)]
+fn note(p: &mut Pkt, saddr_be: u32, sport_be: u16, daddr_be: u32, dport_be: u16) {
+    p.saddr_be = saddr_be;
+    p.daddr_be = daddr_be;
+    if p.has_ports() {
+        p.sport_be = sport_be;
+        p.dport_be = dport_be;
+    }
+}
+
+/// Rewrites source and/or destination to the given address/port (values
+/// equal to the current ones are left alone) and updates `p`.
+#[inline(always)]
+pub fn rewrite(
+    ctx: &TcContext,
+    p: &mut Pkt,
+    saddr_be: u32,
+    sport_be: u16,
+    daddr_be: u32,
+    dport_be: u16,
+) -> Result<(), u32> {
+    let Some(c) = write_headers(ctx, p, saddr_be, sport_be, daddr_be, dport_be)? else {
+        return Ok(());
+    };
+    // Ports behind IP options, through the helper.
+    if c.port && p.l4_off != L4_OFF {
+        if sport_be != p.sport_be {
+            ctx.store(p.l4_off, &sport_be, 0)
+                .map_err(|_| stats::NAT_FAIL)?;
+        }
+        if dport_be != p.dport_be {
+            ctx.store(p.l4_off + 2, &dport_be, 0)
+                .map_err(|_| stats::NAT_FAIL)?;
         }
     }
     // L4 checksum (see the module docs). ICMP has no pseudo-header;
     // fragments carry no (complete) L4 header.
-    if ports && let Some(csum_off) = p.l4_csum_off() {
-        l4_update(
-            ctx,
-            p,
-            csum_off,
-            s_addr || d_addr,
-            addr_diff,
-            s_port || d_port,
-            port_diff,
-        )?;
+    if p.has_ports()
+        && let Some(csum_off) = p.l4_csum_off()
+    {
+        l4_update(ctx, p, csum_off, c.addr, c.addr_diff, c.port, c.port_diff)?;
     }
-    p.saddr_be = saddr_be;
-    p.daddr_be = daddr_be;
-    if ports {
-        p.sport_be = sport_be;
-        p.dport_be = dport_be;
+    note(p, saddr_be, sport_be, daddr_be, dport_be);
+    Ok(())
+}
+
+/// [`rewrite`] for a packet whose L4 checksum is complete in the packet
+/// and whose header has no IP options: XDP's received frames (a sender's
+/// checksum offload is resolved before a frame is on the wire; XDP runs
+/// before any skb could be CHECKSUM_PARTIAL). Both checksums inline, no
+/// helper; UDP checksum 0 ("none") stays 0.
+#[inline(always)]
+pub fn rewrite_complete(
+    ctx: &impl Frame,
+    p: &mut Pkt,
+    saddr_be: u32,
+    sport_be: u16,
+    daddr_be: u32,
+    dport_be: u16,
+) -> Result<(), u32> {
+    if p.l4_off != L4_OFF || !p.has_ports() {
+        return Err(stats::NAT_FAIL);
     }
+    // Bounds of the checksum field before anything is written: a failure
+    // leaves the packet as it was.
+    let udp = p.proto == proto::UDP;
+    let f =
+        ptr_at::<u16>(ctx, if udp { L4_OFF + 6 } else { L4_OFF + 16 }).ok_or(stats::NAT_FAIL)?;
+    let Some(c) = write_headers(ctx, p, saddr_be, sport_be, daddr_be, dport_be)? else {
+        return Ok(());
+    };
+    // SAFETY: bounds checked by ptr_at; no helper ran since.
+    let f = unsafe { &mut *f };
+    if !(udp && *f == 0) {
+        let mut new = apply_diff(*f, c.addr_diff + c.port_diff);
+        if udp && new == 0 {
+            new = 0xffff;
+        }
+        *f = new;
+    }
+    note(p, saddr_be, sport_be, daddr_be, dport_be);
     Ok(())
 }
 

@@ -8,14 +8,13 @@
 use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
-    programs::TcContext,
 };
 use riptide_common::{DropEvent, capacity, proto, stats};
 
 use crate::{
     clock,
     maps::count,
-    parse::{IP_OFF, IpHdr, L4_OFF, Ports, linear},
+    parse::{Frame, IP_OFF, IpHdr, L4_OFF, Ports, linear},
 };
 
 #[map(name = "rt_events_v1")]
@@ -55,12 +54,11 @@ pub fn emit(mut ev: DropEvent) {
 /// Reports `reason` for the packet in `ctx` (best effort: the tuple is
 /// read directly if the headers are linear, 0 otherwise).
 #[inline(always)]
-pub fn report(ctx: &TcContext, reason: u32, source: u8) {
+pub fn report(ctx: &impl Frame, reason: u32, source: u8) {
     let mut ev = DropEvent {
         reason,
         source,
-        // SAFETY: reading a field of the context the program was given.
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        ifindex: ctx.ifindex(),
         ..DropEvent::default()
     };
     if let Some(data) = linear(ctx, L4_OFF) {

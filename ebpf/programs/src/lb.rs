@@ -4,9 +4,9 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use riptide_common::{
-    ALG_MAGLEV, AffKey, AffValue, BE_STATE_ACTIVE, BE_STATE_TERMINATING, BackendKey, BackendValue,
-    MAGLEV_CHUNK, MAGLEV_M_MAX, MaglevKey, SCOPE_EXT, SCOPE_INT, SVC_F_AFFINITY, SVC_F_TWO_SCOPES,
-    SvcKey, SvcValue, stats,
+    AFF_CLIENT_IP, ALG_MAGLEV, AffKey, AffValue, BE_STATE_ACTIVE, BE_STATE_TERMINATING, BackendKey,
+    BackendValue, MAGLEV_CHUNK, MAGLEV_M_MAX, MaglevKey, SCOPE_EXT, SCOPE_INT, SVC_F_AFFINITY,
+    SVC_F_TWO_SCOPES, SvcKey, SvcValue, stats,
 };
 
 use crate::{
@@ -143,6 +143,18 @@ fn maglev(svc: &Service, hash: u32) -> Option<u32> {
     // SAFETY: map value pointer, index masked into the chunk.
     let id = unsafe { (*table).backend_ids[i as usize & (MAGLEV_CHUNK - 1)] };
     (id != 0).then_some(id)
+}
+
+/// [`select`] for the flow of packet `p`: ClientIP affinity by its source
+/// address, Maglev by its 5-tuple (the per-packet paths: tc and XDP).
+#[inline(always)]
+pub fn select_for(svc: &Service, p: &Pkt) -> Result<Option<Chosen>, u32> {
+    select(
+        svc,
+        || u64::from(p.saddr_be),
+        AFF_CLIENT_IP,
+        || Some(flow_hash(p)),
+    )
 }
 
 /// Picks a backend for a new flow of `svc`, honouring ClientIP affinity for

@@ -25,6 +25,7 @@ mod local_sock;
 mod maps;
 mod masq;
 mod nat;
+mod nodeport;
 mod parse;
 mod pod;
 mod policy;
@@ -33,14 +34,19 @@ mod route;
 mod sock;
 mod to_pod;
 mod uplink;
+mod xdp;
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
-    macros::{cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    bindings::{
+        TC_ACT_OK,
+        xdp_action::{XDP_DROP, XDP_PASS},
+    },
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use riptide_common::{
     DropEvent, EV_SRC_FROM_NET, EV_SRC_FROM_POD, EV_SRC_SOCK, EV_SRC_TO_NET, EV_SRC_TO_POD,
+    EV_SRC_XDP_NET, stats,
 };
 
 /// tc ingress on the host side of a pod's veth: every packet the pod sends.
@@ -115,6 +121,28 @@ pub fn rt_to_pod(ctx: TcContext) -> i32 {
             // judges IPv4 flows), and dropping it would cut the pod off on
             // a parser bug.
             TC_ACT_OK
+        }
+    }
+}
+
+/// XDP on the node uplink: NodePort & co to remote backends before the
+/// stack; everything else passes to the tc programs.
+#[xdp]
+pub fn rt_xdp_net(ctx: XdpContext) -> u32 {
+    match xdp::try_xdp_net(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            maps::count(reason);
+            events::report(&ctx, reason, EV_SRC_XDP_NET);
+            if reason == stats::DROP_MALFORMED {
+                // An IPv4 header with a bad version or length: `ip_rcv`
+                // drops it too, only later.
+                XDP_DROP
+            } else {
+                // Fail open: nothing was rewritten before a failure (state
+                // first, then the packet), so tc sees the packet as it came.
+                XDP_PASS
+            }
         }
     }
 }

@@ -12,9 +12,64 @@
 //!
 //! Addresses and ports stay in network order (`_be`), exactly as the map
 //! keys written by user space.
+//!
+//! The direct-access part ([`Frame`], [`ptr_at`], [`headers`]) serves tc's
+//! skbs and XDP's buffers alike; only tc pulls non-linear data and reads
+//! ports behind IP options through the helper.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use riptide_common::{proto, stats};
+
+/// A packet the programs read and write in place: a tc skb or an XDP
+/// buffer.
+pub trait Frame {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// The device the packet arrived on (or leaves through, for egress).
+    fn ifindex(&self) -> u32;
+    /// The context pointer helpers such as `bpf_fib_lookup` take.
+    fn raw(&self) -> *mut core::ffi::c_void;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: reading a field of the context the program was given.
+        unsafe { (*self.skb.skb).ifindex }
+    }
+    #[inline(always)]
+    fn raw(&self) -> *mut core::ffi::c_void {
+        self.skb.skb.cast()
+    }
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: reading a field of the context the program was given.
+        unsafe { (*self.ctx).ingress_ifindex }
+    }
+    #[inline(always)]
+    fn raw(&self) -> *mut core::ffi::c_void {
+        self.ctx.cast()
+    }
+}
 
 pub const ETH_LEN: usize = 14;
 pub const IP_OFF: usize = ETH_LEN;
@@ -94,7 +149,7 @@ const LINEAR: usize = ETH_LEN + 20 + 14;
 /// A bounds-checked pointer to a `T` at `off` in the linear area. Callers
 /// re-derive pointers after any helper that may move packet data.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &impl Frame, off: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + core::mem::size_of::<T>() > end {
@@ -106,7 +161,7 @@ pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
 /// The start of the packet when its first `len` bytes are linear: every
 /// pointer derived from it below `len` is one the verifier accepts.
 #[inline(always)]
-pub fn linear(ctx: &TcContext, len: usize) -> Option<usize> {
+pub fn linear(ctx: &impl Frame, len: usize) -> Option<usize> {
     let start = ctx.data();
     if start + len > ctx.data_end() {
         return None;
@@ -123,6 +178,32 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Pkt>, u32> {
         let len = (ctx.len() as usize).min(LINEAR) as u32;
         let _ = ctx.pull_data(len);
     }
+    let Some(mut p) = headers(ctx)? else {
+        return Ok(None);
+    };
+    if p.l4_off != L4_OFF && (p.proto == proto::TCP || p.proto == proto::UDP) {
+        // IP options (rare): a variable offset through the helper keeps
+        // the verifier's job simple. Only the first fragment has ports.
+        let ip = ptr_at::<IpHdr>(ctx, IP_OFF).ok_or(stats::DROP_MALFORMED)?;
+        // SAFETY: bounds checked by ptr_at.
+        if u16::from_be(unsafe { (*ip).frag_off }) & 0x1fff != 0 {
+            return Ok(Some(p));
+        }
+        let ports: [u16; 2] = ctx.load(p.l4_off).map_err(|_| stats::DROP_MALFORMED)?;
+        p.sport_be = ports[0];
+        p.dport_be = ports[1];
+        if p.proto == proto::TCP {
+            p.tcp_flags = ctx.load(p.l4_off + 13).map_err(|_| stats::DROP_MALFORMED)?;
+        }
+    }
+    Ok(Some(p))
+}
+
+/// The Ethernet and IPv4 headers by direct access, and the ports and TCP
+/// flags when the header has no options (`l4_off == L4_OFF`; with options
+/// they are left 0 for the caller). `Ok(None)` for anything not IPv4.
+#[inline(always)]
+pub fn headers(ctx: &impl Frame) -> Result<Option<Pkt>, u32> {
     let Some(eth_proto) = ptr_at::<u16>(ctx, 12) else {
         return Ok(None);
     };
@@ -152,27 +233,16 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Pkt>, u32> {
         tot_len: u16::from_be(ip.tot_len),
     };
     // Only the first fragment carries the L4 header; later ones have none.
-    if frag & 0x1fff == 0 && (p.proto == proto::TCP || p.proto == proto::UDP) {
-        if ihl == 20 {
-            let ports = ptr_at::<Ports>(ctx, L4_OFF).ok_or(stats::DROP_MALFORMED)?;
+    if frag & 0x1fff == 0 && ihl == 20 && (p.proto == proto::TCP || p.proto == proto::UDP) {
+        let ports = ptr_at::<Ports>(ctx, L4_OFF).ok_or(stats::DROP_MALFORMED)?;
+        // SAFETY: bounds checked by ptr_at.
+        let ports = unsafe { &*ports };
+        p.sport_be = ports.source;
+        p.dport_be = ports.dest;
+        if p.proto == proto::TCP {
+            let flags = ptr_at::<u8>(ctx, L4_OFF + 13).ok_or(stats::DROP_MALFORMED)?;
             // SAFETY: bounds checked by ptr_at.
-            let ports = unsafe { &*ports };
-            p.sport_be = ports.source;
-            p.dport_be = ports.dest;
-            if p.proto == proto::TCP {
-                let flags = ptr_at::<u8>(ctx, L4_OFF + 13).ok_or(stats::DROP_MALFORMED)?;
-                // SAFETY: bounds checked by ptr_at.
-                p.tcp_flags = unsafe { *flags };
-            }
-        } else {
-            // IP options (rare): a variable offset through the helper keeps
-            // the verifier's job simple.
-            let ports: [u16; 2] = ctx.load(p.l4_off).map_err(|_| stats::DROP_MALFORMED)?;
-            p.sport_be = ports[0];
-            p.dport_be = ports[1];
-            if p.proto == proto::TCP {
-                p.tcp_flags = ctx.load(p.l4_off + 13).map_err(|_| stats::DROP_MALFORMED)?;
-            }
+            p.tcp_flags = unsafe { *flags };
         }
     }
     Ok(Some(p))

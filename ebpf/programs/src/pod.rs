@@ -12,7 +12,7 @@
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use riptide_common::{
-    AFF_CLIENT_IP, BE_F_LOCAL, CT_F_HAIRPIN, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY, CT_F_REPLY,
+    BE_F_LOCAL, CT_F_HAIRPIN, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY, CT_F_REPLY,
     CtKey, CtValue, EV_SRC_FROM_POD, stats,
 };
 
@@ -87,12 +87,7 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
         }
         return route::deliver_to(ctx, &p, ep);
     };
-    let Some(chosen) = lb::select(
-        &svc,
-        || u64::from(p.saddr_be),
-        AFF_CLIENT_IP,
-        || Some(lb::flow_hash(&p)),
-    )?
+    let Some(chosen) = lb::select_for(&svc, &p)?
     else {
         return reject::reject(ctx, &p, cfg, EV_SRC_FROM_POD);
     };

@@ -21,7 +21,7 @@ use riptide_common::{EndpointKey, EndpointValue, stats};
 use crate::{
     csum::{apply_diff, diff16},
     maps::{EP4, count},
-    parse::{IP_OFF, IpHdr, L4_OFF, Pkt, linear},
+    parse::{Frame, IP_OFF, IpHdr, L4_OFF, Pkt, linear},
 };
 
 /// True when `addr` is a pod on this node.
@@ -91,7 +91,7 @@ pub fn redirect(ctx: &TcContext, p: &Pkt, ep: &EndpointValue) -> Result<i32, u32
 /// pointers are derived here, after any helper that may have moved data.
 /// The caller has checked TTL > 1.
 #[inline(always)]
-fn hop(ctx: &TcContext, dmac: &[u8; 6], smac: &[u8; 6]) -> Result<(), u32> {
+pub fn hop(ctx: &impl Frame, dmac: &[u8; 6], smac: &[u8; 6]) -> Result<(), u32> {
     let data = linear(ctx, L4_OFF).ok_or(stats::NAT_FAIL)?;
     // SAFETY: Ethernet and IPv4 header bounds checked by `linear`; no
     // helper ran since.
@@ -124,13 +124,11 @@ const AF_INET: u8 = 2;
 /// `BPF_F_INGRESS` goes through `dev_queue_xmit`), so the source NAT stays
 /// where it was.
 ///
-/// Only when the FIB says "out the same device" with a resolved neighbour:
-/// `bpf_fib_lookup` without flags checks that forwarding is enabled on the
-/// ingress device, the route and the egress MTU, and fails with NO_NEIGH
-/// until the kernel has resolved the next hop. Every other answer (another
-/// device such as the vxlan tunnel, no neighbour, too big, forwarding off,
-/// blackhole, …) and TTL ≤ 1 leave the packet to the kernel, which
-/// resolves ARP, answers with ICMP, or routes it elsewhere.
+/// Only when the FIB says "out the same device" with a resolved neighbour
+/// ([`next_hop_same_dev`]). Every other answer (another device such as the
+/// vxlan tunnel, no neighbour, too big, forwarding off, blackhole, …) and
+/// TTL ≤ 1 leave the packet to the kernel, which resolves ARP, answers
+/// with ICMP, or routes it elsewhere.
 #[inline(always)]
 pub fn forward_out(ctx: &TcContext, p: &Pkt) -> Result<i32, u32> {
     if p.ttl <= 1 {
@@ -138,37 +136,56 @@ pub fn forward_out(ctx: &TcContext, p: &Pkt) -> Result<i32, u32> {
         count(stats::FIB_FALLBACK);
         return Ok(TC_ACT_OK);
     }
-    // SAFETY: the context pointer of this program run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // tot_len 0: the helper checks the skb itself against the egress MTU
+    // (`is_skb_forwardable`, which lets GSO packets through). A GRO'ed
+    // packet's IP total length would exceed the MTU and always fall back,
+    // though it came in on this device and leaves on it again.
+    let Some(fib) = next_hop_same_dev(ctx, p.saddr_be, p.daddr_be, p, 0) else {
+        count(stats::FIB_FALLBACK);
+        return Ok(TC_ACT_OK);
+    };
+    // The next hop's MAC as destination, the uplink's as source.
+    hop(ctx, &fib.dmac, &fib.smac)?;
+    count(stats::FIB_REDIRECT);
+    // SAFETY: plain helper call; flags 0 = the device's egress.
+    Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as i32)
+}
+
+/// The FIB's answer for a packet `saddr → daddr` with `p`'s protocol and
+/// ports, when it leaves through the device it arrived on (`ctx`'s) with a
+/// resolved next hop: `bpf_fib_lookup` without flags checks that
+/// forwarding is enabled on the ingress device, the route and (for a
+/// non-zero `tot_len`) the egress MTU, and fails with NO_NEIGH until the
+/// kernel has resolved the next hop. Shared by tc (`forward_out`) and XDP,
+/// which asks before it rewrites anything (the addresses are the ones the
+/// packet will carry).
+#[inline(always)]
+pub fn next_hop_same_dev(
+    ctx: &impl Frame,
+    saddr_be: u32,
+    daddr_be: u32,
+    p: &Pkt,
+    tot_len: u16,
+) -> Option<FibLookup> {
+    let ifindex = ctx.ifindex();
     // SAFETY: plain data; all-zero is a valid value of every field.
     let mut fib: FibLookup = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.l4_protocol = p.proto;
     fib.sport = p.sport_be;
     fib.dport = p.dport_be;
-    // tot_len 0: the helper checks the skb itself against the egress MTU
-    // (`is_skb_forwardable`, which lets GSO packets through). A GRO'ed
-    // packet's IP total length would exceed the MTU and always fall back,
-    // though it came in on this device and leaves on it again.
-    fib.__bindgen_anon_3.ipv4_src = p.saddr_be;
-    fib.__bindgen_anon_4.ipv4_dst = p.daddr_be;
+    fib.__bindgen_anon_1.tot_len = tot_len;
+    fib.__bindgen_anon_3.ipv4_src = saddr_be;
+    fib.__bindgen_anon_4.ipv4_dst = daddr_be;
     fib.ifindex = ifindex;
     // SAFETY: `fib` lives on this stack frame; the size is the struct's.
     let rc = unsafe {
         bpf_fib_lookup(
-            ctx.skb.skb.cast(),
+            ctx.raw(),
             &raw mut fib,
             core::mem::size_of::<FibLookup>() as i32,
             0,
         )
     };
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != ifindex {
-        count(stats::FIB_FALLBACK);
-        return Ok(TC_ACT_OK);
-    }
-    // The next hop's MAC as destination, the uplink's as source.
-    hop(ctx, &fib.dmac, &fib.smac)?;
-    count(stats::FIB_REDIRECT);
-    // SAFETY: plain helper call; flags 0 = the device's egress.
-    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+    (rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) && fib.ifindex == ifindex).then_some(fib)
 }

@@ -31,9 +31,9 @@
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use riptide_common::{
-    AFF_CLIENT_IP, BE_F_LOCAL, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY, CT_F_REPLY, CT_F_SNAT,
-    Config, CtKey, EV_SRC_FROM_NET, EV_SRC_TO_NET, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_MASQ, NAT_F_NODEPORT,
-    SVC_F_LOCAL_ONLY, stats,
+    BE_F_LOCAL, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY, CT_F_REPLY,
+    Config, CtKey, EV_SRC_FROM_NET, EV_SRC_TO_NET, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_MASQ,
+    stats,
 };
 
 use crate::{
@@ -159,12 +159,7 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
         count(stats::LOCAL_SOCKET);
         return Ok(TC_ACT_OK);
     }
-    let Some(chosen) = lb::select(
-        &svc,
-        || u64::from(p.saddr_be),
-        AFF_CLIENT_IP,
-        || Some(lb::flow_hash(&p)),
-    )?
+    let Some(chosen) = lb::select_for(&svc, &p)?
     else {
         return reject::reject(ctx, &p, cfg, EV_SRC_FROM_NET);
     };
@@ -205,39 +200,14 @@ fn new_flow(
 ) -> Result<i32, u32> {
     let orig = ct::key(p);
     set_dst(ctx, p, chosen.be.addr_be, chosen.be.port_be)?;
-    // externalTrafficPolicy: Cluster and a backend on another node: the
-    // reply must come back through this node, so the source becomes the
-    // node address (allocated now, applied by `rt_to_net` after routing).
-    // Local-only scopes never get here with a remote backend; the flag check
-    // is a second line so a writer bug cannot leak client addresses.
+    // The state is the XDP program's too (`nodeport`); the SNAT itself is
+    // applied by `rt_to_net` after routing.
+    let snatted = match crate::nodeport::snat(p, cfg, svc, chosen) {
+        Ok(port) => port.is_some(),
+        Err(reason) => return crate::nat::drop(ctx, reason, EV_SRC_FROM_NET),
+    };
+    crate::nodeport::record(&orig, p, svc, chosen, snatted)?;
     let remote = chosen.be.flags & BE_F_LOCAL == 0;
-    let mut flags = CT_F_NODEPORT;
-    if remote && svc.master.flags & SVC_F_LOCAL_ONLY == 0 && cfg.node_ip_be != 0 {
-        // Without a port the backend's reply would bypass this node: drop
-        // rather than forward with the client's address.
-        if let Err(reason) = crate::nat::alloc(
-            p,
-            cfg.node_ip_be,
-            cfg.snat_port_min,
-            cfg.snat_port_max,
-            NAT_F_NODEPORT,
-            true,
-        ) {
-            return crate::nat::drop(ctx, reason, EV_SRC_FROM_NET);
-        }
-        flags |= CT_F_SNAT;
-        count(stats::SNAT);
-    }
-    // The reply key is the reply once `rt_from_net` has undone any SNAT.
-    ct::create(&ct::NewFlow {
-        orig,
-        reply: ct::reverse(p),
-        backend: chosen,
-        revnat_id: svc.master.revnat_id,
-        flags,
-        snat_addr_be: 0,
-        snat_port_be: 0,
-    })?;
     if remote {
         return route::forward_out(ctx, p);
     }

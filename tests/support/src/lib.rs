@@ -12,6 +12,7 @@
 
 pub mod kubeproxy;
 pub mod netns;
+pub mod uplink_lab;
 
 use std::{
     path::{Path, PathBuf},

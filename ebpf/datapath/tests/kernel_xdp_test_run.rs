@@ -1,0 +1,322 @@
+//! Kernel tests (need root): `rt_xdp_net` through BPF_PROG_TEST_RUN, one
+//! verdict at a time, and its state shared with the tc programs.
+//!
+//! The program asks the FIB about the next hop, so the runs happen in a
+//! namespace shaped like a node's uplink (`riptide_test_support::
+//! uplink_lab`: veth `up0` = the node 198.18.0.1, the backends' pod CIDR
+//! via node 2, the clients via a router, permanent neighbours). The runs
+//! name `up0` as the ingress device
+//! (`xdp_md.ingress_ifindex`), which the kernel only accepts for a device
+//! whose XDP receive queue is registered: a veth has one while an XDP
+//! program is attached in native mode, so the test attaches `rt_xdp_net`
+//! as the agent does.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::programs::{TestRun, TestRunOptions, XdpMode};
+use common::*;
+use riptide_common::{CFG_F_DROP_NO_BACKEND, Config, names, stats};
+use riptide_datapath::{
+    Datapath,
+    service::{
+        Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, TrafficPolicy,
+    },
+};
+use riptide_test_support::{
+    netns, privileged,
+    uplink_lab::{NODE, NODE2, NODE2_MAC, ROUTER_MAC, UP0_MAC, uplink_lab, xdp_md},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const CLIENT: &str = "203.0.113.9";
+const REMOTE_BE: &str = "10.42.1.10";
+const LOCAL_BE: &str = "10.42.0.7";
+const NODEPORT: u16 = 30080;
+const LOCAL_NODEPORT: u16 = 30081;
+const EMPTY_NODEPORT: u16 = 30082;
+
+fn be(addr: &str, port: u16, local: bool) -> Backend {
+    Backend {
+        addr: SocketAddrV4::new(ip(addr), port),
+        state: BackendState::Active,
+        local,
+    }
+}
+
+fn nodeport(name: &str, port: u16, backends: Vec<Backend>, algorithm: Algorithm) -> Service {
+    Service {
+        name: format!("default/{name}:http"),
+        protocol: Protocol::Tcp,
+        frontends: vec![Frontend {
+            kind: FrontendKind::NodePort,
+            addr: Ipv4Addr::UNSPECIFIED,
+            port,
+        }],
+        backends,
+        affinity_timeout_s: None,
+        external_policy: TrafficPolicy::Cluster,
+        internal_policy: TrafficPolicy::Cluster,
+        algorithm,
+    }
+}
+
+/// One XDP run on `frame` arriving on `ifindex`: verdict and frame after.
+fn xdp(dp: &mut Datapath, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let md = xdp_md(frame.len(), ifindex);
+    let r = dp
+        .xdp(names::PROG_XDP_NET)
+        .unwrap()
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&md),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN (xdp)");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+fn stat(dp: &Datapath, reason: u32) -> u64 {
+    dp.stats().unwrap().get(reason)
+}
+
+/// Runs `f` with a datapath of node 1 (NodePorts to a remote backend, a
+/// local backend and none) loaded and attached inside the lab namespace.
+fn with_node(drop_no_backend: bool, f: impl FnOnce(&mut Node, u32) + Send + 'static) {
+    let ns = uplink_lab(&format!("rtxdp{}", std::process::id()));
+    netns::run_in(ns.name(), move || {
+        let config = Config {
+            node_ip_be: u32::from(ip(NODE)).to_be(),
+            snat_port_min: 32768,
+            snat_port_max: 60999,
+            flags: if drop_no_backend {
+                CFG_F_DROP_NO_BACKEND
+            } else {
+                0
+            },
+            ..Default::default()
+        };
+        let mut n = Node::load(&config, []);
+        let m = Algorithm::Random;
+        n.svcs
+            .upsert(&nodeport(
+                "remote",
+                NODEPORT,
+                vec![be(REMOTE_BE, 8080, false)],
+                m,
+            ))
+            .unwrap();
+        n.svcs
+            .upsert(&nodeport(
+                "local",
+                LOCAL_NODEPORT,
+                vec![be(LOCAL_BE, 8080, true)],
+                m,
+            ))
+            .unwrap();
+        n.svcs
+            .upsert(&nodeport("empty", EMPTY_NODEPORT, Vec::new(), m))
+            .unwrap();
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(c"up0".as_ptr()) };
+        assert_ne!(ifindex, 0, "up0 exists");
+        // Native mode: registers up0's XDP receive queue (see module docs).
+        let _link =
+            n.dp.xdp(names::PROG_XDP_NET)
+                .unwrap()
+                .attach("up0", XdpMode::Driver)
+                .expect("attach rt_xdp_net natively to a veth");
+        f(&mut n, ifindex);
+    });
+    drop(ns);
+}
+
+fn macs(f: &[u8]) -> ([u8; 6], [u8; 6]) {
+    (f[0..6].try_into().unwrap(), f[6..12].try_into().unwrap())
+}
+
+#[test]
+fn xdp_nodeport_to_a_remote_backend_is_translated_and_sent_back_out() {
+    if !privileged("to load eBPF programs and create network namespaces") {
+        return;
+    }
+    with_node(false, |n, ifindex| {
+        let client = (ip(CLIENT), 40000);
+        let (v, out) = xdp(&mut n.dp, ifindex, &syn(client, (ip(NODE), NODEPORT)));
+        assert_eq!(v, XDP_TX, "SYN to the NodePort: XDP_TX");
+        let o = view(&out);
+        assert_eq!(
+            (o.dst, o.dport),
+            (ip(REMOTE_BE), 8080),
+            "DNAT to the backend"
+        );
+        assert_eq!(o.src, ip(NODE), "SNAT to the node address");
+        assert!((32768..=60999).contains(&o.sport), "SNAT port {}", o.sport);
+        assert_eq!(o.ttl, 63, "TTL decremented");
+        assert_eq!(
+            macs(&out),
+            (NODE2_MAC, UP0_MAC),
+            "to node 2's MAC from up0's"
+        );
+        assert_checksums(&out);
+        let snat_port = o.sport;
+
+        // The backend's reply (through node 2) to node:snat_port: un-SNAT
+        // and reverse DNAT at once, out to the client's router.
+        let reply = tcp((ip(REMOTE_BE), 8080), (ip(NODE), snat_port), 0x12, b"");
+        let (v, out) = xdp(&mut n.dp, ifindex, &reply);
+        assert_eq!(v, XDP_TX, "reply: XDP_TX");
+        let o = view(&out);
+        assert_eq!(
+            (o.src, o.sport),
+            (ip(NODE), NODEPORT),
+            "the frontend as source"
+        );
+        assert_eq!((o.dst, o.dport), client, "the client as destination");
+        assert_eq!(macs(&out), (ROUTER_MAC, UP0_MAC));
+        assert_checksums(&out);
+
+        // The client's next packet: conntrack hit, same backend, same port.
+        let ack = tcp(client, (ip(NODE), NODEPORT), 0x10, b"hello");
+        let (v, out) = xdp(&mut n.dp, ifindex, &ack);
+        assert_eq!(v, XDP_TX);
+        let o = view(&out);
+        assert_eq!(
+            (o.src, o.sport, o.dst, o.dport),
+            (ip(NODE), snat_port, ip(REMOTE_BE), 8080)
+        );
+        assert_checksums(&out);
+
+        // The same flow's packets through tc (XDP detached, or a packet
+        // XDP left to tc) find the state XDP wrote: rt_from_net DNATs to
+        // the same backend and rt_to_net applies the same source port.
+        let (_, mid) = run(&mut n.dp, names::PROG_FROM_NET, &ack);
+        assert_eq!((view(&mid).dst, view(&mid).dport), (ip(REMOTE_BE), 8080));
+        let (_, out) = run(&mut n.dp, names::PROG_TO_NET, &mid);
+        assert_eq!((view(&out).src, view(&out).sport), (ip(NODE), snat_port));
+        assert_checksums(&out);
+
+        assert_eq!(stat(&n.dp, stats::XDP_TX), 3);
+
+        // UDP to a NodePort (a node address): its first packet is tc's
+        // (the socket table decides whether a host socket owns it).
+        let mut dns = nodeport(
+            "dns",
+            NODEPORT,
+            vec![be(REMOTE_BE, 53, false)],
+            Algorithm::Random,
+        );
+        dns.protocol = Protocol::Udp;
+        n.svcs.upsert(&dns).unwrap();
+        let st = stat(&n.dp, stats::XDP_TO_TC);
+        let u = udp((ip(CLIENT), 5353), (ip(NODE), NODEPORT), b"q", false);
+        let (v, out) = xdp(&mut n.dp, ifindex, &u);
+        assert_eq!((v, out.as_slice()), (XDP_PASS, u.as_slice()), "untouched");
+        assert_eq!(stat(&n.dp, stats::XDP_TO_TC), st + 1);
+    });
+}
+
+#[test]
+fn xdp_leaves_flows_started_by_tc_consistent_and_passes_the_rest() {
+    if !privileged("to load eBPF programs and create network namespaces") {
+        return;
+    }
+    with_node(false, |n, ifindex| {
+        // A flow tc started (XDP was off): rt_from_net DNATs, rt_to_net
+        // SNATs; XDP then carries its later packets with the same state.
+        let client = (ip(CLIENT), 41000);
+        let (_, mid) = run(
+            &mut n.dp,
+            names::PROG_FROM_NET,
+            &syn(client, (ip(NODE), NODEPORT)),
+        );
+        let (_, out) = run(&mut n.dp, names::PROG_TO_NET, &mid);
+        let snat = (view(&out).src, view(&out).sport);
+        assert_eq!(snat.0, ip(NODE));
+        let ack = tcp(client, (ip(NODE), NODEPORT), 0x10, b"x");
+        let (v, out) = xdp(&mut n.dp, ifindex, &ack);
+        assert_eq!(v, XDP_TX);
+        assert_eq!((view(&out).src, view(&out).sport), snat, "tc's SNAT port");
+        assert_eq!(view(&out).dst, ip(REMOTE_BE));
+        assert_checksums(&out);
+
+        // A local backend: tc delivers it (bpf_redirect_peer); XDP passes
+        // the packet untouched and creates nothing.
+        let to_tc = stat(&n.dp, stats::XDP_TO_TC);
+        let f = syn((ip(CLIENT), 42000), (ip(NODE), LOCAL_NODEPORT));
+        let (v, out) = xdp(&mut n.dp, ifindex, &f);
+        assert_eq!((v, out.as_slice()), (XDP_PASS, f.as_slice()));
+        // A new TCP flow that is not a SYN: tc asks the socket table.
+        let f = tcp((ip(CLIENT), 42001), (ip(NODE), NODEPORT), 0x10, b"");
+        let (v, out) = xdp(&mut n.dp, ifindex, &f);
+        assert_eq!((v, out.as_slice()), (XDP_PASS, f.as_slice()));
+        // TTL 1: the kernel answers time exceeded.
+        let mut f = syn((ip(CLIENT), 42002), (ip(NODE), NODEPORT));
+        f[22] = 1;
+        let c = csum16(&{
+            let mut h = f[14..34].to_vec();
+            h[10] = 0;
+            h[11] = 0;
+            h
+        });
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        let (v, out) = xdp(&mut n.dp, ifindex, &f);
+        assert_eq!((v, out.as_slice()), (XDP_PASS, f.as_slice()));
+        // Without backends and without CFG_F_DROP_NO_BACKEND: tc rejects.
+        let f = syn((ip(CLIENT), 42003), (ip(NODE), EMPTY_NODEPORT));
+        let (v, _) = xdp(&mut n.dp, ifindex, &f);
+        assert_eq!(v, XDP_PASS);
+        assert_eq!(stat(&n.dp, stats::XDP_TO_TC), to_tc + 4);
+
+        // Not a frontend: untouched and not counted.
+        let tx = stat(&n.dp, stats::XDP_TX);
+        for f in [
+            syn((ip(CLIENT), 43000), (ip(NODE), 22)),
+            syn((ip(CLIENT), 43001), (ip("10.42.0.9"), 80)),
+            udp((ip(NODE2), 4789), (ip(NODE), 4789), b"vxlan", false),
+        ] {
+            let (v, out) = xdp(&mut n.dp, ifindex, &f);
+            assert_eq!((v, out.as_slice()), (XDP_PASS, f.as_slice()));
+        }
+        let mut arp = syn((ip(CLIENT), 1), (ip(NODE), 1));
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(xdp(&mut n.dp, ifindex, &arp).0, XDP_PASS);
+        assert_eq!(stat(&n.dp, stats::XDP_TO_TC), to_tc + 4);
+        assert_eq!(stat(&n.dp, stats::XDP_TX), tx);
+    });
+}
+
+#[test]
+fn xdp_drops_malformed_packets_and_services_without_backends_early() {
+    if !privileged("to load eBPF programs and create network namespaces") {
+        return;
+    }
+    with_node(true, |n, ifindex| {
+        let mut f = syn((ip(CLIENT), 44000), (ip(NODE), NODEPORT));
+        f[14] = 0x65; // IP version 6 behind the IPv4 ethertype
+        assert_eq!(xdp(&mut n.dp, ifindex, &f).0, XDP_DROP);
+        let mut f = syn((ip(CLIENT), 44001), (ip(NODE), NODEPORT));
+        f[14] = 0x43; // IHL 3
+        assert_eq!(xdp(&mut n.dp, ifindex, &f).0, XDP_DROP);
+        assert_eq!(stat(&n.dp, stats::DROP_MALFORMED), 2);
+
+        // CFG_F_DROP_NO_BACKEND: no reject to build, so XDP drops it.
+        let f = syn((ip(CLIENT), 44002), (ip(NODE), EMPTY_NODEPORT));
+        assert_eq!(xdp(&mut n.dp, ifindex, &f).0, XDP_DROP);
+        assert_eq!(stat(&n.dp, stats::DROP_NO_BACKEND), 1);
+        let events = n.dp.events().unwrap().drain();
+        assert!(
+            events.iter().any(|e| e.raw.reason == stats::DROP_NO_BACKEND
+                && e.raw.source == riptide_common::EV_SRC_XDP_NET),
+            "a drop event names rt_xdp_net: {events:?}"
+        );
+    });
+}

@@ -1,0 +1,238 @@
+//! `rt_xdp_net`: XDP on the node's uplink, the fast path of NodePort,
+//! externalIP and LoadBalancer-IP traffic whose backend is on another node
+//! (Cilium's `bpf_xdp.c` / `nodeport_lb4` at XDP).
+//!
+//! Before the kernel allocates an skb, for TCP and UDP without IP options:
+//!
+//! 1. a reply from a remote backend to a flow this node source-NATed
+//!    (backend → node:port): un-SNAT and reverse DNAT at once (frontend →
+//!    client), back out the uplink;
+//! 2. a packet of a flow already balanced to a remote backend: DNAT and
+//!    SNAT at once, out the uplink;
+//! 3. the first packet of a new flow (a pure TCP SYN, or UDP to a frontend
+//!    that is not the node's own address): the service lookup and backend
+//!    choice of tc (`lb`), the state of tc (`nodeport`), then as 2.
+//!
+//! "Out the uplink" is `XDP_TX` after `bpf_fib_lookup` says the next hop
+//! is on the same device and resolved (`route::next_hop_same_dev`, asked
+//! *before* anything is written, with the packet's length for the MTU),
+//! with TTL − 1 and the next hop's MACs (`route::hop`). Every packet this
+//! program does not finish goes to the tc path untouched (`XDP_PASS`,
+//! counted `xdp_to_tc` when it concerns a frontend): a local backend
+//! (`rt_from_net` delivers it with `bpf_redirect_peer`; an `XDP_REDIRECT`
+//! into a pod's veth would need an XDP program on the pod side and gives up
+//! GRO), a next hop on another device or not resolved yet, TTL ≤ 1, a new
+//! TCP flow that is not a SYN or a new UDP flow to a node address (the
+//! kernel's socket table decides whether a host socket owns it, a lookup
+//! tc makes, `local_sock`), ICMP, fragments, IP options, NetworkPolicy.
+//! Everything that is not a frontend passes with no more than the parse,
+//! the conntrack and NAT lookups and a service lookup.
+//!
+//! Early drops: a malformed IPv4 header (the entry's verdict), no port
+//! left for the source NAT (as tc), and, when the node drops instead of
+//! rejecting (`CFG_F_DROP_NO_BACKEND`), a service without backends; the
+//! RST / ICMP reject is built by tc (`reject`).
+//!
+//! Checksums are updated inline (`csum::rewrite_complete`): a received
+//! frame's checksums are complete.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    programs::XdpContext,
+};
+use riptide_common::{
+    BE_F_LOCAL, CFG_F_DROP_NO_BACKEND, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY, CT_F_REPLY,
+    CT_F_SNAT, Config, EV_SRC_XDP_NET, NAT_F_NODEPORT, proto, stats,
+};
+
+use crate::{
+    csum::rewrite_complete,
+    ct, events, lb,
+    maps::{config, count},
+    nat, nodeport,
+    parse::{self, L4_OFF, Pkt},
+    route,
+};
+
+/// Leaves a frontend packet to tc, untouched.
+#[inline(always)]
+fn to_tc() -> Result<u32, u32> {
+    count(stats::XDP_TO_TC);
+    Ok(XDP_PASS)
+}
+
+/// Sends `p`, rewritten to `saddr:sport → daddr:dport`, back out the
+/// uplink; `None` when the FIB does not allow it (nothing written).
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    p: &mut Pkt,
+    (saddr_be, sport_be): (u32, u16),
+    (daddr_be, dport_be): (u32, u16),
+) -> Result<Option<u32>, u32> {
+    if p.ttl <= 1 {
+        return Ok(None);
+    }
+    let Some(fib) = route::next_hop_same_dev(ctx, saddr_be, daddr_be, p, p.tot_len) else {
+        return Ok(None);
+    };
+    rewrite_complete(ctx, p, saddr_be, sport_be, daddr_be, dport_be)?;
+    route::hop(ctx, &fib.dmac, &fib.smac)?;
+    count(stats::XDP_TX);
+    Ok(Some(XDP_TX))
+}
+
+/// XDP on the uplink.
+#[inline(always)]
+pub fn try_xdp_net(ctx: &XdpContext) -> Result<u32, u32> {
+    let Some(mut p) = parse::headers(ctx)? else {
+        return Ok(XDP_PASS);
+    };
+    if !p.has_ports() || p.l4_off != L4_OFF {
+        return Ok(XDP_PASS);
+    }
+    let cfg = config();
+    let is_node = cfg.node_ip_be != 0 && p.daddr_be == cfg.node_ip_be;
+
+    // 1. A reply to a NodePort flow we source-NATed (masqueraded pod
+    //    traffic coming back goes to tc: it ends in a pod).
+    if is_node && let Some(n) = nat::lookup_ingress(&p) {
+        if n.flags & NAT_F_NODEPORT == 0 {
+            return Ok(XDP_PASS);
+        }
+        let client = (n.addr_be, n.port_be);
+        let mut reply = p;
+        reply.daddr_be = client.0;
+        reply.dport_be = client.1;
+        if let Some(hit) = ct::lookup(&reply) {
+            let e = &*hit.e;
+            if e.flags & (CT_F_REPLY | CT_F_NODEPORT) == CT_F_REPLY | CT_F_NODEPORT {
+                let frontend = (e.vip_be, e.vport_be);
+                if let Some(v) = send(ctx, &mut p, frontend, client)? {
+                    count(stats::UNSNAT);
+                    count(stats::REVNAT);
+                    return Ok(v);
+                }
+            }
+        }
+        return to_tc();
+    }
+
+    // 2. A packet of a flow already balanced here.
+    if let Some(hit) = ct::lookup(&p) {
+        let e = &*hit.e;
+        if e.flags & (CT_F_REPLY | CT_F_POLICY | CT_F_INBOUND) != 0 {
+            // Replies to local clients, policy-tracked and inbound flows
+            // end in a pod or the node: tc.
+            return Ok(XDP_PASS);
+        }
+        let snatted = e.flags & CT_F_SNAT != 0;
+        let Some(c) = ct::fwd_backend(&hit) else {
+            // The backend went away: tc balances the flow anew.
+            return to_tc();
+        };
+        if c.be.flags & BE_F_LOCAL != 0 || !snatted {
+            return to_tc();
+        }
+        let mut to_backend = p;
+        to_backend.daddr_be = c.be.addr_be;
+        to_backend.dport_be = c.be.port_be;
+        let Some(n) = nat::lookup_egress(&to_backend) else {
+            // The mapping was evicted: tc's egress decides (as for tc).
+            return to_tc();
+        };
+        let src = (n.addr_be, n.port_be);
+        if let Some(v) = send(ctx, &mut p, src, (c.be.addr_be, c.be.port_be))? {
+            count(stats::LB_CT_HIT);
+            count(stats::SNAT);
+            return Ok(v);
+        }
+        return to_tc();
+    }
+
+    // 3. A new flow to a frontend of this node.
+    let Some(svc) = lb::lookup_with_node(p.daddr_be, p.dport_be, p.proto, false, is_node) else {
+        return Ok(XDP_PASS);
+    };
+    let starts_here = if p.proto == proto::TCP {
+        ct::is_pure_syn(&p)
+    } else {
+        !is_node
+    };
+    if !starts_here {
+        return to_tc();
+    }
+    let Some(chosen) = lb::select_for(&svc, &p)? else {
+        return no_backend(ctx, cfg);
+    };
+    if chosen.be.flags & BE_F_LOCAL != 0 || cfg.node_ip_be == 0 {
+        return to_tc();
+    }
+    let orig = ct::key(&p);
+    let mut to_backend = p;
+    to_backend.daddr_be = chosen.be.addr_be;
+    to_backend.dport_be = chosen.be.port_be;
+    let backend = (chosen.be.addr_be, chosen.be.port_be);
+    // The source port is only known once allocated, and allocating needs
+    // the FIB's yes first: ask with the node address, then allocate and
+    // record (state before any write: a failure leaves the packet as it
+    // came).
+    let sent = send_new(ctx, &mut p, cfg, backend, || {
+        let port = match nodeport::snat(&to_backend, cfg, &svc, &chosen)? {
+            Some(port) => port,
+            // Never forward a remote flow with the client's address.
+            None => return Err(stats::NAT_FAIL),
+        };
+        nodeport::record(&orig, &to_backend, &svc, &chosen, true)?;
+        Ok(port)
+    });
+    match sent {
+        Ok(Some(v)) => {
+            count(stats::LB_NEW);
+            Ok(v)
+        }
+        Ok(None) => to_tc(),
+        Err(reason @ (stats::SNAT_NO_PORT | stats::NAT_FAIL)) => {
+            count(reason);
+            events::report(ctx, reason, EV_SRC_XDP_NET);
+            Ok(XDP_DROP)
+        }
+        Err(reason) => Err(reason),
+    }
+}
+
+/// [`send`] for a new flow, whose source port `alloc` allocates once the
+/// FIB said yes.
+#[inline(always)]
+fn send_new(
+    ctx: &XdpContext,
+    p: &mut Pkt,
+    cfg: &Config,
+    (daddr_be, dport_be): (u32, u16),
+    alloc: impl FnOnce() -> Result<u16, u32>,
+) -> Result<Option<u32>, u32> {
+    if p.ttl <= 1 {
+        return Ok(None);
+    }
+    let Some(fib) = route::next_hop_same_dev(ctx, cfg.node_ip_be, daddr_be, p, p.tot_len) else {
+        return Ok(None);
+    };
+    let sport_be = alloc()?;
+    rewrite_complete(ctx, p, cfg.node_ip_be, sport_be, daddr_be, dport_be)?;
+    route::hop(ctx, &fib.dmac, &fib.smac)?;
+    count(stats::XDP_TX);
+    Ok(Some(XDP_TX))
+}
+
+/// A service without a usable backend: dropped here when the node drops
+/// (`CFG_F_DROP_NO_BACKEND`), else tc answers with a RST / ICMP port
+/// unreachable (`reject`).
+#[inline(always)]
+fn no_backend(ctx: &XdpContext, cfg: &Config) -> Result<u32, u32> {
+    if cfg.flags & CFG_F_DROP_NO_BACKEND == 0 {
+        return to_tc();
+    }
+    count(stats::DROP_NO_BACKEND);
+    events::report(ctx, stats::DROP_NO_BACKEND, EV_SRC_XDP_NET);
+    Ok(XDP_DROP)
+}
