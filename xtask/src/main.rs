@@ -151,14 +151,15 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 
 /// Micro benchmarks, each printing one JSON document: ns/packet of the tc LB
 /// path via BPF_PROG_TEST_RUN at 1/1k/10k Services and of NetworkPolicy at
-/// 0/100/1,000 policies, CNI ADD/DEL latency next
+/// 0/100/1,000 policies, Maglev next to random (table rebuild, first
+/// packet), XDP NodePort next to tc at 1/1k/10k Services, CNI ADD/DEL latency next
 /// to the reference bridge + host-local plugins, the agent's programming
 /// latency next to iptables-restore and for NetworkPolicy, riptide-dns next to dnsmasq
 /// (dnsperf), and the apiserver on both stores. Release builds, each an
 /// example of the crate it measures; results go to
 /// target/bench/<name>.json and a section of results.md.
 fn micro_benches(root: &Path, quick: bool) -> Result<()> {
-    let benches: [(&str, &str, &str, Vec<&str>); 7] = [
+    let benches: [(&str, &str, &str, Vec<&str>); 9] = [
         (
             "ebpf-lb",
             "riptide-datapath",
@@ -192,6 +193,22 @@ fn micro_benches(root: &Path, quick: bool) -> Result<()> {
             "riptide-agent",
             "agent_bench",
             if quick { vec!["--quick"] } else { vec![] },
+        // Maglev: table rebuild at 1k backends, first-packet cost next to
+        // random in the same run (ratios).
+        (
+            "ebpf-maglev",
+            "riptide-datapath",
+            "lb_bench",
+            vec!["maglev", if quick { "500" } else { "5000" }],
+        ),
+        // XDP NodePort acceleration: ns/packet next to the tc path at 1,
+        // 1k and 10k Services.
+        (
+            "ebpf-xdp",
+            "riptide-datapath",
+            "lb_bench",
+            vec!["xdp", if quick { "500" } else { "5000" }],
+        ),
         ),
         // NetworkPolicy programming latency (policy change or pod label
         // change → the maps allow the new flow) at 1,000 policies / 5,000

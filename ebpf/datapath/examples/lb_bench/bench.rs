@@ -87,7 +87,7 @@ fn vip(i: u32) -> Ipv4Addr {
 
 /// A TCP frame from the client pod to `dst:dport` (valid checksums are not
 /// needed for timing; the programs update them incrementally either way).
-fn frame(src_port: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+pub(crate) fn frame(src_port: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
     let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
     f.extend_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0]);
     f.extend_from_slice(&Ipv4Addr::new(10, 42, 0, 5).octets());
@@ -115,11 +115,11 @@ fn run(dp: &mut Datapath, data: &[u8], repeat: u32) -> Result<(std::time::Durati
     Ok((r.duration, out))
 }
 
-fn run_ns(dp: &mut Datapath, data: &[u8]) -> Result<u64> {
+pub(crate) fn run_ns(dp: &mut Datapath, data: &[u8]) -> Result<u64> {
     Ok(u64::try_from(run(dp, data, 1)?.0.as_nanos()).unwrap_or(u64::MAX))
 }
 
-fn median_mean(mut v: Vec<u64>) -> (u64, f64) {
+pub(crate) fn median_mean(mut v: Vec<u64>) -> (u64, f64) {
     v.sort_unstable();
     let median = v.get(v.len() / 2).copied().unwrap_or(0);
     let mean = if v.is_empty() {
@@ -130,7 +130,7 @@ fn median_mean(mut v: Vec<u64>) -> (u64, f64) {
     (median, mean)
 }
 
-fn clusterip(name: String, vip: Ipv4Addr, port: u16, backends: Vec<Backend>) -> Service {
+pub(crate) fn clusterip(name: String, vip: Ipv4Addr, port: u16, backends: Vec<Backend>) -> Service {
     Service {
         name,
         protocol: Protocol::Tcp,
@@ -147,7 +147,7 @@ fn clusterip(name: String, vip: Ipv4Addr, port: u16, backends: Vec<Backend>) -> 
     }
 }
 
-fn remote(addr: Ipv4Addr, port: u16) -> Backend {
+pub(crate) fn remote(addr: Ipv4Addr, port: u16) -> Backend {
     Backend {
         addr: SocketAddrV4::new(addr, port),
         state: BackendState::Active,

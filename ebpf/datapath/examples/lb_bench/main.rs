@@ -11,12 +11,25 @@
 //! (N new flows, one syscall each) or `sock` (N UDP connects through the
 //! socket-LB hook). It only drives load; the numbers come from the default
 //! mode.
+//!
+//! `lb_bench maglev [SAMPLES]`: Maglev next to random (`maglev.rs`): table
+//! rebuild at 1k backends, first-packet cost. `lb_bench xdp [SAMPLES]`:
+//! ns/packet of `rt_xdp_net` next to the tc path at 1, 1k, 10k Services
+//! (`xdp.rs`).
 mod bench;
+mod maglev;
+mod xdp;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("profile") {
         return profile(args.get(1).map_or("", String::as_str), args.get(2));
+    }
+    if args.first().map(String::as_str) == Some("maglev") {
+        return maglev::main(args.get(1).map_or(Ok(5000), |s| s.parse())?);
+    }
+    if args.first().map(String::as_str) == Some("xdp") {
+        return xdp::main(args.get(1).map_or(Ok(5000), |s| s.parse())?);
     }
     let samples: u32 = args.first().map_or(Ok(5000), |s| s.parse())?;
     for n in [1, 1_000, 10_000] {
