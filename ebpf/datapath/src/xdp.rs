@@ -229,8 +229,9 @@ fn attach_mode(prog: &mut Xdp, ifname: &str, mode: XdpSetting, links_dir: &Path)
 }
 
 /// A link of the other mode that was just unpinned is released by the
-/// kernel from a work queue (`bpf_link_put`), so the device may report the
-/// old program for a moment (EBUSY): retry for up to a second.
+/// kernel from a work queue (`bpf_link_put`), so for a moment the device
+/// still has the old program (EEXIST: native and generic never coexist;
+/// EBUSY): retry for up to a second.
 fn attach_retrying<T>(
     mut attach: impl FnMut() -> Result<T, ProgramError>,
 ) -> Result<T, ProgramError> {
@@ -238,7 +239,8 @@ fn attach_retrying<T>(
     loop {
         match attach() {
             Err(ProgramError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::EBUSY) && tries < 20 =>
+                if matches!(e.io_error.raw_os_error(), Some(libc::EBUSY | libc::EEXIST))
+                    && tries < 20 =>
             {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(50));

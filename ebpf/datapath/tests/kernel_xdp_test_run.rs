@@ -320,3 +320,95 @@ fn xdp_drops_malformed_packets_and_services_without_backends_early() {
         );
     });
 }
+
+/// Removes the test node's pins on drop (also when the test fails).
+struct Unpin(String);
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        let _ = riptide_datapath::unpin_node(&self.0);
+    }
+}
+
+/// `ip -d link show up0` in namespace `ns`.
+fn link(ns: &str) -> String {
+    riptide_test_support::ip(&["-n", ns, "-d", "link", "show", "up0"])
+}
+
+#[test]
+fn xdp_attaches_natively_survives_restarts_and_switches_live() {
+    if !privileged("to load eBPF programs and create network namespaces") {
+        return;
+    }
+    use riptide_datapath::{
+        Pinning,
+        xdp::{XdpSetting, attach_pinned_xdp},
+    };
+    let pinned = Unpin(format!("xdp-test-{}", std::process::id()));
+    let ns = uplink_lab(&format!("rtxdpa{}", std::process::id()));
+    let name = ns.name().to_owned();
+    let node = pinned.0.clone();
+    let (pin_dir, links) = netns::run_in(&name, move || {
+        let mut dp = Datapath::load(&Pinning::Node(node.clone())).expect("load pinned");
+        let pin_dir = dp.pin_dir().unwrap().to_owned();
+        let links = pin_dir.join("links");
+        let a = dp
+            .attach_xdp("up0", XdpSetting::Native, &links)
+            .unwrap()
+            .unwrap();
+        assert_eq!((a.mode, a.fell_back.as_deref()), (XdpSetting::Native, None));
+        assert!(links.join("xdp_native").exists());
+        drop(dp);
+        // A restarted agent: same mode, the new program into the pinned
+        // link.
+        let mut again = Datapath::load(&Pinning::Node(node)).expect("reload");
+        let a = again
+            .attach_xdp("up0", XdpSetting::Native, &links)
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.mode, XdpSetting::Native);
+        (pin_dir, links)
+    });
+    let l = link(&name);
+    assert!(
+        l.contains(" xdp ") && !l.contains("xdpgeneric"),
+        "native after the processes exited: {l}"
+    );
+
+    // Live switches from the pinned program (the agent's ConfigMap
+    // watcher): generic, then off.
+    let (p, k) = (pin_dir.clone(), links.clone());
+    let g = netns::run_in(&name, move || {
+        attach_pinned_xdp(&p, "up0", XdpSetting::Generic, &k)
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(g.mode, XdpSetting::Generic);
+    assert!(!links.join("xdp_native").exists() && links.join("xdp_generic").exists());
+    let l = link(&name);
+    assert!(
+        l.contains(" xdpgeneric ") && !l.contains(" xdp "),
+        "generic: {l}"
+    );
+    let (p, k) = (pin_dir.clone(), links.clone());
+    let off = netns::run_in(&name, move || {
+        attach_pinned_xdp(&p, "up0", XdpSetting::Disabled, &k)
+    })
+    .unwrap();
+    assert!(off.is_none());
+    assert!(!links.join("xdp_generic").exists());
+    // The kernel releases an unpinned link from a work queue.
+    let mut l = link(&name);
+    for _ in 0..40 {
+        if !l.contains(" xdp ") && !l.contains("xdpgeneric") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        l = link(&name);
+    }
+    assert!(
+        !l.contains(" xdp ") && !l.contains("xdpgeneric"),
+        "detached: {l}"
+    );
+    drop(ns);
+}
