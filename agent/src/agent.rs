@@ -82,6 +82,12 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     pub pod_cidr_file: PathBuf,
     pub proxy_name: Option<String>,
+    /// `--lb-algorithm`, `--maglev-table-size`.
+    pub lb: crate::lb_algorithm::Defaults,
+    /// `--xdp` on the uplink.
+    pub xdp: riptide_datapath::xdp::XdpSetting,
+    /// The ConfigMap file of the `xdp` key, watched for live switches.
+    pub xdp_watch: Option<PathBuf>,
     /// cgroup v2 directory to attach socket LB to.
     pub cgroup: Option<PathBuf>,
     /// Uplink device for the NodePort/SNAT tc programs.
@@ -143,6 +149,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         policy: Mutex::new(PolicyState::default()),
     });
     crate::events::spawn(events, Arc::downgrade(&shared.events), shared.metrics.clone()).map_err(|source| Error::Io {
+        if let (Some(file), Some(dev)) = (&cfg.xdp_watch, &cfg.uplink) {
+            crate::xdp::watch(file.clone(), dir.clone(), dir.join("links"), dev.clone(), cfg.xdp);
+        }
         action: "reading datapath events of",
         path: PathBuf::from(&node),
         source,
@@ -214,6 +223,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         slice_index: HashMap::new(),
         slice_owner: HashMap::new(),
         synced: BTreeSet::new(),
+        lb: cfg.lb,
         first_done: false,
         routes,
         tunnel,
@@ -336,6 +346,14 @@ async fn connect(cfg: &Config) -> Result<Option<kube::Client>, Error> {
 /// return-path rule would still catch pod → node traffic, so they go, and
 /// with them the pins of the links that died with the device.
 async fn remove_stale_tunnel(pin_dir: Option<&Path>) {
+        // Not fatal: NodePort & co work through tc without it.
+        match crate::xdp::attach(dp, dev, cfg.xdp, &links) {
+            Ok(line) => attachments.push(line),
+            Err(e) => {
+                tracing::error!(uplink = %dev, error = %e, "attaching the XDP program; NodePort stays on tc");
+                attachments.push(format!("xdp:{dev} (failed)"));
+            }
+        }
     let removed = match Tunnel::new(tunnel::VxlanConfig::default()) {
         Ok(mut t) => t.remove_device().await,
         Err(e) => Err(e),

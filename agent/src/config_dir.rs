@@ -11,11 +11,14 @@
 //! | `socket-lb` | `true` → `--cgroup=<cgroup-root>`; `false` → nothing |
 //! | `cgroup-root` | cgroup v2 directory for socket LB (default `/sys/fs/cgroup`) |
 //! | `masquerade` | `false` → `--no-masquerade` |
+//! | `lb-algorithm` | `--lb-algorithm=maglev\|random` (see `lb_algorithm.rs`) |
+//! | `maglev-table-size` | `--maglev-table-size=M` (251, 1021, 4093, 16381, 65521) |
+//! | `xdp` | `--xdp=native\|generic\|disabled`; read again while running (`xdp.rs`) |
 //! | `mtu`, `k8s-service-host`, `k8s-service-port` | not flags: the CNI installer and the pod's env read them |
 //! | any other `key` | `--key=value`; `true` → `--key`; `false` or empty → nothing |
 //!
-//! The files are read once at start; restart the pods after a change
-//! (`kubectl -n riptide-system rollout restart ds/riptide-agent`).
+//! The files are read once at start (except `xdp`); restart the pods after
+//! a change (`kubectl -n riptide-system rollout restart ds/riptide-agent`).
 
 use std::{
     collections::BTreeMap,
@@ -71,6 +74,21 @@ fn is_true(key: &str, value: &str) -> Result<bool, Error> {
         "false" | "" => Ok(false),
         _ => Err(Error::Value { key: key.into(), value: value.into(), reason: "expected true or false" }),
     }
+}
+
+/// The config directory `argv` names (`--config-dir`, else the
+/// environment), without reading it.
+pub fn dir(argv: &[OsString]) -> Option<PathBuf> {
+    let mut it = argv.iter();
+    while let Some(a) = it.next() {
+        if a == OsStr::new("--config-dir") {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(v) = a.to_str().and_then(|s| s.strip_prefix("--config-dir=")) {
+            return Some(v.into());
+        }
+    }
+    std::env::var_os(ENV).filter(|v| !v.is_empty()).map(PathBuf::from)
 }
 
 /// The flags `keys` stand for, as `(flag name without --, value)`.

@@ -101,6 +101,20 @@ struct Args {
     /// Load and pin the datapath, then exit.
     #[arg(long)]
     once: bool,
+    /// Backend selection of Services without the
+    /// `service.riptide.io/lb-algorithm` annotation: `maglev` (Maglev on
+    /// NodePort, externalIP and LoadBalancer frontends) or `random`.
+    #[arg(long, default_value = "maglev")]
+    lb_algorithm: riptide_agent::lb_algorithm::Name,
+    /// Maglev table size, the same on every node: 251, 1021, 4093, 16381
+    /// or 65521 (≥ 100× a Service's backends for ≈ 1 % imbalance).
+    #[arg(long, default_value = "16381")]
+    maglev_table_size: riptide_datapath::maglev::TableSize,
+    /// XDP NodePort acceleration on --uplink: native (generic if the driver
+    /// cannot), generic or disabled. From a ConfigMap dir, changes of its
+    /// `xdp` key apply live.
+    #[arg(long, default_value = "native")]
+    xdp: riptide_datapath::xdp::XdpSetting,
     /// Without a podCIDR from cluster IPAM for this many seconds, claim a
     /// /24 of --cluster-cidr on the own Node (0: never; see podcidr.rs).
     #[arg(long, default_value_t = 0)]
@@ -121,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(sub) = riptide_agent::install::Subcommand::from_argv(&argv) {
         return sub.unwrap_or_else(|e| e.exit()).run().await.context("riptide-agent");
     }
+    let xdp_watch = riptide_agent::config_dir::dir(&argv).map(|d| d.join("xdp"));
     let a = Args::parse_from(riptide_agent::config_dir::expand(argv).context("--config-dir")?);
     if a.once {
         let dp = riptide_datapath::Datapath::load(&riptide_datapath::Pinning::Node(a.node_name.clone()))
@@ -159,6 +174,9 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr,
         pod_cidr_file: a.pod_cidr_file.unwrap_or_else(|| run_dir.join("podcidr")),
         proxy_name: a.service_proxy_name,
+        lb: riptide_agent::lb_algorithm::Defaults { algorithm: a.lb_algorithm, maglev_table_size: a.maglev_table_size },
+        xdp: a.xdp,
+        xdp_watch,
         cgroup: a.cgroup,
         uplink: a.uplink,
         routes: !a.no_routes,

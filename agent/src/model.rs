@@ -106,6 +106,8 @@ pub struct NodeContext {
     pub proxy_name: Option<String>,
     /// Addresses no externalIP or LoadBalancer frontend may take.
     pub reserved: Reserved,
+    /// Backend selection of Services without the annotation.
+    pub lb: crate::lb_algorithm::Defaults,
 }
 
 /// Why a Service gets no frontends at all (`None` = it is ours).
@@ -301,6 +303,9 @@ pub fn service_desired(svc: &Service, slices: &[&EndpointSlice], ctx: &NodeConte
             .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
     });
 
+    let (algorithm, note) = crate::lb_algorithm::for_service(svc, ctx.lb);
+    out.notes.extend(note);
+
     let mut local_ready_ips: BTreeSet<Ipv4Addr> = BTreeSet::new();
     for sp in spec.ports.iter().flatten() {
         let port_name = sp.name.clone().unwrap_or_default();
@@ -344,9 +349,7 @@ pub fn service_desired(svc: &Service, slices: &[&EndpointSlice], ctx: &NodeConte
             affinity_timeout_s,
             external_policy,
             internal_policy,
-            // The datapath supports Maglev per service; no Service
-            // annotation selects it yet.
-            algorithm: Algorithm::Random,
+            algorithm,
         });
     }
 
