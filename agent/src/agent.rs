@@ -130,6 +130,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     };
     if let Some(dir) = &pin_dir {
         attach_to_pod(&mut dp, dir);
+        if let (Some(file), Some(dev)) = (&cfg.xdp_watch, &cfg.uplink) {
+            crate::xdp::watch(file.clone(), dir.clone(), dir.join("links"), dev.clone(), cfg.xdp);
+        }
     }
     let shared = Arc::new(Shared {
         node: node.clone(),
@@ -149,9 +152,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         policy: Mutex::new(PolicyState::default()),
     });
     crate::events::spawn(events, Arc::downgrade(&shared.events), shared.metrics.clone()).map_err(|source| Error::Io {
-        if let (Some(file), Some(dev)) = (&cfg.xdp_watch, &cfg.uplink) {
-            crate::xdp::watch(file.clone(), dir.clone(), dir.join("links"), dev.clone(), cfg.xdp);
-        }
         action: "reading datapath events of",
         path: PathBuf::from(&node),
         source,
@@ -175,6 +175,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let node_ctx = NodeContext {
         node_name: node.clone(),
         proxy_name: cfg.proxy_name.clone(),
+        lb: cfg.lb,
         reserved: crate::reserved::Reserved::new(cfg.cluster_cidr, cfg.service_cidr),
     };
     if let Some(l2) = cfg.l2_announce.clone() {
@@ -223,7 +224,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         slice_index: HashMap::new(),
         slice_owner: HashMap::new(),
         synced: BTreeSet::new(),
-        lb: cfg.lb,
         first_done: false,
         routes,
         tunnel,
@@ -276,6 +276,14 @@ fn attach(dp: &mut Datapath, cfg: &Config, dir: &Path) -> Result<Vec<String>, Er
         let mode = att.mode().map_or_else(String::new, |m| format!(" ({m})"));
         attachments.push(format!("uplink:{}{mode}", att.target()));
         att.pin(&links, "uplink").map_err(dp_err(&cfg.node_name, "pinning uplink links"))?;
+        // Not fatal: NodePort & co work through tc without it.
+        match crate::xdp::attach(dp, dev, cfg.xdp, &links) {
+            Ok(line) => attachments.push(line),
+            Err(e) => {
+                tracing::error!(uplink = %dev, error = %e, "attaching the XDP program; NodePort stays on tc");
+                attachments.push(format!("xdp:{dev} (failed)"));
+            }
+        }
     }
     Ok(attachments)
 }
@@ -346,14 +354,6 @@ async fn connect(cfg: &Config) -> Result<Option<kube::Client>, Error> {
 /// return-path rule would still catch pod → node traffic, so they go, and
 /// with them the pins of the links that died with the device.
 async fn remove_stale_tunnel(pin_dir: Option<&Path>) {
-        // Not fatal: NodePort & co work through tc without it.
-        match crate::xdp::attach(dp, dev, cfg.xdp, &links) {
-            Ok(line) => attachments.push(line),
-            Err(e) => {
-                tracing::error!(uplink = %dev, error = %e, "attaching the XDP program; NodePort stays on tc");
-                attachments.push(format!("xdp:{dev} (failed)"));
-            }
-        }
     let removed = match Tunnel::new(tunnel::VxlanConfig::default()) {
         Ok(mut t) => t.remove_device().await,
         Err(e) => Err(e),

@@ -175,6 +175,22 @@ fn micro_benches(root: &Path, quick: bool) -> Result<()> {
             "policy_bench",
             vec![if quick { "500" } else { "5000" }],
         ),
+        // Maglev: table rebuild at 1k backends, first-packet cost next to
+        // random in the same run (ratios).
+        (
+            "ebpf-maglev",
+            "riptide-datapath",
+            "lb_bench",
+            vec!["maglev", if quick { "500" } else { "5000" }],
+        ),
+        // XDP NodePort acceleration: ns/packet next to the tc path at 1,
+        // 1k and 10k Services.
+        (
+            "ebpf-xdp",
+            "riptide-datapath",
+            "lb_bench",
+            vec!["xdp", if quick { "500" } else { "5000" }],
+        ),
         (
             "cni-add-del",
             "riptide-cni",
@@ -193,22 +209,6 @@ fn micro_benches(root: &Path, quick: bool) -> Result<()> {
             "riptide-agent",
             "agent_bench",
             if quick { vec!["--quick"] } else { vec![] },
-        // Maglev: table rebuild at 1k backends, first-packet cost next to
-        // random in the same run (ratios).
-        (
-            "ebpf-maglev",
-            "riptide-datapath",
-            "lb_bench",
-            vec!["maglev", if quick { "500" } else { "5000" }],
-        ),
-        // XDP NodePort acceleration: ns/packet next to the tc path at 1,
-        // 1k and 10k Services.
-        (
-            "ebpf-xdp",
-            "riptide-datapath",
-            "lb_bench",
-            vec!["xdp", if quick { "500" } else { "5000" }],
-        ),
         ),
         // NetworkPolicy programming latency (policy change or pod label
         // change → the maps allow the new flow) at 1,000 policies / 5,000
