@@ -1,11 +1,13 @@
 //! `cargo xtask <task>`: the entry points of development.
 //!
 //! - `setup`: installs everything riptide needs on a fresh machine (idempotent).
-//! - `test`: setup, then every test: unit, eBPF (BPF_PROG_TEST_RUN), privileged.
+//! - `test`: setup, then every test: unit, eBPF (BPF_PROG_TEST_RUN), privileged;
+//!   `test --kernel 6.1`: the kernel-facing tests inside a VM of that kernel.
 //! - `run`: setup, build, then the main job in the foreground; Ctrl-C tears down.
 //! - `down`: removes whatever a previous `run` left (safe to run twice).
 mod setup;
 mod util;
+mod vm;
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +27,11 @@ enum Task {
     Setup,
     /// Run every test (does `setup` first). Extra args go to `cargo test`.
     Test {
+        /// Instead: the kernel-facing tests (datapath, CNI) in a VM booting
+        /// Debian's newest kernel of this series (`6.1`) or this kernel
+        /// image; extra args then go to each test binary.
+        #[arg(long, value_name = "SERIES|IMAGE")]
+        kernel: Option<String>,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -39,6 +46,10 @@ enum Task {
         /// `vxlan`: a VXLAN overlay between nodes that sit behind a router.
         #[arg(long, value_parser = ["vxlan"])]
         tunnel: Option<String>,
+        /// `manifest`: bare kubelets, then manifests/riptide.yaml applied
+        /// through the apiserver; `hand-wired`: the lab starts agents itself.
+        #[arg(long, value_parser = ["manifest", "hand-wired"], default_value = "hand-wired")]
+        install: String,
     },
     /// Benchmarks: riptide vs the direct path vs kube-proxy-shaped rules
     /// (results under target/bench/).
@@ -66,14 +77,23 @@ fn main() -> Result<()> {
     let root = workspace_root()?;
     match cli.task {
         Task::Setup => setup::all(),
-        Task::Test { args } => {
+        Task::Test { kernel: None, args } => {
             setup::all()?;
             test(&root, &args)
+        }
+        Task::Test {
+            kernel: Some(kernel),
+            args,
+        } => {
+            setup::all()?;
+            let tools = setup::vm(&kernel)?;
+            vm::test(&root, &target_dir(&root), &tools, &args)
         }
         Task::Run {
             nodes,
             detach,
             tunnel,
+            install,
         } => {
             setup::all()?;
             let mut args = vec!["up".to_owned(), "--nodes".to_owned(), nodes.to_string()];
@@ -83,6 +103,7 @@ fn main() -> Result<()> {
             if let Some(t) = tunnel {
                 args.extend(["--tunnel".to_owned(), t]);
             }
+            args.extend(["--install".to_owned(), install]);
             lab(&root, &args)
         }
         Task::Bench { quick, scenario } => {
@@ -139,10 +160,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     let tally = util::run_tests(&mut cmd)?;
     // One closing line over every test binary (cargo's own last line is the
     // last binary's, often an empty doctest run).
-    println!(
-        "summary: {} passed, {} failed, {} skipped",
-        tally.passed, tally.failed, tally.ignored
-    );
+    println!("{}", tally.summary());
     if !tally.ok || tally.failed > 0 {
         anyhow::bail!("tests failed");
     }

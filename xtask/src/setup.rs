@@ -1,7 +1,10 @@
 //! Installs what riptide needs on a fresh machine of this kind, idempotently:
 //! every step first checks whether its result is already there.
 
-use std::process::Command;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -59,13 +62,181 @@ pub fn bench() -> Result<()> {
             .with_context(|| format!("writing {NON_FREE_SOURCES}"))?;
     }
     step(&format!("bench tools: installing {}", missing.join(" ")));
-    run(Command::new("apt-get").args(["update", "-q"]))
-        .context("apt-get update failed: is the Debian package registry reachable?")?;
+    apt_install(&missing)
+}
+
+/// What `cargo xtask test --kernel` needs besides [`all`]: QEMU (TCG:
+/// nested KVM hangs on these machines), busybox for virtme-ng's initramfs,
+/// kmod (depmod for the extracted modules; modprobe in the guest, which
+/// runs on this machine's root filesystem), python3-venv for virtme-ng.
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod", "python3-venv"];
+/// virtme-ng (PyPI) boots a kernel with this machine's root shared
+/// read-only; pinned, installed into its own venv under the cache.
+const VIRTME_NG_VERSION: &str = "1.42";
+
+/// A kernel to boot and the tool that boots it.
+pub struct VmTools {
+    /// virtme-ng's `vng`; its directory must be on PATH (it runs
+    /// `virtme-run` from there).
+    pub vng: PathBuf,
+    /// The kernel image; virtme-ng finds its modules under
+    /// `<image>/../../lib/modules/<release>`.
+    pub kernel: PathBuf,
+    /// `uname -r` of that kernel, e.g. `6.1.0-57-amd64`.
+    pub release: String,
+}
+
+/// [`all`] plus a kernel for `cargo xtask test --kernel SERIES`: QEMU,
+/// virtme-ng, and Debian's newest `linux-image-SERIES.0-N-amd64` unpacked
+/// into the cache (never installed: the package's postinst would build an
+/// initramfs and touch the boot loader of this machine). `kernel` may also
+/// be the path of a kernel image, used as it is.
+pub fn vm(kernel: &str) -> Result<VmTools> {
+    require_root()?;
+    let missing: Vec<&str> = VM_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        step("VM tools: already installed");
+    } else {
+        step(&format!("VM tools: installing {}", missing.join(" ")));
+        apt_install(&missing)?;
+    }
+    let vng = virtme_ng()?;
+    let (kernel, release) = if Path::new(kernel).is_file() {
+        let path = std::fs::canonicalize(kernel).with_context(|| format!("resolving {kernel}"))?;
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        (path, name)
+    } else {
+        debian_kernel(kernel)?
+    };
+    Ok(VmTools {
+        vng,
+        kernel,
+        release,
+    })
+}
+
+/// `$XDG_CACHE_HOME/riptide` or `~/.cache/riptide`: downloads that outlive
+/// `cargo clean` (a kernel is 400 MB unpacked).
+fn cache_dir() -> Result<PathBuf> {
+    let base = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cache"),
+    };
+    Ok(base.join("riptide"))
+}
+
+fn virtme_ng() -> Result<PathBuf> {
+    let venv = cache_dir()?.join(format!("virtme-ng-{VIRTME_NG_VERSION}"));
+    let vng = venv.join("bin/vng");
+    let version = output(Command::new(&vng).arg("--version")).unwrap_or_default();
+    // "virtme-ng 1.42"
+    if version.split_whitespace().nth(1) == Some(VIRTME_NG_VERSION) {
+        step(&format!("virtme-ng {VIRTME_NG_VERSION}: already installed"));
+        return Ok(vng);
+    }
+    step(&format!(
+        "virtme-ng {VIRTME_NG_VERSION}: installing into {}",
+        venv.display()
+    ));
+    let _ = std::fs::remove_dir_all(&venv);
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
+        .with_context(|| format!("creating a Python venv at {}", venv.display()))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .arg(format!("virtme-ng=={VIRTME_NG_VERSION}")))
+    .context("pip install virtme-ng failed (is pypi.org reachable?)")?;
+    Ok(vng)
+}
+
+/// Debian's newest `linux-image-<series>.0-<abi>-amd64`, unpacked under the
+/// cache with its modules indexed (depmod), so the guest loads veth,
+/// bridge, vxlan and cls_bpf on demand: Debian builds them as modules.
+fn debian_kernel(series: &str) -> Result<(PathBuf, String)> {
+    if !series
+        .split('.')
+        .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        bail!(
+            "--kernel takes a kernel series such as 6.1, or the path of a kernel image; got {series:?}"
+        );
+    }
+    let mut pkg = newest_kernel_package(series);
+    if pkg.is_none() {
+        run(Command::new("apt-get").args(["update", "-q"]))
+            .context("apt-get update failed: is the Debian package registry reachable?")?;
+        pkg = newest_kernel_package(series);
+    }
+    let pkg = pkg.with_context(|| {
+        format!("Debian offers no linux-image-{series}.0-*-amd64 package to this machine")
+    })?;
+    let release = pkg.trim_start_matches("linux-image-").to_owned();
+    let kernels = cache_dir()?.join("kernels");
+    let dir = kernels.join(&pkg);
+    let image = dir.join(format!("boot/vmlinuz-{release}"));
+    if image.is_file() {
+        step(&format!("kernel {release}: unpacked in {}", dir.display()));
+        return Ok((image, release));
+    }
+    step(&format!(
+        "kernel {release}: downloading {pkg} and unpacking it into {}",
+        dir.display()
+    ));
+    // Unpacked into a scratch directory and renamed into place: an
+    // interrupted download never looks like a kernel.
+    let scratch = kernels.join(format!(".{pkg}.partial"));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .with_context(|| format!("apt-get install {} failed", missing.join(" ")))
+        // apt's download sandbox user cannot write to root's cache.
+        .args(["download", "-q", "-o", "APT::Sandbox::User=root", &pkg])
+        .current_dir(&scratch))
+    .with_context(|| format!("apt-get download {pkg} failed"))?;
+    let deb = std::fs::read_dir(&scratch)
+        .with_context(|| format!("listing {}", scratch.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .with_context(|| format!("apt-get download left no .deb in {}", scratch.display()))?;
+    let root = scratch.join("root");
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))
+        .with_context(|| format!("unpacking {}", deb.display()))?;
+    // The package leaves modules.dep to its postinst.
+    run(Command::new("depmod")
+        .arg("-a")
+        .arg("-b")
+        .arg(&root)
+        .arg(&release))
+    .with_context(|| format!("depmod for {release}"))?;
+    std::fs::rename(&root, &dir)
+        .with_context(|| format!("moving {} to {}", root.display(), dir.display()))?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok((image, release))
+}
+
+/// The highest ABI number among `linux-image-<series>.0-<abi>-amd64` in
+/// apt's package lists.
+fn newest_kernel_package(series: &str) -> Option<String> {
+    let pattern = format!(
+        "^linux-image-{}\\.0-[0-9]+-amd64$",
+        series.replace('.', "\\.")
+    );
+    let list = output(Command::new("apt-cache").args(["search", "--names-only", &pattern]))?;
+    let prefix = format!("linux-image-{series}.0-");
+    list.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter_map(|name| {
+            let abi = name.strip_prefix(&prefix)?.strip_suffix("-amd64")?;
+            Some((abi.parse::<u32>().ok()?, name.to_owned()))
+        })
+        .max()
+        .map(|(_, name)| name)
 }
 
 pub fn all() -> Result<()> {
@@ -101,15 +272,20 @@ fn apt() -> Result<()> {
         return Ok(());
     }
     step(&format!("apt packages: installing {}", missing.join(" ")));
+    apt_install(&missing)
+}
+
+/// `apt-get update` and `apt-get install` of `packages`, without
+/// recommends.
+fn apt_install(packages: &[&str]) -> Result<()> {
     run(Command::new("apt-get").args(["update", "-q"])).context(
         "apt-get update failed: is the Debian package registry reachable from this machine?",
     )?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
+        .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
-    .with_context(|| format!("apt-get install {} failed", missing.join(" ")))?;
-    Ok(())
+    .with_context(|| format!("apt-get install {} failed", packages.join(" ")))
 }
 
 /// The dated nightly the eBPF programs build with: the `channel` of

@@ -66,7 +66,7 @@ pub struct Tally {
 
 impl Tally {
     /// Adds one `test result: ok. 4 passed; 0 failed; 1 ignored; …` line.
-    fn add_line(&mut self, line: &str) {
+    pub fn add_line(&mut self, line: &str) {
         let Some(rest) = line.trim().strip_prefix("test result: ") else {
             return;
         };
@@ -83,6 +83,14 @@ impl Tally {
                 _ => {}
             }
         }
+    }
+
+    /// The closing line of a test command, over every test binary.
+    pub fn summary(&self) -> String {
+        format!(
+            "summary: {} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.ignored
+        )
     }
 }
 
