@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::{
     api,
     gc::{Gc, GcConfig},
-    health::HealthServers,
+    health::{HealthServers, NodeHealth},
     metrics::Metrics,
     model::{self, Desired, NodeContext, Owner},
     policy::{Compiler, Inputs},
@@ -110,6 +110,22 @@ pub struct Config {
     /// Conntrack/NAT/affinity GC and stale-UDP cleanup (`cgroup` is filled
     /// in from [`Config::cgroup`]).
     pub gc: GcConfig,
+    /// Most backends written per Service port (`None`: all). A Service
+    /// with more is cut (ready ones first), gets a `BackendsTruncated`
+    /// Event and shows in `riptide status` and the metrics.
+    pub max_backends_per_service: Option<usize>,
+    /// The apiserver unreachable this long makes the watch stale: not
+    /// ready, named in `riptide status`; the maps keep serving.
+    pub stale_after: Duration,
+    /// kube-proxy's node health server (`:10256`, `/healthz`, `/livez`).
+    pub healthz_addr: Option<SocketAddr>,
+    /// A change waiting longer than this for a sync makes `/healthz` 503.
+    pub health_timeout: Duration,
+    /// How often the map sampler counts every map's entries.
+    pub map_sample_interval: Duration,
+    /// `max_entries` of the maps this start creates (pinned maps keep
+    /// theirs).
+    pub map_sizes: riptide_datapath::MapSizes,
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -119,8 +135,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     // share the maps and allocate ids of its own.
     let node_lock = NodeLock::acquire(&node).map_err(dp_err(&node, "taking the node lock"))?;
     tracing::info!(node = %node, lock = %node_lock.path().display(), "node lock held");
-    let mut dp = Datapath::load(&Pinning::Node(node.clone())).map_err(dp_err(&node, "loading"))?;
+    let mut dp = Datapath::load_sized(&Pinning::Node(node.clone()), &cfg.map_sizes).map_err(dp_err(&node, "loading"))?;
     let pin_dir = dp.pin_dir().map(Path::to_path_buf);
+    if let Some(dir) = &pin_dir {
+        warn_pinned_sizes(dir, &cfg.map_sizes);
+    }
     tracing::info!(node = %node, pins = ?pin_dir, "datapath loaded");
     let services = dp.services().map_err(dp_err(&node, "opening the service maps"))?;
     let events = dp.events().map_err(dp_err(&node, "opening the events ring buffer"))?;
@@ -150,7 +169,33 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         gc_status: Mutex::new(GcStatus::default()),
         events: Arc::default(),
         policy: Mutex::new(PolicyState::default()),
+        maps: Mutex::default(),
     });
+    if let Some(dir) = &pin_dir {
+        let weak = Arc::downgrade(&shared);
+        let publish = move |snap: crate::map_usage::MapSnapshot, stats: Option<riptide_datapath::node_maps::Stats>| {
+            let Some(shared) = weak.upgrade() else { return false };
+            shared.metrics.observe_maps(&snap);
+            if let Some(stats) = stats {
+                shared.metrics.observe_stats(stats.named());
+            }
+            *lock(&shared.maps) = snap;
+            true
+        };
+        crate::map_usage::spawn_sampler(dir.clone(), cfg.map_sample_interval, publish).map_err(|source| Error::Io {
+            action: "starting the map sampler for",
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    let node_health = Arc::new(NodeHealth::new(cfg.health_timeout));
+    if let Some(addr) = cfg.healthz_addr {
+        match crate::health::serve_node_health(addr, node_health.clone()).await {
+            Ok(_) => tracing::info!(%addr, "node health (kube-proxy /healthz, /livez) listening"),
+            // Not fatal, as for metrics: the datapath matters more.
+            Err(e) => tracing::warn!(%addr, error = %e, "cannot serve node health"),
+        }
+    }
     crate::events::spawn(events, Arc::downgrade(&shared.events), shared.metrics.clone()).map_err(|source| Error::Io {
         action: "reading datapath events of",
         path: PathBuf::from(&node),
@@ -165,6 +210,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let _api = serve(&cfg, &shared).await?;
 
     let Some(client) = connect(&cfg).await? else {
+        // Nothing to sync from: the pinned datapath is as up to date as it
+        // gets.
+        node_health.updated(true);
         shutdown.await;
         let _ = std::fs::remove_file(&cfg.api_socket);
         return Ok(());
@@ -182,6 +230,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         let (svcs, nodes) = (stores.services.clone(), stores.nodes.clone());
         crate::l2announce::spawn(l2, client.clone(), svcs, nodes, node_ctx.clone(), cfg.node_ip, shared.metrics.clone()).map_err(Error::L2)?;
     }
+    tokio::spawn(watch_apiserver(client.clone(), Arc::downgrade(&shared), cfg.stale_after));
     if let Some(after) = cfg.pod_cidr_fallback_after {
         let fb = crate::podcidr::Fallback { after, cluster: cfg.cluster_cidr, prefix: crate::podcidr::PREFIX };
         crate::podcidr::spawn(client.clone(), stores.nodes.clone(), node.clone(), fb);
@@ -241,6 +290,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         policy_errors: Vec::new(),
         policy_inputs: None,
         policy_adopted: false,
+        client: client.clone(),
+        node_health,
+        truncated: BTreeMap::new(),
+        triggers: HashMap::new(),
+        unclaimed_left: true,
     };
     tokio::select! {
         () = lp.run(rx) => {}
@@ -251,6 +305,22 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let _ = std::fs::remove_file(&cfg.api_socket);
     drop(node_lock);
     Ok(())
+}
+
+/// A map reused from its pin keeps the size it was created with: say so
+/// when the configured size differs, so a ConfigMap change that did not
+/// apply is not a mystery.
+fn warn_pinned_sizes(dir: &Path, sizes: &riptide_datapath::MapSizes) {
+    for (name, want) in sizes.iter() {
+        if let Ok(info) = aya::maps::MapInfo::from_pin(dir.join(name))
+            && info.max_entries() != want
+        {
+            tracing::warn!(
+                map = name, configured = want, pinned = info.max_entries(),
+                "map reused from its pin keeps its size; `riptide-agent uninstall` (drops its entries) and restart to resize"
+            );
+        }
+    }
 }
 
 /// `map_err` for the datapath step `action` of `node`.
@@ -434,6 +504,17 @@ struct Loop {
     policy_adopted: bool,
     /// External frontends refused per owner ([`crate::reserved`]).
     refused: BTreeMap<Owner, usize>,
+    /// For Events about Services.
+    client: kube::Client,
+    node_health: Arc<NodeHealth>,
+    /// Services cut to the backend cap → (backends, kept), as last reported.
+    truncated: BTreeMap<Owner, (usize, usize)>,
+    /// EndpointSlice → its `last-change-trigger-time` as last observed in
+    /// `riptide_network_programming_duration_seconds`.
+    triggers: HashMap<(String, String), String>,
+    /// Leftovers of an earlier run may still be in the maps: the first pass
+    /// kept those of failing Services.
+    unclaimed_left: bool,
 }
 
 #[derive(Default)]
@@ -464,6 +545,9 @@ impl Loop {
             };
             let started = Instant::now();
             let mut batch = Batch::default();
+            if first.is_some() {
+                self.node_health.queued();
+            }
             if let Some(c) = first {
                 self.note(c, &mut batch);
                 // Coalesce a burst: keep collecting until it goes quiet.
@@ -494,6 +578,7 @@ impl Loop {
                 self.sync_policy();
             }
             self.update_ready();
+            self.node_health.updated(self.first_done);
             let elapsed = started.elapsed();
             self.shared.metrics.sync_seconds.observe(elapsed.as_secs_f64());
             {
@@ -611,8 +696,16 @@ impl Loop {
         } else {
             batch.owners.iter().cloned().collect()
         };
+        let mut truncations = Vec::new();
+        let mut triggers = Vec::new();
         let computed: Vec<(Owner, Desired)> = owners.into_iter().map(|o| {
-            let d = self.desired(&o);
+            let mut d = self.desired(&o);
+            if let (Some(cap), Owner::Service { .. }) = (self.cfg.max_backends_per_service, &o) {
+                truncations.push((o.clone(), crate::reconcile::cap_backends(&mut d, cap)));
+            }
+            if let Owner::Service { namespace, name } = &o {
+                triggers.extend(self.slice_triggers(namespace, name).map(|t| (o.clone(), t)));
+            }
             (o, d)
         }).collect();
         if batch.full {
@@ -637,17 +730,37 @@ impl Loop {
             shared.metrics.syncs.inc();
         }
         let changed = report.upserted + report.removed > 0;
-        if !self.first_done && report.failed.is_empty() {
-            match svc.finish_resync() {
+        let failing = rec.failing();
+        // Leftovers of an earlier run go after the first full pass, except
+        // the frontends of Services being retried (their old entries serve
+        // meanwhile); those go once nothing fails any more.
+        if !self.first_done || (self.unclaimed_left && failing.is_empty()) {
+            let keep = rec.failing_frontends();
+            match svc.finish_resync(&keep) {
                 Ok(n) => {
+                    if !self.first_done {
+                        tracing::info!(ports = rec.applied().len(), stale_frontends = n, failing = failing.len(), "initial service sync done");
+                    } else if n > 0 {
+                        tracing::info!(stale_frontends = n, "removed the remaining leftovers of an earlier run");
+                    }
                     self.first_done = true;
-                    tracing::info!(ports = rec.applied().len(), stale_frontends = n, "initial service sync done");
+                    self.unclaimed_left = !keep.is_empty();
                 }
                 Err(e) => tracing::warn!(error = %crate::reconcile::error_chain(&e), "removing stale entries failed; will retry"),
             }
         }
+        let n_ports = rec.applied().len();
         drop(svc);
         drop(rec);
+        let m = &shared.metrics;
+        m.service_ports.set(i64::try_from(n_ports).unwrap_or(i64::MAX));
+        m.failing_services.set(i64::try_from(failing.len()).unwrap_or(i64::MAX));
+        if report.failed.is_empty() {
+            m.last_sync_timestamp.set(unix_now());
+        }
+        self.observe_programming(triggers, &failing, batch.full);
+        self.publish_truncations(truncations, batch.full);
+        lock(&shared.status).failing_services = failing;
         // After the first full sync too: flows to backends removed while the
         // agent was down are only judged now that the view is complete.
         if (changed || self.first_done && !self.gc_after_ready)
@@ -656,6 +769,92 @@ impl Loop {
             self.gc_after_ready = self.first_done;
             let _ = tx.send(());
         }
+    }
+
+    /// The `endpoints.kubernetes.io/last-change-trigger-time` of each
+    /// EndpointSlice of Service `namespace/name`.
+    fn slice_triggers(&self, namespace: &str, name: &str) -> impl Iterator<Item = ((String, String), String)> + '_ {
+        let key = (namespace.to_owned(), name.to_owned());
+        let namespace = namespace.to_owned();
+        self.slice_index.get(&key).into_iter().flatten().filter_map(move |slice| {
+            let obj = self.stores.slices.get(&ObjectRef::new(slice).within(&namespace))?;
+            let t = obj.metadata.annotations.as_ref()?.get(watch::TRIGGER_TIME_ANNOTATION)?.clone();
+            Some(((namespace.clone(), slice.clone()), t))
+        })
+    }
+
+    /// `riptide_network_programming_duration_seconds`: for each slice whose
+    /// trigger time is new since the last pass and whose Service was written
+    /// now, the time from that trigger to now (kube-proxy's
+    /// `NetworkProgrammingLatency`). A full pass (start, relist) only
+    /// records the times as seen: they may be hours old.
+    fn observe_programming(&mut self, triggers: Vec<(Owner, SliceTrigger)>, failing: &BTreeMap<String, String>, seed_only: bool) {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        for (owner, (slice, t)) in triggers {
+            if failing.contains_key(&owner.to_string()) || self.triggers.get(&slice) == Some(&t) {
+                continue;
+            }
+            if !seed_only
+                && let Ok(at) = t.parse::<k8s_openapi::jiff::Timestamp>()
+            {
+                let secs = now.duration_since(at).as_secs_f64();
+                // A trigger from a clock ahead of ours is not a latency.
+                if secs >= 0.0 {
+                    self.shared.metrics.network_programming_seconds.observe(secs);
+                }
+            }
+            self.triggers.insert(slice, t);
+        }
+        if seed_only {
+            // Forget slices that are gone.
+            let live: BTreeSet<&(String, String)> = self.slice_owner.keys().collect();
+            self.triggers.retain(|k, _| live.contains(k));
+        }
+    }
+
+    /// Truncation changes: an Event on the Service (Warning
+    /// `BackendsTruncated`, or Normal `BackendsRestored` once it fits),
+    /// the metrics and `riptide status`. `all`: `results` covers every
+    /// Service, so ones missing from it are no longer truncated.
+    fn publish_truncations(&mut self, results: Vec<(Owner, Option<(usize, usize)>)>, all: bool) {
+        if all {
+            let seen: BTreeSet<&Owner> = results.iter().map(|(o, _)| o).collect();
+            self.truncated.retain(|o, _| seen.contains(o));
+        }
+        for (owner, cut) in results {
+            let Owner::Service { namespace, name } = &owner else { continue };
+            let before = self.truncated.get(&owner).copied();
+            if before == cut {
+                continue;
+            }
+            let svc = self.stores.services.get(&ObjectRef::new(name).within(namespace));
+            match cut {
+                Some((all, kept)) => {
+                    let msg = format!(
+                        "{all} backends, only {kept} written on node {} (--max-backends-per-service); new connections use those {kept}",
+                        self.ctx.node_name
+                    );
+                    tracing::warn!(service = %owner, backends = all, kept, "Service truncated to the backend cap");
+                    if let Some(svc) = svc {
+                        crate::kube_events::publish(&self.client, &svc, &self.ctx.node_name, crate::kube_events::Kind::Warning, "BackendsTruncated", &msg);
+                    }
+                    self.truncated.insert(owner, (all, kept));
+                }
+                None => {
+                    tracing::info!(service = %owner, "Service fits the backend cap again");
+                    if let Some(svc) = svc {
+                        let msg = format!("every backend written on node {} again", self.ctx.node_name);
+                        crate::kube_events::publish(&self.client, &svc, &self.ctx.node_name, crate::kube_events::Kind::Normal, "BackendsRestored", &msg);
+                    }
+                    self.truncated.remove(&owner);
+                }
+            }
+        }
+        let m = &self.shared.metrics;
+        m.truncated_services.set(i64::try_from(self.truncated.len()).unwrap_or(i64::MAX));
+        let dropped: usize = self.truncated.values().map(|(all, kept)| all - kept).sum();
+        m.truncated_backends.set(i64::try_from(dropped).unwrap_or(i64::MAX));
+        lock(&self.shared.status).truncated = self.truncated.iter().map(|(o, v)| (o.to_string(), *v)).collect();
     }
 
     /// Own node: podCIDR file for the CNI and the datapath config. Other
@@ -679,6 +878,31 @@ impl Loop {
         for (name, cidr) in &refused {
             tracing::warn!(node = %name, cidr = %cidr, cluster = %self.cfg.cluster_cidr, "refusing a podCIDR outside the cluster range: no route, node-map entry or tunnel peer for it");
         }
+        // KEP-3836: a Node being deleted or drained by the autoscaler
+        // fails the node health check, so load balancers move away first.
+        self.node_health.set_eligible(me.is_none_or(|n| {
+            n.metadata.deletion_timestamp.is_none()
+                && !n.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| t.iter().any(|t| t.key == "ToBeDeletedByClusterAutoscaler"))
+        }));
+        let node_views = nodes
+            .iter()
+            .map(|n| {
+                let name = n.metadata.name.clone().unwrap_or_default();
+                let cidr = crate::node::pod_cidr(n);
+                let ip = crate::node::internal_ip(n);
+                let state = if name == self.ctx.node_name {
+                    "local"
+                } else if refused.iter().any(|(r, _)| *r == name) {
+                    "refused"
+                } else if cidr.is_some_and(|c| desired.contains_key(&c)) {
+                    "routed"
+                } else {
+                    "incomplete"
+                };
+                crate::views::NodeView { name, internal_ip: ip, pod_cidr: cidr.map(|c| c.to_string()), state: state.to_owned() }
+            })
+            .collect();
+        lock(&self.shared.status).nodes = node_views;
         {
             let mut dp = lock(&self.shared.dp);
             let old = lock(&self.shared.status).routes.clone();
@@ -816,13 +1040,14 @@ impl Loop {
     /// fail-closed (or a policy write pending retry) makes it not ready, so
     /// probes and `riptide status` show what users cannot see in traffic.
     fn update_ready(&self) {
-        let ready = self.first_done && self.policy_ok;
-        let was = self.shared.ready.swap(ready, Ordering::AcqRel);
-        if ready && !was {
-            tracing::info!("ready");
-        } else if was && !ready {
-            tracing::warn!("not ready: NetworkPolicy not fully written (see riptide status)");
+        let mut why = Vec::new();
+        if !self.first_done {
+            why.push("services not synced yet".to_owned());
         }
+        if !self.policy_ok {
+            why.push("NetworkPolicy not fully written".to_owned());
+        }
+        publish_ready(&self.shared, why);
     }
 
     /// Compiles NetworkPolicy from the stores and writes the difference to
@@ -963,6 +1188,82 @@ impl Loop {
             snat_port_max: 60_999,
             ..DpConfig::default()
         }
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// An EndpointSlice (namespace, name) and its trigger-time annotation.
+type SliceTrigger = ((String, String), String);
+
+/// Sets readiness from the run loop's reasons (`loop_why`; `None` keeps
+/// the last ones) and the stale watch; logs transitions.
+fn publish_ready(shared: &Shared, loop_why: Vec<String>) {
+    let mut st = lock(&shared.status);
+    st.loop_not_ready = loop_why;
+    let mut why = st.loop_not_ready.clone();
+    if let Some(stale) = &st.stale {
+        why.push(stale.clone());
+    }
+    let ready = why.is_empty();
+    let was = shared.ready.swap(ready, Ordering::AcqRel);
+    if ready && !was {
+        tracing::info!("ready");
+    } else if was && !ready {
+        tracing::warn!(reasons = ?why, "not ready (see riptide status)");
+    }
+    st.not_ready = why;
+}
+
+/// Probes the apiserver (`GET /version`) every second; unreachable for
+/// longer than `stale_after` makes the watch stale: not ready, named in
+/// `riptide status` and `riptide_agent_watch_stale`. The watches retry on
+/// their own (backoff) and relist when it is back, so the maps converge;
+/// meanwhile they keep serving the last view.
+async fn watch_apiserver(client: kube::Client, shared: std::sync::Weak<Shared>, stale_after: Duration) {
+    let every = Duration::from_secs(1);
+    let mut last_ok = Instant::now();
+    let mut last_ok_unix = unix_now();
+    loop {
+        let ok = tokio::time::timeout(every * 5, client.apiserver_version()).await.is_ok_and(|r| r.is_ok());
+        let Some(shared) = shared.upgrade() else { return };
+        if ok {
+            last_ok = Instant::now();
+            last_ok_unix = unix_now();
+        }
+        let down = last_ok.elapsed();
+        let stale = (down > stale_after).then(|| {
+            let kinds: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+            format!(
+                "stale watch: apiserver unreachable for {}s (last answer at unix {last_ok_unix:.0}); {} not updating; the maps serve the last view",
+                down.as_secs(),
+                kinds.join(", ")
+            )
+        });
+        let changed = {
+            let mut st = lock(&shared.status);
+            let changed = st.stale.is_some() != stale.is_some();
+            st.stale = stale;
+            changed
+        };
+        if changed {
+            if ok {
+                tracing::info!("apiserver reachable again; watches relist and the maps converge");
+            } else {
+                tracing::warn!(unreachable_s = down.as_secs(), "apiserver unreachable: watch stale, serving the last view");
+            }
+            shared.metrics.watch_stale.set(i64::from(!ok));
+            let why = lock(&shared.status).loop_not_ready.clone();
+            publish_ready(&shared, why);
+        } else if lock(&shared.status).stale.is_some() {
+            // Keep the duration in the message current.
+            let why = lock(&shared.status).loop_not_ready.clone();
+            publish_ready(&shared, why);
+        }
+        drop(shared);
+        tokio::time::sleep(every).await;
     }
 }
 

@@ -17,6 +17,7 @@ use riptide_datapath::service::Service;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    map_usage::{self, MapUsage},
     policy::Peer,
     shared::{GcStatus, Shared, lock},
     tunnel,
@@ -59,6 +60,31 @@ pub struct StatusView {
     /// NetworkPolicy enforcement.
     #[serde(default)]
     pub policy: PolicyStatusView,
+    /// Services (`namespace/name`) with a port whose map write failed, and
+    /// the error; retried every second. The other Services are served.
+    #[serde(default)]
+    pub failing_services: BTreeMap<String, String>,
+    /// Services whose backends were cut to `--max-backends-per-service`.
+    #[serde(default)]
+    pub truncated_services: Vec<TruncatedView>,
+    /// Set while the apiserver has been unreachable for longer than
+    /// `--stale-after-s`: what is stale and since when. The maps keep
+    /// serving the last view.
+    #[serde(default)]
+    pub stale: Option<String>,
+    /// Why the agent is not ready (empty when ready).
+    #[serde(default)]
+    pub not_ready: Vec<String>,
+}
+
+/// A Service whose backends were cut to the per-Service cap.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TruncatedView {
+    pub service: String,
+    /// Backends the EndpointSlices list (largest port).
+    pub backends: usize,
+    /// Backends written.
+    pub kept: usize,
 }
 
 /// The NetworkPolicy part of `riptide status`.
@@ -103,7 +129,9 @@ pub fn status(s: &Shared) -> StatusView {
         let svc = lock(&s.services);
         (svc.dump_services().iter().filter(|(k, _)| k.slot == 0).count(), svc.dump_backends().len())
     };
-    let conntrack_entries = lock(&s.dp).conntrack().map(|c| c.len()).unwrap_or(0);
+    // Sampled off the request path: a full conntrack table is too big to
+    // walk per request.
+    let conntrack_entries = lock(&s.maps).entries(riptide_common::names::CT4).map_or(gc.conntrack_entries, |n| usize::try_from(n).unwrap_or(usize::MAX));
     let rec = lock(&s.reconciler);
     StatusView {
         node: s.node.clone(),
@@ -135,6 +163,14 @@ pub fn status(s: &Shared) -> StatusView {
         },
         gc,
         policy: policy_status(s),
+        failing_services: st.failing_services,
+        truncated_services: st
+            .truncated
+            .iter()
+            .map(|(service, (backends, kept))| TruncatedView { service: service.clone(), backends: *backends, kept: *kept })
+            .collect(),
+        stale: st.stale,
+        not_ready: st.not_ready,
     }
 }
 
@@ -166,12 +202,31 @@ fn ports(s: &Shared) -> Vec<Service> {
     lock(&s.reconciler).applied().values().cloned().collect()
 }
 
-async fn get_status(State(s): State<S>) -> Json<StatusView> {
-    Json(status(&s))
+/// Runs `f` on the blocking pool: map walks and waits on the run loop's
+/// locks never stall an async worker (the metrics and health listeners
+/// share them).
+async fn blocking<T: Send + 'static>(s: S, f: impl FnOnce(&Shared) -> T + Send + 'static) -> Result<T, (StatusCode, String)> {
+    tokio::task::spawn_blocking(move || f(&s)).await.map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
-async fn get_services(State(s): State<S>) -> Json<Vec<FrontendView>> {
-    Json(services(&s))
+async fn get_status(State(s): State<S>) -> Result<Json<StatusView>, (StatusCode, String)> {
+    blocking(s, status).await.map(Json)
+}
+
+async fn get_services(State(s): State<S>) -> Result<Json<Vec<FrontendView>>, (StatusCode, String)> {
+    blocking(s, services).await.map(Json)
+}
+
+/// `riptide map list`: a fresh sample of every map of the node.
+async fn get_maps(State(s): State<S>) -> Result<Json<Vec<MapUsage>>, (StatusCode, String)> {
+    let dir = lock(&s.status).pin_dir.clone();
+    let snap = match dir {
+        Some(dir) => tokio::task::spawn_blocking(move || map_usage::sample(Path::new(&dir)))
+            .await
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+        None => lock(&s.maps).clone(),
+    };
+    Ok(Json(snap.maps))
 }
 
 async fn get_ports(State(s): State<S>) -> Json<Vec<Service>> {
@@ -179,8 +234,20 @@ async fn get_ports(State(s): State<S>) -> Json<Vec<Service>> {
 }
 
 async fn get_ct(State(s): State<S>) -> Result<Json<Vec<CtView>>, (StatusCode, String)> {
-    let entries = lock(&s.dp).conntrack().map_err(|e| internal(&e))?;
+    let entries = blocking(s, |s| lock(&s.dp).conntrack()).await?.map_err(|e| internal(&e))?;
     Ok(Json(views::ct_views(&entries, riptide_datapath::clock::monotonic_ns())))
+}
+
+/// `riptide bpf nat list`: the SNAT/masquerade table.
+async fn get_nat(State(s): State<S>) -> Result<Json<Vec<views::NatView>>, (StatusCode, String)> {
+    let entries = blocking(s, |s| lock(&s.dp).nat()).await?.map_err(|e| internal(&e))?;
+    Ok(Json(views::nat_views(&entries, riptide_datapath::clock::monotonic_ns())))
+}
+
+/// `riptide node list`: the Nodes the agent routes to, with what it wrote
+/// for each (route via, `rt_node4_v1`).
+async fn get_nodes(State(s): State<S>) -> Json<Vec<views::NodeView>> {
+    Json(lock(&s.status).nodes.clone())
 }
 
 async fn get_affinity(State(s): State<S>) -> Result<Json<Vec<views::AffinityView>>, (StatusCode, String)> {
@@ -260,16 +327,37 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// 200 when ready; the body names Services that failed to be written
+/// (served by every other Service, so they do not make the node unready).
+/// 503 names why not: not synced yet, NetworkPolicy, a stale watch.
 async fn readyz(State(s): State<S>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n")
+    let st = lock(&s.status);
+    let mut body = String::new();
+    let code = if s.ready.load(Ordering::Relaxed) {
+        body.push_str("ready\n");
+        StatusCode::OK
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not synced yet\n")
+        body.push_str("not ready\n");
+        if st.not_ready.is_empty() {
+            body.push_str("  not synced yet\n");
+        }
+        for r in &st.not_ready {
+            body.push_str(&format!("  {r}\n"));
+        }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    for (svc, err) in &st.failing_services {
+        body.push_str(&format!("  service {svc} not written: {err}\n"));
     }
+    for (svc, (all, kept)) in &st.truncated {
+        body.push_str(&format!("  service {svc} truncated: {kept} of {all} backends\n"));
+    }
+    (code, body)
 }
 
+/// Encodes what the run loop, the GC and the map sampler published: a
+/// scrape walks no map and waits on no lock the run loop holds.
 async fn metrics(State(s): State<S>) -> impl IntoResponse {
-    s.refresh_gauges();
     (
         [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         s.metrics.encode(),
@@ -283,6 +371,9 @@ pub fn local_router(s: S) -> Router {
         .route("/v1/services", get(get_services))
         .route("/v1/ports", get(get_ports))
         .route("/v1/ct", get(get_ct))
+        .route("/v1/nat", get(get_nat))
+        .route("/v1/maps", get(get_maps))
+        .route("/v1/nodes", get(get_nodes))
         .route("/v1/affinity", get(get_affinity))
         .route("/v1/endpoints", get(get_endpoints))
         .route("/v1/drops", get(get_drops))

@@ -16,6 +16,12 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("encoding the output as {format}")]
+    Encode {
+        format: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("connecting to {path}")]
     Connect {
         path: String,
@@ -68,6 +74,114 @@ fn dechunk(mut s: &str) -> Option<String> {
         out.push_str(rest.get(..n)?);
         s = rest.get(n + 2..)?;
     }
+}
+
+/// `-o`: how list commands print.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// The table (the default).
+    Table,
+    /// The table with every column.
+    Wide,
+    Json,
+    Yaml,
+}
+
+/// Prints `items` in `format`: JSON and YAML from serde, the tables from
+/// `table(items, wide)`. Every list command goes through here.
+pub fn render<T: serde::Serialize + ?Sized>(items: &T, format: Format, table: impl FnOnce(&T, bool) -> String) -> Result<String, Error> {
+    match format {
+        Format::Table => Ok(table(items, false)),
+        Format::Wide => Ok(table(items, true)),
+        Format::Json => serde_json::to_string_pretty(items).map_err(|e| Error::Encode { format: "json", source: Box::new(e) }),
+        Format::Yaml => serde_norway::to_string(items).map_err(|e| Error::Encode { format: "yaml", source: Box::new(e) }),
+    }
+}
+
+/// `riptide ct list` filters.
+#[derive(Clone, Debug, Default)]
+pub struct CtFilter {
+    /// Source or destination address.
+    pub ip: Option<std::net::Ipv4Addr>,
+    /// Source or destination port.
+    pub port: Option<u16>,
+    /// Reverse-NAT ids of the Service asked for (`--service ns/name[:port]`).
+    pub revnat_ids: Option<std::collections::HashSet<u16>>,
+}
+
+impl CtFilter {
+    pub fn matches(&self, c: &CtView) -> bool {
+        self.ip.is_none_or(|ip| *c.src.ip() == ip || *c.dst.ip() == ip)
+            && self.port.is_none_or(|p| c.src.port() == p || c.dst.port() == p)
+            && self.revnat_ids.as_ref().is_none_or(|ids| ids.contains(&c.revnat_id))
+    }
+}
+
+/// Reverse-NAT ids of the frontends of `service` (`ns/name` for every
+/// port, `ns/name:port` for one).
+pub fn revnat_ids_of(frontends: &[FrontendView], service: &str) -> std::collections::HashSet<u16> {
+    frontends
+        .iter()
+        .filter(|f| {
+            f.service.as_deref().is_some_and(|s| s == service || s.strip_prefix(service).is_some_and(|rest| rest.starts_with(':')))
+        })
+        .map(|f| f.revnat_id)
+        .collect()
+}
+
+/// `riptide map list`.
+pub fn maps_table(v: &[crate::map_usage::MapUsage], wide: bool) -> String {
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|m| {
+            let mut row = vec![
+                m.name.clone(),
+                m.entries.map_or_else(|| "-".into(), |n| n.to_string()),
+                m.max_entries.to_string(),
+                m.pressure.map_or_else(|| "-".into(), |p| format!("{:.1}%", p * 100.0)),
+            ];
+            if wide {
+                row.push(m.kind.clone());
+            }
+            row
+        })
+        .collect();
+    let mut header = vec!["NAME", "ENTRIES", "MAX", "PRESSURE"];
+    if wide {
+        header.push("TYPE");
+    }
+    table(&header, &rows)
+}
+
+/// `riptide bpf nat list`.
+pub fn nat_table(v: &[crate::views::NatView], wide: bool) -> String {
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|n| {
+            let mut row = vec![n.protocol.clone(), n.src.to_string(), n.dst.to_string(), n.direction.clone(), n.xlate.to_string()];
+            if wide {
+                row.push(if n.kind.is_empty() { "-".into() } else { n.kind.join(",") });
+            }
+            row.push(format!("{}s", n.idle_s));
+            row
+        })
+        .collect();
+    let mut header = vec!["PROTO", "SOURCE", "DESTINATION", "DIR", "XLATE"];
+    if wide {
+        header.push("KIND");
+    }
+    header.push("IDLE");
+    table(&header, &rows)
+}
+
+/// `riptide node list`.
+pub fn nodes_table(v: &[crate::views::NodeView], _wide: bool) -> String {
+    let opt = |s: Option<String>| s.unwrap_or_else(|| "-".into());
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|n| vec![n.name.clone(), opt(n.internal_ip.map(|i| i.to_string())), opt(n.pod_cidr.clone()), n.state.clone()])
+        .collect();
+    table(&["NAME", "INTERNAL-IP", "POD-CIDR", "STATE"], &rows)
 }
 
 /// Left-aligned columns separated by two spaces.
@@ -130,22 +244,31 @@ pub fn services_table(v: &[FrontendView]) -> String {
     table(&["ID", "FRONTEND", "TYPE", "SERVICE", "BACKENDS"], &rows)
 }
 
-pub fn ct_table(v: &[CtView]) -> String {
+pub fn ct_table(v: &[CtView], wide: bool) -> String {
     let rows: Vec<Vec<String>> = v
         .iter()
         .map(|c| {
-            vec![
+            let mut row = vec![
                 c.protocol.clone(),
                 c.src.to_string(),
                 c.dst.to_string(),
                 c.direction.clone(),
                 c.backend_id.to_string(),
                 c.revnat_id.to_string(),
-                format!("{}s", c.idle_s),
-            ]
+            ];
+            if wide {
+                row.push(format!("{:#x}", c.flags));
+            }
+            row.push(format!("{}s", c.idle_s));
+            row
         })
         .collect();
-    table(&["PROTO", "SOURCE", "DESTINATION", "DIR", "BACKEND", "REVNAT", "IDLE"], &rows)
+    let mut header = vec!["PROTO", "SOURCE", "DESTINATION", "DIR", "BACKEND", "REVNAT"];
+    if wide {
+        header.push("FLAGS");
+    }
+    header.push("IDLE");
+    table(&header, &rows)
 }
 
 pub fn affinity_table(v: &[crate::views::AffinityView]) -> String {
@@ -316,6 +439,24 @@ pub fn status_table(s: &StatusView) -> String {
     for w in &p.warnings {
         let _ = writeln!(out, "  warning: {w}");
     }
+    if !s.not_ready.is_empty() {
+        let _ = writeln!(out, "Not ready because:");
+        for r in &s.not_ready {
+            let _ = writeln!(out, "  {r}");
+        }
+    }
+    if !s.failing_services.is_empty() {
+        let _ = writeln!(out, "Failing Services (retried every second; the others are served):");
+        for (svc, err) in &s.failing_services {
+            let _ = writeln!(out, "  {svc}: {err}");
+        }
+    }
+    if !s.truncated_services.is_empty() {
+        let _ = writeln!(out, "Truncated Services (--max-backends-per-service):");
+        for t in &s.truncated_services {
+            let _ = writeln!(out, "  {}: {} of {} backends written", t.service, t.kept, t.backends);
+        }
+    }
     if !s.conflicts.is_empty() {
         let _ = writeln!(out, "Conflicting frontends (first owner wins):");
         for (fe, owners) in &s.conflicts {
@@ -364,4 +505,50 @@ mod tests {
         let t = table(&["A", "BB"], &[vec!["long".into(), "x".into()]]);
         assert_eq!(t, "A     BB\nlong  x\n");
     }
+
+    #[test]
+    fn ct_filters_and_output_formats() {
+        let ct = |src: &str, dst: &str, revnat_id: u16| CtView {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            protocol: "TCP".into(),
+            direction: "forward".into(),
+            backend_id: 1,
+            revnat_id,
+            flags: 0,
+            idle_s: 3,
+        };
+        let all = vec![ct("10.42.0.5:4000", "10.43.0.10:80", 7), ct("10.42.0.6:4001", "10.43.0.11:53", 8)];
+        let by_ip = CtFilter { ip: Some("10.43.0.11".parse().unwrap()), ..CtFilter::default() };
+        assert_eq!(all.iter().filter(|c| by_ip.matches(c)).count(), 1);
+        let by_port = CtFilter { port: Some(4000), ..CtFilter::default() };
+        assert!(by_port.matches(&all[0]) && !by_port.matches(&all[1]));
+        let fe = |service: &str, revnat_id: u16| FrontendView {
+            frontend: String::new(),
+            ip: "10.43.0.10".parse().unwrap(),
+            port: 80,
+            protocol: "TCP".into(),
+            scope: "external".into(),
+            kind: "ClusterIP".into(),
+            flags: vec![],
+            revnat_id,
+            affinity_timeout: None,
+            backends: vec![],
+            service: Some(service.into()),
+        };
+        let fes = [fe("default/web:http", 7), fe("default/webhook:http", 9)];
+        let ids = revnat_ids_of(&fes, "default/web");
+        assert_eq!(ids.into_iter().collect::<Vec<_>>(), [7], "default/web is not default/webhook");
+        let by_svc = CtFilter { revnat_ids: Some(revnat_ids_of(&fes, "default/web:http")), ..CtFilter::default() };
+        assert!(by_svc.matches(&all[0]) && !by_svc.matches(&all[1]));
+
+        let json = render(&all, Format::Json, |v, w| ct_table(v, w)).unwrap();
+        assert_eq!(serde_json::from_str::<Vec<CtView>>(&json).unwrap(), all);
+        let yaml = render(&all, Format::Yaml, |v, w| ct_table(v, w)).unwrap();
+        assert_eq!(serde_norway::from_str::<Vec<CtView>>(&yaml).unwrap(), all);
+        let wide = render(&all, Format::Wide, |v, w| ct_table(v, w)).unwrap();
+        assert!(wide.starts_with("PROTO") && wide.contains("FLAGS"), "{wide}");
+        assert!(!render(&all, Format::Table, |v, w| ct_table(v, w)).unwrap().contains("FLAGS"));
+    }
+
 }

@@ -103,6 +103,115 @@ async fn answer(State(rx): State<watch::Receiver<(Owner, usize)>>) -> impl IntoR
     )
 }
 
+/// The node's own health as kube-proxy serves it on `--healthz-bind-address`
+/// (`:10256`), for load balancers that health-check nodes rather than
+/// Services (`pkg/proxy/healthcheck/proxier_health.go`).
+///
+/// `/healthz` and `/livez` answer `{"lastUpdated": …, "currentTime": …,
+/// "nodeEligible": …}` (times in RFC 3339). Healthy means the run loop is
+/// keeping up: the first full sync is done and no change has waited longer
+/// than `timeout` for a sync pass to finish (kube-proxy's
+/// `healthTimeout`). A Service whose write fails does not count against it
+/// (the pass finishes and every other Service is served), nor does an
+/// unreachable apiserver (the maps keep serving the last view; readiness
+/// says so instead). `/healthz` is also 503 when the node is not eligible
+/// for load-balancer traffic (being deleted, or tainted
+/// `ToBeDeletedByClusterAutoscaler`, KEP-3836); `/livez` ignores that.
+#[derive(Debug)]
+pub struct NodeHealth {
+    timeout: std::time::Duration,
+    state: std::sync::Mutex<NodeHealthState>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct NodeHealthState {
+    synced: bool,
+    last_updated: Option<std::time::SystemTime>,
+    /// The oldest change not yet handled by a finished pass.
+    queued_since: Option<std::time::SystemTime>,
+    eligible: bool,
+}
+
+impl NodeHealth {
+    pub fn new(timeout: std::time::Duration) -> Self {
+        Self {
+            timeout,
+            state: std::sync::Mutex::new(NodeHealthState { synced: false, last_updated: None, queued_since: None, eligible: true }),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut NodeHealthState) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// A change arrived (kube-proxy's `QueuedUpdate`).
+    pub fn queued(&self) {
+        self.with(|s| {
+            s.queued_since.get_or_insert_with(std::time::SystemTime::now);
+        });
+    }
+
+    /// A pass finished; `synced` once the first full sync is done
+    /// (kube-proxy's `Updated`).
+    pub fn updated(&self, synced: bool) {
+        self.with(|s| {
+            s.synced |= synced;
+            s.last_updated = Some(std::time::SystemTime::now());
+            s.queued_since = None;
+        });
+    }
+
+    /// Whether the own Node may receive load-balancer traffic.
+    pub fn set_eligible(&self, eligible: bool) {
+        self.with(|s| s.eligible = eligible);
+    }
+
+    /// (healthy ignoring eligibility, eligible, JSON body) at `now`.
+    pub fn report(&self, now: std::time::SystemTime) -> (bool, bool, String) {
+        let s = self.with(|s| *s);
+        let late = s.queued_since.is_some_and(|q| now.duration_since(q).unwrap_or_default() > self.timeout);
+        let healthy = s.synced && !late;
+        let ts = |t: std::time::SystemTime| {
+            let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            k8s_openapi::jiff::Timestamp::new(i64::try_from(d.as_secs()).unwrap_or(0), i32::try_from(d.subsec_nanos()).unwrap_or(0))
+                .map_or_else(|_| String::new(), |t| t.to_string())
+        };
+        let body = json!({
+            "lastUpdated": s.last_updated.map(ts).unwrap_or_default(),
+            "currentTime": ts(now),
+            "nodeEligible": s.eligible,
+        });
+        (healthy, s.eligible, body.to_string())
+    }
+}
+
+async fn node_healthz(State(h): State<std::sync::Arc<NodeHealth>>) -> impl IntoResponse {
+    let (healthy, eligible, body) = h.report(std::time::SystemTime::now());
+    let code = if healthy && eligible { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, [("content-type", "application/json"), ("x-content-type-options", "nosniff")], body)
+}
+
+async fn node_livez(State(h): State<std::sync::Arc<NodeHealth>>) -> impl IntoResponse {
+    let (healthy, _, body) = h.report(std::time::SystemTime::now());
+    let code = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, [("content-type", "application/json"), ("x-content-type-options", "nosniff")], body)
+}
+
+/// Serves `/healthz` and `/livez` of `health` on `addr` (kube-proxy's
+/// `:10256`).
+pub async fn serve_node_health(addr: SocketAddr, health: std::sync::Arc<NodeHealth>) -> std::io::Result<JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let app = Router::new()
+        .route("/healthz", axum::routing::get(node_healthz))
+        .route("/livez", axum::routing::get(node_livez))
+        .with_state(health);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(%addr, error = %e, "node health server failed");
+        }
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read as _, Write as _};
@@ -147,4 +256,33 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
     }
+
+    #[test]
+    fn node_health_follows_kube_proxy_semantics() {
+        use std::time::{Duration, SystemTime};
+        let h = NodeHealth::new(Duration::from_secs(60));
+        let t0 = SystemTime::now();
+        let (healthy, eligible, body) = h.report(t0);
+        assert!(!healthy && eligible, "unhealthy before the first sync: {body}");
+        h.queued();
+        h.updated(true);
+        let (healthy, _, body) = h.report(t0 + Duration::from_secs(1));
+        assert!(healthy, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(v["lastUpdated"].as_str().is_some_and(|s| s.ends_with('Z')), "{v}");
+        assert!(v["currentTime"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
+        assert_eq!(v["nodeEligible"], true);
+        // Quiet for long is fine; a change waiting past the timeout is not.
+        assert!(h.report(t0 + Duration::from_secs(3600)).0);
+        h.queued();
+        assert!(h.report(SystemTime::now() + Duration::from_secs(30)).0);
+        assert!(!h.report(SystemTime::now() + Duration::from_secs(61)).0);
+        h.updated(true);
+        h.set_eligible(false);
+        let (healthy, eligible, body) = h.report(SystemTime::now());
+        assert!(healthy && !eligible, "{body}");
+        assert!(body.contains("\"nodeEligible\":false"), "{body}");
+    }
+
 }
+

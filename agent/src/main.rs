@@ -101,6 +101,30 @@ struct Args {
     /// Load and pin the datapath, then exit.
     #[arg(long)]
     once: bool,
+    /// Write at most this many backends per Service port (0: no cap). A
+    /// Service with more is cut (ready endpoints first), gets a
+    /// BackendsTruncated Event and shows in `riptide status`.
+    #[arg(long, default_value_t = 0)]
+    max_backends_per_service: usize,
+    /// Seconds the apiserver may be unreachable before the watch counts as
+    /// stale (not ready; the maps keep serving).
+    #[arg(long, default_value_t = 30)]
+    stale_after_s: u64,
+    /// kube-proxy's node health server (/healthz, /livez) for load
+    /// balancers ("off" to disable).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_addr: String,
+    /// Seconds a cluster change may wait for a sync before /healthz says 503.
+    #[arg(long, default_value_t = 60)]
+    health_timeout_s: u64,
+    /// Seconds between counts of every map's entries (map pressure).
+    #[arg(long, default_value_t = 10)]
+    map_sample_interval_s: u64,
+    /// Map capacities for maps this start creates, `name=entries,…` (e.g.
+    /// `rt_ct4_v2=1048576,rt_be4_v1=131072`; `riptide map list` shows the
+    /// names and sizes). Pinned maps keep theirs.
+    #[arg(long, default_value = "")]
+    map_sizes: String,
     /// Backend selection of Services without the
     /// `service.riptide.io/lb-algorithm` annotation: `maglev` (Maglev on
     /// NodePort, externalIP and LoadBalancer frontends) or `random`.
@@ -148,6 +172,16 @@ async fn main() -> anyhow::Result<()> {
         "off" | "" => None,
         s => Some(s.parse::<SocketAddr>().with_context(|| format!("--metrics-addr {s}"))?),
     };
+    let mut map_sizes = riptide_datapath::MapSizes::default();
+    for item in a.map_sizes.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, n) = item.split_once('=').with_context(|| format!("--map-sizes {item}: expected name=entries"))?;
+        let n: u32 = n.trim().parse().with_context(|| format!("--map-sizes {item}: entries is not a number"))?;
+        map_sizes.set(name.trim(), n).with_context(|| format!("--map-sizes {item}"))?;
+    }
+    let healthz_addr = match a.healthz_addr.as_str() {
+        "off" | "" => None,
+        s => Some(s.parse::<SocketAddr>().with_context(|| format!("--healthz-addr {s}"))?),
+    };
     let tunnel = match a.tunnel.as_deref() {
         Some("vxlan") => {
             anyhow::ensure!(a.uplink.is_some(), "--tunnel vxlan needs --uplink (the device the vxlan packets leave through)");
@@ -193,6 +227,12 @@ async fn main() -> anyhow::Result<()> {
             other_timeout: Duration::from_secs(a.ct_udp_timeout_s),
             ..riptide_agent::gc::GcConfig::default()
         },
+        max_backends_per_service: (a.max_backends_per_service > 0).then_some(a.max_backends_per_service),
+        stale_after: Duration::from_secs(a.stale_after_s.max(1)),
+        healthz_addr,
+        health_timeout: Duration::from_secs(a.health_timeout_s.max(1)),
+        map_sample_interval: Duration::from_secs(a.map_sample_interval_s.max(1)),
+        map_sizes,
         node_name: a.node_name,
     };
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;

@@ -4,9 +4,11 @@ use std::sync::{Arc, Mutex};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
     registry::Registry,
 };
+
+use crate::map_usage::MapSnapshot;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -16,6 +18,21 @@ pub struct KindLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabel {
     pub map: &'static str,
+}
+
+/// Cilium's label for per-map metrics (`cilium_bpf_map_pressure{map_name}`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapNameLabel {
+    pub map_name: String,
+}
+
+/// `riptide_drop_count_total` / `riptide_forward_count_total` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonDirectionLabel {
+    pub reason: &'static str,
+    /// `ingress` (towards a pod or the node), `egress` (from a pod or the
+    /// node) or `unknown` where the counter does not tell.
+    pub direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,6 +100,29 @@ pub struct Metrics {
     pub policy_fail_closed_endpoints: Gauge,
     /// Policy sync passes with a failed map write.
     pub policy_sync_errors: Counter,
+    /// Entries / max_entries per map (Cilium's `bpf_map_pressure`).
+    pub map_pressure: Family<MapNameLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// max_entries per map.
+    pub map_capacity: Family<MapNameLabel, Gauge>,
+    /// EndpointSlice `last-change-trigger-time` → maps written
+    /// (`kubeproxy_network_programming_duration_seconds`).
+    pub network_programming_seconds: Histogram,
+    /// Unix time of the last sync pass that wrote everything it wanted
+    /// (`kubeproxy_sync_proxy_rules_last_timestamp_seconds`).
+    pub last_sync_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Services whose backends were cut to `--max-backends-per-service`.
+    pub truncated_services: Gauge,
+    /// Backends left out of the maps by that cap, over all Services.
+    pub truncated_backends: Gauge,
+    /// Services with a service port whose write failed (retried).
+    pub failing_services: Gauge,
+    /// 1 while the apiserver has been unreachable for longer than
+    /// `--stale-after-s` (the maps keep serving the last view).
+    pub watch_stale: Gauge,
+    /// Datapath drops by reason and direction (`cilium_drop_count_total`).
+    pub drops: Family<ReasonDirectionLabel, Counter>,
+    /// Packets passed on by reason and direction (`cilium_forward_count_total`).
+    pub forwards: Family<ReasonDirectionLabel, Counter>,
     last_stats: Arc<Mutex<Vec<u64>>>,
 }
 
@@ -124,8 +164,39 @@ impl Metrics {
             policy_endpoints: Gauge::default(),
             policy_fail_closed_endpoints: Gauge::default(),
             policy_sync_errors: Counter::default(),
+            map_pressure: Family::default(),
+            map_capacity: Family::default(),
+            // 1 ms … ~9 min (kube-proxy's buckets reach 5 min).
+            network_programming_seconds: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 20)),
+            last_sync_timestamp: Gauge::default(),
+            truncated_services: Gauge::default(),
+            truncated_backends: Gauge::default(),
+            failing_services: Gauge::default(),
+            watch_stale: Gauge::default(),
+            drops: Family::default(),
+            forwards: Family::default(),
             last_stats: Arc::new(Mutex::new(Vec::new())),
         };
+        root.register(
+            "network_programming_duration_seconds",
+            "Time from an EndpointSlice change (its endpoints.kubernetes.io/last-change-trigger-time) to the maps serving it",
+            m.network_programming_seconds.clone(),
+        );
+        root.register(
+            "sync_proxy_rules_last_timestamp_seconds",
+            "Unix time of the last sync pass that wrote every Service port it wanted",
+            m.last_sync_timestamp.clone(),
+        );
+        root.register("drop_count", "Datapath drops by reason and direction", m.drops.clone());
+        root.register("forward_count", "Datapath forwarding decisions by reason and direction", m.forwards.clone());
+        root.register(
+            "build",
+            "riptide-agent build",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION")), ("component", "agent")]),
+        );
+        let bpf = root.sub_registry_with_prefix("bpf");
+        bpf.register("map_pressure", "Entries / max_entries of each datapath map (sampled off the request path)", m.map_pressure.clone());
+        bpf.register("map_capacity", "max_entries of each datapath map", m.map_capacity.clone());
         let policy = root.sub_registry_with_prefix("policy");
         policy.register("verdicts", "NetworkPolicy verdicts on new flows by direction (audit: would be denied, passed in audit mode)", m.policy_verdicts.clone());
         policy.register("identities", "Security identities in use (label sets and ipBlock prefixes)", m.policy_identities.clone());
@@ -151,6 +222,10 @@ impl Metrics {
         r.register("gc_errors", "GC passes that failed (retried next pass)", m.gc_errors.clone());
         r.register("gc_duration_seconds", "Duration of a GC pass", m.gc_seconds.clone());
         r.register("udp_sockets_destroyed", "Connected UDP sockets aborted because their backend went away", m.udp_sockets_destroyed.clone());
+        r.register("truncated_services", "Services whose backends were cut to --max-backends-per-service", m.truncated_services.clone());
+        r.register("truncated_backends", "Backends left out of the maps by --max-backends-per-service", m.truncated_backends.clone());
+        r.register("failing_services", "Services with a port whose map write failed (retried every second)", m.failing_services.clone());
+        r.register("watch_stale", "1 while the apiserver has been unreachable for longer than --stale-after-s", m.watch_stale.clone());
         let m = Self {
             registry: Arc::new(root),
             ..m
@@ -170,8 +245,31 @@ impl Metrics {
             let delta = if v >= last[i] { v - last[i] } else { v };
             last[i] = v;
             self.datapath_packets.get_or_create(&ReasonLabel { reason }).inc_by(delta);
+            match crate::metrics::classify(reason) {
+                Some((Verdict::Drop, direction)) => {
+                    self.drops.get_or_create(&ReasonDirectionLabel { reason, direction }).inc_by(delta);
+                }
+                Some((Verdict::Forward, direction)) => {
+                    self.forwards.get_or_create(&ReasonDirectionLabel { reason, direction }).inc_by(delta);
+                }
+                None => {}
+            }
             if let Some(label) = verdict_of(reason) {
                 self.policy_verdicts.get_or_create(&label).inc_by(delta);
+            }
+        }
+    }
+
+    /// Publishes a map sample: pressure, capacity and entries per map.
+    pub fn observe_maps(&self, snap: &MapSnapshot) {
+        for m in &snap.maps {
+            let label = MapNameLabel { map_name: m.name.clone() };
+            self.map_capacity.get_or_create(&label).set(i64::from(m.max_entries));
+            if let Some(p) = m.pressure {
+                self.map_pressure.get_or_create(&label).set(p);
+            }
+            if let (Some(n), Some(map)) = (m.entries, static_map_name(&m.name)) {
+                self.map_entries.get_or_create(&MapLabel { map }).set(i64::try_from(n).unwrap_or(i64::MAX));
             }
         }
     }
@@ -192,6 +290,54 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
         s
+    }
+}
+
+/// The `'static` name of a known map (labels of `riptide_agent_map_entries`).
+fn static_map_name(name: &str) -> Option<&'static str> {
+    use riptide_common::names;
+    [
+        names::EP4, names::SVC4, names::BE4, names::REVNAT4, names::CT4, names::NAT4, names::AFF4,
+        names::SOCKREV4, names::NODE4, names::MAGLEV4, names::POLEP4, names::IPCACHE4, names::POLICY4,
+    ]
+    .into_iter()
+    .find(|n| *n == name)
+}
+
+/// Whether a datapath counter counts dropped or passed-on packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Drop,
+    Forward,
+}
+
+/// Drop or forward, and the direction, of a `rt_stats_v2` reason; `None`
+/// for counters that are neither (events, socket-LB rewrites, NAT
+/// bookkeeping). A reason name decides: `drop_*`, `reject_*`, `*_deny_*`,
+/// `*_no_backend`, `*_no_port` drop; `redirect_*`, `fib_*`, `pass`
+/// forward; `_in`/`_out` suffixes give the direction, the program's
+/// position the rest (the per-packet LB runs on traffic leaving pods).
+pub fn classify(reason: &'static str) -> Option<(Verdict, &'static str)> {
+    let direction = if reason.ends_with("_in") || reason.starts_with("inbound") {
+        "ingress"
+    } else if reason.ends_with("_out") {
+        "egress"
+    } else {
+        "unknown"
+    };
+    let drop = reason.starts_with("drop_")
+        || reason.starts_with("reject_")
+        || reason.contains("_deny_")
+        || reason.ends_with("_no_backend")
+        || reason.ends_with("_no_port")
+        || reason == "nat_fail";
+    let forward = reason == "pass" || reason.starts_with("redirect_") || reason.starts_with("fib_") || reason.contains("_allow_");
+    if drop {
+        Some((Verdict::Drop, direction))
+    } else if forward {
+        Some((Verdict::Forward, direction))
+    } else {
+        None
     }
 }
 

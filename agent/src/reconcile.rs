@@ -7,9 +7,9 @@
 //! (address:port/protocol) are resolved deterministically: Services before
 //! Pods, then by name; the loser keeps its other frontends.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use riptide_datapath::service::{FrontendId, Service, Services};
+use riptide_datapath::service::{BackendState, FrontendId, Service, Services};
 
 use crate::model::{Desired, HealthCheck, Owner};
 
@@ -22,9 +22,10 @@ pub trait ServiceWriter {
     /// Removes the port `name` (unknown names are fine).
     fn remove(&mut self, name: &str) -> Result<(), Self::Error>;
     /// After the first full sync: drops entries found in the maps at start
-    /// that no port claimed (a restarted agent's leftovers). Returns how many
-    /// frontends went.
-    fn finish_resync(&mut self) -> Result<usize, Self::Error>;
+    /// that no port claimed (a restarted agent's leftovers), except the
+    /// frontends in `keep` (ports whose write failed keep their previous
+    /// entries until a retry succeeds). Returns how many frontends went.
+    fn finish_resync(&mut self, keep: &HashSet<FrontendId>) -> Result<usize, Self::Error>;
 }
 
 impl ServiceWriter for Services {
@@ -38,8 +39,8 @@ impl ServiceWriter for Services {
         Services::remove(self, name)
     }
 
-    fn finish_resync(&mut self) -> Result<usize, Self::Error> {
-        let (frontends, backends) = self.remove_unclaimed()?;
+    fn finish_resync(&mut self, keep: &HashSet<FrontendId>) -> Result<usize, Self::Error> {
+        let (frontends, backends) = self.remove_unclaimed_except(|f| keep.contains(f))?;
         if frontends + backends > 0 {
             tracing::info!(frontends, backends, "removed entries no Service claims any more");
         }
@@ -71,6 +72,8 @@ pub struct Reconciler {
     dirty: BTreeSet<String>,
     health: BTreeMap<Owner, HealthCheck>,
     notes: HashMap<Owner, Vec<String>>,
+    /// Ports whose last write failed → the error (retried while dirty).
+    failed: BTreeMap<String, String>,
 }
 
 impl Reconciler {
@@ -206,6 +209,7 @@ impl Reconciler {
                 Ok(()) => {
                     tracing::info!(port = %name, "service port removed");
                     self.applied.remove(&name);
+                    self.failed.remove(&name);
                     report.removed += 1;
                 }
                 Err(e) => {
@@ -218,6 +222,7 @@ impl Reconciler {
             match w.upsert(&eff) {
                 Ok(()) => {
                     log_change(self.applied.get(&eff.name), &eff);
+                    self.failed.remove(&eff.name);
                     report.upserted += 1;
                     self.applied.insert(eff.name.clone(), eff);
                 }
@@ -228,9 +233,44 @@ impl Reconciler {
             }
         }
         for (name, err) in &report.failed {
-            tracing::warn!(port = %name, error = %err, "writing service port failed; will retry");
+            // Retried every second: said again only when the error changes.
+            if self.failed.get(name) != Some(err) {
+                tracing::warn!(port = %name, error = %err, "writing service port failed; will retry");
+            }
+            self.failed.insert(name.clone(), err.clone());
         }
+        // A port no owner wants any more cannot fail any more.
+        self.failed.retain(|n, _| self.ports.contains_key(n) || self.applied.contains_key(n));
         report
+    }
+
+    /// Owners (`namespace/name`, `pod/namespace/name`) with a port whose
+    /// last write failed, with that error: they are retried while the rest
+    /// of the node is served. A failed removal of a gone owner is named by
+    /// its port.
+    pub fn failing(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for (owner, names) in &self.owners {
+            if let Some(err) = names.iter().find_map(|n| self.failed.get(n)) {
+                out.insert(owner.to_string(), err.clone());
+            }
+        }
+        for (name, err) in &self.failed {
+            if !self.ports.contains_key(name) {
+                out.insert(name.clone(), err.clone());
+            }
+        }
+        out
+    }
+
+    /// Frontends of ports whose last write failed (what they held before
+    /// stays in the maps until a retry succeeds).
+    pub fn failing_frontends(&self) -> HashSet<FrontendId> {
+        self.failed
+            .keys()
+            .filter_map(|n| self.ports.get(n).or_else(|| self.applied.get(n)))
+            .flat_map(Service::frontend_ids)
+            .collect()
     }
 
     /// Ports as written, by name.
@@ -242,6 +282,31 @@ impl Reconciler {
     pub fn health_checks(&self) -> &BTreeMap<Owner, HealthCheck> {
         &self.health
     }
+}
+
+/// Cuts every port of `desired` to at most `cap` backends, keeping ready
+/// ones before serving-terminating before the rest, local before remote
+/// (eTP/iTP=Local frontends use only local ones), then by address so every
+/// pass keeps the same set. Returns (backends of the largest port, kept)
+/// when something was cut.
+pub fn cap_backends(desired: &mut Desired, cap: usize) -> Option<(usize, usize)> {
+    let mut cut = None;
+    for p in &mut desired.ports {
+        let n = p.backends.len();
+        if n <= cap {
+            continue;
+        }
+        let rank = |s: BackendState| match s {
+            BackendState::Active => 0,
+            BackendState::Terminating => 1,
+            BackendState::Quarantined => 2,
+        };
+        p.backends.sort_by_key(|b| (rank(b.state), !b.local, b.addr));
+        p.backends.truncate(cap);
+        let (all, _) = cut.get_or_insert((0, cap));
+        *all = (*all).max(n);
+    }
+    cut
 }
 
 fn log_change(old: Option<&Service>, new: &Service) {

@@ -39,7 +39,7 @@ impl ServiceWriter for Recorder {
         self.installed.remove(name);
         Ok(())
     }
-    fn finish_resync(&mut self) -> Result<usize, RecErr> {
+    fn finish_resync(&mut self, _keep: &std::collections::HashSet<riptide_datapath::service::FrontendId>) -> Result<usize, RecErr> {
         Ok(0)
     }
 }
@@ -173,4 +173,44 @@ fn retain_owners_drops_vanished_ones() {
     r.apply(&mut w);
     assert_eq!(w.installed.keys().collect::<Vec<_>>(), vec!["ns/a:http"]);
     assert!(r.health_checks().is_empty());
+}
+
+#[test]
+fn cap_keeps_ready_local_backends_first_and_reports_the_cut() {
+    use riptide_datapath::service::{Backend, BackendState};
+    let o = Owner::service("ns", "big");
+    let mut p = port(&o, "http", &["10.43.0.9"], &[]);
+    let be = |a: &str, state, local| Backend { addr: a.parse().unwrap(), state, local };
+    p.backends = vec![
+        be("10.42.0.5:80", BackendState::Quarantined, true),
+        be("10.42.0.4:80", BackendState::Terminating, true),
+        be("10.42.0.3:80", BackendState::Active, false),
+        be("10.42.0.2:80", BackendState::Active, true),
+        be("10.42.0.1:80", BackendState::Active, false),
+    ];
+    let mut d = desired(vec![p.clone()]);
+    assert_eq!(crate::reconcile::cap_backends(&mut d, 3), Some((5, 3)));
+    let kept: Vec<String> = d.ports[0].backends.iter().map(|b| b.addr.to_string()).collect();
+    assert_eq!(kept, ["10.42.0.2:80", "10.42.0.1:80", "10.42.0.3:80"]);
+    let mut fits = desired(vec![p]);
+    assert_eq!(crate::reconcile::cap_backends(&mut fits, 5), None);
+    assert_eq!(fits.ports[0].backends.len(), 5);
+}
+
+#[test]
+fn failing_ports_are_named_by_owner_and_cleared_by_a_successful_retry() {
+    let mut r = Reconciler::new();
+    let a = Owner::service("ns", "a");
+    let b = Owner::service("ns", "b");
+    r.set(&a, desired(vec![port(&a, "http", &["10.43.0.1"], &["10.42.0.1:80"])]));
+    r.set(&b, desired(vec![port(&b, "http", &["10.43.0.2"], &["10.42.0.2:80"])]));
+    let mut w = Recorder { fail_next: Some("ns/a:http".into()), ..Recorder::default() };
+    let rep = r.apply(&mut w);
+    assert_eq!(rep.upserted, 1, "b is written although a failed");
+    let failing = r.failing();
+    assert_eq!(failing.keys().collect::<Vec<_>>(), ["ns/a"]);
+    assert!(failing["ns/a"].contains("injected"), "{failing:?}");
+    assert_eq!(r.failing_frontends().len(), 1);
+    r.apply(&mut w);
+    assert!(r.failing().is_empty() && r.failing_frontends().is_empty());
 }

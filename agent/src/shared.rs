@@ -15,9 +15,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     events::EventLog,
-    metrics::{MapLabel, Metrics},
+    map_usage::MapSnapshot,
+    metrics::Metrics,
     policy::Compiled,
     reconcile::Reconciler,
+    views::NodeView,
 };
 
 /// Mutable status shown by `riptide status`.
@@ -36,6 +38,18 @@ pub struct Status {
     pub tunnel_mode: bool,
     /// `--tunnel vxlan`: the device once it exists.
     pub tunnel: Option<String>,
+    /// Services (`namespace/name`) with a port whose write failed → error.
+    pub failing_services: BTreeMap<String, String>,
+    /// Services cut to `--max-backends-per-service` → (backends, kept).
+    pub truncated: BTreeMap<String, (usize, usize)>,
+    /// What is stale while the apiserver is unreachable.
+    pub stale: Option<String>,
+    /// Why the agent is not ready.
+    pub not_ready: Vec<String>,
+    /// The run loop's part of `not_ready`.
+    pub loop_not_ready: Vec<String>,
+    /// Every Node and what this agent did with it (`riptide node list`).
+    pub nodes: Vec<NodeView>,
 }
 
 /// State shared between the run loop, the API handlers and the GC. Lock
@@ -53,6 +67,9 @@ pub struct Shared {
     pub events: Arc<EventLog>,
     /// NetworkPolicy as last compiled and written (`riptide policy`).
     pub policy: Mutex<PolicyState>,
+    /// The last sample of every map's entries and capacity, taken off the
+    /// request path ([`crate::map_usage`]).
+    pub maps: Mutex<MapSnapshot>,
 }
 
 /// The NetworkPolicy state the run loop publishes for the API.
@@ -80,38 +97,6 @@ pub struct PolicyState {
 /// behind these locks stays consistent between statements.
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl Shared {
-    /// Samples map sizes and datapath counters into the metrics.
-    pub fn refresh_gauges(&self) {
-        let n_ports = lock(&self.reconciler).applied().len();
-        self.metrics.service_ports.set(i64::try_from(n_ports).unwrap_or(i64::MAX));
-        {
-            let svc = lock(&self.services);
-            let set = |map: &'static str, n: usize| {
-                self.metrics.map_entries.get_or_create(&MapLabel { map }).set(i64::try_from(n).unwrap_or(i64::MAX));
-            };
-            set(riptide_common::names::SVC4, svc.dump_services().len());
-            set(riptide_common::names::BE4, svc.dump_backends().len());
-            set(riptide_common::names::REVNAT4, svc.dump_revnat().len());
-        }
-        let mut dp = lock(&self.dp);
-        if let Ok(ct) = dp.conntrack() {
-            self.metrics.conntrack_entries.set(i64::try_from(ct.len()).unwrap_or(i64::MAX));
-            self.metrics.map_entries.get_or_create(&MapLabel { map: riptide_common::names::CT4 }).set(i64::try_from(ct.len()).unwrap_or(i64::MAX));
-        }
-        if let Ok(nat) = dp.nat() {
-            self.metrics.map_entries.get_or_create(&MapLabel { map: riptide_common::names::NAT4 }).set(i64::try_from(nat.len()).unwrap_or(i64::MAX));
-        }
-        if let Ok(ep) = dp.endpoints() {
-            let n = ep.list().len();
-            self.metrics.map_entries.get_or_create(&MapLabel { map: riptide_common::names::EP4 }).set(i64::try_from(n).unwrap_or(i64::MAX));
-        }
-        if let Ok(stats) = dp.stats() {
-            self.metrics.observe_stats(stats.named());
-        }
-    }
 }
 
 /// What the GC's last passes did (`riptide status`).

@@ -201,6 +201,66 @@ pub fn ct_views(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<CtView> {
     v
 }
 
+/// One `rt_nat4_v1` entry: `riptide bpf nat list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatView {
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub protocol: String,
+    /// `egress` (the source is rewritten to `xlate`) or `ingress` (a reply:
+    /// the destination is rewritten back to `xlate`).
+    pub direction: String,
+    pub xlate: SocketAddrV4,
+    /// `masquerade`, `nodeport`, plus `closing` after a FIN/RST.
+    pub kind: Vec<String>,
+    pub idle_s: u64,
+}
+
+pub fn nat_views(entries: &[(CtKey, riptide_common::NatValue)], now_ns: u64) -> Vec<NatView> {
+    let mut v: Vec<NatView> = entries
+        .iter()
+        .map(|(k, e)| {
+            let mut kind = Vec::new();
+            for (bit, name) in [
+                (riptide_common::NAT_F_MASQ, "masquerade"),
+                (riptide_common::NAT_F_NODEPORT, "nodeport"),
+                (riptide_common::NAT_F_CLOSING, "closing"),
+            ] {
+                if e.flags & bit != 0 {
+                    kind.push(name.to_owned());
+                }
+            }
+            NatView {
+                src: SocketAddrV4::new(Ipv4Addr::from(u32::from_be(k.saddr_be)), u16::from_be(k.sport_be)),
+                dst: SocketAddrV4::new(Ipv4Addr::from(u32::from_be(k.daddr_be)), u16::from_be(k.dport_be)),
+                protocol: proto_name(k.proto),
+                direction: match k.dir {
+                    riptide_common::NAT_DIR_EGRESS => "egress".into(),
+                    riptide_common::NAT_DIR_INGRESS => "ingress".into(),
+                    d => d.to_string(),
+                },
+                xlate: SocketAddrV4::new(Ipv4Addr::from(u32::from_be(e.addr_be)), u16::from_be(e.port_be)),
+                kind,
+                idle_s: now_ns.saturating_sub(e.last_seen_ns) / 1_000_000_000,
+            }
+        })
+        .collect();
+    v.sort_by(|a, b| (&a.direction, a.src, a.dst).cmp(&(&b.direction, b.src, b.dst)));
+    v
+}
+
+/// A Node as this agent sees it: `riptide node list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub internal_ip: Option<Ipv4Addr>,
+    pub pod_cidr: Option<String>,
+    /// `local` (this node), `routed` (route + `rt_node4_v1` entry),
+    /// `refused` (podCIDR outside --cluster-cidr), `incomplete` (no
+    /// podCIDR or address yet).
+    pub state: String,
+}
+
 /// One sessionAffinity entry: `riptide affinity list`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AffinityView {

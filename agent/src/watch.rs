@@ -57,7 +57,14 @@ pub const API_ACCESS: &[ApiAccess] = &[
     // L2 announcements: one Lease per announced Service, read, created,
     // renewed or taken over, and deleted once its Service needs none.
     ApiAccess { group: "coordination.k8s.io", resource: "leases", verbs: crate::l2announce::LEASE_VERBS },
+    // Events on Services the agent cuts to --max-backends-per-service.
+    ApiAccess { group: "", resource: "events", verbs: &["create"] },
 ];
+
+/// The annotation the EndpointSlice controller stamps with the time of the
+/// change that caused a slice's last update (kube-proxy's network
+/// programming latency starts there).
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// A call the code is about to make that [`API_ACCESS`] does not list.
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +167,12 @@ pub fn start(client: &Client, node_name: &str, tx: &UnboundedSender<Change>, met
             deleted: false,
         },
         |s: &mut EndpointSlice| {
+            // The one annotation read: network programming latency.
+            let trigger = s.annotations().get(TRIGGER_TIME_ANNOTATION).cloned();
             trim_meta(s.meta_mut());
+            if let Some(t) = trigger {
+                s.meta_mut().annotations = Some([(TRIGGER_TIME_ANNOTATION.to_owned(), t)].into());
+            }
             for ep in &mut s.endpoints {
                 // Never read: hints, topology, target refs, hostnames.
                 ep.hints = None;

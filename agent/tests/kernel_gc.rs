@@ -147,6 +147,7 @@ fn start(node: &Node, affinity_s: u32) -> (Arc<Shared>, Ids) {
         gc_status: Mutex::new(GcStatus::default()),
         events: Arc::default(),
         policy: Mutex::default(),
+        maps: Mutex::default(),
     });
     (shared, ids)
 }

@@ -3,7 +3,10 @@
 //! ```text
 //! riptide status
 //! riptide service list [-o json]
-//! riptide ct list
+//! riptide ct list [--ip IP] [--port N] [--service ns/name[:port]]
+//! riptide map list
+//! riptide bpf nat list
+//! riptide node list
 //! riptide affinity list
 //! riptide endpoint list
 //! riptide drops
@@ -11,6 +14,8 @@
 //! riptide policy list
 //! riptide policy check --from ns/pod|IP --to ns/pod|IP --port 80/TCP
 //! ```
+//!
+//! `-o json|yaml|wide` on every list (wide: every column of the table).
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
@@ -41,7 +46,20 @@ struct Args {
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Output {
     Table,
+    Wide,
     Json,
+    Yaml,
+}
+
+impl From<Output> for cli::Format {
+    fn from(o: Output) -> Self {
+        match o {
+            Output::Table => Self::Table,
+            Output::Wide => Self::Wide,
+            Output::Json => Self::Json,
+            Output::Yaml => Self::Yaml,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -53,7 +71,16 @@ enum Cmd {
     Service(ListCmd),
     /// Conntrack entries.
     #[command(subcommand)]
-    Ct(ListCmd),
+    Ct(CtCmd),
+    /// Every datapath map: entries, capacity and pressure.
+    #[command(subcommand)]
+    Map(ListCmd),
+    /// Raw datapath tables.
+    #[command(subcommand)]
+    Bpf(BpfCmd),
+    /// Nodes this agent routes to (podCIDR, address, what it wrote).
+    #[command(subcommand)]
+    Node(ListCmd),
     /// sessionAffinity entries: which client sticks to which backend.
     #[command(subcommand)]
     Affinity(ListCmd),
@@ -117,6 +144,30 @@ enum ListCmd {
     List,
 }
 
+#[derive(Subcommand, Debug)]
+enum CtCmd {
+    /// Conntrack entries, optionally only some.
+    List {
+        /// Entries with this source or destination address.
+        #[arg(long)]
+        ip: Option<std::net::Ipv4Addr>,
+        /// Entries with this source or destination port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Entries of this Service's frontends: `namespace/name` or
+        /// `namespace/name:port`.
+        #[arg(long)]
+        service: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BpfCmd {
+    /// The SNAT/masquerade table (`rt_nat4_v1`).
+    #[command(subcommand)]
+    Nat(ListCmd),
+}
+
 fn socket(a: &Args) -> anyhow::Result<PathBuf> {
     if let Some(s) = &a.socket {
         return Ok(s.clone());
@@ -150,45 +201,56 @@ fn main() -> anyhow::Result<()> {
         cli::get(&sock, path).with_context(|| format!("asking the agent at {} for {path}", sock.display()))
     };
     let json = matches!(a.output, Output::Json);
+    let format = cli::Format::from(a.output);
     if let Cmd::Events { follow, since } = a.cmd {
         return events(&get, json, follow, since);
     }
+    // GET `path`, decode it as `T`, print it in the asked format.
+    fn list<T: serde::de::DeserializeOwned + serde::Serialize>(
+        get: &dyn Fn(&str) -> anyhow::Result<String>,
+        path: &str,
+        format: cli::Format,
+        table: impl FnOnce(&T, bool) -> String,
+    ) -> anyhow::Result<String> {
+        let v: T = serde_json::from_str(&get(path)?).with_context(|| format!("decoding the agent's {path}"))?;
+        Ok(cli::render(&v, format, table)?)
+    }
     let out = match a.cmd {
         Cmd::Status => {
-            let body = get("/v1/status")?;
-            let view: StatusView = serde_json::from_str(&body)?;
+            let view: StatusView = serde_json::from_str(&get("/v1/status")?)?;
             // Scripts and probes test the exit code (as `cilium-dbg status
             // --brief`): the report still prints, then 1 when not ready.
-            println!("{}", if json { body } else { cli::status_table(&view) }.trim_end());
+            println!("{}", cli::render(&view, format, |v, _| cli::status_table(v))?.trim_end());
             if !view.ready {
                 std::process::exit(NOT_READY);
             }
             return Ok(());
         }
-        Cmd::Service(ListCmd::List) => {
-            let body = get("/v1/services")?;
-            if json { body } else { cli::services_table(&serde_json::from_str::<Vec<FrontendView>>(&body)?) }
+        Cmd::Service(ListCmd::List) => list(&get, "/v1/services", format, |v: &Vec<FrontendView>, _| cli::services_table(v))?,
+        Cmd::Ct(CtCmd::List { ip, port, service }) => {
+            let revnat_ids = match &service {
+                Some(svc) => {
+                    let frontends: Vec<FrontendView> = serde_json::from_str(&get("/v1/services")?)?;
+                    let ids = cli::revnat_ids_of(&frontends, svc);
+                    if ids.is_empty() {
+                        bail!("no frontend of Service {svc} in the maps (namespace/name or namespace/name:port)");
+                    }
+                    Some(ids)
+                }
+                None => None,
+            };
+            let filter = cli::CtFilter { ip, port, revnat_ids };
+            let mut all: Vec<CtView> = serde_json::from_str(&get("/v1/ct")?)?;
+            all.retain(|c| filter.matches(c));
+            cli::render(&all, format, |v, wide| cli::ct_table(v, wide))?
         }
-        Cmd::Ct(ListCmd::List) => {
-            let body = get("/v1/ct")?;
-            if json { body } else { cli::ct_table(&serde_json::from_str::<Vec<CtView>>(&body)?) }
-        }
-        Cmd::Affinity(ListCmd::List) => {
-            let body = get("/v1/affinity")?;
-            if json { body } else { cli::affinity_table(&serde_json::from_str::<Vec<AffinityView>>(&body)?) }
-        }
-        Cmd::Endpoint(ListCmd::List) => {
-            let body = get("/v1/endpoints")?;
-            if json { body } else { cli::endpoints_table(&serde_json::from_str::<Vec<EndpointView>>(&body)?) }
-        }
-        Cmd::Drops => {
-            let body = get("/v1/drops")?;
-            if json { body } else { cli::drops_table(&serde_json::from_str::<Vec<CounterView>>(&body)?) }
-        }
-        Cmd::Policy(PolicyCmd::List) => {
-            let body = get("/v1/policy")?;
-            if json { body } else { cli::policy_table(&serde_json::from_str::<Vec<PolicyEndpointView>>(&body)?) }
-        }
+        Cmd::Map(ListCmd::List) => list(&get, "/v1/maps", format, |v: &Vec<riptide_agent::map_usage::MapUsage>, wide| cli::maps_table(v, wide))?,
+        Cmd::Bpf(BpfCmd::Nat(ListCmd::List)) => list(&get, "/v1/nat", format, |v: &Vec<riptide_agent::views::NatView>, wide| cli::nat_table(v, wide))?,
+        Cmd::Node(ListCmd::List) => list(&get, "/v1/nodes", format, |v: &Vec<riptide_agent::views::NodeView>, wide| cli::nodes_table(v, wide))?,
+        Cmd::Affinity(ListCmd::List) => list(&get, "/v1/affinity", format, |v: &Vec<AffinityView>, _| cli::affinity_table(v))?,
+        Cmd::Endpoint(ListCmd::List) => list(&get, "/v1/endpoints", format, |v: &Vec<EndpointView>, _| cli::endpoints_table(v))?,
+        Cmd::Drops => list(&get, "/v1/drops", format, |v: &Vec<CounterView>, _| cli::drops_table(v))?,
+        Cmd::Policy(PolicyCmd::List) => list(&get, "/v1/policy", format, |v: &Vec<PolicyEndpointView>, _| cli::policy_table(v))?,
         Cmd::Policy(PolicyCmd::Check { from, to, port }) => {
             let body = get(&format!(
                 "/v1/policy/check?from={}&to={}&port={}",
@@ -197,7 +259,7 @@ fn main() -> anyhow::Result<()> {
                 query_value(&port)
             ))?;
             let view: PolicyCheckView = serde_json::from_str(&body)?;
-            println!("{}", if json { body } else { cli::policy_check_text(&view) }.trim_end());
+            println!("{}", cli::render(&view, format, |v, _| cli::policy_check_text(v))?.trim_end());
             if !view.allowed {
                 std::process::exit(DENIED);
             }
