@@ -127,19 +127,31 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// GET `path` on 127.0.0.1:`port` inside netns `ns`; the status code.
-fn http_status(ns: &str, port: u16, path: &str) -> Option<u16> {
+/// GET `path` on 127.0.0.1:`port` inside netns `ns`; the status code and
+/// the whole response.
+fn http_get(ns: &str, port: u16, path: &str) -> Option<(u16, String)> {
     let path = path.to_owned();
-    netns::run_in(ns, move || -> Option<u16> {
+    netns::run_in(ns, move || -> Option<(u16, String)> {
         let mut s = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
         let mut buf = String::new();
         s.read_to_string(&mut buf).ok()?;
-        buf.split_whitespace().nth(1)?.parse().ok()
+        Some((buf.split_whitespace().nth(1)?.parse().ok()?, buf))
     })
     .ok()
     .flatten()
+}
+
+fn http_status(ns: &str, port: u16, path: &str) -> Option<u16> {
+    http_get(ns, port, path).map(|(code, _)| code)
+}
+
+/// The value of the first sample of `metric` whose labels contain `labels`.
+fn metric_value(body: &str, metric: &str, labels: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| l.starts_with(metric) && l.contains(labels))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// A container's command + args from a manifest, with the pod's
@@ -244,9 +256,9 @@ fn netns_agent_in_cluster_config_syncs_then_uninstalls() {
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n- addresses: [10.42.0.7]\n  nodeName: {peer}\n  conditions: {{ready: true, serving: true, terminating: false}}\n"
         )),
     );
-    // The manifest's identity and RBAC, which the apiserver enforces: the
-    // agent works with exactly this ClusterRole.
-    for (kind, name) in [("Namespace", "riptide-system"), ("ServiceAccount", "riptide-agent"), ("ClusterRole", "riptide-agent"), ("ClusterRoleBinding", "riptide-agent")] {
+    // The manifest's identity and RBAC, which the apiserver enforces. The
+    // binding comes once the agent has shown how it fails without it.
+    for (kind, name) in [("Namespace", "riptide-system"), ("ServiceAccount", "riptide-agent"), ("ClusterRole", "riptide-agent")] {
         env.kubectl(&["apply", "-f", "-"], Some(&find(&objs, kind, name).unwrap().to_string()));
     }
     let svc = env.api().kubectl_with(env.cmd("kubectl"), &["get", "service", "web", "-o", "json"], None).unwrap();
@@ -321,6 +333,22 @@ exec "$@""#;
         .spawn()
         .unwrap();
     env.agent = Some(child);
+
+    // Without its ClusterRoleBinding the agent fails cleanly: not ready, a
+    // log line naming the refused call, and the watch error counter — then
+    // it recovers by itself once the binding exists (the agent works with
+    // exactly the manifest's ClusterRole, below).
+    env.eventually("a forbidden watch in the log", || {
+        env.agent_log().lines().any(|l| l.contains("watch failed") && l.contains("forbidden") && l.contains("services"))
+    });
+    env.eventually("watch errors counted", || {
+        http_get(&env.ns, metrics_port, "/metrics")
+            .and_then(|(_, body)| metric_value(&body, "riptide_agent_watch_errors_total", "kind=\"services\""))
+            .is_some_and(|v| v >= 1.0)
+    });
+    assert!(env.riptide(&["status"]).is_none(), "`riptide status` must fail while the agent cannot watch");
+    assert_ne!(http_status(&env.ns, metrics_port, "/readyz"), Some(200), "not ready without RBAC");
+    env.kubectl(&["apply", "-f", "-"], Some(&find(&objs, "ClusterRoleBinding", "riptide-agent").unwrap().to_string()));
 
     env.eventually("the Service's ClusterIP with its backend in the maps", || {
         env.riptide(&["service", "list"]).and_then(|v| v.as_array().cloned()).is_some_and(|l| {
