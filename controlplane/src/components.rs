@@ -124,6 +124,18 @@ pub struct KubeletArgs {
     /// hostPath prefixes that stay the machine's own under --host-path-root.
     #[arg(long, value_delimiter = ',', default_value = "/proc,/sys,/dev,/run/netns,/var/run/netns")]
     pub host_path_shared: Vec<PathBuf>,
+    /// `FROM=TO,…`: a hostPath at or below FROM is that place below TO
+    /// (before --host-path-root and --host-path-shared), e.g. a lab node's
+    /// own cgroup for /sys/fs/cgroup.
+    #[arg(long, value_delimiter = ',', value_parser = parse_path_map)]
+    pub host_path_map: Vec<(PathBuf, PathBuf)>,
+}
+
+fn parse_path_map(s: &str) -> Result<(PathBuf, PathBuf), String> {
+    match s.split_once('=') {
+        Some((from, to)) if from.starts_with('/') && to.starts_with('/') => Ok((from.into(), to.into())),
+        _ => Err(format!("{s:?}: expected /from=/to")),
+    }
 }
 
 /// `riptide-controlplane kubelet-credentials`: a node's kubelet identity
@@ -242,6 +254,7 @@ pub async fn kubelet(a: KubeletArgs) -> Result<(), Error> {
         image_map: a.image_map.as_deref().map(crate::kubelet::image::ImageMap::load).transpose()?.unwrap_or_default(),
         host_path_root: a.host_path_root,
         host_path_shared: a.host_path_shared,
+        host_path_map: a.host_path_map,
         cluster_ca_pem: cluster_ca.filter(|c| !c.is_empty()),
     };
     crate::kubelet::run(client, cfg).await?;

@@ -109,6 +109,8 @@ pub struct Config {
     pub host_path_root: Option<PathBuf>,
     /// `--host-path-shared`: prefixes `hostPath` keeps real under a root.
     pub host_path_shared: Vec<PathBuf>,
+    /// `--host-path-map`: hostPath prefixes resolved elsewhere (FROM, TO).
+    pub host_path_map: Vec<(PathBuf, PathBuf)>,
     /// The cluster CA (PEM) pods get as `ca.crt`, from the kubelet's
     /// kubeconfig.
     pub cluster_ca_pem: Option<Vec<u8>>,

@@ -10,7 +10,10 @@
 //!   under that directory, as kind's node containers give each node its
 //!   own `/`, except below the `--host-path-shared` prefixes (default
 //!   `/proc`, `/sys`, `/dev`, `/run/netns`, `/var/run/netns`: the kernel's
-//!   views, which every node of a machine shares), which stay real.
+//!   views, which every node of a machine shares), which stay real. A
+//!   `--host-path-map FROM=TO` entry sends FROM and everything below it to
+//!   TO instead (a lab node's own cgroup for `/sys/fs/cgroup`, so an agent
+//!   attaching to "the root cgroup" attaches to its node's only).
 //! - `configMap`, `secret`, `downwardAPI` (fieldRef items) and `projected`
 //!   (those plus `serviceAccountToken`): files under the pod's state
 //!   directory, written atomically (temp file + rename), with `items`,
@@ -68,9 +71,15 @@ fn volumes_dir(root: &Path, uid: &str) -> PathBuf {
     pod_dir(root, uid).join("volumes")
 }
 
-/// Where a `hostPath` volume's path is on this machine.
-pub fn resolve_host_path(root: Option<&Path>, shared: &[PathBuf], path: &str) -> PathBuf {
+/// Where a `hostPath` volume's path is on this machine: below a
+/// `--host-path-map` source, the same place below its target; else under
+/// `root` unless below a `shared` prefix.
+pub fn resolve_host_path(root: Option<&Path>, shared: &[PathBuf], map: &[(PathBuf, PathBuf)], path: &str) -> PathBuf {
     let p = Path::new(path);
+    let normal = |p: &Path| p.components().filter(|c| matches!(c, Component::Normal(_))).collect::<PathBuf>();
+    if let Some((to, rest)) = map.iter().find_map(|(from, to)| Some((to, normal(p).strip_prefix(normal(from)).ok()?.to_owned()))) {
+        return if rest.as_os_str().is_empty() { to.clone() } else { to.join(rest) };
+    }
     match root {
         Some(root) if !shared.iter().any(|s| p.starts_with(s)) => {
             root.join(p.components().filter(|c| matches!(c, Component::Normal(_))).collect::<PathBuf>())
@@ -340,7 +349,7 @@ pub async fn setup(shared: &Shared, pod: &Pod, uid: &str) -> Result<PodVolumes, 
     for v in vols.iter().chain(service_account_volume(pod).as_ref()) {
         let err = |e: String| format!("MountVolume.SetUp failed for volume \"{}\": {e}", v.name);
         if let Some(h) = &v.host_path {
-            let path = resolve_host_path(cfg.host_path_root.as_deref(), &cfg.host_path_shared, &h.path);
+            let path = resolve_host_path(cfg.host_path_root.as_deref(), &cfg.host_path_shared, &cfg.host_path_map, &h.path);
             check_host_path(&path, h.type_.as_deref().unwrap_or("")).map_err(err)?;
             sources.insert(v.name.clone(), path);
             continue;
@@ -406,11 +415,17 @@ mod tests {
     fn host_paths_under_the_node_root_except_shared_ones() {
         let shared = [PathBuf::from("/sys"), PathBuf::from("/run/netns")];
         let root = Path::new("/lab/n1");
-        assert_eq!(resolve_host_path(Some(root), &shared, "/opt/cni/bin"), PathBuf::from("/lab/n1/opt/cni/bin"));
-        assert_eq!(resolve_host_path(Some(root), &shared, "/etc/cni/../cni/net.d"), PathBuf::from("/lab/n1/etc/cni/cni/net.d"));
-        assert_eq!(resolve_host_path(Some(root), &shared, "/sys/fs/bpf"), PathBuf::from("/sys/fs/bpf"));
-        assert_eq!(resolve_host_path(Some(root), &shared, "/run/netnsx"), PathBuf::from("/lab/n1/run/netnsx"));
-        assert_eq!(resolve_host_path(None, &shared, "/opt/cni/bin"), PathBuf::from("/opt/cni/bin"));
+        assert_eq!(resolve_host_path(Some(root), &shared, &[], "/opt/cni/bin"), PathBuf::from("/lab/n1/opt/cni/bin"));
+        assert_eq!(resolve_host_path(Some(root), &shared, &[], "/etc/cni/../cni/net.d"), PathBuf::from("/lab/n1/etc/cni/cni/net.d"));
+        assert_eq!(resolve_host_path(Some(root), &shared, &[], "/sys/fs/bpf"), PathBuf::from("/sys/fs/bpf"));
+        assert_eq!(resolve_host_path(Some(root), &shared, &[], "/run/netnsx"), PathBuf::from("/lab/n1/run/netnsx"));
+        assert_eq!(resolve_host_path(None, &shared, &[], "/opt/cni/bin"), PathBuf::from("/opt/cni/bin"));
+        // The node's own cgroup stands for the machine's cgroup root.
+        let map = [(PathBuf::from("/sys/fs/cgroup"), PathBuf::from("/sys/fs/cgroup/unified/lab/n1"))];
+        assert_eq!(resolve_host_path(Some(root), &shared, &map, "/sys/fs/cgroup"), PathBuf::from("/sys/fs/cgroup/unified/lab/n1"));
+        assert_eq!(resolve_host_path(Some(root), &shared, &map, "/sys/fs/cgroup/x/"), PathBuf::from("/sys/fs/cgroup/unified/lab/n1/x"));
+        assert_eq!(resolve_host_path(Some(root), &shared, &map, "/sys/fs/cgroupx"), PathBuf::from("/sys/fs/cgroupx"));
+        assert_eq!(resolve_host_path(None, &shared, &map, "/sys/fs/bpf"), PathBuf::from("/sys/fs/bpf"));
     }
 
     #[test]
