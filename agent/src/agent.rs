@@ -227,8 +227,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         reserved: crate::reserved::Reserved::new(cfg.cluster_cidr, cfg.service_cidr),
     };
     if let Some(l2) = cfg.l2_announce.clone() {
-        let (svcs, nodes) = (stores.services.clone(), stores.nodes.clone());
-        crate::l2announce::spawn(l2, client.clone(), svcs, nodes, node_ctx.clone(), cfg.node_ip, shared.metrics.clone()).map_err(Error::L2)?;
+        let inputs = crate::l2announce::Inputs { services: stores.services.clone(), slices: stores.slices.clone(), nodes: stores.nodes.clone() };
+        crate::l2announce::spawn(l2, client.clone(), inputs, node_ctx.clone(), cfg.node_ip, shared.metrics.clone()).map_err(Error::L2)?;
     }
     tokio::spawn(watch_apiserver(client.clone(), Arc::downgrade(&shared), cfg.stale_after));
     if let Some(after) = cfg.pod_cidr_fallback_after {

@@ -19,9 +19,11 @@
 //! addresses (the uplink programs match them on any node); the announcer
 //! only decides where the segment delivers them.
 //!
-//! Every node is a candidate; with `externalTrafficPolicy: Local` Cilium
-//! restricts candidates to nodes with local endpoints, which this does not
-//! do yet.
+//! Every node is a candidate, except for a Service with
+//! `externalTrafficPolicy: Local`: there only nodes with a ready local
+//! endpoint are (as Cilium does), since any other node drops that traffic.
+//! A holder that stops being a candidate hands the Lease back (empty
+//! holder) so a candidate takes it over on its next pass.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -37,6 +39,7 @@ use k8s_openapi::{
     api::{
         coordination::v1::{Lease, LeaseSpec},
         core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::MicroTime,
     jiff::Timestamp,
@@ -46,7 +49,7 @@ use kube::{
     api::{DeleteParams, ObjectMeta, PostParams},
     runtime::reflector::Store,
 };
-use riptide_datapath::service::FrontendKind;
+use riptide_datapath::service::{BackendState, FrontendKind, TrafficPolicy};
 
 use crate::{
     metrics::Metrics,
@@ -305,12 +308,26 @@ struct Seen {
     since: Instant,
 }
 
+/// The agent's caches the announcer reads.
+pub struct Inputs {
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+    pub nodes: Store<Node>,
+}
+
+/// What this node makes of one Service's Lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Want {
+    ips: Vec<Ipv4Addr>,
+    /// False for `externalTrafficPolicy: Local` without a ready local endpoint.
+    candidate: bool,
+}
+
 struct Announcer {
     cfg: Config,
     node: String,
     api: Api<Lease>,
-    services: Store<Service>,
-    nodes: Store<Node>,
+    inputs: Inputs,
     ctx: NodeContext,
     node_ip: Option<Ipv4Addr>,
     sock: Arc<ArpSocket>,
@@ -329,8 +346,7 @@ struct Announcer {
 pub fn spawn(
     cfg: Config,
     client: Client,
-    services: Store<Service>,
-    nodes: Store<Node>,
+    inputs: Inputs,
     ctx: NodeContext,
     node_ip: Option<Ipv4Addr>,
     metrics: Metrics,
@@ -348,8 +364,7 @@ pub fn spawn(
         node: ctx.node_name.clone(),
         api: Api::namespaced(client, LEASE_NAMESPACE),
         cfg,
-        services,
-        nodes,
+        inputs,
         ctx,
         node_ip,
         sock,
@@ -377,15 +392,23 @@ fn now() -> MicroTime {
 
 impl Announcer {
     /// Lease name → the Service's announceable addresses.
-    fn wanted(&mut self) -> BTreeMap<String, Vec<Ipv4Addr>> {
-        let nodes = self.nodes.state();
+    fn wanted(&mut self) -> BTreeMap<String, Want> {
+        let nodes = self.inputs.nodes.state();
         let own = self.node_ip.or_else(|| {
             nodes.iter().find(|n| n.metadata.name.as_deref() == Some(self.node.as_str())).and_then(|n| crate::node::internal_ip(n))
         });
         self.ctx.reserved.set_nodes(nodes.iter().map(AsRef::as_ref), own);
+        let mut slices: HashMap<(String, String), Vec<Arc<EndpointSlice>>> = HashMap::new();
+        for s in self.inputs.slices.state() {
+            if let (Some(ns), Some(svc)) = (s.metadata.namespace.clone(), s.metadata.labels.as_ref().and_then(|l| l.get(model::LABEL_SERVICE_NAME))) {
+                slices.entry((ns, svc.clone())).or_default().push(s);
+            }
+        }
         let mut out = BTreeMap::new();
-        for svc in self.services.state() {
-            let d = model::service_desired(&svc, &[], &self.ctx);
+        for svc in self.inputs.services.state() {
+            let (ns, name) = (svc.metadata.namespace.clone().unwrap_or_default(), svc.metadata.name.clone().unwrap_or_default());
+            let own: Vec<&EndpointSlice> = slices.get(&(ns, name)).into_iter().flatten().map(AsRef::as_ref).collect();
+            let d = model::service_desired(&svc, &own, &self.ctx);
             let mut ips: Vec<Ipv4Addr> = d
                 .ports
                 .iter()
@@ -395,9 +418,12 @@ impl Announcer {
                 .collect();
             ips.sort_unstable();
             ips.dedup();
+            let local_only = d.ports.iter().any(|p| p.external_policy == TrafficPolicy::Local);
+            let candidate = !local_only
+                || d.ports.iter().flat_map(|p| &p.backends).any(|b| b.local && b.state == BackendState::Active);
             if !ips.is_empty() {
                 let (ns, name) = (svc.metadata.namespace.as_deref().unwrap_or(""), svc.metadata.name.as_deref().unwrap_or(""));
-                out.insert(lease_name(ns, name), ips);
+                out.insert(lease_name(ns, name), Want { ips, candidate });
             }
         }
         out
@@ -414,10 +440,17 @@ impl Announcer {
             }
         }
         self.seen.retain(|k, _| wanted.contains_key(k));
-        for (name, ips) in &wanted {
+        for (name, want) in &wanted {
+            if !want.candidate {
+                if self.held.remove(name).is_some() {
+                    tracing::info!(lease = %name, "no ready local endpoint (externalTrafficPolicy Local): handing the Lease back");
+                    self.release(name).await;
+                }
+                continue;
+            }
             if self.try_hold(name).await {
-                if self.held.insert(name.clone(), ips.clone()).is_none() {
-                    tracing::info!(lease = %name, addresses = ?ips, "announcing on this node");
+                if self.held.insert(name.clone(), want.ips.clone()).is_none() {
+                    tracing::info!(lease = %name, addresses = ?want.ips, "announcing on this node");
                 }
             } else if self.held.remove(name).is_some() {
                 tracing::info!(lease = %name, "no longer announcing: another node holds the Lease");
@@ -440,6 +473,17 @@ impl Announcer {
         }
         self.garp_left.retain(|_, left| *left > 0);
         self.metrics.l2_announced.set(i64::try_from(now.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Empties the holder of Lease `name` if it is still ours, so a
+    /// candidate takes it over without waiting for it to expire.
+    async fn release(&mut self, name: &str) {
+        let Ok(Some(mut lease)) = self.api.get_opt(name).await else { return };
+        let Some(spec) = lease.spec.as_mut().filter(|s| s.holder_identity.as_deref() == Some(self.node.as_str())) else { return };
+        spec.holder_identity = None;
+        if let Err(e) = self.api.replace(name, &PostParams::default(), &lease).await {
+            tracing::debug!(lease = %name, error = %e, "handing a Lease back");
+        }
     }
 
     /// One round of leader election on Lease `name`; whether we hold it now.

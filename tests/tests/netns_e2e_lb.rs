@@ -157,6 +157,37 @@ fn netns_e2e_loadbalancer_l2_announcement_and_external_ip_guard() {
         Ok(())
     });
 
+    s.check("externalTrafficPolicy=Local: only a node with a ready local endpoint announces", |lab| {
+        let c = lab.config();
+        e2e::kubectl(lab, &["scale", "deployment", "demo", "--replicas=1"])?;
+        let one = eventually(SETTLE, || {
+            let p = e2e::pods(lab, "app=demo")?;
+            ensure!(p.len() == 1 && p[0].ready, "{p:?}");
+            Ok(p[0].clone())
+        })?;
+        let with = c.node_index(&one.node).context("pod's node")?;
+        e2e::apply(lab, "apiVersion: v1\nkind: Service\nmetadata: {name: webl}\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  selector: {app: demo}\n  ports: [{port: 80, targetPort: 8080}]\n")?;
+        let ip: Ipv4Addr = eventually(SETTLE, || {
+            let ip = e2e::kubectl(lab, &["get", "service", "webl", "-o", "jsonpath={.status.loadBalancer.ingress[0].ip}"])?;
+            Ok(ip.trim().parse()?)
+        })?;
+        eventually(SETTLE, || {
+            let n = announcer(lab, ip)?;
+            ensure!(n == with, "node {n} announces {ip}, the only endpoint is on node {with}");
+            Ok(())
+        })?;
+        // The client address survives (no SNAT to another node's address).
+        let seen = eventually(SETTLE, || e2e::outside_curl(lab, &format!("http://{ip}/clientip"), 3)?.ok())?;
+        ensure!(seen.starts_with(&format!("{}:", c.outside_ip())), "backend saw {seen}");
+        e2e::kubectl(lab, &["delete", "service", "webl"])?;
+        e2e::kubectl(lab, &["scale", "deployment", "demo", "--replicas=3"])?;
+        eventually(SETTLE, || {
+            let p = e2e::pods(lab, "app=demo")?;
+            ensure!(p.len() == 3 && p.iter().all(|p| p.ready), "{p:?}");
+            Ok(())
+        })
+    });
+
     s.check_mut("an externalIPs takeover of a node address: refused by the apiserver, then by every agent", |lab| {
         let c = lab.config().clone();
         let victim = c.node_ip(2);
