@@ -245,7 +245,7 @@ impl Metrics {
             let delta = if v >= last[i] { v - last[i] } else { v };
             last[i] = v;
             self.datapath_packets.get_or_create(&ReasonLabel { reason }).inc_by(delta);
-            match crate::metrics::classify(reason) {
+            match u32::try_from(i).ok().and_then(classify) {
                 Some((Verdict::Drop, direction)) => {
                     self.drops.get_or_create(&ReasonDirectionLabel { reason, direction }).inc_by(delta);
                 }
@@ -311,34 +311,29 @@ pub enum Verdict {
     Forward,
 }
 
-/// Drop or forward, and the direction, of a `rt_stats_v2` reason; `None`
-/// for counters that are neither (events, socket-LB rewrites, NAT
-/// bookkeeping). A reason name decides: `drop_*`, `reject_*`, `*_deny_*`,
-/// `*_no_backend`, `*_no_port` drop; `redirect_*`, `fib_*`, `pass`
-/// forward; `_in`/`_out` suffixes give the direction, the program's
-/// position the rest (the per-packet LB runs on traffic leaving pods).
-pub fn classify(reason: &'static str) -> Option<(Verdict, &'static str)> {
-    let direction = if reason.ends_with("_in") || reason.starts_with("inbound") {
-        "ingress"
-    } else if reason.ends_with("_out") {
-        "egress"
-    } else {
-        "unknown"
+/// Drop or forward, and the direction, of the `rt_stats_v2` counter at
+/// `index` (a `riptide_common::stats` constant; the label is its name from
+/// the shared `stats::NAMES` table); `None` for counters that are neither
+/// (translations, NAT bookkeeping, events: their packets are counted as
+/// a forward or drop by another reason too). The counters are per
+/// reason only: the direction is the one the reason implies (towards a
+/// pod or the node = `ingress`, from them = `egress`), `unknown` where the
+/// same reason is counted on both paths.
+pub fn classify(index: u32) -> Option<(Verdict, &'static str)> {
+    use riptide_common::stats as s;
+    let (v, dir) = match index {
+        s::DROP_MALFORMED | s::DROP_NO_BACKEND | s::DROP_CT_FULL | s::NAT_FAIL | s::REJECT_RST | s::REJECT_ICMP
+        | s::SNAT_NO_PORT | s::DROP_STALE_SLOT | s::DROP_UNSUPPORTED => (Verdict::Drop, "unknown"),
+        // A local socket's connect/sendmsg; a pod's flow to the outside.
+        s::SOCK_NO_BACKEND | s::MASQ_NO_PORT | s::MASQ_LOST_MAPPING | s::POLICY_DENY_OUT => (Verdict::Drop, "egress"),
+        s::POLICY_DENY_IN => (Verdict::Drop, "ingress"),
+        s::PASS | s::FIB_REDIRECT | s::FIB_FALLBACK => (Verdict::Forward, "unknown"),
+        // Delivered into a local pod; an uplink packet sent back out by XDP.
+        s::REDIRECT_LOCAL | s::POLICY_ALLOW_IN | s::XDP_TX => (Verdict::Forward, "ingress"),
+        s::POLICY_ALLOW_OUT => (Verdict::Forward, "egress"),
+        _ => return None,
     };
-    let drop = reason.starts_with("drop_")
-        || reason.starts_with("reject_")
-        || reason.contains("_deny_")
-        || reason.ends_with("_no_backend")
-        || reason.ends_with("_no_port")
-        || reason == "nat_fail";
-    let forward = reason == "pass" || reason.starts_with("redirect_") || reason.starts_with("fib_") || reason.contains("_allow_");
-    if drop {
-        Some((Verdict::Drop, direction))
-    } else if forward {
-        Some((Verdict::Forward, direction))
-    } else {
-        None
-    }
+    Some((v, dir))
 }
 
 /// The verdict a `rt_stats_v2` policy reason counts (`policy_deny_in` →
@@ -390,6 +385,10 @@ mod tests {
             assert!(text.contains(line), "{line} missing: {text}");
         }
         assert_eq!(verdict_of("drop_no_backend"), None);
+        assert!(text.contains("riptide_drop_count_total{reason=\"drop_no_backend\",direction=\"unknown\"} 9"), "{text}");
+        assert!(text.contains("riptide_drop_count_total{reason=\"policy_deny_in\",direction=\"ingress\"} 4"), "{text}");
+        assert!(text.contains("riptide_forward_count_total{reason=\"policy_allow_out\",direction=\"egress\"} 5"), "{text}");
+        assert!(!text.contains("reason=\"policy_audit_in\",direction"), "audits are neither: {text}");
         assert_eq!(verdict_of("policy_deny_out"), Some(VerdictLabel { direction: "egress", verdict: "deny" }));
     }
 }

@@ -90,6 +90,8 @@ fn privileged_backend_cap_tiny_map_metrics_and_node_health() {
     if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
+    // Declared first: dropped after the namespace's processes are gone.
+    let cg = common::Cgroup::new("ops");
     let mut ns = Netns::new("ops");
     ns.underlay();
     let kc = common::start_apiserver(&mut ns);
@@ -102,6 +104,8 @@ fn privileged_backend_cap_tiny_map_metrics_and_node_health() {
     apply(&ns, &kc, &slice("small", 30, 2, None));
     apply(&ns, &kc, &service("zz-overflow", "10.43.0.63"));
     apply(&ns, &kc, &slice("zz-overflow", 50, 3, None));
+    // No endpoints: socket LB refuses connects to it.
+    apply(&ns, &kc, &service("empty", "10.43.0.64"));
     start_agent(
         &mut ns,
         &kc,
@@ -110,6 +114,7 @@ fn privileged_backend_cap_tiny_map_metrics_and_node_health() {
             "--map-sizes", "rt_be4_v1=8",
             "--map-sample-interval-s", "1",
             "--healthz-addr", "127.0.0.1:10256",
+            "--cgroup", cg.path.to_str().unwrap(),
         ],
     );
 
@@ -153,6 +158,17 @@ fn privileged_backend_cap_tiny_map_metrics_and_node_health() {
     assert!(m.lines().any(|l| l.starts_with("riptide_build_info{") && l.ends_with(" 1")), "{m}");
     assert!(sample(&m, "riptide_agent_map_entries{map=\"rt_be4_v1\"}") == Some(6.0), "{m}");
     assert_eq!(sample(&m, "riptide_sync_proxy_rules_last_timestamp_seconds"), Some(0.0), "no pass wrote everything yet: {m}");
+
+    // Real traffic: connects from the socket-LB cgroup to the Service
+    // without endpoints are refused, and counted as egress drops.
+    let connect = format!("echo $$ > {}/cgroup.procs && exec curl -s -m 2 http://10.43.0.64/", cg.path.display());
+    for _ in 0..3 {
+        let out = ns.cmd("sh").args(["-c", &connect]).output().unwrap();
+        assert_eq!(out.status.code(), Some(7), "curl: connection refused by socket LB: {out:?}");
+    }
+    eventually(&ns, "refused connects counted by reason and direction", || {
+        sample(&metrics(&ns), "riptide_drop_count_total{reason=\"sock_no_backend\",direction=\"egress\"}").is_some_and(|n| n >= 3.0)
+    });
 
     // `riptide map list` and `node list`, in every output format.
     let maps = riptide(&ns, &["map", "list"]).unwrap();
