@@ -129,7 +129,14 @@ impl LabConfig {
     pub fn node_dir(&self, i: u32) -> PathBuf {
         self.state_dir.join("nodes").join(self.node_name(i))
     }
-    /// The node agent's API socket (for the `riptide` CLI).
+    /// Node `i`'s own `/` for hostPath volumes (the kubelet's
+    /// `--host-path-root`), with its CNI dirs `etc/cni/net.d` and `opt/cni/bin`.
+    pub fn node_root(&self, i: u32) -> PathBuf {
+        self.node_dir(i).join("root")
+    }
+    /// The node agent's API socket (for the `riptide` CLI). With
+    /// [`Install::Manifest`] a link to the agent pod's
+    /// `/run/riptide/<node>/agent.sock`.
     pub fn agent_socket(&self, i: u32) -> PathBuf {
         self.node_dir(i).join("agent.sock")
     }
@@ -176,6 +183,36 @@ pub struct Summary {
     pub services: usize,
 }
 
+/// How riptide gets onto the lab's nodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Install {
+    /// The lab writes every node's CNI config and starts every agent
+    /// itself, outside Kubernetes: for debugging the agent or the CNI alone.
+    #[default]
+    HandWired,
+    /// The user's way: bare kubelets, then `manifests/riptide.yaml` applied
+    /// through the apiserver; the DaemonSet's init container installs the
+    /// CNI into each node's own root and the agent pods make nodes Ready.
+    Manifest,
+}
+
+impl std::str::FromStr for Install {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "hand-wired" => Ok(Self::HandWired),
+            "manifest" => Ok(Self::Manifest),
+            _ => bail!("{s:?}: install is manifest or hand-wired"),
+        }
+    }
+}
+
+/// Where `riptide-agent` keeps the podCIDR file and its API socket on a
+/// node (`/run/riptide/<node>/`), and where `install-cni`'s conflist keeps
+/// the plugin's IPAM state (`/var/lib/cni/riptide/<node>/`): machine paths
+/// named per node, shared with the kubelet that runs the CNI plugin.
+const NODE_RUN_DIRS: &[&str] = &["/run/riptide", "/var/lib/cni/riptide"];
+
 /// What a running lab records so `down` can find processes of a crashed run.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
@@ -200,6 +237,7 @@ pub struct Lab {
     /// `--service-external-ip-cidrs` of the next control-plane start
     /// (`None`: [`LabConfig::external_ip_cidr`]).
     external_ip_cidrs: Option<String>,
+    install: Install,
     down: bool,
 }
 
@@ -224,6 +262,7 @@ impl Lab {
             procs: Vec::new(),
             started: BTreeSet::new(),
             external_ip_cidrs: None,
+            install: Install::default(),
             down: false,
         };
         lab.save_state()?;
@@ -558,7 +597,24 @@ impl Lab {
     /// a cgroup under the node's, where the agent's socket LB applies).
     pub fn start_kubelet(&mut self, i: u32) -> Result<u32> {
         let c = self.cfg.clone();
-        let (conf_dir, bin_dir) = self.write_cni_config(i)?;
+        let (conf_dir, bin_dir) = match self.install {
+            Install::HandWired => self.write_cni_config(i)?,
+            // Empty until the DaemonSet's install-cni fills them (the node
+            // stays NetworkReady=false meanwhile).
+            Install::Manifest => {
+                let root = c.node_root(i);
+                let dirs = (root.join("etc/cni/net.d"), root.join("opt/cni/bin"));
+                for d in [&dirs.0, &dirs.1] {
+                    std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+                }
+                // The `riptide` CLI's usual place in the lab.
+                let link = c.agent_socket(i);
+                let _ = std::fs::remove_file(&link);
+                std::os::unix::fs::symlink(Path::new("/run/riptide").join(c.node_name(i)).join("agent.sock"), &link)
+                    .with_context(|| format!("linking {}", link.display()))?;
+                dirs
+            }
+        };
         let bin = self.bin("riptide-controlplane")?;
         // The kubelet's own identity (system:node:<name>) and its API's
         // serving certificate, issued from the control plane's CA.
@@ -596,13 +652,51 @@ impl Lab {
             .arg("--root-dir")
             .arg(c.node_dir(i).join("kubelet"))
             .args(["--cluster-dns", &CLUSTER_DNS.to_string(), "--cluster-domain", CLUSTER_DOMAIN])
+            .arg("--image-map")
+            .arg(self.write_image_map()?)
+            // Each node's own `/` for hostPath volumes, as kind's node
+            // containers; bpffs, cgroups and /run/riptide/<node> (named per
+            // node, like the pins) stay the machine's.
+            .arg("--host-path-root")
+            .arg(c.node_root(i))
+            .args(["--host-path-shared", "/proc,/sys,/dev,/run/netns,/var/run/netns,/run/riptide"])
+            // The machine's cgroup root is this node's cgroup: socket LB
+            // attaches to the lab's cgroups and nowhere else.
+            .arg("--host-path-map")
+            .arg(format!("/sys/fs/cgroup={}", c.node_cgroup(i).display()))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         self.spawn(&format!("{}-kubelet", c.node_name(i)), cmd)
     }
 
-    /// The whole cluster: control plane, then every node's agent and
-    /// kubelet; returns once every node is Ready.
+    /// The kubelets' image map (`controlplane/src/kubelet/image.rs`):
+    /// riptide's image is this workspace's build directory, pause sleeps,
+    /// every other image runs its command from this machine's filesystem.
+    fn write_image_map(&self) -> Result<PathBuf> {
+        let path = self.cfg.state_dir.join("image-map");
+        let map = format!("{RIPTIDE_IMAGE}* = {}\nregistry.k8s.io/pause:* = pause\n* = host\n", self.cfg.bin_dir.display());
+        std::fs::write(&path, map).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// The whole cluster, hand-wired: control plane, then every node's
+    /// agent and kubelet; returns once every node is Ready.
     pub fn start_cluster(&mut self, timeout: Duration) -> Result<()> {
+        self.start_cluster_with(Install::HandWired, timeout)
+    }
+
+    /// The whole cluster, riptide installed as `install` says; returns once
+    /// every node is Ready (and, from the manifest, every agent pod).
+    pub fn start_cluster_with(&mut self, install: Install, timeout: Duration) -> Result<()> {
+        self.install = install;
+        if install == Install::Manifest {
+            self.start_control_plane()?;
+            for i in 1..=self.cfg.nodes {
+                self.start_kubelet(i)?;
+            }
+            self.wait_until("every node registered", timeout, |lab| lab.summary().is_ok_and(|s| s.nodes == lab.cfg.nodes as usize))?;
+            self.apply_riptide_manifest()?;
+            return self.wait_for_agents(timeout);
+        }
         self.start_control_plane()?;
         self.write_agent_kubeconfig()?;
         for i in 1..=self.cfg.nodes {
@@ -613,6 +707,106 @@ impl Lab {
             let ready = lab.summary().map(|s| s.nodes_ready).unwrap_or(0);
             ready == lab.cfg.nodes as usize
         })
+    }
+
+    /// How riptide is (to be) installed on this lab's nodes.
+    pub fn install(&self) -> Install {
+        self.install
+    }
+
+    /// Makes the next [`Lab::start_kubelet`] calls prepare nodes for
+    /// `install` (for tests that start the pieces one by one).
+    pub fn set_install(&mut self, install: Install) {
+        self.install = install;
+    }
+
+    /// `manifests/riptide.yaml` as this lab's users apply it: the
+    /// ConfigMap says what the lab's nodes need (the apiserver's underlay
+    /// address, since the agent programs the `kubernetes` Service itself;
+    /// `eth0` as uplink, L2 announcements; the tunnel and its MTU), the
+    /// rest is the file as shipped. Applied with kubectl through the
+    /// apiserver; the kubelets do the rest.
+    pub fn apply_riptide_manifest(&self) -> Result<()> {
+        use crate::manifests::{load_yaml, manifest};
+        let mut objs = load_yaml(&manifest("riptide.yaml"))?;
+        let cm = objs
+            .iter_mut()
+            .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "riptide-config")
+            .context("manifests/riptide.yaml has no ConfigMap riptide-config")?;
+        let data = cm["data"].as_object_mut().context("riptide-config has no data")?;
+        let mut set = |k: &str, v: String| data.insert(k.to_owned(), serde_json::Value::String(v));
+        set("k8s-service-host", self.cfg.host_ip().to_string());
+        set("k8s-service-port", self.cfg.apiserver_addr().port().to_string());
+        set("uplink", "eth0".into());
+        set("l2-announcements", "true".into());
+        if let Some(t) = &self.net.tunnel {
+            set("routing-mode", t.clone());
+            set("mtu", "1450".into());
+        }
+        self.kubectl_apply_objects("riptide.json", &objs)
+    }
+
+    /// Writes `objs` as a stream of JSON documents to `<state>/<file>` and
+    /// `kubectl apply`s it.
+    fn kubectl_apply_objects(&self, file: &str, objs: &[serde_json::Value]) -> Result<()> {
+        let path = self.cfg.state_dir.join(file);
+        let docs: Vec<String> = objs.iter().map(serde_json::Value::to_string).collect();
+        std::fs::write(&path, docs.join("\n")).with_context(|| format!("writing {}", path.display()))?;
+        let out = self.kubectl().arg("apply").arg("-f").arg(&path).output().context("kubectl apply")?;
+        if !out.status.success() {
+            bail!("kubectl apply -f {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
+    /// Waits until the `riptide-agent` DaemonSet is rolled out on every
+    /// node (`kubectl rollout status`) and every node is Ready.
+    pub fn wait_for_agents(&mut self, timeout: Duration) -> Result<()> {
+        self.wait_for_agents_inner(timeout).map_err(|e| e.context(self.agent_pods_report()))
+    }
+
+    /// The agent pods and the last lines of each one's containers' logs.
+    pub fn agent_pods_report(&self) -> String {
+        let run = |args: &[&str]| {
+            self.kubectl().args(args).output().map_or_else(
+                |e| format!("kubectl {}: {e}\n", args.join(" ")),
+                |o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+            )
+        };
+        let mut out = run(&["-n", "riptide-system", "get", "pods", "-o", "wide"]);
+        let pods = run(&["-n", "riptide-system", "get", "pods", "-o", "name"]);
+        for pod in pods.lines().filter(|l| l.starts_with("pod/")) {
+            for c in ["install-cni", "agent"] {
+                out.push_str(&format!("--- {pod} {c} ---\n"));
+                out.push_str(&run(&["-n", "riptide-system", "logs", pod, "-c", c, "--tail", "15"]));
+            }
+        }
+        out
+    }
+
+    fn wait_for_agents_inner(&mut self, timeout: Duration) -> Result<()> {
+        let n = self.cfg.nodes as usize;
+        self.wait_until("riptide-agent ready on every node", timeout, |lab| {
+            lab.kubectl()
+                .args(["-n", "riptide-system", "get", "ds", "riptide-agent", "-o", "json"])
+                .output()
+                .ok()
+                .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+                .is_some_and(|ds| {
+                    let st = &ds["status"];
+                    st["observedGeneration"] == ds["metadata"]["generation"]
+                        && [&st["updatedNumberScheduled"], &st["numberAvailable"]].iter().all(|v| v.as_u64() == Some(n as u64))
+                })
+        })?;
+        let out = self
+            .kubectl()
+            .args(["-n", "riptide-system", "rollout", "status", "ds/riptide-agent", "--timeout=30s"])
+            .output()
+            .context("kubectl rollout status")?;
+        if !out.status.success() {
+            bail!("kubectl rollout status ds/riptide-agent: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        self.wait_until("every node Ready", timeout, |lab| lab.summary().is_ok_and(|s| s.nodes_ready == n))
     }
 
     /// Creates the agent's ServiceAccount, ClusterRole and binding from
@@ -693,14 +887,7 @@ impl Lab {
         for o in &mut objs {
             self.run_from_bin_dir(o)?;
         }
-        // A stream of JSON objects, which kubectl applies one by one.
-        let docs: Vec<String> = objs.iter().map(serde_json::Value::to_string).collect();
-        let applied = self.cfg.state_dir.join("riptide-dns.json");
-        std::fs::write(&applied, docs.join("\n")).with_context(|| format!("writing {}", applied.display()))?;
-        let out = self.kubectl().arg("apply").arg("-f").arg(&applied).output().context("kubectl apply")?;
-        if !out.status.success() {
-            bail!("kubectl apply -f {}: {}", applied.display(), String::from_utf8_lossy(&out.stderr).trim());
-        }
+        self.kubectl_apply_objects("riptide-dns.json", &objs)?;
         self.wait_until(&format!("{replicas} ready kube-dns endpoints"), timeout, |lab| {
             lab.ready_endpoints("kube-system", "kube-dns").is_ok_and(|e| e.len() as u64 == replicas)
         })
@@ -997,6 +1184,16 @@ pub fn teardown(prefix: &str, state_dir: &Path) -> Result<()> {
             }
         }
     }
+    // 4b. What agent pods and the CNI plugin keep per node on the machine.
+    for dir in NODE_RUN_DIRS {
+        for e in std::fs::read_dir(dir).into_iter().flatten().filter_map(std::result::Result::ok) {
+            if e.file_name().to_string_lossy().starts_with(&format!("{prefix}-"))
+                && let Err(err) = std::fs::remove_dir_all(e.path())
+            {
+                errors.push(anyhow::Error::new(err).context(format!("removing {}", e.path().display())));
+            }
+        }
+    }
     // 5. Kubelets' pinned pod mount namespaces (`<root-dir>/mntns`, a
     // mount of its own, `controlplane/src/kubelet/mntns.rs`): detached
     // with everything under them, so their directories can go.
@@ -1045,6 +1242,8 @@ const LAB_STATE_ENTRIES: &[&str] = &[
     "kubectl-cache",
     "demo.yaml",
     "riptide-dns.json",
+    "riptide.json",
+    "image-map",
     "dns-headless.yaml",
     "bench.yaml",
     "fillers.yaml",

@@ -39,6 +39,11 @@ enum Cmd {
         /// native routing could not work.
         #[arg(long, value_parser = ["vxlan"])]
         tunnel: Option<String>,
+        /// `manifest`: bare kubelets, then `manifests/riptide.yaml` applied
+        /// through the apiserver (the user's way); `hand-wired`: the lab
+        /// writes CNI configs and starts agents itself (debugging).
+        #[arg(long, default_value = "hand-wired")]
+        install: lab::Install,
     },
     /// Remove everything an earlier run left (safe to run twice).
     Down,
@@ -53,9 +58,9 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Up { nodes, detach, tunnel } => {
+        Cmd::Up { nodes, detach, tunnel, install } => {
             let net = LabNet { routed: tunnel.is_some(), tunnel };
-            up(&cli.prefix, &cli.state_dir, nodes, detach, net)
+            up(&cli.prefix, &cli.state_dir, nodes, detach, net, install)
         }
         Cmd::Down => {
             lab::teardown(&cli.prefix, &cli.state_dir)?;
@@ -118,7 +123,7 @@ fn which_in(prog: &str, path: &std::ffi::OsStr) -> std::path::PathBuf {
         .unwrap_or_else(|| prog.into())
 }
 
-fn up(prefix: &str, state_dir: &std::path::Path, nodes: u32, detach: bool, net: LabNet) -> Result<()> {
+fn up(prefix: &str, state_dir: &std::path::Path, nodes: u32, detach: bool, net: LabNet, install: lab::Install) -> Result<()> {
     let exe = std::env::current_exe().context("locating riptide-lab")?;
     let cfg = LabConfig {
         prefix: prefix.to_owned(),
@@ -135,8 +140,17 @@ fn up(prefix: &str, state_dir: &std::path::Path, nodes: u32, detach: bool, net: 
 
     eprintln!("==> building a {nodes}-node lab ({prefix})");
     let mut lab = Lab::up_with(cfg.clone(), net)?;
-    eprintln!("==> starting the control plane, then an agent and a kubelet per node");
-    lab.start_cluster(Duration::from_secs(90))?;
+    match install {
+        lab::Install::HandWired => eprintln!("==> starting the control plane, then an agent and a kubelet per node"),
+        lab::Install::Manifest => eprintln!(
+            "==> starting the control plane and a kubelet per node, then applying manifests/riptide.yaml (DaemonSet riptide-agent)"
+        ),
+    }
+    lab.start_cluster_with(install, Duration::from_secs(120))?;
+    if install == lab::Install::Manifest {
+        let out = lab.kubectl().args(["-n", "riptide-system", "get", "pods", "-o", "wide"]).output().context("kubectl get pods")?;
+        eprint!("{}", String::from_utf8_lossy(&out.stdout));
+    }
     eprintln!("==> deploying cluster DNS (manifests/riptide-dns.yaml: kube-system/kube-dns at {})", lab::CLUSTER_DNS);
     lab.deploy_dns(Duration::from_secs(90))?;
     eprintln!("==> deploying the demo (3 × riptide-netexec, Services demo and demo-nodeport)");
