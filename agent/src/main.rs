@@ -121,7 +121,7 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     map_sample_interval_s: u64,
     /// Map capacities for maps this start creates, `name=entries,…` (e.g.
-    /// `rt_ct4_v2=1048576,rt_be4_v1=131072`; `riptide map list` shows the
+    /// `rt_ct4_v3=1048576,rt_be4_v1=131072`; `riptide map list` shows the
     /// names and sizes). Pinned maps keep theirs.
     #[arg(long, default_value = "")]
     map_sizes: String,
@@ -135,9 +135,9 @@ struct Args {
     #[arg(long, default_value = "16381")]
     maglev_table_size: riptide_datapath::maglev::TableSize,
     /// XDP NodePort acceleration on --uplink: native (generic if the driver
-    /// cannot), generic or disabled. From a ConfigMap dir, changes of its
-    /// `xdp` key apply live.
-    #[arg(long, default_value = "native")]
+    /// cannot), generic or disabled (the default, see `XdpSetting`). From a
+    /// ConfigMap dir, changes of its `xdp` key apply live.
+    #[arg(long, default_value = "disabled")]
     xdp: riptide_datapath::xdp::XdpSetting,
     /// Without a podCIDR from cluster IPAM for this many seconds, claim a
     /// /24 of --cluster-cidr on the own Node (0: never; see podcidr.rs).

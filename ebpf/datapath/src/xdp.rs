@@ -27,15 +27,18 @@ use riptide_common::names;
 
 use crate::{Datapath, Error, Result};
 
-/// The `xdp` setting.
+/// The `xdp` setting. Off by default: `XDP_TX` out of a veth uplink (the
+/// lab's nodes, most containers) is dropped unless the peer runs NAPI (an
+/// XDP program or GRO on it), and the lab's end-to-end suites do not yet
+/// run with XDP on; operators whose uplink is a NIC turn it on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum XdpSetting {
     /// Native mode; generic if the driver cannot (reported).
-    #[default]
     Native,
     /// Generic (skb) mode only.
     Generic,
     /// No XDP program: NodePort & co through tc only.
+    #[default]
     Disabled,
 }
 
