@@ -60,8 +60,6 @@ use crate::{
 pub const LEASE_NAMESPACE: &str = "kube-system";
 /// Lease name prefix (the Service's namespace and name follow).
 pub const LEASE_PREFIX: &str = "riptide-l2-";
-/// Every Lease call this module makes.
-pub const LEASE_VERBS: &[&str] = &["get", "create", "update", "delete"];
 
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_IP: u16 = 0x0800;
@@ -351,7 +349,7 @@ pub fn spawn(
     node_ip: Option<Ipv4Addr>,
     metrics: Metrics,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
-    crate::watch::declared::<Lease>(LEASE_VERBS)?;
+    crate::watch::declared::<Lease>(crate::watch::LEASE_VERBS)?;
     let sock = Arc::new(ArpSocket::open(&cfg.uplink).map_err(|source| Error::Uplink { dev: cfg.uplink.clone(), source })?);
     let announced = Arc::new(Mutex::new(BTreeSet::new()));
     let (s, weak) = (sock.clone(), Arc::downgrade(&announced));

@@ -37,6 +37,9 @@ pub struct ApiAccess {
 /// What a kube-rs watcher calls: a (paginated) list, then watches.
 pub const WATCH_VERBS: &[&str] = &["list", "watch"];
 
+/// Every Lease call `l2announce` makes (one Lease per announced Service).
+pub const LEASE_VERBS: &[&str] = &["get", "create", "update", "delete"];
+
 /// Every API call the agent makes. The watchers below and the podCIDR
 /// fallback ([`crate::podcidr`]) refuse to call anything missing from this
 /// list ([`declared`]), and the DaemonSet's ClusterRole
@@ -56,7 +59,7 @@ pub const API_ACCESS: &[ApiAccess] = &[
     ApiAccess { group: "networking.k8s.io", resource: "networkpolicies", verbs: WATCH_VERBS },
     // L2 announcements: one Lease per announced Service, read, created,
     // renewed or taken over, and deleted once its Service needs none.
-    ApiAccess { group: "coordination.k8s.io", resource: "leases", verbs: crate::l2announce::LEASE_VERBS },
+    ApiAccess { group: "coordination.k8s.io", resource: "leases", verbs: LEASE_VERBS },
     // Events on Services the agent cuts to --max-backends-per-service.
     ApiAccess { group: "", resource: "events", verbs: &["create"] },
 ];
