@@ -91,7 +91,10 @@ fn stat(dp: &Datapath, reason: u32) -> u64 {
 /// Runs `f` with a datapath of node 1 (NodePorts to a remote backend, a
 /// local backend and none) loaded and attached inside the lab namespace.
 fn with_node(drop_no_backend: bool, f: impl FnOnce(&mut Node, u32) + Send + 'static) {
-    let ns = uplink_lab(&format!("rtxdp{}", std::process::id()));
+    // The tests of this file run in parallel: one namespace each.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ns = uplink_lab(&format!("rtxdp{}-{n}", std::process::id()));
     netns::run_in(ns.name(), move || {
         let config = Config {
             node_ip_be: u32::from(ip(NODE)).to_be(),
