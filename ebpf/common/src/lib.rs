@@ -103,7 +103,7 @@ pub mod names {
     /// Names of maps earlier versions pinned that nothing uses any more.
     /// A load removes their pins after taking over what they held (see
     /// `riptide-datapath`'s `upgrade`); never a name in [`ALL_MAPS`].
-    pub const RETIRED_MAPS: [&str; 3] = ["rt_stats_v1", "rt_ct4_v1", "rt_ct4_v2"];
+    pub const RETIRED_MAPS: [&str; 4] = ["rt_stats_v1", "rt_ct4_v1", "rt_ct4_v2", "rt_maglev4_v1"];
     /// The conntrack map of the previous layout (TCP and everything else in
     /// one table), whose entries a load moves into [`CT4`] / [`CT_ANY4`].
     pub const CT4_PREV: &str = "rt_ct4_v2";
