@@ -63,6 +63,13 @@ enum Task {
         #[arg(long)]
         scenario: Vec<String>,
     },
+    /// The property-based fuzzers (apiserver inputs, CNI config, every tc
+    /// program through BPF_PROG_TEST_RUN) with many more cases than `test`.
+    Fuzz {
+        /// Cases per property (`cargo xtask test` runs 256).
+        #[arg(long, default_value_t = 20_000)]
+        cases: u32,
+    },
     /// Tear down whatever a previous `run` left behind.
     Down,
     /// Lab helpers: `cargo xtask lab exec <n1|outside> -- CMD`.
@@ -124,6 +131,10 @@ fn main() -> Result<()> {
             }
             micro_benches(&root, quick)
         }
+        Task::Fuzz { cases } => {
+            setup::all()?;
+            fuzz(&root, cases)
+        }
         Task::Down => lab(&root, &["down".into()]),
         Task::Lab { args } => lab(&root, &args),
     }
@@ -163,6 +174,30 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     println!("{}", tally.summary());
     if !tally.ok || tally.failed > 0 {
         anyhow::bail!("tests failed");
+    }
+    Ok(())
+}
+
+/// The fuzz targets, one cargo invocation; they also run (256 cases each)
+/// in `test`.
+const FUZZ_TARGETS: [(&str, &str); 3] = [
+    ("riptide-controlplane", "fuzz_inputs"),
+    ("riptide-cni", "fuzz_config"),
+    ("riptide-datapath", "kernel_fuzz_test_run"),
+];
+
+fn fuzz(root: &Path, cases: u32) -> Result<()> {
+    util::step(&format!("fuzzing with {cases} cases per property"));
+    let mut cmd = util::cargo(root);
+    cmd.args(["test", "--no-fail-fast"]);
+    for (package, target) in FUZZ_TARGETS {
+        cmd.args(["-p", package, "--test", target]);
+    }
+    cmd.env("PROPTEST_CASES", cases.to_string()).env("RIPTIDE_REQUIRE_PRIVILEGED", "1");
+    let tally = util::run_tests(&mut cmd)?;
+    println!("{}", tally.summary());
+    if !tally.ok || tally.failed > 0 {
+        anyhow::bail!("a fuzz target failed (proptest printed the minimal input above)");
     }
     Ok(())
 }
