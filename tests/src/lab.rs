@@ -872,21 +872,20 @@ impl Lab {
     }
 
     /// Cluster DNS, installed as on any cluster: `manifests/riptide-dns.yaml`
-    /// applied through the apiserver, then waits until every replica is a
-    /// ready endpoint of `kube-system/kube-dns`. Images are labels here, as
-    /// for the demo: a container whose command is a binary of this workspace
-    /// runs it from the build directory ([`Lab::run_from_bin_dir`]).
+    /// applied through the apiserver unchanged, then waits until every
+    /// replica is a ready endpoint of `kube-system/kube-dns`. The kubelets'
+    /// image map runs riptide's image from the build directory, and each
+    /// replica reaches the API with its own ServiceAccount's projected
+    /// token through the `kubernetes` Service, as on a real node — never
+    /// with the lab's admin credential.
     pub fn deploy_dns(&mut self, timeout: Duration) -> Result<()> {
         let path = crate::manifests::manifest("riptide-dns.yaml");
-        let mut objs = crate::manifests::load_yaml(&path)?;
+        let objs = crate::manifests::load_yaml(&path)?;
         let svc = crate::manifests::find(&objs, "Service", "kube-dns")?;
         if svc["spec"]["clusterIP"] != CLUSTER_DNS.to_string() {
             bail!("{}: kube-dns asks for {}, kubelets are given {CLUSTER_DNS}", path.display(), svc["spec"]["clusterIP"]);
         }
         let replicas = crate::manifests::find(&objs, "Deployment", "riptide-dns")?["spec"]["replicas"].as_u64().unwrap_or(1);
-        for o in &mut objs {
-            self.run_from_bin_dir(o)?;
-        }
         self.kubectl_apply_objects("riptide-dns.json", &objs)?;
         self.wait_until(&format!("{replicas} ready kube-dns endpoints"), timeout, |lab| {
             lab.ready_endpoints("kube-system", "kube-dns").is_ok_and(|e| e.len() as u64 == replicas)
@@ -913,32 +912,6 @@ impl Lab {
             .flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default())
             .filter_map(|a| a.as_str().map(str::to_owned))
             .collect())
-    }
-
-    /// The lab's image → binary mapping for an install manifest object: a
-    /// container of riptide's image (`manifests/image/`, which carries the
-    /// workspace binaries) runs its `command` from the lab's bin dir, and,
-    /// as the lab's kubelets mount no ServiceAccount token, reaches the API
-    /// with the lab's kubeconfig (`KUBECONFIG`).
-    fn run_from_bin_dir(&self, obj: &mut serde_json::Value) -> Result<()> {
-        let spec = if obj["kind"] == "Pod" { obj.pointer_mut("/spec") } else { obj.pointer_mut("/spec/template/spec") };
-        let Some(containers) = spec.and_then(|s| s.get_mut("containers")).and_then(serde_json::Value::as_array_mut) else {
-            return Ok(());
-        };
-        for c in containers {
-            if !c["image"].as_str().is_some_and(|i| i.starts_with(RIPTIDE_IMAGE)) {
-                continue;
-            }
-            let prog = c.pointer("/command/0").and_then(serde_json::Value::as_str).unwrap_or_default();
-            let name = Path::new(prog).file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            let bin = self.bin(name).with_context(|| format!("container {} runs {prog:?}", c["name"]))?;
-            c["command"][0] = serde_json::Value::String(bin.display().to_string());
-            let env = c.as_object_mut().context("container is not an object")?.entry("env").or_insert_with(|| serde_json::json!([]));
-            if let Some(env) = env.as_array_mut() {
-                env.push(serde_json::json!({"name": "KUBECONFIG", "value": self.cfg.kubeconfig().display().to_string()}));
-            }
-        }
-        Ok(())
     }
 
     /// The demo app: 3 replicas of riptide-netexec behind a ClusterIP
