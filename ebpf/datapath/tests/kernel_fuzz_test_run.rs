@@ -184,26 +184,12 @@ fn checksums_valid(f: &[u8]) -> bool {
     }
 }
 
-/// BPF_PROG_TEST_RUN of `prog` on `frame`; a refusal of the syscall is
-/// part of the verdict (the kernel's own input checks), not a panic.
-fn try_run(n: &RefCell<Node>, prog: &'static str, frame: &[u8]) -> Result<(u32, Vec<u8>), String> {
-    use aya::programs::{TestRun, TestRunOptions};
-    let mut n = n.borrow_mut();
-    let mut out = vec![0u8; frame.len() + 1024];
-    let p = n.dp.classifier(prog).map_err(|e| e.to_string())?;
-    let r = p
-        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
-        .map_err(|e| format!("{e:?}"))?;
-    out.truncate(r.data_size_out as usize);
-    Ok((r.return_value, out))
-}
-
-/// [`try_run`] as a property step: the kernel refuses (EINVAL) an IPv4
+/// [`common::try_run`] as a property step: the kernel refuses (EINVAL) an IPv4
 /// frame shorter than an IPv4 header before any program runs, which is
 /// not the programs' doing, so such a case is discarded; any other refusal
 /// fails the property.
 fn run_checked(n: &RefCell<Node>, prog: &'static str, f: &[u8]) -> Result<(u32, Vec<u8>), TestCaseError> {
-    match try_run(n, prog, f) {
+    match try_run(&mut n.borrow_mut().dp, prog, f) {
         Ok(r) => Ok(r),
         Err(e) if f.len() < 14 + 20 && e.contains("InvalidInput") => Err(TestCaseError::reject(format!("kernel refused: {e}"))),
         Err(e) => Err(TestCaseError::fail(format!("{prog}: {e} for {f:02x?}"))),
