@@ -104,7 +104,6 @@ pub fn sample(dir: &Path) -> MapSnapshot {
 }
 
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// `union bpf_attr` for `BPF_MAP_GET_NEXT_KEY`.
 #[repr(C)]
@@ -114,20 +113,6 @@ struct NextKeyAttr {
     _pad: u32,
     key: u64,
     next_key: u64,
-    flags: u64,
-}
-
-/// `union bpf_attr` for the `BPF_MAP_*_BATCH` commands.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
     flags: u64,
 }
 
@@ -143,7 +128,10 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<()> {
 fn count_entries(fd: BorrowedFd<'_>, key_size: u32, value_size: u32, max: u32, batch: bool) -> std::io::Result<u64> {
     let raw = u32::try_from(fd.as_raw_fd()).map_err(|_| std::io::Error::other("negative fd"))?;
     if batch {
-        match count_batched(raw, key_size as usize, value_size as usize) {
+        let mut total = 0u64;
+        match riptide_datapath::gc::lookup_batch(fd, key_size as usize, value_size as usize, |_, _, n| total += n as u64)
+            .map(|()| total)
+        {
             Ok(n) => return Ok(n.min(u64::from(max))),
             // Kernels or maps without batch support.
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | 524)) => {}
@@ -173,44 +161,6 @@ fn count_entries(fd: BorrowedFd<'_>, key_size: u32, value_size: u32, max: u32, b
         std::mem::swap(&mut key, &mut next);
     }
     Ok(n)
-}
-
-fn count_batched(fd: u32, key_size: usize, value_size: usize) -> std::io::Result<u64> {
-    let mut chunk: u32 = 4096;
-    let mut keys = vec![0u8; key_size * chunk as usize];
-    let mut values = vec![0u8; value_size * chunk as usize];
-    // The batch token of hash maps is a bucket index (u32); sized generously.
-    let mut in_token = [0u8; 8];
-    let mut out_token = [0u8; 8];
-    let mut total = 0u64;
-    let mut first = true;
-    loop {
-        let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { in_token.as_ptr() as u64 },
-            out_batch: out_token.as_mut_ptr() as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: chunk,
-            map_fd: fd,
-            ..BatchAttr::default()
-        };
-        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        total += u64::from(attr.count);
-        match r {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(total),
-            // One bucket holds more than `chunk` entries: retry it bigger.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < 1 << 20 => {
-                chunk *= 4;
-                keys.resize(key_size * chunk as usize, 0);
-                values.resize(value_size * chunk as usize, 0);
-                continue;
-            }
-            Err(e) => return Err(e),
-        }
-        first = false;
-        in_token = out_token;
-    }
 }
 
 /// Samples the node's maps (and the per-reason counters) every `every` on

@@ -12,7 +12,8 @@
 //! Dumps use `BPF_MAP_LOOKUP_BATCH` (one syscall per few thousand entries;
 //! a 512k-entry conntrack table is read in tens of milliseconds instead of
 //! a million `get_next_key` + `lookup` syscalls), falling back to key
-//! iteration where the kernel refuses batches.
+//! iteration where the kernel refuses batches. [`lookup_batch`] is the one
+//! batch walker; the agent's map-pressure sampler counts with it too.
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
@@ -229,8 +230,74 @@ struct BatchAttr {
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// Entries per batch call. A hash bucket never holds more than a few
 /// entries, so ENOSPC (bucket larger than the buffer) is practically
-/// impossible; it is handled anyway by growing.
+/// impossible; it is handled anyway by growing, up to [`MAX_BATCH`].
 const BATCH: usize = 4096;
+const MAX_BATCH: usize = 1 << 20;
+
+/// Walks every entry of the hash map behind `fd` with
+/// `BPF_MAP_LOOKUP_BATCH`, handing each batch to `each` as `n` keys of
+/// `key_size` bytes and `n` values of `value_size` bytes, back to back.
+/// Errors are the kernel's (EINVAL/ENOTSUP/… where batches are not
+/// supported: the caller picks its fallback).
+pub fn lookup_batch(
+    fd: std::os::fd::BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    mut each: impl FnMut(&[u8], &[u8], usize),
+) -> std::io::Result<()> {
+    let map_fd = u32::try_from(fd.as_raw_fd()).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
+    let mut chunk = BATCH;
+    let mut keys: Vec<u8> = Vec::new();
+    let mut values: Vec<u8> = Vec::new();
+    // For hash maps the batch token is a bucket index (u32); 8 bytes keeps
+    // any map type's token in bounds.
+    let mut in_token = [0u8; 8];
+    let mut out_token = [0u8; 8];
+    let mut first = true;
+    loop {
+        keys.resize(chunk * key_size, 0);
+        values.resize(chunk * value_size, 0);
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { in_token.as_mut_ptr() as u64 },
+            out_batch: out_token.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: u32::try_from(chunk).unwrap_or(u32::MAX),
+            map_fd,
+            ..BatchAttr::default()
+        };
+        // SAFETY: attr points at buffers of `count` keys and values of the
+        // sizes the caller gives for this map, and at 8-byte tokens; all
+        // outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                (&raw mut attr).cast::<libc::c_void>(),
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let err = (rc < 0).then(std::io::Error::last_os_error);
+        let n = (attr.count as usize).min(chunk);
+        match err.as_ref().and_then(std::io::Error::raw_os_error) {
+            None | Some(libc::ENOENT) => {
+                each(&keys[..n * key_size], &values[..n * value_size], n);
+                if err.is_some() {
+                    // ENOENT: no more buckets.
+                    return Ok(());
+                }
+            }
+            // One bucket holds more than `chunk` entries: retry it bigger.
+            Some(libc::ENOSPC) if n == 0 && chunk < MAX_BATCH => {
+                chunk *= 2;
+                continue;
+            }
+            _ => return Err(err.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EIO))),
+        }
+        in_token = out_token;
+        first = false;
+    }
+}
 
 /// Every entry of `m`: batched, or by iteration when batches are refused.
 pub(crate) fn dump<K: Pod, V: Pod>(m: &HashMap<MapData, K, V>) -> Result<Vec<(K, V)>, MapError> {
@@ -252,69 +319,21 @@ pub(crate) fn dump<K: Pod, V: Pod>(m: &HashMap<MapData, K, V>) -> Result<Vec<(K,
 }
 
 fn dump_batch<K: Pod, V: Pod>(map: &MapData) -> std::io::Result<Vec<(K, V)>> {
-    let fd = map.fd().as_fd().as_raw_fd();
-    let map_fd = u32::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
+    let (ks, vs) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
     let mut out = Vec::new();
-    let mut chunk = BATCH;
-    let mut keys: Vec<K> = Vec::new();
-    let mut values: Vec<V> = Vec::new();
-    // For hash maps the batch token is a bucket index (u32); 8 bytes keeps
-    // any map type's token in bounds.
-    let mut in_token = [0u8; 8];
-    let mut out_token = [0u8; 8];
-    let mut first = true;
-    loop {
-        keys.resize(chunk, K::zeroed());
-        values.resize(chunk, V::zeroed());
-        let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { in_token.as_mut_ptr() as u64 },
-            out_batch: out_token.as_mut_ptr() as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: u32::try_from(chunk).unwrap_or(u32::MAX),
-            map_fd,
-            ..BatchAttr::default()
-        };
-        // SAFETY: attr points at buffers of `count` keys and values of the
-        // map's key/value sizes (K/V are the map's Pod types, checked by
-        // aya's HashMap), and at 8-byte tokens; all outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                (&raw mut attr).cast::<libc::c_void>(),
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        let err = (rc < 0).then(std::io::Error::last_os_error);
-        let n = (attr.count as usize).min(chunk);
-        match err.as_ref().and_then(std::io::Error::raw_os_error) {
-            None | Some(libc::ENOENT) => {
-                out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
-                if err.is_some() {
-                    // ENOENT: no more buckets.
-                    return Ok(out);
-                }
-            }
-            Some(libc::ENOSPC) if n == 0 => {
-                chunk *= 2;
-                continue;
-            }
-            _ => return Err(err.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EIO))),
+    lookup_batch(map.fd().as_fd(), ks, vs, |keys, values, n| {
+        for i in 0..n {
+            // SAFETY: K and V are the map's Pod types (checked by aya's
+            // HashMap), every bit pattern is valid for them, and entry `i`
+            // lies inside the batch's buffers; the reads are unaligned.
+            let entry = unsafe {
+                (
+                    keys.as_ptr().add(i * ks).cast::<K>().read_unaligned(),
+                    values.as_ptr().add(i * vs).cast::<V>().read_unaligned(),
+                )
+            };
+            out.push(entry);
         }
-        in_token = out_token;
-        first = false;
-    }
-}
-
-/// Zeroed values of Pod types (every bit pattern is valid for them).
-trait Zeroed: Sized {
-    fn zeroed() -> Self;
-}
-
-impl<T: Pod> Zeroed for T {
-    fn zeroed() -> Self {
-        // SAFETY: aya::Pod types are plain integers/arrays; all-zero is valid.
-        unsafe { std::mem::zeroed() }
-    }
+    })?;
+    Ok(out)
 }
