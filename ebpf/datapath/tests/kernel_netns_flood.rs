@@ -29,7 +29,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::TcAttachType;
 use common::{ip, syn, udp};
 use riptide_common::{CFG_F_MASQUERADE, Config, EndpointValue, names, stats};
 use riptide_datapath::{
@@ -129,7 +128,7 @@ fn lab() -> Lab {
                 .unwrap()
                 .upsert(addr, EndpointValue { ifindex, flags: 0, mac: pod_mac, node_mac: host_mac })
                 .unwrap();
-            dp.classifier(names::PROG_FROM_POD).unwrap().attach(hif, TcAttachType::Ingress).unwrap();
+            common::attach_from_pod(&mut dp, hif);
         }
         let uplink = dp.attach_uplink("eth0").unwrap();
         let mut svcs = dp.services().unwrap();
@@ -147,7 +146,9 @@ fn lab() -> Lab {
             affinity_timeout_s: None,
             external_policy: TrafficPolicy::Cluster,
             internal_policy: TrafficPolicy::Cluster,
+            source_ranges: Default::default(),
             algorithm: Algorithm::Random,
+            lb_mode: riptide_datapath::service::LbMode::Snat,
         })
         .unwrap();
         (dp, svcs, uplink)

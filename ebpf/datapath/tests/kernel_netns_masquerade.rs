@@ -33,11 +33,10 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::{TcAttachType, tc};
 use common::ip;
-use riptide_common::{CFG_F_MASQUERADE, Config, EndpointValue, names, stats};
+use riptide_common::{CFG_F_MASQUERADE, Config, EndpointValue, stats};
 use riptide_datapath::{
-    Attachment, Datapath, Pinning, TcMode,
+    Attachment, Datapath, Pinning,
     service::{
         Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, Services,
         TrafficPolicy,
@@ -190,15 +189,7 @@ fn setup_node(
                 },
             )
             .unwrap();
-        // Before 6.6 (no tcx) aya attaches through netlink, onto the clsact
-        // qdisc, which the device must have first (the CNI adds it too).
-        if TcMode::detect() == TcMode::Netlink {
-            tc::qdisc_add_clsact(&host_if).expect("clsact qdisc");
-        }
-        dp.classifier(names::PROG_FROM_POD)
-            .unwrap()
-            .attach(&host_if, TcAttachType::Ingress)
-            .expect("attach rt_from_pod");
+        common::attach_from_pod(&mut dp, &host_if);
         let uplink = dp.attach_uplink("eth0").expect("attach uplink");
         let svcs = dp.services().unwrap();
         NodeDp {
@@ -543,7 +534,9 @@ fn service(
         affinity_timeout_s: None,
         external_policy: TrafficPolicy::Cluster,
         internal_policy: TrafficPolicy::Cluster,
+        source_ranges: Default::default(),
         algorithm: Algorithm::Random,
+        lb_mode: riptide_datapath::service::LbMode::Snat,
     }
 }
 

@@ -234,6 +234,22 @@ pub fn try_run(dp: &mut Datapath, name: &'static str, frame: &[u8]) -> Result<(u
     Ok((result.return_value, out))
 }
 
+/// Attaches `rt_from_pod` to the ingress of the host veth `hif`, as the
+/// CNI does: before 6.6 (no tcx) aya attaches through netlink, onto the
+/// clsact qdisc, which the device must have first.
+pub fn attach_from_pod(dp: &mut Datapath, hif: &str) {
+    use aya::programs::{TcAttachType, tc};
+    use riptide_common::names;
+    use riptide_datapath::TcMode;
+    if TcMode::detect() == TcMode::Netlink {
+        tc::qdisc_add_clsact(hif).expect("clsact qdisc");
+    }
+    dp.classifier(names::PROG_FROM_POD)
+        .unwrap()
+        .attach(hif, TcAttachType::Ingress)
+        .expect("attach rt_from_pod");
+}
+
 pub fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
