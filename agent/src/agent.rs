@@ -225,6 +225,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         proxy_name: cfg.proxy_name.clone(),
         lb: cfg.lb,
         reserved: crate::reserved::Reserved::new(cfg.cluster_cidr, cfg.service_cidr),
+        node_ip: cfg.node_ip,
     };
     if let Some(l2) = cfg.l2_announce.clone() {
         let inputs = crate::l2announce::Inputs { services: stores.services.clone(), slices: stores.slices.clone(), nodes: stores.nodes.clone() };
@@ -270,6 +271,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         stores,
         ctx: node_ctx.clone(),
         refused: BTreeMap::new(),
+        invalid_ranges: BTreeMap::new(),
         slice_index: HashMap::new(),
         slice_owner: HashMap::new(),
         synced: BTreeSet::new(),
@@ -504,6 +506,9 @@ struct Loop {
     policy_adopted: bool,
     /// External frontends refused per owner ([`crate::reserved`]).
     refused: BTreeMap<Owner, usize>,
+    /// `loadBalancerSourceRanges` entries that did not parse, per Service,
+    /// as last reported in an Event.
+    invalid_ranges: BTreeMap<Owner, Vec<String>>,
     /// For Events about Services.
     client: kube::Client,
     node_health: Arc<NodeHealth>,
@@ -719,6 +724,9 @@ impl Loop {
             }
         }
         shared.metrics.refused_frontends.set(i64::try_from(self.refused.values().sum::<usize>()).unwrap_or(i64::MAX));
+        for (o, d) in &computed {
+            self.publish_invalid_ranges(o, &d.invalid_source_ranges);
+        }
         let mut rec = lock(&shared.reconciler);
         for (o, d) in computed {
             rec.set(&o, d);
@@ -809,6 +817,28 @@ impl Loop {
             // Forget slices that are gone.
             let live: BTreeSet<&(String, String)> = self.slice_owner.keys().collect();
             self.triggers.retain(|k, _| live.contains(k));
+        }
+    }
+
+    /// A Warning Event on a Service whose `loadBalancerSourceRanges` has
+    /// entries that do not parse, once per change of that set.
+    fn publish_invalid_ranges(&mut self, owner: &Owner, invalid: &[String]) {
+        if self.invalid_ranges.get(owner).map_or(invalid.is_empty(), |v| v == invalid) {
+            return;
+        }
+        if invalid.is_empty() {
+            self.invalid_ranges.remove(owner);
+            return;
+        }
+        self.invalid_ranges.insert(owner.clone(), invalid.to_vec());
+        let Owner::Service { namespace, name } = owner else { return };
+        let msg = format!(
+            "loadBalancerSourceRanges entries {invalid:?} are not CIDRs and were skipped on node {}; the other ranges apply (none left: no source is allowed)",
+            self.ctx.node_name
+        );
+        tracing::warn!(service = %owner, ?invalid, "invalid loadBalancerSourceRanges skipped");
+        if let Some(svc) = self.stores.services.get(&ObjectRef::new(name).within(namespace)) {
+            crate::kube_events::publish(&self.client, &svc, &self.ctx.node_name, crate::kube_events::Kind::Warning, "InvalidLoadBalancerSourceRanges", &msg);
         }
     }
 

@@ -588,6 +588,7 @@ mod tests {
             affinity_timeout_s: None,
             external_policy: TrafficPolicy::Cluster,
             internal_policy: TrafficPolicy::Cluster,
+            source_ranges: Default::default(),
             algorithm: Algorithm::Random,
         }
     }

@@ -27,6 +27,7 @@ pub mod reserved;
 pub mod routes;
 pub mod shared;
 pub mod sockdiag;
+pub mod source_ranges;
 pub mod to_pod;
 pub mod tunnel;
 pub mod views;

@@ -323,7 +323,7 @@ pub fn classify(index: u32) -> Option<(Verdict, &'static str)> {
     use riptide_common::stats as s;
     let (v, dir) = match index {
         s::DROP_MALFORMED | s::DROP_NO_BACKEND | s::DROP_CT_FULL | s::NAT_FAIL | s::REJECT_RST | s::REJECT_ICMP
-        | s::SNAT_NO_PORT | s::DROP_STALE_SLOT | s::DROP_UNSUPPORTED => (Verdict::Drop, "unknown"),
+        | s::SNAT_NO_PORT | s::DROP_STALE_SLOT | s::DROP_UNSUPPORTED | s::DROP_LB_SRC_RANGE => (Verdict::Drop, "unknown"),
         // A local socket's connect/sendmsg; a pod's flow to the outside.
         s::SOCK_NO_BACKEND | s::MASQ_NO_PORT | s::MASQ_LOST_MAPPING | s::POLICY_DENY_OUT => (Verdict::Drop, "egress"),
         s::POLICY_DENY_IN => (Verdict::Drop, "ingress"),

@@ -95,6 +95,8 @@ pub struct Desired {
     pub notes: Vec<String>,
     /// External frontend addresses refused ([`crate::reserved`]).
     pub refused: Vec<Ipv4Addr>,
+    /// `loadBalancerSourceRanges` entries that do not parse (skipped).
+    pub invalid_source_ranges: Vec<String>,
 }
 
 /// What the model needs to know about this node.
@@ -108,6 +110,9 @@ pub struct NodeContext {
     pub reserved: Reserved,
     /// Backend selection of Services without the annotation.
     pub lb: crate::lb_algorithm::Defaults,
+    /// This node's address, when known at start (kube-proxy's
+    /// `allowFromNode` rule of [`crate::source_ranges`]).
+    pub node_ip: Option<Ipv4Addr>,
 }
 
 /// Why a Service gets no frontends at all (`None` = it is ours).
@@ -305,6 +310,15 @@ pub fn service_desired(svc: &Service, slices: &[&EndpointSlice], ctx: &NodeConte
 
     let (algorithm, note) = crate::lb_algorithm::for_service(svc, ctx.lb);
     out.notes.extend(note);
+    let ranges = crate::source_ranges::parse(
+        spec.load_balancer_source_ranges.as_deref().unwrap_or_default(),
+        &lb_ips,
+        ctx.node_ip,
+    );
+    for bad in &ranges.invalid {
+        out.notes.push(format!("loadBalancerSourceRanges entry {bad:?} skipped: not a CIDR"));
+    }
+    out.invalid_source_ranges = ranges.invalid;
 
     let mut local_ready_ips: BTreeSet<Ipv4Addr> = BTreeSet::new();
     for sp in spec.ports.iter().flatten() {
@@ -350,6 +364,7 @@ pub fn service_desired(svc: &Service, slices: &[&EndpointSlice], ctx: &NodeConte
             external_policy,
             internal_policy,
             algorithm,
+            source_ranges: ranges.ranges.clone(),
         });
     }
 
@@ -425,6 +440,7 @@ pub fn pod_desired(pod: &Pod, ctx: &NodeContext) -> Desired {
             affinity_timeout_s: None,
             external_policy: TrafficPolicy::Cluster,
             internal_policy: TrafficPolicy::Cluster,
+            source_ranges: Default::default(),
             algorithm: Algorithm::Random,
         });
     }

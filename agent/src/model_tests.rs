@@ -407,3 +407,27 @@ fn host_ports_skipped_for_unready_foreign_or_host_network_pods() {
         assert!(pod_desired(&pod(patch.clone()), &ctx()).ports.is_empty(), "{patch}");
     }
 }
+
+#[test]
+fn load_balancer_source_ranges_reach_the_port_and_bad_entries_are_reported() {
+    use riptide_datapath::service::SourceRanges;
+    let s = svc(json!({
+        "spec": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["203.0.113.0/24", "bogus", "198.18.0.0/24"]},
+        "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.100"}]}}
+    }));
+    let mut c = ctx();
+    c.node_ip = Some("198.18.0.11".parse().unwrap());
+    let d = service_desired(&s, &[], &c);
+    let SourceRanges::Only(nets) = &one_port(&d).source_ranges else {
+        panic!("ranges expected: {:?}", one_port(&d).source_ranges);
+    };
+    let nets: Vec<String> = nets.iter().map(ToString::to_string).collect();
+    // The node is in 198.18.0.0/24: the LB IP may be a source too.
+    assert_eq!(nets, ["203.0.113.0/24", "198.18.0.0/24", "192.0.2.100/32"]);
+    assert_eq!(d.invalid_source_ranges, ["bogus"]);
+    assert!(d.notes.iter().any(|n| n.contains("\"bogus\"")), "{:?}", d.notes);
+    // No field: open.
+    let open = service_desired(&svc(json!({"spec": {"type": "LoadBalancer"}})), &[], &c);
+    assert_eq!(one_port(&open).source_ranges, SourceRanges::Any);
+    assert!(open.invalid_source_ranges.is_empty());
+}

@@ -59,6 +59,7 @@ fn port(owner: &Owner, name: &str, ips: &[&str], backends: &[&str]) -> Service {
         affinity_timeout_s: None,
         external_policy: TrafficPolicy::Cluster,
         internal_policy: TrafficPolicy::Cluster,
+        source_ranges: Default::default(),
         algorithm: Algorithm::Random,
     }
 }

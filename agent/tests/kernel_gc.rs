@@ -63,6 +63,7 @@ fn port(name: &str, protocol: Protocol, vip: &str, p: u16, backends: &[(&str, Ba
         affinity_timeout_s: affinity,
         external_policy: TrafficPolicy::Cluster,
         internal_policy: TrafficPolicy::Cluster,
+        source_ranges: Default::default(),
         algorithm: Algorithm::Random,
     };
     (owner, port)

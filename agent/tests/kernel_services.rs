@@ -32,6 +32,7 @@ fn port(owner: &Owner, backends: Vec<Backend>, external_policy: TrafficPolicy) -
         affinity_timeout_s: None,
         external_policy,
         internal_policy: TrafficPolicy::Cluster,
+        source_ranges: Default::default(),
         algorithm: Algorithm::Random,
     }
 }

@@ -2,7 +2,8 @@
 //! lab: an address from the lab's default pool (lbipam), reached from the
 //! outside namespace with no route because exactly one node answers ARP for
 //! it (L2 announcement), failover with a gratuitous ARP when that node's
-//! agent is killed, and an externalIPs takeover of a node address refused
+//! agent is killed, `loadBalancerSourceRanges` enforced and updated live,
+//! and an externalIPs takeover of a node address refused
 //! by the apiserver and, with admission opened up, by every agent.
 
 use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
@@ -88,6 +89,17 @@ fn refused_frontends(lab: &Lab, i: u32) -> Result<f64> {
         .with_context(|| format!("no refused_frontends metric on node {i}"))
 }
 
+/// `riptide_drop_count_total{reason="lb_src_range"}` of node `i`'s agent.
+fn lb_src_range_drops(lab: &Lab, i: u32) -> Result<f64> {
+    let c = lab.config();
+    let text = e2e::outside_curl(lab, &format!("http://{}:9962/metrics", c.node_ip(i)), 3)?.ok()?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("riptide_drop_count_total") && l.contains("reason=\"lb_src_range\""))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum())
+}
+
 #[test]
 fn netns_e2e_loadbalancer_l2_announcement_and_external_ip_guard() {
     if !privileged("for network namespaces, eBPF and AF_PACKET sockets") {
@@ -126,6 +138,46 @@ fn netns_e2e_loadbalancer_l2_announcement_and_external_ip_guard() {
         // Stable: the same single node, a few seconds (several renewals) later.
         std::thread::sleep(Duration::from_secs(5));
         ensure!(announcer(lab, ip)? == n, "the announcer moved without a failure");
+        Ok(())
+    });
+
+    s.check("loadBalancerSourceRanges: a range without the client drops it, live updates open it again", |lab| {
+        let (c, ip) = (lab.config().clone(), lbip.get());
+        let url = format!("http://{ip}/hostname");
+        let with_ranges = |ranges: &str| format!("{web}  loadBalancerSourceRanges: {ranges}\n");
+        // TEST-NET-3 holds no lab address: the outside client is not in it.
+        e2e::apply(lab, &with_ranges("[203.0.113.0/24]"))?;
+        eventually(SETTLE, || {
+            match e2e::outside_curl(lab, &url, 2)? {
+                e2e::Curl::Failed(..) => Ok(()),
+                e2e::Curl::Ok(body) => anyhow::bail!("still answered ({body:?}) with the client outside every range"),
+            }
+        })?;
+        // Dropped by the datapath, counted under its own reason.
+        eventually(SETTLE, || {
+            let denied: f64 = (1..=c.nodes).map(|i| lb_src_range_drops(lab, i).unwrap_or(0.0)).sum();
+            ensure!(denied > 0.0, "no node counted an lb_src_range drop");
+            Ok(())
+        })?;
+        // The ClusterIP and NodePort stay open (kube-proxy filters the
+        // load-balancer IPs only).
+        let np = e2e::kubectl(lab, &["get", "service", "web", "-o", "jsonpath={.spec.ports[0].nodePort}"])?;
+        let body = eventually(SETTLE, || e2e::outside_curl(lab, &format!("http://{}:{}/hostname", c.node_ip(1), np.trim()), 3)?.ok())?;
+        ensure!(body.starts_with("demo-"), "NodePort answered by {body:?}");
+        // A range holding the client: reachable again, without recreating
+        // anything.
+        e2e::apply(lab, &with_ranges(&format!("[203.0.113.0/24, {}/32]", c.outside_ip())))?;
+        let body = eventually(SETTLE, || e2e::outside_curl(lab, &url, 3)?.ok())?;
+        ensure!(body.starts_with("demo-"), "answered by {body:?}");
+        // Narrowed again, then the field removed: no ranges = everyone.
+        e2e::apply(lab, &with_ranges("[203.0.113.0/24]"))?;
+        eventually(SETTLE, || match e2e::outside_curl(lab, &url, 2)? {
+            e2e::Curl::Failed(..) => Ok(()),
+            e2e::Curl::Ok(body) => anyhow::bail!("answered ({body:?}) after narrowing again"),
+        })?;
+        e2e::apply(lab, web)?;
+        let body = eventually(SETTLE, || e2e::outside_curl(lab, &url, 3)?.ok())?;
+        ensure!(body.starts_with("demo-"), "answered by {body:?}");
         Ok(())
     });
 

@@ -69,6 +69,10 @@ pub mod names {
     /// Per-endpoint allow rules (LPM trie): [`crate::PolicyKey`] →
     /// [`crate::PolicyValue`].
     pub const POLICY4: &str = "rt_policy4_v1";
+    /// `loadBalancerSourceRanges` (LPM trie): [`crate::SrcRangeKey`] →
+    /// `u8` (unused), the allowed source prefixes of each load-balancer
+    /// frontend carrying [`crate::SVC_F_SRC_RANGE`].
+    pub const SRCRANGE4: &str = "rt_srcrange4_v1";
 
     /// tc program attached to the host side of every pod veth (ingress,
     /// i.e. packets leaving the pod). The CNI attaches this pinned program.
@@ -96,9 +100,9 @@ pub mod names {
     pub const PROG_SOCK_GETPEERNAME4: &str = "rt_sock_peer4";
 
     /// Every map name (for size checks and dumps).
-    pub const ALL_MAPS: [&str; 17] = [
+    pub const ALL_MAPS: [&str; 18] = [
         EP4, STATS, SVC4, BE4, REVNAT4, CT4, CT_ANY4, NAT4, AFF4, SOCKREV4, CONFIG, NODE4, MAGLEV4, EVENTS,
-        POLEP4, IPCACHE4, POLICY4,
+        POLEP4, IPCACHE4, POLICY4, SRCRANGE4,
     ];
     /// Names of maps earlier versions pinned that nothing uses any more.
     /// A load removes their pins after taking over what they held (see
@@ -152,6 +156,9 @@ pub mod capacity {
     pub const IPCACHE4: u32 = 262_144;
     /// Allow rules of all local endpoints (LPM tries allocate per entry).
     pub const POLICY4: u32 = 1_048_576;
+    /// Source prefixes of every load-balancer frontend (LPM tries allocate
+    /// per entry).
+    pub const SRCRANGE4: u32 = 65_536;
 }
 
 /// Reasons counted in the per-CPU `rt_stats` array (index = reason).
@@ -251,13 +258,17 @@ pub mod stats {
     /// `rt_xdp_net` left a frontend packet to the tc path (local backend,
     /// a new flow only tc may start, no resolved next hop on the uplink).
     pub const XDP_TO_TC: u32 = 39;
+    /// A new flow to a load-balancer IP came from a source outside the
+    /// Service's `loadBalancerSourceRanges`: dropped (kube-proxy's
+    /// `KUBE-PROXY-FIREWALL` drop).
+    pub const DROP_LB_SRC_RANGE: u32 = 40;
     /// The last reason (for the names check).
-    pub const LAST: u32 = XDP_TO_TC;
+    pub const LAST: u32 = DROP_LB_SRC_RANGE;
     /// Number of slots in the stats array.
     pub const MAX: u32 = 64;
 
     /// Human names by index, for metrics and the CLI.
-    pub const NAMES: [&str; 40] = [
+    pub const NAMES: [&str; 41] = [
         "pass",
         "redirect_local",
         "drop_malformed",
@@ -298,6 +309,7 @@ pub mod stats {
         "ct_lost_tcp",
         "xdp_tx",
         "xdp_to_tc",
+        "lb_src_range",
     ];
 }
 
@@ -401,6 +413,30 @@ pub const SVC_F_TWO_SCOPES: u16 = 1 << 7;
 /// Skip socket LB for this frontend (e.g. hostPort, which must be reached
 /// from outside through the per-packet path only).
 pub const SVC_F_NO_SOCK_LB: u16 = 1 << 8;
+/// A load-balancer frontend with `loadBalancerSourceRanges`: the source of
+/// a new flow must match a prefix of [`names::SRCRANGE4`] under the
+/// frontend's `revnat_id`. Socket LB skips such frontends (the source
+/// address is not known at `connect()`), so the per-packet path judges
+/// pods too.
+pub const SVC_F_SRC_RANGE: u16 = 1 << 9;
+
+/// Key of [`names::SRCRANGE4`] (after the LPM prefix length): a frontend's
+/// reverse-NAT id and an allowed source prefix (Cilium's
+/// `lb4_src_range_key`). The prefix length counts the 32 bits of
+/// `revnat_id` and `_pad` first ([`SRCRANGE_PREFIX_BASE`]), so a lookup
+/// only matches prefixes of its own frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SrcRangeKey {
+    /// Host order: the prefix always covers all of it, so its byte order
+    /// does not matter to the trie.
+    pub revnat_id: u16,
+    pub _pad: u16,
+    pub addr_be: u32,
+}
+
+/// LPM prefix length of a [`SrcRangeKey`] whose address prefix is 0 bits.
+pub const SRCRANGE_PREFIX_BASE: u32 = 32;
 
 /// Random backend per new flow.
 pub const ALG_RANDOM: u8 = 0;
@@ -921,6 +957,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::IpcacheValue {}
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::SrcRangeKey {}
 }
 
 #[cfg(test)]
@@ -967,6 +1004,7 @@ mod tests {
         assert_eq!(size_of::<PolicyKey>(), 4 + 4 + 1 + 1 + 2);
         assert_eq!(size_of::<PolicyKey>() as u32 * 8, POLICY_PREFIX_FULL);
         assert_eq!(size_of::<PolicyValue>(), 8);
+        assert_eq!(size_of::<SrcRangeKey>() as u32 * 8, SRCRANGE_PREFIX_BASE + 32);
         // 8-byte aligned values must have 8-multiple sizes (arrays of them in
         // per-CPU maps and the verifier's view agree).
         assert_eq!(size_of::<CtValue>() % align_of::<CtValue>(), 0);

@@ -44,7 +44,7 @@ pub struct SizableMap {
 pub const MAX_ENTRIES: u32 = 1 << 24;
 
 /// Every map whose size can be overridden.
-pub const SIZABLE: [SizableMap; 14] = [
+pub const SIZABLE: [SizableMap; 15] = [
     sizable(names::EP4, MapKind::Hash, capacity::EP4),
     sizable(names::SVC4, MapKind::Hash, capacity::SVC4),
     sizable(names::BE4, MapKind::Hash, capacity::BE4),
@@ -65,6 +65,7 @@ pub const SIZABLE: [SizableMap; 14] = [
     sizable(names::POLEP4, MapKind::Hash, capacity::POLEP4),
     sizable(names::IPCACHE4, MapKind::OnDemand, capacity::IPCACHE4),
     sizable(names::POLICY4, MapKind::OnDemand, capacity::POLICY4),
+    sizable(names::SRCRANGE4, MapKind::OnDemand, capacity::SRCRANGE4),
 ];
 
 const fn sizable(name: &'static str, kind: MapKind, default: u32) -> SizableMap {

@@ -58,7 +58,8 @@ impl Datapath {
         let be = take(names::BE4)?;
         let revnat = take(names::REVNAT4)?;
         let maglev = take(names::MAGLEV4)?;
-        Services::from_maps(svc, be, revnat, maglev)
+        let srcrange = take(names::SRCRANGE4)?;
+        Services::from_maps(svc, be, revnat, maglev, srcrange)
     }
 
     /// Writes the node configuration the programs read.

@@ -62,6 +62,7 @@ fn node_with(cfg: &Config, sizes: &MapSizes) -> Node {
                 affinity_timeout_s: None,
                 external_policy: TrafficPolicy::Cluster,
                 internal_policy: TrafficPolicy::Cluster,
+                source_ranges: Default::default(),
                 algorithm: Algorithm::Random,
             })
             .unwrap();

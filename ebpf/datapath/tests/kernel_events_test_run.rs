@@ -42,6 +42,7 @@ fn drops_are_reported_as_events_at_a_bounded_rate() {
         affinity_timeout_s: None,
         external_policy: TrafficPolicy::Cluster,
         internal_policy: TrafficPolicy::Cluster,
+        source_ranges: Default::default(),
         algorithm: Algorithm::Random,
     })
     .unwrap();

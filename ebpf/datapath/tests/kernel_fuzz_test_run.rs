@@ -66,6 +66,7 @@ fn node() -> Node {
                 affinity_timeout_s: None,
                 external_policy: TrafficPolicy::Cluster,
                 internal_policy: TrafficPolicy::Cluster,
+                source_ranges: Default::default(),
                 algorithm: Algorithm::Random,
             })
             .unwrap();

@@ -66,6 +66,7 @@ fn service(protocol: Protocol, backends: Vec<Backend>) -> Service {
         affinity_timeout_s: None,
         external_policy: TrafficPolicy::Cluster,
         internal_policy: TrafficPolicy::Cluster,
+        source_ranges: Default::default(),
         algorithm: Algorithm::Random,
     }
 }
@@ -801,6 +802,7 @@ fn host_port_from_outside_reaches_the_local_pod() {
             affinity_timeout_s: None,
             external_policy: TrafficPolicy::Cluster,
             internal_policy: TrafficPolicy::Cluster,
+            source_ranges: Default::default(),
             algorithm: Algorithm::Random,
         })
         .unwrap();

@@ -65,6 +65,7 @@ fn service(algorithm: Algorithm, backends: Vec<Backend>) -> Service {
         affinity_timeout_s: None,
         external_policy: TrafficPolicy::Cluster,
         internal_policy: TrafficPolicy::Cluster,
+        source_ranges: Default::default(),
         algorithm,
     }
 }

@@ -290,6 +290,7 @@ fn nodeport_reply_of_a_backend_behind_a_masquerading_node_is_not_masqueraded() {
         affinity_timeout_s: None,
         external_policy: TrafficPolicy::Cluster,
         internal_policy: TrafficPolicy::Cluster,
+        source_ranges: Default::default(),
         algorithm: Algorithm::Random,
     };
     n1.svcs.upsert(&svc(false)).unwrap();

@@ -151,6 +151,7 @@ fn service(protocol: Protocol, n: usize, affinity: Option<u32>) -> Service {
         affinity_timeout_s: affinity,
         external_policy: TrafficPolicy::Cluster,
         internal_policy: TrafficPolicy::Cluster,
+        source_ranges: Default::default(),
         algorithm: Algorithm::Random,
     }
 }

@@ -49,6 +49,7 @@ fn svc(name: &str, vip: &str, backends: &[(&str, bool)]) -> Service {
         affinity_timeout_s: None,
         external_policy: TrafficPolicy::Cluster,
         internal_policy: TrafficPolicy::Cluster,
+        source_ranges: Default::default(),
         algorithm: Algorithm::Random,
     }
 }

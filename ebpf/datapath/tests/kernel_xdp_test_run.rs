@@ -62,6 +62,7 @@ fn nodeport(name: &str, port: u16, backends: Vec<Backend>, algorithm: Algorithm)
         affinity_timeout_s: None,
         external_policy: TrafficPolicy::Cluster,
         internal_policy: TrafficPolicy::Cluster,
+        source_ranges: Default::default(),
         algorithm,
     }
 }

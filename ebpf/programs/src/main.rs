@@ -32,6 +32,7 @@ mod policy;
 mod reject;
 mod route;
 mod sock;
+mod srcrange;
 mod to_pod;
 mod uplink;
 mod xdp;

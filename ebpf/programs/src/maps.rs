@@ -10,7 +10,7 @@ use riptide_common::{
     AffKey, AffValue, BackendKey, BackendValue, CONFIG_KEY, Config, CtKey, CtValue, EndpointKey,
     EndpointValue, IpcacheKey, IpcacheValue, MaglevKey, MaglevValue, NatValue, NodeKey, NodeValue,
     PolicyEndpointValue, PolicyKey, PolicyValue, RevNatKey, RevNatValue, SockRevKey, SockRevValue,
-    SvcKey, SvcValue, capacity, stats,
+    SrcRangeKey, SvcKey, SvcValue, capacity, stats,
 };
 
 /// Local pod endpoints (`rt_ep4_v1`).
@@ -80,6 +80,12 @@ pub static IPCACHE4: LpmTrie<IpcacheKey, IpcacheValue> =
 #[map(name = "rt_policy4_v1")]
 pub static POLICY4: LpmTrie<PolicyKey, PolicyValue> =
     LpmTrie::pinned(capacity::POLICY4, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// `loadBalancerSourceRanges`: allowed source prefixes per load-balancer
+/// frontend (`srcrange`).
+#[map(name = "rt_srcrange4_v1")]
+pub static SRCRANGE4: LpmTrie<SrcRangeKey, u8> =
+    LpmTrie::pinned(capacity::SRCRANGE4, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 /// Counts one event of `reason` on this CPU.
 #[inline(always)]

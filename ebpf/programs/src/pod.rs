@@ -87,6 +87,9 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
         }
         return route::deliver_to(ctx, &p, ep);
     };
+    if crate::srcrange::denied(ctx, &svc, &p, EV_SRC_FROM_POD) {
+        return Ok(aya_ebpf::bindings::TC_ACT_SHOT);
+    }
     let Some(chosen) = lb::select_for(&svc, &p)?
     else {
         return reject::reject(ctx, &p, cfg, EV_SRC_FROM_POD);

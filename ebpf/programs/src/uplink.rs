@@ -159,6 +159,9 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
         count(stats::LOCAL_SOCKET);
         return Ok(TC_ACT_OK);
     }
+    if crate::srcrange::denied(ctx, &svc, &p, EV_SRC_FROM_NET) {
+        return Ok(aya_ebpf::bindings::TC_ACT_SHOT);
+    }
     let Some(chosen) = lb::select_for(&svc, &p)?
     else {
         return reject::reject(ctx, &p, cfg, EV_SRC_FROM_NET);

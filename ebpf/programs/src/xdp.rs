@@ -29,7 +29,8 @@
 //! the conntrack and NAT lookups and a service lookup.
 //!
 //! Early drops: a malformed IPv4 header (the entry's verdict), no port
-//! left for the source NAT (as tc), and, when the node drops instead of
+//! left for the source NAT (as tc), a source outside the frontend's
+//! `loadBalancerSourceRanges` (`srcrange`), and, when the node drops instead of
 //! rejecting (`CFG_F_DROP_NO_BACKEND`), a service without backends; the
 //! RST / ICMP reject is built by tc (`reject`).
 //!
@@ -154,6 +155,11 @@ pub fn try_xdp_net(ctx: &XdpContext) -> Result<u32, u32> {
     let Some(svc) = lb::lookup_with_node(p.daddr_be, p.dport_be, p.proto, false, is_node) else {
         return Ok(XDP_PASS);
     };
+    // No conntrack entry: whatever packet of the flow this is, tc would
+    // judge it as new too, so a denied source is dropped here already.
+    if crate::srcrange::denied(ctx, &svc, &p, EV_SRC_XDP_NET) {
+        return Ok(XDP_DROP);
+    }
     let starts_here = if p.proto == proto::TCP {
         ct::is_pure_syn(&p)
     } else {

@@ -143,6 +143,7 @@ pub(crate) fn clusterip(name: String, vip: Ipv4Addr, port: u16, backends: Vec<Ba
         affinity_timeout_s: None,
         external_policy: TrafficPolicy::Cluster,
         internal_policy: TrafficPolicy::Cluster,
+        source_ranges: Default::default(),
         algorithm: Algorithm::Random,
     }
 }

@@ -14,6 +14,6 @@ mod writer;
 
 pub use types::{
     Algorithm, Backend, BackendAddr, BackendState, Frontend, FrontendId, FrontendKind, Protocol,
-    Service, TrafficPolicy, eligible,
+    Service, SourceRanges, TrafficPolicy, eligible,
 };
 pub use writer::Services;

@@ -10,7 +10,7 @@ use riptide_common::{
     ALG_MAGLEV, ALG_RANDOM, BE_F_LOCAL, BE_STATE_ACTIVE, BE_STATE_QUARANTINED,
     BE_STATE_TERMINATING, BackendValue, SCOPE_EXT, SCOPE_INT, SVC_F_AFFINITY, SVC_F_CLUSTERIP,
     SVC_F_EXTERNALIP, SVC_F_HOSTPORT, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT,
-    SVC_F_TWO_SCOPES, SvcKey, SvcValue,
+    SVC_F_NO_SOCK_LB, SVC_F_SRC_RANGE, SVC_F_TWO_SCOPES, SvcKey, SvcValue,
 };
 
 use super::{
@@ -39,6 +39,9 @@ pub struct FrontendPlan {
     pub id: FrontendId,
     pub revnat_id: u16,
     pub scopes: Vec<ScopePlan>,
+    /// Allowed source prefixes (`rt_srcrange4_v1`) when the frontend
+    /// carries [`SVC_F_SRC_RANGE`]; empty otherwise.
+    pub source_ranges: BTreeSet<(Ipv4Addr, u8)>,
 }
 
 /// Every map entry of a service.
@@ -123,7 +126,17 @@ pub fn build(
             service: svc.name.clone(),
             reason: format!("no reverse-NAT id for frontend {}:{}", id.addr, id.port),
         })?;
-        let flags = kind_flag(fe.kind) | affinity_flag;
+        let mut flags = kind_flag(fe.kind) | affinity_flag;
+        // kube-proxy filters the load-balancer IPs only. Socket LB cannot
+        // judge a source (connect() may not have one yet), so such a
+        // frontend is left to the per-packet path, which sees it.
+        let source_ranges = match svc.source_ranges.prefixes() {
+            Some(p) if fe.kind == FrontendKind::LoadBalancer => {
+                flags |= SVC_F_SRC_RANGE | SVC_F_NO_SOCK_LB;
+                p
+            }
+            _ => BTreeSet::new(),
+        };
         let maglev = svc.algorithm.maglev(fe.kind);
         let master = |flags: u16, n: usize| -> Result<SvcValue> {
             Ok(SvcValue {
@@ -189,6 +202,7 @@ pub fn build(
             id,
             revnat_id,
             scopes,
+            source_ranges,
         });
     }
     Ok(Plan {
@@ -240,6 +254,7 @@ mod tests {
             affinity_timeout_s: None,
             external_policy: TrafficPolicy::Cluster,
             internal_policy: TrafficPolicy::Cluster,
+            source_ranges: Default::default(),
             algorithm: Algorithm::Random,
         }
     }
@@ -420,5 +435,41 @@ mod tests {
         let m = plan.frontends[0].scopes[0].master;
         assert_eq!(m.flags & SVC_F_AFFINITY, SVC_F_AFFINITY);
         assert_eq!(m.affinity_timeout_s, 10_800);
+    }
+
+    #[test]
+    fn source_ranges_apply_to_load_balancer_frontends_only() {
+        let mut s = svc(vec![be("10.42.0.2", BackendState::Active, true)]);
+        s.frontends.push(Frontend {
+            kind: FrontendKind::LoadBalancer,
+            addr: ip("192.0.2.100"),
+            port: 80,
+        });
+        s.external_policy = TrafficPolicy::Local;
+        s.source_ranges = crate::service::SourceRanges::Only(vec![
+            "203.0.113.9/24".parse().unwrap(),
+            "203.0.113.0/24".parse().unwrap(),
+        ]);
+        let (b, f) = ids(&s);
+        let plan = build(&s, &b, &f).unwrap();
+        let want = SVC_F_SRC_RANGE | SVC_F_NO_SOCK_LB;
+        for fp in &plan.frontends {
+            let lb = fp.frontend.kind == FrontendKind::LoadBalancer;
+            for sp in &fp.scopes {
+                assert_eq!(sp.master.flags & want == want, lb, "{:?} scope {}", fp.frontend.kind, sp.scope);
+            }
+            let expect: BTreeSet<(Ipv4Addr, u8)> = if lb {
+                BTreeSet::from([(ip("203.0.113.0"), 24)])
+            } else {
+                BTreeSet::new()
+            };
+            assert_eq!(fp.source_ranges, expect, "host bits masked, duplicates merged");
+        }
+        // Nothing valid left: the check stays on with no prefix (deny all).
+        s.source_ranges = crate::service::SourceRanges::Only(Vec::new());
+        let plan = build(&s, &b, &f).unwrap();
+        let lb = plan.frontends.iter().find(|fp| fp.frontend.kind == FrontendKind::LoadBalancer).unwrap();
+        assert!(lb.source_ranges.is_empty());
+        assert_eq!(lb.scopes[0].master.flags & SVC_F_SRC_RANGE, SVC_F_SRC_RANGE);
     }
 }

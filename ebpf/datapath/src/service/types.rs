@@ -4,11 +4,13 @@
 //! one such vocabulary in `pkg/loadbalancer`).
 
 use std::{
+    collections::BTreeSet,
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
     str::FromStr,
 };
 
+use ipnetwork::Ipv4Network;
 use riptide_common::proto;
 use serde::{Deserialize, Serialize};
 
@@ -227,6 +229,35 @@ pub struct Service {
     pub internal_policy: TrafficPolicy,
     /// Backend selection for new flows.
     pub algorithm: Algorithm,
+    /// `loadBalancerSourceRanges`: who may open flows to the
+    /// [`FrontendKind::LoadBalancer`] frontends.
+    pub source_ranges: SourceRanges,
+}
+
+/// `spec.loadBalancerSourceRanges` of a service port. As kube-proxy, it
+/// filters the load-balancer ingress IPs only; the NodePort, externalIPs
+/// and ClusterIP stay open.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceRanges {
+    /// No ranges: every source.
+    #[default]
+    Any,
+    /// Only sources inside one of these prefixes. Empty denies every
+    /// source (a Service whose every range was invalid: never open by
+    /// mistake).
+    Only(Vec<Ipv4Network>),
+}
+
+impl SourceRanges {
+    /// The prefixes normalized to (network address, length), deduplicated;
+    /// `None` for [`SourceRanges::Any`].
+    pub fn prefixes(&self) -> Option<BTreeSet<(Ipv4Addr, u8)>> {
+        match self {
+            Self::Any => None,
+            Self::Only(v) => Some(v.iter().map(|n| (n.network(), n.prefix())).collect()),
+        }
+    }
 }
 
 impl Service {
@@ -342,6 +373,7 @@ mod tests {
             affinity_timeout_s: None,
             external_policy: TrafficPolicy::Local,
             internal_policy: TrafficPolicy::Cluster,
+            source_ranges: Default::default(),
             algorithm: Algorithm::Random,
         };
         assert!(s.local_only(FrontendKind::NodePort, true));

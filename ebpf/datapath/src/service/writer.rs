@@ -1,12 +1,17 @@
 //! The writer: [`Services`] puts [`Service`]s into a node's maps
-//! (`rt_svc4_v1`, `rt_be4_v1`, `rt_revnat4_v1`, `rt_maglev4_v2`) and keeps
+//! (`rt_svc4_v1`, `rt_be4_v1`, `rt_revnat4_v1`, `rt_maglev4_v2`,
+//! `rt_srcrange4_v1`) and keeps
 //! the bookkeeping (ids, backend refcounts) that makes updates incremental.
 //!
 //! Writes happen in the order a running program tolerates (Cilium
 //! `lb.h`): backends first, then the slots of each frontend, then the master
 //! entry with the new count last; shrinking deletes the extra slots only
 //! after the master says they are gone; removal deletes the master first and
-//! the backends last. Backends are shared between services by address and
+//! the backends last. A frontend's allowed source prefixes are written
+//! before the master that turns the check on and deleted after the master
+//! that turns it off (or drops the prefix), so a reader never judges a
+//! flow against a half-written list it would wrongly deny; a narrowed list
+//! takes effect for new flows once the write returns. Backends are shared between services by address and
 //! refcounted; backend ids and reverse-NAT ids are read back from the pinned
 //! maps on open, so a restarted agent keeps them stable (and established
 //! flows, whose conntrack entries hold backend ids, keep working).
@@ -18,11 +23,14 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap, MapData, MapError},
+    maps::{
+        HashMap, LpmTrie, MapData, MapError,
+        lpm_trie::Key as LpmKey,
+    },
 };
 use riptide_common::{
     ALG_MAGLEV, BackendKey, BackendValue, MAGLEV_CHUNK, MaglevKey, MaglevValue, RevNatKey,
-    RevNatValue, SCOPE_EXT, SvcKey, SvcValue, names,
+    RevNatValue, SCOPE_EXT, SRCRANGE_PREFIX_BASE, SrcRangeKey, SvcKey, SvcValue, names,
 };
 
 use super::{
@@ -45,6 +53,23 @@ struct InstalledFrontend {
     slots: BTreeMap<u8, u16>,
     /// Scopes with a Maglev table.
     maglev: BTreeSet<u8>,
+    /// Allowed source prefixes in `rt_srcrange4_v1`.
+    ranges: BTreeSet<Prefix>,
+}
+
+/// A source prefix: network address and length.
+type Prefix = (Ipv4Addr, u8);
+
+/// The `rt_srcrange4_v1` key of prefix `p` of the frontend `revnat_id`.
+fn range_key(revnat_id: u16, (addr, len): Prefix) -> LpmKey<SrcRangeKey> {
+    LpmKey::new(
+        SRCRANGE_PREFIX_BASE + u32::from(len),
+        SrcRangeKey {
+            revnat_id,
+            _pad: 0,
+            addr_be: u32::from(addr).to_be(),
+        },
+    )
 }
 
 /// Ids an upsert allocated, released again if it fails.
@@ -71,6 +96,10 @@ enum Undo {
     RevNat(RevNatKey, Option<RevNatValue>),
     /// Boxed: a Maglev chunk is 4 KiB.
     Maglev(MaglevKey, Option<Box<MaglevValue>>),
+    /// A source prefix and whether it was there before (the writer knows
+    /// exactly which prefixes it wrote: an LPM lookup would answer with
+    /// any covering prefix).
+    SrcRange(u16, Prefix, bool),
 }
 
 /// The writes of one operation, newest last. `record` off skips the lookup
@@ -165,6 +194,7 @@ pub struct Services {
     be: HashMap<MapData, BackendKey, BackendValue>,
     revnat: HashMap<MapData, RevNatKey, RevNatValue>,
     maglev: HashMap<MapData, MaglevKey, MaglevValue>,
+    srcrange: LpmTrie<MapData, SrcRangeKey, u8>,
     installed: StdHashMap<String, Installed>,
     backend_ids: StdHashMap<BackendAddr, u32>,
     backend_refs: StdHashMap<u32, u32>,
@@ -182,6 +212,8 @@ pub struct Services {
     adopted: BTreeMap<FrontendId, BTreeMap<u8, u16>>,
     /// Maglev tables found at open time, by (revnat id, scope).
     adopted_maglev: BTreeSet<(u16, u8)>,
+    /// Source prefixes found at open time, by revnat id.
+    adopted_ranges: BTreeMap<u16, BTreeSet<Prefix>>,
     next_backend_id: u32,
     next_revnat_id: u16,
 }
@@ -199,6 +231,9 @@ impl Services {
             open(names::BE4)?,
             open(names::REVNAT4)?,
             open(names::MAGLEV4)?,
+            aya::maps::Map::LpmTrie(
+                MapData::from_pin(dir.join(names::SRCRANGE4)).map_err(map_err(names::SRCRANGE4))?,
+            ),
         )
     }
 
@@ -207,16 +242,19 @@ impl Services {
         be: aya::maps::Map,
         revnat: aya::maps::Map,
         maglev: aya::maps::Map,
+        srcrange: aya::maps::Map,
     ) -> Result<Self> {
         let svc = HashMap::try_from(svc).map_err(map_err(names::SVC4))?;
         let be = HashMap::try_from(be).map_err(map_err(names::BE4))?;
         let revnat = HashMap::try_from(revnat).map_err(map_err(names::REVNAT4))?;
         let maglev = HashMap::try_from(maglev).map_err(map_err(names::MAGLEV4))?;
+        let srcrange = LpmTrie::try_from(srcrange).map_err(map_err(names::SRCRANGE4))?;
         let mut s = Self {
             svc,
             be,
             revnat,
             maglev,
+            srcrange,
             installed: StdHashMap::new(),
             backend_ids: StdHashMap::new(),
             backend_refs: StdHashMap::new(),
@@ -226,6 +264,7 @@ impl Services {
             frontend_owner: StdHashMap::new(),
             adopted: BTreeMap::new(),
             adopted_maglev: BTreeSet::new(),
+            adopted_ranges: BTreeMap::new(),
             next_backend_id: 1,
             next_revnat_id: 1,
         };
@@ -274,6 +313,21 @@ impl Services {
             let k = key.map_err(map_err(names::MAGLEV4))?;
             self.adopted_maglev.insert((k.revnat_id, k.scope));
         }
+        for key in self.srcrange.keys() {
+            let k = key.map_err(map_err(names::SRCRANGE4))?;
+            let Some(len) = k
+                .prefix_len()
+                .checked_sub(SRCRANGE_PREFIX_BASE)
+                .and_then(|l| u8::try_from(l).ok())
+            else {
+                continue;
+            };
+            let d = k.data();
+            self.adopted_ranges
+                .entry(d.revnat_id)
+                .or_default()
+                .insert((Ipv4Addr::from(u32::from_be(d.addr_be)), len));
+        }
         Ok(())
     }
 
@@ -303,9 +357,13 @@ impl Services {
             return Ok(*id);
         }
         let used = &self.used_revnat_ids;
+        // Prefixes left under an id with no master (a write cut short)
+        // must not become a new frontend's list: such ids wait for
+        // `remove_unclaimed` to clear them.
+        let orphan_ranges = &self.adopted_ranges;
         let mut id = self.next_revnat_id.max(1);
         let mut tries = 0u32;
-        while used.contains(&id) || id == 0 {
+        while used.contains(&id) || id == 0 || orphan_ranges.contains_key(&id) {
             id = id.wrapping_add(1);
             tries += 1;
             if tries > u32::from(u16::MAX) + 1 {
@@ -401,8 +459,8 @@ impl Services {
         let mut claimed = Vec::new();
         for fp in &plan.frontends {
             let fid = fp.id;
-            let (slots, maglev) = match old.and_then(|o| o.frontends.get(&fid)) {
-                Some(f) => (f.slots.clone(), f.maglev.clone()),
+            let (slots, maglev, ranges) = match old.and_then(|o| o.frontends.get(&fid)) {
+                Some(f) => (f.slots.clone(), f.maglev.clone(), f.ranges.clone()),
                 None => {
                     let slots = self.adopted.get(&fid).cloned().unwrap_or_default();
                     let maglev: BTreeSet<u8> = slots
@@ -410,14 +468,22 @@ impl Services {
                         .filter(|scope| self.adopted_maglev.contains(&(fp.revnat_id, **scope)))
                         .copied()
                         .collect();
-                    if self.adopted.contains_key(&fid) {
+                    let ranges = if self.adopted.contains_key(&fid) {
                         claimed.push((fid, fp.revnat_id, slots.keys().copied().collect()));
-                    }
-                    (slots, maglev)
+                        self.adopted_ranges.get(&fp.revnat_id).cloned().unwrap_or_default()
+                    } else {
+                        BTreeSet::new()
+                    };
+                    (slots, maglev, ranges)
                 }
             };
-            let (slots, maglev) = self.write_frontend(fp, &slots, &maglev, j)?;
-            frontends.insert(fid, InstalledFrontend { slots, maglev });
+            let prev = InstalledFrontend {
+                slots,
+                maglev,
+                ranges,
+            };
+            let installed = self.write_frontend(fp, &prev, j)?;
+            frontends.insert(fid, installed);
         }
 
         // 3. Frontends the new version dropped.
@@ -425,7 +491,7 @@ impl Services {
         if let Some(o) = old {
             for (fid, f) in &o.frontends {
                 if !frontends.contains_key(fid) {
-                    self.delete_frontend_maps(fid, &f.slots, j)?;
+                    self.delete_frontend_maps(fid, f, j)?;
                     dropped.push(*fid);
                 }
             }
@@ -464,6 +530,7 @@ impl Services {
             for scope in scopes {
                 self.adopted_maglev.remove(&(revnat_id, scope));
             }
+            self.adopted_ranges.remove(&revnat_id);
         }
         for fid in &staged.dropped {
             self.forget_frontend(fid);
@@ -488,6 +555,14 @@ impl Services {
                 Undo::Be(k, v) => restore(&mut self.be, names::BE4, k, v),
                 Undo::RevNat(k, v) => restore(&mut self.revnat, names::REVNAT4, k, v),
                 Undo::Maglev(k, v) => restore(&mut self.maglev, names::MAGLEV4, k, v.map(|b| *b)),
+                Undo::SrcRange(id, p, was) => {
+                    let k = range_key(id, p);
+                    if was {
+                        self.srcrange.insert(&k, 0, 0).map_err(map_err(names::SRCRANGE4))
+                    } else {
+                        ignore_missing(self.srcrange.remove(&k)).map_err(map_err(names::SRCRANGE4))
+                    }
+                }
             };
             if let Err(e) = r {
                 tracing::error!(error = %e, "rolling back a failed service write");
@@ -510,10 +585,10 @@ impl Services {
     fn write_frontend(
         &mut self,
         fp: &FrontendPlan,
-        prev: &BTreeMap<u8, u16>,
-        prev_maglev: &BTreeSet<u8>,
+        prev_fe: &InstalledFrontend,
         j: &mut Journal,
-    ) -> Result<(BTreeMap<u8, u16>, BTreeSet<u8>)> {
+    ) -> Result<InstalledFrontend> {
+        let (prev, prev_maglev) = (&prev_fe.slots, &prev_fe.maglev);
         let fe = &fp.id;
         let rn = RevNatValue {
             vip_be: u32::from(fe.addr).to_be(),
@@ -526,6 +601,10 @@ impl Services {
         };
         let prev_rn = put(&mut self.revnat, names::REVNAT4, rkey, rn, j.record)?;
         j.undo.push(Undo::RevNat(rkey, prev_rn));
+        // New prefixes before any master that turns the check on.
+        for p in fp.source_ranges.difference(&prev_fe.ranges) {
+            self.put_range(fp.revnat_id, *p, j)?;
+        }
         let mut written = BTreeMap::new();
         let mut maglev_written = BTreeSet::new();
         for sp in &fp.scopes {
@@ -579,7 +658,30 @@ impl Services {
                 self.delete_scope_maps(*fe, *scope, *old_n, j)?;
             }
         }
-        Ok((written, maglev_written))
+        // Dropped prefixes once the masters say what the list is now.
+        for p in prev_fe.ranges.difference(&fp.source_ranges) {
+            self.del_range(fp.revnat_id, *p, j)?;
+        }
+        Ok(InstalledFrontend {
+            slots: written,
+            maglev: maglev_written,
+            ranges: fp.source_ranges.clone(),
+        })
+    }
+
+    fn put_range(&mut self, revnat_id: u16, p: Prefix, j: &mut Journal) -> Result<()> {
+        self.srcrange
+            .insert(&range_key(revnat_id, p), 0, 0)
+            .map_err(map_err(names::SRCRANGE4))?;
+        j.undo.push(Undo::SrcRange(revnat_id, p, false));
+        Ok(())
+    }
+
+    fn del_range(&mut self, revnat_id: u16, p: Prefix, j: &mut Journal) -> Result<()> {
+        ignore_missing(self.srcrange.remove(&range_key(revnat_id, p)))
+            .map_err(map_err(names::SRCRANGE4))?;
+        j.undo.push(Undo::SrcRange(revnat_id, p, true));
+        Ok(())
     }
 
     fn put_svc(&mut self, k: SvcKey, v: SvcValue, j: &mut Journal) -> Result<()> {
@@ -640,16 +742,20 @@ impl Services {
     fn delete_frontend_maps(
         &mut self,
         fid: &FrontendId,
-        slots: &BTreeMap<u8, u16>,
+        fe: &InstalledFrontend,
         j: &mut Journal,
     ) -> Result<()> {
         // EXT first: it is the entry every lookup starts from.
-        let mut scopes: Vec<_> = slots.iter().collect();
+        let mut scopes: Vec<_> = fe.slots.iter().collect();
         scopes.sort_by_key(|(scope, _)| **scope != SCOPE_EXT);
         for (scope, n) in scopes {
             self.delete_scope_maps(*fid, *scope, *n, j)?;
         }
         if let Some(&id) = self.revnat_ids.get(fid) {
+            // After the masters: a reused id must not inherit the list.
+            for p in &fe.ranges {
+                self.del_range(id, *p, j)?;
+            }
             let key = RevNatKey { id, _pad: 0 };
             if let Some(prev) = del(&mut self.revnat, names::REVNAT4, key, j.record)? {
                 j.undo.push(Undo::RevNat(key, Some(prev)));
@@ -724,7 +830,7 @@ impl Services {
         let mut j = Journal::not_recording();
         let deleted = (|| {
             for (fid, f) in &old.frontends {
-                self.delete_frontend_maps(fid, &f.slots, &mut j)?;
+                self.delete_frontend_maps(fid, f, &mut j)?;
             }
             for addr in &old.backends {
                 self.delete_backend_if_last(*addr, &mut j)?;
@@ -765,10 +871,38 @@ impl Services {
         let mut j = Journal::not_recording();
         for fid in gone {
             if let Some(slots) = self.adopted.get(&fid).cloned() {
-                self.delete_frontend_maps(&fid, &slots, &mut j)?;
+                let ranges = self
+                    .revnat_ids
+                    .get(&fid)
+                    .and_then(|id| self.adopted_ranges.get(id))
+                    .cloned()
+                    .unwrap_or_default();
+                let fe = InstalledFrontend {
+                    slots,
+                    maglev: BTreeSet::new(),
+                    ranges,
+                };
+                self.delete_frontend_maps(&fid, &fe, &mut j)?;
             }
             self.adopted.remove(&fid);
+            if let Some(id) = self.revnat_ids.get(&fid) {
+                self.adopted_ranges.remove(id);
+            }
             self.forget_frontend(&fid);
+        }
+        // Prefixes under ids no frontend has (a write cut short).
+        let orphan_ids: Vec<u16> = self
+            .adopted_ranges
+            .keys()
+            .filter(|id| !self.used_revnat_ids.contains(id))
+            .copied()
+            .collect();
+        for id in orphan_ids {
+            if let Some(ranges) = self.adopted_ranges.remove(&id) {
+                for p in ranges {
+                    self.del_range(id, p, &mut j)?;
+                }
+            }
         }
         if !self.adopted.is_empty() {
             // Kept frontends still point at their backends by id.
@@ -815,6 +949,23 @@ impl Services {
             .iter()
             .filter_map(std::result::Result::ok)
             .collect()
+    }
+
+    /// The allowed source prefixes in `rt_srcrange4_v1`, as (frontend
+    /// reverse-NAT id, network address, length), sorted.
+    pub fn dump_source_ranges(&self) -> Vec<(u16, Ipv4Addr, u8)> {
+        let mut v: Vec<(u16, Ipv4Addr, u8)> = self
+            .srcrange
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter_map(|k| {
+                let len = k.prefix_len().checked_sub(SRCRANGE_PREFIX_BASE)?;
+                let d = k.data();
+                Some((d.revnat_id, Ipv4Addr::from(u32::from_be(d.addr_be)), u8::try_from(len).ok()?))
+            })
+            .collect();
+        v.sort_unstable();
+        v
     }
 
     /// Raw dump of `rt_be4_v1`.
