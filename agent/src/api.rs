@@ -35,7 +35,11 @@ pub struct StatusView {
     pub service_ports: usize,
     pub frontends: usize,
     pub backends: usize,
+    /// Both conntrack tables together.
     pub conntrack_entries: usize,
+    /// Entries per conntrack table, by map name.
+    #[serde(default)]
+    pub conntrack_tables: BTreeMap<String, usize>,
     pub syncs: u64,
     pub last_sync_ms: Option<f64>,
     pub routes: BTreeMap<String, String>,
@@ -131,7 +135,13 @@ pub fn status(s: &Shared) -> StatusView {
     };
     // Sampled off the request path: a full conntrack table is too big to
     // walk per request.
-    let conntrack_entries = lock(&s.maps).entries(riptide_common::names::CT4).map_or(gc.conntrack_entries, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let conntrack_tables: BTreeMap<String, usize> = {
+        let maps = lock(&s.maps);
+        let sampled = riptide_datapath::gc::CT_TABLES.map(|t| maps.entries(t).map(|n| (t.to_owned(), usize::try_from(n).unwrap_or(usize::MAX))));
+        // Before the first sample: what the GC's last pass left.
+        sampled.into_iter().collect::<Option<_>>().unwrap_or_else(|| gc.conntrack_tables.clone())
+    };
+    let conntrack_entries = if conntrack_tables.is_empty() { gc.conntrack_entries } else { conntrack_tables.values().sum() };
     let rec = lock(&s.reconciler);
     StatusView {
         node: s.node.clone(),
@@ -142,6 +152,7 @@ pub fn status(s: &Shared) -> StatusView {
         frontends,
         backends,
         conntrack_entries,
+        conntrack_tables,
         syncs: st.syncs,
         last_sync_ms: st.last_sync_ms,
         routes: st.routes.iter().map(|(c, v)| (c.to_string(), v.to_string())).collect(),

@@ -391,7 +391,9 @@ pub fn status_table(s: &StatusView) -> String {
     let _ = writeln!(out, "Service ports:     {}", s.service_ports);
     let _ = writeln!(out, "Frontends:         {}", s.frontends);
     let _ = writeln!(out, "Backends:          {}", s.backends);
-    let _ = writeln!(out, "Conntrack entries: {}", s.conntrack_entries);
+    let tables: Vec<String> = s.conntrack_tables.iter().map(|(t, n)| format!("{t} {n}")).collect();
+    let tables = if tables.is_empty() { String::new() } else { format!(" ({})", tables.join(", ")) };
+    let _ = writeln!(out, "Conntrack entries: {}{tables}", s.conntrack_entries);
     let last = s.last_sync_ms.map_or_else(|| "-".into(), |ms| format!("{ms:.1} ms"));
     let _ = writeln!(out, "Syncs:             {} (last {last})", s.syncs);
     let gc = &s.gc;

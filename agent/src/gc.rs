@@ -47,7 +47,7 @@ use std::{
 use riptide_common::{AffKey, AffValue, CtKey, CtValue, NatValue, SVC_F_AFFINITY, SockRevKey, SockRevValue, names, proto};
 use riptide_datapath::{
     clock::Clock,
-    gc::FlowMaps,
+    gc::{CT_TABLES, FlowMaps},
     service::{BackendState, Protocol, Service},
 };
 
@@ -246,8 +246,12 @@ pub enum Pass {
 /// What one pass did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PassReport {
+    /// Conntrack entries deleted, both tables together.
     pub ct_expired: usize,
     pub ct_stale: usize,
+    /// The same per conntrack table, in [`CT_TABLES`] order.
+    pub ct_expired_by_table: [usize; 2],
+    pub ct_stale_by_table: [usize; 2],
     pub nat_expired: usize,
     pub aff_expired: usize,
     pub sockets_destroyed: usize,
@@ -315,8 +319,10 @@ impl Gc {
                         m.gc_deletions.get_or_create(&GcLabel { map, reason }).inc_by(n as u64);
                     }
                 };
-                count(names::CT4, "expired", r.ct_expired);
-                count(names::CT4, "stale_backend", r.ct_stale);
+                for (i, table) in CT_TABLES.into_iter().enumerate() {
+                    count(table, "expired", r.ct_expired_by_table[i]);
+                    count(table, "stale_backend", r.ct_stale_by_table[i]);
+                }
                 count(names::NAT4, "expired", r.nat_expired);
                 count(names::AFF4, "expired", r.aff_expired);
                 count(names::SOCKREV4, "stale_backend", r.sock_rev_deleted);
@@ -376,7 +382,9 @@ impl Gc {
             }
         }
         let now = self.cfg.clock.now_ns();
-        let ct = self.maps.conntrack()?;
+        let [ct_tcp, ct_any] = self.maps.conntrack_by_table()?;
+        let ct_len = [ct_tcp.len(), ct_any.len()];
+        let ct: Vec<(CtKey, CtValue)> = ct_tcp.into_iter().chain(ct_any).collect();
         let sockrev = if ready && self.cfg.cgroup.is_some() { self.maps.sock_rev()? } else { Vec::new() };
         let mut gone: HashSet<CtKey> = HashSet::new();
         if kind == Pass::Full {
@@ -386,7 +394,8 @@ impl Gc {
                 .map(|(k, v)| (*k, Some(v.last_seen_ns)))
                 .collect();
             gone.extend(expired.iter().map(|(k, _)| *k));
-            r.ct_expired = self.maps.delete_conntrack(&expired)?;
+            r.ct_expired_by_table = self.maps.delete_conntrack(&expired)?;
+            r.ct_expired = r.ct_expired_by_table.iter().sum();
         }
         if ready {
             let view = self.stale_view(shared)?;
@@ -395,7 +404,8 @@ impl Gc {
                 .filter(|(k, v)| !gone.contains(k) && view.ct_stale(k, v))
                 .map(|(k, _)| (*k, None))
                 .collect();
-            r.ct_stale = self.maps.delete_conntrack(&stale)?;
+            r.ct_stale_by_table = self.maps.delete_conntrack(&stale)?;
+            r.ct_stale = r.ct_stale_by_table.iter().sum();
             if let Some(cg) = self.cfg.cgroup.clone() {
                 let (destroyed, deleted) = self.destroy_stale_sockets(&cg, &sockrev, &view)?;
                 r.sockets_destroyed = destroyed;
@@ -403,8 +413,16 @@ impl Gc {
             }
             self.last_serving = Some(view.serving);
         }
+        let left: [usize; 2] =
+            std::array::from_fn(|i| ct_len[i].saturating_sub(r.ct_expired_by_table[i] + r.ct_stale_by_table[i]));
+        for (i, table) in CT_TABLES.into_iter().enumerate() {
+            shared.metrics.map_entries.get_or_create(&MapLabel { map: table }).set(i64::try_from(left[i]).unwrap_or(i64::MAX));
+        }
+        let ct_left = left.iter().sum::<usize>();
+        shared.metrics.conntrack_entries.set(i64::try_from(ct_left).unwrap_or(i64::MAX));
         let mut st = lock(&shared.gc_status);
-        st.conntrack_entries = ct.len().saturating_sub(r.ct_expired + r.ct_stale);
+        st.conntrack_entries = ct_left;
+        st.conntrack_tables = CT_TABLES.into_iter().zip(left).map(|(t, n)| (t.to_owned(), n)).collect();
         drop(st);
         if kind == Pass::Full {
             let nat = self.maps.nat()?;
@@ -429,9 +447,6 @@ impl Gc {
             let set = |map: &'static str, n: usize| {
                 shared.metrics.map_entries.get_or_create(&MapLabel { map }).set(i64::try_from(n).unwrap_or(i64::MAX));
             };
-            let ct_left = ct.len().saturating_sub(r.ct_expired + r.ct_stale);
-            shared.metrics.conntrack_entries.set(i64::try_from(ct_left).unwrap_or(i64::MAX));
-            set(names::CT4, ct_left);
             set(names::NAT4, nat.len().saturating_sub(r.nat_expired));
             set(names::AFF4, aff.len().saturating_sub(r.aff_expired));
             let mut st = lock(&shared.gc_status);

@@ -211,7 +211,7 @@ impl Metrics {
         r.register("watch_errors", "Watch stream errors by kind", m.watch_errors.clone());
         r.register("map_entries", "Entries in the datapath maps", m.map_entries.clone());
         r.register("service_ports", "Service ports (and hostPorts) written", m.service_ports.clone());
-        r.register("conntrack_entries", "Entries in the conntrack map", m.conntrack_entries.clone());
+        r.register("conntrack_entries", "Entries in both conntrack maps (per table: map_entries)", m.conntrack_entries.clone());
         r.register("routes", "Routes to other nodes' podCIDRs", m.routes.clone());
         r.register("refused_frontends", "externalIPs and LoadBalancer IPs refused: a node address or a cluster range", m.refused_frontends.clone());
         r.register("l2_announced_addresses", "LoadBalancer and external IPs this node answers ARP for", m.l2_announced.clone());
@@ -296,12 +296,7 @@ impl Metrics {
 /// The `'static` name of a known map (labels of `riptide_agent_map_entries`).
 fn static_map_name(name: &str) -> Option<&'static str> {
     use riptide_common::names;
-    [
-        names::EP4, names::SVC4, names::BE4, names::REVNAT4, names::CT4, names::NAT4, names::AFF4,
-        names::SOCKREV4, names::NODE4, names::MAGLEV4, names::POLEP4, names::IPCACHE4, names::POLICY4,
-    ]
-    .into_iter()
-    .find(|n| *n == name)
+    names::ALL_MAPS.into_iter().find(|n| *n == name)
 }
 
 /// Whether a datapath counter counts dropped or passed-on packets.

@@ -104,7 +104,11 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct GcStatus {
     pub passes: u64,
     pub last_pass_ms: Option<f64>,
+    /// Both conntrack tables together.
     pub conntrack_entries: usize,
+    /// Entries per conntrack table, by map name.
+    #[serde(default)]
+    pub conntrack_tables: BTreeMap<String, usize>,
     pub nat_entries: usize,
     pub affinity_entries: usize,
     pub sock_rev_entries: usize,

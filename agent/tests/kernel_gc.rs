@@ -155,21 +155,24 @@ fn start(node: &Node, affinity_s: u32) -> (Arc<Shared>, Ids) {
 
 /// The node's flow-state maps, written the way the programs write them.
 struct Flows {
-    ct: HashMap<MapData, CtKey, CtValue>,
+    /// TCP, then everything else (`names::CT4`, `names::CT_ANY4`).
+    ct: [HashMap<MapData, CtKey, CtValue>; 2],
     nat: HashMap<MapData, CtKey, NatValue>,
     aff: HashMap<MapData, AffKey, AffValue>,
 }
 
 impl Flows {
     fn open(node: &Node) -> Self {
-        Self { ct: lru(&node.0, names::CT4), nat: lru(&node.0, names::NAT4), aff: lru(&node.0, names::AFF4) }
+        Self { ct: [lru(&node.0, names::CT4), lru(&node.0, names::CT_ANY4)], nat: lru(&node.0, names::NAT4), aff: lru(&node.0, names::AFF4) }
     }
 
-    /// Both directions of a translated flow, last seen at `stamp_ns`.
+    /// Both directions of a translated flow, last seen at `stamp_ns`, in
+    /// the table of its protocol.
     fn ct(&mut self, client: &str, p: u8, stamp_ns: u64, revnat_id: u16, backend_id: u32, flags: u16) {
+        let table = &mut self.ct[usize::from(p != proto::TCP)];
         for dir in [CT_DIR_FWD, CT_DIR_REV] {
             let v = CtValue { last_seen_ns: stamp_ns, backend_id, revnat_id, flags, ..CtValue::default() };
-            self.ct.insert(ct_key(client, p, dir), v, 0).unwrap();
+            table.insert(ct_key(client, p, dir), v, 0).unwrap();
         }
     }
 
@@ -185,7 +188,7 @@ impl Flows {
 
     /// Client ports of the conntrack entries left.
     fn ct_clients(&self) -> BTreeSet<u16> {
-        self.ct.keys().map(|k| u16::from_be(k.unwrap().sport_be)).collect()
+        self.ct.iter().flat_map(HashMap::keys).map(|k| u16::from_be(k.unwrap().sport_be)).collect()
     }
 
     fn nat_clients(&self) -> BTreeSet<u16> {
@@ -246,6 +249,7 @@ fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_f
     let mut gc = Gc::new(&node.0, cfg, Arc::downgrade(&shared)).unwrap();
     let r = gc.pass_and_record(Pass::Full).unwrap();
     assert_eq!(r.ct_expired, 6, "{r:?}");
+    assert_eq!(r.ct_expired_by_table, [4, 2], "TCP 1005 and 1008, UDP 1003: {r:?}");
     assert_eq!(r.ct_stale, 0, "nothing is judged stale before the first sync: {r:?}");
     assert_eq!(f.ct_clients(), BTreeSet::from([1001, 1002, 1004, 1006, 1007, 1009]));
     assert_eq!(r.nat_expired, 3, "{r:?}");
@@ -266,15 +270,33 @@ fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_f
     // Nothing changed since: the next triggered pass is skipped.
     assert!(gc.pass_and_record(Pass::Stale).unwrap().skipped);
 
+    // Each conntrack table under its own name: TCP flows 1005 and 1008
+    // expired in rt_ct4_v3, UDP 1003 expired and 1002/1006 went stale in
+    // rt_ctany4_v3 (two entries per flow).
+    assert_eq!(r.ct_stale_by_table, [0, 4], "{r:?}");
     let metrics = shared.metrics.encode();
-    for (map, reason, n) in [(names::CT4, "expired", 6), (names::CT4, "stale_backend", 4), (names::NAT4, "expired", 3), (names::AFF4, "expired", 1)] {
+    for (map, reason, n) in [
+        (names::CT4, "expired", 4),
+        (names::CT_ANY4, "expired", 2),
+        (names::CT_ANY4, "stale_backend", 4),
+        (names::NAT4, "expired", 3),
+        (names::AFF4, "expired", 1),
+    ] {
         let line = format!(r#"riptide_agent_gc_deletions_total{{map="{map}",reason="{reason}"}} {n}"#);
         assert!(metrics.contains(&line), "{line} in\n{metrics}");
     }
+    assert!(!metrics.contains(&format!(r#"{{map="{}",reason="stale_backend"}}"#, names::CT4)), "no TCP flow went stale:\n{metrics}");
+    // Entries left: TCP 1004, 1007, 1009; UDP 1001.
+    for (map, n) in [(names::CT4, 6), (names::CT_ANY4, 2)] {
+        let line = format!(r#"riptide_agent_map_entries{{map="{map}"}} {n}"#);
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+    assert!(metrics.contains("riptide_agent_conntrack_entries 8"), "{metrics}");
     let st = shared.gc_status.lock().unwrap().clone();
     assert_eq!(st.expired_deleted, 10);
     assert_eq!(st.stale_deleted, 4);
     assert_eq!(st.conntrack_entries, 8);
+    assert_eq!(st.conntrack_tables, [(names::CT4.to_owned(), 6), (names::CT_ANY4.to_owned(), 2)].into());
 }
 
 /// The GC of a machine booted 5 s ago: entries carry stamps between 0 (the

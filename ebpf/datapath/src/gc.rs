@@ -31,6 +31,10 @@ use crate::{
     error::{deleted, map_err},
 };
 
+/// The two conntrack tables: TCP, then everything else (and inbound
+/// markers). Per-table results of [`FlowMaps`] come in this order.
+pub const CT_TABLES: [&str; 2] = [names::CT4, names::CT_ANY4];
+
 /// Handles on a node's flow-state maps.
 pub struct FlowMaps {
     /// TCP conntrack, then the table of everything else.
@@ -61,8 +65,8 @@ impl FlowMaps {
         }
         Ok(Self {
             ct: [
-                open(&dir, names::CT4, true)?,
-                open(&dir, names::CT_ANY4, true)?,
+                open(&dir, CT_TABLES[0], true)?,
+                open(&dir, CT_TABLES[1], true)?,
             ],
             nat: open(&dir, names::NAT4, true)?,
             aff: open(&dir, names::AFF4, true)?,
@@ -75,9 +79,17 @@ impl FlowMaps {
 
     /// Every conntrack entry, of both tables.
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>> {
-        let mut out = dump(&self.ct[0]).map_err(map_err(names::CT4))?;
-        out.extend(dump(&self.ct[1]).map_err(map_err(names::CT_ANY4))?);
+        let [mut out, any] = self.conntrack_by_table()?;
+        out.extend(any);
         Ok(out)
+    }
+
+    /// The entries of each conntrack table, in [`CT_TABLES`] order.
+    pub fn conntrack_by_table(&self) -> Result<[Vec<(CtKey, CtValue)>; 2]> {
+        Ok([
+            dump(&self.ct[0]).map_err(map_err(CT_TABLES[0]))?,
+            dump(&self.ct[1]).map_err(map_err(CT_TABLES[1]))?,
+        ])
     }
 
     /// Every NAT entry.
@@ -115,19 +127,19 @@ impl FlowMaps {
     /// the flow is alive after all). `None` deletes unconditionally.
     ///
     /// A key is looked for in the table of its protocol first, then in the
-    /// other one (TCP inbound markers live in the non-TCP table).
-    pub fn delete_conntrack(&mut self, keys: &[(CtKey, Option<u64>)]) -> Result<usize> {
-        let mut n = 0;
+    /// other one (TCP inbound markers live in the non-TCP table). Returns
+    /// the deletions per table, in [`CT_TABLES`] order.
+    pub fn delete_conntrack(&mut self, keys: &[(CtKey, Option<u64>)]) -> Result<[usize; 2]> {
+        let mut n = [0; 2];
         for (k, seen) in keys {
             let first = usize::from(k.proto != proto::TCP);
             let mut gone = false;
             for i in [first, 1 - first] {
-                let name = [names::CT4, names::CT_ANY4][i];
                 match delete_one(&mut self.ct[i], k, *seen, |v| v.last_seen_ns)
-                    .map_err(map_err(name))?
+                    .map_err(map_err(CT_TABLES[i]))?
                 {
                     Deleted::Yes => {
-                        n += 1;
+                        n[i] += 1;
                         gone = true;
                     }
                     // Refreshed since the caller looked: alive, keep it.
