@@ -1,24 +1,38 @@
-//! Authentication and RBAC end to end with real kubectl: static tokens,
-//! a client certificate and a ServiceAccount token from `kubectl create
-//! token`, each run through the same operations (anonymous requests are
-//! sent by kube-rs, as kubectl prompts for a password instead); the
-//! allow/deny outcome is compared with the expected matrix (printed whole
-//! on a mismatch). Also `kubectl auth whoami`, `auth can-i`, TokenReview,
-//! the exact Forbidden message, and a token that dies with its
-//! ServiceAccount.
+//! Authentication and RBAC end to end with real kubectl: static tokens
+//! (admin, a namespace editor, a viewer), a client certificate, a
+//! ServiceAccount token from `kubectl create token`, a kubelet's
+//! certificate (`system:node:n1`, the Node authorizer), the agent's
+//! ServiceAccount under `manifests/riptide.yaml`'s ClusterRole, a client
+//! without credentials, and the token of a real pod's `default`
+//! ServiceAccount bound to that pod (which upstream gives nothing beyond
+//! discovery, `whoami` and `can-i`), each run through the same operations;
+//! the allow/deny outcome is compared with the expected matrix (printed
+//! whole on a mismatch). Also `kubectl auth whoami`, `auth can-i`,
+//! TokenReview, the exact Forbidden message, and tokens that die with
+//! their pod and their ServiceAccount.
+//!
+//! The ServiceAccount controller and admission on both stores: every
+//! namespace gets `default` (again after a delete), pods run as it when
+//! they name no account, and a pod naming a missing account is refused.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::{fmt::Write as _, path::PathBuf, process::Stdio, time::Duration};
 
-use common::{Backend, TestServer};
-use riptide_controlplane::apiserver::tls;
+use common::{Backend, TestServer, eventually};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use kube::{Api, api::PostParams};
+use riptide_controlplane::{apiserver::tls, credentials};
 
 struct Identity {
     name: &'static str,
     kubeconfig: PathBuf,
     cache: tempfile::TempDir,
+    /// Requests without credentials: kubectl cannot send them (it asks for
+    /// a user name and password instead), so kube-rs sends each operation's
+    /// request as kubectl would.
+    anonymous: Option<kube::Client>,
 }
 
 async fn kubectl(id: &Identity, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
@@ -44,6 +58,28 @@ async fn kubectl(id: &Identity, args: &[&str], stdin: Option<&str>) -> (bool, St
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// The agent's Namespace, ServiceAccount, ClusterRole and binding, as
+/// `manifests/riptide.yaml` ships them.
+fn agent_rbac() -> String {
+    let docs = include_str!("../../manifests/riptide.yaml").split("\n---");
+    let wanted = ["kind: Namespace", "kind: ServiceAccount", "kind: ClusterRole\n", "kind: ClusterRoleBinding"];
+    docs.filter(|d| wanted.iter().any(|k| d.contains(k))).collect::<Vec<_>>().join("\n---")
+}
+
+/// A kubeconfig that trusts the CA and presents no credentials.
+fn anonymous_kubeconfig(url: &str, ca: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {url}\n    certificate-authority-data: {}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\nusers:\n- name: u\n  user: {{}}\n",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, ca)
+    )
+}
+
+async fn anonymous_client(url: &str, ca: &str) -> kube::Client {
+    let kc = kube::config::Kubeconfig::from_yaml(&anonymous_kubeconfig(url, ca)).unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.unwrap();
+    kube::Client::try_from(cfg).unwrap()
+}
+
 const SETUP: &str = "
 apiVersion: v1
 kind: Namespace
@@ -57,6 +93,12 @@ apiVersion: v1
 kind: ConfigMap
 metadata: {name: seed, namespace: team}
 data: {a: b}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: team}
+spec:
+  containers: [{name: main, image: busybox}]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding
@@ -86,66 +128,123 @@ async fn authorization_matrix_with_kubectl() {
     let write = |name: &'static str, content: String| {
         let p = dir.path().join(format!("{name}.kubeconfig"));
         std::fs::write(&p, content).unwrap();
-        Identity { name, kubeconfig: p, cache: tempfile::tempdir().unwrap() }
+        Identity { name, kubeconfig: p, cache: tempfile::tempdir().unwrap(), anonymous: None }
     };
     let admin = write("admin", tls::kubeconfig(&h.url, Some(&ca), "admin-token"));
+    // The ServiceAccount controller makes `team`'s `default` for the pod.
+    let controllers = s.start_controllers().await;
+    let client = s.client().await;
+    let ready = eventually(20, || async { Api::<ServiceAccount>::namespaced(client.clone(), "kube-system").get_opt("default").await.ok().flatten().is_some() }).await;
+    assert!(ready, "no ServiceAccount kube-system/default from the controller");
     let (ok, out, err) = kubectl(&admin, &["apply", "-f", "-"], Some(SETUP)).await;
     assert!(ok, "setup: {out}{err}");
+    let (ok, out, err) = kubectl(&admin, &["apply", "-f", "-"], Some(&agent_rbac())).await;
+    assert!(ok, "agent RBAC from manifests/riptide.yaml: {out}{err}");
 
     // The ServiceAccount's token through TokenRequest (protobuf from kubectl).
     let (ok, sa_token, err) = kubectl(&admin, &["create", "token", "robot", "-n", "team", "--duration=1h"], None).await;
     assert!(ok, "kubectl create token: {err}");
     let sa_token = sa_token.trim().to_string();
     assert_eq!(sa_token.split('.').count(), 3, "a JWT: {sa_token}");
+    let (ok, agent_token, err) = kubectl(&admin, &["create", "token", "riptide-agent", "-n", "riptide-system"], None).await;
+    assert!(ok, "agent token: {err}");
+    // The pod's own token, as its kubelet asks for it: bound to the pod.
+    let (ok, pod_token, err) =
+        kubectl(&admin, &["create", "token", "default", "-n", "team", "--bound-object-kind=Pod", "--bound-object-name=web"], None).await;
+    assert!(ok, "pod-bound token: {err}");
+    let (ok, _, err) =
+        kubectl(&admin, &["create", "token", "robot", "-n", "team", "--bound-object-kind=Pod", "--bound-object-name=web"], None).await;
+    assert!(!ok && err.contains("pod running with different serviceaccount name"), "a token for another account bound to the pod: {err}");
     let cert = h.pki.as_ref().unwrap().issue_client_cert("carol", &["cert-viewers"]).unwrap();
+    let kubelet = credentials::write_kubelet(h.pki.as_ref().unwrap(), &h.url, "n1", "127.0.0.1", &dir.path().join("kubelet")).unwrap();
     let ids = [
         admin,
         write("editor", tls::kubeconfig(&h.url, Some(&ca), "ed-token")),
         write("viewer", tls::kubeconfig(&h.url, Some(&ca), "vi-token")),
         write("sa", tls::kubeconfig(&h.url, Some(&ca), &sa_token)),
         write("cert", tls::kubeconfig_with_cert(&h.url, &ca, "carol", &cert)),
+        Identity { name: "kubelet", kubeconfig: kubelet.kubeconfig.clone(), cache: tempfile::tempdir().unwrap(), anonymous: None },
+        write("agent", tls::kubeconfig(&h.url, Some(&ca), agent_token.trim())),
+        Identity { anonymous: Some(anonymous_client(&h.url, &ca).await), ..write("anonymous", anonymous_kubeconfig(&h.url, &ca)) },
+        write("pod-sa", tls::kubeconfig(&h.url, Some(&ca), pod_token.trim())),
     ];
 
     // Who is who.
-    for (id, want) in [(&ids[1], "ed"), (&ids[3], "system:serviceaccount:team:robot"), (&ids[4], "carol")] {
+    for (id, want) in [
+        (&ids[1], "ed"),
+        (&ids[3], "system:serviceaccount:team:robot"),
+        (&ids[4], "carol"),
+        (&ids[5], "system:node:n1"),
+        (&ids[6], "system:serviceaccount:riptide-system:riptide-agent"),
+        (&ids[8], "system:serviceaccount:team:default"),
+    ] {
         let (ok, out, err) = kubectl(id, &["auth", "whoami", "-o", "jsonpath={.status.userInfo.username} {.status.userInfo.groups}"], None).await;
         assert!(ok && out.starts_with(&format!("{want} ")), "whoami as {}: {out}{err}", id.name);
     }
     let (_, out, _) = kubectl(&ids[3], &["auth", "whoami", "-o", "jsonpath={.status.userInfo.groups}"], None).await;
     assert!(out.contains("system:serviceaccounts:team") && out.contains("system:authenticated"), "{out}");
 
-    let ops: &[(&str, &[&str])] = &[
-        ("list pods in team", &["get", "pods", "-n", "team"]),
-        ("get configmap in team", &["get", "configmap", "seed", "-n", "team"]),
-        ("list secrets in team", &["get", "secrets", "-n", "team"]),
-        ("create configmap in team", &["create", "configmap", "x", "--from-literal=a=b", "-n", "team", "--dry-run=server"]),
-        ("delete configmap in team", &["delete", "configmap", "seed", "-n", "team", "--dry-run=server"]),
-        ("list pods in default", &["get", "pods", "-n", "default"]),
-        ("list nodes", &["get", "nodes"]),
-        ("create token in team", &["create", "token", "robot", "-n", "team"]),
-        ("list rolebindings in team", &["get", "rolebindings", "-n", "team"]),
-        ("can-i create pods/exec in team", &["auth", "can-i", "create", "pods", "--subresource=exec", "-n", "team"]),
-        ("can-i list secrets cluster-wide", &["auth", "can-i", "list", "secrets", "-A"]),
+    const SSAR: (&str, &str) = ("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews");
+    // (name, kubectl arguments, the request for kube-rs)
+    let ops: &[(&str, &[&str], (&str, &str))] = &[
+        ("list pods in team", &["get", "pods", "-n", "team"], ("GET", "/api/v1/namespaces/team/pods")),
+        ("get configmap in team", &["get", "configmap", "seed", "-n", "team"], ("GET", "/api/v1/namespaces/team/configmaps/seed")),
+        ("list secrets in team", &["get", "secrets", "-n", "team"], ("GET", "/api/v1/namespaces/team/secrets")),
+        (
+            "create configmap in team",
+            &["create", "configmap", "x", "--from-literal=a=b", "-n", "team", "--dry-run=server"],
+            ("POST", "/api/v1/namespaces/team/configmaps?dryRun=All"),
+        ),
+        (
+            "delete configmap in team",
+            &["delete", "configmap", "seed", "-n", "team", "--dry-run=server"],
+            ("DELETE", "/api/v1/namespaces/team/configmaps/seed?dryRun=All"),
+        ),
+        ("list pods in default", &["get", "pods", "-n", "default"], ("GET", "/api/v1/namespaces/default/pods")),
+        ("list nodes", &["get", "nodes"], ("GET", "/api/v1/nodes")),
+        ("create token in team", &["create", "token", "robot", "-n", "team"], ("POST", "/api/v1/namespaces/team/serviceaccounts/robot/token")),
+        ("list rolebindings in team", &["get", "rolebindings", "-n", "team"], ("GET", "/apis/rbac.authorization.k8s.io/v1/namespaces/team/rolebindings")),
+        ("can-i create pods/exec in team", &["auth", "can-i", "create", "pods", "--subresource=exec", "-n", "team"], SSAR),
+        ("can-i list secrets cluster-wide", &["auth", "can-i", "list", "secrets", "-A"], SSAR),
+        ("get pod web in team", &["get", "pod", "web", "-n", "team"], ("GET", "/api/v1/namespaces/team/pods/web")),
+        ("whoami", &["auth", "whoami"], ("POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews")),
+        ("discovery (/apis)", &["get", "--raw", "/apis"], ("GET", "/apis")),
+        ("version", &["get", "--raw", "/version"], ("GET", "/version")),
     ];
-    //                 admin  editor viewer sa     cert
-    let want: &[[bool; 5]] = &[
-        [true, true, true, true, true],
-        [true, true, true, true, true],
-        [true, true, false, false, false],
-        [true, true, false, false, false],
-        [true, true, false, false, false],
-        [true, false, false, false, false],
-        [true, false, false, false, false],
-        [true, true, false, false, false],
-        [true, false, false, false, false],
-        [true, true, false, false, false],
-        [true, false, false, false, false],
+    const T: bool = true;
+    const F: bool = false;
+    //          admin editor viewer sa  cert kubelet agent anon pod-sa
+    let want: &[[bool; 9]] = &[
+        [T, T, T, T, T, T, T, F, F], // list pods in team
+        [T, T, T, T, T, F, F, F, F], // get configmap: the kubelet only what its pods use
+        [T, T, F, F, F, F, F, F, F], // list secrets
+        [T, T, F, F, F, F, F, F, F], // create configmap
+        [T, T, F, F, F, F, F, F, F], // delete configmap
+        [T, F, F, F, F, T, T, F, F], // list pods in default
+        [T, F, F, F, F, T, T, F, F], // list nodes
+        [T, T, F, F, F, F, F, F, F], // create token: the kubelet only for its pods' accounts
+        [T, F, F, F, F, F, F, F, F], // list rolebindings
+        [T, T, F, F, F, F, F, F, F], // can-i pods/exec
+        [T, F, F, F, F, F, F, F, F], // can-i list secrets -A
+        [T, T, T, T, T, T, F, F, F], // get pod: the agent only lists and watches
+        [T, T, T, T, T, T, T, F, T], // whoami (system:basic-user)
+        [T, T, T, T, T, T, T, F, T], // discovery (system:discovery)
+        [T, T, T, T, T, T, T, T, T], // version (system:public-info-viewer)
     ];
-    let mut got = vec![[false; 5]; ops.len()];
+    let mut got = vec![[false; 9]; ops.len()];
     let mut log = String::new();
-    for (i, (_, args)) in ops.iter().enumerate() {
+    for (i, (_, args, (method, path))) in ops.iter().enumerate() {
         for (j, id) in ids.iter().enumerate() {
-            let (ok, out, err) = kubectl(id, args, None).await;
+            let (ok, out, err) = match &id.anonymous {
+                None => kubectl(id, args, None).await,
+                Some(c) => {
+                    let req = axum::http::Request::builder().method(*method).uri(*path).header("content-type", "application/json");
+                    match c.request_text(req.body(br#"{"metadata":{"name":"x"}}"#.to_vec()).unwrap()).await {
+                        Ok(body) => (true, body, String::new()),
+                        Err(e) => (false, String::new(), e.to_string()),
+                    }
+                }
+            };
             got[i][j] = ok;
             if ok != want[i][j] {
                 let _ = writeln!(log, "{} `kubectl {}`: {}{}", id.name, args.join(" "), out.trim(), err.trim());
@@ -157,7 +256,7 @@ async fn authorization_matrix_with_kubectl() {
         for id in &ids {
             let _ = write!(table, "{:>10}", id.name);
         }
-        for (i, (name, _)) in ops.iter().enumerate() {
+        for (i, (name, ..)) in ops.iter().enumerate() {
             let _ = write!(table, "\n{name:34}");
             for j in 0..ids.len() {
                 let cell = match (got[i][j], want[i][j]) {
@@ -183,19 +282,9 @@ async fn authorization_matrix_with_kubectl() {
         err.contains(r#"configmaps "seed" is forbidden: User "ed" cannot get resource "configmaps" in API group "" in the namespace "default""#),
         "{err}"
     );
-    // Anonymous (no credentials at all; kubectl would prompt for a password
-    // instead of sending such a request, so kube-rs sends them): 401 except
-    // the health and version endpoints.
-    let anon = {
-        let kc = kube::config::Kubeconfig::from_yaml(&format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority-data: {}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\nusers:\n- name: u\n  user: {{}}\n",
-            h.url,
-            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &ca)
-        ))
-        .unwrap();
-        let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.unwrap();
-        kube::Client::try_from(cfg).unwrap()
-    };
+    // Anonymous through kube-rs too, for the raw paths and methods kubectl
+    // does not send: 401 except the health and version endpoints.
+    let anon = anonymous_client(&h.url, &ca).await;
     for (method, path) in [("GET", "/api"), ("GET", "/apis"), ("GET", "/openapi/v3"), ("GET", "/api/v1/namespaces/team/pods"), ("GET", "/api/v1/nodes"),
         ("POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews"), ("POST", "/api/v1/namespaces/team/serviceaccounts/robot/token")]
     {
@@ -209,6 +298,13 @@ async fn authorization_matrix_with_kubectl() {
         let req = axum::http::Request::get(path).body(Vec::new()).unwrap();
         assert!(anon.request_text(req).await.is_ok(), "anonymous GET {path}");
     }
+
+    // The pod's token dies with its pod.
+    let (ok, _, err) = kubectl(&ids[0], &["delete", "pod", "web", "-n", "team", "--wait=false"], None).await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = kubectl(&ids[8], &["auth", "whoami"], None).await;
+    assert!(!ok && (err.contains("must be logged in") || err.contains("Unauthorized")), "token of a deleted pod: {err}");
+    controllers.abort();
 
     // TokenReview of the ServiceAccount token.
     let review = format!("{{\"apiVersion\":\"authentication.k8s.io/v1\",\"kind\":\"TokenReview\",\"spec\":{{\"token\":\"{sa_token}\"}}}}");
@@ -224,3 +320,62 @@ async fn authorization_matrix_with_kubectl() {
     assert!(!ok && (err.contains("must be logged in") || err.contains("Unauthorized")), "{err}");
     s.shutdown().await;
 }
+
+/// The ServiceAccount controller and admission, on `backend`.
+async fn service_accounts(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let client = s.client().await;
+    let pod = |name: &str, sa: Option<&str>| -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"serviceAccountName": sa, "containers": [{"name": "main", "image": "busybox"}]},
+        }))
+        .unwrap()
+    };
+    let pods = |ns: &str| Api::<Pod>::namespaced(client.clone(), ns);
+    let sa_of = |p: &Pod| p.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_default();
+    let forbidden = |r: kube::Result<Pod>, sa: &str| match r {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 403, "{e:?}");
+            let want = format!("error looking up service account default/{sa}: serviceaccount \"{sa}\" not found");
+            assert!(e.message.contains(&want), "{}", e.message);
+        }
+        other => panic!("a pod naming a missing account was admitted: {other:?}"),
+    };
+
+    // No controller manager yet, so no `default` anywhere: a pod naming
+    // none is admitted all the same (see admission.rs), one naming a
+    // missing account is not.
+    let p = pods("default").create(&PostParams::default(), &pod("early", None)).await.unwrap();
+    assert_eq!(sa_of(&p), "default");
+    forbidden(pods("default").create(&PostParams::default(), &pod("ghost", Some("ghost"))).await, "ghost");
+
+    let controllers = s.start_controllers().await;
+    let accounts = |ns: &str| Api::<ServiceAccount>::namespaced(client.clone(), ns);
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        let made = eventually(20, || async { accounts(ns).get_opt("default").await.ok().flatten().is_some() }).await;
+        assert!(made, "no ServiceAccount {ns}/default");
+    }
+    // A pod right after its namespace: admission waits for the controller.
+    s.kubectl_ok(&["create", "namespace", "fresh"]).await;
+    let p = pods("fresh").create(&PostParams::default(), &pod("first", None)).await.unwrap();
+    assert_eq!(sa_of(&p), "default");
+    assert!(accounts("fresh").get_opt("default").await.unwrap().is_some());
+    // Now that the controller runs, a missing `default` is refused too.
+    forbidden(pods("default").create(&PostParams::default(), &pod("ghost", Some("ghost"))).await, "ghost");
+    s.kubectl_ok(&["create", "serviceaccount", "ghost"]).await;
+    let p = pods("default").create(&PostParams::default(), &pod("ghost", Some("ghost"))).await.unwrap();
+    assert_eq!(sa_of(&p), "ghost");
+
+    // Deleted, made again (a new object).
+    let old_uid = accounts("fresh").get("default").await.unwrap().metadata.uid;
+    s.kubectl_ok(&["delete", "serviceaccount", "default", "-n", "fresh"]).await;
+    let again = eventually(20, || async {
+        accounts("fresh").get_opt("default").await.ok().flatten().is_some_and(|a| a.metadata.uid != old_uid)
+    })
+    .await;
+    assert!(again, "ServiceAccount fresh/default not recreated");
+    controllers.abort();
+    s.shutdown().await;
+}
+both_stores!(service_accounts);

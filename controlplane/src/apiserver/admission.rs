@@ -10,8 +10,18 @@
 //! As upstream, an update that adds no address is always admitted, so
 //! Services stored before the rule (or before the list shrank) can still be
 //! edited or cleaned up.
+//!
+//! The ServiceAccount plugin (upstream `plugin/pkg/admission/serviceaccount`):
+//! a pod that names no account runs as `default`, and a pod may only name an
+//! account that exists — else 403 `error looking up service account …`. The
+//! `default` account is made by the ServiceAccount controller
+//! (`controllers::serviceaccount`) a moment after its namespace, so a miss on
+//! it is retried for about a second, as upstream does for a namespace just
+//! created. An apiserver run without a controller manager (tests, benches)
+//! has no `default` accounts at all; there, seen as `kube-system` having none,
+//! such a pod is admitted and its kubelet mounts no token (and says so).
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
 use ipnetwork::Ipv4Network;
 use serde_json::Value;
@@ -58,6 +68,62 @@ impl Admission {
     }
 }
 
+/// The account a pod runs as when it names none.
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+
+/// Tries for the `default` account (upstream: 10, 100–200 ms apart).
+const DEFAULT_SA_TRIES: u32 = 10;
+const DEFAULT_SA_RETRY: Duration = Duration::from_millis(150);
+
+/// What the ServiceAccount plugin reads from storage.
+pub trait ServiceAccounts {
+    /// The ServiceAccount `ns/name`, or None when there is none.
+    fn service_account(&self, ns: &str, name: &str) -> impl Future<Output = ApiResult<Option<Value>>> + Send;
+}
+
+/// Sets `spec.serviceAccountName` (from the deprecated `serviceAccount`
+/// alias, else `default`) and mirrors it into the alias, as upstream's
+/// conversion does; returns the name.
+pub fn default_service_account(pod: &mut Value) -> String {
+    let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) else { return DEFAULT_SERVICE_ACCOUNT.into() };
+    let named = |k: &str| spec.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
+    let sa = named("serviceAccountName").or_else(|| named("serviceAccount")).unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.into());
+    spec.insert("serviceAccountName".into(), Value::String(sa.clone()));
+    spec.insert("serviceAccount".into(), Value::String(sa.clone()));
+    sa
+}
+
+fn is_mirror_pod(pod: &Value) -> bool {
+    pod.pointer("/metadata/annotations/kubernetes.io~1config.mirror").is_some()
+}
+
+impl Admission {
+    /// Admits a Pod create in `ns` (see the module docs).
+    pub async fn pod_service_account(&self, store: &impl ServiceAccounts, res: &Resource, ns: &str, pod: &mut Value) -> ApiResult<()> {
+        if !res.is("", "pods") || is_mirror_pod(pod) {
+            return Ok(());
+        }
+        let sa = default_service_account(pod);
+        let tries = if sa == DEFAULT_SERVICE_ACCOUNT { DEFAULT_SA_TRIES } else { 1 };
+        for i in 0..tries {
+            if i > 0 {
+                tokio::time::sleep(DEFAULT_SA_RETRY).await;
+            }
+            if store.service_account(ns, &sa).await?.is_some() {
+                return Ok(());
+            }
+            if sa == DEFAULT_SERVICE_ACCOUNT && store.service_account("kube-system", DEFAULT_SERVICE_ACCOUNT).await?.is_none() {
+                // No ServiceAccount controller runs: nobody will make it.
+                return Ok(());
+            }
+        }
+        let name = super::object::name(pod);
+        Err(ApiError::forbidden(format!(
+            "pods \"{name}\" is forbidden: error looking up service account {ns}/{sa}: serviceaccount \"{sa}\" not found"
+        )))
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -67,6 +133,18 @@ mod tests {
 
     fn svc(ips: &[&str]) -> Value {
         json!({"spec": {"externalIPs": ips}})
+    }
+
+    #[test]
+    fn pods_run_as_default_unless_they_name_an_account() {
+        let mut p = json!({"spec": {"containers": []}});
+        assert_eq!(default_service_account(&mut p), "default");
+        assert_eq!((p["spec"]["serviceAccountName"].as_str(), p["spec"]["serviceAccount"].as_str()), (Some("default"), Some("default")));
+        let mut p = json!({"spec": {"serviceAccountName": "", "serviceAccount": "legacy"}});
+        assert_eq!(default_service_account(&mut p), "legacy", "the deprecated alias still names the account");
+        let mut p = json!({"spec": {"serviceAccountName": "app", "serviceAccount": "legacy"}});
+        assert_eq!(default_service_account(&mut p), "app");
+        assert_eq!(p["spec"]["serviceAccount"], "app");
     }
 
     #[test]

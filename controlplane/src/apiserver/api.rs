@@ -9,7 +9,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 
 use super::{
-    admission::Admission,
+    admission::{self, Admission},
     allocator::{self, Allocator, Held},
     defaults,
     object::{self, meta_mut, now_rfc3339},
@@ -90,6 +90,13 @@ fn rv_of(v: &Value) -> i64 {
 
 fn lock_err<T>(_: T) -> ApiError {
     ApiError::internal("allocator lock poisoned")
+}
+
+impl admission::ServiceAccounts for Api {
+    async fn service_account(&self, ns: &str, name: &str) -> ApiResult<Option<Value>> {
+        let res = registry::find("", "v1", "serviceaccounts").ok_or_else(|| ApiError::internal("no serviceaccounts resource"))?;
+        self.store.get(&res.key(Some(ns), name)).await?.map(|r| decode(&r)).transpose()
+    }
 }
 
 impl Api {
@@ -356,6 +363,7 @@ impl Api {
         }
         if let Some(ns) = ns {
             self.namespace_check(ns).await?;
+            self.admission.pod_service_account(self, res, ns, &mut obj).await?;
         }
         let held = if res.is("", "services") {
             let mut a = self.alloc.lock().map_err(lock_err)?;

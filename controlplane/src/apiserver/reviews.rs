@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use super::{
     Api,
+    admission::DEFAULT_SERVICE_ACCOUNT,
     authn::{API_AUDIENCE, Authenticator, ObjectRef, TokenSpec, UserInfo},
     authz::Authorizer,
     object::str_at,
@@ -92,6 +93,13 @@ pub async fn token_request(api: &Api, authn: &Authenticator, ns: &str, name: &st
             let pod_res = registry::find("", "v1", "pods").ok_or_else(|| ApiError::internal("pods not served"))?;
             let pod = api.get(pod_res, Some(ns), pod_name).await?;
             let uid = str_at(&pod, "/metadata/uid").to_string();
+            // Pods stored before admission defaulted the name run as `default`.
+            let runs_as = Some(str_at(&pod, "/spec/serviceAccountName")).filter(|s| !s.is_empty()).unwrap_or(DEFAULT_SERVICE_ACCOUNT);
+            if runs_as != name {
+                return Err(ApiError::bad_request(format!(
+                    "cannot bind token for serviceaccount \"{name}\" to pod running with different serviceaccount name."
+                )));
+            }
             let want_uid = str_at(r, "/uid");
             if !want_uid.is_empty() && want_uid != uid {
                 return Err(ApiError::conflict(pod_res, pod_name, &format!("the UID in the bound object reference ({want_uid}) does not match the UID in record ({uid})")));

@@ -1,6 +1,6 @@
 //! The controllers of kube-controller-manager that riptide needs:
-//! Deployment, ReplicaSet, DaemonSet, EndpointSlice (+ legacy Endpoints), node IPAM
-//! and node lifecycle. Each is a level-triggered loop over kube-rs
+//! Deployment, ReplicaSet, DaemonSet, EndpointSlice (+ legacy Endpoints), node IPAM,
+//! node lifecycle and ServiceAccount. Each is a level-triggered loop over kube-rs
 //! reflector caches: any watch event (or a periodic resync) wakes the loop,
 //! which reconciles every object of its kind from the caches. That is
 //! O(objects) per pass, fine for the clusters this control plane is for,
@@ -16,6 +16,7 @@ pub mod nodeipam;
 pub mod nodelifecycle;
 pub mod replicaset;
 pub mod rollout;
+pub mod serviceaccount;
 pub mod util;
 
 use std::time::Duration;
@@ -23,7 +24,7 @@ use std::time::Duration;
 use k8s_openapi::api::{
     apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet},
     coordination::v1::Lease,
-    core::v1::{ConfigMap, Endpoints, Node, Pod, Service},
+    core::v1::{ConfigMap, Endpoints, Namespace, Node, Pod, Service, ServiceAccount},
     discovery::v1::EndpointSlice,
 };
 use kube::{Api, Client, runtime::watcher};
@@ -63,7 +64,7 @@ pub async fn run(client: Client, cfg: Config) -> Result<(), Error> {
     nodeipam::check_cluster_cidr(cfg.cluster_cidr)?;
     let cidr = cfg.cluster_cidr;
     let (w_rs, w_dep, w_ep, w_node, w_lb) = (Wake::default(), Wake::default(), Wake::default(), Wake::default(), Wake::default());
-    let w_ds = Wake::default();
+    let (w_ds, w_sa) = (Wake::default(), Wake::default());
     let recorder = events::Recorder::new(client.clone(), "riptide-controller-manager", None);
     let wc = watcher::Config::default;
     let pods = reflect(Api::<Pod>::all(client.clone()), wc(), vec![w_rs.clone(), w_dep.clone(), w_ep.clone(), w_node.clone(), w_ds.clone()]).await;
@@ -78,6 +79,8 @@ pub async fn run(client: Client, cfg: Config) -> Result<(), Error> {
     let daemonsets = reflect(Api::<DaemonSet>::all(client.clone()), wc(), vec![w_ds.clone()]).await;
     let revisions = reflect(Api::<ControllerRevision>::all(client.clone()), wc(), vec![w_ds.clone()]).await;
     let leases = reflect(Api::<Lease>::namespaced(client.clone(), "kube-node-lease"), wc(), vec![w_node.clone()]).await;
+    let namespaces = reflect(Api::<Namespace>::all(client.clone()), wc(), vec![w_sa.clone()]).await;
+    let accounts = reflect(Api::<ServiceAccount>::all(client.clone()), wc(), vec![w_sa.clone()]).await;
     tracing::info!("controllers: caches synced");
 
     let rs_ctx = replicaset::Ctx { client: client.clone(), pods: pods.clone(), sets: sets.clone(), recorder: recorder.clone(), expectations: Default::default() };
@@ -86,6 +89,7 @@ pub async fn run(client: Client, cfg: Config) -> Result<(), Error> {
     let ep_ctx = endpoints::Ctx { client: client.clone(), services, pods: pods.clone(), slices, endpoints: eps };
     let ds_ctx = daemonset::Ctx::new(client.clone(), daemonsets, pods.clone(), nodes.clone(), revisions, recorder.clone());
     let ipam_ctx = nodeipam::Ctx { client: client.clone(), nodes: nodes.clone(), cidr, recorder: recorder.clone() };
+    let sa_ctx = serviceaccount::Ctx { client: client.clone(), namespaces, accounts };
     let life_ctx = nodelifecycle::Ctx { client, nodes, leases, pods, recorder, grace: cfg.node_monitor_grace };
     let resync = cfg.resync;
 
@@ -134,6 +138,13 @@ pub async fn run(client: Client, cfg: Config) -> Result<(), Error> {
             next_pass(&mut rx, resync).await;
         }
     };
-    tokio::join!(rs_loop, dep_loop, ep_loop, node_loop, lb_loop, ds_loop);
+    let sa_loop = async move {
+        let mut rx = w_sa.subscribe();
+        loop {
+            serviceaccount::reconcile_all(&sa_ctx).await;
+            next_pass(&mut rx, resync).await;
+        }
+    };
+    tokio::join!(rs_loop, dep_loop, ep_loop, node_loop, lb_loop, ds_loop, sa_loop);
     Ok(())
 }

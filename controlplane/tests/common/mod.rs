@@ -178,6 +178,24 @@ impl TestServer {
         kube::Client::try_from(cfg).unwrap()
     }
 
+    /// The controller manager in this process, with its own identity (the
+    /// certificate `control-plane` gives it), until the handle is aborted
+    /// or the test ends.
+    pub async fn start_controllers(&self) -> tokio::task::JoinHandle<()> {
+        let path = self.dir.path().join("controller-manager.kubeconfig");
+        let pki = self.h().pki.as_ref().expect("controllers need the TLS apiserver's CA");
+        riptide_controlplane::credentials::write_kubeconfig(pki, &self.h().url, riptide_controlplane::credentials::CONTROLLER_MANAGER_USER, &[], &path)
+            .unwrap();
+        let kc = kube::config::Kubeconfig::read_from(&path).unwrap();
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.unwrap();
+        let client = kube::Client::try_from(cfg).unwrap();
+        tokio::spawn(async move {
+            if let Err(e) = riptide_controlplane::controllers::run(client, riptide_controlplane::controllers::Config::default()).await {
+                eprintln!("controllers ended: {e}");
+            }
+        })
+    }
+
     pub async fn shutdown(mut self) {
         if let Some(h) = self.handle.take() {
             h.shutdown().await;
