@@ -13,6 +13,7 @@
 //! | `masquerade` | `false` → `--no-masquerade` |
 //! | `lb-algorithm` | `--lb-algorithm=maglev\|random` (see `lb_algorithm.rs`) |
 //! | `maglev-table-size` | `--maglev-table-size=M` (251, 1021, 4093, 16381, 65521) |
+//! | `lb-mode` | `--lb-mode=snat\|dsr` (see `lb_mode.rs`) |
 //! | `xdp` | `--xdp=native\|generic\|disabled`; read again while running (`xdp.rs`) |
 //! | `mtu`, `k8s-service-host`, `k8s-service-port` | not flags: the CNI installer and the pod's env read them |
 //! | any other `key` | `--key=value`; `true` → `--key`; `false` or empty → nothing |

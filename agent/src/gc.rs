@@ -605,6 +605,7 @@ mod tests {
             internal_policy: TrafficPolicy::Cluster,
             source_ranges: Default::default(),
             algorithm: Algorithm::Random,
+            lb_mode: riptide_datapath::service::LbMode::Snat,
         }
     }
 

@@ -68,6 +68,9 @@ impl fmt::Display for Name {
 pub struct Defaults {
     pub algorithm: Name,
     pub maglev_table_size: TableSize,
+    /// `--lb-mode`, for Services without the `service.riptide.io/lb-mode`
+    /// annotation (`lb_mode.rs`).
+    pub lb_mode: riptide_datapath::service::LbMode,
 }
 
 /// The algorithm of `svc`'s ports, and a note when its annotation was
@@ -111,6 +114,7 @@ mod tests {
         let maglev = Defaults {
             algorithm: Name::Maglev,
             maglev_table_size: m,
+            ..Defaults::default()
         };
         let random = Defaults {
             algorithm: Name::Random,

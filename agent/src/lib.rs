@@ -15,6 +15,7 @@ pub mod install;
 pub mod kube_events;
 pub mod l2announce;
 pub mod lb_algorithm;
+pub mod lb_mode;
 pub mod map_usage;
 pub mod metrics;
 pub mod model;

@@ -134,6 +134,13 @@ struct Args {
     /// or 65521 (≥ 100× a Service's backends for ≈ 1 % imbalance).
     #[arg(long, default_value = "16381")]
     maglev_table_size: riptide_datapath::maglev::TableSize,
+    /// How outside clients of NodePort, externalIP and LoadBalancer
+    /// frontends reach a backend on another node, for Services without the
+    /// `service.riptide.io/lb-mode` annotation: `snat` (the reply returns
+    /// through the entry node) or `dsr` (Direct Server Return: the backend
+    /// sees the client and answers it directly; native routing only).
+    #[arg(long, default_value = "snat")]
+    lb_mode: riptide_agent::lb_mode::Name,
     /// XDP NodePort acceleration on --uplink: native (generic if the driver
     /// cannot), generic or disabled (the default, see `XdpSetting`). From a
     /// ConfigMap dir, changes of its `xdp` key apply live.
@@ -208,7 +215,11 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr,
         pod_cidr_file: a.pod_cidr_file.unwrap_or_else(|| run_dir.join("podcidr")),
         proxy_name: a.service_proxy_name,
-        lb: riptide_agent::lb_algorithm::Defaults { algorithm: a.lb_algorithm, maglev_table_size: a.maglev_table_size },
+        lb: riptide_agent::lb_algorithm::Defaults {
+            algorithm: a.lb_algorithm,
+            maglev_table_size: a.maglev_table_size,
+            lb_mode: a.lb_mode.0,
+        },
         xdp: a.xdp,
         xdp_watch,
         cgroup: a.cgroup,

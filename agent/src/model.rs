@@ -310,6 +310,8 @@ pub fn service_desired(svc: &Service, slices: &[&EndpointSlice], ctx: &NodeConte
 
     let (algorithm, note) = crate::lb_algorithm::for_service(svc, ctx.lb);
     out.notes.extend(note);
+    let (lb_mode, note) = crate::lb_mode::for_service(svc, ctx.lb.lb_mode);
+    out.notes.extend(note);
     let ranges = crate::source_ranges::parse(
         spec.load_balancer_source_ranges.as_deref().unwrap_or_default(),
         &lb_ips,
@@ -365,6 +367,7 @@ pub fn service_desired(svc: &Service, slices: &[&EndpointSlice], ctx: &NodeConte
             internal_policy,
             algorithm,
             source_ranges: ranges.ranges.clone(),
+            lb_mode,
         });
     }
 
@@ -442,6 +445,7 @@ pub fn pod_desired(pod: &Pod, ctx: &NodeContext) -> Desired {
             internal_policy: TrafficPolicy::Cluster,
             source_ranges: Default::default(),
             algorithm: Algorithm::Random,
+            lb_mode: riptide_datapath::service::LbMode::Snat,
         });
     }
     out

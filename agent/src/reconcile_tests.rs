@@ -61,6 +61,7 @@ fn port(owner: &Owner, name: &str, ips: &[&str], backends: &[&str]) -> Service {
         internal_policy: TrafficPolicy::Cluster,
         source_ranges: Default::default(),
         algorithm: Algorithm::Random,
+        lb_mode: riptide_datapath::service::LbMode::Snat,
     }
 }
 

@@ -65,6 +65,7 @@ fn port(name: &str, protocol: Protocol, vip: &str, p: u16, backends: &[(&str, Ba
         internal_policy: TrafficPolicy::Cluster,
         source_ranges: Default::default(),
         algorithm: Algorithm::Random,
+        lb_mode: riptide_datapath::service::LbMode::Snat,
     };
     (owner, port)
 }

@@ -34,6 +34,7 @@ fn port(owner: &Owner, backends: Vec<Backend>, external_policy: TrafficPolicy) -
         internal_policy: TrafficPolicy::Cluster,
         source_ranges: Default::default(),
         algorithm: Algorithm::Random,
+        lb_mode: riptide_datapath::service::LbMode::Snat,
     }
 }
 

@@ -262,13 +262,33 @@ pub mod stats {
     /// Service's `loadBalancerSourceRanges`: dropped (kube-proxy's
     /// `KUBE-PROXY-FIREWALL` drop).
     pub const DROP_LB_SRC_RANGE: u32 = 40;
+    /// DSR: the entry node forwarded a flow's packet to a remote backend
+    /// with the frontend in an IPv4 option, without source NAT (`dsr`).
+    pub const DSR_OPT_SET: u32 = 41;
+    /// DSR: the backend's node took the frontend from a packet's option,
+    /// recorded the reply entry and stripped the option.
+    pub const DSR_OPT_RECV: u32 = 42;
+    /// DSR: a backend's reply left with the frontend as its source,
+    /// straight to the client.
+    pub const DSR_REVNAT: u32 = 43;
+    /// DSR fell back to source NAT for a new flow (or left the option off
+    /// a packet of a UDP flow): the packet plus the option would exceed
+    /// the route's MTU.
+    pub const DSR_FALLBACK_MTU: u32 = 44;
+    /// DSR fell back to source NAT for a new flow: the backend is not
+    /// reached out the uplink the packet came in on (VXLAN tunnel, another
+    /// device, no route), or the packet already carries IP options.
+    pub const DSR_FALLBACK_ROUTE: u32 = 45;
+    /// DSR fell back to source NAT for a new flow: the kernel refused to
+    /// make room for the option (`bpf_skb_adjust_room`).
+    pub const DSR_FALLBACK_ROOM: u32 = 46;
     /// The last reason (for the names check).
-    pub const LAST: u32 = DROP_LB_SRC_RANGE;
+    pub const LAST: u32 = DSR_FALLBACK_ROOM;
     /// Number of slots in the stats array.
     pub const MAX: u32 = 64;
 
     /// Human names by index, for metrics and the CLI.
-    pub const NAMES: [&str; 41] = [
+    pub const NAMES: [&str; 47] = [
         "pass",
         "redirect_local",
         "drop_malformed",
@@ -310,6 +330,12 @@ pub mod stats {
         "xdp_tx",
         "xdp_to_tc",
         "lb_src_range",
+        "dsr_opt_set",
+        "dsr_opt_recv",
+        "dsr_revnat",
+        "dsr_fallback_mtu",
+        "dsr_fallback_route",
+        "dsr_fallback_room",
     ];
 }
 
@@ -419,6 +445,19 @@ pub const SVC_F_NO_SOCK_LB: u16 = 1 << 8;
 /// address is not known at `connect()`), so the per-packet path judges
 /// pods too.
 pub const SVC_F_SRC_RANGE: u16 = 1 << 9;
+/// Direct Server Return for this (NodePort, externalIP, load-balancer)
+/// frontend: a flow from outside to a remote backend goes there with the
+/// frontend in an IPv4 option and keeps the client's address; the
+/// backend's node answers the client directly (see [`DSR_OPT_TYPE`]).
+pub const SVC_F_DSR: u16 = 1 << 10;
+
+/// IPv4 option type of the DSR option (copied, class 0, number 26:
+/// Cilium's `DSR_IPV4_OPT_TYPE`), followed by its length
+/// [`DSR_OPT_LEN`], the frontend port and the frontend address (network
+/// order).
+pub const DSR_OPT_TYPE: u8 = 0x9a;
+/// Length of the DSR option in bytes.
+pub const DSR_OPT_LEN: u8 = 8;
 
 /// Key of [`names::SRCRANGE4`] (after the LPM prefix length): a frontend's
 /// reverse-NAT id and an allowed source prefix (Cilium's
@@ -638,6 +677,12 @@ pub const CT_F_CLOSING: u16 = 1 << 6;
 /// isolated. Later packets and replies match it and skip policy; no
 /// translation. May be combined with [`CT_F_INBOUND`].
 pub const CT_F_POLICY: u16 = 1 << 7;
+/// A DSR flow: on the entry node the forward entry of a flow sent to its
+/// remote backend with the frontend in an IP option (no source NAT); on
+/// the backend's node the reply entry (with [`CT_F_REPLY`] and
+/// [`CT_F_NODEPORT`]) recorded from that option, whose reply leaves with
+/// the frontend as source (`vip_be`/`vport_be`) to the client (`nat_*`).
+pub const CT_F_DSR: u16 = 1 << 8;
 
 /// Value of `rt_nat4_v1`: the address/port that replaces the source (egress
 /// entry) or the destination (ingress entry).

@@ -64,6 +64,7 @@ fn node_with(cfg: &Config, sizes: &MapSizes) -> Node {
                 internal_policy: TrafficPolicy::Cluster,
                 source_ranges: Default::default(),
                 algorithm: Algorithm::Random,
+                lb_mode: riptide_datapath::service::LbMode::Snat,
             })
             .unwrap();
     }

@@ -44,6 +44,7 @@ fn drops_are_reported_as_events_at_a_bounded_rate() {
         internal_policy: TrafficPolicy::Cluster,
         source_ranges: Default::default(),
         algorithm: Algorithm::Random,
+        lb_mode: riptide_datapath::service::LbMode::Snat,
     })
     .unwrap();
 

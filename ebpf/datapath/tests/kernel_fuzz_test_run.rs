@@ -68,6 +68,7 @@ fn node() -> Node {
                 internal_policy: TrafficPolicy::Cluster,
                 source_ranges: Default::default(),
                 algorithm: Algorithm::Random,
+                lb_mode: riptide_datapath::service::LbMode::Snat,
             })
             .unwrap();
     }

@@ -68,6 +68,7 @@ fn service(protocol: Protocol, backends: Vec<Backend>) -> Service {
         internal_policy: TrafficPolicy::Cluster,
         source_ranges: Default::default(),
         algorithm: Algorithm::Random,
+        lb_mode: riptide_datapath::service::LbMode::Snat,
     }
 }
 
@@ -804,6 +805,7 @@ fn host_port_from_outside_reaches_the_local_pod() {
             internal_policy: TrafficPolicy::Cluster,
             source_ranges: Default::default(),
             algorithm: Algorithm::Random,
+            lb_mode: riptide_datapath::service::LbMode::Snat,
         })
         .unwrap();
     let (verdict, out) = run(

@@ -67,6 +67,7 @@ fn service(algorithm: Algorithm, backends: Vec<Backend>) -> Service {
         internal_policy: TrafficPolicy::Cluster,
         source_ranges: Default::default(),
         algorithm,
+        lb_mode: riptide_datapath::service::LbMode::Snat,
     }
 }
 

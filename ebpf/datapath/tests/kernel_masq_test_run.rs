@@ -292,6 +292,7 @@ fn nodeport_reply_of_a_backend_behind_a_masquerading_node_is_not_masqueraded() {
         internal_policy: TrafficPolicy::Cluster,
         source_ranges: Default::default(),
         algorithm: Algorithm::Random,
+        lb_mode: riptide_datapath::service::LbMode::Snat,
     };
     n1.svcs.upsert(&svc(false)).unwrap();
     n2.svcs.upsert(&svc(true)).unwrap();

@@ -153,6 +153,7 @@ fn service(protocol: Protocol, n: usize, affinity: Option<u32>) -> Service {
         internal_policy: TrafficPolicy::Cluster,
         source_ranges: Default::default(),
         algorithm: Algorithm::Random,
+        lb_mode: riptide_datapath::service::LbMode::Snat,
     }
 }
 

@@ -51,6 +51,7 @@ fn svc(name: &str, vip: &str, backends: &[(&str, bool)]) -> Service {
         internal_policy: TrafficPolicy::Cluster,
         source_ranges: Default::default(),
         algorithm: Algorithm::Random,
+        lb_mode: riptide_datapath::service::LbMode::Snat,
     }
 }
 

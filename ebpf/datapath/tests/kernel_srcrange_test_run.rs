@@ -17,7 +17,7 @@ use aya::programs::{TestRun, TestRunOptions, XdpMode};
 use common::*;
 use ipnetwork::Ipv4Network;
 use riptide_common::{Config, SVC_F_NO_SOCK_LB, SVC_F_SRC_RANGE, names, stats};
-use riptide_datapath::service::SourceRanges;
+use riptide_datapath::service::{LbMode, SourceRanges};
 use riptide_test_support::{
     netns, privileged,
     uplink_lab::{NODE, uplink_lab, xdp_md},
@@ -69,6 +69,7 @@ fn lb_service(source_ranges: SourceRanges) -> Service {
         internal_policy: TrafficPolicy::Cluster,
         source_ranges,
         algorithm: Algorithm::Random,
+        lb_mode: LbMode::Snat,
     }
 }
 

@@ -64,6 +64,7 @@ fn nodeport(name: &str, port: u16, backends: Vec<Backend>, algorithm: Algorithm)
         internal_policy: TrafficPolicy::Cluster,
         source_ranges: Default::default(),
         algorithm,
+        lb_mode: riptide_datapath::service::LbMode::Snat,
     }
 }
 

@@ -28,8 +28,8 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, maps::LruHashMap};
 use riptide_common::{
-    BE_F_LOCAL, BackendValue, CT_DIR_ANY, CT_F_BE_LOCAL, CT_F_CLOSING, CT_F_INBOUND, CT_F_POLICY,
-    CT_F_REPLY, CtKey, CtValue, proto, stats,
+    BE_F_LOCAL, BackendValue, CT_DIR_ANY, CT_F_BE_LOCAL, CT_F_CLOSING, CT_F_DSR, CT_F_INBOUND,
+    CT_F_NODEPORT, CT_F_POLICY, CT_F_REPLY, CtKey, CtValue, proto, stats,
 };
 
 use crate::{
@@ -243,6 +243,28 @@ pub fn create(f: &NewFlow) -> Result<(), u32> {
         _pad3: 0,
     };
     map.insert(&f.orig, &fwd, 0)
+        .map_err(|_| stats::DROP_CT_FULL)
+}
+
+/// Records (or refreshes) the reply entry of a DSR flow whose packet `p`
+/// (client → local backend, as it arrived) carried `frontend`: the reply
+/// (backend → client) leaves with the frontend as source
+/// (`CT_F_REPLY | CT_F_NODEPORT`, so `rt_from_pod` leaves it to `rt_to_net`
+/// as any NodePort reply). No forward entry: the flow's packets need no
+/// translation here.
+#[inline(always)]
+pub fn create_dsr_reply(p: &Pkt, (vip_be, vport_be): (u32, u16)) -> Result<(), u32> {
+    let v = CtValue {
+        last_seen_ns: now(),
+        flags: CT_F_REPLY | CT_F_NODEPORT | CT_F_DSR,
+        nat_addr_be: p.saddr_be,
+        nat_port_be: p.sport_be,
+        vip_be,
+        vport_be,
+        ..CtValue::default()
+    };
+    table(p.proto)
+        .insert(&reverse(p), &v, 0)
         .map_err(|_| stats::DROP_CT_FULL)
 }
 

@@ -18,6 +18,7 @@
 mod clock;
 mod csum;
 mod ct;
+mod dsr;
 mod events;
 mod icmp;
 mod lb;

@@ -6,7 +6,7 @@
 //! tc).
 
 use riptide_common::{
-    BE_F_LOCAL, CT_F_NODEPORT, CT_F_SNAT, Config, CtKey, NAT_F_NODEPORT, SVC_F_LOCAL_ONLY, stats,
+    BE_F_LOCAL, CT_F_NODEPORT, Config, CtKey, NAT_F_NODEPORT, SVC_F_LOCAL_ONLY, stats,
 };
 
 use crate::{
@@ -48,23 +48,24 @@ pub fn snat(
 }
 
 /// Records the conntrack entries of the flow `orig` (client → frontend, as
-/// it arrived) now going to `chosen` as `to_backend`; `snatted` says
-/// whether [`snat`] allocated a port. The reply key is the reply once the
-/// SNAT is undone (backend → client).
+/// it arrived) now going to `chosen` as `to_backend`; `how` is
+/// [`CT_F_SNAT`](riptide_common::CT_F_SNAT) when [`snat`] allocated a port, `CT_F_DSR` when the
+/// packet went with the DSR option (`dsr`), else 0. The reply key is the
+/// reply once the SNAT is undone (backend → client).
 #[inline(always)]
 pub fn record(
     orig: &CtKey,
     to_backend: &Pkt,
     svc: &Service,
     chosen: &Chosen,
-    snatted: bool,
+    how: u16,
 ) -> Result<(), u32> {
     ct::create(&ct::NewFlow {
         orig: *orig,
         reply: ct::reverse(to_backend),
         backend: chosen,
         revnat_id: svc.master.revnat_id,
-        flags: CT_F_NODEPORT | if snatted { CT_F_SNAT } else { 0 },
+        flags: CT_F_NODEPORT | how,
         snat_addr_be: 0,
         snat_port_be: 0,
     })

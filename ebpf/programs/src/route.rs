@@ -167,6 +167,23 @@ pub fn next_hop_same_dev(
     p: &Pkt,
     tot_len: u16,
 ) -> Option<FibLookup> {
+    let (rc, fib) = fib_lookup(ctx, saddr_be, daddr_be, p, tot_len);
+    (rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) && fib.ifindex == ctx.ifindex()).then_some(fib)
+}
+
+/// `bpf_fib_lookup` for a packet `saddr → daddr` with `p`'s protocol and
+/// ports arriving on `ctx`'s device: the helper's return code and the
+/// answer (`ifindex` is the egress device once a route was found, before
+/// the neighbour lookup; a non-zero `tot_len` is checked against the
+/// route's MTU first).
+#[inline(always)]
+pub fn fib_lookup(
+    ctx: &impl Frame,
+    saddr_be: u32,
+    daddr_be: u32,
+    p: &Pkt,
+    tot_len: u16,
+) -> (i64, FibLookup) {
     let ifindex = ctx.ifindex();
     // SAFETY: plain data; all-zero is a valid value of every field.
     let mut fib: FibLookup = unsafe { core::mem::zeroed() };
@@ -187,5 +204,5 @@ pub fn next_hop_same_dev(
             0,
         )
     };
-    (rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) && fib.ifindex == ifindex).then_some(fib)
+    (rc, fib)
 }

@@ -31,7 +31,7 @@
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use riptide_common::{
-    BE_F_LOCAL, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY, CT_F_REPLY,
+    BE_F_LOCAL, CT_F_DSR, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY, CT_F_REPLY, CT_F_SNAT,
     Config, CtKey, EV_SRC_FROM_NET, EV_SRC_TO_NET, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_MASQ,
     stats,
 };
@@ -44,7 +44,7 @@ use crate::{
     local_sock,
     maps::{config, count},
     masq,
-    parse::{self, Pkt},
+    parse::{self, L4_OFF, Pkt},
     policy, reject, route,
 };
 
@@ -55,6 +55,15 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
         return Ok(TC_ACT_OK);
     };
     let cfg = config();
+    // A DSR flow's packet for a local backend: remember the frontend its
+    // reply must come from, strip the option, then on as any packet for
+    // the pod (`dsr`).
+    if p.l4_off != L4_OFF
+        && route::is_local_pod(p.daddr_be)
+        && let Some(frontend) = crate::dsr::take(ctx, &mut p)?
+    {
+        ct::create_dsr_reply(&p, frontend)?;
+    }
     if !p.has_ports() {
         let translated = crate::icmp::xlate_error(ctx, &mut p, |r| from_net_error_plan(cfg, r))?;
         if !translated
@@ -111,8 +120,11 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
                 count(stats::LB_CT_HIT);
                 set_dst(ctx, &mut p, c.be.addr_be, c.be.port_be)?;
                 if c.be.flags & BE_F_LOCAL == 0 {
+                    if e.flags & CT_F_DSR != 0 {
+                        crate::dsr::refresh(ctx, &mut p, (e.vip_be, e.vport_be));
+                    }
                     // NodePort to another node: out the uplink again, and
-                    // `rt_to_net` applies the SNAT.
+                    // `rt_to_net` applies the SNAT (none for DSR).
                     return route::forward_out(ctx, &p);
                 }
                 return route::deliver(ctx, &p);
@@ -202,14 +214,22 @@ fn new_flow(
     chosen: &Chosen,
 ) -> Result<i32, u32> {
     let orig = ct::key(p);
+    // DSR (the option goes in before the DNAT, so a refusal leaves the
+    // flow to source NAT), else source NAT for a remote backend.
+    let dsr = crate::dsr::start(ctx, p, svc, chosen);
     set_dst(ctx, p, chosen.be.addr_be, chosen.be.port_be)?;
     // The state is the XDP program's too (`nodeport`); the SNAT itself is
     // applied by `rt_to_net` after routing.
-    let snatted = match crate::nodeport::snat(p, cfg, svc, chosen) {
-        Ok(port) => port.is_some(),
-        Err(reason) => return crate::nat::drop(ctx, reason, EV_SRC_FROM_NET),
+    let how = if dsr {
+        CT_F_DSR
+    } else {
+        match crate::nodeport::snat(p, cfg, svc, chosen) {
+            Ok(Some(_)) => CT_F_SNAT,
+            Ok(None) => 0,
+            Err(reason) => return crate::nat::drop(ctx, reason, EV_SRC_FROM_NET),
+        }
     };
-    crate::nodeport::record(&orig, p, svc, chosen, snatted)?;
+    crate::nodeport::record(&orig, p, svc, chosen, how)?;
     let remote = chosen.be.flags & BE_F_LOCAL == 0;
     if remote {
         return route::forward_out(ctx, p);
@@ -239,7 +259,11 @@ pub fn try_to_net(ctx: &TcContext) -> Result<i32, u32> {
     if let Some(hit) = ct::lookup(&p) {
         let e = &*hit.e;
         if e.flags & CT_F_REPLY != 0 {
-            // A reply to an outside client of a flow balanced here.
+            // A reply to an outside client of a flow balanced here, or
+            // of a DSR flow balanced by another node (its frontend).
+            if e.flags & CT_F_DSR != 0 {
+                count(stats::DSR_REVNAT);
+            }
             rewrite(
                 ctx,
                 &mut p,

@@ -24,7 +24,9 @@
 //! GRO), a next hop on another device or not resolved yet, TTL ≤ 1, a new
 //! TCP flow that is not a SYN or a new UDP flow to a node address (the
 //! kernel's socket table decides whether a host socket owns it, a lookup
-//! tc makes, `local_sock`), ICMP, fragments, IP options, NetworkPolicy.
+//! tc makes, `local_sock`), a new flow to a DSR frontend (the option
+//! needs `bpf_skb_adjust_room`, `dsr`), ICMP, fragments, IP options,
+//! NetworkPolicy.
 //! Everything that is not a frontend passes with no more than the parse,
 //! the conntrack and NAT lookups and a service lookup.
 //!
@@ -43,7 +45,7 @@ use aya_ebpf::{
 };
 use riptide_common::{
     BE_F_LOCAL, CFG_F_DROP_NO_BACKEND, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY, CT_F_REPLY,
-    CT_F_SNAT, Config, EV_SRC_XDP_NET, NAT_F_NODEPORT, proto, stats,
+    CT_F_SNAT, Config, EV_SRC_XDP_NET, NAT_F_NODEPORT, SVC_F_DSR, proto, stats,
 };
 
 use crate::{
@@ -165,7 +167,9 @@ pub fn try_xdp_net(ctx: &XdpContext) -> Result<u32, u32> {
     } else {
         !is_node
     };
-    if !starts_here {
+    // DSR frontends: the option is inserted with `bpf_skb_adjust_room`,
+    // which XDP lacks (tc makes the choice, and the fallback, per flow).
+    if !starts_here || svc.master.flags & SVC_F_DSR != 0 {
         return to_tc();
     }
     let Some(chosen) = lb::select_for(&svc, &p)? else {
@@ -189,7 +193,7 @@ pub fn try_xdp_net(ctx: &XdpContext) -> Result<u32, u32> {
             // Never forward a remote flow with the client's address.
             None => return Err(stats::NAT_FAIL),
         };
-        nodeport::record(&orig, &to_backend, &svc, &chosen, true)?;
+        nodeport::record(&orig, &to_backend, &svc, &chosen, CT_F_SNAT)?;
         Ok(port)
     });
     match sent {

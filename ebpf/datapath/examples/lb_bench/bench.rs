@@ -145,6 +145,7 @@ pub(crate) fn clusterip(name: String, vip: Ipv4Addr, port: u16, backends: Vec<Ba
         internal_policy: TrafficPolicy::Cluster,
         source_ranges: Default::default(),
         algorithm: Algorithm::Random,
+        lb_mode: riptide_datapath::service::LbMode::Snat,
     }
 }
 

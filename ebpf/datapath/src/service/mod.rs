@@ -13,7 +13,7 @@ mod types;
 mod writer;
 
 pub use types::{
-    Algorithm, Backend, BackendAddr, BackendState, Frontend, FrontendId, FrontendKind, Protocol,
-    Service, SourceRanges, TrafficPolicy, eligible,
+    Algorithm, Backend, BackendAddr, BackendState, Frontend, FrontendId, FrontendKind, LbMode,
+    Protocol, Service, SourceRanges, TrafficPolicy, eligible,
 };
 pub use writer::Services;

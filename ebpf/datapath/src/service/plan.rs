@@ -10,11 +10,12 @@ use riptide_common::{
     ALG_MAGLEV, ALG_RANDOM, BE_F_LOCAL, BE_STATE_ACTIVE, BE_STATE_QUARANTINED,
     BE_STATE_TERMINATING, BackendValue, SCOPE_EXT, SCOPE_INT, SVC_F_AFFINITY, SVC_F_CLUSTERIP,
     SVC_F_EXTERNALIP, SVC_F_HOSTPORT, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT,
-    SVC_F_NO_SOCK_LB, SVC_F_SRC_RANGE, SVC_F_TWO_SCOPES, SvcKey, SvcValue,
+    SVC_F_DSR, SVC_F_NO_SOCK_LB, SVC_F_SRC_RANGE, SVC_F_TWO_SCOPES, SvcKey, SvcValue,
 };
 
 use super::{
-    Backend, BackendAddr, BackendState, Frontend, FrontendId, FrontendKind, Service, TrafficPolicy,
+    Backend, BackendAddr, BackendState, Frontend, FrontendId, FrontendKind, LbMode, Service,
+    TrafficPolicy,
 };
 use crate::{Error, Result};
 
@@ -62,6 +63,15 @@ impl FrontendId {
             slot,
             _pad: 0,
         }
+    }
+}
+
+/// DSR applies to the frontends outside clients reach.
+fn dsr_flag(svc: &Service, kind: FrontendKind) -> u16 {
+    if svc.lb_mode == LbMode::Dsr && kind.is_external() {
+        SVC_F_DSR
+    } else {
+        0
     }
 }
 
@@ -126,7 +136,7 @@ pub fn build(
             service: svc.name.clone(),
             reason: format!("no reverse-NAT id for frontend {}:{}", id.addr, id.port),
         })?;
-        let mut flags = kind_flag(fe.kind) | affinity_flag;
+        let mut flags = kind_flag(fe.kind) | affinity_flag | dsr_flag(svc, fe.kind);
         // kube-proxy filters the load-balancer IPs only. Socket LB cannot
         // judge a source (connect() may not have one yet), so such a
         // frontend is left to the per-packet path, which sees it.
@@ -256,6 +266,7 @@ mod tests {
             internal_policy: TrafficPolicy::Cluster,
             source_ranges: Default::default(),
             algorithm: Algorithm::Random,
+            lb_mode: crate::service::LbMode::Snat,
         }
     }
 
@@ -273,6 +284,23 @@ mod tests {
             .map(|(i, x)| (x.id(s.protocol), 7 + i as u16))
             .collect();
         (b, f)
+    }
+
+    #[test]
+    fn dsr_marks_the_external_frontends_only() {
+        let mut s = svc(vec![be("10.42.1.3", BackendState::Active, false)]);
+        let (b, f) = ids(&s);
+        let dsr = |s: &Service| -> Vec<bool> {
+            build(s, &b, &f)
+                .unwrap()
+                .frontends
+                .iter()
+                .map(|fp| fp.scopes[0].master.flags & SVC_F_DSR != 0)
+                .collect()
+        };
+        assert_eq!(dsr(&s), [false, false], "snat: no frontend");
+        s.lb_mode = LbMode::Dsr;
+        assert_eq!(dsr(&s), [false, true], "dsr: the NodePort, not the ClusterIP");
     }
 
     #[test]

@@ -211,6 +211,21 @@ impl Algorithm {
     }
 }
 
+/// How a flow from outside to an external frontend (NodePort, externalIP,
+/// load-balancer IP) reaches a backend on another node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum LbMode {
+    /// Source NAT to the node address: the reply comes back through the
+    /// entry node, the backend sees the node (kube-proxy's behaviour).
+    #[default]
+    Snat,
+    /// Direct Server Return: the packet keeps the client's address and
+    /// carries the frontend in an IPv4 option; the backend's node answers
+    /// the client directly. Per flow, the datapath falls back to source
+    /// NAT where the option cannot go (MTU, tunnel routing).
+    Dsr,
+}
+
 /// One Kubernetes service port (or one Pod hostPort): its frontends share
 /// one backend list.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,6 +247,10 @@ pub struct Service {
     /// `loadBalancerSourceRanges`: who may open flows to the
     /// [`FrontendKind::LoadBalancer`] frontends.
     pub source_ranges: SourceRanges,
+    /// How outside clients of the external frontends reach a backend on
+    /// another node.
+    #[serde(default)]
+    pub lb_mode: LbMode,
 }
 
 /// `spec.loadBalancerSourceRanges` of a service port. As kube-proxy, it
@@ -375,6 +394,7 @@ mod tests {
             internal_policy: TrafficPolicy::Cluster,
             source_ranges: Default::default(),
             algorithm: Algorithm::Random,
+            lb_mode: crate::service::LbMode::Snat,
         };
         assert!(s.local_only(FrontendKind::NodePort, true));
         assert!(s.local_only(FrontendKind::LoadBalancer, true));
