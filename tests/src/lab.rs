@@ -671,7 +671,7 @@ impl Lab {
     /// The kubelets' image map (`controlplane/src/kubelet/image.rs`):
     /// riptide's image is this workspace's build directory, pause sleeps,
     /// every other image runs its command from this machine's filesystem.
-    fn write_image_map(&self) -> Result<PathBuf> {
+    pub fn write_image_map(&self) -> Result<PathBuf> {
         let path = self.cfg.state_dir.join("image-map");
         let map = format!("{RIPTIDE_IMAGE}* = {}\nregistry.k8s.io/pause:* = pause\n* = host\n", self.cfg.bin_dir.display());
         std::fs::write(&path, map).with_context(|| format!("writing {}", path.display()))?;

@@ -22,6 +22,7 @@
 pub mod bench;
 pub mod e2e;
 pub mod lab;
+pub mod lab_vm;
 pub mod manifests;
 pub mod netexec;
 pub mod netpol;

@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use riptide_tests::{
     lab::{self, Lab, LabConfig, LabNet},
-    netns,
+    lab_vm, netns,
 };
 
 #[derive(Parser)]
@@ -44,6 +44,22 @@ enum Cmd {
         /// writes CNI configs and starts agents itself (debugging).
         #[arg(long, default_value = "hand-wired")]
         install: lab::Install,
+        /// Each node a QEMU VM on the underlay (see `lab_vm`); hand-wired
+        /// install only.
+        #[arg(long)]
+        vm: bool,
+        /// The VMs' kernel image (default: the newest one `cargo xtask run
+        /// --vm` unpacked).
+        #[arg(long, requires = "vm")]
+        vm_kernel: Option<PathBuf>,
+    },
+    /// A VM node's command server (runs inside the guest).
+    #[command(hide = true)]
+    VmExecServer {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        cgroup: PathBuf,
     },
     /// Remove everything an earlier run left (safe to run twice).
     Down,
@@ -58,10 +74,12 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Up { nodes, detach, tunnel, install } => {
+        Cmd::Up { nodes, detach, tunnel, install, vm, vm_kernel } => {
             let net = LabNet { routed: tunnel.is_some(), tunnel };
-            up(&cli.prefix, &cli.state_dir, nodes, detach, net, install)
+            let vm = vm.then(|| lab_vm::VmTools::from_cache(vm_kernel)).transpose()?;
+            up(&cli.prefix, &cli.state_dir, nodes, detach, net, install, vm)
         }
+        Cmd::VmExecServer { config, cgroup } => lab_vm::serve(&config, &cgroup),
         Cmd::Down => {
             lab::teardown(&cli.prefix, &cli.state_dir)?;
             eprintln!("lab {}: nothing left behind", cli.prefix);
@@ -97,6 +115,9 @@ fn exec(prefix: &str, state_dir: &std::path::Path, target: &str, command: &[Stri
             if !node_dir.is_dir() {
                 bail!("no lab node {node} (no {}): is the lab running?", node_dir.display());
             }
+            if let Some(status) = lab_vm::exec_if_vm(&node_dir, command)? {
+                std::process::exit(status);
+            }
             let cgroup = std::path::Path::new(lab::CGROUP2_ROOT).join(prefix).join(&node);
             let mut cmd = netns::command_in_cgroup(&node, &cgroup, &program)?;
             cmd.env("RIPTIDE_NODE_NAME", &node).env("RIPTIDE_AGENT_SOCKET", node_dir.join("agent.sock"));
@@ -123,7 +144,15 @@ fn which_in(prog: &str, path: &std::ffi::OsStr) -> std::path::PathBuf {
         .unwrap_or_else(|| prog.into())
 }
 
-fn up(prefix: &str, state_dir: &std::path::Path, nodes: u32, detach: bool, net: LabNet, install: lab::Install) -> Result<()> {
+fn up(
+    prefix: &str,
+    state_dir: &std::path::Path,
+    nodes: u32,
+    detach: bool,
+    net: LabNet,
+    install: lab::Install,
+    vm: Option<lab_vm::VmTools>,
+) -> Result<()> {
     let exe = std::env::current_exe().context("locating riptide-lab")?;
     let cfg = LabConfig {
         prefix: prefix.to_owned(),
@@ -146,7 +175,15 @@ fn up(prefix: &str, state_dir: &std::path::Path, nodes: u32, detach: bool, net: 
             "==> starting the control plane and a kubelet per node, then applying manifests/riptide.yaml (DaemonSet riptide-agent)"
         ),
     }
-    lab.start_cluster_with(install, Duration::from_secs(120))?;
+    if let Some(tools) = &vm {
+        if install != lab::Install::HandWired {
+            bail!("--vm: installing from the manifest is not yet supported in VMs; use --install hand-wired");
+        }
+        eprintln!("==> VM nodes: {} under TCG, one vCPU each (minutes, not seconds)", tools.kernel.display());
+        lab_vm::start_cluster(&mut lab, tools, Duration::from_secs(900))?;
+    } else {
+        lab.start_cluster_with(install, Duration::from_secs(120))?;
+    }
     if install == lab::Install::Manifest {
         let out = lab.kubectl().args(["-n", "riptide-system", "get", "pods", "-o", "wide"]).output().context("kubectl get pods")?;
         eprint!("{}", String::from_utf8_lossy(&out.stdout));

@@ -3,7 +3,8 @@
 //! - `setup`: installs everything riptide needs on a fresh machine (idempotent).
 //! - `test`: setup, then every test: unit, eBPF (BPF_PROG_TEST_RUN), privileged;
 //!   `test --kernel 6.1`: the kernel-facing tests inside a VM of that kernel.
-//! - `run`: setup, build, then the main job in the foreground; Ctrl-C tears down.
+//! - `run`: setup, build, then the main job in the foreground; Ctrl-C tears down;
+//!   `run --vm`: every lab node a VM (`tests/src/lab_vm.rs`).
 //! - `down`: removes whatever a previous `run` left (safe to run twice).
 mod setup;
 mod util;
@@ -50,6 +51,13 @@ enum Task {
         /// through the apiserver; `hand-wired`: the lab starts agents itself.
         #[arg(long, value_parser = ["manifest", "hand-wired"], default_value = "hand-wired")]
         install: String,
+        /// Each node a QEMU VM (TCG) with its own kernel, on the lab
+        /// underlay; the control plane stays on the host (hand-wired only).
+        #[arg(long)]
+        vm: bool,
+        /// The VMs' kernel: a Debian series (`6.1`, the default) or an image.
+        #[arg(long, value_name = "SERIES|IMAGE", requires = "vm")]
+        kernel: Option<String>,
     },
     /// Benchmarks: riptide vs the direct path vs kube-proxy-shaped rules
     /// (results under target/bench/).
@@ -101,9 +109,16 @@ fn main() -> Result<()> {
             detach,
             tunnel,
             install,
+            vm,
+            kernel,
         } => {
             setup::all()?;
             let mut args = vec!["up".to_owned(), "--nodes".to_owned(), nodes.to_string()];
+            if vm {
+                let tools = setup::vm(kernel.as_deref().unwrap_or("6.1"))?;
+                args.extend(["--vm".to_owned(), "--vm-kernel".to_owned()]);
+                args.push(tools.kernel.to_string_lossy().into_owned());
+            }
             if detach {
                 args.push("--detach".into());
             }

@@ -1,0 +1,644 @@
+//! Lab nodes as VMs (`riptide-lab up --vm`, `cargo xtask run --vm`): each
+//! node is a QEMU guest with its own kernel, conntrack, bpffs and cgroup
+//! tree, booted by virtme-ng with this machine's filesystem shared
+//! read-only, so the kubelet and agent run from the workspace's build as in
+//! the namespace lab.
+//!
+//! ```text
+//!  root netns ── P0 (198.18.S.1, control plane) ──┐
+//!  netns P-ul:  br0 ── cp ─┘ ── n1 (tap) ── n2 (tap) ── out (veth)
+//!                              │ QEMU        │ QEMU
+//!                        guest P-n1 eth0   guest P-n2 eth0
+//!                        198.18.S.11       198.18.S.12
+//! ```
+//!
+//! The lab is built as usual ([`Lab::up`]); each node's network namespace
+//! is then replaced by a tap device of the same port name on the underlay
+//! bridge, created inside `P-ul`, and QEMU (with virtme-ng around it) runs
+//! in `P-ul` too: the root namespace gains nothing, and a guest's only NIC
+//! is its tap on the lab bridge, which reaches nothing but the lab (the
+//! root namespace's `P0` does not forward). The control plane stays on the
+//! host.
+//!
+//! A guest writes nothing on this machine but its logs (`--rwdir` of the
+//! lab's log directory); kubelet, agent and CNI state live in the guest's
+//! memory ([`GUEST_RUN`]), so a VM that is killed leaves nothing.
+//! virtme-ng's temporary files go to the node's state directory (`TMPDIR`),
+//! which teardown removes. QEMU and virtme-ng run inside the lab's
+//! underlay namespace and are recorded in the lab's state file like every
+//! lab process, so [`crate::lab::teardown`] (run by `down` and by the next
+//! `up`) kills them even after a crash, and deleting the namespace removes
+//! the taps.
+//!
+//! Commands reach a guest ([`exec`], `riptide-lab exec <node>`) through a
+//! small command server the guest runs as its last boot step
+//! ([`serve`]): TCP on the node's underlay address, reachable from the
+//! host's `P0` address only, one JSON request line carrying a per-lab
+//! random token (a 0600 file in the node's state directory), then framed
+//! stdout/stderr and the exit code. virtio-vsock needs `vhost_vsock` on the
+//! host (absent here) and a virtio-serial port carries one session at a
+//! time; the underlay is already there and multiplexes for free. The
+//! server runs each command in the node's cgroup, like `lab exec` on a
+//! namespace node, so socket LB applies to it; stdin is not forwarded.
+//!
+//! Guests are emulated (TCG: nested KVM hangs on these machines), one vCPU
+//! each: functional checks, never performance numbers.
+
+use std::{
+    io::{BufRead as _, BufReader, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::unix::{fs::OpenOptionsExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    lab::{CLUSTER_DNS, CLUSTER_DOMAIN, Install, Lab, LabConfig},
+    netns::ip,
+};
+
+/// Where a guest keeps its node state (kubelet root, CNI IPAM, podCIDR
+/// file, agent socket and pid), in memory like all its writes. Not under
+/// `/run`: a pod whose volumes need a new directory there (`/var/run/secrets`)
+/// gets a tmpfs copy of `/run`, which must not hide the kubelet's own dir.
+pub const GUEST_RUN: &str = "/var/lib/riptide-vm";
+/// The command server's port on each node's underlay address.
+const EXEC_PORT: u16 = 10299;
+/// One vCPU per guest: TCG runs a host thread per vCPU, and the machine's
+/// two cores also carry the control plane.
+const VM_CPUS: &str = "1";
+const VM_MEMORY: &str = "1536M";
+/// virtme-ng's release this module is written against (xtask's set-up
+/// installs it).
+const VIRTME_NG_DIR: &str = "virtme-ng-1.42";
+
+/// The kernel to boot and virtme-ng's `vng` (its directory holds
+/// `virtme-run`, which `vng` runs).
+#[derive(Debug, Clone)]
+pub struct VmTools {
+    pub vng: PathBuf,
+    pub kernel: PathBuf,
+}
+
+impl VmTools {
+    /// What `cargo xtask test --kernel 6.1` / `run --vm` set up under
+    /// `~/.cache/riptide` (or `$XDG_CACHE_HOME/riptide`): virtme-ng's venv
+    /// and the newest unpacked kernel; `kernel` overrides the image.
+    pub fn from_cache(kernel: Option<PathBuf>) -> Result<Self> {
+        let cache = match std::env::var_os("XDG_CACHE_HOME") {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cache"),
+        }
+        .join("riptide");
+        let vng = cache.join(VIRTME_NG_DIR).join("bin/vng");
+        ensure!(vng.is_file(), "{} is missing: `cargo xtask run --vm` installs it", vng.display());
+        let kernel = match kernel {
+            Some(k) => k,
+            None => {
+                let mut images: Vec<PathBuf> = std::fs::read_dir(cache.join("kernels"))
+                    .into_iter()
+                    .flatten()
+                    .filter_map(std::result::Result::ok)
+                    .filter_map(|e| std::fs::read_dir(e.path().join("boot")).ok())
+                    .flatten()
+                    .filter_map(std::result::Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+                    .collect();
+                images.sort();
+                images.pop().with_context(|| {
+                    format!("no kernel under {}: `cargo xtask run --vm` downloads one", cache.join("kernels").display())
+                })?
+            }
+        };
+        ensure!(kernel.is_file(), "kernel image {} does not exist", kernel.display());
+        Ok(Self { vng, kernel })
+    }
+}
+
+/// How the host reaches a node's command server (`<node dir>/vm-exec.json`,
+/// 0600; the guest reads it through the read-only share). Its presence
+/// marks the node as a VM.
+#[derive(Debug, Serialize, Deserialize)]
+struct ExecConfig {
+    addr: SocketAddr,
+    token: String,
+}
+
+const EXEC_CONFIG: &str = "vm-exec.json";
+
+/// Label of node `i`'s VM among the lab's processes (its log is the
+/// guest's console).
+pub fn vm_label(cfg: &LabConfig, i: u32) -> String {
+    format!("{}-vm", cfg.node_name(i))
+}
+
+fn mac(cfg: &LabConfig, i: u32) -> String {
+    format!("52:54:00:72:{:02x}:{:02x}", cfg.subnet, i)
+}
+
+/// Starts the control plane on the host, then every node as a VM running
+/// its agent and kubelet (hand-wired: the lab writes the CNI config and
+/// starts the agent), and waits until every node is Ready.
+pub fn start_cluster(lab: &mut Lab, tools: &VmTools, timeout: Duration) -> Result<()> {
+    ensure!(!lab.net().routed && lab.net().tunnel.is_none(), "VM nodes sit on the bridged underlay: --tunnel is not yet supported with --vm");
+    lab.set_install(Install::HandWired);
+    lab.start_control_plane()?;
+    lab.write_agent_kubeconfig()?;
+    let image_map = lab.write_image_map()?;
+    for i in 1..=lab.config().nodes {
+        start_node(lab, tools, i, &image_map).with_context(|| format!("starting VM {}", lab.config().node_name(i)))?;
+    }
+    let n = lab.config().nodes as usize;
+    lab.wait_until("every VM node Ready", timeout, |lab| lab.summary().is_ok_and(|s| s.nodes_ready == n))
+        .map_err(|e| e.context(guest_logs(lab.config())))
+}
+
+/// The last lines of every guest's boot, kubelet and agent logs.
+pub fn guest_logs(cfg: &LabConfig) -> String {
+    let mut out = String::new();
+    for i in 1..=cfg.nodes {
+        for what in ["guest", "kubelet", "agent"] {
+            let path = cfg.log_dir().join(format!("{}-{what}.log", cfg.node_name(i)));
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- {} ---\n{}\n", path.display(), lines[lines.len().saturating_sub(15)..].join("\n")));
+        }
+    }
+    out
+}
+
+fn start_node(lab: &mut Lab, tools: &VmTools, i: u32, image_map: &Path) -> Result<()> {
+    let c = lab.config().clone();
+    let node = c.node_name(i);
+    let ul = c.underlay_netns();
+    let port = format!("n{i}");
+    // The namespace node's veth pair and netns go; a tap of the same port
+    // name takes its place on the bridge. The pair is deleted first and by
+    // hand: a deleted netns frees its devices asynchronously.
+    ip(&["-n", &ul, "link", "del", &port])?;
+    ip(&["netns", "del", &c.node_netns(i)])?;
+    ip(&["-n", &ul, "tuntap", "add", "dev", &port, "mode", "tap"])?;
+    ip(&["-n", &ul, "link", "set", &port, "master", "br0", "up"])?;
+
+    let dir = c.node_dir(i);
+    let tmp = dir.join("vm-tmp");
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let creds = kubelet_credentials(&c, i)?;
+    let cni_conf = write_cni_config(&c, i)?;
+    let exec = ExecConfig { addr: SocketAddr::from((c.node_ip(i), EXEC_PORT)), token: random_token()? };
+    write_private(&dir.join(EXEC_CONFIG), &serde_json::to_vec(&exec)?)?;
+    let agent_sh = dir.join("agent.sh");
+    write_file(&agent_sh, &agent_script(&c, i))?;
+    let boot = dir.join("boot.sh");
+    write_file(&boot, &boot_script(&c, i, &agent_sh, &creds, &cni_conf, image_map))?;
+
+    let bin_dir = tools.vng.parent().context("vng has no directory")?;
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let mut cmd = crate::netns::command(&ul, &tools.vng)?;
+    cmd.arg("--run")
+        .arg(&tools.kernel)
+        .args(["--disable-kvm", "--cpus", VM_CPUS, "--memory", VM_MEMORY, "--name", &node])
+        .arg("--rwdir")
+        .arg(c.log_dir())
+        .arg(format!(
+            "--qemu-opts=-netdev tap,id=ul0,ifname={port},script=no,downscript=no -device virtio-net-pci,netdev=ul0,mac={}",
+            mac(&c, i)
+        ))
+        // Kernel messages in the console log, for a guest that never
+        // finished booting.
+        .arg("--verbose")
+        .args(["--exec", &format!("sh {}", boot.display())])
+        .env("PATH", path)
+        .env("TMPDIR", &tmp)
+        // Its own process group: Ctrl-C on the lab's terminal reaches the
+        // lab, which then stops the VMs in order.
+        .process_group(0);
+    lab.spawn(&vm_label(&c, i), cmd)?;
+    Ok(())
+}
+
+/// The kubelet's identity and serving certificate for node `i`, issued
+/// from the control plane's CA on the host (the guest reads them through
+/// the read-only share).
+fn kubelet_credentials(c: &LabConfig, i: u32) -> Result<PathBuf> {
+    let creds = c.node_dir(i).join("credentials");
+    let out = Command::new(c.bin_dir.join("riptide-controlplane"))
+        .arg("kubelet-credentials")
+        .arg("--data-dir")
+        .arg(c.state_dir.join("controlplane"))
+        .args(["--server", &format!("https://{}", c.apiserver_addr())])
+        .args(["--node-name", &c.node_name(i), "--node-ip", &c.node_ip(i).to_string()])
+        .arg("--out-dir")
+        .arg(&creds)
+        .output()
+        .context("running riptide-controlplane kubelet-credentials")?;
+    if !out.status.success() {
+        bail!("kubelet-credentials for {}: {}", c.node_name(i), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(creds)
+}
+
+/// Node `i`'s CNI config directory, with the conflist pointing at the
+/// guest's own state, and the plugin linked as `riptide` beside it.
+fn write_cni_config(c: &LabConfig, i: u32) -> Result<PathBuf> {
+    let conf_dir = c.node_dir(i).join("cni");
+    std::fs::create_dir_all(&conf_dir).with_context(|| format!("creating {}", conf_dir.display()))?;
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "riptide",
+        "plugins": [{
+            "type": "riptide",
+            "nodeName": c.node_name(i),
+            "podCIDRFile": format!("{GUEST_RUN}/podcidr"),
+            "clusterCIDR": "10.42.0.0/16",
+            "stateDir": format!("{GUEST_RUN}/ipam"),
+            "mtu": 1500,
+        }],
+    });
+    write_file(&conf_dir.join("10-riptide.conflist"), &serde_json::to_string_pretty(&conf)?)?;
+    let bin = conf_dir.join("bin");
+    std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+    let plugin = bin.join("riptide");
+    let _ = std::fs::remove_file(&plugin);
+    std::os::unix::fs::symlink(c.bin_dir.join("riptide-cni"), &plugin).with_context(|| format!("linking {}", plugin.display()))?;
+    Ok(conf_dir)
+}
+
+fn sh_quote(p: impl AsRef<std::ffi::OsStr>) -> String {
+    format!("'{}'", p.as_ref().to_string_lossy().replace('\'', r"'\''"))
+}
+
+/// Starts the node's agent in the background (its log appended to), its
+/// pid in `GUEST_RUN/agent.pid`; the boot script runs it, and so does
+/// [`start_agent`] after [`kill_agent`].
+fn agent_script(c: &LabConfig, i: u32) -> String {
+    let log = c.log_dir().join(format!("{}-agent.log", c.node_name(i)));
+    format!(
+        "#!/bin/sh\n\
+         # Node {node}'s agent, inside its VM (written by riptide-lab, tests/src/lab_vm.rs).\n\
+         echo \"----- lab: {node}-agent started $(date -u +%T) -----\" >> {log}\n\
+         setsid {agent} --node-name {node} --node-ip {ip} --pod-cidr-file {GUEST_RUN}/podcidr \
+         --api-socket {GUEST_RUN}/agent.sock --metrics-addr {ip}:9962 --cgroup {cgroup} --uplink eth0 \
+         --l2-announcements --kubeconfig {kc} >> {log} 2>&1 < /dev/null &\n\
+         echo $! > {GUEST_RUN}/agent.pid\n",
+        node = c.node_name(i),
+        ip = c.node_ip(i),
+        log = sh_quote(&log),
+        agent = sh_quote(c.bin_dir.join("riptide-agent")),
+        cgroup = sh_quote(c.node_cgroup(i)),
+        kc = sh_quote(c.agent_kubeconfig()),
+    )
+}
+
+/// The guest's only job: mounts (bpffs, cgroup v2 where this machine's
+/// hybrid layout has it), the underlay address on the NIC with the lab's
+/// MAC, the node cgroup, then the agent and the kubelet in the background
+/// and the command server in the foreground (the VM powers off when it
+/// exits).
+fn boot_script(c: &LabConfig, i: u32, agent_sh: &Path, creds: &Path, cni_conf: &Path, image_map: &Path) -> String {
+    let node = c.node_name(i);
+    let log = |what: &str| sh_quote(c.log_dir().join(format!("{node}-{what}.log")));
+    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    format!(
+        "#!/bin/sh\n\
+         # Lab node {node} as a VM, run by virtme-ng (written by riptide-lab, tests/src/lab_vm.rs).\n\
+         exec > {guest_log} 2>&1\n\
+         echo \"riptide-vm: {node} kernel $(uname -r)\"\n\
+         mount -t bpf bpf /sys/fs/bpf || exit 1\n\
+         if [ ! -d /sys/fs/cgroup/unified ]; then\n\
+         \x20 mount -t tmpfs cgroup /sys/fs/cgroup && mkdir /sys/fs/cgroup/unified &&\n\
+         \x20 mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified || exit 1\n\
+         fi\n\
+         mkdir -p {cgroup} {GUEST_RUN}/ipam || exit 1\n\
+         ip link set lo up\n\
+         # No udev in the guest to load the NIC's driver.\n\
+         modprobe virtio_net\n\
+         dev=''\n\
+         for t in 1 2 3 4 5 6 7 8 9 10; do\n\
+         \x20 for d in /sys/class/net/*; do [ \"$(cat $d/address)\" = {mac} ] && dev=${{d##*/}}; done\n\
+         \x20 [ -n \"$dev\" ] && break; sleep 1\n\
+         done\n\
+         [ -n \"$dev\" ] || {{ echo \"riptide-vm: no NIC with MAC {mac}\"; exit 1; }}\n\
+         [ \"$dev\" = eth0 ] || ip link set \"$dev\" name eth0 || exit 1\n\
+         ip addr add {ip}/24 dev eth0 && ip link set eth0 up || exit 1\n\
+         echo 1 > /proc/sys/net/ipv4/ip_forward\n\
+         hostname {node}\n\
+         export PATH={bin}:$PATH RIPTIDE_NODE_NAME={node} RIPTIDE_AGENT_SOCKET={GUEST_RUN}/agent.sock \
+         KUBECONFIG={kubeconfig} NO_COLOR=1 RUST_LOG={rust_log}\n\
+         sh {agent_sh}\n\
+         # Restarted when it exits, as systemd does on a node: its first TLS\n\
+         # handshakes can outlast the apiserver's 10 s limit while the agent\n\
+         # loads the datapath on the same emulated CPU.\n\
+         (while :; do\n\
+         \x20 {controlplane} kubelet --kubeconfig {creds}/kubelet.kubeconfig \
+         --tls-cert-file {creds}/kubelet.crt --tls-private-key-file {creds}/kubelet.key \
+         --client-ca-file {creds}/ca.crt --node-name {node} --node-ip {ip} \
+         --cni-conf-dir {cni_conf} --cni-bin-dir {cni_conf}/bin --cgroup-root {cgroup} \
+         --root-dir {GUEST_RUN}/kubelet --cluster-dns {CLUSTER_DNS} --cluster-domain {CLUSTER_DOMAIN} \
+         --image-map {image_map}\n\
+         \x20 echo \"----- lab: {node}-kubelet exited ($?), restarting in 2 s -----\"; sleep 2\n\
+         done) > {kubelet_log} 2>&1 < /dev/null &\n\
+         echo \"riptide-vm: {node} up, commands on {ip}:{EXEC_PORT}\"\n\
+         exec {lab} vm-exec-server --config {exec_conf} --cgroup {cgroup}\n",
+        guest_log = log("guest"),
+        kubelet_log = log("kubelet"),
+        cgroup = sh_quote(c.node_cgroup(i)),
+        mac = mac(c, i),
+        ip = c.node_ip(i),
+        bin = sh_quote(&c.bin_dir),
+        kubeconfig = sh_quote(c.kubeconfig()),
+        rust_log = sh_quote(&rust_log),
+        agent_sh = sh_quote(agent_sh),
+        controlplane = sh_quote(c.bin_dir.join("riptide-controlplane")),
+        creds = sh_quote(creds),
+        cni_conf = sh_quote(cni_conf),
+        image_map = sh_quote(image_map),
+        lab = sh_quote(c.bin_dir.join("riptide-lab")),
+        exec_conf = sh_quote(c.node_dir(i).join(EXEC_CONFIG)),
+    )
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+fn random_token() -> Result<String> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).context("reading /dev/urandom")?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Whether node `i` of this lab runs as a VM.
+pub fn is_vm(cfg: &LabConfig, i: u32) -> bool {
+    cfg.node_dir(i).join(EXEC_CONFIG).is_file()
+}
+
+/// Kills node `i`'s agent with SIGKILL inside its VM, as a crash would
+/// (pins, links and routes stay as it left them).
+pub fn kill_agent(cfg: &LabConfig, i: u32) -> Result<()> {
+    let out = exec(&cfg.node_dir(i), &["sh", "-c", &format!("kill -KILL $(cat {GUEST_RUN}/agent.pid)")])?;
+    ensure!(out.status == 0, "killing the agent of {}: {}", cfg.node_name(i), out.text());
+    Ok(())
+}
+
+/// Starts node `i`'s agent again inside its VM (its log continues).
+pub fn start_agent(cfg: &LabConfig, i: u32) -> Result<()> {
+    let out = exec(&cfg.node_dir(i), &["sh", &cfg.node_dir(i).join("agent.sh").to_string_lossy()])?;
+    ensure!(out.status == 0, "starting the agent of {}: {}", cfg.node_name(i), out.text());
+    Ok(())
+}
+
+/// What a command run in a guest printed, and its exit status (128 +
+/// signal when a signal ended it).
+#[derive(Debug)]
+pub struct ExecOutput {
+    pub status: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl ExecOutput {
+    pub fn text(&self) -> String {
+        format!("{}{}", String::from_utf8_lossy(&self.stdout), String::from_utf8_lossy(&self.stderr))
+    }
+}
+
+/// Runs `argv` in the VM whose node directory is `node_dir`, collecting
+/// its output.
+pub fn exec(node_dir: &Path, argv: &[&str]) -> Result<ExecOutput> {
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let argv: Vec<String> = argv.iter().map(|s| (*s).to_owned()).collect();
+    let status = exec_streaming(node_dir, &argv, &mut stdout, &mut stderr)?;
+    Ok(ExecOutput { status, stdout, stderr })
+}
+
+/// For `riptide-lab exec`: `Some(exit status)` after running `argv` in
+/// the node's VM with output passed through, `None` when the node is no
+/// VM.
+pub fn exec_if_vm(node_dir: &Path, argv: &[String]) -> Result<Option<i32>> {
+    if !node_dir.join(EXEC_CONFIG).is_file() {
+        return Ok(None);
+    }
+    let status = exec_streaming(node_dir, argv, &mut std::io::stdout(), &mut std::io::stderr())?;
+    Ok(Some(status))
+}
+
+#[derive(Serialize, Deserialize)]
+struct Request {
+    token: String,
+    argv: Vec<String>,
+}
+
+/// Frame kinds of the server's answer: `[kind u8][len u32 BE][payload]`.
+const STDOUT: u8 = 1;
+const STDERR: u8 = 2;
+/// Payload: the exit status, i32 BE.
+const EXIT: u8 = 3;
+/// Payload: why the command could not run.
+const FAILED: u8 = 4;
+
+fn exec_streaming(node_dir: &Path, argv: &[String], out: &mut dyn Write, err: &mut dyn Write) -> Result<i32> {
+    let path = node_dir.join(EXEC_CONFIG);
+    let cfg: ExecConfig = serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)
+        .with_context(|| format!("parsing {}", path.display()))?;
+    let mut conn = TcpStream::connect_timeout(&cfg.addr, Duration::from_secs(5))
+        .with_context(|| format!("connecting to the VM's command server at {} (is the VM up?)", cfg.addr))?;
+    let mut req = serde_json::to_vec(&Request { token: cfg.token, argv: argv.to_vec() })?;
+    req.push(b'\n');
+    conn.write_all(&req).with_context(|| format!("sending the command to {}", cfg.addr))?;
+    let mut conn = BufReader::new(conn);
+    loop {
+        let (kind, payload) = read_frame(&mut conn).with_context(|| format!("reading the answer of {}", cfg.addr))?;
+        let written = match kind {
+            STDOUT => out.write_all(&payload),
+            STDERR => err.write_all(&payload),
+            EXIT => {
+                let code: [u8; 4] = payload.as_slice().try_into().context("exit frame of the wrong size")?;
+                return Ok(i32::from_be_bytes(code));
+            }
+            FAILED => bail!("in the VM at {}: {}", cfg.addr, String::from_utf8_lossy(&payload)),
+            k => bail!("unknown frame kind {k} from {}", cfg.addr),
+        };
+        match written {
+            Ok(()) => {}
+            // `lab exec n1 -- riptide service list | head`: ends as a
+            // shell pipeline would (128 + SIGPIPE); dropping the connection
+            // makes the server kill the command.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(128 + libc::SIGPIPE),
+            Err(e) => return Err(anyhow::Error::new(e).context("writing the command's output")),
+        }
+    }
+}
+
+fn read_frame(r: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head)?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload)?;
+    Ok((head[0], payload))
+}
+
+fn write_frame(w: &Mutex<TcpStream>, kind: u8, payload: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(payload.len()).map_err(|_| std::io::Error::other("frame too large"))?;
+    let mut frame = Vec::with_capacity(5 + payload.len());
+    frame.push(kind);
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(payload);
+    let mut w = w.lock().map_err(|_| std::io::Error::other("writer poisoned"))?;
+    w.write_all(&frame)
+}
+
+/// The guest's command server (`riptide-lab vm-exec-server`): answers
+/// requests carrying the node's token from the host's lab address only,
+/// running each in `cgroup`. Runs until the VM powers off.
+pub fn serve(config: &Path, cgroup: &Path) -> Result<()> {
+    let cfg: ExecConfig = serde_json::from_slice(&std::fs::read(config).with_context(|| format!("reading {}", config.display()))?)
+        .with_context(|| format!("parsing {}", config.display()))?;
+    let listener = TcpListener::bind(cfg.addr).with_context(|| format!("listening on {}", cfg.addr))?;
+    // The lab's host address: `.1` of the node's /24.
+    let host = match cfg.addr {
+        SocketAddr::V4(a) => {
+            let o = a.ip().octets();
+            Ipv4Addr::new(o[0], o[1], o[2], 1)
+        }
+        SocketAddr::V6(_) => bail!("the lab underlay is IPv4"),
+    };
+    let token = Arc::new(cfg.token);
+    let cgroup = Arc::new(cgroup.to_path_buf());
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        if !conn.peer_addr().is_ok_and(|p| p.ip() == std::net::IpAddr::V4(host)) {
+            continue;
+        }
+        let (token, cgroup) = (Arc::clone(&token), Arc::clone(&cgroup));
+        std::thread::spawn(move || {
+            if let Err(e) = handle(conn, &token, &cgroup) {
+                eprintln!("vm-exec-server: {e:#}");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn handle(conn: TcpStream, token: &str, cgroup: &Path) -> Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = String::new();
+    BufReader::new((&conn).take(1 << 20)).read_line(&mut line).context("reading the request")?;
+    let writer = Arc::new(Mutex::new(conn));
+    let req: Request = serde_json::from_str(&line).context("parsing the request")?;
+    // Both are 32 hex digits from the same file; a length-independent
+    // comparison costs nothing here.
+    if req.token.len() != token.len() || req.token.bytes().zip(token.bytes()).fold(0, |acc, (a, b)| acc | (a ^ b)) != 0 {
+        write_frame(&writer, FAILED, b"wrong token")?;
+        return Ok(());
+    }
+    let Some((prog, args)) = req.argv.split_first() else {
+        write_frame(&writer, FAILED, b"no command")?;
+        return Ok(());
+    };
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .with_context(|| format!("opening {}/cgroup.procs", cgroup.display()))?;
+    let mut cmd = Command::new(prog);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SAFETY: only write(2) on an fd opened before fork; "0" is the
+    // writing process itself.
+    unsafe {
+        cmd.pre_exec(move || {
+            use std::os::fd::AsRawFd as _;
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            write_frame(&writer, FAILED, format!("running {prog}: {e}").as_bytes())?;
+            return Ok(());
+        }
+    };
+    let pid = child.id();
+    let pump = |mut from: Box<dyn Read + Send>, kind: u8| {
+        let writer = Arc::clone(&writer);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if write_frame(&writer, kind, &buf[..n]).is_err() {
+                            // The client is gone: nobody reads the rest.
+                            // SAFETY: plain syscall.
+                            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let out = pump(Box::new(child.stdout.take().context("child stdout")?), STDOUT);
+    let err = pump(Box::new(child.stderr.take().context("child stderr")?), STDERR);
+    let status = child.wait().context("waiting for the command")?;
+    let _ = out.join();
+    let _ = err.join();
+    let code = {
+        use std::os::unix::process::ExitStatusExt as _;
+        status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1)
+    };
+    write_frame(&writer, EXIT, &code.to_be_bytes())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> LabConfig {
+        LabConfig {
+            prefix: "rt".into(),
+            nodes: 2,
+            subnet: 7,
+            bin_dir: "/w/target/debug".into(),
+            state_dir: "/w/target/lab".into(),
+        }
+    }
+
+    #[test]
+    fn boot_script_addresses_the_nic_by_the_labs_mac() {
+        let c = cfg();
+        let s = boot_script(&c, 2, Path::new("/a.sh"), Path::new("/creds"), Path::new("/cni"), Path::new("/map"));
+        assert!(s.contains("= 52:54:00:72:07:02 ]"), "{s}");
+        assert!(s.contains("ip addr add 198.18.7.12/24 dev eth0"), "{s}");
+        assert!(s.contains("--cgroup-root '/sys/fs/cgroup/unified/rt/rt-n2'"), "{s}");
+        assert!(s.trim_end().ends_with("vm-exec-server --config '/w/target/lab/nodes/rt-n2/vm-exec.json' --cgroup '/sys/fs/cgroup/unified/rt/rt-n2'"), "{s}");
+    }
+
+    #[test]
+    fn agent_script_records_its_pid_in_the_guest() {
+        let s = agent_script(&cfg(), 1);
+        assert!(s.contains("--node-ip 198.18.7.11"), "{s}");
+        assert!(s.trim_end().ends_with("echo $! > /var/lib/riptide-vm/agent.pid"), "{s}");
+    }
+}
