@@ -395,10 +395,9 @@ pub fn diagnostics(lab: &Lab) -> String {
                 s.push_str(&out.map(|o| text(&o)).unwrap_or_else(|e| e.to_string()));
             }
         }
-        for comp in ["agent", "kubelet"] {
-            let label = format!("{}-{comp}", c.node_name(i));
-            s.push_str(&format!("--- {label} log ---\n{}\n", lab.log_tail(&label, 15)));
-        }
+        s.push_str(&format!("--- {} agent log ---\n{}\n", c.node_name(i), lab.agent_log_tail(i, 15)));
+        let label = format!("{}-kubelet", c.node_name(i));
+        s.push_str(&format!("--- {label} log ---\n{}\n", lab.log_tail(&label, 15)));
     }
     s.push_str(&format!("--- apiserver log ---\n{}\n", lab.log_tail("apiserver", 15)));
     if let Ok(p) = kubectl(lab, &["get", "pods,svc,endpointslices", "-o", "wide"]) {

@@ -5,7 +5,7 @@
 //! the next `up` or by `down`.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     io::Write as _,
     net::Ipv4Addr,
@@ -32,6 +32,12 @@ pub const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 43, 0, 10);
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// Image of riptide's own components in `manifests/` (without the tag).
 const RIPTIDE_IMAGE: &str = "localhost/riptide:";
+/// A second image of riptide in every kubelet's image map, what an image
+/// change rolls out to: this build again, from a directory of its own
+/// (`<state>/images/next`, hard links of the binaries).
+pub const NEXT_IMAGE: &str = "localhost/riptide:0.1.1";
+/// The binaries of riptide's image (`manifests/image/Containerfile`).
+const IMAGE_BINARIES: &[&str] = &["riptide-agent", "riptide-cni", "riptide"];
 
 #[derive(Debug, Clone)]
 pub struct LabConfig {
@@ -213,6 +219,10 @@ impl std::str::FromStr for Install {
 /// named per node, shared with the kubelet that runs the CNI plugin.
 const NODE_RUN_DIRS: &[&str] = &["/run/riptide", "/var/lib/cni/riptide"];
 
+/// The agent pods of `manifests/riptide.yaml` and their agent container.
+const AGENT_SELECTOR: &str = "app.kubernetes.io/name=riptide-agent";
+const AGENT_CONTAINER: &str = "agent";
+
 /// What a running lab records so `down` can find processes of a crashed run.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
@@ -238,6 +248,9 @@ pub struct Lab {
     /// (`None`: [`LabConfig::external_ip_cidr`]).
     external_ip_cidrs: Option<String>,
     install: Install,
+    /// Agent containers [`Lab::kill_agent`] killed (manifest install), by
+    /// node: the pod's uid and the container's restart count before.
+    killed_agents: BTreeMap<u32, (String, u64)>,
     down: bool,
 }
 
@@ -263,6 +276,7 @@ impl Lab {
             started: BTreeSet::new(),
             external_ip_cidrs: None,
             install: Install::default(),
+            killed_agents: BTreeMap::new(),
             down: false,
         };
         lab.save_state()?;
@@ -328,19 +342,45 @@ impl Lab {
             sysctl_in(&ul, "net.ipv4.conf.all.rp_filter", "1")?;
         }
         for i in 1..=c.nodes {
-            let ns = c.node_netns(i);
-            if self.net.routed {
-                self.add_routed_node(&ns, &format!("n{i}"), c.node_ip(i))?;
-            } else {
-                self.add_host_on_underlay(&ns, &format!("n{i}"), c.node_ip(i))?;
-            }
-            // Nodes route pods: forwarding on inside the node's namespace.
-            sysctl_in(&ns, "net.ipv4.ip_forward", "1")?;
-            std::fs::create_dir_all(c.node_cgroup(i))
-                .with_context(|| format!("creating cgroup {}", c.node_cgroup(i).display()))?;
+            self.build_node(i)?;
         }
         self.add_host_on_underlay(&c.outside_netns(), "out", c.outside_ip())?;
         Ok(())
+    }
+
+    /// Node `i`'s netns on the underlay and its cgroup.
+    fn build_node(&self, i: u32) -> Result<()> {
+        let c = &self.cfg;
+        let ns = c.node_netns(i);
+        if self.net.routed {
+            self.add_routed_node(&ns, &format!("n{i}"), c.node_ip(i))?;
+        } else {
+            self.add_host_on_underlay(&ns, &format!("n{i}"), c.node_ip(i))?;
+        }
+        // Nodes route pods: forwarding on inside the node's namespace.
+        sysctl_in(&ns, "net.ipv4.ip_forward", "1")?;
+        std::fs::create_dir_all(c.node_cgroup(i)).with_context(|| format!("creating cgroup {}", c.node_cgroup(i).display()))
+    }
+
+    /// Adds a node to the running lab, as an operator joins a machine to a
+    /// cluster: its netns on the underlay, its cgroup and its kubelet. From
+    /// the manifest the DaemonSet then gives it an agent pod (whose init
+    /// container installs the CNI); hand-wired, the lab starts its agent.
+    /// Returns the new node's index; [`LabConfig::nodes`] counts it.
+    pub fn add_node(&mut self) -> Result<u32> {
+        let i = self.cfg.nodes + 1;
+        if i > 100 {
+            bail!("a lab has at most 100 nodes");
+        }
+        // Counted before anything exists, so teardown and diagnostics see
+        // a half-built node too.
+        self.cfg.nodes = i;
+        self.build_node(i).with_context(|| format!("building node {}", self.cfg.node_name(i)))?;
+        if self.install == Install::HandWired {
+            self.start_agent(i)?;
+        }
+        self.start_kubelet(i)?;
+        Ok(i)
     }
 
     /// A node on its own link to the underlay router: `addr/32` on the
@@ -513,7 +553,13 @@ impl Lab {
 
     /// Starts the node agent of node `i` in its netns. With a control plane
     /// running it watches the cluster; without one it only loads the datapath.
+    /// From the manifest agents are the DaemonSet's pods: this waits until
+    /// the kubelet has restarted the container [`Lab::kill_agent`] killed
+    /// and it is ready again; the new process's pid.
     pub fn start_agent(&mut self, i: u32) -> Result<u32> {
+        if self.install == Install::Manifest {
+            return self.wait_for_agent_restart(i, Duration::from_secs(90));
+        }
         let c = self.cfg.clone();
         let bin = self.bin("riptide-agent")?;
         std::fs::create_dir_all(c.node_dir(i))
@@ -546,8 +592,14 @@ impl Lab {
     /// Kills node `i`'s agent with SIGKILL, as a crash or the OOM killer
     /// would: none of its own cleanup runs, so pins, pinned links, routes
     /// and its API socket stay as it left them. [`Lab::start_agent`] starts
-    /// a new one (its log continues the old one's).
+    /// a new one (its log continues the old one's). From the manifest the
+    /// victim is the agent container's process of the node's agent pod;
+    /// its kubelet restarts the container after its crash back-off, as for
+    /// any crash, and [`Lab::start_agent`] waits for that.
     pub fn kill_agent(&mut self, i: u32) -> Result<()> {
+        if self.install == Install::Manifest {
+            return self.kill_agent_container(i);
+        }
         let label = format!("{}-agent", self.cfg.node_name(i));
         let pos = self
             .procs
@@ -559,6 +611,115 @@ impl Lab {
         p.child.kill().with_context(|| format!("killing {label} (pid {pid})"))?;
         p.child.wait().with_context(|| format!("reaping {label} (pid {pid})"))?;
         self.save_state()
+    }
+
+    /// Node `i`'s agent pod (from the manifest): its name, uid and the
+    /// agent container's status.
+    fn agent_pod(&self, i: u32) -> Result<(String, String, serde_json::Value)> {
+        let node = self.cfg.node_name(i);
+        let out = self
+            .kubectl()
+            .args(["-n", "riptide-system", "get", "pods", "-l", AGENT_SELECTOR, "--field-selector"])
+            .arg(format!("spec.nodeName={node}"))
+            .args(["-o", "json"])
+            .output()
+            .context("kubectl get pods")?;
+        if !out.status.success() {
+            bail!("listing the agent pod of {node}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing kubectl's pod list")?;
+        let pod = v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .with_context(|| format!("{node} has no agent pod"))?;
+        let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        let uid = pod["metadata"]["uid"].as_str().with_context(|| format!("agent pod {name} has no uid"))?.to_owned();
+        let status = pod["status"]["containerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == AGENT_CONTAINER)
+            .cloned()
+            .unwrap_or_default();
+        Ok((name, uid, status))
+    }
+
+    /// Pids of the agent container's process in node `i`'s agent pod (its
+    /// cgroup, `<node cgroup>/pod-<uid>`, the kubelet's layout).
+    fn agent_container_pids(&self, i: u32, uid: &str) -> Vec<u32> {
+        let dir = self.cfg.node_cgroup(i).join(format!("pod-{uid}"));
+        processes_in_cgroup(&dir)
+            .into_iter()
+            .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "riptide-agent"))
+            .collect()
+    }
+
+    fn kill_agent_container(&mut self, i: u32) -> Result<()> {
+        let (pod, uid, status) = self.agent_pod(i)?;
+        let pids = self.agent_container_pids(i, &uid);
+        if pids.is_empty() {
+            bail!("agent pod {pod} has no riptide-agent process");
+        }
+        for p in &pids {
+            signal(*p, libc::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pids.iter().any(|p| is_alive(*p)) {
+            if Instant::now() > deadline {
+                bail!("agent of {pod} (pids {pids:?}) still alive 5 s after SIGKILL");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.killed_agents.insert(i, (uid, status["restartCount"].as_u64().unwrap_or(0)));
+        Ok(())
+    }
+
+    fn wait_for_agent_restart(&mut self, i: u32, timeout: Duration) -> Result<u32> {
+        let node = self.cfg.node_name(i);
+        let (uid, restarts) = self
+            .killed_agents
+            .remove(&i)
+            .with_context(|| format!("the agent of {node} is the DaemonSet's pod: kill_agent({i}) first, its kubelet restarts it"))?;
+        let mut pid = 0;
+        self.wait_until(&format!("the kubelet restarting the agent of {node}"), timeout, |lab| {
+            let Ok((_, now_uid, st)) = lab.agent_pod(i) else { return false };
+            let restarted = now_uid != uid || st["restartCount"].as_u64().unwrap_or(0) > restarts;
+            if restarted && st["ready"] == true {
+                pid = lab.agent_container_pids(i, &now_uid).first().copied().unwrap_or(0);
+            }
+            pid != 0
+        })?;
+        Ok(pid)
+    }
+
+    /// The last `n` lines of node `i`'s agent log: the lab's log file of a
+    /// hand-wired agent; from the manifest, the kubelet's log files of the
+    /// node's agent containers (every pod and restart, oldest first), read
+    /// from disk so they are there while the apiserver or the pod is not.
+    pub fn agent_log_tail(&self, i: u32, n: usize) -> String {
+        if self.install != Install::Manifest {
+            return self.log_tail(&format!("{}-agent", self.cfg.node_name(i)), n);
+        }
+        // `<root-dir>/pods/<uid>/<container>/<restart>.log`
+        // (`controlplane/src/kubelet/state.rs`).
+        let pods = self.cfg.node_dir(i).join("kubelet").join("pods");
+        let mut logs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(pods)
+            .into_iter()
+            .flatten()
+            .filter_map(std::result::Result::ok)
+            .flat_map(|pod| std::fs::read_dir(pod.path().join(AGENT_CONTAINER)).into_iter().flatten().filter_map(std::result::Result::ok))
+            .filter_map(|f| Some((f.metadata().ok()?.modified().ok()?, f.path())))
+            .collect();
+        logs.sort();
+        let mut text = String::new();
+        for (_, path) in logs {
+            text.push_str(&format!("----- {} -----\n", path.display()));
+            text.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     /// Writes node `i`'s CNI config (conflist naming the node, its podCIDR
@@ -669,13 +830,37 @@ impl Lab {
     }
 
     /// The kubelets' image map (`controlplane/src/kubelet/image.rs`):
-    /// riptide's image is this workspace's build directory, pause sleeps,
-    /// every other image runs its command from this machine's filesystem.
+    /// riptide's image is this workspace's build directory ([`NEXT_IMAGE`]
+    /// the same build from a directory of its own), pause sleeps, every
+    /// other image runs its command from this machine's filesystem.
     pub fn write_image_map(&self) -> Result<PathBuf> {
         let path = self.cfg.state_dir.join("image-map");
-        let map = format!("{RIPTIDE_IMAGE}* = {}\nregistry.k8s.io/pause:* = pause\n* = host\n", self.cfg.bin_dir.display());
+        let next = self.stage_next_image()?;
+        let map = format!(
+            "{NEXT_IMAGE} = {}\n{RIPTIDE_IMAGE}* = {}\nregistry.k8s.io/pause:* = pause\n* = host\n",
+            next.display(),
+            self.cfg.bin_dir.display()
+        );
         std::fs::write(&path, map).with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
+    }
+
+    /// [`NEXT_IMAGE`]'s directory: the build's image binaries hard-linked
+    /// (copied across filesystems), so the running agents' files are
+    /// never the ones an image change starts.
+    fn stage_next_image(&self) -> Result<PathBuf> {
+        let dir = self.cfg.state_dir.join("images").join("next");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for name in IMAGE_BINARIES {
+            let (src, dst) = (self.bin(name)?, dir.join(name));
+            if dst.exists() {
+                continue;
+            }
+            if std::fs::hard_link(&src, &dst).is_err() {
+                std::fs::copy(&src, &dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+            }
+        }
+        Ok(dir)
     }
 
     /// The whole cluster, hand-wired: control plane, then every node's
@@ -1217,6 +1402,7 @@ const LAB_STATE_ENTRIES: &[&str] = &[
     "riptide-dns.json",
     "riptide.json",
     "image-map",
+    "images",
     "dns-headless.yaml",
     "bench.yaml",
     "fillers.yaml",

@@ -2,11 +2,14 @@
 //! bare kubelets register NotReady, `manifests/riptide.yaml` applied
 //! through the apiserver installs the CNI (the DaemonSet's init container)
 //! into each node's own root and starts the agents, the nodes turn Ready
-//! and Services work; a rolling restart of the agents keeps a live
-//! connection; `manifests/riptide-uninstall.yaml` leaves nothing behind.
+//! and Services work; a rolling restart and an image change of the agents
+//! break no held connection and fail no new one through ClusterIP and
+//! NodePort, and the new agents adopt the pinned maps; a node added later
+//! gets its agent and serves pods; `manifests/riptide-uninstall.yaml`
+//! leaves nothing behind.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     path::Path,
     time::{Duration, Instant},
 };
@@ -85,6 +88,274 @@ fn cgroup_attachments() -> Result<Vec<(String, u32)>> {
     Ok(out)
 }
 
+/// `BPF_OBJ_GET`'s attribute (`union bpf_attr`, the `BPF_OBJ_*` member).
+#[repr(C)]
+#[derive(Default)]
+struct ObjGet {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// Kernel ids of the maps pinned for node `i`, by pin path relative to
+/// its pin directory: the same ids after an agent restart mean the new
+/// agent adopted the maps (a rebuilt map gets a new id).
+fn pinned_map_ids(lab: &Lab, i: u32) -> Result<BTreeMap<String, u32>> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let root = Path::new(lab::PIN_ROOT).join(lab.config().node_name(i));
+    let mut ids = BTreeMap::new();
+    let mut todo = vec![root.clone()];
+    while let Some(dir) = todo.pop() {
+        for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                todo.push(e.path());
+                continue;
+            }
+            let path = std::ffi::CString::new(e.path().as_os_str().as_encoded_bytes())?;
+            let mut attr = ObjGet { pathname: path.as_ptr() as u64, ..ObjGet::default() };
+            // SAFETY: BPF_OBJ_GET (7) reads `attr` and the NUL-terminated
+            // path it points at, both alive for the call.
+            let fd = unsafe { libc::syscall(libc::SYS_bpf, 7, &raw mut attr, std::mem::size_of::<ObjGet>()) };
+            if fd < 0 {
+                bail!("BPF_OBJ_GET {}: {}", e.path().display(), std::io::Error::last_os_error());
+            }
+            // SAFETY: the syscall returned a new fd that nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd)?) };
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+            // Programs and links pinned beside the maps have no map_id.
+            if let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")) {
+                let rel = e.path().strip_prefix(&root)?.display().to_string();
+                ids.insert(rel, id.trim().parse()?);
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Reverse-NAT id of every frontend in node `i`'s maps (`riptide service
+/// list`): ids the new agent reuses, or replies of established flows
+/// would be translated to another Service's address.
+fn revnat_ids(lab: &Lab, i: u32) -> Result<BTreeMap<String, u64>> {
+    let v = e2e::agent_services(lab, i)?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| (format!("{} {}", f["frontend"].as_str().unwrap_or("?"), f["scope"].as_str().unwrap_or("?")), f["revnat_id"].as_u64().unwrap_or(0)))
+        .collect())
+}
+
+/// Long-lived and new connections held through an agent rollout.
+#[derive(Debug, Default)]
+struct Traffic {
+    /// Requests over the held connections during the rollout.
+    requests: u64,
+    /// Held connections that failed (none may).
+    broken: Vec<String>,
+    /// New connections that answered, by path.
+    new_ok: BTreeMap<String, u64>,
+    /// New connections that failed, with the error.
+    new_failed: Vec<String>,
+}
+
+/// One client of the live traffic: a demo pod on the node if there is one
+/// (its netns and cgroup, as `e2e::pod_command`), else the node itself.
+struct Client {
+    who: String,
+    netns: String,
+    cgroup: std::path::PathBuf,
+}
+
+impl Client {
+    fn on(lab: &Lab, i: u32) -> Result<Self> {
+        let c = lab.config();
+        let node = c.node_name(i);
+        let pods = e2e::kubectl_json(lab, &["get", "pods", "-l", "app=demo", "--field-selector", &format!("spec.nodeName={node}")])?;
+        let pod = pods["items"].as_array().into_iter().flatten().find(|p| p["status"]["phase"] == "Running" && p["metadata"]["deletionTimestamp"].is_null());
+        Ok(match pod.and_then(|p| Some((p["metadata"]["name"].as_str()?, p["metadata"]["uid"].as_str()?))) {
+            Some((name, uid)) => Self { who: name.to_owned(), netns: format!("{node}-pod-{uid}"), cgroup: c.node_cgroup(i).join(format!("pod-{uid}")) },
+            None => Self { who: node.clone(), netns: c.node_netns(i), cgroup: c.node_cgroup(i) },
+        })
+    }
+
+    fn command(&self, program: &Path) -> Result<std::process::Command> {
+        riptide_tests::netns::command_in_cgroup(&self.netns, &self.cgroup, program)
+    }
+}
+
+/// Runs `change` (a kubectl command that rolls the agent pods) while, on
+/// every node, a keep-alive connection to the `demo` ClusterIP from a pod
+/// of the node and one from `outside` to the node's NodePort carry a
+/// request every 100 ms, and new connections to the same places open one
+/// after another; until `kubectl rollout status` says done and 2 s more.
+/// Fails on any broken held connection or failed new one, when an agent
+/// pod was not replaced, and when a node's pinned maps or reverse-NAT ids
+/// changed (the new agents must adopt, not rebuild).
+fn roll_agents_under_traffic(lab: &Lab, change: &[&str]) -> Result<Traffic> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let c = lab.config().clone();
+    let nodes = c.nodes;
+    let netexec = c.bin_dir.join("riptide-netexec");
+    let cip = e2e::cluster_ip(lab, "demo")?;
+    let clients = (1..=nodes).map(|i| Client::on(lab, i)).collect::<Result<Vec<_>>>()?;
+    let mut held = Vec::new();
+    for (i, client) in (1..=nodes).zip(&clients) {
+        let mut cmd = client.command(&netexec)?;
+        cmd.args(["--keepalive-client", &format!("{cip}:80")]);
+        held.push(KeepAlive::open(&format!("{} → {cip}:80", client.who), cmd)?);
+        let np = format!("{}:30080", c.node_ip(i));
+        let mut cmd = riptide_tests::netns::command(&c.outside_netns(), &netexec)?;
+        cmd.args(["--keepalive-client", &np]);
+        held.push(KeepAlive::open(&format!("outside → {np}"), cmd)?);
+    }
+    let backends = held.iter_mut().map(|k| k.get("/hostname")).collect::<Result<Vec<_>>>()?;
+    let maps_before = (1..=nodes).map(|i| pinned_map_ids(lab, i)).collect::<Result<Vec<_>>>()?;
+    let revnat_before = (1..=nodes).map(|i| revnat_ids(lab, i)).collect::<Result<Vec<_>>>()?;
+    ensure!(maps_before.iter().all(|m| !m.is_empty()), "no pinned maps before the rollout: {maps_before:?}");
+    let pods_before = agent_pods(lab)?;
+
+    // Probe commands of one round of new connections: ClusterIP from every
+    // node's client, NodePort of every node from outside.
+    let round = || -> Result<Vec<(String, std::process::Command)>> {
+        let mut cmds = Vec::new();
+        for client in &clients {
+            let mut cmd = client.command(&netexec)?;
+            cmd.args(["--probe", &format!("tcp:{cip}:80"), "--probe-timeout-ms", "3000"]);
+            cmds.push((client.who.clone(), cmd));
+        }
+        let mut cmd = riptide_tests::netns::command(&c.outside_netns(), &netexec)?;
+        for i in 1..=nodes {
+            cmd.args(["--probe", &format!("tcp:{}:30080", c.node_ip(i))]);
+        }
+        cmd.args(["--probe-timeout-ms", "3000", "--probe-parallel", &nodes.to_string()]);
+        cmds.push(("outside".into(), cmd));
+        Ok(cmds)
+    };
+    let stop = AtomicBool::new(false);
+    let mut t = Traffic::default();
+    let rolled: Result<()> = std::thread::scope(|scope| {
+        let stream = scope.spawn(|| -> Result<(BTreeMap<String, u64>, Vec<String>)> {
+            let (mut ok, mut failed) = (BTreeMap::new(), Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let started = round()?
+                    .into_iter()
+                    .map(|(who, mut cmd)| (who, cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()))
+                    .collect::<Vec<_>>();
+                for (who, child) in started {
+                    let out = child.and_then(std::process::Child::wait_with_output);
+                    let out = match out {
+                        Ok(o) => o,
+                        Err(e) => {
+                            failed.push(format!("{who}: starting the probe: {e}"));
+                            continue;
+                        }
+                    };
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    for line in text.lines() {
+                        let mut w = line.splitn(3, ' ');
+                        match (w.next(), w.next()) {
+                            (Some(target), Some("ok")) => *ok.entry(format!("{who} {target}")).or_insert(0) += 1,
+                            _ => failed.push(format!("{who}: {line}")),
+                        }
+                    }
+                    if !out.status.success() || text.trim().is_empty() {
+                        failed.push(format!("{who}: probe exited {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok((ok, failed))
+        });
+        let mut held_traffic = || -> Result<()> {
+            let out = lab.kubectl().args(["-n", "riptide-system"]).args(change).output()?;
+            ensure!(out.status.success(), "kubectl {}: {}", change.join(" "), String::from_utf8_lossy(&out.stderr));
+            let mut status = lab
+                .kubectl()
+                .args(["-n", "riptide-system", "rollout", "status", "ds/riptide-agent", "--timeout=180s"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("kubectl rollout status")?;
+            let mut done_at = None;
+            let mut broken = vec![false; held.len()];
+            loop {
+                t.requests += 1;
+                let msg = format!("during-{}", t.requests);
+                for (k, b) in held.iter_mut().zip(&mut broken) {
+                    if *b {
+                        continue;
+                    }
+                    match k.get(&format!("/echo?msg={msg}")) {
+                        Ok(echo) if echo == msg => {}
+                        Ok(echo) => {
+                            *b = true;
+                            t.broken.push(format!("echo {msg} answered {echo}"));
+                        }
+                        Err(e) => {
+                            *b = true;
+                            t.broken.push(format!("request {}: {e:#}", t.requests));
+                        }
+                    }
+                }
+                if done_at.is_none()
+                    && let Some(st) = status.try_wait()?
+                {
+                    ensure!(st.success(), "kubectl rollout status ds/riptide-agent failed");
+                    done_at = Some(Instant::now());
+                }
+                // New agents report ready before their first resync is
+                // long over: keep the traffic on a little after.
+                if done_at.is_some_and(|d| d.elapsed() > Duration::from_secs(2)) {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        };
+        let r = held_traffic();
+        stop.store(true, Ordering::Relaxed);
+        let (ok, failed) = stream.join().map_err(|_| anyhow::anyhow!("the new-connection stream panicked"))??;
+        t.new_ok = ok;
+        t.new_failed = failed;
+        r
+    });
+    rolled?;
+    for (k, before) in held.iter_mut().zip(&backends) {
+        if t.broken.is_empty() {
+            ensure!(&k.get("/hostname")? == before, "a held connection moved off {before}");
+        }
+    }
+    let pods_after = agent_pods(lab)?;
+    ensure!(pods_after.len() == nodes as usize, "agent pods after the rollout: {pods_after:?}");
+    ensure!(pods_after.iter().all(|p| !pods_before.contains(p)), "pods not replaced: before {pods_before:?}, after {pods_after:?}");
+    for i in 1..=nodes {
+        let node = c.node_name(i);
+        let maps = pinned_map_ids(lab, i)?;
+        let m0 = &maps_before[(i - 1) as usize];
+        let rebuilt: Vec<_> = m0.iter().filter(|(p, id)| maps.get(*p) != Some(id)).map(|(p, id)| format!("{p} {id} → {:?}", maps.get(p))).collect();
+        ensure!(rebuilt.is_empty(), "{node}: pinned maps replaced, not adopted: {rebuilt:?}");
+        let revnat = revnat_ids(lab, i)?;
+        let r0 = &revnat_before[(i - 1) as usize];
+        let moved: Vec<_> = r0.iter().filter(|(f, id)| revnat.get(*f) != Some(id)).map(|(f, id)| format!("{f} {id} → {:?}", revnat.get(f))).collect();
+        ensure!(moved.is_empty(), "{node}: reverse-NAT ids changed: {moved:?}");
+        eprintln!("     {node}: {} pinned maps and {} frontends' reverse-NAT ids unchanged", m0.len(), r0.len());
+    }
+    let new: u64 = t.new_ok.values().sum();
+    eprintln!(
+        "     {} requests on each of {} held connections, {} broken; {new} new connections ({:?}), {} failed; agent pods {pods_before:?} → {pods_after:?}",
+        t.requests,
+        held.len(),
+        t.broken.len(),
+        t.new_ok,
+        t.new_failed.len()
+    );
+    ensure!(t.broken.is_empty(), "held connections broke: {:?}", t.broken);
+    ensure!(t.new_failed.is_empty(), "{} of {} new connections failed: {:?}", t.new_failed.len(), new + t.new_failed.len() as u64, t.new_failed);
+    ensure!(t.new_ok.len() == 2 * nodes as usize, "new connections reached only {:?}", t.new_ok.keys());
+    Ok(t)
+}
+
 /// Agent pod names, by node.
 fn agent_pods(lab: &Lab) -> Result<Vec<(String, String)>> {
     let v = e2e::kubectl_json(lab, &["-n", "riptide-system", "get", "pods", "-l", "app.kubernetes.io/name=riptide-agent", "-o", "json"])?;
@@ -146,6 +417,20 @@ fn leftovers(lab: &Lab, i: u32) -> Result<Vec<String>> {
         left.push(format!("connect4 program {id} attached to {}", c.node_cgroup(i).display()));
     }
     Ok(left)
+}
+
+/// New connections from a demo pod to the `demo` ClusterIP reach every
+/// endpoint.
+fn every_endpoint_answers(lab: &Lab) -> Result<()> {
+    let cip = e2e::cluster_ip(lab, "demo")?;
+    let pods = e2e::pods(lab, "app=demo")?;
+    let client = pods.first().context("no demo pod")?;
+    let want: BTreeSet<String> = pods.iter().map(|p| p.name.clone()).collect();
+    eventually(SETTLE, || {
+        let got = e2e::hostnames_from_pod(lab, &client.name, &format!("http://{cip}/hostname"), 30)?;
+        ensure!(got == want, "new connections: {got:?}, want {want:?}");
+        Ok(())
+    })
 }
 
 #[test]
@@ -235,53 +520,78 @@ fn netns_e2e_install_from_the_manifest() {
         Ok(())
     });
 
-    s.check_mut("rollout restart ds/riptide-agent keeps a live ClusterIP connection", |lab| {
-        let c = lab.config().clone();
-        let netexec = c.bin_dir.join("riptide-netexec");
-        let cip = e2e::cluster_ip(lab, "demo")?;
-        let client = e2e::pods(lab, "app=demo")?.into_iter().next().context("no demo pod")?;
-        let mut cmd = e2e::pod_command(lab, &client.name, &netexec)?;
-        cmd.args(["--keepalive-client", &format!("{cip}:80")]);
-        let mut k = KeepAlive::open(&format!("{} → {cip}:80", client.name), cmd)?;
-        let backend = k.get("/hostname")?;
-        let before = agent_pods(lab)?;
-
-        let rollout = |args: &[&str]| lab.kubectl().args(["-n", "riptide-system", "rollout"]).args(args).output();
-        let out = rollout(&["restart", "ds/riptide-agent"])?;
-        ensure!(out.status.success(), "rollout restart: {}", String::from_utf8_lossy(&out.stderr));
-        let mut status = lab
-            .kubectl()
-            .args(["-n", "riptide-system", "rollout", "status", "ds/riptide-agent", "--timeout=180s"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("kubectl rollout status")?;
-        let mut n = 0u32;
-        let done = loop {
-            n += 1;
-            let msg = format!("during-{n}");
-            let echo = k.get(&format!("/echo?msg={msg}")).with_context(|| format!("request {n} during the rollout"))?;
-            ensure!(echo == msg, "echo {msg} answered {echo}");
-            if let Some(st) = status.try_wait()? {
-                break st;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        ensure!(done.success(), "kubectl rollout status ds/riptide-agent failed");
-        let after = agent_pods(lab)?;
-        ensure!(after.len() == NODES as usize, "agent pods after the rollout: {after:?}");
-        ensure!(after.iter().all(|p| !before.contains(p)), "pods not replaced: before {before:?}, after {after:?}");
-        // The connection kept its backend through every agent's restart.
-        ensure!(k.get("/hostname")? == backend, "the connection moved off {backend}");
-        eprintln!("     {n} requests over one connection during the rollout, none failed; agent pods {before:?} → {after:?}");
+    s.check_mut("rollout restart ds/riptide-agent keeps ClusterIP and NodePort traffic", |lab| {
+        roll_agents_under_traffic(lab, &["rollout", "restart", "ds/riptide-agent"])?;
         lab.wait_for_agents(Duration::from_secs(120))?;
-        let pods = e2e::pods(lab, "app=demo")?;
-        let want: BTreeSet<String> = pods.iter().map(|p| p.name.clone()).collect();
-        eventually(SETTLE, || {
-            let got = e2e::hostnames_from_pod(lab, &client.name, &format!("http://{cip}/hostname"), 30)?;
-            ensure!(got == want, "new connections after the rollout: {got:?}, want {want:?}");
-            Ok(())
-        })
+        every_endpoint_answers(lab)
+    });
+
+    s.check_mut("set image ds/riptide-agent to the next build keeps ClusterIP and NodePort traffic", |lab| {
+        let images = [format!("install-cni={}", lab::NEXT_IMAGE), format!("agent={}", lab::NEXT_IMAGE)];
+        roll_agents_under_traffic(lab, &["set", "image", "ds/riptide-agent", &images[0], &images[1]])?;
+        lab.wait_for_agents(Duration::from_secs(120))?;
+        let v = e2e::kubectl_json(lab, &["-n", "riptide-system", "get", "pods", "-l", "app.kubernetes.io/name=riptide-agent"])?;
+        for p in v["items"].as_array().into_iter().flatten() {
+            let images: Vec<&str> = p["spec"]["containers"].as_array().into_iter().flatten().filter_map(|c| c["image"].as_str()).collect();
+            ensure!(images == [lab::NEXT_IMAGE], "{} runs {images:?}", p["metadata"]["name"]);
+        }
+        every_endpoint_answers(lab)
+    });
+
+    s.check_mut("a node added later gets its agent pod, turns Ready and its pods are reachable", |lab| {
+        let started = Instant::now();
+        let i = lab.add_node()?;
+        let c = lab.config().clone();
+        let node = c.node_name(i);
+        lab.wait_for_agents(Duration::from_secs(180))?;
+        eprintln!("     {node} joined, got its agent pod and turned Ready in {:.1}s", started.elapsed().as_secs_f64());
+        ensure!(agent_pods(lab)?.iter().any(|(n, _)| *n == node), "no agent pod on {node}: {:?}", agent_pods(lab)?);
+        let conf = c.node_root(i).join("etc/cni/net.d/10-riptide.conflist");
+        ensure!(conf.is_file(), "install-cni wrote no {}", conf.display());
+        let netexec = c.bin_dir.join("riptide-netexec");
+        e2e::apply(
+            lab,
+            &format!(
+                r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: late
+  labels: {{app: late}}
+spec:
+  nodeName: {node}
+  containers:
+  - name: netexec
+    image: riptide.local/netexec:latest
+    command: ["{}", "--http-port=8080", "--udp-port=8081"]
+    readinessProbe:
+      httpGet: {{path: /healthz, port: 8080}}
+      periodSeconds: 2
+"#,
+                netexec.display()
+            ),
+        )?;
+        let late = eventually(SETTLE, || {
+            let p = e2e::pods(lab, "app=late")?;
+            ensure!(p.len() == 1 && p[0].ready, "pod late: {p:?}");
+            Ok(p[0].clone())
+        })?;
+        let cidr = e2e::kubectl(lab, &["get", "node", &node, "-o", "jsonpath={.spec.podCIDR}"])?;
+        let prefix = cidr.trim().rsplit_once('.').map(|(net, _)| format!("{net}.")).unwrap_or_default();
+        ensure!(!prefix.is_empty() && late.ip.to_string().starts_with(&prefix), "pod late has {} outside {node}'s podCIDR {cidr:?}", late.ip);
+        // From a pod on every other node, straight to the pod's address.
+        for other in e2e::pods(lab, "app=demo")? {
+            eventually(SETTLE, || {
+                let got = e2e::pod_curl(lab, &other.name, &format!("http://{}:8080/hostname", late.ip), 3)?.ok()?;
+                ensure!(got.trim() == "late", "{} on {} → late ({}): {got}", other.name, other.node, late.ip);
+                Ok(())
+            })?;
+        }
+        // And the new node serves Services: ClusterIP from its pod, its NodePort from outside.
+        let cip = e2e::cluster_ip(lab, "demo")?;
+        eventually(SETTLE, || e2e::pod_curl(lab, "late", &format!("http://{cip}/hostname"), 3)?.ok())?;
+        eventually(SETTLE, || e2e::outside_curl(lab, &format!("http://{}:30080/hostname", c.node_ip(i)), 3)?.ok())?;
+        e2e::kubectl(lab, &["delete", "pod", "late", "--wait=true", "--timeout=60s"])?;
+        Ok(())
     });
 
     s.check_mut("riptide-uninstall.yaml leaves no pin, program, route or CNI file behind", |lab| {
@@ -304,7 +614,7 @@ fn netns_e2e_install_from_the_manifest() {
         e2e::kubectl(lab, &["apply", "-f", &uninstall])?;
         e2e::kubectl(lab, &["-n", "riptide-uninstall", "rollout", "status", "ds/riptide-uninstall", "--timeout=120s"])?;
         let mut left = Vec::new();
-        for i in 1..=NODES {
+        for i in 1..=lab.config().nodes {
             left.extend(leftovers(lab, i)?.into_iter().map(|l| format!("{}: {l}", lab.config().node_name(i))));
         }
         e2e::kubectl(lab, &["delete", "-f", &uninstall, "--wait=true", "--timeout=60s"])?;

@@ -89,10 +89,10 @@ fn netns_lab_nodes_talk_over_the_underlay_and_teardown_is_complete() {
         for i in 1..=2 {
             let map = Path::new(lab::PIN_ROOT).join(cfg.node_name(i)).join("rt_ep4_v1");
             while !map.exists() && std::time::Instant::now() < deadline {
-                assert!(lab.exited().is_empty(), "agent died: {}", lab.log_tail(&format!("{}-agent", cfg.node_name(i)), 20));
+                assert!(lab.exited().is_empty(), "agent died: {}", lab.agent_log_tail(i, 20));
                 std::thread::sleep(Duration::from_millis(50));
             }
-            assert!(map.exists(), "agent of node {i} pinned nothing: {}", lab.log_tail(&format!("{}-agent", cfg.node_name(i)), 20));
+            assert!(map.exists(), "agent of node {i} pinned nothing: {}", lab.agent_log_tail(i, 20));
         }
         // The control plane listens on the lab's host address; kubectl works
         // against it, and a node can reach it over the underlay.
