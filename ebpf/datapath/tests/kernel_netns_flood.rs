@@ -243,11 +243,27 @@ fn flood(ns: &str, flows: u32) -> (u32, Duration) {
     })
 }
 
+/// Both ends of every connection live in this process: raises the soft
+/// open-file limit (1024 on a bare VM boot) towards `want`, within the hard
+/// limit.
+fn raise_open_file_limit(want: u64) {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0, "getrlimit");
+        if lim.rlim_cur < want {
+            lim.rlim_cur = want.min(lim.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0, "setrlimit");
+        }
+    }
+}
+
 #[test]
 fn netns_established_service_connections_survive_a_flood_of_new_inbound_flows() {
     if !privileged("to create network namespaces and attach eBPF programs") {
         return;
     }
+    raise_open_file_limit(2 * CONNECTIONS as u64 + 256);
     let flows: u32 = std::env::var("RIPTIDE_FLOOD_FLOWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let lab = lab();
     echo_servers(&lab.s);
