@@ -129,6 +129,16 @@ pub struct KubeletArgs {
     /// own cgroup for /sys/fs/cgroup.
     #[arg(long, value_delimiter = ',', value_parser = parse_path_map)]
     pub host_path_map: Vec<(PathBuf, PathBuf)>,
+    /// How long the kubelet API reuses a TokenReview answer (a revoked
+    /// token keeps working this long).
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    pub authentication_token_webhook_cache_ttl: Duration,
+    /// How long an allowing SubjectAccessReview answer is reused.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub authorization_webhook_cache_authorized_ttl: Duration,
+    /// How long a denying SubjectAccessReview answer is reused.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub authorization_webhook_cache_unauthorized_ttl: Duration,
 }
 
 fn parse_path_map(s: &str) -> Result<(PathBuf, PathBuf), String> {
@@ -256,6 +266,11 @@ pub async fn kubelet(a: KubeletArgs) -> Result<(), Error> {
         host_path_shared: a.host_path_shared,
         host_path_map: a.host_path_map,
         cluster_ca_pem: cluster_ca.filter(|c| !c.is_empty()),
+        auth_cache: crate::kubelet::auth::CacheTtls {
+            token: a.authentication_token_webhook_cache_ttl,
+            allowed: a.authorization_webhook_cache_authorized_ttl,
+            denied: a.authorization_webhook_cache_unauthorized_ttl,
+        },
     };
     crate::kubelet::run(client, cfg).await?;
     Ok(())

@@ -21,7 +21,11 @@ use riptide_controlplane::{
     apiserver::api::WriteOptions,
     credentials,
     exec::{self, ExecError, ExecRequest},
-    kubelet::{self, auth::KubeletAuth, server::ServingTls},
+    kubelet::{
+        self,
+        auth::{CacheTtls, KubeletAuth},
+        server::ServingTls,
+    },
     registry,
 };
 use rustls::pki_types::{CertificateDer, pem::PemObject as _};
@@ -68,7 +72,9 @@ async fn kubelet_endpoint(s: &TestServer) -> Kubelet {
     let files = credentials::write_kubelet(h.pki.as_ref().unwrap(), &h.url, NODE, "127.0.0.1", creds.path()).unwrap();
     let kc = kube::config::Kubeconfig::read_from(&files.kubeconfig).unwrap();
     let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.unwrap();
-    let auth = Arc::new(KubeletAuth { client: kube::Client::try_from(cfg).unwrap(), node_name: NODE.into() });
+    // Denials cached briefly, so a grant shows within the test's wait.
+    let ttls = CacheTtls { denied: std::time::Duration::from_secs(1), ..CacheTtls::default() };
+    let auth = Arc::new(KubeletAuth::new(kube::Client::try_from(cfg).unwrap(), NODE.into(), ttls));
     let serving = ServingTls {
         cert_pem: std::fs::read_to_string(&files.cert).unwrap(),
         key_pem: std::fs::read_to_string(&files.key).unwrap(),

@@ -32,6 +32,7 @@ struct Node {
     kubeconfig: PathBuf,
     server: String,
     cgroup: PathBuf,
+    kubelet_port: u16,
 }
 
 impl Node {
@@ -55,13 +56,19 @@ impl Node {
 
     /// apiserver + kubelet; `network` writes a CNI config first.
     fn up(tag: &str, network: bool) -> Self {
+        Self::up_with(tag, network, &[])
+    }
+
+    /// `up` with extra kubelet flags. The apiserver logs every request
+    /// (`apiserver.log`), so tests can count what reached it.
+    fn up_with(tag: &str, network: bool, kubelet_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let node = format!("rtk{}{tag}", std::process::id() % 100_000);
         let data = dir.path().join("cp");
         let log = File::create(dir.path().join("apiserver.log")).unwrap();
         let mut apiserver = Command::new(BIN)
             .args(["apiserver", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,riptide_controlplane::apiserver::handlers=debug")
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -80,7 +87,7 @@ impl Node {
         }
         std::thread::spawn(move || for _ in lines {});
         let cgroup = PathBuf::from("/sys/fs/cgroup/unified").join(&node);
-        let mut n = Node { dir, node, apiserver, kubelet: None, kubeconfig, server, cgroup };
+        let mut n = Node { dir, node, apiserver, kubelet: None, kubeconfig, server, cgroup, kubelet_port: free_port() };
         assert!(n.kubeconfig.exists(), "apiserver wrote no kubeconfig:\n{}", n.log("apiserver"));
         std::fs::create_dir_all(n.cni_conf()).unwrap();
         std::fs::create_dir_all(n.cni_bin()).unwrap();
@@ -97,7 +104,7 @@ impl Node {
         if network {
             n.write_conflist();
         }
-        n.start_kubelet();
+        n.start_kubelet(kubelet_args);
         n.wait("node registered", 30, |n| (!n.json(&["get", "node", &n.node]).is_null()).then_some(()));
         n
     }
@@ -107,7 +114,7 @@ impl Node {
         std::fs::write(self.cni_conf().join("10-fake.conflist"), conf.to_string()).unwrap();
     }
 
-    fn start_kubelet(&mut self) {
+    fn start_kubelet(&mut self, extra: &[&str]) {
         let pki = riptide_controlplane::apiserver::tls::Pki::load(&self.dir.path().join("cp").join("pki")).unwrap();
         let creds = riptide_controlplane::credentials::write_kubelet(&pki, &self.server, &self.node, "127.0.0.1", &self.dir.path().join("creds")).unwrap();
         let map = self.dir.path().join("image-map");
@@ -123,7 +130,8 @@ impl Node {
         std::fs::write(&resolv, "nameserver 192.0.2.53\n").unwrap();
         let log = File::options().create(true).append(true).open(self.dir.path().join("kubelet.log")).unwrap();
         let child = Command::new(BIN)
-            .args(["kubelet", "--node-name", &self.node, "--node-ip", "127.0.0.1", "--port", &free_port().to_string()])
+            .args(["kubelet", "--node-name", &self.node, "--node-ip", "127.0.0.1", "--port", &self.kubelet_port.to_string()])
+            .args(extra)
             .arg("--kubeconfig")
             .arg(&creds.kubeconfig)
             .arg("--tls-cert-file")
@@ -553,4 +561,84 @@ spec:
     let out = n.logs_with("net", "c", "done-net");
     assert!(out.contains("port-start=0"), "containerd's unprivileged ports in the pod netns:\n{out}");
     assert_eq!(n.pod("net")["status"]["podIP"], "10.250.0.9");
+}
+
+impl Node {
+    /// `GET https://<node>:<kubelet port><path>` with `token`: the status code.
+    fn kubelet_get(&self, path: &str, token: &str) -> u16 {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(self.dir.path().join("creds").join("ca.crt"))
+            .args(["-H", &format!("Authorization: Bearer {token}")])
+            .arg(format!("https://127.0.0.1:{}{path}", self.kubelet_port))
+            .output()
+            .expect("curl must be installed");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    }
+
+    /// Requests that reached the apiserver so far: (TokenReviews, SubjectAccessReviews).
+    fn reviews(&self) -> (usize, usize) {
+        let log = std::fs::read_to_string(self.dir.path().join("apiserver.log")).unwrap_or_default();
+        let count = |uri: &str| log.lines().filter(|l| l.contains(" request ") && l.contains(uri)).count();
+        (count("/apis/authentication.k8s.io/v1/tokenreviews"), count("/apis/authorization.k8s.io/v1/subjectaccessreviews"))
+    }
+
+    /// A ServiceAccount `name` (with `nodes/proxy` get on every node when
+    /// `proxy`) and a token for it.
+    fn account_token(&self, name: &str, proxy: bool) -> String {
+        let mut yaml = format!("apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {name}, namespace: default}}\n");
+        if proxy {
+            yaml += &format!(
+                "---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: {name}}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: node-proxy}}\nsubjects: [{{kind: ServiceAccount, name: {name}, namespace: default}}]\n"
+            );
+        }
+        self.apply(&yaml);
+        let (ok, out) = self.kubectl_raw(&["create", "token", name], None);
+        assert!(ok, "{out}");
+        out.trim().to_string()
+    }
+}
+
+#[test]
+fn kubelet_api_caches_reviews() {
+    if !privileged("for the kubelet's cgroups") {
+        return;
+    }
+    // A short token TTL so revocation can be watched expiring; the
+    // decision TTLs stay upstream's (5 min allowed, 30 s denied).
+    const TOKEN_TTL: Duration = Duration::from_secs(6);
+    let n = Node::up_with("c", false, &["--authentication-token-webhook-cache-ttl", "6s"]);
+    n.apply("apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: node-proxy}\nrules: [{apiGroups: [''], resources: [nodes/proxy], verbs: [get]}]\n");
+    let allowed = n.account_token("scraper", true);
+    let denied = n.account_token("nobody", false);
+
+    // Three requests within the TTLs: one TokenReview, one SubjectAccessReview.
+    let (t0, s0) = n.reviews();
+    assert_eq!([n.kubelet_get("/healthz", &allowed), n.kubelet_get("/healthz", &allowed), n.kubelet_get("/healthz", &allowed)], [200; 3]);
+    assert_eq!(n.reviews(), (t0 + 1, s0 + 1), "allowed: reviewed once\n{}", n.log("apiserver"));
+    // A denial is cached too (30 s), and so is a token the apiserver rejects.
+    assert_eq!([n.kubelet_get("/healthz", &denied), n.kubelet_get("/healthz", &denied)], [403; 2]);
+    assert_eq!(n.reviews(), (t0 + 2, s0 + 2), "denied: reviewed once");
+    assert_eq!([n.kubelet_get("/healthz", "not-a-token"), n.kubelet_get("/healthz", "not-a-token")], [401; 2]);
+    assert_eq!(n.reviews(), (t0 + 3, s0 + 2), "unauthenticated: one TokenReview, no SubjectAccessReview");
+    // A different path with the same verb and subresource is the same decision.
+    let code = n.kubelet_get("/containerLogs/default/none/c", &allowed);
+    assert!(code != 401 && code != 403, "{code}");
+    assert_eq!(n.reviews(), (t0 + 3, s0 + 2));
+
+    // Revocation takes up to the token TTL, as upstream documents: the
+    // deleted account's token still opens the kubelet from cache, then 401.
+    let gone = n.account_token("gone", true);
+    let first = Instant::now();
+    assert_eq!(n.kubelet_get("/healthz", &gone), 200);
+    let (ok, out) = n.kubectl_raw(&["delete", "serviceaccount", "gone"], None);
+    assert!(ok, "{out}");
+    let (ok, out) = n.kubectl_raw(&["get", "--raw", "/api", "--token", &gone], None);
+    assert!(!ok, "the apiserver refuses the revoked token at once: {out}");
+    if first.elapsed() < TOKEN_TTL - Duration::from_secs(1) {
+        assert_eq!(n.kubelet_get("/healthz", &gone), 200, "within the TTL the cached review stands");
+    }
+    let refused = n.wait("the revoked token to be refused", 20, |n| (n.kubelet_get("/healthz", &gone) == 401).then(|| first.elapsed()));
+    assert!(refused >= TOKEN_TTL, "refused after {refused:?}, before the TTL");
+    assert!(refused < TOKEN_TTL + Duration::from_secs(3), "refused only after {refused:?}");
 }

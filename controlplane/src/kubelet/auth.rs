@@ -11,8 +11,26 @@
 //! a WebSocket GET as `get`, so `nodes/proxy` read access runs commands).
 //! Denials are 403 with upstream's
 //! `Forbidden (user=…, verb=…, resource=…, subresource=…)`.
+//!
+//! Both answers are cached, as upstream's webhook authenticator and
+//! authorizer cache them, so a burst of requests (a `kubectl logs -f`
+//! reconnecting, a metrics scraper) costs the apiserver one review: a
+//! TokenReview verdict, either way, for `token` (2 min), a
+//! SubjectAccessReview for `allowed` (5 min) or `denied` (30 s) — the
+//! kubelet's `--authentication-token-webhook-cache-ttl` and
+//! `--authorization-webhook-cache-{authorized,unauthorized}-ttl`. The price
+//! is upstream's too: a revoked token (its ServiceAccount or pod deleted)
+//! or a removed RoleBinding keeps working here until its entry expires.
+//! Failed reviews (apiserver unreachable) are not cached. Each cache holds
+//! at most [`CACHE_ENTRIES`] entries; when full, expired ones go first,
+//! then the one closest to expiring.
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    hash::Hash,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use axum::{
     extract::{Request, State},
@@ -28,11 +46,72 @@ use kube::{Api, Client, api::PostParams};
 
 use crate::apiserver::authn::{self, AUTHENTICATED, Connection, UserInfo};
 
+/// Entries per cache (tokens, decisions).
+pub const CACHE_ENTRIES: usize = 4096;
+
+/// How long review answers are reused; zero turns a cache off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheTtls {
+    pub token: Duration,
+    pub allowed: Duration,
+    pub denied: Duration,
+}
+
+impl Default for CacheTtls {
+    /// Upstream kubelet's defaults.
+    fn default() -> Self {
+        Self { token: Duration::from_secs(120), allowed: Duration::from_secs(300), denied: Duration::from_secs(30) }
+    }
+}
+
+/// A map whose entries expire, bounded to `cap` entries.
+struct TtlCache<K, V> {
+    cap: usize,
+    map: HashMap<K, (Instant, V)>,
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> TtlCache<K, V> {
+    fn new(cap: usize) -> Self {
+        Self { cap, map: HashMap::new() }
+    }
+
+    fn get(&mut self, k: &K, now: Instant) -> Option<V> {
+        match self.map.get(k) {
+            Some((until, v)) if *until > now => Some(v.clone()),
+            Some(_) => {
+                self.map.remove(k);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn insert(&mut self, k: K, v: V, ttl: Duration, now: Instant) {
+        if ttl.is_zero() || self.cap == 0 {
+            return;
+        }
+        if self.map.len() >= self.cap && !self.map.contains_key(&k) {
+            self.map.retain(|_, (until, _)| *until > now);
+            if self.map.len() >= self.cap
+                && let Some(oldest) = self.map.iter().min_by_key(|(_, (until, _))| *until).map(|(k, _)| k.clone())
+            {
+                self.map.remove(&oldest);
+            }
+        }
+        self.map.insert(k, (now + ttl, v));
+    }
+}
+
 /// The kubelet's authenticator and authorizer: both ask the apiserver,
-/// with the kubelet's own credentials.
+/// with the kubelet's own credentials, and cache the answers.
 pub struct KubeletAuth {
-    pub client: Client,
-    pub node_name: String,
+    client: Client,
+    node_name: String,
+    ttls: CacheTtls,
+    /// Bearer token → the identity it stands for (None: not authenticated).
+    tokens: Mutex<TtlCache<String, Option<UserInfo>>>,
+    /// (user, attributes) → allowed.
+    decisions: Mutex<TtlCache<String, bool>>,
 }
 
 /// What a request asks of the Node (`authorizer.Attributes` upstream).
@@ -79,6 +158,16 @@ fn reply(code: StatusCode, msg: String) -> Response {
 }
 
 impl KubeletAuth {
+    pub fn new(client: Client, node_name: String, ttls: CacheTtls) -> Self {
+        Self {
+            client,
+            node_name,
+            ttls,
+            tokens: Mutex::new(TtlCache::new(CACHE_ENTRIES)),
+            decisions: Mutex::new(TtlCache::new(CACHE_ENTRIES)),
+        }
+    }
+
     /// The identity of a request from its connection's client certificate
     /// or its bearer token, or None (→ 401).
     async fn authenticate(&self, cert_user: Option<UserInfo>, token: Option<String>) -> Result<Option<UserInfo>, String> {
@@ -89,6 +178,17 @@ impl KubeletAuth {
             return Ok(Some(user));
         }
         let Some(token) = token else { return Ok(None) };
+        if let Some(hit) = self.tokens.lock().ok().and_then(|mut c| c.get(&token, Instant::now())) {
+            return Ok(hit);
+        }
+        let user = self.token_review(token.clone()).await?;
+        if let Ok(mut c) = self.tokens.lock() {
+            c.insert(token, user.clone(), self.ttls.token, Instant::now());
+        }
+        Ok(user)
+    }
+
+    async fn token_review(&self, token: String) -> Result<Option<UserInfo>, String> {
         let review = TokenReview {
             spec: TokenReviewSpec { token: Some(token), audiences: None },
             ..TokenReview::default()
@@ -108,6 +208,19 @@ impl KubeletAuth {
     }
 
     async fn authorize(&self, user: &UserInfo, a: &NodeAttributes) -> Result<bool, String> {
+        let key = serde_json::to_string(&(user, &a.verb, a.subresource)).map_err(|e| format!("cache key: {e}"))?;
+        if let Some(hit) = self.decisions.lock().ok().and_then(|mut c| c.get(&key, Instant::now())) {
+            return Ok(hit);
+        }
+        let allowed = self.subject_access_review(user, a).await?;
+        if let Ok(mut c) = self.decisions.lock() {
+            let ttl = if allowed { self.ttls.allowed } else { self.ttls.denied };
+            c.insert(key, allowed, ttl, Instant::now());
+        }
+        Ok(allowed)
+    }
+
+    async fn subject_access_review(&self, user: &UserInfo, a: &NodeAttributes) -> Result<bool, String> {
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(user.name.clone()),
@@ -162,6 +275,24 @@ pub async fn require(State(auth): State<Arc<KubeletAuth>>, req: Request, next: N
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_expires_and_stays_bounded() {
+        let t0 = Instant::now();
+        let mut c = TtlCache::new(2);
+        c.insert("a", 1, Duration::from_secs(10), t0);
+        assert_eq!(c.get(&"a", t0 + Duration::from_secs(9)), Some(1));
+        assert_eq!(c.get(&"a", t0 + Duration::from_secs(10)), None, "expired at its TTL");
+        c.insert("off", 1, Duration::ZERO, t0);
+        assert_eq!(c.get(&"off", t0), None, "a zero TTL caches nothing");
+        c.insert("a", 1, Duration::from_secs(5), t0);
+        c.insert("b", 2, Duration::from_secs(30), t0);
+        c.insert("c", 3, Duration::from_secs(20), t0);
+        assert_eq!(c.map.len(), 2);
+        assert_eq!(c.get(&"a", t0), None, "full: the entry closest to expiring went");
+        c.insert("d", 4, Duration::from_secs(40), t0 + Duration::from_secs(25));
+        assert_eq!((c.get(&"b", t0), c.get(&"c", t0), c.get(&"d", t0)), (Some(2), None, Some(4)), "expired entries go first");
+    }
 
     #[test]
     fn request_attributes_like_upstream() {

@@ -114,6 +114,8 @@ pub struct Config {
     /// The cluster CA (PEM) pods get as `ca.crt`, from the kubelet's
     /// kubeconfig.
     pub cluster_ca_pem: Option<Vec<u8>>,
+    /// How long the kubelet API reuses TokenReview and SubjectAccessReview answers.
+    pub auth_cache: auth::CacheTtls,
 }
 
 /// DER certificates as one PEM bundle.
@@ -223,7 +225,7 @@ pub async fn run(client: Client, cfg: Config) -> Result<(), Error> {
         .map_err(|source| Error::Setup { what: format!("binding {addr}"), source })?;
     let router = server::router(shared.clone())
         .merge(crate::exec::router(Arc::new(exec::KubeletExec(shared.clone()))));
-    let auth = Arc::new(auth::KubeletAuth { client: shared.client.clone(), node_name: cfg.node_name.clone() });
+    let auth = Arc::new(auth::KubeletAuth::new(shared.client.clone(), cfg.node_name.clone(), cfg.auth_cache));
     server::serve(listener, &cfg.tls, router, auth)
         .map_err(|e| Error::Setup { what: format!("kubelet API TLS on {addr}"), source: std::io::Error::other(e) })?;
     tracing::info!(node = %cfg.node_name, %addr, "kubelet running");
