@@ -7,9 +7,18 @@
 
 mod common;
 
-use std::path::Path;
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
-use common::{Netns, apply, eventually, kubectl, riptide, set_node_ip};
+use common::{
+    HELPER_ENV, Netns, add_node, agent_log_tail, apply, eventually, eventually_for, kubectl, riptide, set_node_ip,
+    spawn_helper,
+};
 use serde_json::Value;
 use riptide_test_support::privileged;
 
@@ -162,4 +171,196 @@ fn privileged_agent_converges_with_the_apiserver() {
         let out = ns.cmd("ip").args(["route", "show", "proto", "201"]).output().unwrap();
         out.stdout.is_empty()
     });
+}
+
+const HELPER: &str = "apiserver_test_helper";
+
+fn cluster_ip_yaml(name: &str, vip: &str, backend: Ipv4Addr, node: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {vip}\n  ports: [{{name: p, port: 80, targetPort: 8080, protocol: TCP}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: p, port: 8080, protocol: TCP}}]\nendpoints:\n- addresses: [{backend}]\n  nodeName: {node}\n  conditions: {{ready: true, serving: true, terminating: false}}\n"
+    )
+}
+
+/// ClusterIP frontends (`ip:port/TCP`) the maps hold.
+fn frontend_addrs(ns: &Netns) -> Vec<String> {
+    let Some(Value::Array(list)) = riptide(ns, &["service", "list"]) else {
+        return Vec::new();
+    };
+    let mut v: Vec<String> = list.iter().filter_map(|f| f["frontend"].as_str().map(str::to_owned)).collect();
+    v.sort();
+    v
+}
+
+/// `riptide status` (exit code, JSON), whatever the exit code.
+fn status_exit(ns: &Netns) -> (Option<i32>, Option<Value>) {
+    let out = Command::new(env!("CARGO_BIN_EXE_riptide"))
+        .arg("--socket")
+        .arg(ns.path("agent.sock"))
+        .args(["status", "-o", "json"])
+        .output()
+        .unwrap();
+    (out.status.code(), serde_json::from_slice(&out.stdout).ok())
+}
+
+/// The apiserver stops for several times `--stale-after-s` while a pod
+/// keeps opening connections to a ClusterIP and talking over one
+/// long-lived connection: none of them fails, the agent says stale (not
+/// ready, `riptide status` exits 1). Meanwhile the cluster changes behind
+/// its back (the apiserver runs briefly on another address the agent does
+/// not know: a Service deleted, one added); once the apiserver is back on
+/// its address, the agent relists and the maps converge on both changes.
+#[test]
+fn privileged_traffic_flows_while_the_apiserver_is_down_and_changes_converge_after() {
+    if !privileged("to load eBPF programs and create network namespaces") {
+        return;
+    }
+    let mut ns = Netns::new("down");
+    ns.underlay();
+    let listen = "127.0.0.1:16444";
+    let kc = common::start_apiserver_on(&mut ns, listen);
+    let api = ns.procs.len() - 1;
+    let me = ns.node.clone();
+    add_node(&ns, &kc, &me, "10.42.7.0/24", "198.18.77.1");
+    common::start_agent(&mut ns, &kc, &["--stale-after-s", "2"]);
+    eventually(&ns, "agent ready and podCIDR handed to the CNI", || {
+        status_exit(&ns).1.is_some_and(|s| s["ready"] == true)
+            && std::fs::read_to_string(ns.path("podcidr")).is_ok_and(|s| s.trim() == "10.42.7.0/24")
+    });
+
+    let be = ns.add_pod("be");
+    ns.add_pod("c");
+    let server = spawn_helper(&mut ns, "be", None, HELPER, "tcp-echo 8080");
+    assert!(server.wait_line(0, "listening", Duration::from_secs(10)).is_some(), "echo server did not start");
+    apply(&ns, &kc, &cluster_ip_yaml("web", "10.43.77.20", be, &me));
+    apply(&ns, &kc, &cluster_ip_yaml("gone", "10.43.77.21", be, &me));
+    eventually(&ns, "web and gone in the maps", || {
+        let f = frontend_addrs(&ns);
+        f.contains(&"10.43.77.20:80/TCP".to_owned()) && f.contains(&"10.43.77.21:80/TCP".to_owned())
+    });
+
+    // The client pod is outside any socket-LB cgroup: every packet goes
+    // through rt_from_pod's translation and conntrack.
+    let client = spawn_helper(&mut ns, "c", None, HELPER, "tcp-churn 10.43.77.20:80");
+    let progress = |c: &common::Helper| c.snapshot().iter().filter(|l| l.starts_with("ok")).count();
+    let errors = |c: &common::Helper| c.snapshot().into_iter().filter(|l| !l.starts_with("ok")).collect::<Vec<_>>();
+    eventually(&ns, "the client is talking", || progress(&client) >= 10);
+
+    // Down, for five times --stale-after-s in all.
+    let down = Instant::now();
+    ns.procs[api].kill().unwrap();
+    ns.procs[api].wait().unwrap();
+    eventually(&ns, "status says stale; riptide status exits 1", || {
+        let (code, st) = status_exit(&ns);
+        code == Some(1) && st.is_some_and(|s| s["ready"] == false && s["stale"].as_str().is_some_and(|m| m.contains("apiserver unreachable")))
+    });
+    let before = progress(&client);
+
+    // The cluster changes where the agent cannot see it.
+    let hidden = common::start_apiserver_on(&mut ns, "127.0.0.1:16445");
+    let hidden_api = ns.procs.len() - 1;
+    kubectl(&ns, &hidden, &["delete", "service", "gone"], None);
+    kubectl(&ns, &hidden, &["delete", "endpointslice", "gone-1"], None);
+    apply(&ns, &hidden, &cluster_ip_yaml("new", "10.43.77.22", be, &me));
+    ns.procs[hidden_api].kill().unwrap();
+    ns.procs[hidden_api].wait().unwrap();
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(down.elapsed()));
+    assert!(status_exit(&ns).0 == Some(1), "still stale before the apiserver returns");
+    assert!(
+        frontend_addrs(&ns).contains(&"10.43.77.21:80/TCP".to_owned()),
+        "the agent cannot know about the deletion yet: the maps keep the last view"
+    );
+    assert!(progress(&client) > before + 20, "traffic kept flowing while the apiserver was down: {:?}", client.snapshot().last());
+    assert_eq!(errors(&client), Vec::<String>::new(), "no connection failed while the apiserver was down");
+
+    // Back on its address: ready again, the deletion and the addition made
+    // meanwhile reach the maps.
+    let kc2 = common::start_apiserver_on(&mut ns, listen);
+    assert_eq!(kc2, kc);
+    eventually_for(&ns, "ready again after the apiserver returned", Duration::from_secs(60), || {
+        let (code, st) = status_exit(&ns);
+        code == Some(0) && st.is_some_and(|s| s["ready"] == true && s["stale"].is_null())
+    });
+    eventually_for(&ns, "the changes made while disconnected converge", Duration::from_secs(60), || {
+        let f = frontend_addrs(&ns);
+        f.contains(&"10.43.77.20:80/TCP".to_owned())
+            && f.contains(&"10.43.77.22:80/TCP".to_owned())
+            && !f.contains(&"10.43.77.21:80/TCP".to_owned())
+    });
+    let after = progress(&client);
+    eventually(&ns, "traffic still flows after the recovery", || progress(&client) > after + 10);
+    assert_eq!(errors(&client), Vec::<String>::new(), "no connection failed at all: agent log:\n{}", agent_log_tail(&ns, 30));
+}
+
+/// Not a test: the server and client processes of the test above, chosen
+/// by [`HELPER_ENV`]. Output lines start with `OUT `.
+#[test]
+#[ignore = "helper process for the end-to-end tests"]
+fn apiserver_test_helper() {
+    let Ok(spec) = std::env::var(HELPER_ENV) else {
+        return;
+    };
+    let args: Vec<&str> = spec.split_whitespace().collect();
+    let out = |s: String| {
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(o, "OUT {s}");
+        let _ = o.flush();
+    };
+    let timeout = Duration::from_secs(2);
+    match args[..] {
+        ["tcp-echo", port] => {
+            let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port.parse::<u16>().unwrap())).unwrap();
+            out("listening".into());
+            for s in l.incoming() {
+                let Ok(s) = s else { continue };
+                std::thread::spawn(move || {
+                    let mut w = s.try_clone().unwrap();
+                    for line in BufReader::new(s).lines() {
+                        let Ok(line) = line else { break };
+                        if writeln!(w, "echo {line}").is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+        // One long-lived connection plus a new connection every 20 ms,
+        // each round trip checked: `ok <n>`, or `error <what>`.
+        ["tcp-churn", target] => {
+            let target: SocketAddrV4 = target.parse().unwrap();
+            let connect = || -> std::io::Result<(TcpStream, BufReader<TcpStream>)> {
+                let s = TcpStream::connect_timeout(&target.into(), timeout)?;
+                s.set_read_timeout(Some(timeout))?;
+                let r = BufReader::new(s.try_clone()?);
+                Ok((s, r))
+            };
+            let round_trip = |(w, r): &mut (TcpStream, BufReader<TcpStream>), word: &str| -> std::io::Result<()> {
+                writeln!(w, "{word}")?;
+                let mut line = String::new();
+                r.read_line(&mut line)?;
+                if line.trim_end() == format!("echo {word}") {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other(format!("unexpected reply {line:?}")))
+                }
+            };
+            let mut long = match connect() {
+                Ok(c) => c,
+                Err(e) => return out(format!("error connect long-lived {e}")),
+            };
+            for n in 0u64.. {
+                if let Err(e) = round_trip(&mut long, &format!("long-{n}")) {
+                    out(format!("error long-lived {e}"));
+                }
+                match connect() {
+                    Ok(mut c) => match round_trip(&mut c, &format!("new-{n}")) {
+                        Ok(()) => out(format!("ok {n}")),
+                        Err(e) => out(format!("error new {n} {e}")),
+                    },
+                    Err(e) => out(format!("error connect {n} {e}")),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        _ => panic!("unknown helper spec {spec:?}"),
+    }
 }

@@ -197,12 +197,19 @@ pub fn cni_bin() -> PathBuf {
 
 /// Starts the apiserver in the netns; returns the kubeconfig path.
 pub fn start_apiserver(ns: &mut Netns) -> PathBuf {
+    start_apiserver_on(ns, "127.0.0.1:0")
+}
+
+/// Starts the apiserver on `listen` with the node's data dir (a restart
+/// keeps its objects and, on the same address, its kubeconfig); the
+/// process is last in `ns.procs`.
+pub fn start_apiserver_on(ns: &mut Netns, listen: &str) -> PathBuf {
     let data = ns.path("cp");
     let mut child = ns
         .cmd(controlplane_bin())
-        .args(["apiserver", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args(["apiserver", "--data-dir", data.to_str().unwrap(), "--listen", listen])
         .stdout(Stdio::piped())
-        .stderr(File::create(ns.path("apiserver.log")).unwrap())
+        .stderr(File::options().create(true).append(true).open(ns.path("apiserver.log")).unwrap())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
