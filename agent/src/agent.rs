@@ -594,6 +594,9 @@ impl Loop {
             let checks = lock(&self.shared.reconciler).health_checks().clone();
             self.health.update(&checks).await;
             lock(&self.shared.status).health_check_ports = self.health.ports();
+            if batch.full {
+                crate::memory::release_freed();
+            }
         }
     }
 

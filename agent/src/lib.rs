@@ -17,6 +17,7 @@ pub mod l2announce;
 pub mod lb_algorithm;
 pub mod lb_mode;
 pub mod map_usage;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod node;

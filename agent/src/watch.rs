@@ -169,21 +169,7 @@ pub fn start(client: &Client, node_name: &str, tx: &UnboundedSender<Change>, met
             service: s.labels().get(LABEL_SERVICE_NAME).cloned(),
             deleted: false,
         },
-        |s: &mut EndpointSlice| {
-            // The one annotation read: network programming latency.
-            let trigger = s.annotations().get(TRIGGER_TIME_ANNOTATION).cloned();
-            trim_meta(s.meta_mut());
-            if let Some(t) = trigger {
-                s.meta_mut().annotations = Some([(TRIGGER_TIME_ANNOTATION.to_owned(), t)].into());
-            }
-            for ep in &mut s.endpoints {
-                // Never read: hints, topology, target refs, hostnames.
-                ep.hints = None;
-                ep.deprecated_topology = None;
-                ep.target_ref = None;
-                ep.hostname = None;
-            }
-        },
+        trim_slice,
     );
     let nodes = spawn(
         Api::<Node>::all(client.clone()),
@@ -275,6 +261,31 @@ fn trim_pod(p: &mut Pod) {
     }
 }
 
+/// Keeps what the agent reads of an EndpointSlice: its name, namespace,
+/// Service label, the trigger-time annotation (network programming
+/// latency) and per endpoint its addresses, conditions and node. There is a
+/// slice (at least) per Service, so every dropped field counts at scale.
+fn trim_slice(s: &mut EndpointSlice) {
+    fn only(map: Option<std::collections::BTreeMap<String, String>>, key: &str) -> Option<std::collections::BTreeMap<String, String>> {
+        map.and_then(|mut m| m.remove_entry(key)).map(|kv| [kv].into())
+    }
+    let m = std::mem::take(&mut s.metadata);
+    s.metadata = kube::api::ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        labels: only(m.labels, LABEL_SERVICE_NAME),
+        annotations: only(m.annotations, TRIGGER_TIME_ANNOTATION),
+        ..kube::api::ObjectMeta::default()
+    };
+    for ep in &mut s.endpoints {
+        ep.hints = None;
+        ep.deprecated_topology = None;
+        ep.target_ref = None;
+        ep.hostname = None;
+        ep.zone = None;
+    }
+}
+
 fn trim_meta(m: &mut kube::api::ObjectMeta) {
     m.managed_fields = None;
     m.annotations = None;
@@ -343,6 +354,44 @@ mod tests {
         declared::<Namespace>(WATCH_VERBS).unwrap();
         declared::<NetworkPolicy>(WATCH_VERBS).unwrap();
         declared::<Node>(&["patch"]).unwrap();
+    }
+
+    #[test]
+    fn slices_keep_only_what_the_model_reads() {
+        let mut s: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {
+                "name": "web-abc", "namespace": "ns", "uid": "u", "resourceVersion": "7", "generateName": "web-",
+                "labels": {LABEL_SERVICE_NAME: "web", "endpointslice.kubernetes.io/managed-by": "c"},
+                "annotations": {TRIGGER_TIME_ANNOTATION: "2026-12-07T00:00:00Z", "other": "x"},
+                "managedFields": [{"manager": "c"}],
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{
+                "addresses": ["10.42.0.5"], "nodeName": "n1", "zone": "z", "hostname": "h",
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "targetRef": {"kind": "Pod", "name": "p"}, "hints": {"forZones": [{"name": "z"}]},
+            }],
+        }))
+        .unwrap();
+        trim_slice(&mut s);
+        let want: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {
+                "name": "web-abc", "namespace": "ns",
+                "labels": {LABEL_SERVICE_NAME: "web"},
+                "annotations": {TRIGGER_TIME_ANNOTATION: "2026-12-07T00:00:00Z"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{
+                "addresses": ["10.42.0.5"], "nodeName": "n1",
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+            }],
+        }))
+        .unwrap();
+        assert_eq!(s, want);
     }
 
     #[test]

@@ -9,7 +9,12 @@
 //!
 //! - **full resync**: agent start → ready (all Services listed, every map
 //!   entry written), the agent's own initial-sync time, a restart (`kill -9`,
-//!   pins kept) → ready, and peak RSS (`VmHWM`).
+//!   pins kept) → ready; peak RSS (`VmHWM`) and steady RSS (`VmRSS` once
+//!   the pass is over).
+//! - **baseline agent** (`--baseline-agent PATH`): the same cold start of
+//!   another agent binary (an earlier build) against the same loaded
+//!   apiserver, before the agent under test, so RSS and start-up compare
+//!   within one run.
 //! - **programming latency**: one EndpointSlice at a time gets a new
 //!   endpoint address (merge patch); from the apiserver's answer (the change
 //!   is accepted) to the new backend being visible in the pinned maps,
@@ -63,15 +68,18 @@ pub struct Options {
     pub services: usize,
     pub endpoints_per_service: usize,
     pub latency_samples: usize,
+    /// 0: no kube-proxy comparison.
     pub iptables_runs: usize,
+    /// An agent binary to cold-start first, as the baseline of this run.
+    pub baseline_agent: Option<PathBuf>,
 }
 
 impl Options {
     pub fn new(quick: bool) -> Self {
         if quick {
-            Self { services: 2_000, endpoints_per_service: 5, latency_samples: 40, iptables_runs: 2 }
+            Self { services: 2_000, endpoints_per_service: 5, latency_samples: 40, iptables_runs: 2, baseline_agent: None }
         } else {
-            Self { services: 10_000, endpoints_per_service: 5, latency_samples: 200, iptables_runs: 5 }
+            Self { services: 10_000, endpoints_per_service: 5, latency_samples: 200, iptables_runs: 5, baseline_agent: None }
         }
     }
 }
@@ -124,6 +132,22 @@ pub struct IptablesRestore {
     pub change_restore_ms: Percentiles,
 }
 
+/// One agent binary's cold start → ready and its memory.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ColdStart {
+    pub agent: String,
+    pub start_to_ready_ms: f64,
+    pub initial_sync_ms: Option<f64>,
+    /// `VmHWM` once ready, MiB.
+    pub peak_rss_mib: f64,
+    /// `VmRSS` [`SETTLE`] after ready, MiB.
+    pub rss_mib: f64,
+}
+
+/// How long after ready the steady RSS is read (the first GC pass, map
+/// sampling and any post-sync trimming are done by then).
+pub const SETTLE: Duration = Duration::from_secs(3);
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct AgentBenchReport {
     pub quick: bool,
@@ -138,8 +162,14 @@ pub struct AgentBenchReport {
     pub programming_latency_from_request: Percentiles,
     /// `VmHWM` of the agent after the cold start's full resync, MiB.
     pub agent_peak_rss_after_resync_mib: f64,
+    /// `VmRSS` of the agent [`SETTLE`] after the cold start was ready, MiB.
+    pub agent_rss_after_resync_mib: f64,
     /// `VmHWM` of the restarted agent at the end (resync + latency samples), MiB.
     pub agent_peak_rss_mib: f64,
+    /// `VmRSS` of the restarted agent at the end, MiB.
+    pub agent_rss_steady_mib: f64,
+    /// The `--baseline-agent` binary's cold start in this run.
+    pub baseline: Option<ColdStart>,
     pub kube_proxy_iptables_restore: Option<IptablesRestore>,
     pub notes: Vec<String>,
 }
@@ -168,6 +198,9 @@ pub fn run_with(opts: &Options, quick: bool) -> Result<AgentBenchReport> {
         ..AgentBenchReport::default()
     };
     rt.block_on(agent_part(opts, &mut report))?;
+    if opts.iptables_runs == 0 {
+        return Ok(report);
+    }
     report.kube_proxy_iptables_restore = match iptables_part(opts) {
         Ok(r) => Some(r),
         Err(e) => {
@@ -305,8 +338,12 @@ pub(crate) const POD_CIDR: &str = "10.42.7.0/24";
 /// Starts `riptide-agent` as node `w.node`; its pid.
 pub(crate) fn start_agent(w: &mut World, kubeconfig: &Path) -> Result<u32> {
     let agent_bin = find_bin("riptide-agent", "RIPTIDE_AGENT_BIN")?;
+    start_agent_bin(w, kubeconfig, &agent_bin)
+}
+
+fn start_agent_bin(w: &mut World, kubeconfig: &Path, agent_bin: &Path) -> Result<u32> {
     let log = File::options().create(true).append(true).open(w.data.join("agent.log")).map_err(step("agent log"))?;
-    let mut cmd = Command::new(&agent_bin);
+    let mut cmd = Command::new(agent_bin);
     cmd.arg("--node-name")
         .arg(&w.node)
         .arg("--kubeconfig")
@@ -366,27 +403,32 @@ async fn agent_part(opts: &Options, report: &mut AgentBenchReport) -> Result<()>
         .await?;
     report.apiserver_load_s = started.elapsed().as_secs_f64();
 
-    // Cold start → ready.
     let sock = w.sock();
-    let t0 = Instant::now();
-    let agent_pid = start_agent(&mut w, &kubeconfig)?;
-    let mut status = wait_ready(&sock, Duration::from_secs(600)).await?;
-    report.resync.cold_start_to_ready_ms = t0.elapsed().as_secs_f64() * 1e3;
-    // Readiness flips inside the pass; its duration is recorded right after.
-    for _ in 0..200 {
-        if status["last_sync_ms"].is_number() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        status = wait_ready(&sock, Duration::from_secs(5)).await?;
-    }
-    report.resync.initial_sync_ms = status["last_sync_ms"].as_f64();
     let want = opts.services + 1; // + the apiserver's `kubernetes` Service
-    let ports = status["service_ports"].as_u64().unwrap_or(0) as usize;
+    if let Some(bin) = &opts.baseline_agent {
+        let (run, ports) = cold_start(&mut w, &kubeconfig, bin).await?;
+        if ports < want {
+            report.notes.push(format!("baseline agent reported {ports} service ports, expected {want}"));
+        }
+        report.baseline = Some(run);
+        if let Some(mut a) = w.procs.pop() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        // The agent under test starts cold too.
+        riptide_datapath::unpin_node(&w.node).map_err(step("removing the baseline agent's pins"))?;
+    }
+
+    // Cold start → ready.
+    let agent_bin = find_bin("riptide-agent", "RIPTIDE_AGENT_BIN")?;
+    let (run, ports) = cold_start(&mut w, &kubeconfig, &agent_bin).await?;
+    report.resync.cold_start_to_ready_ms = run.start_to_ready_ms;
+    report.resync.initial_sync_ms = run.initial_sync_ms;
+    report.agent_peak_rss_after_resync_mib = run.peak_rss_mib;
+    report.agent_rss_after_resync_mib = run.rss_mib;
     if ports < want {
         report.notes.push(format!("agent reported {ports} service ports, expected {want}"));
     }
-    report.agent_peak_rss_after_resync_mib = vm_hwm_mib(agent_pid);
 
     // Restart with pins in place.
     if let Some(mut a) = w.procs.pop() {
@@ -433,8 +475,37 @@ async fn agent_part(opts: &Options, report: &mut AgentBenchReport) -> Result<()>
     report.programming_latency = Percentiles::of(accepted);
     report.programming_latency_from_request = Percentiles::of(requested);
     report.agent_peak_rss_mib = vm_hwm_mib(agent_pid);
+    report.agent_rss_steady_mib = vm_rss_mib(agent_pid);
     drop(w);
     Ok(())
+}
+
+/// Starts `bin` with no pins → ready; its numbers and the service ports it
+/// reported. The agent keeps running (last in `w.procs`).
+async fn cold_start(w: &mut World, kubeconfig: &Path, bin: &Path) -> Result<(ColdStart, usize)> {
+    let sock = w.sock();
+    let t0 = Instant::now();
+    let pid = start_agent_bin(w, kubeconfig, bin)?;
+    let mut status = wait_ready(&sock, Duration::from_secs(600)).await?;
+    let start_to_ready_ms = t0.elapsed().as_secs_f64() * 1e3;
+    // Readiness flips inside the pass; its duration is recorded right after.
+    for _ in 0..200 {
+        if status["last_sync_ms"].is_number() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        status = wait_ready(&sock, Duration::from_secs(5)).await?;
+    }
+    let ports = status["service_ports"].as_u64().unwrap_or(0) as usize;
+    tokio::time::sleep(SETTLE).await;
+    let run = ColdStart {
+        agent: bin.display().to_string(),
+        start_to_ready_ms,
+        initial_sync_ms: status["last_sync_ms"].as_f64(),
+        peak_rss_mib: vm_hwm_mib(pid),
+        rss_mib: vm_rss_mib(pid),
+    };
+    Ok((run, ports))
 }
 
 pub(crate) fn read_kubeconfig_line(stdout: Option<std::process::ChildStdout>) -> Result<PathBuf> {
@@ -479,11 +550,20 @@ pub(crate) async fn wait_ready(sock: &Path, limit: Duration) -> Result<serde_jso
 }
 
 pub(crate) fn vm_hwm_mib(pid: u32) -> f64 {
+    proc_status_mib(pid, "VmHWM:")
+}
+
+pub(crate) fn vm_rss_mib(pid: u32) -> f64 {
+    proc_status_mib(pid, "VmRSS:")
+}
+
+/// A `kB` line of `/proc/<pid>/status`, in MiB (0 when unreadable).
+fn proc_status_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)

@@ -3,6 +3,7 @@
 //! ```text
 //! cargo build --release -p riptide-agent -p riptide-controlplane --bins --examples
 //! sudo target/release/examples/agent_bench [--quick] [--services N] [--samples N]
+//!     [--iptables-runs N] [--baseline-agent PATH]
 //! sudo target/release/examples/agent_bench --policy [--quick] [--samples N]
 //! ```
 //! `--policy`: NetworkPolicy programming latency at 1,000 policies / 5,000
@@ -39,6 +40,12 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(n) = value("--samples")? {
         opts.latency_samples = n;
+    }
+    if let Some(n) = value("--iptables-runs")? {
+        opts.iptables_runs = n;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--baseline-agent") {
+        opts.baseline_agent = Some(args.get(i + 1).context("--baseline-agent needs a path")?.into());
     }
     let report = run_with(&opts, quick).context("agent benchmark")?;
     println!("{}", serde_json::to_string_pretty(&report)?);
