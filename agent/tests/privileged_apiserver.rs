@@ -9,7 +9,7 @@ mod common;
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -300,29 +300,10 @@ fn apiserver_test_helper() {
         return;
     };
     let args: Vec<&str> = spec.split_whitespace().collect();
-    let out = |s: String| {
-        let mut o = std::io::stdout().lock();
-        let _ = writeln!(o, "OUT {s}");
-        let _ = o.flush();
-    };
+    let out = common::helper_out;
     let timeout = Duration::from_secs(2);
     match args[..] {
-        ["tcp-echo", port] => {
-            let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port.parse::<u16>().unwrap())).unwrap();
-            out("listening".into());
-            for s in l.incoming() {
-                let Ok(s) = s else { continue };
-                std::thread::spawn(move || {
-                    let mut w = s.try_clone().unwrap();
-                    for line in BufReader::new(s).lines() {
-                        let Ok(line) = line else { break };
-                        if writeln!(w, "echo {line}").is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        }
+        ["tcp-echo", port] => common::tcp_echo_server(port),
         // One long-lived connection plus a new connection every 20 ms,
         // each round trip checked: `ok <n>`, or `error <what>`.
         ["tcp-churn", target] => {

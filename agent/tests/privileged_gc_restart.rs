@@ -20,7 +20,7 @@ mod common;
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -327,28 +327,9 @@ fn agent_test_helper() {
         return;
     };
     let args: Vec<&str> = spec.split_whitespace().collect();
-    let out = |s: String| {
-        let mut o = std::io::stdout().lock();
-        let _ = writeln!(o, "OUT {s}");
-        let _ = o.flush();
-    };
+    let out = common::helper_out;
     match args[..] {
-        ["tcp-echo", port] => {
-            let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port.parse::<u16>().unwrap())).unwrap();
-            out("listening".into());
-            for s in l.incoming() {
-                let Ok(s) = s else { continue };
-                std::thread::spawn(move || {
-                    let mut w = s.try_clone().unwrap();
-                    for line in BufReader::new(s).lines() {
-                        let Ok(line) = line else { break };
-                        if writeln!(w, "echo {line}").is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        }
+        ["tcp-echo", port] => common::tcp_echo_server(port),
         ["tcp-client", target] => {
             let target: SocketAddrV4 = target.parse().unwrap();
             let s = match TcpStream::connect_timeout(&target.into(), Duration::from_secs(5)) {

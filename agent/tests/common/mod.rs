@@ -335,6 +335,32 @@ pub fn set_node_ip(ns: &Netns, kc: &Path, node: &str, ip: &str) {
     kubectl(ns, kc, &["patch", "node", node, "--subresource=status", "--type=merge", "-p", &patch], None);
 }
 
+/// One output line of a helper process (`OUT <s>`, collected by [`Helper`]).
+pub fn helper_out(s: String) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "OUT {s}");
+    let _ = o.flush();
+}
+
+/// Helper role `tcp-echo <port>`: answers every line with `echo <line>`,
+/// a thread per connection, forever.
+pub fn tcp_echo_server(port: &str) {
+    let l = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port.parse::<u16>().unwrap())).unwrap();
+    helper_out("listening".into());
+    for s in l.incoming() {
+        let Ok(s) = s else { continue };
+        std::thread::spawn(move || {
+            let mut w = s.try_clone().unwrap();
+            for line in BufReader::new(s).lines() {
+                let Ok(line) = line else { break };
+                if writeln!(w, "echo {line}").is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
 /// Environment variable naming the helper role of a re-executed test binary.
 pub const HELPER_ENV: &str = "RIPTIDE_AGENT_TEST_HELPER";
 
