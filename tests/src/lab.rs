@@ -202,6 +202,18 @@ pub enum Install {
     Manifest,
 }
 
+impl Install {
+    /// `RIPTIDE_LAB_INSTALL` (`manifest` or `hand-wired`), else the
+    /// default: how [`Lab::start_cluster`] installs riptide, so a suite can
+    /// be run either way without changing it.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("RIPTIDE_LAB_INSTALL") {
+            Ok(v) => v.parse().context("RIPTIDE_LAB_INSTALL"),
+            Err(_) => Ok(Self::default()),
+        }
+    }
+}
+
 impl std::str::FromStr for Install {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -863,10 +875,11 @@ impl Lab {
         Ok(dir)
     }
 
-    /// The whole cluster, hand-wired: control plane, then every node's
-    /// agent and kubelet; returns once every node is Ready.
+    /// The whole cluster, installed as [`Install::from_env`] says
+    /// (hand-wired unless `RIPTIDE_LAB_INSTALL=manifest`); returns once
+    /// every node is Ready.
     pub fn start_cluster(&mut self, timeout: Duration) -> Result<()> {
-        self.start_cluster_with(Install::HandWired, timeout)
+        self.start_cluster_with(Install::from_env()?, timeout)
     }
 
     /// The whole cluster, riptide installed as `install` says; returns once

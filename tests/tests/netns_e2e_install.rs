@@ -538,6 +538,28 @@ fn netns_e2e_install_from_the_manifest() {
         every_endpoint_answers(lab)
     });
 
+    s.check_mut("agent kill -9 in its pod: the kubelet restarts it, it adopts the pins", |lab| {
+        let maps = pinned_map_ids(lab, 1)?;
+        let revnat = revnat_ids(lab, 1)?;
+        let (_, before) = agent_pods(lab)?.into_iter().find(|(n, _)| *n == lab.config().node_name(1)).context("no agent pod on node 1")?;
+        lab.kill_agent(1)?;
+        let pid = lab.start_agent(1)?;
+        let (_, after) = agent_pods(lab)?.into_iter().find(|(n, _)| *n == lab.config().node_name(1)).context("no agent pod on node 1")?;
+        ensure!(before == after, "the pod was replaced ({before} → {after}), not its container restarted");
+        eventually(SETTLE, || {
+            let st = e2e::agent_status(lab, 1)?;
+            ensure!(st["ready"] == true, "{st}");
+            Ok(())
+        })?;
+        ensure!(pinned_map_ids(lab, 1)? == maps, "pinned maps replaced after the crash");
+        ensure!(revnat_ids(lab, 1)? == revnat, "reverse-NAT ids changed after the crash");
+        // Both runs' logs, in order, from the kubelet's files.
+        let log = lab.agent_log_tail(1, 10_000);
+        ensure!(log.matches("datapath loaded").count() >= 2, "agent log of both runs:\n{log}");
+        eprintln!("     {after}: agent restarted in place as pid {pid}, {} maps adopted", maps.len());
+        every_endpoint_answers(lab)
+    });
+
     s.check_mut("a node added later gets its agent pod, turns Ready and its pods are reachable", |lab| {
         let started = Instant::now();
         let i = lab.add_node()?;
