@@ -146,6 +146,26 @@ impl LabConfig {
     pub fn agent_socket(&self, i: u32) -> PathBuf {
         self.node_dir(i).join("agent.sock")
     }
+    /// Node `i`'s kubelet identity (system:node:<name>) and the serving
+    /// certificate of its API, issued from the control plane's CA into
+    /// `<node dir>/credentials` (the control plane must have started).
+    pub fn kubelet_credentials(&self, i: u32) -> Result<PathBuf> {
+        let creds = self.node_dir(i).join("credentials");
+        let out = Command::new(self.bin_dir.join("riptide-controlplane"))
+            .arg("kubelet-credentials")
+            .arg("--data-dir")
+            .arg(self.state_dir.join("controlplane"))
+            .args(["--server", &format!("https://{}", self.apiserver_addr())])
+            .args(["--node-name", &self.node_name(i), "--node-ip", &self.node_ip(i).to_string()])
+            .arg("--out-dir")
+            .arg(&creds)
+            .output()
+            .context("running riptide-controlplane kubelet-credentials")?;
+        if !out.status.success() {
+            bail!("kubelet-credentials for {}: {}", self.node_name(i), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(creds)
+    }
     fn state_file(&self) -> PathBuf {
         self.state_dir.join("state.json")
     }
@@ -789,22 +809,7 @@ impl Lab {
             }
         };
         let bin = self.bin("riptide-controlplane")?;
-        // The kubelet's own identity (system:node:<name>) and its API's
-        // serving certificate, issued from the control plane's CA.
-        let creds = c.node_dir(i).join("credentials");
-        let out = Command::new(&bin)
-            .arg("kubelet-credentials")
-            .arg("--data-dir")
-            .arg(c.state_dir.join("controlplane"))
-            .args(["--server", &format!("https://{}", c.apiserver_addr())])
-            .args(["--node-name", &c.node_name(i), "--node-ip", &c.node_ip(i).to_string()])
-            .arg("--out-dir")
-            .arg(&creds)
-            .output()
-            .context("running riptide-controlplane kubelet-credentials")?;
-        if !out.status.success() {
-            bail!("kubelet-credentials for {}: {}", c.node_name(i), String::from_utf8_lossy(&out.stderr));
-        }
+        let creds = c.kubelet_credentials(i)?;
         let mut cmd = netns::command(&c.node_netns(i), &bin)?;
         cmd.arg("kubelet")
             .arg("--kubeconfig")

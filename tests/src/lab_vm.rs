@@ -189,7 +189,7 @@ fn start_node(lab: &mut Lab, tools: &VmTools, i: u32, image_map: &Path) -> Resul
     let dir = c.node_dir(i);
     let tmp = dir.join("vm-tmp");
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let creds = kubelet_credentials(&c, i)?;
+    let creds = c.kubelet_credentials(i)?;
     let cni_conf = write_cni_config(&c, i)?;
     let exec = ExecConfig { addr: SocketAddr::from((c.node_ip(i), EXEC_PORT)), token: random_token()? };
     write_private(&dir.join(EXEC_CONFIG), &serde_json::to_vec(&exec)?)?;
@@ -221,27 +221,6 @@ fn start_node(lab: &mut Lab, tools: &VmTools, i: u32, image_map: &Path) -> Resul
         .process_group(0);
     lab.spawn(&vm_label(&c, i), cmd)?;
     Ok(())
-}
-
-/// The kubelet's identity and serving certificate for node `i`, issued
-/// from the control plane's CA on the host (the guest reads them through
-/// the read-only share).
-fn kubelet_credentials(c: &LabConfig, i: u32) -> Result<PathBuf> {
-    let creds = c.node_dir(i).join("credentials");
-    let out = Command::new(c.bin_dir.join("riptide-controlplane"))
-        .arg("kubelet-credentials")
-        .arg("--data-dir")
-        .arg(c.state_dir.join("controlplane"))
-        .args(["--server", &format!("https://{}", c.apiserver_addr())])
-        .args(["--node-name", &c.node_name(i), "--node-ip", &c.node_ip(i).to_string()])
-        .arg("--out-dir")
-        .arg(&creds)
-        .output()
-        .context("running riptide-controlplane kubelet-credentials")?;
-    if !out.status.success() {
-        bail!("kubelet-credentials for {}: {}", c.node_name(i), String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(creds)
 }
 
 /// Node `i`'s CNI config directory, with the conflist pointing at the
