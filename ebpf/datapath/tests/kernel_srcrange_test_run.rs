@@ -275,3 +275,41 @@ fn xdp_drops_denied_sources_before_the_stack() {
     });
     drop(ns);
 }
+
+#[test]
+fn a_list_that_does_not_fit_leaves_the_previous_service_in_place() {
+    if !privileged("to load eBPF programs") {
+        return;
+    }
+    // Room for one prefix: a second one fails the write with E2BIG.
+    let mut sizes = MapSizes::default();
+    sizes.set(names::SRCRANGE4, 1).unwrap();
+    let mut n = Node::load_sized(&config(), [], &sizes);
+    n.svcs.upsert(&lb_service(only(&["203.0.113.0/24"]))).unwrap();
+    let services = n.svcs.dump_services();
+    let ranges = n.svcs.dump_source_ranges();
+
+    let err = n
+        .svcs
+        .upsert(&lb_service(only(&["198.51.100.0/24", "10.0.0.0/8"])))
+        .unwrap_err();
+    assert!(err.to_string().contains(names::SRCRANGE4), "{err}");
+    let mut after = n.svcs.dump_services();
+    let mut before = services.clone();
+    after.sort_by_key(|(k, _)| (k.vip_be, k.port_be, k.scope, k.slot));
+    before.sort_by_key(|(k, _)| (k.vip_be, k.port_be, k.scope, k.slot));
+    assert_eq!(after, before, "services rolled back");
+    assert_eq!(n.svcs.dump_source_ranges(), ranges, "prefixes rolled back");
+    // The old list still decides.
+    let (v, _) = from_net(&mut n, (ALLOWED, 44000), (LB_IP, 80));
+    assert_ne!(v, TC_ACT_SHOT, "old list still allows\n{}", dump(&n));
+    let (v, _) = from_net(&mut n, (DENIED, 44001), (LB_IP, 80));
+    assert_eq!(v, TC_ACT_SHOT, "old list still denies\n{}", dump(&n));
+
+    // A new Service whose list does not fit leaves nothing behind.
+    n.svcs.remove("default/web:http").unwrap();
+    assert!(n.svcs.upsert(&lb_service(only(&["198.51.100.0/24", "10.0.0.0/8"]))).is_err());
+    assert!(n.svcs.dump_services().is_empty(), "{}", dump(&n));
+    assert!(n.svcs.dump_source_ranges().is_empty(), "{}", dump(&n));
+    assert!(n.svcs.dump_revnat().is_empty(), "{}", dump(&n));
+}
