@@ -154,6 +154,10 @@ fn up(
     vm: Option<lab_vm::VmTools>,
 ) -> Result<()> {
     let exe = std::env::current_exe().context("locating riptide-lab")?;
+    // Absolute: the kubelets' image map and the VM nodes' scripts name
+    // paths under it, read from other working directories.
+    let state_dir = std::path::absolute(state_dir).context("resolving the lab's state dir")?;
+    let state_dir = state_dir.as_path();
     let cfg = LabConfig {
         prefix: prefix.to_owned(),
         nodes,
