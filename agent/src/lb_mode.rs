@@ -106,4 +106,11 @@ mod tests {
         }
         assert!("DSR".parse::<Name>().is_err());
     }
+
+    #[test]
+    fn the_watch_keeps_the_annotations_read_here() {
+        for a in [ANNOTATION, crate::lb_algorithm::ANNOTATION] {
+            assert!(a.starts_with(crate::watch::SERVICE_ANNOTATION_PREFIX), "{a}");
+        }
+    }
 }

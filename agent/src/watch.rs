@@ -144,6 +144,10 @@ pub struct Stores {
     pub policies: Store<NetworkPolicy>,
 }
 
+/// Prefix of the Service annotations the agent reads (`lb_algorithm`,
+/// `lb_mode`).
+pub(crate) const SERVICE_ANNOTATION_PREFIX: &str = "service.riptide.io/";
+
 /// Starts the six reflectors; changes go to `tx`.
 pub fn start(client: &Client, node_name: &str, tx: &UnboundedSender<Change>, metrics: &Metrics) -> Stores {
     let services = spawn(
@@ -154,7 +158,14 @@ pub fn start(client: &Client, node_name: &str, tx: &UnboundedSender<Change>, met
         metrics.clone(),
         |s: &Service| Change::Service { namespace: s.namespace().unwrap_or_default(), name: s.name_any() },
         |s: &mut Service| {
+            // The `service.riptide.io/*` annotations (lb-algorithm,
+            // lb-mode) are read; every other one goes.
+            let ours = s.metadata.annotations.take().map(|mut a| {
+                a.retain(|k, _| k.starts_with(SERVICE_ANNOTATION_PREFIX));
+                a
+            });
             trim_meta(s.meta_mut());
+            s.metadata.annotations = ours.filter(|a| !a.is_empty());
         },
     );
     let slices = spawn(
