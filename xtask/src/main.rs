@@ -70,6 +70,10 @@ enum Task {
         /// benchmarks.
         #[arg(long)]
         scenario: Vec<String>,
+        /// Only this micro benchmark (e.g. `pps`: packets/s through a
+        /// NodePort to another node, iptables / nftables / riptide tc /
+        /// riptide XDP), without the netperf cluster.
+        only: Option<String>,
     },
     /// The property-based fuzzers (apiserver inputs, CNI config, every tc
     /// program through BPF_PROG_TEST_RUN) with many more cases than `test`.
@@ -128,7 +132,24 @@ fn main() -> Result<()> {
             args.extend(["--install".to_owned(), install]);
             lab(&root, &args)
         }
-        Task::Bench { quick, scenario } => {
+        Task::Bench {
+            quick,
+            scenario,
+            only: Some(only),
+        } => {
+            anyhow::ensure!(
+                scenario.is_empty(),
+                "--scenario picks netperf scenarios; `bench {only}` runs one micro benchmark"
+            );
+            setup::bench()?;
+            std::fs::create_dir_all(root.join("target/bench")).context("creating target/bench")?;
+            micro_benches(&root, quick, Some(&only))
+        }
+        Task::Bench {
+            quick,
+            scenario,
+            only: None,
+        } => {
             setup::bench()?;
             util::step("building the benchmarks");
             util::run(util::cargo(&root).args(["build", "--bins"]))?;
@@ -144,7 +165,7 @@ fn main() -> Result<()> {
             if !scenario.is_empty() {
                 return Ok(());
             }
-            micro_benches(&root, quick)
+            micro_benches(&root, quick, None)
         }
         Task::Fuzz { cases } => {
             setup::all()?;
@@ -223,11 +244,13 @@ fn fuzz(root: &Path, cases: u32) -> Result<()> {
 /// packet), XDP NodePort next to tc at 1/1k/10k Services, CNI ADD/DEL latency next
 /// to the reference bridge + host-local plugins, the agent's programming
 /// latency next to iptables-restore and for NetworkPolicy, riptide-dns next to dnsmasq
-/// (dnsperf), and the apiserver on both stores. Release builds, each an
-/// example of the crate it measures; results go to
-/// target/bench/<name>.json and a section of results.md.
-fn micro_benches(root: &Path, quick: bool) -> Result<()> {
-    let benches: [(&str, &str, &str, Vec<&str>); 9] = [
+/// (dnsperf), the apiserver on both stores, and packets/s through a
+/// NodePort to another node (iptables, nftables, riptide tc and XDP).
+/// Release builds, each an example of the crate it measures; results go to
+/// target/bench/<name>.json and a section of results.md. `only`: just the
+/// benchmark of that name.
+fn micro_benches(root: &Path, quick: bool, only: Option<&str>) -> Result<()> {
+    let benches: [(&str, &str, &str, Vec<&str>); 10] = [
         (
             "ebpf-lb",
             "riptide-datapath",
@@ -308,9 +331,29 @@ fn micro_benches(root: &Path, quick: bool) -> Result<()> {
             "apiserver_bench",
             if quick { vec!["--quick"] } else { vec![] },
         ),
+        // Packets/s of small UDP datagrams from an outside namespace through
+        // a NodePort on node 1 to a pod on node 2, and softirq CPU per
+        // million packets: kube-proxy-shaped iptables and nftables, riptide
+        // tc and XDP, at 1 and 10k Services (namespaces of its own).
+        (
+            "pps",
+            "riptide-datapath",
+            "pps_bench",
+            if quick { vec!["--quick"] } else { vec![] },
+        ),
     ];
+    if let Some(o) = only {
+        anyhow::ensure!(
+            benches.iter().any(|b| b.0 == o),
+            "no micro benchmark {o} (one of: {})",
+            benches.iter().map(|b| b.0).collect::<Vec<_>>().join(", ")
+        );
+    }
     let mut md = String::from("\n## Micro benchmarks\n");
     for (name, pkg, example, args) in benches {
+        if only.is_some_and(|o| o != name) {
+            continue;
+        }
         util::step(&format!("micro benchmark {name}"));
         // The package's own binaries too: the CNI benchmark execs the
         // release `riptide-cni` next to it.

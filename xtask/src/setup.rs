@@ -45,8 +45,9 @@ Components: non-free
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 ";
 /// Tools only `cargo xtask bench` needs (dnsperf and dnsmasq for the DNS
-/// benchmark; dnsmasq-base is the binary without a system service).
-const BENCH_PACKAGES: &[&str] = &["netperf", "iperf3", "dnsperf", "dnsmasq-base"];
+/// benchmark; dnsmasq-base is the binary without a system service; ethtool
+/// for the packets/s benchmark's device counters when a path loses packets).
+const BENCH_PACKAGES: &[&str] = &["netperf", "iperf3", "dnsperf", "dnsmasq-base", "ethtool"];
 
 /// `all()` plus the benchmark tools (netperf from non-free).
 pub fn bench() -> Result<()> {

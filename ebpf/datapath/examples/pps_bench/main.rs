@@ -1,0 +1,523 @@
+//! Packets per second forwarded at a NodePort whose only backend is on
+//! another node (`cargo xtask bench pps`; needs root):
+//!
+//! `cargo run -p riptide-datapath --release --example pps_bench [-- --quick]`
+//!
+//! Small UDP datagrams (64-byte frames, 64 flows) from an outside client to
+//! node 1's NodePort, DNATed to a pod on node 2 and source-NATed to node 1
+//! (eTP=Cluster), on the wiring of `topo.rs` (every namespace created here
+//! and deleted at the end). Paths, measured interleaved round by round:
+//!
+//! * `direct` — no Service: the client sends to the pod's address and node
+//!   1 only routes (the reference: what the rest of the path costs);
+//! * `iptables`, `nftables` — kube-proxy-shaped rules in node 1
+//!   (`riptide_test_support::kubeproxy`: KUBE-SERVICES → KUBE-NODEPORTS →
+//!   KUBE-EXT → KUBE-SVC → KUBE-SEP DNAT, masquerade; nftables verdict
+//!   maps), netfilter conntrack;
+//! * `riptide-tc` — `rt_from_net` / `rt_to_net` on node 1's uplink (DNAT,
+//!   `bpf_fib_lookup` + `bpf_redirect` out the same device, SNAT on egress);
+//! * `riptide-xdp` — the same plus `rt_xdp_net` attached natively: DNAT and
+//!   SNAT at once and `XDP_TX` (each flow's first packet goes through tc,
+//!   which asks the socket table about a node-address frontend).
+//!
+//! at 1 and 10,000 Services (the same kube-proxy-shaped Service list for
+//! every path: the fillers are ClusterIP Services with a backend each). GRO
+//! is on for node 1's uplink peer in every path, since `XDP_TX` into a veth
+//! needs NAPI there; the other paths then cross the same devices the same
+//! way.
+//!
+//! Each point: the generator (`traffic.rs`) runs for `--seconds` or 20 M
+//! packets on one CPU; forwarded packets are counted at the backend (UDP
+//! datagrams the pod's namespace received with a valid checksum: no socket
+//! listens, so each counts as `NoPorts`; one with a bad checksum fails the
+//! run), softirq time over all CPUs from
+//! `/proc/stat`. Printed: one JSON object per (path, Services) with the
+//! median, minimum and maximum packets/s of the rounds and the median
+//! softirq CPU-seconds per million packets, then a summary object with the
+//! ratios to `iptables` of the same run and the machine's conditions.
+#![allow(clippy::unwrap_used)]
+
+mod node1;
+mod topo;
+mod traffic;
+
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use riptide_common::stats;
+use riptide_datapath::service::{
+    Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, TrafficPolicy,
+};
+use riptide_test_support::{
+    kubeproxy::{self, Proto, SvcPort},
+    netns,
+};
+use topo::{NODE1_IP, NODE1_MAC, OUTSIDE_IP, OUTSIDE_MAC, POD_IP, Topo};
+
+const NODE_PORT: u16 = 30_000;
+const BACKEND_PORT: u16 = 8080;
+/// Flows of the generator (distinct source ports).
+const FLOWS: u16 = 64;
+/// Upper bound of one measurement's packets, whatever the rate.
+const MAX_PACKETS: u64 = 20_000_000;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    Direct,
+    Iptables,
+    Nftables,
+    RiptideTc,
+    RiptideXdp,
+}
+
+impl Path {
+    const ALL: [Path; 5] = [
+        Path::Direct,
+        Path::Iptables,
+        Path::Nftables,
+        Path::RiptideTc,
+        Path::RiptideXdp,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Path::Direct => "direct",
+            Path::Iptables => "iptables",
+            Path::Nftables => "nftables",
+            Path::RiptideTc => "riptide-tc",
+            Path::RiptideXdp => "riptide-xdp",
+        }
+    }
+}
+
+struct Opts {
+    rounds: u32,
+    seconds: f64,
+    counts: Vec<usize>,
+    cpu: usize,
+}
+
+fn opts() -> Result<Opts> {
+    let mut o = Opts {
+        rounds: 3,
+        seconds: 2.0,
+        counts: vec![1, 10_000],
+        cpu: 1,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => {
+                o.rounds = 1;
+                o.seconds = 1.0;
+            }
+            "--rounds" => o.rounds = args.next().context("--rounds N")?.parse()?,
+            "--seconds" => o.seconds = args.next().context("--seconds S")?.parse()?,
+            "--services" => {
+                o.counts = args
+                    .next()
+                    .context("--services N[,N...]")?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?;
+            }
+            "--cpu" => o.cpu = args.next().context("--cpu N")?.parse()?,
+            other => bail!(
+                "unknown argument {other} (--quick, --rounds N, --seconds S, --services N,N, --cpu N)"
+            ),
+        }
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    o.cpu = o.cpu.min(cpus - 1);
+    Ok(o)
+}
+
+/// The Service list of a run with `n` Services: kube-proxy's shape, the
+/// measured NodePort in the middle.
+fn service_list(n: usize) -> Vec<SvcPort> {
+    let measured = SvcPort {
+        name: "bench/pps:udp".into(),
+        vip: Ipv4Addr::new(10, 43, 255, 10),
+        proto: Proto::Udp,
+        port: BACKEND_PORT,
+        node_port: Some(NODE_PORT),
+        endpoints: vec![(POD_IP, BACKEND_PORT)],
+    };
+    kubeproxy::services_with(n, &[measured], POD_IP)
+}
+
+/// The same Service port as riptide's writer takes it (every backend on
+/// another node).
+fn riptide_service(p: &SvcPort) -> Service {
+    let mut frontends = vec![Frontend {
+        kind: FrontendKind::ClusterIp,
+        addr: p.vip,
+        port: p.port,
+    }];
+    if let Some(np) = p.node_port {
+        frontends.push(Frontend {
+            kind: FrontendKind::NodePort,
+            addr: Ipv4Addr::UNSPECIFIED,
+            port: np,
+        });
+    }
+    Service {
+        name: p.name.clone(),
+        protocol: match p.proto {
+            Proto::Tcp => Protocol::Tcp,
+            Proto::Udp => Protocol::Udp,
+        },
+        frontends,
+        backends: p
+            .endpoints
+            .iter()
+            .map(|(a, port)| Backend {
+                addr: SocketAddrV4::new(*a, *port),
+                state: BackendState::Active,
+                local: false,
+            })
+            .collect(),
+        affinity_timeout_s: None,
+        external_policy: TrafficPolicy::Cluster,
+        internal_policy: TrafficPolicy::Cluster,
+        source_ranges: Default::default(),
+        algorithm: Algorithm::Random,
+        lb_mode: riptide_datapath::service::LbMode::Snat,
+    }
+}
+
+/// Installs the kube-proxy-shaped rules of `path` in `ns`, or removes
+/// every table (`None`): removing the tables, not just flushing them,
+/// takes netfilter's conntrack and NAT hooks out of the namespace, so the
+/// other paths do not pay for them.
+fn rules(ns: &str, path: Option<Path>, services: &[SvcPort]) -> Result<()> {
+    let (prog, args, input): (&str, &[&str], String) = match path {
+        Some(Path::Iptables) => (
+            "iptables-restore",
+            &[],
+            kubeproxy::iptables_restore(services),
+        ),
+        Some(Path::Nftables) => ("nft", &["-f", "-"], kubeproxy::nft_script(services)),
+        _ => ("nft", &["flush", "ruleset"], String::new()),
+    };
+    pipe(ns, prog, args, &input)?;
+    if path.is_none() {
+        let _ = netns::command(ns, "conntrack")
+            .arg("-F")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    Ok(())
+}
+
+fn pipe(ns: &str, prog: &str, args: &[&str], input: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = netns::command(ns, prog)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {prog}"))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())
+        .with_context(|| format!("writing to {prog}"))?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "{prog} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// One measurement.
+#[derive(Debug, Clone, Copy)]
+struct Point {
+    sent: u64,
+    delivered: u64,
+    pps: f64,
+    /// Softirq CPU-seconds per million delivered packets.
+    softirq_s_per_mpkt: f64,
+}
+
+fn frames(path: Path) -> Vec<Vec<u8>> {
+    let dst = if path == Path::Direct {
+        (POD_IP, BACKEND_PORT)
+    } else {
+        (NODE1_IP, NODE_PORT)
+    };
+    (0..FLOWS)
+        .map(|k| traffic::udp_frame((OUTSIDE_MAC, NODE1_MAC), (OUTSIDE_IP, 10_000 + k), dst))
+        .collect()
+}
+
+/// Valid UDP datagrams the pod's namespace received so far, and ones with
+/// a bad checksum.
+fn pod_rx(t: &Topo) -> Result<(u64, u64)> {
+    netns::run_in(t.pod.name(), traffic::udp_received)
+}
+
+fn generate(
+    t: &Topo,
+    path: Path,
+    packets: u64,
+    time: Duration,
+    cpu: usize,
+) -> Result<traffic::Sent> {
+    let f = frames(path);
+    netns::run_in(t.outside.name(), move || {
+        traffic::send("eth0", &f, packets, time, Some(cpu))
+    })
+}
+
+fn measure(t: &Topo, path: Path, o: &Opts) -> Result<Point> {
+    // Every flow's first packets (conntrack entries, riptide's tc-made
+    // flows) before the clock starts.
+    generate(
+        t,
+        path,
+        u64::from(FLOWS) * 16,
+        Duration::from_secs(1),
+        o.cpu,
+    )?;
+    std::thread::sleep(Duration::from_millis(100));
+    let (rx0, bad0) = pod_rx(t)?;
+    let (si0, _) = traffic::softirq_seconds()?;
+    let sent = generate(
+        t,
+        path,
+        MAX_PACKETS,
+        Duration::from_secs_f64(o.seconds),
+        o.cpu,
+    )?;
+    // What is still queued reaches the pod within this.
+    std::thread::sleep(Duration::from_millis(50));
+    let (si1, _) = traffic::softirq_seconds()?;
+    let (rx1, bad1) = pod_rx(t)?;
+    let delivered = rx1.saturating_sub(rx0);
+    ensure!(
+        bad1 == bad0,
+        "{} datagrams reached the pod with a bad UDP checksum",
+        bad1 - bad0
+    );
+    let pps = delivered as f64 / sent.elapsed.as_secs_f64();
+    Ok(Point {
+        sent: sent.packets,
+        delivered,
+        pps,
+        softirq_s_per_mpkt: if delivered == 0 {
+            f64::NAN
+        } else {
+            (si1 - si0) / (delivered as f64 / 1e6)
+        },
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn json_num(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.3}")
+    } else {
+        "null".into()
+    }
+}
+
+fn main() -> Result<()> {
+    let o = opts()?;
+    for tool in ["iptables-restore", "nft", "conntrack", "bridge", "ethtool"] {
+        let ok = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool} >/dev/null")])
+            .status()
+            .is_ok_and(|s| s.success());
+        ensure!(
+            ok,
+            "{tool} not found (cargo xtask bench installs the bench tools)"
+        );
+    }
+    let t = Topo::new(&format!("rtpps{}", std::process::id()));
+    // The generator's frames carry full checksums anyway; the pod never
+    // sends. The same wiring as the netns test.
+    t.full_checksums();
+    let n1 = t.node1.name().to_owned();
+    let mut rt = Some(netns::run_in(&n1, node1::Riptide::load)?);
+    let load_before = traffic::loadavg();
+    let started = std::time::Instant::now();
+    // (path, services) → points
+    let mut results: Vec<(Path, usize, Vec<Point>)> = Vec::new();
+    let mut xdp_tx = 0u64;
+    for &n in &o.counts {
+        let list = service_list(n);
+        {
+            let r = rt.as_mut().context("riptide")?;
+            for s in &list {
+                r.svcs.upsert(&riptide_service(s))?;
+            }
+        }
+        for round in 0..o.rounds {
+            let mut order = Path::ALL.to_vec();
+            let k = round as usize % order.len();
+            order.rotate_left(k);
+            for path in order {
+                let r = rt.take().context("riptide")?;
+                rt = Some(r.set(
+                    &n1,
+                    matches!(path, Path::RiptideTc | Path::RiptideXdp),
+                    path == Path::RiptideXdp,
+                )?);
+                // Dropped (detached) after this path's measurement.
+                let _peer = (path == Path::RiptideXdp)
+                    .then(|| t.xdp_pass_on_peer())
+                    .transpose()
+                    .context("attaching XDP_PASS to node 1's uplink peer")?;
+                rules(
+                    &n1,
+                    matches!(path, Path::Iptables | Path::Nftables).then_some(path),
+                    &list,
+                )?;
+                let before = rt
+                    .as_ref()
+                    .context("riptide")?
+                    .dp
+                    .stats()?
+                    .get(stats::XDP_TX);
+                let p = measure(&t, path, &o)
+                    .with_context(|| format!("{} at {n} Services", path.name()))?;
+                rules(&n1, None, &[])?;
+                if p.delivered < p.sent / 2 {
+                    eprintln!("{}", t.counters());
+                    bail!(
+                        "{} at {n} Services delivered {} of {} packets",
+                        path.name(),
+                        p.delivered,
+                        p.sent
+                    );
+                }
+                if path == Path::RiptideXdp {
+                    let after = rt
+                        .as_ref()
+                        .context("riptide")?
+                        .dp
+                        .stats()?
+                        .get(stats::XDP_TX);
+                    xdp_tx += after - before;
+                    ensure!(
+                        after - before >= p.delivered / 2,
+                        "XDP sent {} of {} delivered packets: the XDP path was not taken",
+                        after - before,
+                        p.delivered
+                    );
+                }
+                eprintln!(
+                    "[{:>4.0}s] {n:>5} svc round {} {:<12} sent {:>9} delivered {:>9} ({:>5.1} %) {:>8.0} pps, softirq {:.3} CPU-s/Mpkt, load {:.2}",
+                    started.elapsed().as_secs_f64(),
+                    round + 1,
+                    path.name(),
+                    p.sent,
+                    p.delivered,
+                    100.0 * p.delivered as f64 / p.sent.max(1) as f64,
+                    p.pps,
+                    p.softirq_s_per_mpkt,
+                    traffic::loadavg()
+                );
+                match results.iter_mut().find(|(q, m, _)| *q == path && *m == n) {
+                    Some((_, _, v)) => v.push(p),
+                    None => results.push((path, n, vec![p])),
+                }
+            }
+        }
+    }
+    // Detach before the namespaces go.
+    if let Some(r) = rt.take() {
+        drop(r.set(&n1, false, false)?);
+    }
+    let load_after = traffic::loadavg();
+    let med = |path: Path, n: usize| -> Option<(f64, f64)> {
+        results
+            .iter()
+            .find(|(q, m, _)| *q == path && *m == n)
+            .map(|(_, _, v)| {
+                (
+                    median(v.iter().map(|p| p.pps).collect()),
+                    median(v.iter().map(|p| p.softirq_s_per_mpkt).collect()),
+                )
+            })
+    };
+    for (path, n, v) in &results {
+        let pps: Vec<f64> = v.iter().map(|p| p.pps).collect();
+        let (m, si) = med(*path, *n).unwrap_or((f64::NAN, f64::NAN));
+        let delivered: u64 = v.iter().map(|p| p.delivered).sum();
+        let sent: u64 = v.iter().map(|p| p.sent).sum();
+        println!(
+            "{{\"path\":\"{}\",\"services\":{n},\"rounds\":{},\"pps_median\":{},\"pps_min\":{},\"pps_max\":{},\"delivered_fraction\":{},\"softirq_cpu_s_per_mpkt\":{}}}",
+            path.name(),
+            v.len(),
+            json_num(m),
+            json_num(pps.iter().copied().fold(f64::INFINITY, f64::min)),
+            json_num(pps.iter().copied().fold(0.0, f64::max)),
+            json_num(delivered as f64 / sent.max(1) as f64),
+            json_num(si)
+        );
+    }
+    let mut ratios = String::new();
+    for &n in &o.counts {
+        let base = med(Path::Iptables, n).map_or(f64::NAN, |x| x.0);
+        let tc = med(Path::RiptideTc, n).map_or(f64::NAN, |x| x.0);
+        for path in Path::ALL {
+            let m = med(path, n).map_or(f64::NAN, |x| x.0);
+            let _ = write!(
+                ratios,
+                "{}\"{}@{n}\":{}",
+                if ratios.is_empty() { "" } else { "," },
+                path.name(),
+                json_num(m / base)
+            );
+        }
+        let x = med(Path::RiptideXdp, n).map_or(f64::NAN, |x| x.0);
+        let _ = write!(
+            ratios,
+            ",\"riptide-xdp/riptide-tc@{n}\":{}",
+            json_num(x / tc)
+        );
+    }
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    println!(
+        "{{\"summary\":\"pps\",\"ratio_to_iptables\":{{{ratios}}},\"xdp_tx_packets\":{xdp_tx},\"seconds_per_point\":{},\"rounds\":{},\"generator_cpu\":{},\"cpus\":{},\"cpu_model\":\"{}\",\"kernel\":\"{}\",\"loadavg_before\":{},\"loadavg_after\":{},\"elapsed_s\":{:.0}}}",
+        o.seconds,
+        o.rounds,
+        o.cpu,
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        cpu_model.replace('"', ""),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
+        json_num(load_before),
+        json_num(load_after),
+        started.elapsed().as_secs_f64()
+    );
+    drop(t);
+    Ok(())
+}
