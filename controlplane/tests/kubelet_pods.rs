@@ -8,13 +8,16 @@
 
 use std::{
     fs::File,
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
+mod common;
+
+use common::kubectl::{Kubectl, log_tail, wait_for};
 use riptide_test_support::privileged;
 use serde_json::Value;
 
@@ -164,29 +167,15 @@ impl Node {
     }
 
     fn log(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        log_tail(&self.dir.path().join(format!("{name}.log")))
+    }
+
+    fn kubectl(&self) -> Kubectl {
+        Kubectl { kubeconfig: self.kubeconfig.clone(), cache_dir: self.dir.path().join("kcache"), netns: None }
     }
 
     fn kubectl_raw(&self, args: &[&str], stdin: Option<&str>) -> (bool, String) {
-        let mut c = Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--cache-dir")
-            .arg(self.dir.path().join("kcache"))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        if let Some(s) = stdin {
-            c.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-        }
-        drop(c.stdin.take());
-        let out = c.wait_with_output().unwrap();
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        self.kubectl().raw(args, stdin)
     }
 
     fn diagnostics(&self) -> String {
@@ -205,24 +194,11 @@ impl Node {
     }
 
     fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["-o", "json"]);
-        let (ok, out) = self.kubectl_raw(&a, None);
-        if !ok {
-            return Value::Null;
-        }
-        serde_json::from_str(&out).unwrap_or(Value::Null)
+        self.kubectl().json(args)
     }
 
     fn wait<T>(&self, what: &str, secs: u64, mut f: impl FnMut(&Self) -> Option<T>) -> T {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(v) = f(self) {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", self.diagnostics());
-            std::thread::sleep(Duration::from_millis(300));
-        }
+        wait_for(what, secs, || f(self), || self.diagnostics())
     }
 
     /// The container's log once it contains `marker`.

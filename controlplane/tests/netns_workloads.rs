@@ -12,9 +12,12 @@ use std::{
     net::{Ipv4Addr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+mod common;
+
+use common::kubectl::{Kubectl, log_tail, wait_for};
 use serde_json::Value;
 use riptide_test_support::{
     ip,
@@ -219,9 +222,7 @@ impl Cluster {
     }
 
     fn log(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        log_tail(&self.dir.path().join(format!("{name}.log")))
     }
 
     fn diagnostics(&self) -> String {
@@ -237,24 +238,7 @@ impl Cluster {
     }
 
     fn kubectl_raw(&self, args: &[&str], stdin: Option<&str>) -> (bool, String) {
-        let mut c = cmd_in(&self.cp_ns(), "kubectl")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--cache-dir")
-            .arg(self.dir.path().join("kcache"))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        if let Some(s) = stdin {
-            c.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-        }
-        drop(c.stdin.take());
-        let out = c.wait_with_output().unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        (out.status.success(), text)
+        Kubectl { kubeconfig: self.kubeconfig.clone(), cache_dir: self.dir.path().join("kcache"), netns: Some(self.cp_ns()) }.raw(args, stdin)
     }
 
     fn kubectl(&self, args: &[&str]) -> String {
@@ -269,27 +253,12 @@ impl Cluster {
     }
 
     fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["-o", "json"]);
-        let (ok, out) = self.kubectl_raw(&a, None);
-        if !ok {
-            return Value::Null;
-        }
-        serde_json::from_str(&out).unwrap_or(Value::Null)
+        Kubectl { kubeconfig: self.kubeconfig.clone(), cache_dir: self.dir.path().join("kcache"), netns: Some(self.cp_ns()) }.json(args)
     }
 
     /// Polls `f` until it returns Some, or fails with what it saw.
     fn wait<T>(&self, what: &str, secs: u64, mut f: impl FnMut(&Self) -> Option<T>) -> T {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(v) = f(self) {
-                return v;
-            }
-            if Instant::now() > deadline {
-                panic!("timed out waiting for {what}\n{}", self.diagnostics());
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
+        wait_for(what, secs, || f(self), || self.diagnostics())
     }
 
     /// Pods with label `sel`, not terminating.

@@ -11,6 +11,8 @@ use std::{
 
 use riptide_controlplane::apiserver::{Config, Server, ServerHandle, StorageConfig};
 
+pub mod kubectl;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Embedded,
