@@ -73,14 +73,24 @@ pub struct Defaults {
     pub lb_mode: riptide_datapath::service::LbMode,
 }
 
+/// The value of `svc`'s annotation `key`.
+pub(crate) fn annotation<'a>(svc: &'a Service, key: &str) -> Option<&'a str> {
+    svc.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+}
+
+/// A Service carrying `key: value` (none when `value` is `None`).
+#[cfg(test)]
+pub(crate) fn annotated(key: &str, value: Option<&str>) -> Service {
+    let mut s = Service::default();
+    s.metadata.annotations =
+        value.map(|v| std::collections::BTreeMap::from([(key.to_owned(), v.to_owned())]));
+    s
+}
+
 /// The algorithm of `svc`'s ports, and a note when its annotation was
 /// ignored (an unknown value falls back to the cluster default).
 pub fn for_service(svc: &Service, d: Defaults) -> (Algorithm, Option<String>) {
-    let annotation = svc
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION));
+    let annotation = annotation(svc, ANNOTATION);
     let m = d.maglev_table_size;
     let default = match d.algorithm {
         Name::Random => Algorithm::Random,
@@ -97,15 +107,10 @@ pub fn for_service(svc: &Service, d: Defaults) -> (Algorithm, Option<String>) {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use std::collections::BTreeMap;
-
     use super::*;
 
-    fn svc(annotation: Option<&str>) -> Service {
-        let mut s = Service::default();
-        s.metadata.annotations =
-            annotation.map(|v| BTreeMap::from([(ANNOTATION.to_owned(), v.to_owned())]));
-        s
+    fn svc(value: Option<&str>) -> Service {
+        annotated(ANNOTATION, value)
     }
 
     #[test]

@@ -61,12 +61,7 @@ impl fmt::Display for Name {
 /// The mode of `svc`'s ports, and a note when its annotation was ignored
 /// (an unknown value falls back to the cluster default).
 pub fn for_service(svc: &Service, default: LbMode) -> (LbMode, Option<String>) {
-    let annotation = svc
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION));
-    match annotation.map(|v| v.parse::<Name>()) {
+    match crate::lb_algorithm::annotation(svc, ANNOTATION).map(|v| v.parse::<Name>()) {
         None => (default, None),
         Some(Ok(Name(mode))) => (mode, None),
         Some(Err(e)) => (default, Some(format!("{ANNOTATION} ignored: {e}"))),
@@ -76,15 +71,10 @@ pub fn for_service(svc: &Service, default: LbMode) -> (LbMode, Option<String>) {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use std::collections::BTreeMap;
-
     use super::*;
 
-    fn svc(annotation: Option<&str>) -> Service {
-        let mut s = Service::default();
-        s.metadata.annotations =
-            annotation.map(|v| BTreeMap::from([(ANNOTATION.to_owned(), v.to_owned())]));
-        s
+    fn svc(value: Option<&str>) -> Service {
+        crate::lb_algorithm::annotated(ANNOTATION, value)
     }
 
     #[test]
