@@ -76,3 +76,50 @@ fn kernel_reconciler_writes_and_shrinks_real_maps() {
     assert!(svc.dump_backends().is_empty());
     assert!(svc.dump_revnat().is_empty());
 }
+
+/// A LoadBalancer Service's `loadBalancerSourceRanges`, from the API object
+/// through the model and the reconciler into `rt_srcrange4_v1`, updated
+/// and removed with the Service.
+#[test]
+fn kernel_source_ranges_follow_the_service_into_real_maps() {
+    if !privileged("to load eBPF programs") {
+        return;
+    }
+    use riptide_agent::model::{NodeContext, service_desired};
+    let mut dp = Datapath::load(&Pinning::None).unwrap();
+    let mut svc = dp.services().unwrap();
+    let mut rec = Reconciler::new();
+    let web = Owner::service("ns", "web");
+    let ctx = NodeContext { node_name: "node-a".into(), ..NodeContext::default() };
+    let object = |ranges: serde_json::Value| -> k8s_openapi::api::core::v1::Service {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "ns", "name": "web"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.43.0.10", "loadBalancerSourceRanges": ranges,
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.100"}]}}
+        }))
+        .unwrap()
+    };
+    let prefixes = |svc: &riptide_datapath::service::Services| -> Vec<String> {
+        svc.dump_source_ranges().iter().map(|(_, a, l)| format!("{a}/{l}")).collect()
+    };
+
+    rec.set(&web, service_desired(&object(serde_json::json!(["203.0.113.0/24", "oops"])), &[], &ctx));
+    let rep = rec.apply(&mut svc);
+    assert!(rep.failed.is_empty(), "{rep:?}");
+    assert_eq!(prefixes(&svc), ["203.0.113.0/24"], "the valid range written, the invalid one skipped");
+
+    rec.set(&web, service_desired(&object(serde_json::json!(["10.0.0.0/8", "198.51.100.7/32"])), &[], &ctx));
+    let rep = rec.apply(&mut svc);
+    assert!(rep.failed.is_empty(), "{rep:?}");
+    assert_eq!(prefixes(&svc), ["10.0.0.0/8", "198.51.100.7/32"], "live update");
+
+    rec.set(&web, service_desired(&object(serde_json::Value::Null), &[], &ctx));
+    rec.apply(&mut svc);
+    assert!(prefixes(&svc).is_empty(), "no field: open, no prefix left");
+
+    rec.set(&web, Desired::default());
+    rec.apply(&mut svc);
+    assert!(svc.dump_services().is_empty());
+}
