@@ -13,14 +13,14 @@ mod common;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::programs::{TestRun, TestRunOptions, XdpMode};
+use aya::programs::XdpMode;
 use common::*;
 use ipnetwork::Ipv4Network;
 use riptide_common::{Config, SVC_F_NO_SOCK_LB, SVC_F_SRC_RANGE, names, stats};
 use riptide_datapath::service::{LbMode, SourceRanges};
 use riptide_test_support::{
     netns, privileged,
-    uplink_lab::{NODE, uplink_lab, xdp_md},
+    uplink_lab::{NODE, uplink_lab},
 };
 
 const XDP_DROP: u32 = 1;
@@ -211,25 +211,6 @@ fn tc_established_flows_are_not_judged_again_and_lists_update_live() {
     assert_eq!(stat(&n, stats::DROP_LB_SRC_RANGE), 2);
 }
 
-/// One XDP run on `frame` arriving on `ifindex`: verdict and frame after.
-fn xdp(n: &mut Node, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 256];
-    let md = xdp_md(frame.len(), ifindex);
-    let r = n
-        .dp
-        .xdp(names::PROG_XDP_NET)
-        .unwrap()
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&md),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN (xdp)");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
-}
-
 #[test]
 fn xdp_drops_denied_sources_before_the_stack() {
     if !privileged("to load eBPF programs and create network namespaces") {
@@ -251,16 +232,16 @@ fn xdp_drops_denied_sources_before_the_stack() {
             .attach("up0", XdpMode::Driver)
             .expect("attach rt_xdp_net natively to a veth");
 
-        let (v, out) = xdp(&mut n, ifindex, &syn((ip(ALLOWED), 43000), (ip(LB_IP), 80)));
+        let (v, out) = xdp(&mut n.dp, ifindex, &syn((ip(ALLOWED), 43000), (ip(LB_IP), 80)));
         assert_eq!(v, XDP_TX, "allowed: balanced at XDP\n{}", dump(&n));
         assert_eq!((view(&out).dst, view(&out).dport), (ip(REMOTE_BE), 8080));
 
         let f = syn((ip(DENIED), 43001), (ip(LB_IP), 80));
-        let (v, out) = xdp(&mut n, ifindex, &f);
+        let (v, out) = xdp(&mut n.dp, ifindex, &f);
         assert_eq!((v, out.as_slice()), (XDP_DROP, f.as_slice()), "denied SYN\n{}", dump(&n));
         // Not a SYN, no conntrack entry: tc would judge it new as well.
         let ack = tcp((ip(DENIED), 43001), (ip(LB_IP), 80), 0x10, b"x");
-        let (v, _) = xdp(&mut n, ifindex, &ack);
+        let (v, _) = xdp(&mut n.dp, ifindex, &ack);
         assert_eq!(v, XDP_DROP, "denied non-SYN\n{}", dump(&n));
         assert_eq!(stat(&n, stats::DROP_LB_SRC_RANGE), 2);
 
@@ -268,7 +249,7 @@ fn xdp_drops_denied_sources_before_the_stack() {
         // after the list stops covering it.
         n.svcs.upsert(&lb_service(only(&["10.0.0.0/8"]))).unwrap();
         let ack = tcp((ip(ALLOWED), 43000), (ip(LB_IP), 80), 0x10, b"y");
-        let (v, out) = xdp(&mut n, ifindex, &ack);
+        let (v, out) = xdp(&mut n.dp, ifindex, &ack);
         assert_eq!(v, XDP_TX, "established flow\n{}", dump(&n));
         assert_eq!(view(&out).dst, ip(REMOTE_BE));
         assert_eq!(stat(&n, stats::DROP_LB_SRC_RANGE), 2);

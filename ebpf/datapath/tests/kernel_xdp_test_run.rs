@@ -16,7 +16,7 @@ mod common;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::programs::{TestRun, TestRunOptions, XdpMode};
+use aya::programs::XdpMode;
 use common::*;
 use riptide_common::{CFG_F_DROP_NO_BACKEND, Config, names, stats};
 use riptide_datapath::{
@@ -27,7 +27,7 @@ use riptide_datapath::{
 };
 use riptide_test_support::{
     netns, privileged,
-    uplink_lab::{NODE, NODE2, NODE2_MAC, ROUTER_MAC, UP0_MAC, uplink_lab, xdp_md},
+    uplink_lab::{NODE, NODE2, NODE2_MAC, ROUTER_MAC, UP0_MAC, uplink_lab},
 };
 
 const XDP_DROP: u32 = 1;
@@ -66,24 +66,6 @@ fn nodeport(name: &str, port: u16, backends: Vec<Backend>, algorithm: Algorithm)
         algorithm,
         lb_mode: riptide_datapath::service::LbMode::Snat,
     }
-}
-
-/// One XDP run on `frame` arriving on `ifindex`: verdict and frame after.
-fn xdp(dp: &mut Datapath, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 256];
-    let md = xdp_md(frame.len(), ifindex);
-    let r = dp
-        .xdp(names::PROG_XDP_NET)
-        .unwrap()
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&md),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN (xdp)");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
 }
 
 fn stat(dp: &Datapath, reason: u32) -> u64 {

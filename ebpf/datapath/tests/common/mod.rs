@@ -250,6 +250,26 @@ pub fn attach_from_pod(dp: &mut Datapath, hif: &str) {
         .expect("attach rt_from_pod");
 }
 
+/// Runs `rt_xdp_net` on `frame` arriving on `ifindex` (a device whose XDP
+/// receive queue is registered: see `kernel_xdp_test_run.rs`); returns
+/// (verdict, frame after).
+pub fn xdp(dp: &mut Datapath, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let md = riptide_test_support::uplink_lab::xdp_md(frame.len(), ifindex);
+    let r = dp
+        .xdp(riptide_common::names::PROG_XDP_NET)
+        .unwrap()
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&md),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN (xdp)");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
 pub fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
