@@ -39,7 +39,6 @@ use k8s_openapi::{
     api::{
         coordination::v1::{Lease, LeaseSpec},
         core::v1::{Node, Service},
-        discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::MicroTime,
     jiff::Timestamp,
@@ -54,6 +53,7 @@ use riptide_datapath::service::{BackendState, FrontendKind, TrafficPolicy};
 use crate::{
     metrics::Metrics,
     model::{self, NodeContext},
+    slim::SlimSlice,
 };
 
 /// Where the Leases live.
@@ -309,7 +309,7 @@ struct Seen {
 /// The agent's caches the announcer reads.
 pub struct Inputs {
     pub services: Store<Service>,
-    pub slices: Store<EndpointSlice>,
+    pub slices: Store<SlimSlice>,
     pub nodes: Store<Node>,
 }
 
@@ -396,7 +396,7 @@ impl Announcer {
             nodes.iter().find(|n| n.metadata.name.as_deref() == Some(self.node.as_str())).and_then(|n| crate::node::internal_ip(n))
         });
         self.ctx.reserved.set_nodes(nodes.iter().map(AsRef::as_ref), own);
-        let mut slices: HashMap<(String, String), Vec<Arc<EndpointSlice>>> = HashMap::new();
+        let mut slices: HashMap<(String, String), Vec<Arc<SlimSlice>>> = HashMap::new();
         for s in self.inputs.slices.state() {
             if let (Some(ns), Some(svc)) = (s.metadata.namespace.clone(), s.metadata.labels.as_ref().and_then(|l| l.get(model::LABEL_SERVICE_NAME))) {
                 slices.entry((ns, svc.clone())).or_default().push(s);
@@ -405,7 +405,7 @@ impl Announcer {
         let mut out = BTreeMap::new();
         for svc in self.inputs.services.state() {
             let (ns, name) = (svc.metadata.namespace.clone().unwrap_or_default(), svc.metadata.name.clone().unwrap_or_default());
-            let own: Vec<&EndpointSlice> = slices.get(&(ns, name)).into_iter().flatten().map(AsRef::as_ref).collect();
+            let own: Vec<&SlimSlice> = slices.get(&(ns, name)).into_iter().flatten().map(AsRef::as_ref).collect();
             let d = model::service_desired(&svc, &own, &self.ctx);
             let mut ips: Vec<Ipv4Addr> = d
                 .ports

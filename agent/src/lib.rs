@@ -28,6 +28,7 @@ pub mod reconcile;
 pub mod reserved;
 pub mod routes;
 pub mod shared;
+pub mod slim;
 pub mod sockdiag;
 pub mod source_ranges;
 pub mod to_pod;

@@ -20,16 +20,16 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Pod, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use riptide_datapath::service::{
     self as lb, Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, TrafficPolicy,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::reserved::Reserved;
+use crate::{
+    reserved::Reserved,
+    slim::{Conditions, SlimSlice},
+};
 
 /// Label that marks a Service as handled by another proxy (kube-proxy's
 /// `service.kubernetes.io/service-proxy-name`): a set label means "not ours"
@@ -149,7 +149,7 @@ pub fn skip_reason(svc: &Service, ctx: &NodeContext) -> Option<&'static str> {
 /// the same name and protocol: that is how a named `targetPort` is resolved,
 /// per slice, by the EndpointSlice controller. Sorted by address.
 fn endpoints_for_port(
-    slices: &[&EndpointSlice],
+    slices: &[&SlimSlice],
     port_name: &str,
     protocol: Protocol,
     node: &str,
@@ -169,7 +169,7 @@ fn endpoints_for_port(
         let Some(port) = port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
             continue;
         };
-        for ep in &slice.endpoints {
+        for ep in &*slice.endpoints {
             // Addresses of one endpoint are fungible; kube-proxy uses the first.
             let Some(ip) = ep.addresses.first().and_then(|a| parse_v4(a)) else {
                 continue;
@@ -200,7 +200,7 @@ fn endpoints_for_port(
 /// Endpoint conditions → backend state. API: "ready: nil should be
 /// interpreted as true"; "serving: if nil, consumers should defer to the
 /// ready condition"; "terminating: nil should be interpreted as false".
-fn state_of(cond: Option<&k8s_openapi::api::discovery::v1::EndpointConditions>) -> BackendState {
+fn state_of(cond: Option<&Conditions>) -> BackendState {
     let ready = cond.and_then(|c| c.ready).unwrap_or(true);
     let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
     let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
@@ -234,7 +234,7 @@ fn port_key(owner: &Owner, port_name: &str, port: u16, protocol: Protocol) -> St
 
 /// The Service ports of one Service, given the EndpointSlices labelled with
 /// its name (any order; slices of other Services must not be passed).
-pub fn service_desired(svc: &Service, slices: &[&EndpointSlice], ctx: &NodeContext) -> Desired {
+pub fn service_desired(svc: &Service, slices: &[&SlimSlice], ctx: &NodeContext) -> Desired {
     let mut out = Desired::default();
     if skip_reason(svc, ctx).is_some() {
         return out;
@@ -247,7 +247,7 @@ pub fn service_desired(svc: &Service, slices: &[&EndpointSlice], ctx: &NodeConte
     let owner = Owner::service(namespace, name);
 
     // Deterministic order whatever order the store hands slices in.
-    let mut slices: Vec<&EndpointSlice> = slices.to_vec();
+    let mut slices: Vec<&SlimSlice> = slices.to_vec();
     slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
 
     let mut cluster_ips: Vec<Ipv4Addr> = spec

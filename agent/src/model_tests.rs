@@ -39,7 +39,7 @@ fn merge(base: &mut Value, patch: Value) {
     }
 }
 
-fn slice(name: &str, ports: Value, endpoints: Value) -> EndpointSlice {
+fn slice(name: &str, ports: Value, endpoints: Value) -> SlimSlice {
     serde_json::from_value(json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"namespace": "ns", "name": name, "labels": {LABEL_SERVICE_NAME: "web"}},
@@ -55,7 +55,7 @@ fn ep(ip: &str, node: &str, ready: bool, serving: bool, terminating: bool) -> Va
            "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
 }
 
-fn http_slice(endpoints: Value) -> EndpointSlice {
+fn http_slice(endpoints: Value) -> SlimSlice {
     slice("web-1", json!([{"name": "http", "port": 8080, "protocol": "TCP"}]), endpoints)
 }
 

@@ -9,7 +9,6 @@ use std::{fmt::Debug, hash::Hash};
 use futures::StreamExt as _;
 use k8s_openapi::api::{
     core::v1::{Container, Namespace, Node, Pod, PodSpec, PodStatus, Service},
-    discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 use kube::{
@@ -23,7 +22,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::{metrics::Metrics, model::LABEL_SERVICE_NAME};
+use crate::{metrics::Metrics, model::LABEL_SERVICE_NAME, slim::SlimSlice};
 
 /// One Kubernetes API permission the agent uses: `verbs` on `resource` in
 /// API group `group` ("" = core), as RBAC spells them.
@@ -136,7 +135,8 @@ pub enum Change {
 #[derive(Clone)]
 pub struct Stores {
     pub services: Store<Service>,
-    pub slices: Store<EndpointSlice>,
+    /// Decoded as [`SlimSlice`]: only the fields the model reads.
+    pub slices: Store<SlimSlice>,
     pub nodes: Store<Node>,
     /// Every pod of the cluster.
     pub pods: Store<Pod>,
@@ -169,18 +169,19 @@ pub fn start(client: &Client, node_name: &str, tx: &UnboundedSender<Change>, met
         },
     );
     let slices = spawn(
-        Api::<EndpointSlice>::all(client.clone()),
+        Api::<SlimSlice>::all(client.clone()),
         watcher::Config::default(),
         Kind::EndpointSlice,
         tx.clone(),
         metrics.clone(),
-        |s: &EndpointSlice| Change::Slice {
+        |s: &SlimSlice| Change::Slice {
             namespace: s.namespace().unwrap_or_default(),
             name: s.name_any(),
             service: s.labels().get(LABEL_SERVICE_NAME).cloned(),
             deleted: false,
         },
-        trim_slice,
+        // Nothing left to trim: the type decodes only what is read.
+        |_: &mut SlimSlice| {},
     );
     let nodes = spawn(
         Api::<Node>::all(client.clone()),
@@ -272,31 +273,6 @@ fn trim_pod(p: &mut Pod) {
     }
 }
 
-/// Keeps what the agent reads of an EndpointSlice: its name, namespace,
-/// Service label, the trigger-time annotation (network programming
-/// latency) and per endpoint its addresses, conditions and node. There is a
-/// slice (at least) per Service, so every dropped field counts at scale.
-fn trim_slice(s: &mut EndpointSlice) {
-    fn only(map: Option<std::collections::BTreeMap<String, String>>, key: &str) -> Option<std::collections::BTreeMap<String, String>> {
-        map.and_then(|mut m| m.remove_entry(key)).map(|kv| [kv].into())
-    }
-    let m = std::mem::take(&mut s.metadata);
-    s.metadata = kube::api::ObjectMeta {
-        name: m.name,
-        namespace: m.namespace,
-        labels: only(m.labels, LABEL_SERVICE_NAME),
-        annotations: only(m.annotations, TRIGGER_TIME_ANNOTATION),
-        ..kube::api::ObjectMeta::default()
-    };
-    for ep in &mut s.endpoints {
-        ep.hints = None;
-        ep.deprecated_topology = None;
-        ep.target_ref = None;
-        ep.hostname = None;
-        ep.zone = None;
-    }
-}
-
 fn trim_meta(m: &mut kube::api::ObjectMeta) {
     m.managed_fields = None;
     m.annotations = None;
@@ -359,50 +335,12 @@ mod tests {
     #[test]
     fn every_watched_kind_is_declared() {
         declared::<Service>(WATCH_VERBS).unwrap();
-        declared::<EndpointSlice>(WATCH_VERBS).unwrap();
+        declared::<SlimSlice>(WATCH_VERBS).unwrap();
         declared::<Node>(WATCH_VERBS).unwrap();
         declared::<Pod>(WATCH_VERBS).unwrap();
         declared::<Namespace>(WATCH_VERBS).unwrap();
         declared::<NetworkPolicy>(WATCH_VERBS).unwrap();
         declared::<Node>(&["patch"]).unwrap();
-    }
-
-    #[test]
-    fn slices_keep_only_what_the_model_reads() {
-        let mut s: EndpointSlice = serde_json::from_value(serde_json::json!({
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {
-                "name": "web-abc", "namespace": "ns", "uid": "u", "resourceVersion": "7", "generateName": "web-",
-                "labels": {LABEL_SERVICE_NAME: "web", "endpointslice.kubernetes.io/managed-by": "c"},
-                "annotations": {TRIGGER_TIME_ANNOTATION: "2026-12-07T00:00:00Z", "other": "x"},
-                "managedFields": [{"manager": "c"}],
-            },
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            "endpoints": [{
-                "addresses": ["10.42.0.5"], "nodeName": "n1", "zone": "z", "hostname": "h",
-                "conditions": {"ready": true, "serving": true, "terminating": false},
-                "targetRef": {"kind": "Pod", "name": "p"}, "hints": {"forZones": [{"name": "z"}]},
-            }],
-        }))
-        .unwrap();
-        trim_slice(&mut s);
-        let want: EndpointSlice = serde_json::from_value(serde_json::json!({
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {
-                "name": "web-abc", "namespace": "ns",
-                "labels": {LABEL_SERVICE_NAME: "web"},
-                "annotations": {TRIGGER_TIME_ANNOTATION: "2026-12-07T00:00:00Z"},
-            },
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            "endpoints": [{
-                "addresses": ["10.42.0.5"], "nodeName": "n1",
-                "conditions": {"ready": true, "serving": true, "terminating": false},
-            }],
-        }))
-        .unwrap();
-        assert_eq!(s, want);
     }
 
     #[test]

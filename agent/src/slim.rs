@@ -1,0 +1,203 @@
+//! Watch-store types that hold only what the agent reads, decoded straight
+//! from the API's JSON: serde skips every other field without allocating
+//! it. A k8s-openapi `EndpointSlice` keeps hundreds of bytes inline per
+//! endpoint however much is trimmed after decoding (target references,
+//! hints, topology maps), and a cluster has an endpoint per pod behind a
+//! Service.
+//!
+//! [`SlimSlice`] implements k8s-openapi's `Resource` and `Metadata` (with the
+//! real EndpointSlice's group, version and kind), so kube's `Api`, watcher
+//! and reflector take it as they take the generated type.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    NamespaceResourceScope,
+    api::discovery::v1::EndpointSlice,
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde::{Deserialize, Deserializer};
+
+use crate::{model::LABEL_SERVICE_NAME, watch::TRIGGER_TIME_ANNOTATION};
+
+/// A `discovery.k8s.io/v1` EndpointSlice as the agent stores it. Field names
+/// and types follow k8s-openapi's, so the model reads both alike.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlimSlice {
+    /// Name, namespace, resourceVersion (the watcher resumes from it), the
+    /// `kubernetes.io/service-name` label and the trigger-time annotation.
+    #[serde(deserialize_with = "slice_meta")]
+    pub metadata: ObjectMeta,
+    pub address_type: String,
+    #[serde(default)]
+    pub ports: Option<Vec<SlicePort>>,
+    /// Go marshals an empty list as `null`.
+    #[serde(default, deserialize_with = "null_is_empty")]
+    pub endpoints: Box<[SliceEndpoint]>,
+}
+
+/// One endpoint: its addresses, conditions and node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceEndpoint {
+    #[serde(default, deserialize_with = "null_is_empty")]
+    pub addresses: Box<[Box<str>]>,
+    #[serde(default)]
+    pub conditions: Option<Conditions>,
+    #[serde(default)]
+    pub node_name: Option<Box<str>>,
+}
+
+/// `EndpointConditions`; `None` keeps the API's meaning of an unset field.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct Conditions {
+    #[serde(default)]
+    pub ready: Option<bool>,
+    #[serde(default)]
+    pub serving: Option<bool>,
+    #[serde(default)]
+    pub terminating: Option<bool>,
+}
+
+/// `EndpointPort`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct SlicePort {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub port: Option<i32>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// The part of a slice's `ObjectMeta` that is decoded; labels and
+/// annotations are filtered to the one key each that is read.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Meta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    resource_version: Option<String>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+fn slice_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    fn only(map: Option<BTreeMap<String, String>>, key: &str) -> Option<BTreeMap<String, String>> {
+        map.and_then(|mut m| m.remove_entry(key)).map(|kv| [kv].into())
+    }
+    let m = Meta::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        resource_version: m.resource_version,
+        labels: only(m.labels, LABEL_SERVICE_NAME),
+        annotations: only(m.annotations, TRIGGER_TIME_ANNOTATION),
+        ..ObjectMeta::default()
+    })
+}
+
+fn null_is_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Box<[T]>, D::Error> {
+    Ok(Option::<Box<[T]>>::deserialize(d)?.unwrap_or_default())
+}
+
+impl k8s_openapi::Resource for SlimSlice {
+    const API_VERSION: &'static str = <EndpointSlice as k8s_openapi::Resource>::API_VERSION;
+    const GROUP: &'static str = <EndpointSlice as k8s_openapi::Resource>::GROUP;
+    const KIND: &'static str = <EndpointSlice as k8s_openapi::Resource>::KIND;
+    const VERSION: &'static str = <EndpointSlice as k8s_openapi::Resource>::VERSION;
+    const URL_PATH_SEGMENT: &'static str = <EndpointSlice as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+    type Scope = NamespaceResourceScope;
+}
+
+impl k8s_openapi::Metadata for SlimSlice {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_only_what_the_model_reads() {
+        let s: SlimSlice = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {
+                "name": "web-abc", "namespace": "ns", "uid": "u", "resourceVersion": "7", "generateName": "web-",
+                "labels": {LABEL_SERVICE_NAME: "web", "endpointslice.kubernetes.io/managed-by": "c"},
+                "annotations": {TRIGGER_TIME_ANNOTATION: "2026-12-07T00:00:00Z", "other": "x"},
+                "managedFields": [{"manager": "c"}],
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP", "appProtocol": "http"}],
+            "endpoints": [{
+                "addresses": ["10.42.0.5"], "nodeName": "n1", "zone": "z", "hostname": "h",
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "targetRef": {"kind": "Pod", "name": "p"}, "hints": {"forZones": [{"name": "z"}]},
+            }, {"addresses": ["10.42.0.6"]}],
+        }))
+        .unwrap();
+        let want = SlimSlice {
+            metadata: ObjectMeta {
+                name: Some("web-abc".into()),
+                namespace: Some("ns".into()),
+                resource_version: Some("7".into()),
+                labels: Some([(LABEL_SERVICE_NAME.to_owned(), "web".to_owned())].into()),
+                annotations: Some([(TRIGGER_TIME_ANNOTATION.to_owned(), "2026-12-07T00:00:00Z".to_owned())].into()),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            ports: Some(vec![SlicePort { name: Some("http".into()), port: Some(8080), protocol: Some("TCP".into()) }]),
+            endpoints: [
+                SliceEndpoint {
+                    addresses: ["10.42.0.5".into()].into(),
+                    conditions: Some(Conditions { ready: Some(true), serving: Some(true), terminating: Some(false) }),
+                    node_name: Some("n1".into()),
+                },
+                SliceEndpoint { addresses: ["10.42.0.6".into()].into(), conditions: None, node_name: None },
+            ]
+            .into(),
+        };
+        assert_eq!(s, want);
+    }
+
+    /// The apiserver writes a slice without endpoints (every pod of a
+    /// Service gone) as `"endpoints": null`, and omits unset lists.
+    #[test]
+    fn null_and_missing_lists_are_empty() {
+        let s: SlimSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-abc", "namespace": "ns"},
+            "addressType": "IPv4", "ports": null, "endpoints": null,
+        }))
+        .unwrap();
+        assert!(s.endpoints.is_empty() && s.ports.is_none());
+        let s: SlimSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-abc"}, "addressType": "IPv4",
+            "endpoints": [{"addresses": null, "conditions": null, "nodeName": null}],
+        }))
+        .unwrap();
+        assert_eq!(&*s.endpoints, &[SliceEndpoint::default()]);
+    }
+
+    #[test]
+    fn watches_as_an_endpointslice() {
+        use kube::Resource as _;
+        assert_eq!(SlimSlice::api_version(&()), "discovery.k8s.io/v1");
+        assert_eq!(SlimSlice::plural(&()), "endpointslices");
+        assert_eq!(SlimSlice::url_path(&(), Some("ns")), "/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices");
+    }
+}
