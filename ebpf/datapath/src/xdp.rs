@@ -28,9 +28,12 @@ use riptide_common::names;
 use crate::{Datapath, Error, Result};
 
 /// The `xdp` setting. Off by default: `XDP_TX` out of a veth uplink (the
-/// lab's nodes, most containers) is dropped unless the peer runs NAPI (an
-/// XDP program or GRO on it), and the lab's end-to-end suites do not yet
-/// run with XDP on; operators whose uplink is a NIC turn it on.
+/// lab's nodes, most containers) fails once the peer's queue fills unless
+/// the peer has an XDP program of its own (GRO alone does not wake it),
+/// local senders behind a veth must turn transmit checksum offload off (XDP
+/// forwards their partial checksums unchanged), and the lab's end-to-end
+/// suites do not yet run with XDP on; operators whose uplink is a NIC turn
+/// it on (`ebpf/README.md`, "Turning XDP on safely").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum XdpSetting {
     /// Native mode; generic if the driver cannot (reported).
