@@ -17,7 +17,7 @@ use std::{
 
 mod common;
 
-use common::kubectl::{Kubectl, log_tail, wait_for};
+use common::kubectl::{Kubectl, kill_pod_cgroups, log_tail, wait_for};
 use riptide_test_support::privileged;
 use serde_json::Value;
 
@@ -221,17 +221,7 @@ impl Drop for Node {
             let _ = k.wait();
         }
         let _ = riptide_controlplane::kubelet::mntns::release_all(&self.root());
-        if let Ok(rd) = std::fs::read_dir(&self.cgroup) {
-            for e in rd.flatten().filter(|e| e.path().is_dir()) {
-                let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
-                for _ in 0..50 {
-                    if std::fs::remove_dir(e.path()).is_ok() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        }
+        kill_pod_cgroups(&self.cgroup);
         let _ = std::fs::remove_dir(&self.cgroup);
         if let Ok(rd) = std::fs::read_dir("/run/netns") {
             let prefix = format!("{}-pod-", self.node);

@@ -17,7 +17,7 @@ use std::{
 
 mod common;
 
-use common::kubectl::{Kubectl, log_tail, wait_for};
+use common::kubectl::{Kubectl, kill_pod_cgroups, log_tail, wait_for};
 use serde_json::Value;
 use riptide_test_support::{
     ip,
@@ -343,17 +343,7 @@ impl Drop for Cluster {
                     }
                 }
             }
-            if let Ok(rd) = std::fs::read_dir(self.node_cgroup(i)) {
-                for e in rd.flatten().filter(|e| e.path().is_dir()) {
-                    let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
-                    for _ in 0..50 {
-                        if std::fs::remove_dir(e.path()).is_ok() {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                }
-            }
+            kill_pod_cgroups(&self.node_cgroup(i));
             let _ = std::fs::remove_dir(self.node_cgroup(i));
             let _ = Command::new("ip").args(["netns", "del", &self.nodes[i]]).status();
             let _ = riptide_datapath::unpin_node(&self.nodes[i]);

@@ -1,5 +1,6 @@
-//! kubectl, log tails and polling for the synchronous suites that run the
-//! control plane as processes (`kubelet_pods`, `netns_workloads`).
+//! kubectl, log tails, polling and pod cleanup for the synchronous suites
+//! that run the control plane as processes (`kubelet_pods`,
+//! `netns_workloads`).
 
 use std::{
     io::Write as _,
@@ -73,5 +74,21 @@ pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>, diag
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", diagnostics());
         std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Kills every pod cgroup under a node's cgroup (`cgroup.kill`) and
+/// removes it once its processes are gone, so a test leaves nothing behind
+/// even when its kubelet died first.
+pub fn kill_pod_cgroups(node_cgroup: &Path) {
+    let Ok(rd) = std::fs::read_dir(node_cgroup) else { return };
+    for e in rd.flatten().filter(|e| e.path().is_dir()) {
+        let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
+        for _ in 0..50 {
+            if std::fs::remove_dir(e.path()).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
