@@ -1425,6 +1425,7 @@ const LAB_STATE_ENTRIES: &[&str] = &[
     "bench.yaml",
     "fillers.yaml",
     "temp-svc.yaml",
+    "lb-pools.json",
 ];
 
 /// Lazily unmounts `dir` and everything under it; nothing to do when it is
