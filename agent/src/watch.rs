@@ -1,8 +1,9 @@
 //! Reflectors for the six kinds the agent needs, as controller-rs does it:
 //! `watcher(..).default_backoff()`, `.modify()` to trim what we never read,
-//! into a `reflector` store. Every event also becomes a small [`Change`] on
-//! a channel, so the reconcile loop knows *what* to recompute instead of
-//! rescanning the stores.
+//! into a `reflector` store (EndpointSlices need no trim: they decode into
+//! [`SlimSlice`], which holds only what is read). Every event also becomes
+//! a small [`Change`] on a channel, so the reconcile loop knows *what* to
+//! recompute instead of rescanning the stores.
 
 use std::{fmt::Debug, hash::Hash};
 
