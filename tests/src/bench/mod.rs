@@ -577,28 +577,7 @@ fn uninstall(path: DataPath, ns: &str) -> Result<()> {
 }
 
 fn pipe(ns: &str, prog: &str, args: &[&str], input: &str) -> Result<()> {
-    use std::io::Write as _;
-    let mut child = netns::command(ns, prog)?
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {prog}"))?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(input.as_bytes())
-        .with_context(|| format!("writing to {prog}"))?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{prog} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    riptide_test_support::netns::pipe(ns, prog, args, input).with_context(|| format!("{prog} in {ns}"))
 }
 
 fn flush_conntrack(namespaces: &[&str]) {

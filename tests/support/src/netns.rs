@@ -40,6 +40,30 @@ pub fn path(name: &str) -> PathBuf {
     PathBuf::from("/run/netns").join(name)
 }
 
+/// Runs `program args` inside namespace `name` with `input` on its stdin
+/// (`iptables-restore`, `nft -f -`); a non-zero exit is an error carrying
+/// the command and its stderr.
+pub fn pipe(name: &str, program: &str, args: &[&str], input: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut child = try_command(name, program)?
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
 /// A `Command` for `program` run inside namespace `name` (`setns` in
 /// `pre_exec`; `ip netns exec` would remount /sys and hide bpffs).
 pub fn command(name: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
