@@ -26,6 +26,10 @@ use std::{fmt, str::FromStr};
 use k8s_openapi::api::core::v1::Service;
 use riptide_datapath::{maglev::TableSize, service::Algorithm};
 
+/// Prefix of the Service annotations the agent reads (this module's and
+/// `lb_mode`'s); the Service watch keeps only these.
+pub(crate) const SERVICE_ANNOTATION_PREFIX: &str = "service.riptide.io/";
+
 /// Annotation that picks a Service's algorithm.
 pub const ANNOTATION: &str = "service.riptide.io/lb-algorithm";
 

@@ -100,7 +100,7 @@ mod tests {
     #[test]
     fn the_watch_keeps_the_annotations_read_here() {
         for a in [ANNOTATION, crate::lb_algorithm::ANNOTATION] {
-            assert!(a.starts_with(crate::watch::SERVICE_ANNOTATION_PREFIX), "{a}");
+            assert!(a.starts_with(crate::lb_algorithm::SERVICE_ANNOTATION_PREFIX), "{a}");
         }
     }
 }

@@ -37,8 +37,7 @@ use crate::{
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Label that makes kube-proxy ignore a Service (`service.kubernetes.io/headless`).
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
-/// Label linking an EndpointSlice to its Service.
-pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+pub use crate::slim::LABEL_SERVICE_NAME;
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 

@@ -18,7 +18,13 @@ use k8s_openapi::{
 };
 use serde::{Deserialize, Deserializer};
 
-use crate::{model::LABEL_SERVICE_NAME, watch::TRIGGER_TIME_ANNOTATION};
+/// Label linking an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+
+/// The annotation the EndpointSlice controller stamps with the time of the
+/// change that caused a slice's last update (kube-proxy's network
+/// programming latency starts there).
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// A `discovery.k8s.io/v1` EndpointSlice as the agent stores it. Field names
 /// and types follow k8s-openapi's, so the model reads both alike.

@@ -23,7 +23,11 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::{metrics::Metrics, model::LABEL_SERVICE_NAME, slim::SlimSlice};
+use crate::{
+    lb_algorithm::SERVICE_ANNOTATION_PREFIX,
+    metrics::Metrics,
+    slim::{LABEL_SERVICE_NAME, SlimSlice},
+};
 
 /// One Kubernetes API permission the agent uses: `verbs` on `resource` in
 /// API group `group` ("" = core), as RBAC spells them.
@@ -64,10 +68,7 @@ pub const API_ACCESS: &[ApiAccess] = &[
     ApiAccess { group: "", resource: "events", verbs: &["create"] },
 ];
 
-/// The annotation the EndpointSlice controller stamps with the time of the
-/// change that caused a slice's last update (kube-proxy's network
-/// programming latency starts there).
-pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+pub use crate::slim::TRIGGER_TIME_ANNOTATION;
 
 /// A call the code is about to make that [`API_ACCESS`] does not list.
 #[derive(Debug, thiserror::Error)]
@@ -144,10 +145,6 @@ pub struct Stores {
     pub namespaces: Store<Namespace>,
     pub policies: Store<NetworkPolicy>,
 }
-
-/// Prefix of the Service annotations the agent reads (`lb_algorithm`,
-/// `lb_mode`).
-pub(crate) const SERVICE_ANNOTATION_PREFIX: &str = "service.riptide.io/";
 
 /// Starts the six reflectors; changes go to `tx`.
 pub fn start(client: &Client, node_name: &str, tx: &UnboundedSender<Change>, metrics: &Metrics) -> Stores {
