@@ -74,7 +74,7 @@ async fn kubelet_endpoint(s: &TestServer) -> Kubelet {
     let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.unwrap();
     // Denials cached briefly, so a grant shows within the test's wait.
     let ttls = CacheTtls { denied: std::time::Duration::from_secs(1), ..CacheTtls::default() };
-    let auth = Arc::new(KubeletAuth::new(kube::Client::try_from(cfg).unwrap(), NODE.into(), ttls));
+    let auth = Arc::new(KubeletAuth::new(kube::Client::try_from(cfg).unwrap(), NODE.into(), ttls).unwrap());
     let serving = ServingTls {
         cert_pem: std::fs::read_to_string(&files.cert).unwrap(),
         key_pem: std::fs::read_to_string(&files.key).unwrap(),

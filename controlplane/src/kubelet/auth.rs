@@ -24,6 +24,12 @@
 //! Failed reviews (apiserver unreachable) are not cached. Each cache holds
 //! at most [`CACHE_ENTRIES`] entries; when full, expired ones go first,
 //! then the one closest to expiring.
+//!
+//! The token cache is keyed by an HMAC-SHA256 of the token under a key
+//! drawn at start ([`TokenKeyer`]), as upstream's
+//! `cached_token_authenticator.go` keys it: the cache never holds a
+//! credential, and a memory dump of it yields nothing to replay or to test
+//! guesses against offline.
 
 use std::{
     collections::HashMap,
@@ -43,6 +49,7 @@ use k8s_openapi::api::{
     authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
 };
 use kube::{Api, Client, api::PostParams};
+use ring::{hmac, rand::SystemRandom};
 
 use crate::apiserver::authn::{self, AUTHENTICATED, Connection, UserInfo};
 
@@ -102,14 +109,37 @@ impl<K: Hash + Eq + Clone, V: Clone> TtlCache<K, V> {
     }
 }
 
+/// What the token cache is keyed by: HMAC-SHA256 of the bearer token.
+type TokenKey = [u8; 32];
+
+/// Turns bearer tokens into cache keys with a per-process secret, so equal
+/// tokens meet in the cache and the token itself is never stored.
+pub struct TokenKeyer(hmac::Key);
+
+impl TokenKeyer {
+    /// A keyer with a fresh random secret (the system's CSPRNG).
+    pub fn generate() -> Result<Self, ring::error::Unspecified> {
+        hmac::Key::generate(hmac::HMAC_SHA256, &SystemRandom::new()).map(Self)
+    }
+
+    pub fn key(&self, token: &str) -> TokenKey {
+        let tag = hmac::sign(&self.0, token.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+}
+
 /// The kubelet's authenticator and authorizer: both ask the apiserver,
 /// with the kubelet's own credentials, and cache the answers.
 pub struct KubeletAuth {
     client: Client,
     node_name: String,
     ttls: CacheTtls,
-    /// Bearer token → the identity it stands for (None: not authenticated).
-    tokens: Mutex<TtlCache<String, Option<UserInfo>>>,
+    keyer: TokenKeyer,
+    /// HMAC of a bearer token → the identity it stands for (None: not
+    /// authenticated).
+    tokens: Mutex<TtlCache<TokenKey, Option<UserInfo>>>,
     /// (user, attributes) → allowed.
     decisions: Mutex<TtlCache<String, bool>>,
 }
@@ -158,14 +188,16 @@ fn reply(code: StatusCode, msg: String) -> Response {
 }
 
 impl KubeletAuth {
-    pub fn new(client: Client, node_name: String, ttls: CacheTtls) -> Self {
-        Self {
+    /// Fails only when the system's random source does.
+    pub fn new(client: Client, node_name: String, ttls: CacheTtls) -> Result<Self, ring::error::Unspecified> {
+        Ok(Self {
             client,
             node_name,
             ttls,
+            keyer: TokenKeyer::generate()?,
             tokens: Mutex::new(TtlCache::new(CACHE_ENTRIES)),
             decisions: Mutex::new(TtlCache::new(CACHE_ENTRIES)),
-        }
+        })
     }
 
     /// The identity of a request from its connection's client certificate
@@ -178,12 +210,13 @@ impl KubeletAuth {
             return Ok(Some(user));
         }
         let Some(token) = token else { return Ok(None) };
-        if let Some(hit) = self.tokens.lock().ok().and_then(|mut c| c.get(&token, Instant::now())) {
+        let key = self.keyer.key(&token);
+        if let Some(hit) = self.tokens.lock().ok().and_then(|mut c| c.get(&key, Instant::now())) {
             return Ok(hit);
         }
-        let user = self.token_review(token.clone()).await?;
+        let user = self.token_review(token).await?;
         if let Ok(mut c) = self.tokens.lock() {
-            c.insert(token, user.clone(), self.ttls.token, Instant::now());
+            c.insert(key, user.clone(), self.ttls.token, Instant::now());
         }
         Ok(user)
     }
@@ -273,6 +306,7 @@ pub async fn require(State(auth): State<Arc<KubeletAuth>>, req: Request, next: N
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -292,6 +326,21 @@ mod tests {
         assert_eq!(c.get(&"a", t0), None, "full: the entry closest to expiring went");
         c.insert("d", 4, Duration::from_secs(40), t0 + Duration::from_secs(25));
         assert_eq!((c.get(&"b", t0), c.get(&"c", t0), c.get(&"d", t0)), (Some(2), None, Some(4)), "expired entries go first");
+    }
+
+    #[test]
+    fn token_cache_keys_are_keyed_hashes_not_tokens() {
+        let (k1, k2) = (TokenKeyer::generate().unwrap(), TokenKeyer::generate().unwrap());
+        let token = "eyJhbGciOiJFUzI1NiJ9.a-service-account-token.sig";
+        assert_eq!(k1.key(token), k1.key(token), "one token meets its own cache entry");
+        assert_ne!(k1.key(token), k1.key("eyJhbGciOiJFUzI1NiJ9.another-token.sig"));
+        assert_ne!(k1.key(token), k2.key(token), "keyed per process: not a plain digest anyone can precompute");
+        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        assert_ne!(k1.key(token).as_slice(), digest.as_ref());
+        // HMAC-SHA256 (RFC 4231 test case 2) under a known key.
+        let known = TokenKeyer(hmac::Key::new(hmac::HMAC_SHA256, b"Jefe"));
+        let hex: String = known.key("what do ya want for nothing?").iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
     }
 
     #[test]

@@ -225,7 +225,9 @@ pub async fn run(client: Client, cfg: Config) -> Result<(), Error> {
         .map_err(|source| Error::Setup { what: format!("binding {addr}"), source })?;
     let router = server::router(shared.clone())
         .merge(crate::exec::router(Arc::new(exec::KubeletExec(shared.clone()))));
-    let auth = Arc::new(auth::KubeletAuth::new(shared.client.clone(), cfg.node_name.clone(), cfg.auth_cache));
+    let auth = Arc::new(auth::KubeletAuth::new(shared.client.clone(), cfg.node_name.clone(), cfg.auth_cache).map_err(|_| {
+        Error::Setup { what: "kubelet API: drawing the token cache's HMAC key".into(), source: std::io::Error::other("no system randomness") }
+    })?);
     server::serve(listener, &cfg.tls, router, auth)
         .map_err(|e| Error::Setup { what: format!("kubelet API TLS on {addr}"), source: std::io::Error::other(e) })?;
     tracing::info!(node = %cfg.node_name, %addr, "kubelet running");
