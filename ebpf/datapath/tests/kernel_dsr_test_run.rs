@@ -9,13 +9,18 @@
 //! reply to `rt_to_net`, which gives it the frontend as source) is fed
 //! frames built here byte by byte, not the entry side's output, so a
 //! mistake shared by writer and reader cannot pass.
+//!
+//! The entry node's side at XDP (`rt_xdp_net`, `dsr::push_xdp`) runs in the
+//! same lab with the program attached natively to `up0` (which registers
+//! the veth's XDP receive queue the run names, `xdp_md.ingress_ifindex`);
+//! its output is compared byte for byte with the frame built here.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::programs::{TestRun, TestRunOptions};
+use aya::programs::{TestRun, TestRunOptions, XdpMode};
 use common::*;
 use riptide_common::{
     CT_F_DSR, CT_F_NODEPORT, CT_F_REPLY, CT_F_SNAT, Config, DSR_OPT_TYPE, names, stats,
@@ -26,7 +31,7 @@ use riptide_datapath::{
 };
 use riptide_test_support::{
     netns, privileged,
-    uplink_lab::{NODE, NODE2, uplink_lab},
+    uplink_lab::{NODE, NODE2, NODE2_MAC, UP0_MAC, uplink_lab},
 };
 
 const CLIENT: &str = "203.0.113.9";
@@ -141,7 +146,9 @@ fn with_entry_node(f: impl FnOnce(&mut Node, u32) + Send + 'static) {
     let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let ns = uplink_lab(&format!("rtdsr{}-{i}", std::process::id()));
     let n = ns.name().to_owned();
-    riptide_test_support::ip(&["-n", &n, "link", "add", "tun0", "type", "veth", "peer", "name", "tun1"]);
+    riptide_test_support::ip(&[
+        "-n", &n, "link", "add", "tun0", "type", "veth", "peer", "name", "tun1",
+    ]);
     riptide_test_support::ip(&["-n", &n, "link", "set", "tun0", "up"]);
     riptide_test_support::ip(&["-n", &n, "link", "set", "tun1", "up"]);
     riptide_test_support::ip(&["-n", &n, "route", "add", "10.42.2.0/24", "dev", "tun0"]);
@@ -159,7 +166,12 @@ fn with_entry_node(f: impl FnOnce(&mut Node, u32) + Send + 'static) {
             nodeport(UDP_PORT, Protocol::Udp, be(REMOTE_BE, 5353, false), dsr),
             nodeport(TUNNEL_PORT, Protocol::Tcp, be(TUNNEL_BE, 8080, false), dsr),
             nodeport(LOCAL_PORT, Protocol::Tcp, be(LOCAL_BE, 8080, true), dsr),
-            nodeport(SNAT_PORT, Protocol::Tcp, be(REMOTE_BE, 8080, false), LbMode::Snat),
+            nodeport(
+                SNAT_PORT,
+                Protocol::Tcp,
+                be(REMOTE_BE, 8080, false),
+                LbMode::Snat,
+            ),
         ] {
             node.svcs.upsert(&svc).unwrap();
         }
@@ -193,7 +205,11 @@ fn entry_node_writes_the_option_and_does_not_snat() {
         assert_eq!((seen.dst, seen.dport), (ip(REMOTE_BE), 8080), "DNAT");
         assert_checksums(&out);
         assert_eq!(stat(&n.dp, stats::DSR_OPT_SET), 1);
-        assert!(n.dp.nat().unwrap().is_empty(), "no SNAT mapping\n{}", dump(n));
+        assert!(
+            n.dp.nat().unwrap().is_empty(),
+            "no SNAT mapping\n{}",
+            dump(n)
+        );
         let ct = n.dp.conntrack().unwrap();
         let fwd = ct
             .iter()
@@ -250,7 +266,12 @@ fn entry_node_falls_back_to_snat_per_flow() {
         assert_eq!(ihl(&out), 20, "too big for the option\n{}", dump(n));
         assert_eq!(stat(&n.dp, stats::DSR_FALLBACK_MTU), 1);
         let (_, out) = run_on(&mut n.dp, names::PROG_TO_NET, up0, &out);
-        assert_eq!(view(&out).src, ip(NODE), "the fallback is source NAT\n{}", dump(n));
+        assert_eq!(
+            view(&out).src,
+            ip(NODE),
+            "the fallback is source NAT\n{}",
+            dump(n)
+        );
         assert_checksums(&out);
 
         // A backend behind another device (a tunnel): source NAT.
@@ -288,7 +309,11 @@ fn entry_node_falls_back_to_snat_per_flow() {
             &syn((ip(CLIENT), 45000), (ip(NODE), SNAT_PORT)),
         );
         assert_eq!(ihl(&out), 20);
-        assert_eq!(stat(&n.dp, stats::DSR_OPT_SET), 1, "only the datagram that fit");
+        assert_eq!(
+            stat(&n.dp, stats::DSR_OPT_SET),
+            1,
+            "only the datagram that fit"
+        );
         assert_eq!(stat(&n.dp, stats::DSR_FALLBACK_ROUTE), 1);
         assert_eq!(stat(&n.dp, stats::DSR_FALLBACK_MTU), 1);
     });
@@ -319,16 +344,20 @@ fn backend_node_takes_the_option_and_the_reply_leaves_from_the_frontend() {
     assert_checksums(&frame);
     let (_, out) = run(&mut n.dp, names::PROG_FROM_NET, &frame);
     assert_eq!(ihl(&out), 20, "option stripped\n{}", dump(&n));
-    assert_eq!(out[14..], {
-        // What the sender would have sent without the option, TTL − 1
-        // (delivered into the pod as a router would).
-        let mut p = plain.clone();
-        p[22] -= 1;
-        p[24..26].copy_from_slice(&[0, 0]);
-        let c = csum16(&p[14..34]);
-        p[24..26].copy_from_slice(&c.to_be_bytes());
-        p
-    }[14..], "the packet as the client sent it");
+    assert_eq!(
+        out[14..],
+        {
+            // What the sender would have sent without the option, TTL − 1
+            // (delivered into the pod as a router would).
+            let mut p = plain.clone();
+            p[22] -= 1;
+            p[24..26].copy_from_slice(&[0, 0]);
+            let c = csum16(&p[14..34]);
+            p[24..26].copy_from_slice(&c.to_be_bytes());
+            p
+        }[14..],
+        "the packet as the client sent it"
+    );
     assert_checksums(&out);
     assert_eq!(stat(&n.dp, stats::DSR_OPT_RECV), 1);
     let ct = n.dp.conntrack().unwrap();
@@ -346,8 +375,14 @@ fn backend_node_takes_the_option_and_the_reply_leaves_from_the_frontend() {
         ),
         "keyed by the reply"
     );
-    assert_eq!(e.flags & (CT_F_REPLY | CT_F_NODEPORT), CT_F_REPLY | CT_F_NODEPORT);
-    assert_eq!((e.vip_be, e.vport_be), (u32::from(frontend.0).to_be(), frontend.1.to_be()));
+    assert_eq!(
+        e.flags & (CT_F_REPLY | CT_F_NODEPORT),
+        CT_F_REPLY | CT_F_NODEPORT
+    );
+    assert_eq!(
+        (e.vip_be, e.vport_be),
+        (u32::from(frontend.0).to_be(), frontend.1.to_be())
+    );
 
     // The pod's SYN-ACK: untouched on the veth, the frontend as source on
     // the uplink's egress, the client as destination.
@@ -358,7 +393,12 @@ fn backend_node_takes_the_option_and_the_reply_leaves_from_the_frontend() {
     let (v, out) = run(&mut n.dp, names::PROG_TO_NET, &synack);
     assert_eq!(v, TC_ACT_OK);
     let seen = view(&out);
-    assert_eq!((seen.src, seen.sport), frontend, "reply from the frontend\n{}", dump(&n));
+    assert_eq!(
+        (seen.src, seen.sport),
+        frontend,
+        "reply from the frontend\n{}",
+        dump(&n)
+    );
     assert_eq!((seen.dst, seen.dport), client);
     assert_checksums(&out);
     assert_eq!(stat(&n.dp, stats::DSR_REVNAT), 1);
@@ -372,7 +412,11 @@ fn backend_node_takes_the_option_and_the_reply_leaves_from_the_frontend() {
     let (_, out) = run(&mut n.dp, names::PROG_FROM_NET, &dgram);
     assert_eq!(ihl(&out), 20);
     assert_checksums(&out);
-    let (_, out) = run(&mut n.dp, names::PROG_TO_NET, &udp(pod, client, b"answer", false));
+    let (_, out) = run(
+        &mut n.dp,
+        names::PROG_TO_NET,
+        &udp(pod, client, b"answer", false),
+    );
     let seen = view(&out);
     assert_eq!((seen.src, seen.sport), frontend, "{}", dump(&n));
     assert_eq!((seen.dst, seen.dport), client);
@@ -401,8 +445,191 @@ fn backend_node_ignores_other_options_and_other_destinations() {
     assert_eq!(ihl(&out), 28, "the option stays for the pod's own node");
     assert_eq!(stat(&n.dp, stats::DSR_OPT_RECV), 0);
     assert!(
-        n.dp.conntrack().unwrap().iter().all(|(_, e)| e.flags & CT_F_DSR == 0),
+        n.dp.conntrack()
+            .unwrap()
+            .iter()
+            .all(|(_, e)| e.flags & CT_F_DSR == 0),
         "{}",
         dump(&n)
     );
+}
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+/// Attaches `rt_xdp_net` natively to `up0` for the XDP runs (see the
+/// module docs); detached when the returned link drops.
+fn attach_xdp(n: &mut Node) -> aya::programs::xdp::XdpLinkId {
+    n.dp.xdp(names::PROG_XDP_NET)
+        .unwrap()
+        .attach("up0", XdpMode::Driver)
+        .expect("attach rt_xdp_net natively to up0")
+}
+
+/// `frame` as a router forwards it to node 2: TTL − 1 with the header
+/// checksum recomputed over the whole header, node 2's MAC as
+/// destination, up0's as source.
+fn routed_to_node2(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[0..6].copy_from_slice(&NODE2_MAC);
+    f[6..12].copy_from_slice(&UP0_MAC);
+    f[22] -= 1;
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = csum16(&f[14..14 + ihl(&f)]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+#[test]
+fn xdp_entry_node_writes_the_option_and_sends_the_flow_itself() {
+    if !privileged("to load eBPF programs and create a namespace") {
+        return;
+    }
+    with_entry_node(|n, up0| {
+        let _link = attach_xdp(n);
+        let client = (ip(CLIENT), 40000);
+        let backend = (ip(REMOTE_BE), 8080);
+        let (v, out) = xdp(&mut n.dp, up0, &syn(client, (ip(NODE), TCP_PORT)));
+        assert_eq!(v, XDP_TX, "the SYN leaves from XDP\n{}", dump(n));
+        // Exactly the client's SYN to the backend, the option after the
+        // header, as node 1 routes it to node 2.
+        let want = routed_to_node2(&with_option(
+            &syn(client, backend),
+            option((ip(NODE), TCP_PORT)),
+        ));
+        assert_eq!(out, want, "got\n{out:02x?}\nwant\n{want:02x?}");
+        assert_checksums(&out);
+        assert_eq!(stat(&n.dp, stats::DSR_OPT_SET), 1);
+        assert_eq!(stat(&n.dp, stats::XDP_TX), 1);
+        assert!(
+            n.dp.nat().unwrap().is_empty(),
+            "no SNAT mapping\n{}",
+            dump(n)
+        );
+        let ct = n.dp.conntrack().unwrap();
+        let fwd = ct
+            .iter()
+            .find(|(k, _)| k.dport_be == TCP_PORT.to_be())
+            .expect("forward entry");
+        assert_eq!(fwd.1.flags & (CT_F_DSR | CT_F_SNAT), CT_F_DSR, "{ct:?}");
+
+        // Later TCP packets: DNAT only, still at XDP.
+        let ack = tcp(client, (ip(NODE), TCP_PORT), 0x10, b"hello");
+        let (v, out) = xdp(&mut n.dp, up0, &ack);
+        assert_eq!(v, XDP_TX, "{}", dump(n));
+        assert_eq!(out, routed_to_node2(&tcp(client, backend, 0x10, b"hello")));
+        // The same flow through tc (XDP detached, or a packet XDP left to
+        // tc) finds XDP's state: DNAT, no option, no SNAT.
+        let (v, out) = run_on(&mut n.dp, names::PROG_FROM_NET, up0, &ack);
+        assert_eq!(v, TC_ACT_REDIRECT);
+        assert_eq!(ihl(&out), 20);
+        assert_eq!(
+            (view(&out).src, view(&out).dst),
+            (ip(CLIENT), ip(REMOTE_BE))
+        );
+        let (_, egress) = run_on(&mut n.dp, names::PROG_TO_NET, up0, &out);
+        assert_eq!(egress, out, "rt_to_net leaves a DSR flow alone");
+        assert_eq!(stat(&n.dp, stats::DSR_OPT_SET), 1);
+
+        // UDP to the node address: tc starts the flow (the socket table
+        // decides first), XDP carries the next datagrams, each with the
+        // option; a zero UDP checksum stays zero.
+        for (i, zero) in [(0u64, false), (1, true)] {
+            let client = (ip(CLIENT), 41000 + i as u16);
+            let first = udp(client, (ip(NODE), UDP_PORT), b"query", zero);
+            let (v, out) = xdp(&mut n.dp, up0, &first);
+            assert_eq!((v, out.as_slice()), (XDP_PASS, first.as_slice()));
+            let (v, _) = run_on(&mut n.dp, names::PROG_FROM_NET, up0, &first);
+            assert_eq!(v, TC_ACT_REDIRECT, "{}", dump(n));
+            let next = udp(client, (ip(NODE), UDP_PORT), b"again", zero);
+            let (v, out) = xdp(&mut n.dp, up0, &next);
+            assert_eq!(v, XDP_TX, "{}", dump(n));
+            let want = routed_to_node2(&with_option(
+                &udp(client, (ip(REMOTE_BE), 5353), b"again", zero),
+                option((ip(NODE), UDP_PORT)),
+            ));
+            assert_eq!(out, want, "zero checksum: {zero}");
+            assert_checksums(&out);
+        }
+        // The SYN, tc's two first datagrams, XDP's two next ones.
+        assert_eq!(stat(&n.dp, stats::DSR_OPT_SET), 5);
+        assert_eq!(stat(&n.dp, stats::XDP_TX), 4);
+        assert_eq!(stat(&n.dp, stats::SNAT), 0, "{}", dump(n));
+    });
+}
+
+#[test]
+fn xdp_entry_node_falls_back_per_flow_as_tc_does() {
+    if !privileged("to load eBPF programs and create a namespace") {
+        return;
+    }
+    with_entry_node(|n, up0| {
+        let _link = attach_xdp(n);
+        // A SYN of 1493 bytes (data on the SYN) does not fit up0's MTU of
+        // 1500 with the option: source NAT, from XDP.
+        let big = tcp((ip(CLIENT), 42000), (ip(NODE), TCP_PORT), 0x02, &[7; 1453]);
+        assert_eq!(big.len() - 14, 1493);
+        let (v, out) = xdp(&mut n.dp, up0, &big);
+        assert_eq!(v, XDP_TX, "{}", dump(n));
+        assert_eq!(ihl(&out), 20, "no option");
+        let seen = view(&out);
+        assert_eq!(
+            seen.src,
+            ip(NODE),
+            "the fallback is source NAT\n{}",
+            dump(n)
+        );
+        assert_eq!((seen.dst, seen.dport), (ip(REMOTE_BE), 8080));
+        assert_checksums(&out);
+        assert_eq!(stat(&n.dp, stats::DSR_FALLBACK_MTU), 1);
+        let ct = n.dp.conntrack().unwrap();
+        let fwd = ct
+            .iter()
+            .find(|(k, _)| k.sport_be == 42000u16.to_be())
+            .expect("forward entry");
+        assert_eq!(fwd.1.flags & (CT_F_DSR | CT_F_SNAT), CT_F_SNAT, "{ct:?}");
+        // One byte less fits: the option, from XDP.
+        let fits = tcp((ip(CLIENT), 42001), (ip(NODE), TCP_PORT), 0x02, &[7; 1452]);
+        let (v, out) = xdp(&mut n.dp, up0, &fits);
+        assert_eq!(v, XDP_TX);
+        assert_eq!((ihl(&out), out.len() - 14), (28, 1500));
+        assert_checksums(&out);
+
+        // Left to tc untouched, which decides and counts: a backend
+        // behind another device (a tunnel), a local backend, a packet
+        // that already has IP options.
+        let to_tc = stat(&n.dp, stats::XDP_TO_TC);
+        let tunnel = syn((ip(CLIENT), 43000), (ip(NODE), TUNNEL_PORT));
+        let mut other = option((ip(NODE), TCP_PORT));
+        other[0] = 0x9b;
+        let with_opts = with_option(&syn((ip(CLIENT), 43001), (ip(NODE), TCP_PORT)), other);
+        let local = syn((ip(CLIENT), 43002), (ip(NODE), LOCAL_PORT));
+        for f in [&tunnel, &with_opts, &local] {
+            let (v, out) = xdp(&mut n.dp, up0, f);
+            assert_eq!((v, out.as_slice()), (XDP_PASS, f.as_slice()), "{}", dump(n));
+        }
+        assert_eq!(
+            stat(&n.dp, stats::XDP_TO_TC),
+            to_tc + 2,
+            "the frontends (options pass unparsed)"
+        );
+        assert_eq!(
+            stat(&n.dp, stats::DSR_FALLBACK_ROUTE),
+            0,
+            "tc counts, not XDP"
+        );
+        let (_, out) = run_on(&mut n.dp, names::PROG_FROM_NET, up0, &tunnel);
+        assert_eq!((ihl(&out), view(&out).dst), (20, ip(TUNNEL_BE)));
+        assert_eq!(stat(&n.dp, stats::DSR_FALLBACK_ROUTE), 1);
+
+        // A service in SNAT mode never gets the option.
+        let (v, out) = xdp(
+            &mut n.dp,
+            up0,
+            &syn((ip(CLIENT), 44000), (ip(NODE), SNAT_PORT)),
+        );
+        assert_eq!(v, XDP_TX);
+        assert_eq!((ihl(&out), view(&out).src), (20, ip(NODE)));
+        assert_eq!(stat(&n.dp, stats::DSR_OPT_SET), 1, "only the SYN that fit");
+    });
 }

@@ -39,50 +39,112 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_NO_CSUM_RESET, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_adj_room_mode::BPF_ADJ_ROOM_NET, bpf_fib_lookup as FibLookup,
     },
-    helpers::bpf_csum_update,
-    programs::TcContext,
+    helpers::{bpf_csum_update, bpf_xdp_adjust_head},
+    programs::{TcContext, XdpContext},
 };
 use riptide_common::{
     BE_F_LOCAL, DSR_OPT_LEN, DSR_OPT_TYPE, SVC_F_DSR, SVC_F_LOCAL_ONLY, proto, stats,
 };
 
 use crate::{
-    csum::{add_words, fold, fold32},
+    csum::{add_words, apply_diff, diff16, diff32, fold, fold32},
     lb::{Chosen, Service},
     maps::count,
-    parse::{Frame, IP_OFF, IpHdr, L4_OFF, Pkt, linear},
+    parse::{Frame, IP_OFF, IpHdr, L4_OFF, Pkt, Ports, linear, ptr_at},
     route,
 };
 
 const OPT: usize = DSR_OPT_LEN as usize;
 
-/// Whether a packet of `p`'s flow, DNATed to `backend_be`, may go there
-/// with the option: the FIB reaches the backend out the device the packet
-/// came in on, and the packet plus the option fits the route's MTU. A no
-/// is counted by reason.
+/// Where the FIB sends a packet of `p`'s flow once it is DNATed to the
+/// backend and carries the option.
+pub enum Path {
+    /// Out the device the packet came in on, within the route's MTU; the
+    /// answer when the next hop is resolved (`None`: NO_NEIGH, the kernel
+    /// resolves it when it forwards the packet).
+    Same(Option<FibLookup>),
+    /// The packet plus the option exceeds the route's MTU.
+    TooBig,
+    /// Another device (VXLAN routing: the reply would have to cross the
+    /// tunnel back), no route, or a packet that already has IP options.
+    Elsewhere,
+}
+
+/// The FIB's [`Path`] for `p` (as it arrived, client → frontend) DNATed to
+/// `backend_be` with the option: one `bpf_fib_lookup` with the grown
+/// length. Shared by tc ([`usable`]) and XDP, which needs the resolved
+/// next hop to send the packet itself.
 #[inline(always)]
-pub fn usable(ctx: &impl Frame, p: &Pkt, backend_be: u32) -> bool {
+pub fn path(ctx: &impl Frame, p: &Pkt, backend_be: u32) -> Path {
     if p.l4_off != L4_OFF {
-        count(stats::DSR_FALLBACK_ROUTE);
-        return false;
+        return Path::Elsewhere;
     }
     let len = p.tot_len.saturating_add(u16::from(DSR_OPT_LEN));
     let (rc, fib) = route::fib_lookup(ctx, p.saddr_be, backend_be, p, len);
     if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
-        count(stats::DSR_FALLBACK_MTU);
-        return false;
+        return Path::TooBig;
     }
-    // NO_NEIGH: the route is known, the kernel resolves the next hop when
-    // it forwards the packet.
-    let routed = rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS)
-        || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH);
+    let resolved = rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
+    let routed = resolved || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH);
     if !routed || fib.ifindex != ctx.ifindex() {
-        count(stats::DSR_FALLBACK_ROUTE);
-        return false;
+        return Path::Elsewhere;
     }
-    true
+    Path::Same(resolved.then_some(fib))
+}
+
+/// Whether a packet of `p`'s flow, DNATed to `backend_be`, may go there
+/// with the option (the kernel forwards it, so an unresolved next hop is
+/// fine). A no is counted by reason.
+#[inline(always)]
+pub fn usable(ctx: &impl Frame, p: &Pkt, backend_be: u32) -> bool {
+    match path(ctx, p, backend_be) {
+        Path::Same(_) => true,
+        Path::TooBig => {
+            count(stats::DSR_FALLBACK_MTU);
+            false
+        }
+        Path::Elsewhere => {
+            count(stats::DSR_FALLBACK_ROUTE);
+            false
+        }
+    }
+}
+
+/// Whether a new flow of `svc` balanced to `chosen` goes by DSR: a DSR
+/// frontend, a backend on another node, and not externalTrafficPolicy
+/// Local (which keeps the client address anyway and never picks a remote
+/// backend).
+#[inline(always)]
+pub fn wants(svc: &Service, chosen: &Chosen) -> bool {
+    chosen.be.flags & BE_F_LOCAL == 0
+        && svc.master.flags & (SVC_F_DSR | SVC_F_LOCAL_ONLY) == SVC_F_DSR
+}
+
+/// Writes the option carrying `(addr_be, port_be)` at `opt` and makes the
+/// header at `ip` one of IHL 7 and total length `tot_len` (the grown one),
+/// its checksum recomputed.
+///
+/// # Safety
+/// `ip` and `opt` point at the IPv4 header and the 8 bytes right after it,
+/// inside bounds-checked packet data.
+#[inline(always)]
+unsafe fn write_option(
+    ip: *mut IpHdr,
+    opt: *mut u32,
+    (addr_be, port_be): (u32, u16),
+    tot_len: u16,
+) {
+    let port = port_be.to_ne_bytes();
+    // SAFETY: the caller's bounds.
+    unsafe {
+        (*ip).vihl = 0x40 | ((20 + OPT) / 4) as u8;
+        (*ip).tot_len = tot_len.to_be();
+        *opt = u32::from_ne_bytes([DSR_OPT_TYPE, DSR_OPT_LEN, port[0], port[1]]);
+        *opt.add(1) = addr_be;
+        recompute::<{ (20 + OPT) / 2 }>(ip);
+    }
 }
 
 /// Recomputes the IPv4 header checksum over `words` 16-bit words.
@@ -126,17 +188,15 @@ pub fn push(ctx: &TcContext, p: &mut Pkt, (addr_be, port_be): (u32, u16)) -> Res
         )
         .map_err(|_| stats::DSR_FALLBACK_ROOM)?;
     let data = linear(ctx, L4_OFF + OPT).ok_or(stats::NAT_FAIL)?;
-    let port = port_be.to_ne_bytes();
     // SAFETY: Ethernet, the IPv4 header and the option are inside the
     // linear area checked by `linear`; no helper ran since.
     unsafe {
-        let ip = (data + IP_OFF) as *mut IpHdr;
-        (*ip).vihl = 0x40 | ((20 + OPT) / 4) as u8;
-        (*ip).tot_len = (p.tot_len + OPT as u16).to_be();
-        let opt = (data + L4_OFF) as *mut u32;
-        *opt = u32::from_ne_bytes([DSR_OPT_TYPE, DSR_OPT_LEN, port[0], port[1]]);
-        *opt.add(1) = addr_be;
-        recompute::<{ (20 + OPT) / 2 }>(ip);
+        write_option(
+            (data + IP_OFF) as *mut IpHdr,
+            (data + L4_OFF) as *mut u32,
+            (addr_be, port_be),
+            p.tot_len + OPT as u16,
+        );
     }
     p.l4_off = L4_OFF + OPT;
     p.tot_len += OPT as u16;
@@ -203,9 +263,7 @@ pub fn take(ctx: &TcContext, p: &mut Pkt) -> Result<Option<(u32, u16)>, u32> {
 /// address anyway), or the packet cannot carry the option.
 #[inline(always)]
 pub fn start(ctx: &TcContext, p: &mut Pkt, svc: &Service, chosen: &Chosen) -> bool {
-    if chosen.be.flags & BE_F_LOCAL != 0
-        || svc.master.flags & (SVC_F_DSR | SVC_F_LOCAL_ONLY) != SVC_F_DSR
-    {
+    if !wants(svc, chosen) {
         return false;
     }
     if !usable(ctx, p, chosen.be.addr_be) {
@@ -232,4 +290,76 @@ pub fn refresh(ctx: &TcContext, p: &mut Pkt, frontend: (u32, u16)) {
     if let Err(reason) = push(ctx, p, frontend) {
         count(reason);
     }
+}
+
+/// XDP's [`push`] and DNAT in one pass, for a received frame (checksums
+/// complete, no IP options): `bpf_xdp_adjust_head` grows the frame by the
+/// option at the front, Ethernet type and IPv4 header move back into
+/// place (the MACs are the next hop's, written by `route::hop`), the
+/// option goes behind the header, the destination becomes `backend` with
+/// the L4 checksum updated inline, the header checksum is recomputed.
+/// The client stays the source. An error before the frame grew leaves it
+/// as it came; after, nothing can fail that the bounds checked before did
+/// not rule out.
+#[inline(always)]
+pub fn push_xdp(
+    ctx: &XdpContext,
+    p: &mut Pkt,
+    frontend: (u32, u16),
+    (daddr_be, dport_be): (u32, u16),
+) -> Result<(), u32> {
+    if p.l4_off != L4_OFF || !p.has_ports() {
+        return Err(stats::DSR_FALLBACK_ROUTE);
+    }
+    if p.tot_len > u16::MAX - OPT as u16 {
+        return Err(stats::DSR_FALLBACK_MTU);
+    }
+    let udp = p.proto == proto::UDP;
+    let csum_off = if udp { 6 } else { 16 };
+    // The L4 checksum field is in the frame now, so it is after the move.
+    ptr_at::<u16>(ctx, L4_OFF + csum_off).ok_or(stats::NAT_FAIL)?;
+    // SAFETY: plain helper call; a negative delta grows the frame at the
+    // front (fails only without headroom, leaving the frame as it was).
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(OPT as i32)) } != 0 {
+        return Err(stats::DSR_FALLBACK_ROOM);
+    }
+    let data = linear(ctx, L4_OFF + OPT + 4).ok_or(stats::NAT_FAIL)?;
+    let f = ptr_at::<u16>(ctx, L4_OFF + OPT + csum_off).ok_or(stats::NAT_FAIL)?;
+    // SAFETY: headers, option and ports are inside the bytes checked by
+    // `linear`, the checksum field by `ptr_at`; no helper ran since.
+    unsafe {
+        // Ethernet type and IPv4 header, 2-byte words from 8 bytes on
+        // (ascending: the source is ahead of the destination).
+        let w = data as *mut u16;
+        let mut i = 6;
+        while i < L4_OFF / 2 {
+            *w.add(i) = *w.add(i + OPT / 2);
+            i += 1;
+        }
+        let ip = (data + IP_OFF) as *mut IpHdr;
+        (*ip).daddr = daddr_be;
+        write_option(
+            ip,
+            (data + L4_OFF) as *mut u32,
+            frontend,
+            p.tot_len + OPT as u16,
+        );
+        let l4 = (data + L4_OFF + OPT) as *mut Ports;
+        (*l4).dest = dport_be;
+        // UDP checksum 0 means none and stays 0.
+        if !(udp && *f == 0) {
+            let d = diff16(diff32(0, p.daddr_be, daddr_be), p.dport_be, dport_be);
+            let mut new = apply_diff(*f, d);
+            if udp && new == 0 {
+                new = 0xffff;
+            }
+            *f = new;
+        }
+    }
+    p.daddr_be = daddr_be;
+    p.dport_be = dport_be;
+    p.l4_off = L4_OFF + OPT;
+    p.tot_len += OPT as u16;
+    count(stats::DSR_OPT_SET);
+    Ok(())
 }

@@ -13,6 +13,15 @@
 //!    that is not the node's own address): the service lookup and backend
 //!    choice of tc (`lb`), the state of tc (`nodeport`), then as 2.
 //!
+//! DSR frontends (`dsr`) the same way, without the source NAT: the first
+//! packet of a flow (every UDP packet) grows by the option at the front
+//! (`bpf_xdp_adjust_head`, `dsr::push_xdp`) and is DNATed; later TCP
+//! packets are only DNATed. The per-flow choice is tc's, from the same
+//! FIB answer (`dsr::path`, asked with the grown length): too big for the
+//! route's MTU → source NAT here (counted `dsr_fallback_mtu`); another
+//! device, an unresolved next hop, IP options → tc, which decides and
+//! counts.
+//!
 //! "Out the uplink" is `XDP_TX` after `bpf_fib_lookup` says the next hop
 //! is on the same device and resolved (`route::next_hop_same_dev`, asked
 //! *before* anything is written, with the packet's length for the MTU),
@@ -24,9 +33,7 @@
 //! GRO), a next hop on another device or not resolved yet, TTL ≤ 1, a new
 //! TCP flow that is not a SYN or a new UDP flow to a node address (the
 //! kernel's socket table decides whether a host socket owns it, a lookup
-//! tc makes, `local_sock`), a new flow to a DSR frontend (the option
-//! needs `bpf_skb_adjust_room`, `dsr`), ICMP, fragments, IP options,
-//! NetworkPolicy.
+//! tc makes, `local_sock`), ICMP, fragments, IP options, NetworkPolicy.
 //! Everything that is not a frontend passes with no more than the parse,
 //! the conntrack and NAT lookups and a service lookup.
 //!
@@ -44,13 +51,15 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use riptide_common::{
-    BE_F_LOCAL, CFG_F_DROP_NO_BACKEND, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY, CT_F_REPLY,
-    CT_F_SNAT, Config, EV_SRC_XDP_NET, NAT_F_NODEPORT, SVC_F_DSR, proto, stats,
+    BE_F_LOCAL, CFG_F_DROP_NO_BACKEND, CT_F_DSR, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY,
+    CT_F_REPLY, CT_F_SNAT, Config, EV_SRC_XDP_NET, NAT_F_NODEPORT, proto, stats,
 };
 
 use crate::{
     csum::rewrite_complete,
-    ct, events, lb,
+    ct,
+    dsr::{self, Path},
+    events, lb,
     maps::{config, count},
     nat, nodeport,
     parse::{self, L4_OFF, Pkt},
@@ -130,11 +139,23 @@ pub fn try_xdp_net(ctx: &XdpContext) -> Result<u32, u32> {
             return Ok(XDP_PASS);
         }
         let snatted = e.flags & CT_F_SNAT != 0;
+        let is_dsr = e.flags & CT_F_DSR != 0;
+        let frontend = (e.vip_be, e.vport_be);
         let Some(c) = ct::fwd_backend(&hit) else {
             // The backend went away: tc balances the flow anew.
             return to_tc();
         };
-        if c.be.flags & BE_F_LOCAL != 0 || !snatted {
+        if c.be.flags & BE_F_LOCAL != 0 {
+            return to_tc();
+        }
+        if is_dsr {
+            if let Some(v) = send_dsr(ctx, &mut p, frontend, (c.be.addr_be, c.be.port_be))? {
+                count(stats::LB_CT_HIT);
+                return Ok(v);
+            }
+            return to_tc();
+        }
+        if !snatted {
             return to_tc();
         }
         let mut to_backend = p;
@@ -167,9 +188,7 @@ pub fn try_xdp_net(ctx: &XdpContext) -> Result<u32, u32> {
     } else {
         !is_node
     };
-    // DSR frontends: the option is inserted with `bpf_skb_adjust_room`,
-    // which XDP lacks (tc makes the choice, and the fallback, per flow).
-    if !starts_here || svc.master.flags & SVC_F_DSR != 0 {
+    if !starts_here {
         return to_tc();
     }
     let Some(chosen) = lb::select_for(&svc, &p)? else {
@@ -183,6 +202,31 @@ pub fn try_xdp_net(ctx: &XdpContext) -> Result<u32, u32> {
     to_backend.daddr_be = chosen.be.addr_be;
     to_backend.dport_be = chosen.be.port_be;
     let backend = (chosen.be.addr_be, chosen.be.port_be);
+    if dsr::wants(&svc, &chosen) {
+        match dsr::path(ctx, &p, chosen.be.addr_be) {
+            Path::Same(Some(fib)) if p.ttl > 1 => {
+                // State first, as tc: the flow is DSR from its first packet.
+                nodeport::record(&orig, &to_backend, &svc, &chosen, CT_F_DSR)?;
+                let frontend = (p.daddr_be, p.dport_be);
+                if dsr::push_xdp(ctx, &mut p, frontend, backend).is_err() {
+                    // No headroom (the frame as it came): tc starts the
+                    // flow with `bpf_skb_adjust_room`.
+                    ct::remove(&p);
+                    return to_tc();
+                }
+                route::hop(ctx, &fib.dmac, &fib.smac)?;
+                count(stats::XDP_TX);
+                count(stats::LB_NEW);
+                return Ok(XDP_TX);
+            }
+            // As tc: a flow whose first packet cannot carry the option is
+            // source-NATed (below).
+            Path::TooBig => count(stats::DSR_FALLBACK_MTU),
+            // Another device, an unresolved next hop, TTL ≤ 1: tc decides
+            // (and counts the fallback).
+            _ => return to_tc(),
+        }
+    }
     // The source port is only known once allocated, and allocating needs
     // the FIB's yes first: ask with the node address, then allocate and
     // record (state before any write: a failure leaves the packet as it
@@ -209,6 +253,37 @@ pub fn try_xdp_net(ctx: &XdpContext) -> Result<u32, u32> {
         }
         Err(reason) => Err(reason),
     }
+}
+
+/// A later packet of a DSR flow to `backend`: DNAT only (the client stays
+/// the source); UDP carries the option again (as tc's `dsr::refresh`),
+/// or goes without it when the packet plus option exceeds the MTU. `None`
+/// when XDP cannot send it (nothing written).
+#[inline(always)]
+fn send_dsr(
+    ctx: &XdpContext,
+    p: &mut Pkt,
+    frontend: (u32, u16),
+    backend: (u32, u16),
+) -> Result<Option<u32>, u32> {
+    if p.proto == proto::UDP {
+        match dsr::path(ctx, p, backend.0) {
+            Path::Same(Some(fib)) if p.ttl > 1 => {
+                match dsr::push_xdp(ctx, p, frontend, backend) {
+                    Ok(()) => {}
+                    Err(stats::DSR_FALLBACK_ROOM) => return Ok(None),
+                    Err(reason) => return Err(reason),
+                }
+                route::hop(ctx, &fib.dmac, &fib.smac)?;
+                count(stats::XDP_TX);
+                return Ok(Some(XDP_TX));
+            }
+            Path::TooBig => count(stats::DSR_FALLBACK_MTU),
+            _ => return Ok(None),
+        }
+    }
+    let client = (p.saddr_be, p.sport_be);
+    send(ctx, p, client, backend)
 }
 
 /// [`send`] for a new flow, whose source port `alloc` allocates once the
