@@ -141,6 +141,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         warn_pinned_sizes(dir, &cfg.map_sizes);
     }
     tracing::info!(node = %node, pins = ?pin_dir, "datapath loaded");
+    let up = dp.upgrade();
+    if !up.retired.is_empty() {
+        tracing::info!(conntrack = up.ct_moved, nat = up.nat_moved, retired = ?up.retired, "took over the pins of an earlier version");
+    }
     let services = dp.services().map_err(dp_err(&node, "opening the service maps"))?;
     let events = dp.events().map_err(dp_err(&node, "opening the events ring buffer"))?;
     let attachments = match &pin_dir {

@@ -40,6 +40,12 @@ pub struct StatusView {
     /// Entries per conntrack table, by map name.
     #[serde(default)]
     pub conntrack_tables: BTreeMap<String, usize>,
+    /// Both NAT tables together.
+    #[serde(default)]
+    pub nat_entries: usize,
+    /// Entries per NAT table (TCP, the rest), by map name.
+    #[serde(default)]
+    pub nat_tables: BTreeMap<String, usize>,
     pub syncs: u64,
     pub last_sync_ms: Option<f64>,
     pub routes: BTreeMap<String, String>,
@@ -126,6 +132,13 @@ fn internal(e: &(dyn std::error::Error + 'static)) -> (StatusCode, String) {
     (StatusCode::INTERNAL_SERVER_ERROR, crate::reconcile::error_chain(e))
 }
 
+/// Entries of each of `tables` from the map sampler's last snapshot;
+/// before the first sample, what the GC's last pass left (`gc`).
+fn sampled_tables(maps: &map_usage::MapSnapshot, tables: [&str; 2], gc: &BTreeMap<String, usize>) -> BTreeMap<String, usize> {
+    let sampled = tables.map(|t| maps.entries(t).map(|n| (t.to_owned(), usize::try_from(n).unwrap_or(usize::MAX))));
+    sampled.into_iter().collect::<Option<_>>().unwrap_or_else(|| gc.clone())
+}
+
 pub fn status(s: &Shared) -> StatusView {
     let st = lock(&s.status).clone();
     let gc = lock(&s.gc_status).clone();
@@ -135,13 +148,15 @@ pub fn status(s: &Shared) -> StatusView {
     };
     // Sampled off the request path: a full conntrack table is too big to
     // walk per request.
-    let conntrack_tables: BTreeMap<String, usize> = {
+    let (conntrack_tables, nat_tables) = {
         let maps = lock(&s.maps);
-        let sampled = riptide_datapath::gc::CT_TABLES.map(|t| maps.entries(t).map(|n| (t.to_owned(), usize::try_from(n).unwrap_or(usize::MAX))));
-        // Before the first sample: what the GC's last pass left.
-        sampled.into_iter().collect::<Option<_>>().unwrap_or_else(|| gc.conntrack_tables.clone())
+        (
+            sampled_tables(&maps, riptide_datapath::gc::CT_TABLES, &gc.conntrack_tables),
+            sampled_tables(&maps, riptide_datapath::gc::NAT_TABLES, &gc.nat_tables),
+        )
     };
     let conntrack_entries = if conntrack_tables.is_empty() { gc.conntrack_entries } else { conntrack_tables.values().sum() };
+    let nat_entries = if nat_tables.is_empty() { gc.nat_entries } else { nat_tables.values().sum() };
     let rec = lock(&s.reconciler);
     StatusView {
         node: s.node.clone(),
@@ -153,6 +168,8 @@ pub fn status(s: &Shared) -> StatusView {
         backends,
         conntrack_entries,
         conntrack_tables,
+        nat_entries,
+        nat_tables,
         syncs: st.syncs,
         last_sync_ms: st.last_sync_ms,
         routes: st.routes.iter().map(|(c, v)| (c.to_string(), v.to_string())).collect(),
@@ -249,7 +266,7 @@ async fn get_ct(State(s): State<S>) -> Result<Json<Vec<CtView>>, (StatusCode, St
     Ok(Json(views::ct_views(&entries, riptide_datapath::clock::monotonic_ns())))
 }
 
-/// `riptide bpf nat list`: the SNAT/masquerade table.
+/// `riptide bpf nat list`: both SNAT/masquerade tables.
 async fn get_nat(State(s): State<S>) -> Result<Json<Vec<views::NatView>>, (StatusCode, String)> {
     let entries = blocking(s, |s| lock(&s.dp).nat()).await?.map_err(|e| internal(&e))?;
     Ok(Json(views::nat_views(&entries, riptide_datapath::clock::monotonic_ns())))

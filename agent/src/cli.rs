@@ -161,6 +161,7 @@ pub fn nat_table(v: &[crate::views::NatView], wide: bool) -> String {
             let mut row = vec![n.protocol.clone(), n.src.to_string(), n.dst.to_string(), n.direction.clone(), n.xlate.to_string()];
             if wide {
                 row.push(if n.kind.is_empty() { "-".into() } else { n.kind.join(",") });
+                row.push(n.table.clone());
             }
             row.push(format!("{}s", n.idle_s));
             row
@@ -168,7 +169,7 @@ pub fn nat_table(v: &[crate::views::NatView], wide: bool) -> String {
         .collect();
     let mut header = vec!["PROTO", "SOURCE", "DESTINATION", "DIR", "XLATE"];
     if wide {
-        header.push("KIND");
+        header.extend(["KIND", "TABLE"]);
     }
     header.push("IDLE");
     table(&header, &rows)
@@ -391,9 +392,12 @@ pub fn status_table(s: &StatusView) -> String {
     let _ = writeln!(out, "Service ports:     {}", s.service_ports);
     let _ = writeln!(out, "Frontends:         {}", s.frontends);
     let _ = writeln!(out, "Backends:          {}", s.backends);
-    let tables: Vec<String> = s.conntrack_tables.iter().map(|(t, n)| format!("{t} {n}")).collect();
-    let tables = if tables.is_empty() { String::new() } else { format!(" ({})", tables.join(", ")) };
-    let _ = writeln!(out, "Conntrack entries: {}{tables}", s.conntrack_entries);
+    let per_table = |tables: &std::collections::BTreeMap<String, usize>| {
+        let tables: Vec<String> = tables.iter().map(|(t, n)| format!("{t} {n}")).collect();
+        if tables.is_empty() { String::new() } else { format!(" ({})", tables.join(", ")) }
+    };
+    let _ = writeln!(out, "Conntrack entries: {}{}", s.conntrack_entries, per_table(&s.conntrack_tables));
+    let _ = writeln!(out, "NAT entries:       {}{}", s.nat_entries, per_table(&s.nat_tables));
     let last = s.last_sync_ms.map_or_else(|| "-".into(), |ms| format!("{ms:.1} ms"));
     let _ = writeln!(out, "Syncs:             {} (last {last})", s.syncs);
     let gc = &s.gc;

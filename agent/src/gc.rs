@@ -3,9 +3,10 @@
 //!
 //! Two kinds of deletion, kept apart on purpose:
 //!
-//! - **expired** — conntrack (`names::CT4`) and NAT (`rt_nat4_v1`) entries
-//!   idle longer than their protocol's timeout, affinity entries
-//!   (`rt_aff4_v1`) idle longer than their Service's `timeoutSeconds`. The
+//! - **expired** — conntrack (`names::CT4`, `names::CT_ANY4`) and NAT
+//!   (`names::NAT4`, `names::NAT_ANY4`) entries idle longer than their
+//!   protocol's timeout, affinity entries (`rt_aff4_v1`) idle longer than
+//!   their Service's `timeoutSeconds`. The
 //!   programs stamp entries with `bpf_ktime_get_coarse_ns()` (=
 //!   `CLOCK_MONOTONIC` at tick granularity, see `ebpf/programs/src/clock.rs`),
 //!   which is what we age them with ([`GcConfig::clock`]); the clock starts
@@ -47,7 +48,7 @@ use std::{
 use riptide_common::{AffKey, AffValue, CtKey, CtValue, NatValue, SVC_F_AFFINITY, SockRevKey, SockRevValue, names, proto};
 use riptide_datapath::{
     clock::Clock,
-    gc::{CT_TABLES, FlowMaps},
+    gc::{CT_TABLES, FlowMaps, NAT_TABLES},
     service::{BackendState, Protocol, Service},
 };
 
@@ -252,7 +253,10 @@ pub struct PassReport {
     /// The same per conntrack table, in [`CT_TABLES`] order.
     pub ct_expired_by_table: [usize; 2],
     pub ct_stale_by_table: [usize; 2],
+    /// NAT mappings deleted, both tables together, and per table in
+    /// [`NAT_TABLES`] order.
     pub nat_expired: usize,
+    pub nat_expired_by_table: [usize; 2],
     pub aff_expired: usize,
     pub sockets_destroyed: usize,
     pub sock_rev_deleted: usize,
@@ -323,7 +327,9 @@ impl Gc {
                     count(table, "expired", r.ct_expired_by_table[i]);
                     count(table, "stale_backend", r.ct_stale_by_table[i]);
                 }
-                count(names::NAT4, "expired", r.nat_expired);
+                for (i, table) in NAT_TABLES.into_iter().enumerate() {
+                    count(table, "expired", r.nat_expired_by_table[i]);
+                }
                 count(names::AFF4, "expired", r.aff_expired);
                 count(names::SOCKREV4, "stale_backend", r.sock_rev_deleted);
                 m.udp_sockets_destroyed.inc_by(r.sockets_destroyed as u64);
@@ -425,15 +431,17 @@ impl Gc {
         st.conntrack_tables = CT_TABLES.into_iter().zip(left).map(|(t, n)| (t.to_owned(), n)).collect();
         drop(st);
         if kind == Pass::Full {
-            let nat = self.maps.nat()?;
+            let nat = self.maps.nat_by_table()?;
             let expired: Vec<(CtKey, Option<u64>)> = nat
                 .iter()
+                .flatten()
                 .filter(|(k, v): &&(CtKey, NatValue)| {
                     flow_expired(k.proto, v.flags & riptide_common::NAT_F_CLOSING != 0, v.last_seen_ns, now, &self.cfg)
                 })
                 .map(|(k, v)| (*k, Some(v.last_seen_ns)))
                 .collect();
-            r.nat_expired = self.maps.delete_nat(&expired)?;
+            r.nat_expired_by_table = self.maps.delete_nat(&expired)?;
+            r.nat_expired = r.nat_expired_by_table.iter().sum();
             let aff = self.maps.affinity()?;
             if !aff.is_empty() {
                 let timeouts = self.affinity_timeouts()?;
@@ -447,10 +455,14 @@ impl Gc {
             let set = |map: &'static str, n: usize| {
                 shared.metrics.map_entries.get_or_create(&MapLabel { map }).set(i64::try_from(n).unwrap_or(i64::MAX));
             };
-            set(names::NAT4, nat.len().saturating_sub(r.nat_expired));
+            let nat_left: [usize; 2] = std::array::from_fn(|i| nat[i].len().saturating_sub(r.nat_expired_by_table[i]));
+            for (i, table) in NAT_TABLES.into_iter().enumerate() {
+                set(table, nat_left[i]);
+            }
             set(names::AFF4, aff.len().saturating_sub(r.aff_expired));
             let mut st = lock(&shared.gc_status);
-            st.nat_entries = nat.len().saturating_sub(r.nat_expired);
+            st.nat_entries = nat_left.iter().sum();
+            st.nat_tables = NAT_TABLES.into_iter().zip(nat_left).map(|(t, n)| (t.to_owned(), n)).collect();
             st.affinity_entries = aff.len().saturating_sub(r.aff_expired);
             st.sock_rev_entries = sockrev.len().saturating_sub(r.sock_rev_deleted);
         }

@@ -109,7 +109,11 @@ pub struct GcStatus {
     /// Entries per conntrack table, by map name.
     #[serde(default)]
     pub conntrack_tables: BTreeMap<String, usize>,
+    /// Both NAT tables together.
     pub nat_entries: usize,
+    /// Entries per NAT table, by map name.
+    #[serde(default)]
+    pub nat_tables: BTreeMap<String, usize>,
     pub affinity_entries: usize,
     pub sock_rev_entries: usize,
     pub expired_deleted: u64,

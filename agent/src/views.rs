@@ -201,9 +201,13 @@ pub fn ct_views(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<CtView> {
     v
 }
 
-/// One `rt_nat4_v1` entry: `riptide bpf nat list`.
+/// One entry of a NAT table: `riptide bpf nat list` (both tables).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NatView {
+    /// The table holding it: `rt_nat4_v2` (TCP) or `rt_natany4_v2` (the
+    /// rest).
+    #[serde(default)]
+    pub table: String,
     pub src: SocketAddrV4,
     pub dst: SocketAddrV4,
     pub protocol: String,
@@ -231,6 +235,7 @@ pub fn nat_views(entries: &[(CtKey, riptide_common::NatValue)], now_ns: u64) -> 
                 }
             }
             NatView {
+                table: riptide_datapath::gc::nat_table(k.proto).to_owned(),
                 src: SocketAddrV4::new(Ipv4Addr::from(u32::from_be(k.saddr_be)), u16::from_be(k.sport_be)),
                 dst: SocketAddrV4::new(Ipv4Addr::from(u32::from_be(k.daddr_be)), u16::from_be(k.dport_be)),
                 protocol: proto_name(k.proto),
@@ -245,7 +250,7 @@ pub fn nat_views(entries: &[(CtKey, riptide_common::NatValue)], now_ns: u64) -> 
             }
         })
         .collect();
-    v.sort_by(|a, b| (&a.direction, a.src, a.dst).cmp(&(&b.direction, b.src, b.dst)));
+    v.sort_by(|a, b| (&a.table, &a.direction, a.src, a.dst).cmp(&(&b.table, &b.direction, b.src, b.dst)));
     v
 }
 

@@ -158,13 +158,14 @@ fn start(node: &Node, affinity_s: u32) -> (Arc<Shared>, Ids) {
 struct Flows {
     /// TCP, then everything else (`names::CT4`, `names::CT_ANY4`).
     ct: [HashMap<MapData, CtKey, CtValue>; 2],
-    nat: HashMap<MapData, CtKey, NatValue>,
+    /// TCP, then everything else (`names::NAT4`, `names::NAT_ANY4`).
+    nat: [HashMap<MapData, CtKey, NatValue>; 2],
     aff: HashMap<MapData, AffKey, AffValue>,
 }
 
 impl Flows {
     fn open(node: &Node) -> Self {
-        Self { ct: [lru(&node.0, names::CT4), lru(&node.0, names::CT_ANY4)], nat: lru(&node.0, names::NAT4), aff: lru(&node.0, names::AFF4) }
+        Self { ct: [lru(&node.0, names::CT4), lru(&node.0, names::CT_ANY4)], nat: [lru(&node.0, names::NAT4), lru(&node.0, names::NAT_ANY4)], aff: lru(&node.0, names::AFF4) }
     }
 
     /// Both directions of a translated flow, last seen at `stamp_ns`, in
@@ -177,9 +178,10 @@ impl Flows {
         }
     }
 
+    /// A mapping in the NAT table of its protocol.
     fn nat(&mut self, client: &str, p: u8, stamp_ns: u64, flags: u16) {
         let v = NatValue { last_seen_ns: stamp_ns, flags, ..NatValue::default() };
-        self.nat.insert(ct_key(client, p, riptide_common::NAT_DIR_EGRESS), v, 0).unwrap();
+        self.nat[usize::from(p != proto::TCP)].insert(ct_key(client, p, riptide_common::NAT_DIR_EGRESS), v, 0).unwrap();
     }
 
     fn aff(&mut self, client: u64, revnat_id: u16, stamp_ns: u64, backend_id: u32) {
@@ -193,7 +195,7 @@ impl Flows {
     }
 
     fn nat_clients(&self) -> BTreeSet<u16> {
-        self.nat.keys().map(|k| u16::from_be(k.unwrap().sport_be)).collect()
+        self.nat.iter().flat_map(HashMap::keys).map(|k| u16::from_be(k.unwrap().sport_be)).collect()
     }
 
     fn aff_clients(&self) -> BTreeSet<u64> {
@@ -254,6 +256,7 @@ fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_f
     assert_eq!(r.ct_stale, 0, "nothing is judged stale before the first sync: {r:?}");
     assert_eq!(f.ct_clients(), BTreeSet::from([1001, 1002, 1004, 1006, 1007, 1009]));
     assert_eq!(r.nat_expired, 3, "{r:?}");
+    assert_eq!(r.nat_expired_by_table, [2, 1], "TCP 2004 and 2005, UDP 2002: {r:?}");
     assert_eq!(f.nat_clients(), BTreeSet::from([2001, 2003]));
     assert_eq!(r.aff_expired, 1, "{r:?}");
     assert_eq!(f.aff_clients(), BTreeSet::from([1, 3]));
@@ -280,15 +283,16 @@ fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_f
         (names::CT4, "expired", 4),
         (names::CT_ANY4, "expired", 2),
         (names::CT_ANY4, "stale_backend", 4),
-        (names::NAT4, "expired", 3),
+        (names::NAT4, "expired", 2),
+        (names::NAT_ANY4, "expired", 1),
         (names::AFF4, "expired", 1),
     ] {
         let line = format!(r#"riptide_agent_gc_deletions_total{{map="{map}",reason="{reason}"}} {n}"#);
         assert!(metrics.contains(&line), "{line} in\n{metrics}");
     }
     assert!(!metrics.contains(&format!(r#"{{map="{}",reason="stale_backend"}}"#, names::CT4)), "no TCP flow went stale:\n{metrics}");
-    // Entries left: TCP 1004, 1007, 1009; UDP 1001.
-    for (map, n) in [(names::CT4, 6), (names::CT_ANY4, 2)] {
+    // Entries left: TCP 1004, 1007, 1009; UDP 1001; NAT: TCP 2003, UDP 2001.
+    for (map, n) in [(names::CT4, 6), (names::CT_ANY4, 2), (names::NAT4, 1), (names::NAT_ANY4, 1)] {
         let line = format!(r#"riptide_agent_map_entries{{map="{map}"}} {n}"#);
         assert!(metrics.contains(&line), "{line} in\n{metrics}");
     }
@@ -298,6 +302,8 @@ fn kernel_gc_deletes_only_expired_entries_before_the_first_sync_then_stale_udp_f
     assert_eq!(st.stale_deleted, 4);
     assert_eq!(st.conntrack_entries, 8);
     assert_eq!(st.conntrack_tables, [(names::CT4.to_owned(), 6), (names::CT_ANY4.to_owned(), 2)].into());
+    assert_eq!(st.nat_entries, 2);
+    assert_eq!(st.nat_tables, [(names::NAT4.to_owned(), 1), (names::NAT_ANY4.to_owned(), 1)].into());
 }
 
 /// The GC of a machine booted 5 s ago: entries carry stamps between 0 (the

@@ -163,7 +163,7 @@ enum CtCmd {
 
 #[derive(Subcommand, Debug)]
 enum BpfCmd {
-    /// The SNAT/masquerade table (`rt_nat4_v1`).
+    /// The SNAT/masquerade tables (`rt_nat4_v2` TCP, `rt_natany4_v2` the rest).
     #[command(subcommand)]
     Nat(ListCmd),
 }

@@ -44,8 +44,16 @@ pub mod names {
     /// ([`crate::CT_F_INBOUND`] without [`crate::CT_F_POLICY`]) of every
     /// protocol (LRU): same key and value as [`CT4`].
     pub const CT_ANY4: &str = "rt_ctany4_v3";
-    /// Source NAT (LRU): [`crate::CtKey`] → [`crate::NatValue`].
-    pub const NAT4: &str = "rt_nat4_v1";
+    /// Source NAT of TCP flows (LRU): [`crate::CtKey`] →
+    /// [`crate::NatValue`]. v2: TCP only, so a flood of new masqueraded or
+    /// NodePort-SNATed flows of other protocols (which live in
+    /// [`NAT_ANY4`]) cannot evict the mapping of an established TCP
+    /// connection, whose next packet would then be dropped
+    /// (`masq_lost_mapping`).
+    pub const NAT4: &str = "rt_nat4_v2";
+    /// Source NAT of every other protocol (LRU): same key and value as
+    /// [`NAT4`].
+    pub const NAT_ANY4: &str = "rt_natany4_v2";
     /// ClientIP session affinity (LRU): [`crate::AffKey`] → [`crate::AffValue`].
     pub const AFF4: &str = "rt_aff4_v1";
     /// Socket-LB reverse map (LRU): [`crate::SockRevKey`] → [`crate::SockRevValue`].
@@ -100,17 +108,21 @@ pub mod names {
     pub const PROG_SOCK_GETPEERNAME4: &str = "rt_sock_peer4";
 
     /// Every map name (for size checks and dumps).
-    pub const ALL_MAPS: [&str; 18] = [
-        EP4, STATS, SVC4, BE4, REVNAT4, CT4, CT_ANY4, NAT4, AFF4, SOCKREV4, CONFIG, NODE4, MAGLEV4, EVENTS,
-        POLEP4, IPCACHE4, POLICY4, SRCRANGE4,
+    pub const ALL_MAPS: [&str; 19] = [
+        EP4, STATS, SVC4, BE4, REVNAT4, CT4, CT_ANY4, NAT4, NAT_ANY4, AFF4, SOCKREV4, CONFIG, NODE4,
+        MAGLEV4, EVENTS, POLEP4, IPCACHE4, POLICY4, SRCRANGE4,
     ];
     /// Names of maps earlier versions pinned that nothing uses any more.
     /// A load removes their pins after taking over what they held (see
     /// `riptide-datapath`'s `upgrade`); never a name in [`ALL_MAPS`].
-    pub const RETIRED_MAPS: [&str; 4] = ["rt_stats_v1", "rt_ct4_v1", "rt_ct4_v2", "rt_maglev4_v1"];
+    pub const RETIRED_MAPS: [&str; 5] =
+        ["rt_stats_v1", "rt_ct4_v1", "rt_ct4_v2", "rt_maglev4_v1", "rt_nat4_v1"];
     /// The conntrack map of the previous layout (TCP and everything else in
     /// one table), whose entries a load moves into [`CT4`] / [`CT_ANY4`].
     pub const CT4_PREV: &str = "rt_ct4_v2";
+    /// The NAT map of the previous layout (every protocol in one table),
+    /// whose entries a load moves into [`NAT4`] / [`NAT_ANY4`].
+    pub const NAT4_PREV: &str = "rt_nat4_v1";
     /// Every program name.
     pub const ALL_PROGRAMS: [&str; 9] = [
         PROG_FROM_POD,
@@ -136,7 +148,12 @@ pub mod capacity {
     /// Conntrack of other protocols and inbound markers
     /// ([`crate::names::CT_ANY4`]).
     pub const CT_ANY4: u32 = 262_144;
+    /// TCP source NAT ([`crate::names::NAT4`]): two entries per
+    /// translated connection.
     pub const NAT4: u32 = 262_144;
+    /// Source NAT of other protocols ([`crate::names::NAT_ANY4`]), half of
+    /// the TCP table as for conntrack.
+    pub const NAT_ANY4: u32 = 131_072;
     pub const AFF4: u32 = 65_536;
     pub const SOCKREV4: u32 = 262_144;
     pub const NODE4: u32 = 16_384;
@@ -577,7 +594,7 @@ pub struct RevNatValue {
 // ------------------------------------------------------------ conntrack/NAT
 
 /// 5-tuple key of the conntrack maps (`rt_ct4_v3`, `rt_ctany4_v3`) and
-/// `rt_nat4_v1`, as seen on the wire.
+/// the NAT maps (`rt_nat4_v2`, `rt_natany4_v2`), as seen on the wire.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CtKey {
@@ -588,7 +605,7 @@ pub struct CtKey {
     pub proto: u8,
     /// [`CT_DIR_ANY`] in `rt_ct4_v2` (the entry's role is in
     /// [`CtValue::flags`]); [`NAT_DIR_EGRESS`]/[`NAT_DIR_INGRESS`] in
-    /// `rt_nat4_v1`.
+    /// the NAT maps.
     pub dir: u8,
     pub _pad: u16,
 }
@@ -684,8 +701,9 @@ pub const CT_F_POLICY: u16 = 1 << 7;
 /// the frontend as source (`vip_be`/`vport_be`) to the client (`nat_*`).
 pub const CT_F_DSR: u16 = 1 << 8;
 
-/// Value of `rt_nat4_v1`: the address/port that replaces the source (egress
-/// entry) or the destination (ingress entry).
+/// Value of the NAT maps (`rt_nat4_v2`, `rt_natany4_v2`): the address/port
+/// that replaces the source (egress entry) or the destination (ingress
+/// entry).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NatValue {

@@ -1,8 +1,8 @@
 //! Garbage-collection access to the flow-state maps (the conntrack tables
-//! `rt_ct4_v3` (TCP) and `rt_ctany4_v3` (the rest, inbound markers),
-//! `rt_nat4_v1`, `rt_aff4_v1`, `rt_sockrev4_v1`) through their pins. The
-//! two conntrack tables read as one: callers see every entry and delete by
-//! key.
+//! `rt_ct4_v3` (TCP) and `rt_ctany4_v3` (the rest, inbound markers), the
+//! NAT tables `rt_nat4_v2` (TCP) and `rt_natany4_v2` (the rest),
+//! `rt_aff4_v1`, `rt_sockrev4_v1`) through their pins. The two tables of
+//! each kind read as one: callers see every entry and delete by key.
 //!
 //! Added by the agent's helper for the agent's GC (`agent/src/gc.rs`): the
 //! policy (which entry is expired or stale) lives there; this file only
@@ -35,11 +35,27 @@ use crate::{
 /// markers). Per-table results of [`FlowMaps`] come in this order.
 pub const CT_TABLES: [&str; 2] = [names::CT4, names::CT_ANY4];
 
+/// The two NAT tables: TCP, then everything else. Per-table results of
+/// [`FlowMaps`] come in this order.
+pub const NAT_TABLES: [&str; 2] = [names::NAT4, names::NAT_ANY4];
+
+/// The index in [`NAT_TABLES`] of the table that holds the mappings of
+/// protocol `proto` (the programs' `nat::table`).
+pub fn nat_table_index(proto: u8) -> usize {
+    usize::from(proto != proto::TCP)
+}
+
+/// The name of the NAT table that holds the mappings of protocol `proto`.
+pub fn nat_table(proto: u8) -> &'static str {
+    NAT_TABLES[nat_table_index(proto)]
+}
+
 /// Handles on a node's flow-state maps.
 pub struct FlowMaps {
     /// TCP conntrack, then the table of everything else.
     ct: [HashMap<MapData, CtKey, CtValue>; 2],
-    nat: HashMap<MapData, CtKey, NatValue>,
+    /// TCP source NAT, then the table of everything else.
+    nat: [HashMap<MapData, CtKey, NatValue>; 2],
     aff: HashMap<MapData, AffKey, AffValue>,
     sockrev: HashMap<MapData, SockRevKey, SockRevValue>,
     /// Read-only views of the service maps (GC compares flows against them;
@@ -68,7 +84,10 @@ impl FlowMaps {
                 open(&dir, CT_TABLES[0], true)?,
                 open(&dir, CT_TABLES[1], true)?,
             ],
-            nat: open(&dir, names::NAT4, true)?,
+            nat: [
+                open(&dir, NAT_TABLES[0], true)?,
+                open(&dir, NAT_TABLES[1], true)?,
+            ],
             aff: open(&dir, names::AFF4, true)?,
             sockrev: open(&dir, names::SOCKREV4, true)?,
             svc: open(&dir, names::SVC4, false)?,
@@ -92,9 +111,12 @@ impl FlowMaps {
         ])
     }
 
-    /// Every NAT entry.
-    pub fn nat(&self) -> Result<Vec<(CtKey, NatValue)>> {
-        dump(&self.nat).map_err(map_err(names::NAT4))
+    /// The entries of each NAT table, in [`NAT_TABLES`] order.
+    pub fn nat_by_table(&self) -> Result<[Vec<(CtKey, NatValue)>; 2]> {
+        Ok([
+            dump(&self.nat[0]).map_err(map_err(NAT_TABLES[0]))?,
+            dump(&self.nat[1]).map_err(map_err(NAT_TABLES[1]))?,
+        ])
     }
 
     /// Every affinity entry.
@@ -154,9 +176,21 @@ impl FlowMaps {
         Ok(n)
     }
 
-    /// Like [`FlowMaps::delete_conntrack`] for `rt_nat4_v1`.
-    pub fn delete_nat(&mut self, keys: &[(CtKey, Option<u64>)]) -> Result<usize> {
-        delete_checked(&mut self.nat, keys, |v| v.last_seen_ns).map_err(map_err(names::NAT4))
+    /// Like [`FlowMaps::delete_conntrack`] for the NAT tables; a key is
+    /// only looked for in the table of its protocol. Returns the deletions
+    /// per table, in [`NAT_TABLES`] order.
+    pub fn delete_nat(&mut self, keys: &[(CtKey, Option<u64>)]) -> Result<[usize; 2]> {
+        let mut n = [0; 2];
+        for (k, seen) in keys {
+            let i = nat_table_index(k.proto);
+            if matches!(
+                delete_one(&mut self.nat[i], k, *seen, |v| v.last_seen_ns).map_err(map_err(NAT_TABLES[i]))?,
+                Deleted::Yes
+            ) {
+                n[i] += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Like [`FlowMaps::delete_conntrack`] for `rt_aff4_v1` (`last_used_ns`).

@@ -44,7 +44,7 @@ pub struct SizableMap {
 pub const MAX_ENTRIES: u32 = 1 << 24;
 
 /// Every map whose size can be overridden.
-pub const SIZABLE: [SizableMap; 15] = [
+pub const SIZABLE: [SizableMap; 16] = [
     sizable(names::EP4, MapKind::Hash, capacity::EP4),
     sizable(names::SVC4, MapKind::Hash, capacity::SVC4),
     sizable(names::BE4, MapKind::Hash, capacity::BE4),
@@ -52,6 +52,7 @@ pub const SIZABLE: [SizableMap; 15] = [
     sizable(names::CT4, MapKind::Lru, capacity::CT4),
     sizable(names::CT_ANY4, MapKind::Lru, capacity::CT_ANY4),
     sizable(names::NAT4, MapKind::Lru, capacity::NAT4),
+    sizable(names::NAT_ANY4, MapKind::Lru, capacity::NAT_ANY4),
     sizable(names::AFF4, MapKind::Lru, capacity::AFF4),
     sizable(names::SOCKREV4, MapKind::Lru, capacity::SOCKREV4),
     sizable(names::NODE4, MapKind::OnDemand, capacity::NODE4),

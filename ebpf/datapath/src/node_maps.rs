@@ -125,10 +125,18 @@ impl Datapath {
         Ok(m.iter().filter_map(std::result::Result::ok).collect())
     }
 
-    /// Every NAT entry.
+    /// Every NAT entry of both tables (TCP, then the rest).
     pub fn nat(&self) -> Result<Vec<(CtKey, NatValue)>> {
+        let mut out = self.nat_table(names::NAT4)?;
+        out.extend(self.nat_table(names::NAT_ANY4)?);
+        Ok(out)
+    }
+
+    /// Every entry of one NAT table ([`names::NAT4`] or
+    /// [`names::NAT_ANY4`]).
+    pub fn nat_table(&self, name: &'static str) -> Result<Vec<(CtKey, NatValue)>> {
         let m: HashMap<&MapData, CtKey, NatValue> =
-            HashMap::try_from(self.map(names::NAT4)?).map_err(map_err(names::NAT4))?;
+            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
         Ok(m.iter().filter_map(std::result::Result::ok).collect())
     }
 

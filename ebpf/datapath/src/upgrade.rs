@@ -7,25 +7,30 @@
 //! protocol in one table, into `rt_ct4_v3` (TCP flows) and `rt_ctany4_v3`
 //! (everything else and the inbound markers), so established load-balanced
 //! connections keep their backends and their reverse NAT across the
-//! upgrade. The key and value layouts did not change, so an entry is copied
-//! as it is. Entries the old programs create after the copy (they stay
-//! attached until the agent attaches the new ones) are lost; those flows
-//! are balanced again on their next packet, as after an eviction.
+//! upgrade; and the mappings of `rt_nat4_v1`, also one table for every
+//! protocol, into `rt_nat4_v2` (TCP) and `rt_natany4_v2` (the rest), so
+//! masqueraded and NodePort-SNATed connections keep their ports (a TCP
+//! packet of a masqueraded flow without its mapping is dropped). The key
+//! and value layouts did not change, so an entry is copied as it is.
+//! Entries the old programs create after the copy (they stay attached
+//! until the agent attaches the new ones) are lost; those flows are
+//! balanced again on their next packet, as after an eviction, and a TCP
+//! connection masqueraded in that moment is dropped as `masq_lost_mapping`.
 //!
 //! A failed copy leaves the old pin in place, so the next load tries again.
 
 use std::path::Path;
 
 use aya::{
-    Ebpf,
+    Ebpf, Pod,
     maps::{HashMap, Map, MapData},
 };
-use riptide_common::{CT_F_INBOUND, CT_F_POLICY, CtKey, CtValue, names, proto};
+use riptide_common::{CT_F_INBOUND, CT_F_POLICY, CtKey, CtValue, NatValue, names, proto};
 
 use crate::{
     Error, Result,
     error::map_err,
-    gc::dump,
+    gc::{CT_TABLES, NAT_TABLES, dump, nat_table},
     pins::remove_if_exists,
 };
 
@@ -34,6 +39,8 @@ use crate::{
 pub struct Upgrade {
     /// Conntrack entries copied from the previous layout.
     pub ct_moved: usize,
+    /// NAT mappings (each half counted) copied from the previous layout.
+    pub nat_moved: usize,
     /// Retired pins removed.
     pub retired: Vec<&'static str>,
 }
@@ -56,7 +63,12 @@ pub(crate) fn run(dir: &Path, ebpf: &mut Ebpf) -> Result<Upgrade> {
     let mut up = Upgrade::default();
     let prev = dir.join(names::CT4_PREV);
     if prev.exists() {
-        up.ct_moved = move_conntrack(&prev, ebpf)?;
+        up.ct_moved = move_entries::<CtValue>(&prev, names::CT4_PREV, ebpf, &CT_TABLES, ct_table)?;
+    }
+    let prev = dir.join(names::NAT4_PREV);
+    if prev.exists() {
+        up.nat_moved =
+            move_entries::<NatValue>(&prev, names::NAT4_PREV, ebpf, &NAT_TABLES, |k, _| nat_table(k.proto))?;
     }
     for name in names::RETIRED_MAPS {
         let path = dir.join(name);
@@ -71,18 +83,25 @@ pub(crate) fn run(dir: &Path, ebpf: &mut Ebpf) -> Result<Upgrade> {
 /// `BPF_NOEXIST` of `bpf_map_update_elem` (uapi `linux/bpf.h`).
 const BPF_NOEXIST: u64 = 1;
 
-fn move_conntrack(prev: &Path, ebpf: &mut Ebpf) -> Result<usize> {
-    let name = names::CT4_PREV;
+/// Copies every entry of the LRU map pinned at `prev` (named `name`) into
+/// the table of `tables` that `table_of` names for it.
+fn move_entries<V: Pod>(
+    prev: &Path,
+    name: &'static str,
+    ebpf: &mut Ebpf,
+    tables: &[&'static str],
+    table_of: impl Fn(&CtKey, &V) -> &'static str,
+) -> Result<usize> {
     let data = MapData::from_pin(prev).map_err(map_err(name))?;
-    let old: HashMap<MapData, CtKey, CtValue> =
+    let old: HashMap<MapData, CtKey, V> =
         HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(name))?;
     let entries = dump(&old).map_err(map_err(name))?;
     let mut moved = 0;
-    for table in [names::CT4, names::CT_ANY4] {
+    for &table in tables {
         let map = ebpf.map_mut(table).ok_or(Error::MissingMap { name: table })?;
-        let mut new: HashMap<&mut MapData, CtKey, CtValue> =
+        let mut new: HashMap<&mut MapData, CtKey, V> =
             HashMap::try_from(map).map_err(map_err(table))?;
-        for (k, v) in entries.iter().filter(|(k, v)| ct_table(k, v) == table) {
+        for (k, v) in entries.iter().filter(|(k, v)| table_of(k, v) == table) {
             // An entry the new programs already made wins.
             match new.insert(k, v, BPF_NOEXIST) {
                 Ok(()) => moved += 1,
@@ -126,10 +145,18 @@ mod tests {
     }
 
     #[test]
+    fn nat_mappings_go_to_the_table_of_their_protocol() {
+        assert_eq!(nat_table(proto::TCP), names::NAT4);
+        assert_eq!(nat_table(proto::UDP), names::NAT_ANY4);
+        assert_eq!(nat_table(proto::ICMP), names::NAT_ANY4);
+    }
+
+    #[test]
     fn retired_names_are_never_current_ones() {
         for r in names::RETIRED_MAPS {
             assert!(!names::ALL_MAPS.contains(&r), "{r}");
         }
         assert!(names::RETIRED_MAPS.contains(&names::CT4_PREV));
+        assert!(names::RETIRED_MAPS.contains(&names::NAT4_PREV));
     }
 }

@@ -1,10 +1,11 @@
 //! Kernel tests (need root): conntrack and NAT under pressure, with
-//! deliberately tiny maps. TCP connections live in their own table
-//! (`rt_ct4_v3`), so a flood of anything else (UDP flows, inbound markers
-//! of new flows into a pod) cannot evict them; inbound flows that need no
-//! state create none; a full table evicts and the lost TCP flow is
-//! counted; masquerade without a free port or without its mapping drops
-//! and counts instead of leaking the pod's address.
+//! deliberately tiny maps. TCP connections live in their own conntrack
+//! table (`rt_ct4_v3`) and their source NAT mappings in their own NAT table
+//! (`rt_nat4_v2`), so a flood of anything else (UDP flows, inbound markers
+//! of new flows into a pod, new masqueraded UDP flows) cannot evict them;
+//! inbound flows that need no state create none; a full table evicts and
+//! the lost TCP flow is counted; masquerade without a free port or without
+//! its mapping drops and counts instead of leaking the pod's address.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -87,17 +88,8 @@ fn table_len(n: &Node, name: &'static str) -> usize {
     n.dp.conntrack_table(name).unwrap().len()
 }
 
-fn dump(n: &Node) -> String {
-    format!(
-        "tcp table: {} entries, other table: {} entries\nstats: {:?}",
-        table_len(n, names::CT4),
-        table_len(n, names::CT_ANY4),
-        n.dp.stats()
-            .unwrap()
-            .named()
-            .filter(|(_, v)| *v > 0)
-            .collect::<Vec<_>>()
-    )
+fn nat_len(n: &Node, name: &'static str) -> usize {
+    n.dp.nat_table(name).unwrap().len()
 }
 
 /// An outside address per flow number (203.0.113.0/24 and beyond, all
@@ -112,7 +104,7 @@ fn open_tcp(n: &mut Node, count: u16) -> Vec<u16> {
     let ports: Vec<u16> = (0..count).map(|i| 20_000 + i).collect();
     for &port in &ports {
         let (verdict, out) = run(&mut n.dp, names::PROG_FROM_POD, &syn((ip(CLIENT_POD), port), (ip(VIP), 80)));
-        assert_eq!(verdict, TC_ACT_OK, "{}", dump(n));
+        assert_eq!(verdict, TC_ACT_OK, "{}", dump(&n.dp));
         assert_eq!((view(&out).dst, view(&out).dport), (ip(REMOTE_BACKEND), 8080));
     }
     ports
@@ -126,7 +118,7 @@ fn ack_all(n: &mut Node, ports: &[u16]) {
         let (verdict, out) = run(&mut n.dp, names::PROG_FROM_POD, &ack);
         assert_eq!(verdict, TC_ACT_OK);
         let v = view(&out);
-        assert_eq!((v.dst, v.dport), (ip(REMOTE_BACKEND), 8080), "port {port}\n{}", dump(n));
+        assert_eq!((v.dst, v.dport), (ip(REMOTE_BACKEND), 8080), "port {port}\n{}", dump(&n.dp));
         assert_checksums(&out);
     }
 }
@@ -157,15 +149,15 @@ fn tcp_connections_survive_udp_and_inbound_floods_filling_the_other_table() {
     assert!(
         stat(&n, stats::INBOUND_NEW) >= u64::from(flood / 3 * 2),
         "every inbound flow marked\n{}",
-        dump(&n)
+        dump(&n.dp)
     );
-    assert!(table_len(&n, names::CT_ANY4) <= OTHER as usize, "{}", dump(&n));
-    assert_eq!(table_len(&n, names::CT4), 200, "no TCP entry evicted\n{}", dump(&n));
+    assert!(table_len(&n, names::CT_ANY4) <= OTHER as usize, "{}", dump(&n.dp));
+    assert_eq!(table_len(&n, names::CT4), 200, "no TCP entry evicted\n{}", dump(&n.dp));
 
     let hits = stat(&n, stats::LB_CT_HIT);
     ack_all(&mut n, &ports);
-    assert_eq!(stat(&n, stats::LB_CT_HIT) - hits, ports.len() as u64, "{}", dump(&n));
-    assert_eq!(stat(&n, stats::CT_LOST_TCP), 0, "{}", dump(&n));
+    assert_eq!(stat(&n, stats::LB_CT_HIT) - hits, ports.len() as u64, "{}", dump(&n.dp));
+    assert_eq!(stat(&n, stats::CT_LOST_TCP), 0, "{}", dump(&n.dp));
 
     // The newest inbound TCP flow's marker keeps masquerade off its reply.
     let last = flood - 1;
@@ -175,7 +167,7 @@ fn tcp_connections_survive_udp_and_inbound_floods_filling_the_other_table() {
     let ack = tcp((ip(SERVER_POD), 8080), (peer, peer_port), 0x10, b"data");
     for f in [syn_ack, ack] {
         let (verdict, out) = run(&mut n.dp, names::PROG_TO_NET, &f);
-        assert_eq!((verdict, out), (TC_ACT_OK, f), "{}", dump(&n));
+        assert_eq!((verdict, out), (TC_ACT_OK, f), "{}", dump(&n.dp));
     }
 }
 
@@ -192,7 +184,7 @@ fn inbound_flows_that_need_no_state_create_no_entry() {
         assert_eq!(verdict, TC_ACT_REDIRECT, "delivered into the pod");
         run(&mut n.dp, names::PROG_FROM_NET, &udp(src, (ip(SERVER_POD), 53), b"q", false));
     }
-    assert!(n.dp.conntrack().unwrap().is_empty(), "{}", dump(&n));
+    assert!(n.dp.conntrack().unwrap().is_empty(), "{}", dump(&n.dp));
     assert_eq!(stat(&n, stats::INBOUND_NEW), 0);
 
     // With masquerade: a marker per flow, never in the TCP table; pod-to-pod
@@ -204,9 +196,9 @@ fn inbound_flows_that_need_no_state_create_no_entry() {
         run(&mut n.dp, names::PROG_FROM_NET, &udp(src, (ip(SERVER_POD), 53), b"q", false));
         run(&mut n.dp, names::PROG_FROM_NET, &syn((ip("10.42.1.5"), 3000 + i as u16), (ip(SERVER_POD), 8080)));
     }
-    assert_eq!(table_len(&n, names::CT4), 0, "{}", dump(&n));
+    assert_eq!(table_len(&n, names::CT4), 0, "{}", dump(&n.dp));
     let other = n.dp.conntrack_table(names::CT_ANY4).unwrap();
-    assert_eq!(other.len(), 600, "{}", dump(&n));
+    assert_eq!(other.len(), 600, "{}", dump(&n.dp));
     assert!(other.iter().all(|(_, v)| v.flags == CT_F_INBOUND));
 }
 
@@ -218,13 +210,13 @@ fn a_full_tcp_table_evicts_and_the_lost_connection_is_counted_and_rebalanced() {
     let cpus = MapSizes::min_entries(riptide_datapath::map_sizes::MapKind::Lru).max(16);
     let mut n = node_with(&config(CFG_F_MASQUERADE), &sizes(&[(names::CT4, cpus)]));
     let ports = open_tcp(&mut n, 200);
-    assert!(table_len(&n, names::CT4) <= cpus as usize, "{}", dump(&n));
+    assert!(table_len(&n, names::CT4) <= cpus as usize, "{}", dump(&n.dp));
     // The oldest connections lost their entries: their next packet is a
     // new flow again (same single backend here) and is counted.
     let lb_new = stat(&n, stats::LB_NEW);
     ack_all(&mut n, &ports[..20]);
     let lost = stat(&n, stats::CT_LOST_TCP);
-    assert!(lost >= 10, "evicted connections counted ({lost})\n{}", dump(&n));
+    assert!(lost >= 10, "evicted connections counted ({lost})\n{}", dump(&n.dp));
     assert_eq!(stat(&n, stats::LB_NEW) - lb_new, lost, "each balanced anew");
 }
 
@@ -249,9 +241,81 @@ fn masquerade_without_a_free_port_drops_and_counts() {
         }
         // A third has none left: dropped, never sent from the pod's address.
         let (verdict, _) = run(&mut n.dp, names::PROG_TO_NET, &frame((ip(CLIENT_POD), 50_000), dst));
-        assert_eq!(verdict, TC_ACT_SHOT, "{}", dump(&n));
-        assert_eq!(stat(&n, stats::MASQ_NO_PORT), i as u64 + 1, "{}", dump(&n));
+        assert_eq!(verdict, TC_ACT_SHOT, "{}", dump(&n.dp));
+        assert_eq!(stat(&n, stats::MASQ_NO_PORT), i as u64 + 1, "{}", dump(&n.dp));
         assert_eq!(n.dp.nat().unwrap().len(), 4 * (i + 1), "two mappings, both halves");
     }
+    // Each protocol's mappings in its own table.
+    assert_eq!((nat_len(&n, names::NAT4), nat_len(&n, names::NAT_ANY4)), (4, 4), "{}", dump(&n.dp));
     assert_eq!(stat(&n, stats::SNAT), 4, "nothing else translated");
+}
+
+#[test]
+fn masqueraded_tcp_connections_survive_a_udp_flood_filling_the_other_nat_table() {
+    if !privileged("to load eBPF programs") {
+        return;
+    }
+    // 256 UDP mappings (two entries each) fit in the other table.
+    const OTHER: u32 = 512;
+    let mut n = node_with(&config(CFG_F_MASQUERADE), &sizes(&[(names::NAT_ANY4, OTHER)]));
+    let peer = (ip("203.0.113.9"), 443);
+    // 100 TCP connections from a pod to an outside server, masqueraded.
+    let mut conns = Vec::new();
+    for i in 0..100u16 {
+        let pod = (ip(CLIENT_POD), 20_000 + i);
+        let (verdict, out) = run(&mut n.dp, names::PROG_TO_NET, &syn(pod, peer));
+        assert_eq!(verdict, TC_ACT_OK, "{}", dump(&n.dp));
+        let v = view(&out);
+        assert_eq!(v.src, ip(NODE_IP), "masqueraded\n{}", dump(&n.dp));
+        conns.push((pod, v.sport));
+    }
+    assert_eq!(nat_len(&n, names::NAT4), 200, "egress and ingress entry per connection");
+
+    // New UDP flows from both pods to outside resolvers: 20 times what the
+    // other table holds. Every one is translated (a full LRU table evicts,
+    // it never refuses), none leaves with a pod address.
+    let flood = OTHER * 20;
+    let udp_flow = |i: u32| {
+        let pod = if i % 2 == 0 { CLIENT_POD } else { SERVER_POD };
+        // A resolver address per flow, so no later flow shares flow 0's
+        // reply tuple.
+        ((ip(pod), 1024 + (i % 60_000) as u16), (Ipv4Addr::from(u32::from(ip("198.51.100.0")) + i), 53))
+    };
+    let mut first_port = 0;
+    for i in 0..flood {
+        let (src, dst) = udp_flow(i);
+        let (verdict, out) = run(&mut n.dp, names::PROG_TO_NET, &udp(src, dst, b"q", false));
+        assert_eq!(verdict, TC_ACT_OK, "flow {i}\n{}", dump(&n.dp));
+        assert_eq!(view(&out).src, ip(NODE_IP), "flow {i}\n{}", dump(&n.dp));
+        if i == 0 {
+            first_port = view(&out).sport;
+        }
+    }
+    assert_eq!(stat(&n, stats::SNAT), 100 + u64::from(flood), "{}", dump(&n.dp));
+    assert!(nat_len(&n, names::NAT_ANY4) <= OTHER as usize, "{}", dump(&n.dp));
+    assert_eq!(nat_len(&n, names::NAT4), 200, "no TCP mapping evicted\n{}", dump(&n.dp));
+    // The flood did evict: the first UDP flow's answer finds no mapping and
+    // stays addressed to the node.
+    let (_, resolver) = udp_flow(0);
+    let answer = udp(resolver, (ip(NODE_IP), first_port), b"a", false);
+    let (_, out) = run(&mut n.dp, names::PROG_FROM_NET, &answer);
+    assert_eq!((view(&out).dst, view(&out).dport), (ip(NODE_IP), first_port), "{}", dump(&n.dp));
+
+    // Every connection goes on: its next segment leaves on its port and the
+    // peer's answer is translated back to the pod.
+    for &(pod, port) in &conns {
+        let (verdict, out) = run(&mut n.dp, names::PROG_TO_NET, &tcp(pod, peer, 0x10, b"ping"));
+        assert_eq!(verdict, TC_ACT_OK, "{}", dump(&n.dp));
+        assert_eq!((view(&out).src, view(&out).sport), (ip(NODE_IP), port), "{}", dump(&n.dp));
+        let (_, back) = run(&mut n.dp, names::PROG_FROM_NET, &tcp(peer, (ip(NODE_IP), port), 0x10, b"pong"));
+        let v = view(&back);
+        assert_eq!((v.dst, v.dport), pod, "reply un-masqueraded\n{}", dump(&n.dp));
+        assert_checksums(&back);
+    }
+    assert_eq!(stat(&n, stats::MASQ_LOST_MAPPING), 0, "{}", dump(&n.dp));
+    assert_eq!(stat(&n, stats::MASQ_NO_PORT), 0, "{}", dump(&n.dp));
+    // A new connection still gets a mapping while the other table is full.
+    let (verdict, out) = run(&mut n.dp, names::PROG_TO_NET, &syn((ip(SERVER_POD), 30_000), peer));
+    assert_eq!((verdict, view(&out).src), (TC_ACT_OK, ip(NODE_IP)), "{}", dump(&n.dp));
+    assert_eq!(nat_len(&n, names::NAT4), 202, "{}", dump(&n.dp));
 }

@@ -50,19 +50,6 @@ fn node() -> Node {
     node_at(N2, 2)
 }
 
-fn dump(n: &Node) -> String {
-    format!(
-        "conntrack: {:?}\nnat: {:?}\nstats: {:?}",
-        n.dp.conntrack().unwrap(),
-        n.dp.nat().unwrap(),
-        n.dp.stats()
-            .unwrap()
-            .named()
-            .filter(|(_, v)| *v > 0)
-            .collect::<Vec<_>>()
-    )
-}
-
 fn stat(n: &Node, reason: u32) -> u64 {
     n.dp.stats().unwrap().get(reason)
 }
@@ -72,7 +59,7 @@ fn stat(n: &Node, reason: u32) -> u64 {
 /// the wire.
 fn pod_to_wire(n: &mut Node, frame: &[u8]) -> Vec<u8> {
     let (verdict, out) = run(&mut n.dp, names::PROG_FROM_POD, frame);
-    assert_eq!(verdict, TC_ACT_OK, "routed by the kernel\n{}", dump(n));
+    assert_eq!(verdict, TC_ACT_OK, "routed by the kernel\n{}", dump(&n.dp));
     let (verdict, out) = run(&mut n.dp, names::PROG_TO_NET, &out);
     assert_eq!(verdict, TC_ACT_OK);
     out
@@ -91,7 +78,7 @@ fn reply_of_an_inbound_tcp_flow_is_not_masqueraded() {
         verdict,
         TC_ACT_REDIRECT,
         "delivered into the pod\n{}",
-        dump(&n)
+        dump(&n.dp)
     );
     let v = view(&out);
     assert_eq!((v.src, v.dst), (ip(N1), ip(SERVER_POD)));
@@ -103,13 +90,13 @@ fn reply_of_an_inbound_tcp_flow_is_not_masqueraded() {
                 && k.saddr_be == u32::from(ip(SERVER_POD)).to_be()
                 && k.daddr_be == u32::from(ip(N1)).to_be()),
         "inbound flow recorded\n{}",
-        dump(&n)
+        dump(&n.dp)
     );
 
     // The pod's SYN-ACK leaves with the pod's own address.
     let syn_ack = tcp((ip(SERVER_POD), 8080), (ip(N1), 40000), 0x12, b"");
     let wire = pod_to_wire(&mut n, &syn_ack);
-    assert_eq!(wire, syn_ack, "reply left untouched\n{}", dump(&n));
+    assert_eq!(wire, syn_ack, "reply left untouched\n{}", dump(&n.dp));
     // …and so does the rest of the flow.
     let data = tcp(
         (ip(SERVER_POD), 8080),
@@ -122,14 +109,14 @@ fn reply_of_an_inbound_tcp_flow_is_not_masqueraded() {
         stat(&n, stats::SNAT),
         0,
         "nothing masqueraded\n{}",
-        dump(&n)
+        dump(&n.dp)
     );
-    assert!(n.dp.nat().unwrap().is_empty(), "no mapping\n{}", dump(&n));
+    assert!(n.dp.nat().unwrap().is_empty(), "no mapping\n{}", dump(&n.dp));
     assert_eq!(
         stat(&n, stats::MASQ_SKIP_INBOUND),
         2,
         "both answered as inbound\n{}",
-        dump(&n)
+        dump(&n.dp)
     );
 
     // Pod-to-pod traffic from another node is never masqueraded anyway:
@@ -150,13 +137,13 @@ fn reply_of_an_inbound_udp_flow_is_not_masqueraded() {
     let query = udp((ip(N1), 5353), (ip(SERVER_POD), 53), b"query", false);
     let (verdict, _) = run(&mut n.dp, names::PROG_FROM_NET, &query);
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(stat(&n, stats::INBOUND_NEW), 1, "{}", dump(&n));
+    assert_eq!(stat(&n, stats::INBOUND_NEW), 1, "{}", dump(&n.dp));
     let answer = udp((ip(SERVER_POD), 53), (ip(N1), 5353), b"answer", false);
     for _ in 0..3 {
-        assert_eq!(pod_to_wire(&mut n, &answer), answer, "{}", dump(&n));
+        assert_eq!(pod_to_wire(&mut n, &answer), answer, "{}", dump(&n.dp));
     }
     assert_eq!(stat(&n, stats::MASQ_SKIP_INBOUND), 3);
-    assert_eq!(stat(&n, stats::SNAT), 0, "{}", dump(&n));
+    assert_eq!(stat(&n, stats::SNAT), 0, "{}", dump(&n.dp));
     // A second query of the same flow refreshes, not duplicates, the entry.
     run(&mut n.dp, names::PROG_FROM_NET, &query);
     assert_eq!(stat(&n, stats::INBOUND_NEW), 1);
@@ -169,7 +156,7 @@ fn reply_of_an_inbound_udp_flow_is_not_masqueraded() {
         v.src,
         ip(N2),
         "pod-originated UDP is masqueraded\n{}",
-        dump(&n)
+        dump(&n.dp)
     );
     assert_checksums(&wire);
 }
@@ -188,7 +175,7 @@ fn pod_originated_syn_to_outside_is_masqueraded() {
             (v.src, v.dst, v.dport),
             (ip(N2), dst, 443),
             "SYN to {dst} masqueraded to the node\n{}",
-            dump(&n)
+            dump(&n.dp)
         );
         assert_checksums(&wire);
     }
@@ -213,7 +200,7 @@ fn replies_of_a_pod_originated_flow_are_unsnatted_and_the_flow_stays_masqueraded
     // n1 answers the node address; the reply goes into the client pod.
     let syn_ack = tcp((ip(N1), 80), (ip(N2), nat_port), 0x12, b"");
     let (verdict, out) = run(&mut n.dp, names::PROG_FROM_NET, &syn_ack);
-    assert_eq!(verdict, TC_ACT_REDIRECT, "{}", dump(&n));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "{}", dump(&n.dp));
     let v = view(&out);
     assert_eq!((v.src, v.sport), (ip(N1), 80));
     assert_eq!((v.dst, v.dport), (ip(CLIENT_POD), 46000), "un-SNAT");
@@ -221,13 +208,13 @@ fn replies_of_a_pod_originated_flow_are_unsnatted_and_the_flow_stays_masqueraded
     assert_checksums(&out);
     assert_eq!(stat(&n, stats::UNSNAT), 1);
     // A reply to a masqueraded flow is not an inbound flow.
-    assert_eq!(stat(&n, stats::INBOUND_NEW), 0, "{}", dump(&n));
+    assert_eq!(stat(&n, stats::INBOUND_NEW), 0, "{}", dump(&n.dp));
 
     // The pod's ACK (not a SYN) uses the existing mapping.
     let ack = tcp((ip(CLIENT_POD), 46000), (ip(N1), 80), 0x10, b"GET /");
     let wire = pod_to_wire(&mut n, &ack);
     let v = view(&wire);
-    assert_eq!((v.src, v.sport), (ip(N2), nat_port), "{}", dump(&n));
+    assert_eq!((v.src, v.sport), (ip(N2), nat_port), "{}", dump(&n.dp));
     assert_checksums(&wire);
     assert_eq!(stat(&n, stats::SNAT), 2);
 }
@@ -242,7 +229,7 @@ fn tcp_packets_without_a_mapping_other_than_a_syn_are_never_masqueraded() {
     // or the flow began before the programs were loaded). A SYN-ACK only
     // ever answers a connection into the pod: it passes as it is.
     let syn_ack = tcp((ip(SERVER_POD), 8080), (ip(OUTSIDE), 40000), 0x12, b"");
-    assert_eq!(pod_to_wire(&mut n, &syn_ack), syn_ack, "{}", dump(&n));
+    assert_eq!(pod_to_wire(&mut n, &syn_ack), syn_ack, "{}", dump(&n.dp));
     assert_eq!(stat(&n, stats::MASQ_SKIP_NOT_SYN), 1);
     // ACK, RST, RST-ACK, FIN: dropped and counted, never sent with the
     // pod's address and never given a mapping.
@@ -254,12 +241,12 @@ fn tcp_packets_without_a_mapping_other_than_a_syn_are_never_masqueraded() {
             b"",
         );
         let (verdict, _) = run(&mut n.dp, names::PROG_FROM_POD, &f);
-        assert_eq!(verdict, TC_ACT_OK, "routed by the kernel\n{}", dump(&n));
+        assert_eq!(verdict, TC_ACT_OK, "routed by the kernel\n{}", dump(&n.dp));
         let (verdict, _) = run(&mut n.dp, names::PROG_TO_NET, &f);
-        assert_eq!(verdict, TC_ACT_SHOT, "flags {flags:#x}\n{}", dump(&n));
+        assert_eq!(verdict, TC_ACT_SHOT, "flags {flags:#x}\n{}", dump(&n.dp));
     }
-    assert!(n.dp.nat().unwrap().is_empty(), "{}", dump(&n));
-    assert_eq!(stat(&n, stats::MASQ_LOST_MAPPING), 4, "{}", dump(&n));
+    assert!(n.dp.nat().unwrap().is_empty(), "{}", dump(&n.dp));
+    assert_eq!(stat(&n, stats::MASQ_LOST_MAPPING), 4, "{}", dump(&n.dp));
     assert_eq!(stat(&n, stats::SNAT), 0);
 }
 
@@ -309,24 +296,24 @@ fn nodeport_reply_of_a_backend_behind_a_masquerading_node_is_not_masqueraded() {
         (v.src, v.dst, v.dport),
         (ip(N1), ip(SERVER_POD), 8080),
         "{}",
-        dump(&n1)
+        dump(&n1.dp)
     );
     let snat_port = v.sport;
 
     // n2 delivers it into the backend pod.
     let (verdict, _) = run(&mut n2.dp, names::PROG_FROM_NET, &f);
-    assert_eq!(verdict, TC_ACT_REDIRECT, "{}", dump(&n2));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "{}", dump(&n2.dp));
 
     // The backend's SYN-ACK leaves n2 unchanged…
     let syn_ack = tcp((ip(SERVER_POD), 8080), (ip(N1), snat_port), 0x12, b"");
     let wire = pod_to_wire(&mut n2, &syn_ack);
-    assert_eq!(wire, syn_ack, "not masqueraded by n2\n{}", dump(&n2));
+    assert_eq!(wire, syn_ack, "not masqueraded by n2\n{}", dump(&n2.dp));
 
     // …so n1 un-SNATs it and answers the client from the NodePort.
     let (_, f) = run(&mut n1.dp, names::PROG_FROM_NET, &wire);
     let (_, f) = run(&mut n1.dp, names::PROG_TO_NET, &f);
     let v = view(&f);
-    assert_eq!((v.src, v.sport), (ip(N1), 30080), "{}", dump(&n1));
+    assert_eq!((v.src, v.sport), (ip(N1), 30080), "{}", dump(&n1.dp));
     assert_eq!((v.dst, v.dport), (ip(OUTSIDE), 5555));
     assert_checksums(&f);
 }
@@ -359,7 +346,7 @@ fn icmp_errors_about_masqueraded_packets_reach_the_pod_translated_back() {
         verdict,
         TC_ACT_REDIRECT,
         "delivered to the pod\n{}",
-        dump(&n)
+        dump(&n.dp)
     );
     assert_checksums(&out);
     let v = view(&out);
@@ -380,7 +367,7 @@ fn icmp_errors_about_masqueraded_packets_reach_the_pod_translated_back() {
     let wire = pod_to_wire(&mut n, &sent);
     let err = icmp_error(ip(OUTSIDE), ip(N2), 3, 3, &wire[14..14 + 28]);
     let (verdict, out) = run(&mut n.dp, names::PROG_FROM_NET, &err);
-    assert_eq!(verdict, TC_ACT_REDIRECT, "{}", dump(&n));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "{}", dump(&n.dp));
     assert_checksums(&out);
     assert_eq!(
         (view(&out).src, view(&out).dst),
@@ -412,7 +399,7 @@ fn a_pods_icmp_error_about_an_unsnatted_reply_is_masqueraded() {
         (view(&wire).src, view(&wire).dst),
         (ip(N2), ip(OUTSIDE)),
         "{}",
-        dump(&n)
+        dump(&n.dp)
     );
     let q = quote(&wire);
     assert_eq!(

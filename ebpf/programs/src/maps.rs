@@ -41,8 +41,13 @@ pub static CT4: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CT4, 0
 #[map(name = "rt_ctany4_v3")]
 pub static CT_ANY4: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CT_ANY4, 0);
 
-#[map(name = "rt_nat4_v1")]
+/// Source NAT of TCP flows; [`NAT_ANY4`] takes every other protocol, so a
+/// flood of new UDP mappings cannot evict a live TCP one (see `nat`).
+#[map(name = "rt_nat4_v2")]
 pub static NAT4: LruHashMap<CtKey, NatValue> = LruHashMap::pinned(capacity::NAT4, 0);
+
+#[map(name = "rt_natany4_v2")]
+pub static NAT_ANY4: LruHashMap<CtKey, NatValue> = LruHashMap::pinned(capacity::NAT_ANY4, 0);
 
 #[map(name = "rt_aff4_v1")]
 pub static AFF4: LruHashMap<AffKey, AffValue> = LruHashMap::pinned(capacity::AFF4, 0);

@@ -1,5 +1,12 @@
-//! Source NAT (`rt_nat4_v1`, LRU): NodePort flows to remote backends and
-//! pod→outside masquerade are rewritten to the node address.
+//! Source NAT (LRU): NodePort flows to remote backends and pod→outside
+//! masquerade are rewritten to the node address. Two tables, picked by
+//! protocol as conntrack's: `rt_nat4_v2` for TCP, `rt_natany4_v2` for the
+//! rest, so a flood of new UDP mappings (a pod resolving names through an
+//! outside server, or anything a pod or a NodePort client sends) evicts
+//! only UDP mappings, never the mapping of an established TCP connection,
+//! whose next packet masquerade would have to drop (`masq_lost_mapping`).
+//! The split changes no port allocation: the ingress key that reserves a
+//! port carries the protocol, so each protocol always had its own ports.
 //!
 //! Each translation is a pair: EGRESS keyed by the original tuple gives the
 //! new source; INGRESS keyed by the reply tuple (remote → node:port) gives
@@ -10,13 +17,16 @@
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_SHOT},
     helpers::bpf_get_prandom_u32,
+    maps::LruHashMap,
     programs::TcContext,
 };
-use riptide_common::{CtKey, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_CLOSING, NatValue, stats};
+use riptide_common::{
+    CtKey, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_CLOSING, NatValue, proto, stats,
+};
 
 use crate::{
     clock, ct, events,
-    maps::{NAT4, count},
+    maps::{NAT_ANY4, NAT4, count},
     parse::Pkt,
 };
 
@@ -30,9 +40,22 @@ fn nat_key(p: &Pkt, dir: u8) -> CtKey {
     k
 }
 
+/// The table of protocol `proto`.
+#[inline(always)]
+fn table(proto: u8) -> &'static LruHashMap<CtKey, NatValue> {
+    if proto == proto::TCP { &NAT4 } else { &NAT_ANY4 }
+}
+
 #[inline(always)]
 fn lookup_mut(k: &CtKey) -> Option<&'static mut NatValue> {
-    let ptr = NAT4.get_ptr_mut(k)?;
+    // Two call sites, one per map, so the kernel can inline each lookup
+    // (a map pointer that depends on the path is called through the
+    // helper).
+    let ptr = if k.proto == proto::TCP {
+        NAT4.get_ptr_mut(k)?
+    } else {
+        NAT_ANY4.get_ptr_mut(k)?
+    };
     // SAFETY: map value pointer, valid for this program run; racing
     // last_seen refreshes are harmless.
     let v = unsafe { &mut *ptr };
@@ -113,6 +136,7 @@ pub fn alloc(
         return Err(stats::SNAT_NO_PORT);
     }
     let t = clock::now();
+    let nat = table(p.proto);
     // Try the client's own port first (keeps ports stable, like iptables
     // MASQUERADE), then random ones.
     let mut port = u32::from(u16::from_be(p.sport_be));
@@ -138,15 +162,15 @@ pub fn alloc(
             port_be: p.sport_be,
             flags,
         };
-        if NAT4.insert(&ingress, &back, u64::from(BPF_NOEXIST)).is_ok() {
+        if nat.insert(&ingress, &back, u64::from(BPF_NOEXIST)).is_ok() {
             let fwd = NatValue {
                 last_seen_ns: t,
                 addr_be: nat_addr_be,
                 port_be,
                 flags,
             };
-            if NAT4.insert(&nat_key(p, NAT_DIR_EGRESS), &fwd, 0).is_err() {
-                let _ = NAT4.remove(&ingress);
+            if nat.insert(&nat_key(p, NAT_DIR_EGRESS), &fwd, 0).is_err() {
+                let _ = nat.remove(&ingress);
                 return Err(stats::NAT_FAIL);
             }
             return Ok(port_be);

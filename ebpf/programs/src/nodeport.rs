@@ -1,7 +1,7 @@
 //! The state of a new flow from outside to a NodePort, externalIP or
 //! LoadBalancer-IP frontend, whatever hook starts it: `rt_from_net` (tc)
 //! and `rt_xdp_net` (XDP) both go through [`snat`] and [`record`], so they
-//! write the same `rt_nat4_v1` and conntrack entries and a flow started by
+//! write the same NAT and conntrack entries and a flow started by
 //! either continues in the other (XDP detached, or a packet XDP leaves to
 //! tc).
 

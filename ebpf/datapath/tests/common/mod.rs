@@ -53,6 +53,35 @@ impl Node {
     }
 }
 
+/// What a failing suite prints about a datapath: each flow table (the
+/// conntrack and NAT tables, by name) with its size and first entries
+/// (the pressure suites fill them with thousands), and every counter that
+/// moved.
+pub fn dump(dp: &Datapath) -> String {
+    use std::fmt::Write as _;
+
+    use riptide_common::names;
+    const SHOWN: usize = 16;
+    fn table<E: std::fmt::Debug>(out: &mut String, name: &str, entries: Result<Vec<E>, riptide_datapath::Error>) {
+        let _ = match entries {
+            Ok(e) => writeln!(out, "{name}: {} entries {:?}", e.len(), &e[..e.len().min(SHOWN)]),
+            Err(e) => writeln!(out, "{name}: {e}"),
+        };
+    }
+    let mut out = String::new();
+    for name in [names::CT4, names::CT_ANY4] {
+        table(&mut out, name, dp.conntrack_table(name));
+    }
+    for name in [names::NAT4, names::NAT_ANY4] {
+        table(&mut out, name, dp.nat_table(name));
+    }
+    let _ = match dp.stats() {
+        Ok(s) => write!(out, "stats: {:?}", s.named().filter(|(_, v)| *v > 0).collect::<Vec<_>>()),
+        Err(e) => write!(out, "stats: {e}"),
+    };
+    out
+}
+
 /// A pod's endpoint entry: host veth `ifindex`, pod and host-side MACs
 /// ending in `tail`.
 pub fn pod_endpoint(ifindex: u32, tail: [u8; 2]) -> EndpointValue {
