@@ -5,6 +5,7 @@
 //! - [`registry`]: the served resources, described once.
 //! - [`exec`]: `kubectl exec` — the WebSocket channel protocol (kubelet side) and the apiserver's upgrade proxy.
 //! - [`credentials`]: each component's own certificate identity, issued by the cluster CA.
+//! - [`lb_pools`]: LoadBalancer address pools, read by LB IPAM and by Service admission.
 //!
 //! The scheduler, controllers and kubelet will live next to these modules.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -12,6 +13,7 @@
 pub mod apiserver;
 pub mod credentials;
 pub mod exec;
+pub mod lb_pools;
 pub mod registry;
 pub mod storage;
 

@@ -3,7 +3,8 @@
 //! (annotation and `spec.loadBalancerIP`) honoured, conflicts and
 //! exhaustion as Events, release on delete and on type change, other
 //! classes left alone, `allocateLoadBalancerNodePorts: false`, and the
-//! externalIPs allow list answering 403 with its reason.
+//! externalIPs allow list answering 403 with its reason, for `spec.externalIPs`
+//! and for LoadBalancer ingress addresses written to `services/status`.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -183,5 +184,94 @@ async fn external_ips_are_denied_by_default_and_allowed_by_range() {
     let add = json!({"spec": {"externalIPs": ["192.0.2.3", "10.0.0.1"]}});
     let err = api.patch("ok", &PatchParams::default(), &Patch::Merge(&add)).await.unwrap_err();
     assert!(err.to_string().contains("spec.externalIPs[1]: 10.0.0.1"), "{err}");
+    s.shutdown().await;
+}
+
+/// What a status write of `ingress` answers: (HTTP code, reason, message).
+async fn write_ingress(api: &Api<Service>, name: &str, ingress: serde_json::Value) -> (u16, String, String) {
+    let patch = json!({"status": {"loadBalancer": {"ingress": ingress}}});
+    match api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => (200, String::new(), String::new()),
+        Err(kube::Error::Api(st)) => (st.code, st.reason.clone(), st.message.clone()),
+        Err(e) => panic!("{name}: status write: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_ingress_status_writes_are_admitted_only_from_pools_or_the_allow_list() {
+    // Default admission: no external IP ranges at all.
+    let s = TestServer::start(Backend::Embedded).await;
+    let client = s.client().await;
+    let ctl = tokio::spawn(controllers::run(client.clone(), controllers::Config::default()));
+    let api: Api<Service> = Api::namespaced(client.clone(), "default");
+    let pp = PostParams::default();
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": lbipam::POOLS_CONFIGMAP, "namespace": lbipam::POOLS_NAMESPACE},
+        "data": {"default": "198.51.100.10-198.51.100.11"},
+    }))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(client.clone(), lbipam::POOLS_NAMESPACE).create(&pp, &cm).await.unwrap();
+
+    // The allocator's addresses pass: pools are allowed by construction.
+    api.create(&pp, &svc("web", lb(), json!({}))).await.unwrap();
+    wait_ingress(&api, "web", &["198.51.100.10"]).await;
+
+    // A takeover through services/status: a node-like address outside every
+    // pool and range is refused with 403 and the reason, and nothing changes.
+    // (The controller is stopped so it cannot undo an accepted write before
+    // the assertion looks.)
+    ctl.abort();
+    let _ = ctl.await;
+    let (code, reason, msg) = write_ingress(&api, "web", json!([{"ip": "198.18.0.12", "ipMode": "VIP"}])).await;
+    assert_eq!((code, reason.as_str()), (403, "Forbidden"), "{msg}");
+    assert_eq!(
+        msg,
+        "services \"web\" is forbidden: status.loadBalancer.ingress[0].ip: 198.18.0.12 is not in a range the cluster allows for LoadBalancer addresses (--service-external-ip-cidrs: none: external IPs are denied; pools of kube-system/riptide-lb-pools: default (198.51.100.10-198.51.100.11))"
+    );
+    assert_eq!(ingress(&api, "web").await, vec!["198.51.100.10".to_string()]);
+    // Not an address at all: 422 Invalid, as upstream's status validation.
+    let (code, reason, msg) = write_ingress(&api, "web", json!([{"ip": "lb.example.com"}])).await;
+    assert_eq!((code, reason.as_str()), (422, "Invalid"), "{msg}");
+    assert!(msg.contains("status.loadBalancer.ingress[0].ip: Invalid value: \"lb.example.com\": must be a valid IP address"), "{msg}");
+    // kubectl sees the refusal as such (a JSON patch this time).
+    let (ok, _, stderr) = s
+        .kubectl(&["patch", "service", "web", "--subresource=status", "--type=json", "-p", r#"[{"op":"add","path":"/status/loadBalancer/ingress/-","value":{"ip":"127.0.0.1"}}]"#])
+        .await;
+    assert!(!ok && stderr.contains("is forbidden") && stderr.contains("ingress[1].ip: 127.0.0.1"), "{stderr}");
+    // Another pool address by hand passes (whoever may write services/status
+    // may move a Service inside the pools), keeping the held one too.
+    let (code, _, msg) = write_ingress(&api, "web", json!([{"ip": "198.51.100.10"}, {"ip": "198.51.100.11"}])).await;
+    assert_eq!(code, 200, "{msg}");
+    // A pool shrunk under a held address: the Service keeps it on writes
+    // that add nothing, but cannot get it back once dropped.
+    let shrink = json!({"data": {"default": "198.51.100.10"}});
+    Api::<ConfigMap>::namespaced(client.clone(), lbipam::POOLS_NAMESPACE)
+        .patch(lbipam::POOLS_CONFIGMAP, &PatchParams::default(), &Patch::Merge(&shrink))
+        .await
+        .unwrap();
+    let (code, _, msg) = write_ingress(&api, "web", json!([{"ip": "198.51.100.11"}])).await;
+    assert_eq!(code, 200, "{msg}");
+    let (code, _, msg) = write_ingress(&api, "web", json!([{"ip": "198.51.100.10"}, {"ip": "198.51.100.11"}])).await;
+    assert_eq!(code, 200, "a held address may stay: {msg}");
+    assert_eq!(write_ingress(&api, "web", json!([{"ip": "198.51.100.10"}])).await.0, 200);
+    let (code, _, msg) = write_ingress(&api, "web", json!([{"ip": "198.51.100.10"}, {"ip": "198.51.100.11"}])).await;
+    assert_eq!(code, 403, "{msg}");
+    s.shutdown().await;
+
+    // The allow list admits ingress addresses as well: another
+    // implementation's (a foreign loadBalancerClass) go there.
+    let s = TestServer::start_with(Backend::Embedded, |c| {
+        c.admission.external_ip_cidrs = vec!["192.0.2.0/28".parse().unwrap()];
+    })
+    .await;
+    let api: Api<Service> = Api::namespaced(s.client().await, "default");
+    let mut other = lb();
+    other["loadBalancerClass"] = json!("example.com/other");
+    api.create(&PostParams::default(), &svc("metal", other, json!({}))).await.unwrap();
+    let (code, _, msg) = write_ingress(&api, "metal", json!([{"ip": "192.0.2.5", "ipMode": "VIP"}])).await;
+    assert_eq!(code, 200, "{msg}");
+    let (code, _, msg) = write_ingress(&api, "metal", json!([{"ip": "192.0.2.5"}, {"ip": "192.0.2.16"}])).await;
+    assert_eq!(code, 403, "{msg}");
+    assert!(msg.contains("ingress[1].ip: 192.0.2.16") && msg.contains("192.0.2.0/28") && msg.contains("pools of kube-system/riptide-lb-pools: none"), "{msg}");
     s.shutdown().await;
 }

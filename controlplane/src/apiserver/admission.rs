@@ -11,6 +11,17 @@
 //! Services stored before the rule (or before the list shrank) can still be
 //! edited or cleaned up.
 //!
+//! A LoadBalancer ingress address (`status.loadBalancer.ingress[].ip`,
+//! written through `services/status`) captures traffic the same way, so
+//! the same list judges it, with one addition: an address of a LoadBalancer
+//! pool (`kube-system/riptide-lb-pools`, see [`crate::lb_pools`]) is
+//! allowed by construction. The pools are what the operator handed the LB
+//! IPAM controller, so its writes always pass, and listing the pools in
+//! `--service-external-ip-cidrs` as well would let any Service editor take
+//! a pool address as an external IP. Another implementation's addresses
+//! (a foreign `loadBalancerClass`) must be in the allow list. An invalid
+//! pools ConfigMap allows nothing, as the controller then hands out nothing.
+//!
 //! The ServiceAccount plugin (upstream `plugin/pkg/admission/serviceaccount`):
 //! a pod that names no account runs as `default`, and a pod may only name an
 //! account that exists — else 403 `error looking up service account …`. The
@@ -27,7 +38,10 @@ use ipnetwork::Ipv4Network;
 use serde_json::Value;
 
 use super::status::{ApiError, ApiResult};
-use crate::registry::Resource;
+use crate::{
+    lb_pools::{POOLS_CONFIGMAP, POOLS_NAMESPACE, Pool},
+    registry::Resource,
+};
 
 /// Configuration of the admission rules.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -40,29 +54,68 @@ fn external_ips(obj: &Value) -> Vec<&str> {
     obj.pointer("/spec/externalIPs").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect()
 }
 
+/// `(index in ingress, ip)` of every LoadBalancer ingress entry with an IP.
+fn lb_ingress_ips(obj: &Value) -> Vec<(usize, &str)> {
+    let entries = obj.pointer("/status/loadBalancer/ingress").and_then(Value::as_array).into_iter().flatten();
+    entries.enumerate().filter_map(|(i, e)| Some((i, e.get("ip")?.as_str()?))).collect()
+}
+
+/// What admission reads of the LoadBalancer pools.
+pub trait LbPools {
+    /// The pools of `kube-system/riptide-lb-pools`; none when it is absent
+    /// or does not parse.
+    fn lb_pools(&self) -> impl Future<Output = ApiResult<Vec<Pool>>> + Send;
+}
+
 impl Admission {
-    /// Admits a Service write: every external IP that `old` did not already
-    /// hold must be an IPv4 address inside an allowed range.
-    pub fn service(&self, res: &Resource, name: &str, new: &Value, old: Option<&Value>) -> ApiResult<()> {
+    fn allows(&self, ip: &str) -> bool {
+        ip.parse::<Ipv4Addr>().is_ok_and(|a| self.external_ip_cidrs.iter().any(|c| c.contains(a)))
+    }
+
+    fn allowed_ranges(&self) -> String {
+        if self.external_ip_cidrs.is_empty() {
+            "none: external IPs are denied".to_owned()
+        } else {
+            self.external_ip_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        }
+    }
+
+    /// Admits a Service write: every external IP and LoadBalancer ingress IP
+    /// that `old` did not already hold must be an IPv4 address inside an
+    /// allowed range (for ingress IPs: or inside a pool).
+    pub async fn service(&self, pools: &impl LbPools, res: &Resource, name: &str, new: &Value, old: Option<&Value>) -> ApiResult<()> {
         if !res.is("", "services") {
             return Ok(());
         }
         let before: Vec<&str> = old.map(external_ips).unwrap_or_default();
         for (i, ip) in external_ips(new).into_iter().enumerate() {
-            if before.contains(&ip) {
-                continue;
-            }
-            let allowed = ip.parse::<Ipv4Addr>().is_ok_and(|a| self.external_ip_cidrs.iter().any(|c| c.contains(a)));
-            if !allowed {
-                let ranges = if self.external_ip_cidrs.is_empty() {
-                    "none: external IPs are denied".to_owned()
-                } else {
-                    self.external_ip_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-                };
+            if !before.contains(&ip) && !self.allows(ip) {
                 return Err(ApiError::forbidden(format!(
-                    "services \"{name}\" is forbidden: spec.externalIPs[{i}]: {ip} is not in a range the cluster allows for external IPs (--service-external-ip-cidrs: {ranges})"
+                    "services \"{name}\" is forbidden: spec.externalIPs[{i}]: {ip} is not in a range the cluster allows for external IPs (--service-external-ip-cidrs: {})",
+                    self.allowed_ranges()
                 )));
             }
+        }
+        let before: Vec<&str> = old.map(lb_ingress_ips).unwrap_or_default().into_iter().map(|(_, ip)| ip).collect();
+        let outside: Vec<(usize, &str)> =
+            lb_ingress_ips(new).into_iter().filter(|(_, ip)| !before.contains(ip) && !self.allows(ip)).collect();
+        if outside.is_empty() {
+            return Ok(());
+        }
+        let pools = pools.lb_pools().await?;
+        for (i, ip) in outside {
+            if ip.parse::<Ipv4Addr>().is_ok_and(|a| pools.iter().any(|p| p.contains(a))) {
+                continue;
+            }
+            let pools = if pools.is_empty() {
+                "none".to_owned()
+            } else {
+                pools.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            };
+            return Err(ApiError::forbidden(format!(
+                "services \"{name}\" is forbidden: status.loadBalancer.ingress[{i}].ip: {ip} is not in a range the cluster allows for LoadBalancer addresses (--service-external-ip-cidrs: {}; pools of {POOLS_NAMESPACE}/{POOLS_CONFIGMAP}: {pools})",
+                self.allowed_ranges()
+            )));
         }
         Ok(())
     }
@@ -135,6 +188,35 @@ mod tests {
         json!({"spec": {"externalIPs": ips}})
     }
 
+    fn lb(ips: &[&str]) -> Value {
+        let ingress: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip, "ipMode": "VIP"})).collect();
+        json!({"spec": {"type": "LoadBalancer"}, "status": {"loadBalancer": {"ingress": ingress}}})
+    }
+
+    /// Pools as the ConfigMap would give them; counts the reads.
+    struct Pools(Vec<Pool>, std::sync::atomic::AtomicUsize);
+
+    impl Pools {
+        fn new(kv: &[(&str, &str)]) -> Self {
+            let data = kv.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+            Self(crate::lb_pools::parse_pools(&data).unwrap(), 0.into())
+        }
+        fn reads(&self) -> usize {
+            self.1.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    impl LbPools for Pools {
+        async fn lb_pools(&self) -> ApiResult<Vec<Pool>> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(self.0.clone())
+        }
+    }
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
     #[test]
     fn pods_run_as_default_unless_they_name_an_account() {
         let mut p = json!({"spec": {"containers": []}});
@@ -150,18 +232,54 @@ mod tests {
     #[test]
     fn denied_by_default_allowed_by_range_and_kept_on_update() {
         let res = crate::registry::find("", "v1", "services").unwrap();
+        let nopools = Pools::new(&[]);
+        let check = |a: &Admission, new: &Value, old: Option<&Value>| block_on(a.service(&nopools, res, "x", new, old));
         let deny = Admission::default();
-        let e = deny.service(res, "x", &svc(&["192.0.2.10"]), None).unwrap_err();
+        let e = check(&deny, &svc(&["192.0.2.10"]), None).unwrap_err();
         assert_eq!(e.code, 403);
         assert!(e.message.contains("spec.externalIPs[0]: 192.0.2.10") && e.message.contains("denied"), "{}", e.message);
-        assert!(deny.service(res, "x", &svc(&[]), None).is_ok());
+        assert!(check(&deny, &svc(&[]), None).is_ok());
         let allow = Admission { external_ip_cidrs: vec!["192.0.2.0/28".parse().unwrap()] };
-        assert!(allow.service(res, "x", &svc(&["192.0.2.10"]), None).is_ok());
-        let e = allow.service(res, "x", &svc(&["192.0.2.10", "192.0.2.16"]), None).unwrap_err();
+        assert!(check(&allow, &svc(&["192.0.2.10"]), None).is_ok());
+        let e = check(&allow, &svc(&["192.0.2.10", "192.0.2.16"]), None).unwrap_err();
         assert!(e.message.contains("spec.externalIPs[1]: 192.0.2.16") && e.message.contains("192.0.2.0/28"), "{}", e.message);
-        assert!(allow.service(res, "x", &svc(&["not-an-ip"]), None).is_err());
+        assert!(check(&allow, &svc(&["not-an-ip"]), None).is_err());
         // Already held: an update may keep (or drop) it, never add another.
-        assert!(deny.service(res, "x", &svc(&["192.0.2.10"]), Some(&svc(&["192.0.2.10", "192.0.2.11"]))).is_ok());
-        assert!(deny.service(res, "x", &svc(&["192.0.2.12"]), Some(&svc(&["192.0.2.10"]))).is_err());
+        assert!(check(&deny, &svc(&["192.0.2.10"]), Some(&svc(&["192.0.2.10", "192.0.2.11"]))).is_ok());
+        assert!(check(&deny, &svc(&["192.0.2.12"]), Some(&svc(&["192.0.2.10"]))).is_err());
+    }
+
+    #[test]
+    fn lb_ingress_ips_need_the_allow_list_or_a_pool() {
+        let res = crate::registry::find("", "v1", "services").unwrap();
+        let pools = Pools::new(&[("default", "198.51.100.10-198.51.100.13"), ("edge", "203.0.113.0/30")]);
+        let deny = Admission::default();
+        let check = |a: &Admission, new: &Value, old: Option<&Value>| block_on(a.service(&pools, res, "web", new, old));
+        // The allocator's addresses: inside a pool, admitted with no allow list.
+        assert!(check(&deny, &lb(&["198.51.100.10"]), Some(&lb(&[]))).is_ok());
+        assert!(check(&deny, &lb(&["203.0.113.2"]), None).is_ok());
+        // Outside every pool and range: 403 naming the entry, the ranges and the pools.
+        let e = check(&deny, &lb(&["198.51.100.10", "192.0.2.7"]), Some(&lb(&[]))).unwrap_err();
+        assert_eq!((e.code, e.reason), (403, "Forbidden"));
+        assert_eq!(
+            e.message,
+            "services \"web\" is forbidden: status.loadBalancer.ingress[1].ip: 192.0.2.7 is not in a range the cluster allows for LoadBalancer addresses (--service-external-ip-cidrs: none: external IPs are denied; pools of kube-system/riptide-lb-pools: default (198.51.100.10-198.51.100.13), edge (203.0.113.1-203.0.113.2))"
+        );
+        // The network address of a CIDR pool is not in it.
+        assert!(check(&deny, &lb(&["203.0.113.0"]), None).is_err());
+        // The allow list admits ingress IPs too (another implementation's).
+        let allow = Admission { external_ip_cidrs: vec!["192.0.2.0/28".parse().unwrap()] };
+        assert!(check(&allow, &lb(&["192.0.2.7"]), None).is_ok());
+        // Held before: kept (or dropped) whatever the pools say now.
+        assert!(check(&deny, &lb(&["192.0.2.7"]), Some(&lb(&["192.0.2.7", "192.0.2.8"]))).is_ok());
+        assert!(check(&deny, &lb(&[]), Some(&lb(&["192.0.2.7"]))).is_ok());
+        // Hostname-only entries carry no address to judge.
+        let host = json!({"status": {"loadBalancer": {"ingress": [{"hostname": "lb.example.com"}]}}});
+        assert!(check(&deny, &host, None).is_ok());
+        // Pools are read only when an address is outside the allow list.
+        let reads = pools.reads();
+        assert!(check(&allow, &lb(&["192.0.2.9"]), None).is_ok());
+        assert!(check(&deny, &lb(&["192.0.2.7"]), Some(&lb(&["192.0.2.7"]))).is_ok());
+        assert_eq!(pools.reads(), reads);
     }
 }

@@ -99,6 +99,19 @@ impl admission::ServiceAccounts for Api {
     }
 }
 
+impl admission::LbPools for Api {
+    async fn lb_pools(&self) -> ApiResult<Vec<crate::lb_pools::Pool>> {
+        use crate::lb_pools::{POOLS_CONFIGMAP, POOLS_NAMESPACE, parse_pools};
+        let res = registry::find("", "v1", "configmaps").ok_or_else(|| ApiError::internal("no configmaps resource"))?;
+        let Some(rec) = self.store.get(&res.key(Some(POOLS_NAMESPACE), POOLS_CONFIGMAP)).await? else { return Ok(Vec::new()) };
+        let data = decode(&rec)?.get("data").cloned().unwrap_or(Value::Null);
+        let data: std::collections::BTreeMap<String, String> = serde_json::from_value(data).unwrap_or_default();
+        // Invalid pools: the LB IPAM controller hands out nothing from
+        // them (and says why on the ConfigMap), so nothing is allowed.
+        Ok(parse_pools(&data).unwrap_or_default())
+    }
+}
+
 impl Api {
     /// Build the API over `store`: rebuild Service allocations and create
     /// the objects every cluster starts with.
@@ -357,7 +370,7 @@ impl Api {
         }
         Self::admit(res, &mut obj, opts)?;
         let name = object::name(&obj).to_string();
-        self.admission.service(res, &name, &obj, None)?;
+        self.admission.service(self, res, &name, &obj, None).await?;
         if let Some(writer) = &opts.writer {
             writer.check(res, None, &obj)?;
         }
@@ -461,7 +474,7 @@ impl Api {
             meta.remove("resourceVersion");
         }
         Self::admit(res, &mut new, opts)?;
-        self.admission.service(res, name, &new, Some(old))?;
+        self.admission.service(self, res, name, &new, Some(old)).await?;
         if let Some(writer) = &opts.writer {
             writer.check(res, Some(old), &new)?;
         }

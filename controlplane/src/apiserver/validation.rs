@@ -248,7 +248,44 @@ fn validate_daemonset(obj: &Value, causes: &mut Vec<Cause>) {
     }
 }
 
+const VALID_IP_MSG: &str = "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)";
+
+/// Upstream `ValidateService`'s externalIPs syntax and
+/// `ValidateLoadBalancerStatus`: addresses parse (422 before admission
+/// judges their range), ipMode is VIP or Proxy and only beside an ip, a
+/// hostname is a DNS name and not an address.
+fn validate_service_addresses(obj: &Value, causes: &mut Vec<Cause>) {
+    let is_ip = |s: &str| s.parse::<std::net::IpAddr>().is_ok();
+    let external = obj.pointer("/spec/externalIPs").and_then(Value::as_array).into_iter().flatten();
+    for (i, ip) in external.enumerate() {
+        let ip = ip.as_str().unwrap_or("");
+        if !is_ip(ip) {
+            causes.push(Cause::invalid(format!("spec.externalIPs[{i}]"), ip, VALID_IP_MSG));
+        }
+    }
+    let ingress = obj.pointer("/status/loadBalancer/ingress").and_then(Value::as_array).into_iter().flatten();
+    for (i, e) in ingress.enumerate() {
+        let path = format!("status.loadBalancer.ingress[{i}]");
+        let ip = e.get("ip").and_then(Value::as_str).unwrap_or("");
+        if !ip.is_empty() && !is_ip(ip) {
+            causes.push(Cause::invalid(format!("{path}.ip"), ip, VALID_IP_MSG));
+        }
+        match e.get("ipMode").and_then(Value::as_str) {
+            Some(_) if ip.is_empty() => causes.push(Cause::forbidden(format!("{path}.ipMode"), "may not be specified when `ip` is not")),
+            Some(m) if !["VIP", "Proxy"].contains(&m) => causes.push(Cause::not_supported(format!("{path}.ipMode"), m, &["Proxy", "VIP"])),
+            _ => {}
+        }
+        let host = e.get("hostname").and_then(Value::as_str).unwrap_or("");
+        if is_ip(host) {
+            causes.push(Cause::invalid(format!("{path}.hostname"), host, "must be a DNS name, not an IP address"));
+        } else if !host.is_empty() && !is_dns_subdomain(host) {
+            causes.push(Cause::invalid(format!("{path}.hostname"), host, DNS1123_SUBDOMAIN_MSG));
+        }
+    }
+}
+
 fn validate_service(obj: &Value, causes: &mut Vec<Cause>) {
+    validate_service_addresses(obj, causes);
     let ty = obj.pointer("/spec/type").and_then(Value::as_str).unwrap_or("ClusterIP");
     const TYPES: &[&str] = &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
     if !TYPES.contains(&ty) {
@@ -348,6 +385,27 @@ pub fn validate(res: &Resource, obj: &Value) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_addresses_as_upstream_validates_them() {
+        let v = |o: serde_json::Value| {
+            let mut c = Vec::new();
+            validate_service_addresses(&o, &mut c);
+            c.into_iter().map(|c| format!("{}: {}", c.field, c.message)).collect::<Vec<_>>()
+        };
+        let ok = serde_json::json!({"spec": {"externalIPs": ["192.0.2.1", "2001:db8::1"]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.9", "ipMode": "VIP"}, {"hostname": "lb.example.com"}]}}});
+        assert_eq!(v(ok), Vec::<String>::new());
+        let bad = serde_json::json!({"spec": {"externalIPs": ["192.0.2.300"]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "lb"}, {"hostname": "h", "ipMode": "VIP"}, {"ip": "192.0.2.9", "ipMode": "Direct"}, {"hostname": "192.0.2.8"}]}}});
+        assert_eq!(v(bad), vec![
+            "spec.externalIPs[0]: Invalid value: \"192.0.2.300\": must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)".to_owned(),
+            "status.loadBalancer.ingress[0].ip: Invalid value: \"lb\": must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)".to_owned(),
+            "status.loadBalancer.ingress[1].ipMode: Forbidden: may not be specified when `ip` is not".to_owned(),
+            "status.loadBalancer.ingress[2].ipMode: Unsupported value: \"Direct\": supported values: \"Proxy\", \"VIP\"".to_owned(),
+            "status.loadBalancer.ingress[3].hostname: Invalid value: \"192.0.2.8\": must be a DNS name, not an IP address".to_owned(),
+        ]);
+    }
     #[test]
     fn names() {
         assert!(is_dns_subdomain("a.b-c"));

@@ -1,16 +1,9 @@
 //! LoadBalancer IP address management, as Cilium LB-IPAM and MetalLB do it
 //! without a cloud: addresses for `type: LoadBalancer` Services come from
-//! pools an operator lists in the ConfigMap `kube-system/riptide-lb-pools`,
-//! one data key per pool, the value a list of CIDRs, `first-last` ranges or
-//! single addresses separated by commas or whitespace:
-//!
-//! ```yaml
-//! data:
-//!   default: "198.18.0.208/28, 198.18.0.240-198.18.0.250"
-//! ```
-//!
-//! A CIDR of /30 or wider gives neither its network nor its broadcast
-//! address (Cilium's `allowFirstLastIPs: No`); a range gives every address.
+//! pools an operator lists in the ConfigMap `kube-system/riptide-lb-pools`
+//! (format: [`crate::lb_pools`]). The apiserver admits a pool's addresses
+//! in `status.loadBalancer.ingress` without them being in the externalIPs
+//! allow list, so what this controller writes always passes admission.
 //!
 //! Which Services are ours: `type: LoadBalancer` with no
 //! `spec.loadBalancerClass` or [`LB_CLASS`]; any other class belongs to
@@ -48,10 +41,8 @@ use kube::{
 use serde_json::json;
 
 use super::{events::Recorder, util::key};
+pub use crate::lb_pools::{POOLS_CONFIGMAP, POOLS_NAMESPACE, Pool, PoolError, parse_pools};
 
-/// Namespace and name of the pools ConfigMap.
-pub const POOLS_NAMESPACE: &str = "kube-system";
-pub const POOLS_CONFIGMAP: &str = "riptide-lb-pools";
 /// `spec.loadBalancerClass` this controller answers to (besides none).
 pub const LB_CLASS: &str = "riptide.io/lbipam";
 /// Requested addresses, comma-separated (takes precedence over
@@ -69,89 +60,6 @@ pub const REASON_EXHAUSTED: &str = "PoolExhausted";
 pub const REASON_NO_POOL: &str = "NoPool";
 pub const REASON_BAD_REQUEST: &str = "InvalidIPRequest";
 pub const REASON_BAD_POOLS: &str = "InvalidPools";
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PoolError {
-    #[error("pool {pool:?}: {entry:?} is not an IPv4 CIDR, first-last range or address")]
-    Entry { pool: String, entry: String },
-    #[error("pool {pool:?}: {entry:?} has host bits set")]
-    HostBits { pool: String, entry: String },
-    #[error("pool {pool:?}: range {entry:?} ends before it starts")]
-    Reversed { pool: String, entry: String },
-    #[error("pools {a:?} and {b:?} overlap")]
-    Overlap { a: String, b: String },
-}
-
-/// A named set of inclusive address ranges.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pool {
-    pub name: String,
-    ranges: Vec<(u32, u32)>,
-}
-
-impl Pool {
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let v = u32::from(ip);
-        self.ranges.iter().any(|(a, b)| (*a..=*b).contains(&v))
-    }
-
-    fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
-        self.ranges.iter().flat_map(|(a, b)| (*a..=*b).map(Ipv4Addr::from))
-    }
-}
-
-fn parse_entry(pool: &str, entry: &str) -> Result<(u32, u32), PoolError> {
-    let bad = || PoolError::Entry { pool: pool.into(), entry: entry.into() };
-    if let Some((ip, len)) = entry.split_once('/') {
-        let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
-        let len: u32 = len.parse().map_err(|_| bad())?;
-        if len > 32 {
-            return Err(bad());
-        }
-        let base = u32::from(ip);
-        let host = if len == 0 { u32::MAX } else { (1u32 << (32 - len)) - 1 };
-        if base & host != 0 {
-            return Err(PoolError::HostBits { pool: pool.into(), entry: entry.into() });
-        }
-        let last = base | host;
-        // Network and broadcast addresses stay out, as on any LAN.
-        return Ok(if len <= 30 { (base + 1, last - 1) } else { (base, last) });
-    }
-    if let Some((a, b)) = entry.split_once('-') {
-        let a = u32::from(a.trim().parse::<Ipv4Addr>().map_err(|_| bad())?);
-        let b = u32::from(b.trim().parse::<Ipv4Addr>().map_err(|_| bad())?);
-        if b < a {
-            return Err(PoolError::Reversed { pool: pool.into(), entry: entry.into() });
-        }
-        return Ok((a, b));
-    }
-    let v = u32::from(entry.parse::<Ipv4Addr>().map_err(|_| bad())?);
-    Ok((v, v))
-}
-
-/// The pools of the ConfigMap's data, in name order. Any bad entry or two
-/// pools sharing an address rejects the whole set: handing out addresses
-/// from half a configuration would move them when it is fixed.
-pub fn parse_pools(data: &BTreeMap<String, String>) -> Result<Vec<Pool>, PoolError> {
-    let mut pools = Vec::new();
-    for (name, text) in data {
-        let ranges = text
-            .split(|c: char| c == ',' || c.is_whitespace())
-            .filter(|e| !e.is_empty())
-            .map(|e| parse_entry(name, e))
-            .collect::<Result<Vec<_>, _>>()?;
-        pools.push(Pool { name: name.clone(), ranges });
-    }
-    for (i, a) in pools.iter().enumerate() {
-        for b in &pools[i + 1..] {
-            let overlaps = a.ranges.iter().any(|(a0, a1)| b.ranges.iter().any(|(b0, b1)| a0 <= b1 && b0 <= a1));
-            if overlaps {
-                return Err(PoolError::Overlap { a: a.name.clone(), b: b.name.clone() });
-            }
-        }
-    }
-    Ok(pools)
-}
 
 /// What this controller makes of one Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -443,20 +351,6 @@ mod tests {
             wants: Wants::Managed { requested: Ok(req.iter().map(|s| ip(s)).collect()), pool: None },
             held: held.iter().map(|s| ip(s)).collect(),
         }
-    }
-
-    #[test]
-    fn pools_parse_cidrs_ranges_and_addresses() {
-        let p = pools(&[("a", "192.0.2.0/30, 192.0.2.10-192.0.2.11\n192.0.2.20"), ("b", "192.0.2.32/32")]);
-        let a: Vec<_> = p[0].addresses().collect();
-        assert_eq!(a, vec![ip("192.0.2.1"), ip("192.0.2.2"), ip("192.0.2.10"), ip("192.0.2.11"), ip("192.0.2.20")]);
-        assert!(p[1].contains(ip("192.0.2.32")));
-        let bad = |v: &str| parse_pools(&[("x".to_owned(), v.to_owned())].into_iter().collect()).unwrap_err();
-        assert!(matches!(bad("192.0.2.1/24"), PoolError::HostBits { .. }));
-        assert!(matches!(bad("192.0.2.9-192.0.2.1"), PoolError::Reversed { .. }));
-        assert!(matches!(bad("fd00::/64"), PoolError::Entry { .. }));
-        let overlap = parse_pools(&[("x".into(), "192.0.2.0/29".into()), ("y".into(), "192.0.2.6".into())].into_iter().collect());
-        assert_eq!(overlap.unwrap_err().to_string(), "pools \"x\" and \"y\" overlap");
     }
 
     #[test]
