@@ -175,6 +175,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn large_work_runs_off_the_async_worker() {
+        // One worker thread: work done inline runs on it, offloaded work on
+        // a blocking-pool thread.
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let worker = std::thread::current().id();
+        let small = rt.block_on(offload(OFFLOAD_BYTES - 1, || std::thread::current().id())).unwrap();
+        let large = rt.block_on(offload(OFFLOAD_BYTES, || std::thread::current().id())).unwrap();
+        assert_eq!(small, worker, "small bodies are decoded inline");
+        assert_ne!(large, worker, "a body of {OFFLOAD_BYTES} bytes is decoded on the blocking pool");
+    }
+
+    #[test]
     fn watch_budget_is_per_user_and_returned_on_drop() {
         let b = WatchBudget::new(2);
         let a1 = b.acquire("a").unwrap();

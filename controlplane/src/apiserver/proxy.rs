@@ -194,3 +194,30 @@ fn url_pairs(q: &str) -> std::collections::HashMap<String, String> {
         })
         .collect()
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn node(addresses: Value, port: Value) -> Value {
+        json!({"status": {"addresses": addresses, "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}}})
+    }
+
+    #[test]
+    fn the_kubelet_is_dialled_only_at_the_nodes_internal_ip() {
+        let ok = node(json!([{"type": "Hostname", "address": "n1"}, {"type": "InternalIP", "address": "198.18.0.11"}]), json!(10250));
+        assert_eq!(kubelet_endpoint(&ok), Some(("198.18.0.11".parse().unwrap(), 10250)));
+        // A name is never resolved, whatever the Node (or its kubelet) wrote.
+        assert_eq!(kubelet_endpoint(&node(json!([{"type": "Hostname", "address": "127.0.0.1"}]), json!(10250))), None);
+        assert_eq!(kubelet_endpoint(&node(json!([{"type": "InternalIP", "address": "evil.example.com"}]), json!(10250))), None);
+        assert_eq!(kubelet_endpoint(&node(json!([{"type": "ExternalIP", "address": "203.0.113.1"}]), json!(10250))), None);
+        // No port, port 0 or one past u16: nothing to dial.
+        let ip = json!([{"type": "InternalIP", "address": "198.18.0.11"}]);
+        for port in [json!(0), json!(65536), json!(-1), Value::Null] {
+            assert_eq!(kubelet_endpoint(&node(ip.clone(), port.clone())), None, "port {port}");
+        }
+    }
+}
