@@ -290,6 +290,13 @@ fn json_value() -> impl Strategy<Value = Value> {
         Just("$setElementOrder/containers".to_string()),
         Just("clusterIP".to_string()),
         Just("externalIPs".to_string()),
+        // Service status validation (LoadBalancer ingress).
+        Just("status".to_string()),
+        Just("loadBalancer".to_string()),
+        Just("ingress".to_string()),
+        Just("ip".to_string()),
+        Just("ipMode".to_string()),
+        Just("hostname".to_string()),
         Just("resourceVersion".to_string()),
         "[a-zA-Z$/]{1,8}",
     ];
@@ -298,7 +305,7 @@ fn json_value() -> impl Strategy<Value = Value> {
         any::<bool>().prop_map(Value::from),
         any::<i64>().prop_map(Value::from),
         any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
-        prop_oneof![Just("replace".to_string()), Just("delete".to_string()), Just("merge".to_string()), "[ -~]{0,12}"]
+        prop_oneof![Just("replace".to_string()), Just("delete".to_string()), Just("merge".to_string()), Just("192.0.2.1".to_string()), Just("VIP".to_string()), "[ -~]{0,12}"]
             .prop_map(Value::from),
     ];
     leaf.prop_recursive(5, 64, 6, move |inner| {
@@ -308,6 +315,17 @@ fn json_value() -> impl Strategy<Value = Value> {
                 .prop_map(|kv| Value::Object(kv.into_iter().collect())),
         ]
     })
+}
+
+/// Addresses, near-addresses and names.
+fn address() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<[u8; 4]>().prop_map(|o| std::net::Ipv4Addr::from(o).to_string()),
+        any::<[u16; 8]>().prop_map(|o| std::net::Ipv6Addr::from(o).to_string()),
+        "[0-9]{1,4}\\.[0-9]{1,4}\\.[0-9]{1,4}\\.[0-9]{1,4}",
+        "[0-9a-f:.]{0,20}",
+        "[a-z0-9.-]{0,20}",
+    ]
 }
 
 fn json_patch_ops() -> impl Strategy<Value = Value> {
@@ -368,6 +386,38 @@ proptest! {
         prop_assert_eq!(patch::json_patch(&original, &json!([])).ok(), Some(original.clone()));
         if original.is_object() {
             prop_assert_eq!(patch::merge_patch(&original, &json!({})), original.clone());
+        }
+    }
+
+    #[test]
+    fn service_addresses_validate_only_ips(
+        external in proptest::collection::vec(address(), 0..4),
+        ingress in proptest::collection::vec((proptest::option::of(address()), proptest::option::of(address()), proptest::option::of("VIP|Proxy|[A-Za-z]{0,6}")), 0..4),
+    ) {
+        let ingress: Vec<Value> = ingress
+            .iter()
+            .map(|(ip, host, mode)| json!({"ip": ip, "hostname": host, "ipMode": mode}))
+            .map(|mut e| {
+                if let Value::Object(m) = &mut e {
+                    m.retain(|_, v| !v.is_null());
+                }
+                e
+            })
+            .collect();
+        let svc = json!({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "s", "namespace": "default"},
+            "spec": {"ports": [{"port": 80}], "externalIPs": external},
+            "status": {"loadBalancer": {"ingress": ingress}},
+        });
+        let res = RESOURCES.iter().find(|r| r.kind == "Service").unwrap();
+        match validation::validate(res, &svc) {
+            Err(e) => client_error(&e)?,
+            Ok(()) => {
+                // Admitted: every address parses, as the agent will read it.
+                for ip in external.iter().map(String::as_str).chain(ingress.iter().filter_map(|e| e["ip"].as_str())) {
+                    prop_assert!(ip.parse::<std::net::IpAddr>().is_ok(), "validation passed {ip:?}");
+                }
+            }
         }
     }
 
