@@ -9,7 +9,9 @@
 //! the allow/deny outcome is compared with the expected matrix (printed
 //! whole on a mismatch). Also `kubectl auth whoami`, `auth can-i`,
 //! TokenReview, the exact Forbidden message, and tokens that die with
-//! their pod and their ServiceAccount.
+//! their pod and their ServiceAccount. Verbs: get, list, watch, create,
+//! patch, delete, deletecollection (writes as server-side dry runs) and a
+//! `services/status` write, which upstream grants not even `edit`.
 //!
 //! The ServiceAccount controller and admission on both stores: every
 //! namespace gets `default` (again after a delete), pods run as it when
@@ -99,6 +101,13 @@ kind: Pod
 metadata: {name: web, namespace: team}
 spec:
   containers: [{name: main, image: busybox}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: front, namespace: team}
+spec:
+  selector: {app: web}
+  ports: [{port: 80}]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding
@@ -200,6 +209,26 @@ async fn authorization_matrix_with_kubectl() {
             &["delete", "configmap", "seed", "-n", "team", "--dry-run=server"],
             ("DELETE", "/api/v1/namespaces/team/configmaps/seed?dryRun=All"),
         ),
+        (
+            "watch pods in team",
+            &["get", "--raw", "/api/v1/namespaces/team/pods?watch=1&timeoutSeconds=1"],
+            ("GET", "/api/v1/namespaces/team/pods?watch=1&timeoutSeconds=1"),
+        ),
+        (
+            "patch configmap in team",
+            &["patch", "configmap", "seed", "-n", "team", "-p", r#"{"data":{"a":"c"}}"#, "--dry-run=server"],
+            ("PATCH", "/api/v1/namespaces/team/configmaps/seed?dryRun=All"),
+        ),
+        (
+            "deletecollection configmaps in team",
+            &["delete", "--raw", "/api/v1/namespaces/team/configmaps?dryRun=All"],
+            ("DELETE", "/api/v1/namespaces/team/configmaps?dryRun=All"),
+        ),
+        (
+            "patch services/status in team",
+            &["patch", "service", "front", "-n", "team", "--subresource=status", "-p", r#"{"status":{"loadBalancer":{}}}"#, "--dry-run=server"],
+            ("PATCH", "/api/v1/namespaces/team/services/front/status?dryRun=All"),
+        ),
         ("list pods in default", &["get", "pods", "-n", "default"], ("GET", "/api/v1/namespaces/default/pods")),
         ("list nodes", &["get", "nodes"], ("GET", "/api/v1/nodes")),
         ("create token in team", &["create", "token", "robot", "-n", "team"], ("POST", "/api/v1/namespaces/team/serviceaccounts/robot/token")),
@@ -220,6 +249,10 @@ async fn authorization_matrix_with_kubectl() {
         [T, T, F, F, F, F, F, F, F], // list secrets
         [T, T, F, F, F, F, F, F, F], // create configmap
         [T, T, F, F, F, F, F, F, F], // delete configmap
+        [T, T, T, T, T, T, T, F, F], // watch pods in team
+        [T, T, F, F, F, F, F, F, F], // patch configmap
+        [T, T, F, F, F, F, F, F, F], // deletecollection configmaps (edit has it, view not)
+        [T, F, F, F, F, F, F, F, F], // patch services/status: not even edit (upstream), only controllers
         [T, F, F, F, F, T, T, F, F], // list pods in default
         [T, F, F, F, F, T, T, F, F], // list nodes
         [T, T, F, F, F, F, F, F, F], // create token: the kubelet only for its pods' accounts
@@ -270,6 +303,10 @@ async fn authorization_matrix_with_kubectl() {
         }
         panic!("authorization matrix differs (ALLOW!/DENY! = unexpected):\n{table}\n\n{log}");
     }
+
+    // The dry-run writes of the matrix changed nothing.
+    let (ok, out, err) = kubectl(&ids[0], &["get", "configmap", "seed", "-n", "team", "-o", "jsonpath={.data.a}"], None).await;
+    assert!(ok && out == "b", "seed after dry-run patch and deletecollection: {out}{err}");
 
     // Upstream's exact Forbidden message, and anonymous gets 401.
     let (_, _, err) = kubectl(&ids[2], &["get", "secrets", "-n", "team"], None).await;
