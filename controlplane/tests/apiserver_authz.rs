@@ -416,3 +416,34 @@ async fn service_accounts(backend: Backend) {
     s.shutdown().await;
 }
 both_stores!(service_accounts);
+
+/// The bootstrap roles and bindings at start: a deleted one is made again,
+/// an edited one repaired, one annotated `autoupdate: "false"` left as the
+/// operator made it (upstream's RBAC reconciliation), on `backend`.
+async fn bootstrap_policy_repaired_at_start(backend: Backend) {
+    async fn rules(s: &TestServer, role: &str) -> String {
+        s.kubectl_ok(&["get", "clusterrole", role, "-o", "jsonpath={.rules}"]).await
+    }
+    let mut s = TestServer::start(backend).await;
+    let scheduler_rules = rules(&s, "system:kube-scheduler").await;
+    assert!(scheduler_rules.contains("bindings"), "{scheduler_rules}");
+    let basic = rules(&s, "system:basic-user").await;
+    s.kubectl_ok(&["delete", "clusterrolebinding", "system:discovery"]).await;
+    s.kubectl_ok(&["delete", "clusterrole", "system:public-info-viewer"]).await;
+    s.kubectl_ok(&["patch", "clusterrole", "system:kube-scheduler", "--type=merge", "-p", r#"{"rules":[]}"#]).await;
+    s.kubectl_ok(&["annotate", "clusterrole", "system:basic-user", "rbac.authorization.kubernetes.io/autoupdate=false", "--overwrite"]).await;
+    let narrowed = r#"{"rules":[{"apiGroups":["authorization.k8s.io"],"resources":["selfsubjectaccessreviews"],"verbs":["create"]}]}"#;
+    s.kubectl_ok(&["patch", "clusterrole", "system:basic-user", "--type=merge", "-p", narrowed]).await;
+    let mine = rules(&s, "system:basic-user").await;
+    assert_ne!(mine, basic);
+
+    s.restart(|_| {}).await;
+    assert_eq!(rules(&s, "system:kube-scheduler").await, scheduler_rules, "edited bootstrap role repaired");
+    assert_eq!(rules(&s, "system:basic-user").await, mine, "autoupdate=false: the operator's rules stay");
+    let (ok, out, err) = s.kubectl(&["get", "clusterrolebinding", "system:discovery", "-o", "jsonpath={.roleRef.name}"]).await;
+    assert!(ok && out == "system:discovery", "deleted binding made again: {out}{err}");
+    let (ok, _, err) = s.kubectl(&["get", "clusterrole", "system:public-info-viewer"]).await;
+    assert!(ok, "deleted role made again: {err}");
+    s.shutdown().await;
+}
+both_stores!(bootstrap_policy_repaired_at_start);
