@@ -447,3 +447,80 @@ async fn bootstrap_policy_repaired_at_start(backend: Backend) {
     s.shutdown().await;
 }
 both_stores!(bootstrap_policy_repaired_at_start);
+
+/// Reviews about other users and rule lists, as clients send them:
+/// `kubectl auth can-i --list` (SelfSubjectRulesReview), SubjectAccessReview
+/// (what a webhook caller such as the kubelet asks) and
+/// LocalSubjectAccessReview (namespace admins), and who may ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reviews_for_other_users_and_rule_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.csv");
+    std::fs::write(&tokens, "admin-token,admin,admin,\"system:masters\"\ned-token,ed,ed-uid\nvi-token,vi,vi-uid\nboss-token,boss,boss-uid\n").unwrap();
+    let t = tokens.clone();
+    let s = TestServer::start_with(Backend::Embedded, move |c| c.token_file = Some(t)).await;
+    let h = s.h();
+    let ca = h.ca_pem.clone().unwrap();
+    let id = |name: &'static str, token: &str| {
+        let p = dir.path().join(format!("{name}.kubeconfig"));
+        std::fs::write(&p, tls::kubeconfig(&h.url, Some(&ca), token)).unwrap();
+        Identity { name, kubeconfig: p, cache: tempfile::tempdir().unwrap(), anonymous: None }
+    };
+    let (admin, ed, vi, boss) = (id("admin", "admin-token"), id("ed", "ed-token"), id("vi", "vi-token"), id("boss", "boss-token"));
+    let bindings = format!(
+        "{SETUP}---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: admins, namespace: team}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: admin}}
+subjects: [{{kind: User, name: boss, apiGroup: rbac.authorization.k8s.io}}]
+"
+    );
+    let (ok, out, err) = kubectl(&admin, &["apply", "-f", "-"], Some(&bindings)).await;
+    assert!(ok, "setup: {out}{err}");
+
+    // can-i --list: the editor may create ConfigMaps in team, the viewer only read them.
+    let line = |out: &str, res: &str| out.lines().find(|l| l.split_whitespace().next() == Some(res)).unwrap_or("").to_string();
+    let (ok, out, err) = kubectl(&ed, &["auth", "can-i", "--list", "-n", "team"], None).await;
+    assert!(ok, "{err}");
+    let cm = line(&out, "configmaps");
+    assert!(cm.contains("create") && cm.contains("deletecollection"), "editor's configmaps rule: {cm:?}\n{out}");
+    let (ok, out, err) = kubectl(&vi, &["auth", "can-i", "--list", "-n", "team"], None).await;
+    assert!(ok, "{err}");
+    let cm = line(&out, "configmaps");
+    assert!(cm.contains("get") && cm.contains("watch") && !cm.contains("create"), "viewer's configmaps rule: {cm:?}\n{out}");
+    assert!(line(&out, "secrets").is_empty(), "view does not read secrets:\n{out}");
+    let (_, out, _) = kubectl(&vi, &["auth", "can-i", "--list", "-n", "default"], None).await;
+    assert!(line(&out, "configmaps").is_empty(), "nothing granted in default:\n{out}");
+
+    // SubjectAccessReview about another user, cluster-scoped.
+    let sar = |kind: &str, ns: &str, user: &str, verb: &str, res: &str| {
+        let meta = if ns.is_empty() { String::new() } else { format!(r#""metadata":{{"namespace":"{ns}"}},"#) };
+        format!(
+            r#"{{"apiVersion":"authorization.k8s.io/v1","kind":"{kind}",{meta}"spec":{{"user":"{user}","resourceAttributes":{{"namespace":"{ns2}","verb":"{verb}","resource":"{res}"}}}}}}"#,
+            ns2 = if ns.is_empty() { "team" } else { ns }
+        )
+    };
+    async fn ask(who: &Identity, body: String) -> (bool, String, String) {
+        kubectl(who, &["create", "--validate=false", "-f", "-", "-o", "jsonpath={.status.allowed}"], Some(&body)).await
+    }
+    for (user, verb, res, want) in [("vi", "get", "pods", "true"), ("vi", "create", "configmaps", "false"), ("ed", "create", "configmaps", "true"), ("nobody", "get", "pods", "false")] {
+        let (ok, out, err) = ask(&admin, sar("SubjectAccessReview", "", user, verb, res)).await;
+        assert!(ok && out == want, "SubjectAccessReview {user} {verb} {res} in team: {out}{err}");
+    }
+    // Namespace admins ask in their namespace (LocalSubjectAccessReview); a
+    // viewer may ask neither kind, an admin of team not cluster-wide.
+    let (ok, out, err) = ask(&boss, sar("LocalSubjectAccessReview", "team", "ed", "create", "configmaps")).await;
+    assert!(ok && out == "true", "LocalSubjectAccessReview by team's admin: {out}{err}");
+    let (ok, _, err) = ask(&boss, sar("LocalSubjectAccessReview", "default", "ed", "create", "configmaps")).await;
+    assert!(!ok && err.contains("forbidden"), "team's admin asking in default: {err}");
+    let (ok, _, err) = ask(&boss, sar("SubjectAccessReview", "", "ed", "create", "configmaps")).await;
+    assert!(!ok && err.contains("forbidden"), "team's admin asking cluster-wide: {err}");
+    let (ok, _, err) = ask(&vi, sar("SubjectAccessReview", "", "ed", "get", "pods")).await;
+    assert!(!ok && err.contains("forbidden"), "a viewer reviewing others: {err}");
+    // A review about nobody is invalid, as upstream says it.
+    let empty = r#"{"apiVersion":"authorization.k8s.io/v1","kind":"SubjectAccessReview","spec":{"resourceAttributes":{"verb":"get","resource":"pods"}}}"#;
+    let (ok, _, err) = kubectl(&admin, &["create", "--validate=false", "-f", "-", "-o", "json"], Some(empty)).await;
+    assert!(!ok && err.contains("at least one of user or group must be specified"), "{err}");
+    s.shutdown().await;
+}
