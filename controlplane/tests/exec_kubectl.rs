@@ -523,3 +523,69 @@ fn urlencode(s: &str) -> String {
         })
         .collect()
 }
+
+/// A kubelet API impostor on 127.0.0.2: serves `/containerLogs` and counts
+/// the requests that got through TLS and authentication.
+async fn impostor(s: &TestServer, cert_pem: String, key_pem: String) -> (u16, Arc<std::sync::atomic::AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h2 = hits.clone();
+    let app: axum::Router = axum::Router::new().route(
+        "/containerLogs/{ns}/{pod}/{container}",
+        axum::routing::get(move || {
+            h2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { "stolen\n" }
+        }),
+    );
+    let serving = ServingTls { cert_pem, key_pem, client_ca_pem: s.h().ca_pem.clone().unwrap() };
+    let auth = Arc::new(KubeletAuth::new(s.client().await, "impostor".into(), CacheTtls::default()).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    (port, hits, kubelet::server::serve(listener, &serving, app, auth).unwrap())
+}
+
+/// The apiserver dials a kubelet only when its certificate is the cluster
+/// CA's and names the Node's InternalIP: a Node pointed at another
+/// listener (an impostor with a real kubelet certificate for another
+/// address, or a self-signed one for the right address) gets no logs, no
+/// exec, and no apiserver client certificate handshake completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiserver_refuses_kubelets_whose_certificate_is_not_for_the_node() {
+    let (s, _k) = setup().await;
+    let api = &s.h().api;
+    let (nodes, pods) = (registry::find("", "v1", "nodes").unwrap(), registry::find("", "v1", "pods").unwrap());
+    let creds = tempfile::tempdir().unwrap();
+    // A certificate the CA really issued, for 127.0.0.1 (another node's address).
+    let other = credentials::write_kubelet(s.h().pki.as_ref().unwrap(), &s.h().url, "other", "127.0.0.1", creds.path()).unwrap();
+    let wrong_ip = (std::fs::read_to_string(&other.cert).unwrap(), std::fs::read_to_string(&other.key).unwrap());
+    // A certificate for the right address that the CA never saw.
+    let own = rcgen::generate_simple_self_signed(vec!["127.0.0.2".to_string()]).unwrap();
+    let self_signed = (own.cert.pem(), own.key_pair.serialize_pem());
+    for (node, (cert, key)) in [("wrong-ip", wrong_ip), ("self-signed", self_signed)] {
+        let (port, hits, task) = impostor(&s, cert, key).await;
+        let node_obj = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
+            "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.2"}], "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}}});
+        api.create(nodes, None, node_obj, &WriteOptions::default()).await.unwrap();
+        let pod = format!("on-{node}");
+        let pod_obj = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod},
+            "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]}});
+        api.create(pods, Some("default"), pod_obj, &WriteOptions::default()).await.unwrap();
+        api.mutate(pods, Some("default"), &pod, Some("status"), |p| {
+            p["status"] = json!({"phase": "Running"});
+            Ok(true)
+        })
+        .await
+        .unwrap();
+        let (code, out, err) = kubectl(&s, &["logs", &pod], None).await;
+        assert_ne!(code, 0, "{node}: logs from an impostor: {}", String::from_utf8_lossy(&out));
+        assert!(err.contains("127.0.0.2") && err.to_lowercase().contains("certificate"), "{node}: {err}");
+        let (code, _, err) = kubectl(&s, &["exec", &pod, "--", "true"], None).await;
+        assert_ne!(code, 0, "{node}: exec through an impostor: {err}");
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0, "{node}: the impostor was reached");
+        task.abort();
+    }
+    // The real kubelet at the same time still answers.
+    let (code, out, err) = kubectl(&s, &["logs", POD], None).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(String::from_utf8_lossy(&out), format!("log of default/{POD}/main\n"));
+    s.shutdown().await;
+}
