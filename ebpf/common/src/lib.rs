@@ -689,10 +689,12 @@ pub const CT_F_BE_LOCAL: u16 = 1 << 5;
 /// time (`--ct-tcp-close-timeout-s`, 10 s as Cilium's close timeout)
 /// instead of the established-flow one.
 pub const CT_F_CLOSING: u16 = 1 << 6;
-/// Policy entry: a non-service flow NetworkPolicy allowed, recorded (both
-/// directions, each keyed by its own tuple) because one of its pods is
-/// isolated. Later packets and replies match it and skip policy; no
-/// translation. May be combined with [`CT_F_INBOUND`].
+/// Policy entry: a non-service flow NetworkPolicy allowed, recorded
+/// because one of its pods is isolated: for TCP one entry keyed by the
+/// original tuple for both directions ([`CT_F_BIDIR`]); otherwise one per
+/// direction, each keyed by its own tuple, the reply's also
+/// [`CT_F_INBOUND`] when masquerade must leave it alone. Later packets and
+/// replies match it and skip policy; no translation.
 pub const CT_F_POLICY: u16 = 1 << 7;
 /// A DSR flow: on the entry node the forward entry of a flow sent to its
 /// remote backend with the frontend in an IP option (no source NAT); on
@@ -700,6 +702,19 @@ pub const CT_F_POLICY: u16 = 1 << 7;
 /// [`CT_F_NODEPORT`]) recorded from that option, whose reply leaves with
 /// the frontend as source (`vip_be`/`vport_be`) to the client (`nat_*`).
 pub const CT_F_DSR: u16 = 1 << 8;
+/// Policy entry that stands for both directions of its TCP flow (with
+/// [`CT_F_POLICY`]): no entry is kept under the reply tuple, a non-SYN
+/// packet whose own tuple misses finds it under its reverse tuple. One
+/// insert per allowed connection instead of two. Other protocols, and flows
+/// whose replies masquerade must leave alone (a reply entry with
+/// [`CT_F_INBOUND`]), keep an entry per direction and never carry it.
+pub const CT_F_BIDIR: u16 = 1 << 9;
+/// [`CT_F_BIDIR`] entries: a FIN went through the forward direction.
+/// [`CT_F_CLOSING`] is set once both directions sent a FIN (or either an
+/// RST), so a half-closed connection keeps the established timeout.
+pub const CT_F_FIN_FWD: u16 = 1 << 10;
+/// [`CT_F_BIDIR`] entries: a FIN went through the reply direction.
+pub const CT_F_FIN_REV: u16 = 1 << 11;
 
 /// Value of the NAT maps (`rt_nat4_v2`, `rt_natany4_v2`): the address/port
 /// that replaces the source (egress entry) or the destination (ingress

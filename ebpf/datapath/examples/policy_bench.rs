@@ -30,6 +30,11 @@
 //!   conntrack entry). Ingress delivers with `bpf_redirect_peer`, which
 //!   decrements the TTL on every run, so its runs go in batches of 200 from
 //!   TTL 255 (every run a delivery) and the batches' means are averaged.
+//! * `est_reply_ns` (egress) — like `est_ns` for the reply of the egress
+//!   flow (peer → pod through `rt_from_net`, batches as for ingress): with
+//!   policy its own tuple misses, the pod's policy state is found and the
+//!   flow's one conntrack entry under the reverse tuple says it is
+//!   established; without, the plain path's lookups.
 //! * `policy_unselected` — a local pod no policy selects talking to the
 //!   peer: with policy on, each of its packets asks `rt_polep4_v1` about
 //!   both sides (no conntrack entry is recorded for such flows).
@@ -173,9 +178,11 @@ struct Sample {
     new_median_ns: f64,
     est_ns: f64,
     /// First packet of a flow no rule allows (egress only): the verdict
-    /// without the conntrack inserts of an allowed flow (a drop, counted;
+    /// without the conntrack insert of an allowed flow (a drop, counted;
     /// events beyond the per-CPU rate are only counted too).
     denied_new_median_ns: Option<f64>,
+    /// Established reply packets of the flow (egress only).
+    est_reply_ns: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -210,15 +217,30 @@ fn from_pod(dp: &mut Datapath, src: Ipv4Addr, samples: u32) -> Result<Sample> {
         new_median_ns,
         est_ns,
         denied_new_median_ns: None,
+        est_reply_ns: None,
     })
 }
 
-/// Egress: pod `CLIENT` → the remote peer, and to a port no rule opens.
+/// Egress: pod `CLIENT` → the remote peer, the replies of that flow, and
+/// a port no rule opens.
 fn egress(dp: &mut Datapath, samples: u32) -> Result<Sample> {
     let mut s = from_pod(dp, pod(CLIENT), samples)?;
+    let reply = frame(PEER, 2000, pod(CLIENT), 1024, 0x10, 255);
+    s.est_reply_ns = Some(from_net_est(dp, &reply, samples)?);
     let denied = (pod(CLIENT), PEER, DENIED_PORT);
     s.denied_new_median_ns = Some(first_packets(dp, names::PROG_FROM_POD, denied, samples)?);
     Ok(s)
+}
+
+/// Mean ns of the established packet `frame` (TTL 255) through
+/// `rt_from_net`, in batches of `INGRESS_BATCH` runs.
+fn from_net_est(dp: &mut Datapath, frame: &[u8], samples: u32) -> Result<f64> {
+    let batches = (samples / INGRESS_BATCH).max(1);
+    let mut sum = 0.0;
+    for _ in 0..batches {
+        sum += run(dp, names::PROG_FROM_NET, frame, INGRESS_BATCH)?;
+    }
+    Ok(sum / f64::from(batches))
 }
 
 /// A pod no policy selects → the remote peer: with policy on, every packet
@@ -233,15 +255,11 @@ fn ingress(dp: &mut Datapath, samples: u32) -> Result<Sample> {
     let new_median_ns =
         first_packets(dp, names::PROG_FROM_NET, (PEER, pod(SERVER), 1001), samples)?;
     let ack = frame(PEER, 1024, pod(SERVER), 1001, 0x10, 255);
-    let batches = (samples / INGRESS_BATCH).max(1);
-    let mut sum = 0.0;
-    for _ in 0..batches {
-        sum += run(dp, names::PROG_FROM_NET, &ack, INGRESS_BATCH)?;
-    }
     Ok(Sample {
         new_median_ns,
-        est_ns: sum / f64::from(batches),
+        est_ns: from_net_est(dp, &ack, samples)?,
         denied_new_median_ns: None,
+        est_reply_ns: None,
     })
 }
 
@@ -277,12 +295,18 @@ fn main() -> Result<()> {
         let Some((_, _, base)) = results.iter().find(|(n, p, _)| n == name && *p == 0) else {
             continue;
         };
-        let denied = s.denied_new_median_ns.map_or(String::new(), |d| {
+        let mut denied = s.denied_new_median_ns.map_or(String::new(), |d| {
             format!(
                 ",\"denied_new_median_ns\":{d:.0},\"denied_new_delta_ns\":{:.0}",
                 d - base.new_median_ns
             )
         });
+        if let (Some(r), Some(b)) = (s.est_reply_ns, base.est_reply_ns) {
+            denied.push_str(&format!(
+                ",\"est_reply_ns\":{r:.1},\"est_reply_delta_ns\":{:.1}",
+                r - b
+            ));
+        }
         println!(
             "{{\"path\":\"policy_{name}\",\"pods\":{PODS},\"policies\":{policies},\"samples\":{samples},\"new_median_ns\":{:.0},\"est_ns\":{:.1},\"new_delta_ns\":{:.0},\"est_delta_ns\":{:.1},\"new_ratio\":{:.3},\"est_ratio\":{:.3}{denied}}}",
             s.new_median_ns,

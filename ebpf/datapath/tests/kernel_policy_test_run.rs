@@ -11,7 +11,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use common::*;
 use riptide_common::{
-    CFG_F_MASQUERADE, CFG_F_POLICY, CT_F_INBOUND, CT_F_POLICY, Config, EV_SRC_FROM_NET,
+    CFG_F_MASQUERADE, CFG_F_POLICY, CT_F_BIDIR, CT_F_CLOSING, CT_F_FIN_FWD, CT_F_FIN_REV,
+    CT_F_INBOUND, CT_F_POLICY, Config, EV_SRC_FROM_NET,
     EV_SRC_FROM_POD, EV_SRC_TO_POD, IpcacheValue, PE_F_ANY_IN, PE_F_AUDIT_IN, PE_F_FAIL_CLOSED,
     PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_EGRESS, POL_DIR_INGRESS, POLICY_PREFIX_ANY_PORT,
     POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PolicyEndpointValue, PolicyKey, PolicyValue,
@@ -350,15 +351,10 @@ fn ingress_allows_the_selected_pod_on_the_selected_port_only() {
     let v = t.run(FROM_POD, &syn(at(A, 40000), at(B, 80)));
     assert_eq!(v, TC_ACT_REDIRECT, "A may reach B:80\n{}", t.dump());
     assert_eq!(t.counters(), [1, 0, 0, 0, 0, 0]);
-    let mut entries = t.policy_entries();
-    entries.sort();
     assert_eq!(
-        entries,
-        vec![
-            (sa(A, 40000), sa(B, 80), CT_F_POLICY),
-            (sa(B, 80), sa(A, 40000), CT_F_POLICY),
-        ],
-        "the allowed flow is recorded in both directions"
+        t.policy_entries(),
+        vec![(sa(A, 40000), sa(B, 80), CT_F_POLICY | CT_F_BIDIR)],
+        "the allowed flow is recorded once, for both directions"
     );
 
     for (frame, what) in [
@@ -383,7 +379,7 @@ fn ingress_allows_the_selected_pod_on_the_selected_port_only() {
         );
     }
     assert_eq!(t.counters(), [1, 0, 3, 0, 0, 0]);
-    assert_eq!(t.policy_entries().len(), 2, "denied flows are not recorded");
+    assert_eq!(t.policy_entries().len(), 1, "denied flows are not recorded");
 
     let ev = t.events.drain();
     let denied: Vec<_> = ev
@@ -505,6 +501,42 @@ fn replies_of_allowed_flows_pass_both_ways_and_established_packets_skip_policy()
         [1, 2, 0, 1, 0, 0],
         "denied on A's egress first"
     );
+}
+
+#[test]
+fn one_entry_per_flow_closes_once_both_sides_finished() {
+    if !privileged("to load eBPF programs") {
+        return;
+    }
+    let mut t = PolicyNode::new();
+    let both = PE_F_ISOLATED_IN | PE_F_ISOLATED_OUT;
+    t.endpoint(A, A_EP, A_ID, both);
+    t.endpoint(B, B_EP, B_ID, both);
+    t.allow_tcp(A_EP, B_ID, POL_DIR_EGRESS, 80);
+    t.allow_tcp(B_EP, A_ID, POL_DIR_INGRESS, 80);
+    let (a, b) = (at(A, 40000), at(B, 80));
+    let flags = |t: &PolicyNode| -> Vec<u16> {
+        t.policy_entries().into_iter().map(|(_, _, f)| f).collect()
+    };
+    assert_eq!(t.run(FROM_POD, &syn(a, b)), TC_ACT_REDIRECT, "{}", t.dump());
+    assert_eq!(flags(&t), vec![CT_F_POLICY | CT_F_BIDIR]);
+    // A half-closes: the connection stays established while B still sends.
+    assert_eq!(t.run(FROM_POD, &tcp(a, b, 0x11, b"")), TC_ACT_REDIRECT);
+    assert_eq!(flags(&t), vec![CT_F_POLICY | CT_F_BIDIR | CT_F_FIN_FWD]);
+    assert_eq!(t.run(FROM_POD, &tcp(b, a, 0x10, b"more")), TC_ACT_REDIRECT);
+    // B's FIN, found through the reverse tuple, closes it.
+    assert_eq!(t.run(FROM_POD, &tcp(b, a, 0x11, b"")), TC_ACT_REDIRECT);
+    assert_eq!(
+        flags(&t),
+        vec![CT_F_POLICY | CT_F_BIDIR | CT_F_FIN_FWD | CT_F_FIN_REV | CT_F_CLOSING]
+    );
+    // Port reuse: a new SYN on the tuple opens it again, unjudged.
+    assert_eq!(t.run(FROM_POD, &syn(a, b)), TC_ACT_REDIRECT);
+    assert_eq!(flags(&t), vec![CT_F_POLICY | CT_F_BIDIR]);
+    // An RST from either side closes at once.
+    assert_eq!(t.run(FROM_POD, &tcp(b, a, 0x14, b"")), TC_ACT_REDIRECT);
+    assert_eq!(flags(&t), vec![CT_F_POLICY | CT_F_BIDIR | CT_F_CLOSING]);
+    assert_eq!(t.counters(), [1, 1, 0, 0, 0, 0], "judged once");
 }
 
 #[test]
@@ -700,7 +732,7 @@ fn audit_mode_counts_and_reports_but_passes() {
         "{ev:?}"
     );
     // Passed flows are flows: recorded, their later packets not judged again.
-    assert_eq!(t.policy_entries().len(), 2);
+    assert_eq!(t.policy_entries().len(), 1);
     assert_eq!(
         t.run(FROM_POD, &tcp(at(C, 40000), at(B, 80), 0x10, b"x")),
         TC_ACT_REDIRECT
@@ -958,9 +990,14 @@ fn uplink_and_veth_egress_judge_ingress_and_record_inbound_replies() {
         "{entries:?}"
     );
     assert!(
-        entries.contains(&(sa(B, 80), sa(R, 40000), CT_F_POLICY)),
+        entries.contains(&(sa(W, 40000), sa(B, 443), CT_F_POLICY)),
         "{entries:?}"
     );
+    assert!(
+        entries.contains(&(sa(R, 40000), sa(B, 80), CT_F_POLICY | CT_F_BIDIR)),
+        "{entries:?}"
+    );
+    assert_eq!(entries.len(), 3, "{entries:?}");
     // B's reply to the outside client leaves unmasqueraded.
     let (v, out) = run(
         &mut t.n.dp,

@@ -17,10 +17,16 @@
 //! the other table, whatever the protocol: it keeps masquerade off the
 //! replies of a flow and nothing else depends on it.
 //!
-//! A non-service flow NetworkPolicy judged ([`CT_F_POLICY`], see
-//! `policy`) has an entry under each of its two tuples, carrying nothing
-//! but the flags: any hit means "established", so neither its packets nor
-//! its replies are judged again.
+//! A non-service TCP flow NetworkPolicy allowed ([`CT_F_POLICY`], see
+//! `policy`) has one entry under its original tuple carrying nothing but
+//! the flags ([`CT_F_BIDIR`]): its packets hit it with their own tuple,
+//! its replies, after their own tuple missed, with the reverse one
+//! ([`answers_policy`]; a SYN never asks), so neither is judged again and
+//! a new allowed connection pays one LRU insert, not two. Other protocols
+//! have no SYN to tell a new flow from a reply without that second lookup
+//! on every first packet, and flows whose replies masquerade must leave
+//! alone need a [`CT_F_INBOUND`] entry under the reply's own tuple (which
+//! `masq` looks up): both keep an entry per direction.
 //!
 //! Entries refresh `last_seen_ns` with the coarse clock (no TSC read per
 //! packet, only a store when the tick changed; see [`crate::clock`]); LRU eviction and the
@@ -28,8 +34,9 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, maps::LruHashMap};
 use riptide_common::{
-    BE_F_LOCAL, BackendValue, CT_DIR_ANY, CT_F_BE_LOCAL, CT_F_CLOSING, CT_F_DSR, CT_F_INBOUND,
-    CT_F_NODEPORT, CT_F_POLICY, CT_F_REPLY, CtKey, CtValue, proto, stats,
+    BE_F_LOCAL, BackendValue, CT_DIR_ANY, CT_F_BE_LOCAL, CT_F_BIDIR, CT_F_CLOSING, CT_F_DSR,
+    CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY, CT_F_REPLY, CtKey,
+    CtValue, proto, stats,
 };
 
 use crate::{
@@ -104,8 +111,40 @@ pub fn lookup_key(k: &CtKey) -> Option<Hit> {
 #[inline(always)]
 pub fn lookup(p: &Pkt) -> Option<Hit> {
     let h = lookup_key(&key(p))?;
-    track_close(p, &mut h.e.flags, CT_F_CLOSING);
+    if h.e.flags & CT_F_BIDIR != 0 {
+        track_half_close(p.proto, p.tcp_flags, &mut h.e.flags, CT_F_FIN_FWD);
+    } else {
+        track_close(p, &mut h.e.flags, CT_F_CLOSING);
+    }
     Some(h)
+}
+
+/// Whether a packet of tuple `own` (TCP flags `tcp_flags`), whose own
+/// entry is missing, answers a flow NetworkPolicy allowed: a
+/// [`CT_F_POLICY`] entry under the reverse tuple (refreshed, with the
+/// reply direction's close state).
+#[inline(always)]
+pub fn answers_policy(own: &CtKey, tcp_flags: u8) -> bool {
+    let k = reverse_key(own);
+    let ptr = if k.proto == proto::TCP {
+        CT4.get_ptr_mut(&k)
+    } else {
+        CT_ANY4.get_ptr_mut(&k)
+    };
+    let Some(ptr) = ptr else {
+        return false;
+    };
+    // SAFETY: map value pointer, valid for this program run; racing
+    // refreshes are harmless.
+    let e = unsafe { &mut *ptr };
+    if e.flags & CT_F_POLICY == 0 {
+        return false;
+    }
+    touch(&mut e.last_seen_ns);
+    if e.flags & CT_F_BIDIR != 0 {
+        track_half_close(own.proto, tcp_flags, &mut e.flags, CT_F_FIN_REV);
+    }
+    true
 }
 
 /// TCP close tracking for one direction of a flow: a FIN or RST sets
@@ -123,6 +162,33 @@ pub fn track_close(p: &Pkt, flags: &mut u16, closing: u16) {
         }
     } else if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && *flags & closing != 0 {
         *flags &= !closing;
+    }
+}
+
+/// TCP close tracking for an entry that stands for both directions
+/// ([`CT_F_BIDIR`]): a FIN marks its direction (`half`), and the entry is
+/// [`CT_F_CLOSING`] once both directions sent one, or on an RST; a new SYN
+/// on the forward tuple (port reuse) clears it all. A connection one side
+/// half-closed keeps the established timeout while the other still sends.
+#[inline(always)]
+fn track_half_close(l4: u8, tcp_flags: u8, flags: &mut u16, half: u16) {
+    if l4 != proto::TCP {
+        return;
+    }
+    let all = CT_F_CLOSING | CT_F_FIN_FWD | CT_F_FIN_REV;
+    let mut f = *flags;
+    if tcp_flags & TCP_RST != 0 {
+        f |= CT_F_CLOSING;
+    } else if tcp_flags & TCP_FIN != 0 {
+        f |= half;
+        if f & (CT_F_FIN_FWD | CT_F_FIN_REV) == CT_F_FIN_FWD | CT_F_FIN_REV {
+            f |= CT_F_CLOSING;
+        }
+    } else if half == CT_F_FIN_FWD && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        f &= !all;
+    }
+    if f != *flags {
+        *flags = f;
     }
 }
 
@@ -268,22 +334,27 @@ pub fn create_dsr_reply(p: &Pkt, (vip_be, vport_be): (u32, u16)) -> Result<(), u
         .map_err(|_| stats::DROP_CT_FULL)
 }
 
-/// Records a flow NetworkPolicy allowed (`orig`, untranslated) and its
-/// reply, both [`CT_F_POLICY`]; `inbound` also marks the reply entry
-/// [`CT_F_INBOUND`] (see `masq`). Reply first, as in [`create`]. An entry
-/// that already exists under either tuple (a load-balanced flow sharing
-/// the tuple) is kept. Best effort: without the entries the next packet is
-/// judged again.
+/// Records a flow NetworkPolicy allowed (`orig`, untranslated). A TCP
+/// flow: one [`CT_F_POLICY`] | [`CT_F_BIDIR`] entry its replies find with
+/// [`answers_policy`]. Other protocols, and flows whose replies masquerade
+/// must leave alone (`inbound`), also get an entry under the reply tuple
+/// (reply first, as in [`create`]), marked [`CT_F_INBOUND`] when
+/// `inbound`. An entry that already exists under a tuple (a load-balanced
+/// flow sharing it) is kept. Best effort: without the entries the next
+/// packet is judged again.
 #[inline(always)]
 pub fn create_policy(orig: &CtKey, inbound: bool) {
     let mut v = CtValue {
         last_seen_ns: now(),
-        flags: CT_F_POLICY | if inbound { CT_F_INBOUND } else { 0 },
+        flags: CT_F_POLICY | CT_F_BIDIR,
         ..CtValue::default()
     };
     let map = table(orig.proto);
-    let _ = map.insert(&reverse_key(orig), &v, u64::from(BPF_NOEXIST));
-    v.flags = CT_F_POLICY;
+    if inbound || orig.proto != proto::TCP {
+        v.flags = CT_F_POLICY | if inbound { CT_F_INBOUND } else { 0 };
+        let _ = map.insert(&reverse_key(orig), &v, u64::from(BPF_NOEXIST));
+        v.flags = CT_F_POLICY;
+    }
     let _ = map.insert(orig, &v, u64::from(BPF_NOEXIST));
 }
 

@@ -72,6 +72,12 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     }
 
     let cfg = config();
+    // A reply of a TCP flow NetworkPolicy allowed: its one entry is under
+    // the forward tuple. Asked before the service probe, as a reply entry
+    // would have been found above.
+    if policy::enabled(cfg) && policy::answers_tcp(&p) {
+        return route::deliver(ctx, &p);
+    }
     let is_node = cfg.node_ip_be != 0 && p.daddr_be == cfg.node_ip_be;
     let Some(svc) = lb::lookup_with_node(p.daddr_be, p.dport_be, p.proto, true, is_node) else {
         // A new flow to a pod or elsewhere: the pod's egress and, when the

@@ -11,9 +11,11 @@
 //! backend's address and port: egress of the source when it is a local pod
 //! with state, ingress of the destination when it is one. When some side
 //! has state and the flow is allowed, the caller records it in conntrack
-//! (`CT_F_POLICY` entries for both tuples, or the load-balancer's entries),
-//! so every later packet and every reply is a conntrack hit that never
-//! comes here: the established path pays nothing for policy.
+//! (`CT_F_POLICY` entries: one for both directions of a TCP flow, which
+//! its replies find under their reverse tuple, one per tuple otherwise;
+//! or the load-balancer's entries), so every later packet and every reply
+//! is a conntrack hit that never comes here: the established path pays
+//! nothing for policy.
 //!
 //! Always allowed: the node itself (identity `HOST`, the node address, the
 //! hairpin address — kubelet probes, host processes) and a pod reaching
@@ -241,10 +243,9 @@ fn rule(k: &PolicyKey) -> bool {
 /// Judges the new flow of `p`, which is not translated: `true` when it is
 /// denied (the caller drops it). `ingress`: the destination may be a local
 /// pod (a caller that knows it is not saves the lookup). An allowed flow
-/// with policy state on some side is recorded in conntrack, both tuples,
-/// so its later packets and its replies pass without a verdict; `inbound`
-/// also marks the reply entry [`riptide_common::CT_F_INBOUND`] (masquerade
-/// must not touch it).
+/// with policy state on some side is recorded in conntrack
+/// ([`ct::create_policy`]), so its later packets and its replies pass
+/// without a verdict; `inbound`: masquerade must not touch its replies.
 #[inline(always)]
 pub fn deny_plain(
     ctx: &TcContext,
@@ -263,6 +264,16 @@ pub fn deny_plain(
         }
         _ => false,
     }
+}
+
+/// Whether `p`, a packet whose own tuple conntrack does not know, is a
+/// TCP reply of a flow policy recorded with one entry (see
+/// [`ct::answers_policy`]). Every site asks before it would judge or
+/// balance `p`, where a reply entry would have been found, so replies cost
+/// about what a conntrack hit costs; a SYN opens a flow and never asks.
+#[inline(always)]
+pub fn answers_tcp(p: &Pkt) -> bool {
+    p.proto == proto::TCP && !ct::is_pure_syn(p) && ct::answers_policy(&ct::key(p), p.tcp_flags)
 }
 
 /// The drop verdict of a denied flow.
@@ -333,7 +344,7 @@ pub fn deny_other(ctx: &TcContext, p: &Pkt, egress: bool, source: u8, inbound: b
             q.dport_be = ports[1];
         }
     }
-    if ct::lookup(&q).is_some() {
+    if ct::lookup(&q).is_some() || answers_tcp(&q) {
         return false;
     }
     deny_plain(ctx, &q, egress, true, source, inbound)

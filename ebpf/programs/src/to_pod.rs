@@ -31,7 +31,7 @@ pub fn try_to_pod(ctx: &TcContext) -> Result<i32, u32> {
         }
         return Ok(TC_ACT_OK);
     }
-    if ct::lookup(&p).is_some() {
+    if ct::lookup(&p).is_some() || policy::answers_tcp(&p) {
         return Ok(TC_ACT_OK);
     }
     // Replies of this flow leave through the uplink's egress: masquerade

@@ -136,6 +136,12 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
         // Masqueraded pod traffic coming back.
         return route::deliver(ctx, &p);
     }
+    // A reply of a TCP flow NetworkPolicy allowed (its one entry is under
+    // the forward tuple). Never one to a node address: the node's own
+    // flows into pods get their replies from the pod's veth.
+    if policy::enabled(cfg) && !is_node && policy::answers_tcp(&p) {
+        return route::deliver(ctx, &p);
+    }
 
     // 4. A new flow to a frontend of this node.
     let Some(svc) = lb::lookup_with_node(p.daddr_be, p.dport_be, p.proto, false, is_node) else {
