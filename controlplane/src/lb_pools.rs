@@ -119,14 +119,15 @@ pub fn parse_pools(data: &BTreeMap<String, String>) -> Result<Vec<Pool>, PoolErr
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pools(kv: &[(&str, &str)]) -> Vec<Pool> {
+    /// Pools from (name, entries) pairs, as the ConfigMap's data.
+    pub(crate) fn pools(kv: &[(&str, &str)]) -> Vec<Pool> {
         parse_pools(&kv.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()).unwrap()
     }
 
-    fn ip(s: &str) -> Ipv4Addr {
+    pub(crate) fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
     }
 

@@ -125,20 +125,28 @@ subjects:
 - {kind: ServiceAccount, name: robot}
 ";
 
+/// An apiserver (embedded store) whose static token file is `tokens`
+/// (upstream's csv format), written into `dir`.
+async fn start_with_tokens(dir: &std::path::Path, tokens: &str) -> TestServer {
+    let path = dir.join("tokens.csv");
+    std::fs::write(&path, tokens).unwrap();
+    TestServer::start_with(Backend::Embedded, move |c| c.token_file = Some(path)).await
+}
+
+/// A kubectl identity with its own kubeconfig (in `dir`) and cache.
+fn identity(dir: &std::path::Path, name: &'static str, kubeconfig: String) -> Identity {
+    let p = dir.join(format!("{name}.kubeconfig"));
+    std::fs::write(&p, kubeconfig).unwrap();
+    Identity { name, kubeconfig: p, cache: tempfile::tempdir().unwrap(), anonymous: None }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authorization_matrix_with_kubectl() {
     let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("tokens.csv");
-    std::fs::write(&tokens, "admin-token,admin,admin,\"system:masters\"\ned-token,ed,ed-uid\nvi-token,vi,vi-uid,\"team-viewers\"\n").unwrap();
-    let t = tokens.clone();
-    let s = TestServer::start_with(Backend::Embedded, move |c| c.token_file = Some(t)).await;
+    let s = start_with_tokens(dir.path(), "admin-token,admin,admin,\"system:masters\"\ned-token,ed,ed-uid\nvi-token,vi,vi-uid,\"team-viewers\"\n").await;
     let h = s.h();
     let ca = h.ca_pem.clone().unwrap();
-    let write = |name: &'static str, content: String| {
-        let p = dir.path().join(format!("{name}.kubeconfig"));
-        std::fs::write(&p, content).unwrap();
-        Identity { name, kubeconfig: p, cache: tempfile::tempdir().unwrap(), anonymous: None }
-    };
+    let write = |name: &'static str, content: String| identity(dir.path(), name, content);
     let admin = write("admin", tls::kubeconfig(&h.url, Some(&ca), "admin-token"));
     // The ServiceAccount controller makes `team`'s `default` for the pod.
     let controllers = s.start_controllers().await;
@@ -455,17 +463,11 @@ both_stores!(bootstrap_policy_repaired_at_start);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reviews_for_other_users_and_rule_lists() {
     let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("tokens.csv");
-    std::fs::write(&tokens, "admin-token,admin,admin,\"system:masters\"\ned-token,ed,ed-uid\nvi-token,vi,vi-uid\nboss-token,boss,boss-uid\n").unwrap();
-    let t = tokens.clone();
-    let s = TestServer::start_with(Backend::Embedded, move |c| c.token_file = Some(t)).await;
+    let tokens = "admin-token,admin,admin,\"system:masters\"\ned-token,ed,ed-uid\nvi-token,vi,vi-uid\nboss-token,boss,boss-uid\n";
+    let s = start_with_tokens(dir.path(), tokens).await;
     let h = s.h();
     let ca = h.ca_pem.clone().unwrap();
-    let id = |name: &'static str, token: &str| {
-        let p = dir.path().join(format!("{name}.kubeconfig"));
-        std::fs::write(&p, tls::kubeconfig(&h.url, Some(&ca), token)).unwrap();
-        Identity { name, kubeconfig: p, cache: tempfile::tempdir().unwrap(), anonymous: None }
-    };
+    let id = |name: &'static str, token: &str| identity(dir.path(), name, tls::kubeconfig(&h.url, Some(&ca), token));
     let (admin, ed, vi, boss) = (id("admin", "admin-token"), id("ed", "ed-token"), id("vi", "vi-token"), id("boss", "boss-token"));
     let bindings = format!(
         "{SETUP}---

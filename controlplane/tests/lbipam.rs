@@ -59,6 +59,16 @@ async fn wait_event(events: &Api<Event>, object: &str, reason: &str, text: &str)
     assert!(ok, "no {reason} event on {object} containing {text:?}; events: {all:#?}");
 }
 
+/// The pools ConfigMap with one pool, `default`.
+async fn create_pool(client: &kube::Client, default: &str) {
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": lbipam::POOLS_CONFIGMAP, "namespace": lbipam::POOLS_NAMESPACE},
+        "data": {"default": default},
+    }))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(client.clone(), lbipam::POOLS_NAMESPACE).create(&PostParams::default(), &cm).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lb_ipam_allocates_honours_requests_reports_and_releases() {
     let s = TestServer::start(Backend::Embedded).await;
@@ -72,12 +82,7 @@ async fn lb_ipam_allocates_honours_requests_reports_and_releases() {
     api.create(&pp, &svc("a", lb(), json!({}))).await.unwrap();
     wait_event(&events, "a", lbipam::REASON_NO_POOL, "kube-system/riptide-lb-pools").await;
 
-    let cm: ConfigMap = serde_json::from_value(json!({
-        "metadata": {"name": lbipam::POOLS_CONFIGMAP, "namespace": lbipam::POOLS_NAMESPACE},
-        "data": {"default": "198.51.100.10-198.51.100.13"},
-    }))
-    .unwrap();
-    Api::<ConfigMap>::namespaced(client.clone(), lbipam::POOLS_NAMESPACE).create(&pp, &cm).await.unwrap();
+    create_pool(&client, "198.51.100.10-198.51.100.13").await;
     wait_ingress(&api, "a", &["198.51.100.10"]).await;
     wait_event(&events, "a", lbipam::REASON_ALLOCATED, "assigned 198.51.100.10 from pool default").await;
 
@@ -205,12 +210,7 @@ async fn lb_ingress_status_writes_are_admitted_only_from_pools_or_the_allow_list
     let ctl = tokio::spawn(controllers::run(client.clone(), controllers::Config::default()));
     let api: Api<Service> = Api::namespaced(client.clone(), "default");
     let pp = PostParams::default();
-    let cm: ConfigMap = serde_json::from_value(json!({
-        "metadata": {"name": lbipam::POOLS_CONFIGMAP, "namespace": lbipam::POOLS_NAMESPACE},
-        "data": {"default": "198.51.100.10-198.51.100.11"},
-    }))
-    .unwrap();
-    Api::<ConfigMap>::namespaced(client.clone(), lbipam::POOLS_NAMESPACE).create(&pp, &cm).await.unwrap();
+    create_pool(&client, "198.51.100.10-198.51.100.11").await;
 
     // The allocator's addresses pass: pools are allowed by construction.
     api.create(&pp, &svc("web", lb(), json!({}))).await.unwrap();

@@ -198,8 +198,7 @@ mod tests {
 
     impl Pools {
         fn new(kv: &[(&str, &str)]) -> Self {
-            let data = kv.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-            Self(crate::lb_pools::parse_pools(&data).unwrap(), 0.into())
+            Self(crate::lb_pools::tests::pools(kv), 0.into())
         }
         fn reads(&self) -> usize {
             self.1.load(std::sync::atomic::Ordering::Relaxed)

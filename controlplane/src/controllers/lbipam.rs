@@ -335,14 +335,7 @@ pub async fn reconcile_all(ctx: &Ctx) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    fn pools(kv: &[(&str, &str)]) -> Vec<Pool> {
-        parse_pools(&kv.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()).unwrap()
-    }
-
-    fn ip(s: &str) -> Ipv4Addr {
-        s.parse().unwrap()
-    }
+    use crate::lb_pools::tests::{ip, pools};
 
     fn svc(key: &str, age: &str, req: &[&str], held: &[&str]) -> SvcView {
         SvcView {
