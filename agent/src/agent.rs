@@ -475,8 +475,9 @@ struct Loop {
     shared: Arc<Shared>,
     stores: Stores,
     ctx: NodeContext,
-    /// (namespace, service) → slice names.
-    slice_index: HashMap<(String, String), BTreeSet<String>>,
+    /// (namespace, service) → slice names. A vector: a Service has one
+    /// slice or a few, and a `BTreeSet` would allocate a node of eleven.
+    slice_index: HashMap<(String, String), Vec<String>>,
     /// (namespace, slice) → service.
     slice_owner: HashMap<(String, String), String>,
     synced: BTreeSet<Kind>,
@@ -613,12 +614,12 @@ impl Loop {
                 let key = (namespace.clone(), name.clone());
                 if let Some(old) = self.slice_owner.remove(&key) {
                     if let Some(set) = self.slice_index.get_mut(&(namespace.clone(), old.clone())) {
-                        set.remove(&name);
+                        set.retain(|s| *s != name);
                     }
                     b.owners.insert(Owner::Service { namespace: namespace.clone(), name: old });
                 }
                 if let (false, Some(svc)) = (deleted, service) {
-                    self.slice_index.entry((namespace.clone(), svc.clone())).or_default().insert(name);
+                    index_slice(&mut self.slice_index, (namespace.clone(), svc.clone()), name);
                     self.slice_owner.insert(key, svc.clone());
                     b.owners.insert(Owner::Service { namespace, name: svc });
                 }
@@ -654,7 +655,7 @@ impl Loop {
                 continue;
             };
             if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(model::LABEL_SERVICE_NAME)) {
-                self.slice_index.entry((ns.clone(), svc.clone())).or_default().insert(name.clone());
+                index_slice(&mut self.slice_index, (ns.clone(), svc.clone()), name.clone());
                 self.slice_owner.insert((ns, name), svc.clone());
             }
         }
@@ -1312,4 +1313,12 @@ fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
+}
+
+/// Adds slice `name` to the Service `key`'s entry of the slice index.
+fn index_slice(index: &mut HashMap<(String, String), Vec<String>>, key: (String, String), name: String) {
+    let names = index.entry(key).or_insert_with(|| Vec::with_capacity(1));
+    if !names.contains(&name) {
+        names.push(name);
+    }
 }

@@ -221,13 +221,13 @@ fn policy_status(s: &Shared) -> PolicyStatusView {
 }
 
 pub fn services(s: &Shared) -> Vec<FrontendView> {
-    let owners = views::owner_index(lock(&s.reconciler).applied().values());
+    let owners = views::owner_index(lock(&s.reconciler).applied().values().map(AsRef::as_ref));
     let svc = lock(&s.services);
     views::frontend_views(&svc.dump_services(), &svc.dump_backends(), &owners)
 }
 
 fn ports(s: &Shared) -> Vec<Service> {
-    lock(&s.reconciler).applied().values().cloned().collect()
+    lock(&s.reconciler).applied().values().map(|p| Service::clone(p)).collect()
 }
 
 /// Runs `f` on the blocking pool: map walks and waits on the run loop's

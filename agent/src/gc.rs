@@ -362,7 +362,7 @@ impl Gc {
     }
 
     fn serving_now(shared: &Shared) -> ServingIndex {
-        ServingIndex::from_ports(lock(&shared.reconciler).applied().values())
+        ServingIndex::from_ports(lock(&shared.reconciler).applied().values().map(AsRef::as_ref))
     }
 
     /// One pass. Map contents are always read *before* the agent's serving

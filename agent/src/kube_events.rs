@@ -6,7 +6,7 @@
 //! and the metrics).
 
 use k8s_openapi::{
-    api::core::v1::{Event, EventSource, ObjectReference, Service},
+    api::core::v1::{Event, EventSource, ObjectReference},
     apimachinery::pkg::apis::meta::v1::{MicroTime, Time},
 };
 use kube::{Api, Client, ResourceExt as _, api::PostParams};
@@ -19,7 +19,7 @@ pub enum Kind {
 }
 
 /// Records `reason`/`message` on `svc` as coming from the agent of `node`.
-pub fn publish(client: &Client, svc: &Service, node: &str, kind: Kind, reason: &str, message: &str) {
+pub fn publish(client: &Client, svc: &crate::slim::SlimService, node: &str, kind: Kind, reason: &str, message: &str) {
     let ns = svc.namespace().unwrap_or_else(|| "default".into());
     let now = k8s_openapi::jiff::Timestamp::now();
     let ev = Event {

@@ -38,7 +38,7 @@ use std::{
 use k8s_openapi::{
     api::{
         coordination::v1::{Lease, LeaseSpec},
-        core::v1::{Node, Service},
+        core::v1::Node,
     },
     apimachinery::pkg::apis::meta::v1::MicroTime,
     jiff::Timestamp,
@@ -308,7 +308,7 @@ struct Seen {
 
 /// The agent's caches the announcer reads.
 pub struct Inputs {
-    pub services: Store<Service>,
+    pub services: Store<crate::slim::SlimService>,
     pub slices: Store<SlimSlice>,
     pub nodes: Store<Node>,
 }

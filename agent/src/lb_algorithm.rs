@@ -23,12 +23,9 @@
 
 use std::{fmt, str::FromStr};
 
-use k8s_openapi::api::core::v1::Service;
 use riptide_datapath::{maglev::TableSize, service::Algorithm};
 
-/// Prefix of the Service annotations the agent reads (this module's and
-/// `lb_mode`'s); the Service watch keeps only these.
-pub(crate) const SERVICE_ANNOTATION_PREFIX: &str = "service.riptide.io/";
+use crate::slim::SlimService;
 
 /// Annotation that picks a Service's algorithm.
 pub const ANNOTATION: &str = "service.riptide.io/lb-algorithm";
@@ -78,14 +75,14 @@ pub struct Defaults {
 }
 
 /// The value of `svc`'s annotation `key`.
-pub(crate) fn annotation<'a>(svc: &'a Service, key: &str) -> Option<&'a str> {
+pub(crate) fn annotation<'a>(svc: &'a SlimService, key: &str) -> Option<&'a str> {
     svc.metadata.annotations.as_ref()?.get(key).map(String::as_str)
 }
 
 /// A Service carrying `key: value` (none when `value` is `None`).
 #[cfg(test)]
-pub(crate) fn annotated(key: &str, value: Option<&str>) -> Service {
-    let mut s = Service::default();
+pub(crate) fn annotated(key: &str, value: Option<&str>) -> SlimService {
+    let mut s = SlimService::default();
     s.metadata.annotations =
         value.map(|v| std::collections::BTreeMap::from([(key.to_owned(), v.to_owned())]));
     s
@@ -93,7 +90,7 @@ pub(crate) fn annotated(key: &str, value: Option<&str>) -> Service {
 
 /// The algorithm of `svc`'s ports, and a note when its annotation was
 /// ignored (an unknown value falls back to the cluster default).
-pub fn for_service(svc: &Service, d: Defaults) -> (Algorithm, Option<String>) {
+pub fn for_service(svc: &SlimService, d: Defaults) -> (Algorithm, Option<String>) {
     let annotation = annotation(svc, ANNOTATION);
     let m = d.maglev_table_size;
     let default = match d.algorithm {
@@ -113,7 +110,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn svc(value: Option<&str>) -> Service {
+    fn svc(value: Option<&str>) -> SlimService {
         annotated(ANNOTATION, value)
     }
 

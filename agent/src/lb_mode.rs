@@ -22,7 +22,6 @@
 
 use std::{fmt, str::FromStr};
 
-use k8s_openapi::api::core::v1::Service;
 use riptide_datapath::service::LbMode;
 
 /// Annotation that picks a Service's mode.
@@ -60,7 +59,7 @@ impl fmt::Display for Name {
 
 /// The mode of `svc`'s ports, and a note when its annotation was ignored
 /// (an unknown value falls back to the cluster default).
-pub fn for_service(svc: &Service, default: LbMode) -> (LbMode, Option<String>) {
+pub fn for_service(svc: &crate::slim::SlimService, default: LbMode) -> (LbMode, Option<String>) {
     match crate::lb_algorithm::annotation(svc, ANNOTATION).map(|v| v.parse::<Name>()) {
         None => (default, None),
         Some(Ok(Name(mode))) => (mode, None),
@@ -73,7 +72,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn svc(value: Option<&str>) -> Service {
+    fn svc(value: Option<&str>) -> crate::slim::SlimService {
         crate::lb_algorithm::annotated(ANNOTATION, value)
     }
 
@@ -100,7 +99,7 @@ mod tests {
     #[test]
     fn the_watch_keeps_the_annotations_read_here() {
         for a in [ANNOTATION, crate::lb_algorithm::ANNOTATION] {
-            assert!(a.starts_with(crate::lb_algorithm::SERVICE_ANNOTATION_PREFIX), "{a}");
+            assert!(a.starts_with(crate::slim::SERVICE_ANNOTATION_PREFIX), "{a}");
         }
     }
 }

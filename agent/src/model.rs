@@ -20,7 +20,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Pod;
 use riptide_datapath::service::{
     self as lb, Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, TrafficPolicy,
 };
@@ -28,16 +28,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     reserved::Reserved,
-    slim::{Conditions, SlimSlice},
+    slim::{Conditions, SlimService, SlimSlice},
 };
 
-/// Label that marks a Service as handled by another proxy (kube-proxy's
-/// `service.kubernetes.io/service-proxy-name`): a set label means "not ours"
-/// unless it names us.
-pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
-/// Label that makes kube-proxy ignore a Service (`service.kubernetes.io/headless`).
-pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
-pub use crate::slim::LABEL_SERVICE_NAME;
+pub use crate::slim::{LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
@@ -115,7 +109,7 @@ pub struct NodeContext {
 }
 
 /// Why a Service gets no frontends at all (`None` = it is ours).
-pub fn skip_reason(svc: &Service, ctx: &NodeContext) -> Option<&'static str> {
+pub fn skip_reason(svc: &SlimService, ctx: &NodeContext) -> Option<&'static str> {
     let labels = svc.metadata.labels.as_ref();
     if let Some(v) = labels.and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME)) {
         // kube-proxy selects `service-proxy-name DoesNotExist` (or `= name`
@@ -233,7 +227,7 @@ fn port_key(owner: &Owner, port_name: &str, port: u16, protocol: Protocol) -> St
 
 /// The Service ports of one Service, given the EndpointSlices labelled with
 /// its name (any order; slices of other Services must not be passed).
-pub fn service_desired(svc: &Service, slices: &[&SlimSlice], ctx: &NodeContext) -> Desired {
+pub fn service_desired(svc: &SlimService, slices: &[&SlimSlice], ctx: &NodeContext) -> Desired {
     let mut out = Desired::default();
     if skip_reason(svc, ctx).is_some() {
         return out;

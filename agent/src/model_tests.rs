@@ -17,7 +17,7 @@ fn ctx() -> NodeContext {
     }
 }
 
-fn svc(v: Value) -> Service {
+fn svc(v: Value) -> SlimService {
     let mut base = json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"namespace": "ns", "name": "web"},

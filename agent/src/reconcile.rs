@@ -3,11 +3,15 @@
 //! Desired state is kept per owner (a Service or a Pod with hostPorts), so a
 //! change re-computes one owner, not the cluster. What was written is kept
 //! per service-port name; [`Reconciler::apply`] writes only the ports whose
-//! effective content changed. Two owners claiming the same frontend
+//! effective content changed. A port is held once: the written copy is the
+//! desired one (an `Arc`) unless a conflict cut frontends from it. Two owners claiming the same frontend
 //! (address:port/protocol) are resolved deterministically: Services before
 //! Pods, then by name; the loser keeps its other frontends.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    sync::Arc,
+};
 
 use riptide_datapath::service::{BackendState, FrontendId, Service, Services};
 
@@ -65,10 +69,14 @@ pub struct Reconciler {
     /// Port names per owner.
     owners: HashMap<Owner, Vec<String>>,
     /// Desired ports (all claimed frontends) by name.
-    ports: BTreeMap<String, Service>,
-    claims: HashMap<FrontendId, BTreeSet<Claim>>,
-    /// Ports as last written (effective frontends only).
-    applied: BTreeMap<String, Service>,
+    ports: BTreeMap<String, Arc<Service>>,
+    /// Claims per frontend, sorted (the first wins). Nearly every
+    /// frontend has one claim: a vector of one costs a tenth of a
+    /// `BTreeSet`, whose first insert allocates a whole node.
+    claims: HashMap<FrontendId, Vec<Claim>>,
+    /// Ports as last written (effective frontends only): the same `Arc` as
+    /// in `ports` when the port won all its frontends.
+    applied: BTreeMap<String, Arc<Service>>,
     dirty: BTreeSet<String>,
     health: BTreeMap<Owner, HealthCheck>,
     notes: HashMap<Owner, Vec<String>>,
@@ -111,14 +119,17 @@ impl Reconciler {
         let mut names = Vec::with_capacity(desired.ports.len());
         for p in desired.ports {
             for id in p.frontend_ids() {
-                let set = self.claims.entry(id).or_default();
-                set.insert((owner.clone(), p.name.clone()));
+                let set = self.claims.entry(id).or_insert_with(|| Vec::with_capacity(1));
+                let claim = (owner.clone(), p.name.clone());
+                if let Err(at) = set.binary_search(&claim) {
+                    set.insert(at, claim);
+                }
                 // Everyone else claiming it may win or lose now.
                 self.dirty.extend(set.iter().map(|(_, n)| n.clone()));
             }
             self.dirty.insert(p.name.clone());
             names.push(p.name.clone());
-            self.ports.insert(p.name.clone(), p);
+            self.ports.insert(p.name.clone(), Arc::new(p));
         }
         if !names.is_empty() {
             self.owners.insert(owner.clone(), names);
@@ -127,7 +138,9 @@ impl Reconciler {
 
     fn unclaim(&mut self, id: FrontendId, claim: &Claim) {
         if let Some(set) = self.claims.get_mut(&id) {
-            set.remove(claim);
+            if let Ok(at) = set.binary_search(claim) {
+                set.remove(at);
+            }
             self.dirty.extend(set.iter().map(|(_, n)| n.clone()));
             if set.is_empty() {
                 self.claims.remove(&id);
@@ -154,17 +167,21 @@ impl Reconciler {
         }
     }
 
-    /// `port` with only the frontends it wins.
-    fn effective(&self, port: &Service) -> Service {
-        let mut p = port.clone();
-        let protocol = p.protocol;
-        p.frontends.retain(|f| {
+    /// `port` with only the frontends it wins (`port` itself when it wins
+    /// them all, as nearly every port does).
+    fn effective(&self, port: &Arc<Service>) -> Arc<Service> {
+        let wins = |f: &riptide_datapath::service::Frontend| {
             self.claims
-                .get(&f.id(protocol))
+                .get(&f.id(port.protocol))
                 .and_then(|s| s.first())
                 .is_some_and(|(_, n)| *n == port.name)
-        });
-        p
+        };
+        if port.frontends.iter().all(wins) {
+            return Arc::clone(port);
+        }
+        let mut p = Service::clone(port);
+        p.frontends.retain(wins);
+        Arc::new(p)
     }
 
     /// Frontends a port lost to another owner (for the status output).
@@ -221,7 +238,7 @@ impl Reconciler {
         for eff in shrinks.into_iter().chain(grows) {
             match w.upsert(&eff) {
                 Ok(()) => {
-                    log_change(self.applied.get(&eff.name), &eff);
+                    log_change(self.applied.get(&eff.name).map(AsRef::as_ref), &eff);
                     self.failed.remove(&eff.name);
                     report.upserted += 1;
                     self.applied.insert(eff.name.clone(), eff);
@@ -269,12 +286,12 @@ impl Reconciler {
         self.failed
             .keys()
             .filter_map(|n| self.ports.get(n).or_else(|| self.applied.get(n)))
-            .flat_map(Service::frontend_ids)
+            .flat_map(|p| p.frontend_ids())
             .collect()
     }
 
     /// Ports as written, by name.
-    pub fn applied(&self) -> &BTreeMap<String, Service> {
+    pub fn applied(&self) -> &BTreeMap<String, Arc<Service>> {
         &self.applied
     }
 

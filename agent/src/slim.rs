@@ -5,15 +5,24 @@
 //! hints, topology maps), and a cluster has an endpoint per pod behind a
 //! Service.
 //!
-//! [`SlimSlice`] implements k8s-openapi's `Resource` and `Metadata` (with the
-//! real EndpointSlice's group, version and kind), so kube's `Api`, watcher
-//! and reflector take it as they take the generated type.
+//! The same holds for Services: a k8s-openapi `Service` is 840 bytes inline
+//! before its strings, and its selector, IP-family fields and conditions
+//! are never read; [`SlimService`] keeps what `model`, `lb_algorithm`,
+//! `lb_mode`, `l2announce` and `kube_events` read.
+//!
+//! Both implement k8s-openapi's `Resource` and `Metadata` (with the real
+//! kind's group, version and kind), so kube's `Api`, watcher and reflector
+//! take them as they take the generated types. Field names and types follow
+//! k8s-openapi's, so the code reads both alike.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
     NamespaceResourceScope,
-    api::discovery::v1::EndpointSlice,
+    api::{
+        core::v1::{LoadBalancerStatus, Service, SessionAffinityConfig},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use serde::{Deserialize, Deserializer};
@@ -77,8 +86,8 @@ pub struct SlicePort {
     pub protocol: Option<String>,
 }
 
-/// The part of a slice's `ObjectMeta` that is decoded; labels and
-/// annotations are filtered to the one key each that is read.
+/// The part of an `ObjectMeta` that is decoded; labels and annotations
+/// are filtered by each kind to the keys it reads.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Meta {
@@ -87,11 +96,107 @@ struct Meta {
     #[serde(default)]
     namespace: Option<String>,
     #[serde(default)]
+    uid: Option<String>,
+    #[serde(default)]
     resource_version: Option<String>,
     #[serde(default)]
     labels: Option<BTreeMap<String, String>>,
     #[serde(default)]
     annotations: Option<BTreeMap<String, String>>,
+}
+
+/// A `v1` Service as the agent stores it.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct SlimService {
+    /// Name, namespace, uid and resourceVersion (Events name the object),
+    /// the two labels that make a Service someone else's, and the
+    /// `service.riptide.io/*` annotations.
+    #[serde(deserialize_with = "service_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<SlimServiceSpec>,
+    #[serde(default)]
+    pub status: Option<SlimServiceStatus>,
+}
+
+/// The `ServiceSpec` fields the model reads.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlimServiceSpec {
+    #[serde(default, rename = "type")]
+    pub type_: Option<String>,
+    #[serde(default, rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    #[serde(default, rename = "clusterIPs")]
+    pub cluster_ips: Option<Vec<String>>,
+    #[serde(default, rename = "externalIPs")]
+    pub external_ips: Option<Vec<String>>,
+    #[serde(default)]
+    pub external_traffic_policy: Option<String>,
+    #[serde(default)]
+    pub internal_traffic_policy: Option<String>,
+    #[serde(default)]
+    pub health_check_node_port: Option<i32>,
+    #[serde(default)]
+    pub session_affinity: Option<String>,
+    #[serde(default)]
+    pub session_affinity_config: Option<SessionAffinityConfig>,
+    #[serde(default)]
+    pub load_balancer_source_ranges: Option<Vec<String>>,
+    #[serde(default)]
+    pub ports: Option<Vec<SlimServicePort>>,
+}
+
+/// `ServicePort` without `targetPort` (EndpointSlices carry the resolved
+/// port) and `appProtocol`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlimServicePort {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    pub port: i32,
+    #[serde(default)]
+    pub node_port: Option<i32>,
+}
+
+/// `ServiceStatus` without its conditions.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlimServiceStatus {
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancerStatus>,
+}
+
+/// Label that marks a Service as handled by another proxy (kube-proxy's
+/// `service.kubernetes.io/service-proxy-name`): a set label means "not ours"
+/// unless it names us.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Label that makes kube-proxy ignore a Service (`service.kubernetes.io/headless`).
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Prefix of the Service annotations the agent reads (`lb_algorithm`'s and
+/// `lb_mode`'s); the Service watch keeps only these.
+pub const SERVICE_ANNOTATION_PREFIX: &str = "service.riptide.io/";
+
+fn service_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let m = Meta::deserialize(d)?;
+    let keep = |map: Option<BTreeMap<String, String>>, want: &dyn Fn(&str) -> bool| {
+        map.map(|mut m| {
+            m.retain(|k, _| want(k));
+            m
+        })
+        .filter(|m| !m.is_empty())
+    };
+    Ok(ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        labels: keep(m.labels, &|k| k == LABEL_SERVICE_PROXY_NAME || k == LABEL_HEADLESS),
+        annotations: keep(m.annotations, &|k| k.starts_with(SERVICE_ANNOTATION_PREFIX)),
+        ..ObjectMeta::default()
+    })
 }
 
 fn slice_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
@@ -111,6 +216,27 @@ fn slice_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
 
 fn null_is_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Box<[T]>, D::Error> {
     Ok(Option::<Box<[T]>>::deserialize(d)?.unwrap_or_default())
+}
+
+impl k8s_openapi::Resource for SlimService {
+    const API_VERSION: &'static str = <Service as k8s_openapi::Resource>::API_VERSION;
+    const GROUP: &'static str = <Service as k8s_openapi::Resource>::GROUP;
+    const KIND: &'static str = <Service as k8s_openapi::Resource>::KIND;
+    const VERSION: &'static str = <Service as k8s_openapi::Resource>::VERSION;
+    const URL_PATH_SEGMENT: &'static str = <Service as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+    type Scope = NamespaceResourceScope;
+}
+
+impl k8s_openapi::Metadata for SlimService {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
 }
 
 impl k8s_openapi::Resource for SlimSlice {
@@ -200,10 +326,54 @@ mod tests {
     }
 
     #[test]
+    fn a_service_keeps_only_what_the_agent_reads() {
+        let s: SlimService = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {
+                "name": "web", "namespace": "ns", "uid": "u1", "resourceVersion": "9",
+                "labels": {"app": "web", LABEL_HEADLESS: ""},
+                "annotations": {"service.riptide.io/lb-mode": "dsr", "kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                "managedFields": [{"manager": "kubectl"}],
+            },
+            "spec": {
+                "type": "LoadBalancer", "clusterIP": "10.43.0.10", "clusterIPs": ["10.43.0.10"],
+                "selector": {"app": "web"}, "ipFamilies": ["IPv4"], "externalTrafficPolicy": "Local",
+                "healthCheckNodePort": 30001, "sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}},
+                "ports": [{"name": "http", "port": 80, "targetPort": "http", "nodePort": 30080, "protocol": "TCP", "appProtocol": "h2c"}],
+            },
+            "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.7", "ipMode": "VIP"}]}, "conditions": [{"type": "x"}]},
+        }))
+        .unwrap();
+        assert_eq!(s.metadata.name.as_deref(), Some("web"));
+        assert_eq!(s.metadata.uid.as_deref(), Some("u1"));
+        assert_eq!(s.metadata.resource_version.as_deref(), Some("9"));
+        assert_eq!(s.metadata.labels, Some([(LABEL_HEADLESS.to_owned(), String::new())].into()));
+        assert_eq!(s.metadata.annotations, Some([("service.riptide.io/lb-mode".to_owned(), "dsr".to_owned())].into()));
+        assert!(s.metadata.managed_fields.is_none());
+        let spec = s.spec.unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+        assert_eq!(spec.health_check_node_port, Some(30001));
+        assert_eq!(spec.session_affinity_config.and_then(|c| c.client_ip).and_then(|c| c.timeout_seconds), Some(60));
+        assert_eq!(
+            spec.ports.unwrap(),
+            [SlimServicePort { name: Some("http".into()), protocol: Some("TCP".into()), port: 80, node_port: Some(30080) }]
+        );
+        let ingress = s.status.and_then(|st| st.load_balancer).and_then(|lb| lb.ingress).unwrap();
+        assert_eq!(ingress[0].ip.as_deref(), Some("198.51.100.7"));
+        // Only unread labels and annotations: none kept at all.
+        let bare: SlimService =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "a", "labels": {"app": "a"}, "annotations": {"x": "y"}}}))
+                .unwrap();
+        assert_eq!((bare.metadata.labels, bare.metadata.annotations, bare.spec), (None, None, None));
+    }
+
+    #[test]
     fn watches_as_an_endpointslice() {
         use kube::Resource as _;
         assert_eq!(SlimSlice::api_version(&()), "discovery.k8s.io/v1");
         assert_eq!(SlimSlice::plural(&()), "endpointslices");
         assert_eq!(SlimSlice::url_path(&(), Some("ns")), "/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices");
+        assert_eq!(SlimService::url_path(&(), Some("ns")), "/api/v1/namespaces/ns/services");
     }
 }

@@ -1,7 +1,8 @@
 //! Reflectors for the six kinds the agent needs, as controller-rs does it:
 //! `watcher(..).default_backoff()`, `.modify()` to trim what we never read,
-//! into a `reflector` store (EndpointSlices need no trim: they decode into
-//! [`SlimSlice`], which holds only what is read). Every event also becomes
+//! into a `reflector` store (Services and EndpointSlices need no trim: they
+//! decode into [`SlimService`] and [`SlimSlice`], which hold only what is
+//! read). Every event also becomes
 //! a small [`Change`] on a channel, so the reconcile loop knows *what* to
 //! recompute instead of rescanning the stores.
 
@@ -9,7 +10,7 @@ use std::{fmt::Debug, hash::Hash};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{
-    core::v1::{Container, Namespace, Node, Pod, PodSpec, PodStatus, Service},
+    core::v1::{Container, Namespace, Node, Pod, PodSpec, PodStatus},
     networking::v1::NetworkPolicy,
 };
 use kube::{
@@ -24,9 +25,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
-    lb_algorithm::SERVICE_ANNOTATION_PREFIX,
     metrics::Metrics,
-    slim::{LABEL_SERVICE_NAME, SlimSlice},
+    slim::{LABEL_SERVICE_NAME, SlimService, SlimSlice},
 };
 
 /// One Kubernetes API permission the agent uses: `verbs` on `resource` in
@@ -136,7 +136,8 @@ pub enum Change {
 /// The stores the reconcile loop reads.
 #[derive(Clone)]
 pub struct Stores {
-    pub services: Store<Service>,
+    /// Decoded as [`SlimService`]: only the fields the agent reads.
+    pub services: Store<SlimService>,
     /// Decoded as [`SlimSlice`]: only the fields the model reads.
     pub slices: Store<SlimSlice>,
     pub nodes: Store<Node>,
@@ -149,22 +150,14 @@ pub struct Stores {
 /// Starts the six reflectors; changes go to `tx`.
 pub fn start(client: &Client, node_name: &str, tx: &UnboundedSender<Change>, metrics: &Metrics) -> Stores {
     let services = spawn(
-        Api::<Service>::all(client.clone()),
+        Api::<SlimService>::all(client.clone()),
         watcher::Config::default(),
         Kind::Service,
         tx.clone(),
         metrics.clone(),
-        |s: &Service| Change::Service { namespace: s.namespace().unwrap_or_default(), name: s.name_any() },
-        |s: &mut Service| {
-            // The `service.riptide.io/*` annotations (lb-algorithm,
-            // lb-mode) are read; every other one goes.
-            let ours = s.metadata.annotations.take().map(|mut a| {
-                a.retain(|k, _| k.starts_with(SERVICE_ANNOTATION_PREFIX));
-                a
-            });
-            trim_meta(s.meta_mut());
-            s.metadata.annotations = ours.filter(|a| !a.is_empty());
-        },
+        |s: &SlimService| Change::Service { namespace: s.namespace().unwrap_or_default(), name: s.name_any() },
+        // Nothing left to trim: the type decodes only what is read.
+        |_: &mut SlimService| {},
     );
     let slices = spawn(
         Api::<SlimSlice>::all(client.clone()),
@@ -332,7 +325,7 @@ mod tests {
 
     #[test]
     fn every_watched_kind_is_declared() {
-        declared::<Service>(WATCH_VERBS).unwrap();
+        declared::<SlimService>(WATCH_VERBS).unwrap();
         declared::<SlimSlice>(WATCH_VERBS).unwrap();
         declared::<Node>(WATCH_VERBS).unwrap();
         declared::<Pod>(WATCH_VERBS).unwrap();
@@ -345,7 +338,7 @@ mod tests {
     fn undeclared_calls_are_refused() {
         let e = declared::<Pod>(&["delete"]).unwrap_err();
         assert_eq!((e.group, e.resource, e.verb.as_str()), ("", "pods", "delete"));
-        assert!(declared::<Service>(&["patch"]).is_err());
+        assert!(declared::<SlimService>(&["patch"]).is_err());
         assert!(declared::<k8s_openapi::api::core::v1::Secret>(&["list"]).is_err());
     }
 }

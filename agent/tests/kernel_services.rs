@@ -91,7 +91,7 @@ fn kernel_source_ranges_follow_the_service_into_real_maps() {
     let mut rec = Reconciler::new();
     let web = Owner::service("ns", "web");
     let ctx = NodeContext { node_name: "node-a".into(), ..NodeContext::default() };
-    let object = |ranges: serde_json::Value| -> k8s_openapi::api::core::v1::Service {
+    let object = |ranges: serde_json::Value| -> riptide_agent::slim::SlimService {
         serde_json::from_value(serde_json::json!({
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"namespace": "ns", "name": "web"},

@@ -43,8 +43,44 @@ use crate::{
 };
 
 struct Installed {
-    frontends: BTreeMap<FrontendId, InstalledFrontend>,
+    frontends: FrontendTable,
     backends: BTreeSet<BackendAddr>,
+}
+
+/// A written Service's frontends, sorted by id. Kept for every Service
+/// port of the cluster, and nearly all have one or two frontends: a boxed
+/// slice of them costs a tenth of a `BTreeMap`, whose first insert
+/// allocates a whole node of eleven.
+struct FrontendTable(Box<[(FrontendId, InstalledFrontend)]>);
+
+impl FrontendTable {
+    fn get(&self, fid: &FrontendId) -> Option<&InstalledFrontend> {
+        let at = self.0.binary_search_by(|(f, _)| f.cmp(fid)).ok()?;
+        self.0.get(at).map(|(_, f)| f)
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &FrontendId> {
+        self.0.iter().map(|(fid, _)| fid)
+    }
+}
+
+impl From<BTreeMap<FrontendId, InstalledFrontend>> for FrontendTable {
+    fn from(m: BTreeMap<FrontendId, InstalledFrontend>) -> Self {
+        // BTreeMap iterates in key order: the slice is sorted.
+        Self(m.into_iter().collect())
+    }
+}
+
+impl<'a> IntoIterator for &'a FrontendTable {
+    type Item = (&'a FrontendId, &'a InstalledFrontend);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (FrontendId, InstalledFrontend)>,
+        fn(&'a (FrontendId, InstalledFrontend)) -> (&'a FrontendId, &'a InstalledFrontend),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(fid, f)| (fid, f))
+    }
 }
 
 #[derive(Clone)]
@@ -538,7 +574,7 @@ impl Services {
         self.restore_installed(
             &svc.name,
             Installed {
-                frontends: staged.frontends,
+                frontends: staged.frontends.into(),
                 backends: staged.backends,
             },
         );
