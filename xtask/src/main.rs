@@ -72,7 +72,7 @@ enum Task {
         scenario: Vec<String>,
         /// Only this micro benchmark (e.g. `pps`: packets/s through a
         /// NodePort to another node, iptables / nftables / riptide tc /
-        /// riptide XDP), without the netperf cluster.
+        /// riptide XDP / riptide XDP+DSR), without the netperf cluster.
         only: Option<String>,
     },
     /// The property-based fuzzers (apiserver inputs, CNI config, every tc
@@ -250,7 +250,7 @@ fn fuzz(root: &Path, cases: u32) -> Result<()> {
 /// target/bench/<name>.json and a section of results.md. `only`: just the
 /// benchmark of that name.
 fn micro_benches(root: &Path, quick: bool, only: Option<&str>) -> Result<()> {
-    let benches: [(&str, &str, &str, Vec<&str>); 10] = [
+    let benches: [(&str, &str, &str, Vec<&str>); 11] = [
         (
             "ebpf-lb",
             "riptide-datapath",
@@ -334,7 +334,7 @@ fn micro_benches(root: &Path, quick: bool, only: Option<&str>) -> Result<()> {
         // Packets/s of small UDP datagrams from an outside namespace through
         // a NodePort on node 1 to a pod on node 2, and softirq CPU per
         // million packets: kube-proxy-shaped iptables and nftables, riptide
-        // tc and XDP, at 1 and 10k Services (namespaces of its own).
+        // tc, XDP and XDP+DSR, at 1 and 10k Services (namespaces of its own).
         (
             "pps",
             "riptide-datapath",
@@ -345,6 +345,18 @@ fn micro_benches(root: &Path, quick: bool, only: Option<&str>) -> Result<()> {
     if let Some(o) = only {
         anyhow::ensure!(
             benches.iter().any(|b| b.0 == o),
+        // netperf TCP_RR / TCP_CRR through the same NodePort paths (XDP on
+        // and off, XDP+DSR) on the same wiring.
+        (
+            "pps-netperf",
+            "riptide-datapath",
+            "pps_bench",
+            if quick {
+                vec!["--netperf", "--quick"]
+            } else {
+                vec!["--netperf"]
+            },
+        ),
             "no micro benchmark {o} (one of: {})",
             benches.iter().map(|b| b.0).collect::<Vec<_>>().join(", ")
         );

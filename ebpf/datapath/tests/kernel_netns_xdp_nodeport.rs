@@ -131,27 +131,7 @@ fn netns_xdp_nodeport_to_a_remote_backend_delivers_both_ways() {
     let seen = echo_servers(t.pod.name());
 
     // UDP: request/response datagrams through the NodePort.
-    let udp = netns::run_in(t.outside.name(), || {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
-        s.connect((NODE1_IP, UDP_NODEPORT)).unwrap();
-        s.set_read_timeout(Some(TIMEOUT)).unwrap();
-        let mut echoed = 0;
-        let mut lost = 0;
-        for i in 0..DATAGRAMS {
-            let msg = format!("datagram {i}");
-            s.send(msg.as_bytes()).unwrap();
-            let mut buf = [0u8; 64];
-            match s.recv(&mut buf) {
-                Ok(n) if &buf[..n] == msg.as_bytes() => echoed += 1,
-                _ => lost += 1,
-            }
-            // A broken path fails in seconds, not DATAGRAMS timeouts.
-            if lost >= 3 {
-                break;
-            }
-        }
-        echoed
-    });
+    let udp = udp_echoes(t.outside.name(), UDP_NODEPORT);
     let udp_source = seen.recv_timeout(TIMEOUT).ok();
     let after_udp = rt.dp.stats().unwrap();
     let counters = t.counters();
@@ -178,19 +158,7 @@ fn netns_xdp_nodeport_to_a_remote_backend_delivers_both_ways() {
 
     // TCP: a connection (its SYN and everything after through XDP) that
     // echoes.
-    let tcp = netns::run_in(t.outside.name(), || -> std::io::Result<Vec<u8>> {
-        let mut c = TcpStream::connect_timeout(&(NODE1_IP, TCP_NODEPORT).into(), TIMEOUT)?;
-        c.set_read_timeout(Some(TIMEOUT))?;
-        let msg = vec![b'x'; 600];
-        let mut got = Vec::new();
-        for _ in 0..20 {
-            c.write_all(&msg)?;
-            let mut buf = vec![0u8; msg.len()];
-            c.read_exact(&mut buf)?;
-            got.extend_from_slice(&buf);
-        }
-        Ok(got)
-    });
+    let tcp = tcp_echoes(t.outside.name(), TCP_NODEPORT);
     let after_tcp = rt.dp.stats().unwrap();
     assert_eq!(
         tcp.as_ref().map(Vec::len).ok(),
@@ -226,11 +194,30 @@ fn udp_echoes(outside: &str, port: u16) -> u32 {
                 Ok(n) if &buf[..n] == msg.as_bytes() => echoed += 1,
                 _ => lost += 1,
             }
+            // A broken path fails in seconds, not DATAGRAMS timeouts.
             if lost >= 3 {
                 break;
             }
         }
         echoed
+    })
+}
+
+/// One TCP connection from the outside namespace to node 1's `port`, 20
+/// requests of 600 bytes; what came back.
+fn tcp_echoes(outside: &str, port: u16) -> std::io::Result<Vec<u8>> {
+    netns::run_in(outside, move || -> std::io::Result<Vec<u8>> {
+        let mut c = TcpStream::connect_timeout(&(NODE1_IP, port).into(), TIMEOUT)?;
+        c.set_read_timeout(Some(TIMEOUT))?;
+        let msg = vec![b'x'; 600];
+        let mut got = Vec::new();
+        for _ in 0..20 {
+            c.write_all(&msg)?;
+            let mut buf = vec![0u8; msg.len()];
+            c.read_exact(&mut buf)?;
+            got.extend_from_slice(&buf);
+        }
+        Ok(got)
     })
 }
 
@@ -307,19 +294,7 @@ fn netns_xdp_dsr_nodeport_keeps_the_client_address_and_replies_bypass_node1() {
     );
 
     // TCP: the SYN with the option, every later segment DNATed at XDP.
-    let tcp = netns::run_in(t.outside.name(), || -> std::io::Result<Vec<u8>> {
-        let mut c = TcpStream::connect_timeout(&(NODE1_IP, TCP_NODEPORT).into(), TIMEOUT)?;
-        c.set_read_timeout(Some(TIMEOUT))?;
-        let msg = vec![b'x'; 600];
-        let mut got = Vec::new();
-        for _ in 0..20 {
-            c.write_all(&msg)?;
-            let mut buf = vec![0u8; msg.len()];
-            c.read_exact(&mut buf)?;
-            got.extend_from_slice(&buf);
-        }
-        Ok(got)
-    });
+    let tcp = tcp_echoes(t.outside.name(), TCP_NODEPORT);
     let (t1, t2) = (rt.dp.stats().unwrap(), rt2.dp.stats().unwrap());
     assert_eq!(
         tcp.as_ref().map(Vec::len).ok(),

@@ -18,7 +18,13 @@
 //!   `bpf_fib_lookup` + `bpf_redirect` out the same device, SNAT on egress);
 //! * `riptide-xdp` — the same plus `rt_xdp_net` attached natively: DNAT and
 //!   SNAT at once and `XDP_TX` (each flow's first packet goes through tc,
-//!   which asks the socket table about a node-address frontend).
+//!   which asks the socket table about a node-address frontend);
+//! * `riptide-xdp-dsr` — `riptide-xdp` to a second NodePort in DSR mode:
+//!   every datagram grows by the DSR option at XDP (`bpf_xdp_adjust_head`)
+//!   and keeps the client's address; node 2 runs riptide's uplink programs
+//!   in this path only (`node2.rs`: the option taken, the datagram handed
+//!   into the pod with `bpf_redirect_peer` instead of the kernel's
+//!   forwarding), as a DSR backend node must.
 //!
 //! at 1 and 10,000 Services (the same kube-proxy-shaped Service list for
 //! every path: the fillers are ClusterIP Services with a backend each). GRO
@@ -35,9 +41,14 @@
 //! median, minimum and maximum packets/s of the rounds and the median
 //! softirq CPU-seconds per million packets, then a summary object with the
 //! ratios to `iptables` of the same run and the machine's conditions.
+//!
+//! `--netperf`: netperf TCP_RR and TCP_CRR through the same NodePort paths
+//! instead (`rr.rs`).
 #![allow(clippy::unwrap_used)]
 
 mod node1;
+mod node2;
+mod rr;
 mod topo;
 mod traffic;
 
@@ -50,7 +61,8 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use riptide_common::stats;
 use riptide_datapath::service::{
-    Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, TrafficPolicy,
+    Algorithm, Backend, BackendState, Frontend, FrontendKind, LbMode, Protocol, Service,
+    TrafficPolicy,
 };
 use riptide_test_support::{
     kubeproxy::{self, Proto, SvcPort},
@@ -59,6 +71,12 @@ use riptide_test_support::{
 use topo::{NODE1_IP, NODE1_MAC, OUTSIDE_IP, OUTSIDE_MAC, POD_IP, Topo};
 
 const NODE_PORT: u16 = 30_000;
+/// The NodePort of the same backend in DSR mode.
+const DSR_NODE_PORT: u16 = 30_001;
+/// Services whose name contains this are written in DSR mode (this run's
+/// and `rr.rs`'s).
+const DSR_MARK: &str = "-dsr";
+const DSR_NAME: &str = "bench/pps-dsr:udp";
 const BACKEND_PORT: u16 = 8080;
 /// Flows of the generator (distinct source ports).
 const FLOWS: u16 = 64;
@@ -72,15 +90,17 @@ enum Path {
     Nftables,
     RiptideTc,
     RiptideXdp,
+    RiptideXdpDsr,
 }
 
 impl Path {
-    const ALL: [Path; 5] = [
+    const ALL: [Path; 6] = [
         Path::Direct,
         Path::Iptables,
         Path::Nftables,
         Path::RiptideTc,
         Path::RiptideXdp,
+        Path::RiptideXdpDsr,
     ];
 
     fn name(self) -> &'static str {
@@ -90,7 +110,16 @@ impl Path {
             Path::Nftables => "nftables",
             Path::RiptideTc => "riptide-tc",
             Path::RiptideXdp => "riptide-xdp",
+            Path::RiptideXdpDsr => "riptide-xdp-dsr",
         }
+    }
+
+    fn xdp(self) -> bool {
+        matches!(self, Path::RiptideXdp | Path::RiptideXdpDsr)
+    }
+
+    fn riptide(self) -> bool {
+        matches!(self, Path::RiptideTc) || self.xdp()
     }
 }
 
@@ -99,6 +128,8 @@ struct Opts {
     seconds: f64,
     counts: Vec<usize>,
     cpu: usize,
+    /// netperf TCP_RR / TCP_CRR instead of packets/s (`rr.rs`).
+    netperf: bool,
 }
 
 fn opts() -> Result<Opts> {
@@ -107,6 +138,7 @@ fn opts() -> Result<Opts> {
         seconds: 2.0,
         counts: vec![1, 10_000],
         cpu: 1,
+        netperf: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -126,8 +158,9 @@ fn opts() -> Result<Opts> {
                     .collect::<Result<_, _>>()?;
             }
             "--cpu" => o.cpu = args.next().context("--cpu N")?.parse()?,
+            "--netperf" => o.netperf = true,
             other => bail!(
-                "unknown argument {other} (--quick, --rounds N, --seconds S, --services N,N, --cpu N)"
+                "unknown argument {other} (--quick, --rounds N, --seconds S, --services N,N, --cpu N, --netperf)"
             ),
         }
     }
@@ -147,7 +180,13 @@ fn service_list(n: usize) -> Vec<SvcPort> {
         node_port: Some(NODE_PORT),
         endpoints: vec![(POD_IP, BACKEND_PORT)],
     };
-    kubeproxy::services_with(n, &[measured], POD_IP)
+    let dsr = SvcPort {
+        name: DSR_NAME.into(),
+        vip: Ipv4Addr::new(10, 43, 255, 11),
+        node_port: Some(DSR_NODE_PORT),
+        ..measured.clone()
+    };
+    kubeproxy::services_with(n, &[measured, dsr], POD_IP)
 }
 
 /// The same Service port as riptide's writer takes it (every backend on
@@ -186,7 +225,11 @@ fn riptide_service(p: &SvcPort) -> Service {
         internal_policy: TrafficPolicy::Cluster,
         source_ranges: Default::default(),
         algorithm: Algorithm::Random,
-        lb_mode: riptide_datapath::service::LbMode::Snat,
+        lb_mode: if p.name.contains(DSR_MARK) {
+            LbMode::Dsr
+        } else {
+            LbMode::Snat
+        },
     }
 }
 
@@ -215,8 +258,38 @@ fn rules(ns: &str, path: Option<Path>, services: &[SvcPort]) -> Result<()> {
     Ok(())
 }
 
+/// Sets the nodes up for `path`: riptide on node 1 (tc, XDP) and node 2
+/// (the DSR path) attached or detached, the kube-proxy-shaped rules of
+/// `services` installed or removed. Returns the `XDP_PASS` program on node
+/// 1's uplink peer that the XDP paths need, attached while it is held.
+fn enter(
+    t: &Topo,
+    path: Path,
+    rt: &mut Option<node1::Riptide>,
+    rt2: &mut Option<node2::Riptide>,
+    services: &[SvcPort],
+) -> Result<Option<std::os::fd::OwnedFd>> {
+    let n1 = t.node1.name();
+    let r = rt.take().context("riptide")?;
+    *rt = Some(r.set(n1, path.riptide(), path.xdp())?);
+    let r2 = rt2.take().context("riptide on node 2")?;
+    *rt2 = Some(r2.set(t.node2.name(), path == Path::RiptideXdpDsr)?);
+    let peer = path
+        .xdp()
+        .then(|| t.xdp_pass_on_peer())
+        .transpose()
+        .context("attaching XDP_PASS to node 1's uplink peer")?;
+    rules(
+        n1,
+        matches!(path, Path::Iptables | Path::Nftables).then_some(path),
+        services,
+    )?;
+    Ok(peer)
+}
+
 fn pipe(ns: &str, prog: &str, args: &[&str], input: &str) -> Result<()> {
-    riptide_test_support::netns::pipe(ns, prog, args, input).with_context(|| format!("{prog} in {ns}"))
+    riptide_test_support::netns::pipe(ns, prog, args, input)
+        .with_context(|| format!("{prog} in {ns}"))
 }
 
 /// One measurement.
@@ -230,10 +303,10 @@ struct Point {
 }
 
 fn frames(path: Path) -> Vec<Vec<u8>> {
-    let dst = if path == Path::Direct {
-        (POD_IP, BACKEND_PORT)
-    } else {
-        (NODE1_IP, NODE_PORT)
+    let dst = match path {
+        Path::Direct => (POD_IP, BACKEND_PORT),
+        Path::RiptideXdpDsr => (NODE1_IP, DSR_NODE_PORT),
+        _ => (NODE1_IP, NODE_PORT),
     };
     (0..FLOWS)
         .map(|k| traffic::udp_frame((OUTSIDE_MAC, NODE1_MAC), (OUTSIDE_IP, 10_000 + k), dst))
@@ -335,8 +408,24 @@ fn main() -> Result<()> {
     // The generator's frames carry full checksums anyway; the pod never
     // sends. The same wiring as the netns test.
     t.full_checksums();
+    if o.netperf {
+        for tool in ["netperf", "netserver"] {
+            ensure!(
+                std::process::Command::new("sh")
+                    .args(["-c", &format!("command -v {tool} >/dev/null")])
+                    .status()
+                    .is_ok_and(|s| s.success()),
+                "{tool} not found (cargo xtask bench installs the bench tools)"
+            );
+        }
+        let r = rr::run(&t, o.rounds, o.seconds.ceil() as u32, o.cpu);
+        drop(t);
+        return r;
+    }
     let n1 = t.node1.name().to_owned();
     let mut rt = Some(netns::run_in(&n1, node1::Riptide::load)?);
+    let n2 = t.node2.name().to_owned();
+    let mut rt2 = Some(node2::Riptide::load(&n2)?);
     let load_before = traffic::loadavg();
     let started = std::time::Instant::now();
     // (path, services) → points
@@ -355,22 +444,8 @@ fn main() -> Result<()> {
             let k = round as usize % order.len();
             order.rotate_left(k);
             for path in order {
-                let r = rt.take().context("riptide")?;
-                rt = Some(r.set(
-                    &n1,
-                    matches!(path, Path::RiptideTc | Path::RiptideXdp),
-                    path == Path::RiptideXdp,
-                )?);
                 // Dropped (detached) after this path's measurement.
-                let _peer = (path == Path::RiptideXdp)
-                    .then(|| t.xdp_pass_on_peer())
-                    .transpose()
-                    .context("attaching XDP_PASS to node 1's uplink peer")?;
-                rules(
-                    &n1,
-                    matches!(path, Path::Iptables | Path::Nftables).then_some(path),
-                    &list,
-                )?;
+                let _peer = enter(&t, path, &mut rt, &mut rt2, &list)?;
                 let before = rt
                     .as_ref()
                     .context("riptide")?
@@ -380,7 +455,12 @@ fn main() -> Result<()> {
                 let p = measure(&t, path, &o)
                     .with_context(|| format!("{} at {n} Services", path.name()))?;
                 rules(&n1, None, &[])?;
-                if p.delivered < p.sent / 2 {
+                // A broken path delivers next to nothing. A working one
+                // can lose more than half: with XDP on, the generator's
+                // CPU spends less in softirq and sends faster than node 2
+                // and the pod take on a 2-CPU machine
+                // (`delivered_fraction` in the output).
+                if p.delivered < p.sent / 5 {
                     eprintln!("{}", t.counters());
                     bail!(
                         "{} at {n} Services delivered {} of {} packets",
@@ -389,7 +469,7 @@ fn main() -> Result<()> {
                         p.sent
                     );
                 }
-                if path == Path::RiptideXdp {
+                if path.xdp() {
                     let after = rt
                         .as_ref()
                         .context("riptide")?
@@ -426,6 +506,9 @@ fn main() -> Result<()> {
     // Detach before the namespaces go.
     if let Some(r) = rt.take() {
         drop(r.set(&n1, false, false)?);
+    }
+    if let Some(r) = rt2.take() {
+        drop(r.set(&n2, false)?);
     }
     let load_after = traffic::loadavg();
     let med = |path: Path, n: usize| -> Option<(f64, f64)> {
@@ -470,10 +553,12 @@ fn main() -> Result<()> {
             );
         }
         let x = med(Path::RiptideXdp, n).map_or(f64::NAN, |x| x.0);
+        let d = med(Path::RiptideXdpDsr, n).map_or(f64::NAN, |x| x.0);
         let _ = write!(
             ratios,
-            ",\"riptide-xdp/riptide-tc@{n}\":{}",
-            json_num(x / tc)
+            ",\"riptide-xdp/riptide-tc@{n}\":{},\"riptide-xdp-dsr/riptide-tc@{n}\":{}",
+            json_num(x / tc),
+            json_num(d / tc)
         );
     }
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
