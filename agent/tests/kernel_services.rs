@@ -57,7 +57,7 @@ fn kernel_reconciler_writes_and_shrinks_real_maps() {
     });
     let rep = rec.apply(&mut svc);
     assert!(rep.failed.is_empty(), "{rep:?}");
-    let owners = views::owner_index(rec.applied().values());
+    let owners = views::owner_index(rec.applied().values().map(AsRef::as_ref));
     let views = views::frontend_views(&svc.dump_services(), &svc.dump_backends(), &owners);
     let summary: Vec<(String, String, usize)> = views.iter().map(|v| (v.frontend.clone(), v.scope.clone(), v.backends.len())).collect();
     assert_eq!(summary, vec![
