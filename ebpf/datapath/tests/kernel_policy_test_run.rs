@@ -265,6 +265,18 @@ impl PolicyNode {
             .unwrap();
     }
 
+    /// A and B isolated both ways; A → B:80 allowed (A's egress, B's
+    /// ingress), nothing else.
+    fn a_to_b_80_only() -> Self {
+        let mut t = Self::new();
+        let both = PE_F_ISOLATED_IN | PE_F_ISOLATED_OUT;
+        t.endpoint(A, A_EP, A_ID, both);
+        t.endpoint(B, B_EP, B_ID, both);
+        t.allow_tcp(A_EP, B_ID, POL_DIR_EGRESS, 80);
+        t.allow_tcp(B_EP, A_ID, POL_DIR_INGRESS, 80);
+        t
+    }
+
     fn run(&mut self, prog: &'static str, frame: &[u8]) -> u32 {
         run(&mut self.n.dp, prog, frame).0
     }
@@ -434,13 +446,8 @@ fn replies_of_allowed_flows_pass_both_ways_and_established_packets_skip_policy()
     if !privileged("to load eBPF programs") {
         return;
     }
-    let mut t = PolicyNode::new();
-    // Both isolated both ways; only A → B:80 and A → R:443 are allowed.
-    let both = PE_F_ISOLATED_IN | PE_F_ISOLATED_OUT;
-    t.endpoint(A, A_EP, A_ID, both);
-    t.endpoint(B, B_EP, B_ID, both);
-    t.allow_tcp(A_EP, B_ID, POL_DIR_EGRESS, 80);
-    t.allow_tcp(B_EP, A_ID, POL_DIR_INGRESS, 80);
+    // Only A → B:80 and A → R:443 are allowed.
+    let mut t = PolicyNode::a_to_b_80_only();
     t.allow_tcp(A_EP, R_ID, POL_DIR_EGRESS, 443);
 
     assert_eq!(
@@ -508,12 +515,7 @@ fn one_entry_per_flow_closes_once_both_sides_finished() {
     if !privileged("to load eBPF programs") {
         return;
     }
-    let mut t = PolicyNode::new();
-    let both = PE_F_ISOLATED_IN | PE_F_ISOLATED_OUT;
-    t.endpoint(A, A_EP, A_ID, both);
-    t.endpoint(B, B_EP, B_ID, both);
-    t.allow_tcp(A_EP, B_ID, POL_DIR_EGRESS, 80);
-    t.allow_tcp(B_EP, A_ID, POL_DIR_INGRESS, 80);
+    let mut t = PolicyNode::a_to_b_80_only();
     let (a, b) = (at(A, 40000), at(B, 80));
     let flags = |t: &PolicyNode| -> Vec<u16> {
         t.policy_entries().into_iter().map(|(_, _, f)| f).collect()
