@@ -2,9 +2,10 @@
 //! frontends whose backend runs on another node (Cilium's DSR "opt" mode,
 //! `bpf/lib/nodeport.h`: `dsr_set_opt4` / `handle_dsr_v4`).
 //!
-//! Entry node (`rt_from_net`, a frontend with [`SVC_F_DSR`]): the flow is
-//! DNATed to the backend *without* source NAT, and the packet carries the
-//! frontend in an 8-byte IPv4 option right after the 20-byte header
+//! Entry node (`rt_from_net`, or `rt_xdp_net` with [`push_xdp`]; a
+//! frontend with [`SVC_F_DSR`]): the flow is DNATed to the backend
+//! *without* source NAT, and the packet carries the frontend in an 8-byte
+//! IPv4 option right after the 20-byte header
 //! ([`push`]): type [`DSR_OPT_TYPE`], length 8, frontend port, frontend
 //! address. TCP: the packet that creates the flow's conntrack entry (the
 //! SYN, or a packet re-balanced after an eviction); UDP: every packet, so
