@@ -23,7 +23,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use aya::programs::{TestRun, TestRunOptions, XdpMode};
 use common::*;
 use riptide_common::{
-    CT_F_DSR, CT_F_NODEPORT, CT_F_REPLY, CT_F_SNAT, Config, DSR_OPT_TYPE, names, stats,
+    CT_F_DSR, CT_F_NODEPORT, CT_F_REPLY, CT_F_SNAT, Config, CtKey, DSR_OPT_TYPE, names, stats,
 };
 use riptide_datapath::{
     Datapath,
@@ -113,6 +113,16 @@ fn run_on(dp: &mut Datapath, name: &'static str, ifindex: u32, frame: &[u8]) -> 
 /// The IPv4 header length of a frame, in bytes.
 fn ihl(f: &[u8]) -> usize {
     usize::from(f[14] & 0x0f) * 4
+}
+
+/// How the flow whose forward conntrack entry `pick` finds went: its
+/// `CT_F_DSR` / `CT_F_SNAT` flags.
+fn how(n: &Node, pick: impl Fn(&CtKey) -> bool) -> u16 {
+    let ct = n.dp.conntrack().unwrap();
+    let Some((_, e)) = ct.iter().find(|(k, _)| pick(k)) else {
+        panic!("no forward entry in {ct:?}");
+    };
+    e.flags & (CT_F_DSR | CT_F_SNAT)
 }
 
 /// The DSR option as the design fixes it: type, length 8, frontend port,
@@ -210,12 +220,7 @@ fn entry_node_writes_the_option_and_does_not_snat() {
             "no SNAT mapping\n{}",
             dump(n)
         );
-        let ct = n.dp.conntrack().unwrap();
-        let fwd = ct
-            .iter()
-            .find(|(k, _)| k.dport_be == TCP_PORT.to_be())
-            .expect("forward entry");
-        assert_eq!(fwd.1.flags & (CT_F_DSR | CT_F_SNAT), CT_F_DSR, "{ct:?}");
+        assert_eq!(how(n, |k| k.dport_be == TCP_PORT.to_be()), CT_F_DSR);
 
         // The egress program leaves the forwarded packet alone (no SNAT).
         let (v, egress) = run_on(&mut n.dp, names::PROG_TO_NET, up0, &out);
@@ -284,12 +289,7 @@ fn entry_node_falls_back_to_snat_per_flow() {
         assert_eq!(ihl(&out), 20, "{}", dump(n));
         assert_eq!(view(&out).dst, ip(TUNNEL_BE));
         assert_eq!(stat(&n.dp, stats::DSR_FALLBACK_ROUTE), 1);
-        let ct = n.dp.conntrack().unwrap();
-        let fwd = ct
-            .iter()
-            .find(|(k, _)| k.dport_be == TUNNEL_PORT.to_be())
-            .expect("forward entry");
-        assert_eq!(fwd.1.flags & (CT_F_DSR | CT_F_SNAT), CT_F_SNAT, "{ct:?}");
+        assert_eq!(how(n, |k| k.dport_be == TUNNEL_PORT.to_be()), CT_F_SNAT);
 
         // A local backend: nothing to do, nothing counted.
         let (_, out) = run_on(
@@ -506,12 +506,7 @@ fn xdp_entry_node_writes_the_option_and_sends_the_flow_itself() {
             "no SNAT mapping\n{}",
             dump(n)
         );
-        let ct = n.dp.conntrack().unwrap();
-        let fwd = ct
-            .iter()
-            .find(|(k, _)| k.dport_be == TCP_PORT.to_be())
-            .expect("forward entry");
-        assert_eq!(fwd.1.flags & (CT_F_DSR | CT_F_SNAT), CT_F_DSR, "{ct:?}");
+        assert_eq!(how(n, |k| k.dport_be == TCP_PORT.to_be()), CT_F_DSR);
 
         // Later TCP packets: DNAT only, still at XDP.
         let ack = tcp(client, (ip(NODE), TCP_PORT), 0x10, b"hello");
@@ -582,12 +577,7 @@ fn xdp_entry_node_falls_back_per_flow_as_tc_does() {
         assert_eq!((seen.dst, seen.dport), (ip(REMOTE_BE), 8080));
         assert_checksums(&out);
         assert_eq!(stat(&n.dp, stats::DSR_FALLBACK_MTU), 1);
-        let ct = n.dp.conntrack().unwrap();
-        let fwd = ct
-            .iter()
-            .find(|(k, _)| k.sport_be == 42000u16.to_be())
-            .expect("forward entry");
-        assert_eq!(fwd.1.flags & (CT_F_DSR | CT_F_SNAT), CT_F_SNAT, "{ct:?}");
+        assert_eq!(how(n, |k| k.sport_be == 42000u16.to_be()), CT_F_SNAT);
         // One byte less fits: the option, from XDP.
         let fits = tcp((ip(CLIENT), 42001), (ip(NODE), TCP_PORT), 0x02, &[7; 1452]);
         let (v, out) = xdp(&mut n.dp, up0, &fits);
