@@ -1,6 +1,6 @@
 //! XDP NodePort acceleration on the uplink (`--xdp`, ConfigMap key `xdp`:
-//! `native` (default), `generic` or `disabled`; see
-//! `riptide_datapath::xdp` and `ebpf/README.md`).
+//! `native`, `generic` or `disabled`, the default until XDP is proven on
+//! veth uplinks; see `riptide_datapath::xdp` and `ebpf/README.md`).
 //!
 //! At start the agent attaches `rt_xdp_net` next to the uplink's tc
 //! programs (or, `disabled`, removes a link an earlier run pinned). A
