@@ -163,8 +163,9 @@ fn endpoints_for_port(
             continue;
         };
         for ep in &*slice.endpoints {
-            // Addresses of one endpoint are fungible; kube-proxy uses the first.
-            let Some(ip) = ep.addresses.first().and_then(|a| parse_v4(a)) else {
+            // Addresses of one endpoint are fungible; kube-proxy uses the
+            // first (`address` holds it when it is IPv4).
+            let Some(ip) = ep.address else {
                 continue;
             };
             let new = Backend {

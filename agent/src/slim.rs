@@ -10,12 +10,22 @@
 //! are never read; [`SlimService`] keeps what `model`, `lb_algorithm`,
 //! `lb_mode`, `l2announce` and `kube_events` read.
 //!
+//! An endpoint keeps its first address as an `Ipv4Addr` (kube-proxy uses
+//! the first; the rest are fungible) and its node's name shared with every
+//! other endpoint on that node: with 50,000 endpoints, three small
+//! allocations each cost more in malloc's per-chunk overhead than in data.
+//!
 //! Both implement k8s-openapi's `Resource` and `Metadata` (with the real
 //! kind's group, version and kind), so kube's `Api`, watcher and reflector
 //! take them as they take the generated types. Field names and types follow
 //! k8s-openapi's, so the code reads both alike.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use k8s_openapi::{
     NamespaceResourceScope,
@@ -25,7 +35,10 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use serde::{Deserialize, Deserializer};
+use serde::{
+    Deserialize, Deserializer,
+    de::{IgnoredAny, SeqAccess, Visitor},
+};
 
 /// Label linking an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -52,16 +65,67 @@ pub struct SlimSlice {
     pub endpoints: Box<[SliceEndpoint]>,
 }
 
-/// One endpoint: its addresses, conditions and node.
+/// One endpoint: its address, conditions and node.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SliceEndpoint {
-    #[serde(default, deserialize_with = "null_is_empty")]
-    pub addresses: Box<[Box<str>]>,
+    /// The first of `addresses`, when it is IPv4.
+    #[serde(default, rename = "addresses", deserialize_with = "first_v4")]
+    pub address: Option<Ipv4Addr>,
     #[serde(default)]
     pub conditions: Option<Conditions>,
-    #[serde(default)]
-    pub node_name: Option<Box<str>>,
+    #[serde(default, deserialize_with = "interned")]
+    pub node_name: Option<Arc<str>>,
+}
+
+/// The first address of a list (or `null`), parsed as IPv4; the rest are
+/// skipped without being decoded into anything.
+fn first_v4<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
+    struct First;
+    impl<'de> Visitor<'de> for First {
+        type Value = Option<Ipv4Addr>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of addresses")
+        }
+
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_seq(self)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let first: Option<String> = seq.next_element()?;
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(first.and_then(|a| a.parse().ok()))
+        }
+    }
+    d.deserialize_option(First)
+}
+
+/// Node names, one allocation per node however many endpoints name it.
+/// Names no endpoint holds any more go when a new name arrives.
+static NODE_NAMES: Mutex<BTreeSet<Arc<str>>> = Mutex::new(BTreeSet::new());
+
+fn interned<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<str>>, D::Error> {
+    let Some(name) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let mut names = NODE_NAMES.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(known) = names.get(name.as_str()) {
+        return Ok(Some(Arc::clone(known)));
+    }
+    names.retain(|n| Arc::strong_count(n) > 1);
+    let name: Arc<str> = name.into();
+    names.insert(Arc::clone(&name));
+    Ok(Some(name))
 }
 
 /// `EndpointConditions`; `None` keeps the API's meaning of an unset field.
@@ -296,11 +360,11 @@ mod tests {
             ports: Some(vec![SlicePort { name: Some("http".into()), port: Some(8080), protocol: Some("TCP".into()) }]),
             endpoints: [
                 SliceEndpoint {
-                    addresses: ["10.42.0.5".into()].into(),
+                    address: Some(Ipv4Addr::new(10, 42, 0, 5)),
                     conditions: Some(Conditions { ready: Some(true), serving: Some(true), terminating: Some(false) }),
                     node_name: Some("n1".into()),
                 },
-                SliceEndpoint { addresses: ["10.42.0.6".into()].into(), conditions: None, node_name: None },
+                SliceEndpoint { address: Some(Ipv4Addr::new(10, 42, 0, 6)), conditions: None, node_name: None },
             ]
             .into(),
         };
@@ -323,6 +387,27 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(&*s.endpoints, &[SliceEndpoint::default()]);
+    }
+
+    /// kube-proxy uses an endpoint's first address; an IPv6 or malformed
+    /// first address is no IPv4 backend.
+    #[test]
+    fn the_first_address_counts_and_node_names_are_shared() {
+        let s: SlimSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-abc"}, "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.42.0.7", "10.42.0.8"], "nodeName": "n-shared"},
+                {"addresses": ["fd00::1", "10.42.0.9"], "nodeName": "n-shared"},
+                {"addresses": ["nonsense"]},
+                {"addresses": []},
+            ],
+        }))
+        .unwrap();
+        let addrs: Vec<_> = s.endpoints.iter().map(|e| e.address).collect();
+        assert_eq!(addrs, [Some(Ipv4Addr::new(10, 42, 0, 7)), None, None, None]);
+        let (a, b) = (s.endpoints[0].node_name.as_ref().unwrap(), s.endpoints[1].node_name.as_ref().unwrap());
+        assert!(Arc::ptr_eq(a, b), "one allocation per node name");
+        assert_eq!(&**a, "n-shared");
     }
 
     #[test]
