@@ -163,6 +163,47 @@ pub fn pod_command_by_uid(lab: &Lab, node: &str, uid: &str, in_cgroup: bool, pro
     }
 }
 
+/// A Pod `name` (label `app: <name>`) pinned to `node`, running
+/// `riptide-netexec` (HTTP 8080, UDP 8081) with a readiness probe. The
+/// image is a label: the kubelet runs `command` from this machine.
+pub fn netexec_pod(lab: &Lab, name: &str, node: &str) -> Result<String> {
+    let netexec = lab.config().bin_dir.join("riptide-netexec");
+    if !netexec.exists() {
+        bail!("{} is missing: cargo build --bins", netexec.display());
+    }
+    Ok(format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  labels: {{app: {name}}}
+spec:
+  nodeName: {node}
+  containers:
+  - name: netexec
+    image: riptide.local/netexec:latest
+    command: ["{}", "--http-port=8080", "--udp-port=8081"]
+    readinessProbe:
+      httpGet: {{path: /healthz, port: 8080}}
+      periodSeconds: 2
+"#,
+        netexec.display()
+    ))
+}
+
+/// Scales the demo Deployment to `replicas` and waits (at most `timeout`)
+/// until exactly that many of its pods exist, all ready; returns them.
+pub fn scale_demo(lab: &Lab, replicas: usize, timeout: Duration) -> Result<Vec<PodInfo>> {
+    kubectl(lab, &["scale", "deployment", "demo", &format!("--replicas={replicas}")])?;
+    eventually(timeout, || {
+        let p = pods(lab, "app=demo")?;
+        if p.len() != replicas || !p.iter().all(|p| p.ready) {
+            bail!("want {replicas} ready demo pods: {p:?}");
+        }
+        Ok(p)
+    })
+}
+
 /// `kubectl apply -f -` with `manifest` (YAML or JSON) on stdin.
 pub fn apply(lab: &Lab, manifest: &str) -> Result<()> {
     let mut child = lab

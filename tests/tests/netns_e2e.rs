@@ -189,21 +189,14 @@ fn netns_e2e_services_on_a_three_node_lab() {
 
     s.check("endpoints follow scale down and up", |lab| {
         let cip = e2e::cluster_ip(lab, "demo")?;
-        e2e::kubectl(lab, &["scale", "deployment", "demo", "--replicas=1"])?;
-        let one = eventually(SETTLE, || {
-            let p = e2e::pods(lab, "app=demo")?;
-            ensure!(p.len() == 1, "{} pods", p.len());
-            Ok(p)
-        })?;
+        let one = e2e::scale_demo(lab, 1, SETTLE)?;
         eventually(SETTLE, || {
             let got = e2e::hostnames_from_pod(lab, &one[0].name, &format!("http://{cip}/hostname"), 10)?;
             ensure!(got == BTreeSet::from([one[0].name.clone()]), "hostnames {got:?} after scale to 1");
             Ok(())
         })?;
-        e2e::kubectl(lab, &["scale", "deployment", "demo", "--replicas=3"])?;
+        let p = e2e::scale_demo(lab, 3, SETTLE)?;
         eventually(SETTLE, || {
-            let p = e2e::pods(lab, "app=demo")?;
-            ensure!(p.len() == 3 && p.iter().all(|p| p.ready), "{p:?}");
             let want: BTreeSet<String> = p.iter().map(|p| p.name.clone()).collect();
             let got = e2e::hostnames_from_pod(lab, &p[0].name, &format!("http://{cip}/hostname"), 30)?;
             ensure!(got == want, "hostnames {got:?}, want {want:?}");
@@ -357,12 +350,7 @@ fn netns_e2e_services_on_a_three_node_lab() {
 
     s.check("externalTrafficPolicy=Local keeps the client IP; health-check NodePort says 200/503", |lab| {
         let c = lab.config();
-        e2e::kubectl(lab, &["scale", "deployment", "demo", "--replicas=1"])?;
-        let one = eventually(SETTLE, || {
-            let p = e2e::pods(lab, "app=demo")?;
-            ensure!(p.len() == 1 && p[0].ready, "{p:?}");
-            Ok(p[0].clone())
-        })?;
+        let one = e2e::scale_demo(lab, 1, SETTLE)?.remove(0);
         let with = (1..=c.nodes).find(|i| c.node_name(*i) == one.node).context("pod's node")?;
         let without = (1..=c.nodes).find(|i| *i != with).context("another node")?;
         // healthCheckNodePort exists only for type LoadBalancer with eTP=Local.
@@ -385,12 +373,7 @@ fn netns_e2e_services_on_a_three_node_lab() {
             Ok(())
         })?;
         e2e::kubectl(lab, &["delete", "service", "local"])?;
-        e2e::kubectl(lab, &["scale", "deployment", "demo", "--replicas=3"])?;
-        eventually(SETTLE, || {
-            let p = e2e::pods(lab, "app=demo")?;
-            ensure!(p.len() == 3 && p.iter().all(|p| p.ready), "{p:?}");
-            Ok(())
-        })
+        e2e::scale_demo(lab, 3, SETTLE).map(|_| ())
     });
 
     s.check("internalTrafficPolicy=Local only reaches endpoints on the client's node", |lab| {

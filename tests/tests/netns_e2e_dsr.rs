@@ -165,11 +165,9 @@ fn netns_e2e_dsr_nodeport_to_a_remote_backend() {
     s.finish();
 }
 
-/// One netexec pod pinned to `node` and four NodePorts to it: DSR by
-/// annotation (TCP, UDP) and the cluster default, SNAT (TCP, UDP).
+/// One netexec pod (`dsr`) pinned to `node` and four NodePorts to it: DSR
+/// by annotation (TCP, UDP) and the cluster default, SNAT (TCP, UDP).
 fn dsr_manifest(lab: &Lab, node: &str) -> Result<String> {
-    let netexec = lab.config().bin_dir.join("riptide-netexec");
-    ensure!(netexec.exists(), "{} is missing: cargo build --bins", netexec.display());
     let svc = |name: &str, proto: &str, port: u16, target: u16, node_port: u16, dsr: bool| {
         let ann = if dsr { "\n  annotations: {service.riptide.io/lb-mode: dsr}" } else { "" };
         format!(
@@ -177,31 +175,11 @@ fn dsr_manifest(lab: &Lab, node: &str) -> Result<String> {
         )
     };
     Ok(format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: dsr
-spec:
-  replicas: 1
-  selector:
-    matchLabels: {{app: dsr}}
-  template:
-    metadata:
-      labels: {{app: dsr}}
-    spec:
-      nodeName: {node}
-      containers:
-      - name: netexec
-        image: riptide.local/netexec:latest
-        command: ["{netexec}", "--http-port=8080", "--udp-port=8081"]
-        readinessProbe:
-          httpGet: {{path: /healthz, port: 8080}}
-          periodSeconds: 2
-{}{}{}{}"#,
+        "{}{}{}{}{}",
+        e2e::netexec_pod(lab, "dsr", node)?,
         svc("dsr-tcp", "TCP", 80, 8080, DSR_TCP, true),
         svc("dsr-udp", "UDP", 81, 8081, DSR_UDP, true),
         svc("snat-tcp", "TCP", 80, 8080, SNAT_TCP, false),
         svc("snat-udp", "UDP", 81, 8081, SNAT_UDP, false),
-        netexec = netexec.display()
     ))
 }

@@ -570,28 +570,7 @@ fn netns_e2e_install_from_the_manifest() {
         ensure!(agent_pods(lab)?.iter().any(|(n, _)| *n == node), "no agent pod on {node}: {:?}", agent_pods(lab)?);
         let conf = c.node_root(i).join("etc/cni/net.d/10-riptide.conflist");
         ensure!(conf.is_file(), "install-cni wrote no {}", conf.display());
-        let netexec = c.bin_dir.join("riptide-netexec");
-        e2e::apply(
-            lab,
-            &format!(
-                r#"apiVersion: v1
-kind: Pod
-metadata:
-  name: late
-  labels: {{app: late}}
-spec:
-  nodeName: {node}
-  containers:
-  - name: netexec
-    image: riptide.local/netexec:latest
-    command: ["{}", "--http-port=8080", "--udp-port=8081"]
-    readinessProbe:
-      httpGet: {{path: /healthz, port: 8080}}
-      periodSeconds: 2
-"#,
-                netexec.display()
-            ),
-        )?;
+        e2e::apply(lab, &e2e::netexec_pod(lab, "late", &node)?)?;
         let late = eventually(SETTLE, || {
             let p = e2e::pods(lab, "app=late")?;
             ensure!(p.len() == 1 && p[0].ready, "pod late: {p:?}");
