@@ -212,20 +212,20 @@ pub struct Summary {
 /// How riptide gets onto the lab's nodes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Install {
-    /// The lab writes every node's CNI config and starts every agent
-    /// itself, outside Kubernetes: for debugging the agent or the CNI alone.
-    #[default]
-    HandWired,
     /// The user's way: bare kubelets, then `manifests/riptide.yaml` applied
     /// through the apiserver; the DaemonSet's init container installs the
     /// CNI into each node's own root and the agent pods make nodes Ready.
+    #[default]
     Manifest,
+    /// The lab writes every node's CNI config and starts every agent
+    /// itself, outside Kubernetes: for debugging the agent or the CNI alone.
+    HandWired,
 }
 
 impl Install {
     /// `RIPTIDE_LAB_INSTALL` (`manifest` or `hand-wired`), else the
-    /// default: how [`Lab::start_cluster`] installs riptide, so a suite can
-    /// be run either way without changing it.
+    /// default (the manifest): how [`Lab::start_cluster`] installs riptide,
+    /// so a suite can be run hand-wired for debugging without changing it.
     pub fn from_env() -> Result<Self> {
         match std::env::var("RIPTIDE_LAB_INSTALL") {
             Ok(v) => v.parse().context("RIPTIDE_LAB_INSTALL"),
@@ -243,6 +243,17 @@ impl std::str::FromStr for Install {
             _ => bail!("{s:?}: install is manifest or hand-wired"),
         }
     }
+}
+
+/// Pods' MTU: the vxlan device takes 50 bytes of the uplink's 1500.
+fn pod_mtu(tunnel: Option<&str>) -> u32 {
+    if tunnel.is_some() { 1450 } else { 1500 }
+}
+
+/// The `riptide-config` keys that say how pods reach other nodes: the
+/// routing mode (`native` without a tunnel) and the pods' MTU under it.
+fn routing_config(tunnel: Option<&str>) -> [(&'static str, String); 2] {
+    [("routing-mode", tunnel.unwrap_or("native").to_owned()), ("mtu", pod_mtu(tunnel).to_string())]
 }
 
 /// Where `riptide-agent` keeps the podCIDR file and its API socket on a
@@ -327,11 +338,6 @@ impl Lab {
         &self.net
     }
 
-    /// Changes how agents started from now on route (e.g. a restart
-    /// without `--tunnel`).
-    pub fn set_tunnel(&mut self, tunnel: Option<String>) {
-        self.net.tunnel = tunnel;
-    }
 
     /// Address of the underlay router on the bridge and on every node link
     /// (routed underlay only).
@@ -633,6 +639,22 @@ impl Lab {
             return self.kill_agent_container(i);
         }
         let label = format!("{}-agent", self.cfg.node_name(i));
+        self.stop_process(&label)
+    }
+
+    /// Stops node `i`'s kubelet with SIGKILL, as when its machine dies: its
+    /// pods' processes stay as they are, nobody restarts a container of
+    /// the node (from the manifest, an agent [`Lab::kill_agent`] kills then
+    /// stays dead) and its Node stops being renewed.
+    /// [`Lab::start_kubelet`] starts it again; it adopts the node's pods.
+    pub fn stop_kubelet(&mut self, i: u32) -> Result<()> {
+        let label = format!("{}-kubelet", self.cfg.node_name(i));
+        self.stop_process(&label)
+    }
+
+    /// SIGKILLs the lab process `label` and forgets it, so waits do not
+    /// take its exit for a failure.
+    fn stop_process(&mut self, label: &str) -> Result<()> {
         let pos = self
             .procs
             .iter()
@@ -776,8 +798,7 @@ impl Lab {
                 "podCIDRFile": c.node_dir(i).join("podcidr"),
                 "clusterCIDR": "10.42.0.0/16",
                 "stateDir": c.node_dir(i).join("ipam"),
-                // The vxlan device takes 50 bytes of the uplink's 1500.
-                "mtu": if self.net.tunnel.is_some() { 1450 } else { 1500 },
+                "mtu": pod_mtu(self.net.tunnel.as_deref()),
             }],
         });
         let path = conf_dir.join("10-riptide.conflist");
@@ -829,6 +850,11 @@ impl Lab {
             .arg(c.node_cgroup(i))
             .arg("--root-dir")
             .arg(c.node_dir(i).join("kubelet"))
+            // The kubelet looks for a CNI config (NetworkReady) on its
+            // heartbeat: every 2 s rather than 10 s, so a node turns Ready
+            // soon after `install-cni` has written the conflist, not up to
+            // 10 s later, on every lab start.
+            .args(["--heartbeat-interval", "2s"])
             .args(["--cluster-dns", &CLUSTER_DNS.to_string(), "--cluster-domain", CLUSTER_DOMAIN])
             .arg("--image-map")
             .arg(self.write_image_map()?)
@@ -880,8 +906,8 @@ impl Lab {
         Ok(dir)
     }
 
-    /// The whole cluster, installed as [`Install::from_env`] says
-    /// (hand-wired unless `RIPTIDE_LAB_INSTALL=manifest`); returns once
+    /// The whole cluster, installed as [`Install::from_env`] says (from
+    /// the manifest unless `RIPTIDE_LAB_INSTALL=hand-wired`); returns once
     /// every node is Ready.
     pub fn start_cluster(&mut self, timeout: Duration) -> Result<()> {
         self.start_cluster_with(Install::from_env()?, timeout)
@@ -942,11 +968,42 @@ impl Lab {
         set("k8s-service-port", self.cfg.apiserver_addr().port().to_string());
         set("uplink", "eth0".into());
         set("l2-announcements", "true".into());
-        if let Some(t) = &self.net.tunnel {
-            set("routing-mode", t.clone());
-            set("mtu", "1450".into());
+        for (k, v) in routing_config(self.net.tunnel.as_deref()) {
+            set(k, v);
         }
         self.kubectl_apply_objects("riptide.json", &objs)
+    }
+
+    /// Switches the whole cluster to `tunnel` (`None`: native routing) the
+    /// way its operator would: from the manifest, `routing-mode` and `mtu`
+    /// of ConfigMap `riptide-config` patched, then `kubectl rollout restart
+    /// ds/riptide-agent` (the agent reads its settings at start), waiting
+    /// until the rollout is done; hand-wired, every agent killed and
+    /// started again with or without `--tunnel`.
+    pub fn set_routing_mode(&mut self, tunnel: Option<String>, timeout: Duration) -> Result<()> {
+        self.net.tunnel = tunnel;
+        if self.install == Install::HandWired {
+            for i in 1..=self.cfg.nodes {
+                self.kill_agent(i)?;
+                self.start_agent(i)?;
+            }
+            return Ok(());
+        }
+        let data: serde_json::Map<String, serde_json::Value> = routing_config(self.net.tunnel.as_deref())
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
+            .collect();
+        let patch = serde_json::json!({ "data": data }).to_string();
+        let run = |args: &[&str]| -> Result<()> {
+            let out = self.kubectl().args(["-n", "riptide-system"]).args(args).output().context("running kubectl")?;
+            if !out.status.success() {
+                bail!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            }
+            Ok(())
+        };
+        run(&["patch", "configmap", "riptide-config", "--type", "merge", "-p", &patch])?;
+        run(&["rollout", "restart", "ds/riptide-agent"])?;
+        self.wait_for_agents(timeout)
     }
 
     /// Writes `objs` as a stream of JSON documents to `<state>/<file>` and

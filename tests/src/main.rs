@@ -39,11 +39,13 @@ enum Cmd {
         /// native routing could not work.
         #[arg(long, value_parser = ["vxlan"])]
         tunnel: Option<String>,
-        /// `manifest`: bare kubelets, then `manifests/riptide.yaml` applied
-        /// through the apiserver (the user's way); `hand-wired`: the lab
-        /// writes CNI configs and starts agents itself (debugging).
-        #[arg(long, default_value = "hand-wired")]
-        install: lab::Install,
+        /// `manifest` (the default): bare kubelets, then
+        /// `manifests/riptide.yaml` applied through the apiserver (the
+        /// user's way); `hand-wired`: the lab writes CNI configs and starts
+        /// agents itself (for debugging the agent or the CNI alone; the
+        /// default with `--vm`).
+        #[arg(long)]
+        install: Option<lab::Install>,
         /// Each node a QEMU VM on the underlay (see `lab_vm`); hand-wired
         /// install only.
         #[arg(long)]
@@ -77,6 +79,8 @@ fn main() -> Result<()> {
         Cmd::Up { nodes, detach, tunnel, install, vm, vm_kernel } => {
             let net = LabNet { routed: tunnel.is_some(), tunnel };
             let vm = vm.then(|| lab_vm::VmTools::from_cache(vm_kernel)).transpose()?;
+            // VM nodes are hand-wired only (see `lab_vm`).
+            let install = install.unwrap_or(if vm.is_some() { lab::Install::HandWired } else { lab::Install::default() });
             up(&cli.prefix, &cli.state_dir, nodes, detach, net, install, vm)
         }
         Cmd::VmExecServer { config, cgroup } => lab_vm::serve(&config, &cgroup),
@@ -188,15 +192,18 @@ fn up(
     } else {
         lab.start_cluster_with(install, Duration::from_secs(120))?;
     }
-    if install == lab::Install::Manifest {
-        let out = lab.kubectl().args(["-n", "riptide-system", "get", "pods", "-o", "wide"]).output().context("kubectl get pods")?;
-        eprint!("{}", String::from_utf8_lossy(&out.stdout));
-    }
     eprintln!("==> deploying cluster DNS (manifests/riptide-dns.yaml: kube-system/kube-dns at {})", lab::CLUSTER_DNS);
     lab.deploy_dns(Duration::from_secs(90))?;
     eprintln!("==> deploying the demo (3 × riptide-netexec, Services demo and demo-nodeport)");
     lab.deploy_demo()?;
     print_examples(&lab);
+    if install == lab::Install::Manifest {
+        // The agents are pods like any others.
+        println!("Agent pods (kubectl -n riptide-system get pods -o wide):");
+        let out = lab.kubectl().args(["-n", "riptide-system", "get", "pods", "-o", "wide"]).output().context("kubectl get pods")?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        println!();
+    }
     if detach {
         // The processes keep running (reparented to init); their pids are in
         // the state file, and teardown finds everything else by name.
@@ -263,6 +270,9 @@ fn print_examples(lab: &Lab) {
     println!("  export KUBECONFIG={}", kc.display());
     println!("  kubectl get nodes -o wide");
     println!("  kubectl get pods -o wide");
+    if lab.install() == lab::Install::Manifest {
+        println!("  kubectl -n riptide-system get pods -o wide    # the agents: DaemonSet riptide-agent");
+    }
     println!("  kubectl get svc,endpointslices");
     println!("Reach the demo:");
     println!("  cargo xtask lab exec outside -- curl -s http://{}:30080/hostname    # NodePort from outside", c.node_ip(1));

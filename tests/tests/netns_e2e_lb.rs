@@ -1,8 +1,9 @@
 //! Privileged end-to-end checks of LoadBalancer Services on a real 3-node
 //! lab: an address from the lab's default pool (lbipam), reached from the
 //! outside namespace with no route because exactly one node answers ARP for
-//! it (L2 announcement), failover with a gratuitous ARP when that node's
-//! agent is killed, `loadBalancerSourceRanges` enforced and updated live,
+//! it (L2 announcement), failover with a gratuitous ARP when that node
+//! goes away (its kubelet and agent killed), `loadBalancerSourceRanges`
+//! enforced and updated live,
 //! and an externalIPs takeover of a node address refused
 //! by the apiserver and, with admission opened up, by every agent.
 
@@ -181,11 +182,15 @@ fn netns_e2e_loadbalancer_l2_announcement_and_external_ip_guard() {
         Ok(())
     });
 
-    s.check_mut("failover: the announcing node's agent is killed, another takes over with a gratuitous ARP", |lab| {
+    s.check_mut("failover: the announcing node goes away, another takes over with a gratuitous ARP", |lab| {
         let ip = lbip.get();
         let before = announcer(lab, ip)?;
         let old_mac = node_mac(lab, before)?;
         ensure!(outside_neighbour(lab, ip)? == Some(old_mac), "the outside's neighbour entry should name node {before}");
+        // The node dies: its kubelet first, so nothing restarts the agent
+        // (the DaemonSet's kubelet would, within its crash back-off), then
+        // the agent. Its Lease is no longer renewed.
+        lab.stop_kubelet(before)?;
         lab.kill_agent(before)?;
         let after = eventually(SETTLE, || {
             let n = announcer(lab, ip)?;
@@ -202,7 +207,10 @@ fn netns_e2e_loadbalancer_l2_announcement_and_external_ip_guard() {
         })?;
         ensure!(lease_holder(lab, "web")? == lab.config().node_name(after), "Lease holder");
         eventually(SETTLE, || e2e::outside_curl(lab, &format!("http://{ip}/hostname"), 3)?.ok())?;
-        // The restarted agent follows; it does not take the address back.
+        // The node comes back (its kubelet restarts the agent container;
+        // hand-wired, the lab starts the agent): it follows the Lease and
+        // does not take the address back.
+        lab.start_kubelet(before)?;
         lab.start_agent(before)?;
         std::thread::sleep(Duration::from_secs(8));
         ensure!(announcer(lab, ip)? == after, "the restarted agent took the address back");
@@ -211,12 +219,7 @@ fn netns_e2e_loadbalancer_l2_announcement_and_external_ip_guard() {
 
     s.check("externalTrafficPolicy=Local: only a node with a ready local endpoint announces", |lab| {
         let c = lab.config();
-        e2e::kubectl(lab, &["scale", "deployment", "demo", "--replicas=1"])?;
-        let one = eventually(SETTLE, || {
-            let p = e2e::pods(lab, "app=demo")?;
-            ensure!(p.len() == 1 && p[0].ready, "{p:?}");
-            Ok(p[0].clone())
-        })?;
+        let one = e2e::scale_demo(lab, 1, SETTLE)?.remove(0);
         let with = c.node_index(&one.node).context("pod's node")?;
         e2e::apply(lab, "apiVersion: v1\nkind: Service\nmetadata: {name: webl}\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  selector: {app: demo}\n  ports: [{port: 80, targetPort: 8080}]\n")?;
         let ip: Ipv4Addr = eventually(SETTLE, || {
@@ -232,12 +235,7 @@ fn netns_e2e_loadbalancer_l2_announcement_and_external_ip_guard() {
         let seen = eventually(SETTLE, || e2e::outside_curl(lab, &format!("http://{ip}/clientip"), 3)?.ok())?;
         ensure!(seen.starts_with(&format!("{}:", c.outside_ip())), "backend saw {seen}");
         e2e::kubectl(lab, &["delete", "service", "webl"])?;
-        e2e::kubectl(lab, &["scale", "deployment", "demo", "--replicas=3"])?;
-        eventually(SETTLE, || {
-            let p = e2e::pods(lab, "app=demo")?;
-            ensure!(p.len() == 3 && p.iter().all(|p| p.ready), "{p:?}");
-            Ok(())
-        })
+        e2e::scale_demo(lab, 3, SETTLE).map(|_| ())
     });
 
     s.check_mut("an externalIPs takeover of a node address: refused by the apiserver, then by every agent", |lab| {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use riptide_tests::{
-    lab::{self, Lab, LabConfig},
+    lab::{self, Install, Lab, LabConfig},
     netns,
 };
 use riptide_test_support::privileged;
@@ -70,6 +70,9 @@ fn netns_lab_nodes_talk_over_the_underlay_and_teardown_is_complete() {
     let cfg = LabConfig::for_test(2).expect("config");
     {
         let mut lab = Lab::up(cfg.clone()).expect("lab up");
+        // Agents alone, before any control plane: only the lab can start
+        // them (there is no DaemonSet yet).
+        lab.set_install(Install::HandWired);
         for i in 1..=2 {
             lab.start_agent(i).expect("agent");
         }
@@ -130,6 +133,7 @@ fn netns_lab_teardown_cleans_a_crashed_run() {
     cfg.subnet = cfg.subnet.wrapping_add(1);
     cfg.state_dir = cfg.state_dir.with_extension("crash");
     let mut lab = Lab::up(cfg.clone()).expect("lab up");
+    lab.set_install(Install::HandWired);
     lab.start_agent(1).expect("agent");
     // Simulate a crash: the Lab value vanishes without running teardown,
     // leaving the agent running inside the node namespace.

@@ -47,10 +47,12 @@ enum Task {
         /// `vxlan`: a VXLAN overlay between nodes that sit behind a router.
         #[arg(long, value_parser = ["vxlan"])]
         tunnel: Option<String>,
-        /// `manifest`: bare kubelets, then manifests/riptide.yaml applied
-        /// through the apiserver; `hand-wired`: the lab starts agents itself.
-        #[arg(long, value_parser = ["manifest", "hand-wired"], default_value = "hand-wired")]
-        install: String,
+        /// `manifest` (the default): bare kubelets, then
+        /// manifests/riptide.yaml applied through the apiserver;
+        /// `hand-wired`: the lab starts agents itself, for debugging (the
+        /// default with `--vm`).
+        #[arg(long, value_parser = ["manifest", "hand-wired"])]
+        install: Option<String>,
         /// Each node a QEMU VM (TCG) with its own kernel, on the lab
         /// underlay; the control plane stays on the host (hand-wired only).
         #[arg(long)]
@@ -129,7 +131,9 @@ fn main() -> Result<()> {
             if let Some(t) = tunnel {
                 args.extend(["--tunnel".to_owned(), t]);
             }
-            args.extend(["--install".to_owned(), install]);
+            if let Some(i) = install {
+                args.extend(["--install".to_owned(), i]);
+            }
             lab(&root, &args)
         }
         Task::Bench {
