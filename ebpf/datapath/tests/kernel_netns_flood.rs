@@ -1,12 +1,23 @@
-//! Netns test (needs root): a flood of new inbound flows into a pod does
-//! not break established Service connections. 1,000 TCP connections from a
-//! client pod through a ClusterIP (balanced per packet by `rt_from_pod`
-//! over four backends, so a connection that lost its conntrack entry would
-//! land on another backend port and be reset) echo before and after a
-//! flood of new flows (TCP SYNs and UDP datagrams, 1M by default) sent
-//! with a raw `AF_PACKET` socket from outside the node to the server pod.
-//! The flood's inbound markers go to `rt_ctany4_v3`; the connections live
-//! in `rt_ct4_v3`, which the flood never touches.
+//! Netns tests (need root): floods do not break established TCP
+//! connections.
+//!
+//! - A flood of new inbound flows into a pod does not break established
+//!   Service connections. 1,000 TCP connections from a client pod through
+//!   a ClusterIP (balanced per packet by `rt_from_pod` over four backends,
+//!   so a connection that lost its conntrack entry would land on another
+//!   backend port and be reset) echo before and after a flood of new flows
+//!   (TCP SYNs and UDP datagrams, 1M by default) sent with a raw
+//!   `AF_PACKET` socket from outside the node to the server pod. The
+//!   flood's inbound markers go to `rt_ctany4_v3`; the connections live in
+//!   `rt_ct4_v3`, which the flood never touches.
+//! - A flood of new UDP flows from both pods to outside does not break
+//!   masqueraded TCP connections from a pod to outside. The node's
+//!   `rt_natany4_v2` is made small (1,024 entries) and the pods send 20
+//!   times that many new flows through it (real UDP sockets,
+//!   `RIPTIDE_NAT_FLOOD_FLOWS`, at most [`NAT_FLOOD_TIME`]); the TCP
+//!   mappings live in `rt_nat4_v2`, which the flood never touches, so
+//!   every connection echoes afterwards and nothing is dropped as
+//!   `masq_lost_mapping`.
 //!
 //! Everything lives in namespaces this test creates (named with the pid),
 //! removed on drop, also when the test fails:
@@ -16,23 +27,24 @@
 //!                                            └─vc─ c (10.42.1.11, clients)
 //! ```
 //!
-//! `RIPTIDE_FLOOD_FLOWS` sets the flood size; the sender stops after
-//! [`FLOOD_TIME`] whatever it reached, and the test says how many flows
-//! the node saw.
+//! `RIPTIDE_FLOOD_FLOWS` sets the inbound flood size; the sender stops
+//! after [`FLOOD_TIME`] whatever it reached, and the test says how many
+//! flows the node saw. Each test names its namespaces apart, so both can
+//! run at once.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
 use common::{ip, syn, udp};
 use riptide_common::{CFG_F_MASQUERADE, Config, EndpointValue, names, stats};
 use riptide_datapath::{
-    Attachment, Datapath, Pinning,
+    Attachment, Datapath, MapSizes, Pinning,
     service::{
         Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, Service, Services,
         TrafficPolicy,
@@ -50,6 +62,11 @@ const CLIENT: &str = "10.42.1.11";
 const VIP: &str = "10.43.0.10";
 const CONNECTIONS: usize = 1000;
 const FLOOD_TIME: Duration = Duration::from_secs(90);
+/// Masqueraded TCP connections kept up through the UDP flood.
+const MASQ_CONNECTIONS: usize = 200;
+/// Entries of the node's `rt_natany4_v2` in the UDP flood test.
+const NAT_ANY_ENTRIES: u32 = 1024;
+const NAT_FLOOD_TIME: Duration = Duration::from_secs(30);
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 fn mac(m: [u8; 6]) -> String {
@@ -89,9 +106,11 @@ struct Lab {
     _namespaces: Vec<Netns>,
 }
 
-fn lab() -> Lab {
+/// The lab's namespaces are named `rtfl<pid><tag><role>`; the node's maps
+/// get `sizes`.
+fn lab(tag: &str, sizes: MapSizes) -> Lab {
     let id = std::process::id();
-    let names: Vec<String> = ["n", "o", "s", "c"].iter().map(|r| format!("rtfl{id}{r}")).collect();
+    let names: Vec<String> = ["n", "o", "s", "c"].iter().map(|r| format!("rtfl{id}{tag}{r}")).collect();
     let namespaces: Vec<Netns> = names.iter().map(|n| Netns::new(n.clone())).collect();
     let (n, o, s, c) = (names[0].clone(), names[1].clone(), names[2].clone(), names[3].clone());
     run(&["ip", "-n", &n, "link", "add", "eth0", "address", &mac(common::NODE_MAC), "type", "veth", "peer", "name", "eth0", "netns", &o]);
@@ -105,7 +124,7 @@ fn lab() -> Lab {
     let wired: Vec<_> = pods.iter().map(|(ns, hif, addr, tail)| (*hif, ip(addr), add_pod(&n, ns, hif, addr, *tail))).collect();
 
     let (dp, svcs, uplink) = run_in(&n, move || {
-        let mut dp = Datapath::load(&Pinning::None).expect("load datapath");
+        let mut dp = Datapath::load_sized(&Pinning::None, &sizes).expect("load datapath");
         dp.set_config(&Config {
             node_ip_be: u32::from(ip(NODE_IP)).to_be(),
             hairpin_ip_be: u32::from(ip("169.254.42.1")).to_be(),
@@ -265,7 +284,7 @@ fn netns_established_service_connections_survive_a_flood_of_new_inbound_flows() 
     }
     raise_open_file_limit(2 * CONNECTIONS as u64 + 256);
     let flows: u32 = std::env::var("RIPTIDE_FLOOD_FLOWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
-    let lab = lab();
+    let lab = lab("", MapSizes::default());
     echo_servers(&lab.s);
     let mut conns: Vec<TcpStream> = run_in(&lab.c, || {
         (0..CONNECTIONS)
@@ -307,4 +326,104 @@ fn netns_established_service_connections_survive_a_flood_of_new_inbound_flows() 
     );
     assert_eq!(st.get(stats::CT_LOST_TCP), 0, "no connection lost its entry");
     let _ = (&lab.n, &lab.c);
+}
+
+/// Sends one datagram to each of `flows` ports of the outside namespace
+/// from a UDP socket in pod namespace `ns`: every port a new flow for
+/// masquerade. Stops after [`NAT_FLOOD_TIME`]; returns the datagrams sent.
+fn udp_flood_to_outside(ns: &str, first_port: u16, flows: u16) -> u32 {
+    run_in(ns, move || {
+        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        let start = Instant::now();
+        let mut sent = 0u32;
+        let mut port = first_port;
+        while port < first_port.saturating_add(flows) && start.elapsed() < NAT_FLOOD_TIME {
+            match sock.send_to(b"q", SocketAddrV4::new(ip(OUTSIDE), port)) {
+                Ok(_) => {
+                    sent += 1;
+                    port += 1;
+                }
+                // A full queue: let the node catch up.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EAGAIN)) => {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                // An ICMP port unreachable of an earlier datagram, reported
+                // on this unconnected socket: not a send failure.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {}
+                Err(e) => panic!("send to {OUTSIDE}:{port}: {e}"),
+            }
+            if sent % 128 == 0 {
+                // Leave the node's backlog room (see `flood`).
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }
+        sent
+    })
+}
+
+#[test]
+fn netns_masqueraded_tcp_connections_survive_a_udp_flood_from_pods_to_outside() {
+    if !privileged("to create network namespaces and attach eBPF programs") {
+        return;
+    }
+    raise_open_file_limit(2 * MASQ_CONNECTIONS as u64 + 256);
+    let flows: u32 = std::env::var("RIPTIDE_NAT_FLOOD_FLOWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20 * NAT_ANY_ENTRIES)
+        .min(2 * 30_000);
+    let lab = lab("m", MapSizes::default().with(names::NAT_ANY4, NAT_ANY_ENTRIES).unwrap());
+    echo_servers(&lab.o);
+    // Connections from the client pod to the outside namespace, which has
+    // no route to the pod network: only masquerade makes them work.
+    let mut conns: Vec<TcpStream> = run_in(&lab.c, || {
+        (0..MASQ_CONNECTIONS)
+            .map(|i| {
+                let to = SocketAddrV4::new(ip(OUTSIDE), 8080 + (i % 4) as u16);
+                let s = TcpStream::connect_timeout(&to.into(), TIMEOUT).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                s.set_read_timeout(Some(TIMEOUT)).unwrap();
+                s
+            })
+            .collect()
+    });
+    let before = echo_all(&mut conns, "before");
+    assert!(before.is_empty(), "echo before the flood: {before:?}");
+    let tcp_mappings = lab.dp.nat_table(names::NAT4).unwrap().len();
+    assert_eq!(tcp_mappings, 2 * MASQ_CONNECTIONS, "egress and ingress entry per connection");
+
+    let snat_before = lab.dp.stats().unwrap().get(stats::SNAT);
+    let started = Instant::now();
+    // Half the flows from each pod, to ports the outside echo servers do
+    // not use.
+    let half = u16::try_from(flows / 2).unwrap_or(u16::MAX);
+    let sent = udp_flood_to_outside(&lab.c, 10_000, half) + udp_flood_to_outside(&lab.s, 10_000, half);
+    std::thread::sleep(Duration::from_millis(500));
+    let st = lab.dp.stats().unwrap();
+    let translated = st.get(stats::SNAT) - snat_before;
+    let other = lab.dp.nat_table(names::NAT_ANY4).unwrap().len();
+    eprintln!(
+        "UDP flood: {sent} new flows in {:?}, {translated} masqueraded; NAT tables: tcp {}, other {other} (max {NAT_ANY_ENTRIES})",
+        started.elapsed(),
+        lab.dp.nat_table(names::NAT4).unwrap().len(),
+    );
+    assert!(translated >= u64::from(sent) / 2, "most flood datagrams reached the node ({translated} of {sent})");
+    assert!(
+        translated >= 4 * u64::from(NAT_ANY_ENTRIES),
+        "the flood overfilled rt_natany4_v2 several times ({translated} mappings)"
+    );
+    assert!(other <= NAT_ANY_ENTRIES as usize, "{other} entries");
+
+    let after = echo_all(&mut conns, "after");
+    let st = lab.dp.stats().unwrap();
+    assert!(
+        after.is_empty(),
+        "{} of {MASQ_CONNECTIONS} masqueraded connections broken after the flood: {:?}\n{}",
+        after.len(),
+        &after[..after.len().min(10)],
+        common::dump(&lab.dp)
+    );
+    assert_eq!(st.get(stats::MASQ_LOST_MAPPING), 0, "no connection lost its mapping\n{}", common::dump(&lab.dp));
+    assert_eq!(st.get(stats::MASQ_NO_PORT), 0, "{}", common::dump(&lab.dp));
+    assert_eq!(lab.dp.nat_table(names::NAT4).unwrap().len(), 2 * MASQ_CONNECTIONS, "{}", common::dump(&lab.dp));
+    let _ = (&lab.n, &lab.s);
 }
