@@ -77,19 +77,6 @@ fn stat(dp: &Datapath, reason: u32) -> u64 {
     dp.stats().unwrap().get(reason)
 }
 
-fn dump(n: &Node) -> String {
-    format!(
-        "conntrack: {:?}\nnat: {:?}\nstats: {:?}",
-        n.dp.conntrack().unwrap(),
-        n.dp.nat().unwrap(),
-        n.dp.stats()
-            .unwrap()
-            .named()
-            .filter(|(_, v)| *v > 0)
-            .collect::<Vec<_>>()
-    )
-}
-
 /// One tc run of `name` on `frame` as if it arrived on `ifindex`
 /// (`__sk_buff` up to and including `ifindex`; every other field 0).
 fn run_on(dp: &mut Datapath, name: &'static str, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -202,7 +189,7 @@ fn entry_node_writes_the_option_and_does_not_snat() {
         let client = (ip(CLIENT), 40000);
         let frame = syn(client, (ip(NODE), TCP_PORT));
         let (v, out) = run_on(&mut n.dp, names::PROG_FROM_NET, up0, &frame);
-        assert_eq!(v, TC_ACT_REDIRECT, "straight back out up0\n{}", dump(n));
+        assert_eq!(v, TC_ACT_REDIRECT, "straight back out up0\n{}", dump(&n.dp));
         assert_eq!(ihl(&out), 28, "IHL 7: one 8-byte option\n{out:02x?}");
         assert_eq!(out.len(), frame.len() + 8);
         assert_eq!(
@@ -218,7 +205,7 @@ fn entry_node_writes_the_option_and_does_not_snat() {
         assert!(
             n.dp.nat().unwrap().is_empty(),
             "no SNAT mapping\n{}",
-            dump(n)
+            dump(&n.dp)
         );
         assert_eq!(how(n, |k| k.dport_be == TCP_PORT.to_be()), CT_F_DSR);
 
@@ -241,13 +228,13 @@ fn entry_node_writes_the_option_and_does_not_snat() {
         for i in 1..=2u64 {
             let dgram = udp(client, (ip(NODE), UDP_PORT), b"query", false);
             let (v, out) = run_on(&mut n.dp, names::PROG_FROM_NET, up0, &dgram);
-            assert_eq!(v, TC_ACT_REDIRECT, "{}", dump(n));
+            assert_eq!(v, TC_ACT_REDIRECT, "{}", dump(&n.dp));
             assert_eq!(out[34..42], option((ip(NODE), UDP_PORT)), "packet {i}");
             assert_eq!(out[42 + 8..], dgram[34 + 8..], "UDP payload");
             assert_checksums(&out);
             assert_eq!(stat(&n.dp, stats::DSR_OPT_SET), 1 + i);
         }
-        assert_eq!(stat(&n.dp, stats::SNAT), 0, "{}", dump(n));
+        assert_eq!(stat(&n.dp, stats::SNAT), 0, "{}", dump(&n.dp));
     });
 }
 
@@ -262,20 +249,20 @@ fn entry_node_falls_back_to_snat_per_flow() {
         let fits = udp((ip(CLIENT), 42000), (ip(NODE), UDP_PORT), &[7; 1464], false);
         assert_eq!(fits.len() - 14, 1492);
         let (_, out) = run_on(&mut n.dp, names::PROG_FROM_NET, up0, &fits);
-        assert_eq!(ihl(&out), 28, "1492 + 8 fits\n{}", dump(n));
+        assert_eq!(ihl(&out), 28, "1492 + 8 fits\n{}", dump(&n.dp));
         assert_eq!(out.len() - 14, 1500);
         assert_checksums(&out);
 
         let big = udp((ip(CLIENT), 42001), (ip(NODE), UDP_PORT), &[7; 1465], false);
         let (_, out) = run_on(&mut n.dp, names::PROG_FROM_NET, up0, &big);
-        assert_eq!(ihl(&out), 20, "too big for the option\n{}", dump(n));
+        assert_eq!(ihl(&out), 20, "too big for the option\n{}", dump(&n.dp));
         assert_eq!(stat(&n.dp, stats::DSR_FALLBACK_MTU), 1);
         let (_, out) = run_on(&mut n.dp, names::PROG_TO_NET, up0, &out);
         assert_eq!(
             view(&out).src,
             ip(NODE),
             "the fallback is source NAT\n{}",
-            dump(n)
+            dump(&n.dp)
         );
         assert_checksums(&out);
 
@@ -286,7 +273,7 @@ fn entry_node_falls_back_to_snat_per_flow() {
             up0,
             &syn((ip(CLIENT), 43000), (ip(NODE), TUNNEL_PORT)),
         );
-        assert_eq!(ihl(&out), 20, "{}", dump(n));
+        assert_eq!(ihl(&out), 20, "{}", dump(&n.dp));
         assert_eq!(view(&out).dst, ip(TUNNEL_BE));
         assert_eq!(stat(&n.dp, stats::DSR_FALLBACK_ROUTE), 1);
         assert_eq!(how(n, |k| k.dport_be == TUNNEL_PORT.to_be()), CT_F_SNAT);
@@ -343,7 +330,7 @@ fn backend_node_takes_the_option_and_the_reply_leaves_from_the_frontend() {
     let frame = with_option(&plain, option(frontend));
     assert_checksums(&frame);
     let (_, out) = run(&mut n.dp, names::PROG_FROM_NET, &frame);
-    assert_eq!(ihl(&out), 20, "option stripped\n{}", dump(&n));
+    assert_eq!(ihl(&out), 20, "option stripped\n{}", dump(&n.dp));
     assert_eq!(
         out[14..],
         {
@@ -397,7 +384,7 @@ fn backend_node_takes_the_option_and_the_reply_leaves_from_the_frontend() {
         (seen.src, seen.sport),
         frontend,
         "reply from the frontend\n{}",
-        dump(&n)
+        dump(&n.dp)
     );
     assert_eq!((seen.dst, seen.dport), client);
     assert_checksums(&out);
@@ -418,7 +405,7 @@ fn backend_node_takes_the_option_and_the_reply_leaves_from_the_frontend() {
         &udp(pod, client, b"answer", false),
     );
     let seen = view(&out);
-    assert_eq!((seen.src, seen.sport), frontend, "{}", dump(&n));
+    assert_eq!((seen.src, seen.sport), frontend, "{}", dump(&n.dp));
     assert_eq!((seen.dst, seen.dport), client);
     assert_checksums(&out);
     assert_eq!(stat(&n.dp, stats::DSR_OPT_RECV), 2);
@@ -450,7 +437,7 @@ fn backend_node_ignores_other_options_and_other_destinations() {
             .iter()
             .all(|(_, e)| e.flags & CT_F_DSR == 0),
         "{}",
-        dump(&n)
+        dump(&n.dp)
     );
 }
 
@@ -490,7 +477,7 @@ fn xdp_entry_node_writes_the_option_and_sends_the_flow_itself() {
         let client = (ip(CLIENT), 40000);
         let backend = (ip(REMOTE_BE), 8080);
         let (v, out) = xdp(&mut n.dp, up0, &syn(client, (ip(NODE), TCP_PORT)));
-        assert_eq!(v, XDP_TX, "the SYN leaves from XDP\n{}", dump(n));
+        assert_eq!(v, XDP_TX, "the SYN leaves from XDP\n{}", dump(&n.dp));
         // Exactly the client's SYN to the backend, the option after the
         // header, as node 1 routes it to node 2.
         let want = routed_to_node2(&with_option(
@@ -504,14 +491,14 @@ fn xdp_entry_node_writes_the_option_and_sends_the_flow_itself() {
         assert!(
             n.dp.nat().unwrap().is_empty(),
             "no SNAT mapping\n{}",
-            dump(n)
+            dump(&n.dp)
         );
         assert_eq!(how(n, |k| k.dport_be == TCP_PORT.to_be()), CT_F_DSR);
 
         // Later TCP packets: DNAT only, still at XDP.
         let ack = tcp(client, (ip(NODE), TCP_PORT), 0x10, b"hello");
         let (v, out) = xdp(&mut n.dp, up0, &ack);
-        assert_eq!(v, XDP_TX, "{}", dump(n));
+        assert_eq!(v, XDP_TX, "{}", dump(&n.dp));
         assert_eq!(out, routed_to_node2(&tcp(client, backend, 0x10, b"hello")));
         // The same flow through tc (XDP detached, or a packet XDP left to
         // tc) finds XDP's state: DNAT, no option, no SNAT.
@@ -535,10 +522,10 @@ fn xdp_entry_node_writes_the_option_and_sends_the_flow_itself() {
             let (v, out) = xdp(&mut n.dp, up0, &first);
             assert_eq!((v, out.as_slice()), (XDP_PASS, first.as_slice()));
             let (v, _) = run_on(&mut n.dp, names::PROG_FROM_NET, up0, &first);
-            assert_eq!(v, TC_ACT_REDIRECT, "{}", dump(n));
+            assert_eq!(v, TC_ACT_REDIRECT, "{}", dump(&n.dp));
             let next = udp(client, (ip(NODE), UDP_PORT), b"again", zero);
             let (v, out) = xdp(&mut n.dp, up0, &next);
-            assert_eq!(v, XDP_TX, "{}", dump(n));
+            assert_eq!(v, XDP_TX, "{}", dump(&n.dp));
             let want = routed_to_node2(&with_option(
                 &udp(client, (ip(REMOTE_BE), 5353), b"again", zero),
                 option((ip(NODE), UDP_PORT)),
@@ -549,7 +536,7 @@ fn xdp_entry_node_writes_the_option_and_sends_the_flow_itself() {
         // The SYN, tc's two first datagrams, XDP's two next ones.
         assert_eq!(stat(&n.dp, stats::DSR_OPT_SET), 5);
         assert_eq!(stat(&n.dp, stats::XDP_TX), 4);
-        assert_eq!(stat(&n.dp, stats::SNAT), 0, "{}", dump(n));
+        assert_eq!(stat(&n.dp, stats::SNAT), 0, "{}", dump(&n.dp));
     });
 }
 
@@ -565,14 +552,14 @@ fn xdp_entry_node_falls_back_per_flow_as_tc_does() {
         let big = tcp((ip(CLIENT), 42000), (ip(NODE), TCP_PORT), 0x02, &[7; 1453]);
         assert_eq!(big.len() - 14, 1493);
         let (v, out) = xdp(&mut n.dp, up0, &big);
-        assert_eq!(v, XDP_TX, "{}", dump(n));
+        assert_eq!(v, XDP_TX, "{}", dump(&n.dp));
         assert_eq!(ihl(&out), 20, "no option");
         let seen = view(&out);
         assert_eq!(
             seen.src,
             ip(NODE),
             "the fallback is source NAT\n{}",
-            dump(n)
+            dump(&n.dp)
         );
         assert_eq!((seen.dst, seen.dport), (ip(REMOTE_BE), 8080));
         assert_checksums(&out);
@@ -596,7 +583,7 @@ fn xdp_entry_node_falls_back_per_flow_as_tc_does() {
         let local = syn((ip(CLIENT), 43002), (ip(NODE), LOCAL_PORT));
         for f in [&tunnel, &with_opts, &local] {
             let (v, out) = xdp(&mut n.dp, up0, f);
-            assert_eq!((v, out.as_slice()), (XDP_PASS, f.as_slice()), "{}", dump(n));
+            assert_eq!((v, out.as_slice()), (XDP_PASS, f.as_slice()), "{}", dump(&n.dp));
         }
         assert_eq!(
             stat(&n.dp, stats::XDP_TO_TC),
