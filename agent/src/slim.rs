@@ -282,47 +282,35 @@ fn null_is_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result
     Ok(Option::<Box<[T]>>::deserialize(d)?.unwrap_or_default())
 }
 
-impl k8s_openapi::Resource for SlimService {
-    const API_VERSION: &'static str = <Service as k8s_openapi::Resource>::API_VERSION;
-    const GROUP: &'static str = <Service as k8s_openapi::Resource>::GROUP;
-    const KIND: &'static str = <Service as k8s_openapi::Resource>::KIND;
-    const VERSION: &'static str = <Service as k8s_openapi::Resource>::VERSION;
-    const URL_PATH_SEGMENT: &'static str = <Service as k8s_openapi::Resource>::URL_PATH_SEGMENT;
-    type Scope = NamespaceResourceScope;
+/// `Resource` and `Metadata` for a slim type, with the group, version and
+/// kind of the k8s-openapi type it stands for.
+macro_rules! watched_as {
+    ($slim:ty, $real:ty) => {
+        impl k8s_openapi::Resource for $slim {
+            const API_VERSION: &'static str = <$real as k8s_openapi::Resource>::API_VERSION;
+            const GROUP: &'static str = <$real as k8s_openapi::Resource>::GROUP;
+            const KIND: &'static str = <$real as k8s_openapi::Resource>::KIND;
+            const VERSION: &'static str = <$real as k8s_openapi::Resource>::VERSION;
+            const URL_PATH_SEGMENT: &'static str = <$real as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+            type Scope = NamespaceResourceScope;
+        }
+
+        impl k8s_openapi::Metadata for $slim {
+            type Ty = ObjectMeta;
+
+            fn metadata(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
 }
 
-impl k8s_openapi::Metadata for SlimService {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
-impl k8s_openapi::Resource for SlimSlice {
-    const API_VERSION: &'static str = <EndpointSlice as k8s_openapi::Resource>::API_VERSION;
-    const GROUP: &'static str = <EndpointSlice as k8s_openapi::Resource>::GROUP;
-    const KIND: &'static str = <EndpointSlice as k8s_openapi::Resource>::KIND;
-    const VERSION: &'static str = <EndpointSlice as k8s_openapi::Resource>::VERSION;
-    const URL_PATH_SEGMENT: &'static str = <EndpointSlice as k8s_openapi::Resource>::URL_PATH_SEGMENT;
-    type Scope = NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for SlimSlice {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+watched_as!(SlimService, Service);
+watched_as!(SlimSlice, EndpointSlice);
 
 #[cfg(test)]
 mod tests {
