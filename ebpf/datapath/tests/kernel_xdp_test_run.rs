@@ -257,10 +257,42 @@ fn xdp_leaves_flows_started_by_tc_consistent_and_passes_the_rest() {
         f[24..26].copy_from_slice(&c.to_be_bytes());
         let (v, out) = xdp(&mut n.dp, ifindex, &f);
         assert_eq!((v, out.as_slice()), (XDP_PASS, f.as_slice()));
-        // Without backends and without CFG_F_DROP_NO_BACKEND: tc rejects.
-        let f = syn((ip(CLIENT), 42003), (ip(NODE), EMPTY_NODEPORT));
-        let (v, _) = xdp(&mut n.dp, ifindex, &f);
-        assert_eq!(v, XDP_PASS);
+        // Without backends and without CFG_F_DROP_NO_BACKEND: XDP sends
+        // back the RST tc's reject would send, byte for byte (a SYN with
+        // data, so the frame is cut too); a UDP datagram's ICMP error is
+        // tc's.
+        let f = tcp(
+            (ip(CLIENT), 42003),
+            (ip(NODE), EMPTY_NODEPORT),
+            0x02,
+            b"early data",
+        );
+        let (v, out) = xdp(&mut n.dp, ifindex, &f);
+        assert_eq!(v, XDP_TX, "RST from XDP");
+        let (tc_v, tc_out) = run(&mut n.dp, names::PROG_FROM_NET, &f);
+        assert_eq!(tc_v, TC_ACT_REDIRECT, "tc's reject");
+        assert_eq!(out, tc_out, "the RST tc would send");
+        assert_eq!(out.len(), 54);
+        let o = view(&out);
+        assert_eq!(
+            (o.src, o.sport, o.dst, o.dport),
+            (ip(NODE), EMPTY_NODEPORT, ip(CLIENT), 42003)
+        );
+        assert_eq!(out[47], 0x14, "RST|ACK");
+        assert_eq!(
+            u32::from_be_bytes(out[42..46].try_into().unwrap()),
+            1000 + 1 + 10,
+            "acks the SYN and its data"
+        );
+        assert_eq!(macs(&out), (macs(&f).1, macs(&f).0), "back to the sender");
+        assert_checksums(&out);
+        assert_eq!(stat(&n.dp, stats::REJECT_RST), 2, "XDP's and tc's");
+        let mut dns = nodeport("empty-udp", EMPTY_NODEPORT, Vec::new(), Algorithm::Random);
+        dns.protocol = Protocol::Udp;
+        n.svcs.upsert(&dns).unwrap();
+        let u = udp((ip(CLIENT), 42004), (ip(NODE), EMPTY_NODEPORT), b"q", false);
+        let (v, out) = xdp(&mut n.dp, ifindex, &u);
+        assert_eq!((v, out.as_slice()), (XDP_PASS, u.as_slice()));
         assert_eq!(stat(&n.dp, stats::XDP_TO_TC), to_tc + 4);
 
         // Not a frontend: untouched and not counted.

@@ -54,8 +54,9 @@ fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
+/// A 20-byte IPv4 header (DF, TTL 64) with its checksum.
 #[inline(always)]
-fn ip_header(buf: &mut [u16; 10], tot_len: u16, proto: u8, tos: u8, src: u32, dst: u32) {
+pub fn ip_header(buf: &mut [u16; 10], tot_len: u16, proto: u8, tos: u8, src: u32, dst: u32) {
     let b = |x: u16| x.to_be();
     buf[0] = b(0x4500 | u16::from(tos));
     buf[1] = b(tot_len);
@@ -91,6 +92,41 @@ fn tcp_rst(ctx: &TcContext, p: &Pkt) -> Result<i32, u32> {
     let seq: u32 = ctx.load(p.l4_off + 4).map_err(|_| stats::DROP_MALFORMED)?;
     let ack: u32 = ctx.load(p.l4_off + 8).map_err(|_| stats::DROP_MALFORMED)?;
     let doff: u8 = ctx.load(p.l4_off + 12).map_err(|_| stats::DROP_MALFORMED)?;
+    swap_macs(ctx, 0)?;
+    let new_len = ETH_LEN + IP_LEN + TCP_LEN;
+    // SAFETY: helper on our own skb.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, new_len as u32, 0) } != 0 {
+        return Err(stats::NAT_FAIL);
+    }
+    let mut ip = [0u16; 10];
+    ip_header(
+        &mut ip,
+        (IP_LEN + TCP_LEN) as u16,
+        proto::TCP,
+        0,
+        p.daddr_be,
+        p.saddr_be,
+    );
+    let (head, tail) = rst_tcp(p, &ip, seq, ack, doff);
+    ctx.store(IP_OFF, &ip, 0).map_err(|_| stats::NAT_FAIL)?;
+    ctx.store(IP_OFF + IP_LEN, &head, 0)
+        .map_err(|_| stats::NAT_FAIL)?;
+    ctx.store(IP_OFF + IP_LEN + 14, &tail, 0)
+        .map_err(|_| stats::NAT_FAIL)?;
+    count(stats::REJECT_RST);
+    // SAFETY: plain helper call; egress of the interface it arrived on.
+    Ok(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32)
+}
+
+/// The TCP header of the RST answering `p` (whose seq, ack and data-offset
+/// byte are given, as in the packet) under the IPv4 header `ip`: ports,
+/// seq, ack, offset and flags, then window 0, checksum, urgent 0. Two
+/// arrays and no zeroed 20-byte buffer: LLVM zeroes the words such a
+/// buffer leaves unfilled with a call to memset, one more call frame, and
+/// 6.1's verifier counts every frame (at least 32 bytes) against the
+/// 512-byte stack of the chain. Shared by tc and XDP (`xdp`).
+#[inline(always)]
+pub fn rst_tcp(p: &Pkt, ip: &[u16; 10], seq: u32, ack: u32, doff: u8) -> ([u16; 7], [u16; 3]) {
     let hdr = (p.l4_off - IP_OFF) as u32 + u32::from(doff >> 4) * 4;
     let payload = u32::from(p.tot_len).saturating_sub(hdr);
     // RFC 9293 3.10.7.1: if the segment has ACK, RST takes its seq from it;
@@ -111,28 +147,8 @@ fn tcp_rst(ctx: &TcContext, p: &Pkt) -> Result<i32, u32> {
             TCP_RST | TCP_ACK,
         )
     };
-    swap_macs(ctx, 0)?;
-    let new_len = ETH_LEN + IP_LEN + TCP_LEN;
-    // SAFETY: helper on our own skb.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, new_len as u32, 0) } != 0 {
-        return Err(stats::NAT_FAIL);
-    }
-    let mut ip = [0u16; 10];
-    ip_header(
-        &mut ip,
-        (IP_LEN + TCP_LEN) as u16,
-        proto::TCP,
-        0,
-        p.daddr_be,
-        p.saddr_be,
-    );
     let s = rseq.to_ne_bytes();
     let a = rack.to_ne_bytes();
-    // Ports, seq, ack, offset + flags; then window 0, checksum, urgent 0.
-    // Two stores and no zeroed 20-byte buffer: LLVM zeroes the words such a
-    // buffer leaves unfilled with a call to memset, one more call frame,
-    // and 6.1's verifier counts every frame (at least 32 bytes) against the
-    // 512-byte stack of the chain.
     let head = [
         p.dport_be,
         p.sport_be,
@@ -145,15 +161,7 @@ fn tcp_rst(ctx: &TcContext, p: &Pkt) -> Result<i32, u32> {
     // Pseudo-header: addresses (already in ip[6..10]), protocol, TCP length.
     let mut sum = add_words(0, &ip[6..10]);
     sum += u32::from(proto::TCP) + TCP_LEN as u32;
-    let tail = [0, fold(add_words(sum, &head)), 0];
-    ctx.store(IP_OFF, &ip, 0).map_err(|_| stats::NAT_FAIL)?;
-    ctx.store(IP_OFF + IP_LEN, &head, 0)
-        .map_err(|_| stats::NAT_FAIL)?;
-    ctx.store(IP_OFF + IP_LEN + 14, &tail, 0)
-        .map_err(|_| stats::NAT_FAIL)?;
-    count(stats::REJECT_RST);
-    // SAFETY: plain helper call; egress of the interface it arrived on.
-    Ok(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32)
+    (head, [0, fold(add_words(sum, &head)), 0])
 }
 
 fn icmp_port_unreachable(ctx: &TcContext, p: &Pkt) -> Result<i32, u32> {

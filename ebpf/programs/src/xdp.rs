@@ -40,14 +40,17 @@
 //! Early drops: a malformed IPv4 header (the entry's verdict), no port
 //! left for the source NAT (as tc), a source outside the frontend's
 //! `loadBalancerSourceRanges` (`srcrange`), and, when the node drops instead of
-//! rejecting (`CFG_F_DROP_NO_BACKEND`), a service without backends; the
-//! RST / ICMP reject is built by tc (`reject`).
+//! rejecting (`CFG_F_DROP_NO_BACKEND`), a service without backends.
+//! Otherwise a TCP segment to a service without backends gets its RST
+//! from XDP (`XDP_TX`, the bytes tc's `reject` writes); the ICMP port
+//! unreachable for UDP is tc's.
 //!
 //! Checksums are updated inline (`csum::rewrite_complete`): a received
 //! frame's checksums are complete.
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::bpf_xdp_adjust_tail,
     programs::XdpContext,
 };
 use riptide_common::{
@@ -62,8 +65,8 @@ use crate::{
     events, lb,
     maps::{config, count},
     nat, nodeport,
-    parse::{self, L4_OFF, Pkt},
-    route,
+    parse::{self, IP_OFF, L4_OFF, Pkt, TCP_RST, linear},
+    reject, route,
 };
 
 /// Leaves a frontend packet to tc, untouched.
@@ -192,7 +195,7 @@ pub fn try_xdp_net(ctx: &XdpContext) -> Result<u32, u32> {
         return to_tc();
     }
     let Some(chosen) = lb::select_for(&svc, &p)? else {
-        return no_backend(ctx, cfg);
+        return no_backend(ctx, &p, cfg);
     };
     if chosen.be.flags & BE_F_LOCAL != 0 || cfg.node_ip_be == 0 {
         return to_tc();
@@ -310,14 +313,81 @@ fn send_new(
 }
 
 /// A service without a usable backend: dropped here when the node drops
-/// (`CFG_F_DROP_NO_BACKEND`), else tc answers with a RST / ICMP port
-/// unreachable (`reject`).
+/// (`CFG_F_DROP_NO_BACKEND`); a TCP segment is answered from here with
+/// the RST tc's `reject` would send ([`rst`]); anything else goes to tc,
+/// which answers with an ICMP port unreachable (a frame grown by a header
+/// in front of the quote: `bpf_skb_change_head`).
 #[inline(always)]
-fn no_backend(ctx: &XdpContext, cfg: &Config) -> Result<u32, u32> {
-    if cfg.flags & CFG_F_DROP_NO_BACKEND == 0 {
+fn no_backend(ctx: &XdpContext, p: &Pkt, cfg: &Config) -> Result<u32, u32> {
+    let drop = cfg.flags & CFG_F_DROP_NO_BACKEND != 0;
+    if !drop && p.proto != proto::TCP {
         return to_tc();
     }
     count(stats::DROP_NO_BACKEND);
     events::report(ctx, stats::DROP_NO_BACKEND, EV_SRC_XDP_NET);
-    Ok(XDP_DROP)
+    if drop || p.tcp_flags & TCP_RST != 0 {
+        // Never answer a RST with a RST.
+        return Ok(XDP_DROP);
+    }
+    rst(ctx, p)
+}
+
+/// Turns `p` (TCP, no IP options) into the RST that answers it, from the
+/// frontend it was sent to, and sends it back to the sender's MAC with
+/// `XDP_TX`: the frame cut to Ethernet + 20 + 20 bytes
+/// (`bpf_xdp_adjust_tail`), MACs swapped, a new IPv4 header, the TCP
+/// header of `reject::rst_tcp` (byte for byte what tc writes).
+#[inline(always)]
+fn rst(ctx: &XdpContext, p: &Pkt) -> Result<u32, u32> {
+    const LEN: usize = L4_OFF + 20;
+    let data = linear(ctx, LEN).ok_or(stats::DROP_MALFORMED)?;
+    // SAFETY: the Ethernet, IPv4 and TCP base headers are inside the
+    // bytes checked by `linear`; no helper ran since.
+    let (macs, seq, ack, doff) = unsafe {
+        let w = data as *const u16;
+        (
+            [*w, *w.add(1), *w.add(2), *w.add(3), *w.add(4), *w.add(5)],
+            *((data + L4_OFF + 4) as *const u32),
+            *((data + L4_OFF + 8) as *const u32),
+            *((data + L4_OFF + 12) as *const u8),
+        )
+    };
+    let len = ctx.data_end() - ctx.data();
+    // SAFETY: plain helper call; a negative delta shrinks the frame at
+    // its end (it keeps at least the headers written below).
+    if len > LEN && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - LEN) as i32)) } != 0 {
+        return Err(stats::NAT_FAIL);
+    }
+    let mut ip = [0u16; 10];
+    reject::ip_header(&mut ip, 40, proto::TCP, 0, p.daddr_be, p.saddr_be);
+    let (head, tail) = reject::rst_tcp(p, &ip, seq, ack, doff);
+    let data = linear(ctx, LEN).ok_or(stats::NAT_FAIL)?;
+    // SAFETY: 2-byte words inside the `LEN` bytes checked by `linear`
+    // (the frame start is 2-byte aligned); no helper ran since.
+    unsafe {
+        let w = data as *mut u16;
+        let mut i = 0;
+        while i < 3 {
+            *w.add(i) = macs[3 + i];
+            *w.add(3 + i) = macs[i];
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 10 {
+            *w.add(IP_OFF / 2 + i) = ip[i];
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 7 {
+            *w.add(L4_OFF / 2 + i) = head[i];
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 3 {
+            *w.add(L4_OFF / 2 + 7 + i) = tail[i];
+            i += 1;
+        }
+    }
+    count(stats::REJECT_RST);
+    Ok(XDP_TX)
 }
