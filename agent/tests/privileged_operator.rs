@@ -2,8 +2,9 @@
 //! namespace (root: eBPF pins, namespaces): the per-Service backend cap and
 //! its Event, a deliberately tiny backend map that fails one Service while
 //! the others sync, metrics scraped over HTTP and checked by name and
-//! value, kube-proxy's `:10256/healthz`, `riptide map list` / `node list`,
-//! and a stale watch while the apiserver is down, with recovery.
+//! value, kube-proxy's `:10256/healthz`, `riptide map list` / `node list`
+//! / `bpf nat list` (both NAT tables), and a stale watch while the
+//! apiserver is down, with recovery.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -188,6 +189,49 @@ fn privileged_backend_cap_tiny_map_metrics_and_node_health() {
         assert!(out.status.success() && text.contains("rt_be4_v1"), "-o {format}: {text}");
     }
 
+    // Both NAT tables, wherever operators look: a masqueraded TCP and UDP
+    // flow written as the programs write them (each in its protocol's
+    // table) are listed with their table by `riptide bpf nat list`, and the
+    // map list, the capacity gauges and status name both tables.
+    write_masquerade_mappings(&ns.node);
+    let nat = riptide(&ns, &["bpf", "nat", "list"]).unwrap();
+    let listed: Vec<(&str, &str, &str)> = nat
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["table"].as_str().unwrap(), e["protocol"].as_str().unwrap(), e["direction"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("rt_nat4_v2", "TCP", "egress"),
+            ("rt_nat4_v2", "TCP", "ingress"),
+            ("rt_natany4_v2", "UDP", "egress"),
+            ("rt_natany4_v2", "UDP", "ingress")
+        ],
+        "{nat}"
+    );
+    let wide = Command::new(env!("CARGO_BIN_EXE_riptide"))
+        .arg("--socket")
+        .arg(ns.path("agent.sock"))
+        .args(["bpf", "nat", "list", "-o", "wide"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&wide.stdout);
+    assert!(wide.status.success() && text.contains("TABLE") && text.contains("rt_nat4_v2") && text.contains("rt_natany4_v2"), "{text}");
+    assert!(text.contains("10.42.9.200:40000") && text.contains("10.42.9.200:53000"), "{text}");
+    let maps = riptide(&ns, &["map", "list"]).unwrap();
+    for (name, max) in [("rt_nat4_v2", 262_144), ("rt_natany4_v2", 131_072)] {
+        let m = maps.as_array().unwrap().iter().find(|m| m["name"] == name).unwrap_or_else(|| panic!("{name} in {maps}"));
+        assert_eq!(m["max_entries"].as_u64(), Some(max), "{maps}");
+    }
+    eventually(&ns, "both NAT tables sampled: status and gauges", || {
+        let m = metrics(&ns);
+        status(&ns).is_some_and(|s| s["nat_entries"] == 4 && s["nat_tables"]["rt_nat4_v2"] == 2 && s["nat_tables"]["rt_natany4_v2"] == 2)
+            && sample(&m, "riptide_bpf_map_capacity{map_name=\"rt_natany4_v2\"}") == Some(131_072.0)
+            && sample(&m, "riptide_bpf_map_pressure{map_name=\"rt_nat4_v2\"}").is_some_and(|p| p > 0.0)
+    });
+
     // The overflow goes: everything fits, the pass writes all it wants.
     kubectl(&ns, &kc, &["delete", "service", "zz-overflow"], None);
     kubectl(&ns, &kc, &["delete", "endpointslice", "zz-overflow-a"], None);
@@ -219,6 +263,25 @@ fn privileged_backend_cap_tiny_map_metrics_and_node_health() {
     let (code, body) = http(&ns, "http://127.0.0.1:10256/livez");
     assert_eq!(code, 200, "/livez ignores eligibility: {body}");
     assert!(body.contains("\"nodeEligible\":false"), "{body}");
+}
+
+/// Writes both halves of a masqueraded TCP flow (10.42.9.200:40000 →
+/// 203.0.113.1:443) and a UDP one (:53000 → :53) into the pinned NAT
+/// tables of `node`, each in its protocol's table as `nat.rs` does.
+fn write_masquerade_mappings(node: &str) {
+    use aya::maps::{HashMap, Map, MapData};
+    use riptide_common::{CtKey, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_MASQ, NatValue, names, proto};
+    let (pod, peer, node_ip) = ([10, 42, 9, 200], [203, 0, 113, 1], [198, 18, 77, 1]);
+    let be = |a: [u8; 4]| u32::from_be_bytes(a).to_be();
+    let now = riptide_datapath::clock::monotonic_ns();
+    for (table, p, pod_port, peer_port, nat_port) in [(names::NAT4, proto::TCP, 40_000u16, 443u16, 40_000u16), (names::NAT_ANY4, proto::UDP, 53_000, 53, 41_000)] {
+        let path = riptide_datapath::pin_dir(node).unwrap().join(table);
+        let mut m: HashMap<MapData, CtKey, NatValue> = HashMap::try_from(Map::LruHashMap(MapData::from_pin(path).unwrap())).unwrap();
+        let egress = CtKey { saddr_be: be(pod), daddr_be: be(peer), sport_be: pod_port.to_be(), dport_be: peer_port.to_be(), proto: p, dir: NAT_DIR_EGRESS, _pad: 0 };
+        let ingress = CtKey { saddr_be: be(peer), daddr_be: be(node_ip), sport_be: peer_port.to_be(), dport_be: nat_port.to_be(), proto: p, dir: NAT_DIR_INGRESS, _pad: 0 };
+        m.insert(egress, NatValue { last_seen_ns: now, addr_be: be(node_ip), port_be: nat_port.to_be(), flags: NAT_F_MASQ }, 0).unwrap();
+        m.insert(ingress, NatValue { last_seen_ns: now, addr_be: be(pod), port_be: pod_port.to_be(), flags: NAT_F_MASQ }, 0).unwrap();
+    }
 }
 
 /// The apiserver on a fixed address, so a restart keeps the kubeconfig.
