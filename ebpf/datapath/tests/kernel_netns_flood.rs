@@ -213,6 +213,20 @@ fn echo_all(conns: &mut [TcpStream], round: &str) -> Vec<String> {
     failed
 }
 
+/// [`echo_all`] that fails, naming the broken connections and showing the
+/// node's flow tables and counters.
+fn assert_all_echo(conns: &mut [TcpStream], round: &str, dp: &Datapath) {
+    let failed = echo_all(conns, round);
+    assert!(
+        failed.is_empty(),
+        "{round}: {} of {} connections broken: {:?}\n{}",
+        failed.len(),
+        conns.len(),
+        &failed[..failed.len().min(10)],
+        common::dump(dp)
+    );
+}
+
 /// Sends up to `flows` frames of distinct new flows from the outside
 /// namespace (raw `AF_PACKET` on its `eth0`): TCP SYNs and UDP datagrams
 /// to the server pod, from every source port to 16 destination ports.
@@ -296,8 +310,7 @@ fn netns_established_service_connections_survive_a_flood_of_new_inbound_flows() 
             })
             .collect()
     });
-    let before = echo_all(&mut conns, "before");
-    assert!(before.is_empty(), "echo before the flood: {before:?}");
+    assert_all_echo(&mut conns, "before the flood", &lab.dp);
     let tcp_entries = lab.dp.conntrack_table(names::CT4).unwrap().len();
     assert!(tcp_entries >= 2 * CONNECTIONS, "{tcp_entries} TCP entries");
 
@@ -315,16 +328,8 @@ fn netns_established_service_connections_survive_a_flood_of_new_inbound_flows() 
     );
     assert!(marked >= u64::from(sent) / 2, "most flood frames reached the node ({marked} of {sent})");
 
-    let after = echo_all(&mut conns, "after");
-    let st = lab.dp.stats().unwrap();
-    assert!(
-        after.is_empty(),
-        "{} of {CONNECTIONS} connections broken after the flood: {:?}\nstats: {:?}",
-        after.len(),
-        &after[..after.len().min(10)],
-        st.named().filter(|(_, v)| *v > 0).collect::<Vec<_>>()
-    );
-    assert_eq!(st.get(stats::CT_LOST_TCP), 0, "no connection lost its entry");
+    assert_all_echo(&mut conns, "after the flood", &lab.dp);
+    assert_eq!(lab.dp.stats().unwrap().get(stats::CT_LOST_TCP), 0, "no connection lost its entry");
     let _ = (&lab.n, &lab.c);
 }
 
@@ -386,8 +391,7 @@ fn netns_masqueraded_tcp_connections_survive_a_udp_flood_from_pods_to_outside() 
             })
             .collect()
     });
-    let before = echo_all(&mut conns, "before");
-    assert!(before.is_empty(), "echo before the flood: {before:?}");
+    assert_all_echo(&mut conns, "before the UDP flood", &lab.dp);
     let tcp_mappings = lab.dp.nat_table(names::NAT4).unwrap().len();
     assert_eq!(tcp_mappings, 2 * MASQ_CONNECTIONS, "egress and ingress entry per connection");
 
@@ -413,15 +417,8 @@ fn netns_masqueraded_tcp_connections_survive_a_udp_flood_from_pods_to_outside() 
     );
     assert!(other <= NAT_ANY_ENTRIES as usize, "{other} entries");
 
-    let after = echo_all(&mut conns, "after");
+    assert_all_echo(&mut conns, "after the UDP flood", &lab.dp);
     let st = lab.dp.stats().unwrap();
-    assert!(
-        after.is_empty(),
-        "{} of {MASQ_CONNECTIONS} masqueraded connections broken after the flood: {:?}\n{}",
-        after.len(),
-        &after[..after.len().min(10)],
-        common::dump(&lab.dp)
-    );
     assert_eq!(st.get(stats::MASQ_LOST_MAPPING), 0, "no connection lost its mapping\n{}", common::dump(&lab.dp));
     assert_eq!(st.get(stats::MASQ_NO_PORT), 0, "{}", common::dump(&lab.dp));
     assert_eq!(lab.dp.nat_table(names::NAT4).unwrap().len(), 2 * MASQ_CONNECTIONS, "{}", common::dump(&lab.dp));
