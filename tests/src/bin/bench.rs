@@ -48,11 +48,14 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let exe = std::env::current_exe().context("locating riptide-bench")?;
+    // The bench lab lives under --out and hands paths below it to kubelets,
+    // which take only absolute ones.
+    let out_dir = std::path::absolute(&args.out).with_context(|| format!("resolving {}", args.out.display()))?;
     run(&Options {
         quick: args.quick,
         hold: args.hold,
         scenarios: args.scenario,
-        out_dir: args.out,
+        out_dir,
         bin_dir: exe.parent().context("no bin dir")?.to_path_buf(),
     })
 }
