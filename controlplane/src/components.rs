@@ -129,6 +129,12 @@ pub struct KubeletArgs {
     /// own cgroup for /sys/fs/cgroup.
     #[arg(long, value_delimiter = ',', value_parser = parse_path_map)]
     pub host_path_map: Vec<(PathBuf, PathBuf)>,
+    /// Paths hidden from every pod that is not `privileged` (an empty
+    /// read-only tmpfs over a directory, /dev/null over a file), besides
+    /// the kubelet's own --root-dir, --kubeconfig and TLS files: the
+    /// control plane's data directory, admin kubeconfigs. Comma separated or repeated.
+    #[arg(long, value_delimiter = ',')]
+    pub mask_path: Vec<PathBuf>,
     /// How long the kubelet API reuses a TokenReview answer (a revoked
     /// token keeps working this long).
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
@@ -242,6 +248,12 @@ pub async fn kubelet(a: KubeletArgs) -> Result<(), Error> {
         key_pem: read_file(&a.tls_private_key_file)?,
         client_ca_pem: read_file(&a.client_ca_file)?,
     };
+    let masked_paths = [Some(&a.root_dir), a.client.kubeconfig.as_ref(), Some(&a.tls_cert_file), Some(&a.tls_private_key_file)]
+        .into_iter()
+        .flatten()
+        .chain(&a.mask_path)
+        .cloned()
+        .collect();
     let cfg = crate::kubelet::Config {
         node_name: a.node_name,
         node_ip: a.node_ip,
@@ -265,6 +277,7 @@ pub async fn kubelet(a: KubeletArgs) -> Result<(), Error> {
         host_path_root: a.host_path_root,
         host_path_shared: a.host_path_shared,
         host_path_map: a.host_path_map,
+        masked_paths,
         cluster_ca_pem: cluster_ca.filter(|c| !c.is_empty()),
         auth_cache: crate::kubelet::auth::CacheTtls {
             token: a.authentication_token_webhook_cache_ttl,

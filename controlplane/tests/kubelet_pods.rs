@@ -157,6 +157,10 @@ impl Node {
             .arg(self.node_root())
             .arg("--resolv-conf")
             .arg(&resolv)
+            // The control plane's data (CA key, tokens, admin kubeconfig),
+            // as a lab node hides it from pods.
+            .arg("--mask-path")
+            .arg(self.dir.path().join("cp"))
             .args(["--restart-backoff", "1s", "--heartbeat-interval", "1s"])
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().unwrap())
@@ -376,6 +380,135 @@ spec:
     // kubectl exec runs as the container's user.
     let (ok, out) = n.kubectl_raw(&["exec", "vols", "-c", "restricted", "--", "id", "-u"], None);
     assert!(ok && out.trim() == "1000", "exec as runAsUser: {out}");
+}
+
+/// A pod that is not privileged (root, default capabilities, and also
+/// through `kubectl exec`) sees none of the control plane's or the kubelet's
+/// secrets, nor another pod's volumes; it still reads its own ServiceAccount
+/// token and volumes. A privileged pod sees the node as before.
+#[test]
+fn kubelet_masks_node_secrets_from_pods() {
+    if !privileged("for mount namespaces, cgroups and setuid") {
+        return;
+    }
+    let n = Node::up("m", true);
+    let node = n.node.clone();
+    n.apply(&format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: victim-sec}}
+stringData: {{password: victim-password}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: victim}}
+spec:
+  nodeName: {node}
+  hostNetwork: true
+  restartPolicy: Never
+  volumes: [{{name: sec, secret: {{secretName: victim-sec}}}}]
+  containers:
+  - name: main
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c", "cat /sec/password; echo; echo done-victim; sleep 1000"]
+    volumeMounts: [{{name: sec, mountPath: /sec}}]
+"#
+    ));
+    assert!(n.logs_with("victim", "main", "done-victim").contains("victim-password"));
+    // The victim's secret as the node stores it.
+    let uid = n.pod("victim")["metadata"]["uid"].as_str().unwrap().to_owned();
+    let found = Command::new("find").arg(n.root().join("pods").join(&uid)).args(["-name", "password", "-type", "f"]).output().unwrap();
+    let victim_secret = String::from_utf8_lossy(&found.stdout).lines().next().unwrap_or_default().to_owned();
+    assert!(std::fs::read_to_string(&victim_secret).is_ok_and(|s| s == "victim-password"), "victim's secret on the node: {victim_secret:?}");
+    let cp = n.dir.path().join("cp");
+    let creds = n.dir.path().join("creds");
+    let secrets: Vec<PathBuf> = vec![
+        cp.join("pki").join("ca.key"),
+        n.kubeconfig.clone(),
+        creds.join("kubelet.key"),
+        creds.join("kubelet.kubeconfig"),
+        PathBuf::from(&victim_secret),
+        // Through a host process's root: needs ptrace rights over it.
+        Path::new("/proc/1/root").join(cp.join("pki").join("ca.key").strip_prefix("/").unwrap()),
+    ];
+    for s in &secrets[..5] {
+        assert!(s.exists(), "{} exists on the node", s.display());
+    }
+    let list = secrets.iter().map(|p| format!("\"{}\"", p.display())).collect::<Vec<_>>().join(", ");
+    std::fs::create_dir_all(n.node_root().join("etc/cp-test")).unwrap();
+    std::fs::write(n.node_root().join("etc/cp-test/marker"), "host-marker").unwrap();
+    let probe = r#"for f in "$@"; do if cat "$f" >/dev/null 2>&1; then echo "readable $f"; else echo "hidden $f"; fi; done; echo "token=$(wc -c < /var/run/secrets/kubernetes.io/serviceaccount/token)"; echo "cfg=$(cat /cfg/k)"; echo "sec=$(cat /sec/password)"; echo done-probe; sleep 1000"#;
+    n.apply(&format!(
+        r#"apiVersion: v1
+kind: ConfigMap
+metadata: {{name: own-cfg}}
+data: {{k: own-config}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: own-sec}}
+stringData: {{password: own-password}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: probe}}
+spec:
+  nodeName: {node}
+  hostNetwork: true
+  restartPolicy: Never
+  volumes:
+  - {{name: cfg, configMap: {{name: own-cfg}}}}
+  - {{name: sec, secret: {{secretName: own-sec}}}}
+  - {{name: cp, hostPath: {{path: /etc/cp-test, type: DirectoryOrCreate}}}}
+  containers:
+  - name: main
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c", {probe:?}, "sh", {list}]
+    volumeMounts:
+    - {{name: cfg, mountPath: /cfg}}
+    - {{name: sec, mountPath: /sec}}
+  - name: priv
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c", "cat /mnt/cp-test/marker; echo; cat \"$0\" >/dev/null && echo readable-ca; echo done-priv; sleep 1000", {ca:?}]
+    securityContext: {{privileged: true}}
+    volumeMounts: [{{name: cp, mountPath: /mnt/cp-test}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: bare}}
+spec:
+  nodeName: {node}
+  hostNetwork: true
+  restartPolicy: Never
+  automountServiceAccountToken: false
+  containers:
+  - name: main
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c", {probe_bare:?}, "sh", {list}]
+"#,
+        probe_bare = probe.split("; echo \"token=").next().unwrap().to_owned() + "; echo done-probe; sleep 1000",
+        ca = secrets[0].display().to_string(),
+    ));
+    let out = n.logs_with("probe", "main", "done-probe");
+    for s in &secrets {
+        assert!(out.contains(&format!("hidden {}", s.display())), "a default pod reads {}:\n{out}", s.display());
+    }
+    assert!(out.contains("token=") && !out.contains("token=0"), "own ServiceAccount token:\n{out}");
+    assert!(out.contains("cfg=own-config") && out.contains("sec=own-password"), "own volumes:\n{out}");
+    let bare = n.logs_with("bare", "main", "done-probe");
+    for s in &secrets {
+        assert!(bare.contains(&format!("hidden {}", s.display())), "a pod without volumes reads {}:\n{bare}", s.display());
+    }
+    // kubectl exec runs in the container's masked namespace.
+    for s in &secrets {
+        let (ok, got) = n.kubectl_raw(&["exec", "probe", "-c", "main", "--", "cat", &s.display().to_string()], None);
+        assert!(!ok && !got.contains("PRIVATE KEY") && !got.contains("victim-password"), "exec reads {}: {got}", s.display());
+    }
+    let (ok, got) = n.kubectl_raw(&["exec", "probe", "-c", "main", "--", "cat", "/sec/password"], None);
+    assert!(ok && got.contains("own-password"), "exec reads its own secret volume: {got}");
+    // The privileged container: its hostPath and the node's files.
+    let p = n.logs_with("probe", "priv", "done-priv");
+    assert!(p.contains("host-marker") && p.contains("readable-ca"), "privileged container sees the node:\n{p}");
 }
 
 #[test]

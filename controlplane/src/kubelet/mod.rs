@@ -111,6 +111,9 @@ pub struct Config {
     pub host_path_shared: Vec<PathBuf>,
     /// `--host-path-map`: hostPath prefixes resolved elsewhere (FROM, TO).
     pub host_path_map: Vec<(PathBuf, PathBuf)>,
+    /// What pods that are not `privileged` must not see ([`mounts`]): the
+    /// root dir, the kubelet's credentials, `--mask-path`.
+    pub masked_paths: Vec<PathBuf>,
     /// The cluster CA (PEM) pods get as `ca.crt`, from the kubelet's
     /// kubeconfig.
     pub cluster_ca_pem: Option<Vec<u8>>,

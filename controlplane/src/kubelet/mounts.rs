@@ -11,6 +11,20 @@
 //! `pivot_root` into such a tmpfs). The container sees the same files; new
 //! files it writes directly in a shadowed directory stay in the tmpfs.
 //!
+//! A container that is not `privileged` always gets a namespace of its
+//! own, in which the kubelet's and the control plane's state
+//! (`Config::masked_paths`: the root dir with every pod's volumes and
+//! namespace pins, the kubelet's kubeconfig and keys, `--mask-path`) is
+//! covered after the volumes are bound: an empty read-only tmpfs over a
+//! directory, `/dev/null` over a file (runc's `maskedPaths` way). The
+//! volumes stay visible at their targets (a bind mount does not go through
+//! its source's path). A mask that would cover a volume's target is left
+//! out: a pod that names such a place as a `hostPath` gets what it asked
+//! for, as upstream does without Pod Security Admission (not implemented).
+//! This is masking, not a root filesystem of the pod's own: the rest of the
+//! node's filesystem stays visible, and without `CAP_SYS_ADMIN` the pod
+//! cannot unmount the masks.
+//!
 //! Every mount is a slave of the node's (the pod's namespace is), so mounts
 //! never propagate from a container to the node. `mountPropagation:
 //! HostToContainer` keeps a volume a slave (the node's later mounts below
@@ -72,13 +86,13 @@ fn staging_dir(root: &Path) -> PathBuf {
 /// Makes the container's namespace from `base` (the pod's pinned
 /// namespace, or the node's when None) and pins it; an older pin of the
 /// same container is replaced. Blocking: call from a blocking task.
-pub fn create(root: &Path, uid: &str, container: &str, base: Option<&Path>, mounts: &[Mount]) -> Result<PathBuf, Error> {
+pub fn create(root: &Path, uid: &str, container: &str, base: Option<&Path>, mounts: &[Mount], masks: &[PathBuf]) -> Result<PathBuf, Error> {
     let pin = pin_path(root, uid, container);
     mntns::unpin(&pin)?;
     let staging = staging_dir(root);
     std::fs::create_dir_all(&staging).map_err(os_err(format!("creating {}", staging.display())))?;
     let base = base.map(|b| File::open(b).map_err(os_err(format!("opening {}", b.display())))).transpose()?;
-    let mounts = mounts.to_vec();
+    let (mounts, masks) = (mounts.to_vec(), masks.to_vec());
     mntns::pin_new(&pin, move || {
         // SAFETY: unshare/setns on this thread only; the fd is open.
         unsafe {
@@ -90,15 +104,38 @@ pub fn create(root: &Path, uid: &str, container: &str, base: Option<&Path>, moun
         }
         check(mount(None, &cstr(Path::new("/"))?, libc::MS_REC | libc::MS_SLAVE), || "making / a slave mount".into())?;
         let mut b = Builder { staging, staging_mounted: false, tmpfs: Vec::new(), n: 0 };
+        let mut targets = Vec::with_capacity(mounts.len());
         for m in &mounts {
-            b.bind(m)?;
+            targets.push(b.bind(m)?);
         }
         if b.staging_mounted {
             mntns::detach(&b.staging)?;
         }
+        for p in &masks {
+            mask(p, &targets)?;
+        }
         Ok(())
     })?;
     Ok(pin)
+}
+
+/// Hides `p` (if it exists) unless one of the container's volume
+/// `targets` is at or below it.
+fn mask(p: &Path, targets: &[PathBuf]) -> Result<(), Error> {
+    // Resolved in the new namespace: the path the container would use.
+    let Ok(p) = std::fs::canonicalize(p) else { return Ok(()) };
+    if let Some(t) = targets.iter().find(|t| t.starts_with(&p)) {
+        tracing::info!(path = %p.display(), volume = %t.display(), "not masking a path that holds a volume's mount point");
+        return Ok(());
+    }
+    let md = std::fs::metadata(&p).map_err(os_err(format!("masking {}", p.display())))?;
+    let ro = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    if md.is_dir() {
+        tmpfs_with(&p, ro, c"size=4k,mode=0555")
+    } else {
+        bind(Path::new("/dev/null"), &p, 0)?;
+        check(mount(None, &cstr(&p)?, libc::MS_BIND | libc::MS_REMOUNT | ro), || format!("making the mask of {} read-only", p.display()))
+    }
 }
 
 struct Builder {
@@ -110,10 +147,13 @@ struct Builder {
 }
 
 fn tmpfs(target: &Path) -> Result<(), Error> {
-    let (src, fstype, data) = (CString::from(c"tmpfs"), CString::from(c"tmpfs"), CString::from(c"mode=0755"));
+    tmpfs_with(target, 0, c"mode=0755")
+}
+
+fn tmpfs_with(target: &Path, flags: libc::c_ulong, data: &std::ffi::CStr) -> Result<(), Error> {
     let t = cstr(target)?;
     // SAFETY: NUL-terminated strings that outlive the call.
-    let r = unsafe { libc::mount(src.as_ptr(), t.as_ptr(), fstype.as_ptr(), 0, data.as_ptr().cast()) };
+    let r = unsafe { libc::mount(c"tmpfs".as_ptr(), t.as_ptr(), c"tmpfs".as_ptr(), flags, data.as_ptr().cast()) };
     check(r, || format!("mounting a tmpfs on {}", target.display()))
 }
 
@@ -226,7 +266,8 @@ impl Builder {
         Ok(cur)
     }
 
-    fn bind(&mut self, m: &Mount) -> Result<(), Error> {
+    /// Binds `m`; returns where it ended up (symlinks resolved).
+    fn bind(&mut self, m: &Mount) -> Result<PathBuf, Error> {
         let file = !std::fs::metadata(&m.source).map_err(os_err(format!("volume source {}", m.source.display())))?.is_dir();
         let target = self.ensure(&m.target, file)?;
         bind(&m.source, &target, libc::MS_REC)?;
@@ -241,6 +282,7 @@ impl Builder {
             Propagation::HostToContainer => libc::MS_SLAVE,
             Propagation::Bidirectional => libc::MS_SHARED,
         };
-        check(mount(None, &t, libc::MS_REC | prop), || format!("setting propagation of {}", target.display()))
+        check(mount(None, &t, libc::MS_REC | prop), || format!("setting propagation of {}", target.display()))?;
+        Ok(target)
     }
 }

@@ -330,15 +330,18 @@ impl Worker {
         let log = log_path(&self.shared.cfg.root_dir, &self.st.uid, &c.name, restart);
         let mut place = self.placement();
         place.security = Some(sec.clone());
+        // Only privileged containers see the node's state unmasked.
+        let masks = if security::privileged(c) { Vec::new() } else { self.shared.cfg.masked_paths.clone() };
+        let own_ns = !mounts.is_empty() || !masks.is_empty();
         // A container of its own starts in `/` unless it says otherwise, as
         // an image without WORKDIR does (the kubelet's directory may be
-        // under a volume's mount point).
-        let cwd = c.working_dir.clone().or_else(|| (!mounts.is_empty()).then(|| "/".to_owned()));
-        let spawned = if mounts.is_empty() {
+        // under a volume's mount point, or masked).
+        let cwd = c.working_dir.clone().or_else(|| own_ns.then(|| "/".to_owned()));
+        let spawned = if !own_ns {
             Ok(place)
         } else {
             let (root, uid, name, base) = (self.shared.cfg.root_dir.clone(), self.st.uid.clone(), c.name.clone(), self.st.mntns.clone());
-            tokio::task::spawn_blocking(move || mounts::create(&root, &uid, &name, base.as_deref(), &mounts))
+            tokio::task::spawn_blocking(move || mounts::create(&root, &uid, &name, base.as_deref(), &mounts, &masks))
                 .await
                 .map_err(|e| super::Error::Sandbox(format!("container mounts task: {e}")))
                 .and_then(|r| r)

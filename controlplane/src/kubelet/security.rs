@@ -98,11 +98,17 @@ fn id(v: Option<i64>, what: &str) -> Result<Option<u32>, String> {
     v.map(|v| u32::try_from(v).map_err(|_| format!("{what} {v} is not a valid id"))).transpose()
 }
 
+/// `securityContext.privileged: true`: all capabilities, and the node's
+/// filesystem unmasked ([`super::mounts`]).
+pub fn privileged(c: &Container) -> bool {
+    c.security_context.as_ref().and_then(|s| s.privileged).unwrap_or(false)
+}
+
 /// The container's settings, or the `CreateContainerConfigError` message.
 pub fn for_container(pod: &Pod, c: &Container) -> Result<Security, String> {
     let psc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
     let csc = c.security_context.as_ref();
-    let privileged = csc.and_then(|s| s.privileged).unwrap_or(false);
+    let privileged = privileged(c);
     let mut caps = if privileged { u64::MAX } else { set_of(DEFAULT_CAPS) };
     if !privileged && let Some(cs) = csc.and_then(|s| s.capabilities.as_ref()) {
         for d in cs.drop.iter().flatten() {
