@@ -345,10 +345,6 @@ fn micro_benches(root: &Path, quick: bool, only: Option<&str>) -> Result<()> {
             "pps_bench",
             if quick { vec!["--quick"] } else { vec![] },
         ),
-    ];
-    if let Some(o) = only {
-        anyhow::ensure!(
-            benches.iter().any(|b| b.0 == o),
         // netperf TCP_RR / TCP_CRR through the same NodePort paths (XDP on
         // and off, XDP+DSR) on the same wiring.
         (
@@ -361,6 +357,10 @@ fn micro_benches(root: &Path, quick: bool, only: Option<&str>) -> Result<()> {
                 vec!["--netperf"]
             },
         ),
+    ];
+    if let Some(o) = only {
+        anyhow::ensure!(
+            benches.iter().any(|b| b.0 == o),
             "no micro benchmark {o} (one of: {})",
             benches.iter().map(|b| b.0).collect::<Vec<_>>().join(", ")
         );
