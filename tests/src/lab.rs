@@ -863,6 +863,17 @@ impl Lab {
             // node, like the pins) stay the machine's.
             .arg("--host-path-root")
             .arg(c.node_root(i))
+            // Every node of the lab shares this machine's filesystem: hide
+            // the control plane's keys and tokens, the kubeconfigs and all
+            // nodes' credentials and pod volumes from (unprivileged) pods.
+            .arg("--mask-path")
+            .arg(
+                [c.state_dir.join("controlplane"), c.kubeconfig(), c.agent_kubeconfig(), c.state_dir.join("nodes")]
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
             .args(["--host-path-shared", "/proc,/sys,/dev,/run/netns,/var/run/netns,/run/riptide"])
             // The machine's cgroup root is this node's cgroup: socket LB
             // attaches to the lab's cgroups and nowhere else.
@@ -884,7 +895,12 @@ impl Lab {
             next.display(),
             self.cfg.bin_dir.display()
         );
-        std::fs::write(&path, map).with_context(|| format!("writing {}", path.display()))?;
+        // Written aside and renamed: each kubelet start writes it again
+        // while the kubelet started a moment before may be reading it, and
+        // a truncated map leaves that node's agent in ImagePullBackOff.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, map).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         Ok(path)
     }
 

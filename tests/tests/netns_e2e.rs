@@ -166,6 +166,44 @@ fn netns_e2e_services_on_a_three_node_lab() {
         Ok(())
     });
 
+    s.check("pods cannot read the control plane's keys, tokens or kubeconfigs", |lab| {
+        // Every lab node shares this machine's filesystem; the kubelets mask
+        // these paths (`--mask-path`) in each unprivileged pod.
+        let c = lab.config();
+        let secrets = [
+            c.state_dir.join("controlplane/pki/ca.key"),
+            c.state_dir.join("controlplane/tokens.csv"),
+            c.kubeconfig(),
+            c.node_dir(1).join("credentials/kubelet.key"),
+        ];
+        for path in &secrets {
+            ensure!(path.exists(), "{} is not on the host: the check would prove nothing", path.display());
+        }
+        for p in &e2e::pods(lab, "app=demo")? {
+            // The same exec does read what is the pod's own.
+            let token = e2e::pod_exec(lab, &p.name, &["cat", "/var/run/secrets/kubernetes.io/serviceaccount/token"])?;
+            ensure!(!token.trim().is_empty(), "{}: its own ServiceAccount token reads empty", p.name);
+            for path in &secrets {
+                let path = path.display().to_string();
+                match e2e::pod_exec(lab, &p.name, &["cat", &path]) {
+                    // A file is masked by /dev/null.
+                    Ok(out) => ensure!(out.trim().is_empty(), "{} read {path} ({} bytes)", p.name, out.len()),
+                    // A directory by an empty tmpfs (no such file); a
+                    // masked file whose /dev/null the pod may not open.
+                    Err(e) => {
+                        let e = format!("{e:#}");
+                        ensure!(
+                            e.contains("No such file") || e.contains("Permission denied"),
+                            "{}: cat {path}: {e}",
+                            p.name
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    });
+
     s.check("NodePort answers on every node's address from outside", |lab| {
         let c = lab.config();
         for i in 1..=c.nodes {
