@@ -276,9 +276,12 @@ fn flood(ns: &str, flows: u32) -> (u32, Duration) {
     })
 }
 
-/// Both ends of every connection live in this process: raises the soft
-/// open-file limit (1024 on a bare VM boot) towards `want`, within the hard
-/// limit.
+/// Open files both tests of this file hold at once: both ends of every
+/// connection live in this process, and the tests run side by side.
+const OPEN_FILES: u64 = 2 * CONNECTIONS as u64 + 2 * MASQ_CONNECTIONS as u64 + 1024;
+
+/// Raises the soft open-file limit (1024 on a bare VM boot, whose hard
+/// limit is 4096) towards `want`, within the hard limit.
 fn raise_open_file_limit(want: u64) {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
@@ -296,7 +299,7 @@ fn netns_established_service_connections_survive_a_flood_of_new_inbound_flows() 
     if !privileged("to create network namespaces and attach eBPF programs") {
         return;
     }
-    raise_open_file_limit(2 * CONNECTIONS as u64 + 256);
+    raise_open_file_limit(OPEN_FILES);
     let flows: u32 = std::env::var("RIPTIDE_FLOOD_FLOWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let lab = lab("", MapSizes::default());
     echo_servers(&lab.s);
@@ -371,7 +374,7 @@ fn netns_masqueraded_tcp_connections_survive_a_udp_flood_from_pods_to_outside() 
     if !privileged("to create network namespaces and attach eBPF programs") {
         return;
     }
-    raise_open_file_limit(2 * MASQ_CONNECTIONS as u64 + 256);
+    raise_open_file_limit(OPEN_FILES);
     let flows: u32 = std::env::var("RIPTIDE_NAT_FLOOD_FLOWS")
         .ok()
         .and_then(|v| v.parse().ok())
