@@ -895,12 +895,10 @@ impl Lab {
             next.display(),
             self.cfg.bin_dir.display()
         );
-        // Written aside and renamed: each kubelet start writes it again
-        // while the kubelet started a moment before may be reading it, and
-        // a truncated map leaves that node's agent in ImagePullBackOff.
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, map).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        // Each kubelet start writes it again while the kubelet started a
+        // moment before may be reading it; a truncated map would leave that
+        // node's agent in ImagePullBackOff.
+        write_replacing(&path, map.as_bytes())?;
         Ok(path)
     }
 
@@ -1307,11 +1305,7 @@ spec:
         };
         std::fs::create_dir_all(&self.cfg.state_dir)
             .with_context(|| format!("creating {}", self.cfg.state_dir.display()))?;
-        let tmp = self.cfg.state_file().with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, self.cfg.state_file()).context("saving lab state")?;
-        Ok(())
+        write_replacing(&self.cfg.state_file(), &serde_json::to_vec_pretty(&state)?).context("saving lab state")
     }
 
     /// Stops every process and removes everything. Safe to call twice.
@@ -1591,4 +1585,12 @@ fn remove_cgroup_tree(dir: &Path) -> Result<()> {
     }
     // cgroupfs directories are removed with rmdir even though they list files.
     std::fs::remove_dir(dir).with_context(|| format!("removing cgroup {}", dir.display()))
+}
+
+/// Writes `path` aside and renames it into place, so a reader never sees a
+/// half-written file.
+fn write_replacing(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
