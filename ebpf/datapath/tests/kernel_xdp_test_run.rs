@@ -40,6 +40,8 @@ const LOCAL_BE: &str = "10.42.0.7";
 const NODEPORT: u16 = 30080;
 const LOCAL_NODEPORT: u16 = 30081;
 const EMPTY_NODEPORT: u16 = 30082;
+/// A load-balancer IP of the Service without backends.
+const LB_IP: &str = "198.51.100.80";
 
 fn be(addr: &str, port: u16, local: bool) -> Backend {
     Backend {
@@ -259,8 +261,8 @@ fn xdp_leaves_flows_started_by_tc_consistent_and_passes_the_rest() {
         assert_eq!((v, out.as_slice()), (XDP_PASS, f.as_slice()));
         // Without backends and without CFG_F_DROP_NO_BACKEND: XDP sends
         // back the RST tc's reject would send, byte for byte (a SYN with
-        // data, so the frame is cut too); a UDP datagram's ICMP error is
-        // tc's.
+        // data, so the frame is cut too); UDP: see
+        // `xdp_answers_udp_without_backends_with_tcs_port_unreachable`.
         let f = tcp(
             (ip(CLIENT), 42003),
             (ip(NODE), EMPTY_NODEPORT),
@@ -287,13 +289,7 @@ fn xdp_leaves_flows_started_by_tc_consistent_and_passes_the_rest() {
         assert_eq!(macs(&out), (macs(&f).1, macs(&f).0), "back to the sender");
         assert_checksums(&out);
         assert_eq!(stat(&n.dp, stats::REJECT_RST), 2, "XDP's and tc's");
-        let mut dns = nodeport("empty-udp", EMPTY_NODEPORT, Vec::new(), Algorithm::Random);
-        dns.protocol = Protocol::Udp;
-        n.svcs.upsert(&dns).unwrap();
-        let u = udp((ip(CLIENT), 42004), (ip(NODE), EMPTY_NODEPORT), b"q", false);
-        let (v, out) = xdp(&mut n.dp, ifindex, &u);
-        assert_eq!((v, out.as_slice()), (XDP_PASS, u.as_slice()));
-        assert_eq!(stat(&n.dp, stats::XDP_TO_TC), to_tc + 4);
+        assert_eq!(stat(&n.dp, stats::XDP_TO_TC), to_tc + 3);
 
         // Not a frontend: untouched and not counted.
         let tx = stat(&n.dp, stats::XDP_TX);
@@ -308,8 +304,177 @@ fn xdp_leaves_flows_started_by_tc_consistent_and_passes_the_rest() {
         let mut arp = syn((ip(CLIENT), 1), (ip(NODE), 1));
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
         assert_eq!(xdp(&mut n.dp, ifindex, &arp).0, XDP_PASS);
-        assert_eq!(stat(&n.dp, stats::XDP_TO_TC), to_tc + 4);
+        assert_eq!(stat(&n.dp, stats::XDP_TO_TC), to_tc + 3);
         assert_eq!(stat(&n.dp, stats::XDP_TX), tx);
+    });
+}
+
+/// `udp` with `opts` (a multiple of 4 bytes) as IPv4 options.
+fn with_ip_options(f: &[u8], opts: &[u8]) -> Vec<u8> {
+    let mut o = f[..34].to_vec();
+    o.extend_from_slice(opts);
+    o.extend_from_slice(&f[34..]);
+    o[14] = 0x45 + (opts.len() / 4) as u8;
+    let tot = u16::from_be_bytes([o[16], o[17]]) + opts.len() as u16;
+    o[16..18].copy_from_slice(&tot.to_be_bytes());
+    o[24..26].copy_from_slice(&[0, 0]);
+    let c = csum16(&o[14..34 + opts.len()]);
+    o[24..26].copy_from_slice(&c.to_be_bytes());
+    o
+}
+
+#[test]
+fn xdp_answers_udp_without_backends_with_tcs_port_unreachable() {
+    if !privileged("to load eBPF programs and create network namespaces") {
+        return;
+    }
+    with_node(false, |n, ifindex| {
+        // A new UDP flow to a node address (the NodePort) is tc's: the
+        // kernel's socket table may own it (`local_sock`), so XDP answers
+        // for the load-balancer IP.
+        let mut empty = nodeport("empty-udp", EMPTY_NODEPORT, Vec::new(), Algorithm::Random);
+        empty.protocol = Protocol::Udp;
+        empty.frontends.push(Frontend {
+            kind: FrontendKind::LoadBalancer,
+            addr: ip(LB_IP),
+            port: 53,
+        });
+        n.svcs.upsert(&empty).unwrap();
+        let mut ev = n.dp.events().unwrap();
+        let _ = ev.drain();
+        let to = (ip(LB_IP), 53);
+        // A datagram with a payload (the frame is cut after the quote), one
+        // padded to Ethernet's 60-byte minimum, one without a checksum.
+        let mut padded = udp((ip(CLIENT), 42011), to, b"", false);
+        padded.resize(60, 0);
+        let cases = [
+            udp((ip(CLIENT), 42010), to, &[0x5a; 300], false),
+            padded,
+            udp((ip(CLIENT), 42012), to, b"q", true),
+        ];
+        for (i, f) in cases.iter().enumerate() {
+            let before = (
+                stat(&n.dp, stats::REJECT_ICMP),
+                stat(&n.dp, stats::DROP_NO_BACKEND),
+                stat(&n.dp, stats::XDP_TO_TC),
+            );
+            let (v, out) = xdp(&mut n.dp, ifindex, f);
+            assert_eq!(v, XDP_TX, "case {i}: ICMP from XDP");
+            assert_eq!(
+                (
+                    stat(&n.dp, stats::REJECT_ICMP),
+                    stat(&n.dp, stats::DROP_NO_BACKEND),
+                    stat(&n.dp, stats::XDP_TO_TC)
+                ),
+                (before.0 + 1, before.1 + 1, before.2),
+                "case {i}: counted once as reject_icmp and drop_no_backend, not to tc"
+            );
+            let (tc_v, tc_out) = run(&mut n.dp, names::PROG_FROM_NET, f);
+            assert_eq!(tc_v, TC_ACT_REDIRECT, "case {i}: tc's reject");
+            assert_eq!(out, tc_out, "case {i}: the frame tc would send");
+            // What both send, from the bytes: Ethernet back to the sender,
+            // IPv4 frontend → client (ICMP, TOS 0xc0, TTL 64, DF), type 3
+            // code 3, the first 28 bytes of the datagram quoted as they came.
+            assert_eq!(out.len(), 14 + 20 + 8 + 28, "case {i}");
+            assert_eq!(
+                macs(&out),
+                (macs(f).1, macs(f).0),
+                "case {i}: to the sender"
+            );
+            let o = view(&out);
+            assert_eq!(
+                (o.src, o.dst, o.proto, o.ttl, out[15]),
+                (ip(LB_IP), ip(CLIENT), 1, 64, 0xc0),
+                "case {i}"
+            );
+            assert_eq!(&out[20..22], &[0x40, 0], "case {i}: DF");
+            assert_eq!(&out[34..36], &[3, 3], "case {i}: port unreachable");
+            assert_eq!(&out[42..70], &f[14..42], "case {i}: the quote");
+            assert_checksums(&out);
+        }
+        assert_eq!(stat(&n.dp, stats::REJECT_ICMP), 6, "3 from XDP, 3 from tc");
+        let events = ev.drain();
+        let xdp_events: Vec<_> = events
+            .iter()
+            .filter(|e| e.raw.source == riptide_common::EV_SRC_XDP_NET)
+            .collect();
+        assert_eq!(xdp_events.len(), 3, "one event per XDP answer: {events:?}");
+        for (e, port) in xdp_events.iter().zip([42010u16, 42011, 42012]) {
+            assert_eq!(e.raw.reason, stats::DROP_NO_BACKEND);
+            assert_eq!(
+                (
+                    e.raw.saddr_be,
+                    u16::from_be(e.raw.sport_be),
+                    u16::from_be(e.raw.dport_be),
+                    e.raw.proto
+                ),
+                (u32::from(ip(CLIENT)).to_be(), port, 53, 17),
+                "the datagram's tuple, not the answer's"
+            );
+        }
+        // The names the agent exports these counters under.
+        assert_eq!(stats::NAMES[stats::REJECT_ICMP as usize], "reject_icmp");
+        assert_eq!(
+            stats::NAMES[stats::DROP_NO_BACKEND as usize],
+            "drop_no_backend"
+        );
+
+        // What XDP leaves to tc untouched and uncounted (tc answers or
+        // drops): a frame shorter than the quote (the ports are all the
+        // parser needs), IP options (tc drops: it does not quote them),
+        // a first fragment, the NodePort (see above).
+        let full = udp((ip(CLIENT), 42013), to, b"", false);
+        let mut short = full[..38].to_vec();
+        short[16..18].copy_from_slice(&24u16.to_be_bytes());
+        short[24..26].copy_from_slice(&[0, 0]);
+        let c = csum16(&short[14..34]);
+        short[24..26].copy_from_slice(&c.to_be_bytes());
+        let opts = with_ip_options(&udp((ip(CLIENT), 42014), to, b"q", false), &[1, 1, 1, 0]);
+        let mut frag = udp((ip(CLIENT), 42015), to, b"q", false);
+        frag[20] = 0x20; // MF
+        frag[24..26].copy_from_slice(&[0, 0]);
+        let c = csum16(&frag[14..34]);
+        frag[24..26].copy_from_slice(&c.to_be_bytes());
+        let nodeport = udp((ip(CLIENT), 42016), (ip(NODE), EMPTY_NODEPORT), b"q", false);
+        let icmp = stat(&n.dp, stats::REJECT_ICMP);
+        let dropped = stat(&n.dp, stats::DROP_NO_BACKEND);
+        let to_tc = stat(&n.dp, stats::XDP_TO_TC);
+        for (what, f) in [
+            ("short", &short),
+            ("options", &opts),
+            ("fragment", &frag),
+            ("nodeport", &nodeport),
+        ] {
+            let (v, out) = xdp(&mut n.dp, ifindex, f);
+            assert_eq!((v, out.as_slice()), (XDP_PASS, f.as_slice()), "{what}");
+        }
+        assert_eq!(
+            (
+                stat(&n.dp, stats::REJECT_ICMP),
+                stat(&n.dp, stats::DROP_NO_BACKEND)
+            ),
+            (icmp, dropped),
+            "nothing counted by XDP for what it leaves to tc"
+        );
+        assert_eq!(
+            stat(&n.dp, stats::XDP_TO_TC),
+            to_tc + 2,
+            "the short frame and the NodePort reached the service lookup"
+        );
+        let (v, out) = run(&mut n.dp, names::PROG_FROM_NET, &nodeport);
+        assert_eq!(v, TC_ACT_REDIRECT, "tc answers the NodePort");
+        assert_eq!(&out[34..36], &[3, 3]);
+        assert_eq!(
+            run(&mut n.dp, names::PROG_FROM_NET, &opts).0,
+            TC_ACT_SHOT,
+            "tc drops a datagram with IP options to a service without backends"
+        );
+        assert!(
+            ev.drain()
+                .iter()
+                .all(|e| e.raw.source != riptide_common::EV_SRC_XDP_NET),
+            "no event from XDP for what it leaves to tc"
+        );
     });
 }
 

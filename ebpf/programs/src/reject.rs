@@ -16,28 +16,17 @@ use crate::{
     parse::{ETH_LEN, IP_OFF, Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-const IP_LEN: usize = 20;
+pub const IP_LEN: usize = 20;
 const TCP_LEN: usize = 20;
-const ICMP_LEN: usize = 8;
+pub const ICMP_LEN: usize = 8;
 /// Bytes of the offending datagram quoted in the ICMP error (RFC 792).
-const QUOTE_LEN: usize = IP_LEN + 8;
+pub const QUOTE_LEN: usize = IP_LEN + 8;
 
 /// Answers `p` with a RST or an ICMP port unreachable and returns the
 /// verdict. `source` (`EV_SRC_*`) names the program for the event.
 #[inline(always)]
 pub fn reject(ctx: &TcContext, p: &Pkt, cfg: &Config, source: u8) -> Result<i32, u32> {
-    count(stats::DROP_NO_BACKEND);
-    crate::events::emit(DropEvent {
-        reason: stats::DROP_NO_BACKEND,
-        ifindex: ifindex(ctx),
-        saddr_be: p.saddr_be,
-        daddr_be: p.daddr_be,
-        sport_be: p.sport_be,
-        dport_be: p.dport_be,
-        proto: p.proto,
-        source,
-        ..DropEvent::default()
-    });
+    counted(ifindex(ctx), p, source);
     if cfg.flags & CFG_F_DROP_NO_BACKEND != 0 {
         return Ok(TC_ACT_SHOT);
     }
@@ -46,6 +35,24 @@ pub fn reject(ctx: &TcContext, p: &Pkt, cfg: &Config, source: u8) -> Result<i32,
         proto::UDP => icmp_port_unreachable(ctx, p),
         _ => Ok(TC_ACT_SHOT),
     }
+}
+
+/// Counts `p` as `drop_no_backend` and reports it with its own tuple (the
+/// frame may already be rewritten). Shared by tc and XDP (`xdp`).
+#[inline(always)]
+pub fn counted(ifindex: u32, p: &Pkt, source: u8) {
+    count(stats::DROP_NO_BACKEND);
+    crate::events::emit(DropEvent {
+        reason: stats::DROP_NO_BACKEND,
+        ifindex,
+        saddr_be: p.saddr_be,
+        daddr_be: p.daddr_be,
+        sport_be: p.sport_be,
+        dport_be: p.dport_be,
+        proto: p.proto,
+        source,
+        ..DropEvent::default()
+    });
 }
 
 #[inline(always)]
@@ -183,6 +190,24 @@ fn icmp_port_unreachable(ctx: &TcContext, p: &Pkt) -> Result<i32, u32> {
     }
     let grown = IP_LEN + ICMP_LEN;
     swap_macs(ctx, grown)?;
+    let quote: [u16; QUOTE_LEN / 2] = ctx
+        .load(ETH_LEN + grown)
+        .map_err(|_| stats::DROP_MALFORMED)?;
+    let (ip, icmp) = port_unreachable(p, &quote);
+    ctx.store(IP_OFF, &ip, 0).map_err(|_| stats::NAT_FAIL)?;
+    ctx.store(IP_OFF + IP_LEN, &icmp, 0)
+        .map_err(|_| stats::NAT_FAIL)?;
+    count(stats::REJECT_ICMP);
+    // SAFETY: plain helper call; egress of the interface it arrived on.
+    Ok(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32)
+}
+
+/// The IPv4 header (TOS 0xc0, internetwork control, as the kernel's
+/// `icmp_send`) and the ICMP header of the port unreachable answering `p`,
+/// which quotes `quote` (the first [`QUOTE_LEN`] bytes of `p`'s IPv4
+/// packet). Shared by tc and XDP (`xdp`).
+#[inline(always)]
+pub fn port_unreachable(p: &Pkt, quote: &[u16; QUOTE_LEN / 2]) -> ([u16; 10], [u16; ICMP_LEN / 2]) {
     let mut ip = [0u16; 10];
     ip_header(
         &mut ip,
@@ -192,16 +217,8 @@ fn icmp_port_unreachable(ctx: &TcContext, p: &Pkt) -> Result<i32, u32> {
         p.daddr_be,
         p.saddr_be,
     );
-    let quote: [u16; QUOTE_LEN / 2] = ctx
-        .load(ETH_LEN + grown)
-        .map_err(|_| stats::DROP_MALFORMED)?;
     let mut icmp = [0u16; ICMP_LEN / 2];
     icmp[0] = u16::from_be_bytes([3, 3]).to_be(); // dest unreachable / port
-    icmp[1] = fold(add_words(add_words(0, &icmp), &quote));
-    ctx.store(IP_OFF, &ip, 0).map_err(|_| stats::NAT_FAIL)?;
-    ctx.store(IP_OFF + IP_LEN, &icmp, 0)
-        .map_err(|_| stats::NAT_FAIL)?;
-    count(stats::REJECT_ICMP);
-    // SAFETY: plain helper call; egress of the interface it arrived on.
-    Ok(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32)
+    icmp[1] = fold(add_words(add_words(0, &icmp), quote));
+    (ip, icmp)
 }

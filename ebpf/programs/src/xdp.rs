@@ -41,16 +41,17 @@
 //! left for the source NAT (as tc), a source outside the frontend's
 //! `loadBalancerSourceRanges` (`srcrange`), and, when the node drops instead of
 //! rejecting (`CFG_F_DROP_NO_BACKEND`), a service without backends.
-//! Otherwise a TCP segment to a service without backends gets its RST
-//! from XDP (`XDP_TX`, the bytes tc's `reject` writes); the ICMP port
-//! unreachable for UDP is tc's.
+//! Otherwise a packet to a service without backends gets its answer from
+//! XDP (`XDP_TX`, the bytes tc's `reject` writes): a RST for TCP, an ICMP
+//! port unreachable for UDP (tc's when the frame is shorter than the
+//! 28 bytes to quote or has no headroom to grow).
 //!
 //! Checksums are updated inline (`csum::rewrite_complete`): a received
 //! frame's checksums are complete.
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    helpers::bpf_xdp_adjust_tail,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use riptide_common::{
@@ -65,7 +66,7 @@ use crate::{
     events, lb,
     maps::{config, count},
     nat, nodeport,
-    parse::{self, IP_OFF, L4_OFF, Pkt, TCP_RST, linear},
+    parse::{self, ETH_LEN, Frame, IP_OFF, L4_OFF, Pkt, TCP_RST, linear},
     reject, route,
 };
 
@@ -313,23 +314,107 @@ fn send_new(
 }
 
 /// A service without a usable backend: dropped here when the node drops
-/// (`CFG_F_DROP_NO_BACKEND`); a TCP segment is answered from here with
-/// the RST tc's `reject` would send ([`rst`]); anything else goes to tc,
-/// which answers with an ICMP port unreachable (a frame grown by a header
-/// in front of the quote: `bpf_skb_change_head`).
+/// (`CFG_F_DROP_NO_BACKEND`); otherwise answered from here with what tc's
+/// `reject` would send: a RST for TCP ([`rst`]), an ICMP port unreachable
+/// for UDP ([`port_unreachable`]; a frame that cannot hold it goes to tc
+/// untouched, which answers or drops it). Counted and reported once, by
+/// whichever hook answers.
 #[inline(always)]
 fn no_backend(ctx: &XdpContext, p: &Pkt, cfg: &Config) -> Result<u32, u32> {
-    let drop = cfg.flags & CFG_F_DROP_NO_BACKEND != 0;
-    if !drop && p.proto != proto::TCP {
-        return to_tc();
-    }
-    count(stats::DROP_NO_BACKEND);
-    events::report(ctx, stats::DROP_NO_BACKEND, EV_SRC_XDP_NET);
-    if drop || p.tcp_flags & TCP_RST != 0 {
-        // Never answer a RST with a RST.
+    if cfg.flags & CFG_F_DROP_NO_BACKEND != 0 {
+        reject::counted(ctx.ifindex(), p, EV_SRC_XDP_NET);
         return Ok(XDP_DROP);
     }
-    rst(ctx, p)
+    match p.proto {
+        proto::TCP => {
+            reject::counted(ctx.ifindex(), p, EV_SRC_XDP_NET);
+            if p.tcp_flags & TCP_RST != 0 {
+                // Never answer a RST with a RST.
+                return Ok(XDP_DROP);
+            }
+            rst(ctx, p)
+        }
+        proto::UDP => match port_unreachable(ctx, p) {
+            Some(v) => Ok(v),
+            None => to_tc(),
+        },
+        _ => to_tc(),
+    }
+}
+
+/// Turns `p` (UDP, no IP options) into the ICMP port unreachable tc's
+/// `reject` sends, byte for byte: the frame grown by the new IPv4 and
+/// ICMP headers at the front (`bpf_xdp_adjust_head`) and cut after the
+/// 28 quoted bytes (`bpf_xdp_adjust_tail`), so the quote stays where it
+/// was; MACs swapped, headers from `reject::port_unreachable`; `XDP_TX`.
+/// `None` (nothing written, nothing counted) when the frame is shorter
+/// than the quote (the parser needs only the ports) or has no headroom.
+#[inline(always)]
+fn port_unreachable(ctx: &XdpContext, p: &Pkt) -> Option<u32> {
+    const KEEP: usize = ETH_LEN + reject::QUOTE_LEN;
+    const GROW: usize = reject::IP_LEN + reject::ICMP_LEN;
+    const LEN: usize = GROW + KEEP;
+    linear(ctx, KEEP)?;
+    // SAFETY: plain helper call; a negative delta grows the frame at the
+    // front and fails only without headroom, leaving the frame as it was.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+        return None;
+    }
+    reject::counted(ctx.ifindex(), p, EV_SRC_XDP_NET);
+    let len = ctx.data_end() - ctx.data();
+    // SAFETY: plain helper call; shrinking a frame of at least LEN bytes
+    // to LEN. It cannot fail for such a frame; if it did, the frame is
+    // no longer the packet that came, so it is dropped, not passed.
+    if len > LEN && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - LEN) as i32)) } != 0 {
+        count(stats::NAT_FAIL);
+        return Some(XDP_DROP);
+    }
+    let Some(data) = linear(ctx, LEN) else {
+        count(stats::NAT_FAIL);
+        return Some(XDP_DROP);
+    };
+    // SAFETY: 2-byte words inside the `LEN` bytes checked by `linear`
+    // (the frame start stays 2-byte aligned: it moved by 28); no helper
+    // ran since. The received Ethernet header is at GROW now, the quote
+    // at LEN - QUOTE_LEN; the new headers overwrite only bytes before it.
+    unsafe {
+        let w = data as *mut u16;
+        let e = GROW / 2;
+        let macs = [
+            *w.add(e),
+            *w.add(e + 1),
+            *w.add(e + 2),
+            *w.add(e + 3),
+            *w.add(e + 4),
+            *w.add(e + 5),
+        ];
+        let mut quote = [0u16; reject::QUOTE_LEN / 2];
+        let mut i = 0;
+        while i < reject::QUOTE_LEN / 2 {
+            quote[i] = *w.add(KEEP / 2 + i);
+            i += 1;
+        }
+        let (ip, icmp) = reject::port_unreachable(p, &quote);
+        let mut i = 0;
+        while i < 3 {
+            *w.add(i) = macs[3 + i];
+            *w.add(3 + i) = macs[i];
+            i += 1;
+        }
+        *w.add(6) = 0x0800u16.to_be();
+        let mut i = 0;
+        while i < 10 {
+            *w.add(IP_OFF / 2 + i) = ip[i];
+            i += 1;
+        }
+        let mut i = 0;
+        while i < reject::ICMP_LEN / 2 {
+            *w.add(L4_OFF / 2 + i) = icmp[i];
+            i += 1;
+        }
+    }
+    count(stats::REJECT_ICMP);
+    Some(XDP_TX)
 }
 
 /// Turns `p` (TCP, no IP options) into the RST that answers it, from the
