@@ -13,6 +13,7 @@
 pub mod kubeproxy;
 pub mod netns;
 pub mod uplink_lab;
+pub mod veth_xdp;
 
 use std::{
     path::{Path, PathBuf},

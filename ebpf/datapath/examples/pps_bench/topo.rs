@@ -29,10 +29,10 @@
 
 use std::{
     net::Ipv4Addr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::OwnedFd,
 };
 
-use riptide_test_support::{ip, netns, netns::Netns};
+use riptide_test_support::{ip, netns, netns::Netns, veth_xdp};
 
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 pub const NODE1_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -265,26 +265,15 @@ impl Topo {
     /// `XDP_TX` (see the module docs). The returned link detaches when it
     /// is dropped or the device goes.
     pub fn xdp_pass_on_peer(&self) -> std::io::Result<OwnedFd> {
-        netns::run_in(self.sw.name(), || xdp_pass("p-n1"))
+        netns::run_in(self.sw.name(), || veth_xdp::attach_pass("p-n1"))
     }
 
     /// Transmit checksum offload off on the namespaces whose sockets send
-    /// (outside, pod). A veth passes a local socket's packet with only the
-    /// pseudo-header sum in its checksum field (CHECKSUM_PARTIAL, completed
-    /// by whoever transmits it for real); an XDP program on the path sees
-    /// bytes only, and the frame it sends with `XDP_TX` leaves as a new
-    /// buffer whose partial sum is now taken as complete: measured, every
-    /// datagram XDP forwarded counted as `UdpInCsumErrors` at the receiver.
-    /// Traffic from a physical network always carries full checksums; this
-    /// makes the namespaces send it that way.
+    /// (outside, pod): XDP forwards bytes, so they must carry full
+    /// checksums (`riptide_test_support::veth_xdp`).
     pub fn full_checksums(&self) {
         for ns in [&self.outside, &self.pod] {
-            let st = netns::command(ns.name(), "ethtool")
-                .args(["-K", "eth0", "tx", "off"])
-                .stdout(std::process::Stdio::null())
-                .status()
-                .expect("running ethtool");
-            assert!(st.success(), "ethtool -K eth0 tx off in {}", ns.name());
+            veth_xdp::tx_checksum_off(ns.name(), "eth0").expect("transmit checksum offload off");
         }
     }
 
@@ -319,78 +308,4 @@ impl Topo {
         }
         out
     }
-}
-
-/// `struct bpf_insn` as the kernel reads it.
-#[repr(C)]
-struct Insn {
-    code: u8,
-    regs: u8,
-    off: i16,
-    imm: i32,
-}
-
-fn bpf(cmd: libc::c_long, attr: &mut [u64; 32]) -> std::io::Result<OwnedFd> {
-    // SAFETY: `attr` is a zero-padded `union bpf_attr` of the size passed;
-    // every pointer in it outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            size_of::<[u64; 32]>() as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Loads `r0 = XDP_PASS; exit` and attaches it natively to `ifname` of the
-/// calling thread's namespace as a bpf_link (raw `bpf(2)`: two
-/// instructions need no object file).
-fn xdp_pass(ifname: &str) -> std::io::Result<OwnedFd> {
-    const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_LINK_CREATE: libc::c_long = 28;
-    const BPF_PROG_TYPE_XDP: u64 = 6;
-    const BPF_XDP: u64 = 37;
-    const XDP_FLAGS_DRV_MODE: u64 = 1 << 2;
-    let insns = [
-        // mov64 r0, XDP_PASS (2)
-        Insn {
-            code: 0xb7,
-            regs: 0,
-            off: 0,
-            imm: 2,
-        },
-        // exit
-        Insn {
-            code: 0x95,
-            regs: 0,
-            off: 0,
-            imm: 0,
-        },
-    ];
-    let license = c"GPL";
-    let mut attr = [0u64; 32];
-    // prog_type, insn_cnt; insns; license; (log: none); expected_attach_type
-    // at byte 68 (the high half of word 8).
-    attr[0] = BPF_PROG_TYPE_XDP | ((insns.len() as u64) << 32);
-    attr[1] = insns.as_ptr() as u64;
-    attr[2] = license.as_ptr() as u64;
-    attr[8] = BPF_XDP << 32;
-    let prog = bpf(BPF_PROG_LOAD, &mut attr)?;
-    let name = std::ffi::CString::new(ifname).map_err(std::io::Error::other)?;
-    // SAFETY: a NUL-terminated name.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if ifindex == 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut attr = [0u64; 32];
-    // prog_fd, target_ifindex; attach_type, flags.
-    attr[0] = prog.as_raw_fd() as u64 | (u64::from(ifindex) << 32);
-    attr[1] = BPF_XDP | (XDP_FLAGS_DRV_MODE << 32);
-    bpf(BPF_LINK_CREATE, &mut attr)
 }
