@@ -215,7 +215,8 @@ pub struct NatView {
     /// the destination is rewritten back to `xlate`).
     pub direction: String,
     pub xlate: SocketAddrV4,
-    /// `masquerade`, `nodeport`, plus `closing` after a FIN/RST.
+    /// `masquerade`, `nodeport` or `host` (a host socket's reserved tuple,
+    /// `nat::track_host`), plus `closing` after a FIN/RST.
     pub kind: Vec<String>,
     pub idle_s: u64,
 }
@@ -229,6 +230,7 @@ pub fn nat_views(entries: &[(CtKey, riptide_common::NatValue)], now_ns: u64) -> 
                 (riptide_common::NAT_F_MASQ, "masquerade"),
                 (riptide_common::NAT_F_NODEPORT, "nodeport"),
                 (riptide_common::NAT_F_CLOSING, "closing"),
+                (riptide_common::NAT_F_HOST, "host"),
             ] {
                 if e.flags & bit != 0 {
                     kind.push(name.to_owned());

@@ -299,13 +299,26 @@ pub mod stats {
     /// DSR fell back to source NAT for a new flow: the kernel refused to
     /// make room for the option (`bpf_skb_adjust_room`).
     pub const DSR_FALLBACK_ROOM: u32 = 46;
+    /// A flow the node itself sends from a port in the SNAT range (a host
+    /// socket: the kubelet's or the agent's watch) had its tuple reserved
+    /// in the NAT table, so no masquerade or NodePort SNAT mapping can take
+    /// it and its replies stay the host's (`nat::track_host`).
+    pub const NAT_HOST_NEW: u32 = 47;
+    /// A host flow's first packet (a TCP SYN, or UDP) found its tuple
+    /// already taken by a translated flow and was moved to a free port of
+    /// the SNAT range (source NAT of the host's flow).
+    pub const NAT_HOST_REMAP: u32 = 48;
+    /// A host packet found its tuple taken by a translated flow and could
+    /// not be moved (a TCP packet after the SYN, or no free port): sent as
+    /// it is; its replies reach the other flow until that mapping ends.
+    pub const NAT_HOST_CLASH: u32 = 49;
     /// The last reason (for the names check).
-    pub const LAST: u32 = DSR_FALLBACK_ROOM;
+    pub const LAST: u32 = NAT_HOST_CLASH;
     /// Number of slots in the stats array.
     pub const MAX: u32 = 64;
 
     /// Human names by index, for metrics and the CLI.
-    pub const NAMES: [&str; 47] = [
+    pub const NAMES: [&str; 50] = [
         "pass",
         "redirect_local",
         "drop_malformed",
@@ -353,6 +366,9 @@ pub mod stats {
         "dsr_fallback_mtu",
         "dsr_fallback_route",
         "dsr_fallback_room",
+        "nat_host_new",
+        "nat_host_remap",
+        "nat_host_clash",
     ];
 }
 
@@ -736,6 +752,10 @@ pub const NAT_F_MASQ: u16 = 1 << 0;
 pub const NAT_F_NODEPORT: u16 = 1 << 1;
 /// A FIN or RST went through this direction (see [`CT_F_CLOSING`]).
 pub const NAT_F_CLOSING: u16 = 1 << 2;
+/// A flow the node itself sends (a host socket): an identity pair that
+/// reserves its tuple, or a mapping that moved it off a tuple a translated
+/// flow held first.
+pub const NAT_F_HOST: u16 = 1 << 3;
 
 // ----------------------------------------------------------------- affinity
 

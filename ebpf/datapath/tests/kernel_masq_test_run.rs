@@ -42,7 +42,12 @@ fn node_at(node_ip: &str, pod_net: u8) -> Node {
     let pods = [(200, 10u8), (201, 11)];
     Node::load(
         &config,
-        pods.map(|(ifindex, last)| (Ipv4Addr::new(10, 42, pod_net, last), pod_endpoint(ifindex, [pod_net, last]))),
+        pods.map(|(ifindex, last)| {
+            (
+                Ipv4Addr::new(10, 42, pod_net, last),
+                pod_endpoint(ifindex, [pod_net, last]),
+            )
+        }),
     )
 }
 
@@ -111,7 +116,11 @@ fn reply_of_an_inbound_tcp_flow_is_not_masqueraded() {
         "nothing masqueraded\n{}",
         dump(&n.dp)
     );
-    assert!(n.dp.nat().unwrap().is_empty(), "no mapping\n{}", dump(&n.dp));
+    assert!(
+        n.dp.nat().unwrap().is_empty(),
+        "no mapping\n{}",
+        dump(&n.dp)
+    );
     assert_eq!(
         stat(&n, stats::MASQ_SKIP_INBOUND),
         2,
@@ -413,4 +422,91 @@ fn a_pods_icmp_error_about_an_unsnatted_reply_is_masqueraded() {
         "quoted ports and UDP checksum as on the wire"
     );
     assert_eq!(csum16(&q[..20]), 0, "quoted IPv4 header checksum");
+}
+
+/// Host flows in the SNAT range reserve their tuple (`nat::track_host`):
+/// a connection the node opened before the programs were attached is
+/// recorded from its next segment, masquerade then gives the pod another
+/// port, the host's replies stay the host's; FIN, RST and ports outside
+/// the range record nothing; a tuple a pod's mapping took first moves a
+/// host SYN to a free port and leaves a later host segment alone
+/// (`nat_host_clash`).
+#[test]
+fn host_flows_reserve_their_tuple_and_move_off_a_taken_one() {
+    if !privileged("to load eBPF programs") {
+        return;
+    }
+    let mut n = node();
+    let (node_ip, outside) = (ip(N2), ip(OUTSIDE));
+    let to_wire = |n: &mut Node, f: &[u8]| {
+        let (verdict, out) = run(&mut n.dp, names::PROG_TO_NET, f);
+        assert_eq!(verdict, TC_ACT_OK, "{}", dump(&n.dp));
+        out
+    };
+
+    // An established host connection (no SYN seen): left as it is, and
+    // its tuple recorded once.
+    let ack = tcp((node_ip, 40000), (outside, 443), 0x10, b"GET /watch");
+    assert_eq!(to_wire(&mut n, &ack), ack, "{}", dump(&n.dp));
+    assert_eq!(to_wire(&mut n, &ack), ack);
+    assert_eq!(stat(&n, stats::NAT_HOST_NEW), 1, "{}", dump(&n.dp));
+    assert_eq!(
+        n.dp.nat().unwrap().len(),
+        2,
+        "identity pair\n{}",
+        dump(&n.dp)
+    );
+
+    // A pod's SYN from the same port to the same peer gets another port.
+    let pod_syn = syn((ip(CLIENT_POD), 40000), (outside, 443));
+    let v = view(&pod_to_wire(&mut n, &pod_syn));
+    assert_eq!(v.src, node_ip);
+    assert_ne!(v.sport, 40000, "the host's tuple\n{}", dump(&n.dp));
+    let pod_port = v.sport;
+
+    // Replies: the host's reach the host untouched, the pod's the pod.
+    let reply = tcp((outside, 443), (node_ip, 40000), 0x10, b"event");
+    let (verdict, out) = run(&mut n.dp, names::PROG_FROM_NET, &reply);
+    assert_eq!((verdict, out), (TC_ACT_OK, reply), "{}", dump(&n.dp));
+    let reply = tcp((outside, 443), (node_ip, pod_port), 0x12, b"");
+    let (verdict, out) = run(&mut n.dp, names::PROG_FROM_NET, &reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "{}", dump(&n.dp));
+    assert_eq!((view(&out).dst, view(&out).dport), (ip(CLIENT_POD), 40000));
+
+    // FIN, RST and ports outside the range record nothing.
+    let before = n.dp.nat().unwrap().len();
+    for f in [
+        tcp((node_ip, 40001), (outside, 443), 0x11, b""),
+        tcp((node_ip, 40002), (outside, 443), 0x04, b""),
+        tcp((node_ip, 22), (outside, 50000), 0x10, b"ssh"),
+        udp((node_ip, 123), (outside, 123), b"ntp", false),
+    ] {
+        assert_eq!(to_wire(&mut n, &f), f);
+    }
+    assert_eq!(n.dp.nat().unwrap().len(), before, "{}", dump(&n.dp));
+
+    // A pod's mapping holds node:41000 → outside:443 first (its own port).
+    let pod_syn = syn((ip(SERVER_POD), 41000), (outside, 443));
+    assert_eq!(view(&pod_to_wire(&mut n, &pod_syn)).sport, 41000);
+    // A host segment of a connection already open on that tuple cannot
+    // be moved: sent as it is, counted.
+    let ack = tcp((node_ip, 41000), (outside, 443), 0x10, b"");
+    assert_eq!(to_wire(&mut n, &ack), ack);
+    assert_eq!(stat(&n, stats::NAT_HOST_CLASH), 1, "{}", dump(&n.dp));
+    // A new host connection on it is moved to a free port, and its
+    // replies come back to the host's own port.
+    let host_syn = syn((node_ip, 41000), (outside, 443));
+    let v = view(&to_wire(&mut n, &host_syn));
+    assert_eq!(v.src, node_ip);
+    assert_ne!(v.sport, 41000, "{}", dump(&n.dp));
+    assert_eq!(stat(&n, stats::NAT_HOST_REMAP), 1);
+    let syn_ack = tcp((outside, 443), (node_ip, v.sport), 0x12, b"");
+    let (verdict, out) = run(&mut n.dp, names::PROG_FROM_NET, &syn_ack);
+    assert_eq!(verdict, TC_ACT_OK, "{}", dump(&n.dp));
+    assert_eq!((view(&out).dst, view(&out).dport), (node_ip, 41000));
+    assert_checksums(&out);
+    // Its later segments keep the new port.
+    let ack = tcp((node_ip, 41000), (outside, 443), 0x10, b"x");
+    assert_eq!(view(&to_wire(&mut n, &ack)).sport, v.sport);
+    assert_eq!(stat(&n, stats::NAT_HOST_CLASH), 1);
 }

@@ -25,7 +25,7 @@
 mod common;
 
 use std::{
-    io::{Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::fd::{AsRawFd, OwnedFd},
     process::Command,
@@ -159,19 +159,7 @@ fn setup_node(
 
     spawn_in(node, move || {
         let mut dp = Datapath::load(&Pinning::None).expect("load datapath");
-        dp.set_config(&Config {
-            node_ip_be: u32::from(node_ip).to_be(),
-            hairpin_ip_be: u32::from(Ipv4Addr::new(169, 254, 42, 1)).to_be(),
-            cluster_cidr_be: u32::from(Ipv4Addr::new(10, 42, 0, 0)).to_be(),
-            cluster_cidr_len: 16,
-            nomasq_cidr_be: u32::from(node_ip).to_be(),
-            nomasq_cidr_len: 32,
-            flags: CFG_F_MASQUERADE,
-            snat_port_min: 32768,
-            snat_port_max: 60999,
-            ..Default::default()
-        })
-        .unwrap();
+        dp.set_config(&node_config(node_ip, 32768, 60999)).unwrap();
         dp.upsert_node(peer_cidr, 24, peer_node).unwrap();
         let c_if = std::ffi::CString::new(host_if.clone()).unwrap();
         // SAFETY: valid NUL-terminated name.
@@ -200,6 +188,23 @@ fn setup_node(
     })
     .join()
     .unwrap()
+}
+
+/// A node's configuration as the agent writes it, with SNAT ports
+/// `min..=max`.
+fn node_config(node_ip: Ipv4Addr, snat_port_min: u16, snat_port_max: u16) -> Config {
+    Config {
+        node_ip_be: u32::from(node_ip).to_be(),
+        hairpin_ip_be: u32::from(Ipv4Addr::new(169, 254, 42, 1)).to_be(),
+        cluster_cidr_be: u32::from(Ipv4Addr::new(10, 42, 0, 0)).to_be(),
+        cluster_cidr_len: 16,
+        nomasq_cidr_be: u32::from(node_ip).to_be(),
+        nomasq_cidr_len: 32,
+        flags: CFG_F_MASQUERADE,
+        snat_port_min,
+        snat_port_max,
+        ..Default::default()
+    }
 }
 
 /// A TCP server in `ns` on `addr` that answers every connection with the
@@ -399,7 +404,13 @@ fn lab_with(tag: &str, outside: bool) -> Lab {
 }
 
 /// Name, protocol, frontend, the one backend, and whether it runs on node 2.
-type OneBackend<'a> = (&'a str, Protocol, (FrontendKind, Ipv4Addr, u16), SocketAddrV4, bool);
+type OneBackend<'a> = (
+    &'a str,
+    Protocol,
+    (FrontendKind, Ipv4Addr, u16),
+    SocketAddrV4,
+    bool,
+);
 
 impl Lab {
     /// Installs each one-backend service on both nodes as each node's agent
@@ -408,7 +419,15 @@ impl Lab {
     fn upsert_on_both(&mut self, services: &[OneBackend]) {
         for (node, is_node2) in [(&mut self.node1, false), (&mut self.node2, true)] {
             for &(name, protocol, frontend, backend, on_node2) in services {
-                node.svcs.upsert(&service(name, protocol, frontend, backend, on_node2 == is_node2)).unwrap();
+                node.svcs
+                    .upsert(&service(
+                        name,
+                        protocol,
+                        frontend,
+                        backend,
+                        on_node2 == is_node2,
+                    ))
+                    .unwrap();
             }
         }
     }
@@ -558,10 +577,34 @@ fn netns_per_packet_lb_clusterip_hairpin_and_nodeport_with_real_packets() {
     let on_p1 = SocketAddrV4::new(p1_ip, 9999);
     let none = Ipv4Addr::UNSPECIFIED;
     lab.upsert_on_both(&[
-        ("default/web:http", Protocol::Tcp, (FrontendKind::ClusterIp, vip, 80), web, true),
-        ("default/dns:udp", Protocol::Udp, (FrontendKind::ClusterIp, vip, 53), dns, true),
-        ("default/web-np:http", Protocol::Tcp, (FrontendKind::NodePort, none, 30080), web, true),
-        ("default/p1-np:http", Protocol::Tcp, (FrontendKind::NodePort, none, 30081), on_p1, false),
+        (
+            "default/web:http",
+            Protocol::Tcp,
+            (FrontendKind::ClusterIp, vip, 80),
+            web,
+            true,
+        ),
+        (
+            "default/dns:udp",
+            Protocol::Udp,
+            (FrontendKind::ClusterIp, vip, 53),
+            dns,
+            true,
+        ),
+        (
+            "default/web-np:http",
+            Protocol::Tcp,
+            (FrontendKind::NodePort, none, 30080),
+            web,
+            true,
+        ),
+        (
+            "default/p1-np:http",
+            Protocol::Tcp,
+            (FrontendKind::NodePort, none, 30081),
+            on_p1,
+            false,
+        ),
     ]);
     let (n1, n2, p1, p2) = (&lab.n1, &lab.n2, &lab.p1, &lab.p2);
     peer_echo_tcp(p2, web);
@@ -632,8 +675,20 @@ fn netns_nodeport_to_remote_backend_is_forwarded_by_fib_redirect() {
     let dns = SocketAddrV4::new(p2_ip, 5353);
     let none = Ipv4Addr::UNSPECIFIED;
     lab.upsert_on_both(&[
-        ("default/web-np:http", Protocol::Tcp, (FrontendKind::NodePort, none, 30080), web, true),
-        ("default/dns-np:udp", Protocol::Udp, (FrontendKind::NodePort, none, 30053), dns, true),
+        (
+            "default/web-np:http",
+            Protocol::Tcp,
+            (FrontendKind::NodePort, none, 30080),
+            web,
+            true,
+        ),
+        (
+            "default/dns-np:udp",
+            Protocol::Udp,
+            (FrontendKind::NodePort, none, 30053),
+            dns,
+            true,
+        ),
     ]);
     let (n1, c, p2) = (&lab.n1, &lab.c, &lab.p2);
     peer_echo_tcp(p2, web);
@@ -931,4 +986,214 @@ fn netns_host_connection_from_a_nodeport_port_is_left_to_the_kernel() {
     );
     hold_tx.send(()).unwrap();
     holder.join().unwrap();
+}
+
+/// A TCP server in `ns` on `addr` that echoes every line of every
+/// connection until the client closes it: a stand-in for the apiserver a
+/// node's agent keeps a watch open to.
+fn line_echo_tcp(ns: &str, addr: SocketAddrV4) {
+    let (tx, rx) = mpsc::channel();
+    spawn_in(ns, move || {
+        let l = TcpListener::bind(addr).expect("bind");
+        tx.send(()).unwrap();
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(&s);
+                let mut w = &s;
+                let mut line = String::new();
+                while matches!(r.read_line(&mut line), Ok(n) if n > 0) {
+                    if w.write_all(line.as_bytes()).is_err() {
+                        break;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    rx.recv_timeout(TIMEOUT).expect("server listening");
+}
+
+/// One round trip of `line` over `s` (a [`line_echo_tcp`] connection).
+fn echo_line(s: &TcpStream, line: &str) -> Result<(), String> {
+    let mut w = s;
+    w.write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| format!("send {line:?}: {e}"))?;
+    let mut got = String::new();
+    BufReader::new(s)
+        .read_line(&mut got)
+        .map_err(|e| format!("answer to {line:?}: {e}"))?;
+    if got.trim_end() != line {
+        return Err(format!("sent {line:?}, got {got:?}"));
+    }
+    Ok(())
+}
+
+/// A TCP connection from `ns`, local port `port` (0: any), to `to`.
+fn tcp_bound(ns: &str, port: u16, to: SocketAddrV4) -> Result<TcpStream, String> {
+    spawn_in(ns, move || {
+        let fd = bound_socket(libc::SOCK_STREAM, port);
+        connect_fd(&fd, to).map_err(|e| format!("connect {to} from :{port}: {e}"))?;
+        Ok(TcpStream::from(fd))
+    })
+    .join()
+    .unwrap()
+}
+
+/// A UDP socket in `ns` bound to local port `port` and connected to `to`.
+fn udp_bound(ns: &str, port: u16, to: SocketAddrV4) -> UdpSocket {
+    spawn_in(ns, move || {
+        let fd = bound_socket(libc::SOCK_DGRAM, port);
+        connect_fd(&fd, to).unwrap();
+        UdpSocket::from(fd)
+    })
+    .join()
+    .unwrap()
+}
+
+/// Asks a [`peer_echo_udp`] server through `s` which address it sees.
+fn udp_ask(s: &UdpSocket) -> Result<String, String> {
+    s.send(b"who am i").map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 64];
+    let n = s.recv(&mut buf).map_err(|e| format!("no answer: {e}"))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// The first SNAT port of the host-socket tests: inside the kernel's
+/// default ephemeral range, which is also masquerade's.
+const HOST_PORT: u16 = 40000;
+
+/// The lab flake (one node's agent got no watch events for minutes): the
+/// agent's watch is a host socket `node:port → apiserver:6443`, and pods
+/// reach the same apiserver masqueraded to the same node address, from
+/// the same port range. Here node 2's SNAT range is the one port a host
+/// socket of node 2 already uses to node 1's "apiserver", so a pod flow to
+/// that peer has no other tuple to take: masquerade must refuse it
+/// (`masq_no_port`) rather than hand out the host's tuple, whose replies
+/// `rt_from_net` would then deliver to the pod. TCP and UDP.
+#[test]
+fn netns_masquerade_never_takes_a_host_socket_tuple() {
+    if !privileged("to load eBPF programs and create network namespaces") {
+        return;
+    }
+    let mut lab = lab("hs");
+    let (n1_ip, n2_ip) = (ip(N1), ip(N2));
+    let api = SocketAddrV4::new(n1_ip, 6443);
+    let dns = SocketAddrV4::new(n1_ip, 5353);
+    let (n1, n2, p2) = (lab.n1.clone(), lab.n2.clone(), lab.p2.clone());
+    line_echo_tcp(&n1, api);
+    peer_echo_udp(&n1, dns);
+    lab.node2
+        .dp
+        .set_config(&node_config(n2_ip, HOST_PORT, HOST_PORT))
+        .unwrap();
+    let ctx = || lab.state();
+
+    let host =
+        tcp_bound(&n2, HOST_PORT, api).unwrap_or_else(|e| panic!("host TCP: {e}\n{}", ctx()));
+    echo_line(&host, "before").unwrap_or_else(|e| panic!("host TCP: {e}\n{}", ctx()));
+    let host_udp = udp_bound(&n2, HOST_PORT, dns);
+    let me = format!("{n2_ip}:{HOST_PORT}");
+    assert_eq!(udp_ask(&host_udp).as_deref(), Ok(me.as_str()), "{}", ctx());
+
+    // The pod's flows to the same peers: the only SNAT port is the host's.
+    let pod_tcp = tcp_bound(&p2, 0, api);
+    let pod_udp = udp_from(&p2, dns);
+
+    echo_line(&host, "after").unwrap_or_else(|e| {
+        panic!(
+            "host TCP connection hijacked by a pod's masquerade: {e}\n{}",
+            ctx()
+        )
+    });
+    assert_eq!(
+        udp_ask(&host_udp).as_deref(),
+        Ok(me.as_str()),
+        "host UDP flow hijacked by a pod's masquerade\n{}",
+        ctx()
+    );
+    assert!(
+        pod_tcp.is_err(),
+        "the pod's TCP flow took the host's tuple\n{}",
+        ctx()
+    );
+    assert!(
+        pod_udp.is_err(),
+        "the pod's UDP flow took the host's tuple\n{}",
+        ctx()
+    );
+    let st = lab.node2.dp.stats().unwrap();
+    assert!(st.get(stats::MASQ_NO_PORT) >= 2, "{}", ctx());
+    assert!(st.get(stats::NAT_HOST_NEW) >= 2, "{}", ctx());
+}
+
+/// The other order: a pod's masqueraded flow holds `node:port → peer`
+/// first, then a host socket picks the same local port to the same peer
+/// (the kernel cannot know the tuple is taken on the wire). The host's
+/// flow is moved to another port (`nat_host_remap`) and both work. The
+/// new port is found by masquerade's random tries over two ports: all 15
+/// miss it with probability 2⁻¹⁵.
+#[test]
+fn netns_host_flow_on_a_masqueraded_tuple_is_moved_to_a_free_port() {
+    if !privileged("to load eBPF programs and create network namespaces") {
+        return;
+    }
+    let mut lab = lab("hr");
+    let (n1_ip, n2_ip) = (ip(N1), ip(N2));
+    let api = SocketAddrV4::new(n1_ip, 6443);
+    let dns = SocketAddrV4::new(n1_ip, 5353);
+    let (n1, n2, p2) = (lab.n1.clone(), lab.n2.clone(), lab.p2.clone());
+    line_echo_tcp(&n1, api);
+    peer_echo_udp(&n1, dns);
+    lab.node2
+        .dp
+        .set_config(&node_config(n2_ip, HOST_PORT, HOST_PORT + 1))
+        .unwrap();
+    let ctx = || lab.state();
+
+    // The pod's own port is in the range: masquerade keeps it.
+    let pod = tcp_bound(&p2, HOST_PORT, api).unwrap_or_else(|e| panic!("pod TCP: {e}\n{}", ctx()));
+    echo_line(&pod, "pod").unwrap_or_else(|e| panic!("pod TCP: {e}\n{}", ctx()));
+    let pod_udp = udp_bound(&p2, HOST_PORT, dns);
+    let taken = format!("{n2_ip}:{HOST_PORT}");
+    assert_eq!(
+        udp_ask(&pod_udp).as_deref(),
+        Ok(taken.as_str()),
+        "{}",
+        ctx()
+    );
+
+    let host = tcp_bound(&n2, HOST_PORT, api)
+        .unwrap_or_else(|e| panic!("host TCP on a masqueraded tuple: {e}\n{}", ctx()));
+    echo_line(&host, "host").unwrap_or_else(|e| panic!("host TCP: {e}\n{}", ctx()));
+    let host_udp = udp_bound(&n2, HOST_PORT, dns);
+    let moved = format!("{n2_ip}:{}", HOST_PORT + 1);
+    assert_eq!(
+        udp_ask(&host_udp).as_deref(),
+        Ok(moved.as_str()),
+        "host UDP on a masqueraded tuple\n{}",
+        ctx()
+    );
+    // Both pairs keep working, each getting its own replies.
+    echo_line(&pod, "pod again")
+        .unwrap_or_else(|e| panic!("pod TCP after the host's: {e}\n{}", ctx()));
+    echo_line(&host, "host again").unwrap_or_else(|e| panic!("host TCP: {e}\n{}", ctx()));
+    assert_eq!(
+        udp_ask(&pod_udp).as_deref(),
+        Ok(taken.as_str()),
+        "{}",
+        ctx()
+    );
+    assert_eq!(
+        udp_ask(&host_udp).as_deref(),
+        Ok(moved.as_str()),
+        "{}",
+        ctx()
+    );
+    assert_eq!(
+        lab.node2.dp.stats().unwrap().get(stats::NAT_HOST_REMAP),
+        2,
+        "{}",
+        ctx()
+    );
 }

@@ -13,6 +13,17 @@
 //! the address to restore as destination. The INGRESS entry is inserted with
 //! BPF_NOEXIST, which is what makes a port ours: two flows can never share a
 //! reply tuple.
+//!
+//! The node's own sockets use the same address and, by default, the same
+//! port range (the kernel's ephemeral ports, 32768–60999), and the kernel
+//! knows nothing of our mappings. So flows the node itself sends from a
+//! port in the SNAT range are recorded too (`track_host`, Cilium's
+//! `snat_v4_track_connection` for host connections): an identity pair
+//! (`NAT_F_HOST`, new source = old source) whose INGRESS entry reserves the
+//! tuple, so `alloc` never hands it to a pod or a NodePort client, and
+//! whose replies `rt_from_net` leaves to the host. A host flow whose first
+//! packet finds its tuple already taken by a mapping is itself moved to a
+//! free port, as any translated flow.
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_SHOT},
@@ -21,13 +32,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use riptide_common::{
-    CtKey, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_CLOSING, NatValue, proto, stats,
+    CtKey, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_CLOSING, NAT_F_HOST, NatValue, proto, stats,
 };
 
 use crate::{
     clock, ct, events,
     maps::{NAT_ANY4, NAT4, count},
-    parse::Pkt,
+    parse::{Pkt, TCP_FIN, TCP_RST},
 };
 
 /// Attempts at finding a free port before giving up (counted as SNAT_NO_PORT).
@@ -43,7 +54,11 @@ fn nat_key(p: &Pkt, dir: u8) -> CtKey {
 /// The table of protocol `proto`.
 #[inline(always)]
 fn table(proto: u8) -> &'static LruHashMap<CtKey, NatValue> {
-    if proto == proto::TCP { &NAT4 } else { &NAT_ANY4 }
+    if proto == proto::TCP {
+        &NAT4
+    } else {
+        &NAT_ANY4
+    }
 }
 
 #[inline(always)]
@@ -125,11 +140,7 @@ pub fn alloc(
     if reuse && let Some(v) = lookup_egress(p) {
         return Ok(v.port_be);
     }
-    let (lo, hi) = if port_min == 0 || port_max < port_min {
-        (32_768u32, 60_999u32)
-    } else {
-        (u32::from(port_min), u32::from(port_max))
-    };
+    let (lo, hi) = port_range(port_min, port_max);
     let span = hi - lo + 1;
     if span == 0 {
         // Unreachable (hi ≥ lo), but proves to LLVM that `%` cannot panic.
@@ -147,15 +158,7 @@ pub fn alloc(
     let mut i = 0;
     while i < PORT_TRIES {
         let port_be = (port as u16).to_be();
-        let ingress = CtKey {
-            saddr_be: p.daddr_be,
-            daddr_be: nat_addr_be,
-            sport_be: p.dport_be,
-            dport_be: port_be,
-            proto: p.proto,
-            dir: NAT_DIR_INGRESS,
-            _pad: 0,
-        };
+        let ingress = reply_key(p, nat_addr_be, port_be);
         let back = NatValue {
             last_seen_ns: t,
             addr_be: p.saddr_be,
@@ -180,4 +183,97 @@ pub fn alloc(
         i += 1;
     }
     Err(stats::SNAT_NO_PORT)
+}
+
+/// The SNAT port range `min..=max` (host order) as configured, or the
+/// kernel's default ephemeral range when unset or inverted.
+#[inline(always)]
+fn port_range(port_min: u16, port_max: u16) -> (u32, u32) {
+    if port_min == 0 || port_max < port_min {
+        (32_768, 60_999)
+    } else {
+        (u32::from(port_min), u32::from(port_max))
+    }
+}
+
+/// The INGRESS key of `p`'s flow once its source is `addr_be:port_be`:
+/// the tuple its replies carry.
+#[inline(always)]
+fn reply_key(p: &Pkt, addr_be: u32, port_be: u16) -> CtKey {
+    CtKey {
+        saddr_be: p.daddr_be,
+        daddr_be: addr_be,
+        sport_be: p.dport_be,
+        dport_be: port_be,
+        proto: p.proto,
+        dir: NAT_DIR_INGRESS,
+        _pad: 0,
+    }
+}
+
+/// An entry whose translation changes nothing for `(addr, port)`: the
+/// identity pair of a host flow (`track_host`).
+#[inline(always)]
+pub fn is_identity(n: &NatValue, addr_be: u32, port_be: u16) -> bool {
+    n.addr_be == addr_be && n.port_be == port_be
+}
+
+/// Records `p`, a TCP or UDP packet the node itself sends (source = the
+/// node address, no NAT or conntrack entry of its own), when its source
+/// port is one `alloc` could hand out: reserves its reply tuple
+/// (identity pair, `NAT_F_HOST`) so no mapping takes it. Called only on
+/// a miss of the packet's EGRESS entry, which the pair's EGRESS half then
+/// answers for every later packet (that lookup happens anyway), so an
+/// established host flow costs nothing more per packet.
+///
+/// TCP is recorded from any packet but a FIN or RST, not only the SYN:
+/// connections the host opened before the programs were attached (the
+/// kubelet's watch) get their entry from their next segment (an ACK).
+/// When the tuple is already a translated flow's (a pod's masquerade took
+/// it first): a SYN or a UDP datagram moves the host flow to a free port
+/// (`Some(new source port)`, counted `nat_host_remap`); a later TCP
+/// segment cannot be moved without breaking its connection and leaves as
+/// it is (`nat_host_clash`), as does a flow with no free port.
+#[inline(always)]
+pub fn track_host(p: &Pkt, port_min: u16, port_max: u16) -> Option<u16> {
+    let (lo, hi) = port_range(port_min, port_max);
+    let sport = u32::from(u16::from_be(p.sport_be));
+    if sport < lo || sport > hi {
+        return None;
+    }
+    let tcp = p.proto == proto::TCP;
+    if tcp && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        return None;
+    }
+    let nat = table(p.proto);
+    let own = NatValue {
+        last_seen_ns: clock::now(),
+        addr_be: p.saddr_be,
+        port_be: p.sport_be,
+        flags: NAT_F_HOST,
+    };
+    let ingress = reply_key(p, p.saddr_be, p.sport_be);
+    if nat.insert(&ingress, &own, u64::from(BPF_NOEXIST)).is_ok() {
+        count(stats::NAT_HOST_NEW);
+    } else {
+        let Some(held) = lookup(&ingress) else {
+            // Deleted in between: the next packet records it.
+            return None;
+        };
+        if held.flags & NAT_F_HOST == 0 || !is_identity(held, p.saddr_be, p.sport_be) {
+            // Another flow's reply tuple.
+            if !tcp || ct::is_pure_syn(p) {
+                if let Ok(port_be) = alloc(p, p.saddr_be, port_min, port_max, NAT_F_HOST, false) {
+                    count(stats::NAT_HOST_REMAP);
+                    return Some(port_be);
+                }
+            }
+            count(stats::NAT_HOST_CLASH);
+            return None;
+        }
+        // Our own reservation, whose EGRESS half expired alone.
+    }
+    // Best effort: without it the next packet records the flow again.
+    let _ = nat.insert(&nat_key(p, NAT_DIR_EGRESS), &own, 0);
+    None
 }

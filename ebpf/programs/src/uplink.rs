@@ -81,6 +81,11 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
     // 1. A reply to a flow we source-NATed: restore the original client.
     let mut unsnat = false;
     if is_node && let Some(n) = crate::nat::lookup_ingress(&p) {
+        if crate::nat::is_identity(n, p.daddr_be, p.dport_be) {
+            // A reply to a host socket whose tuple `nat::track_host`
+            // reserved: the host's, whatever else matches it.
+            return route::pass();
+        }
         let (addr, port) = (n.addr_be, n.port_be);
         set_dst(ctx, &mut p, addr, port)?;
         count(stats::UNSNAT);
@@ -253,8 +258,12 @@ pub fn try_to_net(ctx: &TcContext) -> Result<i32, u32> {
         crate::icmp::xlate_error(ctx, &mut p, to_net_error_plan)?;
         return Ok(TC_ACT_OK);
     }
-    // 1. A flow already source-NATed (NodePort to a remote backend, masquerade).
+    // 1. A flow already source-NATed (NodePort to a remote backend,
+    //    masquerade), or a host flow `nat::track_host` recorded.
     if let Some(n) = crate::nat::lookup_egress(&p) {
+        if crate::nat::is_identity(n, p.saddr_be, p.sport_be) {
+            return Ok(TC_ACT_OK);
+        }
         let (addr, port) = (n.addr_be, n.port_be);
         set_src(ctx, &mut p, addr, port)?;
         count(stats::SNAT);
@@ -283,9 +292,18 @@ pub fn try_to_net(ctx: &TcContext) -> Result<i32, u32> {
         }
         inbound = e.flags & CT_F_INBOUND != 0;
     }
-    // 3. Pod → outside: masquerade to the node address, only for flows
-    //    the pod originates (`masq`).
     let cfg = config();
+    // 3. A flow of the node's own sockets: reserve its tuple so no
+    //    mapping takes it (`nat::track_host`).
+    if cfg.node_ip_be != 0 && p.saddr_be == cfg.node_ip_be {
+        if let Some(port) = crate::nat::track_host(&p, cfg.snat_port_min, cfg.snat_port_max) {
+            set_src(ctx, &mut p, cfg.node_ip_be, port)?;
+            count(stats::SNAT);
+        }
+        return Ok(TC_ACT_OK);
+    }
+    // 4. Pod → outside: masquerade to the node address, only for flows
+    //    the pod originates (`masq`).
     if !masq::enabled(cfg)
         || !route::is_local_pod(p.saddr_be)
         || !masq::applies_to(cfg, p.daddr_be)
