@@ -131,13 +131,13 @@ fn user_json(u: &UserInfo) -> Value {
 }
 
 /// Attributes of a SubjectAccessReview spec for `user`.
-fn review_attributes(spec: &Value, user: UserInfo, namespace_override: Option<&str>) -> Attributes {
+fn review_attributes(spec: &Value, user: UserInfo) -> Attributes {
     if let Some(r) = spec.get("resourceAttributes").filter(|r| r.is_object()) {
         Attributes {
             user,
             verb: str_at(r, "/verb").to_string(),
             resource_request: true,
-            namespace: namespace_override.unwrap_or(str_at(r, "/namespace")).to_string(),
+            namespace: str_at(r, "/namespace").to_string(),
             api_group: str_at(r, "/group").to_string(),
             resource: str_at(r, "/resource").to_string(),
             subresource: str_at(r, "/subresource").to_string(),
@@ -154,6 +154,68 @@ fn access_status(allowed: bool) -> Value {
     if allowed { json!({"allowed": true, "reason": "allowed by RBAC"}) } else { json!({"allowed": false}) }
 }
 
+/// `ValidateSubjectAccessReviewSpec`: exactly one kind of attributes, and
+/// someone to judge.
+fn spec_causes(spec: &Value, user: &UserInfo) -> Vec<Cause> {
+    let given = |k: &str| spec.get(k).filter(|v| !v.is_null());
+    let mut causes = Vec::new();
+    match (given("resourceAttributes"), given("nonResourceAttributes")) {
+        (Some(_), Some(n)) => causes.push(Cause::invalid("spec.nonResourceAttributes", n, "cannot be specified in combination with resourceAttributes")),
+        (None, None) => causes.push(Cause::invalid("spec.resourceAttributes", "null", "exactly one of nonResourceAttributes or resourceAttributes must be specified")),
+        _ => {}
+    }
+    if user.name.is_empty() && user.groups.is_empty() {
+        causes.push(Cause::invalid("spec.user", "", "at least one of user or group must be specified"));
+    }
+    causes
+}
+
+/// The namespace of a LocalSubjectAccessReview: the URL's. As upstream's
+/// create handler, a body naming another is refused (400) and a body
+/// naming none takes the URL's.
+fn local_namespace(body: &mut Value, url_ns: Option<&str>) -> ApiResult<String> {
+    let ns = url_ns.filter(|n| !n.is_empty()).ok_or_else(|| ApiError::bad_request("namespace is required on this type: "))?;
+    let in_body = str_at(body, "/metadata/namespace");
+    if !in_body.is_empty() && in_body != ns {
+        return Err(ApiError::bad_request("the namespace of the provided object does not match the namespace sent on the request"));
+    }
+    if let Some(m) = body.as_object_mut() {
+        let meta = m.entry("metadata").or_insert_with(|| json!({}));
+        if !meta.is_object() {
+            *meta = json!({});
+        }
+        meta["namespace"] = json!(ns);
+    }
+    Ok(ns.to_string())
+}
+
+/// `ValidateLocalSubjectAccessReview`: the review is about its own
+/// namespace only, and about resources only.
+fn local_causes(spec: &Value, ns: &str) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    if let Some(r) = spec.get("resourceAttributes").filter(|r| !r.is_null()) {
+        let asked = str_at(r, "/namespace");
+        if asked != ns {
+            causes.push(Cause::invalid("spec.resourceAttributes.namespace", asked, "must match metadata.namespace"));
+        }
+    }
+    if let Some(n) = spec.get("nonResourceAttributes").filter(|n| !n.is_null()) {
+        causes.push(Cause::invalid("spec.nonResourceAttributes", n, "disallowed on this kind of request"));
+    }
+    causes
+}
+
+/// 422 for a review: reviews have no name, so upstream says `""`.
+fn invalid(review: &Review, causes: &[Cause]) -> ApiError {
+    let msgs: Vec<String> = causes.iter().map(|c| format!("{}: {}", c.field, c.message)).collect();
+    let msg = if msgs.len() == 1 { msgs[0].clone() } else { format!("[{}]", msgs.join(", ")) };
+    let details: Vec<Value> = causes.iter().map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field})).collect();
+    ApiError {
+        details: Some(json!({"group": review.group, "kind": review.kind, "causes": details})),
+        ..ApiError::new(422, "Invalid", format!("{}.{} \"\" is invalid: {msg}", review.kind, review.group))
+    }
+}
+
 /// Serve one review POST; `requester` is who sent it.
 pub async fn create(
     api: &Api,
@@ -162,7 +224,7 @@ pub async fn create(
     review: &Review,
     namespace: Option<&str>,
     requester: &UserInfo,
-    body: Value,
+    mut body: Value,
 ) -> ApiResult<Value> {
     let spec = body.get("spec").cloned().unwrap_or(Value::Null);
     let status = match review.plural {
@@ -177,16 +239,22 @@ pub async fn create(
         }
         "selfsubjectreviews" => json!({"userInfo": user_json(requester)}),
         "selfsubjectaccessreviews" => {
-            let a = review_attributes(&spec, requester.clone(), None);
+            let a = review_attributes(&spec, requester.clone());
             access_status(authz.allows(api, &a).await?)
         }
         "subjectaccessreviews" | "localsubjectaccessreviews" => {
             let extra: BTreeMap<String, Vec<String>> = spec.get("extra").and_then(|e| serde_json::from_value(e.clone()).ok()).unwrap_or_default();
             let user = UserInfo { name: str_at(&spec, "/user").to_string(), uid: str_at(&spec, "/uid").to_string(), groups: strings(spec.get("groups")), extra };
-            if user.name.is_empty() && user.groups.is_empty() {
-                return Err(ApiError::new(422, "Invalid", format!("{}.{} is invalid: spec.user: Invalid value: \"\": at least one of user or group must be specified", review.kind, review.group)));
+            let mut causes = spec_causes(&spec, &user);
+            if review.namespaced {
+                let ns = local_namespace(&mut body, namespace)?;
+                causes.extend(local_causes(&spec, &ns));
             }
-            let a = review_attributes(&spec, user, namespace.filter(|_| review.namespaced));
+            if !causes.is_empty() {
+                return Err(invalid(review, &causes));
+            }
+            // Valid: a LocalSubjectAccessReview's spec namespace is the URL's.
+            let a = review_attributes(&spec, user);
             access_status(authz.allows(api, &a).await?)
         }
         "selfsubjectrulesreviews" => {
@@ -220,4 +288,29 @@ pub fn discovery_entries(group: &str) -> Vec<Value> {
         .filter(|r| r.group == group)
         .map(|r| json!({"name": r.plural, "singularName": r.kind.to_ascii_lowercase(), "namespaced": r.namespaced, "kind": r.kind, "verbs": ["create"]}))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_reviews_must_name_their_own_namespace() {
+        let lsar = find("authorization.k8s.io", "localsubjectaccessreviews").expect("served");
+        let mut body = json!({"spec": {"user": "ed", "resourceAttributes": {"namespace": "other", "verb": "get", "resource": "pods"}}});
+        assert_eq!(local_namespace(&mut body, Some("team")).ok().as_deref(), Some("team"));
+        assert_eq!(body["metadata"]["namespace"], "team", "no metadata.namespace: the URL's");
+        let e = invalid(lsar, &local_causes(&body["spec"], "team"));
+        assert_eq!((e.code, e.reason), (422, "Invalid"));
+        assert_eq!(
+            e.message,
+            r#"LocalSubjectAccessReview.authorization.k8s.io "" is invalid: spec.resourceAttributes.namespace: Invalid value: "other": must match metadata.namespace"#
+        );
+        let mut elsewhere = json!({"metadata": {"namespace": "other"}});
+        let e = local_namespace(&mut elsewhere, Some("team")).err().map(|e| (e.code, e.message));
+        assert_eq!(e, Some((400, "the namespace of the provided object does not match the namespace sent on the request".to_owned())));
+        let both = json!({"user": "ed", "resourceAttributes": {"namespace": "team"}, "nonResourceAttributes": {"path": "/x"}});
+        assert_eq!(spec_causes(&both, &UserInfo { name: "ed".into(), ..UserInfo::default() }).len(), 1);
+        assert_eq!(local_causes(&both, "team").len(), 1, "non-resource reviews are not local");
+    }
 }
