@@ -31,8 +31,15 @@
 //! created. An apiserver run without a controller manager (tests, benches)
 //! has no `default` accounts at all; there, seen as `kube-system` having none,
 //! such a pod is admitted and its kubelet mounts no token (and says so).
+//!
+//! Pod Security Admission lives in [`super::pod_security`]; its settings are
+//! [`Admission::pod_security`].
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use ipnetwork::Ipv4Network;
 use serde_json::Value;
@@ -48,6 +55,33 @@ use crate::{
 pub struct Admission {
     /// Ranges `spec.externalIPs` may come from; empty: none.
     pub external_ip_cidrs: Vec<Ipv4Network>,
+    /// Pod Security Admission's defaults and exemptions.
+    pub pod_security: super::pod_security::PodSecurity,
+}
+
+/// Warnings admission raises for one request; the handler returns them as
+/// `Warning: 299 - "…"` headers (kubectl prints `Warning: …`). Shared, so
+/// the handler keeps a handle while the write options travel down.
+#[derive(Debug, Clone, Default)]
+pub struct Warnings(Arc<Mutex<Vec<String>>>);
+
+impl Warnings {
+    pub fn push(&self, w: String) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(w);
+        }
+    }
+
+    pub fn extend(&self, ws: impl IntoIterator<Item = String>) {
+        for w in ws {
+            self.push(w);
+        }
+    }
+
+    /// The warnings so far, leaving none.
+    pub fn take(&self) -> Vec<String> {
+        self.0.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
+    }
 }
 
 fn external_ips(obj: &Value) -> Vec<&str> {
@@ -238,7 +272,7 @@ mod tests {
         assert_eq!(e.code, 403);
         assert!(e.message.contains("spec.externalIPs[0]: 192.0.2.10") && e.message.contains("denied"), "{}", e.message);
         assert!(check(&deny, &svc(&[]), None).is_ok());
-        let allow = Admission { external_ip_cidrs: vec!["192.0.2.0/28".parse().unwrap()] };
+        let allow = Admission { external_ip_cidrs: vec!["192.0.2.0/28".parse().unwrap()], ..Admission::default() };
         assert!(check(&allow, &svc(&["192.0.2.10"]), None).is_ok());
         let e = check(&allow, &svc(&["192.0.2.10", "192.0.2.16"]), None).unwrap_err();
         assert!(e.message.contains("spec.externalIPs[1]: 192.0.2.16") && e.message.contains("192.0.2.0/28"), "{}", e.message);
@@ -267,7 +301,7 @@ mod tests {
         // The network address of a CIDR pool is not in it.
         assert!(check(&deny, &lb(&["203.0.113.0"]), None).is_err());
         // The allow list admits ingress IPs too (another implementation's).
-        let allow = Admission { external_ip_cidrs: vec!["192.0.2.0/28".parse().unwrap()] };
+        let allow = Admission { external_ip_cidrs: vec!["192.0.2.0/28".parse().unwrap()], ..Admission::default() };
         assert!(check(&allow, &lb(&["192.0.2.7"]), None).is_ok());
         // Held before: kept (or dropped) whatever the pools say now.
         assert!(check(&deny, &lb(&["192.0.2.7"]), Some(&lb(&["192.0.2.7", "192.0.2.8"]))).is_ok());

@@ -14,6 +14,7 @@ use super::{
     defaults,
     object::{self, meta_mut, now_rfc3339},
     patch::{self, PatchType},
+    pod_security,
     selectors::{FieldSelector, LabelSelector},
     status::{ApiError, ApiResult},
     validation,
@@ -37,6 +38,10 @@ pub struct WriteOptions {
     pub field_validation: FieldValidation,
     /// Checks that depend on who writes (RBAC escalation, NodeRestriction).
     pub writer: Option<Arc<super::escalation::WriterAdmission>>,
+    /// Who writes (empty for the in-process controllers).
+    pub user: String,
+    /// Where admission leaves warnings for the client.
+    pub warnings: admission::Warnings,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -378,6 +383,8 @@ impl Api {
             self.namespace_check(ns).await?;
             self.admission.pod_service_account(self, res, ns, &mut obj).await?;
         }
+        let w = pod_security::Write { res, ns, name: &name, user: &opts.user, new: &obj, old: None };
+        self.admission.pod_security.admit(self, &w, &opts.warnings).await?;
         let held = if res.is("", "services") {
             let mut a = self.alloc.lock().map_err(lock_err)?;
             a.assign(&mut obj, None).map_err(|c| ApiError::invalid(res, &name, &c))?
@@ -477,6 +484,10 @@ impl Api {
         self.admission.service(self, res, name, &new, Some(old)).await?;
         if let Some(writer) = &opts.writer {
             writer.check(res, Some(old), &new)?;
+        }
+        if sub.is_none() {
+            let w = pod_security::Write { res, ns, name, user: &opts.user, new: &new, old: Some(old) };
+            self.admission.pod_security.admit(self, &w, &opts.warnings).await?;
         }
         if object::spec_part(&new) != object::spec_part(old) && sub.is_none() {
             let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);

@@ -143,7 +143,21 @@ fn decode_body(ct: &str, b: &[u8]) -> ApiResult<Value> {
 async fn guarded_write_opts(st: &AppState, res: &Resource, user: &UserInfo, q: &Q) -> ApiResult<WriteOptions> {
     let mut opts = write_opts(q);
     opts.writer = st.authz.writer_admission(&st.api, user, res).await?.map(Arc::new);
+    opts.user.clone_from(&user.name);
     Ok(opts)
+}
+
+/// `resp` with admission's warnings as `Warning: 299 - "…"` headers
+/// (k8s.io/apimachinery `NewWarningHeader`: `"` and `\` escaped).
+fn with_warnings(mut resp: Response, opts: &WriteOptions) -> Response {
+    for w in opts.warnings.take() {
+        let text: String = w.chars().filter(|c| !c.is_control()).collect();
+        let quoted = text.replace('\\', "\\\\").replace('"', "\\\"");
+        if let Ok(v) = header::HeaderValue::from_bytes(format!("299 - \"{quoted}\"").as_bytes()) {
+            resp.headers_mut().append(header::WARNING, v);
+        }
+    }
+    resp
 }
 
 fn write_opts(q: &Q) -> WriteOptions {
@@ -155,6 +169,8 @@ fn write_opts(q: &Q) -> WriteOptions {
             _ => FieldValidation::Warn,
         },
         writer: None,
+        user: String::new(),
+        warnings: Default::default(),
     }
 }
 
@@ -326,7 +342,7 @@ async fn resource(st: &Arc<AppState>, t: Target, req: Request<Body>) -> ApiResul
             let obj = parse_body(&h, b).await?;
             node_authz::admit_create(&user, res.group, res.plural, &obj)?;
             let created = api.create(res, ns, obj, &opts).await?;
-            Ok(json_response(StatusCode::CREATED, &created))
+            Ok(with_warnings(json_response(StatusCode::CREATED, &created), &opts))
         }
         (&Method::DELETE, None, None) => {
             let lq = list_query(&q)?;
@@ -363,7 +379,8 @@ async fn resource(st: &Arc<AppState>, t: Target, req: Request<Body>) -> ApiResul
             let opts = guarded_write_opts(st, res, &user, &q).await?;
             let (h, b) = body_bytes(st, req).await?;
             let obj = parse_body(&h, b).await?;
-            Ok(ok(&api.update(res, ns, name, obj, sub, &opts).await?))
+            let updated = api.update(res, ns, name, obj, sub, &opts).await?;
+            Ok(with_warnings(ok(&updated), &opts))
         }
         (&Method::PATCH, Some(name), None | Some("status")) => {
             let user = req.extensions().get::<UserInfo>().cloned().unwrap_or_default();
@@ -377,7 +394,8 @@ async fn resource(st: &Arc<AppState>, t: Target, req: Request<Body>) -> ApiResul
                 ApiError::unsupported_media(format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct})"))
             })?;
             let opts = guarded_write_opts(st, res, &user, &q).await?;
-            Ok(ok(&api.patch(res, ns, name, pt, &b, sub, &opts).await?))
+            let patched = api.patch(res, ns, name, pt, &b, sub, &opts).await?;
+            Ok(with_warnings(ok(&patched), &opts))
         }
         (&Method::DELETE, Some(name), None) => {
             let (_, b) = body_bytes(st, req).await?;

@@ -23,6 +23,7 @@ pub mod node_authz;
 pub mod object;
 pub mod openapi;
 pub mod patch;
+pub mod pod_security;
 pub mod protobuf;
 pub mod proxy;
 pub mod rbac;
