@@ -66,6 +66,23 @@ struct ApiserverArgs {
     /// DenyServiceExternalIPs admission plugin (CVE-2020-8554).
     #[arg(long, value_delimiter = ',', value_parser = |s: &str| riptide_cidr::parse("service-external-ip-cidrs", s))]
     service_external_ip_cidrs: Vec<ipnetwork::Ipv4Network>,
+    /// Pod Security level (`level` or `level:version`, e.g.
+    /// `restricted:latest`) enforced in namespaces without a
+    /// `pod-security.kubernetes.io/enforce` label.
+    #[arg(long, default_value = "privileged")]
+    pod_security_default_enforce: riptide_controlplane::apiserver::pod_security::LevelVersion,
+    /// Default Pod Security level for warnings (`Warning` headers).
+    #[arg(long, default_value = "privileged")]
+    pod_security_default_warn: riptide_controlplane::apiserver::pod_security::LevelVersion,
+    /// Default Pod Security level for audit (logged: no audit log yet).
+    #[arg(long, default_value = "privileged")]
+    pod_security_default_audit: riptide_controlplane::apiserver::pod_security::LevelVersion,
+    /// Namespaces Pod Security never judges (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pod_security_exempt_namespaces: Vec<String>,
+    /// Users whose requests Pod Security never judges (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pod_security_exempt_users: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -133,6 +150,15 @@ async fn main() -> anyhow::Result<()> {
             cfg.limits.max_connections = a.max_connections;
             cfg.limits.max_watches_per_user = a.max_watches_per_user;
             cfg.admission.external_ip_cidrs = a.service_external_ip_cidrs;
+            cfg.admission.pod_security = riptide_controlplane::apiserver::pod_security::PodSecurity {
+                defaults: riptide_controlplane::apiserver::pod_security::Policy {
+                    enforce: a.pod_security_default_enforce,
+                    audit: a.pod_security_default_audit,
+                    warn: a.pod_security_default_warn,
+                },
+                exempt_namespaces: a.pod_security_exempt_namespaces,
+                exempt_users: a.pod_security_exempt_users,
+            };
             if !a.etcd.is_empty() {
                 cfg.storage = StorageConfig::Etcd { endpoints: a.etcd, prefix: a.etcd_prefix };
             }
