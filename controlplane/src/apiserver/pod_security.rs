@@ -904,6 +904,11 @@ impl PodSecurity {
         if self.exempt(ns, w.user) {
             return Ok(());
         }
+        // Binding, status-like and metadata edits of a pod: nothing to judge,
+        // so no namespace read on the kubelet's and scheduler's hot path.
+        if is_pod && w.old.is_some_and(|old| !significant_pod_update(w.new, old)) {
+            return Ok(());
+        }
         let namespace = store.namespace(ns).await?;
         let (policy, errs) = policy_for(&labels_of(&namespace), self.defaults);
         if !errs.is_empty() {
@@ -912,9 +917,6 @@ impl PodSecurity {
         }
         if is_pod {
             if errs.is_empty() && policy.fully_privileged() {
-                return Ok(());
-            }
-            if w.old.is_some_and(|old| !significant_pod_update(w.new, old)) {
                 return Ok(());
             }
             self.judge(w, policy, PodView::of(w.new), true, warnings)
