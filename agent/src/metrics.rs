@@ -386,4 +386,26 @@ mod tests {
         assert!(!text.contains("reason=\"policy_audit_in\",direction"), "audits are neither: {text}");
         assert_eq!(verdict_of("policy_deny_out"), Some(VerdictLabel { direction: "egress", verdict: "deny" }));
     }
+
+    /// The host-socket NAT counters are scraped under their names, as
+    /// bookkeeping (neither drops nor forwards).
+    #[test]
+    fn host_nat_counters_are_exported_by_name() {
+        use riptide_common::stats;
+        let m = Metrics::new();
+        let mut counts = vec![0u64; stats::NAMES.len()];
+        counts[stats::NAT_HOST_NEW as usize] = 7;
+        counts[stats::NAT_HOST_REMAP as usize] = 2;
+        counts[stats::NAT_HOST_CLASH as usize] = 1;
+        m.observe_stats(stats::NAMES.iter().copied().zip(counts.iter().copied()));
+        let text = m.encode();
+        for line in [
+            "riptide_agent_datapath_packets_total{reason=\"nat_host_new\"} 7",
+            "riptide_agent_datapath_packets_total{reason=\"nat_host_remap\"} 2",
+            "riptide_agent_datapath_packets_total{reason=\"nat_host_clash\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing: {text}");
+        }
+        assert!(!text.contains("reason=\"nat_host_clash\",direction"), "{text}");
+    }
 }

@@ -1063,6 +1063,23 @@ fn udp_ask(s: &UdpSocket) -> Result<String, String> {
 /// default ephemeral range, which is also masquerade's.
 const HOST_PORT: u16 = 40000;
 
+/// The lab of the host-socket tests: node 1 runs a line-echo TCP server
+/// (the "apiserver") and a UDP server, returned as (lab, TCP, UDP
+/// address); node 2's SNAT range is `HOST_PORT..=snat_port_max`.
+fn host_lab(tag: &str, snat_port_max: u16) -> (Lab, SocketAddrV4, SocketAddrV4) {
+    let mut lab = lab(tag);
+    let n1_ip = ip(N1);
+    let api = SocketAddrV4::new(n1_ip, 6443);
+    let dns = SocketAddrV4::new(n1_ip, 5353);
+    line_echo_tcp(&lab.n1, api);
+    peer_echo_udp(&lab.n1, dns);
+    lab.node2
+        .dp
+        .set_config(&node_config(ip(N2), HOST_PORT, snat_port_max))
+        .unwrap();
+    (lab, api, dns)
+}
+
 /// The lab flake (one node's agent got no watch events for minutes): the
 /// agent's watch is a host socket `node:port → apiserver:6443`, and pods
 /// reach the same apiserver masqueraded to the same node address, from
@@ -1076,29 +1093,19 @@ fn netns_masquerade_never_takes_a_host_socket_tuple() {
     if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
-    let mut lab = lab("hs");
-    let (n1_ip, n2_ip) = (ip(N1), ip(N2));
-    let api = SocketAddrV4::new(n1_ip, 6443);
-    let dns = SocketAddrV4::new(n1_ip, 5353);
-    let (n1, n2, p2) = (lab.n1.clone(), lab.n2.clone(), lab.p2.clone());
-    line_echo_tcp(&n1, api);
-    peer_echo_udp(&n1, dns);
-    lab.node2
-        .dp
-        .set_config(&node_config(n2_ip, HOST_PORT, HOST_PORT))
-        .unwrap();
+    let (lab, api, dns) = host_lab("hs", HOST_PORT);
+    let (n2_ip, n2, p2) = (ip(N2), &lab.n2, &lab.p2);
     let ctx = || lab.state();
 
-    let host =
-        tcp_bound(&n2, HOST_PORT, api).unwrap_or_else(|e| panic!("host TCP: {e}\n{}", ctx()));
+    let host = tcp_bound(n2, HOST_PORT, api).unwrap_or_else(|e| panic!("host TCP: {e}\n{}", ctx()));
     echo_line(&host, "before").unwrap_or_else(|e| panic!("host TCP: {e}\n{}", ctx()));
-    let host_udp = udp_bound(&n2, HOST_PORT, dns);
+    let host_udp = udp_bound(n2, HOST_PORT, dns);
     let me = format!("{n2_ip}:{HOST_PORT}");
     assert_eq!(udp_ask(&host_udp).as_deref(), Ok(me.as_str()), "{}", ctx());
 
     // The pod's flows to the same peers: the only SNAT port is the host's.
-    let pod_tcp = tcp_bound(&p2, 0, api);
-    let pod_udp = udp_from(&p2, dns);
+    let pod_tcp = tcp_bound(p2, 0, api);
+    let pod_udp = udp_from(p2, dns);
 
     echo_line(&host, "after").unwrap_or_else(|e| {
         panic!(
@@ -1138,23 +1145,14 @@ fn netns_host_flow_on_a_masqueraded_tuple_is_moved_to_a_free_port() {
     if !privileged("to load eBPF programs and create network namespaces") {
         return;
     }
-    let mut lab = lab("hr");
-    let (n1_ip, n2_ip) = (ip(N1), ip(N2));
-    let api = SocketAddrV4::new(n1_ip, 6443);
-    let dns = SocketAddrV4::new(n1_ip, 5353);
-    let (n1, n2, p2) = (lab.n1.clone(), lab.n2.clone(), lab.p2.clone());
-    line_echo_tcp(&n1, api);
-    peer_echo_udp(&n1, dns);
-    lab.node2
-        .dp
-        .set_config(&node_config(n2_ip, HOST_PORT, HOST_PORT + 1))
-        .unwrap();
+    let (lab, api, dns) = host_lab("hr", HOST_PORT + 1);
+    let (n2_ip, n2, p2) = (ip(N2), &lab.n2, &lab.p2);
     let ctx = || lab.state();
 
     // The pod's own port is in the range: masquerade keeps it.
-    let pod = tcp_bound(&p2, HOST_PORT, api).unwrap_or_else(|e| panic!("pod TCP: {e}\n{}", ctx()));
+    let pod = tcp_bound(p2, HOST_PORT, api).unwrap_or_else(|e| panic!("pod TCP: {e}\n{}", ctx()));
     echo_line(&pod, "pod").unwrap_or_else(|e| panic!("pod TCP: {e}\n{}", ctx()));
-    let pod_udp = udp_bound(&p2, HOST_PORT, dns);
+    let pod_udp = udp_bound(p2, HOST_PORT, dns);
     let taken = format!("{n2_ip}:{HOST_PORT}");
     assert_eq!(
         udp_ask(&pod_udp).as_deref(),
@@ -1163,10 +1161,10 @@ fn netns_host_flow_on_a_masqueraded_tuple_is_moved_to_a_free_port() {
         ctx()
     );
 
-    let host = tcp_bound(&n2, HOST_PORT, api)
+    let host = tcp_bound(n2, HOST_PORT, api)
         .unwrap_or_else(|e| panic!("host TCP on a masqueraded tuple: {e}\n{}", ctx()));
     echo_line(&host, "host").unwrap_or_else(|e| panic!("host TCP: {e}\n{}", ctx()));
-    let host_udp = udp_bound(&n2, HOST_PORT, dns);
+    let host_udp = udp_bound(n2, HOST_PORT, dns);
     let moved = format!("{n2_ip}:{}", HOST_PORT + 1);
     assert_eq!(
         udp_ask(&host_udp).as_deref(),
