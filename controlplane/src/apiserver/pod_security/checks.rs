@@ -177,6 +177,13 @@ fn setters(pod: bool, containers: &[String]) -> Vec<String> {
     s
 }
 
+/// [`setters`] of a `securityContext` field both the pod and its
+/// containers have, where `bad` says so.
+fn setters_of(pod: PodView<'_>, field: &str, bad: impl Fn(&Value) -> bool) -> Vec<String> {
+    let containers: Vec<String> = pod.containers().filter(|c| sc(c, field).is_some_and(&bad)).map(name).collect();
+    setters(pod.pod_sc(field).is_some_and(&bad), &containers)
+}
+
 fn app_armor(pod: PodView<'_>, _: u32) -> Option<Violation> {
     let allowed_type = |t: &str| matches!(t, "RuntimeDefault" | "Localhost");
     let ty = |v: &Value| v.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
@@ -449,10 +456,7 @@ fn sysctls(pod: PodView<'_>, v: u32) -> Option<Violation> {
 }
 
 fn windows_host_process(pod: PodView<'_>, _: u32) -> Option<Violation> {
-    let host_process = |o: Option<&Value>| o.and_then(|w| w.get("hostProcess")).and_then(Value::as_bool) == Some(true);
-    let pod_bad = host_process(pod.pod_sc("windowsOptions"));
-    let containers: Vec<String> = pod.containers().filter(|c| host_process(sc(c, "windowsOptions"))).map(name).collect();
-    let setters = setters(pod_bad, &containers);
+    let setters = setters_of(pod, "windowsOptions", |w| w.get("hostProcess").and_then(Value::as_bool) == Some(true));
     if setters.is_empty() {
         return None;
     }
@@ -566,9 +570,7 @@ fn run_as_non_root(pod: PodView<'_>, _: u32) -> Option<Violation> {
 }
 
 fn run_as_user(pod: PodView<'_>, _: u32) -> Option<Violation> {
-    let root = |v: Option<&Value>| v.and_then(Value::as_i64) == Some(0);
-    let containers: Vec<String> = pod.containers().filter(|c| root(sc(c, "runAsUser"))).map(name).collect();
-    let setters = setters(root(pod.pod_sc("runAsUser")), &containers);
+    let setters = setters_of(pod, "runAsUser", |v| v.as_i64() == Some(0));
     if setters.is_empty() {
         return None;
     }
