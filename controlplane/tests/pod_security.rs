@@ -3,7 +3,8 @@
 //! admits a conforming pod and refuses a violating one with upstream's 403
 //! text; `warn` reaches kubectl as `Warning:` lines, for pods and for
 //! workloads' pod templates; bad labels are 422; tightening a namespace
-//! warns about its pods; defaults and exemptions come from the config; a
+//! warns about its pods; defaults and exemptions come from the config; the
+//! controllers' pods are judged too (FailedCreate events); a
 //! LocalSubjectAccessReview about another namespace than its URL's is
 //! refused instead of being judged in the URL's.
 #![allow(clippy::unwrap_used)]
@@ -302,5 +303,38 @@ async fn local_subject_access_reviews_stay_in_their_namespace() {
     let (ok, _, err) = post("team", review(None, "")).await;
     assert!(!ok && err.contains("must match metadata.namespace"), "an empty spec namespace is not the URL's: {err}");
 
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controllers_pods_are_judged_like_anyone_elses() {
+    let s = TestServer::start(Backend::Embedded).await;
+    let controllers = s.start_controllers().await;
+    let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: locked, labels: {pod-security.kubernetes.io/enforce: restricted}}\n";
+    let (ok, _, err) = s.kubectl_stdin(&["apply", "-f", "-"], Some(ns)).await;
+    assert!(ok, "{err}");
+    // Warned at once; its ReplicaSet's pods are then refused, which the
+    // ReplicaSet controller reports as upstream's does (FailedCreate).
+    let (ok, _, err) = s.kubectl_stdin(&["apply", "-f", "-"], Some(&workload("Deployment", "locked", "web", BARE))).await;
+    assert!(ok && warnings(&err).len() == 1, "{err}");
+    let (ok, _, err) = s.kubectl_stdin(&["apply", "-f", "-"], Some(&workload("Deployment", "locked", "safe", LOCKED))).await;
+    assert!(ok && warnings(&err).is_empty(), "{err}");
+    let events = || async {
+        let (_, out, _) = s.kubectl(&["get", "events", "-n", "locked", "-o", "jsonpath={range .items[*]}{.reason}: {.message}{\"\\n\"}{end}"]).await;
+        out
+    };
+    let refused = common::eventually(30, || async {
+        events().await.lines().any(|l| l.starts_with("FailedCreate:") && l.contains("violates PodSecurity \"restricted:latest\": allowPrivilegeEscalation != false"))
+    })
+    .await;
+    assert!(refused, "the ReplicaSet controller's FailedCreate event: {}", events().await);
+    let conforming = common::eventually(30, || async {
+        let (_, out, _) = s.kubectl(&["get", "pods", "-n", "locked", "-o", "name"]).await;
+        out.lines().count() == 1 && out.contains("pod/safe-")
+    })
+    .await;
+    let (_, pods, _) = s.kubectl(&["get", "pods", "-n", "locked", "-o", "name"]).await;
+    assert!(conforming, "only the conforming Deployment's pod exists: {pods}");
+    controllers.abort();
     s.shutdown().await;
 }
