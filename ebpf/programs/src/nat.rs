@@ -262,11 +262,11 @@ pub fn track_host(p: &Pkt, port_min: u16, port_max: u16) -> Option<u16> {
         };
         if held.flags & NAT_F_HOST == 0 || !is_identity(held, p.saddr_be, p.sport_be) {
             // Another flow's reply tuple.
-            if !tcp || ct::is_pure_syn(p) {
-                if let Ok(port_be) = alloc(p, p.saddr_be, port_min, port_max, NAT_F_HOST, false) {
-                    count(stats::NAT_HOST_REMAP);
-                    return Some(port_be);
-                }
+            if (!tcp || ct::is_pure_syn(p))
+                && let Ok(port_be) = alloc(p, p.saddr_be, port_min, port_max, NAT_F_HOST, false)
+            {
+                count(stats::NAT_HOST_REMAP);
+                return Some(port_be);
             }
             count(stats::NAT_HOST_CLASH);
             return None;
