@@ -66,8 +66,12 @@ pub struct Admission {
 pub struct Warnings(Arc<Mutex<Vec<String>>>);
 
 impl Warnings {
+    /// Adds `w` unless already there: a write retried after a conflict is
+    /// admitted again, and upstream's recorder also keeps each text once.
     pub fn push(&self, w: String) {
-        if let Ok(mut v) = self.0.lock() {
+        if let Ok(mut v) = self.0.lock()
+            && !v.contains(&w)
+        {
             v.push(w);
         }
     }
@@ -248,6 +252,14 @@ mod tests {
 
     fn block_on<F: Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    #[test]
+    fn warnings_are_kept_once_each() {
+        let w = Warnings::default();
+        w.extend(["a".to_owned(), "b".to_owned(), "a".to_owned()]);
+        assert_eq!(w.take(), ["a", "b"]);
+        assert!(w.take().is_empty());
     }
 
     #[test]
