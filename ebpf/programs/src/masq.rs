@@ -18,7 +18,10 @@
 //!   (`masq_lost_mapping`), never sent with the pod's address (the peer
 //!   would reset it anyway).
 //! * No free node port for a new mapping: dropped and counted
-//!   (`masq_no_port`), never sent with the pod's address.
+//!   (`masq_no_port`), never sent with the pod's address. Ports the
+//!   node's own sockets use towards the same peer are never free
+//!   (`nat::track_host`): a mapping on a host socket's tuple would hand
+//!   that connection's replies to the pod.
 //!
 //! The recording happens on the uplink's ingress, not on a to-pod program:
 //! a flow from the node itself (node → local pod) is answered by local
