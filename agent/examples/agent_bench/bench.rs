@@ -7,6 +7,16 @@
 //! (pins under `/sys/fs/bpf/riptide/rtab-<pid>/`, `--no-routes`, nothing
 //! attached: it only writes maps, so it needs no namespace).
 //!
+//! The endpoints are Pods, as in a cluster: Services `2k` and `2k + 1`
+//! select the same 5 Pods (a pod behind two Services, as a ClusterIP and a
+//! headless or metrics Service), so N Services have 2.5 N Pods, 30 per Node
+//! (the average of SIG Scalability's 5,000-node / 150,000-pod envelope): the
+//! agent's own Node runs the first 30, the rest run on Nodes with a /27
+//! podCIDR each. Pods and Nodes carry what a kubelet and a Deployment give
+//! them (owner reference, a few labels and annotations, container ports,
+//! env, conditions, container statuses; images on Nodes), because the
+//! agent watches every Pod and Node of the cluster and decodes all of it.
+//!
 //! - **full resync**: agent start → ready (all Services listed, every map
 //!   entry written), the agent's own initial-sync time, a restart (`kill -9`,
 //!   pins kept) → ready; peak RSS (`VmHWM`) and steady RSS (`VmRSS` once
@@ -37,7 +47,10 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use futures::{StreamExt as _, TryStreamExt as _};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use riptide_common::{BackendKey, BackendValue, SvcKey, SvcValue, names, proto};
 use riptide_test_support::{kubeproxy, netns};
@@ -68,6 +81,8 @@ pub struct Options {
     pub services: usize,
     pub endpoints_per_service: usize,
     pub latency_samples: usize,
+    /// Pods per Node (the agent's own Node included).
+    pub pods_per_node: usize,
     /// 0: no kube-proxy comparison.
     pub iptables_runs: usize,
     /// An agent binary to cold-start first, as the baseline of this run.
@@ -77,9 +92,9 @@ pub struct Options {
 impl Options {
     pub fn new(quick: bool) -> Self {
         if quick {
-            Self { services: 2_000, endpoints_per_service: 5, latency_samples: 40, iptables_runs: 2, baseline_agent: None }
+            Self { services: 2_000, endpoints_per_service: 5, latency_samples: 40, pods_per_node: PODS_PER_NODE, iptables_runs: 2, baseline_agent: None }
         } else {
-            Self { services: 10_000, endpoints_per_service: 5, latency_samples: 200, iptables_runs: 5, baseline_agent: None }
+            Self { services: 10_000, endpoints_per_service: 5, latency_samples: 200, pods_per_node: PODS_PER_NODE, iptables_runs: 5, baseline_agent: None }
         }
     }
 }
@@ -153,7 +168,11 @@ pub struct AgentBenchReport {
     pub quick: bool,
     pub services: usize,
     pub endpoints: usize,
-    /// Creating the Services and EndpointSlices in the apiserver.
+    pub pods: usize,
+    /// Nodes, the agent's own included.
+    pub nodes: usize,
+    /// Creating the Services, EndpointSlices, Pods and Nodes in the
+    /// apiserver.
     pub apiserver_load_s: f64,
     pub resync: Resync,
     /// EndpointSlice change answered by the apiserver → backend in the maps.
@@ -195,6 +214,8 @@ pub fn run_with(opts: &Options, quick: bool) -> Result<AgentBenchReport> {
         quick,
         services: opts.services,
         endpoints: opts.services * opts.endpoints_per_service,
+        pods: Layout::of(opts).pods,
+        nodes: Layout::of(opts).nodes(),
         ..AgentBenchReport::default()
     };
     rt.block_on(agent_part(opts, &mut report))?;
@@ -282,10 +303,6 @@ fn vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 43, 64, 0)) + u32::try_from(i).unwrap_or(0))
 }
 
-fn endpoint_ip(i: usize, j: usize, per: usize) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 44, 0, 0)) + u32::try_from(i * per + j).unwrap_or(0))
-}
-
 /// A fresh address for latency sample `k` (never used by the load).
 fn sample_ip(k: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 46, 0, 0)) + u32::try_from(k).unwrap_or(0))
@@ -293,12 +310,158 @@ fn sample_ip(k: usize) -> Ipv4Addr {
 
 const TARGET_PORT: u16 = 8080;
 
-fn slice_endpoints(ips: &[Ipv4Addr], node: &str) -> serde_json::Value {
+/// Pods per Node: SIG Scalability's envelope (5,000 Nodes, 150,000 Pods).
+pub const PODS_PER_NODE: usize = 30;
+
+/// Services per Pod: Services `2k` and `2k + 1` select the same Pods.
+const SERVICES_PER_POD: usize = 2;
+
+/// Where the Pods are: Pod `p` is replica `p % per` of app `p / per`; the
+/// agent's Node runs Pods `0..per_node`, remote Node `r` the next
+/// `per_node` from its /27 of 10.42.8.0/17 (inside the agent's default
+/// --cluster-cidr, so none is refused).
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    pods: usize,
+    per: usize,
+    per_node: usize,
+}
+
+impl Layout {
+    fn of(o: &Options) -> Self {
+        let per_node = o.pods_per_node.clamp(1, 30);
+        Self { pods: o.services.div_ceil(SERVICES_PER_POD) * o.endpoints_per_service, per: o.endpoints_per_service, per_node }
+    }
+
+    /// Remote Nodes.
+    fn remote_nodes(self) -> usize {
+        self.pods.saturating_sub(self.per_node).div_ceil(self.per_node)
+    }
+
+    fn nodes(self) -> usize {
+        1 + self.remote_nodes()
+    }
+
+    /// Endpoint `j` of Service `i`: its Pod.
+    fn pod_of(self, i: usize, j: usize) -> usize {
+        (i / SERVICES_PER_POD) * self.per + j
+    }
+
+    /// `None`: the agent's own Node; else the remote Node's index.
+    fn node_of(self, p: usize) -> Option<usize> {
+        p.checked_sub(self.per_node).map(|q| q / self.per_node)
+    }
+
+    fn pod_ip(self, p: usize) -> Ipv4Addr {
+        let at = |base: Ipv4Addr, off: usize| Ipv4Addr::from(u32::from(base) + u32::try_from(off).unwrap_or(0));
+        match self.node_of(p) {
+            // The agent's pod range (`POD_CIDR`), from .2.
+            None => at(Ipv4Addr::new(10, 42, 7, 2), p),
+            Some(r) => at(Ipv4Addr::new(10, 42, 8, 1), r * 32 + (p - self.per_node) % self.per_node),
+        }
+    }
+
+    fn pod_cidr(r: usize) -> String {
+        let base = u32::from(Ipv4Addr::new(10, 42, 8, 0)) + u32::try_from(r * 32).unwrap_or(0);
+        format!("{}/27", Ipv4Addr::from(base))
+    }
+
+    fn node_name(self, p: usize, own: &str) -> String {
+        self.node_of(p).map_or_else(|| own.to_owned(), remote_node_name)
+    }
+}
+
+fn remote_node_name(r: usize) -> String {
+    format!("node-{r:04}.bench.internal")
+}
+
+/// Endpoint `(address, node)` list of a slice.
+fn slice_endpoints(eps: &[(Ipv4Addr, String)]) -> serde_json::Value {
     serde_json::Value::Array(
-        ips.iter()
-            .map(|ip| serde_json::json!({"addresses": [ip.to_string()], "nodeName": node, "conditions": {"ready": true, "serving": true, "terminating": false}}))
+        eps.iter()
+            .map(|(ip, node)| serde_json::json!({"addresses": [ip.to_string()], "nodeName": node, "conditions": {"ready": true, "serving": true, "terminating": false}}))
             .collect(),
     )
+}
+
+/// Pod `p` as a Deployment's ReplicaSet and the scheduler write it, and its
+/// status as the kubelet writes it.
+fn pod_objects(l: Layout, p: usize, node: &str) -> (serde_json::Value, serde_json::Value) {
+    let app = p / l.per;
+    let hash = format!("{:010x}", (app as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 24);
+    let rs = format!("app{app}-{}", &hash[..10]);
+    let ip = l.pod_ip(p).to_string();
+    let t = "2026-12-07T10:00:00Z";
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": format!("{rs}-{:05x}", p), "namespace": "default", "generateName": format!("{rs}-"),
+            "labels": {"app": format!("app{app}"), "pod-template-hash": &hash[..10], "app.kubernetes.io/part-of": "bench"},
+            "annotations": {"kubectl.kubernetes.io/restartedAt": t, "prometheus.io/scrape": "true", "prometheus.io/port": "9090"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs, "uid": format!("00000000-0000-4000-8000-{app:012}"), "controller": true, "blockOwnerDeletion": true}],
+        },
+        "spec": {
+            "nodeName": node, "serviceAccountName": "default", "restartPolicy": "Always", "dnsPolicy": "ClusterFirst",
+            "terminationGracePeriodSeconds": 30, "schedulerName": "default-scheduler",
+            "containers": [{
+                "name": "app", "image": "registry.bench.internal/app:1.4.2", "imagePullPolicy": "IfNotPresent",
+                "ports": [{"name": "http", "containerPort": TARGET_PORT, "protocol": "TCP"}, {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}],
+                "env": [{"name": "APP", "value": format!("app{app}")}, {"name": "LOG_LEVEL", "value": "info"}],
+                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+                "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+                "volumeMounts": [{"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}],
+            }],
+            "volumes": [{"name": "kube-api-access", "projected": {"sources": [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}}],
+            "tolerations": [
+                {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+                {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+            ],
+        },
+    });
+    let cond = |ty: &str| serde_json::json!({"type": ty, "status": "True", "lastTransitionTime": t});
+    let status = serde_json::json!({"status": {
+        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "198.18.0.1", "startTime": t, "qosClass": "Burstable",
+        "conditions": [cond("PodReadyToStartContainers"), cond("Initialized"), cond("Ready"), cond("ContainersReady"), cond("PodScheduled")],
+        "containerStatuses": [{
+            "name": "app", "ready": true, "started": true, "restartCount": 0, "image": "registry.bench.internal/app:1.4.2",
+            "imageID": "registry.bench.internal/app@sha256:4f53cda18c2baa0c0354bb5f9a3ecbe5ed12ab4d8e11ba873c2f11161202b945",
+            "containerID": format!("containerd://{:064x}", p), "state": {"running": {"startedAt": t}},
+        }],
+    }});
+    (pod, status)
+}
+
+/// Remote Node `r` as a kubelet registers it, and its status.
+fn node_objects(r: usize) -> (serde_json::Value, serde_json::Value) {
+    let name = remote_node_name(r);
+    let cidr = Layout::pod_cidr(r);
+    let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 1)) + u32::try_from(r).unwrap_or(0)).to_string();
+    let node = serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+                       "node.kubernetes.io/instance-type": "m6i.2xlarge", "topology.kubernetes.io/zone": format!("zone-{}", r % 3)},
+            "annotations": {"node.alpha.kubernetes.io/ttl": "0", "volumes.kubernetes.io/controller-managed-attach-detach": "true"},
+        },
+        "spec": {"podCIDR": cidr, "podCIDRs": [cidr], "providerID": format!("bench://{name}")},
+    });
+    let cond = |ty: &str, st: &str| serde_json::json!({"type": ty, "status": st, "lastHeartbeatTime": "2026-12-07T10:00:00Z", "lastTransitionTime": "2026-12-07T09:00:00Z", "reason": format!("Kubelet{ty}"), "message": "kubelet is posting ready status"});
+    let images: Vec<serde_json::Value> = (0..20)
+        .map(|k| serde_json::json!({"names": [format!("registry.bench.internal/img{k}@sha256:{:064x}", k), format!("registry.bench.internal/img{k}:1.0")], "sizeBytes": 50_000_000 + k}))
+        .collect();
+    let status = serde_json::json!({"status": {
+        "addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}],
+        "capacity": {"cpu": "8", "memory": "32Gi", "pods": "110", "ephemeral-storage": "100Gi"},
+        "allocatable": {"cpu": "7800m", "memory": "31Gi", "pods": "110", "ephemeral-storage": "95Gi"},
+        "conditions": [cond("MemoryPressure", "False"), cond("DiskPressure", "False"), cond("PIDPressure", "False"), cond("Ready", "True")],
+        "nodeInfo": {"machineID": format!("{r:032x}"), "systemUUID": format!("{r:032x}"), "bootID": format!("{r:032x}"),
+                     "kernelVersion": "6.18.0", "osImage": "Debian GNU/Linux 13", "containerRuntimeVersion": "containerd://2.1.0",
+                     "kubeletVersion": "v1.34.0", "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"},
+        "images": images,
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+    }});
+    (node, status)
 }
 
 /// The apiserver on 127.0.0.1 with its data in `w.data`: its kubeconfig
@@ -364,6 +527,45 @@ fn start_agent_bin(w: &mut World, kubeconfig: &Path, agent_bin: &Path) -> Result
     Ok(pid)
 }
 
+/// The remote Nodes, then every Pod (created, then its status as the
+/// kubelet patches it), 32 requests in flight.
+async fn load_nodes_and_pods(client: &kube::Client, l: Layout, own: &str) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    futures::stream::iter(0..l.remote_nodes())
+        .map(|r| {
+            let nodes = nodes.clone();
+            async move {
+                let (node, status) = node_objects(r);
+                let node: Node = serde_json::from_value(node).map_err(step("node object"))?;
+                let name = remote_node_name(r);
+                nodes.create(&PostParams::default(), &node).await.map_err(step(format!("creating Node {name}")))?;
+                nodes.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.map_err(step(format!("Node {name} status")))?;
+                Ok::<(), Error>(())
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    futures::stream::iter(0..l.pods)
+        .map(|p| {
+            let pods = pods.clone();
+            async move {
+                let (pod, status) = pod_objects(l, p, &l.node_name(p, own));
+                let pod: Pod = serde_json::from_value(pod).map_err(step("pod object"))?;
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                pods.create(&PostParams::default(), &pod).await.map_err(step(format!("creating Pod {name}")))?;
+                // Status is the kubelet's to write: a subresource.
+                pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.map_err(step(format!("Pod {name} status")))?;
+                Ok::<(), Error>(())
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
 async fn agent_part(opts: &Options, report: &mut AgentBenchReport) -> Result<()> {
     let mut w = World::new("rtab", "riptide-agent-bench")?;
     let (kubeconfig, client) = start_apiserver(&mut w).await?;
@@ -374,9 +576,14 @@ async fn agent_part(opts: &Options, report: &mut AgentBenchReport) -> Result<()>
     let svcs: Api<Service> = Api::namespaced(client.clone(), "default");
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
     let per = opts.endpoints_per_service;
+    let layout = Layout::of(opts);
+    let endpoints = |i: usize, js: std::ops::Range<usize>| -> Vec<(Ipv4Addr, String)> {
+        js.map(|j| layout.pod_of(i, j)).map(|p| (layout.pod_ip(p), layout.node_name(p, &node))).collect()
+    };
+    load_nodes_and_pods(&client, layout, &node).await?;
     futures::stream::iter(0..opts.services)
         .map(|i| {
-            let (svcs, slices, node) = (svcs.clone(), slices.clone(), node.clone());
+            let (svcs, slices, endpoints) = (svcs.clone(), slices.clone(), &endpoints);
             async move {
                 let svc: Service = serde_json::from_value(serde_json::json!({
                     "apiVersion": "v1", "kind": "Service",
@@ -385,13 +592,12 @@ async fn agent_part(opts: &Options, report: &mut AgentBenchReport) -> Result<()>
                 }))
                 .map_err(step("service object"))?;
                 svcs.create(&PostParams::default(), &svc).await.map_err(step(format!("creating Service s{i}")))?;
-                let ips: Vec<Ipv4Addr> = (0..per).map(|j| endpoint_ip(i, j, per)).collect();
                 let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
                     "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                     "metadata": {"name": format!("s{i}-1"), "namespace": "default", "labels": {"kubernetes.io/service-name": format!("s{i}")}},
                     "addressType": "IPv4",
                     "ports": [{"name": "p", "port": TARGET_PORT, "protocol": "TCP"}],
-                    "endpoints": slice_endpoints(&ips, &node),
+                    "endpoints": slice_endpoints(&endpoints(i, 0..per)),
                 }))
                 .map_err(step("slice object"))?;
                 slices.create(&PostParams::default(), &slice).await.map_err(step(format!("creating EndpointSlice s{i}-1")))?;
@@ -451,10 +657,10 @@ async fn agent_part(opts: &Options, report: &mut AgentBenchReport) -> Result<()>
         rng ^= rng >> 7;
         rng ^= rng << 17;
         let i = usize::try_from(rng % opts.services as u64).unwrap_or(0);
-        let mut ips: Vec<Ipv4Addr> = (1..per).map(|j| endpoint_ip(i, j, per)).collect();
+        let mut eps = endpoints(i, 1..per);
         let fresh = sample_ip(k);
-        ips.insert(0, fresh);
-        let patch = serde_json::json!({"endpoints": slice_endpoints(&ips, &node)});
+        eps.insert(0, (fresh, node.clone()));
+        let patch = serde_json::json!({"endpoints": slice_endpoints(&eps)});
         let sent = Instant::now();
         slices
             .patch(&format!("s{i}-1"), &PatchParams::default(), &Patch::Merge(&patch))
@@ -617,6 +823,7 @@ impl Probe {
 /// `iptables-restore` timings in a throwaway namespace.
 fn iptables_part(opts: &Options) -> Result<IptablesRestore> {
     let per = opts.endpoints_per_service;
+    let layout = Layout::of(opts);
     let services: Vec<kubeproxy::SvcPort> = (0..opts.services)
         .map(|i| kubeproxy::SvcPort {
             name: format!("default/s{i}:p"),
@@ -624,7 +831,7 @@ fn iptables_part(opts: &Options) -> Result<IptablesRestore> {
             proto: kubeproxy::Proto::Tcp,
             port: 80,
             node_port: None,
-            endpoints: (0..per).map(|j| (endpoint_ip(i, j, per), TARGET_PORT)).collect(),
+            endpoints: (0..per).map(|j| (layout.pod_ip(layout.pod_of(i, j)), TARGET_PORT)).collect(),
         })
         .collect();
     let full = kubeproxy::iptables_restore(&services);
