@@ -36,10 +36,7 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::{
-        coordination::v1::{Lease, LeaseSpec},
-        core::v1::Node,
-    },
+    api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::MicroTime,
     jiff::Timestamp,
 };
@@ -53,7 +50,7 @@ use riptide_datapath::service::{BackendState, FrontendKind, TrafficPolicy};
 use crate::{
     metrics::Metrics,
     model::{self, NodeContext},
-    slim::SlimSlice,
+    slim::{SlimNode, SlimSlice},
 };
 
 /// Where the Leases live.
@@ -310,7 +307,7 @@ struct Seen {
 pub struct Inputs {
     pub services: Store<crate::slim::SlimService>,
     pub slices: Store<SlimSlice>,
-    pub nodes: Store<Node>,
+    pub nodes: Store<SlimNode>,
 }
 
 /// What this node makes of one Service's Lease.

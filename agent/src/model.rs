@@ -20,7 +20,6 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use k8s_openapi::api::core::v1::Pod;
 use riptide_datapath::service::{
     self as lb, Algorithm, Backend, BackendState, Frontend, FrontendKind, Protocol, TrafficPolicy,
 };
@@ -28,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     reserved::Reserved,
-    slim::{Conditions, SlimService, SlimSlice},
+    slim::{Conditions, SlimPod, SlimService, SlimSlice},
 };
 
 pub use crate::slim::{LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
@@ -382,7 +381,7 @@ pub fn service_desired(svc: &SlimService, slices: &[&SlimSlice], ctx: &NodeConte
 
 /// hostPort entries of one Pod on this node: `hostIP:hostPort` (node-wide
 /// when hostIP is unset or 0.0.0.0) → `podIP:containerPort`.
-pub fn pod_desired(pod: &Pod, ctx: &NodeContext) -> Desired {
+pub fn pod_desired(pod: &SlimPod, ctx: &NodeContext) -> Desired {
     let mut out = Desired::default();
     let Some(spec) = pod.spec.as_ref() else {
         return out;
@@ -395,7 +394,7 @@ pub fn pod_desired(pod: &Pod, ctx: &NodeContext) -> Desired {
     if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
         return out;
     }
-    let Some(pod_ip) = status.and_then(|s| s.pod_ip.as_deref()).and_then(parse_v4) else {
+    let Some(pod_ip) = status.and_then(|s| s.pod_ip) else {
         return out;
     };
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");

@@ -368,7 +368,7 @@ fn dual_stack_keeps_ipv4_cluster_ip_only() {
     assert_eq!(one_port(&d).frontends, vec![fe(FrontendKind::ClusterIp, "10.43.0.10", 80)]);
 }
 
-fn pod(v: Value) -> Pod {
+fn pod(v: Value) -> SlimPod {
     let mut base = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"namespace": "ns", "name": "p"},

@@ -3,14 +3,13 @@
 //! agent claimed it in an annotation ([`crate::podcidr`] writes the claims).
 
 use ipnetwork::Ipv4Network;
-use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt as _;
 
-/// The annotation holding an agent-claimed range on its Node.
-pub const POD_CIDR_ANNOTATION: &str = "riptide.io/pod-cidr";
+pub use crate::slim::POD_CIDR_ANNOTATION;
+use crate::slim::SlimNode;
 
 /// A node's InternalIP (the address other nodes route its podCIDR to).
-pub fn internal_ip(node: &Node) -> Option<std::net::Ipv4Addr> {
+pub fn internal_ip(node: &SlimNode) -> Option<std::net::Ipv4Addr> {
     node.status
         .iter()
         .flat_map(|s| s.addresses.iter().flatten())
@@ -20,12 +19,12 @@ pub fn internal_ip(node: &Node) -> Option<std::net::Ipv4Addr> {
 
 /// A node's IPv4 podCIDR: the one cluster IPAM assigned, else the range its
 /// agent claimed when the cluster has no node IPAM.
-pub fn pod_cidr(node: &Node) -> Option<Ipv4Network> {
+pub fn pod_cidr(node: &SlimNode) -> Option<Ipv4Network> {
     spec_pod_cidr(node).or_else(|| claimed_pod_cidr(node))
 }
 
 /// The podCIDR cluster IPAM assigned (`spec.podCIDRs`, then `spec.podCIDR`).
-pub fn spec_pod_cidr(node: &Node) -> Option<Ipv4Network> {
+pub fn spec_pod_cidr(node: &SlimNode) -> Option<Ipv4Network> {
     let spec = node.spec.as_ref()?;
     spec.pod_cidrs
         .iter()
@@ -36,7 +35,7 @@ pub fn spec_pod_cidr(node: &Node) -> Option<Ipv4Network> {
 
 /// The range claimed in `node`'s [`POD_CIDR_ANNOTATION`], if it is a valid
 /// range.
-pub fn claimed_pod_cidr(node: &Node) -> Option<Ipv4Network> {
+pub fn claimed_pod_cidr(node: &SlimNode) -> Option<Ipv4Network> {
     riptide_cidr::parse(POD_CIDR_ANNOTATION, node.annotations().get(POD_CIDR_ANNOTATION)?).ok()
 }
 
@@ -48,7 +47,7 @@ mod tests {
 
     #[test]
     fn internal_ip_and_pod_cidr() {
-        let n: Node = serde_json::from_value(json!({
+        let n: SlimNode = serde_json::from_value(json!({
             "metadata": {"name": "node-b"},
             "spec": {"podCIDR": "10.42.1.0/24", "podCIDRs": ["10.42.1.0/24", "fd00:42:1::/64"]},
             "status": {"addresses": [

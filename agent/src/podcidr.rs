@@ -31,6 +31,7 @@ use kube::{
 
 use crate::{
     node::{POD_CIDR_ANNOTATION, claimed_pod_cidr, spec_pod_cidr},
+    slim::SlimNode,
     watch,
 };
 
@@ -54,7 +55,7 @@ pub enum Decision {
 
 /// Pure decision for node `own` given every Node (deterministic: same
 /// inputs, same range on every agent).
-pub fn decide<'a>(own: &str, nodes: impl IntoIterator<Item = &'a Node>, cluster: Ipv4Network, prefix: u8) -> Decision {
+pub fn decide<'a>(own: &str, nodes: impl IntoIterator<Item = &'a SlimNode>, cluster: Ipv4Network, prefix: u8) -> Decision {
     let mut me = None;
     // (name, range, from spec)
     let mut others: Vec<(String, Ipv4Network, bool)> = Vec::new();
@@ -102,7 +103,7 @@ pub struct Fallback {
 /// Runs the fallback on the agent's Node store until the runtime stops.
 /// Claims reach the podCIDR file and routes the normal way: the Node watch
 /// delivers the annotation and [`crate::node::pod_cidr`] reads it.
-pub fn spawn(client: Client, nodes: Store<Node>, node: String, fb: Fallback) -> tokio::task::JoinHandle<()> {
+pub fn spawn(client: Client, nodes: Store<SlimNode>, node: String, fb: Fallback) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if let Err(e) = watch::declared::<Node>(&["patch"]) {
             tracing::error!(error = %e, "podCIDR fallback disabled");
@@ -154,8 +155,8 @@ pub fn spawn(client: Client, nodes: Store<Node>, node: String, fb: Fallback) -> 
 mod tests {
     use super::*;
 
-    fn node(name: &str, spec: Option<&str>, claim: Option<&str>) -> Node {
-        let mut n: Node = serde_json::from_value(serde_json::json!({
+    fn node(name: &str, spec: Option<&str>, claim: Option<&str>) -> SlimNode {
+        let mut n: SlimNode = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name},
             "spec": {"podCIDR": spec},
         }))

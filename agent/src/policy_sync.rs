@@ -372,7 +372,7 @@ pub fn inputs_fingerprint(inputs: &Inputs<'_>) -> u64 {
     let mut json = |v: &dyn erased::Json| v.hash_json(&mut h);
     for p in inputs.pods {
         let m = &p.metadata;
-        json(&(&m.namespace, &m.name, &m.uid, &m.labels, m.deletion_timestamp.is_some()));
+        json(&(&m.namespace, &m.name, &m.uid, p.labels(), m.deletion_timestamp.is_some()));
         json(&(&p.spec, &p.status));
     }
     for n in inputs.namespaces {

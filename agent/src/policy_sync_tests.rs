@@ -210,7 +210,9 @@ fn a_first_pass_converges_from_leftovers_and_closes_renumbered_endpoints_first()
 fn the_fingerprint_follows_what_the_compiler_reads_only() {
     use std::sync::Arc;
 
-    use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+    use k8s_openapi::api::core::v1::Namespace;
+
+    use crate::slim::{SlimNode as Node, SlimPod as Pod};
 
     let pod = |rv: &str, labels: serde_json::Value, ready: &str| -> Arc<Pod> {
         Arc::new(

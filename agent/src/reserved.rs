@@ -11,7 +11,8 @@
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
-use k8s_openapi::api::core::v1::Node;
+
+use crate::slim::SlimNode;
 
 /// What an external frontend must not be.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -47,7 +48,7 @@ impl Reserved {
 
     /// Replaces the node addresses with those of `nodes` plus `own`;
     /// returns whether they changed.
-    pub fn set_nodes<'a>(&mut self, nodes: impl Iterator<Item = &'a Node>, own: impl IntoIterator<Item = Ipv4Addr>) -> bool {
+    pub fn set_nodes<'a>(&mut self, nodes: impl Iterator<Item = &'a SlimNode>, own: impl IntoIterator<Item = Ipv4Addr>) -> bool {
         let mut addrs: BTreeSet<Ipv4Addr> = nodes
             .flat_map(|n| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
             .filter_map(|a| a.address.parse().ok())
@@ -80,7 +81,7 @@ mod tests {
     #[test]
     fn node_addresses_cluster_ranges_and_special_ranges_are_refused() {
         let mut r = Reserved::new("10.42.0.0/16".parse().unwrap(), "10.43.0.0/16".parse().unwrap());
-        let node: Node = serde_json::from_value(json!({"metadata": {"name": "b"}, "status": {"addresses": [
+        let node: SlimNode = serde_json::from_value(json!({"metadata": {"name": "b"}, "status": {"addresses": [
             {"type": "InternalIP", "address": "198.18.0.12"}, {"type": "ExternalIP", "address": "203.0.113.2"},
             {"type": "Hostname", "address": "b"}]}}))
         .unwrap();

@@ -176,7 +176,7 @@ fn ours(msg: &RouteMessage) -> Option<(Ipv4Network, Ipv4Addr)> {
 pub fn desired_routes<'a>(
     self_name: &str,
     cluster: Ipv4Network,
-    nodes: impl Iterator<Item = &'a k8s_openapi::api::core::v1::Node>,
+    nodes: impl Iterator<Item = &'a crate::slim::SlimNode>,
 ) -> (BTreeMap<Ipv4Network, Ipv4Addr>, Vec<(String, Ipv4Network)>) {
     let mut refused = Vec::new();
     let desired = nodes
@@ -200,7 +200,7 @@ mod tests {
 
     #[test]
     fn desired_skips_self_and_incomplete_nodes() {
-        let node = |name: &str, cidr: Option<&str>, ip: Option<&str>| -> k8s_openapi::api::core::v1::Node {
+        let node = |name: &str, cidr: Option<&str>, ip: Option<&str>| -> crate::slim::SlimNode {
             serde_json::from_value(serde_json::json!({
                 "metadata": {"name": name},
                 "spec": {"podCIDR": cidr},
@@ -221,7 +221,7 @@ mod tests {
 
     #[test]
     fn desired_refuses_pod_cidrs_outside_the_cluster_range() {
-        let node = |name: &str, cidr: &str, ip: &str| -> k8s_openapi::api::core::v1::Node {
+        let node = |name: &str, cidr: &str, ip: &str| -> crate::slim::SlimNode {
             serde_json::from_value(serde_json::json!({
                 "metadata": {"name": name},
                 "spec": {"podCIDR": cidr},

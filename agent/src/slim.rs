@@ -15,28 +15,38 @@
 //! other endpoint on that node: with 50,000 endpoints, three small
 //! allocations each cost more in malloc's per-chunk overhead than in data.
 //!
-//! Both implement k8s-openapi's `Resource` and `Metadata` (with the real
+//! Pods and Nodes are watched cluster-wide. A [`SlimPod`] keeps its name,
+//! labels, node, phase, IPv4 address and the ports of containers that
+//! declare any (NetworkPolicy identities and named ports, hostPort
+//! entries); a [`SlimNode`] its addresses, podCIDRs, taint keys and the
+//! podCIDR claim. Strings that repeat across objects are shared: node
+//! names, phases, port names and protocols, and a pod's whole label set (a
+//! Deployment's replicas carry the same one).
+//!
+//! All implement k8s-openapi's `Resource` and `Metadata` (with the real
 //! kind's group, version and kind), so kube's `Api`, watcher and reflector
 //! take them as they take the generated types. Field names and types follow
 //! k8s-openapi's, so the code reads both alike.
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
+    ops::Deref,
     sync::{Arc, Mutex, PoisonError},
 };
 
 use k8s_openapi::{
-    NamespaceResourceScope,
+    ClusterResourceScope, NamespaceResourceScope,
     api::{
-        core::v1::{LoadBalancerStatus, Service, SessionAffinityConfig},
+        core::v1::{LoadBalancerStatus, Node, NodeAddress, Pod, Service, SessionAffinityConfig},
         discovery::v1::EndpointSlice,
     },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
 };
 use serde::{
-    Deserialize, Deserializer,
+    Deserialize, Deserializer, Serialize, Serializer,
     de::{IgnoredAny, SeqAccess, Visitor},
 };
 
@@ -110,22 +120,88 @@ fn first_v4<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Erro
     d.deserialize_option(First)
 }
 
-/// Node names, one allocation per node however many endpoints name it.
-/// Names no endpoint holds any more go when a new name arrives.
-static NODE_NAMES: Mutex<BTreeSet<Arc<str>>> = Mutex::new(BTreeSet::new());
+/// One shared allocation per distinct value: values no object holds any
+/// more are dropped once the set has doubled since the last sweep, so a
+/// relist of 50,000 objects sweeps a few times, not once per new value.
+struct Interner<T: ?Sized + Ord> {
+    set: BTreeSet<Arc<T>>,
+    sweep_at: usize,
+}
+
+impl<T: ?Sized + Ord> Interner<T> {
+    const fn new() -> Self {
+        Self { set: BTreeSet::new(), sweep_at: 64 }
+    }
+
+    fn intern<V: Borrow<T> + Into<Arc<T>>>(this: &Mutex<Self>, v: V) -> Arc<T> {
+        let mut i = this.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(known) = i.set.get(v.borrow()) {
+            return Arc::clone(known);
+        }
+        if i.set.len() >= i.sweep_at {
+            i.set.retain(|k| Arc::strong_count(k) > 1);
+            i.sweep_at = (i.set.len() * 2).max(64);
+        }
+        let v: Arc<T> = v.into();
+        i.set.insert(Arc::clone(&v));
+        v
+    }
+}
+
+/// Node names, phases, port names and protocols.
+static STRINGS: Mutex<Interner<str>> = Mutex::new(Interner::new());
+
+/// A string many objects hold (a node's name, a phase, a port name), one
+/// allocation for all of them. Derefs to `str`, so `Option<Interned>`
+/// reads as k8s-openapi's `Option<String>` does (`.as_deref()`).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Interned(Arc<str>);
+
+impl Interned {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(Interner::intern(&STRINGS, s.into()))
+    }
+
+    /// The shared allocation.
+    pub fn as_arc(&self) -> &Arc<str> {
+        &self.0
+    }
+}
+
+impl Deref for Interned {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Interned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl From<&str> for Interned {
+    fn from(s: &str) -> Self {
+        Self::new(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Interned {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self::new)
+    }
+}
+
+impl Serialize for Interned {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
 
 fn interned<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<str>>, D::Error> {
-    let Some(name) = Option::<String>::deserialize(d)? else {
-        return Ok(None);
-    };
-    let mut names = NODE_NAMES.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(known) = names.get(name.as_str()) {
-        return Ok(Some(Arc::clone(known)));
-    }
-    names.retain(|n| Arc::strong_count(n) > 1);
-    let name: Arc<str> = name.into();
-    names.insert(Arc::clone(&name));
-    Ok(Some(name))
+    Ok(Option::<Interned>::deserialize(d)?.map(|i| i.0))
 }
 
 /// `EndpointConditions`; `None` keeps the API's meaning of an unset field.
@@ -152,7 +228,7 @@ pub struct SlicePort {
 
 /// The part of an `ObjectMeta` that is decoded; labels and annotations
 /// are filtered by each kind to the keys it reads.
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Meta {
     #[serde(default)]
@@ -163,6 +239,8 @@ struct Meta {
     uid: Option<String>,
     #[serde(default)]
     resource_version: Option<String>,
+    #[serde(default)]
+    deletion_timestamp: Option<Time>,
     #[serde(default)]
     labels: Option<BTreeMap<String, String>>,
     #[serde(default)]
@@ -263,10 +341,12 @@ fn service_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error>
     })
 }
 
+/// The one entry of `map` under `key`, if any.
+fn only(map: Option<BTreeMap<String, String>>, key: &str) -> Option<BTreeMap<String, String>> {
+    map.and_then(|mut m| m.remove_entry(key)).map(|kv| [kv].into())
+}
+
 fn slice_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    fn only(map: Option<BTreeMap<String, String>>, key: &str) -> Option<BTreeMap<String, String>> {
-        map.and_then(|mut m| m.remove_entry(key)).map(|kv| [kv].into())
-    }
     let m = Meta::deserialize(d)?;
     Ok(ObjectMeta {
         name: m.name,
@@ -282,17 +362,227 @@ fn null_is_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result
     Ok(Option::<Box<[T]>>::deserialize(d)?.unwrap_or_default())
 }
 
-/// `Resource` and `Metadata` for a slim type, with the group, version and
-/// kind of the k8s-openapi type it stands for.
+/// A pod's labels: one allocation per distinct set, shared by every pod
+/// that has it.
+pub type Labels = Arc<BTreeMap<String, String>>;
+
+static LABEL_SETS: Mutex<Interner<BTreeMap<String, String>>> = Mutex::new(Interner::new());
+
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+
+/// A `v1` Pod as the agent stores it.
+///
+/// Its labels are in [`SlimPod::labels`] (shared between pods), not in
+/// `metadata.labels`, which stays `None`: read them with the inherent
+/// [`SlimPod::labels`] method, which `pod.labels()` calls in preference to
+/// kube's `ResourceExt::labels`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(from = "RawPod")]
+pub struct SlimPod {
+    /// Name, namespace, uid, resourceVersion and deletionTimestamp.
+    pub metadata: ObjectMeta,
+    pub labels: Option<Labels>,
+    pub spec: Option<SlimPodSpec>,
+    pub status: Option<SlimPodStatus>,
+}
+
+impl SlimPod {
+    /// The pod's labels (empty when it has none).
+    pub fn labels(&self) -> &BTreeMap<String, String> {
+        self.labels.as_deref().unwrap_or(&NO_LABELS)
+    }
+
+    /// Replaces the pod's labels (shared with other pods that have them).
+    pub fn set_labels(&mut self, labels: BTreeMap<String, String>) {
+        self.labels = (!labels.is_empty()).then(|| Interner::intern(&LABEL_SETS, labels));
+    }
+}
+
+#[derive(Deserialize)]
+struct RawPod {
+    #[serde(default)]
+    metadata: Option<Meta>,
+    #[serde(default)]
+    spec: Option<SlimPodSpec>,
+    #[serde(default)]
+    status: Option<RawPodStatus>,
+}
+
+impl From<RawPod> for SlimPod {
+    fn from(raw: RawPod) -> Self {
+        let m = raw.metadata.unwrap_or_default();
+        let mut pod = Self {
+            metadata: ObjectMeta {
+                name: m.name,
+                namespace: m.namespace,
+                uid: m.uid,
+                resource_version: m.resource_version,
+                deletion_timestamp: m.deletion_timestamp,
+                ..ObjectMeta::default()
+            },
+            labels: None,
+            spec: raw.spec,
+            status: raw.status.map(SlimPodStatus::from),
+        };
+        pod.set_labels(m.labels.unwrap_or_default());
+        pod
+    }
+}
+
+/// The `PodSpec` fields the agent reads. Containers without ports are not
+/// kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlimPodSpec {
+    #[serde(default)]
+    pub node_name: Option<Interned>,
+    #[serde(default)]
+    pub host_network: Option<bool>,
+    #[serde(default, deserialize_with = "with_ports")]
+    pub containers: Vec<SlimContainer>,
+    /// Init containers include restartable sidecars, whose ports count.
+    #[serde(default, deserialize_with = "with_ports_opt")]
+    pub init_containers: Option<Vec<SlimContainer>>,
+}
+
+/// A container as far as its ports go.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlimContainer {
+    #[serde(default)]
+    pub ports: Option<Vec<SlimContainerPort>>,
+}
+
+/// `ContainerPort`, its strings shared.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlimContainerPort {
+    #[serde(default)]
+    pub name: Option<Interned>,
+    pub container_port: i32,
+    #[serde(default)]
+    pub protocol: Option<Interned>,
+    #[serde(default)]
+    pub host_port: Option<i32>,
+    #[serde(default, rename = "hostIP")]
+    pub host_ip: Option<Interned>,
+}
+
+/// Containers that declare ports, in a vector no larger than they need.
+fn with_ports<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SlimContainer>, D::Error> {
+    Ok(with_ports_opt(d)?.unwrap_or_default())
+}
+
+fn with_ports_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<SlimContainer>>, D::Error> {
+    let Some(mut cs) = Option::<Vec<SlimContainer>>::deserialize(d)? else {
+        return Ok(None);
+    };
+    cs.retain(|c| c.ports.as_ref().is_some_and(|p| !p.is_empty()));
+    for c in &mut cs {
+        if let Some(p) = c.ports.as_mut() {
+            p.shrink_to_fit();
+        }
+    }
+    cs.shrink_to_fit();
+    Ok((!cs.is_empty()).then_some(cs))
+}
+
+/// The `PodStatus` fields the agent reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SlimPodStatus {
+    pub phase: Option<Interned>,
+    /// The first IPv4 address of `podIPs`, else `podIP` when it is IPv4.
+    pub pod_ip: Option<Ipv4Addr>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawPodStatus {
+    #[serde(default)]
+    phase: Option<Interned>,
+    #[serde(default, rename = "podIP")]
+    pod_ip: Option<String>,
+    #[serde(default, rename = "podIPs")]
+    pod_ips: Option<Vec<RawPodIp>>,
+}
+
+#[derive(Deserialize)]
+struct RawPodIp {
+    ip: String,
+}
+
+impl From<RawPodStatus> for SlimPodStatus {
+    fn from(raw: RawPodStatus) -> Self {
+        let pod_ip = raw.pod_ips.iter().flatten().map(|p| p.ip.as_str()).chain(raw.pod_ip.as_deref()).find_map(|s| s.parse().ok());
+        Self { phase: raw.phase, pod_ip }
+    }
+}
+
+/// The annotation holding an agent-claimed range on its Node
+/// ([`crate::podcidr`] writes it).
+pub const POD_CIDR_ANNOTATION: &str = "riptide.io/pod-cidr";
+
+/// A `v1` Node as the agent stores it: heartbeats rewrite its conditions
+/// and images every few seconds, and none of that is read.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct SlimNode {
+    /// Name, uid, resourceVersion, deletionTimestamp and the
+    /// [`POD_CIDR_ANNOTATION`] claim.
+    #[serde(default, deserialize_with = "node_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<SlimNodeSpec>,
+    #[serde(default)]
+    pub status: Option<SlimNodeStatus>,
+}
+
+/// The `NodeSpec` fields the agent reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlimNodeSpec {
+    #[serde(default, rename = "podCIDR")]
+    pub pod_cidr: Option<String>,
+    #[serde(default, rename = "podCIDRs")]
+    pub pod_cidrs: Option<Vec<String>>,
+    #[serde(default)]
+    pub taints: Option<Vec<SlimTaint>>,
+}
+
+/// A taint's key (KEP-3836 looks for the autoscaler's).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlimTaint {
+    pub key: String,
+}
+
+/// The `NodeStatus` fields the agent reads.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SlimNodeStatus {
+    #[serde(default)]
+    pub addresses: Option<Vec<NodeAddress>>,
+}
+
+fn node_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let m = Meta::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        deletion_timestamp: m.deletion_timestamp,
+        annotations: only(m.annotations, POD_CIDR_ANNOTATION),
+        ..ObjectMeta::default()
+    })
+}
+
+/// `Resource` and `Metadata` for a slim type, with the group, version,
+/// kind and scope of the k8s-openapi type it stands for.
 macro_rules! watched_as {
-    ($slim:ty, $real:ty) => {
+    ($slim:ty, $real:ty, $scope:ty) => {
         impl k8s_openapi::Resource for $slim {
             const API_VERSION: &'static str = <$real as k8s_openapi::Resource>::API_VERSION;
             const GROUP: &'static str = <$real as k8s_openapi::Resource>::GROUP;
             const KIND: &'static str = <$real as k8s_openapi::Resource>::KIND;
             const VERSION: &'static str = <$real as k8s_openapi::Resource>::VERSION;
             const URL_PATH_SEGMENT: &'static str = <$real as k8s_openapi::Resource>::URL_PATH_SEGMENT;
-            type Scope = NamespaceResourceScope;
+            type Scope = $scope;
         }
 
         impl k8s_openapi::Metadata for $slim {
@@ -309,8 +599,10 @@ macro_rules! watched_as {
     };
 }
 
-watched_as!(SlimService, Service);
-watched_as!(SlimSlice, EndpointSlice);
+watched_as!(SlimService, Service, NamespaceResourceScope);
+watched_as!(SlimSlice, EndpointSlice, NamespaceResourceScope);
+watched_as!(SlimPod, Pod, NamespaceResourceScope);
+watched_as!(SlimNode, Node, ClusterResourceScope);
 
 #[cfg(test)]
 mod tests {
@@ -442,11 +734,95 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_keeps_what_policy_and_host_ports_read() {
+        let pod = |name: &str, ip: &str| -> SlimPod {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {
+                    "name": name, "namespace": "ns", "uid": "u1", "resourceVersion": "5",
+                    "deletionTimestamp": "2026-12-07T00:00:00Z",
+                    "labels": {"app": "web", "pod-template-hash": "abc"}, "annotations": {"a": "b"},
+                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-abc", "uid": "r"}],
+                },
+                "spec": {
+                    "nodeName": "n1", "hostNetwork": false, "serviceAccountName": "default",
+                    "containers": [
+                        {"name": "app", "image": "i", "env": [{"name": "A", "value": "1"}],
+                         "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP", "hostPort": 80, "hostIP": "198.18.0.1"}]},
+                        {"name": "sidecar", "image": "j"},
+                    ],
+                    "initContainers": [{"name": "init", "image": "k"}],
+                },
+                "status": {"phase": "Running", "podIP": "fd00::5", "podIPs": [{"ip": "fd00::5"}, {"ip": ip}], "hostIP": "198.18.0.1",
+                           "conditions": [{"type": "Ready", "status": "True"}]},
+            }))
+            .unwrap()
+        };
+        let p = pod("web-1", "10.42.0.5");
+        assert_eq!((p.metadata.name.as_deref(), p.metadata.namespace.as_deref()), (Some("web-1"), Some("ns")));
+        assert_eq!((p.metadata.uid.as_deref(), p.metadata.resource_version.as_deref()), (Some("u1"), Some("5")));
+        assert!(p.metadata.deletion_timestamp.is_some());
+        assert!(p.metadata.labels.is_none() && p.metadata.annotations.is_none() && p.metadata.owner_references.is_none());
+        assert_eq!(p.labels().get("app").map(String::as_str), Some("web"));
+        let spec = p.spec.as_ref().unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some("n1"));
+        assert_eq!(spec.containers.len(), 1, "containers without ports are not kept");
+        assert!(spec.init_containers.is_none());
+        let port = &spec.containers[0].ports.as_ref().unwrap()[0];
+        assert_eq!((port.name.as_deref(), port.container_port, port.protocol.as_deref()), (Some("http"), 8080, Some("TCP")));
+        assert_eq!((port.host_port, port.host_ip.as_deref()), (Some(80), Some("198.18.0.1")));
+        let status = p.status.as_ref().unwrap();
+        assert_eq!((status.phase.as_deref(), status.pod_ip), (Some("Running"), Some(Ipv4Addr::new(10, 42, 0, 5))));
+        // A replica of the same Deployment shares the label set, node
+        // name, phase and port strings.
+        let q = pod("web-2", "10.42.0.6");
+        assert!(Arc::ptr_eq(p.labels.as_ref().unwrap(), q.labels.as_ref().unwrap()));
+        let q_spec = q.spec.as_ref().unwrap();
+        assert!(Arc::ptr_eq(spec.node_name.as_ref().unwrap().as_arc(), q_spec.node_name.as_ref().unwrap().as_arc()));
+        assert!(Arc::ptr_eq(
+            port.name.as_ref().unwrap().as_arc(),
+            q_spec.containers[0].ports.as_ref().unwrap()[0].name.as_ref().unwrap().as_arc()
+        ));
+        // Relabelling one pod leaves the other's labels alone.
+        let mut r = q.clone();
+        r.set_labels([("app".to_owned(), "db".to_owned())].into());
+        assert_eq!((p.labels()["app"].as_str(), r.labels()["app"].as_str()), ("web", "db"));
+        // No labels, no status, podIP only.
+        let bare: SlimPod = serde_json::from_value(serde_json::json!({"metadata": {"name": "b"}, "status": {"podIP": "10.42.0.7"}})).unwrap();
+        assert!(bare.labels().is_empty() && bare.labels.is_none() && bare.spec.is_none());
+        assert_eq!(bare.status.unwrap().pod_ip, Some(Ipv4Addr::new(10, 42, 0, 7)));
+    }
+
+    #[test]
+    fn a_node_keeps_addresses_cidrs_taints_and_the_claim() {
+        let n: SlimNode = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "n1", "uid": "u", "resourceVersion": "3", "labels": {"kubernetes.io/os": "linux"},
+                         "annotations": {POD_CIDR_ANNOTATION: "10.42.9.0/24", "node.alpha.kubernetes.io/ttl": "0"}},
+            "spec": {"podCIDR": "10.42.1.0/24", "podCIDRs": ["10.42.1.0/24"], "providerID": "p",
+                     "taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule", "value": "1"}]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.2"}],
+                       "images": [{"names": ["i"], "sizeBytes": 1}], "conditions": [{"type": "Ready", "status": "True"}],
+                       "nodeInfo": {"kubeletVersion": "v1"}},
+        }))
+        .unwrap();
+        assert_eq!(n.metadata.name.as_deref(), Some("n1"));
+        assert_eq!(n.metadata.labels, None);
+        assert_eq!(n.metadata.annotations, Some([(POD_CIDR_ANNOTATION.to_owned(), "10.42.9.0/24".to_owned())].into()));
+        let spec = n.spec.unwrap();
+        assert_eq!(spec.pod_cidrs, Some(vec!["10.42.1.0/24".to_owned()]));
+        assert_eq!(spec.taints.unwrap()[0].key, "ToBeDeletedByClusterAutoscaler");
+        assert_eq!(n.status.unwrap().addresses.unwrap()[0].address, "198.18.0.2");
+    }
+
+    #[test]
     fn watches_as_an_endpointslice() {
         use kube::Resource as _;
         assert_eq!(SlimSlice::api_version(&()), "discovery.k8s.io/v1");
         assert_eq!(SlimSlice::plural(&()), "endpointslices");
         assert_eq!(SlimSlice::url_path(&(), Some("ns")), "/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices");
         assert_eq!(SlimService::url_path(&(), Some("ns")), "/api/v1/namespaces/ns/services");
+        assert_eq!(SlimPod::url_path(&(), None), "/api/v1/pods");
+        assert_eq!(SlimNode::url_path(&(), None), "/api/v1/nodes");
     }
 }

@@ -1,18 +1,15 @@
 //! Reflectors for the six kinds the agent needs, as controller-rs does it:
 //! `watcher(..).default_backoff()`, `.modify()` to trim what we never read,
-//! into a `reflector` store (Services and EndpointSlices need no trim: they
-//! decode into [`SlimService`] and [`SlimSlice`], which hold only what is
-//! read). Every event also becomes
+//! into a `reflector` store (Services, EndpointSlices, Pods and Nodes need no
+//! trim: they decode into [`SlimService`], [`SlimSlice`], [`SlimPod`] and
+//! [`SlimNode`], which hold only what is read). Every event also becomes
 //! a small [`Change`] on a channel, so the reconcile loop knows *what* to
 //! recompute instead of rescanning the stores.
 
 use std::{fmt::Debug, hash::Hash};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::{
-    core::v1::{Container, Namespace, Node, Pod, PodSpec, PodStatus},
-    networking::v1::NetworkPolicy,
-};
+use k8s_openapi::api::{core::v1::Namespace, networking::v1::NetworkPolicy};
 use kube::{
     Api, Client, Resource, ResourceExt as _,
     runtime::{
@@ -26,7 +23,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     metrics::Metrics,
-    slim::{LABEL_SERVICE_NAME, SlimService, SlimSlice},
+    slim::{LABEL_SERVICE_NAME, SlimNode, SlimPod, SlimService, SlimSlice},
 };
 
 /// One Kubernetes API permission the agent uses: `verbs` on `resource` in
@@ -140,9 +137,10 @@ pub struct Stores {
     pub services: Store<SlimService>,
     /// Decoded as [`SlimSlice`]: only the fields the model reads.
     pub slices: Store<SlimSlice>,
-    pub nodes: Store<Node>,
-    /// Every pod of the cluster.
-    pub pods: Store<Pod>,
+    /// Decoded as [`SlimNode`]: addresses, podCIDRs, taint keys, the claim.
+    pub nodes: Store<SlimNode>,
+    /// Every pod of the cluster, decoded as [`SlimPod`].
+    pub pods: Store<SlimPod>,
     pub namespaces: Store<Namespace>,
     pub policies: Store<NetworkPolicy>,
 }
@@ -175,45 +173,29 @@ pub fn start(client: &Client, node_name: &str, tx: &UnboundedSender<Change>, met
         |_: &mut SlimSlice| {},
     );
     let nodes = spawn(
-        Api::<Node>::all(client.clone()),
+        Api::<SlimNode>::all(client.clone()),
         watcher::Config::default(),
         Kind::Node,
         tx.clone(),
         metrics.clone(),
-        |n: &Node| Change::Node { name: n.name_any() },
-        |n: &mut Node| {
-            // The podCIDR fallback's claim is the one annotation read.
-            let claim = n.annotations().get(crate::node::POD_CIDR_ANNOTATION).cloned();
-            trim_meta(n.meta_mut());
-            if let Some(c) = claim {
-                n.meta_mut().annotations = Some([(crate::node::POD_CIDR_ANNOTATION.to_owned(), c)].into());
-            }
-            // Heartbeats rewrite conditions and images every few seconds;
-            // only addresses and podCIDRs matter here.
-            if let Some(st) = n.status.as_mut() {
-                st.conditions = None;
-                st.images = None;
-                st.node_info = None;
-                st.capacity = None;
-                st.allocatable = None;
-                st.volumes_attached = None;
-                st.volumes_in_use = None;
-            }
-        },
+        |n: &SlimNode| Change::Node { name: n.name_any() },
+        // Nothing left to trim: the type decodes only what is read.
+        |_: &mut SlimNode| {},
     );
     let node = node_name.to_owned();
     let pods = spawn(
-        Api::<Pod>::all(client.clone()),
+        Api::<SlimPod>::all(client.clone()),
         watcher::Config::default(),
         Kind::Pod,
         tx.clone(),
         metrics.clone(),
-        move |p: &Pod| Change::Pod {
+        move |p: &SlimPod| Change::Pod {
             namespace: p.namespace().unwrap_or_default(),
             name: p.name_any(),
             local: p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str()),
         },
-        trim_pod,
+        // Nothing left to trim: the type decodes only what is read.
+        |_: &mut SlimPod| {},
     );
     let namespaces = spawn(
         Api::<Namespace>::all(client.clone()),
@@ -241,27 +223,6 @@ pub fn start(client: &Client, node_name: &str, tx: &UnboundedSender<Change>, met
         |p: &mut NetworkPolicy| trim_meta(p.meta_mut()),
     );
     Stores { services, slices, nodes, pods, namespaces, policies }
-}
-
-/// Keeps what the agent reads of a pod (labels, node, host network, phase,
-/// addresses, container ports for hostPorts and named ports): with every
-/// pod of the cluster in memory, the rest (volumes, env, statuses) would
-/// cost the most and churn on every container restart.
-fn trim_pod(p: &mut Pod) {
-    trim_meta(p.meta_mut());
-    let ports_only = |c: &mut Container| Container { name: std::mem::take(&mut c.name), ports: c.ports.take(), ..Container::default() };
-    if let Some(spec) = p.spec.as_mut() {
-        *spec = PodSpec {
-            node_name: spec.node_name.take(),
-            host_network: spec.host_network,
-            containers: spec.containers.iter_mut().map(ports_only).collect(),
-            init_containers: spec.init_containers.as_mut().map(|cs| cs.iter_mut().map(ports_only).collect()),
-            ..PodSpec::default()
-        };
-    }
-    if let Some(st) = p.status.as_mut() {
-        *st = PodStatus { phase: st.phase.take(), pod_ip: st.pod_ip.take(), pod_ips: st.pod_ips.take(), ..PodStatus::default() };
-    }
 }
 
 fn trim_meta(m: &mut kube::api::ObjectMeta) {
@@ -327,16 +288,16 @@ mod tests {
     fn every_watched_kind_is_declared() {
         declared::<SlimService>(WATCH_VERBS).unwrap();
         declared::<SlimSlice>(WATCH_VERBS).unwrap();
-        declared::<Node>(WATCH_VERBS).unwrap();
-        declared::<Pod>(WATCH_VERBS).unwrap();
+        declared::<SlimNode>(WATCH_VERBS).unwrap();
+        declared::<SlimPod>(WATCH_VERBS).unwrap();
         declared::<Namespace>(WATCH_VERBS).unwrap();
         declared::<NetworkPolicy>(WATCH_VERBS).unwrap();
-        declared::<Node>(&["patch"]).unwrap();
+        declared::<SlimNode>(&["patch"]).unwrap();
     }
 
     #[test]
     fn undeclared_calls_are_refused() {
-        let e = declared::<Pod>(&["delete"]).unwrap_err();
+        let e = declared::<SlimPod>(&["delete"]).unwrap_err();
         assert_eq!((e.group, e.resource, e.verb.as_str()), ("", "pods", "delete"));
         assert!(declared::<SlimService>(&["patch"]).is_err());
         assert!(declared::<k8s_openapi::api::core::v1::Secret>(&["list"]).is_err());

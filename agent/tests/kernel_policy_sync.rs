@@ -8,13 +8,11 @@
 
 use std::{net::Ipv4Addr, sync::Arc};
 
-use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod},
-    networking::v1::NetworkPolicy,
-};
+use k8s_openapi::api::{core::v1::Namespace, networking::v1::NetworkPolicy};
 use riptide_agent::{
     policy::{Compiled, Compiler, Inputs, Peer, RuleKey},
     policy_sync::{MapState, PolicySync},
+    slim::{SlimNode as Node, SlimPod as Pod},
 };
 use riptide_common::{
     IpcacheValue, PE_F_FAIL_CLOSED, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_INGRESS, POLICY_PREFIX_FULL, PolicyKey,

@@ -17,7 +17,7 @@ use std::{
 use ipnetwork::Ipv4Network;
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Node, Pod},
+        core::v1::Namespace,
         networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -28,6 +28,8 @@ use riptide_common::{
     POL_DIR_EGRESS, POL_DIR_INGRESS, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
     PolicyEndpointValue, PolicyKey, PolicyValue, identity,
 };
+
+use crate::slim::{SlimNode, SlimPod};
 
 use super::{
     AUDIT_ANNOTATION, Compiled, EndpointView, IdentityInfo, Inputs, NAMESPACE_NAME_LABEL, PolicyName, RuleKey,
@@ -488,7 +490,7 @@ fn namespaces(list: &[std::sync::Arc<Namespace>]) -> HashMap<&str, NsData> {
 
 /// A pod with an IPv4 address that is not finished.
 struct PodData<'a> {
-    pod: &'a Pod,
+    pod: &'a SlimPod,
     namespace: &'a str,
     name: &'a str,
     ip: Ipv4Addr,
@@ -509,13 +511,7 @@ fn pods<'a>(inputs: &Inputs<'a>, warnings: &mut Vec<String>) -> (Vec<PodData<'a>
             if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
                 return None;
             }
-            let ip = status
-                .pod_ips
-                .iter()
-                .flatten()
-                .map(|p| p.ip.as_str())
-                .chain(status.pod_ip.as_deref())
-                .find_map(|s| s.parse::<Ipv4Addr>().ok())?;
+            let ip = status.pod_ip?;
             let data = PodData {
                 pod: pod.as_ref(),
                 namespace: pod.metadata.namespace.as_deref().unwrap_or("default"),
@@ -559,7 +555,7 @@ struct NamedPort<'a> {
     port: u16,
 }
 
-fn named_ports(pod: &Pod) -> Vec<NamedPort<'_>> {
+fn named_ports(pod: &SlimPod) -> Vec<NamedPort<'_>> {
     let Some(spec) = pod.spec.as_ref() else { return Vec::new() };
     spec.containers
         .iter()
@@ -576,7 +572,7 @@ fn named_ports(pod: &Pod) -> Vec<NamedPort<'_>> {
 }
 
 /// A node's IPv4 InternalIP and ExternalIP addresses.
-fn node_addrs(node: &Node) -> impl Iterator<Item = Ipv4Addr> + '_ {
+fn node_addrs(node: &SlimNode) -> impl Iterator<Item = Ipv4Addr> + '_ {
     node.status
         .iter()
         .flat_map(|s| s.addresses.iter().flatten())

@@ -65,12 +65,11 @@ use std::{
 pub use check::{CheckError, DirVerdict, Peer, Verdict, Via};
 pub use compile::Compiler;
 use ipnetwork::Ipv4Network;
-use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod},
-    networking::v1::NetworkPolicy,
-};
+use k8s_openapi::api::{core::v1::Namespace, networking::v1::NetworkPolicy};
 pub use ports::{SCTP, port_prefixes, protocol_name, protocol_number};
 use riptide_common::{IpcacheValue, PolicyEndpointValue, PolicyKey, PolicyValue, identity};
+
+use crate::slim::{SlimNode, SlimPod};
 
 /// Namespace annotation that turns on audit mode for the namespace's pods:
 /// flows their policies would drop pass and are reported instead.
@@ -84,10 +83,10 @@ pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 /// give (`Store::state()`), all namespaces.
 #[derive(Clone, Copy, Debug)]
 pub struct Inputs<'a> {
-    pub pods: &'a [Arc<Pod>],
+    pub pods: &'a [Arc<SlimPod>],
     pub namespaces: &'a [Arc<Namespace>],
     pub policies: &'a [Arc<NetworkPolicy>],
-    pub nodes: &'a [Arc<Node>],
+    pub nodes: &'a [Arc<SlimNode>],
     /// This node's name (`spec.nodeName` of local pods).
     pub node_name: &'a str,
     /// This node's own addresses (node IP, hairpin address, ...): ipcache

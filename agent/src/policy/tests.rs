@@ -9,7 +9,7 @@
 use std::{fmt::Write as _, net::Ipv4Addr, sync::Arc, time::Instant};
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod},
+    core::v1::Namespace,
     networking::v1::NetworkPolicy,
 };
 use riptide_common::{
@@ -19,6 +19,7 @@ use riptide_common::{
 use serde_json::{Value, json};
 
 use super::*;
+use crate::slim::{SlimNode as Node, SlimPod as Pod};
 
 const NODE: &str = "n1";
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
@@ -142,7 +143,7 @@ impl Cluster {
     fn set_pod_labels(&mut self, pod: &str, labels: Value) {
         let idx = self.pod_index(pod);
         let mut new = (*self.pods[idx]).clone();
-        new.metadata.labels = Some(serde_json::from_value(labels).unwrap());
+        new.set_labels(serde_json::from_value(labels).unwrap());
         self.pods[idx] = Arc::new(new);
     }
 
