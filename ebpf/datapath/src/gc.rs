@@ -279,6 +279,9 @@ const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// impossible; it is handled anyway by growing, up to [`MAX_BATCH`].
 const BATCH: usize = 4096;
 const MAX_BATCH: usize = 1 << 20;
+/// Bytes of keys and values one batch may take: a map of wide values
+/// (4 KiB each) would otherwise take 16 MiB for a 4,096-entry batch.
+const BATCH_BYTES: usize = 256 << 10;
 
 /// Walks every entry of the hash map behind `fd` with
 /// `BPF_MAP_LOOKUP_BATCH`, handing each batch to `each` as `n` keys of
@@ -292,7 +295,7 @@ pub fn lookup_batch(
     mut each: impl FnMut(&[u8], &[u8], usize),
 ) -> std::io::Result<()> {
     let map_fd = u32::try_from(fd.as_raw_fd()).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
-    let mut chunk = BATCH;
+    let mut chunk = (BATCH_BYTES / (key_size + value_size).max(1)).clamp(1, BATCH);
     let mut keys: Vec<u8> = Vec::new();
     let mut values: Vec<u8> = Vec::new();
     // For hash maps the batch token is a bucket index (u32); 8 bytes keeps
