@@ -1,6 +1,8 @@
 //! XDP NodePort acceleration on the uplink (`--xdp`, ConfigMap key `xdp`:
-//! `native`, `generic` or `disabled`, the default until XDP is proven on
-//! veth uplinks; see `riptide_datapath::xdp` and `ebpf/README.md`).
+//! `native`, `generic` or `disabled`, the default: on a veth uplink XDP
+//! also needs an XDP program on the peer and full checksums from the
+//! senders, which the agent cannot arrange; see `riptide_datapath::xdp`
+//! and `ebpf/README.md`, "Turning XDP on safely").
 //!
 //! At start the agent attaches `rt_xdp_net` next to the uplink's tc
 //! programs (or, `disabled`, removes a link an earlier run pinned). A

@@ -355,6 +355,18 @@ pub fn agent_events(lab: &Lab, i: u32) -> Result<Vec<serde_json::Value>> {
     v.as_array().cloned().with_context(|| format!("riptide events answered {v}"))
 }
 
+/// `riptide drops` from node `i`'s agent: every datapath counter by
+/// reason, read from the maps as it is asked (the metrics endpoint folds
+/// them in only every `--map-sample-interval-s`).
+pub fn agent_counters(lab: &Lab, i: u32) -> Result<std::collections::BTreeMap<String, u64>> {
+    let v = riptide_json(lab, i, &["drops"])?;
+    let rows = v.as_array().with_context(|| format!("riptide drops answered {v}"))?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| Some((r["reason"].as_str()?.to_owned(), r["count"].as_u64()?)))
+        .collect())
+}
+
 /// `riptide affinity list` from node `i`'s agent (read from the maps).
 pub fn agent_affinity(lab: &Lab, i: u32) -> Result<serde_json::Value> {
     riptide_json(lab, i, &["affinity", "list"])

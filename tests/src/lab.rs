@@ -9,7 +9,7 @@ use std::{
     fs::File,
     io::Write as _,
     net::Ipv4Addr,
-    os::unix::fs::MetadataExt,
+    os::{fd::OwnedFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -294,6 +294,12 @@ pub struct Lab {
     /// Agent containers [`Lab::kill_agent`] killed (manifest install), by
     /// node: the pod's uid and the container's restart count before.
     killed_agents: BTreeMap<u32, (String, u64)>,
+    /// `--xdp` of hand-wired agents ([`Lab::set_xdp`]; `None`: the agent's
+    /// default).
+    xdp: Option<String>,
+    /// The `XDP_PASS` links on the underlay end of every node link that
+    /// [`Lab::set_xdp`] attached; they detach when the lab drops.
+    xdp_peers: Vec<OwnedFd>,
     down: bool,
 }
 
@@ -320,6 +326,8 @@ impl Lab {
             external_ip_cidrs: None,
             install: Install::default(),
             killed_agents: BTreeMap::new(),
+            xdp: None,
+            xdp_peers: Vec::new(),
             down: false,
         };
         lab.save_state()?;
@@ -616,6 +624,7 @@ impl Lab {
             // The node's own lab link, inside its namespace.
             .arg("--l2-announcements")
             .args(self.net.tunnel.iter().flat_map(|t| ["--tunnel", t.as_str()]))
+            .args(self.xdp.iter().flat_map(|x| ["--xdp", x.as_str()]))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         if c.agent_kubeconfig().exists() {
             cmd.arg("--kubeconfig").arg(c.agent_kubeconfig());
@@ -1007,6 +1016,13 @@ impl Lab {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
             .collect();
+        self.reconfigure_agents(data, timeout)
+    }
+
+    /// Patches `data` into ConfigMap `riptide-config`, then `kubectl
+    /// rollout restart ds/riptide-agent` and waits until the rollout is
+    /// done (the agent reads most settings at start).
+    fn reconfigure_agents(&mut self, data: serde_json::Map<String, serde_json::Value>, timeout: Duration) -> Result<()> {
         let patch = serde_json::json!({ "data": data }).to_string();
         let run = |args: &[&str]| -> Result<()> {
             let out = self.kubectl().args(["-n", "riptide-system"]).args(args).output().context("running kubectl")?;
@@ -1018,6 +1034,80 @@ impl Lab {
         run(&["patch", "configmap", "riptide-config", "--type", "merge", "-p", &patch])?;
         run(&["rollout", "restart", "ds/riptide-agent"])?;
         self.wait_for_agents(timeout)
+    }
+
+    /// Sets XDP NodePort acceleration (`setting`: `native`, `generic` or
+    /// `disabled`) on every node the way an operator would: key `xdp` of
+    /// ConfigMap `riptide-config` patched, then `kubectl rollout restart
+    /// ds/riptide-agent` (the agent also applies a changed file live, but
+    /// only once the kubelet has refreshed the volume; the restart makes
+    /// the moment deterministic), waiting until every node's `eth0` runs
+    /// it in that mode; hand-wired, every agent restarted with `--xdp`.
+    ///
+    /// The lab's uplinks are veths, so before XDP goes on the underlay gets
+    /// what XDP on a veth needs (`riptide_test_support::veth_xdp`, and
+    /// `ebpf/README.md`, "Turning XDP on safely"): an `XDP_PASS` program on
+    /// the underlay end of every node link, or frames a node sends with
+    /// `XDP_TX` stop after 256; and transmit checksum offload off on every
+    /// node's and the outside namespace's `eth0`, or what XDP forwards
+    /// carries the partial checksums of local sockets (a node's `eth0`
+    /// covers its pods and host processes: the kernel completes the sum
+    /// before a device without offload sends). Both stay for the lab's life
+    /// (nodes added later get neither); they cost the lab's TCP its
+    /// segmentation offload, which is why only XDP suites ask for them.
+    pub fn set_xdp(&mut self, setting: &str, timeout: Duration) -> Result<()> {
+        if setting != "disabled" {
+            self.prepare_underlay_for_xdp()?;
+        }
+        self.xdp = Some(setting.to_owned());
+        if self.install == Install::HandWired {
+            for i in 1..=self.cfg.nodes {
+                self.kill_agent(i)?;
+                self.start_agent(i)?;
+            }
+        } else {
+            let data = serde_json::Map::from_iter([("xdp".to_owned(), serde_json::Value::String(setting.to_owned()))]);
+            self.reconfigure_agents(data, timeout)?;
+        }
+        // `ip -d link` names the mode: `xdp` (native), `xdpgeneric`.
+        let want = match setting {
+            "native" => Some(" xdp "),
+            "generic" => Some(" xdpgeneric "),
+            _ => None,
+        };
+        let nodes: Vec<String> = (1..=self.cfg.nodes).map(|i| self.cfg.node_netns(i)).collect();
+        self.wait_until(&format!("xdp {setting} on every node's eth0"), timeout, |_| {
+            nodes.iter().all(|ns| {
+                let Ok(mut cmd) = netns::command(ns, "ip") else { return false };
+                let Ok(out) = cmd.args(["-d", "link", "show", "eth0"]).output() else { return false };
+                let link = String::from_utf8_lossy(&out.stdout);
+                match want {
+                    Some(mode) => link.contains(mode),
+                    None => !link.contains(" xdp") && !link.contains("prog/xdp"),
+                }
+            })
+        })
+    }
+
+    /// See [`Lab::set_xdp`]. Idempotent: the peers are attached once.
+    fn prepare_underlay_for_xdp(&mut self) -> Result<()> {
+        use riptide_test_support::veth_xdp;
+        let c = self.cfg.clone();
+        for ns in (1..=c.nodes).map(|i| c.node_netns(i)).chain([c.outside_netns()]) {
+            veth_xdp::tx_checksum_off(&ns, "eth0").context("transmit checksum offload off")?;
+        }
+        if !self.xdp_peers.is_empty() {
+            return Ok(());
+        }
+        let ports: Vec<String> = (1..=c.nodes).map(|i| format!("n{i}")).collect();
+        let links = netns::run_in(&c.underlay_netns(), move || {
+            ports
+                .iter()
+                .map(|p| veth_xdp::attach_pass(p).with_context(|| format!("XDP_PASS on the underlay port {p}")))
+                .collect::<Result<Vec<OwnedFd>>>()
+        })??;
+        self.xdp_peers = links;
+        Ok(())
     }
 
     /// Writes `objs` as a stream of JSON documents to `<state>/<file>` and
