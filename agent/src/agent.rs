@@ -654,7 +654,7 @@ impl Loop {
             let (Some(ns), Some(name)) = (s.metadata.namespace.clone(), s.metadata.name.clone()) else {
                 continue;
             };
-            if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(model::LABEL_SERVICE_NAME)) {
+            if let Some(svc) = &s.service_name {
                 index_slice(&mut self.slice_index, (ns.clone(), svc.clone()), name.clone());
                 self.slice_owner.insert((ns, name), svc.clone());
             }
@@ -794,7 +794,7 @@ impl Loop {
         let namespace = namespace.to_owned();
         self.slice_index.get(&key).into_iter().flatten().filter_map(move |slice| {
             let obj = self.stores.slices.get(&ObjectRef::new(slice).within(&namespace))?;
-            let t = obj.metadata.annotations.as_ref()?.get(watch::TRIGGER_TIME_ANNOTATION)?.clone();
+            let t = obj.trigger_time.clone()?;
             Some(((namespace.clone(), slice.clone()), t))
         })
     }

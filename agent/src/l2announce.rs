@@ -395,7 +395,7 @@ impl Announcer {
         self.ctx.reserved.set_nodes(nodes.iter().map(AsRef::as_ref), own);
         let mut slices: HashMap<(String, String), Vec<Arc<SlimSlice>>> = HashMap::new();
         for s in self.inputs.slices.state() {
-            if let (Some(ns), Some(svc)) = (s.metadata.namespace.clone(), s.metadata.labels.as_ref().and_then(|l| l.get(model::LABEL_SERVICE_NAME))) {
+            if let (Some(ns), Some(svc)) = (s.metadata.namespace.clone(), s.service_name.as_ref()) {
                 slices.entry((ns, svc.clone())).or_default().push(s);
             }
         }

@@ -60,19 +60,48 @@ pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-t
 
 /// A `discovery.k8s.io/v1` EndpointSlice as the agent stores it. Field names
 /// and types follow k8s-openapi's, so the model reads both alike.
+///
+/// The one label and the one annotation read are fields of their own, and
+/// `metadata.labels` / `annotations` stay `None`: a map of one entry
+/// allocates a whole B-tree node (536 bytes), twice per slice.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(from = "RawSlice")]
 pub struct SlimSlice {
-    /// Name, namespace, resourceVersion (the watcher resumes from it), the
-    /// `kubernetes.io/service-name` label and the trigger-time annotation.
-    #[serde(deserialize_with = "slice_meta")]
+    /// Name, namespace and resourceVersion (the watcher resumes from it).
     pub metadata: ObjectMeta,
-    pub address_type: String,
-    #[serde(default)]
+    /// The [`LABEL_SERVICE_NAME`] label: the slice's Service.
+    pub service_name: Option<String>,
+    /// The [`TRIGGER_TIME_ANNOTATION`].
+    pub trigger_time: Option<String>,
+    pub address_type: Interned,
     pub ports: Option<Vec<SlicePort>>,
+    pub endpoints: Box<[SliceEndpoint]>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawSlice {
+    metadata: Meta,
+    address_type: Interned,
+    #[serde(default)]
+    ports: Option<Vec<SlicePort>>,
     /// Go marshals an empty list as `null`.
     #[serde(default, deserialize_with = "null_is_empty")]
-    pub endpoints: Box<[SliceEndpoint]>,
+    endpoints: Box<[SliceEndpoint]>,
+}
+
+impl From<RawSlice> for SlimSlice {
+    fn from(raw: RawSlice) -> Self {
+        let m = raw.metadata;
+        Self {
+            metadata: ObjectMeta { name: m.name, namespace: m.namespace, resource_version: m.resource_version, ..ObjectMeta::default() },
+            service_name: m.labels.and_then(|mut l| l.remove(LABEL_SERVICE_NAME)),
+            trigger_time: m.annotations.and_then(|mut a| a.remove(TRIGGER_TIME_ANNOTATION)),
+            address_type: raw.address_type,
+            ports: raw.ports,
+            endpoints: raw.endpoints,
+        }
+    }
 }
 
 /// One endpoint: its address, conditions and node.
@@ -154,7 +183,7 @@ static STRINGS: Mutex<Interner<str>> = Mutex::new(Interner::new());
 /// A string many objects hold (a node's name, a phase, a port name), one
 /// allocation for all of them. Derefs to `str`, so `Option<Interned>`
 /// reads as k8s-openapi's `Option<String>` does (`.as_deref()`).
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Interned(Arc<str>);
 
 impl Interned {
@@ -179,6 +208,12 @@ impl Deref for Interned {
 impl fmt::Debug for Interned {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl PartialEq<&str> for Interned {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
     }
 }
 
@@ -215,15 +250,15 @@ pub struct Conditions {
     pub terminating: Option<bool>,
 }
 
-/// `EndpointPort`.
+/// `EndpointPort`, its strings shared.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct SlicePort {
     #[serde(default)]
-    pub name: Option<String>,
+    pub name: Option<Interned>,
     #[serde(default)]
     pub port: Option<i32>,
     #[serde(default)]
-    pub protocol: Option<String>,
+    pub protocol: Option<Interned>,
 }
 
 /// The part of an `ObjectMeta` that is decoded; labels and annotations
@@ -344,18 +379,6 @@ fn service_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error>
 /// The one entry of `map` under `key`, if any.
 fn only(map: Option<BTreeMap<String, String>>, key: &str) -> Option<BTreeMap<String, String>> {
     map.and_then(|mut m| m.remove_entry(key)).map(|kv| [kv].into())
-}
-
-fn slice_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    let m = Meta::deserialize(d)?;
-    Ok(ObjectMeta {
-        name: m.name,
-        namespace: m.namespace,
-        resource_version: m.resource_version,
-        labels: only(m.labels, LABEL_SERVICE_NAME),
-        annotations: only(m.annotations, TRIGGER_TIME_ANNOTATION),
-        ..ObjectMeta::default()
-    })
 }
 
 fn null_is_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Box<[T]>, D::Error> {
@@ -632,10 +655,10 @@ mod tests {
                 name: Some("web-abc".into()),
                 namespace: Some("ns".into()),
                 resource_version: Some("7".into()),
-                labels: Some([(LABEL_SERVICE_NAME.to_owned(), "web".to_owned())].into()),
-                annotations: Some([(TRIGGER_TIME_ANNOTATION.to_owned(), "2026-12-07T00:00:00Z".to_owned())].into()),
                 ..ObjectMeta::default()
             },
+            service_name: Some("web".into()),
+            trigger_time: Some("2026-12-07T00:00:00Z".into()),
             address_type: "IPv4".into(),
             ports: Some(vec![SlicePort { name: Some("http".into()), port: Some(8080), protocol: Some("TCP".into()) }]),
             endpoints: [

@@ -23,7 +23,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     metrics::Metrics,
-    slim::{LABEL_SERVICE_NAME, SlimNode, SlimPod, SlimService, SlimSlice},
+    slim::{SlimNode, SlimPod, SlimService, SlimSlice},
 };
 
 /// One Kubernetes API permission the agent uses: `verbs` on `resource` in
@@ -166,7 +166,7 @@ pub fn start(client: &Client, node_name: &str, tx: &UnboundedSender<Change>, met
         |s: &SlimSlice| Change::Slice {
             namespace: s.namespace().unwrap_or_default(),
             name: s.name_any(),
-            service: s.labels().get(LABEL_SERVICE_NAME).cloned(),
+            service: s.service_name.clone(),
             deleted: false,
         },
         // Nothing left to trim: the type decodes only what is read.
