@@ -49,12 +49,11 @@ enum Task {
         tunnel: Option<String>,
         /// `manifest` (the default): bare kubelets, then
         /// manifests/riptide.yaml applied through the apiserver;
-        /// `hand-wired`: the lab starts agents itself, for debugging (the
-        /// default with `--vm`).
+        /// `hand-wired`: the lab starts agents itself, for debugging.
         #[arg(long, value_parser = ["manifest", "hand-wired"])]
         install: Option<String>,
         /// Each node a QEMU VM (TCG) with its own kernel, on the lab
-        /// underlay; the control plane stays on the host (hand-wired only).
+        /// underlay; the control plane stays on the host.
         #[arg(long)]
         vm: bool,
         /// The VMs' kernel: a Debian series (`6.1`, the default) or an image.
@@ -254,6 +253,7 @@ fn fuzz(root: &Path, cases: u32) -> Result<()> {
 /// target/bench/<name>.json and a section of results.md. `only`: just the
 /// benchmark of that name.
 fn micro_benches(root: &Path, quick: bool, only: Option<&str>) -> Result<()> {
+    let baseline_agent = std::env::var("RIPTIDE_BASELINE_AGENT").ok();
     let benches: [(&str, &str, &str, Vec<&str>); 11] = [
         (
             "ebpf-lb",
@@ -297,13 +297,20 @@ fn micro_benches(root: &Path, quick: bool, only: Option<&str>) -> Result<()> {
             },
         ),
         // Programming latency (EndpointSlice change → map entry) at 10k
-        // Services / 50k endpoints (2k with --quick) against the
-        // iptables-restore a kube-proxy sync does for the same change.
+        // Services / 50k endpoints / 25k Pods on 834 Nodes (a fifth with
+        // --quick) against the iptables-restore a kube-proxy sync does for
+        // the same change, and the agent's RSS; next to the RSS of the agent
+        // binary in RIPTIDE_BASELINE_AGENT (an earlier build), when set,
+        // cold-started in the same run.
         (
             "agent",
             "riptide-agent",
             "agent_bench",
-            if quick { vec!["--quick"] } else { vec![] },
+            quick
+                .then_some("--quick")
+                .into_iter()
+                .chain(baseline_agent.as_deref().into_iter().flat_map(|b| ["--baseline-agent", b]))
+                .collect(),
         ),
         // NetworkPolicy programming latency (policy change or pod label
         // change → the maps allow the new flow) at 1,000 policies / 5,000
