@@ -835,6 +835,25 @@ fn the_node_the_pod_itself_and_hairpin_flows_always_pass() {
     );
 }
 
+#[test]
+fn a_reply_to_a_client_port_a_node_port_also_uses_is_not_balanced() {
+    if !privileged("to load eBPF programs") {
+        return;
+    }
+    let mut t = PolicyNode::new();
+    t.endpoint(B, B_EP, B_ID, PE_F_ISOLATED_IN | PE_F_ISOLATED_OUT);
+    t.n.svcs.upsert(&web(vec![(B, true)])).unwrap();
+    // A host process connects to B from local port 30080, which is also
+    // the Service's NodePort: B's SYN-ACK to it hits that frontend.
+    let (node, b) = (at(NODE_IP, 30080), at(B, 8080));
+    assert_eq!(t.run(TO_POD, &syn(node, b)), TC_ACT_OK, "{}", t.dump());
+    let (v, out) = run(&mut t.n.dp, FROM_POD, &tcp(b, node, 0x12, b""));
+    assert_eq!(v, TC_ACT_OK, "the reply goes to the node\n{}", t.dump());
+    assert_eq!((view(&out).dst, view(&out).dport), node, "not translated");
+    assert_eq!(t.n.dp.stats().unwrap().get(stats::LB_NEW), 0, "not balanced");
+    assert_eq!(t.counters()[DENY_IN] + t.counters()[DENY_OUT], 0);
+}
+
 fn web(backends: Vec<(&str, bool)>) -> Service {
     Service {
         name: "default/web:http".into(),

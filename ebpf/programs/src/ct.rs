@@ -20,8 +20,9 @@
 //! A non-service TCP flow NetworkPolicy allowed ([`CT_F_POLICY`], see
 //! `policy`) has one entry under its original tuple carrying nothing but
 //! the flags ([`CT_F_BIDIR`]): its packets hit it with their own tuple,
-//! its replies, after their own tuple missed, with the reverse one
-//! ([`answers_policy`]; a SYN never asks), so neither is judged again and
+//! its replies, after their own tuple missed and policy state was found
+//! on some side, with the reverse one ([`answers_policy`], asked by
+//! `policy::judge`; a SYN never asks), so neither is judged again and
 //! a new allowed connection pays one LRU insert, not two. Other protocols
 //! have no SYN to tell a new flow from a reply without that second lookup
 //! on every first packet, and flows whose replies masquerade must leave
@@ -55,7 +56,13 @@ fn table(proto: u8) -> &'static LruHashMap<CtKey, CtValue> {
 /// TCP SYN without ACK/RST/FIN: the only TCP packet that opens a flow.
 #[inline(always)]
 pub fn is_pure_syn(p: &Pkt) -> bool {
-    p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+    pure_syn(p.tcp_flags)
+}
+
+/// [`is_pure_syn`] of the TCP flags `tcp_flags`.
+#[inline(always)]
+pub fn pure_syn(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
 }
 
 /// Counts a new load-balanced flow whose packet is TCP but not a SYN: its

@@ -72,11 +72,15 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     }
 
     let cfg = config();
-    // A reply of a TCP flow NetworkPolicy allowed: its one entry is under
-    // the forward tuple. Asked before the service probe, as a reply entry
-    // would have been found above.
-    if policy::enabled(cfg) && policy::answers_tcp(&p) {
-        return route::deliver(ctx, &p);
+    // The pod's egress: a reply of a TCP flow policy recorded with one
+    // entry passes; a pod without policy state needs no egress verdict.
+    let mut egress = policy::enabled(cfg);
+    if egress {
+        match policy::before_probe(&p, p.saddr_be) {
+            policy::REPLY => return route::deliver(ctx, &p),
+            policy::OPEN => egress = false,
+            _ => {}
+        }
     }
     let is_node = cfg.node_ip_be != 0 && p.daddr_be == cfg.node_ip_be;
     let Some(svc) = lb::lookup_with_node(p.daddr_be, p.dport_be, p.proto, true, is_node) else {
@@ -84,10 +88,12 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
         // destination is a pod on this node, its ingress (delivery with
         // bpf_redirect_peer skips the veth egress program). The endpoint
         // lookup delivery needs anyway says whether the destination is
-        // local, so a remote one costs no policy lookup.
+        // local, so a remote one costs no policy lookup. The replies of a
+        // TCP flow policy recorded with one entry pass here too.
         let ep = route::endpoint(p.daddr_be);
         if policy::enabled(cfg)
-            && policy::deny_plain(ctx, &p, true, ep.is_some(), EV_SRC_FROM_POD, false)
+            && (egress || ep.is_some())
+            && policy::deny_plain(ctx, &p, egress, ep.is_some(), EV_SRC_FROM_POD, false)
         {
             return policy::drop();
         }
@@ -104,15 +110,8 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     // and the backend's ingress when it runs here. The load balancer's
     // conntrack entries then carry the verdict.
     if policy::enabled(cfg) {
-        let mut f = policy::Flow::of(
-            ctx,
-            &p,
-            true,
-            chosen.be.flags & BE_F_LOCAL != 0,
-            EV_SRC_FROM_POD,
-        );
-        f.daddr_be = chosen.be.addr_be;
-        f.dport_be = chosen.be.port_be;
+        let local = chosen.be.flags & BE_F_LOCAL != 0;
+        let f = policy::Flow::of(ctx, &p, true, local, EV_SRC_FROM_POD).to_backend(&chosen.be);
         if policy::judge(&f) == policy::DENY {
             return policy::drop();
         }

@@ -11,11 +11,18 @@
 //! backend's address and port: egress of the source when it is a local pod
 //! with state, ingress of the destination when it is one. When some side
 //! has state and the flow is allowed, the caller records it in conntrack
-//! (`CT_F_POLICY` entries: one for both directions of a TCP flow, which
-//! its replies find under their reverse tuple, one per tuple otherwise;
-//! or the load-balancer's entries), so every later packet and every reply
+//! (`CT_F_POLICY` entries: one for both directions of a TCP flow, one per
+//! tuple otherwise; or the load-balancer's entries), so every later packet
 //! is a conntrack hit that never comes here: the established path pays
 //! nothing for policy.
+//!
+//! The replies of a TCP flow recorded with one entry miss conntrack under
+//! their own tuple. The entry under their reverse tuple is asked for only
+//! once policy state was found on some side: before the Service probe for
+//! the pod whose veth or uplink the packet crosses ([`before_probe`]), by
+//! [`judge`] for the other side. A reply costs an endpoint lookup and that
+//! one conntrack lookup; a flow between pods no policy selects never pays
+//! for it (the endpoint lookups are the ones its verdict makes anyway).
 //!
 //! Always allowed: the node itself (identity `HOST`, the node address, the
 //! hairpin address — kubelet probes, host processes) and a pod reaching
@@ -26,7 +33,8 @@
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, maps::lpm_trie::Key, programs::TcContext};
 use riptide_common::{
-    CFG_F_POLICY, Config, DropEvent, EndpointKey, IpcacheKey, PE_F_ANY_IN, PE_F_ANY_OUT,
+    BackendValue, CFG_F_POLICY, CT_DIR_ANY, Config, CtKey, DropEvent, EndpointKey, IpcacheKey,
+    PE_F_ANY_IN, PE_F_ANY_OUT,
     PE_F_AUDIT_IN, PE_F_AUDIT_OUT, PE_F_FAIL_CLOSED, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT,
     POL_DIR_EGRESS, POL_DIR_INGRESS, POLICY_PREFIX_FULL, PolicyEndpointValue, PolicyKey, identity,
     proto, stats,
@@ -50,6 +58,10 @@ pub const OPEN: u32 = 0;
 pub const ALLOW: u32 = 1;
 /// Denied: drop the packet.
 pub const DENY: u32 = 2;
+/// A reply of a TCP flow recorded with one entry: pass, record nothing.
+pub const REPLY: u32 = 3;
+/// (From [`before_probe`]) the side must be judged.
+pub const JUDGE: u32 = 4;
 
 /// A new flow as policy sees it (after Service translation).
 #[repr(C)]
@@ -66,6 +78,11 @@ pub struct Flow {
     /// `EV_SRC_*` for events.
     pub source: u8,
     pub ifindex: u32,
+    pub tcp_flags: u8,
+    /// The tuple is the packet's own (untranslated): it may be the reply
+    /// of a flow recorded with one entry.
+    pub untranslated: u8,
+    pub _pad: u16,
 }
 
 impl Flow {
@@ -83,13 +100,26 @@ impl Flow {
             source,
             // SAFETY: reading a field of the context the program was given.
             ifindex: unsafe { (*ctx.skb.skb).ifindex },
+            tcp_flags: p.tcp_flags,
+            untranslated: 1,
+            _pad: 0,
         }
+    }
+
+    /// The flow as it reaches the chosen backend `be` of a Service.
+    #[inline(always)]
+    pub fn to_backend(mut self, be: &BackendValue) -> Self {
+        self.daddr_be = be.addr_be;
+        self.dport_be = be.port_be;
+        self.untranslated = 0;
+        self
     }
 }
 
-/// Judges the new flow `f`: [`OPEN`], [`ALLOW`] or [`DENY`]. Counts the
-/// verdict of every isolated direction and reports denials (and audited
-/// would-be denials) as events.
+/// Judges the flow `f`, whose own tuple conntrack does not know:
+/// [`OPEN`], [`ALLOW`], [`DENY`] or [`REPLY`]. Counts the verdict of every
+/// isolated direction and reports denials (and audited would-be denials)
+/// as events.
 ///
 /// A BPF-to-BPF call, not inlined: the programs judge flows at several
 /// places, and one copy of the lookups keeps them small for the verifier.
@@ -100,6 +130,9 @@ pub fn judge(f: &Flow) -> u32 {
     if f.egress != 0
         && let Some(ep) = endpoint(f.saddr_be)
     {
+        if answers(f) {
+            return REPLY;
+        }
         verdict = ALLOW;
         if !side(cfg, f, &ep, true) {
             return DENY;
@@ -108,12 +141,37 @@ pub fn judge(f: &Flow) -> u32 {
     if f.ingress != 0
         && let Some(ep) = endpoint(f.daddr_be)
     {
+        if verdict == OPEN && answers(f) {
+            return REPLY;
+        }
         verdict = ALLOW;
         if !side(cfg, f, &ep, false) {
             return DENY;
         }
     }
     verdict
+}
+
+/// Whether `f` is a TCP reply of a flow recorded with one entry (see
+/// [`ct::answers_policy`]); a SYN opens a flow and never asks.
+#[inline(always)]
+fn answers(f: &Flow) -> bool {
+    if f.untranslated == 0
+        || f.proto != proto::TCP
+        || ct::pure_syn(f.tcp_flags)
+    {
+        return false;
+    }
+    let k = CtKey {
+        saddr_be: f.saddr_be,
+        daddr_be: f.daddr_be,
+        sport_be: f.sport_be,
+        dport_be: f.dport_be,
+        proto: f.proto,
+        dir: CT_DIR_ANY,
+        _pad: 0,
+    };
+    ct::answers_policy(&k, f.tcp_flags)
 }
 
 /// The policy state of the local pod `addr`, copied out.
@@ -240,12 +298,13 @@ fn rule(k: &PolicyKey) -> bool {
     POLICY4.get(Key::new(POLICY_PREFIX_FULL, *k)).is_some()
 }
 
-/// Judges the new flow of `p`, which is not translated: `true` when it is
-/// denied (the caller drops it). `ingress`: the destination may be a local
-/// pod (a caller that knows it is not saves the lookup). An allowed flow
-/// with policy state on some side is recorded in conntrack
-/// ([`ct::create_policy`]), so its later packets and its replies pass
-/// without a verdict; `inbound`: masquerade must not touch its replies.
+/// Judges the packet `p`, not translated and unknown to conntrack under
+/// its own tuple: `true` when it is denied (the caller drops it).
+/// `ingress`: the destination may be a local pod (a caller that knows it
+/// is not saves the lookup). An allowed new flow with policy state on some
+/// side is recorded in conntrack ([`ct::create_policy`]), so its later
+/// packets and its replies pass without a verdict; `inbound`: masquerade
+/// must not touch its replies.
 #[inline(always)]
 pub fn deny_plain(
     ctx: &TcContext,
@@ -266,14 +325,27 @@ pub fn deny_plain(
     }
 }
 
-/// Whether `p`, a packet whose own tuple conntrack does not know, is a
-/// TCP reply of a flow policy recorded with one entry (see
-/// [`ct::answers_policy`]). Every site asks before it would judge or
-/// balance `p`, where a reply entry would have been found, so replies cost
-/// about what a conntrack hit costs; a SYN opens a flow and never asks.
+/// Before the Service probe, for a packet `p` whose own tuple conntrack
+/// does not know, and the local pod `addr_be` on its side (the source on
+/// a pod's veth, the destination on the uplink): [`REPLY`] when `p`
+/// answers a TCP flow recorded with one entry, [`OPEN`] when that pod has
+/// no policy state (no verdict needed on its side), else [`JUDGE`]. Only
+/// non-SYN TCP packets ask, and conntrack only for a pod with state: a
+/// reply costs an endpoint and a conntrack lookup, a packet of a pod no
+/// policy selects the endpoint lookup its verdict would have made anyway.
 #[inline(always)]
-pub fn answers_tcp(p: &Pkt) -> bool {
-    p.proto == proto::TCP && !ct::is_pure_syn(p) && ct::answers_policy(&ct::key(p), p.tcp_flags)
+pub fn before_probe(p: &Pkt, addr_be: u32) -> u32 {
+    if p.proto != proto::TCP || ct::is_pure_syn(p) {
+        return JUDGE;
+    }
+    // SAFETY: only whether the entry exists is read.
+    if unsafe { POLEP4.get(&EndpointKey { addr_be }) }.is_none() {
+        return OPEN;
+    }
+    if ct::answers_policy(&ct::key(p), p.tcp_flags) {
+        return REPLY;
+    }
+    JUDGE
 }
 
 /// The drop verdict of a denied flow.
@@ -344,7 +416,7 @@ pub fn deny_other(ctx: &TcContext, p: &Pkt, egress: bool, source: u8, inbound: b
             q.dport_be = ports[1];
         }
     }
-    if ct::lookup(&q).is_some() || answers_tcp(&q) {
+    if ct::lookup(&q).is_some() {
         return false;
     }
     deny_plain(ctx, &q, egress, true, source, inbound)

@@ -31,12 +31,13 @@ pub fn try_to_pod(ctx: &TcContext) -> Result<i32, u32> {
         }
         return Ok(TC_ACT_OK);
     }
-    if ct::lookup(&p).is_some() || policy::answers_tcp(&p) {
+    if ct::lookup(&p).is_some() {
         return Ok(TC_ACT_OK);
     }
     // Replies of this flow leave through the uplink's egress: masquerade
     // must leave them alone when the peer is one it would rewrite towards
-    // (as `rt_from_net` marks flows it delivers).
+    // (as `rt_from_net` marks flows it delivers). A reply of a TCP flow
+    // policy recorded with one entry passes (`policy::judge`).
     let inbound = masq::enabled(cfg) && masq::applies_to(cfg, p.saddr_be);
     if policy::deny_plain(ctx, &p, false, true, EV_SRC_TO_POD, inbound) {
         return policy::drop();

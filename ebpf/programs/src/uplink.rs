@@ -141,11 +141,19 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
         // Masqueraded pod traffic coming back.
         return route::deliver(ctx, &p);
     }
-    // A reply of a TCP flow NetworkPolicy allowed (its one entry is under
-    // the forward tuple). Never one to a node address: the node's own
-    // flows into pods get their replies from the pod's veth.
-    if policy::enabled(cfg) && !is_node && policy::answers_tcp(&p) {
-        return route::deliver(ctx, &p);
+    // The destination's ingress: a reply of a TCP flow policy recorded
+    // with one entry passes (also when its destination port happens to be
+    // a frontend's); a pod without policy state needs no verdict. Never
+    // for a node address: it has no policy (and carries the node's
+    // control traffic), and the node's own flows into pods get their
+    // replies on the pod's veth.
+    let mut ingress = policy::enabled(cfg) && !is_node;
+    if ingress {
+        match policy::before_probe(&p, p.daddr_be) {
+            policy::REPLY => return route::deliver(ctx, &p),
+            policy::OPEN => ingress = false,
+            _ => {}
+        }
     }
 
     // 4. A new flow to a frontend of this node.
@@ -155,9 +163,7 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
         // replies the masquerade would otherwise rewrite (policy's reply
         // entry does when it records the flow); then straight into the pod.
         let inbound = is_inbound(cfg, &p, is_node);
-        // The node's own addresses have no policy (and carry the node's
-        // control traffic): no lookup for them.
-        if policy::enabled(cfg) && !is_node {
+        if ingress {
             let f = policy::Flow::of(ctx, &p, false, true, EV_SRC_FROM_NET);
             match policy::judge(&f) {
                 policy::DENY => return policy::drop(),
@@ -165,6 +171,7 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
                     ct::create_policy(&ct::key(&p), inbound);
                     return route::deliver(ctx, &p);
                 }
+                policy::REPLY => return route::deliver(ctx, &p),
                 _ => {}
             }
         }
@@ -193,9 +200,7 @@ pub fn try_from_net(ctx: &TcContext) -> Result<i32, u32> {
     // reaches the backend (the forwarding node's address when that node
     // source-NATed). A remote backend's node judges it there.
     if policy::enabled(cfg) && chosen.be.flags & BE_F_LOCAL != 0 {
-        let mut f = policy::Flow::of(ctx, &p, false, true, EV_SRC_FROM_NET);
-        f.daddr_be = chosen.be.addr_be;
-        f.dport_be = chosen.be.port_be;
+        let f = policy::Flow::of(ctx, &p, false, true, EV_SRC_FROM_NET).to_backend(&chosen.be);
         if policy::judge(&f) == policy::DENY {
             return policy::drop();
         }
