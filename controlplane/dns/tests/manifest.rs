@@ -2,7 +2,7 @@
 //! kubectl: a server-side dry run, then for real, then again unchanged; the
 //! stored objects carry what the add-on needs (kube-dns at 10.43.0.10 on TCP
 //! and UDP 53, RBAC exactly `watch::API_ACCESS`, probes on the endpoints the
-//! binary serves, flags the binary accepts).
+//! binary serves, flags the binary accepts, Pod Security "restricted").
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../../tests/common/mod.rs"]
@@ -48,7 +48,14 @@ async fn dns_manifest_applies_and_comes_back_complete() {
     let kinds: Vec<&str> = dry["items"].as_array().unwrap().iter().map(|o| o["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service"]);
 
-    let out = api.kubectl_ok(&["apply", "-f", file]).await;
+    // The add-on runs under Pod Security "restricted": with kube-system
+    // enforcing it, applying warns about nothing and a pod made from the
+    // template is admitted.
+    api.kubectl_ok(&["label", "namespace", "kube-system", "pod-security.kubernetes.io/enforce=restricted", "pod-security.kubernetes.io/warn=restricted"])
+        .await;
+    let (ok, out, err) = api.kubectl(&["apply", "-f", file]).await;
+    assert!(ok, "{out}{err}");
+    assert!(!err.contains("PodSecurity"), "{err}");
     assert_eq!(out.matches(" created").count(), 5, "{out}");
     let svc = get(&api, &["service", "kube-dns", "-n", "kube-system"]).await;
     assert_eq!(svc["spec"]["clusterIP"], "10.43.0.10");
@@ -74,6 +81,20 @@ async fn dns_manifest_applies_and_comes_back_complete() {
     let pod = &deploy["spec"]["template"]["spec"];
     assert_eq!(pod["serviceAccountName"], "riptide-dns");
     assert_eq!(deploy["spec"]["template"]["metadata"]["labels"]["k8s-app"], svc["spec"]["selector"]["k8s-app"]);
+    let from_template = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "riptide-dns-restricted", "namespace": "kube-system"},
+        "spec": pod,
+    });
+    let (ok, out, err) = api.kubectl_stdin(&["create", "--dry-run=server", "-f", "-"], Some(&from_template.to_string())).await;
+    assert!(ok && !err.contains("PodSecurity"), "a pod of the DNS template under enforce=restricted: {out}{err}");
+    let bad = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "riptide-dns-root", "namespace": "kube-system"},
+        "spec": {"containers": [{"name": "c", "image": "localhost/riptide:0.1.0"}]},
+    });
+    let (ok, _, err) = api.kubectl_stdin(&["create", "--dry-run=server", "-f", "-"], Some(&bad.to_string())).await;
+    assert!(!ok && err.contains("violates PodSecurity \"restricted:latest\""), "the namespace enforces restricted: {err}");
     let c = &pod["containers"][0];
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/ready");
