@@ -395,23 +395,8 @@ fn port_unreachable(ctx: &XdpContext, p: &Pkt) -> Option<u32> {
             i += 1;
         }
         let (ip, icmp) = reject::port_unreachable(p, &quote);
-        let mut i = 0;
-        while i < 3 {
-            *w.add(i) = macs[3 + i];
-            *w.add(3 + i) = macs[i];
-            i += 1;
-        }
-        *w.add(6) = 0x0800u16.to_be();
-        let mut i = 0;
-        while i < 10 {
-            *w.add(IP_OFF / 2 + i) = ip[i];
-            i += 1;
-        }
-        let mut i = 0;
-        while i < reject::ICMP_LEN / 2 {
-            *w.add(L4_OFF / 2 + i) = icmp[i];
-            i += 1;
-        }
+        put_answer_headers(w, &macs, &ip);
+        put(w, L4_OFF / 2, &icmp);
     }
     count(stats::REJECT_ICMP);
     Some(XDP_TX)
@@ -451,28 +436,44 @@ fn rst(ctx: &XdpContext, p: &Pkt) -> Result<u32, u32> {
     // (the frame start is 2-byte aligned); no helper ran since.
     unsafe {
         let w = data as *mut u16;
-        let mut i = 0;
-        while i < 3 {
-            *w.add(i) = macs[3 + i];
-            *w.add(3 + i) = macs[i];
-            i += 1;
-        }
-        let mut i = 0;
-        while i < 10 {
-            *w.add(IP_OFF / 2 + i) = ip[i];
-            i += 1;
-        }
-        let mut i = 0;
-        while i < 7 {
-            *w.add(L4_OFF / 2 + i) = head[i];
-            i += 1;
-        }
-        let mut i = 0;
-        while i < 3 {
-            *w.add(L4_OFF / 2 + 7 + i) = tail[i];
-            i += 1;
-        }
+        put_answer_headers(w, &macs, &ip);
+        put(w, L4_OFF / 2, &head);
+        put(w, L4_OFF / 2 + 7, &tail);
     }
     count(stats::REJECT_RST);
     Ok(XDP_TX)
+}
+
+/// Writes `words` from 2-byte word `at` of the frame that starts at `w`.
+///
+/// # Safety
+///
+/// `w` is the frame start `linear` returned for at least
+/// `2 * (at + words.len())` bytes, and no helper ran since.
+#[inline(always)]
+unsafe fn put(w: *mut u16, at: usize, words: &[u16]) {
+    let mut i = 0;
+    while i < words.len() {
+        // SAFETY: inside the checked bytes (the caller's contract).
+        unsafe { *w.add(at + i) = words[i] };
+        i += 1;
+    }
+}
+
+/// Writes the Ethernet header of an answer to the received frame whose
+/// first 12 bytes were `macs` (back to its sender, from the address it
+/// was sent to; IPv4) and the answer's IPv4 header `ip` after it.
+///
+/// # Safety
+///
+/// As [`put`], for the [`L4_OFF`] bytes of the two headers.
+#[inline(always)]
+unsafe fn put_answer_headers(w: *mut u16, macs: &[u16; 6], ip: &[u16; 10]) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        put(w, 0, &macs[3..]);
+        put(w, 3, &macs[..3]);
+        put(w, 6, &[0x0800u16.to_be()]);
+        put(w, IP_OFF / 2, ip);
+    }
 }
