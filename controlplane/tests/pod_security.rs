@@ -324,7 +324,13 @@ async fn controllers_pods_are_judged_like_anyone_elses() {
         out
     };
     let refused = common::eventually(30, || async {
-        events().await.lines().any(|l| l.starts_with("FailedCreate:") && l.contains("violates PodSecurity \"restricted:latest\": allowPrivilegeEscalation != false"))
+        // Upstream's text alone: `Error creating: pods "web-…" is forbidden: …`,
+        // no client-library dump of the Status after it.
+        events().await.lines().any(|l| {
+            l.starts_with("FailedCreate: Error creating: pods \"web-")
+                && l.contains("\" is forbidden: violates PodSecurity \"restricted:latest\": allowPrivilegeEscalation != false")
+                && !l.contains("Status {")
+        })
     })
     .await;
     assert!(refused, "the ReplicaSet controller's FailedCreate event: {}", events().await);

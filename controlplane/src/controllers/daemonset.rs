@@ -60,7 +60,7 @@ use super::{
     events::Recorder,
     replicaset::Expectations,
     rollout::scaled_value,
-    util::{controller_of, is_controlled_by, is_deleting, key, owner_ref, pod_terminal, selector_matches},
+    util::{controller_of, error_message, is_controlled_by, is_deleting, key, owner_ref, pod_terminal, selector_matches},
 };
 
 pub struct Ctx {
@@ -247,7 +247,7 @@ async fn sync_nodes(ctx: &Ctx, ds: &DaemonSet, plan: &Plan, hash: &str) -> (i32,
                 ctx.recorder.normal(ds, "SuccessfulCreate", &format!("Created pod: {}", p.name_any())).await;
             }
             Err(e) => {
-                ctx.recorder.warning(ds, "FailedCreate", &format!("Error creating: {e}")).await;
+                ctx.recorder.warning(ds, "FailedCreate", &format!("Error creating: {}", error_message(&e))).await;
             }
         }
     }
@@ -273,7 +273,7 @@ async fn sync_nodes(ctx: &Ctx, ds: &DaemonSet, plan: &Plan, hash: &str) -> (i32,
             }
             Err(kube::Error::Api(e)) if e.code == 404 => deleted += i32::from(was_live),
             Err(e) => {
-                ctx.recorder.warning(ds, "FailedDelete", &format!("Error deleting pod {name}: {e}")).await;
+                ctx.recorder.warning(ds, "FailedDelete", &format!("Error deleting: {}", error_message(&e))).await;
             }
         }
     }

@@ -19,7 +19,7 @@ use serde_json::json;
 
 use super::{
     events::Recorder,
-    util::{is_controlled_by, is_deleting, key, labels_of, owner_ref, pod_active, pod_available, pod_ready},
+    util::{error_message, is_controlled_by, is_deleting, key, labels_of, owner_ref, pod_active, pod_available, pod_ready},
 };
 
 /// What a pass created/deleted and has not yet seen in the pod cache:
@@ -114,7 +114,7 @@ async fn reconcile(ctx: &Ctx, rs: &ReplicaSet) -> kube::Result<()> {
                         ctx.recorder.normal(rs, "SuccessfulCreate", &format!("Created pod: {}", p.name_any())).await;
                     }
                     Err(e) => {
-                        ctx.recorder.warning(rs, "FailedCreate", &format!("Error creating: {e}")).await;
+                        ctx.recorder.warning(rs, "FailedCreate", &format!("Error creating: {}", error_message(&e))).await;
                         break;
                     }
                 }

@@ -1,5 +1,6 @@
 //! Pieces every workload loop shares: reflectors that wake a reconcile
-//! loop, label selectors, pod predicates, owner references, timestamps.
+//! loop, label selectors, pod predicates, owner references, timestamps,
+//! error messages for events.
 
 use std::{collections::BTreeMap, fmt::Debug, hash::Hash, sync::Arc, time::Duration};
 
@@ -187,6 +188,17 @@ pub fn key<K: Resource>(o: &K) -> String {
     format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any())
 }
 
+/// An API call's error as upstream's controllers print it in events: a
+/// `Status`'s message alone (`pods "x" is forbidden: …`, client-go's
+/// `StatusError.Error()`), anything else as it displays. kube-rs's own
+/// Display appends a debug dump of the whole `Status`.
+pub fn error_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) if !s.message.is_empty() => s.message.clone(),
+        e => e.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
@@ -211,5 +223,22 @@ mod tests {
         assert!(!selector_matches(&sel, &labels(&[("app", "web"), ("tier", "a"), ("canary", "1")])));
         assert!(!selector_matches(&sel, &labels(&[("app", "db"), ("tier", "a")])));
         assert!(selector_matches(&LabelSelector::default(), &labels(&[])));
+    }
+
+    #[test]
+    fn error_message_is_the_status_message_alone() {
+        let status: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "status": "Failure", "reason": "Forbidden", "code": 403,
+            "message": "pods \"web-\" is forbidden: violates PodSecurity \"restricted:latest\": runAsNonRoot != true",
+            "details": {"name": "web-", "kind": "pods"},
+        }))
+        .expect("status");
+        let e = kube::Error::Api(Box::new(status));
+        assert_eq!(format!("Error creating: {}", error_message(&e)), "Error creating: pods \"web-\" is forbidden: violates PodSecurity \"restricted:latest\": runAsNonRoot != true");
+        assert!(e.to_string().contains("Status {"), "kube-rs's Display still dumps the Status: {e}");
+        let empty: kube::core::Status = serde_json::from_value(serde_json::json!({"code": 500})).expect("status");
+        assert!(!error_message(&kube::Error::Api(Box::new(empty))).is_empty());
+        let other = kube::Error::LinesCodecMaxLineLengthExceeded;
+        assert_eq!(error_message(&other), other.to_string());
     }
 }
