@@ -23,7 +23,7 @@ use crate::{
     metrics::Metrics,
     model::{self, Desired, NodeContext, Owner},
     policy::{Compiler, Inputs},
-    policy_sync::{PolicySync, inputs_fingerprint},
+    policy_sync::{MapState, PolicySync, inputs_fingerprint},
     reconcile::{Reconciler, ServiceWriter as _},
     routes::{self, Routes},
     shared::{GcStatus, PolicyState, Shared, Status, lock},
@@ -1127,8 +1127,8 @@ impl Loop {
             match sync.read_back() {
                 Ok(pinned) => {
                     self.policy_adopted = true;
-                    let adopted = self.compiler.adopt(&pinned.ipcache, &pinned.endpoints, pinned.rules.keys());
-                    tracing::info!(adopted, endpoints = pinned.endpoints.len(), rules = pinned.rules.len(), "pinned NetworkPolicy maps read");
+                    let adopted = self.compiler.adopt(pinned.all_ipcache(), &pinned.endpoints, pinned.all_rules());
+                    tracing::info!(adopted, endpoints = pinned.endpoints.len(), rules = pinned.rule_count(), "pinned NetworkPolicy maps read");
                 }
                 Err(e) => tracing::warn!(error = %crate::reconcile::error_chain(&e), "cannot read the pinned NetworkPolicy maps; retrying"),
             }
@@ -1137,7 +1137,7 @@ impl Loop {
         let rep = sync.sync(&compiled);
         self.policy_inputs = rep.ok().then_some(fingerprint);
         let on = sync.known().map_or(self.policy_on || !compiled.endpoints.is_empty(), |k| !k.endpoints.is_empty());
-        let rules = sync.known().map_or(compiled.rules.len(), |k| k.rules.len());
+        let rules = sync.known().map_or(compiled.rules.len(), MapState::rule_count);
         let m = &self.shared.metrics;
         if !rep.ok() {
             m.policy_sync_errors.inc();

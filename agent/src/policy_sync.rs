@@ -1,6 +1,12 @@
 //! NetworkPolicy into the datapath: the compiler's output
 //! ([`crate::policy::Compiled`]) written to `rt_ipcache4_v1`,
 //! `rt_policy4_v1` and `rt_polep4_v1` by difference with what the maps hold.
+//! Each ipcache entry and rule has one place: a `/32` goes to the
+//! exact-match `rt_ipcache4x_v1`, a single-port rule to `rt_policy4x_v1`
+//! (the programs ask those first), everything else to the tries. An entry
+//! found in the other map of its pair (written by an agent before the
+//! split) counts as stale there: the pass writes it in its place, then
+//! removes it with the other stale entries.
 //!
 //! Write order, for the programs that judge new flows meanwhile (the
 //! Cilium order, `pkg/policy` → `bpf/lib/policy.h`): ipcache entries first
@@ -37,7 +43,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use riptide_common::{IpcacheValue, PE_F_FAIL_CLOSED, PolicyEndpointValue, PolicyKey, PolicyValue, identity};
+use riptide_common::{IpcacheValue, PE_F_FAIL_CLOSED, POLICY_PREFIX_FULL, PolicyEndpointValue, PolicyKey, PolicyValue, identity};
 use riptide_datapath::policy::PolicyMaps;
 
 use crate::policy::{Compiled, Inputs, RuleKey};
@@ -58,6 +64,23 @@ pub trait PolicyWriter {
     fn upsert_rule(&mut self, rule: RuleKey, value: PolicyValue) -> Result<(), Self::Error>;
     fn remove_rule(&mut self, rule: RuleKey) -> Result<(), Self::Error>;
     fn list_rules(&self) -> Result<Vec<(RuleKey, PolicyValue)>, Self::Error>;
+    fn upsert_ipcache_exact(&mut self, addr: Ipv4Addr, value: IpcacheValue) -> Result<(), Self::Error>;
+    fn remove_ipcache_exact(&mut self, addr: Ipv4Addr) -> Result<(), Self::Error>;
+    fn list_ipcache_exact(&self) -> Result<Vec<(Ipv4Addr, IpcacheValue)>, Self::Error>;
+    fn upsert_rule_exact(&mut self, key: PolicyKey, value: PolicyValue) -> Result<(), Self::Error>;
+    fn remove_rule_exact(&mut self, key: PolicyKey) -> Result<(), Self::Error>;
+    fn list_rules_exact(&self) -> Result<Vec<(PolicyKey, PolicyValue)>, Self::Error>;
+}
+
+/// Whether the ipcache entry of a prefix of `len` bits lives in
+/// `rt_ipcache4x_v1`.
+pub fn ipcache_exact(len: u8) -> bool {
+    len == 32
+}
+
+/// Whether `rule` lives in `rt_policy4x_v1`.
+pub fn rule_exact(rule: &RuleKey) -> bool {
+    rule.prefix_len == POLICY_PREFIX_FULL
 }
 
 impl PolicyWriter for PolicyMaps {
@@ -93,14 +116,38 @@ impl PolicyWriter for PolicyMaps {
             .map(|((prefix_len, key), v)| (RuleKey { prefix_len, key }, v))
             .collect())
     }
+    fn upsert_ipcache_exact(&mut self, addr: Ipv4Addr, value: IpcacheValue) -> Result<(), Self::Error> {
+        PolicyMaps::upsert_ipcache_exact(self, addr, value)
+    }
+    fn remove_ipcache_exact(&mut self, addr: Ipv4Addr) -> Result<(), Self::Error> {
+        PolicyMaps::remove_ipcache_exact(self, addr)
+    }
+    fn list_ipcache_exact(&self) -> Result<Vec<(Ipv4Addr, IpcacheValue)>, Self::Error> {
+        PolicyMaps::list_ipcache_exact(self)
+    }
+    fn upsert_rule_exact(&mut self, key: PolicyKey, value: PolicyValue) -> Result<(), Self::Error> {
+        PolicyMaps::upsert_rule_exact(self, key, value)
+    }
+    fn remove_rule_exact(&mut self, key: PolicyKey) -> Result<(), Self::Error> {
+        PolicyMaps::remove_rule_exact(self, key)
+    }
+    fn list_rules_exact(&self) -> Result<Vec<(PolicyKey, PolicyValue)>, Self::Error> {
+        PolicyMaps::list_rules_exact(self)
+    }
 }
 
-/// The contents of the three maps.
+/// The contents of the five maps.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MapState {
+    /// `rt_ipcache4_v1` (the trie).
     pub ipcache: BTreeMap<(Ipv4Addr, u8), IpcacheValue>,
     pub endpoints: BTreeMap<Ipv4Addr, PolicyEndpointValue>,
+    /// `rt_policy4_v1` (the trie).
     pub rules: HashMap<RuleKey, PolicyValue>,
+    /// `rt_ipcache4x_v1`: the `/32`s.
+    pub ipcache_exact: BTreeMap<Ipv4Addr, IpcacheValue>,
+    /// `rt_policy4x_v1`: the single-port rules.
+    pub rules_exact: HashMap<PolicyKey, PolicyValue>,
 }
 
 impl MapState {
@@ -110,13 +157,39 @@ impl MapState {
             ipcache: w.list_ipcache()?.into_iter().collect(),
             endpoints: w.list_endpoints()?.into_iter().collect(),
             rules: w.list_rules()?.into_iter().collect(),
+            ipcache_exact: w.list_ipcache_exact()?.into_iter().collect(),
+            rules_exact: w.list_rules_exact()?.into_iter().collect(),
         })
     }
 
-    /// The state `compiled` asks for.
-    #[cfg(test)]
-    fn desired(compiled: &Compiled) -> Self {
-        Self { ipcache: compiled.ipcache.clone(), endpoints: compiled.endpoints.clone(), rules: compiled.rules.clone() }
+    /// Every ipcache entry, of either map, as `(address, prefix length)`.
+    pub fn all_ipcache(&self) -> impl Iterator<Item = ((Ipv4Addr, u8), IpcacheValue)> + '_ {
+        let exact = self.ipcache_exact.iter().map(|(a, v)| ((*a, 32), *v));
+        self.ipcache.iter().map(|(k, v)| (*k, *v)).chain(exact)
+    }
+
+    /// Every rule, of either map.
+    pub fn all_rules(&self) -> impl Iterator<Item = RuleKey> + '_ {
+        let exact = self.rules_exact.keys().map(|key| RuleKey { prefix_len: POLICY_PREFIX_FULL, key: *key });
+        self.rules.keys().copied().chain(exact)
+    }
+
+    /// Rule entries in both maps.
+    pub fn rule_count(&self) -> usize {
+        self.rules.len() + self.rules_exact.len()
+    }
+
+    /// The state `compiled` asks for, each entry in its map.
+    pub fn desired(compiled: &Compiled) -> Self {
+        let (exact, trie): (BTreeMap<_, _>, BTreeMap<_, _>) = compiled.ipcache.iter().map(|(k, v)| (*k, *v)).partition(|((_, len), _)| ipcache_exact(*len));
+        let (rules_exact, rules): (HashMap<_, _>, HashMap<_, _>) = compiled.rules.iter().map(|(k, v)| (*k, *v)).partition(|(k, _)| rule_exact(k));
+        Self {
+            ipcache: trie,
+            endpoints: compiled.endpoints.clone(),
+            rules,
+            ipcache_exact: exact.into_iter().map(|((a, _), v)| (a, v)).collect(),
+            rules_exact: rules_exact.into_iter().map(|(k, v)| (k.key, v)).collect(),
+        }
     }
 }
 
@@ -223,12 +296,19 @@ impl<W: PolicyWriter> PolicySync<W> {
         let mut all_failed = false;
 
         for (&(addr, len), v) in want_ipcache {
-            if have.ipcache.get(&(addr, len)) == Some(v) {
+            let exact = ipcache_exact(len);
+            let held = if exact { have.ipcache_exact.get(&addr) } else { have.ipcache.get(&(addr, len)) };
+            if held == Some(v) {
                 continue;
             }
-            match self.writer.upsert_ipcache(addr, len, *v) {
+            let written = if exact { self.writer.upsert_ipcache_exact(addr, *v) } else { self.writer.upsert_ipcache(addr, len, *v) };
+            match written {
                 Ok(()) => {
-                    have.ipcache.insert((addr, len), *v);
+                    if exact {
+                        have.ipcache_exact.insert(addr, *v);
+                    } else {
+                        have.ipcache.insert((addr, len), *v);
+                    }
                     rep.ipcache_written += 1;
                 }
                 Err(e) => {
@@ -237,13 +317,20 @@ impl<W: PolicyWriter> PolicySync<W> {
                 }
             }
         }
-        let mut rules: Vec<(&RuleKey, &PolicyValue)> = want_rules.iter().filter(|(k, v)| have.rules.get(k) != Some(v)).collect();
+        let held = |have: &MapState, k: &RuleKey| if rule_exact(k) { have.rules_exact.get(&k.key).copied() } else { have.rules.get(k).copied() };
+        let mut rules: Vec<(&RuleKey, &PolicyValue)> = want_rules.iter().filter(|(k, v)| held(&have, k) != Some(**v)).collect();
         // Deterministic order (the map is a HashMap): by endpoint, then key.
         rules.sort_by_key(|(k, _)| rule_order(k));
         for (k, v) in rules {
-            match self.writer.upsert_rule(*k, *v) {
+            let exact = rule_exact(k);
+            let written = if exact { self.writer.upsert_rule_exact(k.key, *v) } else { self.writer.upsert_rule(*k, *v) };
+            match written {
                 Ok(()) => {
-                    have.rules.insert(*k, *v);
+                    if exact {
+                        have.rules_exact.insert(k.key, *v);
+                    } else {
+                        have.rules.insert(*k, *v);
+                    }
                     rep.rules_written += 1;
                 }
                 Err(e) => {
@@ -285,7 +372,8 @@ impl<W: PolicyWriter> PolicySync<W> {
                 Err(e) => rep.errors.push(format!("removing endpoint {addr}: {}", crate::reconcile::error_chain(&e))),
             }
         }
-        let mut stale: Vec<RuleKey> = have.rules.keys().filter(|k| !want_rules.contains_key(k)).copied().collect();
+        // A trie entry that belongs to a hash is stale in the trie.
+        let mut stale: Vec<RuleKey> = have.rules.keys().filter(|k| rule_exact(k) || !want_rules.contains_key(k)).copied().collect();
         stale.sort_by_key(rule_order);
         for k in stale {
             match self.writer.remove_rule(k) {
@@ -296,7 +384,19 @@ impl<W: PolicyWriter> PolicySync<W> {
                 Err(e) => rep.errors.push(format!("removing rule {}: {}", describe(&k), crate::reconcile::error_chain(&e))),
             }
         }
-        let stale: Vec<(Ipv4Addr, u8)> = have.ipcache.keys().filter(|k| !want_ipcache.contains_key(k)).copied().collect();
+        let mut stale: Vec<RuleKey> =
+            have.rules_exact.keys().map(|key| RuleKey { prefix_len: POLICY_PREFIX_FULL, key: *key }).filter(|k| !want_rules.contains_key(k)).collect();
+        stale.sort_by_key(rule_order);
+        for k in stale {
+            match self.writer.remove_rule_exact(k.key) {
+                Ok(()) => {
+                    have.rules_exact.remove(&k.key);
+                    rep.rules_removed += 1;
+                }
+                Err(e) => rep.errors.push(format!("removing rule {}: {}", describe(&k), crate::reconcile::error_chain(&e))),
+            }
+        }
+        let stale: Vec<(Ipv4Addr, u8)> = have.ipcache.keys().filter(|k| ipcache_exact(k.1) || !want_ipcache.contains_key(k)).copied().collect();
         for (addr, len) in stale {
             match self.writer.remove_ipcache(addr, len) {
                 Ok(()) => {
@@ -304,6 +404,16 @@ impl<W: PolicyWriter> PolicySync<W> {
                     rep.ipcache_removed += 1;
                 }
                 Err(e) => rep.errors.push(format!("removing ipcache {addr}/{len}: {}", crate::reconcile::error_chain(&e))),
+            }
+        }
+        let stale: Vec<Ipv4Addr> = have.ipcache_exact.keys().filter(|a| !want_ipcache.contains_key(&(**a, 32))).copied().collect();
+        for addr in stale {
+            match self.writer.remove_ipcache_exact(addr) {
+                Ok(()) => {
+                    have.ipcache_exact.remove(&addr);
+                    rep.ipcache_removed += 1;
+                }
+                Err(e) => rep.errors.push(format!("removing ipcache {addr}/32: {}", crate::reconcile::error_chain(&e))),
             }
         }
         // After a failure the maps are read again: the next diff starts
@@ -342,13 +452,13 @@ impl<W: PolicyWriter> PolicySync<W> {
 /// or an id `have` uses that `want` gives to an address `have` does not
 /// know (a new pod could have taken an old number).
 fn renumbered(have: &MapState, want: &Compiled) -> bool {
-    let changed_ipcache = want.ipcache.iter().any(|(k, v)| have.ipcache.get(k).is_some_and(|h| h != v));
+    let held = |(addr, len): &(Ipv4Addr, u8)| if ipcache_exact(*len) { have.ipcache_exact.get(addr).or_else(|| have.ipcache.get(&(*addr, *len))) } else { have.ipcache.get(&(*addr, *len)) };
+    let changed_ipcache = want.ipcache.iter().any(|(k, v)| held(k).is_some_and(|h| h != v));
     let changed_eps = want.endpoints.iter().any(|(a, v)| have.endpoints.get(a).is_some_and(|h| (h.ep_id, h.identity) != (v.ep_id, v.identity)));
     let old_ids: BTreeSet<u32> = have
-        .ipcache
-        .values()
-        .flat_map(|v| [v.identity, v.cidr_identity])
-        .chain(have.rules.keys().map(|k| u32::from_be(k.key.identity_be)))
+        .all_ipcache()
+        .flat_map(|(_, v)| [v.identity, v.cidr_identity])
+        .chain(have.all_rules().map(|k| u32::from_be(k.key.identity_be)))
         .chain(have.endpoints.values().map(|v| v.identity))
         // Reserved identities mean the same to every agent.
         .filter(|id| *id >= identity::FIRST_LABELS)
@@ -356,9 +466,9 @@ fn renumbered(have: &MapState, want: &Compiled) -> bool {
     let reused_id = want
         .ipcache
         .iter()
-        .filter(|(k, _)| !have.ipcache.contains_key(k))
+        .filter(|(k, _)| held(k).is_none())
         .any(|(_, v)| old_ids.contains(&v.identity) || (v.cidr_identity != 0 && old_ids.contains(&v.cidr_identity)));
-    let old_eps: BTreeSet<u32> = have.endpoints.values().map(|v| v.ep_id).chain(have.rules.keys().map(|k| u32::from_be(k.key.ep_id_be))).collect();
+    let old_eps: BTreeSet<u32> = have.endpoints.values().map(|v| v.ep_id).chain(have.all_rules().map(|k| u32::from_be(k.key.ep_id_be))).collect();
     let reused_ep = want.endpoints.iter().filter(|(a, _)| !have.endpoints.contains_key(a)).any(|(_, v)| old_eps.contains(&v.ep_id));
     changed_ipcache || changed_eps || reused_id || reused_ep
 }

@@ -83,6 +83,32 @@ impl PolicyWriter for Recorder {
     fn list_rules(&self) -> Result<Vec<(RuleKey, PolicyValue)>, Injected> {
         Ok(self.maps.rules.iter().map(|(k, v)| (*k, *v)).collect())
     }
+    fn upsert_ipcache_exact(&mut self, addr: Ipv4Addr, value: IpcacheValue) -> Result<(), Injected> {
+        self.op(format!("+ipcache4x {addr}"))?;
+        self.maps.ipcache_exact.insert(addr, value);
+        Ok(())
+    }
+    fn remove_ipcache_exact(&mut self, addr: Ipv4Addr) -> Result<(), Injected> {
+        self.op(format!("-ipcache4x {addr}"))?;
+        self.maps.ipcache_exact.remove(&addr);
+        Ok(())
+    }
+    fn list_ipcache_exact(&self) -> Result<Vec<(Ipv4Addr, IpcacheValue)>, Injected> {
+        Ok(self.maps.ipcache_exact.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn upsert_rule_exact(&mut self, key: PolicyKey, value: PolicyValue) -> Result<(), Injected> {
+        self.op(format!("+rule4x {}", describe(&RuleKey { prefix_len: POLICY_PREFIX_FULL, key })))?;
+        self.maps.rules_exact.insert(key, value);
+        Ok(())
+    }
+    fn remove_rule_exact(&mut self, key: PolicyKey) -> Result<(), Injected> {
+        self.op(format!("-rule4x {}", describe(&RuleKey { prefix_len: POLICY_PREFIX_FULL, key })))?;
+        self.maps.rules_exact.remove(&key);
+        Ok(())
+    }
+    fn list_rules_exact(&self) -> Result<Vec<(PolicyKey, PolicyValue)>, Injected> {
+        Ok(self.maps.rules_exact.iter().map(|(k, v)| (*k, *v)).collect())
+    }
 }
 
 fn ip(s: &str) -> Ipv4Addr {
@@ -124,7 +150,7 @@ fn writes_in_reader_order_then_deletes_what_is_stale() {
     let mut s = PolicySync::new(Recorder::default());
     let rep = s.sync(&compiled(&[80, 81]));
     assert!(rep.ok() && rep.read_back, "{rep:?}");
-    assert_eq!(kinds(&s.writer().log), ["+ipcache", "+rule", "+ep"]);
+    assert_eq!(kinds(&s.writer().log), ["+ipcache", "+ipcache4x", "+rule4x", "+ep"]);
     assert_eq!((rep.ipcache_written, rep.rules_written, rep.endpoints_written), (3, 2, 1));
     assert_eq!(s.writer().maps, MapState::desired(&compiled(&[80, 81])));
 
@@ -141,12 +167,12 @@ fn writes_in_reader_order_then_deletes_what_is_stale() {
     assert_eq!(
         s.writer().log,
         [
-            "+rule ep 2 identity 257 dir 1 proto 6 port 82/96",
+            "+rule4x ep 2 identity 257 dir 1 proto 6 port 82/96",
             "+ep 10.42.0.6",
             "-ep 10.42.0.5",
-            "-rule ep 1 identity 257 dir 1 proto 6 port 80/96",
-            "-rule ep 1 identity 257 dir 1 proto 6 port 81/96",
-            "-ipcache 10.42.1.9/32",
+            "-rule4x ep 1 identity 257 dir 1 proto 6 port 80/96",
+            "-rule4x ep 1 identity 257 dir 1 proto 6 port 81/96",
+            "-ipcache4x 10.42.1.9",
         ]
     );
     assert_eq!(s.writer().maps, MapState::desired(&next));
@@ -159,7 +185,7 @@ fn writes_in_reader_order_then_deletes_what_is_stale() {
 #[test]
 fn a_failed_rule_write_fails_its_endpoint_closed_until_a_retry_succeeds() {
     let mut s = PolicySync::new(Recorder::default());
-    s.writer.fail.push("+rule ep 1 identity 257 dir 1 proto 6 port 81/96".into());
+    s.writer.fail.push("+rule4x ep 1 identity 257 dir 1 proto 6 port 81/96".into());
     let rep = s.sync(&compiled(&[80, 81]));
     assert!(!rep.ok());
     assert_eq!(rep.fail_closed.iter().copied().collect::<Vec<_>>(), [ip("10.42.0.5")]);
@@ -177,7 +203,7 @@ fn a_failed_rule_write_fails_its_endpoint_closed_until_a_retry_succeeds() {
 #[test]
 fn a_failed_ipcache_write_fails_every_endpoint_closed() {
     let mut s = PolicySync::new(Recorder::default());
-    s.writer.fail.push("+ipcache 10.42.1.9/32".into());
+    s.writer.fail.push("+ipcache4x 10.42.1.9".into());
     let rep = s.sync(&compiled(&[80]));
     assert_eq!(rep.fail_closed.len(), 1);
     assert_ne!(s.writer().maps.endpoints[&ip("10.42.0.5")].flags & PE_F_FAIL_CLOSED, 0);
@@ -204,6 +230,33 @@ fn a_first_pass_converges_from_leftovers_and_closes_renumbered_endpoints_first()
     let mut again = PolicySync::new(Recorder { maps: MapState::desired(&want), ..Recorder::default() });
     let rep = again.sync(&want);
     assert!(rep.ok() && !rep.renumbered && !rep.changed(), "{rep:?}");
+}
+
+#[test]
+fn entries_of_the_tries_move_to_the_exact_hashes_before_leaving_the_tries() {
+    // Written before the split: every /32 and single-port rule in a trie.
+    let want = compiled(&[80]);
+    let mut w = Recorder::default();
+    w.maps.ipcache = want.ipcache.clone();
+    w.maps.endpoints = want.endpoints.clone();
+    w.maps.rules = want.rules.clone();
+    let mut s = PolicySync::new(w);
+    let rep = s.sync(&want);
+    assert!(rep.ok() && !rep.renumbered, "{rep:?}");
+    assert_eq!(
+        s.writer().log,
+        [
+            "+ipcache4x 10.42.0.5",
+            "+ipcache4x 10.42.1.9",
+            "+rule4x ep 1 identity 257 dir 1 proto 6 port 80/96",
+            "-rule ep 1 identity 257 dir 1 proto 6 port 80/96",
+            "-ipcache 10.42.0.5/32",
+            "-ipcache 10.42.1.9/32",
+        ],
+        "the programs ask the hashes first: written before the trie entries go"
+    );
+    assert_eq!(s.writer().maps, MapState::desired(&want));
+    assert_eq!((s.writer().maps.ipcache.len(), s.writer().maps.rules.len()), (1, 0), "only 0.0.0.0/0 stays in a trie");
 }
 
 #[test]

@@ -15,7 +15,7 @@ use riptide_agent::{
     slim::{SlimNode as Node, SlimPod as Pod},
 };
 use riptide_common::{
-    IpcacheValue, PE_F_FAIL_CLOSED, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_INGRESS, POLICY_PREFIX_FULL, PolicyKey,
+    IpcacheValue, PE_F_EXACT_IN, PE_F_FAIL_CLOSED, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_INGRESS, POLICY_PREFIX_FULL, PolicyKey,
     PolicyValue, identity, proto,
 };
 use riptide_datapath::{Datapath, Pinning, policy::PolicyMaps};
@@ -108,13 +108,13 @@ fn read(maps: &PolicyMaps) -> MapState {
 
 /// What `compiled` asks for, as a [`MapState`].
 fn want(c: &Compiled) -> MapState {
-    MapState { ipcache: c.ipcache.clone(), endpoints: c.endpoints.clone(), rules: c.rules.clone() }
+    MapState::desired(c)
 }
 
 fn dump(m: &MapState) -> String {
-    let mut rules: Vec<String> = m.rules.iter().map(|(k, v)| format!("{k:?} -> {v:?}")).collect();
+    let mut rules: Vec<String> = m.rules.iter().map(|(k, v)| format!("{k:?} -> {v:?}")).chain(m.rules_exact.iter().map(|(k, v)| format!("exact {k:?} -> {v:?}"))).collect();
     rules.sort();
-    format!("ipcache {:#?}\nendpoints {:#?}\nrules {rules:#?}", m.ipcache, m.endpoints)
+    format!("ipcache {:#?}\nipcache exact {:#?}\nendpoints {:#?}\nrules {rules:#?}", m.ipcache, m.ipcache_exact, m.endpoints)
 }
 
 #[test]
@@ -140,17 +140,21 @@ fn kernel_policy_sync_writes_shrinks_and_converges_after_restart() {
     let a = maps.endpoints.get(&ip("10.42.0.5")).copied().unwrap_or_else(|| panic!("x/a not isolated:\n{}", dump(&maps)));
     assert_eq!(a.flags & (PE_F_ISOLATED_IN | PE_F_ISOLATED_OUT | PE_F_FAIL_CLOSED), PE_F_ISOLATED_IN);
     assert!(!maps.endpoints.contains_key(&ip("10.42.0.6")), "x/b is selected by no policy");
-    let c_id = maps.ipcache[&(ip("10.42.1.7"), 32)].identity;
+    // Addresses in the exact hash, prefixes in the trie.
+    let c_id = maps.ipcache_exact[&ip("10.42.1.7")].identity;
     assert!(c_id >= identity::FIRST_LABELS);
-    assert_eq!(maps.ipcache[&(ip("198.18.0.11"), 32)].identity, identity::REMOTE_NODE);
-    assert_eq!(maps.ipcache[&(ip("198.18.0.10"), 32)].identity, identity::HOST);
+    assert_eq!(maps.ipcache_exact[&ip("198.18.0.11")].identity, identity::REMOTE_NODE);
+    assert_eq!(maps.ipcache_exact[&ip("198.18.0.10")].identity, identity::HOST);
     assert_eq!(maps.ipcache[&(ip("0.0.0.0"), 0)].identity, identity::WORLD);
+    assert!(maps.ipcache.keys().all(|(_, len)| *len < 32), "{}", dump(&maps));
     let rule = |port: u16| RuleKey {
         prefix_len: POLICY_PREFIX_FULL,
         key: PolicyKey { ep_id_be: a.ep_id.to_be(), identity_be: c_id.to_be(), dir: POL_DIR_INGRESS, proto: proto::TCP, port_be: port.to_be() },
     };
-    assert!(maps.rules.contains_key(&rule(80)) && maps.rules.contains_key(&rule(8080)), "{}", dump(&maps));
-    assert_eq!(maps.rules.len(), 2, "{}", dump(&maps));
+    // Single-port rules: in the exact hash, the trie is not asked.
+    assert!(maps.rules_exact.contains_key(&rule(80).key) && maps.rules_exact.contains_key(&rule(8080).key), "{}", dump(&maps));
+    assert_eq!((maps.rules_exact.len(), maps.rules.len()), (2, 0), "{}", dump(&maps));
+    assert_eq!(a.flags & PE_F_EXACT_IN, PE_F_EXACT_IN);
     // The datapath's own lookup agrees (what `riptide policy check` says).
     let v = c1.check(&Peer::Pod { namespace: "y".into(), name: "c".into() }, &Peer::Pod { namespace: "x".into(), name: "a".into() }, 80, proto::TCP).unwrap();
     assert!(v.allowed, "{v:?}");
@@ -172,15 +176,16 @@ fn kernel_policy_sync_writes_shrinks_and_converges_after_restart() {
     let maps = read(sync.writer());
     assert_eq!(maps, want(&c2), "maps differ from the second compile:\n{}", dump(&maps));
     assert!(!maps.endpoints.contains_key(&ip("10.42.0.5")), "x/a no longer isolated");
-    assert!(!maps.ipcache.contains_key(&(ip("10.42.1.7"), 32)), "y/c's address gone");
+    assert!(!maps.ipcache_exact.contains_key(&ip("10.42.1.7")), "y/c's address gone");
     let b = maps.endpoints[&ip("10.42.0.6")];
     assert_eq!(b.flags & (PE_F_ISOLATED_IN | PE_F_ISOLATED_OUT), PE_F_ISOLATED_OUT);
     assert!(maps.ipcache.contains_key(&(ip("203.0.113.0"), 24)) && maps.ipcache.contains_key(&(ip("203.0.113.0"), 28)), "{}", dump(&maps));
-    assert!(maps.rules.keys().all(|k| u32::from_be(k.key.ep_id_be) == b.ep_id), "only x/b has rules:\n{}", dump(&maps));
+    assert!(maps.all_rules().all(|k| u32::from_be(k.key.ep_id_be) == b.ep_id), "only x/b has rules:\n{}", dump(&maps));
 
     // 3. Restart: the process goes, the pins stay. Meanwhile the cluster
     //    changed (a new pod and policy) and the maps hold leftovers no
-    //    compile asks for.
+    //    compile asks for (in the tries, where an agent before the exact
+    //    hashes wrote them).
     drop(sync);
     drop(dp);
     {
@@ -197,7 +202,7 @@ fn kernel_policy_sync_writes_shrinks_and_converges_after_restart() {
     let mut sync = PolicySync::new(dp.policy().unwrap());
     let before = sync.read_back().unwrap().clone();
     assert!(before.endpoints.contains_key(&ip("10.42.0.6")), "pins kept the maps:\n{}", dump(&before));
-    assert!(compiler.adopt(&before.ipcache, &before.endpoints, before.rules.keys()), "a fresh compiler adopts");
+    assert!(compiler.adopt(before.all_ipcache(), &before.endpoints, before.all_rules()), "a fresh compiler adopts");
     let c3 = cluster.compile(&mut compiler);
     let rep = sync.sync(&c3);
     assert!(rep.ok() && rep.read_back, "{rep:?}");
@@ -210,8 +215,8 @@ fn kernel_policy_sync_writes_shrinks_and_converges_after_restart() {
     assert_eq!(maps, want(&c3), "not converged after the restart:\n{}", dump(&maps));
     assert!(!maps.endpoints.contains_key(&ip("10.42.0.99")) && !maps.ipcache.contains_key(&(ip("10.42.9.9"), 32)));
     assert_eq!(maps.endpoints[&ip("10.42.0.6")], before.endpoints[&ip("10.42.0.6")], "x/b's entry kept as pinned");
-    let kept: std::collections::BTreeSet<String> = before.rules.keys().filter(|k| u32::from_be(k.key.ep_id_be) != 4242).map(|k| format!("{k:?}")).collect();
-    let now: std::collections::BTreeSet<String> = maps.rules.keys().map(|k| format!("{k:?}")).collect();
+    let kept: std::collections::BTreeSet<String> = before.all_rules().filter(|k| u32::from_be(k.key.ep_id_be) != 4242).map(|k| format!("{k:?}")).collect();
+    let now: std::collections::BTreeSet<String> = maps.all_rules().map(|k| format!("{k:?}")).collect();
     assert_eq!(kept, now, "the same rule keys as before the restart");
     assert_eq!(maps.endpoints[&ip("10.42.0.8")].flags & PE_F_ISOLATED_IN, PE_F_ISOLATED_IN, "x/d: deny-all ingress");
     assert!(maps.endpoints.values().all(|e| e.flags & PE_F_FAIL_CLOSED == 0), "nothing left fail-closed:\n{}", dump(&maps));

@@ -8,6 +8,7 @@
 //! crossed with the rule's ports.
 
 use std::{
+    borrow::Borrow,
     cell::OnceCell,
     collections::{BTreeSet, HashMap},
     net::Ipv4Addr,
@@ -24,7 +25,7 @@ use k8s_openapi::{
 };
 use kube::ResourceExt as _;
 use riptide_common::{
-    IpcacheValue, PE_F_ANY_IN, PE_F_ANY_OUT, PE_F_AUDIT_IN, PE_F_AUDIT_OUT, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT,
+    IpcacheValue, PE_F_ANY_IN, PE_F_ANY_OUT, PE_F_AUDIT_IN, PE_F_AUDIT_OUT, PE_F_EXACT_IN, PE_F_EXACT_OUT, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT,
     POL_DIR_EGRESS, POL_DIR_INGRESS, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
     PolicyEndpointValue, PolicyKey, PolicyValue, identity,
 };
@@ -94,7 +95,7 @@ impl Compiler {
     }
 
     /// Takes over the numbering of maps a previous agent wrote (the pinned
-    /// `rt_ipcache4_v1`, `rt_polep4_v1` and `rt_policy4_v1` contents), so
+    /// ipcache, `rt_polep4_v1` and rule contents, tries and hashes), so
     /// that a restart rewrites only what changed meanwhile. Every identity
     /// and endpoint id found there is kept from fresh allocation; the first
     /// compile gives a label set the identity one of its pods' addresses
@@ -102,18 +103,19 @@ impl Compiler {
     /// its old CIDR identity (each to the first claimant); ids nobody takes
     /// back are freed after that compile. Only before the first compile
     /// (returns false, ignoring the maps, afterwards).
-    pub fn adopt<'m>(
+    pub fn adopt<'m, K: Borrow<(Ipv4Addr, u8)>, V: Borrow<IpcacheValue>, R: Borrow<RuleKey>>(
         &mut self,
-        ipcache: impl IntoIterator<Item = (&'m (Ipv4Addr, u8), &'m IpcacheValue)>,
+        ipcache: impl IntoIterator<Item = (K, V)>,
         endpoints: impl IntoIterator<Item = (&'m Ipv4Addr, &'m PolicyEndpointValue)>,
-        rules: impl IntoIterator<Item = &'m RuleKey>,
+        rules: impl IntoIterator<Item = R>,
     ) -> bool {
         if self.generation != 0 {
             return false;
         }
         let labels = identity::FIRST_LABELS..identity::FIRST_CIDR;
         let mut hints = Hints::default();
-        for (&(addr, len), v) in ipcache {
+        for (k, v) in ipcache {
+            let (&(addr, len), v) = (k.borrow(), v.borrow());
             if labels.contains(&v.identity) {
                 self.label_ids.alloc.reserve(v.identity);
                 if len == 32 {
@@ -139,6 +141,7 @@ impl Compiler {
             }
         }
         for k in rules {
+            let k = k.borrow();
             self.ep_ids.alloc.reserve(u32::from_be(k.key.ep_id_be));
             let id = u32::from_be(k.key.identity_be);
             if labels.contains(&id) {
@@ -383,10 +386,12 @@ impl Compiler {
             };
             let mut flags = 0;
             let local_ports = OnceCell::new();
-            for (dir, iso_flag, any_flag, audit_flag) in [
-                (POL_DIR_INGRESS, PE_F_ISOLATED_IN, PE_F_ANY_IN, PE_F_AUDIT_IN),
-                (POL_DIR_EGRESS, PE_F_ISOLATED_OUT, PE_F_ANY_OUT, PE_F_AUDIT_OUT),
+            for (dir, iso_flag, any_flag, audit_flag, exact_flag) in [
+                (POL_DIR_INGRESS, PE_F_ISOLATED_IN, PE_F_ANY_IN, PE_F_AUDIT_IN, PE_F_EXACT_IN),
+                (POL_DIR_EGRESS, PE_F_ISOLATED_OUT, PE_F_ANY_OUT, PE_F_AUDIT_OUT, PE_F_EXACT_OUT),
             ] {
+                // Until a rule of this direction needs the trie.
+                let mut exact = true;
                 for policy in &selecting {
                     let Some(rules) = policy.parsed.rules(dir) else { continue };
                     flags |= iso_flag;
@@ -404,12 +409,18 @@ impl Compiler {
                             dir,
                             policy_ref: policy.policy_ref,
                             rules: &mut out.rules,
+                            trie: false,
                         };
                         let local_ports = || local_ports.get_or_init(|| named_ports(pod.pod)).as_slice();
-                        if emit.rule(rule, peers, &local_ports, &world) {
+                        let wrote = emit.rule(rule, peers, &local_ports, &world);
+                        if wrote.any {
                             flags |= any_flag;
                         }
+                        exact &= !wrote.trie;
                     }
+                }
+                if exact && flags & iso_flag != 0 {
+                    flags |= exact_flag;
                 }
             }
             view.isolated_in = flags & PE_F_ISOLATED_IN != 0;
@@ -973,13 +984,22 @@ struct Emit<'r> {
     dir: u8,
     policy_ref: u32,
     rules: &'r mut HashMap<RuleKey, PolicyValue>,
+    /// An entry that is not a single-port one was written.
+    trie: bool,
+}
+
+/// What [`Emit::rule`] wrote.
+struct Wrote {
+    /// An [`identity::ANY`] entry.
+    any: bool,
+    /// An entry for the trie (a port range, every port or protocol).
+    trie: bool,
 }
 
 impl Emit<'_> {
-    /// Writes the entries of one rule for one endpoint; true when an
-    /// [`identity::ANY`] entry was written. `local_ports`: the endpoint's
-    /// own named ports.
-    fn rule<'p>(mut self, rule: &RuleData, peers: &ResolvedPeers, local_ports: &dyn Fn() -> &'p [NamedPort<'p>], world: &World<'_, '_>) -> bool {
+    /// Writes the entries of one rule for one endpoint. `local_ports`: the
+    /// endpoint's own named ports.
+    fn rule<'p>(mut self, rule: &RuleData, peers: &ResolvedPeers, local_ports: &dyn Fn() -> &'p [NamedPort<'p>], world: &World<'_, '_>) -> Wrote {
         let mut wrote_any = false;
         let all = [PortData::Proto(0)];
         let ports: &[PortData] = match &rule.ports {
@@ -1026,10 +1046,11 @@ impl Emit<'_> {
                 }
             }
         }
-        wrote_any
+        Wrote { any: wrote_any, trie: self.trie }
     }
 
     fn insert(&mut self, id: u32, proto: u8, port: u16, prefix_len: u32) {
+        self.trie |= prefix_len != POLICY_PREFIX_FULL;
         let key = RuleKey {
             prefix_len,
             key: PolicyKey {

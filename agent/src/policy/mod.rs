@@ -1,7 +1,8 @@
 //! NetworkPolicy compiler: the cluster's Pods, Namespaces, NetworkPolicies
-//! and Nodes in, the contents of the three policy maps out
-//! (`rt_ipcache4_v1`, `rt_polep4_v1`, `rt_policy4_v1`, see
-//! `riptide_common`'s NetworkPolicy section). Pure: no I/O, no clock, so the
+//! and Nodes in, the contents of the policy maps out (the ipcache, the
+//! endpoints and the rules, see `riptide_common`'s NetworkPolicy section;
+//! `policy_sync` puts each ipcache entry and rule in its trie or in the
+//! exact-match hash in front of it). Pure: no I/O, no clock, so the
 //! semantics are unit-tested here and the agent only diffs and writes.
 //!
 //! Semantics are the `networking.k8s.io/v1` API reference's:

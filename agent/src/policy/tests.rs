@@ -13,7 +13,7 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 use riptide_common::{
-    PE_F_ANY_IN, PE_F_ANY_OUT, PE_F_AUDIT_IN, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_INGRESS,
+    PE_F_ANY_IN, PE_F_ANY_OUT, PE_F_AUDIT_IN, PE_F_EXACT_IN, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_INGRESS,
     POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, identity, proto,
 };
 use serde_json::{Value, json};
@@ -661,7 +661,7 @@ fn audit_namespace_marks_isolated_directions_and_passes_denials() {
     let idx = cl.namespaces.iter().position(|n| n.metadata.name.as_deref() == Some("x")).unwrap();
     cl.namespaces[idx] = from_json(json!({"metadata": {"name": "x", "labels": {"ns": "x"}, "annotations": {AUDIT_ANNOTATION: "true"}}}));
     let c = cl.compile();
-    assert_eq!(c.endpoints[&ip_of("x/a")].flags, PE_F_ISOLATED_IN | PE_F_AUDIT_IN);
+    assert_eq!(c.endpoints[&ip_of("x/a")].flags, PE_F_ISOLATED_IN | PE_F_AUDIT_IN | PE_F_EXACT_IN);
     assert!(c.views[&ip_of("x/a")].audit);
     let v = c.check(&peer("y/a"), &peer("x/a"), 80, proto::TCP).unwrap();
     assert!(v.allowed);
@@ -763,7 +763,7 @@ fn a_ports_list_that_resolves_to_nothing_allows_nothing() {
         .compile();
     assert_all_ports(&c, |_, to| ns(to) != "x");
     assert!(c.rules.is_empty());
-    assert_eq!(c.endpoints[&ip_of("x/a")].flags, PE_F_ISOLATED_IN);
+    assert_eq!(c.endpoints[&ip_of("x/a")].flags, PE_F_ISOLATED_IN | PE_F_EXACT_IN);
 }
 
 #[test]
@@ -794,7 +794,9 @@ fn rule_values_name_the_lowest_policy_ref_and_flags_track_any_entries() {
         .with(policy("x", "a", json!({"podSelector": {}, "ingress": [{"ports": [{"port": 80}]}], "egress": [{"to": [{"podSelector": {}}]}]})))
         .compile();
     let xa = c.endpoints[&ip_of("x/a")];
-    assert_eq!(xa.flags, PE_F_ISOLATED_IN | PE_F_ISOLATED_OUT | PE_F_ANY_IN);
+    // Ingress has single-port rules only (the programs skip the trie),
+    // egress a rule for every port and protocol.
+    assert_eq!(xa.flags, PE_F_ISOLATED_IN | PE_F_ISOLATED_OUT | PE_F_ANY_IN | PE_F_EXACT_IN);
     let key = c.rule_lookup(xa.ep_id, identity::ANY, POL_DIR_INGRESS, proto::TCP, 80).unwrap();
     assert_eq!(c.policy(c.rules[&key].policy_ref).unwrap().name, "a");
 }

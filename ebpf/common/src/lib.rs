@@ -77,6 +77,15 @@ pub mod names {
     /// Per-endpoint allow rules (LPM trie): [`crate::PolicyKey`] →
     /// [`crate::PolicyValue`].
     pub const POLICY4: &str = "rt_policy4_v1";
+    /// The `/32` entries of the ipcache (hash, asked before
+    /// [`IPCACHE4`], which holds only shorter prefixes):
+    /// [`crate::IpcacheKey`] → [`crate::IpcacheValue`].
+    pub const IPCACHE4_EXACT: &str = "rt_ipcache4x_v1";
+    /// The single-port rules (prefix [`crate::POLICY_PREFIX_FULL`]; hash,
+    /// asked before [`POLICY4`], which holds only port ranges and rules for
+    /// every port or protocol): [`crate::PolicyKey`] →
+    /// [`crate::PolicyValue`].
+    pub const POLICY4_EXACT: &str = "rt_policy4x_v1";
     /// `loadBalancerSourceRanges` (LPM trie): [`crate::SrcRangeKey`] →
     /// `u8` (unused), the allowed source prefixes of each load-balancer
     /// frontend carrying [`crate::SVC_F_SRC_RANGE`].
@@ -108,9 +117,9 @@ pub mod names {
     pub const PROG_SOCK_GETPEERNAME4: &str = "rt_sock_peer4";
 
     /// Every map name (for size checks and dumps).
-    pub const ALL_MAPS: [&str; 19] = [
+    pub const ALL_MAPS: [&str; 21] = [
         EP4, STATS, SVC4, BE4, REVNAT4, CT4, CT_ANY4, NAT4, NAT_ANY4, AFF4, SOCKREV4, CONFIG, NODE4,
-        MAGLEV4, EVENTS, POLEP4, IPCACHE4, POLICY4, SRCRANGE4,
+        MAGLEV4, EVENTS, POLEP4, IPCACHE4, POLICY4, SRCRANGE4, IPCACHE4_EXACT, POLICY4_EXACT,
     ];
     /// Names of maps earlier versions pinned that nothing uses any more.
     /// A load removes their pins after taking over what they held (see
@@ -173,6 +182,11 @@ pub mod capacity {
     pub const IPCACHE4: u32 = 262_144;
     /// Allow rules of all local endpoints (LPM tries allocate per entry).
     pub const POLICY4: u32 = 1_048_576;
+    /// Every pod and node address (allocated per entry).
+    pub const IPCACHE4_EXACT: u32 = 262_144;
+    /// Single-port allow rules of all local endpoints (allocated per
+    /// entry).
+    pub const POLICY4_EXACT: u32 = 1_048_576;
     /// Source prefixes of every load-balancer frontend (LPM tries allocate
     /// per entry).
     pub const SRCRANGE4: u32 = 65_536;
@@ -962,6 +976,12 @@ pub const PE_F_ANY_OUT: u32 = 1 << 5;
 /// direction denies all but the node and the pod itself (fail closed)
 /// until a later write succeeds.
 pub const PE_F_FAIL_CLOSED: u32 = 1 << 6;
+/// Every ingress rule of the endpoint is a single-port rule, held by
+/// `rt_policy4x_v1`: the programs do not ask the `rt_policy4_v1` trie.
+/// Absent (entries written before the split, or ranges), both are asked.
+pub const PE_F_EXACT_IN: u32 = 1 << 7;
+/// Every egress rule of the endpoint is a single-port rule.
+pub const PE_F_EXACT_OUT: u32 = 1 << 8;
 
 /// LPM key data of `rt_ipcache4_v1` (the trie key is `{prefix_len, addr}`).
 #[repr(C)]

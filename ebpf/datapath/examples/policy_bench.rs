@@ -47,8 +47,8 @@ use std::net::Ipv4Addr;
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{TestRun, TestRunOptions};
 use riptide_common::{
-    CFG_F_POLICY, Config, EndpointValue, IpcacheValue, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT,
-    POL_DIR_EGRESS, POL_DIR_INGRESS, POLICY_PREFIX_FULL, PolicyEndpointValue, PolicyKey,
+    CFG_F_POLICY, Config, EndpointValue, IpcacheValue, PE_F_EXACT_IN, PE_F_EXACT_OUT,
+    PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_EGRESS, POL_DIR_INGRESS, PolicyEndpointValue, PolicyKey,
     PolicyValue, identity, names, proto, stats,
 };
 use riptide_datapath::{Datapath, Pinning};
@@ -121,9 +121,11 @@ fn setup(policies: u32) -> Result<Datapath> {
         identity,
         cidr_identity: 0,
     };
+    // As the agent writes them: addresses in the exact hash, prefixes in
+    // the trie; single-port rules in the exact hash.
     pol.upsert_ipcache(Ipv4Addr::UNSPECIFIED, 0, cache(identity::WORLD))?;
-    pol.upsert_ipcache(NODE_IP, 32, cache(identity::HOST))?;
-    pol.upsert_ipcache(PEER, 32, cache(label_set(1)))?;
+    pol.upsert_ipcache_exact(NODE_IP, cache(identity::HOST))?;
+    pol.upsert_ipcache_exact(PEER, cache(label_set(1)))?;
     // One more local pod that no policy selects (`UNSELECTED`).
     for i in 0..=PODS {
         let tail = [(i >> 8) as u8, i as u8];
@@ -136,7 +138,7 @@ fn setup(policies: u32) -> Result<Datapath> {
                 node_mac: [0x0e, 0xee, 0, 0, tail[0], tail[1]],
             },
         )?;
-        pol.upsert_ipcache(pod(i), 32, cache(label_set(i)))?;
+        pol.upsert_ipcache_exact(pod(i), cache(label_set(i)))?;
     }
     let rule = |ep: u32, peer: u32, dir: u8, port: u16| PolicyKey {
         ep_id_be: (ep + 1).to_be(),
@@ -153,9 +155,9 @@ fn setup(policies: u32) -> Result<Datapath> {
         for i in (p % GROUPS..PODS).step_by(GROUPS as usize) {
             let port = u16::try_from(p).context("policy number")?;
             let ingress = rule(i, label_set(p), POL_DIR_INGRESS, 1000 + port);
-            pol.upsert_rule(POLICY_PREFIX_FULL, ingress, value(p))?;
+            pol.upsert_rule_exact(ingress, value(p))?;
             let egress = rule(i, label_set(p + 1), POL_DIR_EGRESS, 2000 + port);
-            pol.upsert_rule(POLICY_PREFIX_FULL, egress, value(p))?;
+            pol.upsert_rule_exact(egress, value(p))?;
         }
     }
     if policies > 0 {
@@ -165,7 +167,7 @@ fn setup(policies: u32) -> Result<Datapath> {
                 PolicyEndpointValue {
                     ep_id: i + 1,
                     identity: label_set(i),
-                    flags: PE_F_ISOLATED_IN | PE_F_ISOLATED_OUT,
+                    flags: PE_F_ISOLATED_IN | PE_F_ISOLATED_OUT | PE_F_EXACT_IN | PE_F_EXACT_OUT,
                     _pad: 0,
                 },
             )?;

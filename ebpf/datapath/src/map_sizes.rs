@@ -44,7 +44,7 @@ pub struct SizableMap {
 pub const MAX_ENTRIES: u32 = 1 << 24;
 
 /// Every map whose size can be overridden.
-pub const SIZABLE: [SizableMap; 16] = [
+pub const SIZABLE: [SizableMap; 18] = [
     sizable(names::EP4, MapKind::Hash, capacity::EP4),
     sizable(names::SVC4, MapKind::Hash, capacity::SVC4),
     sizable(names::BE4, MapKind::Hash, capacity::BE4),
@@ -67,6 +67,8 @@ pub const SIZABLE: [SizableMap; 16] = [
     sizable(names::IPCACHE4, MapKind::OnDemand, capacity::IPCACHE4),
     sizable(names::POLICY4, MapKind::OnDemand, capacity::POLICY4),
     sizable(names::SRCRANGE4, MapKind::OnDemand, capacity::SRCRANGE4),
+    sizable(names::IPCACHE4_EXACT, MapKind::OnDemand, capacity::IPCACHE4_EXACT),
+    sizable(names::POLICY4_EXACT, MapKind::OnDemand, capacity::POLICY4_EXACT),
 ];
 
 const fn sizable(name: &'static str, kind: MapKind, default: u32) -> SizableMap {

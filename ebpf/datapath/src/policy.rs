@@ -2,7 +2,10 @@
 //! `rt_polep4_v1` (local pods that are isolated or audited),
 //! `rt_ipcache4_v1` (address/prefix → security identity) and
 //! `rt_policy4_v1` (allow rules per endpoint, identity, direction,
-//! protocol and port prefix).
+//! protocol and port prefix), and the exact-match hashes the programs ask
+//! first: `rt_ipcache4x_v1` (the `/32` entries) and `rt_policy4x_v1` (the
+//! single-port rules). Each entry lives in one of a pair: the `_exact`
+//! methods write the hashes, the others the tries.
 //!
 //! The values are `riptide_common`'s raw contract types, which the agent's
 //! policy compiler produces as they are; this module only builds the LPM
@@ -43,6 +46,17 @@ pub struct PolicyMaps {
     endpoints: HashMap<MapData, EndpointKey, PolicyEndpointValue>,
     ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
     rules: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    ipcache_exact: HashMap<MapData, IpcacheKey, IpcacheValue>,
+    rules_exact: HashMap<MapData, PolicyKey, PolicyValue>,
+}
+
+/// The five maps' data, in [`PolicyMaps`] field order.
+struct Data {
+    polep: MapData,
+    ipcache: MapData,
+    rules: MapData,
+    ipcache_exact: MapData,
+    rules_exact: MapData,
 }
 
 impl PolicyMaps {
@@ -51,19 +65,68 @@ impl PolicyMaps {
     pub fn open_pinned(node: &str) -> Result<Self> {
         let dir = crate::pins::pin_dir(node)?;
         let open = |name: &'static str| MapData::from_pin(dir.join(name)).map_err(map_err(name));
-        Self::from_data(
-            open(names::POLEP4)?,
-            open(names::IPCACHE4)?,
-            open(names::POLICY4)?,
-        )
+        Self::from_data(Data {
+            polep: open(names::POLEP4)?,
+            ipcache: open(names::IPCACHE4)?,
+            rules: open(names::POLICY4)?,
+            ipcache_exact: open(names::IPCACHE4_EXACT)?,
+            rules_exact: open(names::POLICY4_EXACT)?,
+        })
     }
 
-    fn from_data(polep: MapData, ipcache: MapData, rules: MapData) -> Result<Self> {
+    fn from_data(d: Data) -> Result<Self> {
         Ok(Self {
-            endpoints: HashMap::try_from(Map::HashMap(polep)).map_err(map_err(names::POLEP4))?,
-            ipcache: LpmTrie::try_from(Map::LpmTrie(ipcache)).map_err(map_err(names::IPCACHE4))?,
-            rules: LpmTrie::try_from(Map::LpmTrie(rules)).map_err(map_err(names::POLICY4))?,
+            endpoints: HashMap::try_from(Map::HashMap(d.polep)).map_err(map_err(names::POLEP4))?,
+            ipcache: LpmTrie::try_from(Map::LpmTrie(d.ipcache)).map_err(map_err(names::IPCACHE4))?,
+            rules: LpmTrie::try_from(Map::LpmTrie(d.rules)).map_err(map_err(names::POLICY4))?,
+            ipcache_exact: HashMap::try_from(Map::HashMap(d.ipcache_exact))
+                .map_err(map_err(names::IPCACHE4_EXACT))?,
+            rules_exact: HashMap::try_from(Map::HashMap(d.rules_exact))
+                .map_err(map_err(names::POLICY4_EXACT))?,
         })
+    }
+
+    // ------------------------------------------------------ exact hashes
+
+    /// Sets the identity of the address `addr` in `rt_ipcache4x_v1` (what
+    /// a `/32` trie entry would say; the programs ask it first).
+    pub fn upsert_ipcache_exact(&mut self, addr: Ipv4Addr, value: IpcacheValue) -> Result<()> {
+        self.ipcache_exact
+            .insert(ipcache_addr(addr), value, 0)
+            .map_err(map_err(names::IPCACHE4_EXACT))
+    }
+
+    /// Removes `addr` from `rt_ipcache4x_v1`; absent is not an error.
+    pub fn remove_ipcache_exact(&mut self, addr: Ipv4Addr) -> Result<()> {
+        ignore_missing(self.ipcache_exact.remove(&ipcache_addr(addr)))
+            .map_err(map_err(names::IPCACHE4_EXACT))
+    }
+
+    /// Every `rt_ipcache4x_v1` entry.
+    pub fn list_ipcache_exact(&self) -> Result<Vec<(Ipv4Addr, IpcacheValue)>> {
+        let entries = dump(self.ipcache_exact.iter()).map_err(map_err(names::IPCACHE4_EXACT))?;
+        Ok(entries
+            .into_iter()
+            .map(|(k, v)| (Ipv4Addr::from(u32::from_be(k.addr_be)), v))
+            .collect())
+    }
+
+    /// Writes the single-port rule `key` to `rt_policy4x_v1` (what a
+    /// [`riptide_common::POLICY_PREFIX_FULL`] trie entry would allow).
+    pub fn upsert_rule_exact(&mut self, key: PolicyKey, value: PolicyValue) -> Result<()> {
+        self.rules_exact
+            .insert(key, value, 0)
+            .map_err(map_err(names::POLICY4_EXACT))
+    }
+
+    /// Removes the single-port rule `key`; absent is not an error.
+    pub fn remove_rule_exact(&mut self, key: PolicyKey) -> Result<()> {
+        ignore_missing(self.rules_exact.remove(&key)).map_err(map_err(names::POLICY4_EXACT))
+    }
+
+    /// Every `rt_policy4x_v1` rule.
+    pub fn list_rules_exact(&self) -> Result<Vec<(PolicyKey, PolicyValue)>> {
+        dump(self.rules_exact.iter()).map_err(map_err(names::POLICY4_EXACT))
     }
 
     // ------------------------------------------------------------ ipcache
@@ -190,11 +253,18 @@ impl Datapath {
             LpmTrie::try_from(map(names::IPCACHE4)?).map_err(map_err(names::IPCACHE4))?;
         let rules: LpmTrie<&MapData, PolicyKey, PolicyValue> =
             LpmTrie::try_from(map(names::POLICY4)?).map_err(map_err(names::POLICY4))?;
-        PolicyMaps::from_data(
-            dup(names::POLEP4, polep.map())?,
-            dup(names::IPCACHE4, ipcache.map())?,
-            dup(names::POLICY4, rules.map())?,
-        )
+        let ipcache_exact: HashMap<&MapData, IpcacheKey, IpcacheValue> =
+            HashMap::try_from(map(names::IPCACHE4_EXACT)?)
+                .map_err(map_err(names::IPCACHE4_EXACT))?;
+        let rules_exact: HashMap<&MapData, PolicyKey, PolicyValue> =
+            HashMap::try_from(map(names::POLICY4_EXACT)?).map_err(map_err(names::POLICY4_EXACT))?;
+        PolicyMaps::from_data(Data {
+            polep: dup(names::POLEP4, polep.map())?,
+            ipcache: dup(names::IPCACHE4, ipcache.map())?,
+            rules: dup(names::POLICY4, rules.map())?,
+            ipcache_exact: dup(names::IPCACHE4_EXACT, ipcache_exact.map())?,
+            rules_exact: dup(names::POLICY4_EXACT, rules_exact.map())?,
+        })
     }
 }
 
@@ -226,6 +296,12 @@ fn dump<K, V>(
         }
     }
     Ok(out)
+}
+
+fn ipcache_addr(addr: Ipv4Addr) -> IpcacheKey {
+    IpcacheKey {
+        addr_be: u32::from(addr).to_be(),
+    }
 }
 
 fn endpoint_key(addr: Ipv4Addr) -> EndpointKey {

@@ -18,6 +18,14 @@
 //! connection masqueraded in that moment is dropped as `masq_lost_mapping`.
 //!
 //! A failed copy leaves the old pin in place, so the next load tries again.
+//!
+//! Nothing moves for the NetworkPolicy exact-match hashes
+//! (`rt_ipcache4x_v1`, `rt_policy4x_v1`): a load creates them empty next
+//! to the tries an earlier version filled with every entry, and the
+//! programs ask the tries after a hash miss (the policy trie unless an
+//! endpoint entry says `PE_F_EXACT_*`, which earlier agents never set), so
+//! those entries keep judging until the agent's first pass writes them
+//! into the hashes and then removes them from the tries.
 
 use std::path::Path;
 

@@ -14,7 +14,7 @@ use riptide_common::{
     CFG_F_MASQUERADE, CFG_F_POLICY, CT_F_BIDIR, CT_F_CLOSING, CT_F_FIN_FWD, CT_F_FIN_REV,
     CT_F_INBOUND, CT_F_POLICY, Config, EV_SRC_FROM_NET,
     EV_SRC_FROM_POD, EV_SRC_TO_POD, IpcacheValue, PE_F_ANY_IN, PE_F_AUDIT_IN, PE_F_FAIL_CLOSED,
-    PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_EGRESS, POL_DIR_INGRESS, POLICY_PREFIX_ANY_PORT,
+    PE_F_EXACT_IN, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_EGRESS, POL_DIR_INGRESS, POLICY_PREFIX_ANY_PORT,
     POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PolicyEndpointValue, PolicyKey, PolicyValue,
     identity, names, proto, stats,
 };
@@ -106,15 +106,33 @@ fn kernel_policy_maps_round_trip_from_a_datapath_and_from_pins() {
         )]
     );
 
+    // The exact hashes, apart from the tries.
+    m.upsert_ipcache_exact(ip("10.42.0.8"), id(301, 0)).unwrap();
+    m.upsert_rule_exact(rule, PolicyValue { policy_ref: 6, flags: 0 })
+        .unwrap();
+    assert_eq!(
+        pinned.list_ipcache_exact().unwrap(),
+        vec![(ip("10.42.0.8"), id(301, 0))]
+    );
+    assert_eq!(
+        pinned.list_rules_exact().unwrap(),
+        vec![(rule, PolicyValue { policy_ref: 6, flags: 0 })]
+    );
+    assert_eq!(pinned.list_ipcache().unwrap().len(), 3);
+
     // Removing, twice: the second time the key is absent, which is fine.
     for _ in 0..2 {
         m.remove_ipcache(ip("10.42.0.0"), 16).unwrap();
         m.remove_endpoint(ip("10.42.0.7")).unwrap();
         m.remove_rule(POLICY_PREFIX_FULL, rule).unwrap();
+        m.remove_ipcache_exact(ip("10.42.0.8")).unwrap();
+        m.remove_rule_exact(rule).unwrap();
     }
     assert_eq!(pinned.list_ipcache().unwrap().len(), 2);
     assert!(pinned.list_endpoints().unwrap().is_empty());
     assert!(pinned.list_rules().unwrap().is_empty());
+    assert!(pinned.list_ipcache_exact().unwrap().is_empty());
+    assert!(pinned.list_rules_exact().unwrap().is_empty());
 }
 
 // ------------------------------------------------------------- the verdicts
@@ -710,6 +728,40 @@ fn port_ranges_are_prefixes_and_protocol_rules_cover_every_port() {
         assert_eq!(v, TC_ACT_REDIRECT, "UDP {port}");
     }
     assert_eq!(t.counters(), [6, 0, 3, 0, 0, 0]);
+}
+
+#[test]
+fn exact_hashes_answer_first_and_the_exact_flag_skips_the_trie() {
+    if !privileged("to load eBPF programs") {
+        return;
+    }
+    let mut t = PolicyNode::new();
+    t.endpoint(B, B_EP, B_ID, PE_F_ISOLATED_IN);
+    let key = |peer, port| PolicyNode::rule_key(B_EP, peer, POL_DIR_INGRESS, proto::TCP, port);
+    let v = PolicyValue { policy_ref: 1, flags: 0 };
+    t.pol.upsert_rule_exact(key(A_ID, 80), v).unwrap();
+    // port 8080, endPort 8087: in the trie.
+    t.allow(B_EP, A_ID, POL_DIR_INGRESS, proto::TCP, 8080, POLICY_PREFIX_FULL - 3);
+    let mut sport = 40000;
+    let mut try_port = |t: &mut PolicyNode, port: u16| {
+        sport += 1;
+        t.run(FROM_POD, &syn(at(A, sport), at(B, port)))
+    };
+    assert_eq!(try_port(&mut t, 80), TC_ACT_REDIRECT, "exact rule\n{}", t.dump());
+    assert_eq!(try_port(&mut t, 8081), TC_ACT_REDIRECT, "trie rule");
+    assert_eq!(try_port(&mut t, 81), TC_ACT_SHOT);
+    // Every ingress rule single-port, says the flag: the trie is not asked.
+    t.endpoint(B, B_EP, B_ID, PE_F_ISOLATED_IN | PE_F_EXACT_IN);
+    assert_eq!(try_port(&mut t, 8082), TC_ACT_SHOT, "trie skipped");
+    assert_eq!(try_port(&mut t, 80), TC_ACT_REDIRECT);
+    // A's /32 in the exact ipcache wins over the trie's.
+    t.pol
+        .upsert_ipcache_exact(ip(A), IpcacheValue { identity: C_ID, cidr_identity: 0 })
+        .unwrap();
+    assert_eq!(try_port(&mut t, 80), TC_ACT_SHOT, "A is C now");
+    t.pol.upsert_rule_exact(key(C_ID, 81), v).unwrap();
+    assert_eq!(try_port(&mut t, 81), TC_ACT_REDIRECT, "{}", t.dump());
+    assert_eq!(t.counters(), [4, 0, 3, 0, 0, 0]);
 }
 
 #[test]

@@ -86,6 +86,21 @@ pub static IPCACHE4: LpmTrie<IpcacheKey, IpcacheValue> =
 pub static POLICY4: LpmTrie<PolicyKey, PolicyValue> =
     LpmTrie::pinned(capacity::POLICY4, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
+/// The `/32` entries of the ipcache, asked before [`IPCACHE4`]
+/// (`BPF_F_NO_PREALLOC`: memory per pod known, not per slot).
+#[map(name = "rt_ipcache4x_v1")]
+pub static IPCACHE4_EXACT: HashMap<IpcacheKey, IpcacheValue> = HashMap::pinned(
+    capacity::IPCACHE4_EXACT,
+    aya_ebpf::bindings::BPF_F_NO_PREALLOC,
+);
+
+/// Single-port allow rules, asked before [`POLICY4`].
+#[map(name = "rt_policy4x_v1")]
+pub static POLICY4_EXACT: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(
+    capacity::POLICY4_EXACT,
+    aya_ebpf::bindings::BPF_F_NO_PREALLOC,
+);
+
 /// `loadBalancerSourceRanges`: allowed source prefixes per load-balancer
 /// frontend (`srcrange`).
 #[map(name = "rt_srcrange4_v1")]

@@ -5,6 +5,12 @@
 //! it), `rt_policy4_v1` holds the allow rules of each local endpoint keyed
 //! by (endpoint, peer identity, direction, protocol, port prefix), and
 //! `rt_polep4_v1` says which local pods are isolated (absent = allow all).
+//! The common cases have exact-match hashes in front of the two tries:
+//! `rt_ipcache4x_v1` holds the `/32`s (every pod and node address) and
+//! `rt_policy4x_v1` the single-port rules; the tries keep the shorter
+//! prefixes (ipBlocks, the world) and the port ranges and any-port or
+//! any-protocol rules. An endpoint whose rules of a direction are all
+//! single-port (`PE_F_EXACT_*`) never asks the policy trie.
 //!
 //! Only new flows are judged, and only when the node has some policy state
 //! (`CFG_F_POLICY`). A flow is judged after Service translation, on the
@@ -34,7 +40,7 @@
 use aya_ebpf::{bindings::TC_ACT_SHOT, maps::lpm_trie::Key, programs::TcContext};
 use riptide_common::{
     BackendValue, CFG_F_POLICY, CT_DIR_ANY, Config, CtKey, DropEvent, EndpointKey, IpcacheKey,
-    PE_F_ANY_IN, PE_F_ANY_OUT,
+    IpcacheValue, PE_F_ANY_IN, PE_F_ANY_OUT, PE_F_EXACT_IN, PE_F_EXACT_OUT,
     PE_F_AUDIT_IN, PE_F_AUDIT_OUT, PE_F_FAIL_CLOSED, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT,
     POL_DIR_EGRESS, POL_DIR_INGRESS, POLICY_PREFIX_FULL, PolicyEndpointValue, PolicyKey, identity,
     proto, stats,
@@ -42,7 +48,7 @@ use riptide_common::{
 
 use crate::{
     ct, events,
-    maps::{IPCACHE4, POLEP4, POLICY4, config, count},
+    maps::{IPCACHE4, IPCACHE4_EXACT, POLEP4, POLICY4, POLICY4_EXACT, config, count},
     parse::{IP_OFF, IpHdr, L4_OFF, Pkt, Ports, ptr_at},
 };
 
@@ -185,11 +191,12 @@ fn endpoint(addr_be: u32) -> Option<PolicyEndpointValue> {
 /// for egress, the destination for ingress), counted and reported.
 #[inline(always)]
 fn side(cfg: &Config, f: &Flow, ep: &PolicyEndpointValue, egress: bool) -> bool {
-    let (isolated, audit, any, dir, me, peer) = if egress {
+    let (isolated, audit, any, exact, dir, me, peer) = if egress {
         (
             PE_F_ISOLATED_OUT,
             PE_F_AUDIT_OUT,
             PE_F_ANY_OUT,
+            PE_F_EXACT_OUT,
             POL_DIR_EGRESS,
             f.saddr_be,
             f.daddr_be,
@@ -199,6 +206,7 @@ fn side(cfg: &Config, f: &Flow, ep: &PolicyEndpointValue, egress: bool) -> bool 
             PE_F_ISOLATED_IN,
             PE_F_AUDIT_IN,
             PE_F_ANY_IN,
+            PE_F_EXACT_IN,
             POL_DIR_INGRESS,
             f.daddr_be,
             f.saddr_be,
@@ -207,7 +215,12 @@ fn side(cfg: &Config, f: &Flow, ep: &PolicyEndpointValue, egress: bool) -> bool 
     if ep.flags & isolated == 0 {
         return true;
     }
-    if allowed(cfg, f, ep, dir, any, me, peer) {
+    let dir = Dir {
+        dir,
+        any: ep.flags & any != 0,
+        trie: ep.flags & exact == 0,
+    };
+    if allowed(cfg, f, ep, &dir, me, peer) {
         count(if egress {
             stats::POLICY_ALLOW_OUT
         } else {
@@ -237,14 +250,23 @@ fn side(cfg: &Config, f: &Flow, ep: &PolicyEndpointValue, egress: bool) -> bool 
     audited
 }
 
-/// Whether some rule of `ep` in direction `dir` allows `peer`.
+/// One direction of an endpoint's rules.
+struct Dir {
+    /// `POL_DIR_*`.
+    dir: u8,
+    /// Some rule allows every peer.
+    any: bool,
+    /// Some rule is not a single-port one: ask the trie too.
+    trie: bool,
+}
+
+/// Whether some rule of `ep` in direction `d` allows `peer`.
 #[inline(always)]
 fn allowed(
     cfg: &Config,
     f: &Flow,
     ep: &PolicyEndpointValue,
-    dir: u8,
-    any: u32,
+    d: &Dir,
     me: u32,
     peer: u32,
 ) -> bool {
@@ -257,9 +279,7 @@ fn allowed(
     {
         return true;
     }
-    let id = IPCACHE4
-        .get(Key::new(32, IpcacheKey { addr_be: peer }))
-        .copied();
+    let id = ipcache(peer);
     // An address the ipcache does not know (no `0.0.0.0/0` entry yet) is
     // the outside world.
     let (identity, cidr_identity) =
@@ -273,29 +293,45 @@ fn allowed(
     let mut k = PolicyKey {
         ep_id_be: ep.ep_id.to_be(),
         identity_be: identity.to_be(),
-        dir,
+        dir: d.dir,
         proto: f.proto,
         port_be: f.dport_be,
     };
-    if rule(&k) {
+    if rule(&k, d.trie) {
         return true;
     }
     if cidr_identity != 0 {
         k.identity_be = cidr_identity.to_be();
-        if rule(&k) {
+        if rule(&k, d.trie) {
             return true;
         }
     }
-    if ep.flags & any != 0 {
+    if d.any {
         k.identity_be = identity::ANY.to_be();
-        return rule(&k);
+        return rule(&k, d.trie);
     }
     false
 }
 
+/// The identities of `addr_be`: its own `/32` entry, else the longest
+/// prefix holding it.
 #[inline(always)]
-fn rule(k: &PolicyKey) -> bool {
-    POLICY4.get(Key::new(POLICY_PREFIX_FULL, *k)).is_some()
+fn ipcache(addr_be: u32) -> Option<IpcacheValue> {
+    let k = IpcacheKey { addr_be };
+    // SAFETY: copied out at once.
+    if let Some(v) = unsafe { IPCACHE4_EXACT.get(&k) } {
+        return Some(*v);
+    }
+    IPCACHE4.get(Key::new(32, k)).copied()
+}
+
+/// Whether a rule allows `k`: a single-port rule, or (`trie`) a range or
+/// any-port or any-protocol one.
+#[inline(always)]
+fn rule(k: &PolicyKey, trie: bool) -> bool {
+    // SAFETY: only whether the entry exists is read.
+    unsafe { POLICY4_EXACT.get(k) }.is_some()
+        || (trie && POLICY4.get(Key::new(POLICY_PREFIX_FULL, *k)).is_some())
 }
 
 /// Judges the packet `p`, not translated and unknown to conntrack under
