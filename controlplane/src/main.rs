@@ -111,6 +111,9 @@ enum Command {
     /// Issue a node's kubelet kubeconfig and serving certificate from the
     /// control plane's CA.
     KubeletCredentials(components::KubeletCredentialsArgs),
+    /// PID 1 of a pod's shared PID namespace (started by the kubelet).
+    #[command(hide = true)]
+    Pause,
 }
 
 #[tokio::main]
@@ -129,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
             return Ok(components::scheduler(c).await?);
         }
         Command::Kubelet(k) => return Ok(components::kubelet(k).await?),
+        Command::Pause => riptide_controlplane::kubelet::pause::run(),
         Command::KubeletCredentials(k) => {
             let files = components::kubelet_credentials(&k)?;
             println!("kubeconfig {}", files.kubeconfig.display());

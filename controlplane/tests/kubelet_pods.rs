@@ -216,6 +216,44 @@ impl Node {
     fn pod(&self, name: &str) -> Value {
         self.json(&["get", "pod", name])
     }
+
+    /// A node for a test that needs root (None, having said why, without).
+    fn start(tag: &str, network: bool, needs: &str) -> Option<Self> {
+        privileged(needs).then(|| Self::up(tag, network))
+    }
+
+    /// A pod manifest on this node.
+    fn pod_yaml(&self, name: &str) -> PodYaml {
+        PodYaml { metadata: format!("name: {name}"), node: self.node.clone(), host_network: true }
+    }
+}
+
+/// The head every pod of these tests shares: its name, this node, host
+/// network unless [`PodYaml::pod_network`].
+struct PodYaml {
+    metadata: String,
+    node: String,
+    host_network: bool,
+}
+
+impl PodYaml {
+    /// More `metadata` fields, e.g. `labels: {app: x}`.
+    fn meta(mut self, fields: &str) -> Self {
+        self.metadata = format!("{}, {fields}", self.metadata);
+        self
+    }
+
+    fn pod_network(mut self) -> Self {
+        self.host_network = false;
+        self
+    }
+
+    /// The manifest with the rest of the spec (`spec`'s fields, YAML
+    /// indented two spaces).
+    fn spec(&self, rest: &str) -> String {
+        let net = if self.host_network { "  hostNetwork: true\n" } else { "" };
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {{{}}}\nspec:\n  nodeName: {}\n{net}{rest}", self.metadata, self.node)
+    }
 }
 
 impl Drop for Node {
@@ -248,13 +286,10 @@ fn status_field<'a>(log: &'a str, field: &str) -> &'a str {
 
 #[test]
 fn kubelet_volumes_security_and_service_account_token() {
-    if !privileged("for mount namespaces, cgroups and setuid") {
-        return;
-    }
-    let n = Node::up("v", true);
-    let node = n.node.clone();
+    let Some(n) = Node::start("v", true, "for mount namespaces, cgroups and setuid") else { return };
     // Something that must stay out of the machine's real /opt/cni/bin.
-    let marker = format!("marker-{node}");
+    let marker = format!("marker-{}", n.node);
+    let vols = n.pod_yaml("vols").meta("labels: {app: vols}").spec("");
     n.apply(&format!(
         r#"apiVersion: v1
 kind: ServiceAccount
@@ -270,13 +305,7 @@ kind: Secret
 metadata: {{name: sec}}
 stringData: {{password: hunter2}}
 ---
-apiVersion: v1
-kind: Pod
-metadata: {{name: vols, labels: {{app: vols}}}}
-spec:
-  nodeName: {node}
-  hostNetwork: true
-  serviceAccountName: app
+{vols}  serviceAccountName: app
   restartPolicy: Never
   securityContext: {{fsGroup: 4321}}
   volumes:
@@ -388,24 +417,15 @@ spec:
 /// token and volumes. A privileged pod sees the node as before.
 #[test]
 fn kubelet_masks_node_secrets_from_pods() {
-    if !privileged("for mount namespaces, cgroups and setuid") {
-        return;
-    }
-    let n = Node::up("m", true);
-    let node = n.node.clone();
+    let Some(n) = Node::start("m", true, "for mount namespaces, cgroups and setuid") else { return };
+    let (victim, probe_pod, bare) = (n.pod_yaml("victim").spec(""), n.pod_yaml("probe").spec(""), n.pod_yaml("bare").spec(""));
     n.apply(&format!(
         r#"apiVersion: v1
 kind: Secret
 metadata: {{name: victim-sec}}
 stringData: {{password: victim-password}}
 ---
-apiVersion: v1
-kind: Pod
-metadata: {{name: victim}}
-spec:
-  nodeName: {node}
-  hostNetwork: true
-  restartPolicy: Never
+{victim}  restartPolicy: Never
   volumes: [{{name: sec, secret: {{secretName: victim-sec}}}}]
   containers:
   - name: main
@@ -449,13 +469,7 @@ kind: Secret
 metadata: {{name: own-sec}}
 stringData: {{password: own-password}}
 ---
-apiVersion: v1
-kind: Pod
-metadata: {{name: probe}}
-spec:
-  nodeName: {node}
-  hostNetwork: true
-  restartPolicy: Never
+{probe_pod}  restartPolicy: Never
   volumes:
   - {{name: cfg, configMap: {{name: own-cfg}}}}
   - {{name: sec, secret: {{secretName: own-sec}}}}
@@ -473,13 +487,7 @@ spec:
     securityContext: {{privileged: true}}
     volumeMounts: [{{name: cp, mountPath: /mnt/cp-test}}]
 ---
-apiVersion: v1
-kind: Pod
-metadata: {{name: bare}}
-spec:
-  nodeName: {node}
-  hostNetwork: true
-  restartPolicy: Never
+{bare}  restartPolicy: Never
   automountServiceAccountToken: false
   containers:
   - name: main
@@ -513,19 +521,10 @@ spec:
 
 #[test]
 fn kubelet_init_containers_in_order_with_retry() {
-    if !privileged("for mount namespaces and cgroups") {
-        return;
-    }
-    let n = Node::up("i", true);
-    let node = n.node.clone();
+    let Some(n) = Node::start("i", true, "for mount namespaces and cgroups") else { return };
+    let (init, blocked) = (n.pod_yaml("init").spec(""), n.pod_yaml("blocked").spec(""));
     n.apply(&format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata: {{name: init}}
-spec:
-  nodeName: {node}
-  hostNetwork: true
-  volumes: [{{name: work, emptyDir: {{}}}}]
+        r#"{init}  volumes: [{{name: work, emptyDir: {{}}}}]
   initContainers:
   - name: first
     image: riptide.test/host:1
@@ -543,13 +542,7 @@ spec:
     command: ["/bin/sh", "-c", "echo app >> /work/order; cat /work/order; echo done-reader; sleep 1000"]
     volumeMounts: [{{name: work, mountPath: /work}}]
 ---
-apiVersion: v1
-kind: Pod
-metadata: {{name: blocked}}
-spec:
-  nodeName: {node}
-  hostNetwork: true
-  initContainers:
+{blocked}  initContainers:
   - {{name: ok, image: "riptide.test/host:1", command: ["true"]}}
   - {{name: fails, image: "riptide.test/host:1", command: ["false"]}}
   containers:
@@ -587,22 +580,8 @@ spec:
 
 #[test]
 fn kubelet_unknown_image_is_an_image_pull_error() {
-    if !privileged("for cgroups") {
-        return;
-    }
-    let n = Node::up("u", true);
-    let node = n.node.clone();
-    n.apply(&format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata: {{name: unknown}}
-spec:
-  nodeName: {node}
-  hostNetwork: true
-  containers:
-  - {{name: c, image: "example.invalid/nothing:1", command: ["sleep", "1000"]}}
-"#
-    ));
+    let Some(n) = Node::start("u", true, "for cgroups") else { return };
+    n.apply(&n.pod_yaml("unknown").spec("  containers:\n  - {name: c, image: \"example.invalid/nothing:1\", command: [\"sleep\", \"1000\"]}\n"));
     let waiting = n.wait("an image pull error", 30, |n| {
         let w = n.pod("unknown")["status"]["containerStatuses"][0]["state"]["waiting"].clone();
         w["reason"].as_str().is_some_and(|r| r == "ErrImagePull" || r == "ImagePullBackOff").then_some(w)
@@ -620,11 +599,9 @@ spec:
 
 #[test]
 fn kubelet_node_network_ready_follows_cni_config() {
-    if !privileged("for network namespaces") {
-        return;
-    }
-    let n = Node::up("n", false);
+    let Some(n) = Node::start("n", false, "for network namespaces") else { return };
     let node = n.node.clone();
+    let (net, host) = (n.pod_yaml("net").pod_network().spec(""), n.pod_yaml("host").spec(""));
     let ready = |n: &Node| n.json(&["get", "node", &n.node])["status"]["conditions"].as_array().cloned().unwrap_or_default().into_iter().find(|c| c["type"] == "Ready");
     let c = n.wait("NotReady without CNI config", 30, |n| ready(n).filter(|c| c["status"] == "False"));
     let msg = c["message"].as_str().unwrap_or_default();
@@ -632,21 +609,10 @@ fn kubelet_node_network_ready_follows_cni_config() {
     let (ok, out) = n.kubectl_raw(&["patch", "node", &node, "-p", r#"{"spec":{"podCIDR":"10.250.0.0/24"}}"#], None);
     assert!(ok, "{out}");
     n.apply(&format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata: {{name: net}}
-spec:
-  nodeName: {node}
-  containers:
+        r#"{net}  containers:
   - {{name: c, image: "riptide.test/host:1", command: ["/bin/sh", "-c", "echo port-start=$(cat /proc/sys/net/ipv4/ip_unprivileged_port_start); echo done-net; sleep 1000"]}}
 ---
-apiVersion: v1
-kind: Pod
-metadata: {{name: host}}
-spec:
-  nodeName: {node}
-  hostNetwork: true
-  containers:
+{host}  containers:
   - {{name: c, image: "riptide.test/host:1", command: ["sleep", "1000"]}}
 "#
     ));
@@ -740,4 +706,168 @@ fn kubelet_api_caches_reviews() {
     let refused = n.wait("the revoked token to be refused", 20, |n| (n.kubelet_get("/healthz", &gone) == 401).then(|| first.elapsed()));
     assert!(refused >= TOKEN_TTL, "refused after {refused:?}, before the TTL");
     assert!(refused < TOKEN_TTL + Duration::from_secs(3), "refused only after {refused:?}");
+}
+
+/// A process of the node that pods must neither see nor signal; killed on
+/// drop.
+struct HostProcess(Child);
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Node paths outside every volume that pods try to write; removed on drop
+/// (also what a failed test wrote there).
+struct NodePaths {
+    dir: PathBuf,
+    etc_file: PathBuf,
+}
+
+impl Drop for NodePaths {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(&self.etc_file);
+    }
+}
+
+/// A root pod gets its own PID namespace (its process is PID 1, the node's
+/// processes are out of sight and reach, also for `kubectl exec` and exec
+/// probes) and the node's filesystem read-only apart from its volumes and
+/// scratch (`/tmp`, `/var/tmp`, `/dev/shm`); `readOnlyRootFilesystem`
+/// makes the scratch read-only too. `hostPID` shows the node's processes;
+/// `shareProcessNamespace` puts the containers in one namespace with a
+/// pause process as PID 1 that reaps orphans; a privileged container
+/// writes the node but sees its processes only with `hostPID`.
+#[test]
+fn kubelet_isolates_pod_processes_and_node_filesystem() {
+    let Some(n) = Node::start("p", true, "for PID and mount namespaces") else { return };
+    let host = HostProcess(Command::new("sleep").arg("1001").spawn().unwrap());
+    let hpid = host.0.id();
+    let node = n.node.clone();
+    let paths = NodePaths { dir: PathBuf::from(format!("/var/lib/riptide-test-{node}")), etc_file: PathBuf::from(format!("/etc/riptide-test-{node}")) };
+    std::fs::create_dir_all(&paths.dir).unwrap();
+    let (ok, out) = n.kubectl_raw(&["patch", "node", &node, "-p", r#"{"spec":{"podCIDR":"10.250.0.0/24"}}"#], None);
+    assert!(ok, "{out}");
+    let check = |tag: &str| {
+        format!(
+            r#"echo "self=$$$$"
+if [ -e /proc/{hpid} ]; then echo sees-host; else echo host-hidden; fi
+if kill -TERM {hpid} 2>/dev/null; then echo killed-host; else echo cannot-kill; fi
+for f in {dir}/{tag} {etc}; do if echo x 2>/dev/null > $f; then echo "wrote $f"; else echo "refused $f"; fi; done
+for d in /tmp /var/tmp /dev/shm /work; do if echo x 2>/dev/null > $d/{tag}-{node}; then echo "wrote $d"; else echo "refused $d"; fi; done
+if echo x 2>/dev/null > /proc/sys/kernel/hostname; then echo wrote-procsys; else echo refused-procsys; fi
+echo done-{tag}
+sleep 1000
+"#,
+            dir = paths.dir.display(),
+            etc = paths.etc_file.display()
+        )
+    };
+    let probe = format!("test -e /proc/1 && ! test -e /proc/{hpid}");
+    let zombies = r#"(sleep 0.2 &); sleep 1; echo "zombies=$(grep -l '^State:.Z' /proc/[0-9]*/status | wc -l)"; echo "pid1=$(tr '\0' ' ' < /proc/1/cmdline)"; until cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\0' ' ' | grep -q 'sleep 1002'; do sleep 0.2; done; echo sees-sibling; echo done-b; sleep 1000"#;
+    let iso = n.pod_yaml("iso").pod_network().spec(&format!(
+        r#"  restartPolicy: Never
+  volumes: [{{name: work, emptyDir: {{}}}}]
+  containers:
+  - name: main
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c", {main:?}]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+    readinessProbe: {{exec: {{command: ["/bin/sh", "-c", {probe:?}]}}, periodSeconds: 1}}
+  - name: ro
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c", {ro:?}]
+    securityContext: {{readOnlyRootFilesystem: true}}
+    volumeMounts: [{{name: work, mountPath: /work}}]
+  - name: priv
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c", {privileged:?}]
+    securityContext: {{privileged: true}}
+  - name: exits
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c", "exit 7"]
+"#,
+        main = check("main"),
+        ro = check("ro"),
+        privileged = check("priv"),
+    ));
+    let host_pid = n.pod_yaml("hostpid").spec(&format!(
+        "  hostPID: true\n  containers:\n  - {{name: c, image: \"riptide.test/host:1\", command: [\"/bin/sh\", \"-c\", {:?}]}}\n",
+        format!("if [ -e /proc/{hpid} ]; then echo sees-host; else echo host-hidden; fi; echo done-hostpid; sleep 1000")
+    ));
+    let shared = n.pod_yaml("shared").spec(&format!(
+        "  shareProcessNamespace: true\n  containers:\n  - {{name: a, image: \"riptide.test/host:1\", command: [sleep, \"1002\"]}}\n  - {{name: b, image: \"riptide.test/host:1\", command: [\"/bin/sh\", \"-c\", {zombies:?}]}}\n"
+    ));
+    n.apply(&format!("{iso}---\n{host_pid}---\n{shared}"));
+
+    let main = n.logs_with("iso", "main", "done-main");
+    for want in ["self=1", "host-hidden", "cannot-kill", "refused-procsys", "wrote /tmp", "wrote /var/tmp", "wrote /dev/shm", "wrote /work"] {
+        assert!(main.lines().any(|l| l == want), "root pod: want {want:?}:\n{main}");
+    }
+    assert!(main.contains(&format!("refused {}/main", paths.dir.display())) && main.contains(&format!("refused {}", paths.etc_file.display())), "root pod writes the node:\n{main}");
+    let ro = n.logs_with("iso", "ro", "done-ro");
+    for want in ["self=1", "host-hidden", "refused /tmp", "refused /var/tmp", "wrote /dev/shm", "wrote /work"] {
+        assert!(ro.lines().any(|l| l == want), "readOnlyRootFilesystem: want {want:?}:\n{ro}");
+    }
+    let p = n.logs_with("iso", "priv", "done-priv");
+    assert!(p.lines().any(|l| l == "host-hidden") && p.lines().any(|l| l == "self=1"), "privileged without hostPID:\n{p}");
+    assert!(p.contains(&format!("wrote {}/priv", paths.dir.display())), "privileged writes the node:\n{p}");
+    assert!(host.0.id() == hpid && std::fs::metadata(format!("/proc/{hpid}")).is_ok(), "the node's process survived");
+    assert!(!paths.dir.join("main").exists() && !paths.dir.join("ro").exists(), "nothing written outside the volumes");
+    assert!(!Path::new(&format!("/tmp/main-{node}")).exists(), "the pod's /tmp is its own");
+    // Probes and exec run in the pod's PID namespace.
+    n.wait("iso main ready (exec probe in the pod's PID namespace)", 30, |n| {
+        (n.pod("iso")["status"]["containerStatuses"].as_array()?.iter().find(|c| c["name"] == "main")?["ready"] == true).then_some(())
+    });
+    let script = format!("echo self=$$; echo pid1=$(tr '\\0' ' ' < /proc/1/cmdline); if [ -e /proc/{hpid} ]; then echo sees-host; else echo host-hidden; fi; cat /tmp/main-{node}");
+    let (ok, out) = n.kubectl_raw(&["exec", "iso", "-c", "main", "--", "/bin/sh", "-c", &script], None);
+    assert!(ok && out.contains("host-hidden") && out.contains("pid1=/bin/sh -c echo") && !out.contains("self=1\n") && out.contains("x"), "exec in the pod: {out}");
+    let exits = n.wait("exit code 7", 30, |n| {
+        let s = n.pod("iso")["status"]["containerStatuses"].as_array()?.iter().find(|c| c["name"] == "exits")?.clone();
+        s["state"]["terminated"]["exitCode"].as_i64().map(|_| s)
+    });
+    assert_eq!(exits["state"]["terminated"]["exitCode"], 7, "{exits}");
+
+    let hp = n.logs_with("hostpid", "c", "done-hostpid");
+    assert!(hp.lines().any(|l| l == "sees-host"), "hostPID pod:\n{hp}");
+    let b = n.logs_with("shared", "b", "done-b");
+    assert!(b.contains("sees-sibling") && b.contains("pid1=/proc/self/exe pause") && b.contains("zombies=0"), "shareProcessNamespace:\n{b}");
+}
+
+/// Graceful deletion: SIGTERM, then SIGKILL after the grace period, also
+/// for a PID 1 that has no SIGTERM handler (the kernel drops the signal).
+#[test]
+fn kubelet_graceful_delete_with_pid_namespaces() {
+    let Some(n) = Node::start("g", true, "for PID and mount namespaces") else { return };
+    let pod = |name: &str, script: &str| {
+        n.pod_yaml(name).spec(&format!(
+            r#"  terminationGracePeriodSeconds: 4
+  volumes: [{{name: out, hostPath: {{path: /grace-out, type: DirectoryOrCreate}}}}]
+  containers:
+  - name: c
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c", {script:?}]
+    volumeMounts: [{{name: out, mountPath: /out}}]
+"#
+        ))
+    };
+    let handler = pod("handler", "trap 'echo term > /out/handler; exit 0' TERM; echo started; while :; do sleep 0.2; done");
+    let ignorer = pod("ignorer", "echo started; while :; do sleep 0.2; done");
+    n.apply(&format!("{handler}---\n{ignorer}"));
+    n.logs_with("handler", "c", "started");
+    n.logs_with("ignorer", "c", "started");
+    let t0 = Instant::now();
+    let (ok, out) = n.kubectl_raw(&["delete", "pod", "handler", "ignorer", "--wait=false"], None);
+    assert!(ok, "{out}");
+    let gone = |name: &'static str| move |n: &Node| n.kubectl_raw(&["get", "pod", name], None).1.contains("NotFound").then(|| t0.elapsed());
+    let handled = n.wait("the handling pod to be gone", 30, gone("handler"));
+    let ignored = n.wait("the ignoring pod to be gone", 30, gone("ignorer"));
+    assert!(handled < Duration::from_secs(3), "the SIGTERM handler took {handled:?}");
+    let handler = std::fs::read_to_string(n.node_root().join("grace-out/handler")).unwrap_or_default();
+    assert_eq!(handler.trim(), "term", "the handling container got SIGTERM");
+    assert!(ignored >= Duration::from_millis(3500), "the SIGTERM-ignoring PID 1 lasted only {ignored:?}, not the grace period\n{}", n.log("kubelet"));
+    assert!(ignored < Duration::from_secs(10), "the SIGTERM-ignoring PID 1 was killed only after {ignored:?}");
 }

@@ -531,9 +531,9 @@ fn netns_deployment_service_scheduler_kubelet_end_to_end() {
     });
 
     // Readiness probe failure removes the endpoint; recovery adds it back.
-    let flag_dir = c.dir.path().join("flags");
-    std::fs::create_dir_all(&flag_dir).unwrap();
-    let flag = flag_dir.join("ready");
+    // Outside /tmp: a pod's /tmp is its own.
+    let flag_dir = tempfile::Builder::new().prefix("riptide-flags").tempdir_in("/run").unwrap();
+    let flag = flag_dir.path().join("ready");
     std::fs::write(&flag, "").unwrap();
     c.apply(&format!(
         r#"

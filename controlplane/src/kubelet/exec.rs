@@ -1,8 +1,8 @@
 //! `kubectl exec`: the kubelet's [`ExecSpawner`] for the WebSocket
 //! channel protocol in [`crate::exec`]. The command joins the running
-//! container's network, mount and UTS namespaces and the pod's cgroup,
-//! runs as the container's user with its capabilities
-//! (so it sees the pod's /etc files and hostname), starts in
+//! container's network, mount, UTS and PID namespaces (so it sees the
+//! pod's /etc files, hostname and processes) and the pod's cgroup, runs as
+//! the container's user with its capabilities, starts in
 //! the container's working directory and gets the container's environment
 //! (as `runc exec` does: the Service variables, `KUBERNETES_SERVICE_HOST`,
 //! the pod's `env`), read from the container process's initial environment.
@@ -36,6 +36,9 @@ impl ExecSpawner for KubeletExec {
         place.hostname = None;
         // The container's own mount namespace (its volumes), whichever it is.
         place.mntns = Some(std::path::PathBuf::from(format!("/proc/{pid}/ns/mnt")));
+        // And its PID namespace (its /proc is already in that mount
+        // namespace).
+        place.pidns = process::pidns_of(pid);
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok().map(|p| p.to_string_lossy().into_owned());
         let env = exec_env(std::fs::read(format!("/proc/{pid}/environ")).ok().as_deref(), &req.pod);
         process::command(&req.command, &env, cwd.as_deref(), &place).map_err(|e| ExecError::Internal(e.to_string()))

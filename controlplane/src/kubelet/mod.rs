@@ -7,9 +7,11 @@
 //! mapped image get their own mount namespace made from the pod's
 //! ([`mounts`], [`volumes`]); images are labels that `--image-map` maps to
 //! binaries on the node ([`image`]); `securityContext` sets the process's
-//! user and capabilities ([`security`]). Init containers run to completion,
-//! in order, before the app containers. Pods share the node's PID and IPC
-//! namespaces (`hostPID`/`hostIPC: false` are not isolated: not yet).
+//! user and capabilities ([`security`]), its PID namespace ([`process`],
+//! [`pause`]), and what it may write of the node ([`mounts`]). Init
+//! containers run to completion, in order, before the app containers. Pods
+//! share the node's IPC namespace (`hostIPC: false` is not isolated: not
+//! yet, apart from `/dev/shm`).
 //!
 //! It runs inside the node's network namespace (the lab starts it there
 //! with setns, not `ip netns exec`, so /run/netns and /sys stay shared),
@@ -27,6 +29,7 @@ pub mod image;
 pub mod mntns;
 pub mod mounts;
 pub mod node;
+pub mod pause;
 pub mod pod;
 pub mod probes;
 pub mod process;

@@ -25,6 +25,18 @@
 //! node's filesystem stays visible, and without `CAP_SYS_ADMIN` the pod
 //! cannot unmount the masks.
 //!
+//! A container that is not `privileged` (or that asks for
+//! `readOnlyRootFilesystem`) sees the node's filesystem read-only: every
+//! mount of the namespace is made read-only (`mount_setattr`, recursive)
+//! once the volumes, masks and scratch are in place, and then the writable
+//! volumes and scratch are made writable again (recursively: a writable
+//! volume's submounts are writable too). Scratch ([`Isolation::scratch`])
+//! is where images let processes write: `/tmp` and `/var/tmp` (per
+//! container, emptied at every start) and `/dev/shm` (per pod), bound from
+//! the pod's directory over the node's. It goes on last, so a volume below
+//! it is carried over (`open_tree` + `move_mount`), not hidden. The node's
+//! `/dev` stays (read-only: device nodes still work).
+//!
 //! Every mount is a slave of the node's (the pod's namespace is), so mounts
 //! never propagate from a container to the node. `mountPropagation:
 //! HostToContainer` keeps a volume a slave (the node's later mounts below
@@ -73,6 +85,53 @@ pub struct Mount {
     pub propagation: Propagation,
 }
 
+/// What a container may change of the node's filesystem.
+#[derive(Debug, Clone, Default)]
+pub struct Isolation {
+    /// Every mount read-only except the writable volumes, scratch and
+    /// `writable`.
+    pub read_only_root: bool,
+    /// Directories of the pod bound over node directories after everything
+    /// else (their `read_only` is honoured).
+    pub scratch: Vec<Mount>,
+    /// Node mounts that stay writable (hostIPC's `/dev/shm`, `/dev/pts`).
+    pub writable: Vec<PathBuf>,
+}
+
+impl Isolation {
+    /// A container that is not privileged: the node read-only, fresh
+    /// `/tmp` and `/var/tmp` under `<pod_dir>/scratch/<container>` (emptied
+    /// now: a restarted container starts from its image, as under
+    /// containerd; read-only with `readOnlyRootFilesystem`) and the pod's
+    /// `/dev/shm` (`<pod_dir>/shm`, writable either way, as upstream),
+    /// the node's own with `hostIPC`.
+    pub fn unprivileged(pod_dir: &Path, container: &str, read_only_rootfs: bool, host_ipc: bool) -> Result<Self, Error> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = pod_dir.join("scratch").join(container);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(os_err(format!("emptying {}", dir.display())))?;
+        }
+        let shm = pod_dir.join("shm");
+        let mut scratch = Vec::new();
+        let mut writable = vec![PathBuf::from("/dev/pts")];
+        let mut add = |source: PathBuf, target: &str, read_only: bool| -> Result<(), Error> {
+            std::fs::create_dir_all(&source).map_err(os_err(format!("creating {}", source.display())))?;
+            // Sticky and world-writable, as the node's.
+            std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o1777)).map_err(os_err(format!("chmod {}", source.display())))?;
+            scratch.push(Mount { source, target: target.into(), read_only, propagation: Propagation::None });
+            Ok(())
+        };
+        if host_ipc {
+            writable.push("/dev/shm".into());
+        } else {
+            add(shm, "/dev/shm", false)?;
+        }
+        add(dir.join("tmp"), "/tmp", read_only_rootfs)?;
+        add(dir.join("var-tmp"), "/var/tmp", read_only_rootfs)?;
+        Ok(Self { read_only_root: true, scratch, writable })
+    }
+}
+
 pub fn pin_path(root: &Path, uid: &str, container: &str) -> PathBuf {
     mntns::dir(root).join(format!("{uid}.{container}"))
 }
@@ -86,13 +145,13 @@ fn staging_dir(root: &Path) -> PathBuf {
 /// Makes the container's namespace from `base` (the pod's pinned
 /// namespace, or the node's when None) and pins it; an older pin of the
 /// same container is replaced. Blocking: call from a blocking task.
-pub fn create(root: &Path, uid: &str, container: &str, base: Option<&Path>, mounts: &[Mount], masks: &[PathBuf]) -> Result<PathBuf, Error> {
+pub fn create(root: &Path, uid: &str, container: &str, base: Option<&Path>, mounts: &[Mount], masks: &[PathBuf], iso: &Isolation) -> Result<PathBuf, Error> {
     let pin = pin_path(root, uid, container);
     mntns::unpin(&pin)?;
     let staging = staging_dir(root);
     std::fs::create_dir_all(&staging).map_err(os_err(format!("creating {}", staging.display())))?;
     let base = base.map(|b| File::open(b).map_err(os_err(format!("opening {}", b.display())))).transpose()?;
-    let (mounts, masks) = (mounts.to_vec(), masks.to_vec());
+    let (mounts, masks, iso) = (mounts.to_vec(), masks.to_vec(), iso.clone());
     mntns::pin_new(&pin, move || {
         // SAFETY: unshare/setns on this thread only; the fd is open.
         unsafe {
@@ -108,15 +167,112 @@ pub fn create(root: &Path, uid: &str, container: &str, base: Option<&Path>, moun
         for m in &mounts {
             targets.push(b.bind(m)?);
         }
+        // Scratch sources and mount points before the masks and the first
+        // cover: both hide the kubelet's root (sources, staging directory).
+        let scratch = iso
+            .scratch
+            .iter()
+            .map(|s| Ok((clone_tree(&s.source)?, b.ensure(&s.target, false)?, s)))
+            .collect::<Result<Vec<_>, Error>>()?;
         if b.staging_mounted {
             mntns::detach(&b.staging)?;
         }
         for p in &masks {
             mask(p, &targets)?;
         }
+        let mut writable: Vec<PathBuf> = mounts.iter().zip(&targets).filter(|(m, _)| !m.read_only).map(|(_, t)| t.clone()).collect();
+        for (tree, at, s) in &scratch {
+            if cover(tree, at, s, &targets)? && !s.read_only {
+                writable.push(at.clone());
+            }
+        }
+        if iso.read_only_root {
+            set_read_only(Path::new("/"), true)?;
+            for t in writable.iter().chain(iso.writable.iter().filter(|p| mntns::is_mount_root(p).unwrap_or(false))) {
+                set_read_only(t, false)?;
+            }
+        }
         Ok(())
     })?;
     Ok(pin)
+}
+
+/// `struct mount_attr` (linux/mount.h).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// Makes the mount at `p` and every mount below it read-only (or
+/// writable) in this namespace (`mount_setattr`, Linux 5.12).
+fn set_read_only(p: &Path, ro: bool) -> Result<(), Error> {
+    let c = cstr(p)?;
+    let attr = if ro {
+        MountAttr { attr_set: MOUNT_ATTR_RDONLY, attr_clr: 0, propagation: 0, userns_fd: 0 }
+    } else {
+        MountAttr { attr_set: 0, attr_clr: MOUNT_ATTR_RDONLY, propagation: 0, userns_fd: 0 }
+    };
+    // SAFETY: valid path and attribute struct of the size passed.
+    let r = unsafe { libc::syscall(libc::SYS_mount_setattr, libc::AT_FDCWD, c.as_ptr(), AT_RECURSIVE, &raw const attr, size_of::<MountAttr>()) };
+    check(i32::from(r == 0) - 1, || format!("making {} {}", p.display(), if ro { "read-only" } else { "writable" }))
+}
+
+/// A detached copy of the mount tree at `p` (`open_tree`, Linux 5.2):
+/// it keeps its flags and propagation, and survives `p` being covered.
+fn clone_tree(p: &Path) -> Result<File, Error> {
+    let c = cstr(p)?;
+    // SAFETY: valid path; the returned fd is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), OPEN_TREE_CLONE | AT_RECURSIVE | libc::O_CLOEXEC as libc::c_uint) };
+    let fd = i32::try_from(fd).map_err(|_| Error::Sandbox(format!("open_tree {}: bad fd", p.display())))?;
+    check(fd.min(0), || format!("copying the mounts at {}", p.display()))?;
+    // SAFETY: a new fd that nothing else owns.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Puts scratch `tree` (a copy of `s.source`) over the node directory
+/// `at`; the volumes already mounted below it (`targets`) are moved on
+/// top. False when a volume is mounted at that very place (it wins).
+fn cover(tree: &File, at: &Path, s: &Mount, targets: &[PathBuf]) -> Result<bool, Error> {
+    if targets.iter().any(|t| t == at) {
+        return Ok(false);
+    }
+    // Outermost volumes only: a copy takes its submounts along.
+    let under: Vec<&PathBuf> = targets.iter().filter(|t| t.starts_with(at)).collect();
+    let outer = under.iter().filter(|t| !under.iter().any(|o| o != *t && t.starts_with(o)));
+    let trees = outer.map(|t| Ok((clone_tree(t)?, *t, std::fs::metadata(t).is_ok_and(|m| m.is_dir())))).collect::<Result<Vec<_>, Error>>()?;
+    attach_tree(tree, at)?;
+    let c = cstr(at)?;
+    if s.read_only {
+        set_read_only(at, true)?;
+    }
+    check(mount(None, &c, libc::MS_REC | libc::MS_PRIVATE), || format!("making {} private", at.display()))?;
+    for (tree, target, dir) in &trees {
+        // The mount point is made in the pod's own scratch.
+        let made = if *dir {
+            std::fs::create_dir_all(target)
+        } else {
+            target.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| File::create(target).map(drop))
+        };
+        made.map_err(os_err(format!("creating mount point {}", target.display())))?;
+        attach_tree(tree, target)?;
+    }
+    Ok(true)
+}
+
+/// Attaches a tree from [`clone_tree`] at `target`.
+fn attach_tree(tree: &File, target: &Path) -> Result<(), Error> {
+    let c = cstr(target)?;
+    // SAFETY: an open mount fd and a valid path.
+    let r = unsafe { libc::syscall(libc::SYS_move_mount, tree.as_raw_fd(), c"".as_ptr(), libc::AT_FDCWD, c.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH) };
+    check(i32::from(r == 0) - 1, || format!("moving mounts to {}", target.display()))
 }
 
 /// Hides `p` (if it exists) unless one of the container's volume

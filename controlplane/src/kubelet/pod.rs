@@ -1,8 +1,8 @@
 //! One worker per pod (by uid): sandbox (netns + CNI ADD + cgroup + the
 //! mount namespace with the pod's /etc files), volumes, init containers
 //! (in order, each to success, retried with back-off), the containers
-//! (image resolved, own mount namespace when they mount anything, start,
-//! restart with back-off, probes), status, and graceful termination
+//! (image resolved, own mount and PID namespaces, start, restart with
+//! back-off, probes), status, and graceful termination
 //! (SIGTERM, grace period, SIGKILL, CNI DEL, netns, mount namespace and
 //! cgroup removed, then the final delete with gracePeriodSeconds=0).
 
@@ -27,7 +27,7 @@ use super::{
     image::{self, Image},
     mntns, mounts,
     probes::{self, Outcome, Tracker},
-    process::{self, Placement},
+    process::{self, PidNs, Placement, ProcMount},
     sandbox,
     security::{self, Security},
     state::{PodState, Term, log_path, pod_dir},
@@ -69,6 +69,9 @@ pub struct Worker {
     volume_error: Option<String>,
     volume_retry: Option<Instant>,
     terminating_since: Option<(Instant, Instant)>,
+    /// The pause process of a `shareProcessNamespace` pod, when this
+    /// kubelet started it (an adopted one is only known by pid).
+    pause: Option<Child>,
 }
 
 fn container_id(uid: &str, name: &str, restart: i32) -> String {
@@ -100,6 +103,7 @@ impl Worker {
             volume_error: None,
             volume_retry: None,
             terminating_since: None,
+            pause: None,
         }
     }
 
@@ -118,7 +122,39 @@ impl Worker {
             cgroup: Some(self.st.cgroup.clone()),
             join_uts_of: None,
             security: None,
+            pidns: PidNs::Host,
+            proc_mount: ProcMount::Inherit,
         }
+    }
+
+    /// The PID namespace a container of `pod` starts in. upstream: the
+    /// node's with `hostPID` (whatever `privileged` says); with
+    /// `shareProcessNamespace` the pod's, whose PID 1 is a pause process
+    /// (started here when there is none alive); else one per container,
+    /// the container's process its PID 1.
+    fn pid_namespace(&mut self, pod: &Pod) -> Result<PidNs, super::Error> {
+        let spec = pod.spec.as_ref();
+        if spec.and_then(|s| s.host_pid).unwrap_or(false) {
+            return Ok(PidNs::Host);
+        }
+        if !spec.and_then(|s| s.share_process_namespace).unwrap_or(false) {
+            return Ok(PidNs::New);
+        }
+        if let Some((pid, ticks)) = self.st.pause.filter(|(pid, ticks)| process::alive(*pid, *ticks)) {
+            tracing::trace!(pod = %self.st.name, pid, ticks, "pause process alive");
+            return Ok(PidNs::Pod(format!("/proc/{pid}/ns/pid").into()));
+        }
+        if let Some(mut old) = self.pause.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        let child = process::spawn_pause(&self.st.cgroup)?;
+        let pid = i32::try_from(child.id()).map_err(|_| super::Error::Process("pause pid out of range".into()))?;
+        self.st.pause = Some((pid, process::start_ticks(pid).unwrap_or(0)));
+        self.pause = Some(child);
+        self.save();
+        tracing::info!(pod = %self.st.name, pid, "started pause process");
+        Ok(PidNs::Pod(format!("/proc/{pid}/ns/pid").into()))
     }
 
     fn publish(&self) {
@@ -330,18 +366,36 @@ impl Worker {
         let log = log_path(&self.shared.cfg.root_dir, &self.st.uid, &c.name, restart);
         let mut place = self.placement();
         place.security = Some(sec.clone());
-        // Only privileged containers see the node's state unmasked.
-        let masks = if security::privileged(c) { Vec::new() } else { self.shared.cfg.masked_paths.clone() };
-        let own_ns = !mounts.is_empty() || !masks.is_empty();
+        let privileged = security::privileged(c);
+        // Only privileged containers see the node's state unmasked and
+        // writable.
+        let masks = if privileged { Vec::new() } else { self.shared.cfg.masked_paths.clone() };
+        let read_only_rootfs = c.security_context.as_ref().and_then(|s| s.read_only_root_filesystem).unwrap_or(false);
+        let host_ipc = pod.spec.as_ref().and_then(|s| s.host_ipc).unwrap_or(false);
+        let iso = if privileged {
+            Ok(mounts::Isolation { read_only_root: read_only_rootfs, ..Default::default() })
+        } else {
+            mounts::Isolation::unprivileged(&pod_dir(&self.shared.cfg.root_dir, &self.st.uid), &c.name, read_only_rootfs, host_ipc)
+        };
+        let pidns = self.pid_namespace(pod);
+        place.proc_mount = if privileged { ProcMount::Full } else { ProcMount::Restricted };
+        // A PID namespace of its own needs a mount namespace of its own
+        // for its /proc.
+        let own_ns = !mounts.is_empty() || !masks.is_empty() || iso.as_ref().is_ok_and(|i| i.read_only_root) || pidns.as_ref().is_ok_and(|p| *p != PidNs::Host);
         // A container of its own starts in `/` unless it says otherwise, as
         // an image without WORKDIR does (the kubelet's directory may be
         // under a volume's mount point, or masked).
         let cwd = c.working_dir.clone().or_else(|| own_ns.then(|| "/".to_owned()));
-        let spawned = if !own_ns {
-            Ok(place)
-        } else {
+        let spawned = match (pidns, iso) {
+            (Err(e), _) | (_, Err(e)) => Err(e),
+            (Ok(pidns), Ok(_)) if !own_ns => {
+                place.pidns = pidns;
+                Ok(place)
+            }
+            (Ok(pidns), Ok(iso)) => {
+            place.pidns = pidns;
             let (root, uid, name, base) = (self.shared.cfg.root_dir.clone(), self.st.uid.clone(), c.name.clone(), self.st.mntns.clone());
-            tokio::task::spawn_blocking(move || mounts::create(&root, &uid, &name, base.as_deref(), &mounts, &masks))
+            tokio::task::spawn_blocking(move || mounts::create(&root, &uid, &name, base.as_deref(), &mounts, &masks, &iso))
                 .await
                 .map_err(|e| super::Error::Sandbox(format!("container mounts task: {e}")))
                 .and_then(|r| r)
@@ -349,6 +403,7 @@ impl Worker {
                     place.mntns = Some(pin);
                     place
                 })
+            }
         }
         .and_then(|place| process::spawn(&argv, &envs, cwd.as_deref(), &place, &log));
         let live = self.live.entry(c.name.clone()).or_default();
@@ -526,6 +581,8 @@ impl Worker {
         place.join_uts_of = Some(pid);
         place.hostname = None;
         place.mntns = (pid > 0).then(|| std::path::PathBuf::from(format!("/proc/{pid}/ns/mnt")));
+        place.pidns = process::pidns_of(pid);
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok().map(|p| p.to_string_lossy().into_owned());
         let live = self.live.entry(c.name.clone()).or_default();
         place.security.clone_from(&live.security);
         if let Some(d) = live.kill_deadline {
@@ -561,7 +618,7 @@ impl Worker {
             None => true,
             Some(p) => {
                 if live.startup.verdict != Some(Outcome::Success) && due(&live.startup, p) {
-                    let r = probes::run(p, c, pod_ip, &place, &envs).await;
+                    let r = probes::run(p, c, pod_ip, &place, &envs, cwd.as_deref()).await;
                     live.startup.next_due = Some(Instant::now() + period(p));
                     if r.outcome == Outcome::Failure {
                         unhealthy.push(format!("Startup probe failed: {}", r.output));
@@ -577,7 +634,7 @@ impl Worker {
             if let Some(p) = &c.liveness_probe
                 && due(&live.liveness, p)
             {
-                let r = probes::run(p, c, pod_ip, &place, &envs).await;
+                let r = probes::run(p, c, pod_ip, &place, &envs, cwd.as_deref()).await;
                 live.liveness.next_due = Some(Instant::now() + period(p));
                 if r.outcome == Outcome::Failure {
                     unhealthy.push(format!("Liveness probe failed: {}", r.output));
@@ -589,7 +646,7 @@ impl Worker {
             if let Some(p) = &c.readiness_probe
                 && due(&live.readiness, p)
             {
-                let r = probes::run(p, c, pod_ip, &place, &envs).await;
+                let r = probes::run(p, c, pod_ip, &place, &envs, cwd.as_deref()).await;
                 live.readiness.next_due = Some(Instant::now() + period(p));
                 if r.outcome == Outcome::Failure {
                     unhealthy.push(format!("Readiness probe failed: {}", r.output));
@@ -780,6 +837,7 @@ impl Worker {
         let names: Vec<String> = self.st.containers.keys().cloned().collect();
         for n in &names {
             if let Some(term) = self.reap(n) {
+                tracing::info!(pod = %self.st.name, container = %n, exit = term.exit_code, signal = ?term.signal, "container exited while terminating");
                 let cs = self.st.containers.entry(n.clone()).or_default();
                 cs.pid = None;
                 cs.last = Some(term);
@@ -842,11 +900,9 @@ impl Worker {
         }
         let cg = self.st.cgroup.clone();
         let _ = tokio::task::spawn_blocking(move || sandbox::remove_cgroup(&cg)).await;
-        for l in self.live.values_mut() {
-            if let Some(mut ch) = l.child.take() {
-                let _ = ch.kill();
-                let _ = ch.wait();
-            }
+        for mut ch in self.live.values_mut().filter_map(|l| l.child.take()).chain(self.pause.take()) {
+            let _ = ch.kill();
+            let _ = ch.wait();
         }
         if !self.st.network_released {
             self.release_network().await;

@@ -1,7 +1,8 @@
 //! Probes, run from the node's network namespace (where the kubelet
 //! lives) against the pod IP: httpGet (any 2xx/3xx), tcpSocket (connect),
 //! grpc (grpc.health.v1 `Health/Check`, SERVING), exec (the command in the
-//! container's network/UTS namespaces and cgroup, exit 0). A failure
+//! container's network, mount, UTS and PID namespaces, cgroup and working
+//! directory, exit 0). A failure
 //! carries the kubelet's description of it for the pod's events.
 
 use std::{
@@ -78,7 +79,9 @@ pub struct Report {
 /// Runs `p` once for container `c` of a pod at `pod_ip`, whose main
 /// process is `pid` (for exec), placed as `place`. Network probes connect
 /// from the kubelet's namespace (the node's) to the pod IP, as kubelet does.
-pub async fn run(p: &Probe, c: &Container, pod_ip: Option<IpAddr>, place: &Placement, env: &[(String, String)]) -> Report {
+/// `cwd`: where an exec probe starts (the container's working directory,
+/// as `runc exec` does).
+pub async fn run(p: &Probe, c: &Container, pod_ip: Option<IpAddr>, place: &Placement, env: &[(String, String)], cwd: Option<&str>) -> Report {
     let timeout = Duration::from_secs(u64::try_from(p.timeout_seconds.unwrap_or(1).max(1)).unwrap_or(1));
     let result = if let Some(h) = &p.http_get {
         let host: Option<IpAddr> = h.host.as_deref().and_then(|s| s.parse().ok()).or(pod_ip);
@@ -109,7 +112,7 @@ pub async fn run(p: &Probe, c: &Container, pod_ip: Option<IpAddr>, place: &Place
         }
     } else if let Some(e) = &p.exec {
         let argv = e.command.clone().unwrap_or_default();
-        exec(&argv, env, place, timeout).await
+        exec(&argv, env, cwd, place, timeout).await
     } else if let Some(g) = &p.grpc {
         match (pod_ip, u16::try_from(g.port)) {
             (Some(ip), Ok(port)) => grpc_health(SocketAddr::new(ip, port), g.service.as_deref().unwrap_or_default(), timeout).await,
@@ -125,8 +128,8 @@ pub async fn run(p: &Probe, c: &Container, pod_ip: Option<IpAddr>, place: &Place
     }
 }
 
-async fn exec(argv: &[String], env: &[(String, String)], place: &Placement, timeout: Duration) -> Result<(), String> {
-    let mut cmd = command(argv, env, None, place).map_err(|e| e.to_string())?;
+async fn exec(argv: &[String], env: &[(String, String)], cwd: Option<&str>, place: &Placement, timeout: Duration) -> Result<(), String> {
+    let mut cmd = command(argv, env, cwd, place).map_err(|e| e.to_string())?;
     cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
     let mut cmd = tokio::process::Command::from(cmd);
     cmd.kill_on_drop(true);

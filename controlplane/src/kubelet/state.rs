@@ -51,6 +51,9 @@ pub struct PodState {
     /// UTS hostname (None: the node's).
     pub hostname: Option<String>,
     pub cgroup: PathBuf,
+    /// The pause process (pid, start ticks) of a `shareProcessNamespace`
+    /// pod: PID 1 of the pod's PID namespace.
+    pub pause: Option<(i32, u64)>,
     pub ip: Option<String>,
     pub cni_result: Option<serde_json::Value>,
     pub sandbox_ready: bool,
