@@ -41,6 +41,7 @@ fn check_daemonset(ds: &Value, cm: &Value) {
     }
     let pod = &spec["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["hostPID"], true, "sockdiag opens /proc/<pid>/ns/net of the pods' pids");
     assert_eq!(pod["priorityClassName"], "system-node-critical");
     assert_eq!(pod["serviceAccountName"], "riptide-agent");
     assert_eq!(pod["tolerations"], serde_json::json!([{"operator": "Exists"}]), "runs on every node whatever its taints");
