@@ -2,9 +2,10 @@
 //! `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname` bind-mounted over
 //! the node's files. Nothing else differs from the node.
 //!
-//! Containers with volumes or an image, and every container that is not
-//! privileged (it must not see the node's secrets), get a namespace of their
-//! own made from this one ([`super::mounts`]), pinned beside it as
+//! Containers with volumes or an image, every container that is not
+//! privileged (it must not see the node's secrets, nor write the node) and
+//! every container with a PID namespace of its own (its `/proc`) get a
+//! namespace of their own made from this one ([`super::mounts`]), pinned beside it as
 //! `<uid>.<container>`.
 //!
 //! The namespace outlives its processes the way `ip netns` keeps a network

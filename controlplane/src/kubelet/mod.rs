@@ -3,8 +3,9 @@
 //! CNI exec protocol), in a new UTS namespace (hostname = pod name or
 //! spec.hostname), a mount namespace that shows the pod its own
 //! `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname` ([`etc`]) and a
-//! per-pod cgroup under the node's cgroup. Containers with volumes or a
-//! mapped image get their own mount namespace made from the pod's
+//! per-pod cgroup under the node's cgroup. Containers get their own mount
+//! namespace made from the pod's (unless privileged, with `hostPID` and
+//! nothing to mount)
 //! ([`mounts`], [`volumes`]); images are labels that `--image-map` maps to
 //! binaries on the node ([`image`]); `securityContext` sets the process's
 //! user and capabilities ([`security`]), its PID namespace ([`process`],
