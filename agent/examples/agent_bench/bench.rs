@@ -527,38 +527,26 @@ fn start_agent_bin(w: &mut World, kubeconfig: &Path, agent_bin: &Path) -> Result
     Ok(pid)
 }
 
-/// The remote Nodes, then every Pod (created, then its status as the
-/// kubelet patches it), 32 requests in flight.
+/// The remote Nodes, then every Pod.
 async fn load_nodes_and_pods(client: &kube::Client, l: Layout, own: &str) -> Result<()> {
-    let nodes: Api<Node> = Api::all(client.clone());
-    futures::stream::iter(0..l.remote_nodes())
-        .map(|r| {
-            let nodes = nodes.clone();
-            async move {
-                let (node, status) = node_objects(r);
-                let node: Node = serde_json::from_value(node).map_err(step("node object"))?;
-                let name = remote_node_name(r);
-                nodes.create(&PostParams::default(), &node).await.map_err(step(format!("creating Node {name}")))?;
-                nodes.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.map_err(step(format!("Node {name} status")))?;
-                Ok::<(), Error>(())
-            }
-        })
-        .buffer_unordered(32)
-        .try_collect::<Vec<()>>()
-        .await?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    futures::stream::iter(0..l.pods)
-        .map(|p| {
-            let pods = pods.clone();
-            async move {
-                let (pod, status) = pod_objects(l, p, &l.node_name(p, own));
-                let pod: Pod = serde_json::from_value(pod).map_err(step("pod object"))?;
-                let name = pod.metadata.name.clone().unwrap_or_default();
-                pods.create(&PostParams::default(), &pod).await.map_err(step(format!("creating Pod {name}")))?;
-                // Status is the kubelet's to write: a subresource.
-                pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.map_err(step(format!("Pod {name} status")))?;
-                Ok::<(), Error>(())
-            }
+    create_with_status(&Api::<Node>::all(client.clone()), (0..l.remote_nodes()).map(node_objects)).await?;
+    let pods = (0..l.pods).map(|p| pod_objects(l, p, &l.node_name(p, own)));
+    create_with_status(&Api::<Pod>::namespaced(client.clone(), "default"), pods).await
+}
+
+/// Creates each object, then writes its status as its controller would
+/// (a subresource: a create drops it), 32 requests in flight.
+async fn create_with_status<K>(api: &Api<K>, objects: impl Iterator<Item = (serde_json::Value, serde_json::Value)>) -> Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    futures::stream::iter(objects)
+        .map(|(object, status)| async move {
+            let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+            let object: K = serde_json::from_value(object).map_err(step(format!("{name}: object")))?;
+            api.create(&PostParams::default(), &object).await.map_err(step(format!("creating {name}")))?;
+            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.map_err(step(format!("{name}: status")))?;
+            Ok::<(), Error>(())
         })
         .buffer_unordered(32)
         .try_collect::<Vec<()>>()
