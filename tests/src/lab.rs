@@ -245,6 +245,31 @@ impl std::str::FromStr for Install {
     }
 }
 
+/// Node `i`'s kubelet flags for hostPath volumes when riptide comes from
+/// the manifest, `root` being the node's own `/` (namespace and VM nodes
+/// alike).
+pub fn kubelet_host_path_args(c: &LabConfig, i: u32, root: &Path) -> Vec<String> {
+    let masked = [c.state_dir.join("controlplane"), c.kubeconfig(), c.agent_kubeconfig(), c.state_dir.join("nodes")];
+    vec![
+        // Each node's own `/` for hostPath volumes, as kind's node
+        // containers; bpffs, cgroups and /run/riptide/<node> (named per
+        // node, like the pins) stay the machine's.
+        "--host-path-root".into(),
+        root.display().to_string(),
+        // Every node of the lab shares this machine's filesystem: hide the
+        // control plane's keys and tokens, the kubeconfigs and all nodes'
+        // credentials and pod volumes from (unprivileged) pods.
+        "--mask-path".into(),
+        masked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(","),
+        "--host-path-shared".into(),
+        "/proc,/sys,/dev,/run/netns,/var/run/netns,/run/riptide".into(),
+        // The machine's cgroup root is this node's cgroup: socket LB
+        // attaches to the lab's cgroups and nowhere else.
+        "--host-path-map".into(),
+        format!("/sys/fs/cgroup={}", c.node_cgroup(i).display()),
+    ]
+}
+
 /// Pods' MTU: the vxlan device takes 50 bytes of the uplink's 1500.
 fn pod_mtu(tunnel: Option<&str>) -> u32 {
     if tunnel.is_some() { 1450 } else { 1500 }
@@ -867,27 +892,7 @@ impl Lab {
             .args(["--cluster-dns", &CLUSTER_DNS.to_string(), "--cluster-domain", CLUSTER_DOMAIN])
             .arg("--image-map")
             .arg(self.write_image_map()?)
-            // Each node's own `/` for hostPath volumes, as kind's node
-            // containers; bpffs, cgroups and /run/riptide/<node> (named per
-            // node, like the pins) stay the machine's.
-            .arg("--host-path-root")
-            .arg(c.node_root(i))
-            // Every node of the lab shares this machine's filesystem: hide
-            // the control plane's keys and tokens, the kubeconfigs and all
-            // nodes' credentials and pod volumes from (unprivileged) pods.
-            .arg("--mask-path")
-            .arg(
-                [c.state_dir.join("controlplane"), c.kubeconfig(), c.agent_kubeconfig(), c.state_dir.join("nodes")]
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(","),
-            )
-            .args(["--host-path-shared", "/proc,/sys,/dev,/run/netns,/var/run/netns,/run/riptide"])
-            // The machine's cgroup root is this node's cgroup: socket LB
-            // attaches to the lab's cgroups and nowhere else.
-            .arg("--host-path-map")
-            .arg(format!("/sys/fs/cgroup={}", c.node_cgroup(i).display()))
+            .args(kubelet_host_path_args(&c, i, &c.node_root(i)))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         self.spawn(&format!("{}-kubelet", c.node_name(i)), cmd)
     }

@@ -2,7 +2,9 @@
 //! node is a QEMU guest with its own kernel, conntrack, bpffs and cgroup
 //! tree, booted by virtme-ng with this machine's filesystem shared
 //! read-only, so the kubelet and agent run from the workspace's build as in
-//! the namespace lab.
+//! the namespace lab, installed either way ([`Install`]): from the manifest
+//! each guest's kubelet runs the DaemonSet's pods with hostPath volumes
+//! under the guest's own root ([`GUEST_ROOT`]).
 //!
 //! ```text
 //!  root netns ── P0 (198.18.S.1, control plane) ──┐
@@ -143,18 +145,30 @@ fn mac(cfg: &LabConfig, i: u32) -> String {
 }
 
 /// Starts the control plane on the host, then every node as a VM running
-/// its agent and kubelet (hand-wired: the lab writes the CNI config and
-/// starts the agent), and waits until every node is Ready.
-pub fn start_cluster(lab: &mut Lab, tools: &VmTools, timeout: Duration) -> Result<()> {
+/// its kubelet, and waits until every node is Ready. From the manifest the
+/// kubelets start bare and `manifests/riptide.yaml` is applied as on the
+/// namespace lab: the DaemonSet's agent pod and its `install-cni` init
+/// container run inside each guest, writing the CNI files under the
+/// guest's own node root ([`GUEST_RUN`]`/root`). Hand-wired, the lab
+/// writes the CNI config and each guest starts its agent at boot.
+pub fn start_cluster(lab: &mut Lab, tools: &VmTools, install: Install, timeout: Duration) -> Result<()> {
     ensure!(!lab.net().routed && lab.net().tunnel.is_none(), "VM nodes sit on the bridged underlay: --tunnel is not yet supported with --vm");
-    lab.set_install(Install::HandWired);
+    lab.set_install(install);
     lab.start_control_plane()?;
-    lab.write_agent_kubeconfig()?;
+    if install == Install::HandWired {
+        lab.write_agent_kubeconfig()?;
+    }
     let image_map = lab.write_image_map()?;
     for i in 1..=lab.config().nodes {
-        start_node(lab, tools, i, &image_map).with_context(|| format!("starting VM {}", lab.config().node_name(i)))?;
+        start_node(lab, tools, i, install, &image_map).with_context(|| format!("starting VM {}", lab.config().node_name(i)))?;
     }
     let n = lab.config().nodes as usize;
+    if install == Install::Manifest {
+        lab.wait_until("every VM node registered", timeout, |lab| lab.summary().is_ok_and(|s| s.nodes == n))
+            .map_err(|e| e.context(guest_logs(lab.config())))?;
+        lab.apply_riptide_manifest()?;
+        lab.wait_for_agents(timeout).map_err(|e| e.context(guest_logs(lab.config())))?;
+    }
     lab.wait_until("every VM node Ready", timeout, |lab| lab.summary().is_ok_and(|s| s.nodes_ready == n))
         .map_err(|e| e.context(guest_logs(lab.config())))
 }
@@ -173,7 +187,7 @@ pub fn guest_logs(cfg: &LabConfig) -> String {
     out
 }
 
-fn start_node(lab: &mut Lab, tools: &VmTools, i: u32, image_map: &Path) -> Result<()> {
+fn start_node(lab: &mut Lab, tools: &VmTools, i: u32, install: Install, image_map: &Path) -> Result<()> {
     let c = lab.config().clone();
     let node = c.node_name(i);
     let ul = c.underlay_netns();
@@ -190,13 +204,19 @@ fn start_node(lab: &mut Lab, tools: &VmTools, i: u32, image_map: &Path) -> Resul
     let tmp = dir.join("vm-tmp");
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let creds = c.kubelet_credentials(i)?;
-    let cni_conf = write_cni_config(&c, i)?;
     let exec = ExecConfig { addr: SocketAddr::from((c.node_ip(i), EXEC_PORT)), token: random_token()? };
     write_private(&dir.join(EXEC_CONFIG), &serde_json::to_vec(&exec)?)?;
-    let agent_sh = dir.join("agent.sh");
-    write_file(&agent_sh, &agent_script(&c, i))?;
+    let agent_sh = dir.join(AGENT_SCRIPT);
+    let _ = std::fs::remove_file(&agent_sh);
+    let guest = match install {
+        Install::HandWired => {
+            write_file(&agent_sh, &agent_script(&c, i))?;
+            GuestNode::HandWired { agent_sh: &agent_sh, cni_conf: write_cni_config(&c, i)? }
+        }
+        Install::Manifest => GuestNode::Manifest,
+    };
     let boot = dir.join("boot.sh");
-    write_file(&boot, &boot_script(&c, i, &agent_sh, &creds, &cni_conf, image_map))?;
+    write_file(&boot, &boot_script(&c, i, &guest, &creds, image_map))?;
 
     let bin_dir = tools.vng.parent().context("vng has no directory")?;
     let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
@@ -222,6 +242,23 @@ fn start_node(lab: &mut Lab, tools: &VmTools, i: u32, image_map: &Path) -> Resul
     lab.spawn(&vm_label(&c, i), cmd)?;
     Ok(())
 }
+
+/// How a guest gets its agent and CNI config.
+enum GuestNode<'a> {
+    /// The boot script starts the agent from `agent_sh`; the kubelet reads
+    /// the lab's CNI config from `cni_conf` (and the plugin from its `bin`).
+    HandWired { agent_sh: &'a Path, cni_conf: PathBuf },
+    /// The DaemonSet's pod does both; the kubelet's CNI dirs start empty
+    /// under the guest's node root.
+    Manifest,
+}
+
+/// The guest's `/` for hostPath volumes (from the manifest): in its memory,
+/// so `install-cni` never writes this machine's `/opt/cni` or `/etc/cni`.
+const GUEST_ROOT: &str = "/var/lib/riptide-vm/root";
+/// Node directory file holding a hand-wired guest's agent script; its
+/// absence marks a node whose agent is the DaemonSet's pod.
+const AGENT_SCRIPT: &str = "agent.sh";
 
 /// Node `i`'s CNI config directory, with the conflist pointing at the
 /// guest's own state, and the plugin linked as `riptide` beside it.
@@ -280,10 +317,47 @@ fn agent_script(c: &LabConfig, i: u32) -> String {
 /// MAC, the node cgroup, then the agent and the kubelet in the background
 /// and the command server in the foreground (the VM powers off when it
 /// exits).
-fn boot_script(c: &LabConfig, i: u32, agent_sh: &Path, creds: &Path, cni_conf: &Path, image_map: &Path) -> String {
+fn boot_script(c: &LabConfig, i: u32, guest: &GuestNode<'_>, creds: &Path, image_map: &Path) -> String {
     let node = c.node_name(i);
     let log = |what: &str| sh_quote(c.log_dir().join(format!("{node}-{what}.log")));
     let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    // Values quoted, flags bare, as the rest of the script reads.
+    let quoted = |args: &[String]| {
+        args.iter().map(|a| if a.starts_with("--") { a.clone() } else { sh_quote(a) }).collect::<Vec<_>>().join(" ")
+    };
+    // (prepare the node, its agent socket, start the agent, kubelet flags)
+    let (prepare, socket, agent, kubelet_args) = match guest {
+        GuestNode::HandWired { agent_sh, cni_conf } => (
+            String::new(),
+            format!("{GUEST_RUN}/agent.sock"),
+            format!("sh {}\n", sh_quote(agent_sh)),
+            quoted(&[
+                "--cni-conf-dir".into(),
+                cni_conf.display().to_string(),
+                "--cni-bin-dir".into(),
+                cni_conf.join("bin").display().to_string(),
+            ]),
+        ),
+        GuestNode::Manifest => {
+            let mut args = vec![
+                "--cni-conf-dir".into(),
+                format!("{GUEST_ROOT}/etc/cni/net.d"),
+                "--cni-bin-dir".into(),
+                format!("{GUEST_ROOT}/opt/cni/bin"),
+                // NetworkReady is looked for on the heartbeat: the node
+                // turns Ready soon after install-cni, as on the netns lab.
+                "--heartbeat-interval".into(),
+                "2s".into(),
+            ];
+            args.extend(crate::lab::kubelet_host_path_args(c, i, Path::new(GUEST_ROOT)));
+            (
+                format!("mkdir -p {GUEST_ROOT}/etc/cni/net.d {GUEST_ROOT}/opt/cni/bin /run/riptide || exit 1\n"),
+                format!("/run/riptide/{node}/agent.sock"),
+                String::new(),
+                quoted(&args),
+            )
+        }
+    };
     format!(
         "#!/bin/sh\n\
          # Lab node {node} as a VM, run by virtme-ng (written by riptide-lab, tests/src/lab_vm.rs).\n\
@@ -295,6 +369,7 @@ fn boot_script(c: &LabConfig, i: u32, agent_sh: &Path, creds: &Path, cni_conf: &
          \x20 mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified || exit 1\n\
          fi\n\
          mkdir -p {cgroup} {GUEST_RUN}/ipam || exit 1\n\
+         {prepare}\
          ip link set lo up\n\
          # No udev in the guest to load the NIC's driver.\n\
          modprobe virtio_net\n\
@@ -308,9 +383,9 @@ fn boot_script(c: &LabConfig, i: u32, agent_sh: &Path, creds: &Path, cni_conf: &
          ip addr add {ip}/24 dev eth0 && ip link set eth0 up || exit 1\n\
          echo 1 > /proc/sys/net/ipv4/ip_forward\n\
          hostname {node}\n\
-         export PATH={bin}:$PATH RIPTIDE_NODE_NAME={node} RIPTIDE_AGENT_SOCKET={GUEST_RUN}/agent.sock \
+         export PATH={bin}:$PATH RIPTIDE_NODE_NAME={node} RIPTIDE_AGENT_SOCKET={socket} \
          KUBECONFIG={kubeconfig} NO_COLOR=1 RUST_LOG={rust_log}\n\
-         sh {agent_sh}\n\
+         {agent}\
          # Restarted when it exits, as systemd does on a node: its first TLS\n\
          # handshakes can outlast the apiserver's 10 s limit while the agent\n\
          # loads the datapath on the same emulated CPU.\n\
@@ -318,7 +393,7 @@ fn boot_script(c: &LabConfig, i: u32, agent_sh: &Path, creds: &Path, cni_conf: &
          \x20 {controlplane} kubelet --kubeconfig {creds}/kubelet.kubeconfig \
          --tls-cert-file {creds}/kubelet.crt --tls-private-key-file {creds}/kubelet.key \
          --client-ca-file {creds}/ca.crt --node-name {node} --node-ip {ip} \
-         --cni-conf-dir {cni_conf} --cni-bin-dir {cni_conf}/bin --cgroup-root {cgroup} \
+         {kubelet_args} --cgroup-root {cgroup} \
          --root-dir {GUEST_RUN}/kubelet --cluster-dns {CLUSTER_DNS} --cluster-domain {CLUSTER_DOMAIN} \
          --image-map {image_map}\n\
          \x20 echo \"----- lab: {node}-kubelet exited ($?), restarting in 2 s -----\"; sleep 2\n\
@@ -333,10 +408,8 @@ fn boot_script(c: &LabConfig, i: u32, agent_sh: &Path, creds: &Path, cni_conf: &
         bin = sh_quote(&c.bin_dir),
         kubeconfig = sh_quote(c.kubeconfig()),
         rust_log = sh_quote(&rust_log),
-        agent_sh = sh_quote(agent_sh),
         controlplane = sh_quote(c.bin_dir.join("riptide-controlplane")),
         creds = sh_quote(creds),
-        cni_conf = sh_quote(cni_conf),
         image_map = sh_quote(image_map),
         lab = sh_quote(c.bin_dir.join("riptide-lab")),
         exec_conf = sh_quote(c.node_dir(i).join(EXEC_CONFIG)),
@@ -370,16 +443,37 @@ pub fn is_vm(cfg: &LabConfig, i: u32) -> bool {
 }
 
 /// Kills node `i`'s agent with SIGKILL inside its VM, as a crash would
-/// (pins, links and routes stay as it left them).
+/// (pins, links and routes stay as it left them). From the manifest the
+/// victim is the agent container's process, found by name among the
+/// processes of the node's pod cgroups (`<node cgroup>/pod-<uid>`, the
+/// kubelet's layout), and its kubelet restarts it after the crash
+/// back-off.
 pub fn kill_agent(cfg: &LabConfig, i: u32) -> Result<()> {
-    let out = exec(&cfg.node_dir(i), &["sh", "-c", &format!("kill -KILL $(cat {GUEST_RUN}/agent.pid)")])?;
+    let script = if cfg.node_dir(i).join(AGENT_SCRIPT).is_file() {
+        format!("kill -KILL $(cat {GUEST_RUN}/agent.pid)")
+    } else {
+        format!(
+            "n=0; for p in $(cat {cgroup}/pod-*/cgroup.procs {cgroup}/pod-*/*/cgroup.procs 2>/dev/null); do \
+             [ \"$(cat /proc/$p/comm 2>/dev/null)\" = riptide-agent ] && kill -KILL $p && n=$((n+1)); done; \
+             [ $n -gt 0 ] || {{ echo 'no riptide-agent process in the pod cgroups'; exit 1; }}",
+            cgroup = sh_quote(cfg.node_cgroup(i)),
+        )
+    };
+    let out = exec(&cfg.node_dir(i), &["sh", "-c", &script])?;
     ensure!(out.status == 0, "killing the agent of {}: {}", cfg.node_name(i), out.text());
     Ok(())
 }
 
-/// Starts node `i`'s agent again inside its VM (its log continues).
+/// Starts node `i`'s agent again inside its VM (its log continues). From
+/// the manifest there is nothing to start: the node's kubelet restarts the
+/// agent container [`kill_agent`] killed, as for any crash; callers wait
+/// for the agent to be ready either way.
 pub fn start_agent(cfg: &LabConfig, i: u32) -> Result<()> {
-    let out = exec(&cfg.node_dir(i), &["sh", &cfg.node_dir(i).join("agent.sh").to_string_lossy()])?;
+    let script = cfg.node_dir(i).join(AGENT_SCRIPT);
+    if !script.is_file() {
+        return Ok(());
+    }
+    let out = exec(&cfg.node_dir(i), &["sh", &script.to_string_lossy()])?;
     ensure!(out.status == 0, "starting the agent of {}: {}", cfg.node_name(i), out.text());
     Ok(())
 }
@@ -607,11 +701,28 @@ mod tests {
     #[test]
     fn boot_script_addresses_the_nic_by_the_labs_mac() {
         let c = cfg();
-        let s = boot_script(&c, 2, Path::new("/a.sh"), Path::new("/creds"), Path::new("/cni"), Path::new("/map"));
+        let guest = GuestNode::HandWired { agent_sh: Path::new("/a.sh"), cni_conf: "/cni".into() };
+        let s = boot_script(&c, 2, &guest, Path::new("/creds"), Path::new("/map"));
         assert!(s.contains("= 52:54:00:72:07:02 ]"), "{s}");
+        assert!(s.contains("\nsh '/a.sh'\n") && s.contains("--cni-conf-dir '/cni' --cni-bin-dir '/cni/bin'"), "{s}");
         assert!(s.contains("ip addr add 198.18.7.12/24 dev eth0"), "{s}");
         assert!(s.contains("--cgroup-root '/sys/fs/cgroup/unified/rt/rt-n2'"), "{s}");
         assert!(s.trim_end().ends_with("vm-exec-server --config '/w/target/lab/nodes/rt-n2/vm-exec.json' --cgroup '/sys/fs/cgroup/unified/rt/rt-n2'"), "{s}");
+    }
+
+    #[test]
+    fn manifest_guest_leaves_agent_and_cni_to_the_daemonset() {
+        let c = cfg();
+        let s = boot_script(&c, 1, &GuestNode::Manifest, Path::new("/creds"), Path::new("/map"));
+        assert!(!s.contains("agent.sh") && !s.contains("riptide-agent"), "no agent of the lab's own: {s}");
+        assert!(s.contains("mkdir -p /var/lib/riptide-vm/root/etc/cni/net.d /var/lib/riptide-vm/root/opt/cni/bin /run/riptide"), "{s}");
+        assert!(
+            s.contains("--cni-conf-dir '/var/lib/riptide-vm/root/etc/cni/net.d' --cni-bin-dir '/var/lib/riptide-vm/root/opt/cni/bin'"),
+            "{s}"
+        );
+        assert!(s.contains("--host-path-root '/var/lib/riptide-vm/root'"), "hostPaths resolve in the guest's memory: {s}");
+        assert!(s.contains("--host-path-map '/sys/fs/cgroup=/sys/fs/cgroup/unified/rt/rt-n1'"), "{s}");
+        assert!(s.contains("RIPTIDE_AGENT_SOCKET=/run/riptide/rt-n1/agent.sock"), "{s}");
     }
 
     #[test]

@@ -42,12 +42,11 @@ enum Cmd {
         /// `manifest` (the default): bare kubelets, then
         /// `manifests/riptide.yaml` applied through the apiserver (the
         /// user's way); `hand-wired`: the lab writes CNI configs and starts
-        /// agents itself (for debugging the agent or the CNI alone; the
-        /// default with `--vm`).
+        /// agents itself (for debugging the agent or the CNI alone).
         #[arg(long)]
         install: Option<lab::Install>,
-        /// Each node a QEMU VM on the underlay (see `lab_vm`); hand-wired
-        /// install only.
+        /// Each node a QEMU VM on the underlay (see `lab_vm`), installed
+        /// either way.
         #[arg(long)]
         vm: bool,
         /// The VMs' kernel image (default: the newest one `cargo xtask run
@@ -79,8 +78,7 @@ fn main() -> Result<()> {
         Cmd::Up { nodes, detach, tunnel, install, vm, vm_kernel } => {
             let net = LabNet { routed: tunnel.is_some(), tunnel };
             let vm = vm.then(|| lab_vm::VmTools::from_cache(vm_kernel)).transpose()?;
-            // VM nodes are hand-wired only (see `lab_vm`).
-            let install = install.unwrap_or(if vm.is_some() { lab::Install::HandWired } else { lab::Install::default() });
+            let install = install.unwrap_or_default();
             up(&cli.prefix, &cli.state_dir, nodes, detach, net, install, vm)
         }
         Cmd::VmExecServer { config, cgroup } => lab_vm::serve(&config, &cgroup),
@@ -184,11 +182,8 @@ fn up(
         ),
     }
     if let Some(tools) = &vm {
-        if install != lab::Install::HandWired {
-            bail!("--vm: installing from the manifest is not yet supported in VMs; use --install hand-wired");
-        }
         eprintln!("==> VM nodes: {} under TCG, one vCPU each (minutes, not seconds)", tools.kernel.display());
-        lab_vm::start_cluster(&mut lab, tools, Duration::from_secs(900))?;
+        lab_vm::start_cluster(&mut lab, tools, install, Duration::from_secs(900))?;
     } else {
         lab.start_cluster_with(install, Duration::from_secs(120))?;
     }

@@ -1,9 +1,12 @@
 //! The end-to-end checks with every lab node a VM (`tests/src/lab_vm.rs`):
 //! each node its own 6.1 kernel (QEMU under TCG), kubelet and agent inside
-//! it, the control plane on the host. ClusterIP from a pod and from a
-//! node, pod to pod across nodes, NodePort from the outside namespace, and
-//! an agent killed with SIGKILL and restarted under a live NodePort
-//! connection.
+//! it, the control plane on the host. riptide is installed as users do
+//! (`manifests/riptide.yaml`: the DaemonSet's agent pod and its CNI init
+//! container run in each guest; `RIPTIDE_LAB_INSTALL=hand-wired` for the
+//! lab's own agents). ClusterIP from a pod and from a node, pod to pod
+//! across nodes, NodePort from the outside namespace, and an agent killed
+//! with SIGKILL and restarted (by its kubelet, from the manifest) under a
+//! live NodePort connection.
 //!
 //! Emulated guests are slow (minutes to boot a cluster), so this runs only
 //! with `RIPTIDE_VM_E2E=1`, as root, after `cargo xtask run --vm` (or
@@ -16,7 +19,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use riptide_test_support::privileged;
 use riptide_tests::{
     e2e::{self, KeepAlive, Suite, eventually},
-    lab::{Lab, LabConfig},
+    lab::{Install, Lab, LabConfig},
     lab_vm::{self, VmTools},
     netns,
 };
@@ -56,12 +59,13 @@ fn vm_e2e_services_on_vm_nodes() {
         return;
     }
     let tools = VmTools::from_cache(std::env::var_os("RIPTIDE_VM_KERNEL").map(PathBuf::from)).expect("virtme-ng and a kernel");
+    let install = Install::from_env().expect("RIPTIDE_LAB_INSTALL");
     let mut lab = Lab::up(LabConfig::for_test(NODES).expect("config")).expect("lab up");
     let started = std::time::Instant::now();
-    if let Err(e) = lab_vm::start_cluster(&mut lab, &tools, Duration::from_secs(900)) {
-        panic!("VM cluster: {e:#}");
+    if let Err(e) = lab_vm::start_cluster(&mut lab, &tools, install, Duration::from_secs(900)) {
+        panic!("VM cluster ({install:?}): {e:#}");
     }
-    eprintln!("     {NODES} VM nodes Ready after {:.0}s", started.elapsed().as_secs_f64());
+    eprintln!("     {NODES} VM nodes Ready after {:.0}s ({install:?})", started.elapsed().as_secs_f64());
     lab.deploy_demo().expect("demo");
     let mut s = Suite::new(&mut lab);
 
@@ -75,6 +79,27 @@ fn vm_e2e_services_on_vm_nodes() {
         }
         Ok(())
     });
+
+    if install == Install::Manifest {
+        s.check("the DaemonSet's agent pod runs in every guest, its CNI files in the guest only", |lab| {
+            let out = lab.kubectl().args(["-n", "riptide-system", "get", "pods", "-o", "json"]).output()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("kubectl get pods")?;
+            let c = lab.config().clone();
+            for i in 1..=NODES {
+                let node = c.node_name(i);
+                let pods: Vec<&serde_json::Value> =
+                    v["items"].as_array().into_iter().flatten().filter(|p| p["spec"]["nodeName"] == node.as_str()).collect();
+                ensure!(pods.len() == 1 && pods[0]["status"]["phase"] == "Running", "{node}: agent pods {pods:?}");
+                let ls = lab_vm::exec(&c.node_dir(i), &["ls", "/var/lib/riptide-vm/root/etc/cni/net.d", "/var/lib/riptide-vm/root/opt/cni/bin"])?;
+                let listed = ls.text();
+                ensure!(ls.status == 0 && listed.contains("riptide"), "{node}: the guest's CNI dirs: {listed}");
+                ensure!(!c.node_root(i).join("etc/cni").exists(), "{node}: install-cni wrote on the host");
+                ensure!(agent_ready(lab, i), "{node}: riptide status in the guest");
+                eprintln!("     {node}: {} ready, CNI dirs: {}", pods[0]["metadata"]["name"], listed.split_whitespace().collect::<Vec<_>>().join(" "));
+            }
+            Ok(())
+        });
+    }
 
     s.check("demo pods run on both nodes", |lab| {
         let pods = eventually(SETTLE * 2, || {
