@@ -451,3 +451,34 @@ async fn namespace_name_label(b: Backend) {
     s.shutdown().await;
 }
 both_stores!(namespace_name_label);
+
+/// A pod its kubelet is stopping stays in the API through status updates
+/// and the removal of its last finalizer; only the kubelet's final delete
+/// (gracePeriodSeconds=0) removes it, as upstream's shouldDeleteDuringUpdate.
+/// Deleting it on any update cut the grace period of the pod's other
+/// containers short.
+async fn graceful_pod_delete_outlives_updates(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (ok, out, err) = s
+        .kubectl_stdin(
+            &["apply", "-f", "-"],
+            Some(concat!(
+                "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\n---\n",
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: p, finalizers: [example.com/hold]}\n",
+                "spec: {nodeName: n1, terminationGracePeriodSeconds: 30, containers: [{name: c, image: x}]}\n",
+            )),
+        )
+        .await;
+    assert!(ok, "{out}{err}");
+    s.kubectl_ok(&["delete", "pod", "p", "--wait=false"]).await;
+    let grace = s.kubectl_ok(&["get", "pod", "p", "-o", "jsonpath={.metadata.deletionGracePeriodSeconds}"]).await;
+    assert_eq!(grace.trim(), "30");
+    s.kubectl_ok(&["patch", "pod", "p", "--subresource=status", "--type=merge", "-p", r#"{"status":{"phase":"Running"}}"#]).await;
+    s.kubectl_ok(&["patch", "pod", "p", "--type=json", "-p", r#"[{"op":"remove","path":"/metadata/finalizers"}]"#]).await;
+    let phase = s.kubectl_ok(&["get", "pod", "p", "-o", "jsonpath={.status.phase}"]).await;
+    assert_eq!(phase.trim(), "Running", "the pod must outlive updates inside its grace period");
+    s.kubectl_ok(&["delete", "pod", "p", "--grace-period=0", "--force"]).await;
+    let (ok, out, err) = s.kubectl_stdin(&["get", "pod", "p"], None).await;
+    assert!(!ok && err.contains("NotFound"), "{out}{err}");
+}
+both_stores!(graceful_pod_delete_outlives_updates);

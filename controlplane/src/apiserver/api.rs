@@ -520,8 +520,13 @@ impl Api {
             return Ok(new);
         }
         let key = res.key(ns, name);
-        if object::is_deleting(&new) && object::finalizers(&new).is_empty() && !ns_has_spec_finalizers(res, &new) {
-            // The last finalizer is gone: the object goes away now.
+        // Upstream's shouldDeleteDuringUpdate: with no finalizer left, an
+        // object being deleted goes away now, unless it is still inside a
+        // grace period (a pod whose kubelet is stopping it: a status patch
+        // must not cut its containers' grace short; the kubelet's final
+        // delete with gracePeriodSeconds=0 removes it).
+        let in_grace = old.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64).is_some_and(|g| g > 0);
+        if object::is_deleting(&new) && !in_grace && object::finalizers(&new).is_empty() && !ns_has_spec_finalizers(res, &new) {
             self.release(&newly);
             return match self.store.delete(&key, Some(old_rv)).await {
                 Ok(_) => {
