@@ -42,9 +42,14 @@ async fn main() -> anyhow::Result<()> {
     if !args.probe.is_empty() {
         return probe_all(args.probe, Duration::from_millis(args.probe_timeout_ms), args.probe_parallel, std::io::stdout().lock()).await;
     }
-    serve(Config {
-        http_port: args.http_port,
-        udp_port: args.udp_port,
-    })
-    .await
+    // As a pod's PID 1 the kernel ignores a SIGTERM nobody handles, so the
+    // kubelet would wait out the grace period; agnhost (Go) exits on it.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        served = serve(Config {
+            http_port: args.http_port,
+            udp_port: args.udp_port,
+        }) => served,
+        _ = term.recv() => Ok(()),
+    }
 }
