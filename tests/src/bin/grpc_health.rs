@@ -57,9 +57,14 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("serving HTTP: {e}");
         }
     });
+    // As a pod's PID 1 the kernel ignores a SIGTERM nobody handles; stop
+    // at once as a Go gRPC server would instead of waiting out the grace.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing SIGTERM handler")?;
     tonic::transport::Server::builder()
         .add_service(health)
-        .serve(SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.port)))
+        .serve_with_shutdown(SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.port)), async move {
+            term.recv().await;
+        })
         .await
         .context("serving gRPC")
 }
