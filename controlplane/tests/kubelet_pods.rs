@@ -837,6 +837,23 @@ sleep 1000
     assert!(b.contains("sees-sibling") && b.contains("pid1=/proc/self/exe pause") && b.contains("zombies=0"), "shareProcessNamespace:\n{b}");
 }
 
+/// A host image's command below the node's `/tmp` (a build tree checked
+/// out there) still starts, though the container's `/tmp` is its own: the
+/// executable alone is carried into the fresh scratch.
+#[test]
+fn kubelet_runs_a_host_command_from_under_tmp() {
+    let Some(n) = Node::start("t", true, "for mount namespaces") else { return };
+    let dir = tempfile::Builder::new().prefix("riptide-cmd-").tempdir_in("/tmp").unwrap();
+    let script = dir.path().join("cmd.sh");
+    std::fs::write(&script, "#!/bin/sh\necho \"ran-from-tmp $(ls -A /tmp | wc -l)\"\nexec sleep 1000\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cmd = script.display().to_string();
+    n.apply(&n.pod_yaml("tmpcmd").spec(&format!("  containers:\n  - {{name: c, image: \"riptide.test/host:1\", command: [{cmd:?}]}}\n")));
+    let out = n.logs_with("tmpcmd", "c", "ran-from-tmp");
+    // Only the command's own top directory is in the container's /tmp.
+    assert!(out.contains("ran-from-tmp 1"), "{out}\n{}", n.diagnostics());
+}
+
 /// Graceful deletion: SIGTERM, then SIGKILL after the grace period, also
 /// for a PID 1 that has no SIGTERM handler (the kernel drops the signal).
 #[test]
