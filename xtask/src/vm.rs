@@ -36,9 +36,6 @@ use crate::{
 /// (BPF_PROG_TEST_RUN, the verifier's load of each program, attach, socket
 /// LB in namespaces) and of the CNI plugin.
 const PACKAGES: &[&str] = &["riptide-datapath", "riptide-cni"];
-/// Workspace binaries those tests execute (the CNI install test runs the
-/// agent's `install-cni`); `cargo test` builds only the tested package's.
-const BINARIES_OF: &[&str] = &["riptide-agent", "riptide-cni"];
 
 /// Two vCPUs, as the machine has: TCG runs one host thread per vCPU.
 const VM_CPUS: &str = "2";
@@ -65,13 +62,15 @@ struct TestBinary {
 /// `tools.kernel`, and prints the summary. `extra` goes to every test
 /// binary (libtest filters and flags).
 pub fn test(root: &Path, target: &Path, tools: &VmTools, extra: &[String]) -> Result<()> {
+    // The same two invocations as the host pass (`cargo build --bins`, then
+    // `cargo test` over the default members): after it they are no-ops.
+    // Selecting packages with `-p` would resolve features differently and
+    // rebuild the eBPF objects into a second copy of every artifact, which
+    // is time and, on CI's disk, space (the CI run of 5150473 ran out).
+    // The tests run the workspace's binaries (the CNI install test runs the
+    // agent's `install-cni`).
     util::step("building the binaries the tests run");
-    let mut build = util::cargo(root);
-    build.args(["build", "--bins"]);
-    for p in BINARIES_OF {
-        build.args(["-p", p]);
-    }
-    util::run(&mut build)?;
+    util::run(util::cargo(root).args(["build", "--bins"]))?;
     util::step("building the test binaries");
     let bins = test_binaries(root)?;
 
@@ -140,9 +139,9 @@ pub fn test(root: &Path, target: &Path, tools: &VmTools, extra: &[String]) -> Re
     Ok(())
 }
 
-/// `cargo test --no-run` of [`PACKAGES`] (lib, bins and integration tests;
-/// doctests only run through rustdoc, on the host), and the executables it
-/// reports.
+/// `cargo test --no-run` of the default members (lib, bins and integration
+/// tests; doctests only run through rustdoc, on the host), and the
+/// executables it reports that belong to [`PACKAGES`].
 fn test_binaries(root: &Path) -> Result<Vec<TestBinary>> {
     let mut cmd = util::cargo(root);
     cmd.args([
@@ -153,9 +152,6 @@ fn test_binaries(root: &Path) -> Result<Vec<TestBinary>> {
         "--tests",
         "--message-format=json-render-diagnostics",
     ]);
-    for p in PACKAGES {
-        cmd.args(["-p", p]);
-    }
     let out = cmd
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
@@ -169,7 +165,10 @@ fn test_binaries(root: &Path) -> Result<Vec<TestBinary>> {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        if msg["reason"] != "compiler-artifact" || msg["profile"]["test"] != true {
+        if msg["reason"] != "compiler-artifact"
+            || msg["profile"]["test"] != true
+            || !PACKAGES.contains(&package_name(&msg["package_id"]))
+        {
             continue;
         }
         let (Some(exe), Some(manifest), Some(name)) = (
@@ -192,6 +191,20 @@ fn test_binaries(root: &Path) -> Result<Vec<TestBinary>> {
         bail!("cargo test --no-run reported no test executables");
     }
     Ok(bins)
+}
+
+/// The package name in a cargo `package_id`: `path+file:///…/dir#name@1.0`
+/// (cargo ≥ 1.77; `#1.0` alone when the name is the directory's), or the
+/// older `name 1.0 (path+file:///…)`.
+fn package_name(id: &serde_json::Value) -> &str {
+    let id = id.as_str().unwrap_or_default();
+    match id.rsplit_once('#') {
+        Some((url, frag)) => match frag.split_once('@') {
+            Some((name, _)) => name,
+            None => url.rsplit('/').next().unwrap_or_default(),
+        },
+        None => id.split(' ').next().unwrap_or_default(),
+    }
 }
 
 /// The script the guest runs: bpffs (virtme-ng mounts none) and cgroup v2
@@ -383,7 +396,18 @@ impl Follow {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::{Follow, TestBinary, guest_script, sh_quote};
+    use super::{Follow, TestBinary, guest_script, package_name, sh_quote};
+
+    #[test]
+    fn package_names_come_out_of_every_package_id_form() {
+        for (id, name) in [
+            ("path+file:///w/ebpf/datapath#riptide-datapath@0.1.0", "riptide-datapath"),
+            ("path+file:///w/xtask#0.1.0", "xtask"),
+            ("riptide-cni 0.1.0 (path+file:///w/cni-plugin)", "riptide-cni"),
+        ] {
+            assert_eq!(package_name(&serde_json::Value::from(id)), name);
+        }
+    }
 
     #[test]
     fn quoting_survives_single_quotes() {
