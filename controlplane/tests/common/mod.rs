@@ -12,6 +12,7 @@ use std::{
 use riptide_controlplane::apiserver::{Config, Server, ServerHandle, StorageConfig};
 
 pub mod kubectl;
+pub mod kubelet;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
