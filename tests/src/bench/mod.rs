@@ -30,6 +30,7 @@
 pub mod netperf;
 pub mod netpol;
 pub mod paths;
+pub mod probe;
 pub mod report;
 pub mod topology;
 
@@ -66,6 +67,20 @@ pub struct Options {
     pub hold: bool,
     /// Only these scenarios (empty: the plan's own).
     pub scenarios: Vec<Scenario>,
+    /// Only these paths and the direct paths they are compared with (empty:
+    /// every path of each scenario).
+    pub paths: Vec<DataPath>,
+    /// Only these netperf tests (empty: the plan's own).
+    pub tests: Vec<Test>,
+    /// Only these Service counts (empty: the plan's own).
+    pub counts: Vec<usize>,
+    /// Runs per point instead of the plan's.
+    pub runs: Option<u32>,
+    /// Both agents stopped (SIGSTOP) while netperf runs.
+    pub pause_agents: bool,
+    /// eBPF program time per transaction (`kernel.bpf_stats_enabled` on
+    /// for the run, restored after).
+    pub bpf_stats: bool,
 }
 
 /// One measurement with its coordinates.
@@ -81,6 +96,34 @@ pub struct Sample {
     pub cpu: Option<usize>,
     #[serde(flatten)]
     pub m: netperf::Measurement,
+    /// The agents' CPU and riptide's eBPF time during this measurement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<Probe>,
+}
+
+/// What ran besides netperf during one measurement (see `probe`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Probe {
+    /// Both agents' CPU µs per transaction (per KB for streams).
+    pub agent_cpu_us_per_unit: f64,
+    /// The agents' CPU µs over the measurement by thread name.
+    pub agent_threads_us: std::collections::BTreeMap<String, u64>,
+    /// The agents were stopped while netperf ran.
+    pub agents_paused: bool,
+    /// riptide's eBPF programs: ns and runs per transaction, by program
+    /// (`--bpf-stats` only).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub bpf_per_unit: std::collections::BTreeMap<String, (f64, f64)>,
+    /// The whole machine's busy CPU µs per transaction (netperf's CPU
+    /// figure counts the same) and its softirq part.
+    #[serde(default)]
+    pub machine_busy_us_per_unit: f64,
+    #[serde(default)]
+    pub softirq_us_per_unit: f64,
+    /// The processes that used the most CPU over the measurement (µs), to
+    /// tell the path's own work from whatever else ran (other builds).
+    #[serde(default)]
+    pub top_us: Vec<(String, u64)>,
 }
 
 struct Plan {
@@ -89,6 +132,8 @@ struct Plan {
     runs: u32,
     seconds: u32,
     scenarios: Vec<Scenario>,
+    /// Empty: every path.
+    paths: Vec<DataPath>,
 }
 
 impl Plan {
@@ -102,6 +147,7 @@ impl Plan {
                 runs: 1,
                 seconds: 1,
                 scenarios: vec![Scenario::ClusterIp, Scenario::NodePort, Scenario::NetPol],
+                paths: Vec::new(),
             }
         } else {
             Self {
@@ -112,6 +158,7 @@ impl Plan {
                 runs: 6,
                 seconds: 2,
                 scenarios: Scenario::ALL.to_vec(),
+                paths: Vec::new(),
             }
         }
     }
@@ -119,6 +166,14 @@ impl Plan {
     /// Measurements of one path in one scenario over the whole run.
     fn per_path(&self) -> usize {
         self.counts.len() * self.runs as usize * self.tests.len()
+    }
+
+    /// Is `p` one of the selected paths of `s`, or the direct path one of
+    /// them is compared with?
+    fn wanted(&self, s: Scenario, p: DataPath) -> bool {
+        self.paths.is_empty()
+            || self.paths.contains(&p)
+            || s.paths().iter().any(|q| self.paths.contains(q) && q.baseline(s) == Some(p))
     }
 
     /// (scenario, path) pairs measured at Service count `n`, rotated by
@@ -129,6 +184,7 @@ impl Plan {
             .scenarios
             .iter()
             .flat_map(|s| s.paths().iter().map(move |p| (*s, *p)))
+            .filter(|(s, p)| self.wanted(*s, *p))
             .filter(|(s, p)| (s.per_count() && p.per_count()) || n == first)
             .collect();
         if !v.is_empty() {
@@ -245,6 +301,22 @@ pub fn run(opts: &Options) -> Result<()> {
     if !opts.scenarios.is_empty() {
         plan.scenarios = opts.scenarios.clone();
     }
+    if !opts.tests.is_empty() {
+        plan.tests = opts.tests.clone();
+    }
+    if !opts.counts.is_empty() {
+        plan.counts = opts.counts.clone();
+    }
+    if let Some(r) = opts.runs {
+        plan.runs = r.max(1);
+    }
+    plan.paths = opts.paths.clone();
+    ensure!(
+        plan.scenarios.iter().any(|s| s.paths().iter().any(|p| plan.wanted(*s, *p) && p.baseline(*s).is_some())),
+        "no selected path is measured in the selected scenarios"
+    );
+    // Before the lab: a missing bpftool fails here, not after minutes.
+    let bpf_stats = if opts.bpf_stats { Some(probe::BpfStats::enable()?) } else { None };
     let cfg = LabConfig {
         prefix: "rtbench".into(),
         nodes: 2,
@@ -278,12 +350,26 @@ pub fn run(opts: &Options) -> Result<()> {
         &plan,
         &topo,
         &port_plan,
+        &Probes { pause_agents: opts.pause_agents, bpf: bpf_stats.as_ref() },
         started,
         &mut samples,
         &mut failures,
     );
-    lab.down()?;
-    // Whatever was measured is written, also when a measurement failed.
+    drop(bpf_stats);
+    // What the agents' conntrack GC did over the run (its deletions are
+    // per-connection work the measurements above may have paid for).
+    for node in 1..=2 {
+        if let Ok(v) = agent_status(lab.config(), node) {
+            let g = &v["gc"];
+            eprintln!(
+                "==> node {node} GC: {} passes, last {:.1} ms, {} expired deleted, {} conntrack entries left",
+                g["passes"], g["last_pass_ms"].as_f64().unwrap_or(0.0), g["expired_deleted"], g["conntrack_entries"]
+            );
+        }
+    }
+    let down = lab.down();
+    // Whatever was measured is written, also when a measurement or the
+    // teardown failed.
     let report = report::Report::new(
         samples,
         started.elapsed(),
@@ -300,18 +386,27 @@ pub fn run(opts: &Options) -> Result<()> {
         opts.out_dir.display(),
         started.elapsed().as_secs_f64()
     );
+    down?;
     outcome
 }
 
 /// Failed measurements tolerated before a run gives up.
 const MAX_FAILURES: usize = 10;
 
+/// What `measure` looks at besides netperf (`probe`).
+struct Probes<'a> {
+    pause_agents: bool,
+    bpf: Option<&'a probe::BpfStats>,
+}
+
 /// Every measurement of `plan`, appended to `samples` as it completes.
+#[allow(clippy::too_many_arguments)]
 fn measure(
     lab: &Lab,
     plan: &Plan,
     topo: &Topology,
     port_plan: &PortPlan,
+    probes: &Probes<'_>,
     started: Instant,
     samples: &mut Vec<Sample>,
     failures: &mut Vec<report::Failure>,
@@ -356,13 +451,26 @@ fn measure(
                 for (test, &dp) in plan.tests.iter().zip(&data_ports) {
                     flush_conntrack(&[&node1, &cfg.node_netns(2)]);
                     let cmd = topo.command(client(s, path), "netperf")?;
-                    let m = match netperf::run_with(
+                    let agents = probe::agent_pids(cfg);
+                    let threads0 = probe::agent_threads(&agents);
+                    let machine0 = probe::Machine::read();
+                    let bpf0 = probes.bpf.map(probe::BpfStats::read).transpose()?;
+                    let paused = probes.pause_agents.then(|| probe::Paused::new(agents.clone()));
+                    let result = netperf::run_with(
                         cmd,
                         &target(topo, s, path, dp),
                         *test,
                         plan.seconds,
                         cpu,
-                    ) {
+                    );
+                    drop(paused);
+                    let machine = probe::Machine::read();
+                    let threads = probe::delta(&threads0, &probe::agent_threads(&agents));
+                    let bpf = match (probes.bpf, bpf0) {
+                        (Some(b), Some(b0)) => probe::prog_delta(&b0, &b.read()?),
+                        _ => Default::default(),
+                    };
+                    let m = match result {
                         Ok(m) => m,
                         Err(e) => {
                             // One failed measurement does not end an
@@ -394,8 +502,21 @@ fn measure(
                             continue;
                         }
                     };
+                    let units = units(*test, &m, plan.seconds);
+                    let pr = Probe {
+                        agent_cpu_us_per_unit: threads.values().sum::<u64>() as f64 / units,
+                        agents_paused: probes.pause_agents,
+                        bpf_per_unit: bpf
+                            .iter()
+                            .map(|(k, v)| (k.clone(), (v.run_time_ns as f64 / units, v.run_cnt as f64 / units)))
+                            .collect(),
+                        agent_threads_us: threads,
+                        machine_busy_us_per_unit: machine.busy_us.saturating_sub(machine0.busy_us) as f64 / units,
+                        softirq_us_per_unit: machine.softirq_us.saturating_sub(machine0.softirq_us) as f64 / units,
+                        top_us: machine0.top(&machine, 6),
+                    };
                     eprintln!(
-                        "[{:>4}/{total} {:>5.0}s] {:<15} {:<12} {:<10} {:>5} svc run {}: {:>9.1} {:<7} p50 {:>5} µs p99 {:>5} µs",
+                        "[{:>4}/{total} {:>5.0}s] {:<15} {:<12} {:<10} {:>5} svc run {}: {:>9.1} {:<7} p50 {:>5} µs p99 {:>5} µs cpu {:>6.1} agents {:>5.2}{}",
                         samples.len() + 1,
                         started.elapsed().as_secs_f64(),
                         s.name(),
@@ -406,7 +527,10 @@ fn measure(
                         m.throughput,
                         test.unit(),
                         m.p50_us,
-                        m.p99_us
+                        m.p99_us,
+                        m.cpu_us_per_unit,
+                        pr.agent_cpu_us_per_unit,
+                        probe_line(&pr)
                     );
                     samples.push(Sample {
                         scenario: s,
@@ -417,6 +541,7 @@ fn measure(
                         data_port: dp,
                         cpu,
                         m,
+                        probe: Some(pr),
                     });
                 }
                 if path.is_baseline_rules() {
@@ -429,6 +554,40 @@ fn measure(
         }
     }
     Ok(())
+}
+
+/// Transactions (KB for streams) one measurement did.
+fn units(test: Test, m: &netperf::Measurement, seconds: u32) -> f64 {
+    let u = match test {
+        Test::TcpStream => m.throughput * 1e6 / 8.0 / 1024.0 * f64::from(seconds),
+        Test::TcpCrr => netperf::crr_transactions(seconds) as f64,
+        _ => m.throughput * f64::from(seconds),
+    };
+    u.max(1.0)
+}
+
+/// The probe's per-transaction numbers on one line: busy agent threads and
+/// eBPF ns per transaction by program.
+fn probe_line(p: &Probe) -> String {
+    let mut s = String::new();
+    if p.agents_paused {
+        s.push_str(" (paused)");
+    }
+    for (k, us) in p.agent_threads_us.iter().filter(|(_, us)| **us >= 10_000) {
+        s.push_str(&format!(" {k}={:.0}ms", *us as f64 / 1e3));
+    }
+    s.push_str(&format!(" | machine {:.0} µs/trans, softirq {:.0}; top", p.machine_busy_us_per_unit, p.softirq_us_per_unit));
+    for (k, us) in p.top_us.iter().take(4) {
+        s.push_str(&format!(" {k}={:.0}ms", *us as f64 / 1e3));
+    }
+    if !p.bpf_per_unit.is_empty() {
+        let total: f64 = p.bpf_per_unit.values().map(|v| v.0).sum();
+        s.push_str(&format!(" | ebpf {total:.0} ns/trans:"));
+        for (k, (ns, runs)) in &p.bpf_per_unit {
+            s.push_str(&format!(" {k} {ns:.0}ns/{runs:.1}"));
+        }
+    }
+    s
 }
 
 /// `--hold`: the cluster stays up for measurements by hand until Ctrl-C.

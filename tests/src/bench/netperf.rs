@@ -21,6 +21,8 @@ pub enum Test {
 }
 
 impl Test {
+    pub const ALL: [Test; 4] = [Test::TcpRr, Test::TcpCrr, Test::TcpStream, Test::UdpRr];
+
     pub fn name(self) -> &'static str {
         match self {
             Test::TcpRr => "TCP_RR",
@@ -57,6 +59,11 @@ pub const CONTROL_PORT: u16 = 12865;
 
 /// TCP_CRR transactions per requested second (about this machine's rate).
 const CRR_PER_SECOND: u64 = 4_000;
+
+/// Transactions of a TCP_CRR measurement planned for `seconds`.
+pub fn crr_transactions(seconds: u32) -> u64 {
+    u64::from(seconds) * CRR_PER_SECOND
+}
 
 /// Where netperf connects: the control connection to `addr:control_port`,
 /// the data connection to `addr:data_port` (netserver binds `data_port`,
@@ -102,7 +109,7 @@ pub fn run_with(
     // CRR test ends only when netserver's own timer (test length + 4 s of
     // PAD_TIME) takes it out of accept(), 4 idle seconds per measurement.
     let length = match test {
-        Test::TcpCrr => format!("-{}", u64::from(seconds) * CRR_PER_SECOND),
+        Test::TcpCrr => format!("-{}", crr_transactions(seconds)),
         _ => seconds.to_string(),
     };
     cmd.args([

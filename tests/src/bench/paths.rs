@@ -164,6 +164,19 @@ pub enum DataPath {
 }
 
 impl DataPath {
+    pub const ALL: [DataPath; 10] = [
+        DataPath::Direct,
+        DataPath::DirectPlain,
+        DataPath::DirectSym,
+        DataPath::DirectNode,
+        DataPath::RiptideSock,
+        DataPath::RiptideTc,
+        DataPath::Riptide,
+        DataPath::Iptables,
+        DataPath::Nftables,
+        DataPath::Policy,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             DataPath::Direct => "direct",

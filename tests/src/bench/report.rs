@@ -735,6 +735,7 @@ mod tests {
             run: 0,
             data_port: 1,
             cpu: Some(0),
+            probe: None,
             m: Measurement {
                 throughput: t,
                 p50_us: 1e6 / t,

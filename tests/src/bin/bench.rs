@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Parser;
-use riptide_tests::bench::{Options, Scenario, run};
+use riptide_tests::bench::{DataPath, Options, Scenario, netperf::Test, run};
 
 #[derive(Parser)]
 #[command(name = "riptide-bench", version, about = "riptide benchmarks")]
@@ -19,9 +19,31 @@ struct Args {
     #[arg(long)]
     hold: bool,
     /// Measure only this scenario (repeatable): clusterip, clusterip-local,
-    /// nodeport, nodeport-local.
+    /// nodeport, nodeport-local, netpol, netpol-local.
     #[arg(long, value_parser = scenario)]
     scenario: Vec<Scenario>,
+    /// Measure only this path (repeatable, e.g. riptide-tc, policy) and the
+    /// direct path it is compared with.
+    #[arg(long, value_parser = path)]
+    path: Vec<DataPath>,
+    /// Only this netperf test (repeatable): TCP_RR, TCP_CRR, TCP_STREAM,
+    /// UDP_RR.
+    #[arg(long, value_parser = test)]
+    test: Vec<Test>,
+    /// Only this Service count (repeatable; the full plan: 1, 1000, 10000).
+    #[arg(long)]
+    services: Vec<usize>,
+    /// Runs per point instead of the plan's (6, `--quick` 1).
+    #[arg(long)]
+    runs: Option<u32>,
+    /// Stop both agents (SIGSTOP) while netperf runs: what the agents'
+    /// own work costs a path.
+    #[arg(long)]
+    pause_agents: bool,
+    /// Time riptide's eBPF programs per transaction (turns
+    /// kernel.bpf_stats_enabled on for the run; needs bpftool).
+    #[arg(long)]
+    bpf_stats: bool,
     /// Measure nothing: render results.md and plot.svg into --out again
     /// from the samples of an earlier run's results.json.
     #[arg(long, value_name = "RESULTS_JSON")]
@@ -36,6 +58,23 @@ fn scenario(name: &str) -> Result<Scenario, String> {
             let names: Vec<_> = Scenario::ALL.iter().map(|s| s.name()).collect();
             format!("unknown scenario {name:?} (one of {})", names.join(", "))
         })
+}
+
+fn path(name: &str) -> Result<DataPath, String> {
+    DataPath::ALL
+        .into_iter()
+        .find(|p| p.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<_> = DataPath::ALL.iter().map(|p| p.name()).collect();
+            format!("unknown path {name:?} (one of {})", names.join(", "))
+        })
+}
+
+fn test(name: &str) -> Result<Test, String> {
+    Test::ALL
+        .into_iter()
+        .find(|t| t.name() == name)
+        .ok_or_else(|| format!("unknown test {name:?} (TCP_RR, TCP_CRR, TCP_STREAM or UDP_RR)"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,6 +94,12 @@ fn main() -> anyhow::Result<()> {
         quick: args.quick,
         hold: args.hold,
         scenarios: args.scenario,
+        paths: args.path,
+        tests: args.test,
+        counts: args.services,
+        runs: args.runs,
+        pause_agents: args.pause_agents,
+        bpf_stats: args.bpf_stats,
         out_dir,
         bin_dir: exe.parent().context("no bin dir")?.to_path_buf(),
     })
