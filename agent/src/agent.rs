@@ -11,7 +11,6 @@ use std::{
 };
 
 use ipnetwork::Ipv4Network;
-use kube::runtime::reflector::ObjectRef;
 use riptide_common::{CFG_F_MASQUERADE, CFG_F_POLICY, CFG_F_SOCK_LB, Config as DpConfig, PE_F_FAIL_CLOSED};
 use riptide_datapath::{Datapath, NodeLock, Pinning, policy::PolicyMaps};
 use tokio::sync::mpsc;
@@ -651,9 +650,7 @@ impl Loop {
         self.slice_index.clear();
         self.slice_owner.clear();
         for s in self.stores.slices.state() {
-            let (Some(ns), Some(name)) = (s.metadata.namespace.clone(), s.metadata.name.clone()) else {
-                continue;
-            };
+            let (ns, name) = (s.namespace().to_owned(), s.name().to_owned());
             if let Some(svc) = &s.service_name {
                 index_slice(&mut self.slice_index, (ns.clone(), svc.clone()), name.clone());
                 self.slice_owner.insert((ns, name), svc.clone());
@@ -664,7 +661,7 @@ impl Loop {
     fn desired(&self, owner: &Owner) -> Desired {
         match owner {
             Owner::Service { namespace, name } => {
-                let Some(svc) = self.stores.services.get(&ObjectRef::new(name).within(namespace)) else {
+                let Some(svc) = self.stores.services.get(namespace, name) else {
                     return Desired::default();
                 };
                 let slices: Vec<_> = self
@@ -672,12 +669,12 @@ impl Loop {
                     .get(&(namespace.clone(), name.clone()))
                     .into_iter()
                     .flatten()
-                    .filter_map(|s| self.stores.slices.get(&ObjectRef::new(s).within(namespace)))
+                    .filter_map(|s| self.stores.slices.get(namespace, s))
                     .collect();
                 let refs: Vec<_> = slices.iter().map(AsRef::as_ref).collect();
                 model::service_desired(&svc, &refs, &self.ctx)
             }
-            Owner::Pod { namespace, name } => match self.stores.pods.get(&ObjectRef::new(name).within(namespace)) {
+            Owner::Pod { namespace, name } => match self.stores.pods.get(namespace, name) {
                 Some(p) => model::pod_desired(&p, &self.ctx),
                 None => Desired::default(),
             },
@@ -693,7 +690,7 @@ impl Loop {
                 .services
                 .state()
                 .iter()
-                .map(|s| Owner::service(s.metadata.namespace.as_deref().unwrap_or(""), s.metadata.name.as_deref().unwrap_or("")))
+                .map(|s| Owner::service(s.namespace(), s.name()))
                 .collect();
             let node = self.ctx.node_name.as_str();
             all.extend(
@@ -702,7 +699,7 @@ impl Loop {
                     .state()
                     .iter()
                     .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
-                    .map(|p| Owner::pod(p.metadata.namespace.as_deref().unwrap_or(""), p.metadata.name.as_deref().unwrap_or(""))),
+                    .map(|p| Owner::pod(p.namespace(), p.name())),
             );
             lock(&shared.reconciler).retain_owners(&all.iter().cloned().collect());
             all
@@ -793,7 +790,7 @@ impl Loop {
         let key = (namespace.to_owned(), name.to_owned());
         let namespace = namespace.to_owned();
         self.slice_index.get(&key).into_iter().flatten().filter_map(move |slice| {
-            let obj = self.stores.slices.get(&ObjectRef::new(slice).within(&namespace))?;
+            let obj = self.stores.slices.get(&namespace, slice)?;
             let t = obj.trigger_time.clone()?;
             Some(((namespace.clone(), slice.clone()), t))
         })
@@ -845,7 +842,7 @@ impl Loop {
             self.ctx.node_name
         );
         tracing::warn!(service = %owner, ?invalid, "invalid loadBalancerSourceRanges skipped");
-        if let Some(svc) = self.stores.services.get(&ObjectRef::new(name).within(namespace)) {
+        if let Some(svc) = self.stores.services.get(namespace, name) {
             crate::kube_events::publish(&self.client, &svc, &self.ctx.node_name, crate::kube_events::Kind::Warning, "InvalidLoadBalancerSourceRanges", &msg);
         }
     }
@@ -865,7 +862,7 @@ impl Loop {
             if before == cut {
                 continue;
             }
-            let svc = self.stores.services.get(&ObjectRef::new(name).within(namespace));
+            let svc = self.stores.services.get(namespace, name);
             match cut {
                 Some((all, kept)) => {
                     let msg = format!(
@@ -899,7 +896,7 @@ impl Loop {
     /// nodes: routes and the remote-podCIDR map.
     async fn sync_nodes(&mut self) {
         let nodes = self.stores.nodes.state();
-        let me = nodes.iter().find(|n| n.metadata.name.as_deref() == Some(self.ctx.node_name.as_str()));
+        let me = nodes.iter().find(|n| n.name() == self.ctx.node_name);
         let pod_cidr = me.and_then(|n| crate::node::pod_cidr(n));
         let node_ip = self.cfg.node_ip.or_else(|| me.and_then(|n| crate::node::internal_ip(n)));
         if let Some(cidr) = pod_cidr {
@@ -919,13 +916,13 @@ impl Loop {
         // KEP-3836: a Node being deleted or drained by the autoscaler
         // fails the node health check, so load balancers move away first.
         self.node_health.set_eligible(me.is_none_or(|n| {
-            n.metadata.deletion_timestamp.is_none()
+            !n.deleting
                 && !n.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| t.iter().any(|t| t.key == "ToBeDeletedByClusterAutoscaler"))
         }));
         let node_views = nodes
             .iter()
             .map(|n| {
-                let name = n.metadata.name.clone().unwrap_or_default();
+                let name = n.name().to_owned();
                 let cidr = crate::node::pod_cidr(n);
                 let ip = crate::node::internal_ip(n);
                 let state = if name == self.ctx.node_name {

@@ -9,7 +9,7 @@ use k8s_openapi::{
     api::core::v1::{Event, EventSource, ObjectReference},
     apimachinery::pkg::apis::meta::v1::{MicroTime, Time},
 };
-use kube::{Api, Client, ResourceExt as _, api::PostParams};
+use kube::{Api, Client, api::PostParams};
 
 /// Event type.
 #[derive(Clone, Copy, Debug)]
@@ -20,21 +20,21 @@ pub enum Kind {
 
 /// Records `reason`/`message` on `svc` as coming from the agent of `node`.
 pub fn publish(client: &Client, svc: &crate::slim::SlimService, node: &str, kind: Kind, reason: &str, message: &str) {
-    let ns = svc.namespace().unwrap_or_else(|| "default".into());
+    let ns = if svc.namespace().is_empty() { "default".to_owned() } else { svc.namespace().to_owned() };
     let now = k8s_openapi::jiff::Timestamp::now();
     let ev = Event {
         metadata: kube::api::ObjectMeta {
-            name: Some(format!("{}.{:x}", svc.name_any(), now.as_nanosecond())),
+            name: Some(format!("{}.{:x}", svc.name(), now.as_nanosecond())),
             namespace: Some(ns.clone()),
             ..Default::default()
         },
         involved_object: ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Service".into()),
-            name: Some(svc.name_any()),
+            name: Some(svc.name().to_owned()),
             namespace: Some(ns.clone()),
-            uid: svc.uid(),
-            resource_version: svc.resource_version(),
+            uid: svc.uid.clone(),
+            resource_version: svc.resource_version.clone(),
             field_path: None,
         },
         reason: Some(reason.to_owned()),
@@ -59,7 +59,7 @@ pub fn publish(client: &Client, svc: &crate::slim::SlimService, node: &str, kind
         return;
     }
     let api: Api<Event> = Api::namespaced(client.clone(), &ns);
-    let (reason, service) = (reason.to_owned(), format!("{ns}/{}", svc.name_any()));
+    let (reason, service) = (reason.to_owned(), format!("{ns}/{}", svc.name()));
     tokio::spawn(async move {
         if let Err(e) = api.create(&PostParams::default(), &ev).await {
             tracing::warn!(service = %service, reason = %reason, error = %e, "recording the Event failed");

@@ -43,14 +43,14 @@ use k8s_openapi::{
 use kube::{
     Api, Client,
     api::{DeleteParams, ObjectMeta, PostParams},
-    runtime::reflector::Store,
 };
 use riptide_datapath::service::{BackendState, FrontendKind, TrafficPolicy};
 
 use crate::{
     metrics::Metrics,
     model::{self, NodeContext},
-    slim::{SlimNode, SlimSlice},
+    slim::{SlimNode, SlimService, SlimSlice},
+    store::Store,
 };
 
 /// Where the Leases live.
@@ -305,7 +305,7 @@ struct Seen {
 
 /// The agent's caches the announcer reads.
 pub struct Inputs {
-    pub services: Store<crate::slim::SlimService>,
+    pub services: Store<SlimService>,
     pub slices: Store<SlimSlice>,
     pub nodes: Store<SlimNode>,
 }
@@ -390,18 +390,18 @@ impl Announcer {
     fn wanted(&mut self) -> BTreeMap<String, Want> {
         let nodes = self.inputs.nodes.state();
         let own = self.node_ip.or_else(|| {
-            nodes.iter().find(|n| n.metadata.name.as_deref() == Some(self.node.as_str())).and_then(|n| crate::node::internal_ip(n))
+            nodes.iter().find(|n| n.name() == self.node).and_then(|n| crate::node::internal_ip(n))
         });
         self.ctx.reserved.set_nodes(nodes.iter().map(AsRef::as_ref), own);
         let mut slices: HashMap<(String, String), Vec<Arc<SlimSlice>>> = HashMap::new();
         for s in self.inputs.slices.state() {
-            if let (Some(ns), Some(svc)) = (s.metadata.namespace.clone(), s.service_name.as_ref()) {
+            if let (ns, Some(svc)) = (s.namespace().to_owned(), s.service_name.as_ref()) {
                 slices.entry((ns, svc.clone())).or_default().push(s);
             }
         }
         let mut out = BTreeMap::new();
         for svc in self.inputs.services.state() {
-            let (ns, name) = (svc.metadata.namespace.clone().unwrap_or_default(), svc.metadata.name.clone().unwrap_or_default());
+            let (ns, name) = (svc.namespace().to_owned(), svc.name().to_owned());
             let own: Vec<&SlimSlice> = slices.get(&(ns, name)).into_iter().flatten().map(AsRef::as_ref).collect();
             let d = model::service_desired(&svc, &own, &self.ctx);
             let mut ips: Vec<Ipv4Addr> = d
@@ -417,7 +417,7 @@ impl Announcer {
             let candidate = !local_only
                 || d.ports.iter().flat_map(|p| &p.backends).any(|b| b.local && b.state == BackendState::Active);
             if !ips.is_empty() {
-                let (ns, name) = (svc.metadata.namespace.as_deref().unwrap_or(""), svc.metadata.name.as_deref().unwrap_or(""));
+                let (ns, name) = (svc.namespace(), svc.name());
                 out.insert(lease_name(ns, name), Want { ips, candidate });
             }
         }

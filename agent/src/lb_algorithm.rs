@@ -76,14 +76,14 @@ pub struct Defaults {
 
 /// The value of `svc`'s annotation `key`.
 pub(crate) fn annotation<'a>(svc: &'a SlimService, key: &str) -> Option<&'a str> {
-    svc.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+    svc.annotations.as_ref()?.get(key).map(String::as_str)
 }
 
 /// A Service carrying `key: value` (none when `value` is `None`).
 #[cfg(test)]
 pub(crate) fn annotated(key: &str, value: Option<&str>) -> SlimService {
     let mut s = SlimService::default();
-    s.metadata.annotations =
+    s.annotations =
         value.map(|v| std::collections::BTreeMap::from([(key.to_owned(), v.to_owned())]));
     s
 }

@@ -31,6 +31,7 @@ pub mod shared;
 pub mod slim;
 pub mod sockdiag;
 pub mod source_ranges;
+pub mod store;
 pub mod to_pod;
 pub mod tunnel;
 pub mod views;

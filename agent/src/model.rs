@@ -109,7 +109,7 @@ pub struct NodeContext {
 
 /// Why a Service gets no frontends at all (`None` = it is ours).
 pub fn skip_reason(svc: &SlimService, ctx: &NodeContext) -> Option<&'static str> {
-    let labels = svc.metadata.labels.as_ref();
+    let labels = svc.labels.as_ref();
     if let Some(v) = labels.and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME)) {
         // kube-proxy selects `service-proxy-name DoesNotExist` (or `= name`
         // when started with one): any set value means another proxy owns it.
@@ -235,13 +235,13 @@ pub fn service_desired(svc: &SlimService, slices: &[&SlimSlice], ctx: &NodeConte
     let Some(spec) = svc.spec.as_ref() else {
         return out;
     };
-    let namespace = svc.metadata.namespace.as_deref().unwrap_or("default");
-    let name = svc.metadata.name.as_deref().unwrap_or("");
+    let namespace = Some(svc.namespace()).filter(|ns| !ns.is_empty()).unwrap_or("default");
+    let name = svc.name();
     let owner = Owner::service(namespace, name);
 
     // Deterministic order whatever order the store hands slices in.
     let mut slices: Vec<&SlimSlice> = slices.to_vec();
-    slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    slices.sort_by(|a, b| a.name().cmp(b.name()));
 
     let mut cluster_ips: Vec<Ipv4Addr> = spec
         .cluster_ips
@@ -282,15 +282,15 @@ pub fn service_desired(svc: &SlimService, slices: &[&SlimSlice], ctx: &NodeConte
         });
     }
 
-    let policy = |p: Option<&String>| {
+    let policy = |p: Option<&str>| {
         if p.is_some_and(|p| p == "Local") {
             TrafficPolicy::Local
         } else {
             TrafficPolicy::Cluster
         }
     };
-    let external_policy = policy(spec.external_traffic_policy.as_ref());
-    let internal_policy = policy(spec.internal_traffic_policy.as_ref());
+    let external_policy = policy(spec.external_traffic_policy.as_deref());
+    let internal_policy = policy(spec.internal_traffic_policy.as_deref());
     let affinity_timeout_s = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         spec.session_affinity_config
             .as_ref()
@@ -397,8 +397,8 @@ pub fn pod_desired(pod: &SlimPod, ctx: &NodeContext) -> Desired {
     let Some(pod_ip) = status.and_then(|s| s.pod_ip) else {
         return out;
     };
-    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
-    let name = pod.metadata.name.as_deref().unwrap_or("");
+    let namespace = Some(pod.namespace()).filter(|ns| !ns.is_empty()).unwrap_or("default");
+    let name = pod.name();
     let owner = Owner::pod(namespace, name);
     let containers = spec.containers.iter().chain(spec.init_containers.iter().flatten());
     for port in containers.flat_map(|c| c.ports.iter().flatten()) {

@@ -3,7 +3,6 @@
 //! agent claimed it in an annotation ([`crate::podcidr`] writes the claims).
 
 use ipnetwork::Ipv4Network;
-use kube::ResourceExt as _;
 
 pub use crate::slim::POD_CIDR_ANNOTATION;
 use crate::slim::SlimNode;
@@ -36,7 +35,7 @@ pub fn spec_pod_cidr(node: &SlimNode) -> Option<Ipv4Network> {
 /// The range claimed in `node`'s [`POD_CIDR_ANNOTATION`], if it is a valid
 /// range.
 pub fn claimed_pod_cidr(node: &SlimNode) -> Option<Ipv4Network> {
-    riptide_cidr::parse(POD_CIDR_ANNOTATION, node.annotations().get(POD_CIDR_ANNOTATION)?).ok()
+    riptide_cidr::parse(POD_CIDR_ANNOTATION, node.pod_cidr_claim.as_deref()?).ok()
 }
 
 #[cfg(test)]

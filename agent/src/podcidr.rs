@@ -24,14 +24,14 @@ use std::time::{Duration, Instant};
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Node;
 use kube::{
-    Api, Client, ResourceExt as _,
+    Api, Client,
     api::{Patch, PatchParams},
-    runtime::reflector::Store,
 };
 
 use crate::{
     node::{POD_CIDR_ANNOTATION, claimed_pod_cidr, spec_pod_cidr},
     slim::SlimNode,
+    store::Store,
     watch,
 };
 
@@ -60,7 +60,7 @@ pub fn decide<'a>(own: &str, nodes: impl IntoIterator<Item = &'a SlimNode>, clus
     // (name, range, from spec)
     let mut others: Vec<(String, Ipv4Network, bool)> = Vec::new();
     for n in nodes {
-        let name = n.name_any();
+        let name = n.name().to_owned();
         if name == own {
             me = Some(n);
             continue;
@@ -109,9 +109,7 @@ pub fn spawn(client: Client, nodes: Store<SlimNode>, node: String, fb: Fallback)
             tracing::error!(error = %e, "podCIDR fallback disabled");
             return;
         }
-        if nodes.wait_until_ready().await.is_err() {
-            return;
-        }
+        nodes.wait_until_ready().await;
         let api: Api<Node> = Api::all(client);
         let mut missing_since: Option<Instant> = None;
         let mut last_patch: Option<(Ipv4Network, Instant)> = None;
@@ -162,7 +160,7 @@ mod tests {
         }))
         .unwrap();
         if let Some(c) = claim {
-            n.annotations_mut().insert(POD_CIDR_ANNOTATION.into(), c.into());
+            n.pod_cidr_claim = Some(c.into());
         }
         n
     }

@@ -481,8 +481,7 @@ pub fn inputs_fingerprint(inputs: &Inputs<'_>) -> u64 {
     let mut h = DefaultHasher::new();
     let mut json = |v: &dyn erased::Json| v.hash_json(&mut h);
     for p in inputs.pods {
-        let m = &p.metadata;
-        json(&(&m.namespace, &m.name, &m.uid, p.labels(), m.deletion_timestamp.is_some()));
+        json(&(p.namespace(), p.name(), &p.uid, p.labels(), p.deleting));
         json(&(&p.spec, &p.status));
     }
     for n in inputs.namespaces {
@@ -492,7 +491,7 @@ pub fn inputs_fingerprint(inputs: &Inputs<'_>) -> u64 {
         json(&(&p.metadata.namespace, &p.metadata.name, &p.metadata.uid, &p.spec));
     }
     for n in inputs.nodes {
-        json(&(&n.metadata.name, n.status.as_ref().map(|s| &s.addresses)));
+        json(&(n.name(), n.status.as_ref().map(|s| &s.addresses)));
     }
     h.write(inputs.node_name.as_bytes());
     inputs.host_addrs.hash(&mut h);

@@ -180,13 +180,13 @@ pub fn desired_routes<'a>(
 ) -> (BTreeMap<Ipv4Network, Ipv4Addr>, Vec<(String, Ipv4Network)>) {
     let mut refused = Vec::new();
     let desired = nodes
-        .filter(|n| n.metadata.name.as_deref() != Some(self_name))
+        .filter(|n| n.name() != self_name)
         .filter_map(|n| Some((n, crate::node::pod_cidr(n)?, crate::node::internal_ip(n)?)))
         .filter_map(|(n, cidr, ip)| {
             if cidr.is_subnet_of(cluster) {
                 Some((cidr, ip))
             } else {
-                refused.push((n.metadata.name.clone().unwrap_or_default(), cidr));
+                refused.push((n.name().to_owned(), cidr));
                 None
             }
         })

@@ -23,9 +23,14 @@
 //! names, phases, port names and protocols, and a pod's whole label set (a
 //! Deployment's replicas carry the same one).
 //!
-//! All implement k8s-openapi's `Resource` and `Metadata` (with the real
-//! kind's group, version and kind), so kube's `Api`, watcher and reflector
-//! take them as they take the generated types. Field names and types follow
+//! None of them carries an `ObjectMeta` (hundreds of bytes inline however
+//! empty): an object keeps its name and namespace as an [`ObjKey`] (the
+//! namespace interned, both shared with its store's key) and the few other
+//! metadata it needs as fields of its own. kube's `Api` and watcher decode
+//! each kind as a [`Wire`] of it, which adds the `ObjectMeta` the watcher
+//! reads (the resourceVersion it resumes from) for the time of one event;
+//! `Wire<T>` implements k8s-openapi's `Resource` with the real kind's group,
+//! version and kind. Spec and status field names and types follow
 //! k8s-openapi's, so the code reads both alike.
 
 use std::{
@@ -47,8 +52,11 @@ use k8s_openapi::{
 };
 use serde::{
     Deserialize, Deserializer, Serialize, Serializer,
-    de::{IgnoredAny, SeqAccess, Visitor},
+    de::{DeserializeOwned, IgnoredAny, SeqAccess, Visitor},
 };
+
+pub use crate::store::ObjKey;
+use crate::store::Keyed;
 
 /// Label linking an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -58,17 +66,69 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// programming latency starts there).
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
+/// A compact type's wire form: what it decodes from (its `metadata` as
+/// [`Meta`]), and how that splits into the resourceVersion and itself.
+pub trait Decoded: Sized {
+    type Raw: DeserializeOwned;
+
+    /// The object and the resourceVersion it was decoded at.
+    fn decode(raw: Self::Raw) -> (Option<String>, Self);
+}
+
+/// One object as kube's watcher takes it: the compact `object`, and an
+/// `ObjectMeta` holding only its resourceVersion (all the watcher reads).
+/// Dropped as soon as the object is in its store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Wire<T> {
+    pub metadata: ObjectMeta,
+    pub object: T,
+}
+
+impl<'de, T: Decoded> Deserialize<'de> for Wire<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (resource_version, object) = T::decode(T::Raw::deserialize(d)?);
+        Ok(Self { metadata: ObjectMeta { resource_version, ..ObjectMeta::default() }, object })
+    }
+}
+
+/// `namespace/name` of `m` as the store key (namespaces interned).
+fn key_of(m: &Meta) -> ObjKey {
+    let namespace = Interned::from(m.namespace.as_deref().unwrap_or(""));
+    ObjKey::new(namespace.0, m.name.as_deref().unwrap_or(""))
+}
+
+/// Name and namespace accessors of the compact types.
+macro_rules! keyed {
+    ($t:ty) => {
+        impl $t {
+            pub fn name(&self) -> &str {
+                &self.key.name
+            }
+
+            /// Empty for cluster-scoped kinds.
+            pub fn namespace(&self) -> &str {
+                &self.key.namespace
+            }
+        }
+
+        impl Keyed for $t {
+            fn key(&self) -> ObjKey {
+                self.key.clone()
+            }
+        }
+    };
+}
+
 /// A `discovery.k8s.io/v1` EndpointSlice as the agent stores it. Field names
 /// and types follow k8s-openapi's, so the model reads both alike.
 ///
-/// The one label and the one annotation read are fields of their own, and
-/// `metadata.labels` / `annotations` stay `None`: a map of one entry
-/// allocates a whole B-tree node (536 bytes), twice per slice.
+/// The one label and the one annotation read are fields of their own: a
+/// map of one entry allocates a whole B-tree node (536 bytes), twice per
+/// slice.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(from = "RawSlice")]
 pub struct SlimSlice {
-    /// Name, namespace and resourceVersion (the watcher resumes from it).
-    pub metadata: ObjectMeta,
+    pub key: ObjKey,
     /// The [`LABEL_SERVICE_NAME`] label: the slice's Service.
     pub service_name: Option<String>,
     /// The [`TRIGGER_TIME_ANNOTATION`].
@@ -78,9 +138,11 @@ pub struct SlimSlice {
     pub endpoints: Box<[SliceEndpoint]>,
 }
 
+keyed!(SlimSlice);
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawSlice {
+pub struct RawSlice {
     metadata: Meta,
     address_type: Interned,
     #[serde(default)]
@@ -90,17 +152,26 @@ struct RawSlice {
     endpoints: Box<[SliceEndpoint]>,
 }
 
-impl From<RawSlice> for SlimSlice {
-    fn from(raw: RawSlice) -> Self {
+impl Decoded for SlimSlice {
+    type Raw = RawSlice;
+
+    fn decode(raw: RawSlice) -> (Option<String>, Self) {
         let m = raw.metadata;
-        Self {
-            metadata: ObjectMeta { name: m.name, namespace: m.namespace, resource_version: m.resource_version, ..ObjectMeta::default() },
+        let slice = Self {
+            key: key_of(&m),
             service_name: m.labels.and_then(|mut l| l.remove(LABEL_SERVICE_NAME)),
             trigger_time: m.annotations.and_then(|mut a| a.remove(TRIGGER_TIME_ANNOTATION)),
             address_type: raw.address_type,
             ports: raw.ports,
             endpoints: raw.endpoints,
-        }
+        };
+        (m.resource_version, slice)
+    }
+}
+
+impl From<RawSlice> for SlimSlice {
+    fn from(raw: RawSlice) -> Self {
+        Self::decode(raw).1
     }
 }
 
@@ -219,7 +290,7 @@ impl PartialEq<&str> for Interned {
 
 impl From<&str> for Interned {
     fn from(s: &str) -> Self {
-        Self::new(s)
+        Self(Interner::intern(&STRINGS, s))
     }
 }
 
@@ -284,16 +355,62 @@ struct Meta {
 
 /// A `v1` Service as the agent stores it.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(from = "RawService")]
 pub struct SlimService {
-    /// Name, namespace, uid and resourceVersion (Events name the object),
-    /// the two labels that make a Service someone else's, and the
-    /// `service.riptide.io/*` annotations.
-    #[serde(deserialize_with = "service_meta")]
-    pub metadata: ObjectMeta,
-    #[serde(default)]
+    pub key: ObjKey,
+    /// UID and resourceVersion: Events name the object.
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+    /// The two labels that make a Service someone else's
+    /// ([`LABEL_SERVICE_PROXY_NAME`], [`LABEL_HEADLESS`]); `None` when it
+    /// has neither.
+    pub labels: Option<BTreeMap<String, String>>,
+    /// The [`SERVICE_ANNOTATION_PREFIX`] annotations; `None` when none.
+    pub annotations: Option<BTreeMap<String, String>>,
     pub spec: Option<SlimServiceSpec>,
-    #[serde(default)]
     pub status: Option<SlimServiceStatus>,
+}
+
+keyed!(SlimService);
+
+#[derive(Deserialize)]
+pub struct RawService {
+    metadata: Meta,
+    #[serde(default)]
+    spec: Option<SlimServiceSpec>,
+    #[serde(default)]
+    status: Option<SlimServiceStatus>,
+}
+
+impl Decoded for SlimService {
+    type Raw = RawService;
+
+    fn decode(raw: RawService) -> (Option<String>, Self) {
+        let m = raw.metadata;
+        let keep = |map: Option<BTreeMap<String, String>>, want: &dyn Fn(&str) -> bool| {
+            map.map(|mut m| {
+                m.retain(|k, _| want(k));
+                m
+            })
+            .filter(|m| !m.is_empty())
+        };
+        let svc = Self {
+            key: key_of(&m),
+            uid: m.uid,
+            resource_version: m.resource_version.clone(),
+            labels: keep(m.labels, &|k| k == LABEL_SERVICE_PROXY_NAME || k == LABEL_HEADLESS),
+            annotations: keep(m.annotations, &|k| k.starts_with(SERVICE_ANNOTATION_PREFIX)),
+            spec: raw.spec,
+            status: raw.status,
+        };
+        (m.resource_version, svc)
+    }
+}
+
+impl From<RawService> for SlimService {
+    fn from(raw: RawService) -> Self {
+        Self::decode(raw).1
+    }
 }
 
 /// The `ServiceSpec` fields the model reads.
@@ -301,7 +418,7 @@ pub struct SlimService {
 #[serde(rename_all = "camelCase")]
 pub struct SlimServiceSpec {
     #[serde(default, rename = "type")]
-    pub type_: Option<String>,
+    pub type_: Option<Interned>,
     #[serde(default, rename = "clusterIP")]
     pub cluster_ip: Option<String>,
     #[serde(default, rename = "clusterIPs")]
@@ -309,13 +426,13 @@ pub struct SlimServiceSpec {
     #[serde(default, rename = "externalIPs")]
     pub external_ips: Option<Vec<String>>,
     #[serde(default)]
-    pub external_traffic_policy: Option<String>,
+    pub external_traffic_policy: Option<Interned>,
     #[serde(default)]
-    pub internal_traffic_policy: Option<String>,
+    pub internal_traffic_policy: Option<Interned>,
     #[serde(default)]
     pub health_check_node_port: Option<i32>,
     #[serde(default)]
-    pub session_affinity: Option<String>,
+    pub session_affinity: Option<Interned>,
     #[serde(default)]
     pub session_affinity_config: Option<SessionAffinityConfig>,
     #[serde(default)]
@@ -330,9 +447,9 @@ pub struct SlimServiceSpec {
 #[serde(rename_all = "camelCase")]
 pub struct SlimServicePort {
     #[serde(default)]
-    pub name: Option<String>,
+    pub name: Option<Interned>,
     #[serde(default)]
-    pub protocol: Option<String>,
+    pub protocol: Option<Interned>,
     pub port: i32,
     #[serde(default)]
     pub node_port: Option<i32>,
@@ -356,31 +473,6 @@ pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// `lb_mode`'s); the Service watch keeps only these.
 pub const SERVICE_ANNOTATION_PREFIX: &str = "service.riptide.io/";
 
-fn service_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    let m = Meta::deserialize(d)?;
-    let keep = |map: Option<BTreeMap<String, String>>, want: &dyn Fn(&str) -> bool| {
-        map.map(|mut m| {
-            m.retain(|k, _| want(k));
-            m
-        })
-        .filter(|m| !m.is_empty())
-    };
-    Ok(ObjectMeta {
-        name: m.name,
-        namespace: m.namespace,
-        uid: m.uid,
-        resource_version: m.resource_version,
-        labels: keep(m.labels, &|k| k == LABEL_SERVICE_PROXY_NAME || k == LABEL_HEADLESS),
-        annotations: keep(m.annotations, &|k| k.starts_with(SERVICE_ANNOTATION_PREFIX)),
-        ..ObjectMeta::default()
-    })
-}
-
-/// The one entry of `map` under `key`, if any.
-fn only(map: Option<BTreeMap<String, String>>, key: &str) -> Option<BTreeMap<String, String>> {
-    map.and_then(|mut m| m.remove_entry(key)).map(|kv| [kv].into())
-}
-
 fn null_is_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Box<[T]>, D::Error> {
     Ok(Option::<Box<[T]>>::deserialize(d)?.unwrap_or_default())
 }
@@ -395,19 +487,20 @@ static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
 /// A `v1` Pod as the agent stores it.
 ///
-/// Its labels are in [`SlimPod::labels`] (shared between pods), not in
-/// `metadata.labels`, which stays `None`: read them with the inherent
-/// [`SlimPod::labels`] method, which `pod.labels()` calls in preference to
-/// kube's `ResourceExt::labels`.
+/// Its labels are shared between pods: read them with [`SlimPod::labels`].
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(from = "RawPod")]
 pub struct SlimPod {
-    /// Name, namespace, uid, resourceVersion and deletionTimestamp.
-    pub metadata: ObjectMeta,
+    pub key: ObjKey,
+    pub uid: Option<Uid>,
+    /// `metadata.deletionTimestamp` is set.
+    pub deleting: bool,
     pub labels: Option<Labels>,
     pub spec: Option<SlimPodSpec>,
     pub status: Option<SlimPodStatus>,
 }
+
+keyed!(SlimPod);
 
 impl SlimPod {
     /// The pod's labels (empty when it has none).
@@ -422,7 +515,7 @@ impl SlimPod {
 }
 
 #[derive(Deserialize)]
-struct RawPod {
+pub struct RawPod {
     #[serde(default)]
     metadata: Option<Meta>,
     #[serde(default)]
@@ -431,24 +524,89 @@ struct RawPod {
     status: Option<RawPodStatus>,
 }
 
-impl From<RawPod> for SlimPod {
-    fn from(raw: RawPod) -> Self {
+impl Decoded for SlimPod {
+    type Raw = RawPod;
+
+    fn decode(raw: RawPod) -> (Option<String>, Self) {
         let m = raw.metadata.unwrap_or_default();
         let mut pod = Self {
-            metadata: ObjectMeta {
-                name: m.name,
-                namespace: m.namespace,
-                uid: m.uid,
-                resource_version: m.resource_version,
-                deletion_timestamp: m.deletion_timestamp,
-                ..ObjectMeta::default()
-            },
+            key: key_of(&m),
+            uid: m.uid.map(Uid::from),
+            deleting: m.deletion_timestamp.is_some(),
             labels: None,
             spec: raw.spec,
             status: raw.status.map(SlimPodStatus::from),
         };
         pod.set_labels(m.labels.unwrap_or_default());
-        pod
+        (m.resource_version, pod)
+    }
+}
+
+impl From<RawPod> for SlimPod {
+    fn from(raw: RawPod) -> Self {
+        Self::decode(raw).1
+    }
+}
+
+/// An object's UID: a UUID (what apiservers hand out) in 16 bytes, any
+/// other string as it is. Displays as it was written.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum Uid {
+    Uuid([u8; 16]),
+    Other(Box<str>),
+}
+
+impl From<String> for Uid {
+    fn from(s: String) -> Self {
+        parse_uuid(&s).map_or_else(|| Self::Other(s.into()), Self::Uuid)
+    }
+}
+
+/// The 16 bytes of a lowercase hyphenated UUID (`8-4-4-4-12` hex digits),
+/// only when they print back to the same string.
+fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let b = s.as_bytes();
+    if b.len() != 36 || [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
+        return None;
+    }
+    let mut digits = b.iter().enumerate().filter(|(i, _)| ![8, 13, 18, 23].contains(i)).map(|(_, c)| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    });
+    let mut out = [0u8; 16];
+    for byte in &mut out {
+        *byte = (digits.next()?? << 4) | digits.next()??;
+    }
+    Some(out)
+}
+
+impl fmt::Display for Uid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Uuid(b) => {
+                for (i, byte) in b.iter().enumerate() {
+                    if matches!(i, 4 | 6 | 8 | 10) {
+                        f.write_str("-")?;
+                    }
+                    write!(f, "{byte:02x}")?;
+                }
+                Ok(())
+            }
+            Self::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+impl fmt::Debug for Uid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.to_string())
+    }
+}
+
+impl Serialize for Uid {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -461,22 +619,23 @@ pub struct SlimPodSpec {
     pub node_name: Option<Interned>,
     #[serde(default)]
     pub host_network: Option<bool>,
-    #[serde(default, deserialize_with = "with_ports")]
-    pub containers: Vec<SlimContainer>,
+    /// Shared between pods with the same containers' ports.
+    #[serde(default, deserialize_with = "with_ports", serialize_with = "as_slice")]
+    pub containers: Arc<[SlimContainer]>,
     /// Init containers include restartable sidecars, whose ports count.
     #[serde(default, deserialize_with = "with_ports_opt")]
     pub init_containers: Option<Vec<SlimContainer>>,
 }
 
 /// A container as far as its ports go.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SlimContainer {
     #[serde(default)]
     pub ports: Option<Vec<SlimContainerPort>>,
 }
 
 /// `ContainerPort`, its strings shared.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SlimContainerPort {
     #[serde(default)]
@@ -490,9 +649,16 @@ pub struct SlimContainerPort {
     pub host_ip: Option<Interned>,
 }
 
-/// Containers that declare ports, in a vector no larger than they need.
-fn with_ports<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SlimContainer>, D::Error> {
-    Ok(with_ports_opt(d)?.unwrap_or_default())
+static CONTAINER_SETS: Mutex<Interner<[SlimContainer]>> = Mutex::new(Interner::new());
+
+/// Containers that declare ports, one allocation per distinct list (a
+/// Deployment's replicas share theirs).
+fn with_ports<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<[SlimContainer]>, D::Error> {
+    Ok(Interner::intern(&CONTAINER_SETS, with_ports_opt(d)?.unwrap_or_default()))
+}
+
+fn as_slice<S: Serializer, T: Serialize>(v: &Arc<[T]>, s: S) -> Result<S::Ok, S::Error> {
+    v.as_ref().serialize(s)
 }
 
 fn with_ports_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<SlimContainer>>, D::Error> {
@@ -547,15 +713,50 @@ pub const POD_CIDR_ANNOTATION: &str = "riptide.io/pod-cidr";
 /// A `v1` Node as the agent stores it: heartbeats rewrite its conditions
 /// and images every few seconds, and none of that is read.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(from = "RawNode")]
 pub struct SlimNode {
-    /// Name, uid, resourceVersion, deletionTimestamp and the
-    /// [`POD_CIDR_ANNOTATION`] claim.
-    #[serde(default, deserialize_with = "node_meta")]
-    pub metadata: ObjectMeta,
-    #[serde(default)]
+    /// Name (the namespace is empty).
+    pub key: ObjKey,
+    /// `metadata.deletionTimestamp` is set.
+    pub deleting: bool,
+    /// The [`POD_CIDR_ANNOTATION`] claim.
+    pub pod_cidr_claim: Option<String>,
     pub spec: Option<SlimNodeSpec>,
-    #[serde(default)]
     pub status: Option<SlimNodeStatus>,
+}
+
+keyed!(SlimNode);
+
+#[derive(Deserialize)]
+pub struct RawNode {
+    #[serde(default)]
+    metadata: Meta,
+    #[serde(default)]
+    spec: Option<SlimNodeSpec>,
+    #[serde(default)]
+    status: Option<SlimNodeStatus>,
+}
+
+impl Decoded for SlimNode {
+    type Raw = RawNode;
+
+    fn decode(raw: RawNode) -> (Option<String>, Self) {
+        let m = raw.metadata;
+        let node = Self {
+            key: key_of(&m),
+            deleting: m.deletion_timestamp.is_some(),
+            pod_cidr_claim: m.annotations.and_then(|mut a| a.remove(POD_CIDR_ANNOTATION)),
+            spec: raw.spec,
+            status: raw.status,
+        };
+        (m.resource_version, node)
+    }
+}
+
+impl From<RawNode> for SlimNode {
+    fn from(raw: RawNode) -> Self {
+        Self::decode(raw).1
+    }
 }
 
 /// The `NodeSpec` fields the agent reads.
@@ -583,20 +784,8 @@ pub struct SlimNodeStatus {
     pub addresses: Option<Vec<NodeAddress>>,
 }
 
-fn node_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    let m = Meta::deserialize(d)?;
-    Ok(ObjectMeta {
-        name: m.name,
-        uid: m.uid,
-        resource_version: m.resource_version,
-        deletion_timestamp: m.deletion_timestamp,
-        annotations: only(m.annotations, POD_CIDR_ANNOTATION),
-        ..ObjectMeta::default()
-    })
-}
-
-/// `Resource` and `Metadata` for a slim type, with the group, version,
-/// kind and scope of the k8s-openapi type it stands for.
+/// `Resource` and `Metadata` for a slim type's [`Wire`] form, with the
+/// group, version, kind and scope of the k8s-openapi type it stands for.
 macro_rules! watched_as {
     ($slim:ty, $real:ty, $scope:ty) => {
         impl k8s_openapi::Resource for $slim {
@@ -622,10 +811,10 @@ macro_rules! watched_as {
     };
 }
 
-watched_as!(SlimService, Service, NamespaceResourceScope);
-watched_as!(SlimSlice, EndpointSlice, NamespaceResourceScope);
-watched_as!(SlimPod, Pod, NamespaceResourceScope);
-watched_as!(SlimNode, Node, ClusterResourceScope);
+watched_as!(Wire<SlimService>, Service, NamespaceResourceScope);
+watched_as!(Wire<SlimSlice>, EndpointSlice, NamespaceResourceScope);
+watched_as!(Wire<SlimPod>, Pod, NamespaceResourceScope);
+watched_as!(Wire<SlimNode>, Node, ClusterResourceScope);
 
 #[cfg(test)]
 mod tests {
@@ -651,12 +840,7 @@ mod tests {
         }))
         .unwrap();
         let want = SlimSlice {
-            metadata: ObjectMeta {
-                name: Some("web-abc".into()),
-                namespace: Some("ns".into()),
-                resource_version: Some("7".into()),
-                ..ObjectMeta::default()
-            },
+            key: ObjKey::new("ns", "web-abc"),
             service_name: Some("web".into()),
             trigger_time: Some("2026-12-07T00:00:00Z".into()),
             address_type: "IPv4".into(),
@@ -733,12 +917,11 @@ mod tests {
             "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.7", "ipMode": "VIP"}]}, "conditions": [{"type": "x"}]},
         }))
         .unwrap();
-        assert_eq!(s.metadata.name.as_deref(), Some("web"));
-        assert_eq!(s.metadata.uid.as_deref(), Some("u1"));
-        assert_eq!(s.metadata.resource_version.as_deref(), Some("9"));
-        assert_eq!(s.metadata.labels, Some([(LABEL_HEADLESS.to_owned(), String::new())].into()));
-        assert_eq!(s.metadata.annotations, Some([("service.riptide.io/lb-mode".to_owned(), "dsr".to_owned())].into()));
-        assert!(s.metadata.managed_fields.is_none());
+        assert_eq!((s.namespace(), s.name()), ("ns", "web"));
+        assert_eq!(s.uid.as_deref(), Some("u1"));
+        assert_eq!(s.resource_version.as_deref(), Some("9"));
+        assert_eq!(s.labels, Some([(LABEL_HEADLESS.to_owned(), String::new())].into()));
+        assert_eq!(s.annotations, Some([("service.riptide.io/lb-mode".to_owned(), "dsr".to_owned())].into()));
         let spec = s.spec.unwrap();
         assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
         assert_eq!(spec.health_check_node_port, Some(30001));
@@ -753,7 +936,7 @@ mod tests {
         let bare: SlimService =
             serde_json::from_value(serde_json::json!({"metadata": {"name": "a", "labels": {"app": "a"}, "annotations": {"x": "y"}}}))
                 .unwrap();
-        assert_eq!((bare.metadata.labels, bare.metadata.annotations, bare.spec), (None, None, None));
+        assert_eq!((bare.labels, bare.annotations, bare.spec), (None, None, None));
     }
 
     #[test]
@@ -782,10 +965,9 @@ mod tests {
             .unwrap()
         };
         let p = pod("web-1", "10.42.0.5");
-        assert_eq!((p.metadata.name.as_deref(), p.metadata.namespace.as_deref()), (Some("web-1"), Some("ns")));
-        assert_eq!((p.metadata.uid.as_deref(), p.metadata.resource_version.as_deref()), (Some("u1"), Some("5")));
-        assert!(p.metadata.deletion_timestamp.is_some());
-        assert!(p.metadata.labels.is_none() && p.metadata.annotations.is_none() && p.metadata.owner_references.is_none());
+        assert_eq!((p.name(), p.namespace()), ("web-1", "ns"));
+        assert_eq!(p.uid.as_ref().map(ToString::to_string).as_deref(), Some("u1"));
+        assert!(p.deleting);
         assert_eq!(p.labels().get("app").map(String::as_str), Some("web"));
         let spec = p.spec.as_ref().unwrap();
         assert_eq!(spec.node_name.as_deref(), Some("n1"));
@@ -829,23 +1011,46 @@ mod tests {
                        "nodeInfo": {"kubeletVersion": "v1"}},
         }))
         .unwrap();
-        assert_eq!(n.metadata.name.as_deref(), Some("n1"));
-        assert_eq!(n.metadata.labels, None);
-        assert_eq!(n.metadata.annotations, Some([(POD_CIDR_ANNOTATION.to_owned(), "10.42.9.0/24".to_owned())].into()));
+        assert_eq!((n.name(), n.namespace()), ("n1", ""));
+        assert_eq!(n.pod_cidr_claim.as_deref(), Some("10.42.9.0/24"));
         let spec = n.spec.unwrap();
         assert_eq!(spec.pod_cidrs, Some(vec!["10.42.1.0/24".to_owned()]));
         assert_eq!(spec.taints.unwrap()[0].key, "ToBeDeletedByClusterAutoscaler");
         assert_eq!(n.status.unwrap().addresses.unwrap()[0].address, "198.18.0.2");
     }
 
+    /// The watcher reads the resourceVersion of what it decodes; the
+    /// compact object keeps its key, namespaces shared between objects.
+    #[test]
+    fn the_wire_form_carries_the_resource_version() {
+        let w: Wire<SlimPod> = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns-shared", "resourceVersion": "42", "labels": {"a": "b"}},
+        }))
+        .unwrap();
+        assert_eq!(w.metadata.resource_version.as_deref(), Some("42"));
+        assert_eq!((w.object.namespace(), w.object.name()), ("ns-shared", "p"));
+        let q: SlimPod = serde_json::from_value(serde_json::json!({"metadata": {"name": "q", "namespace": "ns-shared"}})).unwrap();
+        assert!(Arc::ptr_eq(&w.object.key.namespace, &q.key.namespace), "one allocation per namespace");
+    }
+
+    #[test]
+    fn uids_print_as_written() {
+        for s in ["0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9", "0F1E2D3C-4B5A-4978-8695-A4B3C2D1E0F9", "not-a-uuid", "", "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f"] {
+            let uid = Uid::from(s.to_owned());
+            assert_eq!(uid.to_string(), s);
+        }
+        assert!(matches!(Uid::from("0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9".to_owned()), Uid::Uuid(_)));
+        assert!(matches!(Uid::from("0F1E2D3C-4B5A-4978-8695-A4B3C2D1E0F9".to_owned()), Uid::Other(_)));
+    }
+
     #[test]
     fn watches_as_an_endpointslice() {
         use kube::Resource as _;
-        assert_eq!(SlimSlice::api_version(&()), "discovery.k8s.io/v1");
-        assert_eq!(SlimSlice::plural(&()), "endpointslices");
-        assert_eq!(SlimSlice::url_path(&(), Some("ns")), "/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices");
-        assert_eq!(SlimService::url_path(&(), Some("ns")), "/api/v1/namespaces/ns/services");
-        assert_eq!(SlimPod::url_path(&(), None), "/api/v1/pods");
-        assert_eq!(SlimNode::url_path(&(), None), "/api/v1/nodes");
+        assert_eq!(Wire::<SlimSlice>::api_version(&()), "discovery.k8s.io/v1");
+        assert_eq!(Wire::<SlimSlice>::plural(&()), "endpointslices");
+        assert_eq!(Wire::<SlimSlice>::url_path(&(), Some("ns")), "/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices");
+        assert_eq!(Wire::<SlimService>::url_path(&(), Some("ns")), "/api/v1/namespaces/ns/services");
+        assert_eq!(Wire::<SlimPod>::url_path(&(), None), "/api/v1/pods");
+        assert_eq!(Wire::<SlimNode>::url_path(&(), None), "/api/v1/nodes");
     }
 }

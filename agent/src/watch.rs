@@ -1,29 +1,28 @@
-//! Reflectors for the six kinds the agent needs, as controller-rs does it:
-//! `watcher(..).default_backoff()`, `.modify()` to trim what we never read,
-//! into a `reflector` store (Services, EndpointSlices, Pods and Nodes need no
-//! trim: they decode into [`SlimService`], [`SlimSlice`], [`SlimPod`] and
-//! [`SlimNode`], which hold only what is read). Every event also becomes
-//! a small [`Change`] on a channel, so the reconcile loop knows *what* to
-//! recompute instead of rescanning the stores.
+//! Watches of the six kinds the agent needs, as controller-rs does it:
+//! `watcher(..).default_backoff()`, each event applied to a store. The
+//! stores are the agent's own ([`crate::store`]): Services, EndpointSlices,
+//! Pods and Nodes decode as the compact types of `slim.rs` (a [`Wire`] of
+//! each for the watcher), which hold only what is read and no
+//! `ObjectMeta`; Namespaces and NetworkPolicies, few, stay k8s-openapi
+//! structs trimmed of what is never read. Every event also becomes a small
+//! [`Change`] on a channel, so the reconcile loop knows *what* to recompute
+//! instead of rescanning the stores.
 
-use std::{fmt::Debug, hash::Hash};
+use std::fmt::Debug;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{core::v1::Namespace, networking::v1::NetworkPolicy};
 use kube::{
-    Api, Client, Resource, ResourceExt as _,
-    runtime::{
-        WatchStreamExt as _,
-        reflector::{self, Store},
-        watcher,
-    },
+    Api, Client, Resource,
+    runtime::{WatchStreamExt as _, watcher},
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     metrics::Metrics,
-    slim::{SlimNode, SlimPod, SlimService, SlimSlice},
+    slim::{SlimNode, SlimPod, SlimService, SlimSlice, Wire},
+    store::{Keyed, ObjKey, Store},
 };
 
 /// One Kubernetes API permission the agent uses: `verbs` on `resource` in
@@ -133,139 +132,163 @@ pub enum Change {
 /// The stores the reconcile loop reads.
 #[derive(Clone)]
 pub struct Stores {
-    /// Decoded as [`SlimService`]: only the fields the agent reads.
     pub services: Store<SlimService>,
-    /// Decoded as [`SlimSlice`]: only the fields the model reads.
     pub slices: Store<SlimSlice>,
-    /// Decoded as [`SlimNode`]: addresses, podCIDRs, taint keys, the claim.
     pub nodes: Store<SlimNode>,
-    /// Every pod of the cluster, decoded as [`SlimPod`].
+    /// Every pod of the cluster.
     pub pods: Store<SlimPod>,
     pub namespaces: Store<Namespace>,
     pub policies: Store<NetworkPolicy>,
 }
 
-/// Starts the six reflectors; changes go to `tx`.
+impl Keyed for Namespace {
+    fn key(&self) -> ObjKey {
+        ObjKey::new("", self.metadata.name.as_deref().unwrap_or(""))
+    }
+}
+
+impl Keyed for NetworkPolicy {
+    fn key(&self) -> ObjKey {
+        ObjKey::new(self.metadata.namespace.as_deref().unwrap_or(""), self.metadata.name.as_deref().unwrap_or(""))
+    }
+}
+
+/// Starts the six watches; changes go to `tx`.
 pub fn start(client: &Client, node_name: &str, tx: &UnboundedSender<Change>, metrics: &Metrics) -> Stores {
     let services = spawn(
-        Api::<SlimService>::all(client.clone()),
-        watcher::Config::default(),
+        Api::<Wire<SlimService>>::all(client.clone()),
         Kind::Service,
         tx.clone(),
         metrics.clone(),
-        |s: &SlimService| Change::Service { namespace: s.namespace().unwrap_or_default(), name: s.name_any() },
-        // Nothing left to trim: the type decodes only what is read.
-        |_: &mut SlimService| {},
+        |w| w.object,
+        |s: &SlimService| Change::Service { namespace: s.namespace().to_owned(), name: s.name().to_owned() },
     );
     let slices = spawn(
-        Api::<SlimSlice>::all(client.clone()),
-        watcher::Config::default(),
+        Api::<Wire<SlimSlice>>::all(client.clone()),
         Kind::EndpointSlice,
         tx.clone(),
         metrics.clone(),
+        |w| w.object,
         |s: &SlimSlice| Change::Slice {
-            namespace: s.namespace().unwrap_or_default(),
-            name: s.name_any(),
+            namespace: s.namespace().to_owned(),
+            name: s.name().to_owned(),
             service: s.service_name.clone(),
             deleted: false,
         },
-        // Nothing left to trim: the type decodes only what is read.
-        |_: &mut SlimSlice| {},
     );
     let nodes = spawn(
-        Api::<SlimNode>::all(client.clone()),
-        watcher::Config::default(),
+        Api::<Wire<SlimNode>>::all(client.clone()),
         Kind::Node,
         tx.clone(),
         metrics.clone(),
-        |n: &SlimNode| Change::Node { name: n.name_any() },
-        // Nothing left to trim: the type decodes only what is read.
-        |_: &mut SlimNode| {},
+        |w| w.object,
+        |n: &SlimNode| Change::Node { name: n.name().to_owned() },
     );
     let node = node_name.to_owned();
     let pods = spawn(
-        Api::<SlimPod>::all(client.clone()),
-        watcher::Config::default(),
+        Api::<Wire<SlimPod>>::all(client.clone()),
         Kind::Pod,
         tx.clone(),
         metrics.clone(),
+        |w| w.object,
         move |p: &SlimPod| Change::Pod {
-            namespace: p.namespace().unwrap_or_default(),
-            name: p.name_any(),
+            namespace: p.namespace().to_owned(),
+            name: p.name().to_owned(),
             local: p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str()),
         },
-        // Nothing left to trim: the type decodes only what is read.
-        |_: &mut SlimPod| {},
     );
     let namespaces = spawn(
         Api::<Namespace>::all(client.clone()),
-        watcher::Config::default(),
         Kind::Namespace,
         tx.clone(),
         metrics.clone(),
-        |n: &Namespace| Change::Namespace { name: n.name_any() },
-        |n: &mut Namespace| {
+        |mut n: Namespace| {
             // Labels and annotations (the policy audit switch) are read;
             // namespaces are few, so their annotations stay whole.
-            n.meta_mut().managed_fields = None;
-            n.meta_mut().owner_references = None;
+            n.metadata.managed_fields = None;
+            n.metadata.owner_references = None;
             n.spec = None;
             n.status = None;
+            n
         },
+        |n: &Namespace| Change::Namespace { name: n.metadata.name.clone().unwrap_or_default() },
     );
     let policies = spawn(
         Api::<NetworkPolicy>::all(client.clone()),
-        watcher::Config::default(),
         Kind::NetworkPolicy,
         tx.clone(),
         metrics.clone(),
-        |p: &NetworkPolicy| Change::NetworkPolicy { namespace: p.namespace().unwrap_or_default(), name: p.name_any() },
-        |p: &mut NetworkPolicy| trim_meta(p.meta_mut()),
+        |mut p: NetworkPolicy| {
+            p.metadata.managed_fields = None;
+            p.metadata.annotations = None;
+            p.metadata.owner_references = None;
+            p
+        },
+        |p: &NetworkPolicy| Change::NetworkPolicy {
+            namespace: p.metadata.namespace.clone().unwrap_or_default(),
+            name: p.metadata.name.clone().unwrap_or_default(),
+        },
     );
     Stores { services, slices, nodes, pods, namespaces, policies }
 }
 
-fn trim_meta(m: &mut kube::api::ObjectMeta) {
-    m.managed_fields = None;
-    m.annotations = None;
-    m.owner_references = None;
-}
-
-fn spawn<K>(
-    api: Api<K>,
-    cfg: watcher::Config,
+/// Watches `api` into a new store of `T` (each object as `convert` makes
+/// it), sending a [`Change`] per event.
+fn spawn<W, T>(
+    api: Api<W>,
     kind: Kind,
     tx: UnboundedSender<Change>,
     metrics: Metrics,
-    change: impl Fn(&K) -> Change + Send + 'static,
-    trim: impl FnMut(&mut K) + Send + 'static,
-) -> Store<K>
+    convert: impl Fn(W) -> T + Send + 'static,
+    change: impl Fn(&T) -> Change + Send + 'static,
+) -> Store<T>
 where
-    K: Resource + k8s_openapi::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+    W: Resource + k8s_openapi::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    W::DynamicType: Default,
+    T: Keyed,
 {
-    let (reader, writer) = reflector::store();
-    if let Err(e) = declared::<K>(WATCH_VERBS) {
+    let store = Store::new();
+    if let Err(e) = declared::<W>(WATCH_VERBS) {
         // A programming error, loud: the store never fills, so the agent
         // never turns ready (and tests fail) instead of running without RBAC.
         tracing::error!(error = %e, "not starting an undeclared watch");
         metrics.watch_errors.get_or_create(&crate::metrics::KindLabel { kind: kind.as_str() }).inc();
-        return reader;
+        return store;
     }
-    let stream = reflector::reflector(writer, watcher(api, cfg).default_backoff().modify(trim));
+    let writer = store.clone();
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
             let msg = match ev {
-                Ok(watcher::Event::Apply(o)) => change(&o),
-                Ok(watcher::Event::Delete(o)) => match change(&o) {
-                    Change::Slice { namespace, name, service, .. } => {
-                        Change::Slice { namespace, name, service, deleted: true }
+                Ok(watcher::Event::Apply(o)) => {
+                    let o = convert(o);
+                    let msg = change(&o);
+                    writer.apply(o);
+                    msg
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    let o = convert(o);
+                    writer.delete(&o);
+                    match change(&o) {
+                        Change::Slice { namespace, name, service, .. } => {
+                            Change::Slice { namespace, name, service, deleted: true }
+                        }
+                        other => other,
                     }
-                    other => other,
-                },
-                Ok(watcher::Event::InitDone) => Change::Resynced(kind),
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+                }
+                Ok(watcher::Event::Init) => {
+                    writer.begin_relist();
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(o)) => {
+                    writer.apply(convert(o));
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => {
+                    writer.finish_relist();
+                    Change::Resynced(kind)
+                }
                 Err(e) => {
                     metrics.watch_errors.get_or_create(&crate::metrics::KindLabel { kind: kind.as_str() }).inc();
                     tracing::warn!(kind = kind.as_str(), error = %e, "watch failed; retrying with backoff");
@@ -277,7 +300,7 @@ where
             }
         }
     });
-    reader
+    store
 }
 
 #[cfg(test)]
@@ -286,20 +309,20 @@ mod tests {
 
     #[test]
     fn every_watched_kind_is_declared() {
-        declared::<SlimService>(WATCH_VERBS).unwrap();
-        declared::<SlimSlice>(WATCH_VERBS).unwrap();
-        declared::<SlimNode>(WATCH_VERBS).unwrap();
-        declared::<SlimPod>(WATCH_VERBS).unwrap();
+        declared::<Wire<SlimService>>(WATCH_VERBS).unwrap();
+        declared::<Wire<SlimSlice>>(WATCH_VERBS).unwrap();
+        declared::<Wire<SlimNode>>(WATCH_VERBS).unwrap();
+        declared::<Wire<SlimPod>>(WATCH_VERBS).unwrap();
         declared::<Namespace>(WATCH_VERBS).unwrap();
         declared::<NetworkPolicy>(WATCH_VERBS).unwrap();
-        declared::<SlimNode>(&["patch"]).unwrap();
+        declared::<Wire<SlimNode>>(&["patch"]).unwrap();
     }
 
     #[test]
     fn undeclared_calls_are_refused() {
-        let e = declared::<SlimPod>(&["delete"]).unwrap_err();
+        let e = declared::<Wire<SlimPod>>(&["delete"]).unwrap_err();
         assert_eq!((e.group, e.resource, e.verb.as_str()), ("", "pods", "delete"));
-        assert!(declared::<SlimService>(&["patch"]).is_err());
+        assert!(declared::<Wire<SlimService>>(&["patch"]).is_err());
         assert!(declared::<k8s_openapi::api::core::v1::Secret>(&["list"]).is_err());
     }
 }

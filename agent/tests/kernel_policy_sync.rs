@@ -168,7 +168,7 @@ fn kernel_policy_sync_writes_shrinks_and_converges_after_restart() {
         "b-egress",
         json!({"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Egress"], "egress": [{"to": [{"ipBlock": {"cidr": "203.0.113.0/24", "except": ["203.0.113.0/28"]}}], "ports": [{"protocol": "UDP", "port": 53}]}]}),
     )];
-    cluster.pods.retain(|p| p.metadata.name.as_deref() != Some("c"));
+    cluster.pods.retain(|p| p.name() != "c");
     let c2 = cluster.compile(&mut compiler);
     let rep = sync.sync(&c2);
     assert!(rep.ok() && !rep.read_back, "{rep:?}");

@@ -290,7 +290,7 @@ impl Compiler {
         });
         let mut host_addrs: Vec<Ipv4Addr> = inputs.host_addrs.to_vec();
         for node in inputs.nodes {
-            let local = node.metadata.name.as_deref() == Some(inputs.node_name);
+            let local = node.name() == inputs.node_name;
             for addr in node_addrs(node) {
                 if local {
                     host_addrs.push(addr);
@@ -358,7 +358,7 @@ impl Compiler {
                 continue;
             }
             let Some(idx) = idx else { continue };
-            let key = pod.pod.uid().unwrap_or_else(|| format!("{}/{}", pod.namespace, pod.name));
+            let key = pod.pod.uid.as_ref().map_or_else(|| format!("{}/{}", pod.namespace, pod.name), ToString::to_string);
             let hint = hints.as_ref().and_then(|h| h.ep_by_ip.get(&pod.ip).copied());
             let Some(ep_id) = self.ep_ids.id(key, generation, hint) else {
                 warnings.push(format!("pod {}/{}: no endpoint id left", pod.namespace, pod.name));
@@ -525,8 +525,8 @@ fn pods<'a>(inputs: &Inputs<'a>, warnings: &mut Vec<String>) -> (Vec<PodData<'a>
             let ip = status.pod_ip?;
             let data = PodData {
                 pod: pod.as_ref(),
-                namespace: pod.metadata.namespace.as_deref().unwrap_or("default"),
-                name: pod.metadata.name.as_deref().unwrap_or(""),
+                namespace: Some(pod.namespace()).filter(|ns| !ns.is_empty()).unwrap_or("default"),
+                name: pod.name(),
                 ip,
                 local: spec.node_name.as_deref() == Some(inputs.node_name),
             };
@@ -540,7 +540,7 @@ fn pods<'a>(inputs: &Inputs<'a>, warnings: &mut Vec<String>) -> (Vec<PodData<'a>
     let mut drop = vec![false; out.len()];
     for (idx, pod) in out.iter().enumerate() {
         if let Some(&other) = by_ip.get(&pod.ip) {
-            let keep_new = out[other].pod.metadata.deletion_timestamp.is_some() && pod.pod.metadata.deletion_timestamp.is_none();
+            let keep_new = out[other].pod.deleting && !pod.pod.deleting;
             let (kept, dropped) = if keep_new { (idx, other) } else { (other, idx) };
             warnings.push(format!(
                 "pods {}/{} and {}/{} both have address {}: using {}/{}",

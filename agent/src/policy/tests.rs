@@ -136,7 +136,7 @@ impl Cluster {
         let (ns, name) = pod.split_once('/').unwrap();
         self.pods
             .iter()
-            .position(|p| p.metadata.namespace.as_deref() == Some(ns) && p.metadata.name.as_deref() == Some(name))
+            .position(|p| p.namespace() == ns && p.name() == name)
             .unwrap()
     }
 
@@ -638,7 +638,7 @@ fn identities_endpoint_ids_and_policy_refs_are_stable_across_compiles() {
     assert_eq!(third.policy(1), first.policy(1));
     // A deleted pod's endpoint id is not handed to the next new pod.
     let gone = first.views[&ip_of("y/c")].ep_id;
-    cl.pods.retain(|p| !(p.metadata.namespace.as_deref() == Some("y") && p.metadata.name.as_deref() == Some("c")));
+    cl.pods.retain(|p| !(p.namespace() == "y" && p.name() == "c"));
     let fourth = compiler.compile(&cl.inputs());
     assert!(!fourth.views.contains_key(&ip_of("y/c")));
     cl.pods.push(from_json(pod_json("y", "e", json!({"pod": "e"}), Ipv4Addr::new(10, 42, 2, 5), NODE, serve_ports())));
@@ -1128,7 +1128,7 @@ fn adopted_numbering_never_hands_an_old_id_to_something_new() {
     // While the agent was down: x/a was deleted, a new pod came up in x
     // (new labels, x/a's address), z/c changed labels.
     let mut now = cl;
-    now.pods.retain(|p| !(p.metadata.namespace.as_deref() == Some("x") && p.metadata.name.as_deref() == Some("a")));
+    now.pods.retain(|p| !(p.namespace() == "x" && p.name() == "a"));
     now.pods.push(from_json(pod_json("x", "new", json!({"pod": "new"}), ip_of("x/a"), NODE, serve_ports())));
     now.set_pod_labels("z/c", json!({"pod": "c", "v": "2"}));
     let mut compiler = Compiler::new();
