@@ -362,60 +362,41 @@ impl<W: PolicyWriter> PolicySync<W> {
             }
         }
 
+        let w = &mut self.writer;
         let stale: Vec<Ipv4Addr> = have.endpoints.keys().filter(|a| !want_endpoints.contains_key(a)).copied().collect();
-        for addr in stale {
-            match self.writer.remove_endpoint(addr) {
-                Ok(()) => {
-                    have.endpoints.remove(&addr);
-                    rep.endpoints_removed += 1;
-                }
-                Err(e) => rep.errors.push(format!("removing endpoint {addr}: {}", crate::reconcile::error_chain(&e))),
-            }
-        }
+        rep.endpoints_removed += remove_stale(stale, &mut rep.errors, |a| format!("endpoint {a}"), |a| {
+            w.remove_endpoint(*a).map(|()| {
+                have.endpoints.remove(a);
+            })
+        });
         // A trie entry that belongs to a hash is stale in the trie.
         let mut stale: Vec<RuleKey> = have.rules.keys().filter(|k| rule_exact(k) || !want_rules.contains_key(k)).copied().collect();
         stale.sort_by_key(rule_order);
-        for k in stale {
-            match self.writer.remove_rule(k) {
-                Ok(()) => {
-                    have.rules.remove(&k);
-                    rep.rules_removed += 1;
-                }
-                Err(e) => rep.errors.push(format!("removing rule {}: {}", describe(&k), crate::reconcile::error_chain(&e))),
-            }
-        }
+        rep.rules_removed += remove_stale(stale, &mut rep.errors, |k| format!("rule {}", describe(k)), |k| {
+            w.remove_rule(*k).map(|()| {
+                have.rules.remove(k);
+            })
+        });
         let mut stale: Vec<RuleKey> =
             have.rules_exact.keys().map(|key| RuleKey { prefix_len: POLICY_PREFIX_FULL, key: *key }).filter(|k| !want_rules.contains_key(k)).collect();
         stale.sort_by_key(rule_order);
-        for k in stale {
-            match self.writer.remove_rule_exact(k.key) {
-                Ok(()) => {
-                    have.rules_exact.remove(&k.key);
-                    rep.rules_removed += 1;
-                }
-                Err(e) => rep.errors.push(format!("removing rule {}: {}", describe(&k), crate::reconcile::error_chain(&e))),
-            }
-        }
+        rep.rules_removed += remove_stale(stale, &mut rep.errors, |k| format!("rule {}", describe(k)), |k| {
+            w.remove_rule_exact(k.key).map(|()| {
+                have.rules_exact.remove(&k.key);
+            })
+        });
         let stale: Vec<(Ipv4Addr, u8)> = have.ipcache.keys().filter(|k| ipcache_exact(k.1) || !want_ipcache.contains_key(k)).copied().collect();
-        for (addr, len) in stale {
-            match self.writer.remove_ipcache(addr, len) {
-                Ok(()) => {
-                    have.ipcache.remove(&(addr, len));
-                    rep.ipcache_removed += 1;
-                }
-                Err(e) => rep.errors.push(format!("removing ipcache {addr}/{len}: {}", crate::reconcile::error_chain(&e))),
-            }
-        }
+        rep.ipcache_removed += remove_stale(stale, &mut rep.errors, |(a, len)| format!("ipcache {a}/{len}"), |&(a, len)| {
+            w.remove_ipcache(a, len).map(|()| {
+                have.ipcache.remove(&(a, len));
+            })
+        });
         let stale: Vec<Ipv4Addr> = have.ipcache_exact.keys().filter(|a| !want_ipcache.contains_key(&(**a, 32))).copied().collect();
-        for addr in stale {
-            match self.writer.remove_ipcache_exact(addr) {
-                Ok(()) => {
-                    have.ipcache_exact.remove(&addr);
-                    rep.ipcache_removed += 1;
-                }
-                Err(e) => rep.errors.push(format!("removing ipcache {addr}/32: {}", crate::reconcile::error_chain(&e))),
-            }
-        }
+        rep.ipcache_removed += remove_stale(stale, &mut rep.errors, |a| format!("ipcache {a}/32"), |a| {
+            w.remove_ipcache_exact(*a).map(|()| {
+                have.ipcache_exact.remove(a);
+            })
+        });
         // After a failure the maps are read again: the next diff starts
         // from the truth, not from what this pass believes it did.
         if rep.errors.is_empty() {
@@ -526,6 +507,25 @@ mod erased {
             h.write_u8(0xff);
         }
     }
+}
+
+/// Removes each of `stale` in order with `remove` (which also forgets it in
+/// the known state) and returns how many went; a failure is reported as
+/// "removing {what}: …" and the entry stays for the next pass.
+fn remove_stale<K, E: std::error::Error + 'static>(
+    stale: Vec<K>,
+    errors: &mut Vec<String>,
+    what: impl Fn(&K) -> String,
+    mut remove: impl FnMut(&K) -> Result<(), E>,
+) -> usize {
+    let mut removed = 0;
+    for k in stale {
+        match remove(&k) {
+            Ok(()) => removed += 1,
+            Err(e) => errors.push(format!("removing {}: {}", what(&k), crate::reconcile::error_chain(&e))),
+        }
+    }
+    removed
 }
 
 fn rule_order(k: &RuleKey) -> (u32, u32, u8, u8, u16, u32) {

@@ -201,6 +201,28 @@ fn a_failed_rule_write_fails_its_endpoint_closed_until_a_retry_succeeds() {
 }
 
 #[test]
+fn a_failed_removal_is_reported_kept_and_retried() {
+    let mut s = PolicySync::new(Recorder::default());
+    assert!(s.sync(&compiled(&[80, 81])).ok());
+    let mut next = compiled(&[80]);
+    next.ipcache.remove(&(ip("10.42.1.9"), 32));
+    s.writer.fail.push("-rule4x ep 1 identity 257 dir 1 proto 6 port 81/96".into());
+    s.writer.log.clear();
+    let rep = s.sync(&next);
+    assert_eq!(rep.errors, ["removing rule ep 1 identity 257 dir 1 proto 6 port 81/96: injected failure: -rule4x ep 1 identity 257 dir 1 proto 6 port 81/96"]);
+    assert_eq!((rep.rules_removed, rep.ipcache_removed), (0, 1), "the other removals went on");
+    assert!(rep.fail_closed.is_empty(), "a rule left over allows no more than before");
+    assert!(s.writer().maps.rules_exact.contains_key(&rule(1, 257, 81).key));
+    assert!(s.known().is_none());
+
+    s.writer.fail.clear();
+    let rep = s.sync(&next);
+    assert!(rep.ok() && rep.read_back, "{rep:?}");
+    assert_eq!(rep.rules_removed, 1);
+    assert_eq!(s.writer().maps, MapState::desired(&next));
+}
+
+#[test]
 fn a_failed_ipcache_write_fails_every_endpoint_closed() {
     let mut s = PolicySync::new(Recorder::default());
     s.writer.fail.push("+ipcache4x 10.42.1.9".into());
