@@ -20,7 +20,13 @@ use super::{
     kubectl::{Kubectl, kill_pod_cgroups, log_tail, wait_for},
 };
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_riptide-controlplane");
+/// The control plane binary. riptide-dns's tests include this harness too and
+/// cargo defines no such variable for them; they never start a node, so a
+/// bare name (resolved on PATH) is only a placeholder there.
+pub const BIN: &str = match option_env!("CARGO_BIN_EXE_riptide-controlplane") {
+    Some(bin) => bin,
+    None => "riptide-controlplane",
+};
 
 pub struct Node {
     pub dir: tempfile::TempDir,
