@@ -115,6 +115,11 @@ pub mod names {
     pub const PROG_SOCK_SENDMSG4: &str = "rt_sock_send4";
     pub const PROG_SOCK_RECVMSG4: &str = "rt_sock_recv4";
     pub const PROG_SOCK_GETPEERNAME4: &str = "rt_sock_peer4";
+    /// cgroup/dev program of containers that are not privileged (runc's
+    /// default device rules). The kubelet loads and attaches it to each
+    /// such container's cgroup; the agent neither loads nor pins it, so it
+    /// is not in [`ALL_PROGRAMS`].
+    pub const PROG_DEVICE: &str = "rt_dev";
 
     /// Every map name (for size checks and dumps).
     pub const ALL_MAPS: [&str; 21] = [

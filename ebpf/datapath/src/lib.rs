@@ -8,6 +8,7 @@
 mod attach;
 mod bpffs;
 pub mod clock;
+pub mod devices;
 pub mod endpoints;
 mod error;
 pub mod events;

@@ -212,7 +212,7 @@ fn load_retrying(
 /// Loads `object` with maps private to this load. The maps are declared
 /// pinned-by-name, so aya pins them somewhere; a fresh directory that is
 /// removed right after loading keeps them private (the fds keep them alive).
-fn load_private(object: &[u8], max_entries: &[(&str, u32)]) -> Result<Ebpf> {
+pub(crate) fn load_private(object: &[u8], max_entries: &[(&str, u32)]) -> Result<Ebpf> {
     ensure_bpffs()?;
     let dir = Path::new(PIN_ROOT).join(format!("private-{}-{}", std::process::id(), unique()));
     std::fs::create_dir_all(&dir).map_err(|source| Error::Io {

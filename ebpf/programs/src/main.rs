@@ -18,6 +18,7 @@
 mod clock;
 mod csum;
 mod ct;
+mod device;
 mod dsr;
 mod events;
 mod icmp;
@@ -43,8 +44,8 @@ use aya_ebpf::{
         TC_ACT_OK,
         xdp_action::{XDP_DROP, XDP_PASS},
     },
-    macros::{cgroup_sock_addr, classifier, xdp},
-    programs::{SockAddrContext, TcContext, XdpContext},
+    macros::{cgroup_device, cgroup_sock_addr, classifier, xdp},
+    programs::{DeviceContext, SockAddrContext, TcContext, XdpContext},
 };
 use riptide_common::{
     DropEvent, EV_SRC_FROM_NET, EV_SRC_FROM_POD, EV_SRC_SOCK, EV_SRC_TO_NET, EV_SRC_TO_POD,
@@ -198,6 +199,13 @@ fn sock_rev(ctx: &SockAddrContext) -> i32 {
             sock::SOCK_ALLOW
         }
     }
+}
+
+/// The device cgroup of a container that is not privileged (the kubelet
+/// attaches it to the container's cgroup): runc's default allow list.
+#[cgroup_device]
+pub fn rt_dev(ctx: DeviceContext) -> i32 {
+    device::judge(&ctx)
 }
 
 #[cfg(target_arch = "bpf")]
