@@ -1,7 +1,8 @@
 //! `kubectl exec`: the kubelet's [`ExecSpawner`] for the WebSocket
 //! channel protocol in [`crate::exec`]. The command joins the running
 //! container's network, mount, UTS and PID namespaces (so it sees the
-//! pod's /etc files, hostname and processes) and the pod's cgroup, runs as
+//! pod's /etc files, hostname and processes) and the container's cgroup
+//! (its device rules), runs as
 //! the container's user with its capabilities, starts in
 //! the container's working directory and gets the container's environment
 //! (as `runc exec` does: the Service variables, `KUBERNETES_SERVICE_HOST`,
@@ -11,7 +12,7 @@ use std::sync::Arc;
 
 use crate::exec::{ExecError, ExecRequest, ExecSpawner};
 
-use super::{Shared, process};
+use super::{Shared, process, sandbox};
 
 pub struct KubeletExec(pub Arc<Shared>);
 
@@ -39,6 +40,8 @@ impl ExecSpawner for KubeletExec {
         // And its PID namespace (its /proc is already in that mount
         // namespace).
         place.pidns = process::pidns_of(pid);
+        // And its cgroup, with its device rules.
+        place.cgroup = place.cgroup.map(|pod| sandbox::joined_cgroup(&pod, &req.container));
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok().map(|p| p.to_string_lossy().into_owned());
         let env = exec_env(std::fs::read(format!("/proc/{pid}/environ")).ok().as_deref(), &req.pod);
         process::command(&req.command, &env, cwd.as_deref(), &place).map_err(|e| ExecError::Internal(e.to_string()))

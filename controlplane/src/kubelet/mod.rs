@@ -18,9 +18,16 @@
 //! with setns, not `ip netns exec`, so /run/netns and /sys stay shared),
 //! talks to the API only through kube-rs, and keeps its pods' state under
 //! `--root-dir` so a restart adopts running pods.
+//!
+//! Each container runs in a cgroup of its own below the pod's
+//! ([`sandbox`]); one that is not privileged gets runc's default device
+//! rules there ([`devices`]: an eBPF cgroup device program), so it cannot
+//! open the node's disks or `/dev/mem` through any device node it reaches
+//! or makes, and fails to start where the kernel cannot enforce them.
 
 pub mod auth;
 pub mod cni;
+pub mod devices;
 pub mod dns;
 pub mod env;
 pub mod etc;

@@ -1,8 +1,9 @@
 //! One worker per pod (by uid): sandbox (netns + CNI ADD + cgroup + the
 //! mount namespace with the pod's /etc files), volumes, init containers
 //! (in order, each to success, retried with back-off), the containers
-//! (image resolved, own mount and PID namespaces, start, restart with
-//! back-off, probes), status, and graceful termination
+//! (image resolved, own mount and PID namespaces, own cgroup with its
+//! device rules, start, restart with back-off, probes), status, and
+//! graceful termination
 //! (SIGTERM, grace period, SIGKILL, CNI DEL, netns, mount namespace and
 //! cgroup removed, then the final delete with gracePeriodSeconds=0).
 
@@ -389,6 +390,13 @@ impl Worker {
         // an image without WORKDIR does (the kubelet's directory may be
         // under a volume's mount point, or masked).
         let cwd = c.working_dir.clone().or_else(|| own_ns.then(|| "/".to_owned()));
+        let cgroup = {
+            let (pod_cgroup, name) = (self.st.cgroup.clone(), c.name.clone());
+            tokio::task::spawn_blocking(move || sandbox::create_container_cgroup(&pod_cgroup, &name, privileged))
+                .await
+                .map_err(|e| super::Error::Sandbox(format!("container cgroup task: {e}")))
+                .and_then(|r| r)
+        };
         let spawned = match (pidns, iso) {
             (Err(e), _) | (_, Err(e)) => Err(e),
             (Ok(pidns), Ok(_)) if !own_ns => {
@@ -408,7 +416,10 @@ impl Worker {
                 })
             }
         }
-        .and_then(|place| process::spawn(&argv, &envs, cwd.as_deref(), &place, &log));
+        .and_then(|mut place| {
+            place.cgroup = Some(cgroup?);
+            process::spawn(&argv, &envs, cwd.as_deref(), &place, &log)
+        });
         let live = self.live.entry(c.name.clone()).or_default();
         live.security = Some(sec);
         match spawned {
@@ -585,6 +596,7 @@ impl Worker {
         place.hostname = None;
         place.mntns = (pid > 0).then(|| std::path::PathBuf::from(format!("/proc/{pid}/ns/mnt")));
         place.pidns = process::pidns_of(pid);
+        place.cgroup = Some(sandbox::joined_cgroup(&self.st.cgroup, &c.name));
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok().map(|p| p.to_string_lossy().into_owned());
         let live = self.live.entry(c.name.clone()).or_default();
         place.security.clone_from(&live.security);

@@ -211,7 +211,7 @@ async fn grpc_health(addr: SocketAddr, service: &str, timeout: Duration) -> Resu
 
 /// `e: its source: its source ...`, for errors whose Display alone says
 /// little (tonic's "transport error").
-fn chain(e: &dyn std::error::Error) -> String {
+pub(super) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {

@@ -1,6 +1,11 @@
 //! A pod's sandbox: a named network namespace (`/run/netns/<name>`), a
 //! cgroup under the node's cgroup (where riptide's socket-LB hooks are
 //! attached, so they apply to the pod), and the processes in them.
+//!
+//! Each container runs in a cgroup of its own below the pod's, as under
+//! containerd: the device rules ([`super::devices`]) are per container, so
+//! a privileged container and one that is not can share a pod. The pod's
+//! cgroup holds only its pause process, if any.
 
 use std::{
     fs,
@@ -72,8 +77,38 @@ pub fn cgroup_pids(dir: &Path) -> Vec<i32> {
         .unwrap_or_default()
 }
 
-/// Kills everything in the cgroup (`cgroup.kill`, Linux 5.14) and removes
-/// it once empty.
+/// A container's own cgroup, `<pod cgroup>/<container>` (a container's
+/// name is a DNS label: never a cgroup interface file's `<x>.<y>`).
+pub fn container_cgroup(pod: &Path, container: &str) -> PathBuf {
+    pod.join(container)
+}
+
+/// The cgroup a process joining a running container enters (`kubectl
+/// exec`, exec probes): the container's own, or the pod's for a container
+/// a kubelet without per-container cgroups started.
+pub fn joined_cgroup(pod: &Path, container: &str) -> PathBuf {
+    let own = container_cgroup(pod, container);
+    if own.is_dir() { own } else { pod.to_owned() }
+}
+
+/// A fresh cgroup for a container's next start: what the previous run left
+/// in its cgroup (a daemonized child, an exec session) is killed with the
+/// cgroup, as upstream removes a container with its cgroup. Unless
+/// `privileged`, its device access is restricted before anything runs in
+/// it; when that fails the container must not start, so the error is
+/// returned (fail closed).
+pub fn create_container_cgroup(pod: &Path, container: &str, privileged: bool) -> Result<PathBuf, Error> {
+    let dir = container_cgroup(pod, container);
+    remove_cgroup(&dir)?;
+    create_cgroup(&dir)?;
+    if !privileged {
+        super::devices::restrict(&dir)?;
+    }
+    Ok(dir)
+}
+
+/// Kills everything in the cgroup and below (`cgroup.kill`, Linux 5.14) and
+/// removes it, its children first, once empty.
 pub fn remove_cgroup(dir: &Path) -> Result<(), Error> {
     if !dir.exists() {
         return Ok(());
@@ -81,9 +116,29 @@ pub fn remove_cgroup(dir: &Path) -> Result<(), Error> {
     if let Ok(mut f) = fs::OpenOptions::new().write(true).open(dir.join("cgroup.kill")) {
         let _ = f.write_all(b"1");
     }
+    kill_tree(dir);
+    remove_tree(dir)
+}
+
+/// SIGKILL to every process of `dir` and its descendants (for kernels
+/// without `cgroup.kill`).
+fn kill_tree(dir: &Path) {
     for pid in cgroup_pids(dir) {
         // SAFETY: plain kill(2); a stale pid at worst gets ESRCH.
         unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    for child in child_cgroups(dir) {
+        kill_tree(&child);
+    }
+}
+
+fn child_cgroups(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect()).unwrap_or_default()
+}
+
+fn remove_tree(dir: &Path) -> Result<(), Error> {
+    for child in child_cgroups(dir) {
+        remove_tree(&child)?;
     }
     for _ in 0..100 {
         match fs::remove_dir(dir) {
