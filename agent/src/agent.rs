@@ -1186,7 +1186,6 @@ impl Loop {
                 self.write_config(ip);
             }
         }
-        let pods_by_ip = compiled.pods.iter().map(|((ns, name), ip)| (*ip, format!("{ns}/{name}"))).collect();
         let elapsed = started.elapsed();
         let mut st = lock(&self.shared.policy);
         st.passes += 1;
@@ -1196,7 +1195,6 @@ impl Loop {
         st.errors = rep.errors;
         st.enforcing = self.written_config.is_some_and(|c| c.flags & CFG_F_POLICY != 0);
         st.compiled = Arc::new(compiled);
-        st.pods_by_ip = Arc::new(pods_by_ip);
     }
 
     fn datapath_config(&self, node_ip: Ipv4Addr) -> DpConfig {

@@ -204,7 +204,7 @@ pub fn status(s: &Shared) -> StatusView {
 
 fn policy_status(s: &Shared) -> PolicyStatusView {
     let p = lock(&s.policy).clone();
-    let name = |ip: &std::net::Ipv4Addr| p.pods_by_ip.get(ip).map_or_else(|| ip.to_string(), |n| format!("{n} ({ip})"));
+    let name = |ip: &std::net::Ipv4Addr| p.pod_name(*ip).map_or_else(|| ip.to_string(), |n| format!("{n} ({ip})"));
     PolicyStatusView {
         synced: p.synced,
         enforcing: p.enforcing,
@@ -311,7 +311,8 @@ struct Since {
 }
 
 async fn get_events(State(s): State<S>, Query(q): Query<Since>) -> Json<Vec<crate::events::EventView>> {
-    let pods = lock(&s.policy).pods_by_ip.clone();
+    let policy = lock(&s.policy).clone();
+    let pods = policy.pods_by_ip();
     Json(s.events.since(q.since, &services(&s), &pods))
 }
 

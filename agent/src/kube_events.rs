@@ -33,7 +33,7 @@ pub fn publish(client: &Client, svc: &crate::slim::SlimService, node: &str, kind
             kind: Some("Service".into()),
             name: Some(svc.name().to_owned()),
             namespace: Some(ns.clone()),
-            uid: svc.uid.clone(),
+            uid: svc.uid.as_ref().map(ToString::to_string),
             resource_version: svc.resource_version.clone(),
             field_path: None,
         },

@@ -79,8 +79,6 @@ pub struct PolicyState {
     /// writes failed (as the maps hold them), so `riptide policy check`
     /// judges as the datapath does.
     pub compiled: Arc<Compiled>,
-    /// Pod address → `namespace/name`, every pod of the cluster.
-    pub pods_by_ip: Arc<HashMap<Ipv4Addr, String>>,
     /// The first pass wrote everything (until then the agent is not ready).
     pub synced: bool,
     /// Local pods left fail-closed by the last pass.
@@ -91,6 +89,19 @@ pub struct PolicyState {
     pub last_pass_ms: Option<f64>,
     /// `CFG_F_POLICY` as last written to the datapath config.
     pub enforcing: bool,
+}
+
+impl PolicyState {
+    /// Pod address → `namespace/name`, every pod of the cluster (built on
+    /// request: the agent holds the names once, in its pod store).
+    pub fn pods_by_ip(&self) -> HashMap<Ipv4Addr, String> {
+        self.compiled.pods.iter().map(|((ns, name), ip)| (*ip, format!("{ns}/{name}"))).collect()
+    }
+
+    /// `namespace/name` of the pod at `ip`.
+    pub fn pod_name(&self, ip: Ipv4Addr) -> Option<String> {
+        self.compiled.pods.iter().find(|(_, a)| **a == ip).map(|((ns, name), _)| format!("{ns}/{name}"))
+    }
 }
 
 /// Locks `m`, taking over a lock poisoned by a panicked holder: the state

@@ -359,7 +359,7 @@ struct Meta {
 pub struct SlimService {
     pub key: ObjKey,
     /// UID and resourceVersion: Events name the object.
-    pub uid: Option<String>,
+    pub uid: Option<Uid>,
     pub resource_version: Option<String>,
     /// The two labels that make a Service someone else's
     /// ([`LABEL_SERVICE_PROXY_NAME`], [`LABEL_HEADLESS`]); `None` when it
@@ -394,13 +394,21 @@ impl Decoded for SlimService {
             })
             .filter(|m| !m.is_empty())
         };
+        let mut spec = raw.spec;
+        if let Some(s) = spec.as_mut()
+            && s.cluster_ips.as_deref() == s.cluster_ip.as_ref().map(std::slice::from_ref)
+        {
+            // The usual single-stack Service: `clusterIPs` repeats
+            // `clusterIP`, which the model reads as well.
+            s.cluster_ips = None;
+        }
         let svc = Self {
             key: key_of(&m),
-            uid: m.uid,
+            uid: m.uid.map(Uid::from),
             resource_version: m.resource_version.clone(),
             labels: keep(m.labels, &|k| k == LABEL_SERVICE_PROXY_NAME || k == LABEL_HEADLESS),
             annotations: keep(m.annotations, &|k| k.starts_with(SERVICE_ANNOTATION_PREFIX)),
-            spec: raw.spec,
+            spec,
             status: raw.status,
         };
         (m.resource_version, svc)
@@ -918,7 +926,7 @@ mod tests {
         }))
         .unwrap();
         assert_eq!((s.namespace(), s.name()), ("ns", "web"));
-        assert_eq!(s.uid.as_deref(), Some("u1"));
+        assert_eq!(s.uid.as_ref().map(ToString::to_string).as_deref(), Some("u1"));
         assert_eq!(s.resource_version.as_deref(), Some("9"));
         assert_eq!(s.labels, Some([(LABEL_HEADLESS.to_owned(), String::new())].into()));
         assert_eq!(s.annotations, Some([("service.riptide.io/lb-mode".to_owned(), "dsr".to_owned())].into()));

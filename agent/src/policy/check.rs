@@ -2,7 +2,7 @@
 //! computed from a [`Compiled`] state with the datapath's lookups (LPM on
 //! the ipcache, then up to three LPM lookups in the rules per direction).
 
-use std::{fmt, net::Ipv4Addr, str::FromStr};
+use std::{fmt, net::Ipv4Addr, str::FromStr, sync::Arc};
 
 use riptide_common::{
     IpcacheValue, PE_F_ANY_IN, PE_F_ANY_OUT, PE_F_AUDIT_IN, PE_F_AUDIT_OUT, PE_F_FAIL_CLOSED, PE_F_ISOLATED_IN,
@@ -157,7 +157,7 @@ impl Compiled {
             Peer::Addr(a) => Ok(*a),
             Peer::Pod { namespace, name } => self
                 .pods
-                .get(&(namespace.clone(), name.clone()))
+                .get(&(Arc::from(namespace.as_str()), Arc::from(name.as_str())))
                 .copied()
                 .ok_or_else(|| CheckError::UnknownPod {
                     namespace: namespace.clone(),

@@ -182,6 +182,7 @@ impl Compiler {
         let mut identities: Vec<IdentityData<'_>> = Vec::new();
         let mut by_set: HashMap<(&str, &Labels), usize> = HashMap::new();
         let mut pod_identity: Vec<Option<usize>> = Vec::with_capacity(pods.len());
+        let no_labels = Arc::new(Labels::new());
         for (pod_idx, pod) in pods.iter().enumerate() {
             let labels = pod.pod.labels();
             let idx = if let Some(idx) = by_set.get(&(pod.namespace, labels)) {
@@ -190,7 +191,8 @@ impl Compiler {
                 let ns_labels = namespaces.get(pod.namespace).map(|n| &n.labels);
                 let empty = Labels::new();
                 let hint = set_hints.get(&(pod.namespace, labels)).copied();
-                if let Some((id, shared)) = self.label_ids.id(pod.namespace, ns_labels.unwrap_or(&empty), labels, generation, hint) {
+                let interned = pod.pod.labels.as_ref().unwrap_or(&no_labels);
+                if let Some((id, shared)) = self.label_ids.id(pod.namespace, ns_labels.unwrap_or(&empty), interned, generation, hint) {
                     identities.push(IdentityData {
                         id,
                         namespace: pod.namespace,
@@ -306,7 +308,7 @@ impl Compiler {
             }
         }
         for (pod, idx) in pods.iter().zip(&pod_identity) {
-            out.pods.insert((pod.namespace.to_owned(), pod.name.to_owned()), pod.ip);
+            out.pods.insert(pod.names(), pod.ip);
             if let Some(idx) = idx {
                 out.ipcache.insert(
                     (pod.ip, 32),
@@ -318,7 +320,7 @@ impl Compiler {
             }
         }
         for pod in &host_network_pods {
-            out.pods.entry((pod.namespace.to_owned(), pod.name.to_owned())).or_insert(pod.ip);
+            out.pods.entry(pod.names()).or_insert(pod.ip);
         }
         for addr in host_addrs {
             out.ipcache.insert(
@@ -506,6 +508,15 @@ struct PodData<'a> {
     name: &'a str,
     ip: Ipv4Addr,
     local: bool,
+}
+
+impl PodData<'_> {
+    /// Namespace and name, shared with the store's object.
+    fn names(&self) -> (Arc<str>, Arc<str>) {
+        let key = &self.pod.key;
+        let namespace = if key.namespace.is_empty() { Arc::from(self.namespace) } else { Arc::clone(&key.namespace) };
+        (namespace, Arc::clone(&key.name))
+    }
 }
 
 /// The pods that own addresses, in (namespace, name) order, and apart the

@@ -176,9 +176,10 @@ impl LabelIds {
         }
     }
 
-    /// The identity of a label set and the shared copy of its pod labels;
-    /// see [`StableIds::id`].
-    pub(super) fn id(&mut self, namespace: &str, ns_labels: &Labels, labels: &Labels, generation: u64, hint: Option<u32>) -> Option<(u32, Arc<Labels>)> {
+    /// The identity of a label set and the shared copy of its pod labels
+    /// (`labels` itself when the set is new: the pod store's interned
+    /// copy); see [`StableIds::id`].
+    pub(super) fn id(&mut self, namespace: &str, ns_labels: &Labels, labels: &Arc<Labels>, generation: u64, hint: Option<u32>) -> Option<(u32, Arc<Labels>)> {
         let ns = if let Some(ns) = self.by_ns.get_mut(namespace) {
             if ns.ns_labels != *ns_labels {
                 // New namespace labels: every set of the namespace is a
@@ -195,9 +196,9 @@ impl LabelIds {
                 sets: HashMap::new(),
             })
         };
-        if let Some((shared, entry)) = ns.sets.get_key_value(labels) {
+        if let Some((shared, entry)) = ns.sets.get_key_value(&**labels) {
             let (id, shared) = (entry.0, Arc::clone(shared));
-            if let Some(entry) = ns.sets.get_mut(labels) {
+            if let Some(entry) = ns.sets.get_mut(&**labels) {
                 entry.1 = generation;
             }
             return Some((id, shared));
@@ -206,7 +207,7 @@ impl LabelIds {
             Some(h) if self.alloc.adopt(h) => h,
             _ => self.alloc.alloc(generation)?,
         };
-        let shared = Arc::new(labels.clone());
+        let shared = Arc::clone(labels);
         ns.sets.insert(Arc::clone(&shared), (id, generation));
         Some((id, shared))
     }
@@ -301,20 +302,21 @@ mod tests {
     #[test]
     fn label_ids_follow_namespace_labels() {
         let l = |pairs: &[(&str, &str)]| -> Labels { pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect() };
+        let a_labels = Arc::new(l(&[("pod", "a")]));
         let mut ids = LabelIds::new(256, 1000);
-        let (a, shared) = ids.id("x", &l(&[("ns", "x")]), &l(&[("pod", "a")]), 1, None).unwrap();
-        assert_eq!(*shared, l(&[("pod", "a")]));
-        assert_eq!(ids.id("x", &l(&[("ns", "x")]), &l(&[("pod", "a")]), 1, None).unwrap().0, a);
-        let (b, _) = ids.id("y", &l(&[("ns", "y")]), &l(&[("pod", "a")]), 1, None).unwrap();
+        let (a, shared) = ids.id("x", &l(&[("ns", "x")]), &a_labels, 1, None).unwrap();
+        assert!(Arc::ptr_eq(&shared, &a_labels), "the caller's copy is kept, not cloned");
+        assert_eq!(ids.id("x", &l(&[("ns", "x")]), &a_labels, 1, None).unwrap().0, a);
+        let (b, _) = ids.id("y", &l(&[("ns", "y")]), &a_labels, 1, None).unwrap();
         assert_ne!(a, b);
         ids.sweep(1);
-        assert_eq!(ids.id("x", &l(&[("ns", "x")]), &l(&[("pod", "a")]), 2, None).unwrap().0, a);
+        assert_eq!(ids.id("x", &l(&[("ns", "x")]), &a_labels, 2, None).unwrap().0, a);
         // x gets a label: its pods' label sets are new.
-        let (a2, _) = ids.id("x", &l(&[("ns", "x"), ("team", "t")]), &l(&[("pod", "a")]), 3, None).unwrap();
+        let (a2, _) = ids.id("x", &l(&[("ns", "x"), ("team", "t")]), &a_labels, 3, None).unwrap();
         assert_ne!(a2, a);
         ids.sweep(3);
         // y was not used in 3: gone.
-        let (b2, _) = ids.id("y", &l(&[("ns", "y")]), &l(&[("pod", "a")]), 4, None).unwrap();
+        let (b2, _) = ids.id("y", &l(&[("ns", "y")]), &a_labels, 4, None).unwrap();
         assert_ne!(b2, b);
     }
 }

@@ -179,7 +179,8 @@ pub struct Compiled {
     pub identities: BTreeMap<u32, IdentityInfo>,
     /// Address of every pod of the cluster that has one: (namespace, name)
     /// → IPv4, for `riptide policy check`.
-    pub pods: BTreeMap<(String, String), Ipv4Addr>,
+    /// The names are the pod store's own strings, not copies.
+    pub pods: BTreeMap<(Arc<str>, Arc<str>), Ipv4Addr>,
     /// Policies or pods that could not be compiled as written (invalid
     /// selector, CIDR or port), one line each; the rest still applies.
     pub warnings: Vec<String>,

@@ -702,7 +702,7 @@ fn ipcache_holds_pods_nodes_and_the_world() {
     assert!(!c.any_local_policy());
     assert_eq!(c.check(&peer("x/a"), &peer("z/a"), 80, proto::TCP).unwrap().ingress, DirVerdict::NotLocal);
     // A host-network pod resolves to its node's address for `check`.
-    assert_eq!(c.pods[&("x".to_owned(), "hostnet".to_owned())], NODE_IP);
+    assert_eq!(c.pods[&(Arc::from("x"), Arc::from("hostnet"))], NODE_IP);
     assert_eq!(c.check(&peer("x/hostnet"), &peer("x/a"), 80, proto::TCP).unwrap().from, NODE_IP);
 }
 
