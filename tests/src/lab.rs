@@ -271,7 +271,7 @@ pub fn kubelet_host_path_args(c: &LabConfig, i: u32, root: &Path) -> Vec<String>
 }
 
 /// Pods' MTU: the vxlan device takes 50 bytes of the uplink's 1500.
-fn pod_mtu(tunnel: Option<&str>) -> u32 {
+pub(crate) fn pod_mtu(tunnel: Option<&str>) -> u32 {
     if tunnel.is_some() { 1450 } else { 1500 }
 }
 
@@ -464,9 +464,7 @@ impl Lab {
         ip(&[
             "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", &ul,
         ])?;
-        ip(&["-n", &ul, "addr", "add", &format!("{router}/32"), "dev", port])?;
-        ip(&["-n", &ul, "link", "set", port, "up"])?;
-        ip(&["-n", &ul, "route", "add", &format!("{addr}/32"), "dev", port])?;
+        self.route_node_link(port, addr)?;
         ip(&["-n", ns, "addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
         ip(&["-n", ns, "link", "set", "eth0", "up"])?;
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
@@ -474,6 +472,16 @@ impl Lab {
         let lan = format!("198.18.{}.0/24", self.cfg.subnet);
         ip(&["-n", ns, "route", "add", &lan, "via", &router, "dev", "eth0"])?;
         Ok(())
+    }
+
+    /// The router's end of node `addr`'s own link `port` (already in the
+    /// underlay namespace): the router's address (/32) on it, up, and the
+    /// node's /32 routed through it. A VM node's tap gets the same.
+    pub(crate) fn route_node_link(&self, port: &str, addr: Ipv4Addr) -> Result<()> {
+        let ul = self.cfg.underlay_netns();
+        ip(&["-n", &ul, "addr", "add", &format!("{}/32", self.router_ip()), "dev", port])?;
+        ip(&["-n", &ul, "link", "set", port, "up"])?;
+        ip(&["-n", &ul, "route", "add", &format!("{addr}/32"), "dev", port])
     }
 
     fn add_host_on_underlay(&self, ns: &str, port: &str, addr: Ipv4Addr) -> Result<()> {

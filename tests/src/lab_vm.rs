@@ -14,13 +14,18 @@
 //!                        198.18.S.11       198.18.S.12
 //! ```
 //!
-//! The lab is built as usual ([`Lab::up`]); each node's network namespace
-//! is then replaced by a tap device of the same port name on the underlay
-//! bridge, created inside `P-ul`, and QEMU (with virtme-ng around it) runs
-//! in `P-ul` too: the root namespace gains nothing, and a guest's only NIC
-//! is its tap on the lab bridge, which reaches nothing but the lab (the
-//! root namespace's `P0` does not forward). The control plane stays on the
-//! host.
+//! The lab is built as usual ([`Lab::up_with`]); each node's network
+//! namespace is then replaced by a tap device of the same port name,
+//! created inside `P-ul`, and QEMU (with virtme-ng around it) runs in
+//! `P-ul` too: the root namespace gains nothing, and a guest's only NIC is
+//! its tap, which reaches nothing but the lab (the root namespace's `P0`
+//! does not forward). The control plane stays on the host. On a routed
+//! underlay ([`crate::lab::LabNet::routed`], what `--tunnel vxlan` runs
+//! on) the tap is not on the bridge but the node's own link to the router
+//! in `P-ul`, addressed as a namespace node's veth is: the guest has its
+//! address as /32 and reaches the lab through the router, which knows no
+//! pod CIDR and drops pod-sourced packets, so pods reach other nodes
+//! through the agent's VXLAN device only.
 //!
 //! A guest writes nothing on this machine but its logs (`--rwdir` of the
 //! lab's log directory); kubelet, agent and CNI state live in the guest's
@@ -60,7 +65,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    lab::{CLUSTER_DNS, CLUSTER_DOMAIN, Install, Lab, LabConfig},
+    lab::{CLUSTER_DNS, CLUSTER_DOMAIN, Install, Lab, LabConfig, pod_mtu},
     netns::ip,
 };
 
@@ -145,14 +150,17 @@ fn mac(cfg: &LabConfig, i: u32) -> String {
 }
 
 /// Starts the control plane on the host, then every node as a VM running
-/// its kubelet, and waits until every node is Ready. From the manifest the
-/// kubelets start bare and `manifests/riptide.yaml` is applied as on the
-/// namespace lab: the DaemonSet's agent pod and its `install-cni` init
-/// container run inside each guest, writing the CNI files under the
-/// guest's own node root ([`GUEST_RUN`]`/root`). Hand-wired, the lab
-/// writes the CNI config and each guest starts its agent at boot.
+/// its kubelet, and waits until every node is Ready. The lab's
+/// [`crate::lab::LabNet`] holds for the guests too: a routed underlay puts
+/// each on its own link to the router, and a tunnel is the agents' routing
+/// mode (the ConfigMap's `routing-mode` and `mtu`, or `--tunnel`
+/// hand-wired). From the manifest the kubelets start bare and
+/// `manifests/riptide.yaml` is applied as on the namespace lab: the
+/// DaemonSet's agent pod and its `install-cni` init container run inside
+/// each guest, writing the CNI files under the guest's own node root
+/// ([`GUEST_RUN`]`/root`). Hand-wired, the lab writes the CNI config and
+/// each guest starts its agent at boot.
 pub fn start_cluster(lab: &mut Lab, tools: &VmTools, install: Install, timeout: Duration) -> Result<()> {
-    ensure!(!lab.net().routed && lab.net().tunnel.is_none(), "VM nodes sit on the bridged underlay: --tunnel is not yet supported with --vm");
     lab.set_install(install);
     lab.start_control_plane()?;
     if install == Install::HandWired {
@@ -189,16 +197,24 @@ pub fn guest_logs(cfg: &LabConfig) -> String {
 
 fn start_node(lab: &mut Lab, tools: &VmTools, i: u32, install: Install, image_map: &Path) -> Result<()> {
     let c = lab.config().clone();
+    let net = lab.net().clone();
     let node = c.node_name(i);
     let ul = c.underlay_netns();
     let port = format!("n{i}");
     // The namespace node's veth pair and netns go; a tap of the same port
-    // name takes its place on the bridge. The pair is deleted first and by
-    // hand: a deleted netns frees its devices asynchronously.
+    // name takes its place, on the bridge or as the node's routed link.
+    // The pair is deleted first and by hand: a deleted netns frees its
+    // devices asynchronously.
     ip(&["-n", &ul, "link", "del", &port])?;
     ip(&["netns", "del", &c.node_netns(i)])?;
     ip(&["-n", &ul, "tuntap", "add", "dev", &port, "mode", "tap"])?;
-    ip(&["-n", &ul, "link", "set", &port, "master", "br0", "up"])?;
+    let uplink = if net.routed {
+        lab.route_node_link(&port, c.node_ip(i))?;
+        Uplink::Routed { router: lab.router_ip() }
+    } else {
+        ip(&["-n", &ul, "link", "set", &port, "master", "br0", "up"])?;
+        Uplink::Bridged
+    };
 
     let dir = c.node_dir(i);
     let tmp = dir.join("vm-tmp");
@@ -210,13 +226,13 @@ fn start_node(lab: &mut Lab, tools: &VmTools, i: u32, install: Install, image_ma
     let _ = std::fs::remove_file(&agent_sh);
     let guest = match install {
         Install::HandWired => {
-            write_file(&agent_sh, &agent_script(&c, i))?;
-            GuestNode::HandWired { agent_sh: &agent_sh, cni_conf: write_cni_config(&c, i)? }
+            write_file(&agent_sh, &agent_script(&c, i, net.tunnel.as_deref()))?;
+            GuestNode::HandWired { agent_sh: &agent_sh, cni_conf: write_cni_config(&c, i, pod_mtu(net.tunnel.as_deref()))? }
         }
         Install::Manifest => GuestNode::Manifest,
     };
     let boot = dir.join("boot.sh");
-    write_file(&boot, &boot_script(&c, i, &guest, &creds, image_map))?;
+    write_file(&boot, &boot_script(&c, i, uplink, &guest, &creds, image_map))?;
 
     let bin_dir = tools.vng.parent().context("vng has no directory")?;
     let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
@@ -243,6 +259,16 @@ fn start_node(lab: &mut Lab, tools: &VmTools, i: u32, install: Install, image_ma
     Ok(())
 }
 
+/// How a guest's NIC reaches the lab (see [`crate::lab::LabNet::routed`]).
+#[derive(Debug, Clone, Copy)]
+enum Uplink {
+    /// On the lab bridge: the node's address in the underlay's /24.
+    Bridged,
+    /// The node's own link to `router`: its address as /32, the router
+    /// on-link, the underlay's /24 through it.
+    Routed { router: Ipv4Addr },
+}
+
 /// How a guest gets its agent and CNI config.
 enum GuestNode<'a> {
     /// The boot script starts the agent from `agent_sh`; the kubelet reads
@@ -261,8 +287,9 @@ const GUEST_ROOT: &str = "/var/lib/riptide-vm/root";
 const AGENT_SCRIPT: &str = "agent.sh";
 
 /// Node `i`'s CNI config directory, with the conflist pointing at the
-/// guest's own state, and the plugin linked as `riptide` beside it.
-fn write_cni_config(c: &LabConfig, i: u32) -> Result<PathBuf> {
+/// guest's own state and giving pods `mtu`, and the plugin linked as
+/// `riptide` beside it.
+fn write_cni_config(c: &LabConfig, i: u32, mtu: u32) -> Result<PathBuf> {
     let conf_dir = c.node_dir(i).join("cni");
     std::fs::create_dir_all(&conf_dir).with_context(|| format!("creating {}", conf_dir.display()))?;
     let conf = serde_json::json!({
@@ -274,7 +301,7 @@ fn write_cni_config(c: &LabConfig, i: u32) -> Result<PathBuf> {
             "podCIDRFile": format!("{GUEST_RUN}/podcidr"),
             "clusterCIDR": "10.42.0.0/16",
             "stateDir": format!("{GUEST_RUN}/ipam"),
-            "mtu": 1500,
+            "mtu": mtu,
         }],
     });
     write_file(&conf_dir.join("10-riptide.conflist"), &serde_json::to_string_pretty(&conf)?)?;
@@ -292,16 +319,17 @@ fn sh_quote(p: impl AsRef<std::ffi::OsStr>) -> String {
 
 /// Starts the node's agent in the background (its log appended to), its
 /// pid in `GUEST_RUN/agent.pid`; the boot script runs it, and so does
-/// [`start_agent`] after [`kill_agent`].
-fn agent_script(c: &LabConfig, i: u32) -> String {
+/// [`start_agent`] after [`kill_agent`]. `tunnel`: its `--tunnel`.
+fn agent_script(c: &LabConfig, i: u32, tunnel: Option<&str>) -> String {
     let log = c.log_dir().join(format!("{}-agent.log", c.node_name(i)));
+    let tunnel = tunnel.map(|t| format!("--tunnel {} ", sh_quote(t))).unwrap_or_default();
     format!(
         "#!/bin/sh\n\
          # Node {node}'s agent, inside its VM (written by riptide-lab, tests/src/lab_vm.rs).\n\
          echo \"----- lab: {node}-agent started $(date -u +%T) -----\" >> {log}\n\
          setsid {agent} --node-name {node} --node-ip {ip} --pod-cidr-file {GUEST_RUN}/podcidr \
          --api-socket {GUEST_RUN}/agent.sock --metrics-addr {ip}:9962 --cgroup {cgroup} --uplink eth0 \
-         --l2-announcements --kubeconfig {kc} >> {log} 2>&1 < /dev/null &\n\
+         --l2-announcements {tunnel}--kubeconfig {kc} >> {log} 2>&1 < /dev/null &\n\
          echo $! > {GUEST_RUN}/agent.pid\n",
         node = c.node_name(i),
         ip = c.node_ip(i),
@@ -314,11 +342,21 @@ fn agent_script(c: &LabConfig, i: u32) -> String {
 
 /// The guest's only job: mounts (bpffs, cgroup v2 where this machine's
 /// hybrid layout has it), the underlay address on the NIC with the lab's
-/// MAC, the node cgroup, then the agent and the kubelet in the background
-/// and the command server in the foreground (the VM powers off when it
-/// exits).
-fn boot_script(c: &LabConfig, i: u32, guest: &GuestNode<'_>, creds: &Path, image_map: &Path) -> String {
+/// MAC (and routes, as `uplink` says), the node cgroup, then the agent and
+/// the kubelet in the background and the command server in the foreground
+/// (the VM powers off when it exits).
+fn boot_script(c: &LabConfig, i: u32, uplink: Uplink, guest: &GuestNode<'_>, creds: &Path, image_map: &Path) -> String {
     let node = c.node_name(i);
+    let ip = c.node_ip(i);
+    let address = match uplink {
+        Uplink::Bridged => format!("ip addr add {ip}/24 dev eth0 && ip link set eth0 up || exit 1\n"),
+        Uplink::Routed { router } => format!(
+            "ip addr add {ip}/32 dev eth0 && ip link set eth0 up &&\n\
+             \x20 ip route add {router}/32 dev eth0 scope link &&\n\
+             \x20 ip route add 198.18.{subnet}.0/24 via {router} dev eth0 || exit 1\n",
+            subnet = c.subnet,
+        ),
+    };
     let log = |what: &str| sh_quote(c.log_dir().join(format!("{node}-{what}.log")));
     let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
     // Values quoted, flags bare, as the rest of the script reads.
@@ -380,8 +418,11 @@ fn boot_script(c: &LabConfig, i: u32, guest: &GuestNode<'_>, creds: &Path, image
          done\n\
          [ -n \"$dev\" ] || {{ echo \"riptide-vm: no NIC with MAC {mac}\"; exit 1; }}\n\
          [ \"$dev\" = eth0 ] || ip link set \"$dev\" name eth0 || exit 1\n\
-         ip addr add {ip}/24 dev eth0 && ip link set eth0 up || exit 1\n\
+         {address}\
          echo 1 > /proc/sys/net/ipv4/ip_forward\n\
+         # The tunnel's device (`routing-mode: vxlan`), which the agent\n\
+         # creates when the ConfigMap asks: a module in distribution kernels.\n\
+         modprobe vxlan\n\
          hostname {node}\n\
          export PATH={bin}:$PATH RIPTIDE_NODE_NAME={node} RIPTIDE_AGENT_SOCKET={socket} \
          KUBECONFIG={kubeconfig} NO_COLOR=1 RUST_LOG={rust_log}\n\
@@ -404,7 +445,6 @@ fn boot_script(c: &LabConfig, i: u32, guest: &GuestNode<'_>, creds: &Path, image
         kubelet_log = log("kubelet"),
         cgroup = sh_quote(c.node_cgroup(i)),
         mac = mac(c, i),
-        ip = c.node_ip(i),
         bin = sh_quote(&c.bin_dir),
         kubeconfig = sh_quote(c.kubeconfig()),
         rust_log = sh_quote(&rust_log),
@@ -702,7 +742,7 @@ mod tests {
     fn boot_script_addresses_the_nic_by_the_labs_mac() {
         let c = cfg();
         let guest = GuestNode::HandWired { agent_sh: Path::new("/a.sh"), cni_conf: "/cni".into() };
-        let s = boot_script(&c, 2, &guest, Path::new("/creds"), Path::new("/map"));
+        let s = boot_script(&c, 2, Uplink::Bridged, &guest, Path::new("/creds"), Path::new("/map"));
         assert!(s.contains("= 52:54:00:72:07:02 ]"), "{s}");
         assert!(s.contains("\nsh '/a.sh'\n") && s.contains("--cni-conf-dir '/cni' --cni-bin-dir '/cni/bin'"), "{s}");
         assert!(s.contains("ip addr add 198.18.7.12/24 dev eth0"), "{s}");
@@ -713,7 +753,7 @@ mod tests {
     #[test]
     fn manifest_guest_leaves_agent_and_cni_to_the_daemonset() {
         let c = cfg();
-        let s = boot_script(&c, 1, &GuestNode::Manifest, Path::new("/creds"), Path::new("/map"));
+        let s = boot_script(&c, 1, Uplink::Bridged, &GuestNode::Manifest, Path::new("/creds"), Path::new("/map"));
         assert!(!s.contains("agent.sh") && !s.contains("riptide-agent"), "no agent of the lab's own: {s}");
         assert!(s.contains("mkdir -p /var/lib/riptide-vm/root/etc/cni/net.d /var/lib/riptide-vm/root/opt/cni/bin /run/riptide"), "{s}");
         assert!(
@@ -726,9 +766,24 @@ mod tests {
     }
 
     #[test]
+    fn routed_guest_reaches_the_lab_through_the_router() {
+        let c = cfg();
+        let router = Ipv4Addr::new(198, 18, 7, 254);
+        let s = boot_script(&c, 2, Uplink::Routed { router }, &GuestNode::Manifest, Path::new("/creds"), Path::new("/map"));
+        assert!(s.contains("ip addr add 198.18.7.12/32 dev eth0"), "{s}");
+        assert!(!s.contains("198.18.7.12/24"), "no on-link /24 on a routed node: {s}");
+        assert!(s.contains("ip route add 198.18.7.254/32 dev eth0 scope link"), "{s}");
+        assert!(s.contains("ip route add 198.18.7.0/24 via 198.18.7.254 dev eth0"), "{s}");
+        assert!(s.contains("\nmodprobe vxlan\n"), "{s}");
+    }
+
+    #[test]
     fn agent_script_records_its_pid_in_the_guest() {
-        let s = agent_script(&cfg(), 1);
+        let s = agent_script(&cfg(), 1, None);
         assert!(s.contains("--node-ip 198.18.7.11"), "{s}");
+        assert!(!s.contains("--tunnel"), "{s}");
         assert!(s.trim_end().ends_with("echo $! > /var/lib/riptide-vm/agent.pid"), "{s}");
+        let s = agent_script(&cfg(), 1, Some("vxlan"));
+        assert!(s.contains("--l2-announcements --tunnel 'vxlan' --kubeconfig"), "{s}");
     }
 }
