@@ -78,17 +78,26 @@ pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>, diag
 }
 
 /// Kills every pod cgroup under a node's cgroup (`cgroup.kill`) and
-/// removes it once its processes are gone, so a test leaves nothing behind
-/// even when its kubelet died first.
+/// removes it, its containers' cgroups first, once its processes are gone,
+/// so a test leaves nothing behind even when its kubelet died first.
 pub fn kill_pod_cgroups(node_cgroup: &Path) {
     let Ok(rd) = std::fs::read_dir(node_cgroup) else { return };
     for e in rd.flatten().filter(|e| e.path().is_dir()) {
         let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
-        for _ in 0..50 {
-            if std::fs::remove_dir(e.path()).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        remove_cgroup_tree(&e.path());
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten().filter(|e| e.path().is_dir()) {
+            remove_cgroup_tree(&e.path());
         }
+    }
+    for _ in 0..50 {
+        if std::fs::remove_dir(dir).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
