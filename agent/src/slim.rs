@@ -97,9 +97,16 @@ fn key_of(m: &Meta) -> ObjKey {
     ObjKey::new(namespace.0, m.name.as_deref().unwrap_or(""))
 }
 
-/// Name and namespace accessors of the compact types.
+/// Name and namespace accessors of the compact types, their store key,
+/// and their decoding from the raw form (`serde(from)`).
 macro_rules! keyed {
-    ($t:ty) => {
+    ($t:ty, $raw:ty) => {
+        impl From<$raw> for $t {
+            fn from(raw: $raw) -> Self {
+                <$t as Decoded>::decode(raw).1
+            }
+        }
+
         impl $t {
             pub fn name(&self) -> &str {
                 &self.key.name
@@ -138,7 +145,7 @@ pub struct SlimSlice {
     pub endpoints: Box<[SliceEndpoint]>,
 }
 
-keyed!(SlimSlice);
+keyed!(SlimSlice, RawSlice);
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -166,12 +173,6 @@ impl Decoded for SlimSlice {
             endpoints: raw.endpoints,
         };
         (m.resource_version, slice)
-    }
-}
-
-impl From<RawSlice> for SlimSlice {
-    fn from(raw: RawSlice) -> Self {
-        Self::decode(raw).1
     }
 }
 
@@ -371,7 +372,7 @@ pub struct SlimService {
     pub status: Option<SlimServiceStatus>,
 }
 
-keyed!(SlimService);
+keyed!(SlimService, RawService);
 
 #[derive(Deserialize)]
 pub struct RawService {
@@ -412,12 +413,6 @@ impl Decoded for SlimService {
             status: raw.status,
         };
         (m.resource_version, svc)
-    }
-}
-
-impl From<RawService> for SlimService {
-    fn from(raw: RawService) -> Self {
-        Self::decode(raw).1
     }
 }
 
@@ -508,7 +503,7 @@ pub struct SlimPod {
     pub status: Option<SlimPodStatus>,
 }
 
-keyed!(SlimPod);
+keyed!(SlimPod, RawPod);
 
 impl SlimPod {
     /// The pod's labels (empty when it has none).
@@ -547,12 +542,6 @@ impl Decoded for SlimPod {
         };
         pod.set_labels(m.labels.unwrap_or_default());
         (m.resource_version, pod)
-    }
-}
-
-impl From<RawPod> for SlimPod {
-    fn from(raw: RawPod) -> Self {
-        Self::decode(raw).1
     }
 }
 
@@ -733,7 +722,7 @@ pub struct SlimNode {
     pub status: Option<SlimNodeStatus>,
 }
 
-keyed!(SlimNode);
+keyed!(SlimNode, RawNode);
 
 #[derive(Deserialize)]
 pub struct RawNode {
@@ -758,12 +747,6 @@ impl Decoded for SlimNode {
             status: raw.status,
         };
         (m.resource_version, node)
-    }
-}
-
-impl From<RawNode> for SlimNode {
-    fn from(raw: RawNode) -> Self {
-        Self::decode(raw).1
     }
 }
 
