@@ -191,10 +191,30 @@ fn validate_pod_spec(spec: Option<&Value>, path: &str, causes: &mut Vec<Cause>) 
             }
         }
     }
+    for kind in ["initContainers", "containers"] {
+        for (i, c) in spec.get(kind).and_then(Value::as_array).into_iter().flatten().enumerate() {
+            validate_mount_propagation(c, &format!("{path}.{kind}[{i}]"), causes);
+        }
+    }
     if let Some(rp) = spec.get("restartPolicy").and_then(Value::as_str)
         && !["Always", "OnFailure", "Never"].contains(&rp)
     {
         causes.push(Cause::not_supported(format!("{path}.restartPolicy"), rp, &["Always", "OnFailure", "Never"]));
+    }
+}
+
+/// upstream `validateMountPropagation`: a known mode, and `Bidirectional`
+/// (mounts reaching the node) only for privileged containers.
+fn validate_mount_propagation(c: &Value, path: &str, causes: &mut Vec<Cause>) {
+    let privileged = c.pointer("/securityContext/privileged").and_then(Value::as_bool).unwrap_or(false);
+    for (j, m) in c.get("volumeMounts").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        let Some(mode) = m.get("mountPropagation").and_then(Value::as_str) else { continue };
+        let field = format!("{path}.volumeMounts[{j}].mountPropagation");
+        match mode {
+            "Bidirectional" if !privileged => causes.push(Cause::forbidden(field, "Bidirectional mount propagation is available only to privileged containers")),
+            "Bidirectional" | "HostToContainer" | "None" => {}
+            other => causes.push(Cause::not_supported(field, other, &["Bidirectional", "HostToContainer", "None"])),
+        }
     }
 }
 
@@ -404,6 +424,25 @@ mod tests {
             "status.loadBalancer.ingress[1].ipMode: Forbidden: may not be specified when `ip` is not".to_owned(),
             "status.loadBalancer.ingress[2].ipMode: Unsupported value: \"Direct\": supported values: \"Proxy\", \"VIP\"".to_owned(),
             "status.loadBalancer.ingress[3].hostname: Invalid value: \"192.0.2.8\": must be a DNS name, not an IP address".to_owned(),
+        ]);
+    }
+    #[test]
+    fn bidirectional_propagation_only_for_privileged_containers() {
+        let v = |spec: serde_json::Value| {
+            let mut c = Vec::new();
+            validate_pod_spec(Some(&spec), "spec", &mut c);
+            c.into_iter().map(|c| format!("{}: {}", c.field, c.message)).collect::<Vec<_>>()
+        };
+        let mounts = serde_json::json!([{"name": "a", "mountPath": "/a", "mountPropagation": "Bidirectional"},
+            {"name": "b", "mountPath": "/b", "mountPropagation": "HostToContainer"}, {"name": "c", "mountPath": "/c", "mountPropagation": "Sideways"}]);
+        let ok = serde_json::json!({"containers": [{"name": "p", "image": "i", "securityContext": {"privileged": true}, "volumeMounts": mounts.as_array().unwrap()[..2]}]});
+        assert_eq!(v(ok), Vec::<String>::new());
+        let bad = serde_json::json!({"initContainers": [{"name": "i", "image": "i", "volumeMounts": mounts}],
+            "containers": [{"name": "c", "image": "i", "securityContext": {"privileged": false}, "volumeMounts": mounts.as_array().unwrap()[..1]}]});
+        assert_eq!(v(bad), vec![
+            "spec.initContainers[0].volumeMounts[0].mountPropagation: Forbidden: Bidirectional mount propagation is available only to privileged containers".to_owned(),
+            "spec.initContainers[0].volumeMounts[2].mountPropagation: Unsupported value: \"Sideways\": supported values: \"Bidirectional\", \"HostToContainer\", \"None\"".to_owned(),
+            "spec.containers[0].volumeMounts[0].mountPropagation: Forbidden: Bidirectional mount propagation is available only to privileged containers".to_owned(),
         ]);
     }
     #[test]
