@@ -20,7 +20,9 @@
 //! The namespace is made on a dedicated thread (`unshare` changes only the
 //! calling thread's namespace, never across an `.await`); its mounts are
 //! slaves of the node's, so the node's later mounts (new `/run/netns`
-//! entries) still appear in pods and the pod's binds never reach the node.
+//! entries) still appear in pods (where the node's mount is shared) and the
+//! pod's binds never reach the node. Removing the pod also undoes what the
+//! kubelet shared on the node for its volumes' `mountPropagation`.
 
 use std::{
     ffi::CString,
@@ -73,24 +75,22 @@ pub(super) fn mount(src: Option<&CString>, target: &CString, flags: libc::c_ulon
     }
 }
 
-/// Whether `p` is the root of a mount (statx `STATX_ATTR_MOUNT_ROOT`,
-/// Linux 5.8): a bind of a directory onto itself keeps its device number,
-/// so comparing with the parent's cannot tell.
-pub(super) fn is_mount_root(p: &Path) -> Result<bool, Error> {
+/// statx of `p` itself (a final symlink not followed) with `mask`.
+pub(super) fn statx(p: &Path, mask: libc::c_uint) -> Result<libc::statx, Error> {
     let c = cstr(p)?;
     // SAFETY: statx fills the zeroed struct; plain data.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: valid path and output buffer.
-    let r = unsafe {
-        libc::statx(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-            0,
-            &raw mut stx,
-        )
-    };
+    let r = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), libc::AT_SYMLINK_NOFOLLOW, mask, &raw mut stx) };
     check(r, || format!("statx {}", p.display()))?;
+    Ok(stx)
+}
+
+/// Whether `p` is the root of a mount (statx `STATX_ATTR_MOUNT_ROOT`,
+/// Linux 5.8): a bind of a directory onto itself keeps its device number,
+/// so comparing with the parent's cannot tell.
+pub(super) fn is_mount_root(p: &Path) -> Result<bool, Error> {
+    let stx = statx(p, 0)?;
     Ok(
         stx.stx_attributes_mask & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0
             && stx.stx_attributes & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0,
@@ -117,6 +117,7 @@ pub fn prepare(root: &Path) -> Result<(), Error> {
 /// pod's namespace lives on while its processes do). For whoever removes a
 /// kubelet's root directory after the kubelet is gone.
 pub fn release_all(root: &Path) -> Result<(), Error> {
+    super::mounts::release_shared(root, None)?;
     detach(&dir(root))
 }
 
@@ -208,7 +209,8 @@ pub(super) fn pin_new(
 }
 
 /// Unpins the pod's namespace (it ends with its last process) and removes
-/// the file.
+/// the file; the node's mounts made shared for the pod's volumes alone
+/// ([`super::mounts::share`]) go too.
 pub fn remove(root: &Path, uid: &str) -> Result<(), Error> {
     let containers = std::fs::read_dir(dir(root))
         .into_iter()
@@ -219,7 +221,7 @@ pub fn remove(root: &Path, uid: &str) -> Result<(), Error> {
     for pin in containers.chain([path(root, uid)]) {
         unpin(&pin)?;
     }
-    Ok(())
+    super::mounts::release_shared(root, Some(uid))
 }
 
 /// Detaches and removes one pinned namespace file, if there.

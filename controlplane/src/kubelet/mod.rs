@@ -9,7 +9,9 @@
 //! ([`mounts`], [`volumes`]); images are labels that `--image-map` maps to
 //! binaries on the node ([`image`]); `securityContext` sets the process's
 //! user and capabilities ([`security`]), its PID namespace ([`process`],
-//! [`pause`]), and what it may write of the node ([`mounts`]). Init
+//! [`pause`]), and what it may write of the node ([`mounts`]: unprivileged
+//! containers get a minimal `/dev` of their own; `mountPropagation` works
+//! both ways as upstream's). Init
 //! containers run to completion, in order, before the app containers. Pods
 //! share the node's IPC namespace (`hostIPC: false` is not isolated: not
 //! yet, apart from `/dev/shm`).

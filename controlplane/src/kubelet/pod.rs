@@ -379,7 +379,7 @@ impl Worker {
             mounts::Isolation::unprivileged(&pod_dir(&self.shared.cfg.root_dir, &self.st.uid), &c.name, read_only_rootfs, host_ipc)
         };
         if let (Ok(iso), Image::Host) = (&iso, &image) {
-            mounts.extend(host_binary_under_scratch(argv.first(), iso));
+            mounts.extend(iso.host_command(argv.first()));
         }
         let pidns = self.pid_namespace(pod);
         place.proc_mount = if privileged { ProcMount::Full } else { ProcMount::Restricted };
@@ -946,18 +946,3 @@ pub async fn cleanup_orphan(shared: Arc<Shared>, st: PodState) {
 }
 
 pub type ContainerIndex = BTreeMap<String, (i32, Option<i32>)>;
-
-/// A host image's command that lives below a scratch directory (`/tmp`,
-/// `/var/tmp`: a build tree checked out under `/tmp`) would be hidden by
-/// the container's fresh scratch; the executable alone is bound over it,
-/// read-only, as an image's binaries are.
-fn host_binary_under_scratch(cmd: Option<&String>, iso: &mounts::Isolation) -> Option<mounts::Mount> {
-    let path = std::path::Path::new(cmd?);
-    let under = path.is_absolute() && iso.scratch.iter().any(|s| path.starts_with(&s.target));
-    (under && path.is_file()).then(|| mounts::Mount {
-        source: path.to_path_buf(),
-        target: path.to_path_buf(),
-        read_only: true,
-        propagation: mounts::Propagation::None,
-    })
-}

@@ -26,6 +26,8 @@
 //!   something there itself.
 //!
 //! `fsGroup` gives the group of every file made here to that gid.
+//! `mountPropagation: Bidirectional` is refused for a container that is not
+//! privileged, as upstream's kubelet does.
 
 use std::{
     collections::BTreeMap,
@@ -392,12 +394,13 @@ pub fn container_mounts(pod: &Pod, c: &Container, vols: &PodVolumes) -> Result<V
             Some(sp) => return Err(format!("subPath {sp:?} must be relative and may not contain '..'")),
             None => src.clone(),
         };
-        out.push(Mount {
-            source,
-            target: PathBuf::from(&vm.mount_path),
-            read_only: vm.read_only.unwrap_or(false),
-            propagation: Propagation::parse(vm.mount_propagation.as_deref()),
-        });
+        let propagation = Propagation::parse(vm.mount_propagation.as_deref());
+        // The apiserver refuses it too; a kubelet never lets an
+        // unprivileged container's mounts reach the node.
+        if propagation == Propagation::Bidirectional && !super::security::privileged(c) {
+            return Err(format!("volumeMount {:?}: Bidirectional mount propagation is available only to privileged containers", vm.name));
+        }
+        out.push(Mount { source, target: PathBuf::from(&vm.mount_path), read_only: vm.read_only.unwrap_or(false), propagation });
     }
     if service_account_volume(pod).is_some()
         && let Some(src) = vols.sources.get(SA_VOLUME)
