@@ -14,6 +14,10 @@
 //! a million `get_next_key` + `lookup` syscalls), falling back to key
 //! iteration where the kernel refuses batches. [`lookup_batch`] is the one
 //! batch walker; the agent's map-pressure sampler counts with it too.
+//! Large deletions go the same way (`BPF_MAP_DELETE_BATCH` after a fresh
+//! read that keeps refreshed entries): a node serving short connections
+//! has one or two closed conntrack entries per connection to delete every
+//! pass.
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
@@ -151,7 +155,19 @@ impl FlowMaps {
     /// A key is looked for in the table of its protocol first, then in the
     /// other one (TCP inbound markers live in the non-TCP table). Returns
     /// the deletions per table, in [`CT_TABLES`] order.
+    ///
+    /// From [`BATCH_FROM`] keys on, see [`delete_stamped_batch`]: the
+    /// check and the deletion cost two syscalls per table, not two per key
+    /// (a table of closed connections is thousands of keys a pass).
     pub fn delete_conntrack(&mut self, keys: &[(CtKey, Option<u64>)]) -> Result<[usize; 2]> {
+        if keys.len() >= BATCH_FROM {
+            let want = wanted(keys);
+            let mut n = [0; 2];
+            for (i, m) in self.ct.iter_mut().enumerate() {
+                n[i] = delete_stamped_batch(m, &want, |v| v.last_seen_ns).map_err(map_err(CT_TABLES[i]))?;
+            }
+            return Ok(n);
+        }
         let mut n = [0; 2];
         for (k, seen) in keys {
             let first = usize::from(k.proto != proto::TCP);
@@ -180,6 +196,18 @@ impl FlowMaps {
     /// only looked for in the table of its protocol. Returns the deletions
     /// per table, in [`NAT_TABLES`] order.
     pub fn delete_nat(&mut self, keys: &[(CtKey, Option<u64>)]) -> Result<[usize; 2]> {
+        if keys.len() >= BATCH_FROM {
+            let mut n = [0; 2];
+            for (i, m) in self.nat.iter_mut().enumerate() {
+                let mine: Vec<(CtKey, Option<u64>)> =
+                    keys.iter().filter(|(k, _)| nat_table_index(k.proto) == i).copied().collect();
+                if !mine.is_empty() {
+                    n[i] = delete_stamped_batch(m, &wanted(&mine), |v| v.last_seen_ns)
+                        .map_err(map_err(NAT_TABLES[i]))?;
+                }
+            }
+            return Ok(n);
+        }
         let mut n = [0; 2];
         for (k, seen) in keys {
             let i = nat_table_index(k.proto);
@@ -243,6 +271,93 @@ fn delete_one<K: Pod, V: Pod>(
     } else {
         Deleted::Absent
     })
+}
+
+/// Key counts from which deletions go in batches ([`delete_stamped_batch`]):
+/// below, a lookup and a delete per key cost less than reading the table.
+const BATCH_FROM: usize = 64;
+
+/// The stamps each key was judged by (a key can be in the list twice, once
+/// per table it was read from).
+fn wanted<K: Pod + Eq + std::hash::Hash>(keys: &[(K, Option<u64>)]) -> std::collections::HashMap<K, Vec<Option<u64>>> {
+    let mut m: std::collections::HashMap<K, Vec<Option<u64>>> = std::collections::HashMap::with_capacity(keys.len());
+    for (k, seen) in keys {
+        m.entry(*k).or_default().push(*seen);
+    }
+    m
+}
+
+/// Deletes from `m` every key of `want` whose entry still carries one of
+/// the stamps it was judged by (`None`: any), as [`delete_one`] does key
+/// by key: the table is read again (`BPF_MAP_LOOKUP_BATCH`) right before
+/// the keys go in `BPF_MAP_DELETE_BATCH` calls, so an entry a packet
+/// refreshed since the caller's read stays. What a packet refreshes
+/// between that read and the delete call (a few milliseconds for
+/// thousands of keys) still goes, as between `delete_one`'s lookup and
+/// delete. Returns the deletions.
+fn delete_stamped_batch<K: Pod + Eq + std::hash::Hash, V: Pod>(
+    m: &mut HashMap<MapData, K, V>,
+    want: &std::collections::HashMap<K, Vec<Option<u64>>>,
+    stamp: impl Fn(&V) -> u64,
+) -> Result<usize, MapError> {
+    let doomed: Vec<K> = dump(m)?
+        .into_iter()
+        .filter(|(k, v)| want.get(k).is_some_and(|seen| seen.iter().any(|s| s.is_none_or(|s| s == stamp(v)))))
+        .map(|(k, _)| k)
+        .collect();
+    delete_batch(m, &doomed)
+}
+
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// Deletes `keys` from `m`, thousands per `BPF_MAP_DELETE_BATCH` call
+/// (key by key where the kernel refuses batches). Absent keys are skipped.
+/// Returns the deletions.
+fn delete_batch<K: Pod, V: Pod>(m: &mut HashMap<MapData, K, V>, keys: &[K]) -> Result<usize, MapError> {
+    let map_fd = u32::try_from(m.map().fd().as_fd().as_raw_fd()).map_err(|_| syscall_err("bpf_map_delete_batch", libc::EBADF))?;
+    let mut n = 0;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(BATCH)];
+        let mut attr = BatchAttr {
+            keys: chunk.as_ptr() as u64,
+            count: u32::try_from(chunk.len()).unwrap_or(u32::MAX),
+            map_fd,
+            ..BatchAttr::default()
+        };
+        // SAFETY: attr points at `count` keys of the map's key type, which
+        // outlive the call; the kernel only reads them.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_MAP_DELETE_BATCH, (&raw mut attr).cast::<libc::c_void>(), std::mem::size_of::<BatchAttr>())
+        };
+        // The kernel stops at the first key it cannot delete; `count` says
+        // how many went before it.
+        let done = (attr.count as usize).min(chunk.len());
+        n += done;
+        if rc == 0 {
+            rest = &rest[chunk.len()..];
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            // Gone meanwhile (LRU eviction, a packet path's delete): skip it.
+            Some(libc::ENOENT) => rest = &rest[(done + 1).min(rest.len())..],
+            Some(libc::EINVAL | libc::ENOTSUP | libc::ENOSYS) if done == 0 => {
+                for k in rest {
+                    if remove(m, k)? {
+                        n += 1;
+                    }
+                }
+                return Ok(n);
+            }
+            _ => return Err(MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_delete_batch", io_error: e })),
+        }
+    }
+    Ok(n)
+}
+
+fn syscall_err(call: &'static str, errno: i32) -> MapError {
+    MapError::SyscallError(aya::sys::SyscallError { call, io_error: std::io::Error::from_raw_os_error(errno) })
 }
 
 fn delete_checked<K: Pod, V: Pod>(
