@@ -5,6 +5,7 @@
 //! opens them. The cgroup device hook has no BPF_PROG_TEST_RUN, so the
 //! program is judged by the kernel: processes placed in a filtered cgroup
 //! (and, for contrast, an unfiltered one), and pods run by a real kubelet.
+//! Where the program cannot be attached the container does not start.
 //! Every open of the node's disk is read-only and reads nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -270,4 +271,90 @@ fn kubelet_denies_node_devices_to_unprivileged_containers() {
     assert_eq!(attached_programs(&pod_cgroup.join("plain")).unwrap().len(), 1, "no second attachment on adoption");
     let (ok, out) = n.kubectl_raw(&["exec", "devs", "-c", "plain", "--", "dd", "if=/dev/zero", "of=/dev/null", "count=1", "status=none"], None);
     assert!(ok, "/dev/zero and /dev/null through exec: {out}");
+}
+
+/// Fail closed: where the device program cannot be attached (here: a
+/// `--cgroup-root` on a cgroup v1 hierarchy, which cgroup BPF does not
+/// apply to), a container that is not privileged never runs; it waits
+/// with `RunContainerError` and a `Failed` event saying why, while its
+/// privileged neighbour runs.
+#[test]
+fn kubelet_fails_closed_when_devices_cannot_be_restricted() {
+    let v1 = Path::new("/sys/fs/cgroup/pids");
+    let is_v1 = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some("/sys/fs/cgroup/pids") && l.contains(" - cgroup "));
+    if !is_v1 {
+        eprintln!("SKIP: no cgroup v1 hierarchy at {} to make the attach fail", v1.display());
+        return;
+    }
+    let Some(mut n) = Node::start("f", false, "for cgroups and eBPF") else { return };
+    let mut old = n.kubelet.take().unwrap();
+    old.kill().unwrap();
+    old.wait().unwrap();
+    let _ = std::fs::remove_dir(&n.cgroup);
+    n.cgroup = v1.join(format!("rtk{}f", std::process::id()));
+    let _v1 = V1Cleanup(n.cgroup.clone());
+    n.start_kubelet(&[]);
+    let pod = n.pod_yaml("closed").spec("");
+    n.apply(&format!(
+        r#"{pod}  restartPolicy: Never
+  containers:
+  - name: plain
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c", "echo ran-plain; sleep 30"]
+  - name: priv
+    image: riptide.test/host:1
+    command: ["/bin/sh", "-c", "echo done-priv; sleep 30"]
+    securityContext: {{privileged: true}}
+"#
+    ));
+    n.logs_with("closed", "priv", "done-priv");
+    let waiting = n.wait("plain to wait with RunContainerError", 60, |n| {
+        let p = n.pod("closed");
+        let s = p["status"]["containerStatuses"].as_array()?.iter().find(|s| s["name"] == "plain")?.clone();
+        (s["state"]["waiting"]["reason"] == "RunContainerError").then_some(s)
+    });
+    let msg = waiting["state"]["waiting"]["message"].as_str().unwrap_or_default().to_owned();
+    assert!(msg.contains("restricting devices") && msg.contains("BPF_PROG_ATTACH"), "the waiting message says why: {waiting}");
+    let (_, events) = n.kubectl_raw(&["get", "events", "--field-selector", "involvedObject.name=closed"], None);
+    assert!(events.contains("Failed") && events.contains("restricting devices"), "a Failed event says why:\n{events}");
+    let (_, logs) = n.kubectl_raw(&["logs", "closed", "-c", "plain"], None);
+    assert!(!logs.contains("ran-plain"), "the container never ran: {logs}");
+    let mut k = n.kubelet.take().unwrap();
+    k.kill().unwrap();
+    k.wait().unwrap();
+}
+
+/// Kills what is left in a cgroup v1 tree (no `cgroup.kill` there) and
+/// removes it.
+struct V1Cleanup(PathBuf);
+
+impl Drop for V1Cleanup {
+    fn drop(&mut self) {
+        fn tree(d: &Path, out: &mut Vec<PathBuf>) {
+            out.push(d.to_owned());
+            for e in std::fs::read_dir(d).into_iter().flatten().flatten().filter(|e| e.path().is_dir()) {
+                tree(&e.path(), out);
+            }
+        }
+        for _ in 0..50 {
+            let mut dirs = Vec::new();
+            tree(&self.0, &mut dirs);
+            for d in &dirs {
+                for pid in std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    // SAFETY: kill(2) of a process in the test's own cgroup.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            for d in dirs.iter().rev() {
+                let _ = std::fs::remove_dir(d);
+            }
+            if !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 }
