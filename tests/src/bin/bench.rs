@@ -50,31 +50,24 @@ struct Args {
     report: Option<PathBuf>,
 }
 
+/// The item of `all` called `name` (a clap value parser's error otherwise).
+fn one_of<T: Copy, const N: usize>(all: [T; N], name_of: fn(T) -> &'static str, what: &str, name: &str) -> Result<T, String> {
+    all.into_iter().find(|x| name_of(*x) == name).ok_or_else(|| {
+        let names: Vec<_> = all.iter().map(|x| name_of(*x)).collect();
+        format!("unknown {what} {name:?} (one of {})", names.join(", "))
+    })
+}
+
 fn scenario(name: &str) -> Result<Scenario, String> {
-    Scenario::ALL
-        .into_iter()
-        .find(|s| s.name() == name)
-        .ok_or_else(|| {
-            let names: Vec<_> = Scenario::ALL.iter().map(|s| s.name()).collect();
-            format!("unknown scenario {name:?} (one of {})", names.join(", "))
-        })
+    one_of(Scenario::ALL, Scenario::name, "scenario", name)
 }
 
 fn path(name: &str) -> Result<DataPath, String> {
-    DataPath::ALL
-        .into_iter()
-        .find(|p| p.name() == name)
-        .ok_or_else(|| {
-            let names: Vec<_> = DataPath::ALL.iter().map(|p| p.name()).collect();
-            format!("unknown path {name:?} (one of {})", names.join(", "))
-        })
+    one_of(DataPath::ALL, DataPath::name, "path", name)
 }
 
 fn test(name: &str) -> Result<Test, String> {
-    Test::ALL
-        .into_iter()
-        .find(|t| t.name() == name)
-        .ok_or_else(|| format!("unknown test {name:?} (TCP_RR, TCP_CRR, TCP_STREAM or UDP_RR)"))
+    one_of(Test::ALL, Test::name, "test", name)
 }
 
 fn main() -> anyhow::Result<()> {
