@@ -687,10 +687,7 @@ pub struct CtValue {
     pub flags: u16,
     pub nat_addr_be: u32,
     pub nat_port_be: u16,
-    /// [`CT_F_BIDIR`] entries: replies that found the entry under their
-    /// reverse tuple; at [`CT_BIDIR_REPLIES`] the reply tuple gets an entry
-    /// of its own ([`CT_F_POLICY_REV`]). 0 in every other entry.
-    pub replies: u16,
+    pub _pad: u16,
     /// The frontend address and port the client used (a node-wide frontend
     /// has vip 0 in `rt_svc4_v1`; this is the node address actually hit).
     /// REV entries restore them as the reply's source.
@@ -753,18 +750,6 @@ pub const CT_F_BIDIR: u16 = 1 << 9;
 pub const CT_F_FIN_FWD: u16 = 1 << 10;
 /// [`CT_F_BIDIR`] entries: a FIN went through the reply direction.
 pub const CT_F_FIN_REV: u16 = 1 << 11;
-/// Policy entry (with [`CT_F_POLICY`]) under the reply tuple of a
-/// [`CT_F_BIDIR`] flow, made once [`CT_BIDIR_REPLIES`] replies had found
-/// the flow through the reverse tuple: its later replies hit it with their
-/// own tuple, at the cost of a forward packet. It passes a reply's FIN or
-/// RST on to the [`CT_F_BIDIR`] entry (which decides when the connection
-/// is closed) and never admits a pure SYN (a new flow, judged).
-pub const CT_F_POLICY_REV: u16 = 1 << 12;
-/// Replies a [`CT_F_BIDIR`] flow answers through the reverse tuple before
-/// the reply tuple gets its own [`CT_F_POLICY_REV`] entry: a short
-/// connection (a request and its answer, TCP_CRR) keeps its single insert,
-/// a longer one pays a second so that its replies cost one lookup.
-pub const CT_BIDIR_REPLIES: u16 = 8;
 
 /// Value of the NAT maps (`rt_nat4_v2`, `rt_natany4_v2`): the address/port
 /// that replaces the source (egress entry) or the destination (ingress

@@ -11,8 +11,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use common::*;
 use riptide_common::{
-    CFG_F_MASQUERADE, CFG_F_POLICY, CT_BIDIR_REPLIES, CT_F_BIDIR, CT_F_CLOSING, CT_F_FIN_FWD,
-    CT_F_FIN_REV, CT_F_INBOUND, CT_F_POLICY, CT_F_POLICY_REV, Config, EV_SRC_FROM_NET,
+    CFG_F_MASQUERADE, CFG_F_POLICY, CT_F_BIDIR, CT_F_CLOSING, CT_F_FIN_FWD, CT_F_FIN_REV,
+    CT_F_INBOUND, CT_F_POLICY, Config, EV_SRC_FROM_NET,
     EV_SRC_FROM_POD, EV_SRC_TO_POD, IpcacheValue, PE_F_ANY_IN, PE_F_AUDIT_IN, PE_F_FAIL_CLOSED,
     PE_F_EXACT_IN, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_EGRESS, POL_DIR_INGRESS, POLICY_PREFIX_ANY_PORT,
     POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PolicyEndpointValue, PolicyKey, PolicyValue,
@@ -557,63 +557,6 @@ fn one_entry_per_flow_closes_once_both_sides_finished() {
     assert_eq!(t.run(FROM_POD, &tcp(b, a, 0x14, b"")), TC_ACT_REDIRECT);
     assert_eq!(flags(&t), vec![CT_F_POLICY | CT_F_BIDIR | CT_F_CLOSING]);
     assert_eq!(t.counters(), [1, 1, 0, 0, 0, 0], "judged once");
-}
-
-#[test]
-fn a_long_flows_replies_get_their_own_entry_which_closes_through_the_flow() {
-    if !privileged("to load eBPF programs") {
-        return;
-    }
-    let mut t = PolicyNode::a_to_b_80_only();
-    let (a, b) = (at(A, 40000), at(B, 80));
-    let entries = |t: &PolicyNode| {
-        let mut v = t.policy_entries();
-        v.sort();
-        v
-    };
-    let fwd = |flags| (sa(A, 40000), sa(B, 80), CT_F_POLICY | CT_F_BIDIR | flags);
-    let rev = |flags| {
-        (
-            sa(B, 80),
-            sa(A, 40000),
-            CT_F_POLICY | CT_F_POLICY_REV | flags,
-        )
-    };
-    assert_eq!(t.run(FROM_POD, &syn(a, b)), TC_ACT_REDIRECT, "{}", t.dump());
-    // The first replies find the flow under their reverse tuple ...
-    for _ in 0..CT_BIDIR_REPLIES {
-        assert_eq!(t.run(FROM_POD, &tcp(b, a, 0x10, b"r")), TC_ACT_REDIRECT);
-    }
-    assert_eq!(entries(&t), vec![fwd(0)], "{}", t.dump());
-    // ... the next one gives the reply tuple an entry of its own.
-    assert_eq!(t.run(FROM_POD, &tcp(b, a, 0x10, b"r")), TC_ACT_REDIRECT);
-    assert_eq!(entries(&t), vec![fwd(0), rev(0)], "{}", t.dump());
-    // Established: replies pass with the rules gone, in both programs.
-    t.revoke_tcp(A_EP, B_ID, POL_DIR_EGRESS, 80);
-    t.revoke_tcp(B_EP, A_ID, POL_DIR_INGRESS, 80);
-    assert_eq!(t.run(FROM_POD, &tcp(b, a, 0x10, b"r")), TC_ACT_REDIRECT);
-    assert_eq!(t.run(TO_POD, &tcp(b, a, 0x10, b"r")), TC_ACT_OK);
-    assert_eq!(t.counters(), [1, 1, 0, 0, 0, 0], "replies are never judged");
-    // A SYN on the reply tuple opens a flow from B: judged (and denied:
-    // B's egress has no rule now).
-    assert_eq!(t.run(FROM_POD, &syn(b, a)), TC_ACT_SHOT, "{}", t.dump());
-    assert_eq!(t.counters(), [1, 1, 0, 1, 0, 0]);
-    // B's FIN reaches the flow's entry; A's FIN then closes the connection.
-    assert_eq!(t.run(FROM_POD, &tcp(b, a, 0x11, b"")), TC_ACT_REDIRECT);
-    assert_eq!(
-        entries(&t),
-        vec![fwd(CT_F_FIN_REV), rev(CT_F_CLOSING)],
-        "{}",
-        t.dump()
-    );
-    assert_eq!(t.run(FROM_POD, &tcp(a, b, 0x11, b"")), TC_ACT_REDIRECT);
-    assert_eq!(
-        entries(&t),
-        vec![
-            fwd(CT_F_FIN_FWD | CT_F_FIN_REV | CT_F_CLOSING),
-            rev(CT_F_CLOSING)
-        ]
-    );
 }
 
 #[test]

@@ -23,11 +23,7 @@
 //! its replies, after their own tuple missed and policy state was found
 //! on some side, with the reverse one ([`answers_policy`], asked by
 //! `policy::judge`; a SYN never asks), so neither is judged again and
-//! a new allowed connection pays one LRU insert, not two. A connection
-//! that goes on past [`CT_BIDIR_REPLIES`] replies gets the second entry
-//! then ([`CT_F_POLICY_REV`], under the reply tuple), so its later replies
-//! cost one lookup as its forward packets do; a short one (a request and
-//! its answer) never pays that insert. Other protocols
+//! a new allowed connection pays one LRU insert, not two. Other protocols
 //! have no SYN to tell a new flow from a reply without that second lookup
 //! on every first packet, and flows whose replies masquerade must leave
 //! alone need a [`CT_F_INBOUND`] entry under the reply's own tuple (which
@@ -39,9 +35,9 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, maps::LruHashMap};
 use riptide_common::{
-    BE_F_LOCAL, BackendValue, CT_BIDIR_REPLIES, CT_DIR_ANY, CT_F_BE_LOCAL, CT_F_BIDIR,
-    CT_F_CLOSING, CT_F_DSR, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY,
-    CT_F_POLICY_REV, CT_F_REPLY, CtKey, CtValue, proto, stats,
+    BE_F_LOCAL, BackendValue, CT_DIR_ANY, CT_F_BE_LOCAL, CT_F_BIDIR, CT_F_CLOSING, CT_F_DSR,
+    CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY, CT_F_REPLY, CtKey,
+    CtValue, proto, stats,
 };
 
 use crate::{
@@ -118,23 +114,12 @@ pub fn lookup_key(k: &CtKey) -> Option<Hit> {
 }
 
 /// The entry of the packet's own tuple, whatever its role, with its TCP
-/// close state updated. A pure SYN does not match a [`CT_F_POLICY_REV`]
-/// entry: it opens a flow of its own, which is judged.
+/// close state updated.
 #[inline(always)]
 pub fn lookup(p: &Pkt) -> Option<Hit> {
     let h = lookup_key(&key(p))?;
-    let flags = h.e.flags;
-    if flags & CT_F_BIDIR != 0 {
+    if h.e.flags & CT_F_BIDIR != 0 {
         track_half_close(p.proto, p.tcp_flags, &mut h.e.flags, CT_F_FIN_FWD);
-    } else if flags & CT_F_POLICY_REV != 0 {
-        if is_pure_syn(p) {
-            return None;
-        }
-        track_close(p, &mut h.e.flags, CT_F_CLOSING);
-        if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            // The connection's close state lives in its forward entry.
-            answers_policy(&key(p), p.tcp_flags);
-        }
     } else {
         track_close(p, &mut h.e.flags, CT_F_CLOSING);
     }
@@ -144,9 +129,7 @@ pub fn lookup(p: &Pkt) -> Option<Hit> {
 /// Whether a packet of tuple `own` (TCP flags `tcp_flags`), whose own
 /// entry is missing, answers a flow NetworkPolicy allowed: a
 /// [`CT_F_POLICY`] entry under the reverse tuple (refreshed, with the
-/// reply direction's close state). The [`CT_BIDIR_REPLIES`]th reply of a
-/// [`CT_F_BIDIR`] flow records the [`CT_F_POLICY_REV`] entry its later
-/// replies hit directly (best effort, as [`create_policy`]).
+/// reply direction's close state).
 #[inline(always)]
 pub fn answers_policy(own: &CtKey, tcp_flags: u8) -> bool {
     let k = reverse_key(own);
@@ -167,18 +150,6 @@ pub fn answers_policy(own: &CtKey, tcp_flags: u8) -> bool {
     touch(&mut e.last_seen_ns);
     if e.flags & CT_F_BIDIR != 0 {
         track_half_close(own.proto, tcp_flags, &mut e.flags, CT_F_FIN_REV);
-        if tcp_flags & (TCP_FIN | TCP_RST) == 0 {
-            if e.replies < CT_BIDIR_REPLIES {
-                e.replies += 1;
-            } else {
-                let rev = CtValue {
-                    last_seen_ns: e.last_seen_ns,
-                    flags: CT_F_POLICY | CT_F_POLICY_REV,
-                    ..CtValue::default()
-                };
-                let _ = CT4.insert(own, &rev, u64::from(BPF_NOEXIST));
-            }
-        }
     }
     true
 }
@@ -313,7 +284,7 @@ pub fn create(f: &NewFlow) -> Result<(), u32> {
         flags: f.flags | CT_F_REPLY,
         nat_addr_be: f.orig.saddr_be,
         nat_port_be: f.orig.sport_be,
-        replies: 0,
+        _pad: 0,
         vip_be: f.orig.daddr_be,
         vport_be: f.orig.dport_be,
         _pad2: 0,
@@ -336,7 +307,7 @@ pub fn create(f: &NewFlow) -> Result<(), u32> {
         flags: f.flags | be_local,
         nat_addr_be: f.snat_addr_be,
         nat_port_be: f.snat_port_be,
-        replies: 0,
+        _pad: 0,
         vip_be: f.orig.daddr_be,
         vport_be: f.orig.dport_be,
         _pad2: 0,

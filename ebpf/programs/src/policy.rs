@@ -26,13 +26,9 @@
 //! their own tuple. The entry under their reverse tuple is asked for only
 //! once policy state was found on some side: before the Service probe for
 //! the pod whose veth or uplink the packet crosses ([`before_probe`]), by
-//! [`judge`] for the other side. Such a reply costs an endpoint lookup and
-//! that one conntrack lookup, and only the first
-//! [`CT_BIDIR_REPLIES`](riptide_common::CT_BIDIR_REPLIES) of
-//! a connection do: then the reply tuple gets its own entry
-//! ([`ct::answers_policy`]); a flow between pods no policy selects never
-//! pays for it (the endpoint lookups are the ones its verdict makes
-//! anyway).
+//! [`judge`] for the other side. A reply costs an endpoint lookup and that
+//! one conntrack lookup; a flow between pods no policy selects never pays
+//! for it (the endpoint lookups are the ones its verdict makes anyway).
 //!
 //! Always allowed: the node itself (identity `HOST`, the node address, the
 //! hairpin address — kubelet probes, host processes) and a pod reaching
