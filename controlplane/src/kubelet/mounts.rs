@@ -651,14 +651,20 @@ fn add_record(root: &Path, uid: &str, m: &SharedMount) -> Result<(), Error> {
 }
 
 /// The id of the mount `p` is on (`unique`: `STATX_MNT_ID_UNIQUE`, else
-/// the id `/proc/*/mountinfo` shows).
+/// the id `/proc/*/mountinfo` shows). Kernels before 6.8 (Debian 12's 6.1,
+/// the oldest we claim) have no unique id: they get the mountinfo one,
+/// which a later mount may reuse, so there a record can outlive its mount
+/// by naming a newer one at the same path (the boot id still rules out a
+/// reboot).
 fn mount_id(p: &Path, unique: bool) -> Result<u64, Error> {
-    let mask = if unique { libc::STATX_MNT_ID_UNIQUE } else { libc::STATX_MNT_ID };
-    let stx = mntns::statx(p, mask)?;
-    if stx.stx_mask & mask == 0 {
-        return Err(Error::Sandbox(format!("statx {}: the kernel gives no mount id (Linux 6.8 needed)", p.display())));
+    let masks: &[u32] = if unique { &[libc::STATX_MNT_ID_UNIQUE, libc::STATX_MNT_ID] } else { &[libc::STATX_MNT_ID] };
+    for &mask in masks {
+        let stx = mntns::statx(p, mask)?;
+        if stx.stx_mask & mask != 0 {
+            return Ok(stx.stx_mnt_id);
+        }
     }
-    Ok(stx.stx_mnt_id)
+    Err(Error::Sandbox(format!("statx {}: the kernel gives no mount id (Linux 5.8 needed)", p.display())))
 }
 
 /// The mount `p` is on, as this thread's namespace's mountinfo shows it.
