@@ -114,6 +114,14 @@ enum Command {
     /// PID 1 of a pod's shared PID namespace (started by the kubelet).
     #[command(hide = true)]
     Pause,
+    /// Undo what a stopped kubelet leaves on the node when its directory is
+    /// about to go: the node mounts it made shared for pods' volumes
+    /// (`mountPropagation`) and its pods' pinned mount namespaces.
+    KubeletRelease {
+        /// The stopped kubelet's `--root-dir`.
+        #[arg(long)]
+        root_dir: std::path::PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -133,6 +141,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Kubelet(k) => return Ok(components::kubelet(k).await?),
         Command::Pause => riptide_controlplane::kubelet::pause::run(),
+        Command::KubeletRelease { root_dir } => {
+            return Ok(riptide_controlplane::kubelet::mntns::release_all(&root_dir)?);
+        }
         Command::KubeletCredentials(k) => {
             let files = components::kubelet_credentials(&k)?;
             println!("kubeconfig {}", files.kubeconfig.display());

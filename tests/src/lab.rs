@@ -1540,12 +1540,34 @@ pub fn teardown(prefix: &str, state_dir: &Path) -> Result<()> {
             }
         }
     }
-    // 5. Kubelets' pinned pod mount namespaces (`<root-dir>/mntns`, a
-    // mount of its own, `controlplane/src/kubelet/mntns.rs`): detached
-    // with everything under them, so their directories can go.
+    // 5. What each stopped kubelet leaves on the machine: node mounts it
+    // made shared for pods' `mountPropagation` volumes (the agent pod's
+    // bpffs, the cgroup2 mount) and its pinned pod mount namespaces
+    // (`<root-dir>/mntns`, a mount of its own). `riptide-controlplane
+    // kubelet-release` undoes both from the kubelet's own records; without
+    // that binary the namespaces are still detached, so the directories
+    // can go.
+    let release = bin_dir_of_current_exe().map(|d| d.join("riptide-controlplane")).ok().filter(|b| b.exists());
     if let Ok(nodes) = std::fs::read_dir(state_dir.join("nodes")) {
         for n in nodes.filter_map(std::result::Result::ok) {
-            if let Err(e) = detach_mount(&n.path().join("kubelet").join("mntns")) {
+            let root = n.path().join("kubelet");
+            if !root.exists() {
+                continue;
+            }
+            if let Some(bin) = &release {
+                let out = Command::new(bin).arg("kubelet-release").arg("--root-dir").arg(&root).output();
+                match out {
+                    Ok(o) if o.status.success() => continue,
+                    Ok(o) => errors.push(anyhow::anyhow!(
+                        "riptide-controlplane kubelet-release --root-dir {}: {}: {}",
+                        root.display(),
+                        o.status,
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    )),
+                    Err(e) => errors.push(anyhow::Error::new(e).context("running riptide-controlplane kubelet-release")),
+                }
+            }
+            if let Err(e) = detach_mount(&root.join("mntns")) {
                 errors.push(e);
             }
         }
