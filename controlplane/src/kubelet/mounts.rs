@@ -294,12 +294,30 @@ fn set_no_devices(p: &Path) -> Result<(), Error> {
     set_attr(p, MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID, 0, 0).map_err(|e| Error::Sandbox(format!("making {} nodev: {e}", p.display())))
 }
 
+///
+/// Read-only fails with EBUSY while a mount of the tree has a file open
+/// for writing. In the container's fresh namespace that is transient: a
+/// process another kubelet thread forks between its own `open` and `exec`
+/// inherits this thread's open files for that moment (CI saw "making /
+/// read-only: Device or resource busy" with several pods starting at
+/// once). So EBUSY is retried for up to a second.
 fn set_attr(p: &Path, attr_set: u64, attr_clr: u64, flags: libc::c_uint) -> Result<(), std::io::Error> {
     let c = CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     let attr = MountAttr { attr_set, attr_clr, propagation: 0, userns_fd: 0 };
-    // SAFETY: valid path and attribute struct of the size passed.
-    let r = unsafe { libc::syscall(libc::SYS_mount_setattr, libc::AT_FDCWD, c.as_ptr(), flags, &raw const attr, size_of::<MountAttr>()) };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    let mut tries = 0;
+    loop {
+        // SAFETY: valid path and attribute struct of the size passed.
+        let r = unsafe { libc::syscall(libc::SYS_mount_setattr, libc::AT_FDCWD, c.as_ptr(), flags, &raw const attr, size_of::<MountAttr>()) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        tries += 1;
+        if e.raw_os_error() != Some(libc::EBUSY) || tries >= 100 {
+            return Err(e);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 /// A detached copy of the mount tree at `p` (`open_tree`, Linux 5.2):
