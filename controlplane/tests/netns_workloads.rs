@@ -17,7 +17,7 @@ use std::{
 
 mod common;
 
-use common::kubectl::{Kubectl, kill_pod_cgroups, log_tail, wait_for};
+use common::kubectl::{Kubectl, cgroup_tree_pids, kill_pod_cgroups, log_tail, wait_for};
 use serde_json::Value;
 use riptide_test_support::{
     ip,
@@ -280,13 +280,9 @@ impl Cluster {
         self.node_cgroup(self.node_index(node)).join(format!("pod-{}", p["metadata"]["uid"].as_str().unwrap()))
     }
 
-    /// Main process pids of a pod, from its cgroup.
+    /// Process pids of a pod, from its cgroup and its containers'.
     fn pod_pids(&self, p: &Value) -> Vec<i32> {
-        std::fs::read_to_string(self.pod_cgroup(p).join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
+        cgroup_tree_pids(&self.pod_cgroup(p))
     }
 
     /// Nothing of a deleted pod is left: process, netns, cgroup, IP.
