@@ -333,7 +333,7 @@ fn kubelet_unknown_image_is_an_image_pull_error() {
     let p = n.pod("unknown");
     assert_eq!(p["status"]["phase"], "Pending", "{p}");
     let cg = n.cgroup.join(format!("pod-{}", p["metadata"]["uid"].as_str().unwrap()));
-    assert_eq!(common::kubectl::cgroup_tree_pids(&cg), Vec::<i32>::new(), "no process may run for an unknown image");
+    assert_eq!(riptide_test_support::cgroup::tree_pids(&cg), Vec::<u32>::new(), "no process may run for an unknown image");
 }
 
 #[test]

@@ -17,7 +17,8 @@ use std::{
 
 mod common;
 
-use common::kubectl::{Kubectl, cgroup_tree_pids, kill_pod_cgroups, log_tail, wait_for};
+use common::kubectl::{Kubectl, kill_pod_cgroups, log_tail, wait_for};
+use riptide_test_support::cgroup::tree_pids;
 use serde_json::Value;
 use riptide_test_support::{
     ip,
@@ -281,12 +282,12 @@ impl Cluster {
     }
 
     /// Process pids of a pod, from its cgroup and its containers'.
-    fn pod_pids(&self, p: &Value) -> Vec<i32> {
-        cgroup_tree_pids(&self.pod_cgroup(p))
+    fn pod_pids(&self, p: &Value) -> Vec<u32> {
+        tree_pids(&self.pod_cgroup(p))
     }
 
     /// Nothing of a deleted pod is left: process, netns, cgroup, IP.
-    fn assert_pod_gone(&self, p: &Value, pids: &[i32]) {
+    fn assert_pod_gone(&self, p: &Value, pids: &[u32]) {
         let uid = p["metadata"]["uid"].as_str().unwrap().to_string();
         let node = self.node_index(p["spec"]["nodeName"].as_str().unwrap());
         let state = self.cni_state(node);
@@ -300,7 +301,7 @@ impl Cluster {
     }
 }
 
-fn zombie(pid: i32) -> bool {
+fn zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'))).unwrap_or(true)
 }
 
@@ -479,7 +480,7 @@ fn netns_deployment_service_scheduler_kubelet_end_to_end() {
     let pids = c.pod_pids(p);
     for pid in &pids {
         // SAFETY: kill(2) on a process of a pod this test created.
-        unsafe { libc::kill(*pid, libc::SIGKILL) };
+        unsafe { libc::kill(i32::try_from(*pid).unwrap(), libc::SIGKILL) };
     }
     c.wait("restartCount 1 and Ready again", 60, |c| {
         let v = c.json(&["get", "pod", &name]);
@@ -708,7 +709,7 @@ spec:
 
     // Everything goes: no process, netns, cgroup or IP reservation left.
     let all = c.json(&["get", "pods"])["items"].as_array().cloned().unwrap_or_default();
-    let pids: Vec<(Value, Vec<i32>)> = all.iter().map(|p| (p.clone(), c.pod_pids(p))).collect();
+    let pids: Vec<(Value, Vec<u32>)> = all.iter().map(|p| (p.clone(), c.pod_pids(p))).collect();
     c.kubectl(&["delete", "deployment", "web", "probed"]);
     c.kubectl(&["delete", "pod", "-l", "role=sched", "--wait=true", "--timeout=60s"]);
     for (p, pids) in &pids {

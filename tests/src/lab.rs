@@ -16,6 +16,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use riptide_test_support::cgroup::{remove_tree, tree_pids};
 use serde::{Deserialize, Serialize};
 
 use crate::netns::{self, ip};
@@ -746,7 +747,7 @@ impl Lab {
     /// cgroup, `<node cgroup>/pod-<uid>`, the kubelet's layout).
     fn agent_container_pids(&self, i: u32, uid: &str) -> Vec<u32> {
         let dir = self.cfg.node_cgroup(i).join(format!("pod-{uid}"));
-        processes_in_cgroup(&dir)
+        tree_pids(&dir)
             .into_iter()
             .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "riptide-agent"))
             .collect()
@@ -1486,7 +1487,7 @@ pub fn teardown(prefix: &str, state_dir: &Path) -> Result<()> {
     pids.retain(|p| is_alive(*p));
     pids.extend(processes_in_netns(&namespaces));
     let cgroup = Path::new(CGROUP2_ROOT).join(prefix);
-    pids.extend(processes_in_cgroup(&cgroup));
+    pids.extend(tree_pids(&cgroup));
     pids.sort_unstable();
     pids.dedup();
     pids.retain(|p| *p != std::process::id());
@@ -1516,8 +1517,8 @@ pub fn teardown(prefix: &str, state_dir: &Path) -> Result<()> {
     }
 
     // 3. cgroups, deepest first (rmdir fails while a process remains).
-    if let Err(e) = remove_cgroup_tree(&cgroup) {
-        errors.push(e);
+    if let Err(e) = remove_tree(&cgroup) {
+        errors.push(e.into());
     }
 
     // 4. Pins of the lab's nodes.
@@ -1681,35 +1682,6 @@ fn processes_in_netns(namespaces: &[String]) -> Vec<u32> {
                 .is_ok_and(|m| ids.contains(&(m.dev(), m.ino())))
         })
         .collect()
-}
-
-fn processes_in_cgroup(dir: &Path) -> Vec<u32> {
-    let mut pids = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return pids;
-    };
-    if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-        pids.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
-    }
-    for e in entries.filter_map(std::result::Result::ok) {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            pids.extend(processes_in_cgroup(&e.path()));
-        }
-    }
-    pids
-}
-
-fn remove_cgroup_tree(dir: &Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for e in entries.filter_map(std::result::Result::ok) {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            remove_cgroup_tree(&e.path())?;
-        }
-    }
-    // cgroupfs directories are removed with rmdir even though they list files.
-    std::fs::remove_dir(dir).with_context(|| format!("removing cgroup {}", dir.display()))
 }
 
 /// Writes `path` aside and renames it into place, so a reader never sees a

@@ -84,37 +84,9 @@ pub fn kill_pod_cgroups(node_cgroup: &Path) {
     let Ok(rd) = std::fs::read_dir(node_cgroup) else { return };
     for e in rd.flatten().filter(|e| e.path().is_dir()) {
         let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
-        remove_cgroup_tree(&e.path());
+        if let Err(e) = riptide_test_support::cgroup::remove_tree(&e.path()) {
+            eprintln!("cleanup: {e}");
+        }
     }
 }
 
-/// Every process in the cgroup `dir` and below it, the cgroup's own first:
-/// a pod's cgroup holds its pause process at most, each container has a
-/// cgroup of its own below it (`kubelet::devices`).
-pub fn cgroup_tree_pids(dir: &Path) -> Vec<i32> {
-    let mut pids: Vec<i32> = std::fs::read_to_string(dir.join("cgroup.procs"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect();
-    let mut children: Vec<_> = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
-    children.sort();
-    for c in children {
-        pids.extend(cgroup_tree_pids(&c));
-    }
-    pids
-}
-
-fn remove_cgroup_tree(dir: &Path) {
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten().filter(|e| e.path().is_dir()) {
-            remove_cgroup_tree(&e.path());
-        }
-    }
-    for _ in 0..50 {
-        if std::fs::remove_dir(dir).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}

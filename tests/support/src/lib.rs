@@ -10,6 +10,7 @@
 //! namespace primitives also come in fallible form (`netns::try_command`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cgroup;
 pub mod kubeproxy;
 pub mod netns;
 pub mod uplink_lab;
