@@ -32,9 +32,14 @@
 //!   TTL 255 (every run a delivery) and the batches' means are averaged.
 //! * `est_reply_ns` (egress) — like `est_ns` for the reply of the egress
 //!   flow (peer → pod through `rt_from_net`, batches as for ingress): with
-//!   policy its own tuple misses, the pod's policy state is found and the
-//!   flow's one conntrack entry under the reverse tuple says it is
-//!   established; without, the plain path's lookups.
+//!   policy a conntrack hit on the entry the reply tuple got after the
+//!   flow's first `CT_BIDIR_REPLIES` replies; without, the plain path's
+//!   lookups.
+//! * `first_replies_ns` (egress) — those first `CT_BIDIR_REPLIES` replies of
+//!   a flow (one batch of that many runs per new flow, the mean over
+//!   `SAMPLES / CT_BIDIR_REPLIES` flows): with policy their own tuple
+//!   misses, the pod's policy state is found and the flow's entry under the
+//!   reverse tuple says it is established; without, the plain path.
 //! * `policy_unselected` — a local pod no policy selects talking to the
 //!   peer: with policy on, each of its packets asks `rt_polep4_v1` about
 //!   both sides (no conntrack entry is recorded for such flows).
@@ -47,9 +52,9 @@ use std::net::Ipv4Addr;
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{TestRun, TestRunOptions};
 use riptide_common::{
-    CFG_F_POLICY, Config, EndpointValue, IpcacheValue, PE_F_EXACT_IN, PE_F_EXACT_OUT,
-    PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_EGRESS, POL_DIR_INGRESS, PolicyEndpointValue, PolicyKey,
-    PolicyValue, identity, names, proto, stats,
+    CFG_F_POLICY, CT_BIDIR_REPLIES, Config, EndpointValue, IpcacheValue, PE_F_EXACT_IN,
+    PE_F_EXACT_OUT, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_EGRESS, POL_DIR_INGRESS,
+    PolicyEndpointValue, PolicyKey, PolicyValue, identity, names, proto, stats,
 };
 use riptide_datapath::{Datapath, Pinning};
 
@@ -185,6 +190,8 @@ struct Sample {
     denied_new_median_ns: Option<f64>,
     /// Established reply packets of the flow (egress only).
     est_reply_ns: Option<f64>,
+    /// The first `CT_BIDIR_REPLIES` replies of a flow (egress only).
+    first_replies_ns: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -220,6 +227,7 @@ fn from_pod(dp: &mut Datapath, src: Ipv4Addr, samples: u32) -> Result<Sample> {
         est_ns,
         denied_new_median_ns: None,
         est_reply_ns: None,
+        first_replies_ns: None,
     })
 }
 
@@ -231,7 +239,25 @@ fn egress(dp: &mut Datapath, samples: u32) -> Result<Sample> {
     s.est_reply_ns = Some(from_net_est(dp, &reply, samples)?);
     let denied = (pod(CLIENT), PEER, DENIED_PORT);
     s.denied_new_median_ns = Some(first_packets(dp, names::PROG_FROM_POD, denied, samples)?);
+    s.first_replies_ns = Some(first_replies(dp, samples)?);
     Ok(s)
+}
+
+/// Mean ns of the first `CT_BIDIR_REPLIES` replies of new egress flows
+/// (source ports above those of [`first_packets`]): one SYN per flow, then
+/// its replies in one batch.
+fn first_replies(dp: &mut Datapath, samples: u32) -> Result<f64> {
+    let flows = (samples / u32::from(CT_BIDIR_REPLIES)).clamp(1, 4_000);
+    let mut sum = 0.0;
+    for i in 0..flows {
+        let sport = 61_000 + i as u16;
+        let syn = frame(pod(CLIENT), sport, PEER, 2000, 0x02, 64);
+        run(dp, names::PROG_FROM_POD, &syn, 1)?;
+        let reply = frame(PEER, 2000, pod(CLIENT), sport, 0x10, 255);
+        let replies = u32::from(CT_BIDIR_REPLIES);
+        sum += run(dp, names::PROG_FROM_NET, &reply, replies)?;
+    }
+    Ok(sum / f64::from(flows))
 }
 
 /// Mean ns of the established packet `frame` (TTL 255) through
@@ -262,6 +288,7 @@ fn ingress(dp: &mut Datapath, samples: u32) -> Result<Sample> {
         est_ns: from_net_est(dp, &ack, samples)?,
         denied_new_median_ns: None,
         est_reply_ns: None,
+        first_replies_ns: None,
     })
 }
 
@@ -306,6 +333,12 @@ fn main() -> Result<()> {
         if let (Some(r), Some(b)) = (s.est_reply_ns, base.est_reply_ns) {
             denied.push_str(&format!(
                 ",\"est_reply_ns\":{r:.1},\"est_reply_delta_ns\":{:.1}",
+                r - b
+            ));
+        }
+        if let (Some(r), Some(b)) = (s.first_replies_ns, base.first_replies_ns) {
+            denied.push_str(&format!(
+                ",\"first_replies_ns\":{r:.1},\"first_replies_delta_ns\":{:.1}",
                 r - b
             ));
         }

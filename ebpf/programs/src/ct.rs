@@ -23,7 +23,11 @@
 //! its replies, after their own tuple missed and policy state was found
 //! on some side, with the reverse one ([`answers_policy`], asked by
 //! `policy::judge`; a SYN never asks), so neither is judged again and
-//! a new allowed connection pays one LRU insert, not two. Other protocols
+//! a new allowed connection pays one LRU insert, not two. A connection
+//! that goes on past [`CT_BIDIR_REPLIES`] replies gets the second entry
+//! then ([`CT_F_POLICY_REV`], under the reply tuple), so its later replies
+//! cost one lookup as its forward packets do; a short one (a request and
+//! its answer) never pays that insert. Other protocols
 //! have no SYN to tell a new flow from a reply without that second lookup
 //! on every first packet, and flows whose replies masquerade must leave
 //! alone need a [`CT_F_INBOUND`] entry under the reply's own tuple (which
@@ -33,11 +37,15 @@
 //! packet, only a store when the tick changed; see [`crate::clock`]); LRU eviction and the
 //! agent's GC remove idle ones.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, maps::LruHashMap};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    macros::map,
+    maps::{LruHashMap, PerCpuArray},
+};
 use riptide_common::{
-    BE_F_LOCAL, BackendValue, CT_DIR_ANY, CT_F_BE_LOCAL, CT_F_BIDIR, CT_F_CLOSING, CT_F_DSR,
-    CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY, CT_F_REPLY, CtKey,
-    CtValue, proto, stats,
+    BE_F_LOCAL, BackendValue, CT_BIDIR_REPLIES, CT_DIR_ANY, CT_F_BE_LOCAL, CT_F_BIDIR,
+    CT_F_CLOSING, CT_F_DSR, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_INBOUND, CT_F_NODEPORT, CT_F_POLICY,
+    CT_F_POLICY_REV, CT_F_REPLY, CtKey, CtValue, proto, stats,
 };
 
 use crate::{
@@ -114,29 +122,41 @@ pub fn lookup_key(k: &CtKey) -> Option<Hit> {
 }
 
 /// The entry of the packet's own tuple, whatever its role, with its TCP
-/// close state updated.
+/// close state updated. A pure SYN does not match a [`CT_F_POLICY_REV`]
+/// entry: it opens a flow of its own, which is judged.
 #[inline(always)]
 pub fn lookup(p: &Pkt) -> Option<Hit> {
     let h = lookup_key(&key(p))?;
-    if h.e.flags & CT_F_BIDIR != 0 {
+    let flags = h.e.flags;
+    if flags & CT_F_BIDIR != 0 {
         track_half_close(p.proto, p.tcp_flags, &mut h.e.flags, CT_F_FIN_FWD);
+    } else if flags & CT_F_POLICY_REV != 0 {
+        if is_pure_syn(p) {
+            return None;
+        }
+        track_close(p, &mut h.e.flags, CT_F_CLOSING);
+        if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            // The connection's close state lives in its forward entry.
+            answers_policy(&reverse(p), p.tcp_flags);
+        }
     } else {
         track_close(p, &mut h.e.flags, CT_F_CLOSING);
     }
     Some(h)
 }
 
-/// Whether a packet of tuple `own` (TCP flags `tcp_flags`), whose own
-/// entry is missing, answers a flow NetworkPolicy allowed: a
-/// [`CT_F_POLICY`] entry under the reverse tuple (refreshed, with the
-/// reply direction's close state).
+/// Whether a packet whose own entry is missing and whose reverse tuple is
+/// `rev` (TCP flags `tcp_flags`) answers a flow NetworkPolicy allowed: a
+/// [`CT_F_POLICY`] entry under `rev` (refreshed, with the reply
+/// direction's close state). The [`CT_BIDIR_REPLIES`]th reply of a
+/// [`CT_F_BIDIR`] flow records the [`CT_F_POLICY_REV`] entry its later
+/// replies hit directly (best effort, as [`create_policy`]).
 #[inline(always)]
-pub fn answers_policy(own: &CtKey, tcp_flags: u8) -> bool {
-    let k = reverse_key(own);
-    let ptr = if k.proto == proto::TCP {
-        CT4.get_ptr_mut(&k)
+pub fn answers_policy(rev: &CtKey, tcp_flags: u8) -> bool {
+    let ptr = if rev.proto == proto::TCP {
+        CT4.get_ptr_mut(rev)
     } else {
-        CT_ANY4.get_ptr_mut(&k)
+        CT_ANY4.get_ptr_mut(rev)
     };
     let Some(ptr) = ptr else {
         return false;
@@ -149,9 +169,47 @@ pub fn answers_policy(own: &CtKey, tcp_flags: u8) -> bool {
     }
     touch(&mut e.last_seen_ns);
     if e.flags & CT_F_BIDIR != 0 {
-        track_half_close(own.proto, tcp_flags, &mut e.flags, CT_F_FIN_REV);
+        track_half_close(rev.proto, tcp_flags, &mut e.flags, CT_F_FIN_REV);
+        if tcp_flags & (TCP_FIN | TCP_RST) == 0 {
+            if e.replies < CT_BIDIR_REPLIES {
+                e.replies += 1;
+            } else {
+                insert_policy_rev(rev, e);
+            }
+        }
     }
     true
+}
+
+/// Room for the key and value [`insert_policy_rev`] inserts.
+#[repr(C)]
+struct Scratch {
+    key: CtKey,
+    value: CtValue,
+}
+
+/// Per-CPU scratch for [`insert_policy_rev`]: its 56 bytes on the stack
+/// would push the deepest call chain of `rt_from_net` (main frame, then
+/// `policy::judge`) past what Linux 6.1's verifier allows for the whole
+/// chain (512 bytes, each frame rounded up to 32). Private, not pinned.
+#[map]
+static CT_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Records the [`CT_F_POLICY_REV`] entry of the [`CT_F_BIDIR`] flow `fwd`
+/// (under `rev`) under the reply tuple: a copy of the flow's entry (which
+/// holds nothing but its stamp and flags) with its own flags.
+#[inline(always)]
+fn insert_policy_rev(rev: &CtKey, fwd: &CtValue) {
+    let Some(s) = CT_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; programs do not migrate mid-run.
+    let s = unsafe { &mut *s };
+    s.key = reverse_key(rev);
+    s.value = *fwd;
+    s.value.flags = CT_F_POLICY | CT_F_POLICY_REV;
+    s.value.replies = 0;
+    let _ = CT4.insert(&s.key, &s.value, u64::from(BPF_NOEXIST));
 }
 
 /// TCP close tracking for one direction of a flow: a FIN or RST sets
@@ -273,18 +331,19 @@ pub struct NewFlow<'a> {
 
 /// Records both entries. Reply first: once the forward entry exists,
 /// packets go to the backend, and their replies must already find the way
-/// back.
+/// back. One value, rewritten between the inserts: two would be 40 more
+/// bytes in the callers' main frames, which the verifier adds to every
+/// call chain.
 #[inline(always)]
 pub fn create(f: &NewFlow) -> Result<(), u32> {
-    let t = now();
-    let rev = CtValue {
-        last_seen_ns: t,
+    let mut v = CtValue {
+        last_seen_ns: now(),
         backend_id: f.backend.id,
         revnat_id: f.revnat_id,
         flags: f.flags | CT_F_REPLY,
         nat_addr_be: f.orig.saddr_be,
         nat_port_be: f.orig.sport_be,
-        _pad: 0,
+        replies: 0,
         vip_be: f.orig.daddr_be,
         vport_be: f.orig.dport_be,
         _pad2: 0,
@@ -293,30 +352,19 @@ pub fn create(f: &NewFlow) -> Result<(), u32> {
         _pad3: 0,
     };
     let map = table(f.orig.proto);
-    map.insert(&f.reply, &rev, 0)
+    map.insert(&f.reply, &v, 0)
         .map_err(|_| stats::DROP_CT_FULL)?;
     let be_local = if f.backend.be.flags & BE_F_LOCAL != 0 {
         CT_F_BE_LOCAL
     } else {
         0
     };
-    let fwd = CtValue {
-        last_seen_ns: t,
-        backend_id: f.backend.id,
-        revnat_id: f.revnat_id,
-        flags: f.flags | be_local,
-        nat_addr_be: f.snat_addr_be,
-        nat_port_be: f.snat_port_be,
-        _pad: 0,
-        vip_be: f.orig.daddr_be,
-        vport_be: f.orig.dport_be,
-        _pad2: 0,
-        be_addr_be: f.backend.be.addr_be,
-        be_port_be: f.backend.be.port_be,
-        _pad3: 0,
-    };
-    map.insert(&f.orig, &fwd, 0)
-        .map_err(|_| stats::DROP_CT_FULL)
+    v.flags = f.flags | be_local;
+    v.nat_addr_be = f.snat_addr_be;
+    v.nat_port_be = f.snat_port_be;
+    v.be_addr_be = f.backend.be.addr_be;
+    v.be_port_be = f.backend.be.port_be;
+    map.insert(&f.orig, &v, 0).map_err(|_| stats::DROP_CT_FULL)
 }
 
 /// Records (or refreshes) the reply entry of a DSR flow whose packet `p`

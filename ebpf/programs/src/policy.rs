@@ -26,9 +26,13 @@
 //! their own tuple. The entry under their reverse tuple is asked for only
 //! once policy state was found on some side: before the Service probe for
 //! the pod whose veth or uplink the packet crosses ([`before_probe`]), by
-//! [`judge`] for the other side. A reply costs an endpoint lookup and that
-//! one conntrack lookup; a flow between pods no policy selects never pays
-//! for it (the endpoint lookups are the ones its verdict makes anyway).
+//! [`judge`] for the other side. Such a reply costs an endpoint lookup and
+//! that one conntrack lookup, and only the first
+//! [`CT_BIDIR_REPLIES`](riptide_common::CT_BIDIR_REPLIES) of
+//! a connection do: then the reply tuple gets its own entry
+//! ([`ct::answers_policy`]); a flow between pods no policy selects never
+//! pays for it (the endpoint lookups are the ones its verdict makes
+//! anyway).
 //!
 //! Always allowed: the node itself (identity `HOST`, the node address, the
 //! hairpin address — kubelet probes, host processes) and a pod reaching
@@ -40,10 +44,9 @@
 use aya_ebpf::{bindings::TC_ACT_SHOT, maps::lpm_trie::Key, programs::TcContext};
 use riptide_common::{
     BackendValue, CFG_F_POLICY, CT_DIR_ANY, Config, CtKey, DropEvent, EndpointKey, IpcacheKey,
-    IpcacheValue, PE_F_ANY_IN, PE_F_ANY_OUT, PE_F_EXACT_IN, PE_F_EXACT_OUT,
-    PE_F_AUDIT_IN, PE_F_AUDIT_OUT, PE_F_FAIL_CLOSED, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT,
-    POL_DIR_EGRESS, POL_DIR_INGRESS, POLICY_PREFIX_FULL, PolicyEndpointValue, PolicyKey, identity,
-    proto, stats,
+    IpcacheValue, PE_F_ANY_IN, PE_F_ANY_OUT, PE_F_AUDIT_IN, PE_F_AUDIT_OUT, PE_F_EXACT_IN,
+    PE_F_EXACT_OUT, PE_F_FAIL_CLOSED, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_EGRESS,
+    POL_DIR_INGRESS, POLICY_PREFIX_FULL, PolicyEndpointValue, PolicyKey, identity, proto, stats,
 };
 
 use crate::{
@@ -131,7 +134,6 @@ impl Flow {
 /// places, and one copy of the lookups keeps them small for the verifier.
 #[inline(never)]
 pub fn judge(f: &Flow) -> u32 {
-    let cfg = config();
     let mut verdict = OPEN;
     if f.egress != 0
         && let Some(ep) = endpoint(f.saddr_be)
@@ -140,7 +142,7 @@ pub fn judge(f: &Flow) -> u32 {
             return REPLY;
         }
         verdict = ALLOW;
-        if !side(cfg, f, &ep, true) {
+        if !side(f, &ep, true) {
             return DENY;
         }
     }
@@ -151,7 +153,7 @@ pub fn judge(f: &Flow) -> u32 {
             return REPLY;
         }
         verdict = ALLOW;
-        if !side(cfg, f, &ep, false) {
+        if !side(f, &ep, false) {
             return DENY;
         }
     }
@@ -162,17 +164,15 @@ pub fn judge(f: &Flow) -> u32 {
 /// [`ct::answers_policy`]); a SYN opens a flow and never asks.
 #[inline(always)]
 fn answers(f: &Flow) -> bool {
-    if f.untranslated == 0
-        || f.proto != proto::TCP
-        || ct::pure_syn(f.tcp_flags)
-    {
+    if f.untranslated == 0 || f.proto != proto::TCP || ct::pure_syn(f.tcp_flags) {
         return false;
     }
+    // The flow's entry is under the reverse tuple.
     let k = CtKey {
-        saddr_be: f.saddr_be,
-        daddr_be: f.daddr_be,
-        sport_be: f.sport_be,
-        dport_be: f.dport_be,
+        saddr_be: f.daddr_be,
+        daddr_be: f.saddr_be,
+        sport_be: f.dport_be,
+        dport_be: f.sport_be,
         proto: f.proto,
         dir: CT_DIR_ANY,
         _pad: 0,
@@ -190,7 +190,7 @@ fn endpoint(addr_be: u32) -> Option<PolicyEndpointValue> {
 /// Whether one direction of `f` passes for the endpoint `ep` (the source
 /// for egress, the destination for ingress), counted and reported.
 #[inline(always)]
-fn side(cfg: &Config, f: &Flow, ep: &PolicyEndpointValue, egress: bool) -> bool {
+fn side(f: &Flow, ep: &PolicyEndpointValue, egress: bool) -> bool {
     let (isolated, audit, any, exact, dir, me, peer) = if egress {
         (
             PE_F_ISOLATED_OUT,
@@ -220,7 +220,7 @@ fn side(cfg: &Config, f: &Flow, ep: &PolicyEndpointValue, egress: bool) -> bool 
         any: ep.flags & any != 0,
         trie: ep.flags & exact == 0,
     };
-    if allowed(cfg, f, ep, &dir, me, peer) {
+    if allowed(f, ep, &dir, me, peer) {
         count(if egress {
             stats::POLICY_ALLOW_OUT
         } else {
@@ -262,17 +262,13 @@ struct Dir {
 
 /// Whether some rule of `ep` in direction `d` allows `peer`.
 #[inline(always)]
-fn allowed(
-    cfg: &Config,
-    f: &Flow,
-    ep: &PolicyEndpointValue,
-    d: &Dir,
-    me: u32,
-    peer: u32,
-) -> bool {
+fn allowed(f: &Flow, ep: &PolicyEndpointValue, d: &Dir, me: u32, peer: u32) -> bool {
     // A pod reaching itself (directly or through a Service), the node
     // (kubelet probes) and hairpin flows always pass, whatever the ipcache
-    // holds.
+    // holds. (The config is looked up here, an inlined array access,
+    // rather than kept live across `judge`'s lookups: its frame counts
+    // against the callers' whole call chain.)
+    let cfg = config();
     if peer == me
         || (cfg.node_ip_be != 0 && peer == cfg.node_ip_be)
         || (cfg.hairpin_ip_be != 0 && peer == cfg.hairpin_ip_be)
@@ -378,7 +374,7 @@ pub fn before_probe(p: &Pkt, addr_be: u32) -> u32 {
     if unsafe { POLEP4.get(&EndpointKey { addr_be }) }.is_none() {
         return OPEN;
     }
-    if ct::answers_policy(&ct::key(p), p.tcp_flags) {
+    if ct::answers_policy(&ct::reverse(p), p.tcp_flags) {
         return REPLY;
     }
     JUDGE
