@@ -23,6 +23,13 @@
 //!   use `repeat` (each run must be a fresh tuple).
 //! * `passthrough_ns` — a packet for no service (parse, lookups that miss,
 //!   delivery decision), with `repeat`.
+//! * `passthrough_new_median_ns` — the first packet of a flow for no
+//!   service (a fresh source port per sample, one run per syscall): what
+//!   the direct path's SYN pays. Its conntrack miss lands in a cold bucket
+//!   of the 512k-bucket table just as a new service flow's does, so
+//!   `new_flow_median_ns − passthrough_new_median_ns` is what balancing a
+//!   new flow adds over not balancing it (the service, slot and backend
+//!   lookups, the two conntrack inserts, the rewrite).
 //! * `floor_ns` — an ARP frame with `repeat`: the test loop's own cost per
 //!   run plus a few instructions; subtract it from the `repeat` numbers for
 //!   the programs' own cost.
@@ -77,6 +84,8 @@ pub struct LbBench {
     /// difference to `passthrough_ns` is the per-sample measurement
     /// overhead contained in the two single-run medians above.
     pub passthrough_single_median_ns: u64,
+    /// First packet of a flow for no service, one run per syscall.
+    pub passthrough_new_median_ns: u64,
     pub samples: u32,
 }
 
@@ -264,6 +273,17 @@ pub fn tc_lb(services: u32, samples: u32) -> Result<LbBench> {
         pass1.push(run_ns(&mut dp, &other)?);
     }
     let (passthrough_single_median_ns, _) = median_mean(pass1);
+    // Fresh tuples to an address that is no service (distinct from the
+    // service flows above, so every sample misses conntrack).
+    let mut pass_new = Vec::with_capacity(samples as usize);
+    for i in 0..samples {
+        let port = 1024 + (i % 60_000) as u16;
+        pass_new.push(run_ns(
+            &mut dp,
+            &frame(port, Ipv4Addr::new(10, 42, 7, 8), 80, 0x02),
+        )?);
+    }
+    let (passthrough_new_median_ns, _) = median_mean(pass_new);
     let (ct_hit_median_ns, ct_hit_mean_ns) = median_mean(hit);
     let (new_flow_median_ns, new_flow_mean_ns) = median_mean(new_flow);
     Ok(LbBench {
@@ -276,6 +296,7 @@ pub fn tc_lb(services: u32, samples: u32) -> Result<LbBench> {
         passthrough_ns: pass.as_nanos() as f64,
         floor_ns: floor.as_nanos() as f64,
         passthrough_single_median_ns,
+        passthrough_new_median_ns,
         samples,
     })
 }

@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
     for n in [1, 1_000, 10_000] {
         let r = bench::tc_lb(n, samples)?;
         println!(
-            "{{\"path\":\"tc\",\"services\":{},\"samples\":{},\"ct_hit_repeat_ns\":{:.1},\"ct_hit_median_ns\":{},\"ct_hit_mean_ns\":{:.1},\"new_flow_median_ns\":{},\"new_flow_mean_ns\":{:.1},\"passthrough_ns\":{:.1},\"passthrough_single_median_ns\":{},\"floor_ns\":{:.1}}}",
+            "{{\"path\":\"tc\",\"services\":{},\"samples\":{},\"ct_hit_repeat_ns\":{:.1},\"ct_hit_median_ns\":{},\"ct_hit_mean_ns\":{:.1},\"new_flow_median_ns\":{},\"new_flow_mean_ns\":{:.1},\"passthrough_ns\":{:.1},\"passthrough_single_median_ns\":{},\"passthrough_new_median_ns\":{},\"floor_ns\":{:.1}}}",
             r.services,
             r.samples,
             r.ct_hit_repeat_ns,
@@ -45,6 +45,7 @@ fn main() -> anyhow::Result<()> {
             r.new_flow_mean_ns,
             r.passthrough_ns,
             r.passthrough_single_median_ns,
+            r.passthrough_new_median_ns,
             r.floor_ns
         );
     }
