@@ -123,38 +123,14 @@ pub mod names {
 
     /// Every map name (for size checks and dumps).
     pub const ALL_MAPS: [&str; 21] = [
-        EP4,
-        STATS,
-        SVC4,
-        BE4,
-        REVNAT4,
-        CT4,
-        CT_ANY4,
-        NAT4,
-        NAT_ANY4,
-        AFF4,
-        SOCKREV4,
-        CONFIG,
-        NODE4,
-        MAGLEV4,
-        EVENTS,
-        POLEP4,
-        IPCACHE4,
-        POLICY4,
-        SRCRANGE4,
-        IPCACHE4_EXACT,
-        POLICY4_EXACT,
+        EP4, STATS, SVC4, BE4, REVNAT4, CT4, CT_ANY4, NAT4, NAT_ANY4, AFF4, SOCKREV4, CONFIG, NODE4,
+        MAGLEV4, EVENTS, POLEP4, IPCACHE4, POLICY4, SRCRANGE4, IPCACHE4_EXACT, POLICY4_EXACT,
     ];
     /// Names of maps earlier versions pinned that nothing uses any more.
     /// A load removes their pins after taking over what they held (see
     /// `riptide-datapath`'s `upgrade`); never a name in [`ALL_MAPS`].
-    pub const RETIRED_MAPS: [&str; 5] = [
-        "rt_stats_v1",
-        "rt_ct4_v1",
-        "rt_ct4_v2",
-        "rt_maglev4_v1",
-        "rt_nat4_v1",
-    ];
+    pub const RETIRED_MAPS: [&str; 5] =
+        ["rt_stats_v1", "rt_ct4_v1", "rt_ct4_v2", "rt_maglev4_v1", "rt_nat4_v1"];
     /// The conntrack map of the previous layout (TCP and everything else in
     /// one table), whose entries a load moves into [`CT4`] / [`CT_ANY4`].
     pub const CT4_PREV: &str = "rt_ct4_v2";
@@ -557,10 +533,10 @@ pub const SRCRANGE_PREFIX_BASE: u32 = 32;
 pub const ALG_RANDOM: u8 = 0;
 /// Maglev consistent hashing (Eisenbud et al., NSDI 2016) of the flow's
 /// 5-tuple into the frontend's [`MaglevValue`] table: every node picks the
-/// Slots: the backend id. Master of an [`ALG_MAGLEV`] scope: the size
-/// `M` of its Maglev table (Cilium's master entry reuses this word the
-/// same way), so a table and the size it is indexed with change
-/// together.
+    /// Slots: the backend id. Master of an [`ALG_MAGLEV`] scope: the size
+    /// `M` of its Maglev table (Cilium's master entry reuses this word the
+    /// same way), so a table and the size it is indexed with change
+    /// together.
 /// same backend for the same flow, and a backend change moves few flows.
 pub const ALG_MAGLEV: u8 = 1;
 
@@ -1158,10 +1134,7 @@ mod tests {
             8 + 4 + 4 + 4 + 4 + 2 + 2 + 1 + 1 + 2
         );
         assert_eq!(size_of::<MaglevValue>(), 4 * MAGLEV_CHUNK);
-        assert!(
-            MAGLEV_M_MAX as usize / MAGLEV_CHUNK < 256,
-            "chunk index fits a u8"
-        );
+        assert!(MAGLEV_M_MAX as usize / MAGLEV_CHUNK < 256, "chunk index fits a u8");
         assert!(MAGLEV_SIZES.contains(&MAGLEV_M_DEFAULT) && MAGLEV_SIZES.contains(&MAGLEV_M_MAX));
         assert_eq!(size_of::<PolicyEndpointValue>(), 16);
         assert_eq!(size_of::<IpcacheKey>(), 4);
@@ -1169,10 +1142,7 @@ mod tests {
         assert_eq!(size_of::<PolicyKey>(), 4 + 4 + 1 + 1 + 2);
         assert_eq!(size_of::<PolicyKey>() as u32 * 8, POLICY_PREFIX_FULL);
         assert_eq!(size_of::<PolicyValue>(), 8);
-        assert_eq!(
-            size_of::<SrcRangeKey>() as u32 * 8,
-            SRCRANGE_PREFIX_BASE + 32
-        );
+        assert_eq!(size_of::<SrcRangeKey>() as u32 * 8, SRCRANGE_PREFIX_BASE + 32);
         // 8-byte aligned values must have 8-multiple sizes (arrays of them in
         // per-CPU maps and the verifier's view agree).
         assert_eq!(size_of::<CtValue>() % align_of::<CtValue>(), 0);

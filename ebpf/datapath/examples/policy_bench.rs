@@ -52,9 +52,9 @@ use std::net::Ipv4Addr;
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{TestRun, TestRunOptions};
 use riptide_common::{
-    CFG_F_POLICY, CT_BIDIR_REPLIES, Config, EndpointValue, IpcacheValue, PE_F_EXACT_IN,
-    PE_F_EXACT_OUT, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_EGRESS, POL_DIR_INGRESS,
-    PolicyEndpointValue, PolicyKey, PolicyValue, identity, names, proto, stats,
+    CFG_F_POLICY, CT_BIDIR_REPLIES, Config, EndpointValue, IpcacheValue, PE_F_EXACT_IN, PE_F_EXACT_OUT,
+    PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_EGRESS, POL_DIR_INGRESS, PolicyEndpointValue, PolicyKey,
+    PolicyValue, identity, names, proto, stats,
 };
 use riptide_datapath::{Datapath, Pinning};
 

@@ -13,10 +13,10 @@ use common::*;
 use riptide_common::{
     CFG_F_MASQUERADE, CFG_F_POLICY, CT_BIDIR_REPLIES, CT_F_BIDIR, CT_F_CLOSING, CT_F_FIN_FWD,
     CT_F_FIN_REV, CT_F_INBOUND, CT_F_POLICY, CT_F_POLICY_REV, Config, EV_SRC_FROM_NET,
-    EV_SRC_FROM_POD, EV_SRC_TO_POD, IpcacheValue, PE_F_ANY_IN, PE_F_AUDIT_IN, PE_F_EXACT_IN,
-    PE_F_FAIL_CLOSED, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_EGRESS, POL_DIR_INGRESS,
-    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PolicyEndpointValue,
-    PolicyKey, PolicyValue, identity, names, proto, stats,
+    EV_SRC_FROM_POD, EV_SRC_TO_POD, IpcacheValue, PE_F_ANY_IN, PE_F_AUDIT_IN, PE_F_FAIL_CLOSED,
+    PE_F_EXACT_IN, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_EGRESS, POL_DIR_INGRESS, POLICY_PREFIX_ANY_PORT,
+    POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PolicyEndpointValue, PolicyKey, PolicyValue,
+    identity, names, proto, stats,
 };
 use riptide_datapath::{events::Events, policy::PolicyMaps, unpin_node};
 use riptide_test_support::privileged;
@@ -108,27 +108,15 @@ fn kernel_policy_maps_round_trip_from_a_datapath_and_from_pins() {
 
     // The exact hashes, apart from the tries.
     m.upsert_ipcache_exact(ip("10.42.0.8"), id(301, 0)).unwrap();
-    m.upsert_rule_exact(
-        rule,
-        PolicyValue {
-            policy_ref: 6,
-            flags: 0,
-        },
-    )
-    .unwrap();
+    m.upsert_rule_exact(rule, PolicyValue { policy_ref: 6, flags: 0 })
+        .unwrap();
     assert_eq!(
         pinned.list_ipcache_exact().unwrap(),
         vec![(ip("10.42.0.8"), id(301, 0))]
     );
     assert_eq!(
         pinned.list_rules_exact().unwrap(),
-        vec![(
-            rule,
-            PolicyValue {
-                policy_ref: 6,
-                flags: 0
-            }
-        )]
+        vec![(rule, PolicyValue { policy_ref: 6, flags: 0 })]
     );
     assert_eq!(pinned.list_ipcache().unwrap().len(), 3);
 
@@ -807,31 +795,16 @@ fn exact_hashes_answer_first_and_the_exact_flag_skips_the_trie() {
     let mut t = PolicyNode::new();
     t.endpoint(B, B_EP, B_ID, PE_F_ISOLATED_IN);
     let key = |peer, port| PolicyNode::rule_key(B_EP, peer, POL_DIR_INGRESS, proto::TCP, port);
-    let v = PolicyValue {
-        policy_ref: 1,
-        flags: 0,
-    };
+    let v = PolicyValue { policy_ref: 1, flags: 0 };
     t.pol.upsert_rule_exact(key(A_ID, 80), v).unwrap();
     // port 8080, endPort 8087: in the trie.
-    t.allow(
-        B_EP,
-        A_ID,
-        POL_DIR_INGRESS,
-        proto::TCP,
-        8080,
-        POLICY_PREFIX_FULL - 3,
-    );
+    t.allow(B_EP, A_ID, POL_DIR_INGRESS, proto::TCP, 8080, POLICY_PREFIX_FULL - 3);
     let mut sport = 40000;
     let mut try_port = |t: &mut PolicyNode, port: u16| {
         sport += 1;
         t.run(FROM_POD, &syn(at(A, sport), at(B, port)))
     };
-    assert_eq!(
-        try_port(&mut t, 80),
-        TC_ACT_REDIRECT,
-        "exact rule\n{}",
-        t.dump()
-    );
+    assert_eq!(try_port(&mut t, 80), TC_ACT_REDIRECT, "exact rule\n{}", t.dump());
     assert_eq!(try_port(&mut t, 8081), TC_ACT_REDIRECT, "trie rule");
     assert_eq!(try_port(&mut t, 81), TC_ACT_SHOT);
     // Every ingress rule single-port, says the flag: the trie is not asked.
@@ -840,13 +813,7 @@ fn exact_hashes_answer_first_and_the_exact_flag_skips_the_trie() {
     assert_eq!(try_port(&mut t, 80), TC_ACT_REDIRECT);
     // A's /32 in the exact ipcache wins over the trie's.
     t.pol
-        .upsert_ipcache_exact(
-            ip(A),
-            IpcacheValue {
-                identity: C_ID,
-                cidr_identity: 0,
-            },
-        )
+        .upsert_ipcache_exact(ip(A), IpcacheValue { identity: C_ID, cidr_identity: 0 })
         .unwrap();
     assert_eq!(try_port(&mut t, 80), TC_ACT_SHOT, "A is C now");
     t.pol.upsert_rule_exact(key(C_ID, 81), v).unwrap();
@@ -992,11 +959,7 @@ fn a_reply_to_a_client_port_a_node_port_also_uses_is_not_balanced() {
     let (v, out) = run(&mut t.n.dp, FROM_POD, &tcp(b, node, 0x12, b""));
     assert_eq!(v, TC_ACT_OK, "the reply goes to the node\n{}", t.dump());
     assert_eq!((view(&out).dst, view(&out).dport), node, "not translated");
-    assert_eq!(
-        t.n.dp.stats().unwrap().get(stats::LB_NEW),
-        0,
-        "not balanced"
-    );
+    assert_eq!(t.n.dp.stats().unwrap().get(stats::LB_NEW), 0, "not balanced");
     assert_eq!(t.counters()[DENY_IN] + t.counters()[DENY_OUT], 0);
 }
 

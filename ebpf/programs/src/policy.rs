@@ -44,9 +44,10 @@
 use aya_ebpf::{bindings::TC_ACT_SHOT, maps::lpm_trie::Key, programs::TcContext};
 use riptide_common::{
     BackendValue, CFG_F_POLICY, CT_DIR_ANY, Config, CtKey, DropEvent, EndpointKey, IpcacheKey,
-    IpcacheValue, PE_F_ANY_IN, PE_F_ANY_OUT, PE_F_AUDIT_IN, PE_F_AUDIT_OUT, PE_F_EXACT_IN,
-    PE_F_EXACT_OUT, PE_F_FAIL_CLOSED, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT, POL_DIR_EGRESS,
-    POL_DIR_INGRESS, POLICY_PREFIX_FULL, PolicyEndpointValue, PolicyKey, identity, proto, stats,
+    IpcacheValue, PE_F_ANY_IN, PE_F_ANY_OUT, PE_F_EXACT_IN, PE_F_EXACT_OUT,
+    PE_F_AUDIT_IN, PE_F_AUDIT_OUT, PE_F_FAIL_CLOSED, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT,
+    POL_DIR_EGRESS, POL_DIR_INGRESS, POLICY_PREFIX_FULL, PolicyEndpointValue, PolicyKey, identity,
+    proto, stats,
 };
 
 use crate::{
@@ -164,7 +165,10 @@ pub fn judge(f: &Flow) -> u32 {
 /// [`ct::answers_policy`]); a SYN opens a flow and never asks.
 #[inline(always)]
 fn answers(f: &Flow) -> bool {
-    if f.untranslated == 0 || f.proto != proto::TCP || ct::pure_syn(f.tcp_flags) {
+    if f.untranslated == 0
+        || f.proto != proto::TCP
+        || ct::pure_syn(f.tcp_flags)
+    {
         return false;
     }
     // The flow's entry is under the reverse tuple.
@@ -262,7 +266,13 @@ struct Dir {
 
 /// Whether some rule of `ep` in direction `d` allows `peer`.
 #[inline(always)]
-fn allowed(f: &Flow, ep: &PolicyEndpointValue, d: &Dir, me: u32, peer: u32) -> bool {
+fn allowed(
+    f: &Flow,
+    ep: &PolicyEndpointValue,
+    d: &Dir,
+    me: u32,
+    peer: u32,
+) -> bool {
     // A pod reaching itself (directly or through a Service), the node
     // (kubelet probes) and hairpin flows always pass, whatever the ipcache
     // holds. (The config is looked up here, an inlined array access,
