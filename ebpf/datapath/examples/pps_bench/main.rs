@@ -42,10 +42,18 @@
 //! softirq CPU-seconds per million packets, then a summary object with the
 //! ratios to `iptables` of the same run and the machine's conditions.
 //!
+//! `--hop node1` measures node 1's forwarding alone instead (`hop.rs`: a
+//! generator without skbs, XDP in `BPF_PROG_TEST_RUN` live-frames mode,
+//! and a counting drop on the first hop after node 1); `--hop both` runs
+//! both modes interleaved, measurement by measurement (what `cargo xtask
+//! bench pps` runs). The output's `hop` field names the mode: `path` (the
+//! whole path, above) or `node1`.
+//!
 //! `--netperf`: netperf TCP_RR and TCP_CRR through the same NodePort paths
 //! instead (`rr.rs`).
 #![allow(clippy::unwrap_used)]
 
+mod hop;
 mod node1;
 mod node2;
 mod rr;
@@ -123,7 +131,30 @@ impl Path {
     }
 }
 
+/// What a measurement counts (`--hop`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    /// The whole path, generator to pod.
+    Path,
+    /// Node 1 alone (`hop.rs`).
+    Node1,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Path => "path",
+            Mode::Node1 => "node1",
+        }
+    }
+}
+
 struct Opts {
+    modes: Vec<Mode>,
+    /// Live-frames batch of the node-1 generator.
+    batch: u32,
+    /// GRO on node 1's uplink in the node-1 mode.
+    gro: bool,
     rounds: u32,
     seconds: f64,
     counts: Vec<usize>,
@@ -134,6 +165,9 @@ struct Opts {
 
 fn opts() -> Result<Opts> {
     let mut o = Opts {
+        modes: vec![Mode::Path],
+        batch: 256,
+        gro: true,
         rounds: 3,
         seconds: 2.0,
         counts: vec![1, 10_000],
@@ -159,8 +193,18 @@ fn opts() -> Result<Opts> {
             }
             "--cpu" => o.cpu = args.next().context("--cpu N")?.parse()?,
             "--netperf" => o.netperf = true,
+            "--hop" => {
+                o.modes = match args.next().as_deref() {
+                    Some("path") => vec![Mode::Path],
+                    Some("node1") => vec![Mode::Node1],
+                    Some("both") => vec![Mode::Path, Mode::Node1],
+                    _ => bail!("--hop path|node1|both"),
+                }
+            }
+            "--batch" => o.batch = args.next().context("--batch N")?.parse()?,
+            "--no-gro" => o.gro = false,
             other => bail!(
-                "unknown argument {other} (--quick, --rounds N, --seconds S, --services N,N, --cpu N, --netperf)"
+                "unknown argument {other} (--quick, --rounds N, --seconds S, --services N,N, --cpu N, --netperf, --hop path|node1|both, --batch N, --no-gro)"
             ),
         }
     }
@@ -261,10 +305,11 @@ fn rules(ns: &str, path: Option<Path>, services: &[SvcPort]) -> Result<()> {
 /// Sets the nodes up for `path`: riptide on node 1 (tc, XDP) and node 2
 /// (the DSR path) attached or detached, the kube-proxy-shaped rules of
 /// `services` installed or removed. Returns the `XDP_PASS` program on node
-/// 1's uplink peer that the XDP paths need, attached while it is held.
+/// 1's uplink peer that the XDP paths need in `mode` path (the node-1
+/// mode's sink takes its place), attached while it is held.
 fn enter(
     t: &Topo,
-    path: Path,
+    (mode, path): (Mode, Path),
     rt: &mut Option<node1::Riptide>,
     rt2: &mut Option<node2::Riptide>,
     services: &[SvcPort],
@@ -274,8 +319,7 @@ fn enter(
     *rt = Some(r.set(n1, path.riptide(), path.xdp())?);
     let r2 = rt2.take().context("riptide on node 2")?;
     *rt2 = Some(r2.set(t.node2.name(), path == Path::RiptideXdpDsr)?);
-    let peer = path
-        .xdp()
+    let peer = (path.xdp() && mode == Mode::Path)
         .then(|| t.xdp_pass_on_peer())
         .transpose()
         .context("attaching XDP_PASS to node 1's uplink peer")?;
@@ -300,6 +344,10 @@ struct Point {
     pps: f64,
     /// Softirq CPU-seconds per million delivered packets.
     softirq_s_per_mpkt: f64,
+    /// The generator CPU's system and softirq time per delivered packet,
+    /// in µs (the node-1 mode only: system is the generator's `bpf(2)`
+    /// call, softirq node 1 and the sink).
+    gen_cpu_us: Option<(f64, f64)>,
 }
 
 fn frames(path: Path) -> Vec<Vec<u8>> {
@@ -372,6 +420,7 @@ fn measure(t: &Topo, path: Path, o: &Opts) -> Result<Point> {
         } else {
             (si1 - si0) / (delivered as f64 / 1e6)
         },
+        gen_cpu_us: None,
     })
 }
 
@@ -428,8 +477,13 @@ fn main() -> Result<()> {
     let mut rt2 = Some(node2::Riptide::load(&n2)?);
     let load_before = traffic::loadavg();
     let started = std::time::Instant::now();
-    // (path, services) → points
-    let mut results: Vec<(Path, usize, Vec<Point>)> = Vec::new();
+    let hop = o
+        .modes
+        .contains(&Mode::Node1)
+        .then(|| hop::Hop::new(&t, o.batch, o.gro))
+        .transpose()?;
+    // (mode, path, services) → points
+    let mut results: Vec<(Mode, Path, usize, Vec<Point>)> = Vec::new();
     let mut xdp_tx = 0u64;
     for &n in &o.counts {
         let list = service_list(n);
@@ -444,61 +498,73 @@ fn main() -> Result<()> {
             let k = round as usize % order.len();
             order.rotate_left(k);
             for path in order {
-                // Dropped (detached) after this path's measurement.
-                let _peer = enter(&t, path, &mut rt, &mut rt2, &list)?;
-                let before = rt
-                    .as_ref()
-                    .context("riptide")?
-                    .dp
-                    .stats()?
-                    .get(stats::XDP_TX);
-                let p = measure(&t, path, &o)
-                    .with_context(|| format!("{} at {n} Services", path.name()))?;
-                rules(&n1, None, &[])?;
-                // A broken path delivers next to nothing. A working one
-                // can lose more than half: with XDP on, the generator's
-                // CPU spends less in softirq and sends faster than node 2
-                // and the pod take on a 2-CPU machine
-                // (`delivered_fraction` in the output).
-                if p.delivered < p.sent / 5 {
-                    eprintln!("{}", t.counters());
-                    bail!(
-                        "{} at {n} Services delivered {} of {} packets",
-                        path.name(),
-                        p.delivered,
-                        p.sent
-                    );
-                }
-                if path.xdp() {
-                    let after = rt
+                for &mode in &o.modes {
+                    // Dropped (detached) after this path's measurement.
+                    let _peer = enter(&t, (mode, path), &mut rt, &mut rt2, &list)?;
+                    let before = rt
                         .as_ref()
                         .context("riptide")?
                         .dp
                         .stats()?
                         .get(stats::XDP_TX);
-                    xdp_tx += after - before;
-                    ensure!(
-                        after - before >= p.delivered / 2,
-                        "XDP sent {} of {} delivered packets: the XDP path was not taken",
-                        after - before,
-                        p.delivered
+                    let p = match (mode, &hop) {
+                        (Mode::Node1, Some(h)) => h.measure(&t, path, &o),
+                        _ => measure(&t, path, &o),
+                    }
+                    .with_context(|| {
+                        format!("{} at {n} Services ({})", path.name(), mode.name())
+                    })?;
+                    rules(&n1, None, &[])?;
+                    // A broken path delivers next to nothing. A working one
+                    // can lose more than half: with XDP on, the generator's
+                    // CPU spends less in softirq and sends faster than node 2
+                    // and the pod take on a 2-CPU machine
+                    // (`delivered_fraction` in the output).
+                    if p.delivered < p.sent / 5 {
+                        eprintln!("{}", t.counters());
+                        bail!(
+                            "{} at {n} Services ({}) delivered {} of {} packets",
+                            path.name(),
+                            mode.name(),
+                            p.delivered,
+                            p.sent
+                        );
+                    }
+                    if path.xdp() {
+                        let after = rt
+                            .as_ref()
+                            .context("riptide")?
+                            .dp
+                            .stats()?
+                            .get(stats::XDP_TX);
+                        xdp_tx += after - before;
+                        ensure!(
+                            after - before >= p.delivered / 2,
+                            "XDP sent {} of {} delivered packets: the XDP path was not taken",
+                            after - before,
+                            p.delivered
+                        );
+                    }
+                    eprintln!(
+                        "[{:>4.0}s] {n:>5} svc round {} {:<5} {:<15} sent {:>9} delivered {:>9} ({:>5.1} %) {:>8.0} pps, softirq {:.3} CPU-s/Mpkt, load {:.2}",
+                        started.elapsed().as_secs_f64(),
+                        round + 1,
+                        mode.name(),
+                        path.name(),
+                        p.sent,
+                        p.delivered,
+                        100.0 * p.delivered as f64 / p.sent.max(1) as f64,
+                        p.pps,
+                        p.softirq_s_per_mpkt,
+                        traffic::loadavg()
                     );
-                }
-                eprintln!(
-                    "[{:>4.0}s] {n:>5} svc round {} {:<12} sent {:>9} delivered {:>9} ({:>5.1} %) {:>8.0} pps, softirq {:.3} CPU-s/Mpkt, load {:.2}",
-                    started.elapsed().as_secs_f64(),
-                    round + 1,
-                    path.name(),
-                    p.sent,
-                    p.delivered,
-                    100.0 * p.delivered as f64 / p.sent.max(1) as f64,
-                    p.pps,
-                    p.softirq_s_per_mpkt,
-                    traffic::loadavg()
-                );
-                match results.iter_mut().find(|(q, m, _)| *q == path && *m == n) {
-                    Some((_, _, v)) => v.push(p),
-                    None => results.push((path, n, vec![p])),
+                    match results
+                        .iter_mut()
+                        .find(|(m, q, c, _)| *m == mode && *q == path && *c == n)
+                    {
+                        Some((_, _, _, v)) => v.push(p),
+                        None => results.push((mode, path, n, vec![p])),
+                    }
                 }
             }
         }
@@ -511,24 +577,36 @@ fn main() -> Result<()> {
         drop(r.set(&n2, false)?);
     }
     let load_after = traffic::loadavg();
-    let med = |path: Path, n: usize| -> Option<(f64, f64)> {
+    let med = |mode: Mode, path: Path, n: usize| -> Option<(f64, f64)> {
         results
             .iter()
-            .find(|(q, m, _)| *q == path && *m == n)
-            .map(|(_, _, v)| {
+            .find(|(m, q, c, _)| *m == mode && *q == path && *c == n)
+            .map(|(_, _, _, v)| {
                 (
                     median(v.iter().map(|p| p.pps).collect()),
                     median(v.iter().map(|p| p.softirq_s_per_mpkt).collect()),
                 )
             })
     };
-    for (path, n, v) in &results {
+    for (mode, path, n, v) in &results {
         let pps: Vec<f64> = v.iter().map(|p| p.pps).collect();
-        let (m, si) = med(*path, *n).unwrap_or((f64::NAN, f64::NAN));
+        let (m, si) = med(*mode, *path, *n).unwrap_or((f64::NAN, f64::NAN));
+        let gen_cpu = if *mode == Mode::Node1 {
+            let sys = median(v.iter().filter_map(|p| p.gen_cpu_us).map(|c| c.0).collect());
+            let si = median(v.iter().filter_map(|p| p.gen_cpu_us).map(|c| c.1).collect());
+            format!(
+                ",\"gen_cpu_system_us_per_pkt\":{},\"gen_cpu_softirq_us_per_pkt\":{}",
+                json_num(sys),
+                json_num(si)
+            )
+        } else {
+            String::new()
+        };
         let delivered: u64 = v.iter().map(|p| p.delivered).sum();
         let sent: u64 = v.iter().map(|p| p.sent).sum();
         println!(
-            "{{\"path\":\"{}\",\"services\":{n},\"rounds\":{},\"pps_median\":{},\"pps_min\":{},\"pps_max\":{},\"delivered_fraction\":{},\"softirq_cpu_s_per_mpkt\":{}}}",
+            "{{\"hop\":\"{}\",\"path\":\"{}\",\"services\":{n},\"rounds\":{},\"pps_median\":{},\"pps_min\":{},\"pps_max\":{},\"delivered_fraction\":{},\"softirq_cpu_s_per_mpkt\":{}{gen_cpu}}}",
+            mode.name(),
             path.name(),
             v.len(),
             json_num(m),
@@ -536,29 +614,6 @@ fn main() -> Result<()> {
             json_num(pps.iter().copied().fold(0.0, f64::max)),
             json_num(delivered as f64 / sent.max(1) as f64),
             json_num(si)
-        );
-    }
-    let mut ratios = String::new();
-    for &n in &o.counts {
-        let base = med(Path::Iptables, n).map_or(f64::NAN, |x| x.0);
-        let tc = med(Path::RiptideTc, n).map_or(f64::NAN, |x| x.0);
-        for path in Path::ALL {
-            let m = med(path, n).map_or(f64::NAN, |x| x.0);
-            let _ = write!(
-                ratios,
-                "{}\"{}@{n}\":{}",
-                if ratios.is_empty() { "" } else { "," },
-                path.name(),
-                json_num(m / base)
-            );
-        }
-        let x = med(Path::RiptideXdp, n).map_or(f64::NAN, |x| x.0);
-        let d = med(Path::RiptideXdpDsr, n).map_or(f64::NAN, |x| x.0);
-        let _ = write!(
-            ratios,
-            ",\"riptide-xdp/riptide-tc@{n}\":{},\"riptide-xdp-dsr/riptide-tc@{n}\":{}",
-            json_num(x / tc),
-            json_num(d / tc)
         );
     }
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
@@ -569,20 +624,47 @@ fn main() -> Result<()> {
                 .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
         })
         .unwrap_or_default();
-    println!(
-        "{{\"summary\":\"pps\",\"ratio_to_iptables\":{{{ratios}}},\"xdp_tx_packets\":{xdp_tx},\"seconds_per_point\":{},\"rounds\":{},\"generator_cpu\":{},\"cpus\":{},\"cpu_model\":\"{}\",\"kernel\":\"{}\",\"loadavg_before\":{},\"loadavg_after\":{},\"elapsed_s\":{:.0}}}",
-        o.seconds,
-        o.rounds,
-        o.cpu,
-        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-        cpu_model.replace('"', ""),
-        std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim(),
-        json_num(load_before),
-        json_num(load_after),
-        started.elapsed().as_secs_f64()
-    );
+    for &mode in &o.modes {
+        let mut ratios = String::new();
+        for &n in &o.counts {
+            let base = med(mode, Path::Iptables, n).map_or(f64::NAN, |x| x.0);
+            let tc = med(mode, Path::RiptideTc, n).map_or(f64::NAN, |x| x.0);
+            for path in Path::ALL {
+                let m = med(mode, path, n).map_or(f64::NAN, |x| x.0);
+                let _ = write!(
+                    ratios,
+                    "{}\"{}@{n}\":{}",
+                    if ratios.is_empty() { "" } else { "," },
+                    path.name(),
+                    json_num(m / base)
+                );
+            }
+            let x = med(mode, Path::RiptideXdp, n).map_or(f64::NAN, |x| x.0);
+            let d = med(mode, Path::RiptideXdpDsr, n).map_or(f64::NAN, |x| x.0);
+            let _ = write!(
+                ratios,
+                ",\"riptide-xdp/riptide-tc@{n}\":{},\"riptide-xdp-dsr/riptide-tc@{n}\":{}",
+                json_num(x / tc),
+                json_num(d / tc)
+            );
+        }
+        println!(
+            "{{\"summary\":\"pps\",\"hop\":\"{}\",\"ratio_to_iptables\":{{{ratios}}},\"xdp_tx_packets\":{xdp_tx},\"seconds_per_point\":{},\"rounds\":{},\"generator_cpu\":{},\"batch\":{},\"cpus\":{},\"cpu_model\":\"{}\",\"kernel\":\"{}\",\"loadavg_before\":{},\"loadavg_after\":{},\"elapsed_s\":{:.0}}}",
+            mode.name(),
+            o.seconds,
+            o.rounds,
+            o.cpu,
+            o.batch,
+            std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+            cpu_model.replace('"', ""),
+            std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim(),
+            json_num(load_before),
+            json_num(load_after),
+            started.elapsed().as_secs_f64()
+        );
+    }
     drop(t);
     Ok(())
 }

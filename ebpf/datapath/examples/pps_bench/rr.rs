@@ -160,7 +160,7 @@ pub fn run(t: &Topo, rounds: u32, seconds: u32, cpu: usize) -> Result<()> {
         let mut order: Vec<(usize, Path)> = Path::ALL.iter().copied().enumerate().collect();
         order.rotate_left(round as usize % Path::ALL.len());
         for (p, path) in order {
-            let _peer = enter(t, path, &mut rt, &mut rt2, &list)?;
+            let _peer = enter(t, (super::Mode::Path, path), &mut rt, &mut rt2, &list)?;
             for (k, test) in TESTS.iter().enumerate() {
                 let m = netperf(t, path, test, port(round, p, k), seconds, cpu)
                     .with_context(|| format!("{} {test}", path.name()));

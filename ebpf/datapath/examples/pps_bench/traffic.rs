@@ -83,7 +83,7 @@ pub struct Sent {
 }
 
 /// Pins the calling thread to `cpu`.
-fn pin(cpu: usize) -> Result<()> {
+pub fn pin(cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `cpu` is checked against the set's size by the macro's caller
