@@ -345,12 +345,18 @@ fn micro_benches(root: &Path, quick: bool, only: Option<&str>) -> Result<()> {
         // Packets/s of small UDP datagrams from an outside namespace through
         // a NodePort on node 1 to a pod on node 2, and softirq CPU per
         // million packets: kube-proxy-shaped iptables and nftables, riptide
-        // tc, XDP and XDP+DSR, at 1 and 10k Services (namespaces of its own).
+        // tc, XDP and XDP+DSR, at 1 and 10k Services (namespaces of its own);
+        // both the whole path and node 1 alone (XDP live-frames generator,
+        // counting drop after node 1), interleaved.
         (
             "pps",
             "riptide-datapath",
             "pps_bench",
-            if quick { vec!["--quick"] } else { vec![] },
+            if quick {
+                vec!["--hop", "both", "--quick"]
+            } else {
+                vec!["--hop", "both"]
+            },
         ),
         // netperf TCP_RR / TCP_CRR through the same NodePort paths (XDP on
         // and off, XDP+DSR) on the same wiring.
