@@ -6,7 +6,10 @@ use std::{
     future::Future,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, atomic::AtomicBool, atomic::Ordering},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -173,6 +176,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         events: Arc::default(),
         policy: Mutex::new(PolicyState::default()),
         maps: Mutex::default(),
+        pods: OnceLock::new(),
     });
     if let Some(dir) = &pin_dir {
         let weak = Arc::downgrade(&shared);
@@ -223,6 +227,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     lock(&shared.status).kubernetes = true;
     let (tx, rx) = mpsc::unbounded_channel();
     let stores = watch::start(&client, &node, &tx, &shared.metrics);
+    // The watches start once per run, so the cell is still empty.
+    let _ = shared.pods.set(stores.pods.clone());
     let node_ctx = NodeContext {
         node_name: node.clone(),
         proxy_name: cfg.proxy_name.clone(),

@@ -204,7 +204,10 @@ pub fn status(s: &Shared) -> StatusView {
 
 fn policy_status(s: &Shared) -> PolicyStatusView {
     let p = lock(&s.policy).clone();
-    let name = |ip: &std::net::Ipv4Addr| p.pod_name(*ip).map_or_else(|| ip.to_string(), |n| format!("{n} ({ip})"));
+    let name = |ip: &std::net::Ipv4Addr| {
+        p.local_pod_name(*ip)
+            .map_or_else(|| ip.to_string(), |n| format!("{n} ({ip})"))
+    };
     PolicyStatusView {
         synced: p.synced,
         enforcing: p.enforcing,
@@ -310,9 +313,11 @@ struct Since {
     since: u64,
 }
 
-async fn get_events(State(s): State<S>, Query(q): Query<Since>) -> Json<Vec<crate::events::EventView>> {
-    let policy = lock(&s.policy).clone();
-    let pods = policy.pods_by_ip();
+async fn get_events(
+    State(s): State<S>,
+    Query(q): Query<Since>,
+) -> Json<Vec<crate::events::EventView>> {
+    let pods = crate::policy::names_by_ip(&s.pods());
     Json(s.events.since(q.since, &services(&s), &pods))
 }
 
@@ -347,7 +352,7 @@ async fn get_policy_check(State(s): State<S>, Query(q): Query<CheckQuery>) -> Re
     let to: Peer = q.to.parse().map_err(|e: crate::policy::CheckError| bad(e.to_string()))?;
     let (port, (proto, name)) = parse_port(&q.port).map_err(bad)?;
     let compiled = lock(&s.policy).compiled.clone();
-    views::policy_check_view(&compiled, &from, &to, port, (proto, &name))
+    views::policy_check_view(&compiled, &s.pods(), &from, &to, port, (proto, &name))
         .map(Json)
         .map_err(|e| (StatusCode::NOT_FOUND, e.to_string()))
 }

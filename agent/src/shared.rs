@@ -4,9 +4,9 @@
 //! below all three so each of them imports it, and none imports another.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::AtomicBool},
+    sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, atomic::AtomicBool},
 };
 
 use ipnetwork::Ipv4Network;
@@ -14,12 +14,8 @@ use riptide_datapath::{Datapath, service::Services};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    events::EventLog,
-    map_usage::MapSnapshot,
-    metrics::Metrics,
-    policy::Compiled,
-    reconcile::Reconciler,
-    views::NodeView,
+    events::EventLog, map_usage::MapSnapshot, metrics::Metrics, policy::Compiled,
+    reconcile::Reconciler, slim::SlimPod, store::Store, views::NodeView,
 };
 
 /// Mutable status shown by `riptide status`.
@@ -70,6 +66,17 @@ pub struct Shared {
     /// The last sample of every map's entries and capacity, taken off the
     /// request path ([`crate::map_usage`]).
     pub maps: Mutex<MapSnapshot>,
+    /// Every pod of the cluster (the watch's store, set once the watches
+    /// start): names pods in events and `riptide policy check`.
+    pub pods: OnceLock<Store<SlimPod>>,
+}
+
+impl Shared {
+    /// Every pod of the cluster as the store holds it now (none before the
+    /// watches start).
+    pub fn pods(&self) -> Vec<Arc<SlimPod>> {
+        self.pods.get().map(Store::state).unwrap_or_default()
+    }
 }
 
 /// The NetworkPolicy state the run loop publishes for the API.
@@ -92,15 +99,12 @@ pub struct PolicyState {
 }
 
 impl PolicyState {
-    /// Pod address → `namespace/name`, every pod of the cluster (built on
-    /// request: the agent holds the names once, in its pod store).
-    pub fn pods_by_ip(&self) -> HashMap<Ipv4Addr, String> {
-        self.compiled.pods.iter().map(|((ns, name), ip)| (*ip, format!("{ns}/{name}"))).collect()
-    }
-
-    /// `namespace/name` of the pod at `ip`.
-    pub fn pod_name(&self, ip: Ipv4Addr) -> Option<String> {
-        self.compiled.pods.iter().find(|(_, a)| **a == ip).map(|((ns, name), _)| format!("{ns}/{name}"))
+    /// `namespace/name` of the local pod at `ip`.
+    pub fn local_pod_name(&self, ip: Ipv4Addr) -> Option<String> {
+        self.compiled
+            .views
+            .get(&ip)
+            .map(|v| format!("{}/{}", v.namespace, v.pod))
     }
 }
 

@@ -1,11 +1,13 @@
 //! The pinned maps → the views the CLI shows (frontend → backends,
 //! conntrack, affinity, endpoints, NetworkPolicy). Decoded from the maps
-//! themselves, not from what the agent believes it wrote; names (pods,
-//! policies, label sets) come from the agent's last compile.
+//! themselves, not from what the agent believes it wrote; names of
+//! policies and label sets come from the agent's last compile, names of
+//! pods from its pod store.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
 };
 
 use riptide_common::{
@@ -21,7 +23,10 @@ use riptide_common::{
 use riptide_datapath::service::Service;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{CheckError, Compiled, DirVerdict, Peer};
+use crate::{
+    policy::{CheckError, Compiled, DirVerdict, Peer},
+    slim::SlimPod,
+};
 
 /// One backend as the maps hold it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -429,10 +434,24 @@ pub struct PolicyCheckView {
     pub to_identity: String,
 }
 
-/// Judges `from` → `to`:`port`/`protocol` on the last compile.
-pub fn policy_check_view(compiled: &Compiled, from: &Peer, to: &Peer, port: u16, protocol: (u8, &str)) -> Result<PolicyCheckView, CheckError> {
-    let v = compiled.check(from, to, port, protocol.0)?;
-    let pod_of: BTreeMap<Ipv4Addr, String> = compiled.pods.iter().map(|((ns, n), ip)| (*ip, format!("{ns}/{n}"))).collect();
+/// Judges `from` → `to`:`port`/`protocol` on the last compile, naming
+/// pods from `pods` (the pod store).
+pub fn policy_check_view(
+    compiled: &Compiled,
+    pods: &[Arc<SlimPod>],
+    from: &Peer,
+    to: &Peer,
+    port: u16,
+    protocol: (u8, &str),
+) -> Result<PolicyCheckView, CheckError> {
+    let v = compiled.check(pods, from, to, port, protocol.0)?;
+    let pod_of = crate::policy::names_by_ip(pods);
+    // A pod's identity is its label set whether or not the compile gave
+    // it one (with no policy it looks at local pods only).
+    let identity = |ip: Ipv4Addr| {
+        crate::policy::identity_name_of(pods, ip)
+            .unwrap_or_else(|| compiled.identity_name(compiled.ipcache_lookup(ip).identity))
+    };
     let allowed_by = |d: &DirVerdict| match d {
         DirVerdict::Allowed { policy, .. } => policy.as_ref().map(ToString::to_string),
         _ => None,
@@ -460,8 +479,8 @@ pub fn policy_check_view(compiled: &Compiled, from: &Peer, to: &Peer, port: u16,
         ingress_policy: allowed_by(&v.ingress),
         egress_isolated_by: isolated_by(&v.egress, v.from, POL_DIR_EGRESS),
         ingress_isolated_by: isolated_by(&v.ingress, v.to, POL_DIR_INGRESS),
-        from_identity: compiled.identity_name(compiled.ipcache_lookup(v.from).identity),
-        to_identity: compiled.identity_name(compiled.ipcache_lookup(v.to).identity),
+        from_identity: identity(v.from),
+        to_identity: identity(v.to),
     })
 }
 

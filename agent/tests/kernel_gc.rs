@@ -150,6 +150,7 @@ fn start(node: &Node, affinity_s: u32) -> (Arc<Shared>, Ids) {
         events: Arc::default(),
         policy: Mutex::default(),
         maps: Mutex::default(),
+        pods: std::sync::OnceLock::new(),
     });
     (shared, ids)
 }

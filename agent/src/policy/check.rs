@@ -10,7 +10,8 @@ use riptide_common::{
     POLICY_PREFIX_FULL, PolicyKey, identity,
 };
 
-use super::{Compiled, PolicyName, RuleKey};
+use super::{Compiled, PolicyName, RuleKey, pods::resolve};
+use crate::slim::SlimPod;
 
 /// One end of a flow: a pod by name or an address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,9 +139,17 @@ impl Compiled {
     /// Judges a new flow `from` → `to`:`port`/`proto` (after Service
     /// translation: `to` is the backend) as the datapath would on this
     /// node. Directions of pods on other nodes are [`DirVerdict::NotLocal`].
-    pub fn check(&self, from: &Peer, to: &Peer, port: u16, proto: u8) -> Result<Verdict, CheckError> {
-        let from = self.resolve(from)?;
-        let to = self.resolve(to)?;
+    /// Pods are named by `pods` (the pod store).
+    pub fn check(
+        &self,
+        pods: &[Arc<SlimPod>],
+        from: &Peer,
+        to: &Peer,
+        port: u16,
+        proto: u8,
+    ) -> Result<Verdict, CheckError> {
+        let from = resolve(pods, from)?;
+        let to = resolve(pods, to)?;
         let egress = self.judge(from, to, POL_DIR_EGRESS, proto, port);
         let ingress = self.judge(to, from, POL_DIR_INGRESS, proto, port);
         Ok(Verdict {
@@ -150,20 +159,6 @@ impl Compiled {
             egress,
             ingress,
         })
-    }
-
-    fn resolve(&self, peer: &Peer) -> Result<Ipv4Addr, CheckError> {
-        match peer {
-            Peer::Addr(a) => Ok(*a),
-            Peer::Pod { namespace, name } => self
-                .pods
-                .get(&(Arc::from(namespace.as_str()), Arc::from(name.as_str())))
-                .copied()
-                .ok_or_else(|| CheckError::UnknownPod {
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                }),
-        }
     }
 
     /// The ipcache's answer for `addr` (longest prefix).

@@ -35,6 +35,7 @@ use crate::slim::{SlimNode, SlimPod};
 use super::{
     AUDIT_ANNOTATION, Compiled, EndpointView, IdentityInfo, Inputs, NAMESPACE_NAME_LABEL, PolicyName, RuleKey,
     ids::{LabelIds, Labels, StableIds},
+    pods::{namespace_of, pod_addr},
     ports::{port_prefixes, protocol_number},
     selector::LabelMatch,
 };
@@ -164,7 +165,11 @@ impl Compiler {
         let mut warnings = Vec::new();
 
         let mut namespaces = namespaces(inputs.namespaces);
-        let (pods, host_network_pods) = pods(inputs, &mut warnings);
+        // No policy: no pod is isolated and no rule names a peer, so only
+        // the local pods' views (`riptide policy list`) are wanted; the
+        // cluster's pods get identities once some policy exists.
+        let local_only = inputs.policies.is_empty();
+        let pods = pods(inputs, local_only, &mut warnings);
         for pod in &pods {
             namespaces.entry(pod.namespace).or_insert_with(|| NsData::unknown(pod.namespace));
         }
@@ -308,7 +313,6 @@ impl Compiler {
             }
         }
         for (pod, idx) in pods.iter().zip(&pod_identity) {
-            out.pods.insert(pod.names(), pod.ip);
             if let Some(idx) = idx {
                 out.ipcache.insert(
                     (pod.ip, 32),
@@ -318,9 +322,6 @@ impl Compiler {
                     },
                 );
             }
-        }
-        for pod in &host_network_pods {
-            out.pods.entry(pod.names()).or_insert(pod.ip);
         }
         for addr in host_addrs {
             out.ipcache.insert(
@@ -510,42 +511,26 @@ struct PodData<'a> {
     local: bool,
 }
 
-impl PodData<'_> {
-    /// Namespace and name, shared with the store's object.
-    fn names(&self) -> (Arc<str>, Arc<str>) {
-        let key = &self.pod.key;
-        let namespace = if key.namespace.is_empty() { Arc::from(self.namespace) } else { Arc::clone(&key.namespace) };
-        (namespace, Arc::clone(&key.name))
-    }
-}
-
-/// The pods that own addresses, in (namespace, name) order, and apart the
-/// host-network pods (their address is their node's: no identity of their
-/// own, only a name `riptide policy check` resolves). Two pods claiming
-/// one address (a stale store): the one not being deleted wins.
-fn pods<'a>(inputs: &Inputs<'a>, warnings: &mut Vec<String>) -> (Vec<PodData<'a>>, Vec<PodData<'a>>) {
-    let (owners, host_network): (Vec<_>, Vec<_>) = inputs
+/// The pods that own addresses (not the host-network ones: theirs is
+/// their node's), in (namespace, name) order; with `local_only` the pods
+/// of this node only. Two pods claiming one address (a stale store): the
+/// one not being deleted wins.
+fn pods<'a>(inputs: &Inputs<'a>, local_only: bool, warnings: &mut Vec<String>) -> Vec<PodData<'a>> {
+    let mut out: Vec<PodData<'a>> = inputs
         .pods
         .iter()
         .filter_map(|pod| {
-            let spec = pod.spec.as_ref()?;
-            let status = pod.status.as_ref()?;
-            if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
-                return None;
-            }
-            let ip = status.pod_ip?;
-            let data = PodData {
+            let (ip, _) = pod_addr(pod).filter(|(_, host_network)| !host_network)?;
+            let local = pod.spec.as_ref()?.node_name.as_deref() == Some(inputs.node_name);
+            (local || !local_only).then(|| PodData {
                 pod: pod.as_ref(),
-                namespace: Some(pod.namespace()).filter(|ns| !ns.is_empty()).unwrap_or("default"),
+                namespace: namespace_of(pod),
                 name: pod.name(),
                 ip,
-                local: spec.node_name.as_deref() == Some(inputs.node_name),
-            };
-            Some((data, spec.host_network == Some(true)))
+                local,
+            })
         })
-        .partition(|(_, host_network)| !host_network);
-    let mut out: Vec<PodData<'a>> = owners.into_iter().map(|(p, _)| p).collect();
-    let host_network = host_network.into_iter().map(|(p, _)| p).collect();
+        .collect();
     out.sort_by(|a, b| (a.namespace, a.name).cmp(&(b.namespace, b.name)));
     let mut by_ip: HashMap<Ipv4Addr, usize> = HashMap::new();
     let mut drop = vec![false; out.len()];
@@ -565,7 +550,7 @@ fn pods<'a>(inputs: &Inputs<'a>, warnings: &mut Vec<String>) -> (Vec<PodData<'a>
     }
     let mut keep = drop.into_iter().map(|d| !d);
     out.retain(|_| keep.next().unwrap_or(true));
-    (out, host_network)
+    out
 }
 
 /// A containerPort with a name (regular containers and init containers,

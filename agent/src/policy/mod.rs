@@ -43,6 +43,16 @@
 //! label set is looked up without copying (the `scale_` tests compile
 //! 1,000 policies × 5,000 pods and print the time).
 //!
+//! While no NetworkPolicy exists the compile looks at this node's pods
+//! only (their views for `riptide policy list`, their identities and
+//! endpoint ids, so they keep them once a policy comes): no pod is
+//! isolated and no rule names a peer, so the cluster's pods need no
+//! identity and no ipcache entry, and a large cluster without policies
+//! costs no per-pod working set. The first policy compiles every pod; the
+//! ipcache is written before any rule or endpoint entry (`policy_sync`).
+//! Pods are named for `riptide policy check` and events from the pod store
+//! ([`resolve`], [`names_by_ip`]), not from a compile.
+//!
 //! Not expressible in the datapath's keys, and approximated: an egress rule
 //! with both an ipBlock peer and a named port allows that port on every pod
 //! of a label identity that has a pod inside the block (a named port is a
@@ -51,6 +61,7 @@
 mod check;
 mod compile;
 mod ids;
+mod pods;
 mod ports;
 mod selector;
 #[cfg(test)]
@@ -67,6 +78,7 @@ pub use check::{CheckError, DirVerdict, Peer, Verdict, Via};
 pub use compile::Compiler;
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::{core::v1::Namespace, networking::v1::NetworkPolicy};
+pub use pods::{identity_name_of, names_by_ip, resolve};
 pub use ports::{SCTP, port_prefixes, protocol_name, protocol_number};
 use riptide_common::{IpcacheValue, PolicyEndpointValue, PolicyKey, PolicyValue, identity};
 
@@ -177,10 +189,6 @@ pub struct Compiled {
     pub policies: Vec<Option<PolicyName>>,
     /// Identities in use (label sets and ipBlock prefixes).
     pub identities: BTreeMap<u32, IdentityInfo>,
-    /// Address of every pod of the cluster that has one: (namespace, name)
-    /// → IPv4, for `riptide policy check`.
-    /// The names are the pod store's own strings, not copies.
-    pub pods: BTreeMap<(Arc<str>, Arc<str>), Ipv4Addr>,
     /// Policies or pods that could not be compiled as written (invalid
     /// selector, CIDR or port), one line each; the rest still applies.
     pub warnings: Vec<String>,

@@ -120,10 +120,17 @@ impl Cluster {
         }
     }
 
-    fn compile(&self) -> Compiled {
-        let out = Compiler::new().compile(&self.inputs());
+    fn compile(&self) -> Checked {
+        self.compile_with(&mut Compiler::new())
+    }
+
+    fn compile_with(&self, compiler: &mut Compiler) -> Checked {
+        let out = compiler.compile(&self.inputs());
         assert_canonical(&out);
-        out
+        Checked {
+            compiled: out,
+            pods: self.pods.clone(),
+        }
     }
 
     fn with(mut self, p: Arc<NetworkPolicy>) -> Self {
@@ -153,6 +160,34 @@ impl Cluster {
     }
 }
 
+/// A compile and the pods it was compiled from, which name the pods of a
+/// check (the agent names them from its pod store).
+#[derive(Debug)]
+struct Checked {
+    compiled: Compiled,
+    pods: Vec<Arc<Pod>>,
+}
+
+impl std::ops::Deref for Checked {
+    type Target = Compiled;
+
+    fn deref(&self) -> &Compiled {
+        &self.compiled
+    }
+}
+
+impl PartialEq for Checked {
+    fn eq(&self, other: &Self) -> bool {
+        self.compiled == other.compiled
+    }
+}
+
+impl Checked {
+    fn check(&self, from: &Peer, to: &Peer, port: u16, proto: u8) -> Result<Verdict, CheckError> {
+        self.compiled.check(&self.pods, from, to, port, proto)
+    }
+}
+
 /// Every rule key has zero bits past its prefix (the kernel trie would
 /// merge such keys; the map diff must not see two).
 fn assert_canonical(c: &Compiled) {
@@ -173,14 +208,16 @@ fn peer(p: &str) -> Peer {
     p.parse().unwrap()
 }
 
-fn allowed(c: &Compiled, from: &str, to: &str, port: u16, proto: u8) -> bool {
-    c.check(&peer(from), &peer(to), port, proto).unwrap().allowed
+fn allowed(c: &Checked, from: &str, to: &str, port: u16, proto: u8) -> bool {
+    c.check(&peer(from), &peer(to), port, proto)
+        .unwrap()
+        .allowed
 }
 
 /// Compares the 9×9 matrix for `port`/`proto` with `want(from, to)` (the
 /// diagonal is always allowed); prints both on mismatch.
 #[track_caller]
-fn assert_matrix(c: &Compiled, port: u16, proto: u8, want: impl Fn(&str, &str) -> bool) {
+fn assert_matrix(c: &Checked, port: u16, proto: u8, want: impl Fn(&str, &str) -> bool) {
     let mut bad = false;
     let mut text = format!("{port}/{}: rows = from, columns = to; . allowed, X denied, ! = wrong\n     ", protocol_name(proto));
     for to in PODS {
@@ -205,8 +242,13 @@ fn assert_matrix(c: &Compiled, port: u16, proto: u8, want: impl Fn(&str, &str) -
 
 /// The four probes upstream runs (TCP/UDP × 80/81) all follow `want`.
 #[track_caller]
-fn assert_all_ports(c: &Compiled, want: impl Fn(&str, &str) -> bool) {
-    for (port, proto) in [(80, proto::TCP), (81, proto::TCP), (80, proto::UDP), (81, proto::UDP)] {
+fn assert_all_ports(c: &Checked, want: impl Fn(&str, &str) -> bool) {
+    for (port, proto) in [
+        (80, proto::TCP),
+        (81, proto::TCP),
+        (80, proto::UDP),
+        (81, proto::UDP),
+    ] {
         assert_matrix(c, port, proto, &want);
     }
 }
@@ -225,6 +267,47 @@ fn no_policy_allows_everything_and_needs_no_datapath_work() {
     assert!(c.endpoints.is_empty() && c.rules.is_empty());
     assert_eq!(c.views.len(), 9, "every local pod has a view");
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
+
+#[test]
+fn without_policies_only_local_pods_are_compiled() {
+    // coredns runs on n2: no identity, no ipcache entry while no policy
+    // exists; `check` still names it (from the pods, as the agent's store).
+    let mut cl = Cluster::new();
+    let mut compiler = Compiler::new();
+    let lazy = cl.compile_with(&mut compiler);
+    assert!(!lazy.ipcache.contains_key(&(DNS_IP, 32)));
+    assert_eq!(lazy.identities.len(), 9, "{:?}", lazy.identities);
+    assert_eq!(lazy.views.len(), 9);
+    let v = lazy
+        .check(&peer("x/a"), &peer("kube-system/coredns"), 53, proto::UDP)
+        .unwrap();
+    assert!(v.allowed && v.to == DNS_IP, "{v:?}");
+    assert_eq!(
+        identity_name_of(&cl.pods, DNS_IP).as_deref(),
+        Some("kube-system:k8s-app=kube-dns")
+    );
+    // The first policy compiles the cluster; local pods keep their ids.
+    cl.policies.push(policy(
+        "x",
+        "deny-in",
+        json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+    ));
+    let full = cl.compile_with(&mut compiler);
+    assert!(full.ipcache[&(DNS_IP, 32)].identity >= identity::FIRST_LABELS);
+    assert_eq!(full.identities.len(), 10);
+    for (ip, view) in &lazy.views {
+        assert_eq!(
+            (full.views[ip].ep_id, full.views[ip].identity),
+            (view.ep_id, view.identity)
+        );
+        assert_eq!(full.ipcache[&(*ip, 32)].identity, view.identity);
+    }
+    assert_all_ports(&full, |_, to| ns(to) != "x");
+    // And back: the remote pods go again.
+    cl.policies.clear();
+    let again = cl.compile_with(&mut compiler);
+    assert!(!again.ipcache.contains_key(&(DNS_IP, 32)) && again.endpoints.is_empty());
 }
 
 #[test]
@@ -583,15 +666,17 @@ fn label_changes_move_pods_in_and_out_of_policies() {
         json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
     ));
     let mut compiler = Compiler::new();
-    let c = compiler.compile(&cl.inputs());
+    let c = cl.compile_with(&mut compiler);
     assert_all_ports(&c, |from, to| to != "x/a" || from.ends_with("/b"));
     // z/c becomes a "b": allowed from now on.
     cl.set_pod_labels("z/c", json!({"pod": "b"}));
-    let c = compiler.compile(&cl.inputs());
-    assert_all_ports(&c, |from, to| to != "x/a" || from.ends_with("/b") || from == "z/c");
+    let c = cl.compile_with(&mut compiler);
+    assert_all_ports(&c, |from, to| {
+        to != "x/a" || from.ends_with("/b") || from == "z/c"
+    });
     // x/a stops being an "a": no longer selected, no longer isolated.
     cl.set_pod_labels("x/a", json!({"pod": "other"}));
-    let c = compiler.compile(&cl.inputs());
+    let c = cl.compile_with(&mut compiler);
     assert_all_ports(&c, |_, _| true);
     assert!(!c.any_local_policy());
     // Namespace labels: a policy by namespace follows them.
@@ -600,10 +685,10 @@ fn label_changes_move_pods_in_and_out_of_policies() {
         "from-team",
         json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "blue"}}}]}]}),
     ));
-    let c = compiler.compile(&cl.inputs());
+    let c = cl.compile_with(&mut compiler);
     assert_all_ports(&c, |_, to| ns(to) != "x");
     cl.set_ns_labels("y", json!({"ns": "y", "team": "blue"}));
-    let c = compiler.compile(&cl.inputs());
+    let c = cl.compile_with(&mut compiler);
     assert_all_ports(&c, |from, to| ns(to) != "x" || ns(from) == "y");
 }
 
@@ -613,17 +698,25 @@ fn identities_endpoint_ids_and_policy_refs_are_stable_across_compiles() {
         .with(policy("x", "p1", json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]})))
         .with(policy("y", "p2", json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.42.1.0/24"}}]}]})));
     let mut compiler = Compiler::new();
-    let first = compiler.compile(&cl.inputs());
+    let first = cl.compile_with(&mut compiler);
     // Same input, listed in another order: identical output.
     cl.pods.reverse();
     cl.policies.reverse();
     cl.namespaces.reverse();
-    let second = compiler.compile(&cl.inputs());
+    let second = cl.compile_with(&mut compiler);
     assert_eq!(first, second);
     // A new pod and policy leave everything else as it was.
-    cl.pods.push(from_json(pod_json("x", "d", json!({"pod": "d"}), Ipv4Addr::new(10, 42, 1, 4), NODE, serve_ports())));
-    cl.policies.insert(0, policy("a-first", "p0", json!({"podSelector": {}})));
-    let third = compiler.compile(&cl.inputs());
+    cl.pods.push(from_json(pod_json(
+        "x",
+        "d",
+        json!({"pod": "d"}),
+        Ipv4Addr::new(10, 42, 1, 4),
+        NODE,
+        serve_ports(),
+    )));
+    cl.policies
+        .insert(0, policy("a-first", "p0", json!({"podSelector": {}})));
+    let third = cl.compile_with(&mut compiler);
     for (ip, view) in &first.views {
         assert_eq!(third.views[ip].ep_id, view.ep_id);
         assert_eq!(third.views[ip].identity, view.identity);
@@ -638,20 +731,32 @@ fn identities_endpoint_ids_and_policy_refs_are_stable_across_compiles() {
     assert_eq!(third.policy(1), first.policy(1));
     // A deleted pod's endpoint id is not handed to the next new pod.
     let gone = first.views[&ip_of("y/c")].ep_id;
-    cl.pods.retain(|p| !(p.namespace() == "y" && p.name() == "c"));
-    let fourth = compiler.compile(&cl.inputs());
+    cl.pods
+        .retain(|p| !(p.namespace() == "y" && p.name() == "c"));
+    let fourth = cl.compile_with(&mut compiler);
     assert!(!fourth.views.contains_key(&ip_of("y/c")));
-    cl.pods.push(from_json(pod_json("y", "e", json!({"pod": "e"}), Ipv4Addr::new(10, 42, 2, 5), NODE, serve_ports())));
-    let fifth = compiler.compile(&cl.inputs());
+    cl.pods.push(from_json(pod_json(
+        "y",
+        "e",
+        json!({"pod": "e"}),
+        Ipv4Addr::new(10, 42, 2, 5),
+        NODE,
+        serve_ports(),
+    )));
+    let fifth = cl.compile_with(&mut compiler);
     assert!(fifth.views.values().all(|v| v.ep_id != gone));
     // A deleted policy's ref is reused (refs stay dense), but only by a
     // later compile.
-    let p2_ref = (0..).find(|r| fifth.policy(*r).is_some_and(|p| p.name == "p2")).unwrap();
-    cl.policies.retain(|p| p.metadata.name.as_deref() != Some("p2"));
-    let sixth = compiler.compile(&cl.inputs());
+    let p2_ref = (0..)
+        .find(|r| fifth.policy(*r).is_some_and(|p| p.name == "p2"))
+        .unwrap();
+    cl.policies
+        .retain(|p| p.metadata.name.as_deref() != Some("p2"));
+    let sixth = cl.compile_with(&mut compiler);
     assert_eq!(sixth.policy(p2_ref), None);
-    cl.policies.push(policy("z", "p3", json!({"podSelector": {}})));
-    let seventh = compiler.compile(&cl.inputs());
+    cl.policies
+        .push(policy("z", "p3", json!({"podSelector": {}})));
+    let seventh = cl.compile_with(&mut compiler);
     assert_eq!(seventh.policy(p2_ref).map(|p| p.name.as_str()), Some("p3"));
 }
 
@@ -702,8 +807,14 @@ fn ipcache_holds_pods_nodes_and_the_world() {
     assert!(!c.any_local_policy());
     assert_eq!(c.check(&peer("x/a"), &peer("z/a"), 80, proto::TCP).unwrap().ingress, DirVerdict::NotLocal);
     // A host-network pod resolves to its node's address for `check`.
-    assert_eq!(c.pods[&(Arc::from("x"), Arc::from("hostnet"))], NODE_IP);
-    assert_eq!(c.check(&peer("x/hostnet"), &peer("x/a"), 80, proto::TCP).unwrap().from, NODE_IP);
+    assert_eq!(resolve(&c.pods, &peer("x/hostnet")), Ok(NODE_IP));
+    assert_eq!(names_by_ip(&c.pods)[&ip_of("x/a")], "x/a");
+    assert_eq!(
+        c.check(&peer("x/hostnet"), &peer("x/a"), 80, proto::TCP)
+            .unwrap()
+            .from,
+        NODE_IP
+    );
 }
 
 #[test]
@@ -1018,15 +1129,17 @@ fn ingress_and_egress_are_controlled_independently() {
     let mut cl = Cluster::new()
         .with(policy("x", "deny-out-a", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"]})));
     let mut compiler = Compiler::new();
-    let c = compiler.compile(&cl.inputs());
+    let c = cl.compile_with(&mut compiler);
     assert_all_ports(&c, |from, _| from != "x/a");
     cl.policies.push(policy(
         "x",
         "allow-in-a-from-b",
         json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
     ));
-    let c = compiler.compile(&cl.inputs());
-    assert_all_ports(&c, |from, to| from != "x/a" && (to != "x/a" || from == "x/b"));
+    let c = cl.compile_with(&mut compiler);
+    assert_all_ports(&c, |from, to| {
+        from != "x/a" && (to != "x/a" || from == "x/b")
+    });
 }
 
 #[test]
@@ -1039,13 +1152,17 @@ fn updated_and_deleted_policies_take_effect_on_recompile() {
         json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}),
     ));
     let mut compiler = Compiler::new();
-    let c = compiler.compile(&cl.inputs());
+    let c = cl.compile_with(&mut compiler);
     assert_all_ports(&c, |from, to| ns(to) != "x" || ns(from) == "y");
-    cl.policies[0] = policy("x", "p", json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}]}]}));
-    let c = compiler.compile(&cl.inputs());
+    cl.policies[0] = policy(
+        "x",
+        "p",
+        json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}]}]}),
+    );
+    let c = cl.compile_with(&mut compiler);
     assert_all_ports(&c, |from, to| ns(to) != "x" || ns(from) == "z");
     cl.policies.clear();
-    let c = compiler.compile(&cl.inputs());
+    let c = cl.compile_with(&mut compiler);
     assert_all_ports(&c, |_, _| true);
     assert!(c.rules.is_empty() && c.endpoints.is_empty());
 }
@@ -1081,11 +1198,17 @@ fn unchanged_policy_objects_are_not_parsed_again() {
     };
     let mut cl = Cluster::new().with(with_rv("1", "y"));
     let mut compiler = Compiler::new();
-    assert_all_ports(&compiler.compile(&cl.inputs()), |from, to| ns(to) != "x" || ns(from) == "y");
+    assert_all_ports(&cl.compile_with(&mut compiler), |from, to| {
+        ns(to) != "x" || ns(from) == "y"
+    });
     cl.policies[0] = with_rv("1", "z");
-    assert_all_ports(&compiler.compile(&cl.inputs()), |from, to| ns(to) != "x" || ns(from) == "y");
+    assert_all_ports(&cl.compile_with(&mut compiler), |from, to| {
+        ns(to) != "x" || ns(from) == "y"
+    });
     cl.policies[0] = with_rv("2", "z");
-    assert_all_ports(&compiler.compile(&cl.inputs()), |from, to| ns(to) != "x" || ns(from) == "z");
+    assert_all_ports(&cl.compile_with(&mut compiler), |from, to| {
+        ns(to) != "x" || ns(from) == "z"
+    });
 }
 
 fn rule_keys(c: &Compiled) -> std::collections::HashSet<RuleKey> {
@@ -1107,8 +1230,11 @@ fn a_restarted_compiler_adopts_the_numbering_of_the_maps() {
     history.policies.extend(cl.policies.iter().cloned());
     old.compile(&history.inputs());
     let before = old.compile(&cl.inputs());
-    let fresh = Compiler::new().compile(&cl.inputs());
-    assert_ne!(fresh.ipcache, before.ipcache, "the history must have shifted the numbering");
+    let fresh = cl.compile_with(&mut Compiler::new());
+    assert_ne!(
+        fresh.ipcache, before.ipcache,
+        "the history must have shifted the numbering"
+    );
     // A new compiler adopting the maps numbers everything as before.
     let mut new = Compiler::new();
     assert!(new.adopt(&before.ipcache, &before.endpoints, before.rules.keys()));
@@ -1121,10 +1247,20 @@ fn a_restarted_compiler_adopts_the_numbering_of_the_maps() {
 
 #[test]
 fn adopted_numbering_never_hands_an_old_id_to_something_new() {
-    let cl = Cluster::new().with(policy("x", "deny", json!({"podSelector": {}, "policyTypes": ["Ingress"]})));
-    let before = Compiler::new().compile(&cl.inputs());
-    let old_ids: std::collections::HashSet<u32> = before.ipcache.values().map(|v| v.identity).filter(|id| *id >= identity::FIRST_LABELS).collect();
-    let old_eps: std::collections::HashSet<u32> = before.endpoints.values().map(|v| v.ep_id).collect();
+    let cl = Cluster::new().with(policy(
+        "x",
+        "deny",
+        json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+    ));
+    let before = cl.compile_with(&mut Compiler::new());
+    let old_ids: std::collections::HashSet<u32> = before
+        .ipcache
+        .values()
+        .map(|v| v.identity)
+        .filter(|id| *id >= identity::FIRST_LABELS)
+        .collect();
+    let old_eps: std::collections::HashSet<u32> =
+        before.endpoints.values().map(|v| v.ep_id).collect();
     // While the agent was down: x/a was deleted, a new pod came up in x
     // (new labels, x/a's address), z/c changed labels.
     let mut now = cl;
@@ -1133,7 +1269,7 @@ fn adopted_numbering_never_hands_an_old_id_to_something_new() {
     now.set_pod_labels("z/c", json!({"pod": "c", "v": "2"}));
     let mut compiler = Compiler::new();
     compiler.adopt(&before.ipcache, &before.endpoints, before.rules.keys());
-    let after = compiler.compile(&now.inputs());
+    let after = now.compile_with(&mut compiler);
     // Unchanged pods keep their identities and endpoint ids.
     for p in ["x/b", "y/a", "z/b"] {
         assert_eq!(after.ipcache[&(ip_of(p), 32)], before.ipcache[&(ip_of(p), 32)], "{p}");
@@ -1148,8 +1284,15 @@ fn adopted_numbering_never_hands_an_old_id_to_something_new() {
     // A label set with no pod at an old address gets a fresh number, never
     // an old one; the same for endpoint ids, in the next compile too.
     let mut later = now;
-    later.pods.push(from_json(pod_json("x", "later", json!({"pod": "later"}), Ipv4Addr::new(10, 42, 1, 77), NODE, serve_ports())));
-    let next = compiler.compile(&later.inputs());
+    later.pods.push(from_json(pod_json(
+        "x",
+        "later",
+        json!({"pod": "later"}),
+        Ipv4Addr::new(10, 42, 1, 77),
+        NODE,
+        serve_ports(),
+    )));
+    let next = later.compile_with(&mut compiler);
     let new_id = next.ipcache[&(Ipv4Addr::new(10, 42, 1, 77), 32)].identity;
     assert!(!old_ids.contains(&new_id), "{new_id} was an old identity");
     assert!(!old_eps.contains(&next.endpoints[&Ipv4Addr::new(10, 42, 1, 77)].ep_id));
