@@ -161,10 +161,10 @@ impl Hop {
         std::thread::sleep(Duration::from_millis(100));
         let c0 = sink.counts()?;
         let (si0, _) = traffic::softirq_seconds()?;
-        let cpu0 = cpu_times(o.cpu)?;
+        let cpu0 = traffic::cpu_times(o.cpu)?;
         let sent = self.send(path, MAX_PACKETS, Duration::from_secs_f64(o.seconds), o.cpu)?;
         let (si1, _) = traffic::softirq_seconds()?;
-        let cpu1 = cpu_times(o.cpu)?;
+        let cpu1 = traffic::cpu_times(o.cpu)?;
         let c1 = sink.counts()?;
         let d = SinkCounts {
             from_first: c1.from_first - c0.from_first,
@@ -209,26 +209,4 @@ fn gro(t: &Topo, on: bool) -> Result<()> {
         .status()?;
     ensure!(st.success(), "ethtool -K eth0 gro in {n1}");
     Ok(())
-}
-
-/// System and softirq time of `cpu` so far (`/proc/stat`, seconds).
-fn cpu_times(cpu: usize) -> Result<(f64, f64)> {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let name = format!("cpu{cpu}");
-    let line = text
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name.as_str()))
-        .with_context(|| format!("{name} in /proc/stat"))?;
-    // user nice system idle iowait irq softirq
-    let f: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(7)
-        .map(str::parse)
-        .collect::<Result<_, _>>()
-        .context("parsing /proc/stat")?;
-    ensure!(f.len() == 7, "{name} in /proc/stat: {line}");
-    Ok((f[2] / hz, f[6] / hz))
 }

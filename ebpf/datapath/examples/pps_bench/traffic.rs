@@ -218,26 +218,49 @@ pub fn udp_received() -> Result<(u64, u64)> {
     Ok((get("InDatagrams")? + get("NoPorts")?, get("InCsumErrors")?))
 }
 
-/// Time spent in softirq so far, summed over every CPU, and per CPU
-/// (`/proc/stat`, in seconds).
-pub fn softirq_seconds() -> Result<(f64, Vec<f64>)> {
+/// `/proc/stat`'s CPU lines: name (`cpu` for the sum, `cpuN`) and the
+/// first seven columns (user nice system idle iowait irq softirq) in
+/// seconds.
+fn cpu_stat() -> Result<Vec<(String, [f64; 7])>> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let mut all = 0.0;
-    let mut per_cpu = Vec::new();
+    let mut out = Vec::new();
     for line in text.lines().filter(|l| l.starts_with("cpu")) {
         let mut f = line.split_whitespace();
-        let name = f.next().unwrap_or_default();
-        // user nice system idle iowait irq softirq
-        let softirq: f64 = f.nth(6).context("softirq column")?.parse()?;
+        let name = f.next().unwrap_or_default().to_owned();
+        let mut cols = [0.0; 7];
+        for c in &mut cols {
+            *c = f.next().context("/proc/stat column")?.parse::<f64>()? / hz;
+        }
+        out.push((name, cols));
+    }
+    Ok(out)
+}
+
+/// Time spent in softirq so far, summed over every CPU, and per CPU
+/// (`/proc/stat`, in seconds).
+pub fn softirq_seconds() -> Result<(f64, Vec<f64>)> {
+    let mut all = 0.0;
+    let mut per_cpu = Vec::new();
+    for (name, cols) in cpu_stat()? {
         if name == "cpu" {
-            all = softirq / hz;
+            all = cols[6];
         } else {
-            per_cpu.push(softirq / hz);
+            per_cpu.push(cols[6]);
         }
     }
     Ok((all, per_cpu))
+}
+
+/// System and softirq time of `cpu` so far (`/proc/stat`, in seconds).
+pub fn cpu_times(cpu: usize) -> Result<(f64, f64)> {
+    let name = format!("cpu{cpu}");
+    let (_, cols) = cpu_stat()?
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .with_context(|| format!("{name} in /proc/stat"))?;
+    Ok((cols[2], cols[6]))
 }
 
 /// The 1-minute load average.
