@@ -7,6 +7,7 @@
 //! `{"responses":[…],"errors":[…]}`, 200 when the last try succeeded, 417
 //! otherwise, 400 on bad parameters), `/exit?code=`.
 //! UDP: `hostname`, `echo <msg>`, `clientip`.
+//! SCTP (optional, raw sockets: [`sctp`]): `hostname`.
 //!
 //! Also a client for long-lived connections ([`keepalive_client`]): one
 //! HTTP/1.1 keep-alive connection, one GET per stdin line, so a test can
@@ -31,11 +32,15 @@ use axum::{
 use serde::Serialize;
 use tokio::net::{TcpListener, UdpSocket};
 
+pub mod sctp;
+
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
     pub http_port: u16,
     /// 0 disables the UDP server.
     pub udp_port: u16,
+    /// 0 disables the SCTP server.
+    pub sctp_port: u16,
 }
 
 /// The name the server reports: `HOSTNAME` if set (runtimes set it to the pod
@@ -67,12 +72,27 @@ pub async fn serve(cfg: Config) -> Result<()> {
             .with_context(|| format!("binding UDP port {}", cfg.udp_port))?;
         tokio::spawn(serve_udp(udp));
     }
-    axum::serve(
+    let sctp = if cfg.sctp_port == 0 {
+        None
+    } else {
+        let server = sctp::Server::new(cfg.sctp_port)
+            .with_context(|| format!("serving SCTP port {}", cfg.sctp_port))?;
+        let name = hostname();
+        Some(tokio::task::spawn_blocking(move || server.run(&name)))
+    };
+    let http = axum::serve(
         http,
         router().into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .await
-    .context("serving HTTP")
+    );
+    // A server that cannot serve SCTP must fail the pod, not hide from a
+    // probe behind timeouts.
+    match sctp {
+        Some(sctp) => tokio::select! {
+            served = http => served.context("serving HTTP"),
+            failed = sctp => failed.context("SCTP server task")?.context("serving SCTP"),
+        },
+        None => http.await.context("serving HTTP"),
+    }
 }
 
 fn router() -> Router {
@@ -184,11 +204,39 @@ async fn dial_udp(target: SocketAddr, request: &str, timeout: Duration) -> Resul
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
-/// One reachability probe: `tcp|udp:IP:PORT[:TRIES]` (as the NetworkPolicy
-/// suite passes them to `riptide-netexec --probe`).
+/// A probe's transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// `tcp`, `udp`, `sctp`.
+    pub fn lower(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+async fn dial_sctp(target: SocketAddr, timeout: Duration) -> Result<String> {
+    let SocketAddr::V4(target) = target else {
+        bail!("SCTP probes are IPv4 only")
+    };
+    tokio::task::spawn_blocking(move || sctp::dial(target, timeout))
+        .await
+        .context("SCTP probe task")?
+}
+
+/// One reachability probe: `tcp|udp|sctp:IP:PORT[:TRIES]` (as the
+/// NetworkPolicy suite passes them to `riptide-netexec --probe`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Probe {
-    pub udp: bool,
+    pub protocol: Protocol,
     pub target: SocketAddr,
     /// Attempts before the probe counts as failed (each a new connection
     /// or socket, so a new flow for the datapath).
@@ -200,35 +248,64 @@ impl std::str::FromStr for Probe {
 
     fn from_str(s: &str) -> Result<Self> {
         let mut parts = s.split(':');
-        let udp = match parts.next() {
-            Some("tcp") => false,
-            Some("udp") => true,
-            _ => bail!("probe {s:?}: want tcp|udp:IP:PORT[:TRIES]"),
+        let protocol = match parts.next() {
+            Some("tcp") => Protocol::Tcp,
+            Some("udp") => Protocol::Udp,
+            Some("sctp") => Protocol::Sctp,
+            _ => bail!("probe {s:?}: want tcp|udp|sctp:IP:PORT[:TRIES]"),
         };
-        let ip: Ipv4Addr = parts.next().unwrap_or_default().parse().with_context(|| format!("probe {s:?}: address"))?;
-        let port: u16 = parts.next().unwrap_or_default().parse().with_context(|| format!("probe {s:?}: port"))?;
-        let tries = parts.next().map_or(Ok(1), str::parse).with_context(|| format!("probe {s:?}: tries"))?;
-        ensure!(parts.next().is_none() && tries >= 1, "probe {s:?}: want tcp|udp:IP:PORT[:TRIES]");
-        Ok(Self { udp, target: SocketAddr::from((ip, port)), tries })
+        let ip: Ipv4Addr = parts
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("probe {s:?}: address"))?;
+        let port: u16 = parts
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("probe {s:?}: port"))?;
+        let tries = parts
+            .next()
+            .map_or(Ok(1), str::parse)
+            .with_context(|| format!("probe {s:?}: tries"))?;
+        ensure!(
+            parts.next().is_none() && tries >= 1,
+            "probe {s:?}: want tcp|udp|sctp:IP:PORT[:TRIES]"
+        );
+        Ok(Self {
+            protocol,
+            target: SocketAddr::from((ip, port)),
+            tries,
+        })
     }
 }
 
 impl std::fmt::Display for Probe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let proto = if self.udp { "udp" } else { "tcp" };
-        write!(f, "{proto}:{}:{}:{}", self.target.ip(), self.target.port(), self.tries)
+        write!(
+            f,
+            "{}:{}:{}:{}",
+            self.protocol.lower(),
+            self.target.ip(),
+            self.target.port(),
+            self.tries
+        )
     }
 }
 
 /// Asks the server behind `p` for its hostname (`GET /hostname` over a fresh
-/// TCP connection, or UDP `hostname` from a fresh socket), up to `p.tries`
+/// TCP connection, UDP or SCTP `hostname` from a fresh port), up to `p.tries`
 /// times, each bounded by `timeout`: the first answer, or the last error.
 /// Upstream's netpol suite connects only; asking for the hostname also
 /// tells which pod was reached.
 pub async fn probe(p: Probe, timeout: Duration) -> Result<String> {
     let mut last = None;
     for _ in 0..p.tries {
-        let r = if p.udp { dial_udp(p.target, "hostname", timeout).await } else { dial_http(p.target, "/hostname", timeout).await };
+        let r = match p.protocol {
+            Protocol::Tcp => dial_http(p.target, "/hostname", timeout).await,
+            Protocol::Udp => dial_udp(p.target, "hostname", timeout).await,
+            Protocol::Sctp => dial_sctp(p.target, timeout).await,
+        };
         match r {
             Ok(answer) => return Ok(answer),
             Err(e) => last = Some(e),
@@ -413,7 +490,11 @@ mod tests {
         assert_eq!(lines[0], format!("tcp:127.0.0.1:{hp}:1 ok {}", hostname()));
         assert_eq!(lines[1], format!("udp:127.0.0.1:{up}:2 ok {}", hostname()));
         assert!(lines[2].starts_with("tcp:127.0.0.1:1:2 fail "), "{out}");
-        assert!("sctp:1.2.3.4:80".parse::<Probe>().is_err());
+        assert_eq!(
+            "sctp:1.2.3.4:80".parse::<Probe>().unwrap().protocol,
+            Protocol::Sctp
+        );
+        assert!("quic:1.2.3.4:80".parse::<Probe>().is_err());
         assert!("tcp:1.2.3.4:80:0".parse::<Probe>().is_err());
     }
 

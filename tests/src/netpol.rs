@@ -1,9 +1,10 @@
 //! The NetworkPolicy truth table on the lab, modelled on Kubernetes' netpol
 //! e2e suite (`test/e2e/network/netpol`: `model.go`, `reachability.go`,
 //! `truthtable.go`): namespaces x, y and z, each with pods a, b and c
-//! labelled `pod=a|b|c`, every pod serving TCP and UDP on ports 80 and 81
-//! (containerPorts named `serve-80-tcp`, … as upstream names them). Every
-//! pod probes every pod on each of the four ports; the observed 9×9 matrix
+//! labelled `pod=a|b|c`, every pod serving TCP, UDP and SCTP on ports 80
+//! and 81 (containerPorts named `serve-80-tcp`, … as upstream names them).
+//! Every pod probes every pod on the four TCP and UDP ports (the suite
+//! probes SCTP in cases of its own); the observed 9×9 matrix
 //! per port is compared with the expected one and both are printed on a
 //! mismatch.
 //!
@@ -25,6 +26,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
+pub use crate::netexec::Protocol;
 use crate::{
     e2e::{self, eventually},
     lab::Lab,
@@ -69,12 +71,6 @@ impl fmt::Display for Peer {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
 /// A served port: protocol and number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Port {
@@ -86,26 +82,29 @@ pub const TCP80: Port = Port { protocol: Protocol::Tcp, port: 80 };
 pub const TCP81: Port = Port { protocol: Protocol::Tcp, port: 81 };
 pub const UDP80: Port = Port { protocol: Protocol::Udp, port: 80 };
 pub const UDP81: Port = Port { protocol: Protocol::Udp, port: 81 };
-/// Every port each pod serves, in the order matrices are printed.
+/// Every port of the truth table, in the order matrices are printed.
 pub const PORTS: [Port; 4] = [TCP80, TCP81, UDP80, UDP81];
+/// Each pod serves SCTP on 80 and 81 too (raw sockets, see
+/// [`crate::netexec::sctp`]); the SCTP cases probe them on their own.
+pub const SCTP80: Port = Port {
+    protocol: Protocol::Sctp,
+    port: 80,
+};
+pub const SCTP81: Port = Port {
+    protocol: Protocol::Sctp,
+    port: 81,
+};
 
 impl Port {
     /// The containerPort name, upstream's `serve-<port>-<protocol>`.
     pub fn name(self) -> String {
-        format!("serve-{}-{}", self.port, self.proto_lower())
-    }
-
-    fn proto_lower(self) -> &'static str {
-        match self.protocol {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        }
+        format!("serve-{}-{}", self.port, self.protocol.lower())
     }
 
     /// A probe of this port at `ip`.
     pub fn probe(self, ip: Ipv4Addr, tries: u32) -> Probe {
         Probe {
-            udp: self.protocol == Protocol::Udp,
+            protocol: self.protocol,
             target: (ip, self.port).into(),
             tries,
         }
@@ -114,7 +113,7 @@ impl Port {
 
 impl fmt::Display for Port {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.proto_lower().to_uppercase(), self.port)
+        write!(f, "{}/{}", self.protocol.lower().to_uppercase(), self.port)
     }
 }
 
@@ -283,7 +282,7 @@ pub struct Model {
 }
 
 /// The pod manifest of `peer` on `node`: one netexec container per port
-/// number, each serving TCP and UDP on it, with named containerPorts.
+/// number, each serving TCP, UDP and SCTP on it, with named containerPorts.
 fn pod_manifest(lab: &Lab, peer: Peer, node: &str) -> Result<String> {
     let netexec = lab.config().bin_dir.join("riptide-netexec");
     ensure!(netexec.exists(), "{} is missing: build the workspace first (cargo build --bins)", netexec.display());
@@ -292,10 +291,11 @@ fn pod_manifest(lab: &Lab, peer: Peer, node: &str) -> Result<String> {
         containers.push_str(&format!(
             r#"  - name: cont-{port}
     image: riptide.local/netexec:latest
-    command: ["{netexec}", "--http-port={port}", "--udp-port={port}"]
+    command: ["{netexec}", "--http-port={port}", "--udp-port={port}", "--sctp-port={port}"]
     ports:
     - {{name: serve-{port}-tcp, containerPort: {port}}}
     - {{name: serve-{port}-udp, containerPort: {port}, protocol: UDP}}
+    - {{name: serve-{port}-sctp, containerPort: {port}, protocol: SCTP}}
     readinessProbe:
       httpGet: {{path: /healthz, port: {port}}}
       periodSeconds: 2

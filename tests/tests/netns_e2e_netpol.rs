@@ -1,7 +1,8 @@
 //! Privileged NetworkPolicy truth-table suite on a real lab, modelled on
 //! Kubernetes' netpol e2e suite (`test/e2e/network/netpol`): namespaces x,
 //! y, z × pods a, b, c (`pod=a|b|c`, spread over the nodes), each serving
-//! TCP and UDP on ports 80 and 81; every pod probes every pod on every port
+//! TCP, UDP and SCTP on ports 80 and 81; every pod probes every pod on the
+//! TCP and UDP ports (SCTP has cases of its own)
 //! and the whole matrix is compared with the expected one (see
 //! `riptide_tests::netpol`). Each case applies its policies with kubectl,
 //! measures until the matrix is the expected one (the agents program the
@@ -19,7 +20,10 @@ use riptide_tests::{
     e2e::{self, Suite},
     lab::{CLUSTER_DNS, Lab, LabConfig, LabNet},
     netexec::Probe,
-    netpol::{self, Client, Expected, Model, Outcome, Peer, Port, TCP80, TCP81, UDP80, UDP81},
+    netpol::{
+        self, Client, Expected, Model, Outcome, Peer, Port, SCTP80, SCTP81, TCP80, TCP81, UDP80,
+        UDP81,
+    },
 };
 
 const SETTLE: Duration = Duration::from_secs(90);
@@ -385,8 +389,66 @@ fn port_cases(s: &mut Suite, model: &Model) {
     let range = policy("x", "a-range", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - ports:\n    - {protocol: TCP, port: 80, endPort: 81}\n");
     case(s, model, "ingress to x/a on TCP 80-81 (endPort)", &range, Expected::new(|_, to, port| to != XA || port == TCP80 || port == TCP81), nothing);
 
-    let single = policy("x", "a-80", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - ports:\n    - {protocol: TCP, port: 80}\n    - {protocol: UDP, port: 81}\n");
-    case(s, model, "ingress to x/a on TCP 80 and UDP 81 only", &single, Expected::new(|_, to, port| to != XA || port == TCP80 || port == UDP81), nothing);
+    let name = "SCTP: ingress to x/a on SCTP 80, to x/b on named port serve-81-sctp";
+    let sctp = [
+        policy("x", "a-sctp", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - ports:\n    - {protocol: SCTP, port: 80}\n"),
+        policy("x", "b-sctp", "  podSelector: {matchLabels: {pod: b}}\n  ingress:\n  - ports:\n    - {protocol: SCTP, port: serve-81-sctp}\n"),
+    ]
+    .join("---\n");
+    case(
+        s,
+        model,
+        name,
+        &sctp,
+        Expected::new(|_, to, _| to != XA && to != XB),
+        |lab| {
+            let at = |peer: Peer, port: Port| -> Target { (model.pods[&peer].ip, peer.pod, port) };
+            e2e::eventually(PROGRAMMED, || {
+                expect_probes(
+                    lab,
+                    model,
+                    Client::Pod(XC),
+                    &[
+                        at(XA, SCTP80),
+                        at(XB, SCTP81),
+                        at(XC, SCTP80),
+                        at(XC, SCTP81),
+                    ],
+                    true,
+                )?;
+                expect_probes(
+                    lab,
+                    model,
+                    Client::Pod(XC),
+                    &[at(XA, SCTP81), at(XB, SCTP80)],
+                    false,
+                )?;
+                // x/a's answers to its own association pass its isolated
+                // ingress (conntrack), as TCP's and UDP's do.
+                expect_probes(
+                    lab,
+                    model,
+                    Client::Pod(XA),
+                    &[at(XC, SCTP80), at(ZC, SCTP81)],
+                    true,
+                )
+            })
+        },
+    );
+
+    let single = policy(
+        "x",
+        "a-80",
+        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - ports:\n    - {protocol: TCP, port: 80}\n    - {protocol: UDP, port: 81}\n",
+    );
+    case(
+        s,
+        model,
+        "ingress to x/a on TCP 80 and UDP 81 only",
+        &single,
+        Expected::new(|_, to, port| to != XA || port == TCP80 || port == UDP81),
+        nothing,
+    );
 }
 
 /// Policies and labels changed while the matrix is watched.

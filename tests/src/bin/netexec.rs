@@ -16,14 +16,17 @@ struct Args {
     /// UDP port (0 disables).
     #[arg(long, default_value_t = 8081)]
     udp_port: u16,
+    /// SCTP port, served from a raw socket (0 disables; needs CAP_NET_RAW).
+    #[arg(long, default_value_t = 0)]
+    sctp_port: u16,
     /// Instead of serving: keep one HTTP/1.1 connection to ADDR open and
     /// send a GET per stdin line (a path), printing `ok <body>` per answer.
     #[arg(long, value_name = "ADDR")]
     keepalive_client: Option<SocketAddr>,
     /// Instead of serving: ask each target for its hostname (TCP: HTTP
-    /// GET /hostname, UDP: `hostname`) and print `<probe> ok <answer>` or
+    /// GET /hostname, UDP and SCTP: `hostname`) and print `<probe> ok <answer>` or
     /// `<probe> fail <error>` per target, in order.
-    #[arg(long, num_args = 1.., value_name = "tcp|udp:IP:PORT[:TRIES]")]
+    #[arg(long, num_args = 1.., value_name = "tcp|udp|sctp:IP:PORT[:TRIES]")]
     probe: Vec<Probe>,
     /// Bound of one probe attempt (connect and answer).
     #[arg(long, default_value_t = 1000)]
@@ -49,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
         served = serve(Config {
             http_port: args.http_port,
             udp_port: args.udp_port,
+            sctp_port: args.sctp_port,
         }) => served,
         _ = term.recv() => Ok(()),
     }
