@@ -874,7 +874,8 @@ fn backend_port_unreachable_of_a_snatted_nodeport_flow_reaches_the_client() {
 
 /// TCP close tracking: a FIN or RST marks the direction it went through as
 /// closing (conntrack and NAT), so the agent's GC can drop it after a short
-/// close timeout; a new SYN on the same tuple (port reuse) clears the mark.
+/// close timeout; a new SYN on the same tuple (port reuse) clears the mark,
+/// and the backend's SYN-ACK clears the reply direction's.
 #[test]
 fn fin_and_rst_mark_flows_closing_and_a_new_syn_reopens_them() {
     use riptide_common::{CT_F_CLOSING, CT_F_REPLY, NAT_F_CLOSING};
@@ -913,7 +914,10 @@ fn fin_and_rst_mark_flows_closing_and_a_new_syn_reopens_them() {
     run(&mut n.dp, names::PROG_FROM_POD, &tcp(client, (ip(VIP), 80), 0x10, b""));
     assert_eq!(closing(&n, false), vec![true]);
     run(&mut n.dp, names::PROG_FROM_POD, &tcp(client, (ip(VIP), 80), 0x02, b""));
-    assert_eq!(closing(&n, false), vec![false], "{}", dump(&n));
+    assert_eq!((closing(&n, false), closing(&n, true)), (vec![false], vec![true]), "{}", dump(&n));
+    let (verdict, _) = run(&mut n.dp, names::PROG_FROM_NET, &tcp(be, client, 0x12, b""));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "{}", dump(&n));
+    assert_eq!(closing(&n, true), vec![false], "the SYN-ACK reopens the reply entry: {}", dump(&n));
     // A RST marks too.
     run(&mut n.dp, names::PROG_FROM_POD, &tcp(client, (ip(VIP), 80), 0x04, b""));
     assert_eq!(closing(&n, false), vec![true], "{}", dump(&n));

@@ -214,8 +214,11 @@ fn insert_policy_rev(rev: &CtKey, fwd: &CtValue) {
 
 /// TCP close tracking for one direction of a flow: a FIN or RST sets
 /// `closing` in `flags` (the GC then uses the short close timeout), a new
-/// SYN on the same tuple (port reuse) clears it. Writes only on change; one
-/// branch for every other packet.
+/// SYN on the same tuple (port reuse) clears it, and so does the SYN-ACK
+/// that answers it on the reply direction's entry: otherwise a reused
+/// connection whose server then stayed silent past the close timeout would
+/// lose its reply entry (and its reverse translation) to the GC. Writes
+/// only on change; one branch for every other packet.
 #[inline(always)]
 pub fn track_close(p: &Pkt, flags: &mut u16, closing: u16) {
     if p.proto != proto::TCP {
@@ -225,7 +228,7 @@ pub fn track_close(p: &Pkt, flags: &mut u16, closing: u16) {
         if *flags & closing == 0 {
             *flags |= closing;
         }
-    } else if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && *flags & closing != 0 {
+    } else if p.tcp_flags & TCP_SYN != 0 && *flags & closing != 0 {
         *flags &= !closing;
     }
 }
