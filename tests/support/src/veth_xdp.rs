@@ -144,9 +144,20 @@ fn link_native(prog: &OwnedFd, ifname: &str) -> std::io::Result<OwnedFd> {
 /// calling thread's namespace. The link detaches when the returned
 /// descriptor is closed or the device goes.
 pub fn attach_pass(ifname: &str) -> std::io::Result<OwnedFd> {
+    attach_verdict(ifname, 2)
+}
+
+/// Loads `r0 = XDP_TX; exit` and attaches it like [`attach_pass`]: every
+/// frame goes back out unchanged, the least a forwarding node can do (a
+/// benchmark's floor).
+pub fn attach_tx(ifname: &str) -> std::io::Result<OwnedFd> {
+    attach_verdict(ifname, 3)
+}
+
+fn attach_verdict(ifname: &str, verdict: i32) -> std::io::Result<OwnedFd> {
     let insns = [
-        // mov64 r0, XDP_PASS (2)
-        Insn::new(0xb7, 0, 0, 0, 2),
+        // mov64 r0, verdict
+        Insn::new(0xb7, 0, 0, 0, verdict),
         // exit
         Insn::new(0x95, 0, 0, 0, 0),
     ];

@@ -33,7 +33,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use riptide_test_support::{
     netns,
-    veth_xdp::{Generator, Sink, SinkCounts},
+    veth_xdp::{self, Generator, Sink, SinkCounts},
 };
 
 use super::{
@@ -122,6 +122,21 @@ impl Hop {
             c?;
         }
         r
+    }
+
+    /// The floor: node 1's `eth0` runs a two-instruction `XDP_TX` program
+    /// (riptide and the rules off, set up by the caller), so each frame of
+    /// the `direct` path leaves unchanged right away. What the rate costs
+    /// besides node 1's forwarding (generator, veth rings, sink); a path's
+    /// own cost per packet is 1/rate − 1/floor.
+    pub fn floor(&self, t: &Topo, o: &Opts) -> Result<Point> {
+        let _tx = netns::run_in(t.node1.name(), || veth_xdp::attach_tx("eth0"))
+            .context("attaching XDP_TX to node 1's eth0")?;
+        let sink = netns::run_in(t.sw.name(), || {
+            Sink::attach("p-n1", POD_IP, [NODE1_IP, OUTSIDE_IP])
+        })
+        .context("attaching the sink to p-n1")?;
+        self.measure_with(t, Path::Direct, o, &sink)
     }
 
     /// The sink checks addresses only; this checks the rest of a sample:

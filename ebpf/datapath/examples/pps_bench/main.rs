@@ -484,6 +484,8 @@ fn main() -> Result<()> {
         .transpose()?;
     // (mode, path, services) → points
     let mut results: Vec<(Mode, Path, usize, Vec<Point>)> = Vec::new();
+    // The node-1 mode's floor (`hop::Hop::floor`) per Service count.
+    let mut floors: Vec<(usize, Vec<Point>)> = Vec::new();
     let mut xdp_tx = 0u64;
     for &n in &o.counts {
         let list = service_list(n);
@@ -567,6 +569,32 @@ fn main() -> Result<()> {
                     }
                 }
             }
+            if let Some(h) = &hop {
+                // riptide and the rules off: node 1 bounces frames only.
+                drop(enter(
+                    &t,
+                    (Mode::Node1, Path::Direct),
+                    &mut rt,
+                    &mut rt2,
+                    &list,
+                )?);
+                let p = h
+                    .floor(&t, &o)
+                    .with_context(|| format!("the floor at {n} Services"))?;
+                eprintln!(
+                    "[{:>4.0}s] {n:>5} svc round {} node1 floor (XDP_TX) sent {:>9} delivered {:>9} {:>8.0} pps, softirq {:.3} CPU-s/Mpkt",
+                    started.elapsed().as_secs_f64(),
+                    round + 1,
+                    p.sent,
+                    p.delivered,
+                    p.pps,
+                    p.softirq_s_per_mpkt,
+                );
+                match floors.iter_mut().find(|(c, _)| *c == n) {
+                    Some((_, v)) => v.push(p),
+                    None => floors.push((n, vec![p])),
+                }
+            }
         }
     }
     // Detach before the namespaces go.
@@ -647,6 +675,22 @@ fn main() -> Result<()> {
                 json_num(x / tc),
                 json_num(d / tc)
             );
+            // Node 1's own time per packet: the path's minus the floor's.
+            if mode == Mode::Node1
+                && let Some((_, v)) = floors.iter().find(|(c, _)| *c == n)
+            {
+                let floor = median(v.iter().map(|p| p.pps).collect());
+                let _ = write!(ratios, ",\"floor_pps@{n}\":{}", json_num(floor));
+                for path in Path::ALL {
+                    let m = med(mode, path, n).map_or(f64::NAN, |x| x.0);
+                    let _ = write!(
+                        ratios,
+                        ",\"{}_own_ns@{n}\":{}",
+                        path.name(),
+                        json_num(1e9 / m - 1e9 / floor)
+                    );
+                }
+            }
         }
         println!(
             "{{\"summary\":\"pps\",\"hop\":\"{}\",\"ratio_to_iptables\":{{{ratios}}},\"xdp_tx_packets\":{xdp_tx},\"seconds_per_point\":{},\"rounds\":{},\"generator_cpu\":{},\"batch\":{},\"cpus\":{},\"cpu_model\":\"{}\",\"kernel\":\"{}\",\"loadavg_before\":{},\"loadavg_after\":{},\"elapsed_s\":{:.0}}}",
