@@ -29,6 +29,8 @@ use crate::{
     reconcile::{Reconciler, ServiceWriter as _},
     routes::{self, Routes},
     shared::{GcStatus, PolicyState, Shared, Status, lock},
+    slim::{SlimPod, SlimSlice},
+    store::{ObjKey, get_in, get_mut_in, remove_in},
     tunnel::{self, Tunnel},
     watch::{self, Change, Kind, Stores},
 };
@@ -482,9 +484,10 @@ struct Loop {
     ctx: NodeContext,
     /// (namespace, service) → slice names. A vector: a Service has one
     /// slice or a few, and a `BTreeSet` would allocate a node of eleven.
-    slice_index: HashMap<(String, String), Vec<String>>,
+    /// Keys and names are the slice store's own strings.
+    slice_index: HashMap<ObjKey, Vec<Arc<str>>>,
     /// (namespace, slice) → service.
-    slice_owner: HashMap<(String, String), String>,
+    slice_owner: HashMap<ObjKey, Arc<str>>,
     synced: BTreeSet<Kind>,
     first_done: bool,
     routes: Option<Routes>,
@@ -616,16 +619,19 @@ impl Loop {
                 b.owners.insert(Owner::Service { namespace, name });
             }
             Change::Slice { namespace, name, service, deleted } => {
-                let key = (namespace.clone(), name.clone());
-                if let Some(old) = self.slice_owner.remove(&key) {
-                    if let Some(set) = self.slice_index.get_mut(&(namespace.clone(), old.clone())) {
-                        set.retain(|s| *s != name);
+                if let Some(old) = remove_in(&mut self.slice_owner, &namespace, &name) {
+                    if let Some(set) = get_mut_in(&mut self.slice_index, &namespace, &old) {
+                        set.retain(|s| **s != *name);
                     }
-                    b.owners.insert(Owner::Service { namespace: namespace.clone(), name: old });
+                    b.owners.insert(Owner::Service { namespace: namespace.clone(), name: old.to_string() });
                 }
                 if let (false, Some(svc)) = (deleted, service) {
-                    index_slice(&mut self.slice_index, (namespace.clone(), svc.clone()), name);
-                    self.slice_owner.insert(key, svc.clone());
+                    // The store's strings when it has the slice (it does
+                    // unless a later event removed it again).
+                    match self.stores.slices.get(&namespace, &name).filter(|s| s.service_name.as_deref() == Some(&*svc)) {
+                        Some(s) => self.index_slice(&s),
+                        None => self.index_slice(&SlimSlice { key: ObjKey::new(namespace.as_str(), name), service_name: Some(svc.as_str().into()), ..SlimSlice::default() }),
+                    }
                     b.owners.insert(Owner::Service { namespace, name: svc });
                 }
             }
@@ -656,12 +662,21 @@ impl Loop {
         self.slice_index.clear();
         self.slice_owner.clear();
         for s in self.stores.slices.state() {
-            let (ns, name) = (s.namespace().to_owned(), s.name().to_owned());
-            if let Some(svc) = &s.service_name {
-                index_slice(&mut self.slice_index, (ns.clone(), svc.clone()), name.clone());
-                self.slice_owner.insert((ns, name), svc.clone());
-            }
+            self.index_slice(&s);
         }
+    }
+
+    /// Adds slice `s` to its Service's entry of the slice index.
+    fn index_slice(&mut self, s: &SlimSlice) {
+        let Some(svc) = &s.service_name else { return };
+        let names = self
+            .slice_index
+            .entry(ObjKey::new(Arc::clone(&s.key.namespace), Arc::clone(svc)))
+            .or_insert_with(|| Vec::with_capacity(1));
+        if !names.contains(&s.key.name) {
+            names.push(Arc::clone(&s.key.name));
+        }
+        self.slice_owner.insert(s.key.clone(), Arc::clone(svc));
     }
 
     fn desired(&self, owner: &Owner) -> Desired {
@@ -670,9 +685,7 @@ impl Loop {
                 let Some(svc) = self.stores.services.get(namespace, name) else {
                     return Desired::default();
                 };
-                let slices: Vec<_> = self
-                    .slice_index
-                    .get(&(namespace.clone(), name.clone()))
+                let slices: Vec<_> = get_in(&self.slice_index, namespace, name)
                     .into_iter()
                     .flatten()
                     .filter_map(|s| self.stores.slices.get(namespace, s))
@@ -689,59 +702,77 @@ impl Loop {
 
     fn sync_services(&mut self, batch: &Batch) {
         let shared = self.shared.clone();
-        let owners: Vec<Owner> = if batch.full {
+        // A full pass walks the stores in chunks rather than listing every
+        // owner (and computing every Desired) first: the pass's working
+        // set is a chunk's, not the cluster's.
+        let owners: Box<dyn Iterator<Item = Owner>> = if batch.full {
             self.rebuild_slice_index();
-            let mut all: Vec<Owner> = self
-                .stores
-                .services
+            let node = self.ctx.node_name.clone();
+            let local = move |p: &SlimPod| {
+                p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
+            };
+            let (services, pods) = (self.stores.services.clone(), self.stores.pods.clone());
+            lock(&shared.reconciler).retain_owners(|o| match o {
+                Owner::Service { namespace, name } => services.get(namespace, name).is_some(),
+                Owner::Pod { namespace, name } => {
+                    pods.get(namespace, name).is_some_and(|p| local(&p))
+                }
+            });
+            let services = services
                 .state()
-                .iter()
-                .map(|s| Owner::service(s.namespace(), s.name()))
-                .collect();
-            let node = self.ctx.node_name.as_str();
-            all.extend(
-                self.stores
-                    .pods
-                    .state()
-                    .iter()
-                    .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
-                    .map(|p| Owner::pod(p.namespace(), p.name())),
-            );
-            lock(&shared.reconciler).retain_owners(&all.iter().cloned().collect());
-            all
+                .into_iter()
+                .map(|s| Owner::service(s.namespace(), s.name()));
+            let pods = pods
+                .state()
+                .into_iter()
+                .filter(move |p| local(p))
+                .map(|p| Owner::pod(p.namespace(), p.name()));
+            Box::new(services.chain(pods))
         } else {
-            batch.owners.iter().cloned().collect()
+            Box::new(batch.owners.clone().into_iter())
         };
-        let mut truncations = Vec::new();
-        let mut triggers = Vec::new();
-        let computed: Vec<(Owner, Desired)> = owners.into_iter().map(|o| {
-            let mut d = self.desired(&o);
-            if let (Some(cap), Owner::Service { .. }) = (self.cfg.max_backends_per_service, &o) {
-                truncations.push((o.clone(), crate::reconcile::cap_backends(&mut d, cap)));
-            }
-            if let Owner::Service { namespace, name } = &o {
-                triggers.extend(self.slice_triggers(namespace, name).map(|t| (o.clone(), t)));
-            }
-            (o, d)
-        }).collect();
         if batch.full {
             self.refused.clear();
         }
-        for (o, d) in &computed {
-            if d.refused.is_empty() {
-                self.refused.remove(o);
-            } else {
-                self.refused.insert(o.clone(), d.refused.len());
+        let mut truncations = Vec::new();
+        let mut triggers = Vec::new();
+        let mut owners = owners.peekable();
+        while owners.peek().is_some() {
+            let computed: Vec<(Owner, Desired)> = owners
+                .by_ref()
+                .take(PASS_CHUNK)
+                .map(|o| {
+                    let mut d = self.desired(&o);
+                    if let (Some(cap), Owner::Service { .. }) =
+                        (self.cfg.max_backends_per_service, &o)
+                    {
+                        truncations.push((o.clone(), crate::reconcile::cap_backends(&mut d, cap)));
+                    }
+                    if let Owner::Service { namespace, name } = &o {
+                        triggers
+                            .extend(self.slice_triggers(namespace, name).map(|t| (o.clone(), t)));
+                    }
+                    (o, d)
+                })
+                .collect();
+            for (o, d) in &computed {
+                if d.refused.is_empty() {
+                    self.refused.remove(o);
+                } else {
+                    self.refused.insert(o.clone(), d.refused.len());
+                }
+                self.publish_invalid_ranges(o, &d.invalid_source_ranges);
+            }
+            let mut rec = lock(&shared.reconciler);
+            for (o, d) in computed {
+                rec.set(&o, d);
             }
         }
-        shared.metrics.refused_frontends.set(i64::try_from(self.refused.values().sum::<usize>()).unwrap_or(i64::MAX));
-        for (o, d) in &computed {
-            self.publish_invalid_ranges(o, &d.invalid_source_ranges);
-        }
+        shared
+            .metrics
+            .refused_frontends
+            .set(i64::try_from(self.refused.values().sum::<usize>()).unwrap_or(i64::MAX));
         let mut rec = lock(&shared.reconciler);
-        for (o, d) in computed {
-            rec.set(&o, d);
-        }
         let mut svc = lock(&shared.services);
         let report = rec.apply(&mut *svc);
         shared.metrics.sync_errors.inc_by(report.failed.len() as u64);
@@ -793,12 +824,11 @@ impl Loop {
     /// The `endpoints.kubernetes.io/last-change-trigger-time` of each
     /// EndpointSlice of Service `namespace/name`.
     fn slice_triggers(&self, namespace: &str, name: &str) -> impl Iterator<Item = ((String, String), String)> + '_ {
-        let key = (namespace.to_owned(), name.to_owned());
         let namespace = namespace.to_owned();
-        self.slice_index.get(&key).into_iter().flatten().filter_map(move |slice| {
+        get_in(&self.slice_index, &namespace, name).into_iter().flatten().filter_map(move |slice| {
             let obj = self.stores.slices.get(&namespace, slice)?;
             let t = obj.trigger_time.clone()?;
-            Some(((namespace.clone(), slice.clone()), t))
+            Some(((namespace.clone(), slice.to_string()), t))
         })
     }
 
@@ -826,8 +856,8 @@ impl Loop {
         }
         if seed_only {
             // Forget slices that are gone.
-            let live: BTreeSet<&(String, String)> = self.slice_owner.keys().collect();
-            self.triggers.retain(|k, _| live.contains(k));
+            let live = &self.slice_owner;
+            self.triggers.retain(|(namespace, slice), _| get_in(live, namespace, slice).is_some());
         }
     }
 
@@ -1306,6 +1336,10 @@ async fn watch_apiserver(client: kube::Client, shared: std::sync::Weak<Shared>, 
     }
 }
 
+/// Owners whose desired state a pass computes before handing it to the
+/// reconciler (under its lock) at once.
+const PASS_CHUNK: usize = 256;
+
 /// Write-then-rename so the CNI never reads half a file.
 fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
@@ -1314,12 +1348,4 @@ fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
-}
-
-/// Adds slice `name` to the Service `key`'s entry of the slice index.
-fn index_slice(index: &mut HashMap<(String, String), Vec<String>>, key: (String, String), name: String) {
-    let names = index.entry(key).or_insert_with(|| Vec::with_capacity(1));
-    if !names.contains(&name) {
-        names.push(name);
-    }
 }

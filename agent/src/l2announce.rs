@@ -396,7 +396,7 @@ impl Announcer {
         let mut slices: HashMap<(String, String), Vec<Arc<SlimSlice>>> = HashMap::new();
         for s in self.inputs.slices.state() {
             if let (ns, Some(svc)) = (s.namespace().to_owned(), s.service_name.as_ref()) {
-                slices.entry((ns, svc.clone())).or_default().push(s);
+                slices.entry((ns, svc.to_string())).or_default().push(s);
             }
         }
         let mut out = BTreeMap::new();

@@ -153,13 +153,13 @@ impl Reconciler {
         self.owners.keys()
     }
 
-    /// Forgets every owner not in `keep` (after a relist).
-    pub fn retain_owners(&mut self, keep: &BTreeSet<Owner>) {
+    /// Forgets every owner `keep` says no (after a relist).
+    pub fn retain_owners(&mut self, keep: impl Fn(&Owner) -> bool) {
         let gone: Vec<Owner> = self
             .owners
             .keys()
             .chain(self.health.keys())
-            .filter(|o| !keep.contains(*o))
+            .filter(|o| !keep(o))
             .cloned()
             .collect();
         for o in gone {

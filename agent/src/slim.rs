@@ -136,8 +136,9 @@ macro_rules! keyed {
 #[serde(from = "RawSlice")]
 pub struct SlimSlice {
     pub key: ObjKey,
-    /// The [`LABEL_SERVICE_NAME`] label: the slice's Service.
-    pub service_name: Option<String>,
+    /// The [`LABEL_SERVICE_NAME`] label: the slice's Service (shared with
+    /// the agent's slice index).
+    pub service_name: Option<Arc<str>>,
     /// The [`TRIGGER_TIME_ANNOTATION`].
     pub trigger_time: Option<String>,
     pub address_type: Interned,
@@ -166,7 +167,7 @@ impl Decoded for SlimSlice {
         let m = raw.metadata;
         let slice = Self {
             key: key_of(&m),
-            service_name: m.labels.and_then(|mut l| l.remove(LABEL_SERVICE_NAME)),
+            service_name: m.labels.and_then(|mut l| l.remove(LABEL_SERVICE_NAME)).map(Arc::from),
             trigger_time: m.annotations.and_then(|mut a| a.remove(TRIGGER_TIME_ANNOTATION)),
             address_type: raw.address_type,
             ports: raw.ports,

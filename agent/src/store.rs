@@ -90,6 +90,21 @@ impl<'a> Borrow<dyn KeyRef + 'a> for ObjKey {
     }
 }
 
+/// `map[namespace/name]` without building an [`ObjKey`].
+pub fn get_in<'m, V>(map: &'m HashMap<ObjKey, V>, namespace: &str, name: &str) -> Option<&'m V> {
+    map.get(&(namespace, name) as &dyn KeyRef)
+}
+
+/// `map[namespace/name]`, mutable, without building an [`ObjKey`].
+pub fn get_mut_in<'m, V>(map: &'m mut HashMap<ObjKey, V>, namespace: &str, name: &str) -> Option<&'m mut V> {
+    map.get_mut(&(namespace, name) as &dyn KeyRef)
+}
+
+/// Removes `namespace/name` from `map` without building an [`ObjKey`].
+pub fn remove_in<V>(map: &mut HashMap<ObjKey, V>, namespace: &str, name: &str) -> Option<V> {
+    map.remove(&(namespace, name) as &dyn KeyRef)
+}
+
 struct Entry<T> {
     object: Arc<T>,
     /// The list (or relist) that last brought this object.

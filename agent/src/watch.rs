@@ -172,7 +172,7 @@ pub fn start(client: &Client, node_name: &str, tx: &UnboundedSender<Change>, met
         |s: &SlimSlice| Change::Slice {
             namespace: s.namespace().to_owned(),
             name: s.name().to_owned(),
-            service: s.service_name.clone(),
+            service: s.service_name.as_deref().map(str::to_owned),
             deleted: false,
         },
     );
