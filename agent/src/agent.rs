@@ -140,6 +140,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let node_lock = NodeLock::acquire(&node).map_err(dp_err(&node, "taking the node lock"))?;
     tracing::info!(node = %node, lock = %node_lock.path().display(), "node lock held");
     let mut dp = Datapath::load_sized(&Pinning::Node(node.clone()), &cfg.map_sizes).map_err(dp_err(&node, "loading"))?;
+    // SAFETY: the object is `include_bytes` data in the executable's
+    // `.rodata`, never written. Loading parsed all of it; a device attach
+    // that reads it again faults the pages back in.
+    unsafe { crate::memory::release_file_pages(riptide_datapath::EBPF_OBJECT) };
     let pin_dir = dp.pin_dir().map(Path::to_path_buf);
     if let Some(dir) = &pin_dir {
         warn_pinned_sizes(dir, &cfg.map_sizes);
