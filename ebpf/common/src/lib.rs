@@ -71,6 +71,10 @@ pub mod names {
     /// NetworkPolicy state of local pods (agent-owned; the CNI never
     /// writes it): [`crate::EndpointKey`] → [`crate::PolicyEndpointValue`].
     pub const POLEP4: &str = "rt_polep4_v1";
+    /// How many [`POLEP4`] entries each slot of a local pod address
+    /// ([`crate::polidx_slot`]) has (array of `u32`, agent-owned): a
+    /// program asks [`POLEP4`] only for an address whose slot is not 0.
+    pub const POLIDX4: &str = "rt_polidx4_v1";
     /// IP → security identity of every address the cluster knows (LPM
     /// trie): [`crate::IpcacheKey`] → [`crate::IpcacheValue`].
     pub const IPCACHE4: &str = "rt_ipcache4_v1";
@@ -122,9 +126,10 @@ pub mod names {
     pub const PROG_DEVICE: &str = "rt_dev";
 
     /// Every map name (for size checks and dumps).
-    pub const ALL_MAPS: [&str; 21] = [
+    pub const ALL_MAPS: [&str; 22] = [
         EP4, STATS, SVC4, BE4, REVNAT4, CT4, CT_ANY4, NAT4, NAT_ANY4, AFF4, SOCKREV4, CONFIG, NODE4,
         MAGLEV4, EVENTS, POLEP4, IPCACHE4, POLICY4, SRCRANGE4, IPCACHE4_EXACT, POLICY4_EXACT,
+        POLIDX4,
     ];
     /// Names of maps earlier versions pinned that nothing uses any more.
     /// A load removes their pins after taking over what they held (see
@@ -962,6 +967,21 @@ pub mod identity {
     pub const FIRST_LABELS: u32 = 256;
     /// First identity of an ipBlock prefix.
     pub const FIRST_CIDR: u32 = 1 << 24;
+}
+
+/// Slots of `rt_polidx4_v1`: a node's pods come from its pod CIDR (a /24
+/// by default), so the low 12 bits tell them apart; pods that share a slot
+/// only cost each other a `rt_polep4_v1` lookup.
+pub const POLIDX4_SLOTS: u32 = 4096;
+
+/// The `rt_polidx4_v1` slot of the local pod address `addr_be` (network
+/// order). The agent counts each `rt_polep4_v1` entry in its slot before
+/// writing the entry and uncounts it after removing it, so a slot of 0
+/// means the address has no policy state: the packets of pods no policy
+/// selects skip the hash lookup, an isolated pod is never missed.
+#[inline(always)]
+pub const fn polidx_slot(addr_be: u32) -> u32 {
+    u32::from_be(addr_be) & (POLIDX4_SLOTS - 1)
 }
 
 /// Value of `rt_polep4_v1` (key: [`EndpointKey`], the pod's address).

@@ -41,8 +41,9 @@
 //!   misses, the pod's policy state is found and the flow's entry under the
 //!   reverse tuple says it is established; without, the plain path.
 //! * `policy_unselected` — a local pod no policy selects talking to the
-//!   peer: with policy on, each of its packets asks `rt_polep4_v1` about
-//!   both sides (no conntrack entry is recorded for such flows).
+//!   peer: with policy on, each of its packets reads its slot in
+//!   `rt_polidx4_v1`, which says it has no policy state (no conntrack
+//!   entry is recorded for such flows).
 //! * `denied_new_median_ns` (egress) — like `new_median_ns` for a flow no
 //!   rule allows: the verdict alone, without the two conntrack inserts an
 //!   allowed flow pays (with 0 policies the same plain new flow).

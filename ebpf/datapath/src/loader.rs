@@ -73,6 +73,10 @@ impl Datapath {
         };
         if let Some(dir) = dp.pin_dir.clone() {
             dp.upgrade = upgrade::run(&dir, &mut dp.ebpf)?;
+            // Pinned endpoint entries of an earlier run (or of a version
+            // that did not count them) must be counted before a program
+            // that reads the counts is pinned for the CNI to attach.
+            dp.policy()?.recount_endpoints()?;
         }
         dp.load_programs()?;
         Ok(dp)

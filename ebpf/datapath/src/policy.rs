@@ -17,6 +17,18 @@
 //! writes): ipcache entries before the rules that name their identities,
 //! rules before the endpoint entry that makes a pod isolated, stale rules
 //! deleted last.
+//!
+//! `rt_polidx4_v1` counts the endpoint entries of each address slot
+//! (`riptide_common::polidx_slot`), so the programs ask `rt_polep4_v1`
+//! only for addresses whose slot is not 0. [`PolicyMaps::upsert_endpoint`]
+//! counts a new entry before writing it and [`PolicyMaps::remove_endpoint`]
+//! uncounts it after deleting it: a count may be too high for a moment
+//! (a pod costs a hash lookup), never too low (an isolated pod would be
+//! skipped). Each load recounts from `rt_polep4_v1`
+//! ([`PolicyMaps::recount_endpoints`]), which covers entries an older
+//! version wrote without counting them; it only raises counts, so a load
+//! next to a running writer (`riptide-agent --once`) cannot lower a count
+//! that writer just raised for an entry it is about to write.
 
 use std::{
     net::Ipv4Addr,
@@ -26,17 +38,18 @@ use std::{
 use aya::{
     Pod,
     maps::{
-        HashMap, IterableMap as _, Map, MapData, MapError,
+        Array, HashMap, IterableMap as _, Map, MapData, MapError,
         lpm_trie::{Key, LpmTrie},
     },
 };
 use riptide_common::{
-    EndpointKey, IpcacheKey, IpcacheValue, PolicyEndpointValue, PolicyKey, PolicyValue, names,
+    EndpointKey, IpcacheKey, IpcacheValue, POLIDX4_SLOTS, PolicyEndpointValue, PolicyKey,
+    PolicyValue, names, polidx_slot,
 };
 
 use crate::{
     Error, Result,
-    error::{ignore_missing, map_err},
+    error::{deleted, ignore_missing, map_err},
     loader::Datapath,
 };
 
@@ -48,15 +61,17 @@ pub struct PolicyMaps {
     rules: LpmTrie<MapData, PolicyKey, PolicyValue>,
     ipcache_exact: HashMap<MapData, IpcacheKey, IpcacheValue>,
     rules_exact: HashMap<MapData, PolicyKey, PolicyValue>,
+    slots: Array<MapData, u32>,
 }
 
-/// The five maps' data, in [`PolicyMaps`] field order.
+/// The six maps' data, in [`PolicyMaps`] field order.
 struct Data {
     polep: MapData,
     ipcache: MapData,
     rules: MapData,
     ipcache_exact: MapData,
     rules_exact: MapData,
+    polidx: MapData,
 }
 
 impl PolicyMaps {
@@ -71,6 +86,7 @@ impl PolicyMaps {
             rules: open(names::POLICY4)?,
             ipcache_exact: open(names::IPCACHE4_EXACT)?,
             rules_exact: open(names::POLICY4_EXACT)?,
+            polidx: open(names::POLIDX4)?,
         })
     }
 
@@ -83,6 +99,7 @@ impl PolicyMaps {
                 .map_err(map_err(names::IPCACHE4_EXACT))?,
             rules_exact: HashMap::try_from(Map::HashMap(d.rules_exact))
                 .map_err(map_err(names::POLICY4_EXACT))?,
+            slots: Array::try_from(Map::Array(d.polidx)).map_err(map_err(names::POLIDX4))?,
         })
     }
 
@@ -173,16 +190,55 @@ impl PolicyMaps {
 
     /// Sets the policy state of the local pod `addr` (written for pods that
     /// are isolated in some direction or audited; absent = allow all).
+    /// A new entry is counted in `rt_polidx4_v1` first.
     pub fn upsert_endpoint(&mut self, addr: Ipv4Addr, value: PolicyEndpointValue) -> Result<()> {
+        if self.get_endpoint(addr)?.is_none() {
+            self.add_to_slot(addr, 1)?;
+        }
         self.endpoints
             .insert(endpoint_key(addr), value, 0)
             .map_err(map_err(names::POLEP4))
     }
 
     /// Removes the policy state of `addr` (the pod is no longer isolated or
-    /// is gone); absent is not an error.
+    /// is gone), then uncounts it; absent is not an error.
     pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<()> {
-        ignore_missing(self.endpoints.remove(&endpoint_key(addr))).map_err(map_err(names::POLEP4))
+        if deleted(self.endpoints.remove(&endpoint_key(addr))).map_err(map_err(names::POLEP4))? {
+            self.add_to_slot(addr, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to the `rt_polidx4_v1` count of `addr`'s slot (never
+    /// below 0).
+    fn add_to_slot(&mut self, addr: Ipv4Addr, delta: i32) -> Result<()> {
+        let slot = polidx_slot(u32::from(addr).to_be());
+        let n = self.slots.get(&slot, 0).map_err(map_err(names::POLIDX4))?;
+        let n = n.saturating_add_signed(delta);
+        self.slots.set(slot, n, 0).map_err(map_err(names::POLIDX4))
+    }
+
+    /// Raises every `rt_polidx4_v1` count to the number of entries
+    /// `rt_polep4_v1` holds in its slot (at load, before the programs are
+    /// pinned: pins may carry entries of an earlier run or version). A
+    /// count above that stays: it only costs its slot's pods a lookup.
+    pub fn recount_endpoints(&mut self) -> Result<()> {
+        let mut counts = vec![0u32; POLIDX4_SLOTS as usize];
+        for (addr, _) in self.list_endpoints()? {
+            counts[polidx_slot(u32::from(addr).to_be()) as usize] += 1;
+        }
+        for (slot, n) in (0..).zip(counts) {
+            if self.slots.get(&slot, 0).map_err(map_err(names::POLIDX4))? < n {
+                self.slots.set(slot, n, 0).map_err(map_err(names::POLIDX4))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `rt_polidx4_v1` count of `addr`'s slot.
+    pub fn slot_count(&self, addr: Ipv4Addr) -> Result<u32> {
+        let slot = polidx_slot(u32::from(addr).to_be());
+        self.slots.get(&slot, 0).map_err(map_err(names::POLIDX4))
     }
 
     /// The policy state of `addr`, if it has one.
@@ -258,12 +314,15 @@ impl Datapath {
                 .map_err(map_err(names::IPCACHE4_EXACT))?;
         let rules_exact: HashMap<&MapData, PolicyKey, PolicyValue> =
             HashMap::try_from(map(names::POLICY4_EXACT)?).map_err(map_err(names::POLICY4_EXACT))?;
+        let polidx: Array<&MapData, u32> =
+            Array::try_from(map(names::POLIDX4)?).map_err(map_err(names::POLIDX4))?;
         PolicyMaps::from_data(Data {
             polep: dup(names::POLEP4, polep.map())?,
             ipcache: dup(names::IPCACHE4, ipcache.map())?,
             rules: dup(names::POLICY4, rules.map())?,
             ipcache_exact: dup(names::IPCACHE4_EXACT, ipcache_exact.map())?,
             rules_exact: dup(names::POLICY4_EXACT, rules_exact.map())?,
+            polidx: dup(names::POLIDX4, polidx.map())?,
         })
     }
 }

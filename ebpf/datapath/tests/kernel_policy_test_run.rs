@@ -424,6 +424,60 @@ fn ingress_allows_the_selected_pod_on_the_selected_port_only() {
 }
 
 #[test]
+fn endpoints_count_in_their_slot_and_a_load_recounts_the_pins() {
+    if !privileged("to load eBPF programs") {
+        return;
+    }
+    let node = format!("polidx-test-{}", std::process::id());
+    let _guard = PinGuard(node.clone());
+    let dp = Datapath::load(&Pinning::Node(node.clone())).expect("load pinned");
+    let mut m = dp.policy().expect("policy maps");
+    let ep = PolicyEndpointValue {
+        ep_id: 7,
+        identity: 300,
+        flags: PE_F_ISOLATED_IN,
+        _pad: 0,
+    };
+    // 10.42.0.7 and 10.42.16.7 share a slot (the low 12 bits).
+    let (a, b) = (ip("10.42.0.7"), ip("10.42.16.7"));
+    assert_eq!(m.slot_count(a).unwrap(), 0);
+    m.upsert_endpoint(a, ep).unwrap();
+    m.upsert_endpoint(a, ep).unwrap();
+    assert_eq!(m.slot_count(a).unwrap(), 1, "an update is not a new entry");
+    m.upsert_endpoint(b, ep).unwrap();
+    assert_eq!(m.slot_count(a).unwrap(), 2);
+    for _ in 0..2 {
+        m.remove_endpoint(a).unwrap();
+    }
+    assert_eq!(m.slot_count(b).unwrap(), 1, "a missing entry is not uncounted");
+    assert_eq!(m.slot_count(ip("10.42.0.8")).unwrap(), 0);
+
+    // An entry written without its count (an older agent's): the next load
+    // (an agent restart) counts it, so the programs ask rt_polep4_v1 about
+    // the pod again. A count without its entry stays (never lowered by a
+    // load: a writer may be about to write the entry).
+    let c = ip("10.42.0.9");
+    let dir = std::path::Path::new(riptide_common::PIN_ROOT).join(&node);
+    let raw = aya::maps::MapData::from_pin(dir.join(names::POLEP4)).unwrap();
+    let mut raw: aya::maps::HashMap<_, riptide_common::EndpointKey, PolicyEndpointValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(raw)).unwrap();
+    let key = riptide_common::EndpointKey {
+        addr_be: u32::from(c).to_be(),
+    };
+    raw.insert(key, ep, 0).unwrap();
+    raw.remove(&riptide_common::EndpointKey {
+        addr_be: u32::from(b).to_be(),
+    })
+    .unwrap();
+    assert_eq!(m.slot_count(c).unwrap(), 0);
+    drop((m, dp));
+    let dp = Datapath::load(&Pinning::Node(node.clone())).expect("load pinned again");
+    let m = dp.policy().expect("policy maps");
+    assert_eq!(m.slot_count(c).unwrap(), 1);
+    assert_eq!(m.slot_count(b).unwrap(), 1);
+}
+
+#[test]
 fn unselected_pods_and_a_node_without_policy_are_not_judged() {
     if !privileged("to load eBPF programs") {
         return;

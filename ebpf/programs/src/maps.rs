@@ -75,6 +75,12 @@ pub static NODE4: LpmTrie<NodeKey, NodeValue> = LpmTrie::pinned(capacity::NODE4,
 pub static POLEP4: HashMap<EndpointKey, PolicyEndpointValue> =
     HashMap::pinned(capacity::POLEP4, 0);
 
+/// [`POLEP4`] entries per address slot (`riptide_common::polidx_slot`):
+/// an inlined array read that spares pods without policy state the hash
+/// lookup.
+#[map(name = "rt_polidx4_v1")]
+pub static POLIDX4: Array<u32> = Array::pinned(riptide_common::POLIDX4_SLOTS, 0);
+
 /// Address → security identity (LPM; LPM tries must be `BPF_F_NO_PREALLOC`).
 #[map(name = "rt_ipcache4_v1")]
 pub static IPCACHE4: LpmTrie<IpcacheKey, IpcacheValue> =

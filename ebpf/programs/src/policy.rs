@@ -4,7 +4,9 @@
 //! peer's identity (and the identity of the longest ipBlock prefix holding
 //! it), `rt_policy4_v1` holds the allow rules of each local endpoint keyed
 //! by (endpoint, peer identity, direction, protocol, port prefix), and
-//! `rt_polep4_v1` says which local pods are isolated (absent = allow all).
+//! `rt_polep4_v1` says which local pods are isolated (absent = allow all;
+//! asked only when the pod's slot in `rt_polidx4_v1` counts an entry, so
+//! the packets of pods no policy selects skip the hash lookup).
 //! The common cases have exact-match hashes in front of the two tries:
 //! `rt_ipcache4x_v1` holds the `/32`s (every pod and node address) and
 //! `rt_policy4x_v1` the single-port rules; the tries keep the shorter
@@ -47,12 +49,12 @@ use riptide_common::{
     IpcacheValue, PE_F_ANY_IN, PE_F_ANY_OUT, PE_F_EXACT_IN, PE_F_EXACT_OUT,
     PE_F_AUDIT_IN, PE_F_AUDIT_OUT, PE_F_FAIL_CLOSED, PE_F_ISOLATED_IN, PE_F_ISOLATED_OUT,
     POL_DIR_EGRESS, POL_DIR_INGRESS, POLICY_PREFIX_FULL, PolicyEndpointValue, PolicyKey, identity,
-    proto, stats,
+    polidx_slot, proto, stats,
 };
 
 use crate::{
     ct, events,
-    maps::{IPCACHE4, IPCACHE4_EXACT, POLEP4, POLICY4, POLICY4_EXACT, config, count},
+    maps::{IPCACHE4, IPCACHE4_EXACT, POLEP4, POLICY4, POLICY4_EXACT, POLIDX4, config, count},
     parse::{IP_OFF, IpHdr, L4_OFF, Pkt, Ports, ptr_at},
 };
 
@@ -187,8 +189,20 @@ fn answers(f: &Flow) -> bool {
 /// The policy state of the local pod `addr`, copied out.
 #[inline(always)]
 fn endpoint(addr_be: u32) -> Option<PolicyEndpointValue> {
+    if !may_have_state(addr_be) {
+        return None;
+    }
     // SAFETY: copied out at once.
     unsafe { POLEP4.get(&EndpointKey { addr_be }) }.copied()
+}
+
+/// Whether `addr` may have an entry in `rt_polep4_v1`: false only when
+/// its `rt_polidx4_v1` slot counts none (an array read the verifier
+/// inlines, where the hash lookup is a call). The agent counts an entry
+/// before writing it, so an isolated pod is never skipped.
+#[inline(always)]
+fn may_have_state(addr_be: u32) -> bool {
+    POLIDX4.get(polidx_slot(addr_be)).is_none_or(|n| *n != 0)
 }
 
 /// Whether one direction of `f` passes for the endpoint `ep` (the source
@@ -381,7 +395,7 @@ pub fn before_probe(p: &Pkt, addr_be: u32) -> u32 {
         return JUDGE;
     }
     // SAFETY: only whether the entry exists is read.
-    if unsafe { POLEP4.get(&EndpointKey { addr_be }) }.is_none() {
+    if !may_have_state(addr_be) || unsafe { POLEP4.get(&EndpointKey { addr_be }) }.is_none() {
         return OPEN;
     }
     if ct::answers_policy(&ct::reverse(p), p.tcp_flags) {
