@@ -331,6 +331,11 @@ fn enter(
     Ok(peer)
 }
 
+/// Packets node 1's XDP program sent with `XDP_TX` so far.
+fn xdp_tx_count(rt: Option<&node1::Riptide>) -> Result<u64> {
+    Ok(rt.context("riptide")?.dp.stats()?.get(stats::XDP_TX))
+}
+
 fn pipe(ns: &str, prog: &str, args: &[&str], input: &str) -> Result<()> {
     riptide_test_support::netns::pipe(ns, prog, args, input)
         .with_context(|| format!("{prog} in {ns}"))
@@ -503,12 +508,7 @@ fn main() -> Result<()> {
                 for &mode in &o.modes {
                     // Dropped (detached) after this path's measurement.
                     let _peer = enter(&t, (mode, path), &mut rt, &mut rt2, &list)?;
-                    let before = rt
-                        .as_ref()
-                        .context("riptide")?
-                        .dp
-                        .stats()?
-                        .get(stats::XDP_TX);
+                    let before = xdp_tx_count(rt.as_ref())?;
                     let p = match (mode, &hop) {
                         (Mode::Node1, Some(h)) => h.measure(&t, path, &o),
                         _ => measure(&t, path, &o),
@@ -533,12 +533,7 @@ fn main() -> Result<()> {
                         );
                     }
                     if path.xdp() {
-                        let after = rt
-                            .as_ref()
-                            .context("riptide")?
-                            .dp
-                            .stats()?
-                            .get(stats::XDP_TX);
+                        let after = xdp_tx_count(rt.as_ref())?;
                         xdp_tx += after - before;
                         ensure!(
                             after - before >= p.delivered / 2,
