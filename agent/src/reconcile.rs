@@ -61,27 +61,31 @@ pub struct ApplyReport {
     pub failed: Vec<(String, String)>,
 }
 
+/// A port's name as the reconciler's tables hold it: one allocation per
+/// port, shared by every table that names it.
+pub type PortName = Arc<str>;
+
 /// A port claim on a frontend; ordering decides conflicts.
-type Claim = (Owner, String);
+type Claim = (Owner, PortName);
 
 #[derive(Default)]
 pub struct Reconciler {
     /// Port names per owner.
-    owners: HashMap<Owner, Vec<String>>,
+    owners: HashMap<Owner, Vec<PortName>>,
     /// Desired ports (all claimed frontends) by name.
-    ports: BTreeMap<String, Arc<Service>>,
+    ports: BTreeMap<PortName, Arc<Service>>,
     /// Claims per frontend, sorted (the first wins). Nearly every
     /// frontend has one claim: a vector of one costs a tenth of a
     /// `BTreeSet`, whose first insert allocates a whole node.
     claims: HashMap<FrontendId, Vec<Claim>>,
     /// Ports as last written (effective frontends only): the same `Arc` as
     /// in `ports` when the port won all its frontends.
-    applied: BTreeMap<String, Arc<Service>>,
-    dirty: BTreeSet<String>,
+    applied: BTreeMap<PortName, Arc<Service>>,
+    dirty: BTreeSet<PortName>,
     health: BTreeMap<Owner, HealthCheck>,
     notes: HashMap<Owner, Vec<String>>,
     /// Ports whose last write failed → the error (retried while dirty).
-    failed: BTreeMap<String, String>,
+    failed: BTreeMap<PortName, String>,
 }
 
 impl Reconciler {
@@ -111,37 +115,39 @@ impl Reconciler {
         for name in &old {
             if let Some(p) = self.ports.remove(name) {
                 for id in p.frontend_ids() {
-                    self.unclaim(id, &(owner.clone(), name.clone()));
+                    self.unclaim(id, owner, name);
                 }
             }
-            self.dirty.insert(name.clone());
+            self.dirty.insert(Arc::clone(name));
         }
         let mut names = Vec::with_capacity(desired.ports.len());
         for p in desired.ports {
+            // A port the owner had keeps its name's allocation.
+            let name = old.iter().find(|n| ***n == *p.name).map_or_else(|| PortName::from(p.name.as_str()), Arc::clone);
             for id in p.frontend_ids() {
                 let set = self.claims.entry(id).or_insert_with(|| Vec::with_capacity(1));
-                let claim = (owner.clone(), p.name.clone());
+                let claim = (owner.clone(), Arc::clone(&name));
                 if let Err(at) = set.binary_search(&claim) {
                     set.insert(at, claim);
                 }
                 // Everyone else claiming it may win or lose now.
-                self.dirty.extend(set.iter().map(|(_, n)| n.clone()));
+                self.dirty.extend(set.iter().map(|(_, n)| Arc::clone(n)));
             }
-            self.dirty.insert(p.name.clone());
-            names.push(p.name.clone());
-            self.ports.insert(p.name.clone(), Arc::new(p));
+            self.dirty.insert(Arc::clone(&name));
+            names.push(Arc::clone(&name));
+            self.ports.insert(name, Arc::new(p));
         }
         if !names.is_empty() {
             self.owners.insert(owner.clone(), names);
         }
     }
 
-    fn unclaim(&mut self, id: FrontendId, claim: &Claim) {
+    fn unclaim(&mut self, id: FrontendId, owner: &Owner, name: &str) {
         if let Some(set) = self.claims.get_mut(&id) {
-            if let Ok(at) = set.binary_search(claim) {
+            if let Ok(at) = set.binary_search_by(|(o, n)| (o, &**n).cmp(&(owner, name))) {
                 set.remove(at);
             }
-            self.dirty.extend(set.iter().map(|(_, n)| n.clone()));
+            self.dirty.extend(set.iter().map(|(_, n)| Arc::clone(n)));
             if set.is_empty() {
                 self.claims.remove(&id);
             }
@@ -174,7 +180,7 @@ impl Reconciler {
             self.claims
                 .get(&f.id(port.protocol))
                 .and_then(|s| s.first())
-                .is_some_and(|(_, n)| *n == port.name)
+                .is_some_and(|(_, n)| **n == *port.name)
         };
         if port.frontends.iter().all(wins) {
             return Arc::clone(port);
@@ -189,7 +195,7 @@ impl Reconciler {
         self.claims
             .iter()
             .filter(|(_, s)| s.len() > 1)
-            .map(|(id, s)| (*id, s.iter().map(|(_, n)| n.clone()).collect()))
+            .map(|(id, s)| (*id, s.iter().map(|(_, n)| n.to_string()).collect()))
             .collect()
     }
 
@@ -216,11 +222,12 @@ impl Reconciler {
                 }
                 Some(eff) => match self.applied.get(&name) {
                     Some(old) if *old == eff => {}
-                    Some(old) if eff.frontends.iter().all(|f| old.frontends.contains(f)) => shrinks.push(eff),
-                    _ => grows.push(eff),
+                    Some(old) if eff.frontends.iter().all(|f| old.frontends.contains(f)) => shrinks.push((name, eff)),
+                    _ => grows.push((name, eff)),
                 },
             }
         }
+        let mut failed = Vec::new();
         for name in removes {
             match w.remove(&name) {
                 Ok(()) => {
@@ -229,32 +236,28 @@ impl Reconciler {
                     self.failed.remove(&name);
                     report.removed += 1;
                 }
-                Err(e) => {
-                    report.failed.push((name.clone(), error_chain(&e)));
-                    self.dirty.insert(name);
-                }
+                Err(e) => failed.push((name, error_chain(&e))),
             }
         }
-        for eff in shrinks.into_iter().chain(grows) {
+        for (name, eff) in shrinks.into_iter().chain(grows) {
             match w.upsert(&eff) {
                 Ok(()) => {
-                    log_change(self.applied.get(&eff.name).map(AsRef::as_ref), &eff);
-                    self.failed.remove(&eff.name);
+                    log_change(self.applied.get(&name).map(AsRef::as_ref), &eff);
+                    self.failed.remove(&name);
                     report.upserted += 1;
-                    self.applied.insert(eff.name.clone(), eff);
+                    self.applied.insert(name, eff);
                 }
-                Err(e) => {
-                    report.failed.push((eff.name.clone(), error_chain(&e)));
-                    self.dirty.insert(eff.name.clone());
-                }
+                Err(e) => failed.push((name, error_chain(&e))),
             }
         }
-        for (name, err) in &report.failed {
+        for (name, err) in failed {
             // Retried every second: said again only when the error changes.
-            if self.failed.get(name) != Some(err) {
+            if self.failed.get(&name) != Some(&err) {
                 tracing::warn!(port = %name, error = %err, "writing service port failed; will retry");
             }
-            self.failed.insert(name.clone(), err.clone());
+            report.failed.push((name.to_string(), err.clone()));
+            self.dirty.insert(Arc::clone(&name));
+            self.failed.insert(name, err);
         }
         // A port no owner wants any more cannot fail any more.
         self.failed.retain(|n, _| self.ports.contains_key(n) || self.applied.contains_key(n));
@@ -274,7 +277,7 @@ impl Reconciler {
         }
         for (name, err) in &self.failed {
             if !self.ports.contains_key(name) {
-                out.insert(name.clone(), err.clone());
+                out.insert(name.to_string(), err.clone());
             }
         }
         out
@@ -291,7 +294,7 @@ impl Reconciler {
     }
 
     /// Ports as written, by name.
-    pub fn applied(&self) -> &BTreeMap<String, Arc<Service>> {
+    pub fn applied(&self) -> &BTreeMap<PortName, Arc<Service>> {
         &self.applied
     }
 

@@ -97,7 +97,7 @@ fn writes_only_the_difference() {
     r.set(&b, Desired::default());
     r.apply(&mut w);
     assert_eq!(w.log, vec!["remove ns/b:http"]);
-    assert_eq!(r.applied().keys().collect::<Vec<_>>(), vec!["ns/a:http"]);
+    assert_eq!(r.applied().keys().map(|k| &**k).collect::<Vec<_>>(), vec!["ns/a:http"]);
 }
 
 #[test]

@@ -156,37 +156,10 @@ fn kernel_policy_sync_writes_shrinks_and_converges_after_restart() {
     assert_eq!((maps.rules_exact.len(), maps.rules.len()), (2, 0), "{}", dump(&maps));
     assert_eq!(a.flags & PE_F_EXACT_IN, PE_F_EXACT_IN);
     // The datapath's own lookup agrees (what `riptide policy check` says).
-    let v = c1
-        .check(
-            &cluster.pods,
-            &Peer::Pod {
-                namespace: "y".into(),
-                name: "c".into(),
-            },
-            &Peer::Pod {
-                namespace: "x".into(),
-                name: "a".into(),
-            },
-            80,
-            proto::TCP,
-        )
-        .unwrap();
+    let peer = |namespace: &str, name: &str| Peer::Pod { namespace: namespace.into(), name: name.into() };
+    let v = c1.check(&cluster.pods, &peer("y", "c"), &peer("x", "a"), 80, proto::TCP).unwrap();
     assert!(v.allowed, "{v:?}");
-    let v = c1
-        .check(
-            &cluster.pods,
-            &Peer::Pod {
-                namespace: "x".into(),
-                name: "b".into(),
-            },
-            &Peer::Pod {
-                namespace: "x".into(),
-                name: "a".into(),
-            },
-            80,
-            proto::TCP,
-        )
-        .unwrap();
+    let v = c1.check(&cluster.pods, &peer("x", "b"), &peer("x", "a"), 80, proto::TCP).unwrap();
     assert!(!v.allowed, "{v:?}");
 
     // 2. The cluster changes: the policy goes, x/b gets an egress policy
