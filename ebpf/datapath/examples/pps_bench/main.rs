@@ -446,6 +446,26 @@ fn json_num(x: f64) -> String {
     }
 }
 
+/// Ctrl-C or SIGTERM (`cargo xtask bench` interrupted, a cancelled run)
+/// ends the process without running `Drop`: the handler kills what runs
+/// in the bench's namespaces (netserver, netperf, which would keep a
+/// deleted namespace alive) and deletes them, then exits.
+fn remove_on_signal(names: Vec<String>) -> Result<()> {
+    ctrlc::set_handler(move || {
+        eprintln!("pps_bench: interrupted; removing its namespaces");
+        for name in &names {
+            if let Ok(out) = std::process::Command::new("ip").args(["netns", "pids", name]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = std::process::Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            let _ = std::process::Command::new("ip").args(["netns", "del", name]).status();
+        }
+        std::process::exit(130);
+    })
+    .context("installing the Ctrl-C / SIGTERM handler")
+}
+
 fn main() -> Result<()> {
     let o = opts()?;
     for tool in ["iptables-restore", "nft", "conntrack", "bridge", "ethtool"] {
@@ -459,6 +479,7 @@ fn main() -> Result<()> {
         );
     }
     let t = Topo::new(&format!("rtpps{}", std::process::id()));
+    remove_on_signal(t.netns_names())?;
     // The generator's frames carry full checksums anyway; the pod never
     // sends. The same wiring as the netns test.
     t.full_checksums();

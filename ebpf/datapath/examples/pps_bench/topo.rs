@@ -73,6 +73,14 @@ fn sysctl(ns: &str, key: &str, value: &str) {
 }
 
 impl Topo {
+    /// The names of its namespaces, in the order they are removed.
+    pub fn netns_names(&self) -> Vec<String> {
+        [&self.outside, &self.node1, &self.node2, &self.pod, &self.sw]
+            .iter()
+            .map(|n| n.name().to_owned())
+            .collect()
+    }
+
     /// Builds the wiring under namespace names starting with `prefix`
     /// (callers put their pid in it).
     pub fn new(prefix: &str) -> Self {
