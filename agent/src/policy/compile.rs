@@ -35,7 +35,7 @@ use crate::slim::{SlimNode, SlimPod};
 use super::{
     AUDIT_ANNOTATION, Compiled, EndpointView, IdentityInfo, Inputs, NAMESPACE_NAME_LABEL, PolicyName, RuleKey,
     ids::{LabelIds, Labels, StableIds},
-    pods::{namespace_of, pod_addr},
+    pods::{namespace_of, owner_rank, pod_addr},
     ports::{port_prefixes, protocol_number},
     selector::LabelMatch,
 };
@@ -536,7 +536,8 @@ fn pods<'a>(inputs: &Inputs<'a>, local_only: bool, warnings: &mut Vec<String>) -
     let mut drop = vec![false; out.len()];
     for (idx, pod) in out.iter().enumerate() {
         if let Some(&other) = by_ip.get(&pod.ip) {
-            let keep_new = out[other].pod.deleting && !pod.pod.deleting;
+            // The rule `riptide policy check` and events name owners by.
+            let keep_new = owner_rank(pod.pod, false) < owner_rank(out[other].pod, false);
             let (kept, dropped) = if keep_new { (idx, other) } else { (other, idx) };
             warnings.push(format!(
                 "pods {}/{} and {}/{} both have address {}: using {}/{}",

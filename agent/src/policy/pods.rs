@@ -46,7 +46,7 @@ pub fn resolve(pods: &[Arc<SlimPod>], peer: &Peer) -> Result<Ipv4Addr, CheckErro
 /// The pod that owns `addr`, when two claim it: a pod's own address before
 /// a host-network pod's (that is its node's), one not being deleted before
 /// one that is, then (namespace, name) order.
-fn owner_rank(pod: &SlimPod, host_network: bool) -> (bool, bool, &str, &str) {
+pub(super) fn owner_rank(pod: &SlimPod, host_network: bool) -> (bool, bool, &str, &str) {
     (host_network, pod.deleting, namespace_of(pod), pod.name())
 }
 

@@ -310,6 +310,31 @@ fn without_policies_only_local_pods_are_compiled() {
     assert!(!again.ipcache.contains_key(&(DNS_IP, 32)) && again.endpoints.is_empty());
 }
 
+/// Two pods claiming one address (a stale store): the compile, `check`'s
+/// names and the events' names pick the same owner, the one not being
+/// deleted, although the deleting one comes first in name order.
+#[test]
+fn two_pods_on_one_address_have_one_owner_everywhere() {
+    let mut cl = Cluster::new();
+    let ip = ip_of("x/b");
+    let mut stale = pod_json("a", "old", json!({"pod": "old"}), ip, NODE, json!([]));
+    stale["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    cl.pods.push(from_json(stale));
+    let c = cl.compile();
+    assert!(
+        c.warnings.iter().any(|w| w.contains("a/old and x/b") && w.ends_with("using x/b")),
+        "{:?}",
+        c.warnings
+    );
+    assert_eq!(names_by_ip(&cl.pods)[&ip], "x/b");
+    let b = cl.pods.iter().find(|p| p.name() == "b" && p.namespace() == "x").unwrap();
+    let labels = IdentityInfo::Labels {
+        namespace: "x".into(),
+        labels: b.labels.clone().unwrap_or_default(),
+    };
+    assert_eq!(identity_name_of(&cl.pods, ip), Some(labels.to_string()));
+}
+
 #[test]
 fn default_deny_ingress() {
     let c = Cluster::new().with(policy("x", "deny-in", json!({"podSelector": {}, "policyTypes": ["Ingress"]}))).compile();
