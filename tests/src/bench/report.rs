@@ -292,10 +292,6 @@ impl Report {
         self.metric(scenario, path, test, n, |m| m.throughput)
     }
 
-    fn p50(&self, scenario: Scenario, path: DataPath, test: Test, n: usize) -> Option<Stat> {
-        self.metric(scenario, path, test, n, |m| m.p50_us)
-    }
-
     /// Median & spread of one field of the matching samples.
     fn metric(
         &self,
@@ -316,6 +312,21 @@ impl Report {
         stat(&v)
     }
 
+    /// Ratio of the medians of one field of `path` and of `base`.
+    fn metric_ratio(
+        &self,
+        scenario: Scenario,
+        path: DataPath,
+        base: DataPath,
+        test: Test,
+        n: usize,
+        field: impl Fn(&super::netperf::Measurement) -> f64,
+    ) -> Option<f64> {
+        let d = self.metric(scenario, base, test, n, &field)?;
+        let v = self.metric(scenario, path, test, n, &field)?;
+        (d.median > 0.0).then(|| v.median / d.median)
+    }
+
     /// Median ratio of `path` to `base` (throughput).
     fn ratio_to(
         &self,
@@ -325,9 +336,7 @@ impl Report {
         test: Test,
         n: usize,
     ) -> Option<f64> {
-        let d = self.throughput(scenario, base, test, n)?;
-        let v = self.throughput(scenario, path, test, n)?;
-        (d.median > 0.0).then(|| v.median / d.median)
+        self.metric_ratio(scenario, path, base, test, n, |m| m.throughput)
     }
 
     /// Median ratio of `path` to its direct path; a path measured only at
@@ -336,17 +345,7 @@ impl Report {
         self.ratio_to(scenario, path, path.baseline(scenario)?, test, n)
     }
 
-    /// Median P50 latency of `path` over its direct path's (lower is better).
-    pub fn p50_ratio(
-        &self,
-        scenario: Scenario,
-        path: DataPath,
-        test: Test,
-        n: usize,
-    ) -> Option<f64> {
-        self.p50_ratio_to(scenario, path, path.baseline(scenario)?, test, n)
-    }
-
+    /// Median P50 latency of `path` over `base`'s (lower is better).
     fn p50_ratio_to(
         &self,
         scenario: Scenario,
@@ -355,9 +354,7 @@ impl Report {
         test: Test,
         n: usize,
     ) -> Option<f64> {
-        let d = self.p50(scenario, base, test, n)?;
-        let v = self.p50(scenario, path, test, n)?;
-        (d.median > 0.0).then(|| v.median / d.median)
+        self.metric_ratio(scenario, path, base, test, n, |m| m.p50_us)
     }
 
     pub fn markdown(&self) -> String {
@@ -397,19 +394,7 @@ impl Report {
             for test in self.tests() {
                 for n in self.counts() {
                     let _ = write!(md, "| {} ({}) | {n} |", test.name(), test.unit());
-                    for p in &paths {
-                        match self.throughput(scenario, *p, test, n) {
-                            Some(s) => {
-                                let _ = write!(md, " {:.0} ({:.0}–{:.0})", s.median, s.min, s.max);
-                                if let Some(r) = self.ratio(scenario, *p, test, n) {
-                                    let _ = write!(md, " **{r:.2}×**");
-                                }
-                                md.push_str(" |");
-                            }
-                            None => md.push_str(" – |"),
-                        }
-                    }
-                    md.push('\n');
+                    self.cells(&mut md, scenario, &paths, test, n, |m| m.throughput, 0, Some("**"));
                 }
             }
             // P50 latency of the request/response tests: far steadier than
@@ -418,19 +403,7 @@ impl Report {
             for test in self.tests().into_iter().filter(|t| *t != Test::TcpStream) {
                 for n in self.counts() {
                     let _ = write!(md, "| {} P50 latency (µs) | {n} |", test.name());
-                    for p in &paths {
-                        match self.p50(scenario, *p, test, n) {
-                            Some(s) => {
-                                let _ = write!(md, " {:.0} ({:.0}–{:.0})", s.median, s.min, s.max);
-                                if let Some(r) = self.p50_ratio(scenario, *p, test, n) {
-                                    let _ = write!(md, " *{r:.2}×*");
-                                }
-                                md.push_str(" |");
-                            }
-                            None => md.push_str(" – |"),
-                        }
-                    }
-                    md.push('\n');
+                    self.cells(&mut md, scenario, &paths, test, n, |m| m.p50_us, 0, Some("*"));
                 }
             }
             // The tail and the cost: P99 latency of the request/response
@@ -439,7 +412,7 @@ impl Report {
             for test in self.tests().into_iter().filter(|t| *t != Test::TcpStream) {
                 for n in self.counts() {
                     let _ = write!(md, "| {} P99 latency (µs) | {n} |", test.name());
-                    self.cells(&mut md, scenario, &paths, test, n, |m| m.p99_us, 0);
+                    self.cells(&mut md, scenario, &paths, test, n, |m| m.p99_us, 0, None);
                 }
             }
             for test in self.tests() {
@@ -450,7 +423,7 @@ impl Report {
                 };
                 for n in self.counts() {
                     let _ = write!(md, "| {} CPU (µs/{unit}) | {n} |", test.name());
-                    self.cells(&mut md, scenario, &paths, test, n, |m| m.cpu_us_per_unit, 2);
+                    self.cells(&mut md, scenario, &paths, test, n, |m| m.cpu_us_per_unit, 2, None);
                 }
             }
             let retrans: f64 = self
@@ -576,7 +549,9 @@ impl Report {
         md
     }
 
-    /// One table row's cells: median (min–max) of `field` per path.
+    /// One table row's cells: median (min–max) of `field` per path, and
+    /// with `ratio_mark` the median's ratio to the path's direct path, set
+    /// off by that mark (markdown emphasis).
     fn cells(
         &self,
         md: &mut String,
@@ -586,18 +561,27 @@ impl Report {
         n: usize,
         field: impl Fn(&super::netperf::Measurement) -> f64,
         decimals: usize,
+        ratio_mark: Option<&str>,
     ) {
         for p in paths {
             match self.metric(scenario, *p, test, n, &field) {
                 Some(s) => {
                     let _ = write!(
                         md,
-                        " {:.d$} ({:.d$}–{:.d$}) |",
+                        " {:.d$} ({:.d$}–{:.d$})",
                         s.median,
                         s.min,
                         s.max,
                         d = decimals
                     );
+                    if let Some(mark) = ratio_mark
+                        && let Some(r) = p
+                            .baseline(scenario)
+                            .and_then(|base| self.metric_ratio(scenario, *p, base, test, n, &field))
+                    {
+                        let _ = write!(md, " {mark}{r:.2}×{mark}");
+                    }
+                    md.push_str(" |");
                 }
                 None => md.push_str(" – |"),
             }
