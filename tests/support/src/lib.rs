@@ -1,13 +1,14 @@
-//! Helpers every riptide test suite used to carry its own copy of: the
-//! gate of tests that need root, network namespaces a test creates and
-//! removes, workspace binaries a test runs, and the kube-proxy-shaped
-//! rules the benchmarks compare against. A dev-dependency of the
-//! production crates — as aya's `test/integration-common` — so nothing here
-//! reaches a production build; only the lab and bench harness
-//! (`riptide-tests`, never shipped) depends on it normally. Panicking on a
-//! broken environment is the point of most helpers: a test that cannot set
-//! itself up must fail loudly. The lab needs errors instead, so the
-//! namespace primitives also come in fallible form (`netns::try_command`).
+//! What riptide's test suites share, in one place rather than a copy per
+//! suite: the gate of tests that need root, network namespaces a test
+//! creates and removes, workspace binaries a test runs, and the
+//! kube-proxy-shaped rules the benchmarks compare against. A
+//! dev-dependency of the production crates — as aya's
+//! `test/integration-common` — so nothing here reaches a production build;
+//! only the lab and bench harness (`riptide-tests`, never shipped) depends
+//! on it normally. Panicking on a broken environment is the point of most
+//! helpers: a test that cannot set itself up must fail loudly. The lab
+//! needs errors instead, so the namespace primitives also come in fallible
+//! form (`netns::try_command`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod cgroup;
