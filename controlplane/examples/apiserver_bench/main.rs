@@ -6,6 +6,8 @@
 //! cargo run --release -p riptide-controlplane --example apiserver_bench -- [--quick|--tiny] [--out FILE]
 //! ```
 mod bench;
+mod error;
+mod processes;
 
 use std::path::PathBuf;
 
@@ -37,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bin = match args.server_bin {
         Some(b) => b,
-        None => bench::find_server_bin()?,
+        None => processes::find_server_bin()?,
     };
     let mut opts = BenchOptions::new(args.quick, bin);
     if args.tiny {
