@@ -9,6 +9,7 @@ use crate::{
     config::Config,
     datapath,
     env::CniEnv,
+    inspect,
     ipam::{self, Store},
     link::{self, Plan},
     netlink::{Netlink, fmt_mac},
@@ -239,7 +240,7 @@ pub fn check(env: &CniEnv, conf: &Config) -> Result<(), CniError> {
     let mut pod = ns.netlink().map_err(kernel("opening netlink in the container's netns"))?;
     let mut node = Netlink::open().map_err(kernel("opening netlink"))?;
     let plan = plan(env, conf, range, ip);
-    let wired = link::verify(&mut node, &mut pod, &link::Expect { plan: &plan, pod_mac })?.map_err(failed)?;
+    let wired = inspect::verify(&mut node, &mut pod, &inspect::Expect { plan: &plan, pod_mac })?.map_err(failed)?;
     let want_ep = EndpointValue {
         ifindex: wired.host_index,
         flags: 0,

@@ -9,6 +9,7 @@ pub mod commands;
 pub mod config;
 pub mod datapath;
 pub mod env;
+pub mod inspect;
 pub mod ipam;
 pub mod link;
 pub mod netlink;
