@@ -5,12 +5,28 @@
 
 mod common;
 
-use std::{collections::HashSet, time::Instant};
+use std::{collections::HashSet, process::Child, time::Instant};
 
 use common::{CniOut, Netns, Node, result_ip, tag};
 use riptide_test_support::privileged;
 
 const PODS: usize = 200;
+
+/// Starts the plugin with `command` (ADD or DEL) for every pod at once,
+/// without waiting: the children in `pods` order.
+fn spawn_all(node: &Node, command: &str, pods: &[Netns], ids: &[String]) -> Vec<Child> {
+    pods.iter()
+        .zip(ids)
+        .map(|(pod, id)| {
+            let netns = pod.path().to_str().unwrap().to_owned();
+            node.spawn_cni(
+                &[("CNI_COMMAND", command), ("CNI_CONTAINERID", id), ("CNI_NETNS", &netns), ("CNI_IFNAME", "eth0")],
+                &node.config("1.1.0"),
+            )
+            .unwrap()
+        })
+        .collect()
+}
 
 #[test]
 fn netns_200_concurrent_adds_then_dels() {
@@ -26,18 +42,7 @@ fn netns_200_concurrent_adds_then_dels() {
     let ids: Vec<String> = (0..PODS).map(|i| format!("conc{i}-{}", tag())).collect();
 
     let t = Instant::now();
-    let children: Vec<_> = pods
-        .iter()
-        .zip(&ids)
-        .map(|(pod, id)| {
-            let netns = pod.path().to_str().unwrap().to_owned();
-            node.spawn_cni(
-                &[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", id), ("CNI_NETNS", &netns), ("CNI_IFNAME", "eth0")],
-                &node.config("1.1.0"),
-            )
-            .unwrap()
-        })
-        .collect();
+    let children = spawn_all(&node, "ADD", &pods, &ids);
     let results: Vec<CniOut> = children.into_iter().map(|c| CniOut::wait(c).unwrap()).collect();
     eprintln!("{PODS} concurrent ADDs in {:?}", t.elapsed());
     let ips: Vec<_> = results.iter().map(|r| result_ip(&r.expect_ok("ADD"))).collect();
@@ -57,18 +62,7 @@ fn netns_200_concurrent_adds_then_dels() {
     assert_eq!(eps, ips.iter().copied().collect::<HashSet<_>>());
 
     let t = Instant::now();
-    let children: Vec<_> = pods
-        .iter()
-        .zip(&ids)
-        .map(|(pod, id)| {
-            let netns = pod.path().to_str().unwrap().to_owned();
-            node.spawn_cni(
-                &[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", id), ("CNI_NETNS", &netns), ("CNI_IFNAME", "eth0")],
-                &node.config("1.1.0"),
-            )
-            .unwrap()
-        })
-        .collect();
+    let children = spawn_all(&node, "DEL", &pods, &ids);
     for c in children {
         CniOut::wait(c).unwrap().expect_ok("DEL");
     }
