@@ -241,20 +241,14 @@ fn fuzz(root: &Path, cases: u32) -> Result<()> {
     Ok(())
 }
 
-/// Micro benchmarks, each printing one JSON document: ns/packet of the tc LB
-/// path via BPF_PROG_TEST_RUN at 1/1k/10k Services and of NetworkPolicy at
-/// 0/100/1,000 policies, Maglev next to random (table rebuild, first
-/// packet), XDP NodePort next to tc at 1/1k/10k Services, CNI ADD/DEL latency next
-/// to the reference bridge + host-local plugins, the agent's programming
-/// latency next to iptables-restore and for NetworkPolicy, riptide-dns next to dnsmasq
-/// (dnsperf), the apiserver on both stores, and packets/s through a
-/// NodePort to another node (iptables, nftables, riptide tc and XDP).
-/// Release builds, each an example of the crate it measures; results go to
-/// target/bench/<name>.json and a section of results.md. `only`: just the
-/// benchmark of that name.
-fn micro_benches(root: &Path, quick: bool, only: Option<&str>) -> Result<()> {
-    let baseline_agent = std::env::var("RIPTIDE_BASELINE_AGENT").ok();
-    let benches: [(&str, &str, &str, Vec<&str>); 11] = [
+/// The micro benchmarks, in the order they run: name, package, example
+/// and its arguments (`quick`: the shorter runs; `baseline_agent`: a second
+/// agent binary for the agent benchmark to compare against).
+fn micro_bench_list(
+    quick: bool,
+    baseline_agent: Option<&str>,
+) -> [(&'static str, &'static str, &'static str, Vec<&str>); 11] {
+    [
         (
             "ebpf-lb",
             "riptide-datapath",
@@ -309,7 +303,7 @@ fn micro_benches(root: &Path, quick: bool, only: Option<&str>) -> Result<()> {
             quick
                 .then_some("--quick")
                 .into_iter()
-                .chain(baseline_agent.as_deref().into_iter().flat_map(|b| ["--baseline-agent", b]))
+                .chain(baseline_agent.into_iter().flat_map(|b| ["--baseline-agent", b]))
                 .collect(),
         ),
         // NetworkPolicy programming latency (policy change or pod label
@@ -370,7 +364,23 @@ fn micro_benches(root: &Path, quick: bool, only: Option<&str>) -> Result<()> {
                 vec!["--netperf"]
             },
         ),
-    ];
+    ]
+}
+
+/// Micro benchmarks, each printing one JSON document: ns/packet of the tc LB
+/// path via BPF_PROG_TEST_RUN at 1/1k/10k Services and of NetworkPolicy at
+/// 0/100/1,000 policies, Maglev next to random (table rebuild, first
+/// packet), XDP NodePort next to tc at 1/1k/10k Services, CNI ADD/DEL latency next
+/// to the reference bridge + host-local plugins, the agent's programming
+/// latency next to iptables-restore and for NetworkPolicy, riptide-dns next to dnsmasq
+/// (dnsperf), the apiserver on both stores, and packets/s through a
+/// NodePort to another node (iptables, nftables, riptide tc and XDP).
+/// Release builds, each an example of the crate it measures; results go to
+/// target/bench/<name>.json and a section of results.md. `only`: just the
+/// benchmark of that name.
+fn micro_benches(root: &Path, quick: bool, only: Option<&str>) -> Result<()> {
+    let baseline_agent = std::env::var("RIPTIDE_BASELINE_AGENT").ok();
+    let benches = micro_bench_list(quick, baseline_agent.as_deref());
     if let Some(o) = only {
         anyhow::ensure!(
             benches.iter().any(|b| b.0 == o),
