@@ -9,7 +9,7 @@
 //!
 //! hickory-server's own UDP serving spawns a task per datagram and hands
 //! every response through a channel to the socket's task; at the rates a
-//! cluster DNS sees that overhead, not the answer, was most of the cost.
+//! cluster DNS sees, that overhead, not the answer, is most of the cost.
 //! hickory-server still serves TCP.
 
 use std::{
