@@ -379,6 +379,24 @@ pub fn hostnames_from_pod(lab: &Lab, pod: &str, url: &str, tries: u32) -> Result
     Ok(out.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect())
 }
 
+/// What `pod`'s netexec heard back dialling `host:port` over UDP: the
+/// hostname answers, and an error per datagram left unanswered.
+#[derive(Debug)]
+pub struct UdpDial {
+    pub hostnames: BTreeSet<String>,
+    pub errors: Vec<String>,
+}
+
+/// `tries` UDP `hostname` requests from `pod` to `host:port` through
+/// netexec's `/dial`. The error names netexec's reply when it is not JSON.
+pub fn udp_dial_hostnames(lab: &Lab, pod: &str, host: Ipv4Addr, port: u16, tries: u32) -> Result<UdpDial> {
+    let url = format!("http://127.0.0.1:8080/dial?request=hostname&protocol=udp&host={host}&port={port}&tries={tries}");
+    let body = pod_curl(lab, pod, &url, 2 * tries)?.ok()?;
+    let v: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("netexec /dial answered {body:?}"))?;
+    let strings = |key: &str| v[key].as_array().into_iter().flatten().filter_map(|r| r.as_str().map(str::to_owned));
+    Ok(UdpDial { hostnames: strings("responses").collect(), errors: strings("errors").collect() })
+}
+
 /// Polls `f` until it returns Ok, for at most `timeout`; returns the last error.
 pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;

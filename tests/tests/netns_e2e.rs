@@ -134,14 +134,8 @@ fn netns_e2e_services_on_a_three_node_lab() {
         let pods = e2e::pods(lab, "app=demo")?;
         let want: BTreeSet<String> = pods.iter().map(|p| p.name.clone()).collect();
         eventually(SETTLE, || {
-            let url = format!("http://127.0.0.1:8080/dial?request=hostname&protocol=udp&host={cip}&port=81&tries=30");
-            let body = e2e::pod_curl(lab, &pods[0].name, &url, 60)?.ok()?;
-            let v: serde_json::Value = serde_json::from_str(&body)?;
-            let got: BTreeSet<String> = v["responses"]
-                .as_array()
-                .map(|r| r.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
-                .unwrap_or_default();
-            ensure!(got == want, "UDP hostnames {got:?}, want {want:?} ({body})");
+            let got = e2e::udp_dial_hostnames(lab, &pods[0].name, cip, 81, 30)?;
+            ensure!(got.hostnames == want, "UDP hostnames {:?}, want {want:?} (netexec: {:?})", got.hostnames, got.errors);
             Ok(())
         })
     });

@@ -175,12 +175,8 @@ fn netns_e2e_vxlan_on_a_routed_underlay() {
         eventually(SETTLE, || {
             let got = e2e::hostnames_from_pod(lab, &pods[0].name, &format!("http://{cip}/hostname"), 30)?;
             ensure!(got == want, "TCP hostnames {got:?}, want {want:?}");
-            let url = format!("http://127.0.0.1:8080/dial?request=hostname&protocol=udp&host={cip}&port=81&tries=30");
-            let body = e2e::pod_curl(lab, &pods[0].name, &url, 60)?.ok()?;
-            let v: serde_json::Value = serde_json::from_str(&body)?;
-            let got: BTreeSet<String> =
-                v["responses"].as_array().into_iter().flatten().filter_map(|r| r.as_str().map(str::to_owned)).collect();
-            ensure!(got == want, "UDP hostnames {got:?}, want {want:?}");
+            let got = e2e::udp_dial_hostnames(lab, &pods[0].name, cip, 81, 30)?;
+            ensure!(got.hostnames == want, "UDP hostnames {:?}, want {want:?} (netexec: {:?})", got.hostnames, got.errors);
             Ok(())
         })
     });
