@@ -271,6 +271,24 @@ pub fn kubelet_host_path_args(c: &LabConfig, i: u32, root: &Path) -> Vec<String>
     ]
 }
 
+/// The conflist a hand-wired node's kubelet reads: the riptide plugin for
+/// node `node_name`, reading its podCIDR from `pod_cidr_file`, keeping its
+/// IPAM state in `state_dir` and giving pods `mtu`.
+pub(crate) fn cni_conflist(node_name: &str, pod_cidr_file: &Path, state_dir: &Path, mtu: u32) -> serde_json::Value {
+    serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "riptide",
+        "plugins": [{
+            "type": "riptide",
+            "nodeName": node_name,
+            "podCIDRFile": pod_cidr_file,
+            "clusterCIDR": "10.42.0.0/16",
+            "stateDir": state_dir,
+            "mtu": mtu,
+        }],
+    })
+}
+
 /// Pods' MTU: the vxlan device takes 50 bytes of the uplink's 1500.
 pub(crate) fn pod_mtu(tunnel: Option<&str>) -> u32 {
     if tunnel.is_some() { 1450 } else { 1500 }
@@ -832,18 +850,12 @@ impl Lab {
         let _ = std::fs::remove_file(&plugin);
         std::os::unix::fs::symlink(self.bin("riptide-cni")?, &plugin)
             .with_context(|| format!("linking {}", plugin.display()))?;
-        let conf = serde_json::json!({
-            "cniVersion": "1.1.0",
-            "name": "riptide",
-            "plugins": [{
-                "type": "riptide",
-                "nodeName": c.node_name(i),
-                "podCIDRFile": c.node_dir(i).join("podcidr"),
-                "clusterCIDR": "10.42.0.0/16",
-                "stateDir": c.node_dir(i).join("ipam"),
-                "mtu": pod_mtu(self.net.tunnel.as_deref()),
-            }],
-        });
+        let conf = cni_conflist(
+            &c.node_name(i),
+            &c.node_dir(i).join("podcidr"),
+            &c.node_dir(i).join("ipam"),
+            pod_mtu(self.net.tunnel.as_deref()),
+        );
         let path = conf_dir.join("10-riptide.conflist");
         std::fs::write(&path, serde_json::to_vec_pretty(&conf)?)
             .with_context(|| format!("writing {}", path.display()))?;

@@ -65,7 +65,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    lab::{CLUSTER_DNS, CLUSTER_DOMAIN, Install, Lab, LabConfig, pod_mtu},
+    lab::{CLUSTER_DNS, CLUSTER_DOMAIN, Install, Lab, LabConfig, cni_conflist, pod_mtu},
     netns::ip,
 };
 
@@ -292,18 +292,8 @@ const AGENT_SCRIPT: &str = "agent.sh";
 fn write_cni_config(c: &LabConfig, i: u32, mtu: u32) -> Result<PathBuf> {
     let conf_dir = c.node_dir(i).join("cni");
     std::fs::create_dir_all(&conf_dir).with_context(|| format!("creating {}", conf_dir.display()))?;
-    let conf = serde_json::json!({
-        "cniVersion": "1.1.0",
-        "name": "riptide",
-        "plugins": [{
-            "type": "riptide",
-            "nodeName": c.node_name(i),
-            "podCIDRFile": format!("{GUEST_RUN}/podcidr"),
-            "clusterCIDR": "10.42.0.0/16",
-            "stateDir": format!("{GUEST_RUN}/ipam"),
-            "mtu": mtu,
-        }],
-    });
+    let guest_run = Path::new(GUEST_RUN);
+    let conf = cni_conflist(&c.node_name(i), &guest_run.join("podcidr"), &guest_run.join("ipam"), mtu);
     write_file(&conf_dir.join("10-riptide.conflist"), &serde_json::to_string_pretty(&conf)?)?;
     let bin = conf_dir.join("bin");
     std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
