@@ -620,14 +620,14 @@ impl Loop {
     fn note(&mut self, c: Change, b: &mut Batch) {
         match c {
             Change::Service { namespace, name } => {
-                b.owners.insert(Owner::Service { namespace, name });
+                b.owners.insert(Owner::service(namespace, name));
             }
             Change::Slice { namespace, name, service, deleted } => {
                 if let Some(old) = remove_in(&mut self.slice_owner, &namespace, &name) {
                     if let Some(set) = get_mut_in(&mut self.slice_index, &namespace, &old) {
                         set.retain(|s| **s != *name);
                     }
-                    b.owners.insert(Owner::Service { namespace: namespace.clone(), name: old.to_string() });
+                    b.owners.insert(Owner::service(namespace.as_str(), old));
                 }
                 if let (false, Some(svc)) = (deleted, service) {
                     // The store's strings when it has the slice (it does
@@ -636,7 +636,7 @@ impl Loop {
                         Some(s) => self.index_slice(&s),
                         None => self.index_slice(&SlimSlice { key: ObjKey::new(namespace.as_str(), name), service_name: Some(svc.as_str().into()), ..SlimSlice::default() }),
                     }
-                    b.owners.insert(Owner::Service { namespace, name: svc });
+                    b.owners.insert(Owner::service(namespace, svc));
                 }
             }
             Change::Node { .. } => {
@@ -646,7 +646,7 @@ impl Loop {
             Change::Pod { namespace, name, local } => {
                 // Only local pods own hostPorts; a pod never changes node.
                 if local {
-                    b.owners.insert(Owner::Pod { namespace, name });
+                    b.owners.insert(Owner::pod(namespace, name));
                 }
                 b.policy = true;
             }
@@ -725,12 +725,12 @@ impl Loop {
             let services = services
                 .state()
                 .into_iter()
-                .map(|s| Owner::service(s.namespace(), s.name()));
+                .map(|s| Owner::service(Arc::clone(&s.key.namespace), Arc::clone(&s.key.name)));
             let pods = pods
                 .state()
                 .into_iter()
                 .filter(move |p| local(p))
-                .map(|p| Owner::pod(p.namespace(), p.name()));
+                .map(|p| Owner::pod(Arc::clone(&p.key.namespace), Arc::clone(&p.key.name)));
             Box::new(services.chain(pods))
         } else {
             Box::new(batch.owners.clone().into_iter())

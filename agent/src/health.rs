@@ -90,7 +90,7 @@ impl Drop for HealthServers {
 async fn answer(State(rx): State<watch::Receiver<(Owner, usize)>>) -> impl IntoResponse {
     let (owner, n) = rx.borrow().clone();
     let (namespace, name) = match &owner {
-        Owner::Service { namespace, name } | Owner::Pod { namespace, name } => (namespace.clone(), name.clone()),
+        Owner::Service { namespace, name } | Owner::Pod { namespace, name } => (namespace.to_string(), name.to_string()),
     };
     let code = if n > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (

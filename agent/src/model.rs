@@ -18,6 +18,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
 };
 
 use riptide_datapath::service::{
@@ -36,26 +37,48 @@ pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
 /// Who asked for a frontend. Ordering decides conflicts (two owners claiming
 /// the same address:port): Services before Pods, then by namespace/name.
+/// The names are the watch store's own strings where the owner comes from
+/// an object in a store (the reconciler keeps an owner per Service and one
+/// in each of its claims), so a clone copies no string.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "PascalCase")]
 pub enum Owner {
-    Service { namespace: String, name: String },
-    Pod { namespace: String, name: String },
+    Service {
+        #[serde(with = "arc_str")]
+        namespace: Arc<str>,
+        #[serde(with = "arc_str")]
+        name: Arc<str>,
+    },
+    Pod {
+        #[serde(with = "arc_str")]
+        namespace: Arc<str>,
+        #[serde(with = "arc_str")]
+        name: Arc<str>,
+    },
 }
 
 impl Owner {
-    pub fn service(namespace: &str, name: &str) -> Self {
-        Self::Service {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        }
+    pub fn service(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
+        Self::Service { namespace: namespace.into(), name: name.into() }
     }
 
-    pub fn pod(namespace: &str, name: &str) -> Self {
-        Self::Pod {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        }
+    pub fn pod(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
+        Self::Pod { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+/// `Arc<str>` as a plain string (serde's `rc` feature is not enabled).
+mod arc_str {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(s: &Arc<str>, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_str(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
+        String::deserialize(d).map(Arc::from)
     }
 }
 
