@@ -153,7 +153,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    riptide_agent::memory::one_malloc_arena();
+    riptide_agent::memory::configure_malloc();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -6,19 +6,35 @@
 //! first lists decode every Service and EndpointSlice of the cluster, and a
 //! full pass computes every Service's desired entries at once. Once those
 //! are in the stores and the maps the memory is free, but without these
-//! two steps it stays in the process (riptide-dns does the same).
+//! two steps it stays in the process (riptide-dns does the same). Large
+//! blocks (list buffers, growing hash tables) get pages of their own, so
+//! freeing them returns those pages rather than leaving holes in the heap.
 
 /// Caps glibc at one malloc arena. Call before any thread starts: the
 /// agent's allocations after start-up are small and rare (one Service's
 /// change at a time), so one arena costs no contention worth measuring.
-pub fn one_malloc_arena() {
+///
+/// Also fixes the size from which an allocation gets pages of its own
+/// (`mmap`) at [`MMAP_THRESHOLD`]. glibc raises that threshold to the size
+/// of each such block freed (up to 32 MiB), so after the first list page
+/// the lists' buffers, the decoded pages and the stores' hash tables while
+/// they grow all come from the heap; freed, they leave holes between the
+/// objects the stores keep, which the heap cannot return.
+pub fn configure_malloc() {
     #[cfg(target_env = "gnu")]
     // SAFETY: called before other threads exist; M_ARENA_MAX only bounds
-    // how many arenas later allocations may create.
+    // how many arenas later allocations may create, M_MMAP_THRESHOLD only
+    // where later large blocks come from.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
     }
 }
+
+/// Blocks of at least this many bytes are mapped on their own and unmapped
+/// when freed (glibc's initial threshold, kept fixed).
+#[cfg(target_env = "gnu")]
+const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
 
 /// Hands free heap pages back to the kernel. After a full pass (the first
 /// sync, a relist): the decoded lists and the pass's working set are freed
