@@ -157,6 +157,11 @@ pub struct ColdStart {
     pub peak_rss_mib: f64,
     /// `VmRSS` [`SETTLE`] after ready, MiB.
     pub rss_mib: f64,
+    /// Of `rss_mib`: anonymous memory (`RssAnon`: heap, stacks), MiB.
+    pub rss_anon_mib: f64,
+    /// Of `rss_mib`: pages of mapped files (`RssFile`: the executable and
+    /// its libraries), MiB.
+    pub rss_file_mib: f64,
 }
 
 /// How long after ready the steady RSS is read (the first GC pass, map
@@ -183,6 +188,10 @@ pub struct AgentBenchReport {
     pub agent_peak_rss_after_resync_mib: f64,
     /// `VmRSS` of the agent [`SETTLE`] after the cold start was ready, MiB.
     pub agent_rss_after_resync_mib: f64,
+    /// Of that: anonymous memory (`RssAnon`), MiB.
+    pub agent_rss_anon_after_resync_mib: f64,
+    /// Of that: pages of the executable and its libraries (`RssFile`), MiB.
+    pub agent_rss_file_after_resync_mib: f64,
     /// `VmHWM` of the restarted agent at the end (resync + latency samples), MiB.
     pub agent_peak_rss_mib: f64,
     /// `VmRSS` of the restarted agent at the end, MiB.
@@ -620,6 +629,8 @@ async fn agent_part(opts: &Options, report: &mut AgentBenchReport) -> Result<()>
     report.resync.initial_sync_ms = run.initial_sync_ms;
     report.agent_peak_rss_after_resync_mib = run.peak_rss_mib;
     report.agent_rss_after_resync_mib = run.rss_mib;
+    report.agent_rss_anon_after_resync_mib = run.rss_anon_mib;
+    report.agent_rss_file_after_resync_mib = run.rss_file_mib;
     if ports < want {
         report.notes.push(format!("agent reported {ports} service ports, expected {want}"));
     }
@@ -698,7 +709,17 @@ async fn cold_start(w: &mut World, kubeconfig: &Path, bin: &Path) -> Result<(Col
         initial_sync_ms: status["last_sync_ms"].as_f64(),
         peak_rss_mib: vm_hwm_mib(pid),
         rss_mib: vm_rss_mib(pid),
+        rss_anon_mib: proc_status_mib(pid, "RssAnon:"),
+        rss_file_mib: proc_status_mib(pid, "RssFile:"),
     };
+    // Per-mapping detail for profiling: `AGENT_BENCH_SMAPS_DIR=dir` keeps
+    // each cold-started agent's `/proc/<pid>/smaps` there.
+    if let Some(dir) = std::env::var_os("AGENT_BENCH_SMAPS_DIR") {
+        let name = Path::new(&run.agent).file_name().map_or_else(|| "agent".into(), |n| n.to_string_lossy().into_owned());
+        if let Err(e) = std::fs::copy(format!("/proc/{pid}/smaps"), Path::new(&dir).join(format!("{name}.smaps"))) {
+            eprintln!("AGENT_BENCH_SMAPS_DIR: copying smaps of {pid}: {e}");
+        }
+    }
     Ok((run, ports))
 }
 
