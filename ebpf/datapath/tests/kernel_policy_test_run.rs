@@ -143,6 +143,8 @@ const HAIRPIN_IP: &str = "169.254.42.1";
 const A: &str = "10.42.0.5";
 const B: &str = "10.42.0.20";
 const C: &str = "10.42.0.21";
+/// A local pod in B's `rt_polidx4_v1` slot (the same low 12 bits).
+const D: &str = "10.42.16.20";
 /// A pod on another node and a host outside the cluster.
 const R: &str = "10.42.1.7";
 const W: &str = "203.0.113.9";
@@ -151,6 +153,7 @@ const VIP: &str = "10.43.0.10";
 const A_ID: u32 = 300;
 const B_ID: u32 = 301;
 const C_ID: u32 = 302;
+const D_ID: u32 = 304;
 const R_ID: u32 = 303;
 /// Endpoint ids of the local pods.
 const A_EP: u32 = 1;
@@ -182,7 +185,7 @@ impl PolicyNode {
             snat_port_max: 60999,
             ..Default::default()
         };
-        let pods = [A, B, C];
+        let pods = [A, B, C, D];
         let mut n = Node::load(
             &config,
             (0u8..)
@@ -196,6 +199,7 @@ impl PolicyNode {
             (A, 32, A_ID),
             (B, 32, B_ID),
             (C, 32, C_ID),
+            (D, 32, D_ID),
             (R, 32, R_ID),
             (NODE_IP, 32, identity::HOST),
             // Another address of this node (what the kernel picks as the
@@ -511,6 +515,49 @@ fn unselected_pods_and_a_node_without_policy_are_not_judged() {
     // ... while B is isolated.
     assert_eq!(t.run(FROM_POD, &syn(at(C, 40001), at(B, 80))), TC_ACT_SHOT);
     assert_eq!(t.counters(), [0, 0, 1, 0, 0, 0]);
+}
+
+#[test]
+fn a_pod_sharing_an_isolated_pods_slot_is_not_judged_and_its_replies_pass() {
+    if !privileged("to load eBPF programs") {
+        return;
+    }
+    // B is isolated both ways and may only reach D:80; D has no policy
+    // state but its slot counts B's entry.
+    let mut t = PolicyNode::new();
+    t.endpoint(B, B_EP, B_ID, PE_F_ISOLATED_IN | PE_F_ISOLATED_OUT);
+    t.allow_tcp(B_EP, D_ID, POL_DIR_EGRESS, 80);
+    assert_eq!(t.pol.slot_count(ip(D)).unwrap(), 1, "D shares B's slot");
+
+    // A packet of D's own flow that conntrack does not know (not a SYN)
+    // is neither judged nor recorded.
+    let ack = tcp(at(D, 40000), at(R, 80), 0x10, b"");
+    assert_eq!(t.run(FROM_POD, &ack), TC_ACT_OK, "{}", t.dump());
+    assert_eq!(t.counters(), [0; 6]);
+    assert!(t.policy_entries().is_empty(), "{}", t.dump());
+
+    // B → D:80 is allowed by B's egress and recorded once; D's replies
+    // find that entry and pass unjudged.
+    assert_eq!(
+        t.run(FROM_POD, &syn(at(B, 40000), at(D, 80))),
+        TC_ACT_REDIRECT,
+        "{}",
+        t.dump()
+    );
+    assert_eq!(t.counters(), [0, 1, 0, 0, 0, 0]);
+    for flags in [0x12, 0x10, 0x18] {
+        let reply = tcp(at(D, 80), at(B, 40000), flags, b"");
+        assert_eq!(
+            t.run(FROM_POD, &reply),
+            TC_ACT_REDIRECT,
+            "D's reply (flags {flags:#x}) passes\n{}",
+            t.dump()
+        );
+    }
+    assert_eq!(t.counters(), [0, 1, 0, 0, 0, 0], "replies are not judged");
+    // D's own new flow to B is judged by B's ingress (no rule: denied).
+    assert_eq!(t.run(FROM_POD, &syn(at(D, 40001), at(B, 80))), TC_ACT_SHOT);
+    assert_eq!(t.counters(), [0, 1, 1, 0, 0, 0]);
 }
 
 #[test]

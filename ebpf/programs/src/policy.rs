@@ -26,10 +26,11 @@
 //!
 //! The replies of a TCP flow recorded with one entry miss conntrack under
 //! their own tuple. The entry under their reverse tuple is asked for only
-//! once policy state was found on some side: before the Service probe for
-//! the pod whose veth or uplink the packet crosses ([`before_probe`]), by
-//! [`judge`] for the other side. Such a reply costs an endpoint lookup and
-//! that one conntrack lookup, and only the first
+//! where policy state may be: before the Service probe when the
+//! `rt_polidx4_v1` slot of the pod whose veth or uplink the packet
+//! crosses counts an entry ([`before_probe`]), by [`judge`] once it found
+//! the other side's endpoint state. Such a reply costs that one conntrack
+//! lookup on the pod's side, and only the first
 //! [`CT_BIDIR_REPLIES`](riptide_common::CT_BIDIR_REPLIES) of
 //! a connection do: then the reply tuple gets its own entry
 //! ([`ct::answers_policy`]); a flow between pods no policy selects never
@@ -386,20 +387,26 @@ pub fn deny_plain(
 /// a pod's veth, the destination on the uplink): [`REPLY`] when `p`
 /// answers a TCP flow recorded with one entry, [`OPEN`] when that pod has
 /// no policy state (no verdict needed on its side), else [`JUDGE`]. Only
-/// non-SYN TCP packets ask, and conntrack only for a pod with state: a
-/// reply costs an endpoint and a conntrack lookup, a packet of a pod no
-/// policy selects the endpoint lookup its verdict would have made anyway.
+/// non-SYN TCP packets ask, and only when the pod's `rt_polidx4_v1` slot
+/// counts an entry. Such a slot is the pod's own (a node's pod CIDR fits
+/// in the slots), so conntrack is asked before the endpoint hash: a reply
+/// costs one conntrack lookup, and the endpoint lookup is left to what
+/// is not a reply (a pod sharing a slot with an isolated one gets
+/// [`OPEN`] from it).
 #[inline(always)]
 pub fn before_probe(p: &Pkt, addr_be: u32) -> u32 {
     if p.proto != proto::TCP || ct::is_pure_syn(p) {
         return JUDGE;
     }
-    // SAFETY: only whether the entry exists is read.
-    if !may_have_state(addr_be) || unsafe { POLEP4.get(&EndpointKey { addr_be }) }.is_none() {
+    if !may_have_state(addr_be) {
         return OPEN;
     }
     if ct::answers_policy(&ct::reverse(p), p.tcp_flags) {
         return REPLY;
+    }
+    // SAFETY: only whether the entry exists is read.
+    if unsafe { POLEP4.get(&EndpointKey { addr_be }) }.is_none() {
+        return OPEN;
     }
     JUDGE
 }
