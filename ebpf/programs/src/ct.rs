@@ -332,42 +332,51 @@ pub struct NewFlow<'a> {
     pub snat_port_be: u16,
 }
 
-/// Records both entries. Reply first: once the forward entry exists,
-/// packets go to the backend, and their replies must already find the way
-/// back. One value, rewritten between the inserts: two would be 40 more
-/// bytes in the callers' main frames, which the verifier adds to every
-/// call chain.
+/// Records both entries. The forward one first: its hash bucket is warm
+/// from the packet's own conntrack miss, and that order costs a new flow
+/// less than the reply entry first (`lb_bench`). Another CPU's packet of
+/// the flow that finds the forward entry before the reply entry exists
+/// goes to the backend, whose answer comes back long after this program
+/// has returned; if the reply entry cannot be made, the forward one is
+/// removed again, so no flow goes to a backend whose replies could not be
+/// translated back. One value, rewritten between the inserts: two would
+/// be 40 more bytes in the callers' main frames, which the verifier adds
+/// to every call chain.
 #[inline(always)]
 pub fn create(f: &NewFlow) -> Result<(), u32> {
-    let mut v = CtValue {
-        last_seen_ns: now(),
-        backend_id: f.backend.id,
-        revnat_id: f.revnat_id,
-        flags: f.flags | CT_F_REPLY,
-        nat_addr_be: f.orig.saddr_be,
-        nat_port_be: f.orig.sport_be,
-        replies: 0,
-        vip_be: f.orig.daddr_be,
-        vport_be: f.orig.dport_be,
-        _pad2: 0,
-        be_addr_be: 0,
-        be_port_be: 0,
-        _pad3: 0,
-    };
-    let map = table(f.orig.proto);
-    map.insert(&f.reply, &v, 0)
-        .map_err(|_| stats::DROP_CT_FULL)?;
     let be_local = if f.backend.be.flags & BE_F_LOCAL != 0 {
         CT_F_BE_LOCAL
     } else {
         0
     };
-    v.flags = f.flags | be_local;
-    v.nat_addr_be = f.snat_addr_be;
-    v.nat_port_be = f.snat_port_be;
-    v.be_addr_be = f.backend.be.addr_be;
-    v.be_port_be = f.backend.be.port_be;
-    map.insert(&f.orig, &v, 0).map_err(|_| stats::DROP_CT_FULL)
+    let mut v = CtValue {
+        last_seen_ns: now(),
+        backend_id: f.backend.id,
+        revnat_id: f.revnat_id,
+        flags: f.flags | be_local,
+        nat_addr_be: f.snat_addr_be,
+        nat_port_be: f.snat_port_be,
+        replies: 0,
+        vip_be: f.orig.daddr_be,
+        vport_be: f.orig.dport_be,
+        _pad2: 0,
+        be_addr_be: f.backend.be.addr_be,
+        be_port_be: f.backend.be.port_be,
+        _pad3: 0,
+    };
+    let map = table(f.orig.proto);
+    map.insert(&f.orig, &v, 0)
+        .map_err(|_| stats::DROP_CT_FULL)?;
+    v.flags = f.flags | CT_F_REPLY;
+    v.nat_addr_be = f.orig.saddr_be;
+    v.nat_port_be = f.orig.sport_be;
+    v.be_addr_be = 0;
+    v.be_port_be = 0;
+    if map.insert(&f.reply, &v, 0).is_err() {
+        let _ = map.remove(&f.orig);
+        return Err(stats::DROP_CT_FULL);
+    }
+    Ok(())
 }
 
 /// Records (or refreshes) the reply entry of a DSR flow whose packet `p`
@@ -396,7 +405,7 @@ pub fn create_dsr_reply(p: &Pkt, (vip_be, vport_be): (u32, u16)) -> Result<(), u
 /// flow: one [`CT_F_POLICY`] | [`CT_F_BIDIR`] entry its replies find with
 /// [`answers_policy`]. Other protocols, and flows whose replies masquerade
 /// must leave alone (`inbound`), also get an entry under the reply tuple
-/// (reply first, as in [`create`]), marked [`CT_F_INBOUND`] when
+/// (the reply's first), marked [`CT_F_INBOUND`] when
 /// `inbound`. An entry that already exists under a tuple (a load-balanced
 /// flow sharing it) is kept. Best effort: without the entries the next
 /// packet is judged again.
