@@ -397,6 +397,111 @@ pub fn udp_dial_hostnames(lab: &Lab, pod: &str, host: Ipv4Addr, port: u16, tries
     Ok(UdpDial { hostnames: strings("responses").collect(), errors: strings("errors").collect() })
 }
 
+/// The port of every lab agent's `--metrics-addr` (on the node's address).
+pub const AGENT_METRICS_PORT: u16 = 9962;
+
+/// Counters by name, as `riptide drops` ([`agent_counters`]) and
+/// [`Metrics::counters_by`] give them.
+pub type Counters = std::collections::BTreeMap<String, u64>;
+
+/// How much counter `name` grew from `before` to `after`. A counter absent
+/// from a reading is 0: a reason may appear only once it has counted.
+///
+/// A counter that went down is an error naming it, neither a panic nor a
+/// saturated 0. It means the agent restarted, or its maps were recreated,
+/// between the two readings, so the growth over the window is unknown; a
+/// 0 would let a check such as "no reply went through node 1 (`revnat`
+/// +0)" pass because of the reset rather than because of the datapath.
+pub fn counter_delta(before: &Counters, after: &Counters, name: &str) -> Result<u64> {
+    let read = |c: &Counters| c.get(name).copied().unwrap_or(0);
+    let (b, a) = (read(before), read(after));
+    a.checked_sub(b).with_context(|| {
+        format!("counter {name} went down from {b} to {a} (agent restarted or maps recreated?): its growth is unknown")
+    })
+}
+
+/// One scrape of an agent's `/metrics` (Prometheus text format), kept
+/// whole so that a failing check can print what the agent exported.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Where the text was read from, for error messages.
+    pub source: String,
+    pub text: String,
+}
+
+/// Node `i`'s agent metrics, read from the outside namespace over the
+/// node's address, as a Prometheus server outside the cluster would.
+pub fn agent_metrics(lab: &Lab, i: u32) -> Result<Metrics> {
+    let url = format!("http://{}:{AGENT_METRICS_PORT}/metrics", lab.config().node_ip(i));
+    let text = outside_curl(lab, &url, 3)?.ok().with_context(|| format!("node {i}'s agent metrics"))?;
+    Ok(Metrics { source: url, text })
+}
+
+impl Metrics {
+    /// The samples of metric `name`: each one's labels (the text between
+    /// the braces, empty without) and value. The name must be followed by
+    /// `{` or a space, so `x` does not match `x_total`; comments never match.
+    fn samples<'a>(&'a self, name: &'a str) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        self.text.lines().filter_map(move |line| {
+            let rest = line.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(rest) => rest.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            // The value may be followed by a timestamp.
+            Some((labels, value.split_whitespace().next()?))
+        })
+    }
+
+    /// What a failure shows of metric `name`: its sample lines, or the
+    /// whole scrape when there are none.
+    fn seen(&self, name: &str) -> String {
+        let lines: Vec<&str> = self.text.lines().filter(|l| l.starts_with(name)).collect();
+        let shown = if lines.is_empty() { self.text.clone() } else { lines.join("\n") };
+        format!("{}:\n{shown}", self.source)
+    }
+
+    /// The sum of `name`'s samples whose labels include every `key="value"`
+    /// of `labels` (label values with commas are not supported; the agent
+    /// exports none). An error, showing the scrape, when no sample matches.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        let mut matched = false;
+        let mut total = 0.0;
+        for (have, value) in self.samples(name) {
+            if !labels.iter().all(|(k, v)| label(have, k) == Some(v)) {
+                continue;
+            }
+            matched = true;
+            total += value.parse::<f64>().with_context(|| format!("{name}{{{have}}} = {value:?}: {}", self.seen(name)))?;
+        }
+        if !matched {
+            bail!("no {name} sample with {labels:?} in {}", self.seen(name));
+        }
+        Ok(total)
+    }
+
+    /// Counter `name` by the value of its label `key` (e.g. `reason`). An
+    /// error, showing the scrape, when it has no samples or a value is not
+    /// a whole number.
+    pub fn counters_by(&self, name: &str, key: &str) -> Result<Counters> {
+        let mut out = Counters::new();
+        for (labels, value) in self.samples(name) {
+            let k = label(labels, key).with_context(|| format!("{name}{{{labels}}} has no {key}: {}", self.seen(name)))?;
+            let n = value.parse().with_context(|| format!("{name}{{{labels}}} = {value:?}: {}", self.seen(name)))?;
+            out.insert(k.to_owned(), n);
+        }
+        if out.is_empty() {
+            bail!("no {name} samples in {}", self.seen(name));
+        }
+        Ok(out)
+    }
+}
+
+/// The value of label `key` in `labels` (`a="x",b="y"`).
+fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
+    labels.split(',').find_map(|kv| kv.strip_prefix(key)?.strip_prefix("=\"")?.strip_suffix('"'))
+}
+
 /// Polls `f` until it returns Ok, for at most `timeout`; returns the last error.
 pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;
@@ -514,7 +619,7 @@ impl<'a> Suite<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::clip;
+    use super::{Counters, Metrics, clip, counter_delta};
 
     #[test]
     fn clip_keeps_the_header_and_the_first_or_latest_rows() {
@@ -523,5 +628,45 @@ mod tests {
         assert_eq!(clip(t, 2, true), "H\n… 2 more rows\n3\n4\n");
         assert_eq!(clip(t, 4, true), "H\n1\n2\n3\n4\n");
         assert_eq!(clip("", 4, true), "");
+    }
+
+    fn counters(kv: &[(&str, u64)]) -> Counters {
+        kv.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+    }
+
+    #[test]
+    fn counter_delta_counts_growth_and_names_a_counter_that_went_down() {
+        let before = counters(&[("revnat", 5), ("unsnat", 2)]);
+        let after = counters(&[("revnat", 9), ("xdp_tx", 3)]);
+        assert_eq!(counter_delta(&before, &after, "revnat").unwrap(), 4);
+        assert_eq!(counter_delta(&before, &after, "xdp_tx").unwrap(), 3);
+        assert_eq!(counter_delta(&before, &after, "absent").unwrap(), 0);
+        let err = counter_delta(&after, &before, "revnat").unwrap_err();
+        assert!(format!("{err:#}").contains("revnat went down from 9 to 5"), "{err:#}");
+        let err = counter_delta(&before, &after, "unsnat").unwrap_err();
+        assert!(format!("{err:#}").contains("unsnat went down from 2 to 0"), "{err:#}");
+    }
+
+    #[test]
+    fn metrics_parse_samples_by_name_and_labels() {
+        let text = "# HELP riptide_drop_count_total Datapath drops.\n\
+            # TYPE riptide_drop_count_total counter\n\
+            riptide_drop_count_total{reason=\"lb_src_range\",direction=\"ingress\"} 3\n\
+            riptide_drop_count_total{reason=\"lb_src_range\",direction=\"unknown\"} 4\n\
+            riptide_drop_count_total{reason=\"policy_deny_in\",direction=\"ingress\"} 1\n\
+            riptide_agent_refused_frontends 2\n\
+            riptide_agent_refused_frontends_total 7\n\
+            riptide_agent_datapath_packets_total{reason=\"xdp_tx\"} 20\n\
+            riptide_agent_datapath_packets_total{reason=\"revnat\"} 0\n";
+        let m = Metrics { source: "test".to_owned(), text: text.to_owned() };
+        assert_eq!(m.sum("riptide_drop_count_total", &[("reason", "lb_src_range")]).unwrap(), 7.0);
+        assert_eq!(m.sum("riptide_drop_count_total", &[("reason", "policy_deny_in"), ("direction", "ingress")]).unwrap(), 1.0);
+        assert_eq!(m.sum("riptide_agent_refused_frontends", &[]).unwrap(), 2.0);
+        let err = m.sum("riptide_drop_count_total", &[("reason", "nope")]).unwrap_err();
+        assert!(format!("{err:#}").contains("policy_deny_in"), "a miss shows the family's samples: {err:#}");
+        let by = m.counters_by("riptide_agent_datapath_packets_total", "reason").unwrap();
+        assert_eq!(by, counters(&[("revnat", 0), ("xdp_tx", 20)]));
+        let err = m.counters_by("riptide_missing_total", "reason").unwrap_err();
+        assert!(format!("{err:#}").contains("refused_frontends"), "a missing family shows the whole scrape: {err:#}");
     }
 }

@@ -8,14 +8,13 @@
 //! control) sees node 1 and node 1 does count the replies. TCP and UDP.
 
 use std::{
-    collections::BTreeMap,
     net::{SocketAddrV4, UdpSocket},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, ensure};
 use riptide_tests::{
-    e2e::{self, Suite, eventually},
+    e2e::{self, Counters, Suite, counter_delta, eventually},
     lab::{Lab, LabConfig},
     netns,
 };
@@ -34,30 +33,17 @@ const REQUESTS: u64 = 5;
 const SAMPLE: Duration = Duration::from_secs(12);
 
 /// Both nodes' counters once every packet sent so far is in them.
-fn settled(lab: &Lab) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>)> {
+fn settled(lab: &Lab) -> Result<(Counters, Counters)> {
     std::thread::sleep(SAMPLE);
     Ok((counters(lab, 1)?, counters(lab, 2)?))
 }
 
 /// `riptide_agent_datapath_packets_total` of node `i` by reason, from its
 /// metrics endpoint.
-fn counters(lab: &Lab, i: u32) -> Result<BTreeMap<String, u64>> {
-    let url = format!("http://{}:9962/metrics", lab.config().node_ip(i));
-    let text = e2e::outside_curl(lab, &url, 3)?.ok()?;
-    let mut out = BTreeMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("riptide_agent_datapath_packets_total{reason=\"") else {
-            continue;
-        };
-        let Some((reason, value)) = rest.split_once("\"} ") else { continue };
-        out.insert(reason.to_owned(), value.trim().parse().unwrap_or(0));
-    }
-    ensure!(out.contains_key("dsr_opt_set"), "no datapath counters in node {i}'s metrics:\n{text}");
+fn counters(lab: &Lab, i: u32) -> Result<Counters> {
+    let out = e2e::agent_metrics(lab, i)?.counters_by("riptide_agent_datapath_packets_total", "reason")?;
+    ensure!(out.contains_key("dsr_opt_set"), "no dsr_opt_set among node {i}'s datapath counters: {out:?}");
     Ok(out)
-}
-
-fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, reason: &str) -> u64 {
-    after.get(reason).copied().unwrap_or(0) - before.get(reason).copied().unwrap_or(0)
 }
 
 /// One UDP `clientip` query from the outside namespace to `to`: the
@@ -112,18 +98,18 @@ fn netns_e2e_dsr_nodeport_to_a_remote_backend() {
         let (n1b, n2b) = settled(lab)?;
         eprintln!(
             "     node 1: dsr_opt_set +{} revnat +{} unsnat +{}; node 2: dsr_opt_recv +{} dsr_revnat +{}",
-            delta(&n1, &n1b, "dsr_opt_set"),
-            delta(&n1, &n1b, "revnat"),
-            delta(&n1, &n1b, "unsnat"),
-            delta(&n2, &n2b, "dsr_opt_recv"),
-            delta(&n2, &n2b, "dsr_revnat")
+            counter_delta(&n1, &n1b, "dsr_opt_set")?,
+            counter_delta(&n1, &n1b, "revnat")?,
+            counter_delta(&n1, &n1b, "unsnat")?,
+            counter_delta(&n2, &n2b, "dsr_opt_recv")?,
+            counter_delta(&n2, &n2b, "dsr_revnat")?
         );
-        ensure!(delta(&n1, &n1b, "dsr_opt_set") >= REQUESTS, "node 1 wrote the option for every SYN");
-        ensure!(delta(&n2, &n2b, "dsr_opt_recv") >= REQUESTS, "node 2 took it");
+        ensure!(counter_delta(&n1, &n1b, "dsr_opt_set")? >= REQUESTS, "node 1 wrote the option for every SYN");
+        ensure!(counter_delta(&n2, &n2b, "dsr_opt_recv")? >= REQUESTS, "node 2 took it");
         // Every reply segment (SYN-ACK, data, FIN) leaves node 2 from the frontend.
-        ensure!(delta(&n2, &n2b, "dsr_revnat") >= 3 * REQUESTS, "node 2 sent the replies");
+        ensure!(counter_delta(&n2, &n2b, "dsr_revnat")? >= 3 * REQUESTS, "node 2 sent the replies");
         ensure!(
-            delta(&n1, &n1b, "revnat") == 0 && delta(&n1, &n1b, "unsnat") == 0,
+            counter_delta(&n1, &n1b, "revnat")? == 0 && counter_delta(&n1, &n1b, "unsnat")? == 0,
             "no reply went through node 1: {n1:?} → {n1b:?}"
         );
 
@@ -134,7 +120,7 @@ fn netns_e2e_dsr_nodeport_to_a_remote_backend() {
         let seen = e2e::outside_curl(lab, &snat_url, 3)?.ok()?;
         ensure!(seen.starts_with(&format!("{}:", c.node_ip(1))), "SNAT: the backend saw {seen}, want node 1");
         let (n1b, _) = settled(lab)?;
-        ensure!(delta(&n1, &n1b, "revnat") >= 2, "SNAT replies return through node 1: {n1:?} → {n1b:?}");
+        ensure!(counter_delta(&n1, &n1b, "revnat")? >= 2, "SNAT replies return through node 1: {n1:?} → {n1b:?}");
         Ok(())
     });
 
@@ -149,10 +135,10 @@ fn netns_e2e_dsr_nodeport_to_a_remote_backend() {
             ensure!(seen.starts_with(&format!("{}:", c.outside_ip())), "DSR: the backend saw {seen}");
         }
         let (n1b, n2b) = settled(lab)?;
-        ensure!(delta(&n1, &n1b, "dsr_opt_set") >= REQUESTS, "node 1 wrote the option on every datagram");
-        ensure!(delta(&n2, &n2b, "dsr_revnat") >= REQUESTS, "node 2 sent the answers");
+        ensure!(counter_delta(&n1, &n1b, "dsr_opt_set")? >= REQUESTS, "node 1 wrote the option on every datagram");
+        ensure!(counter_delta(&n2, &n2b, "dsr_revnat")? >= REQUESTS, "node 2 sent the answers");
         ensure!(
-            delta(&n1, &n1b, "revnat") == 0 && delta(&n1, &n1b, "unsnat") == 0,
+            counter_delta(&n1, &n1b, "revnat")? == 0 && counter_delta(&n1, &n1b, "unsnat")? == 0,
             "no answer went through node 1: {n1:?} → {n1b:?}"
         );
         let control = SocketAddrV4::new(c.node_ip(1), SNAT_UDP);

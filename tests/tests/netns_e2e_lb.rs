@@ -81,24 +81,13 @@ fn lease_holder(lab: &Lab, svc: &str) -> Result<String> {
 
 /// `riptide_agent_refused_frontends` of node `i`'s agent.
 fn refused_frontends(lab: &Lab, i: u32) -> Result<f64> {
-    let c = lab.config();
-    let text = e2e::outside_curl(lab, &format!("http://{}:9962/metrics", c.node_ip(i)), 3)?.ok()?;
-    text.lines()
-        .find(|l| l.contains("refused_frontends") && !l.starts_with('#'))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no refused_frontends metric on node {i}"))
+    e2e::agent_metrics(lab, i)?.sum("riptide_agent_refused_frontends", &[])
 }
 
-/// `riptide_drop_count_total{reason="lb_src_range"}` of node `i`'s agent.
+/// `riptide_drop_count_total{reason="lb_src_range"}` of node `i`'s agent,
+/// every direction.
 fn lb_src_range_drops(lab: &Lab, i: u32) -> Result<f64> {
-    let c = lab.config();
-    let text = e2e::outside_curl(lab, &format!("http://{}:9962/metrics", c.node_ip(i)), 3)?.ok()?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("riptide_drop_count_total") && l.contains("reason=\"lb_src_range\""))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum())
+    e2e::agent_metrics(lab, i)?.sum("riptide_drop_count_total", &[("reason", "lb_src_range")])
 }
 
 #[test]
@@ -156,8 +145,19 @@ fn netns_e2e_loadbalancer_l2_announcement_and_external_ip_guard() {
         })?;
         // Dropped by the datapath, counted under its own reason.
         eventually(SETTLE, || {
-            let denied: f64 = (1..=c.nodes).map(|i| lb_src_range_drops(lab, i).unwrap_or(0.0)).sum();
-            ensure!(denied > 0.0, "no node counted an lb_src_range drop");
+            // A node that dropped nothing may not export the reason at all.
+            let mut denied = 0.0;
+            let mut seen = String::new();
+            for i in 1..=c.nodes {
+                match lb_src_range_drops(lab, i) {
+                    Ok(n) => {
+                        denied += n;
+                        seen.push_str(&format!("\nnode {i}: {n}"));
+                    }
+                    Err(e) => seen.push_str(&format!("\nnode {i}: {e:#}")),
+                }
+            }
+            ensure!(denied > 0.0, "no node counted an lb_src_range drop:{seen}");
             Ok(())
         })?;
         // The ClusterIP and NodePort stay open (kube-proxy filters the

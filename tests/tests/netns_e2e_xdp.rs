@@ -20,7 +20,6 @@
 //!   counter.
 
 use std::{
-    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     time::Duration,
 };
@@ -28,7 +27,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use riptide_test_support::privileged;
 use riptide_tests::{
-    e2e::{self, Curl, Suite, eventually},
+    e2e::{self, Counters, Curl, Suite, counter_delta, eventually},
     lab::{Lab, LabConfig},
     netns,
 };
@@ -40,16 +39,6 @@ const DSR_TCP: u16 = 30282;
 const DSR_UDP: u16 = 30283;
 const EMPTY_TCP: u16 = 30284;
 const REQUESTS: u64 = 5;
-
-type Counters = BTreeMap<String, u64>;
-
-fn delta(before: &Counters, after: &Counters, reason: &str) -> u64 {
-    after
-        .get(reason)
-        .copied()
-        .unwrap_or(0)
-        .saturating_sub(before.get(reason).copied().unwrap_or(0))
-}
 
 /// Both nodes' datapath counters.
 fn counters(lab: &Lab) -> Result<[Counters; 2]> {
@@ -175,12 +164,12 @@ fn netns_e2e_xdp_nodeport_rejects_and_source_ranges() {
                     );
                 }
                 let after = counters(lab)?;
-                let tx = delta(&before[0], &after[0], "xdp_tx");
+                let tx = counter_delta(&before[0], &after[0], "xdp_tx")?;
                 eprintln!(
                     "     {mode}: node 1 xdp_tx +{tx} xdp_to_tc +{} revnat +{} dsr_opt_set +{}",
-                    delta(&before[0], &after[0], "xdp_to_tc"),
-                    delta(&before[0], &after[0], "revnat"),
-                    delta(&before[0], &after[0], "dsr_opt_set")
+                    counter_delta(&before[0], &after[0], "xdp_to_tc")?,
+                    counter_delta(&before[0], &after[0], "revnat")?,
+                    counter_delta(&before[0], &after[0], "dsr_opt_set")?
                 );
                 // Per connection at least the SYN, the request, the ACK of the
                 // reply and a FIN went out with XDP_TX (and with snat the
@@ -191,12 +180,12 @@ fn netns_e2e_xdp_nodeport_rejects_and_source_ranges() {
                 );
                 if mode == "dsr" {
                     ensure!(
-                        delta(&before[0], &after[0], "dsr_opt_set") >= REQUESTS,
+                        counter_delta(&before[0], &after[0], "dsr_opt_set")? >= REQUESTS,
                         "dsr: the option on every SYN"
                     );
                     ensure!(
-                        delta(&before[0], &after[0], "revnat") == 0
-                            && delta(&before[0], &after[0], "unsnat") == 0,
+                        counter_delta(&before[0], &after[0], "revnat")? == 0
+                            && counter_delta(&before[0], &after[0], "unsnat")? == 0,
                         "dsr: no reply went through node 1: {:?} → {:?}",
                         before[0],
                         after[0]
@@ -229,7 +218,7 @@ fn netns_e2e_xdp_nodeport_rejects_and_source_ranges() {
                     );
                 }
                 let after = counters(lab)?;
-                let tx = delta(&before[0], &after[0], "xdp_tx");
+                let tx = counter_delta(&before[0], &after[0], "xdp_tx")?;
                 eprintln!("     udp {mode}: node 1 xdp_tx +{tx}");
                 ensure!(
                     tx >= REQUESTS - 1,
@@ -252,7 +241,7 @@ fn netns_e2e_xdp_nodeport_rejects_and_source_ranges() {
             }
             let after = counters(lab)?;
             ensure!(
-                delta(&before[0], &after[0], "reject_rst") >= 1,
+                counter_delta(&before[0], &after[0], "reject_rst")? >= 1,
                 "node 1 counted no reject_rst"
             );
             xdp_event(
@@ -271,10 +260,10 @@ fn netns_e2e_xdp_nodeport_rejects_and_source_ranges() {
                 Ok(a) => anyhow::bail!("{to} answered {a:?} without backends"),
             })?;
             let after = counters(lab)?;
-            let icmp: u64 = (0..2)
-                .map(|i| delta(&before[i], &after[i], "reject_icmp"))
-                .sum();
-            ensure!(icmp >= 1, "no node counted a reject_icmp");
+            let icmp = (0..2)
+                .map(|i| counter_delta(&before[i], &after[i], "reject_icmp"))
+                .sum::<Result<u64>>()?;
+            ensure!(icmp >= 1, "no node counted a reject_icmp: {before:?} → {after:?}");
             xdp_event(lab, "drop_no_backend", &to.to_string())
         },
     );
@@ -290,27 +279,24 @@ fn netns_e2e_xdp_nodeport_rejects_and_source_ranges() {
                 other => anyhow::bail!("{url}: {other:?}, want a timeout (curl exit 28)"),
             }
             let after = counters(lab)?;
-            let denied: u64 = (0..2)
-                .map(|i| delta(&before[i], &after[i], "lb_src_range"))
-                .sum();
-            ensure!(denied >= 1, "no node counted an lb_src_range drop");
+            let denied = (0..2)
+                .map(|i| counter_delta(&before[i], &after[i], "lb_src_range"))
+                .sum::<Result<u64>>()?;
+            ensure!(denied >= 1, "no node counted an lb_src_range drop: {before:?} → {after:?}");
             xdp_event(lab, "lb_src_range", &format!("{ip}:80"))
         },
     );
 
     s.check("the metrics endpoint shows node 1's xdp_tx", |lab| {
-        let url = format!("http://{}:9962/metrics", lab.config().node_ip(1));
         // Folded into the metrics every --map-sample-interval-s (10 s).
         eventually(SETTLE, || {
-            let text = e2e::outside_curl(lab, &url, 3)?.ok()?;
-            let tx: u64 = text
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("riptide_agent_datapath_packets_total{reason=\"xdp_tx\"} ")
-                })
-                .and_then(|v| v.trim().parse().ok())
-                .context("no xdp_tx counter in node 1's metrics")?;
-            ensure!(tx >= 4 * REQUESTS, "node 1's metrics show xdp_tx {tx}");
+            let by_reason = e2e::agent_metrics(lab, 1)?
+                .counters_by("riptide_agent_datapath_packets_total", "reason")?;
+            let tx = by_reason
+                .get("xdp_tx")
+                .copied()
+                .with_context(|| format!("no xdp_tx counter in node 1's metrics: {by_reason:?}"))?;
+            ensure!(tx >= 4 * REQUESTS, "node 1's metrics show xdp_tx {tx}: {by_reason:?}");
             Ok(())
         })
     });
