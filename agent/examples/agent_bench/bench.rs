@@ -53,7 +53,7 @@ use k8s_openapi::api::{
 };
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use riptide_common::{BackendKey, BackendValue, SvcKey, SvcValue, names, proto};
-use riptide_test_support::{kubeproxy, netns};
+use riptide_test_support::{kubeproxy, netns, procfs};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -709,8 +709,8 @@ async fn cold_start(w: &mut World, kubeconfig: &Path, bin: &Path) -> Result<(Col
         initial_sync_ms: status["last_sync_ms"].as_f64(),
         peak_rss_mib: vm_hwm_mib(pid),
         rss_mib: vm_rss_mib(pid),
-        rss_anon_mib: proc_status_mib(pid, "RssAnon:"),
-        rss_file_mib: proc_status_mib(pid, "RssFile:"),
+        rss_anon_mib: proc_status_mib(pid, "RssAnon"),
+        rss_file_mib: proc_status_mib(pid, "RssFile"),
     };
     // Per-mapping detail for profiling: `AGENT_BENCH_SMAPS_DIR=dir` keeps
     // each cold-started agent's `/proc/<pid>/smaps` there.
@@ -765,23 +765,16 @@ pub(crate) async fn wait_ready(sock: &Path, limit: Duration) -> Result<serde_jso
 }
 
 pub(crate) fn vm_hwm_mib(pid: u32) -> f64 {
-    proc_status_mib(pid, "VmHWM:")
+    proc_status_mib(pid, "VmHWM")
 }
 
 pub(crate) fn vm_rss_mib(pid: u32) -> f64 {
-    proc_status_mib(pid, "VmRSS:")
+    proc_status_mib(pid, "VmRSS")
 }
 
-/// A `kB` line of `/proc/<pid>/status`, in MiB (0 when unreadable).
+/// A `kB` field of `/proc/<pid>/status`, in MiB (0 when unreadable).
 fn proc_status_mib(pid: u32, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    procfs::status_kib(pid, [field]).map_or(0.0, |[kib]| kib as f64 / 1024.0)
 }
 
 /// Reads a frontend's backends straight from the pinned maps.

@@ -30,6 +30,7 @@ use hickory_proto::{
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{Api, api::PostParams};
+use riptide_test_support::procfs;
 use serde_json::json;
 
 const DNS_CPU: &str = "1";
@@ -72,12 +73,10 @@ fn http_ok(addr: SocketAddr, path: &str) -> bool {
     buf.starts_with("HTTP/1.1 200")
 }
 
+/// VmRSS and VmHWM of `pid` in KiB (both 0 when unreadable).
 fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |k: &str| {
-        status.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    let [rss, hwm] = procfs::status_kib(pid, ["VmRSS", "VmHWM"]).unwrap_or_default();
+    (rss, hwm)
 }
 
 /// CPU time (user + system, all threads) of process `pid` so far, in

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use riptide_test_support::procfs;
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
@@ -45,18 +46,10 @@ pub struct Rss {
     pub current_kib: u64,
 }
 
-/// VmHWM and VmRSS of `pid` in KiB.
+/// VmHWM and VmRSS of `pid` in KiB (both 0 when unreadable).
 pub fn rss(pid: u32) -> Rss {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    Rss { peak_kib: field("VmHWM:"), current_kib: field("VmRSS:") }
+    let [peak_kib, current_kib] = procfs::status_kib(pid, ["VmHWM", "VmRSS"]).unwrap_or_default();
+    Rss { peak_kib, current_kib }
 }
 
 /// `riptide-controlplane apiserver` on 127.0.0.1 with a temp data dir.

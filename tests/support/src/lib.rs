@@ -1,7 +1,8 @@
 //! What riptide's test suites share, in one place rather than a copy per
 //! suite: the gate of tests that need root, network namespaces a test
-//! creates and removes, workspace binaries a test runs, and the
-//! kube-proxy-shaped rules the benchmarks compare against. A
+//! creates and removes, workspace binaries a test runs, the
+//! kube-proxy-shaped rules the benchmarks compare against and the memory
+//! of the processes they measure. A
 //! dev-dependency of the production crates — as aya's
 //! `test/integration-common` — so nothing here reaches a production build;
 //! only the lab and bench harness (`riptide-tests`, never shipped) depends
@@ -14,6 +15,7 @@
 pub mod cgroup;
 pub mod kubeproxy;
 pub mod netns;
+pub mod procfs;
 pub mod uplink_lab;
 pub mod veth_xdp;
 
