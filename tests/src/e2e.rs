@@ -14,6 +14,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+/// Here too, beside [`agent_metrics`] that reads it.
+pub use crate::lab::AGENT_METRICS_PORT;
 use crate::{lab::Lab, netns};
 
 /// A pod as the tests see it.
@@ -396,9 +398,6 @@ pub fn udp_dial_hostnames(lab: &Lab, pod: &str, host: Ipv4Addr, port: u16, tries
     let strings = |key: &str| v[key].as_array().into_iter().flatten().filter_map(|r| r.as_str().map(str::to_owned));
     Ok(UdpDial { hostnames: strings("responses").collect(), errors: strings("errors").collect() })
 }
-
-/// The port of every lab agent's `--metrics-addr` (on the node's address).
-pub const AGENT_METRICS_PORT: u16 = 9962;
 
 /// Counters by name, as `riptide drops` ([`agent_counters`]) and
 /// [`Metrics::counters_by`] give them.

@@ -31,6 +31,9 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/riptide";
 pub const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 43, 0, 10);
 /// Kubelets' `--cluster-domain`.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// The port of every lab agent's `--metrics-addr` (on the node's address),
+/// the one `manifests/riptide.yaml` gives the DaemonSet's agents.
+pub const AGENT_METRICS_PORT: u16 = 9962;
 /// Image of riptide's own components in `manifests/` (without the tag).
 const RIPTIDE_IMAGE: &str = "localhost/riptide:";
 /// A second image of riptide in every kubelet's image map, what an image
@@ -669,7 +672,7 @@ impl Lab {
             .arg(c.node_dir(i).join("podcidr"))
             .arg("--api-socket")
             .arg(c.agent_socket(i))
-            .args(["--metrics-addr", &format!("{}:9962", c.node_ip(i))])
+            .args(["--metrics-addr", &format!("{}:{AGENT_METRICS_PORT}", c.node_ip(i))])
             .arg("--cgroup")
             .arg(c.node_cgroup(i))
             .args(["--uplink", "eth0"])
