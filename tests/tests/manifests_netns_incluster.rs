@@ -22,6 +22,7 @@ use std::{
 };
 
 use riptide_tests::{
+    e2e::Metrics,
     lab::{CGROUP2_ROOT, PIN_ROOT},
     manifests::{self, Apiserver, TempDir, bin, find, load_yaml},
     netns,
@@ -145,13 +146,6 @@ fn http_get(ns: &str, port: u16, path: &str) -> Option<(u16, String)> {
 
 fn http_status(ns: &str, port: u16, path: &str) -> Option<u16> {
     http_get(ns, port, path).map(|(code, _)| code)
-}
-
-/// The value of the first sample of `metric` whose labels contain `labels`.
-fn metric_value(body: &str, metric: &str, labels: &str) -> Option<f64> {
-    body.lines()
-        .filter(|l| l.starts_with(metric) && l.contains(labels))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// A container's command + args from a manifest, with the pod's
@@ -342,9 +336,11 @@ exec "$@""#;
         env.agent_log().lines().any(|l| l.contains("watch failed") && l.contains("forbidden") && l.contains("services"))
     });
     env.eventually("watch errors counted", || {
-        http_get(&env.ns, metrics_port, "/metrics")
-            .and_then(|(_, body)| metric_value(&body, "riptide_agent_watch_errors_total", "kind=\"services\""))
-            .is_some_and(|v| v >= 1.0)
+        http_get(&env.ns, metrics_port, "/metrics").is_some_and(|(_, response)| {
+            let text = response.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_owned();
+            let metrics = Metrics { source: format!("http://127.0.0.1:{metrics_port}/metrics in netns {}", env.ns), text };
+            metrics.sum("riptide_agent_watch_errors_total", &[("kind", "services")]).is_ok_and(|v| v >= 1.0)
+        })
     });
     assert!(env.riptide(&["status"]).is_none(), "`riptide status` must fail while the agent cannot watch");
     assert_ne!(http_status(&env.ns, metrics_port, "/readyz"), Some(200), "not ready without RBAC");
