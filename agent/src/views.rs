@@ -188,7 +188,7 @@ pub fn ct_views(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<CtView> {
             src: SocketAddrV4::new(Ipv4Addr::from(u32::from_be(k.saddr_be)), u16::from_be(k.sport_be)),
             dst: SocketAddrV4::new(Ipv4Addr::from(u32::from_be(k.daddr_be)), u16::from_be(k.dport_be)),
             protocol: proto_name(k.proto),
-            // rt_ct4_v2 keys every entry with one `dir`; the role is a flag.
+            // Conntrack keys every entry with one `dir`; the role is a flag.
             direction: if e.flags & riptide_common::CT_F_REPLY != 0 {
                 "reply".into()
             } else if e.flags & riptide_common::CT_F_INBOUND != 0 {

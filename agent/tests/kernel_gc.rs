@@ -12,7 +12,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     os::fd::AsRawFd as _,
     sync::{Arc, Mutex, atomic::AtomicBool, atomic::Ordering},
@@ -28,7 +28,7 @@ use riptide_agent::{
     shared::{GcStatus, Shared, Status},
     sockdiag,
 };
-use riptide_common::{AffKey, AffValue, CT_DIR_FWD, CT_DIR_REV, CtKey, CtValue, NatValue, names, proto};
+use riptide_common::{AffKey, AffValue, CT_DIR_ANY, CT_F_REPLY, CtKey, CtValue, NatValue, names, proto};
 use riptide_datapath::{
     Datapath, Pinning,
     clock::Clock,
@@ -75,6 +75,10 @@ fn lru<K: aya::Pod, V: aya::Pod>(node: &str, name: &str) -> HashMap<MapData, K, 
     HashMap::try_from(Map::LruHashMap(MapData::from_pin(path).unwrap())).unwrap()
 }
 
+/// The backend every test flow went to: the source of its reply tuple.
+const BACKEND: &str = "10.42.2.2:5353";
+
+/// The tuple `client` → 10.43.0.10:53 under key direction `dir`.
 fn ct_key(client: &str, proto: u8, dir: u8) -> CtKey {
     let c = sa(client);
     CtKey {
@@ -84,6 +88,20 @@ fn ct_key(client: &str, proto: u8, dir: u8) -> CtKey {
         dport_be: 53u16.to_be(),
         proto,
         dir,
+        _pad: 0,
+    }
+}
+
+/// The reply tuple of the flow from `client`: [`BACKEND`] → `client`.
+fn reply_key(client: &str, proto: u8) -> CtKey {
+    let (c, b) = (sa(client), sa(BACKEND));
+    CtKey {
+        saddr_be: u32::from(*b.ip()).to_be(),
+        daddr_be: u32::from(*c.ip()).to_be(),
+        sport_be: b.port().to_be(),
+        dport_be: c.port().to_be(),
+        proto,
+        dir: CT_DIR_ANY,
         _pad: 0,
     }
 }
@@ -169,14 +187,15 @@ impl Flows {
         Self { ct: [lru(&node.0, names::CT4), lru(&node.0, names::CT_ANY4)], nat: [lru(&node.0, names::NAT4), lru(&node.0, names::NAT_ANY4)], aff: lru(&node.0, names::AFF4) }
     }
 
-    /// Both directions of a translated flow, last seen at `stamp_ns`, in
-    /// the table of its protocol.
+    /// A translated flow as the programs' `ct::create` leaves it, last
+    /// seen at `stamp_ns`, in the table of its protocol: the forward entry
+    /// under the client's tuple, the reply entry ([`CT_F_REPLY`], the same
+    /// frontend and backend) under the backend's answer.
     fn ct(&mut self, client: &str, p: u8, stamp_ns: u64, revnat_id: u16, backend_id: u32, flags: u16) {
         let table = &mut self.ct[usize::from(p != proto::TCP)];
-        for dir in [CT_DIR_FWD, CT_DIR_REV] {
-            let v = CtValue { last_seen_ns: stamp_ns, backend_id, revnat_id, flags, ..CtValue::default() };
-            table.insert(ct_key(client, p, dir), v, 0).unwrap();
-        }
+        let v = CtValue { last_seen_ns: stamp_ns, backend_id, revnat_id, flags, ..CtValue::default() };
+        table.insert(ct_key(client, p, CT_DIR_ANY), v, 0).unwrap();
+        table.insert(reply_key(client, p), CtValue { flags: flags | CT_F_REPLY, ..v }, 0).unwrap();
     }
 
     /// A mapping in the NAT table of its protocol.
@@ -190,9 +209,22 @@ impl Flows {
         self.aff.insert(k, AffValue { last_used_ns: stamp_ns, backend_id, _pad: 0 }, 0).unwrap();
     }
 
-    /// Client ports of the conntrack entries left.
+    /// Client ports of the flows left in conntrack (a reply entry's
+    /// client is its destination). Every flow left must still have both
+    /// entries: the GC never keeps one direction of a flow without the
+    /// other when both carry the same stamp.
     fn ct_clients(&self) -> BTreeSet<u16> {
-        self.ct.iter().flat_map(HashMap::keys).map(|k| u16::from_be(k.unwrap().sport_be)).collect()
+        let mut flows: BTreeMap<u16, [bool; 2]> = BTreeMap::new();
+        for entry in self.ct.iter().flat_map(HashMap::iter) {
+            let (k, v) = entry.unwrap();
+            let reply = v.flags & CT_F_REPLY != 0;
+            let client = u16::from_be(if reply { k.dport_be } else { k.sport_be });
+            flows.entry(client).or_default()[usize::from(reply)] = true;
+        }
+        for (client, entries) in &flows {
+            assert_eq!(*entries, [true, true], "client port {client}: [forward, reply] entries left");
+        }
+        flows.into_keys().collect()
     }
 
     fn nat_clients(&self) -> BTreeSet<u16> {
@@ -433,9 +465,12 @@ fn kernel_gc_batch_deletion_keeps_entries_refreshed_since_they_were_read() {
     // since. Plus keys that are not there at all.
     let mut keys: Vec<(CtKey, Option<u64>)> = ports
         .clone()
-        .flat_map(|port| [CT_DIR_FWD, CT_DIR_REV].map(|dir| (ct_key(&format!("10.42.1.1:{port}"), proto::TCP, dir), Some(stamp))))
+        .flat_map(|port| {
+            let client = format!("10.42.1.1:{port}");
+            [ct_key(&client, proto::TCP, CT_DIR_ANY), reply_key(&client, proto::TCP)].map(|k| (k, Some(stamp)))
+        })
         .collect();
-    keys.extend((30_000..30_010u16).map(|port| (ct_key(&format!("10.42.1.1:{port}"), proto::TCP, CT_DIR_FWD), None)));
+    keys.extend((30_000..30_010u16).map(|port| (ct_key(&format!("10.42.1.1:{port}"), proto::TCP, CT_DIR_ANY), None)));
     let mut maps = riptide_datapath::gc::FlowMaps::open_pinned(&node.0).unwrap();
     assert_eq!(maps.delete_conntrack(&keys).unwrap(), [200, 0]);
     assert_eq!(f.ct_clients(), ports.filter(|p| p % 2 == 1).collect::<BTreeSet<u16>>());

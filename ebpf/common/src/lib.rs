@@ -643,31 +643,26 @@ pub struct CtKey {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
-    /// [`CT_DIR_ANY`] in `rt_ct4_v2` (the entry's role is in
+    /// [`CT_DIR_ANY`] in the conntrack tables (the entry's role is in
     /// [`CtValue::flags`]); [`NAT_DIR_EGRESS`]/[`NAT_DIR_INGRESS`] in
     /// the NAT maps.
     pub dir: u8,
     pub _pad: u16,
 }
 
-/// The `dir` of every `rt_ct4_v2` key. A packet's own tuple is looked up
+/// The `dir` of every conntrack key. A packet's own tuple is looked up
 /// once and the entry found says what it is: a forward entry (client →
 /// frontend, no role flag), a reply entry ([`CT_F_REPLY`]) or an inbound
 /// entry ([`CT_F_INBOUND`]). The tuples of the three kinds cannot coincide
 /// (a forward tuple goes to a frontend, a reply tuple to a client, an
 /// inbound tuple is a pod's answer to a peer that reached it directly).
 pub const CT_DIR_ANY: u8 = 0;
-/// Same value as [`CT_DIR_ANY`]: forward entries kept their v1 keys.
-pub const CT_DIR_FWD: u8 = CT_DIR_ANY;
-/// The v1 `dir` of reply entries. Unused since `rt_ct4_v2` (replies carry
-/// [`CT_F_REPLY`]); kept so code that builds test keys still compiles.
-pub const CT_DIR_REV: u8 = 1;
 /// NAT entry matching outgoing packets (original tuple → new source).
 pub const NAT_DIR_EGRESS: u8 = 2;
 /// NAT entry matching replies (translated tuple → original destination).
 pub const NAT_DIR_INGRESS: u8 = 3;
 
-/// Value of `rt_ct4_v2`.
+/// Value of the conntrack tables (`rt_ct4_v3`, `rt_ctany4_v3`).
 ///
 /// Forward entry (key = client → frontend): `backend_id` the flow is pinned
 /// to, `nat_*` the source the client was rewritten to (0 = none).

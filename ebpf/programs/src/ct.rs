@@ -10,8 +10,8 @@
 //! SNAT address for hairpin flows) tells the reply path which frontend to
 //! restore as source and which client address to restore as destination.
 //! Both live under the same key `dir` ([`CT_DIR_ANY`]), so a packet's own
-//! tuple is looked up exactly once and the entry says what it is (v1 keyed
-//! them apart and paid a miss on every forward packet).
+//! tuple is looked up exactly once and the entry says what it is (keying
+//! the roles apart would cost every forward packet a miss first).
 //!
 //! An inbound marker ([`CT_F_INBOUND`] alone, see `masq`) always goes to
 //! the other table, whatever the protocol: it keeps masquerade off the
