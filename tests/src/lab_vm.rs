@@ -65,7 +65,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    lab::{CLUSTER_DNS, CLUSTER_DOMAIN, Install, Lab, LabConfig, cni_conflist, pod_mtu},
+    lab::{AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, Install, Lab, LabConfig, cni_conflist, pod_mtu},
     netns::ip,
 };
 
@@ -318,7 +318,7 @@ fn agent_script(c: &LabConfig, i: u32, tunnel: Option<&str>) -> String {
          # Node {node}'s agent, inside its VM (written by riptide-lab, tests/src/lab_vm.rs).\n\
          echo \"----- lab: {node}-agent started $(date -u +%T) -----\" >> {log}\n\
          setsid {agent} --node-name {node} --node-ip {ip} --pod-cidr-file {GUEST_RUN}/podcidr \
-         --api-socket {GUEST_RUN}/agent.sock --metrics-addr {ip}:9962 --cgroup {cgroup} --uplink eth0 \
+         --api-socket {GUEST_RUN}/agent.sock --metrics-addr {ip}:{AGENT_METRICS_PORT} --cgroup {cgroup} --uplink eth0 \
          --l2-announcements {tunnel}--kubeconfig {kc} >> {log} 2>&1 < /dev/null &\n\
          echo $! > {GUEST_RUN}/agent.pid\n",
         node = c.node_name(i),

@@ -158,7 +158,7 @@ fn netns_e2e_vxlan_on_a_routed_underlay() {
                     .find(|i| lab.config().node_name(*i) != a.node)
                     .context("no other node")?;
                 // The other node's agent serves /healthz on its address.
-                let url = format!("http://{}:9962/healthz", lab.config().node_ip(i));
+                let url = format!("http://{}:{}/healthz", lab.config().node_ip(i), e2e::AGENT_METRICS_PORT);
                 eventually(Duration::from_secs(15), || {
                     e2e::pod_curl(lab, &a.name, &url, 3)?.ok()
                 })
