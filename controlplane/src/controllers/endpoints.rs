@@ -6,7 +6,7 @@
 //! differently land in different slices (one slice per distinct port set).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
 };
 
@@ -20,7 +20,7 @@ use k8s_openapi::{
 use kube::{
     Api, Client, ResourceExt as _,
     api::{DeleteParams, PostParams},
-    runtime::reflector::Store,
+    runtime::reflector::{ObjectRef, Store},
 };
 
 use super::util::{is_deleting, key, map_selector_matches, owner_ref, pod_ready, pod_terminal};
@@ -181,49 +181,69 @@ fn slice_name(svc: &str, ports: &[(String, i32, String)]) -> String {
     format!("{base}-{h:08x}")
 }
 
+/// The slices this controller manages, by (namespace, Service name), from
+/// one walk of the cache: a pass looks each Service's slices up here
+/// instead of walking every slice once per Service, which made a pass
+/// quadratic in the Service count (at 10 000 Services a debug build spent
+/// a whole core on it and starved the apiserver sharing its runtime).
+pub fn managed_slices_by_service(slices: Vec<Arc<EndpointSlice>>) -> HashMap<(String, String), Vec<Arc<EndpointSlice>>> {
+    let mut by: HashMap<(String, String), Vec<Arc<EndpointSlice>>> = HashMap::new();
+    for s in slices {
+        if s.labels().get(MANAGED_BY_LABEL).map(String::as_str) != Some(MANAGED_BY) {
+            continue;
+        }
+        let Some(svc) = s.labels().get(SERVICE_NAME_LABEL).cloned() else { continue };
+        by.entry((s.namespace().unwrap_or_default(), svc)).or_default().push(s);
+    }
+    by
+}
+
 pub async fn reconcile_all(ctx: &Ctx) {
     let pods = ctx.pods.state();
-    let mut live: BTreeSet<(String, String)> = BTreeSet::new();
+    // Selectors only match pods of the Service's own namespace.
+    let mut pods_by_ns: HashMap<String, Vec<&Pod>> = HashMap::new();
+    for p in &pods {
+        pods_by_ns.entry(p.namespace().unwrap_or_default()).or_default().push(p);
+    }
+    // What is left here after the Services are done belongs to none of
+    // them (the Service is gone or lost its selector).
+    let mut slices = managed_slices_by_service(ctx.slices.state());
     for svc in ctx.services.state() {
         let has_selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| !s.is_empty());
         if !has_selector || is_deleting(&svc.metadata) {
             continue;
         }
-        live.insert((svc.namespace().unwrap_or_default(), svc.name_any()));
-        if let Err(e) = reconcile(ctx, &svc, &pods).await {
+        let ns = svc.namespace().unwrap_or_default();
+        // As the cache has them now (a long pass's snapshot may be stale).
+        let existing: Vec<Arc<EndpointSlice>> = slices
+            .remove(&(ns.clone(), svc.name_any()))
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| ctx.slices.get(&ObjectRef::from_obj(s.as_ref())))
+            .collect();
+        let pods = pods_by_ns.get(&ns).map(Vec::as_slice).unwrap_or_default();
+        if let Err(e) = reconcile(ctx, &svc, pods, &existing).await {
             tracing::warn!(service = %key(svc.as_ref()), error = %e, "reconciling endpoints");
         }
+        // A pass over thousands of unchanged Services awaits nothing: let
+        // the apiserver's tasks on the same runtime in now and then.
+        tokio::task::coop::consume_budget().await;
     }
     // Slices of Services that are gone (the GC also does this through the
     // ownerReference; this covers a Service that lost its selector).
-    for s in ctx.slices.state() {
-        if s.labels().get(MANAGED_BY_LABEL).map(String::as_str) != Some(MANAGED_BY) {
-            continue;
-        }
-        let Some(svc) = s.labels().get(SERVICE_NAME_LABEL).cloned() else { continue };
-        let ns = s.namespace().unwrap_or_default();
-        if !live.contains(&(ns.clone(), svc)) {
+    for ((ns, _), orphans) in slices {
+        for s in orphans {
             let _ = Api::<EndpointSlice>::namespaced(ctx.client.clone(), &ns).delete(&s.name_any(), &DeleteParams::default()).await;
         }
     }
 }
 
 #[tracing::instrument(skip_all, fields(service = %key(svc)))]
-async fn reconcile(ctx: &Ctx, svc: &Service, pods: &[Arc<Pod>]) -> kube::Result<()> {
+async fn reconcile(ctx: &Ctx, svc: &Service, pods: &[&Pod], existing: &[Arc<EndpointSlice>]) -> kube::Result<()> {
     let ns = svc.namespace().unwrap_or_default();
     let name = svc.name_any();
-    let selected = selected_pods(svc, pods.iter().map(AsRef::as_ref));
+    let selected = selected_pods(svc, pods.iter().copied());
     let slices_api: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
-    let existing: Vec<Arc<EndpointSlice>> = ctx
-        .slices
-        .state()
-        .into_iter()
-        .filter(|s| {
-            s.namespace().as_deref() == Some(ns.as_str())
-                && s.labels().get(SERVICE_NAME_LABEL) == Some(&name)
-                && s.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY)
-        })
-        .collect();
     let mut keep = BTreeSet::new();
     for (ports, eps) in desired_slices(svc, &selected) {
         let sname = slice_name(&name, &ports);
@@ -280,7 +300,7 @@ async fn reconcile(ctx: &Ctx, svc: &Service, pods: &[Arc<Pod>]) -> kube::Result<
         },
         subsets: (!subsets.is_empty()).then_some(subsets),
     };
-    let cur = ctx.endpoints.find(|e| e.namespace().as_deref() == Some(ns.as_str()) && e.name_any() == name);
+    let cur = ctx.endpoints.get(&ObjectRef::new(&name).within(&ns));
     match cur {
         Some(c) if c.subsets == want.subsets => {}
         Some(c) => {
@@ -356,5 +376,35 @@ mod tests {
         let not_ready: Vec<String> = subsets.iter().flat_map(|s| s.not_ready_addresses.iter().flatten()).map(|a| a.ip.clone()).collect();
         assert_eq!(ready, vec!["10.42.0.2"]);
         assert_eq!(not_ready, vec!["10.42.1.2"]);
+    }
+
+    fn slice(ns: &str, name: &str, labels: serde_json::Value) -> Arc<EndpointSlice> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": ns, "labels": labels},
+                "addressType": "IPv4", "endpoints": [],
+            }))
+            .expect("slice"),
+        )
+    }
+
+    #[test]
+    fn managed_slices_are_grouped_by_namespace_and_service() {
+        let ours = |svc: &str| serde_json::json!({SERVICE_NAME_LABEL: svc, MANAGED_BY_LABEL: MANAGED_BY});
+        let by = managed_slices_by_service(vec![
+            slice("default", "web-1", ours("web")),
+            slice("default", "web-2", ours("web")),
+            slice("other", "web-1", ours("web")),
+            slice("default", "api-1", ours("api")),
+            slice("default", "web-foreign", serde_json::json!({SERVICE_NAME_LABEL: "web", MANAGED_BY_LABEL: "someone-else"})),
+            slice("default", "unnamed", serde_json::json!({MANAGED_BY_LABEL: MANAGED_BY})),
+        ]);
+        let names = |ns: &str, svc: &str| -> Vec<String> {
+            by.get(&(ns.to_owned(), svc.to_owned())).into_iter().flatten().map(|s| s.name_any()).collect()
+        };
+        assert_eq!(names("default", "web"), ["web-1", "web-2"]);
+        assert_eq!(names("other", "web"), ["web-1"]);
+        assert_eq!(names("default", "api"), ["api-1"]);
+        assert_eq!(by.len(), 3, "unmanaged and unlabelled slices are left out: {:?}", by.keys().collect::<Vec<_>>());
     }
 }
