@@ -26,7 +26,7 @@
 //! holder) so a candidate takes it over on its next pass.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     ffi::CString,
     io,
     net::Ipv4Addr,
@@ -385,6 +385,67 @@ fn now() -> MicroTime {
     MicroTime(Timestamp::now())
 }
 
+/// Whether `svc` can have an address to announce at all: externalIPs, or
+/// ingress addresses of a LoadBalancer. What [`wanted`] builds the full
+/// model for; the rest (at 10 000 ClusterIP Services, all of them) is
+/// skipped without it.
+pub fn may_announce(svc: &SlimService) -> bool {
+    let Some(spec) = svc.spec.as_ref() else { return false };
+    let external = spec.external_ips.as_ref().is_some_and(|v| !v.is_empty());
+    let lb = spec.type_.as_deref() == Some("LoadBalancer")
+        && svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .is_some_and(|i| !i.is_empty());
+    external || lb
+}
+
+/// Lease name → the announceable addresses of every Service that has any
+/// (`model::service_desired`'s externalIP and LoadBalancer frontends).
+/// Every pass (each `renew_every`) runs this: only the Services that
+/// [`may_announce`] get the model and a look at their slices, so a pass
+/// over thousands of ClusterIP Services costs a filter, not thousands of
+/// models.
+fn wanted(services: &[Arc<SlimService>], slices: &Store<SlimSlice>, ctx: &NodeContext) -> BTreeMap<String, Want> {
+    let candidates: Vec<&SlimService> = services.iter().map(AsRef::as_ref).filter(|s| may_announce(s)).collect();
+    let mut out = BTreeMap::new();
+    if candidates.is_empty() {
+        return out;
+    }
+    let keys: HashSet<(&str, &str)> = candidates.iter().map(|s| (s.namespace(), s.name())).collect();
+    let mut by_service: HashMap<(String, String), Vec<Arc<SlimSlice>>> = HashMap::new();
+    for s in slices.state() {
+        let Some(svc) = s.service_name.as_ref() else { continue };
+        if keys.contains(&(s.namespace(), svc.as_ref())) {
+            by_service.entry((s.namespace().to_owned(), svc.to_string())).or_default().push(s);
+        }
+    }
+    for svc in candidates {
+        let (ns, name) = (svc.namespace(), svc.name());
+        let own: Vec<&SlimSlice> =
+            by_service.get(&(ns.to_owned(), name.to_owned())).into_iter().flatten().map(AsRef::as_ref).collect();
+        let d = model::service_desired(svc, &own, ctx);
+        let mut ips: Vec<Ipv4Addr> = d
+            .ports
+            .iter()
+            .flat_map(|p| &p.frontends)
+            .filter(|f| matches!(f.kind, FrontendKind::ExternalIp | FrontendKind::LoadBalancer))
+            .map(|f| f.addr)
+            .collect();
+        ips.sort_unstable();
+        ips.dedup();
+        let local_only = d.ports.iter().any(|p| p.external_policy == TrafficPolicy::Local);
+        let candidate = !local_only
+            || d.ports.iter().flat_map(|p| &p.backends).any(|b| b.local && b.state == BackendState::Active);
+        if !ips.is_empty() {
+            out.insert(lease_name(ns, name), Want { ips, candidate });
+        }
+    }
+    out
+}
+
 impl Announcer {
     /// Lease name → the Service's announceable addresses.
     fn wanted(&mut self) -> BTreeMap<String, Want> {
@@ -393,35 +454,7 @@ impl Announcer {
             nodes.iter().find(|n| n.name() == self.node).and_then(|n| crate::node::internal_ip(n))
         });
         self.ctx.reserved.set_nodes(nodes.iter().map(AsRef::as_ref), own);
-        let mut slices: HashMap<(String, String), Vec<Arc<SlimSlice>>> = HashMap::new();
-        for s in self.inputs.slices.state() {
-            if let (ns, Some(svc)) = (s.namespace().to_owned(), s.service_name.as_ref()) {
-                slices.entry((ns, svc.to_string())).or_default().push(s);
-            }
-        }
-        let mut out = BTreeMap::new();
-        for svc in self.inputs.services.state() {
-            let (ns, name) = (svc.namespace().to_owned(), svc.name().to_owned());
-            let own: Vec<&SlimSlice> = slices.get(&(ns, name)).into_iter().flatten().map(AsRef::as_ref).collect();
-            let d = model::service_desired(&svc, &own, &self.ctx);
-            let mut ips: Vec<Ipv4Addr> = d
-                .ports
-                .iter()
-                .flat_map(|p| &p.frontends)
-                .filter(|f| matches!(f.kind, FrontendKind::ExternalIp | FrontendKind::LoadBalancer))
-                .map(|f| f.addr)
-                .collect();
-            ips.sort_unstable();
-            ips.dedup();
-            let local_only = d.ports.iter().any(|p| p.external_policy == TrafficPolicy::Local);
-            let candidate = !local_only
-                || d.ports.iter().flat_map(|p| &p.backends).any(|b| b.local && b.state == BackendState::Active);
-            if !ips.is_empty() {
-                let (ns, name) = (svc.namespace(), svc.name());
-                out.insert(lease_name(ns, name), Want { ips, candidate });
-            }
-        }
-        out
+        wanted(&self.inputs.services.state(), &self.inputs.slices, &self.ctx)
     }
 
     async fn pass(&mut self) {
@@ -585,5 +618,46 @@ mod tests {
         assert_eq!(&g[0..6], &BROADCAST_MAC);
         assert_eq!(parse_request(&req[..30]), None);
         assert!(lease_name("ns", &"x".repeat(300)).len() <= 253);
+    }
+
+    fn svc(name: &str, spec: serde_json::Value, status: serde_json::Value) -> SlimService {
+        let mut spec_all = json!({"clusterIP": "10.43.0.10", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]});
+        for (k, v) in spec.as_object().into_iter().flatten() {
+            spec_all[k] = v.clone();
+        }
+        serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": name}, "spec": spec_all, "status": status})).unwrap()
+    }
+
+    #[test]
+    fn only_services_with_external_addresses_are_modelled_and_none_is_missed() {
+        let ctx = model::NodeContext {
+            node_name: "node-a".into(),
+            reserved: crate::reserved::Reserved::new("10.42.0.0/16".parse().unwrap(), "10.43.0.0/16".parse().unwrap()),
+            ..model::NodeContext::default()
+        };
+        let ingress = json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.100"}]}});
+        let cases = [
+            (svc("plain", json!({}), json!({})), false),
+            (svc("nodeport", json!({"type": "NodePort"}), json!({})), false),
+            (svc("ext", json!({"externalIPs": ["192.0.2.7"]}), json!({})), true),
+            (svc("lb", json!({"type": "LoadBalancer"}), ingress.clone()), true),
+            (svc("lb-pending", json!({"type": "LoadBalancer"}), json!({"loadBalancer": {}})), false),
+            // Ingress left behind on a Service that is no LoadBalancer any more.
+            (svc("was-lb", json!({"type": "ClusterIP"}), ingress), false),
+        ];
+        for (s, want) in &cases {
+            assert_eq!(may_announce(s), *want, "{}", s.name());
+            // The filter never hides a Service the model would announce.
+            let announced = model::service_desired(s, &[], &ctx)
+                .ports
+                .iter()
+                .flat_map(|p| &p.frontends)
+                .any(|f| matches!(f.kind, FrontendKind::ExternalIp | FrontendKind::LoadBalancer));
+            assert!(may_announce(s) || !announced, "{} has external frontends but was filtered out", s.name());
+        }
+        let services: Vec<Arc<SlimService>> = cases.into_iter().map(|(s, _)| Arc::new(s)).collect();
+        let w = wanted(&services, &Store::new(), &ctx);
+        assert_eq!(w.keys().collect::<Vec<_>>(), [&lease_name("ns", "ext"), &lease_name("ns", "lb")]);
+        assert_eq!(w[&lease_name("ns", "lb")].ips, ["192.0.2.100".parse::<Ipv4Addr>().unwrap()]);
     }
 }
