@@ -631,7 +631,8 @@ fn hold(mut lab: Lab, t: &Topology) -> Result<()> {
 }
 
 /// Makes riptide hold `n` filler Services (real endpoints: the netserver
-/// pod), and waits until node 1's agent has them in its maps.
+/// pod), and waits until node 1's agent has them and their endpoints in
+/// its maps.
 fn set_riptide_fillers(lab: &Lab, n: usize) -> Result<()> {
     if n > 0 {
         // A multi-document stream (as users apply it); kubectl sends one
@@ -665,6 +666,31 @@ fn set_riptide_fillers(lab: &Lab, n: usize) -> Result<()> {
         let v = agent_status(c, 1)?;
         let have = v["service_ports"].as_u64().unwrap_or(0) as usize;
         ensure!(have >= want, "{have}/{want} service ports in node 1's maps");
+        Ok(())
+    })?;
+    // And their endpoints: the controller writes each filler's slice after
+    // the Service is stored, at 10 000 Services a minute or more after the
+    // last one, and the agents program each as it comes. Measuring before
+    // that measures the control plane and the agents catching up (it made
+    // the direct path's CPU per transaction grow with the Service count).
+    if n > 0 {
+        e2e::eventually(Duration::from_secs(900), || {
+            let slices = e2e::kubectl_json(lab, &["get", "endpointslices", "-l", "bench=filler"])?;
+            let have = slices["items"].as_array().map_or(0, |items| {
+                items.iter().filter(|s| s["endpoints"].as_array().is_some_and(|e| !e.is_empty())).count()
+            });
+            ensure!(have >= n, "{have}/{n} filler Services have endpoints");
+            Ok(())
+        })?;
+    }
+    // Node 1's backends no longer changing over a few polls (2 s).
+    let mut last: Option<u64> = None;
+    let mut same = 0;
+    e2e::eventually(Duration::from_secs(300), || {
+        let b = agent_status(c, 1)?["backends"].as_u64().unwrap_or(0);
+        same = if last == Some(b) { same + 1 } else { 0 };
+        last = Some(b);
+        ensure!(same >= 4, "node 1's agent still programming backends ({b})");
         Ok(())
     })
 }
