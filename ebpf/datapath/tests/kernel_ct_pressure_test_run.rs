@@ -250,6 +250,65 @@ fn masquerade_without_a_free_port_drops_and_counts() {
     assert_eq!(stat(&n, stats::SNAT), 4, "nothing else translated");
 }
 
+/// A client opening more connections to one peer than the port range
+/// holds (faster than the agent's GC removes closed mappings): once no
+/// port is free, a new SYN takes the port of a connection that is over
+/// (a FIN each way, idle 1 s), never one that lives or just closed.
+#[test]
+fn a_new_syn_takes_the_port_of_a_finished_connection_when_none_is_free() {
+    if !privileged("to load eBPF programs") {
+        return;
+    }
+    let mut cfg = config(CFG_F_MASQUERADE);
+    (cfg.snat_port_min, cfg.snat_port_max) = (40_000, 40_000);
+    let mut n = node_with(&cfg, &MapSizes::default());
+    let node = ip(NODE_IP);
+    let peer = (ip("203.0.113.9"), 443);
+    let first = (ip(CLIENT_POD), 40_000);
+    let second = (ip(SERVER_POD), 50_000);
+    let (verdict, out) = run(&mut n.dp, names::PROG_TO_NET, &syn(first, peer));
+    assert_eq!((verdict, view(&out).src, view(&out).sport), (TC_ACT_OK, node, 40_000));
+
+    // While the first connection lives, the second finds no port.
+    let (verdict, _) = run(&mut n.dp, names::PROG_TO_NET, &syn(second, peer));
+    assert_eq!(verdict, TC_ACT_SHOT, "{}", dump(&n.dp));
+    assert_eq!(stat(&n, stats::MASQ_NO_PORT), 1);
+
+    // The first closes: a FIN each way.
+    let (verdict, out) = run(&mut n.dp, names::PROG_TO_NET, &tcp(first, peer, 0x11, b""));
+    assert_eq!((verdict, view(&out).sport), (TC_ACT_OK, 40_000), "{}", dump(&n.dp));
+    let reply = tcp(peer, (node, 40_000), 0x11, b"");
+    let (verdict, out) = run(&mut n.dp, names::PROG_FROM_NET, &reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "{}", dump(&n.dp));
+    assert_eq!((view(&out).dst, view(&out).dport), first);
+
+    // Just closed: its last ACK may still come, the port stays its own.
+    let (verdict, _) = run(&mut n.dp, names::PROG_TO_NET, &syn(second, peer));
+    assert_eq!(verdict, TC_ACT_SHOT, "{}", dump(&n.dp));
+    assert_eq!(stat(&n, stats::MASQ_NO_PORT), 2);
+
+    // Idle past the last ACK: the second connection gets its port.
+    std::thread::sleep(std::time::Duration::from_millis(1_300));
+    let (verdict, out) = run(&mut n.dp, names::PROG_TO_NET, &syn(second, peer));
+    let got = (verdict, view(&out).src, view(&out).sport);
+    assert_eq!(got, (TC_ACT_OK, node, 40_000), "{}", dump(&n.dp));
+    assert_checksums(&out);
+    assert_eq!(stat(&n, stats::MASQ_NO_PORT), 2, "{}", dump(&n.dp));
+    // Replies reach the new connection; the old mapping is gone whole.
+    let reply = tcp(peer, (node, 40_000), 0x12, b"");
+    let (verdict, out) = run(&mut n.dp, names::PROG_FROM_NET, &reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "{}", dump(&n.dp));
+    assert_eq!((view(&out).dst, view(&out).dport), second, "{}", dump(&n.dp));
+    assert_eq!(nat_len(&n, names::NAT4), 2, "one pair\n{}", dump(&n.dp));
+
+    // A live connection's port is never taken, however idle.
+    std::thread::sleep(std::time::Duration::from_millis(1_300));
+    let (verdict, _) = run(&mut n.dp, names::PROG_TO_NET, &syn((ip(CLIENT_POD), 50_001), peer));
+    assert_eq!(verdict, TC_ACT_SHOT, "{}", dump(&n.dp));
+    assert_eq!(stat(&n, stats::MASQ_NO_PORT), 3);
+    assert_eq!(nat_len(&n, names::NAT4), 2, "{}", dump(&n.dp));
+}
+
 #[test]
 fn masqueraded_tcp_connections_survive_a_udp_flood_filling_the_other_nat_table() {
     if !privileged("to load eBPF programs") {

@@ -32,12 +32,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use riptide_common::{
-    CtKey, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_CLOSING, NAT_F_HOST, NatValue, proto, stats,
+    CT_DIR_ANY, CT_F_NODEPORT, CT_F_REPLY, CtKey, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_CLOSING,
+    NAT_F_HOST, NAT_F_NODEPORT, NatValue, proto, stats,
 };
 
 use crate::{
     clock, ct, events,
-    maps::{NAT_ANY4, NAT4, count},
+    maps::{CT4, NAT_ANY4, NAT4, count},
     parse::{Pkt, TCP_FIN, TCP_RST},
 };
 
@@ -182,7 +183,157 @@ pub fn alloc(
         port = lo + unsafe { bpf_get_prandom_u32() } % span;
         i += 1;
     }
+    if p.proto == proto::TCP && ct::is_pure_syn(p) {
+        return reuse_finished(p, nat_addr_be, lo, span, flags, t);
+    }
     Err(stats::SNAT_NO_PORT)
+}
+
+/// Time a finished mapping must have been idle before [`reuse_finished`]
+/// hands its port to a new connection: past the last ACK of the close (and
+/// a retransmitted FIN), as Cilium's and the agent's 10 s close timeout is
+/// past it, but short enough that a client opening thousands of
+/// connections a second to one backend finds ports between two GC passes.
+const REUSE_IDLE_NS: u64 = 1_000_000_000;
+
+/// The last resort of [`alloc`] for a new TCP connection (pure SYN) when
+/// every port it tried is some mapping's: take over the port of a mapping
+/// whose connection is over, as netfilter reuses the tuple of a connection
+/// in TIME_WAIT or CLOSE (`nf_nat_used_tuple_harder`). Without it, a client
+/// that opens more connections to one backend than the range holds within
+/// one GC period (closed mappings stay until the agent's close timeout)
+/// finds no port: SYNs dropped, each costing the client a 1 s retransmit.
+///
+/// Over means: both halves saw a FIN or RST (`NAT_F_CLOSING`; the EGRESS
+/// half may also be gone or belong to a newer mapping of its tuple), both
+/// idle [`REUSE_IDLE_NS`], and not a host flow's reservation (the host's
+/// own sockets keep their TIME_WAIT tuples). Candidates as in [`alloc`]:
+/// the client's own port first, then random ones. A peer still holding
+/// the tuple in TIME_WAIT takes the new SYN when its timestamp is newer;
+/// otherwise it answers with an ACK, which the client resets before it
+/// resends the SYN (Linux: within milliseconds). The old EGRESS half and,
+/// for a NodePort flow, its conntrack entries are removed, as the agent's
+/// GC removes them; a late packet of the old flow finds no mapping, as
+/// after the GC. Two CPUs taking over one tuple at once: the later write
+/// wins, the other connection's SYN-ACK goes astray and its client
+/// retries.
+#[inline(always)]
+fn reuse_finished(
+    p: &Pkt,
+    nat_addr_be: u32,
+    lo: u32,
+    span: u32,
+    flags: u16,
+    t: u64,
+) -> Result<u16, u32> {
+    let nat = table(p.proto);
+    let mut port = u32::from(u16::from_be(p.sport_be));
+    if port < lo || port >= lo + span {
+        // SAFETY: plain helper call.
+        port = lo + unsafe { bpf_get_prandom_u32() } % span;
+    }
+    let mut i = 0;
+    while i < PORT_TRIES {
+        let port_be = (port as u16).to_be();
+        let ingress = reply_key(p, nat_addr_be, port_be);
+        // SAFETY: read only, and without refreshing `last_seen`: looking
+        // must not keep a finished mapping alive.
+        if let Some(held) = unsafe { nat.get(&ingress) }
+            && is_over(held, t)
+        {
+            let old = CtKey {
+                saddr_be: held.addr_be,
+                daddr_be: p.daddr_be,
+                sport_be: held.port_be,
+                dport_be: p.dport_be,
+                proto: p.proto,
+                dir: NAT_DIR_EGRESS,
+                _pad: 0,
+            };
+            // SAFETY: as above.
+            let old_fwd = unsafe { nat.get(&old) }
+                .map(|v| is_identity(v, nat_addr_be, port_be).then_some(is_over(v, t)));
+            // The EGRESS half is this mapping's and still live: not over.
+            if old_fwd != Some(Some(false)) {
+                if old_fwd == Some(Some(true)) {
+                    let _ = nat.remove(&old);
+                }
+                if held.flags & NAT_F_NODEPORT != 0 {
+                    forget_nodeport_flow(p, held);
+                }
+                let back = NatValue {
+                    last_seen_ns: t,
+                    addr_be: p.saddr_be,
+                    port_be: p.sport_be,
+                    flags,
+                };
+                let fwd = NatValue {
+                    last_seen_ns: t,
+                    addr_be: nat_addr_be,
+                    port_be,
+                    flags,
+                };
+                if nat.insert(&ingress, &back, 0).is_err() {
+                    return Err(stats::NAT_FAIL);
+                }
+                if nat.insert(&nat_key(p, NAT_DIR_EGRESS), &fwd, 0).is_err() {
+                    let _ = nat.remove(&ingress);
+                    return Err(stats::NAT_FAIL);
+                }
+                return Ok(port_be);
+            }
+        }
+        // SAFETY: plain helper call.
+        port = lo + unsafe { bpf_get_prandom_u32() } % span;
+        i += 1;
+    }
+    Err(stats::SNAT_NO_PORT)
+}
+
+/// Removes the conntrack entries of the finished NodePort flow whose
+/// mapping [`reuse_finished`] takes (client `held` → backend `p.daddr`),
+/// as the agent's GC removes both in one pass: a new SYN on the old
+/// client's tuple must start a new flow (and get a mapping), not continue
+/// the old one without its mapping.
+#[inline(always)]
+fn forget_nodeport_flow(p: &Pkt, held: &NatValue) {
+    let rev = CtKey {
+        saddr_be: p.daddr_be,
+        daddr_be: held.addr_be,
+        sport_be: p.dport_be,
+        dport_be: held.port_be,
+        proto: p.proto,
+        dir: CT_DIR_ANY,
+        _pad: 0,
+    };
+    // SAFETY: read only; the values are copied before the removals.
+    let Some((flags, vip_be, vport_be)) =
+        unsafe { CT4.get(&rev) }.map(|e| (e.flags, e.vip_be, e.vport_be))
+    else {
+        return;
+    };
+    if flags & (CT_F_REPLY | CT_F_NODEPORT) != CT_F_REPLY | CT_F_NODEPORT {
+        return;
+    }
+    let orig = CtKey {
+        saddr_be: held.addr_be,
+        daddr_be: vip_be,
+        sport_be: held.port_be,
+        dport_be: vport_be,
+        proto: p.proto,
+        dir: CT_DIR_ANY,
+        _pad: 0,
+    };
+    let _ = CT4.remove(&orig);
+    let _ = CT4.remove(&rev);
+}
+
+/// A half of a translated (not host) TCP mapping that saw a FIN or RST
+/// and has been idle [`REUSE_IDLE_NS`] at `now`.
+#[inline(always)]
+fn is_over(v: &NatValue, now: u64) -> bool {
+    v.flags & (NAT_F_CLOSING | NAT_F_HOST) == NAT_F_CLOSING
+        && now.saturating_sub(v.last_seen_ns) >= REUSE_IDLE_NS
 }
 
 /// The SNAT port range `min..=max` (host order) as configured, or the
