@@ -125,6 +125,43 @@ pub fn drop(ctx: &TcContext, reason: u32, source: u8) -> Result<i32, u32> {
     Ok(TC_ACT_SHOT)
 }
 
+/// Records the mapping of `p` to `nat_addr:port` (`to`): the INGRESS half
+/// under `ingress` with `insert_flags` (`BPF_NOEXIST` claims a free port,
+/// 0 takes over a finished mapping's), then the EGRESS half. False when
+/// the INGRESS half could not be written; an EGRESS half that cannot be
+/// written takes the INGRESS half back out.
+#[inline(always)]
+fn record(
+    p: &Pkt,
+    ingress: &CtKey,
+    (nat_addr_be, port_be): (u32, u16),
+    flags: u16,
+    t: u64,
+    insert_flags: u64,
+) -> Result<bool, u32> {
+    let nat = table(p.proto);
+    let back = NatValue {
+        last_seen_ns: t,
+        addr_be: p.saddr_be,
+        port_be: p.sport_be,
+        flags,
+    };
+    if nat.insert(ingress, &back, insert_flags).is_err() {
+        return Ok(false);
+    }
+    let fwd = NatValue {
+        last_seen_ns: t,
+        addr_be: nat_addr_be,
+        port_be,
+        flags,
+    };
+    if nat.insert(&nat_key(p, NAT_DIR_EGRESS), &fwd, 0).is_err() {
+        let _ = nat.remove(ingress);
+        return Err(stats::NAT_FAIL);
+    }
+    Ok(true)
+}
+
 /// Allocates `nat_addr:port` for the flow of `p` (as it leaves the node) and
 /// records both entries. Returns the port (network order). Callers that
 /// did not just look the egress entry up pass `reuse` so a mapping that
@@ -148,7 +185,6 @@ pub fn alloc(
         return Err(stats::SNAT_NO_PORT);
     }
     let t = clock::now();
-    let nat = table(p.proto);
     // Try the client's own port first (keeps ports stable, like iptables
     // MASQUERADE), then random ones.
     let mut port = u32::from(u16::from_be(p.sport_be));
@@ -160,23 +196,7 @@ pub fn alloc(
     while i < PORT_TRIES {
         let port_be = (port as u16).to_be();
         let ingress = reply_key(p, nat_addr_be, port_be);
-        let back = NatValue {
-            last_seen_ns: t,
-            addr_be: p.saddr_be,
-            port_be: p.sport_be,
-            flags,
-        };
-        if nat.insert(&ingress, &back, u64::from(BPF_NOEXIST)).is_ok() {
-            let fwd = NatValue {
-                last_seen_ns: t,
-                addr_be: nat_addr_be,
-                port_be,
-                flags,
-            };
-            if nat.insert(&nat_key(p, NAT_DIR_EGRESS), &fwd, 0).is_err() {
-                let _ = nat.remove(&ingress);
-                return Err(stats::NAT_FAIL);
-            }
+        if record(p, &ingress, (nat_addr_be, port_be), flags, t, u64::from(BPF_NOEXIST))? {
             return Ok(port_be);
         }
         // SAFETY: plain helper call.
@@ -261,23 +281,7 @@ fn reuse_finished(
                 if held.flags & NAT_F_NODEPORT != 0 {
                     forget_nodeport_flow(p, held);
                 }
-                let back = NatValue {
-                    last_seen_ns: t,
-                    addr_be: p.saddr_be,
-                    port_be: p.sport_be,
-                    flags,
-                };
-                let fwd = NatValue {
-                    last_seen_ns: t,
-                    addr_be: nat_addr_be,
-                    port_be,
-                    flags,
-                };
-                if nat.insert(&ingress, &back, 0).is_err() {
-                    return Err(stats::NAT_FAIL);
-                }
-                if nat.insert(&nat_key(p, NAT_DIR_EGRESS), &fwd, 0).is_err() {
-                    let _ = nat.remove(&ingress);
+                if !record(p, &ingress, (nat_addr_be, port_be), flags, t, 0)? {
                     return Err(stats::NAT_FAIL);
                 }
                 return Ok(port_be);
