@@ -112,35 +112,7 @@ fn netperf(t: &Topo, path: Path, test: &str, port: u16, seconds: u32, cpu: usize
     })
 }
 
-/// Fails unless the `seconds × CRR_PER_SECOND` connections of one TCP_CRR
-/// measurement fit the outside client's ephemeral ports: each connection
-/// leaves a TIME_WAIT socket on the client for 60 s, so past the range
-/// `connect()` waits for ports and the run measures that wait.
-fn check_crr_ports(t: &Topo, seconds: u32) -> Result<()> {
-    let out = netns::command(t.outside.name(), "cat")
-        .arg("/proc/sys/net/ipv4/ip_local_port_range")
-        .output()
-        .context("reading the outside namespace's ip_local_port_range")?;
-    let range = String::from_utf8_lossy(&out.stdout);
-    let ends: Vec<u32> = range.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-    let [low, high] = ends[..] else {
-        bail!("ip_local_port_range in the outside namespace: {:?}", range.trim());
-    };
-    let ports = high.saturating_sub(low) + 1;
-    let connections = (f64::from(seconds) * CRR_PER_SECOND) as u32;
-    if connections > ports * 9 / 10 {
-        bail!(
-            "--seconds {seconds}: a TCP_CRR measurement would open {connections} connections, \
-             more than 90% of the client's {ports} ephemeral ports ({low}-{high}), each held \
-             60 s in TIME_WAIT; use --seconds {} or less",
-            ports * 9 / 10 / CRR_PER_SECOND as u32
-        );
-    }
-    Ok(())
-}
-
 pub fn run(t: &Topo, rounds: u32, seconds: u32, cpu: usize) -> Result<()> {
-    check_crr_ports(t, seconds)?;
     let (n1, n2) = (t.node1.name().to_owned(), t.node2.name().to_owned());
     // Every Service of the run up front: the controls, then a data port
     // per (round, path, test); the DSR path's in DSR mode.
