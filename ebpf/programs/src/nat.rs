@@ -125,7 +125,7 @@ pub fn drop(ctx: &TcContext, reason: u32, source: u8) -> Result<i32, u32> {
     Ok(TC_ACT_SHOT)
 }
 
-/// Records the mapping of `p` to `nat_addr:port` (`to`): the INGRESS half
+/// Records the mapping of `p` to `nat_addr:port`: the INGRESS half
 /// under `ingress` with `insert_flags` (`BPF_NOEXIST` claims a free port,
 /// 0 takes over a finished mapping's), then the EGRESS half. False when
 /// the INGRESS half could not be written; an EGRESS half that cannot be
@@ -185,13 +185,7 @@ pub fn alloc(
         return Err(stats::SNAT_NO_PORT);
     }
     let t = clock::now();
-    // Try the client's own port first (keeps ports stable, like iptables
-    // MASQUERADE), then random ones.
-    let mut port = u32::from(u16::from_be(p.sport_be));
-    if port < lo || port > hi {
-        // SAFETY: plain helper call.
-        port = lo + unsafe { bpf_get_prandom_u32() } % span;
-    }
+    let mut port = first_port(p, lo, span);
     let mut i = 0;
     while i < PORT_TRIES {
         let port_be = (port as u16).to_be();
@@ -199,14 +193,33 @@ pub fn alloc(
         if record(p, &ingress, (nat_addr_be, port_be), flags, t, u64::from(BPF_NOEXIST))? {
             return Ok(port_be);
         }
-        // SAFETY: plain helper call.
-        port = lo + unsafe { bpf_get_prandom_u32() } % span;
+        port = random_port(lo, span);
         i += 1;
     }
     if p.proto == proto::TCP && ct::is_pure_syn(p) {
         return reuse_finished(p, nat_addr_be, lo, span, flags, t);
     }
     Err(stats::SNAT_NO_PORT)
+}
+
+/// The first port [`alloc`] and [`reuse_finished`] try for `p`: the
+/// client's own when it is in `lo..lo + span` (keeps ports stable, like
+/// iptables MASQUERADE), else a random one. `span` is not 0.
+#[inline(always)]
+fn first_port(p: &Pkt, lo: u32, span: u32) -> u32 {
+    let port = u32::from(u16::from_be(p.sport_be));
+    if port >= lo && port - lo < span {
+        port
+    } else {
+        random_port(lo, span)
+    }
+}
+
+/// A random port of `lo..lo + span` (`span` not 0).
+#[inline(always)]
+fn random_port(lo: u32, span: u32) -> u32 {
+    // SAFETY: plain helper call.
+    lo + unsafe { bpf_get_prandom_u32() } % span
 }
 
 /// Time a finished mapping must have been idle before [`reuse_finished`]
@@ -247,11 +260,7 @@ fn reuse_finished(
     t: u64,
 ) -> Result<u16, u32> {
     let nat = table(p.proto);
-    let mut port = u32::from(u16::from_be(p.sport_be));
-    if port < lo || port >= lo + span {
-        // SAFETY: plain helper call.
-        port = lo + unsafe { bpf_get_prandom_u32() } % span;
-    }
+    let mut port = first_port(p, lo, span);
     let mut i = 0;
     while i < PORT_TRIES {
         let port_be = (port as u16).to_be();
@@ -287,8 +296,7 @@ fn reuse_finished(
                 return Ok(port_be);
             }
         }
-        // SAFETY: plain helper call.
-        port = lo + unsafe { bpf_get_prandom_u32() } % span;
+        port = random_port(lo, span);
         i += 1;
     }
     Err(stats::SNAT_NO_PORT)
